@@ -1,0 +1,21 @@
+"""hf_flashattn: exact FlashAttention kernels in Triton for Hugging Face Transformers.
+
+    import hf_flashattn
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="flashattn_custom")
+"""
+from . import _runtime  # noqa: F401  (sets TRITON_INTERPRET before any kernel is defined)
+from ._runtime import is_interpreting
+from .interface import (flash_attn_func, flash_attn_varlen_func, get_default_version, set_default_version,
+                        use_version)
+
+__version__ = "0.1.0"
+ATTN_IMPLEMENTATION = "flashattn_custom"
+
+__all__ = ["flash_attn_func", "flash_attn_varlen_func", "set_default_version", "get_default_version",
+           "use_version", "is_interpreting", "ATTN_IMPLEMENTATION", "register"]
+
+
+def register() -> None:
+    """Register attn_implementation="flashattn_custom" with Transformers (done automatically)."""
+    from .integrations.transformers import register as _register
+    _register()

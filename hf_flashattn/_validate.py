@@ -1,0 +1,96 @@
+"""Input checks at the door of the public functions. Each error names the argument, the value
+received and the fix. Skipped under torch.compile tracing (see interface.py)."""
+from __future__ import annotations
+
+import torch
+
+from ._runtime import is_interpreting
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEADDIM = 256
+
+
+def _validate_tensors(q, k, v, varlen: bool):
+    want = 3 if varlen else 4
+    layout = "(total_tokens, nheads, headdim)" if varlen else "(batch, seqlen, nheads, headdim)"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+        if t.dim() != want:
+            raise ValueError(f"{name} must have {want} dimensions {layout}, got shape {tuple(t.shape)}.")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported dtypes are float16, bfloat16 and float32 "
+                            f"(cast with {name}.to(torch.bfloat16)).")
+        if t.dtype != q.dtype:
+            raise TypeError(f"q, k and v must share a dtype; got q {q.dtype} and {name} {t.dtype}.")
+        if t.device != q.device:
+            raise ValueError(f"q, k and v must be on one device; got q on {q.device} and {name} on {t.device}.")
+        if t.numel() > 0 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last (headdim) dimension; got strides "
+                             f"{tuple(t.stride())}. Call {name}.contiguous() first.")
+    if q.device.type == "cpu" and not is_interpreting():
+        raise ValueError("q is on the CPU but the Triton kernels are compiled for the GPU. Move the tensors to "
+                         "CUDA, or set TRITON_INTERPRET=1 before importing hf_flashattn to run on the CPU.")
+    if q.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"q is on device {q.device}; hf_flashattn runs on CUDA GPUs (or on the CPU through "
+                         "Triton's interpreter).")
+    d = q.shape[-1]
+    if d % 8 != 0 or not 8 <= d <= MAX_HEADDIM:
+        raise ValueError(f"headdim must be a multiple of 8 between 8 and {MAX_HEADDIM}; got q.shape[-1]={d}.")
+    if k.shape[-1] != d or v.shape[-1] != d:
+        raise ValueError(f"q, k and v must have the same headdim; got q {d}, k {k.shape[-1]}, v {v.shape[-1]}.")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got k {tuple(k.shape)} and v {tuple(v.shape)}.")
+    h, hk = q.shape[-2], k.shape[-2]
+    if hk == 0 or h % hk != 0:
+        raise ValueError(f"the number of query heads must be a multiple of the number of key/value heads; got "
+                         f"nheads={h} (q.shape[-2]) and nheads_k={hk} (k.shape[-2]).")
+    if not varlen and k.shape[0] != q.shape[0]:
+        raise ValueError(f"q and k must have the same batch size; got q.shape[0]={q.shape[0]} and "
+                         f"k.shape[0]={k.shape[0]}.")
+
+
+def _validate_options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, version, what: str):
+    if dropout_p != 0.0:
+        raise NotImplementedError(f"{what}: dropout_p={dropout_p} is not implemented in hf_flashattn; pass "
+                                  "dropout_p=0.0 (models in eval mode do).")
+    if alibi_slopes is not None:
+        raise NotImplementedError(f"{what}: alibi_slopes is not implemented in hf_flashattn; pass alibi_slopes=None.")
+    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale must be a positive float or None; got {softmax_scale!r}.")
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
+        raise ValueError(f"window_size must be a pair of ints (left, right); got {window_size!r}.")
+    if window_size[0] < -1 or window_size[1] < -1:
+        raise ValueError(f"window_size entries must be >= -1 (-1 means unbounded); got {tuple(window_size)}.")
+    if not isinstance(softcap, (int, float)) or softcap < 0:
+        raise ValueError(f"softcap must be a float >= 0 (0 disables it); got {softcap!r}.")
+    if version not in ("auto", "v1", "v2", "v3"):
+        raise ValueError(f"version must be one of 'auto', 'v1', 'v2', 'v3'; got {version!r}.")
+
+
+def _validate_cu_seqlens(cu, name: str, total: int, device):
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 torch.Tensor, got {type(cu).__name__}.")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must have dtype torch.int32; got {cu.dtype}. Use {name}.to(torch.int32).")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be 1-D with batch + 1 entries; got shape {tuple(cu.shape)}.")
+    if cu.device != device:
+        raise ValueError(f"{name} must be on the same device as q ({device}); got {cu.device}.")
+    vals = cu.tolist()
+    if vals[0] != 0 or any(b < a for a, b in zip(vals, vals[1:])):
+        raise ValueError(f"{name} must start at 0 and never decrease (cumulative sequence lengths); got {vals}.")
+    if vals[-1] > total:
+        raise ValueError(f"{name}[-1]={vals[-1]} exceeds the number of packed tokens ({total}).")
+    return vals
+
+
+def _as_int(x, name: str) -> int:
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"{name} must be an int or a 0-d tensor; got a tensor of shape {tuple(x.shape)}.")
+        x = int(x.item())
+    if not isinstance(x, int) or x < 0:
+        raise ValueError(f"{name} must be a non-negative int; got {x!r}.")
+    return x

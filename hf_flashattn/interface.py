@@ -1,0 +1,199 @@
+"""Public functions with flash-attn's names, argument order and layout.
+
+Three layers, as in flash-attn: documented public function -> torch.autograd.Function -> the
+kernel backend (`hf_flashattn.kernels.<version>`), whose contract is
+
+    forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            softmax_scale, window_size, softcap) -> (out, lse)
+    backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+             softmax_scale, window_size, softcap, deterministic) -> (dq, dk, dv)
+
+with q (B, Sq, H, D) dense or (total_q, H, D) packed (cu_seqlens given), window_size already
+resolved (causal -> right = 0), lse (B, H, Sq) dense or (H, total_q) packed, float32.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+
+import torch
+
+from . import _validate as V
+from ._runtime import is_hopper
+
+_VERSIONS = ("v1", "v2", "v3")
+_state = threading.local()
+
+
+def _env_default_version() -> str:
+    v = os.environ.get("HF_FLASHATTN_VERSION", "auto")
+    if v not in ("auto",) + _VERSIONS:
+        raise ValueError(f"HF_FLASHATTN_VERSION must be one of auto, v1, v2, v3; got {v!r}.")
+    return v
+
+
+def get_default_version() -> str:
+    """The version used when a call passes version="auto": set_default_version()'s, else the
+    HF_FLASHATTN_VERSION environment variable, else "auto" (best kernel for the device)."""
+    return getattr(_state, "version", None) or _env_default_version()
+
+
+def set_default_version(version: str) -> None:
+    """Make version="auto" calls (including attn_implementation="flashattn_custom") use `version`."""
+    V._validate_options(0.0, None, (-1, -1), 0.0, None, version, "set_default_version")
+    _state.version = None if version == "auto" else version
+
+
+@contextlib.contextmanager
+def use_version(version: str):
+    """Context manager form of set_default_version()."""
+    old = getattr(_state, "version", None)
+    set_default_version(version)
+    try:
+        yield
+    finally:
+        _state.version = old
+
+
+def _backend(version: str, q: torch.Tensor):
+    if version == "auto":
+        version = get_default_version()
+    if version == "auto":
+        # v3 is Hopper-only; until it lands, every device runs v2.
+        version = "v2"
+    if version == "v2":
+        from .kernels import v2
+        return v2
+    if version == "v1":
+        from .kernels import v1
+        return v1
+    if version == "v3":
+        if not is_hopper(q.device):
+            raise NotImplementedError(f"version='v3' needs a Hopper GPU (sm90); q is on {q.device}. "
+                                      "Use version='v2' or 'auto'.")
+        raise NotImplementedError("version='v3' (the Hopper TMA/wgmma kernel) is not implemented yet; "
+                                  "use version='v2' or 'auto'.")
+    raise AssertionError(version)
+
+
+def _resolve_window(causal: bool, window_size) -> tuple[int, int]:
+    left, right = int(window_size[0]), int(window_size[1])
+    if causal:
+        right = 0
+    return left, right
+
+
+class _FlashAttnFunc(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                window, softcap, deterministic, backend):
+        out, lse = backend.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                   softmax_scale, window, softcap)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, window, softcap, deterministic, backend)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        max_q, max_k, scale, window, softcap, deterministic, backend = ctx.args
+        dq, dk, dv = backend.backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, window,
+                                      softcap, deterministic)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                    version="auto"):
+    """Exact attention softmax(q kᵀ · softmax_scale) v, computed tile by tile (FlashAttention).
+
+    Arguments:
+        q: (batch, seqlen_q, nheads, headdim), float16 / bfloat16 / float32 (float32 is for CPU tests;
+            on the GPU it runs with IEEE float32 products).
+        k: (batch, seqlen_k, nheads_k, headdim), same dtype and device; nheads must be a multiple of
+            nheads_k (GQA/MQA: query head h reads key/value head h // (nheads // nheads_k)).
+        v: (batch, seqlen_k, nheads_k, headdim).
+            Any strides are accepted as long as the last dimension is contiguous. headdim: a multiple
+            of 8 up to 256.
+        dropout_p: float, default 0.0. Only 0.0 is supported (NotImplementedError otherwise).
+        softmax_scale: float or None, default None = 1 / sqrt(headdim).
+        causal: bool, default False. Causal mask aligned bottom-right when seqlen_q != seqlen_k:
+            query i sees keys j <= i + seqlen_k - seqlen_q. For seqlen_q = 2, seqlen_k = 5:
+                1 1 1 1 0
+                1 1 1 1 1
+        window_size: (left, right), default (-1, -1) = unbounded. Query i sees keys j with
+            i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right.
+        softcap: float, default 0.0 (off). Scores become softcap · tanh(scores / softcap).
+        alibi_slopes: None only (NotImplementedError otherwise).
+        deterministic: bool, default False. Accepted for compatibility: the backward pass never
+            uses atomics, so it is always bitwise reproducible.
+        return_attn_probs: bool, default False. If True, also return softmax_lse and None.
+        version: keyword-only, "auto" (default), "v1", "v2" or "v3". "auto" follows
+            set_default_version() / HF_FLASHATTN_VERSION, else the best kernel for the device.
+
+    Returns:
+        out: (batch, seqlen_q, nheads, headdim), q's dtype. Rows that see no key are 0.
+        softmax_lse (only if return_attn_probs): (batch, nheads, seqlen_q), float32; +inf on rows
+            that see no key.
+        None (only if return_attn_probs), in place of flash-attn's debug attention probabilities.
+    """
+    if not torch.compiler.is_compiling():
+        V._validate_tensors(q, k, v, varlen=False)
+        V._validate_options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, version,
+                            "flash_attn_func")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    backend = _backend(version, q)
+    out, lse = _FlashAttnFunc.apply(q, k, v, None, None, q.shape[1], k.shape[1], float(softmax_scale),
+                                    _resolve_window(causal, window_size), float(softcap), deterministic,
+                                    backend)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                           alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None,
+                           *, version="auto"):
+    """flash_attn_func for packed sequences: sequence b owns rows cu_seqlens_q[b]:cu_seqlens_q[b+1]
+    of q and cu_seqlens_k[b]:cu_seqlens_k[b+1] of k and v; sequences never attend to each other.
+
+    Arguments (besides those of flash_attn_func, which mean the same per sequence):
+        q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim).
+        cu_seqlens_q: (batch + 1,) int32, starting at 0, non-decreasing.
+        cu_seqlens_k: (batch + 1,) int32, same.
+        max_seqlen_q, max_seqlen_k: int or 0-d tensor, the longest sequence (must not be smaller
+            than the longest one in cu_seqlens).
+        block_table: None only (paged KV caches are not implemented).
+
+    Returns out (total_q, nheads, headdim); with return_attn_probs also softmax_lse
+    (nheads, total_q) float32 and None.
+    """
+    max_seqlen_q = V._as_int(max_seqlen_q, "max_seqlen_q")
+    max_seqlen_k = V._as_int(max_seqlen_k, "max_seqlen_k")
+    if not torch.compiler.is_compiling():
+        V._validate_tensors(q, k, v, varlen=True)
+        V._validate_options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, version,
+                            "flash_attn_varlen_func")
+        if block_table is not None:
+            raise NotImplementedError("flash_attn_varlen_func: block_table (paged KV cache) is not implemented; "
+                                      "pass block_table=None.")
+        cq = V._validate_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], q.device)
+        ck = V._validate_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], q.device)
+        if len(cq) != len(ck):
+            raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1); got "
+                             f"{len(cq)} and {len(ck)}.")
+        for name, cu, given in (("max_seqlen_q", cq, max_seqlen_q), ("max_seqlen_k", ck, max_seqlen_k)):
+            longest = max(b - a for a, b in zip(cu, cu[1:]))
+            if given < longest:
+                raise ValueError(f"{name}={given} is smaller than the longest sequence ({longest}); pass "
+                                 f"{name}={longest}.")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    backend = _backend(version, q)
+    out, lse = _FlashAttnFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                    float(softmax_scale), _resolve_window(causal, window_size), float(softcap),
+                                    deterministic, backend)
+    return (out, lse, None) if return_attn_probs else out

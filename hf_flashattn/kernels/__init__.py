@@ -1,0 +1,1 @@
+"""Triton kernels, one module per FlashAttention generation (see interface.py for the contract)."""

@@ -1,22 +1,189 @@
-"""TEMPORARY placeholder backed by reference.py (replaced by the Triton v2 kernels)."""
+"""FlashAttention-2 forward in Triton (arXiv 2307.08691, Algorithm 1), plus the backend entry points.
+
+Q blocks outer (one program each), K/V blocks inner; the output accumulator, running row max m and
+row sum l stay in registers and O is normalised once at the end (deferred rescale); only the
+logsumexp is written for the backward pass. Causal and windowed blocks that no row can see are never
+visited, and only the partially visible blocks on the band's edges are masked. GQA/MQA: query head
+h reads key/value head h // GROUP by pointer arithmetic. Packed sequences (varlen) read their
+offsets from cu_seqlens. The backward kernels live in v2_bwd.py.
+"""
+from __future__ import annotations
+
 import torch
-from ..reference import attention_ref, attention_varlen_ref
+import triton
+import triton.language as tl
+
+from .._runtime import is_interpreting
+from . import _common as C
+from ._common import tanh, tile_range, visible
 
 
-def _ref(q, k, v, cu_q, cu_k, scale, window, softcap):
-    if cu_q is None:
-        return attention_ref(q, k, v, scale, False, window, softcap, compute_dtype=torch.float32)
-    return attention_varlen_ref(q, k, v, cu_q, cu_k, scale, False, window, softcap, compute_dtype=torch.float32)
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, start, end,
+               offs_m, offs_n, offs_d, Sk, diag, left, right, qk_scale, cap_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        k_ptrs = K_base + cols[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = V_base + cols[:, None] * stride_vn + offs_d[None, :]
+        # -- load k, v (the d-padding and, on the edge blocks, the key tail are masked) --
+        if MASKED:
+            kv_mask = (cols[:, None] < Sk) & (offs_d[None, :] < HEAD_DIM)
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        # -- compute qk, in log2 units --
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if SOFTCAP:
+            s = cap_scale * tanh(qk * qk_scale)
+        else:
+            s = qk * qk_scale
+        if MASKED:
+            s = tl.where(visible(offs_m, cols, diag, left, right, Sk), s, float("-inf"))
+        # -- update m_i, l_i (a row that has seen nothing yet keeps m = -inf; shift by 0 then) --
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # -- update the output accumulator --
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
-def forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap):
-    out, lse = _ref(q, k, v, cu_q, cu_k, scale, window, softcap)
-    return out.to(q.dtype), lse.float()
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
+                stride_qb, stride_qm, stride_qh,
+                stride_kb, stride_kn, stride_kh,
+                stride_vb, stride_vn, stride_vh,
+                stride_ob, stride_om, stride_oh,
+                stride_lb, stride_lh,
+                seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale,
+                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
+                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program computes the BLOCK_M rows of
+    # O and lse of one (query block, head, sequence), walking the visible key blocks.
+    tl.static_assert(BLOCK_D >= HEAD_DIM)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)   # heaviest (last, under causal) blocks first
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        Sq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+        Sk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
+    else:
+        q_start = 0
+        k_start = 0
+        Sq = seqlen_q
+        Sk = seqlen_k
+    m0 = pid_m * BLOCK_M
+    if m0 >= Sq:
+        return
+    kvh = (h // GROUP).to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    Q_base = Q + b * stride_qb + h64 * stride_qh + q_start * stride_qm
+    K_base = K + b * stride_kb + kvh * stride_kh + k_start * stride_kn
+    V_base = V + b * stride_vb + kvh * stride_vh + k_start * stride_vn
+    row_ok = offs_m < Sq
+    q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    diag = Sk - Sq
+    lo, full_lo, full_hi, hi = tile_range(m0, BLOCK_M, diag, window_left, window_right, Sk, BLOCK_N)
+    # left edge of a sliding window (masked), the band every row sees (unmasked), the diagonal /
+    # right edge and the key tail (masked)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, full_lo,
+                               offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
+                               cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, full_lo, full_hi,
+                               offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
+                               cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, SOFTCAP, DOT_PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, full_hi, hi,
+                               offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
+                               cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC)
+    # epilogue: normalise once; rows that saw no key get O = 0 and lse = +inf (as flash-attn)
+    seen = l_i > 0.0
+    acc = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("inf"))
+    tl.store(LSE + b * stride_lb + h64 * stride_lh + q_start + offs_m, lse, mask=row_ok)
+    O_base = O + b * stride_ob + h64 * stride_oh + q_start * stride_om
+    tl.store(O_base + offs_m[:, None] * stride_om + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
-def backward(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, window, softcap, deterministic):
-    with torch.enable_grad():
-        q_, k_, v_ = (t.detach().float().requires_grad_() for t in (q, k, v))
-        o, _ = _ref(q_, k_, v_, cu_q, cu_k, scale, window, softcap)
-        dq, dk, dv = torch.autograd.grad(o, (q_, k_, v_), do.float())
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+# ----------------------------------------------------------------------------------------------
+# launch configuration: data, with a named prune function (GPU); fixed small tiles on the interpreter
+def _fwd_configs():
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3),
+                                 (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)]]
+
+
+def _prune_fwd_configs(configs, named_args, **kwargs):
+    d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    keep = []
+    for c in configs:
+        bn, bm = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"]
+        smem = (bm + 2 * bn * c.num_stages) * d * 2        # q + staged k and v tiles, 16-bit
+        if d >= 256 and bn > 64 or smem > 200 * 1024:
+            continue
+        keep.append(c)
+    return keep or configs[-1:]
+
+
+_INTERP_FWD = {"BLOCK_M": 32, "BLOCK_N": 16}
+_fwd_tuned = None if is_interpreting() else triton.autotune(
+    _fwd_configs(), key=["BLOCK_D", "GROUP", "IS_VARLEN", "SOFTCAP", "DOT_PREC"],
+    prune_configs_by={"early_config_prune": _prune_fwd_configs})(_fwd_kernel)
+
+
+def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_size,
+            softcap):
+    varlen = cu_seqlens_q is not None
+    H, D = q.shape[-2], q.shape[-1]
+    Hk = k.shape[-2]
+    batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((H, q.shape[0]) if varlen else (batch, H, q.shape[1]), dtype=torch.float32,
+                      device=q.device)
+    if q.numel() == 0 or batch == 0:
+        return out.zero_(), lse.fill_(float("inf"))
+    left, right = C.window_args(window_size, max_seqlen_q, max_seqlen_k)
+    qk_scale, cap_scale = C.score_scales(softmax_scale, softcap)
+    stride_l = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+    args = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+            *C.seq_layout(q, varlen), *C.seq_layout(k, varlen), *C.seq_layout(v, varlen),
+            *C.seq_layout(out, varlen), *stride_l,
+            max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale)
+    meta = dict(GROUP=H // Hk, HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), IS_VARLEN=varlen,
+                SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype))
+    if _fwd_tuned is None:
+        grid = (triton.cdiv(max_seqlen_q, _INTERP_FWD["BLOCK_M"]), H, batch)
+        _fwd_kernel[grid](*args, **meta, **_INTERP_FWD)
+    else:
+        grid = lambda m: (triton.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch)  # noqa: E731
+        _fwd_tuned[grid](*args, **meta)
+    return out, lse
+
+
+def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+             window_size, softcap, deterministic):
+    from .v2_bwd import backward as _bwd
+    return _bwd(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                softmax_scale, window_size, softcap)

@@ -1,0 +1,79 @@
+"""Pieces shared by the kernels: visibility windows, tile ranges, softcap, host-side helpers.
+
+Visibility (bottom-right aligned, as flash-attn >= 2.1): with diag = seqlen_k - seqlen_q, query
+row i sees key column j iff  i + diag - left <= j <= i + diag + right.  An unbounded side (-1 in
+the public API) is passed to the kernels as a large number (`unbounded()`), so the kernels never
+branch on it.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
+LN2 = 0.6931471805599453    # ln(2):   log(x) = log2(x) * ln(2)
+
+
+@triton.jit
+def tile_range(t0, T_BLOCK: tl.constexpr, diag, left, right, S, L_BLOCK: tl.constexpr):
+    """For the tile of rows [t0, t0 + T_BLOCK), where row r sees columns c with
+    r + diag - left <= c <= r + diag + right and c < S, return (lo, full_lo, full_hi, hi):
+    columns [lo, hi) hold every visible column (lo aligned to L_BLOCK); blocks in
+    [full_lo, full_hi) are visible to every row of the tile and need no mask; the blocks of
+    [lo, full_lo) and [full_hi, hi) are partially visible and must be masked."""
+    lo = tl.maximum(t0 + diag - left, 0)
+    lo = (lo // L_BLOCK) * L_BLOCK
+    hi = tl.minimum(t0 + T_BLOCK + diag + right, S)
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.maximum(t0 + T_BLOCK - 1 + diag - left, 0)
+    full_lo = tl.minimum(tl.cdiv(full_lo, L_BLOCK) * L_BLOCK, hi)
+    full_hi = tl.minimum(t0 + diag + right + 1, S)
+    full_hi = tl.maximum((full_hi // L_BLOCK) * L_BLOCK, full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def visible(rows, cols, diag, left, right, S_cols):
+    """Bool tile: column cols[None, :] is visible from row rows[:, None]."""
+    r = rows[:, None] + diag
+    c = cols[None, :]
+    return (c >= r - left) & (c <= r + right) & (c < S_cols)
+
+
+@triton.jit
+def tanh(x):
+    # tanh(x) = 1 - 2 / (e^(2x) + 1), written with exp2; exact at ±inf, no tl.math.tanh needed
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
+
+
+def unbounded(max_seqlen_q: int, max_seqlen_k: int) -> int:
+    """A window side larger than any distance between a query and a key."""
+    return max_seqlen_q + max_seqlen_k + 1
+
+
+def window_args(window, max_seqlen_q: int, max_seqlen_k: int):
+    big = unbounded(max_seqlen_q, max_seqlen_k)
+    left, right = window
+    return (left if left >= 0 else big), (right if right >= 0 else big)
+
+
+def score_scales(softmax_scale: float, softcap: float):
+    """(qk_scale, cap_scale) such that the score in log2 units is
+    qk * qk_scale                      without softcap, and
+    cap_scale * tanh(qk * qk_scale)    with softcap (qk_scale = scale / cap, cap_scale = cap * log2 e)."""
+    if softcap > 0:
+        return softmax_scale / softcap, softcap * LOG2E
+    return softmax_scale * LOG2E, 1.0
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs: true float32 products (the GPU would otherwise use tf32, ~1e-3 relative error)
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def seq_layout(x: torch.Tensor, varlen: bool):
+    """(stride_batch, stride_seq, stride_head) of a (B, S, H, D) or packed (T, H, D) tensor."""
+    if varlen:
+        return 0, x.stride(0), x.stride(1)
+    return x.stride(0), x.stride(1), x.stride(2)

@@ -1,0 +1,335 @@
+"""FlashAttention-2 backward in Triton (arXiv 2307.08691, Algorithm 2), deterministic.
+
+Three launches:
+  1. preprocess: Delta_i = rowsum(dO_i ∘ O_i)                                  (like lse's layout)
+  2. dK/dV: one program per (key block, kv head, sequence). It loops over the GROUP query heads
+     that share the kv head (GQA/MQA accumulate in registers: no repeated K/V, no atomics) and over
+     the visible query blocks, recomputing P = exp2(S - lse) and accumulating
+     dV += Pᵀ dO,  dS = P ∘ (dP - Delta) with dP = dO Vᵀ,  dK += dSᵀ Q.
+  3. dQ: one program per (query block, head, sequence), looping over the visible key blocks:
+     dQ += dS K.
+No program writes what another writes, so results are bitwise reproducible run to run (the price:
+QKᵀ and dO Vᵀ are recomputed in the dQ pass, 7 matmuls instead of 5).
+Scores are in log2 units (see _common.score_scales); dS is converted back to natural units by the
+chain rule: d score / d(qk) = softmax_scale, times (1 - tanh²) under softcap.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._runtime import is_interpreting
+from . import _common as C
+from ._common import tanh, tile_range, visible
+
+
+@triton.jit
+def _preprocess_kernel(O, DO, DELTA, CU_Q,
+                       stride_ob, stride_om, stride_oh,
+                       stride_dob, stride_dom, stride_doh,
+                       stride_lb, stride_lh, seqlen_q,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                       IS_VARLEN: tl.constexpr):
+    # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). Delta for BLOCK_M rows of one head.
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        Sq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+    else:
+        q_start = 0
+        Sq = seqlen_q
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + b * stride_ob + h * stride_oh + (q_start + offs_m[:, None]) * stride_om + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + (q_start + offs_m[:, None]) * stride_dom
+                 + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + b * stride_lb + h * stride_lh + q_start + offs_m, tl.sum(o * do, 1), mask=offs_m < Sq)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, stride_qm, stride_dom, start, end,
+                offs_n, offs_m, offs_d, Sq, diag_t, left_t, right_t, qk_scale, cap_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    # Rows of this tile are keys (offs_n), columns are queries: everything is transposed.
+    for start_m in range(start, end, BLOCK_M):
+        rows_q = start_m + offs_m
+        q_ptrs = Q_base + rows_q[:, None] * stride_qm + offs_d[None, :]
+        do_ptrs = DO_base + rows_q[:, None] * stride_dom + offs_d[None, :]
+        # -- load q, dO, lse, Delta --
+        if MASKED:
+            qmask = (rows_q[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM)
+            q = tl.load(q_ptrs, mask=qmask, other=0.0)
+            do = tl.load(do_ptrs, mask=qmask, other=0.0)
+            lse = tl.load(L_base + rows_q, mask=rows_q < Sq, other=float("inf"))
+            delta = tl.load(D_base + rows_q, mask=rows_q < Sq, other=0.0)
+        else:
+            if BLOCK_D != HEAD_DIM:
+                q = tl.load(q_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+                do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            else:
+                q = tl.load(q_ptrs)
+                do = tl.load(do_ptrs)
+            lse = tl.load(L_base + rows_q)
+            delta = tl.load(D_base + rows_q)
+        # -- recompute Pᵀ = exp2(Sᵀ - lse) --
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+        if SOFTCAP:
+            t = tanh(qkT * qk_scale)
+            sT = cap_scale * t
+        else:
+            sT = qkT * qk_scale
+        pT = tl.exp2(sT - lse[None, :] * 1.4426950408889634)
+        if MASKED:
+            pT = tl.where(visible(offs_n, rows_q, diag_t, left_t, right_t, Sq), pT, 0.0)
+        # -- dV += Pᵀ dO --
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        # -- dSᵀ = Pᵀ ∘ (dPᵀ - Delta), dK += dSᵀ Q --
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * (1.0 - t * t)
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+                 stride_qb, stride_qm, stride_qh,
+                 stride_kb, stride_kn, stride_kh,
+                 stride_vb, stride_vn, stride_vh,
+                 stride_dob, stride_dom, stride_doh,
+                 stride_dkb, stride_dkn, stride_dkh,
+                 stride_dvb, stride_dvn, stride_dvh,
+                 stride_lb, stride_lh,
+                 seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, ds_scale,
+                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
+                 SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    # Grid: (cdiv(max_seqlen_k, BLOCK_N), nheads_k, batch). One program computes BLOCK_N rows of dK
+    # and dV for one kv head, summing over the GROUP query heads that read it.
+    pid_n = tl.program_id(0)
+    kvh = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        Sq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+        Sk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
+    else:
+        q_start = 0
+        k_start = 0
+        Sq = seqlen_q
+        Sk = seqlen_k
+    n0 = pid_n * BLOCK_N
+    if n0 >= Sk:
+        return
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (offs_n[:, None] < Sk) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + b * stride_kb + kvh * stride_kh + (k_start + offs_n[:, None]) * stride_kn + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + kvh * stride_vh + (k_start + offs_n[:, None]) * stride_vn + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # key j is seen by queries i with j - diag - right <= i <= j - diag + left: the same band,
+    # transposed (diag -> -diag, left <-> right)
+    diag_t = Sq - Sk
+    lo, full_lo, full_hi, hi = tile_range(n0, BLOCK_N, diag_t, window_right, window_left, Sq, BLOCK_M)
+    for g in range(GROUP):
+        h = kvh * GROUP + g
+        Q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qm
+        DO_base = DO + b * stride_dob + h * stride_doh + q_start * stride_dom
+        L_base = LSE + b * stride_lb + h * stride_lh + q_start
+        D_base = DELTA + b * stride_lb + h * stride_lh + q_start
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, stride_qm, stride_dom, lo, full_lo,
+                             offs_n, offs_m, offs_d, Sq, diag_t, window_right, window_left, qk_scale, cap_scale,
+                             HEAD_DIM, BLOCK_D, BLOCK_M, True, SOFTCAP, DOT_PREC)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, stride_qm, stride_dom, full_lo,
+                             full_hi, offs_n, offs_m, offs_d, Sq, diag_t, window_right, window_left, qk_scale,
+                             cap_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, SOFTCAP, DOT_PREC)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, stride_qm, stride_dom, full_hi, hi,
+                             offs_n, offs_m, offs_d, Sq, diag_t, window_right, window_left, qk_scale, cap_scale,
+                             HEAD_DIM, BLOCK_D, BLOCK_M, True, SOFTCAP, DOT_PREC)
+    # epilogue: dS was taken w.r.t. the log2-unit score; ds_scale brings it back to q·k units
+    dk = dk * ds_scale
+    tl.store(DK + b * stride_dkb + kvh * stride_dkh + (k_start + offs_n[:, None]) * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * stride_dvb + kvh * stride_dvh + (k_start + offs_n[:, None]) * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, start, end, offs_m, offs_n, offs_d,
+              Sk, diag, left, right, qk_scale, cap_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        k_ptrs = K_base + cols[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = V_base + cols[:, None] * stride_vn + offs_d[None, :]
+        if MASKED:
+            kv_mask = (cols[:, None] < Sk) & (offs_d[None, :] < HEAD_DIM)
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        # -- recompute P --
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if SOFTCAP:
+            t = tanh(qk * qk_scale)
+            s = cap_scale * t
+        else:
+            s = qk * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        if MASKED:
+            p = tl.where(visible(offs_m, cols, diag, left, right, Sk), p, 0.0)
+        # -- dS = P ∘ (dO Vᵀ - Delta), dQ += dS K --
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+               stride_qb, stride_qm, stride_qh,
+               stride_kb, stride_kn, stride_kh,
+               stride_vb, stride_vn, stride_vh,
+               stride_dob, stride_dom, stride_doh,
+               stride_dqb, stride_dqm, stride_dqh,
+               stride_lb, stride_lh,
+               seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, ds_scale,
+               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
+               SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program computes BLOCK_M rows of dQ.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        Sq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+        Sk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
+    else:
+        q_start = 0
+        k_start = 0
+        Sq = seqlen_q
+        Sk = seqlen_k
+    m0 = pid_m * BLOCK_M
+    if m0 >= Sq:
+        return
+    kvh = (h // GROUP).to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Sq
+    qmask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h64 * stride_qh + (q_start + offs_m[:, None]) * stride_qm + offs_d[None, :],
+                mask=qmask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h64 * stride_doh + (q_start + offs_m[:, None]) * stride_dom
+                 + offs_d[None, :], mask=qmask, other=0.0)
+    lse = tl.load(LSE + b * stride_lb + h64 * stride_lh + q_start + offs_m, mask=row_ok, other=float("inf"))
+    lse = lse * 1.4426950408889634     # natural log -> log2 units
+    delta = tl.load(DELTA + b * stride_lb + h64 * stride_lh + q_start + offs_m, mask=row_ok, other=0.0)
+    K_base = K + b * stride_kb + kvh * stride_kh + k_start * stride_kn
+    V_base = V + b * stride_vb + kvh * stride_vh + k_start * stride_vn
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    diag = Sk - Sq
+    lo, full_lo, full_hi, hi = tile_range(m0, BLOCK_M, diag, window_left, window_right, Sk, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, lo, full_lo, offs_m, offs_n,
+                   offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale,
+                   HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC)
+    dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, full_lo, full_hi, offs_m, offs_n,
+                   offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale,
+                   HEAD_DIM, BLOCK_D, BLOCK_N, False, SOFTCAP, DOT_PREC)
+    dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, full_hi, hi, offs_m, offs_n,
+                   offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale,
+                   HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC)
+    dq = dq * ds_scale
+    tl.store(DQ + b * stride_dqb + h64 * stride_dqh + (q_start + offs_m[:, None]) * stride_dqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=qmask)
+
+
+# ----------------------------------------------------------------------------------------------
+def _bwd_configs():
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in [(64, 128, 8, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 3),
+                                 (128, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)]]
+
+
+def _prune_bwd_configs(configs, named_args, **kwargs):
+    d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    keep = [c for c in configs if not (d >= 256 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64)]
+    return keep or configs[-1:]
+
+
+_INTERP_BWD = {"BLOCK_M": 16, "BLOCK_N": 32}
+_KEY = ["BLOCK_D", "GROUP", "IS_VARLEN", "SOFTCAP", "DOT_PREC"]
+if is_interpreting():
+    _dkdv_tuned = _dq_tuned = None
+else:
+    _dkdv_tuned = triton.autotune(_bwd_configs(), key=_KEY,
+                                  prune_configs_by={"early_config_prune": _prune_bwd_configs})(_dkdv_kernel)
+    _dq_tuned = triton.autotune(_bwd_configs(), key=_KEY,
+                                prune_configs_by={"early_config_prune": _prune_bwd_configs})(_dq_kernel)
+
+
+def _launch(tuned, kernel, rows, heads, batch, block, args, meta):
+    if tuned is None:
+        kernel[(triton.cdiv(rows, _INTERP_BWD[block]), heads, batch)](*args, **meta, **_INTERP_BWD)
+    else:
+        tuned[lambda m: (triton.cdiv(rows, m[block]), heads, batch)](*args, **meta)
+
+
+def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+             window_size, softcap):
+    varlen = cu_seqlens_q is not None
+    H, D = q.shape[-2], q.shape[-1]
+    Hk = k.shape[-2]
+    batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+    if q.numel() == 0 or k.numel() == 0 or batch == 0:
+        return dq, dk, dv
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    BLOCK_D = max(triton.next_power_of_2(D), 16)
+    stride_l = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+    delta = torch.empty_like(lse)
+    pre_bm = 64 if not is_interpreting() else 32
+    _preprocess_kernel[(triton.cdiv(max_seqlen_q, pre_bm), H, batch)](
+        out, do, delta, cu_seqlens_q, *C.seq_layout(out, varlen), *C.seq_layout(do, varlen), *stride_l,
+        max_seqlen_q, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_bm, IS_VARLEN=varlen)
+    left, right = C.window_args(window_size, max_seqlen_q, max_seqlen_k)
+    qk_scale, cap_scale = C.score_scales(softmax_scale, softcap)
+    # d(score in log2 units)/d(qk) = qk_scale * cap_scale (with softcap, times 1 - tanh², in-kernel);
+    # the kernels' dS is w.r.t. the natural-log score, i.e. dS_log2 / log2(e).
+    ds_scale = qk_scale * cap_scale / C.LOG2E
+    common = (max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale, ds_scale)
+    meta = dict(GROUP=H // Hk, HEAD_DIM=D, BLOCK_D=BLOCK_D, IS_VARLEN=varlen, SOFTCAP=softcap > 0,
+                DOT_PREC=C.dot_precision(q.dtype))
+    lay = [C.seq_layout(t, varlen) for t in (q, k, v, do)]
+    _launch(_dkdv_tuned, _dkdv_kernel, max_seqlen_k, Hk, batch, "BLOCK_N",
+            (q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1], *lay[2], *lay[3],
+             *C.seq_layout(dk, varlen), *C.seq_layout(dv, varlen), *stride_l, *common), meta)
+    _launch(_dq_tuned, _dq_kernel, max_seqlen_q, H, batch, "BLOCK_M",
+            (q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1], *lay[2], *lay[3],
+             *C.seq_layout(dq, varlen), *stride_l, *common), meta)
+    return dq, dk, dv

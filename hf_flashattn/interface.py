@@ -164,8 +164,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim).
         cu_seqlens_q: (batch + 1,) int32, starting at 0, non-decreasing.
         cu_seqlens_k: (batch + 1,) int32, same.
-        max_seqlen_q, max_seqlen_k: int or 0-d tensor, the longest sequence (must not be smaller
-            than the longest one in cu_seqlens).
+        max_seqlen_q: int or 0-d tensor, the longest query sequence (not smaller than the longest
+            one in cu_seqlens_q).
+        max_seqlen_k: int or 0-d tensor, the same for the keys.
         block_table: None only (paged KV caches are not implemented).
 
     Returns out (total_q, nheads, headdim); with return_attn_probs also softmax_lse

@@ -1,0 +1,37 @@
+"""Shared helpers for the kernel tests: the flash-attn error rule and reference gradients."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from hf_flashattn.reference import attention_ref, attention_varlen_ref
+
+# Kernel versions under test; the CPU grid can be narrowed with HF_FLASHATTN_TEST_VERSIONS=v2.
+ALL_VERSIONS = ("v1", "v2")
+VERSIONS = tuple(os.environ.get("HF_FLASHATTN_TEST_VERSIONS", ",".join(ALL_VERSIONS)).split(","))
+
+FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def ref_grads(q, k, v, do, cu=None, compute_dtype=torch.float64, **kw):
+    """(out, lse, dq, dk, dv) of the reference, computed in compute_dtype (None = input dtype)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    if compute_dtype is not None:
+        leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v)]
+    if cu is None:
+        out, lse = attention_ref(*leaves, compute_dtype=compute_dtype, **kw)
+    else:
+        out, lse = attention_varlen_ref(*leaves, cu[0], cu[1], compute_dtype=compute_dtype, **kw)
+    grads = torch.autograd.grad(out, leaves, do.to(out.dtype))
+    return (out.detach(), lse.detach(), *grads)
+
+
+def assert_close_rule(name, got, ref64, ref_low, factor, dtype):
+    """flash-attn's rule: |got - ref| <= factor * |ref_low - ref| + floor, in max-abs norm."""
+    err = (got.double() - ref64.double()).abs().max().item()
+    base = (ref_low.double() - ref64.double()).abs().max().item()
+    bound = factor * base + FLOOR[dtype]
+    print(f"{name}: max err {err:.3e}  (torch low-precision {base:.3e}, bound {bound:.3e})")
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    assert err <= bound, f"{name}: max error {err:.3e} exceeds {bound:.3e}"

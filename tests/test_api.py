@@ -1,0 +1,134 @@
+"""Public API: flash-attn's signatures, documented arguments, version selection, validation errors."""
+from __future__ import annotations
+
+import inspect
+import math
+import re
+
+import pytest
+import torch
+
+import hf_flashattn as fa
+from hf_flashattn.reference import attention_ref, visible_mask
+
+FLASH_ATTN_FUNC = ["q", "k", "v", "dropout_p", "softmax_scale", "causal", "window_size", "softcap", "alibi_slopes",
+                   "deterministic", "return_attn_probs", "version"]
+FLASH_ATTN_VARLEN = ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "dropout_p",
+                     "softmax_scale", "causal", "window_size", "softcap", "alibi_slopes", "deterministic",
+                     "return_attn_probs", "block_table", "version"]
+
+
+@pytest.mark.parametrize("fn, names", [(fa.flash_attn_func, FLASH_ATTN_FUNC),
+                                       (fa.flash_attn_varlen_func, FLASH_ATTN_VARLEN)])
+def test_signature_matches_flash_attn_and_docstring(fn, names):
+    params = inspect.signature(fn).parameters
+    assert list(params) == names
+    assert params["version"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert params["window_size"].default == (-1, -1) and params["softcap"].default == 0.0
+    arguments = fn.__doc__.split("Returns")[0]
+    documented = set(re.findall(r"^\s{8}(\w+):", arguments, flags=re.M))
+    # every argument is documented (the varlen docstring refers to flash_attn_func for the shared ones)
+    shared = set(FLASH_ATTN_FUNC) if fn is fa.flash_attn_varlen_func else set()
+    missing = set(names) - documented - shared
+    assert not missing, f"undocumented arguments: {missing}"
+    assert documented <= set(names), f"documented but not in the signature: {documented - set(names)}"
+
+
+def test_reference_matches_sdpa_and_draws_bottom_right_causal():
+    assert visible_mask(2, 5, causal=True).int().tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    assert visible_mask(3, 3, window_size=(1, 0)).int().tolist() == [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 9, 4, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    for causal in (False, True):
+        out, lse = attention_ref(q, k, v, causal=causal)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal).transpose(1, 2)
+        torch.testing.assert_close(out, want)
+        s = (q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2)) / math.sqrt(16)
+        if causal:
+            s = s.masked_fill(~visible_mask(9, 9, True), float("-inf"))
+        torch.testing.assert_close(lse, torch.logsumexp(s, -1))
+
+
+def test_version_selection_and_unimplemented_versions():
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(NotImplementedError, match="v3"):
+        fa.flash_attn_func(q, q, q, version="v3")
+    with pytest.raises(ValueError, match="version must be one of"):
+        fa.flash_attn_func(q, q, q, version="v4")
+    assert fa.get_default_version() == "auto"
+    with fa.use_version("v2"):
+        assert fa.get_default_version() == "v2"
+    assert fa.get_default_version() == "auto"
+
+
+def test_env_default_version(monkeypatch):
+    monkeypatch.setenv("HF_FLASHATTN_VERSION", "v1")
+    assert fa.get_default_version() == "v1"
+    monkeypatch.setenv("HF_FLASHATTN_VERSION", "fast")
+    with pytest.raises(ValueError, match="HF_FLASHATTN_VERSION"):
+        fa.get_default_version()
+
+
+def _qkv(B=1, S=8, H=2, Hk=2, D=16, dtype=torch.float32):
+    return torch.randn(B, S, H, D, dtype=dtype), torch.randn(B, S, Hk, D, dtype=dtype), \
+        torch.randn(B, S, Hk, D, dtype=dtype)
+
+
+@pytest.mark.parametrize("make, exc, pattern", [
+    (lambda: (*_qkv(dtype=torch.float64),), TypeError, r"q has dtype torch.float64"),
+    (lambda: (_qkv()[0], _qkv()[1].half(), _qkv()[2]), TypeError, r"share a dtype.*k torch.float16"),
+    (lambda: _qkv(D=264), ValueError, r"headdim must be a multiple of 8.*got q.shape\[-1\]=264"),
+    (lambda: _qkv(D=20), ValueError, r"headdim must be a multiple of 8.*20"),
+    (lambda: _qkv(H=6, Hk=4), ValueError, r"nheads=6.*nheads_k=4"),
+    (lambda: (_qkv(B=2)[0], *_qkv(B=3)[1:]), ValueError, r"same batch size.*q.shape\[0\]=2.*k.shape\[0\]=3"),
+    (lambda: (torch.randn(1, 8, 2, 32)[..., ::2], *_qkv()[1:]), ValueError, r"contiguous in its last"),
+    (lambda: (torch.randn(8, 2, 16), *_qkv()[1:]), ValueError, r"q must have 4 dimensions"),
+    (lambda: ([1.0], *_qkv()[1:]), TypeError, r"q must be a torch.Tensor"),
+    (lambda: (_qkv()[0], _qkv(D=32)[1], _qkv()[2]), ValueError, r"same headdim"),
+])
+def test_bad_tensors(make, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        fa.flash_attn_func(*make())
+
+
+@pytest.mark.parametrize("kw, exc, pattern", [
+    (dict(window_size=(-2, 0)), ValueError, r"window_size entries must be >= -1.*\(-2, 0\)"),
+    (dict(window_size=(3,)), ValueError, r"pair of ints"),
+    (dict(softcap=-1.0), ValueError, r"softcap must be a float >= 0.*-1.0"),
+    (dict(softmax_scale=0.0), ValueError, r"softmax_scale must be a positive"),
+    (dict(dropout_p=0.1), NotImplementedError, r"dropout_p=0.1"),
+    (dict(alibi_slopes=torch.ones(2)), NotImplementedError, r"alibi_slopes"),
+])
+def test_bad_options(kw, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        fa.flash_attn_func(*_qkv(), **kw)
+
+
+def _varlen(cu_q, cu_k=None, max_q=8, max_k=8):
+    q = torch.randn(8, 2, 16)
+    cu_k = cu_q if cu_k is None else cu_k
+    return fa.flash_attn_varlen_func(q, q, q, cu_q, cu_k, max_q, max_k)
+
+
+@pytest.mark.parametrize("call, exc, pattern", [
+    (lambda: _varlen(torch.tensor([0, 3, 8])), TypeError, r"cu_seqlens_q must have dtype torch.int32; got torch.int64"),
+    (lambda: _varlen(torch.tensor([0, 5, 3, 8], dtype=torch.int32)), ValueError, r"never decrease.*\[0, 5, 3, 8\]"),
+    (lambda: _varlen(torch.tensor([1, 3, 8], dtype=torch.int32)), ValueError, r"start at 0"),
+    (lambda: _varlen(torch.tensor([0, 3, 9], dtype=torch.int32)), ValueError, r"exceeds the number of packed"),
+    (lambda: _varlen(torch.tensor([0, 3, 8], dtype=torch.int32), max_q=4), ValueError, r"max_seqlen_q=4 is smaller"),
+    (lambda: _varlen(torch.tensor([0, 3, 8], dtype=torch.int32), torch.tensor([0, 8], dtype=torch.int32)),
+     ValueError, r"same length"),
+    (lambda: _varlen([0, 3, 8]), TypeError, r"cu_seqlens_q must be an int32 torch.Tensor"),
+])
+def test_bad_varlen(call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+def test_varlen_accepts_0d_tensor_max_seqlen():
+    q = torch.randn(8, 2, 16)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    a = fa.flash_attn_varlen_func(q, q, q, cu, cu, torch.tensor(5, dtype=torch.int32), 5, causal=True)
+    b = fa.flash_attn_varlen_func(q, q, q, cu, cu, 5, 5, causal=True)
+    assert torch.equal(a, b)

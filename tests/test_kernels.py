@@ -1,0 +1,148 @@
+"""Kernel grid on the CPU (Triton interpreter): every version against the float64 reference.
+
+Error rule (flash-attn's): kernel error <= 2x the error of PyTorch's own path in the input dtype,
+plus a rounding floor; gradients 3x (they go through two more matmuls and the dS rounding).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_flashattn as fa
+from _attn_testing import VERSIONS, assert_close_rule, ref_grads
+
+# (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim)
+SHAPES = [
+    (2, 13, 29, 4, 2, 16),     # q_len < k_len, GQA
+    (2, 29, 13, 4, 2, 40),     # q_len > k_len (causal leaves rows empty), headdim 40
+    (1, 77, 77, 2, 2, 64),     # ragged square, MHA
+    (1, 1, 97, 4, 1, 80),      # decode-like: one query, long keys, MQA, headdim 80
+    (1, 113, 203, 2, 1, 32),   # the awkward 113 x 203, MQA
+    (1, 17, 33, 32, 8, 16),    # GQA 32/8
+]
+MASKS = [dict(causal=False), dict(causal=True), dict(window_size=(8, 0)), dict(window_size=(5, 3), softcap=5.0)]
+
+
+def _inputs(shape, dtype, seed=0):
+    B, Sq, Sk, H, Hk, D = shape
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    return mk(B, Sq, H, D), mk(B, Sk, Hk, D), mk(B, Sk, Hk, D), mk(B, Sq, H, D)
+
+
+def _kernel(version, q, k, v, do, **kw):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, lse, none = fa.flash_attn_func(q, k, v, return_attn_probs=True, version=version, **kw)
+    assert none is None
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    return (out, lse, *grads)
+
+
+def _check(version, q, k, v, do, dtype, cu=None, **kw):
+    if cu is None:
+        got = _kernel(version, q, k, v, do, **kw)
+    else:
+        got = _kernel_varlen(version, q, k, v, do, cu, **kw)
+    ref = ref_grads(q, k, v, do, cu=cu, **_ref_kw(kw))
+    low = ref_grads(q, k, v, do, cu=cu, compute_dtype=None if dtype != torch.float32 else torch.float32,
+                    **_ref_kw(kw))
+    assert got[0].dtype == dtype and got[0].shape == q.shape
+    assert got[1].dtype == torch.float32
+    # lse: +inf exactly where the reference row sees no key; close elsewhere
+    fin = torch.isfinite(ref[1])
+    assert torch.equal(torch.isinf(got[1]) & (got[1] > 0), ~fin), "lse=+inf rows differ from the reference"
+    if fin.any():
+        assert_close_rule("lse", got[1][fin], ref[1][fin], low[1].float()[fin], 2, torch.float32)
+    for name, i, f in (("out", 0, 2), ("dq", 2, 3), ("dk", 3, 3), ("dv", 4, 3)):
+        assert_close_rule(name, got[i], ref[i], low[i], f, dtype)
+
+
+def _ref_kw(kw):
+    return {k: v for k, v in kw.items() if k in ("causal", "window_size", "softcap", "softmax_scale")}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: "-".join(f"{k}={v}" for k, v in m.items()))
+def test_fp32_grid(version, shape, mask):
+    q, k, v, do = _inputs(shape, torch.float32)
+    _check(version, q, k, v, do, torch.float32, **mask)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[3]], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [False, True])
+def test_fp16(version, shape, causal):
+    q, k, v, do = _inputs(shape, torch.float16, seed=1)
+    _check(version, q, k, v, do, torch.float16, causal=causal, softmax_scale=0.3)
+
+
+def _kernel_varlen(version, q, k, v, do, cu, **kw):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    lq = (cu[0][1:] - cu[0][:-1]).max()
+    lk = (cu[1][1:] - cu[1][:-1]).max()
+    out, lse, _ = fa.flash_attn_varlen_func(q, k, v, cu[0], cu[1], lq, int(lk), return_attn_probs=True,
+                                            version=version, **kw)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    return (out, lse, *grads)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: "-".join(f"{k}={v}" for k, v in m.items()))
+def test_varlen(version, mask):
+    # lengths include an empty sequence, a single token and q_len != k_len both ways
+    lq, lk = [5, 0, 1, 40, 23], [9, 3, 1, 31, 23]
+    cu_q = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(sum(lq), 4, 24, generator=g)
+    k, v = torch.randn(2, sum(lk), 2, 24, generator=g)
+    do = torch.randn_like(q)
+    _check(version, q, k, v, do, torch.float32, cu=(cu_q, cu_k), **mask)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_varlen_matches_dense_per_sequence(version):
+    """Packing must not leak attention across sequences: each packed sequence equals its dense run."""
+    g = torch.Generator().manual_seed(4)
+    lens = [7, 19, 2]
+    cu = torch.tensor([0, 7, 26, 28], dtype=torch.int32)
+    q, k, v = torch.randn(3, 28, 2, 16, generator=g)
+    packed = fa.flash_attn_varlen_func(q, k, v, cu, cu, 19, 19, causal=True, version=version)
+    for b, n in enumerate(lens):
+        s = slice(int(cu[b]), int(cu[b + 1]))
+        dense = fa.flash_attn_func(q[None, s], k[None, s], v[None, s], causal=True, version=version)
+        torch.testing.assert_close(packed[s], dense[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_hf_layout_strided_inputs(version):
+    """Transformers hands over (B, H, S, D).transpose(1, 2) views: taken as they are, same result."""
+    g = torch.Generator().manual_seed(5)
+    qh, kh, vh = torch.randn(2, 4, 21, 32, generator=g), torch.randn(2, 2, 30, 32, generator=g), \
+        torch.randn(2, 2, 30, 32, generator=g)
+    q, k, v = qh.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2)
+    assert not q.is_contiguous()
+    do = torch.randn(2, 21, 4, 32, generator=g)
+    _check(version, q, k, v, do, torch.float32, causal=True)
+    got = fa.flash_attn_func(q, k, v, causal=True, version=version)
+    want = fa.flash_attn_func(q.contiguous(), k.contiguous(), v.contiguous(), causal=True, version=version)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_deterministic_backward_is_bitwise(version):
+    q, k, v, do = _inputs((1, 45, 60, 4, 1, 32), torch.float32, seed=6)
+    runs = [_kernel(version, q, k, v, do, causal=True, deterministic=True) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_empty_rows_give_zero_output(version):
+    """Causal with seqlen_q > seqlen_k: the first seqlen_q - seqlen_k queries see no key."""
+    q, k, v, _ = _inputs((1, 20, 6, 2, 2, 16), torch.float32, seed=7)
+    out, lse, _ = fa.flash_attn_func(q, k, v, causal=True, return_attn_probs=True, version=version)
+    assert torch.equal(out[:, :14], torch.zeros_like(out[:, :14]))
+    assert torch.isinf(lse[..., :14]).all() and torch.isfinite(lse[..., 14:]).all()
+    assert out[:, 14:].abs().sum() > 0

@@ -77,3 +77,41 @@ def seq_layout(x: torch.Tensor, varlen: bool):
     if varlen:
         return 0, x.stride(0), x.stride(1)
     return x.stride(0), x.stride(1), x.stride(2)
+
+
+def mask_kind(window) -> int:
+    """0: no mask, 1: causal, 2: other window. Only an autotuning key (the kernels see the window)."""
+    left, right = window
+    return 0 if (left < 0 and right < 0) else 1 if (left < 0 and right == 0) else 2
+
+
+def seq_bucket(n: int) -> int:
+    """Autotuning key for a sequence length: its power-of-two bucket, so packed batches whose longest
+    sequence changes every step do not re-tune every step."""
+    return max(64, min(triton.next_power_of_2(max(n, 1)), 65536))
+
+
+class Launcher:
+    """Launches a kernel with block sizes chosen by, in order: fixed small tiles on the interpreter;
+    the first config the prune function keeps when HF_FLASHATTN_AUTOTUNE=0 (no tuning, quick first
+    call); else triton.autotune over `configs` keyed on `key`. `configs` are ordered best guess first."""
+
+    def __init__(self, kernel, configs, prune, key, interp_meta):
+        import os
+        from .._runtime import is_interpreting
+        self.kernel, self.configs, self.prune, self.interp_meta = kernel, configs, prune, interp_meta
+        self.interpret = is_interpreting()
+        self.tune = os.environ.get("HF_FLASHATTN_AUTOTUNE", "1") != "0"
+        self.tuned = None
+        if not self.interpret and self.tune:
+            self.tuned = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+
+    def __call__(self, grid_fn, args, meta):
+        if self.interpret:
+            self.kernel[grid_fn(self.interp_meta)](*args, **meta, **self.interp_meta)
+        elif self.tuned is None:
+            cfg = self.prune(self.configs, {}, **meta)[0]
+            self.kernel[grid_fn(cfg.kwargs)](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,
+                                             num_stages=cfg.num_stages)
+        else:
+            self.tuned[grid_fn](*args, **meta)

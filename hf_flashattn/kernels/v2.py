@@ -13,7 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import is_interpreting
 from . import _common as C
 from ._common import tanh, tile_range, visible
 
@@ -66,7 +65,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 stride_vb, stride_vn, stride_vh,
                 stride_ob, stride_om, stride_oh,
                 stride_lb, stride_lh,
-                seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale,
+                seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, SEQ_BUCKET, MASK_KIND,
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                 SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -141,16 +140,15 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
     for c in configs:
         bn, bm = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"]
         smem = (bm + 2 * bn * c.num_stages) * d * 2        # q + staged k and v tiles, 16-bit
-        if d >= 256 and bn > 64 or smem > 200 * 1024:
+        if d >= 256 and (bn > 64 or c.num_warps < 8) or smem > 200 * 1024:
             continue
         keep.append(c)
     return keep or configs[-1:]
 
 
-_INTERP_FWD = {"BLOCK_M": 32, "BLOCK_N": 16}
-_fwd_tuned = None if is_interpreting() else triton.autotune(
-    _fwd_configs(), key=["BLOCK_D", "GROUP", "IS_VARLEN", "SOFTCAP", "DOT_PREC"],
-    prune_configs_by={"early_config_prune": _prune_fwd_configs})(_fwd_kernel)
+_fwd_launch = C.Launcher(_fwd_kernel, _fwd_configs(), _prune_fwd_configs,
+                         key=["BLOCK_D", "IS_VARLEN", "SOFTCAP", "DOT_PREC", "SEQ_BUCKET", "MASK_KIND"],
+                         interp_meta={"BLOCK_M": 32, "BLOCK_N": 16})
 
 
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_size,
@@ -170,15 +168,11 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     args = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
             *C.seq_layout(q, varlen), *C.seq_layout(k, varlen), *C.seq_layout(v, varlen),
             *C.seq_layout(out, varlen), *stride_l,
-            max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale)
+            max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale,
+            C.seq_bucket(max_seqlen_q), C.mask_kind(window_size))
     meta = dict(GROUP=H // Hk, HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), IS_VARLEN=varlen,
                 SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype))
-    if _fwd_tuned is None:
-        grid = (triton.cdiv(max_seqlen_q, _INTERP_FWD["BLOCK_M"]), H, batch)
-        _fwd_kernel[grid](*args, **meta, **_INTERP_FWD)
-    else:
-        grid = lambda m: (triton.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch)  # noqa: E731
-        _fwd_tuned[grid](*args, **meta)
+    _fwd_launch(lambda m: (triton.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch), args, meta)
     return out, lse
 
 

@@ -107,7 +107,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                  stride_dkb, stride_dkn, stride_dkh,
                  stride_dvb, stride_dvn, stride_dvh,
                  stride_lb, stride_lh,
-                 seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, ds_scale,
+                 seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, ds_scale, SEQ_BUCKET, MASK_KIND,
                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                  SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -212,7 +212,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                stride_dob, stride_dom, stride_doh,
                stride_dqb, stride_dqm, stride_dqh,
                stride_lb, stride_lh,
-               seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, ds_scale,
+               seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, ds_scale, SEQ_BUCKET, MASK_KIND,
                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -270,31 +270,21 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
 def _bwd_configs():
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bm, bn, w, s in [(64, 128, 8, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 3),
-                                 (128, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)]]
+                                 (128, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2),
+                                 (32, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2)]]
 
 
 def _prune_bwd_configs(configs, named_args, **kwargs):
     d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    keep = [c for c in configs if not (d >= 256 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64)]
+    # headdim 256: dK, dV (or dQ) accumulators of 256 columns need 8 warps and small tiles
+    keep = [c for c in configs if not (d >= 256 and (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 32
+                                                     or c.num_warps < 8))]
     return keep or configs[-1:]
 
 
-_INTERP_BWD = {"BLOCK_M": 16, "BLOCK_N": 32}
-_KEY = ["BLOCK_D", "GROUP", "IS_VARLEN", "SOFTCAP", "DOT_PREC"]
-if is_interpreting():
-    _dkdv_tuned = _dq_tuned = None
-else:
-    _dkdv_tuned = triton.autotune(_bwd_configs(), key=_KEY,
-                                  prune_configs_by={"early_config_prune": _prune_bwd_configs})(_dkdv_kernel)
-    _dq_tuned = triton.autotune(_bwd_configs(), key=_KEY,
-                                prune_configs_by={"early_config_prune": _prune_bwd_configs})(_dq_kernel)
-
-
-def _launch(tuned, kernel, rows, heads, batch, block, args, meta):
-    if tuned is None:
-        kernel[(triton.cdiv(rows, _INTERP_BWD[block]), heads, batch)](*args, **meta, **_INTERP_BWD)
-    else:
-        tuned[lambda m: (triton.cdiv(rows, m[block]), heads, batch)](*args, **meta)
+_KEY = ["BLOCK_D", "IS_VARLEN", "SOFTCAP", "DOT_PREC", "SEQ_BUCKET", "MASK_KIND"]
+_dkdv_launch = C.Launcher(_dkdv_kernel, _bwd_configs(), _prune_bwd_configs, _KEY, {"BLOCK_M": 16, "BLOCK_N": 32})
+_dq_launch = C.Launcher(_dq_kernel, _bwd_configs(), _prune_bwd_configs, _KEY, {"BLOCK_M": 16, "BLOCK_N": 32})
 
 
 def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
@@ -322,14 +312,15 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     # d(score in log2 units)/d(qk) = qk_scale * cap_scale (with softcap, times 1 - tanh², in-kernel);
     # the kernels' dS is w.r.t. the natural-log score, i.e. dS_log2 / log2(e).
     ds_scale = qk_scale * cap_scale / C.LOG2E
-    common = (max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale, ds_scale)
+    common = (max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale, ds_scale,
+              C.seq_bucket(max(max_seqlen_q, max_seqlen_k)), C.mask_kind(window_size))
     meta = dict(GROUP=H // Hk, HEAD_DIM=D, BLOCK_D=BLOCK_D, IS_VARLEN=varlen, SOFTCAP=softcap > 0,
                 DOT_PREC=C.dot_precision(q.dtype))
     lay = [C.seq_layout(t, varlen) for t in (q, k, v, do)]
-    _launch(_dkdv_tuned, _dkdv_kernel, max_seqlen_k, Hk, batch, "BLOCK_N",
-            (q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1], *lay[2], *lay[3],
+    _dkdv_launch(lambda m: (triton.cdiv(max_seqlen_k, m["BLOCK_N"]), Hk, batch),
+                 (q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1], *lay[2], *lay[3],
              *C.seq_layout(dk, varlen), *C.seq_layout(dv, varlen), *stride_l, *common), meta)
-    _launch(_dq_tuned, _dq_kernel, max_seqlen_q, H, batch, "BLOCK_M",
-            (q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1], *lay[2], *lay[3],
+    _dq_launch(lambda m: (triton.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch),
+               (q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1], *lay[2], *lay[3],
              *C.seq_layout(dq, varlen), *stride_l, *common), meta)
     return dq, dk, dv

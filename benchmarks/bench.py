@@ -1,0 +1,220 @@
+"""Attention benchmark grid on one GPU: our kernels against SDPA (flash, cuDNN) and FlexAttention,
+measured in the same process, plus the two floors and the peak memory of fwd+bwd.
+
+    python benchmarks/bench.py --out DIR [--versions v2,v1] [--quick]
+
+FLOPs (one formula everywhere): fwd = 4·B·H·Sq·Sk·D, ×0.5 when causal; bwd = 2.5 × fwd.
+Grid (design.md): 16k tokens per batch, headdim 64/128/256 (nheads = 2048 / headdim), seqlen
+512…16k, causal and not; GQA 32/8 at 8k and 32k (d128). Writes bench.json, bench.md, bench.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import hf_flashattn as fa  # noqa: E402
+
+
+def flops(B, H, Sq, Sk, D, causal, mode):
+    f = 4 * B * H * Sq * Sk * D * (0.5 if causal else 1.0)
+    return f * (3.5 if mode == "fwd+bwd" else 1.0)
+
+
+def measure_floors():
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda").random_(0, 255)
+    y = torch.empty_like(x)
+    ms_c = triton.testing.do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
+    return dict(matmul_tflops=2 * 8192**3 / ms / 1e9, copy_tb_s=2 * x.numel() / ms_c / 1e9)
+
+
+def _flex():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    torch._dynamo.config.cache_size_limit = 1000
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = 1000
+    return torch.compile(flex_attention, dynamic=False), create_block_mask
+
+
+def make_impls(versions):
+    """name -> fn(q, k, v, causal) on (B, S, H, D) ours / (B, H, S, D) for the baselines."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    flex, create_block_mask = _flex()
+    masks = {}
+
+    def sdpa(backend):
+        def run(q, k, v, causal):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+        return run
+
+    def flex_run(q, k, v, causal):
+        bm = None
+        if causal:
+            key = (q.shape[2], k.shape[2])
+            if key not in masks:
+                masks[key] = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, q.shape[2], k.shape[2])
+            bm = masks[key]
+        return flex(q, k, v, block_mask=bm, enable_gqa=q.shape[1] != k.shape[1])
+
+    impls = {f"ours-{v}": (lambda ver: lambda q, k, v, c: fa.flash_attn_func(q, k, v, causal=c, version=ver))(v)
+             for v in versions}
+    impls.update({"sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa-cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+                  "flex": flex_run})
+    return impls
+
+
+def bench_point(impls, B, H, Hk, S, D, causal, modes=("fwd", "fwd+bwd")):
+    rows = []
+    for name, fn in impls.items():
+        ours = name.startswith("ours")
+        shp = lambda h: (B, S, h, D) if ours else (B, h, S, D)  # noqa: E731
+        q = torch.randn(shp(H), device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(shp(Hk), device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(shp(Hk), device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        do = torch.randn(shp(H), device="cuda", dtype=torch.bfloat16)
+        for mode in modes:
+            try:
+                if mode == "fwd":
+                    with torch.no_grad():
+                        f = lambda: fn(q, k, v, causal)  # noqa: E731
+                        f()
+                else:
+                    def f():
+                        o = fn(q, k, v, causal)
+                        torch.autograd.grad(o, (q, k, v), do)
+                    f()
+                ms = triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")
+                tf = flops(B, H, S, S, D, causal, mode) / ms / 1e9
+                rows.append(dict(impl=name, B=B, H=H, Hk=Hk, S=S, D=D, causal=causal, mode=mode, ms=ms, tflops=tf))
+            except Exception as e:  # a baseline that cannot run this shape is recorded, not fatal
+                rows.append(dict(impl=name, B=B, H=H, Hk=Hk, S=S, D=D, causal=causal, mode=mode, ms=None,
+                                 tflops=None, error=f"{type(e).__name__}: {str(e)[:160]}"))
+        del q, k, v, do
+    torch.cuda.empty_cache()
+    return rows
+
+
+def peak_memory(impls, names, seqlens, H=16, D=128):
+    rows = []
+    for name in names:
+        fn = impls[name]
+        for S in seqlens:
+            ours = name.startswith("ours")
+            shp = (1, S, H, D) if ours else (1, H, S, D)
+            torch.cuda.empty_cache()
+            q, k, v = (torch.randn(shp, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+            do = torch.randn(shp, device="cuda", dtype=torch.bfloat16)
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                o = fn(q, k, v, True)
+                torch.autograd.grad(o, (q, k, v), do)
+                torch.cuda.synchronize()
+                extra = (torch.cuda.max_memory_allocated() - base) / 2**20
+            except Exception as e:
+                extra = None
+                print(f"peak memory {name} S={S}: {type(e).__name__}")
+            rows.append(dict(impl=name, S=S, H=H, D=D, extra_peak_mib=extra, inputs_mib=4 * q.numel() * 2 / 2**20))
+            del q, k, v, do
+    return rows
+
+
+def markdown(rows, floors, meta):
+    lines = [f"# Attention benchmark — {meta['gpu']}", "",
+             f"date {meta['date']}, commit {meta['commit']}, torch {meta['torch']}, triton {meta['triton']}, "
+             f"bf16; measured floors: matmul {floors['matmul_tflops']:.0f} TFLOP/s, copy {floors['copy_tb_s']:.2f} TB/s",
+             "", "TFLOP/s (ratio of ours-v2 to SDPA flash / cuDNN / Flex in brackets)", ""]
+    impls = sorted({r["impl"] for r in rows}, key=lambda s: (not s.startswith("ours"), s))
+    lines.append("| D | S | H/Hk | causal | mode | " + " | ".join(impls) + " | v2/flash | v2/cuDNN | v2/flex |")
+    lines.append("|" + "---|" * (5 + len(impls) + 3))
+    keys = sorted({(r["D"], r["S"], r["H"], r["Hk"], r["causal"], r["mode"]) for r in rows})
+    for key in keys:
+        by = {r["impl"]: r["tflops"] for r in rows if (r["D"], r["S"], r["H"], r["Hk"], r["causal"], r["mode"]) == key}
+        cells = ["%.0f" % by[i] if by.get(i) else "–" for i in impls]
+        ours = by.get("ours-v2")
+        ratios = ["%.2f" % (ours / by[b]) if ours and by.get(b) else "–" for b in ("sdpa-flash", "sdpa-cudnn", "flex")]
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]}/{key[3]} | {key[4]} | {key[5]} | " + " | ".join(cells + ratios)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 6, figsize=(30, 9))
+    for i, mode in enumerate(("fwd", "fwd+bwd")):
+        for j, (D, causal) in enumerate([(d, c) for d in (64, 128, 256) for c in (False, True)]):
+            ax = axes[i][j]
+            for impl in sorted({r["impl"] for r in rows}):
+                pts = sorted((r["S"], r["tflops"]) for r in rows if r["impl"] == impl and r["D"] == D and
+                             r["causal"] == causal and r["mode"] == mode and r["tflops"] and r["H"] == r["Hk"])
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{mode} d{D} {'causal' if causal else 'full'}")
+            ax.set_xlabel("seqlen")
+            ax.set_ylabel("TFLOP/s")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--versions", default="v2")
+    ap.add_argument("--quick", action="store_true", help="a few points only")
+    args = ap.parse_args()
+    t0 = time.time()
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                commit=os.environ.get("COMMIT", "unknown"), date=time.strftime("%Y-%m-%d"),
+                cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    floors = measure_floors()
+    print("floors", floors, flush=True)
+    impls = make_impls(args.versions.split(","))
+    seqlens = [1024, 4096, 16384] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
+    rows = []
+    for D in (64, 128, 256):
+        H = 2048 // D
+        for S in seqlens:
+            for causal in (False, True):
+                rows += bench_point(impls, 16384 // S, H, H, S, D, causal)
+                r = {x["impl"]: x["tflops"] for x in rows[-2 * len(impls):] if x["mode"] == "fwd"}
+                print(f"D={D} S={S} causal={causal} fwd " + " ".join(f"{k}={v:.0f}" if v else f"{k}=–"
+                                                                   for k, v in r.items()), flush=True)
+    for S in (8192, 32768):
+        for causal in (False, True):
+            rows += bench_point(impls, 1, 32, 8, S, 128, causal)
+    print(f"grid done in {time.time() - t0:.0f}s", flush=True)
+    mem = peak_memory(impls, [n for n in impls if n.startswith("ours")] + ["sdpa-flash", "sdpa-cudnn"],
+                      [4096, 8192, 16384, 32768, 65536])
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(dict(meta=meta, floors=floors, rows=rows, peak_memory=mem), f, indent=1)
+    md = markdown(rows, floors, meta)
+    md += "\n## Peak memory of fwd+bwd above the inputs (MiB), B=1, H=16, d128, causal\n\n| impl | " + \
+        " | ".join(str(s) for s in sorted({m["S"] for m in mem})) + " |\n|---|" + "---|" * len({m["S"] for m in mem}) + "\n"
+    for name in dict.fromkeys(m["impl"] for m in mem):
+        md += f"| {name} | " + " | ".join("%.0f" % m["extra_peak_mib"] if m["extra_peak_mib"] is not None else "OOM"
+                                         for m in mem if m["impl"] == name) + " |\n"
+    with open(os.path.join(args.out, "bench.md"), "w") as f:
+        f.write(md)
+    plot(rows, os.path.join(args.out, "bench.png"))
+    print(md)
+    print(f"total {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""GPU correctness grid (bf16/fp16, real sizes) against a float32 reference, flash-attn's error rule.
+
+    python benchmarks/gpu_check.py --out DIR [--versions v2,v1]
+
+Rule: |kernel - ref32| <= 2 x |torch_lowprec - ref32| + floor for out (max-abs), 3x for gradients
+(the backward adds two matmuls and the rounding of dS to 16 bits, so its error is larger by
+construction; flash-attn's own tests allow the same). The low-precision path is the reference
+computed in the input dtype on the GPU. Writes check.json with one row per case.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import hf_flashattn as fa  # noqa: E402
+from hf_flashattn.reference import attention_ref, attention_varlen_ref  # noqa: E402
+
+FLOOR = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+# (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim)
+SHAPES = [(2, 113, 203, 8, 2, 80), (1, 1023, 1024, 4, 4, 64), (1, 1024, 1023, 8, 1, 128),
+          (2, 512, 512, 32, 8, 96), (1, 1, 2048, 32, 8, 128), (1, 256, 384, 4, 4, 256),
+          (1, 300, 300, 4, 2, 40), (1, 200, 257, 4, 1, 160), (1, 129, 129, 4, 4, 192), (1, 2048, 2048, 16, 16, 128)]
+MASKS = [dict(causal=False), dict(causal=True), dict(window_size=(128, 0)), dict(window_size=(64, 32), softcap=30.0)]
+
+
+def _ref(q, k, v, do, cu, dtype, kw):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    if cu is None:
+        out, lse = attention_ref(*leaves, compute_dtype=dtype, **kw)
+    else:
+        out, lse = attention_varlen_ref(*leaves, cu, cu, compute_dtype=dtype, **kw)
+    return (out, lse, *torch.autograd.grad(out, leaves, do.to(dtype)))
+
+
+def run_case(version, dtype, shape, kw, varlen=False):
+    B, Sq, Sk, H, Hk, D = shape
+    dev = "cuda"
+    cu = None
+    if varlen:  # pack B sequences of different lengths
+        lens = [Sq - 37 * i for i in range(B)]
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+        q = torch.randn(sum(lens), H, D, device=dev, dtype=dtype)
+        k, v = (torch.randn(sum(lens), Hk, D, device=dev, dtype=dtype) for _ in range(2))
+    else:
+        q = torch.randn(B, Sq, H, D, device=dev, dtype=dtype)
+        k, v = (torch.randn(B, Sk, Hk, D, device=dev, dtype=dtype) for _ in range(2))
+    do = torch.randn_like(q)
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    if varlen:
+        m = int((cu[1:] - cu[:-1]).max())
+        out, lse, _ = fa.flash_attn_varlen_func(qq, kk, vv, cu, cu, m, m, return_attn_probs=True, version=version, **kw)
+    else:
+        out, lse, _ = fa.flash_attn_func(qq, kk, vv, return_attn_probs=True, version=version, **kw)
+    got = (out, lse, *torch.autograd.grad(out, (qq, kk, vv), do))
+    ref = _ref(q, k, v, do, cu, torch.float32, kw)
+    low = _ref(q, k, v, do, cu, dtype, kw)
+    row = dict(version=version, dtype=str(dtype).split(".")[-1], shape=list(shape), varlen=varlen,
+               **{k_: (list(v_) if isinstance(v_, tuple) else v_) for k_, v_ in kw.items()}, ok=True)
+    for name, i, f in (("out", 0, 2), ("dq", 2, 3), ("dk", 3, 3), ("dv", 4, 3)):
+        err = (got[i].float() - ref[i]).abs().max().item()
+        base = (low[i].float() - ref[i]).abs().max().item()
+        bound = f * base + FLOOR[dtype]
+        ok = bool(torch.isfinite(got[i]).all()) and err <= bound
+        row[name] = dict(err=err, torch_err=base, bound=bound, ok=ok)
+        row["ok"] &= ok
+    fin = torch.isfinite(ref[1])
+    row["lse_inf_match"] = bool(torch.equal(torch.isinf(got[1]), ~fin))
+    row["lse_err"] = (got[1][fin] - ref[1][fin]).abs().max().item() if fin.any() else 0.0
+    row["ok"] &= row["lse_inf_match"] and row["lse_err"] < 1e-2
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--versions", default="v2")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    rows, t0 = [], time.time()
+    for version in args.versions.split(","):
+        for dtype in (torch.bfloat16, torch.float16):
+            for shape in SHAPES:
+                for kw in MASKS:
+                    if dtype == torch.float16 and kw != MASKS[1]:
+                        continue        # fp16: causal only (bf16 carries the full mask grid)
+                    rows.append(run_case(version, dtype, shape, kw))
+            for kw in MASKS:
+                rows.append(run_case(version, dtype, (3, 700, 700, 8, 2, 128), kw, varlen=True))
+    bad = [r for r in rows if not r["ok"]]
+    for r in rows:
+        print(("PASS " if r["ok"] else "FAIL ") + json.dumps({k: r[k] for k in ("version", "dtype", "shape", "varlen")}
+              | {k: r[k] for k in r if k in ("causal", "window_size", "softcap")}
+              | {n: "%.2e/%.2e" % (r[n]["err"], r[n]["bound"]) for n in ("out", "dq", "dk", "dv")}))
+    print(f"correctness grid: {len(rows) - len(bad)}/{len(rows)} pass in {time.time() - t0:.0f}s")
+    with open(os.path.join(args.out, "check.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

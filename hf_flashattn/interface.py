@@ -17,6 +17,7 @@ import contextlib
 import math
 import os
 import threading
+from typing import Optional, Tuple
 
 import torch
 
@@ -57,25 +58,60 @@ def use_version(version: str):
         _state.version = old
 
 
-def _backend(version: str, q: torch.Tensor):
+def _resolve_version(version: str, q: torch.Tensor) -> str:
     if version == "auto":
         version = get_default_version()
     if version == "auto":
         # v3 is Hopper-only; until it lands, every device runs v2.
         version = "v2"
-    if version == "v2":
-        from .kernels import v2
-        return v2
-    if version == "v1":
-        from .kernels import v1
-        return v1
     if version == "v3":
         if not is_hopper(q.device):
             raise NotImplementedError(f"version='v3' needs a Hopper GPU (sm90); q is on {q.device}. "
                                       "Use version='v2' or 'auto'.")
         raise NotImplementedError("version='v3' (the Hopper TMA/wgmma kernel) is not implemented yet; "
                                   "use version='v2' or 'auto'.")
-    raise AssertionError(version)
+    return version
+
+
+def _kernels(version: str):
+    if version == "v1":
+        from .kernels import v1
+        return v1
+    from .kernels import v2
+    return v2
+
+
+# The launchers are torch.library custom ops with fake implementations, so torch.compile (and
+# generate()'s auto-compile with a static cache) sees one opaque node instead of tracing Triton.
+@torch.library.custom_op("hf_flashattn::attn_fwd", mutates_args=())
+def _attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor],
+              cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+              window_left: int, window_right: int, softcap: float, version: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _kernels(version).forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                     (window_left, window_right), softcap)
+
+
+@_attn_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
+      softcap, version):
+    H = q.shape[-2]
+    lse_shape = (H, q.shape[0]) if cu_seqlens_q is not None else (q.shape[0], H, q.shape[1])
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("hf_flashattn::attn_bwd", mutates_args=())
+def _attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+              lse: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+              max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
+              softcap: float, deterministic: bool, version: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels(version).backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                      softmax_scale, (window_left, window_right), softcap, deterministic)
+
+
+@_attn_bwd.register_fake
+def _(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+      window_right, softcap, deterministic, version):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _resolve_window(causal: bool, window_size) -> tuple[int, int]:
@@ -88,20 +124,20 @@ def _resolve_window(causal: bool, window_size) -> tuple[int, int]:
 class _FlashAttnFunc(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                window, softcap, deterministic, backend):
-        out, lse = backend.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                   softmax_scale, window, softcap)
+                window, softcap, deterministic, version):
+        out, lse = _attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                             window[0], window[1], softcap, version)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-        ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, window, softcap, deterministic, backend)
+        ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, window, softcap, deterministic, version)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        max_q, max_k, scale, window, softcap, deterministic, backend = ctx.args
-        dq, dk, dv = backend.backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, window,
-                                      softcap, deterministic)
+        max_q, max_k, scale, window, softcap, deterministic, version = ctx.args
+        dq, dk, dv = _attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, window[0], window[1],
+                               softcap, deterministic, version)
         return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
@@ -146,10 +182,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                             "flash_attn_func")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    backend = _backend(version, q)
+    version = _resolve_version(version, q)
     out, lse = _FlashAttnFunc.apply(q, k, v, None, None, q.shape[1], k.shape[1], float(softmax_scale),
                                     _resolve_window(causal, window_size), float(softcap), deterministic,
-                                    backend)
+                                    version)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -193,8 +229,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                  f"{name}={longest}.")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    backend = _backend(version, q)
+    version = _resolve_version(version, q)
     out, lse = _FlashAttnFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                     float(softmax_scale), _resolve_window(causal, window_size), float(softcap),
-                                    deterministic, backend)
+                                    deterministic, version)
     return (out, lse, None) if return_attn_probs else out

@@ -36,20 +36,12 @@ import triton
 import triton.language as tl
 
 from .._runtime import is_interpreting
-
-LOG2E = 1.4426950408889634      # log2(e): exp(x) = exp2(x · log2(e))
+from ._common import LOG2E, dot_precision, tanh, visible, window_args
 
 
 # ----------------------------------------------------------------------------------------------
 # Helpers shared with the backward kernel.
 # ----------------------------------------------------------------------------------------------
-
-@triton.jit
-def _tanh(x):
-    # tanh(x) = 1 - 2 / (e^(2x) + 1), written with exp2 so it needs no tl.math.tanh (absent from
-    # older Triton releases). Saturates correctly: e^(2x) -> inf gives 1, e^(2x) -> 0 gives -1.
-    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)      # 2·log2(e)
-
 
 @triton.jit
 def _scores(qk, qk_scale, softcap_log2, HAS_SOFTCAP: tl.constexpr):
@@ -58,20 +50,12 @@ def _scores(qk, qk_scale, softcap_log2, HAS_SOFTCAP: tl.constexpr):
     Without softcap, qk_scale = softmax_scale · log2(e); with it, qk_scale = softmax_scale / softcap
     and softcap_log2 = softcap · log2(e)."""
     if HAS_SOFTCAP:
-        t = _tanh(qk * qk_scale)
+        t = tanh(qk * qk_scale)
         s2 = t * softcap_log2
     else:
         t = qk
         s2 = qk * qk_scale
     return s2, t
-
-
-@triton.jit
-def _visible(offs_m, offs_n, seqlen_k, diag, window_left, window_right):
-    """(BLOCK_M, BLOCK_N) bool: may query offs_m[i] attend to key offs_n[j]?"""
-    i = offs_m[:, None] + diag
-    j = offs_n[None, :]
-    return (j < seqlen_k) & (j >= i - window_left) & (j <= i + window_right)
 
 
 @triton.jit
@@ -122,7 +106,7 @@ def _v1_fwd_update(k, v, m0, n0, q_base, oacc_base, ml_off, M, L,
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     s, _ = _scores(qk, qk_scale, softcap_log2, HAS_SOFTCAP)
     if _needs_mask(m0, n0, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N):
-        s = tl.where(_visible(offs_m, offs_n, seqlen_k, diag, window_left, window_right), s,
+        s = tl.where(visible(offs_m, offs_n, diag, window_left, window_right, seqlen_k), s,
                      float("-inf"))
 
     # -- block statistics m~, P~, l~ (line 10); a row that sees no key of this block has m~ = -inf --
@@ -282,25 +266,11 @@ def _lse_strides(lse, varlen: bool):
     return lse.stride(0), lse.stride(1)
 
 
-def _window_args(window_size, max_seqlen_q, max_seqlen_k):
-    """-1 (unbounded) becomes a window wider than any sequence, so the kernel needs no special case."""
-    unbounded = max_seqlen_q + max_seqlen_k + 1
-    left, right = window_size
-    left = unbounded if left < 0 or left > unbounded else left
-    right = unbounded if right < 0 or right > unbounded else right
-    return left, right
-
-
 def _score_args(softmax_scale: float, softcap: float):
     """(qk_scale, softcap_log2, HAS_SOFTCAP) for _scores()."""
     if softcap > 0:
         return softmax_scale / softcap, softcap * LOG2E, True
     return softmax_scale * LOG2E, 0.0, False
-
-
-def _dot_precision(dtype):
-    # float32 inputs: IEEE products (the GPU would otherwise round them to tf32); ignored otherwise.
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _block_d(head_dim: int) -> int:
@@ -327,7 +297,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     l = torch.zeros(lse_shape, dtype=torch.float32, device=q.device)
 
     block_m, block_n, num_warps, num_stages = _fwd_config(head_dim)
-    left, right = _window_args(window_size, seqlen_q, seqlen_k)
+    left, right = window_args(window_size, seqlen_q, seqlen_k)   # -1 -> wider than any sequence
     qk_scale, softcap_log2, has_softcap = _score_args(softmax_scale, softcap)
     cu_q = cu_seqlens_q if varlen else lse      # unused placeholders when dense
     cu_k = cu_seqlens_k if varlen else lse
@@ -338,7 +308,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
         seqlen_q, seqlen_k, left, right, qk_scale, softcap_log2,
         GROUP=nheads // nheads_k, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
         BLOCK_M=block_m, BLOCK_N=block_n, IS_VARLEN=varlen, HAS_SOFTCAP=has_softcap,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse
 

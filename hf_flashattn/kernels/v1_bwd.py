@@ -26,8 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .v1 import (_bhm_strides, _block_d, _bwd_config, _dot_precision, _geometry, _lse_strides,
-                 _needs_mask, _q_block_range, _score_args, _scores, _visible, _window_args)
+from ._common import dot_precision, visible, window_args
+from .v1 import (_bhm_strides, _block_d, _bwd_config, _geometry, _lse_strides, _needs_mask, _q_block_range,
+                 _score_args, _scores)
 
 
 @triton.jit
@@ -54,7 +55,7 @@ def _v1_bwd_update(dk, dv, k, v, m0, n0, q_base, do_base, dqacc_base, lse_base, 
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     s, t = _scores(qk, qk_scale, softcap_log2, HAS_SOFTCAP)
     if _needs_mask(m0, n0, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N):
-        s = tl.where(_visible(offs_m, offs_n, seqlen_k, diag, window_left, window_right), s,
+        s = tl.where(visible(offs_m, offs_n, diag, window_left, window_right, seqlen_k), s,
                      float("-inf"))
     p = tl.exp2(s - lse2[:, None])          # masked entries and rows without keys: exp2(-inf) = 0
 
@@ -200,7 +201,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     delta = torch.empty_like(lse)       # D = rowsum(dO ∘ O), same layout as lse
 
     block_m, block_n, num_warps, num_stages = _bwd_config(head_dim)
-    left, right = _window_args(window_size, seqlen_q, seqlen_k)
+    left, right = window_args(window_size, seqlen_q, seqlen_k)   # -1 -> wider than any sequence
     qk_scale, softcap_log2, has_softcap = _score_args(softmax_scale, softcap)
     cu_q = cu_seqlens_q if varlen else lse      # unused placeholders when dense
     cu_k = cu_seqlens_k if varlen else lse
@@ -212,6 +213,6 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         seqlen_q, seqlen_k, left, right, qk_scale, softcap_log2, softmax_scale,
         GROUP=nheads // nheads_k, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
         BLOCK_M=block_m, BLOCK_N=block_n, IS_VARLEN=varlen, HAS_SOFTCAP=has_softcap,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     return dq, dk, dv

@@ -58,7 +58,8 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, start, en
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "SEQ_BUCKET",
+                             "MASK_KIND", "group"])
 def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 stride_qb, stride_qm, stride_qh,
                 stride_kb, stride_kn, stride_kh,
@@ -66,9 +67,9 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 stride_ob, stride_om, stride_oh,
                 stride_lb, stride_lh,
                 seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, SEQ_BUCKET, MASK_KIND,
-                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                group, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
-                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr):
     # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program computes the BLOCK_M rows of
     # O and lse of one (query block, head, sequence), walking the visible key blocks.
     tl.static_assert(BLOCK_D >= HEAD_DIM)
@@ -88,7 +89,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     m0 = pid_m * BLOCK_M
     if m0 >= Sq:
         return
-    kvh = (h // GROUP).to(tl.int64)
+    kvh = (h // group).to(tl.int64)
     h64 = h.to(tl.int64)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -128,27 +129,27 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
 
 # ----------------------------------------------------------------------------------------------
 # launch configuration: data, with a named prune function (GPU); fixed small tiles on the interpreter
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), best guess first. Few on purpose: each costs a compile.
+_FWD_CONFIGS = {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+                128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3)],
+                256: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2)]}
+
+
 def _fwd_configs():
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3),
-                                 (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)]]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "D_CLASS": d}, num_warps=w, num_stages=s)
+            for d, cfgs in _FWD_CONFIGS.items() for bm, bn, w, s in cfgs]
 
 
-def _prune_fwd_configs(configs, named_args, **kwargs):
+def prune_by_head_dim(configs, named_args, **kwargs):
+    """Keep the configs written for this head-dim class (<= 64, <= 128, <= 256)."""
     d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    keep = []
-    for c in configs:
-        bn, bm = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"]
-        smem = (bm + 2 * bn * c.num_stages) * d * 2        # q + staged k and v tiles, 16-bit
-        if d >= 256 and (bn > 64 or c.num_warps < 8) or smem > 200 * 1024:
-            continue
-        keep.append(c)
-    return keep or configs[-1:]
+    cls = 64 if d <= 64 else 128 if d <= 128 else 256
+    return [c for c in configs if c.kwargs["D_CLASS"] == cls]
 
 
-_fwd_launch = C.Launcher(_fwd_kernel, _fwd_configs(), _prune_fwd_configs,
+_fwd_launch = C.Launcher(_fwd_kernel, _fwd_configs(), prune_by_head_dim,
                          key=["BLOCK_D", "IS_VARLEN", "SOFTCAP", "DOT_PREC", "SEQ_BUCKET", "MASK_KIND"],
-                         interp_meta={"BLOCK_M": 32, "BLOCK_N": 16})
+                         interp_meta={"BLOCK_M": 32, "BLOCK_N": 16, "D_CLASS": 0})
 
 
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_size,
@@ -169,8 +170,8 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
             *C.seq_layout(q, varlen), *C.seq_layout(k, varlen), *C.seq_layout(v, varlen),
             *C.seq_layout(out, varlen), *stride_l,
             max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale,
-            C.seq_bucket(max_seqlen_q), C.mask_kind(window_size))
-    meta = dict(GROUP=H // Hk, HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), IS_VARLEN=varlen,
+            C.seq_bucket(max_seqlen_q), C.mask_kind(window_size), H // Hk)
+    meta = dict(HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), IS_VARLEN=varlen,
                 SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype))
     _fwd_launch(lambda m: (triton.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch), args, meta)
     return out, lse

@@ -22,9 +22,10 @@ import triton.language as tl
 from .._runtime import is_interpreting
 from . import _common as C
 from ._common import tanh, tile_range, visible
+from .v2 import prune_by_head_dim
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seqlen_q"])
 def _preprocess_kernel(O, DO, DELTA, CU_Q,
                        stride_ob, stride_om, stride_oh,
                        stride_dob, stride_dom, stride_doh,
@@ -98,7 +99,8 @@ def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, stride_qm, stride
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "SEQ_BUCKET",
+                             "MASK_KIND", "group"])
 def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                  stride_qb, stride_qm, stride_qh,
                  stride_kb, stride_kn, stride_kh,
@@ -108,9 +110,9 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                  stride_dvb, stride_dvn, stride_dvh,
                  stride_lb, stride_lh,
                  seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, ds_scale, SEQ_BUCKET, MASK_KIND,
-                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 group, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
-                 SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+                 SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr):
     # Grid: (cdiv(max_seqlen_k, BLOCK_N), nheads_k, batch). One program computes BLOCK_N rows of dK
     # and dV for one kv head, summing over the GROUP query heads that read it.
     pid_n = tl.program_id(0)
@@ -143,8 +145,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
     # transposed (diag -> -diag, left <-> right)
     diag_t = Sq - Sk
     lo, full_lo, full_hi, hi = tile_range(n0, BLOCK_N, diag_t, window_right, window_left, Sq, BLOCK_M)
-    for g in range(GROUP):
-        h = kvh * GROUP + g
+    for g in range(group):
+        h = kvh * group + g
         Q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qm
         DO_base = DO + b * stride_dob + h * stride_doh + q_start * stride_dom
         L_base = LSE + b * stride_lb + h * stride_lh + q_start
@@ -204,7 +206,8 @@ def _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, start
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "SEQ_BUCKET",
+                             "MASK_KIND", "group"])
 def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                stride_qb, stride_qm, stride_qh,
                stride_kb, stride_kn, stride_kh,
@@ -213,9 +216,9 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                stride_dqb, stride_dqm, stride_dqh,
                stride_lb, stride_lh,
                seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, ds_scale, SEQ_BUCKET, MASK_KIND,
-               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               group, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
-               SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+               SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr):
     # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program computes BLOCK_M rows of dQ.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
@@ -233,7 +236,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     m0 = pid_m * BLOCK_M
     if m0 >= Sq:
         return
-    kvh = (h // GROUP).to(tl.int64)
+    kvh = (h // group).to(tl.int64)
     h64 = h.to(tl.int64)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -267,24 +270,25 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
 
 
 # ----------------------------------------------------------------------------------------------
-def _bwd_configs():
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(64, 128, 8, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 3),
-                                 (128, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2),
-                                 (32, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2)]]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), best guess first: the dK/dV pass keeps a tall key tile
+# and walks narrow query tiles, the dQ pass the reverse.
+_DKDV_CONFIGS = {64: [(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3)],
+                 128: [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3)],
+                 256: [(32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 8, 2)]}
+_DQ_CONFIGS = {64: [(128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
+               128: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
+               256: [(64, 32, 8, 2), (64, 16, 4, 2), (32, 32, 8, 2)]}
 
 
-def _prune_bwd_configs(configs, named_args, **kwargs):
-    d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    # headdim 256: dK, dV (or dQ) accumulators of 256 columns need 8 warps and small tiles
-    keep = [c for c in configs if not (d >= 256 and (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 32
-                                                     or c.num_warps < 8))]
-    return keep or configs[-1:]
+def _configs(table):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "D_CLASS": d}, num_warps=w, num_stages=s)
+            for d, cfgs in table.items() for bm, bn, w, s in cfgs]
 
 
 _KEY = ["BLOCK_D", "IS_VARLEN", "SOFTCAP", "DOT_PREC", "SEQ_BUCKET", "MASK_KIND"]
-_dkdv_launch = C.Launcher(_dkdv_kernel, _bwd_configs(), _prune_bwd_configs, _KEY, {"BLOCK_M": 16, "BLOCK_N": 32})
-_dq_launch = C.Launcher(_dq_kernel, _bwd_configs(), _prune_bwd_configs, _KEY, {"BLOCK_M": 16, "BLOCK_N": 32})
+_INTERP = {"BLOCK_M": 16, "BLOCK_N": 32, "D_CLASS": 0}
+_dkdv_launch = C.Launcher(_dkdv_kernel, _configs(_DKDV_CONFIGS), prune_by_head_dim, _KEY, _INTERP)
+_dq_launch = C.Launcher(_dq_kernel, _configs(_DQ_CONFIGS), prune_by_head_dim, _KEY, _INTERP)
 
 
 def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
@@ -313,8 +317,8 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     # the kernels' dS is w.r.t. the natural-log score, i.e. dS_log2 / log2(e).
     ds_scale = qk_scale * cap_scale / C.LOG2E
     common = (max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale, ds_scale,
-              C.seq_bucket(max(max_seqlen_q, max_seqlen_k)), C.mask_kind(window_size))
-    meta = dict(GROUP=H // Hk, HEAD_DIM=D, BLOCK_D=BLOCK_D, IS_VARLEN=varlen, SOFTCAP=softcap > 0,
+              C.seq_bucket(max(max_seqlen_q, max_seqlen_k)), C.mask_kind(window_size), H // Hk)
+    meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, IS_VARLEN=varlen, SOFTCAP=softcap > 0,
                 DOT_PREC=C.dot_precision(q.dtype))
     lay = [C.seq_layout(t, varlen) for t in (q, k, v, do)]
     _dkdv_launch(lambda m: (triton.cdiv(max_seqlen_k, m["BLOCK_N"]), Hk, batch),

@@ -190,6 +190,10 @@ def main():
     ap.add_argument("--versions", default="v2")
     ap.add_argument("--quick", action="store_true", help="a few points only")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new grid points after this")
+    ap.add_argument("--dims", default="128,64,256")
+    ap.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
+    ap.add_argument("--no-gqa", action="store_true")
+    ap.add_argument("--no-memory", action="store_true")
     args = ap.parse_args()
     t0 = time.time()
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -198,11 +202,12 @@ def main():
     floors = measure_floors()
     print("floors", floors, flush=True)
     impls = make_impls(args.versions.split(","))
-    seqlens = [1024, 4096, 16384] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
+    seqlens = [1024, 4096, 16384] if args.quick else [int(x) for x in args.seqlens.split(",")]
     rows = []
-    points = [(16384 // S, 2048 // D, 2048 // D, S, D, c) for D in (128, 64, 256) for S in seqlens
-              for c in (False, True)]
-    points[12:12] = [(1, 32, 8, S, 128, c) for S in (8192, 32768) for c in (False, True)]  # GQA 32/8
+    dims = [int(d) for d in args.dims.split(",")]
+    points = [(16384 // S, 2048 // D, 2048 // D, S, D, c) for D in dims for S in seqlens for c in (False, True)]
+    if 128 in dims and not args.no_gqa:
+        points[12:12] = [(1, 32, 8, S, 128, c) for S in (8192, 32768) for c in (False, True)]  # GQA 32/8
     for B, H, Hk, S, D, causal in points:
         if time.time() - t0 > args.budget_s:
             print(f"time budget reached: skipped D={D} S={S} causal={causal} H={H}/{Hk}", flush=True)
@@ -215,8 +220,7 @@ def main():
         with open(os.path.join(args.out, "bench.json"), "w") as f:
             json.dump(dict(meta=meta, floors=floors, rows=rows), f)
     print(f"grid done in {time.time() - t0:.0f}s", flush=True)
-    mem = peak_memory(impls, ["ours-v2", "sdpa-flash", "sdpa-cudnn"],
-                      [4096, 16384, 65536])
+    mem = [] if args.no_memory else peak_memory(impls, ["ours-v2", "sdpa-flash", "sdpa-cudnn"], [4096, 16384, 65536])
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(dict(meta=meta, floors=floors, rows=rows, peak_memory=mem), f, indent=1)
     md = markdown(rows, floors, meta)

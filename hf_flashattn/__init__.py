@@ -4,6 +4,7 @@
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="flashattn_custom")
 """
 from . import _runtime  # noqa: F401  (sets TRITON_INTERPRET before any kernel is defined)
+from . import _lazy_register
 from ._runtime import is_interpreting
 from .interface import (flash_attn_func, flash_attn_varlen_func, get_default_version, set_default_version,
                         use_version)
@@ -16,6 +17,14 @@ __all__ = ["flash_attn_func", "flash_attn_varlen_func", "set_default_version", "
 
 
 def register() -> None:
-    """Register attn_implementation="flashattn_custom" with Transformers (done automatically)."""
+    """Register attn_implementation="flashattn_custom" with Transformers (done automatically).
+
+    `import hf_flashattn` registers the name as soon as `transformers.modeling_utils` is imported,
+    without importing Transformers itself. Call this to register explicitly: it is idempotent, and
+    raises RuntimeError if the installed Transformers changed the internals the adapter relies on.
+    """
     from .integrations.transformers import register as _register
     _register()
+
+
+_lazy_register.install()

@@ -1,0 +1,140 @@
+"""attn_implementation="flashattn_custom" for Hugging Face Transformers (5.17 and later).
+
+Transformers treats every implementation name containing "flash" as a FlashAttention flavour
+(`utils.generic.is_flash_attention_requested`): model construction calls
+`modeling_flash_attention_utils.lazy_import_flash_attention(name)`, generate() keeps the all-ones
+padding mask under a static cache, and so on. So "flashattn_custom" rides on Transformers' own
+FlashAttention path, which unpads 2D masks into varlen calls, turns `position_ids` /
+`cu_seq_lens_*` (DataCollatorWithFlattening) into packed calls, and maps `sliding_window` and
+`softcap` onto flash-attn keywords after inspecting our functions' signatures. Three hooks:
+
+  1. `_lazy_imports(implementation, attention_wrapper, allow_all_kernels)`, the module-level
+     function that resolves a flash name to its functions, is wrapped so that "flashattn_custom"
+     resolves to hf_flashattn's flash_attn_func / flash_attn_varlen_func. There is no public hook
+     for this; the wrapper checks the signature and raises RuntimeError (naming the Transformers
+     version) when the internals differ, rather than letting the model silently run something else.
+  2. AttentionInterface: Transformers' `flash_attention_forward`, with `sliding_window` taken from
+     `module.sliding_window` when the model does not pass it (Qwen2-MoE never does).
+  3. AttentionMaskInterface: `flash_attention_mask` (None, or a 2D (batch, kv_len) padding mask).
+"""
+from __future__ import annotations
+
+import inspect
+
+NAME = "flashattn_custom"
+_EXPECTED_PARAMS = ("implementation", "attention_wrapper", "allow_all_kernels")
+_MARK = "__hf_flashattn_original__"  # set on our wrapper; holds the function it wraps
+
+
+def _version() -> str:
+    try:
+        import transformers
+        return transformers.__version__
+    except Exception:  # noqa: BLE001  (only used in error messages)
+        return "unknown"
+
+
+def _incompatible(what: str) -> RuntimeError:
+    return RuntimeError(
+        f"hf_flashattn cannot register attn_implementation={NAME!r} with transformers {_version()}: {what}. "
+        "hf_flashattn supports transformers 5.17 to 5.24; use one of those versions, or "
+        "attn_implementation='sdpa' / 'eager' until hf_flashattn supports this release.")
+
+
+def _import_internals():
+    """Transformers' modules and objects this adapter relies on, checked; RuntimeError if any changed."""
+    try:
+        from transformers import modeling_flash_attention_utils as fa_utils
+        from transformers.integrations.flash_attention import flash_attention_forward
+        from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+        from transformers.modeling_utils import AttentionInterface
+    except ImportError as e:
+        raise _incompatible(f"an import failed ({e})") from e
+    for attr in ("_lazy_imports", "lazy_import_flash_attention", "_loaded_implementation", "_pad_input",
+                 "_unpad_input"):
+        if not hasattr(fa_utils, attr):
+            raise _incompatible(f"modeling_flash_attention_utils.{attr} no longer exists")
+    for cls in (AttentionInterface, AttentionMaskInterface):
+        if not isinstance(getattr(cls, "_global_mapping", None), dict) or not callable(getattr(cls, "register", None)):
+            raise _incompatible(f"{cls.__name__} no longer has register() and _global_mapping")
+    return fa_utils, flash_attention_forward, AttentionInterface, AttentionMaskInterface, flash_attention_mask
+
+
+def _check_lazy_imports_signature(fn) -> None:
+    try:
+        params = tuple(inspect.signature(fn).parameters)
+    except (TypeError, ValueError) as e:
+        raise _incompatible(f"the signature of modeling_flash_attention_utils._lazy_imports cannot be read ({e})")
+    if params != _EXPECTED_PARAMS:
+        raise _incompatible(f"modeling_flash_attention_utils._lazy_imports takes {params}, expected "
+                            f"{_EXPECTED_PARAMS}")
+
+
+def _make_lazy_imports(original, fa_utils):
+    """Wrap Transformers' `_lazy_imports` so that NAME resolves to hf_flashattn's functions."""
+
+    def _lazy_imports(implementation, attention_wrapper=None, allow_all_kernels=False):
+        if implementation == NAME:
+            from .. import interface  # looked up per call, so monkeypatched functions are picked up
+            # (flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache, pad_input, unpad_input)
+            return (interface.flash_attn_func, interface.flash_attn_varlen_func, None, fa_utils._pad_input,
+                    fa_utils._unpad_input)
+        return original(implementation, attention_wrapper, allow_all_kernels=allow_all_kernels)
+
+    _lazy_imports.__doc__ = original.__doc__
+    setattr(_lazy_imports, _MARK, original)
+    return _lazy_imports
+
+
+def _install_lazy_imports_adapter(fa_utils) -> None:
+    current = fa_utils._lazy_imports
+    if not hasattr(current, _MARK):
+        _check_lazy_imports_signature(current)
+        fa_utils._lazy_imports = _make_lazy_imports(current, fa_utils)
+    # `lazy_import_flash_attention` caches the last resolved name in `_loaded_implementation`. Forget a
+    # cached NAME so that the next call resolves through the adapter: transformers 5.17 sets the cache
+    # *before* resolving, so a model built with NAME before registration left NAME cached with the
+    # previous implementation's functions.
+    if fa_utils._loaded_implementation == NAME:
+        fa_utils._loaded_implementation = None
+
+
+def _make_attention_forward(flash_attention_forward):
+    def flashattn_custom_forward(module, query, key, value, attention_mask, sliding_window=None, **kwargs):
+        """Transformers' flash_attention_forward (the contract is in design.md, "Transformers
+        integration"), taking sliding_window from `module.sliding_window` when the model does not
+        pass it: Qwen2-MoE sets it on its sliding layers but never forwards it, unlike eager's mask."""
+        if sliding_window is None:
+            sliding_window = getattr(module, "sliding_window", None)
+        return flash_attention_forward(module, query, key, value, attention_mask, sliding_window=sliding_window,
+                                       **kwargs)
+
+    return flashattn_custom_forward
+
+
+def is_registered() -> bool:
+    """True when NAME is registered and Transformers' flash loader resolves it to hf_flashattn."""
+    import sys
+    fa_utils = sys.modules.get("transformers.modeling_flash_attention_utils")
+    masking = sys.modules.get("transformers.masking_utils")
+    modeling = sys.modules.get("transformers.modeling_utils")
+    return (fa_utils is not None and masking is not None and modeling is not None
+            and hasattr(getattr(fa_utils, "_lazy_imports", None), _MARK)
+            and NAME in modeling.AttentionInterface._global_mapping
+            and NAME in masking.AttentionMaskInterface._global_mapping)
+
+
+def register() -> None:
+    """Register attn_implementation="flashattn_custom" with Transformers. Idempotent.
+
+    Raises RuntimeError, naming the installed Transformers version, when Transformers' internals
+    differ from what this adapter was written against.
+    """
+    fa_utils, flash_attention_forward, AttentionInterface, AttentionMaskInterface, flash_attention_mask = \
+        _import_internals()
+    _install_lazy_imports_adapter(fa_utils)
+    if not getattr(AttentionInterface._global_mapping.get(NAME), "__hf_flashattn__", False):
+        fn = _make_attention_forward(flash_attention_forward)
+        fn.__hf_flashattn__ = True
+        AttentionInterface.register(NAME, fn)  # classmethods: item assignment is instance-local
+    AttentionMaskInterface.register(NAME, flash_attention_mask)

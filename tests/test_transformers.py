@@ -115,6 +115,23 @@ def calls(monkeypatch):
     fa_utils._loaded_implementation = None
 
 
+@pytest.fixture(params=["v2", "v1"])
+def kernel_version(request, monkeypatch):
+    """Runs a model test with hf_flashattn.use_version(<version>) (how flashattn_custom is switched to
+    another kernel generation) and checks that exactly that version's kernels ran."""
+    used = set()
+    real = interface._kernels
+
+    def recording(version):
+        used.add(version)
+        return real(version)
+
+    monkeypatch.setattr(interface, "_kernels", recording)
+    with hf_flashattn.use_version(request.param):
+        yield request.param
+    assert used == {request.param}, f"kernels used: {used}, expected {request.param}"
+
+
 # ----------------------------------------------------------------------------------------------
 # Registration and the adapter on Transformers' internals
 # ----------------------------------------------------------------------------------------------
@@ -349,14 +366,14 @@ def test_name_without_registration_fails(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_left_padded_logits_match_eager(family, calls):
+def test_left_padded_logits_match_eager(family, calls, kernel_version):
     eager, ours = pair(family)
     _check_matches_eager(ours, eager, calls)
 
 
 @pytest.mark.parametrize("fa_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_packed_batch_matches_each_sequence_alone(family, fa_kwargs, calls):
+def test_packed_batch_matches_each_sequence_alone(family, fa_kwargs, calls, kernel_version):
     eager, ours = pair(family)
     g = torch.Generator().manual_seed(2)
     seqs = [torch.randint(3, TINY["vocab_size"], (n,), generator=g).tolist() for n in PACKED_LENGTHS]
@@ -375,7 +392,7 @@ def test_packed_batch_matches_each_sequence_alone(family, fa_kwargs, calls):
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_generate_matches_eager(family, cache, padded, calls):
+def test_greedy_generate_matches_eager(family, cache, padded, calls, kernel_version):
     eager, ours = pair(family)
     ids, mask = left_padded((11, 6) if padded else (11,))  # 11 + 6 new tokens > WINDOW
     kwargs = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=PAD,
@@ -392,7 +409,7 @@ def test_greedy_generate_matches_eager(family, cache, padded, calls):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_gradients_match_eager(family, calls):
+def test_gradients_match_eager(family, calls, kernel_version):
     eager, ours = pair(family)
     ids, mask = left_padded(PADDED_LENGTHS)
     # Logits at position t predict token t+1: a row's first real token is predicted from a padding

@@ -10,7 +10,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEADDIM = 256
 
 
-def _validate_tensors(q, k, v, varlen: bool):
+def _validate_tensors(q, k, v, varlen: bool, check_batch: bool = True):
     want = 3 if varlen else 4
     layout = "(total_tokens, nheads, headdim)" if varlen else "(batch, seqlen, nheads, headdim)"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -45,7 +45,7 @@ def _validate_tensors(q, k, v, varlen: bool):
     if hk == 0 or h % hk != 0:
         raise ValueError(f"the number of query heads must be a multiple of the number of key/value heads; got "
                          f"nheads={h} (q.shape[-2]) and nheads_k={hk} (k.shape[-2]).")
-    if not varlen and k.shape[0] != q.shape[0]:
+    if not varlen and check_batch and k.shape[0] != q.shape[0]:
         raise ValueError(f"q and k must have the same batch size; got q.shape[0]={q.shape[0]} and "
                          f"k.shape[0]={k.shape[0]}.")
 
@@ -94,3 +94,43 @@ def _as_int(x, name: str) -> int:
     if not isinstance(x, int) or x < 0:
         raise ValueError(f"{name} must be a non-negative int; got {x!r}.")
     return x
+
+
+def _validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, num_splits):
+    _validate_tensors(q, k_cache, v_cache, varlen=False, check_batch=False)  # batch: see cache_batch_idx below
+    B, Sc = q.shape[0], k_cache.shape[1]
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (new keys and values to append), or both be None.")
+    s_new = 0
+    if k is not None:
+        want = (B, k.shape[1], k_cache.shape[2], k_cache.shape[3])
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != want or t.dtype != q.dtype or t.device != q.device:
+                raise ValueError(f"{name} must be a {q.dtype} tensor on {q.device} of shape (batch, seqlen_new, "
+                                 f"nheads_k, headdim) = {want}; got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}.")
+            if t.stride(-1) != 1:
+                raise ValueError(f"{name} must be contiguous in its last dimension; call {name}.contiguous().")
+        s_new = k.shape[1]
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32 or \
+            tuple(cache_seqlens.shape) != (B,) or cache_seqlens.device != q.device:
+        raise TypeError(f"cache_seqlens must be an int or an int32 tensor of shape ({B},) on {q.device}; got "
+                        f"{cache_seqlens.dtype if isinstance(cache_seqlens, torch.Tensor) else type(cache_seqlens)}"
+                        f"{'' if not isinstance(cache_seqlens, torch.Tensor) else ' ' + str(tuple(cache_seqlens.shape))}.")
+    lens = cache_seqlens.tolist()
+    if min(lens) < 0 or max(lens) + s_new > Sc:
+        raise ValueError(f"cache_seqlens + seqlen_new must lie in [0, seqlen_cache={Sc}]; got cache_seqlens={lens} "
+                         f"and seqlen_new={s_new}. Allocate a longer cache.")
+    if cache_batch_idx is None:
+        if k_cache.shape[0] != B:
+            raise ValueError(f"k_cache has {k_cache.shape[0]} entries but q has batch {B}; pass cache_batch_idx "
+                             "to pick the entries.")
+    else:
+        if not isinstance(cache_batch_idx, torch.Tensor) or cache_batch_idx.dtype != torch.int32 or \
+                tuple(cache_batch_idx.shape) != (B,):
+            raise TypeError(f"cache_batch_idx must be an int32 tensor of shape ({B},).")
+        idx = cache_batch_idx.tolist()
+        if min(idx) < 0 or max(idx) >= k_cache.shape[0]:
+            raise ValueError(f"cache_batch_idx values must lie in [0, {k_cache.shape[0]}); got {idx}.")
+    if not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0 = automatic); got {num_splits!r}.")

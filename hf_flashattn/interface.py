@@ -234,3 +234,88 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                     float(softmax_scale), _resolve_window(causal, window_size), float(softcap),
                                     deterministic, version)
     return (out, lse, None) if return_attn_probs else out
+
+
+@torch.library.custom_op("hf_flashattn::kvcache_fwd", mutates_args=("k_cache", "v_cache"))
+def _kvcache_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: Optional[torch.Tensor],
+                 v: Optional[torch.Tensor], cache_seqlens: torch.Tensor, cache_batch_idx: Optional[torch.Tensor],
+                 softmax_scale: float, window_left: int, window_right: int, softcap: float,
+                 num_splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    from .kernels import decode
+    seqlens_k = cache_seqlens
+    if k is not None:
+        decode.append(k, v, k_cache, v_cache, cache_seqlens, cache_batch_idx)
+        seqlens_k = cache_seqlens + k.shape[1]
+    out, lse, _ = decode.forward(q, k_cache, v_cache, seqlens_k, cache_batch_idx, k_cache.shape[1], softmax_scale,
+                                 (window_left, window_right), softcap, num_splits)
+    return out, lse
+
+
+@_kvcache_fwd.register_fake
+def _(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, softmax_scale, window_left, window_right, softcap,
+      num_splits):
+    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False,
+                            *, version="auto"):
+    """Attention of q against a KV cache, optionally appending new keys/values to it first (decoding).
+
+    Arguments:
+        q: (batch, seqlen_q, nheads, headdim); seqlen_q is usually 1 (decode) or a few (speculation).
+        k_cache: (batch_cache, seqlen_cache, nheads_k, headdim), same dtype and device; updated in place
+            when k is given.
+        v_cache: (batch_cache, seqlen_cache, nheads_k, headdim).
+        k: None or (batch, seqlen_new, nheads_k, headdim): new keys, written into k_cache at rows
+            cache_seqlens[b] ... cache_seqlens[b] + seqlen_new - 1 (in-kernel) before attending.
+        v: None or (batch, seqlen_new, nheads_k, headdim), with k.
+        rotary_cos: None only (rotary in the kernel is not implemented; apply it before the call).
+        rotary_sin: None only.
+        cache_seqlens: int, (batch,) int32 tensor, or None (= every cache row is valid): the number of
+            valid cache rows per sequence before the append.
+        cache_batch_idx: None or (batch,) int32: which cache entry each sequence uses (default b).
+        cache_leftpad: None only (not implemented).
+        block_table: None only (paged caches are not implemented).
+        softmax_scale: float or None (1 / sqrt(headdim)).
+        causal: bool. Bottom-right aligned: query i sits at key position
+            cache_seqlens + seqlen_new - seqlen_q + i.
+        window_size: (left, right), -1 = unbounded, as in flash_attn_func.
+        softcap: float, 0 = off.
+        rotary_interleaved: ignored unless rotary_cos is given (it must be None).
+        alibi_slopes: None only.
+        num_splits: int, 0 = chosen from the shapes (split-KV when few programs would run); 1 = no split;
+            n > 1 = split every sequence's keys into n pieces merged exactly afterwards.
+        return_softmax_lse: bool; if True also return lse (batch, nheads, seqlen_q) float32.
+        version: "auto" or "v2" (the decode kernel is v2's inner loop); "v1"/"v3" raise NotImplementedError.
+
+    Returns out (batch, seqlen_q, nheads, headdim), and lse if return_softmax_lse. No backward.
+    """
+    if version not in ("auto", "v2"):
+        V._validate_options(0.0, None, (-1, -1), 0.0, None, version, "flash_attn_with_kvcache")
+        raise NotImplementedError(f"flash_attn_with_kvcache: version={version!r} is not implemented; the decode "
+                                  "kernel is v2's. Use version='auto' or 'v2'.")
+    for name, val in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin), ("cache_leftpad", cache_leftpad),
+                      ("block_table", block_table)):
+        if val is not None:
+            raise NotImplementedError(f"flash_attn_with_kvcache: {name} is not implemented; pass {name}=None.")
+    B, Sq = q.shape[0], q.shape[1]
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
+    elif cache_seqlens is None:
+        if k is not None:
+            raise ValueError("flash_attn_with_kvcache: cache_seqlens is required when k/v are appended (where "
+                             "should they go?); pass the number of valid cache rows per sequence.")
+        cache_seqlens = torch.full((B,), k_cache.shape[1], dtype=torch.int32, device=q.device)
+    if not torch.compiler.is_compiling():
+        V._validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, num_splits)
+        V._validate_options(0.0, softmax_scale, window_size, softcap, alibi_slopes, "auto",
+                            "flash_attn_with_kvcache")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    left, right = _resolve_window(causal, window_size)
+    out, lse = _kvcache_fwd(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, float(softmax_scale), left,
+                            right, float(softcap), int(num_splits))
+    return (out, lse) if return_softmax_lse else out

@@ -1,0 +1,199 @@
+"""Attention against a KV cache (flash_attn_with_kvcache): in-place append, split-KV ("flash-decoding")
+attention with packed GQA, and the exact combine of the splits.
+
+Split-KV: with a short query (decode) there are too few (query block, head, sequence) programs to fill
+the GPU, so the key range of each is cut into `num_splits` pieces, one program each. A piece writes its
+normalised partial output O_s (float32) and lse_s; the combine computes, per row,
+    lse = log Σ_s exp(lse_s),   O = Σ_s exp(lse_s - lse) · O_s
+(exact: it is the online-softmax merge). Packed GQA: the `group` query heads that share a kv head are
+stacked along the rows of one tile (row r = query position r // group, head r % group), so each K/V
+block is read once per kv head instead of once per query head.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._runtime import is_interpreting
+from . import _common as C
+from .v2 import _fwd_inner
+
+
+@triton.jit
+def _append_kernel(KNEW, VNEW, KC, VC, SEQLENS, BIDX,
+                   stride_knb, stride_knn, stride_knh,
+                   stride_vnb, stride_vnn, stride_vnh,
+                   stride_kcb, stride_kcn, stride_kch,
+                   stride_vcb, stride_vcn, stride_vch,
+                   seqlen_new, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HAS_BIDX: tl.constexpr):
+    # Grid: (cdiv(seqlen_new, BLOCK_N), nheads_k, batch). Copies BLOCK_N new key/value rows of one head
+    # into the cache at rows cache_seqlens[b] + j of cache entry cache_batch_idx[b].
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    if HAS_BIDX:
+        cb = tl.load(BIDX + b).to(tl.int64)
+    else:
+        cb = b
+    pos = tl.load(SEQLENS + b).to(tl.int64) + n
+    d = tl.arange(0, BLOCK_D)
+    mask = (n[:, None] < seqlen_new) & (d[None, :] < HEAD_DIM)
+    k = tl.load(KNEW + b * stride_knb + h * stride_knh + n[:, None] * stride_knn + d[None, :], mask=mask)
+    v = tl.load(VNEW + b * stride_vnb + h * stride_vnh + n[:, None] * stride_vnn + d[None, :], mask=mask)
+    tl.store(KC + cb * stride_kcb + h * stride_kch + pos[:, None] * stride_kcn + d[None, :], k, mask=mask)
+    tl.store(VC + cb * stride_vcb + h * stride_vch + pos[:, None] * stride_vcn + d[None, :], v, mask=mask)
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "window_left", "window_right", "group", "n_splits"])
+def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX,
+                   stride_qb, stride_qm, stride_qh,
+                   stride_kb, stride_kn, stride_kh,
+                   stride_vb, stride_vn, stride_vh,
+                   stride_os, stride_ob, stride_om, stride_oh,
+                   stride_ls, stride_lb, stride_lh,
+                   seqlen_q, window_left, window_right, qk_scale, cap_scale, group, n_splits,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HAS_BIDX: tl.constexpr, SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    # Grid: (cdiv(seqlen_q * group, BLOCK_M) * n_splits, nheads_k, batch). One program: BLOCK_M packed
+    # rows (query position, head of the group) against one split of the visible keys of its sequence.
+    split = tl.program_id(0) % n_splits
+    r0 = (tl.program_id(0) // n_splits) * BLOCK_M
+    kvh = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    if HAS_BIDX:
+        cb = tl.load(BIDX + b).to(tl.int64)
+    else:
+        cb = b
+    Sk = tl.load(SEQLENS_K + b)
+    rows = r0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < seqlen_q * group
+    pos = rows // group                       # query position of each packed row
+    h = kvh * group + (rows % group)          # its query head
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + b * stride_qb + pos[:, None] * stride_qm + h[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    # -- the keys any row of the tile sees, then this program's split of them --
+    diag = Sk - seqlen_q
+    p_lo = r0 // group
+    p_hi = tl.minimum((r0 + BLOCK_M - 1) // group, seqlen_q - 1)
+    lo = tl.maximum(p_lo + diag - window_left, 0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    hi = tl.maximum(tl.minimum(p_hi + diag + window_right + 1, Sk), lo)
+    per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), n_splits) * BLOCK_N
+    s_lo = tl.minimum(lo + split * per_split, hi)
+    s_hi = tl.minimum(s_lo + per_split, hi)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    K_base = K + cb * stride_kb + kvh * stride_kh
+    V_base = V + cb * stride_vb + kvh * stride_vh
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, s_lo, s_hi,
+                               pos, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC)
+    # epilogue: a split that saw nothing gets lse = -inf (it adds nothing in the combine); without
+    # splits, a row that saw nothing gets lse = +inf and O = 0, as everywhere else
+    seen = l_i > 0.0
+    acc = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453
+    lse = tl.where(seen, lse, float("-inf") if SPLIT else float("inf"))
+    tl.store(LSE + split * stride_ls + b * stride_lb + h * stride_lh + pos, lse, mask=row_ok)
+    tl.store(O + split * stride_os + b * stride_ob + pos[:, None] * stride_om + h[:, None] * stride_oh
+             + offs_d[None, :], acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _combine_kernel(OP, LP, O, LSE, n_splits,
+                    stride_ps, stride_pb, stride_pm, stride_ph,
+                    stride_qs, stride_qb, stride_qh,
+                    stride_ob, stride_om, stride_oh,
+                    stride_lb, stride_lh,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):
+    # Grid: (seqlen_q, nheads, batch). Merges the n_splits partial rows of one (position, head, sequence).
+    m = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    s = tl.arange(0, SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    lse_s = tl.load(LP + s * stride_qs + b * stride_qb + h * stride_qh + m, mask=s < n_splits, other=float("-inf"))
+    top = tl.max(lse_s, 0)
+    top_safe = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.exp(lse_s - top_safe)                       # 0 for empty splits and padding
+    total = tl.sum(w, 0)
+    o_s = tl.load(OP + s[:, None] * stride_ps + b * stride_pb + m * stride_pm + h * stride_ph + d[None, :],
+                  mask=(s[:, None] < n_splits) & (d[None, :] < HEAD_DIM), other=0.0)
+    out = tl.sum(o_s * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    lse = tl.where(total > 0, top_safe + tl.log(tl.where(total > 0, total, 1.0)), float("inf"))
+    tl.store(O + b * stride_ob + m * stride_om + h * stride_oh + d, out.to(O.dtype.element_ty), mask=d < HEAD_DIM)
+    tl.store(LSE + b * stride_lb + h * stride_lh + m, lse)
+
+
+def _num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def choose_num_splits(batch, nheads_k, row_tiles, max_seqlen_k, block_n, num_sms) -> int:
+    """Enough programs to fill the GPU twice over, but each split at least 2 key blocks."""
+    programs = batch * nheads_k * row_tiles
+    blocks = triton.cdiv(max(max_seqlen_k, 1), block_n)
+    return max(1, min(triton.cdiv(2 * num_sms, programs), blocks // 2, 128))
+
+
+def append(k, v, k_cache, v_cache, cache_seqlens, cache_batch_idx):
+    B, Snew, Hk, D = k.shape
+    BLOCK_N = 16
+    grid = (triton.cdiv(Snew, BLOCK_N), Hk, B)
+    _append_kernel[grid](k, v, k_cache, v_cache, cache_seqlens, cache_batch_idx,
+                         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), Snew,
+                         HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), BLOCK_N=BLOCK_N,
+                         HAS_BIDX=cache_batch_idx is not None)
+
+
+def forward(q, k_cache, v_cache, seqlens_k, cache_batch_idx, max_seqlen_k, softmax_scale, window_size, softcap,
+            num_splits):
+    """q (B, Sq, H, D); k_cache/v_cache (B_cache, S_cache, Hk, D); seqlens_k (B,) int32 valid keys per
+    sequence (after any append). Returns out (B, Sq, H, D) and lse (B, H, Sq) float32."""
+    B, Sq, H, D = q.shape
+    Hk = k_cache.shape[2]
+    group = H // Hk
+    BLOCK_D = max(triton.next_power_of_2(D), 16)
+    BLOCK_M = 16 if is_interpreting() else max(16, min(64, triton.next_power_of_2(Sq * group)))
+    BLOCK_N = 32 if is_interpreting() else (64 if D <= 128 else 32)
+    row_tiles = triton.cdiv(Sq * group, BLOCK_M)
+    if num_splits <= 0:
+        num_splits = choose_num_splits(B, Hk, row_tiles, max_seqlen_k, BLOCK_N, _num_sms(q.device))
+    left, right = C.window_args(window_size, Sq, max(max_seqlen_k, 1))
+    qk_scale, cap_scale = C.score_scales(softmax_scale, softcap)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    split = num_splits > 1
+    if split:
+        o_part = torch.empty((num_splits, B, Sq, H, D), dtype=torch.float32, device=q.device)
+        l_part = torch.empty((num_splits, B, H, Sq), dtype=torch.float32, device=q.device)
+        o_strides = o_part.stride()[:4]
+        l_strides = l_part.stride()[:3]
+    else:
+        o_part, l_part = out, lse
+        o_strides = (0,) + out.stride()[:3]
+        l_strides = (0,) + lse.stride()[:2]
+    meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_BIDX=cache_batch_idx is not None,
+                SPLIT=split, SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype))
+    if not is_interpreting():
+        meta.update(num_warps=4, num_stages=3)
+    _decode_kernel[(row_tiles * num_splits, Hk, B)](
+        q, k_cache, v_cache, o_part, l_part, seqlens_k, cache_batch_idx,
+        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *o_strides, *l_strides,
+        Sq, left, right, qk_scale, cap_scale, group, num_splits, **meta)
+    if split:
+        _combine_kernel[(Sq, H, B)](o_part, l_part, out, lse, num_splits, *o_part.stride()[:4],
+                                    *l_part.stride()[:3], out.stride(0), out.stride(1), out.stride(2),
+                                    lse.stride(0), lse.stride(1), HEAD_DIM=D, BLOCK_D=BLOCK_D,
+                                    SPLITS=max(triton.next_power_of_2(num_splits), 2))
+    return out, lse, num_splits

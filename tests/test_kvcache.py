@@ -1,0 +1,144 @@
+"""flash_attn_with_kvcache: in-place append, split-KV decoding with packed GQA, against the reference;
+custom-op registration (opcheck) and torch.compile(fullgraph=True)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_flashattn as fa
+from hf_flashattn import interface
+from _attn_testing import FLOOR
+from hf_flashattn.reference import attention_ref
+
+
+def _case(B=3, Sc=90, H=4, Hk=2, D=32, Sq=1, Snew=1, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    kc, vc = mk(B + 1, Sc, Hk, D), mk(B + 1, Sc, Hk, D)
+    q = mk(B, Sq, H, D)
+    kn, vn = (mk(B, Snew, Hk, D), mk(B, Snew, Hk, D)) if Snew else (None, None)
+    lens = torch.tensor([0, 37, Sc - Snew][:B], dtype=torch.int32)      # ragged, including an empty cache
+    idx = torch.tensor([2, 0, 3][:B], dtype=torch.int32)                # entries out of order, one unused
+    return q, kc, vc, kn, vn, lens, idx
+
+
+def _reference(q, kc, vc, kn, vn, lens, idx, dtype=torch.float64, **kw):
+    """Append with plain indexing, then attend each sequence to its valid rows."""
+    kc, vc = kc.clone(), vc.clone()
+    snew = 0 if kn is None else kn.shape[1]
+    outs, lses = [], []
+    for b in range(q.shape[0]):
+        c, L = int(idx[b]), int(lens[b])
+        if snew:
+            kc[c, L:L + snew], vc[c, L:L + snew] = kn[b], vn[b]
+        o, l = attention_ref(q[b:b + 1], kc[c:c + 1, :L + snew], vc[c:c + 1, :L + snew], compute_dtype=dtype, **kw)
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs), torch.cat(lses), kc, vc
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("H, Hk", [(4, 2), (4, 1), (2, 2)], ids=["gqa", "mqa", "mha"])
+@pytest.mark.parametrize("Sq, Snew", [(1, 1), (3, 3), (2, 0)], ids=["decode", "append3", "no-append"])
+@pytest.mark.parametrize("mask", [dict(causal=True), dict(window_size=(16, 0)), dict(causal=True, softcap=4.0)],
+                         ids=["causal", "window", "softcap"])
+def test_append_and_decode_match_reference(dtype, H, Hk, Sq, Snew, mask):
+    q, kc, vc, kn, vn, lens, idx = _case(H=H, Hk=Hk, Sq=Sq, Snew=Snew, dtype=dtype)
+    ref_out, ref_lse, ref_kc, ref_vc = _reference(q, kc, vc, kn, vn, lens, idx, **mask)
+    low_out = _reference(q, kc, vc, kn, vn, lens, idx, dtype=None if dtype != torch.float32 else torch.float32,
+                         **mask)[0]
+    out, lse = fa.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens, cache_batch_idx=idx,
+                                          return_softmax_lse=True, **mask)
+    assert torch.equal(kc, ref_kc) and torch.equal(vc, ref_vc), "append wrote the wrong rows"
+    err = (out.double() - ref_out).abs().max().item()
+    bound = 2 * (low_out.double() - ref_out).abs().max().item() + FLOOR[dtype]
+    print(f"out err {err:.3e} bound {bound:.3e}")
+    assert err <= bound
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isinf(lse), ~fin)
+    assert (lse[fin].double() - ref_lse[fin]).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 7])
+def test_split_kv_matches_unsplit(num_splits):
+    q, kc, vc, kn, vn, lens, idx = _case(Sc=120, H=8, Hk=2, Sq=2, Snew=2, seed=1)
+    one, lse1 = fa.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), kn, vn, cache_seqlens=lens,
+                                           cache_batch_idx=idx, causal=True, num_splits=1, return_softmax_lse=True)
+    many, lsen = fa.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), kn, vn, cache_seqlens=lens,
+                                            cache_batch_idx=idx, causal=True, num_splits=num_splits,
+                                            return_softmax_lse=True)
+    torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lsen, lse1, rtol=1e-5, atol=1e-6)
+
+
+def test_automatic_split_choice_splits_long_caches():
+    from hf_flashattn.kernels.decode import choose_num_splits
+    # H100: 132 SMs. Batch 1, 8 kv heads, a 32k cache: 8 programs unsplit -> split to fill the GPU
+    assert choose_num_splits(1, 8, 1, 32768, 64, 132) == 33
+    # many sequences with short caches already fill it
+    assert choose_num_splits(64, 8, 1, 128, 64, 132) == 1
+    # never fewer than 2 key blocks per split
+    assert choose_num_splits(1, 1, 1, 256, 64, 132) == 2
+
+
+def test_empty_cache_rows_give_zero_and_inf_lse():
+    q, kc, vc, _, _, lens, idx = _case(Snew=0)
+    out, lse = fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, cache_batch_idx=idx, causal=True,
+                                          return_softmax_lse=True)
+    assert int(lens[0]) == 0
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isinf(lse[0]).all()
+
+
+@pytest.mark.parametrize("kw, exc, pattern", [
+    (dict(rotary_cos=torch.ones(1)), NotImplementedError, "rotary_cos"),
+    (dict(block_table=torch.ones(1)), NotImplementedError, "block_table"),
+    (dict(cache_seqlens=torch.tensor([0, 1, 2])), TypeError, "cache_seqlens must be an int or an int32"),
+    (dict(cache_seqlens=torch.tensor([0, 1, 90], dtype=torch.int32)), ValueError, r"seqlen_cache=90"),
+    (dict(cache_batch_idx=torch.tensor([0, 1, 9], dtype=torch.int32)), ValueError, r"cache_batch_idx values"),
+    (dict(num_splits=-1), ValueError, "num_splits"),
+    (dict(version="v1"), NotImplementedError, "version='v1'"),
+])
+def test_bad_kvcache_arguments(kw, exc, pattern):
+    q, kc, vc, kn, vn, lens, idx = _case()
+    args = dict(cache_seqlens=lens, cache_batch_idx=idx) | kw
+    with pytest.raises(exc, match=pattern):
+        fa.flash_attn_with_kvcache(q, kc, vc, kn, vn, **args)
+
+
+def test_append_needs_cache_seqlens_and_both_k_v():
+    q, kc, vc, kn, vn, lens, idx = _case()
+    with pytest.raises(ValueError, match="cache_seqlens is required"):
+        fa.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_batch_idx=idx)
+    with pytest.raises(ValueError, match="k and v must be given together"):
+        fa.flash_attn_with_kvcache(q, kc, vc, kn, None, cache_seqlens=lens, cache_batch_idx=idx)
+
+
+def test_custom_ops_pass_opcheck():
+    q, kc, vc, kn, vn, lens, idx = _case(Sc=40)
+    lens = torch.tensor([0, 5, 30], dtype=torch.int32)
+    torch.library.opcheck(interface._kvcache_fwd, (q, kc, vc, kn, vn, lens, idx, 0.2, -1, 0, 0.0, 2))
+    qq, kk, vv = torch.randn(1, 9, 2, 16), torch.randn(1, 12, 1, 16), torch.randn(1, 12, 1, 16)
+    torch.library.opcheck(interface._attn_fwd, (qq, kk, vv, None, None, 9, 12, 0.25, -1, 0, 0.0, "v2"))
+    out, lse = interface._attn_fwd(qq, kk, vv, None, None, 9, 12, 0.25, -1, 0, 0.0, "v2")
+    torch.library.opcheck(interface._attn_bwd, (torch.randn_like(out), qq, kk, vv, out, lse, None, None, 9, 12, 0.25,
+                                                -1, 0, 0.0, False, "v2"))
+
+
+def test_compiles_fullgraph_without_graph_breaks():
+    """torch.compile sees the kernels as opaque custom ops: no graph break, same result."""
+    q, kc, vc, kn, vn, lens, idx = _case(Sc=40)
+    lens = torch.tensor([0, 5, 30], dtype=torch.int32)
+
+    def step(q, kc, vc, kn, vn):
+        return fa.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens, cache_batch_idx=idx, causal=True)
+
+    def dense(q, k, v):
+        return fa.flash_attn_func(q, k, v, causal=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    kc1, vc1 = kc.clone(), vc.clone()
+    torch.testing.assert_close(compiled(q, kc1, vc1, kn, vn), step(q, kc.clone(), vc.clone(), kn, vn))
+    assert torch.equal(kc1[int(idx[1]), 5], kn[1, 0]), "the compiled call did not append in place"
+    qq, kk, vv = torch.randn(1, 9, 2, 16), torch.randn(1, 12, 1, 16), torch.randn(1, 12, 1, 16)
+    torch.testing.assert_close(torch.compile(dense, fullgraph=True, backend="aot_eager")(qq, kk, vv), dense(qq, kk, vv))

@@ -67,8 +67,16 @@ def make_impls(versions):
             bm = masks[key]
         return flex(q, k, v, block_mask=bm, enable_gqa=q.shape[1] != k.shape[1])
 
-    impls = {f"ours-{v}": (lambda ver: lambda q, k, v, c: fa.flash_attn_func(q, k, v, causal=c, version=ver))(v)
-             for v in versions}
+    def ours(ver, dq_mode=""):
+        def run(q, k, v, c):
+            # the backward reads HF_FLASHATTN_BWD_DQ when it runs, i.e. within this benchmarked call
+            os.environ["HF_FLASHATTN_BWD_DQ"] = dq_mode
+            return fa.flash_attn_func(q, k, v, causal=c, version=ver)
+        return run
+
+    impls = {f"ours-{v}": ours(v) for v in versions}
+    if os.environ.get("BENCH_ATOMIC_DQ"):  # FA2-style single-pass backward (HF_FLASHATTN_BWD_DQ=atomic)
+        impls["ours-v2-atomicdq"] = ours("v2", "atomic")
     impls.update({"sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa-cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
                   "flex": flex_run})
     return impls

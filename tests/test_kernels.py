@@ -146,3 +146,32 @@ def test_empty_rows_give_zero_output(version):
     assert torch.equal(out[:, :14], torch.zeros_like(out[:, :14]))
     assert torch.isinf(lse[..., :14]).all() and torch.isfinite(lse[..., 14:]).all()
     assert out[:, 14:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("shape, mask", [(SHAPES[0], MASKS[1]), (SHAPES[1], MASKS[3]), (SHAPES[5], MASKS[0]),
+                                         (SHAPES[4], MASKS[2])], ids=["gqa-causal", "window-softcap", "gqa32/8",
+                                                                      "mqa-window"])
+def test_v2_atomic_dq_backward(shape, mask, monkeypatch):
+    """HF_FLASHATTN_BWD_DQ=atomic: FA2's single-pass backward (dQ by float32 atomics) meets the same rule."""
+    monkeypatch.setenv("HF_FLASHATTN_BWD_DQ", "atomic")
+    q, k, v, do = _inputs(shape, torch.float32, seed=8)
+    _check("v2", q, k, v, do, torch.float32, **mask)
+
+
+def test_v2_atomic_dq_varlen_and_deterministic_flag(monkeypatch):
+    monkeypatch.setenv("HF_FLASHATTN_BWD_DQ", "atomic")
+    lq = [5, 0, 1, 40, 23]
+    cu = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32)
+    g = torch.Generator().manual_seed(9)
+    q, k, v, do = torch.randn(4, sum(lq), 4, 24, generator=g)
+    _check("v2", q, k, v, do, torch.float32, cu=(cu, cu), causal=True)
+    # deterministic=True never takes the atomic path: the dQ pass runs (its kernel is launched)
+    from hf_flashattn.kernels import v2_bwd
+    launched = []
+    real = v2_bwd._dq_launch
+    monkeypatch.setattr(v2_bwd, "_dq_launch", lambda *a: (launched.append(1), real(*a)))
+    _kernel("v2", q[None], k[None], v[None], do[None], causal=True, deterministic=True)
+    assert launched
+    launched.clear()
+    _kernel("v2", q[None], k[None], v[None], do[None], causal=True, deterministic=False)
+    assert not launched

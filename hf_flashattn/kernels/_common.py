@@ -96,7 +96,7 @@ class Launcher:
     the first config the prune function keeps when HF_FLASHATTN_AUTOTUNE=0 (no tuning, quick first
     call); else triton.autotune over `configs` keyed on `key`. `configs` are ordered best guess first."""
 
-    def __init__(self, kernel, configs, prune, key, interp_meta):
+    def __init__(self, kernel, configs, prune, key, interp_meta, reset_to_zero=None):
         import os
         from .._runtime import is_interpreting
         self.kernel, self.configs, self.prune, self.interp_meta = kernel, configs, prune, interp_meta
@@ -104,7 +104,9 @@ class Launcher:
         self.tune = os.environ.get("HF_FLASHATTN_AUTOTUNE", "1") != "0"
         self.tuned = None
         if not self.interpret and self.tune:
-            self.tuned = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+            # reset_to_zero: outputs accumulated with atomics, zeroed before each tuning run
+            self.tuned = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune},
+                                         reset_to_zero=reset_to_zero)(kernel)
 
     def __call__(self, grid_fn, args, meta):
         if self.interpret:

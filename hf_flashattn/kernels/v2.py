@@ -9,6 +9,8 @@ offsets from cu_seqlens. The backward kernels live in v2_bwd.py.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -180,5 +182,8 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
 def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
              window_size, softcap, deterministic):
     from .v2_bwd import backward as _bwd
+    # HF_FLASHATTN_BWD_DQ=atomic: FA2's single-pass backward with float32 atomics for dQ (fewer matmuls,
+    # not bitwise reproducible); never with deterministic=True. Opt-in until measured on the GPU.
+    atomic = not deterministic and os.environ.get("HF_FLASHATTN_BWD_DQ", "") == "atomic"
     return _bwd(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                softmax_scale, window_size, softcap)
+                softmax_scale, window_size, softcap, atomic_dq=atomic)

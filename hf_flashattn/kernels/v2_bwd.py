@@ -53,10 +53,10 @@ def _preprocess_kernel(O, DO, DELTA, CU_Q,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, stride_qm, stride_dom, start, end,
-                offs_n, offs_m, offs_d, Sq, diag_t, left_t, right_t, qk_scale, cap_scale,
+def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom, stride_dqm,
+                start, end, offs_n, offs_m, offs_d, Sq, diag_t, left_t, right_t, qk_scale, cap_scale, ds_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     # Rows of this tile are keys (offs_n), columns are queries: everything is transposed.
     for start_m in range(start, end, BLOCK_M):
         rows_q = start_m + offs_m
@@ -96,23 +96,29 @@ def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, stride_qm, stride
         if SOFTCAP:
             dsT = dsT * (1.0 - t * t)
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+        if ATOMIC_DQ:
+            # -- dQ += dS K, accumulated in float32 across the key-block programs (order varies) --
+            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PREC) * ds_scale
+            tl.atomic_add(DQ_base + rows_q[:, None] * stride_dqm + offs_d[None, :], dq,
+                          mask=(rows_q[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "SEQ_BUCKET",
                              "MASK_KIND", "group"])
-def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, CU_Q, CU_K,
                  stride_qb, stride_qm, stride_qh,
                  stride_kb, stride_kn, stride_kh,
                  stride_vb, stride_vn, stride_vh,
                  stride_dob, stride_dom, stride_doh,
                  stride_dkb, stride_dkn, stride_dkh,
                  stride_dvb, stride_dvn, stride_dvh,
+                 stride_dqb, stride_dqm, stride_dqh,
                  stride_lb, stride_lh,
                  seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, ds_scale, SEQ_BUCKET, MASK_KIND,
                  group, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
-                 SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr):
+                 SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     # Grid: (cdiv(max_seqlen_k, BLOCK_N), nheads_k, batch). One program computes BLOCK_N rows of dK
     # and dV for one kv head, summing over the GROUP query heads that read it.
     pid_n = tl.program_id(0)
@@ -151,15 +157,22 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
         DO_base = DO + b * stride_dob + h * stride_doh + q_start * stride_dom
         L_base = LSE + b * stride_lb + h * stride_lh + q_start
         D_base = DELTA + b * stride_lb + h * stride_lh + q_start
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, stride_qm, stride_dom, lo, full_lo,
-                             offs_n, offs_m, offs_d, Sq, diag_t, window_right, window_left, qk_scale, cap_scale,
-                             HEAD_DIM, BLOCK_D, BLOCK_M, True, SOFTCAP, DOT_PREC)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, stride_qm, stride_dom, full_lo,
-                             full_hi, offs_n, offs_m, offs_d, Sq, diag_t, window_right, window_left, qk_scale,
-                             cap_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, SOFTCAP, DOT_PREC)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, stride_qm, stride_dom, full_hi, hi,
-                             offs_n, offs_m, offs_d, Sq, diag_t, window_right, window_left, qk_scale, cap_scale,
-                             HEAD_DIM, BLOCK_D, BLOCK_M, True, SOFTCAP, DOT_PREC)
+        if ATOMIC_DQ:
+            DQ_base = DQ_ACC + b * stride_dqb + h * stride_dqh + q_start * stride_dqm
+        else:
+            DQ_base = DQ_ACC
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom,
+                             stride_dqm, lo, full_lo, offs_n, offs_m, offs_d, Sq, diag_t, window_right,
+                             window_left, qk_scale, cap_scale, ds_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, SOFTCAP,
+                             DOT_PREC, ATOMIC_DQ)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom,
+                             stride_dqm, full_lo, full_hi, offs_n, offs_m, offs_d, Sq, diag_t, window_right,
+                             window_left, qk_scale, cap_scale, ds_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, SOFTCAP,
+                             DOT_PREC, ATOMIC_DQ)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom,
+                             stride_dqm, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_right,
+                             window_left, qk_scale, cap_scale, ds_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, SOFTCAP,
+                             DOT_PREC, ATOMIC_DQ)
     # epilogue: dS was taken w.r.t. the log2-unit score; ds_scale brings it back to q·k units
     dk = dk * ds_scale
     tl.store(DK + b * stride_dkb + kvh * stride_dkh + (k_start + offs_n[:, None]) * stride_dkn + offs_d[None, :],
@@ -288,11 +301,16 @@ def _configs(table):
 _KEY = ["BLOCK_D", "IS_VARLEN", "SOFTCAP", "DOT_PREC", "SEQ_BUCKET", "MASK_KIND"]
 _INTERP = {"BLOCK_M": 16, "BLOCK_N": 32, "D_CLASS": 0}
 _dkdv_launch = C.Launcher(_dkdv_kernel, _configs(_DKDV_CONFIGS), prune_by_head_dim, _KEY, _INTERP)
+_dkdv_atomic_launch = C.Launcher(_dkdv_kernel, _configs(_DKDV_CONFIGS), prune_by_head_dim, _KEY, _INTERP,
+                                 reset_to_zero=["DQ_ACC"])
 _dq_launch = C.Launcher(_dq_kernel, _configs(_DQ_CONFIGS), prune_by_head_dim, _KEY, _INTERP)
 
 
 def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-             window_size, softcap):
+             window_size, softcap, atomic_dq=False):
+    """atomic_dq=False: the deterministic two-pass backward (dK/dV pass, then dQ pass). atomic_dq=True:
+    FA2's single pass, dQ accumulated with float32 atomics from the dK/dV programs (5 matmuls instead
+    of 7; summation order varies run to run)."""
     varlen = cu_seqlens_q is not None
     H, D = q.shape[-2], q.shape[-1]
     Hk = k.shape[-2]
@@ -321,9 +339,15 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, IS_VARLEN=varlen, SOFTCAP=softcap > 0,
                 DOT_PREC=C.dot_precision(q.dtype))
     lay = [C.seq_layout(t, varlen) for t in (q, k, v, do)]
-    _dkdv_launch(lambda m: (triton.cdiv(max_seqlen_k, m["BLOCK_N"]), Hk, batch),
-                 (q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1], *lay[2], *lay[3],
-             *C.seq_layout(dk, varlen), *C.seq_layout(dv, varlen), *stride_l, *common), meta)
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else None
+    dq_strides = C.seq_layout(dq_acc, varlen) if atomic_dq else (0, 0, 0)
+    launch = _dkdv_atomic_launch if atomic_dq else _dkdv_launch
+    launch(lambda m: (triton.cdiv(max_seqlen_k, m["BLOCK_N"]), Hk, batch),
+           (q, k, v, do, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1], *lay[2], *lay[3],
+            *C.seq_layout(dk, varlen), *C.seq_layout(dv, varlen), *dq_strides, *stride_l, *common),
+           dict(meta, ATOMIC_DQ=atomic_dq))
+    if atomic_dq:
+        return dq_acc.to(q.dtype), dk, dv
     _dq_launch(lambda m: (triton.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch),
                (q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1], *lay[2], *lay[3],
              *C.seq_layout(dq, varlen), *stride_l, *common), meta)

@@ -18,8 +18,14 @@ FLASH_ATTN_VARLEN = ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_
                      "return_attn_probs", "block_table", "version"]
 
 
+FLASH_ATTN_KVCACHE = ["q", "k_cache", "v_cache", "k", "v", "rotary_cos", "rotary_sin", "cache_seqlens",
+                      "cache_batch_idx", "cache_leftpad", "block_table", "softmax_scale", "causal", "window_size",
+                      "softcap", "rotary_interleaved", "alibi_slopes", "num_splits", "return_softmax_lse", "version"]
+
+
 @pytest.mark.parametrize("fn, names", [(fa.flash_attn_func, FLASH_ATTN_FUNC),
-                                       (fa.flash_attn_varlen_func, FLASH_ATTN_VARLEN)])
+                                       (fa.flash_attn_varlen_func, FLASH_ATTN_VARLEN),
+                                       (fa.flash_attn_with_kvcache, FLASH_ATTN_KVCACHE)])
 def test_signature_matches_flash_attn_and_docstring(fn, names):
     params = inspect.signature(fn).parameters
     assert list(params) == names

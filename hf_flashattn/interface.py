@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _validate as V
-from ._runtime import is_hopper
+from ._runtime import is_hopper, is_interpreting
 
 _VERSIONS = ("v1", "v2", "v3")
 _state = threading.local()
@@ -58,18 +58,20 @@ def use_version(version: str):
         _state.version = old
 
 
-def _resolve_version(version: str, q: torch.Tensor) -> str:
+def _resolve_version(version: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
     if version == "auto":
         version = get_default_version()
     if version == "auto":
-        # v3 is Hopper-only; until it lands, every device runs v2.
+        # v3 is opt-in until it has been measured on the H100 (issue 4); every device runs v2.
         version = "v2"
     if version == "v3":
-        if not is_hopper(q.device):
+        if not (is_hopper(q.device) or is_interpreting()):
             raise NotImplementedError(f"version='v3' needs a Hopper GPU (sm90); q is on {q.device}. "
                                       "Use version='v2' or 'auto'.")
-        raise NotImplementedError("version='v3' (the Hopper TMA/wgmma kernel) is not implemented yet; "
-                                  "use version='v2' or 'auto'.")
+        from .kernels import v3
+        why = v3.supports(q, k, v)
+        if why is not None:
+            raise NotImplementedError(f"version='v3': {why}. Use version='v2' or 'auto'.")
     return version
 
 
@@ -77,6 +79,9 @@ def _kernels(version: str):
     if version == "v1":
         from .kernels import v1
         return v1
+    if version == "v3":
+        from .kernels import v3
+        return v3
     from .kernels import v2
     return v2
 
@@ -183,7 +188,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                             "flash_attn_func")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    version = _resolve_version(version, q)
+    version = _resolve_version(version, q, k, v)
     out, lse = _FlashAttnFunc.apply(q, k, v, None, None, q.shape[1], k.shape[1], float(softmax_scale),
                                     _resolve_window(causal, window_size), float(softcap), deterministic,
                                     version)
@@ -230,7 +235,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                  f"{name}={longest}.")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    version = _resolve_version(version, q)
+    version = _resolve_version(version, q, k, v)
     out, lse = _FlashAttnFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                     float(softmax_scale), _resolve_window(causal, window_size), float(softcap),
                                     deterministic, version)

@@ -1,0 +1,183 @@
+"""FlashAttention-3-style forward for Hopper (arXiv 2407.08608), first version: v2's algorithm with
+tensor-descriptor (TMA) tile loads and stores and a warp-specialised, software-pipelined main loop.
+
+Per program (one query block of one head of one sequence), as in v2: Q blocks outer, K/V blocks inner,
+O / m / l in registers, normalised once. What changes is how tiles move: every Q, K, V, O tile goes
+through a tensor descriptor made in-kernel (`tl.make_tensor_descriptor`, on sm90 a TMA bulk copy into
+shared memory), and the unmasked band of key blocks runs in `tl.range(..., warp_specialize=WS)`, which
+on Hopper splits producer warps (TMA loads) from consumer warpgroups (wgmma + softmax) so the softmax of
+one tile overlaps the matmul of the next. Out-of-range rows of a descriptor read as zeros and are not
+written, so packed sequences (varlen) need no masks on loads: a descriptor spans exactly one sequence.
+
+Not yet (issue 4): FA3's intra-warpgroup ping-pong scheduling, a persistent grid, and a Hopper-specific
+backward (v3 runs v2's backward kernels). Requirements checked by `supports()`: fp16/bf16, head dim a
+multiple of 8 up to 256, 16-byte aligned base pointers and row strides (TMA's rule); otherwise callers
+use v2.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .._runtime import is_interpreting
+from . import _common as C
+from ._common import tanh, tile_range, visible
+
+
+@triton.jit
+def _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, start, end, offs_m, offs_n, Sk, diag, left, right,
+                   qk_scale, cap_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, SOFTCAP: tl.constexpr,
+                   WS: tl.constexpr):
+    for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WS):
+        # -- load k, v through the descriptors (rows past the sequence read as 0) --
+        k = k_desc.load([start_n, 0])
+        v = v_desc.load([start_n, 0])
+        # -- compute qk, in log2 units --
+        qk = tl.dot(q, tl.trans(k))
+        if SOFTCAP:
+            s = cap_scale * tanh(qk * qk_scale)
+        else:
+            s = qk * qk_scale
+        if MASKED:
+            s = tl.where(visible(offs_m, start_n + offs_n, diag, left, right, Sk), s, float("-inf"))
+        # -- update m_i, l_i --
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # -- update the output accumulator --
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group"])
+def _fwd_kernel_tma(Q, K, V, O, LSE, CU_Q, CU_K,
+                    stride_qb, stride_qm, stride_qh,
+                    stride_kb, stride_kn, stride_kh,
+                    stride_vb, stride_vn, stride_vh,
+                    stride_ob, stride_om, stride_oh,
+                    stride_lb, stride_lh,
+                    seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, group,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    IS_VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, WS: tl.constexpr):
+    # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program: BLOCK_M rows of O and lse.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        Sq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+        Sk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
+    else:
+        q_start = 0
+        k_start = 0
+        Sq = seqlen_q
+        Sk = seqlen_k
+    m0 = pid_m * BLOCK_M
+    if m0 >= Sq:
+        return
+    kvh = (h // group).to(tl.int64)
+    h64 = h.to(tl.int64)
+    # -- one descriptor per tensor, spanning exactly this sequence and head: (seqlen, headdim) --
+    q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h64 * stride_qh + q_start * stride_qm,
+                                       shape=[Sq, HEAD_DIM], strides=[stride_qm, 1], block_shape=[BLOCK_M, BLOCK_D])
+    k_desc = tl.make_tensor_descriptor(K + b * stride_kb + kvh * stride_kh + k_start * stride_kn,
+                                       shape=[Sk, HEAD_DIM], strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
+    v_desc = tl.make_tensor_descriptor(V + b * stride_vb + kvh * stride_vh + k_start * stride_vn,
+                                       shape=[Sk, HEAD_DIM], strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_D])
+    o_desc = tl.make_tensor_descriptor(O + b * stride_ob + h64 * stride_oh + q_start * stride_om,
+                                       shape=[Sq, HEAD_DIM], strides=[stride_om, 1], block_shape=[BLOCK_M, BLOCK_D])
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = q_desc.load([m0, 0])
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    diag = Sk - Sq
+    lo, full_lo, full_hi, hi = tile_range(m0, BLOCK_M, diag, window_left, window_right, Sk, BLOCK_N)
+    # masked left window edge; the band every row sees (pipelined, warp-specialised); masked diagonal/tail
+    acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, lo, full_lo, offs_m, offs_n, Sk, diag,
+                                   window_left, window_right, qk_scale, cap_scale, BLOCK_N, True, SOFTCAP, False)
+    acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, full_lo, full_hi, offs_m, offs_n, Sk, diag,
+                                   window_left, window_right, qk_scale, cap_scale, BLOCK_N, False, SOFTCAP, WS)
+    acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, full_hi, hi, offs_m, offs_n, Sk, diag,
+                                   window_left, window_right, qk_scale, cap_scale, BLOCK_N, True, SOFTCAP, False)
+    # epilogue, as v2
+    seen = l_i > 0.0
+    acc = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("inf"))
+    tl.store(LSE + b * stride_lb + h64 * stride_lh + q_start + offs_m, lse, mask=offs_m < Sq)
+    o_desc.store([m0, 0], acc.to(O.dtype.element_ty))
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class, best guess first (unmeasured).
+_CONFIGS = {64: [(128, 128, 4, 3), (128, 64, 4, 3)], 128: [(128, 128, 8, 3), (128, 64, 4, 3)],
+            256: [(128, 64, 8, 2), (64, 64, 4, 2)]}
+_allocator_set = False
+
+
+def _set_allocator():
+    """In-kernel tensor descriptors need a global-memory scratch allocator (Triton's rule)."""
+    global _allocator_set
+    if not _allocator_set:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8,
+                                                                     device="cuda" if torch.cuda.is_available()
+                                                                     else "cpu"))
+        _allocator_set = True
+
+
+def supports(q, k, v) -> str | None:
+    """None if v3 can run these inputs, else the reason (the caller then raises or uses v2)."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"v3 runs float16/bfloat16 only (got {q.dtype})"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        row = t.stride(-3) if t.dim() == 3 else t.stride(1)
+        if t.data_ptr() % 16 or (row * t.element_size()) % 16 or (t.stride(-2) * t.element_size()) % 16:
+            return f"v3's TMA loads need 16-byte aligned {name} (base pointer, row and head strides)"
+    return None
+
+
+def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, softcap):
+    why = supports(q, k, v)
+    if why is not None:
+        raise NotImplementedError(why + "; use version='v2'.")
+    _set_allocator()
+    varlen = cu_seqlens_q is not None
+    H, D = q.shape[-2], q.shape[-1]
+    Hk = k.shape[-2]
+    batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((H, q.shape[0]) if varlen else (batch, H, q.shape[1]), dtype=torch.float32, device=q.device)
+    if q.numel() == 0 or batch == 0:
+        return out.zero_(), lse.fill_(float("inf"))
+    left, right = C.window_args(window_size, max_seqlen_q, max_seqlen_k)
+    qk_scale, cap_scale = C.score_scales(softmax_scale, softcap)
+    stride_l = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+    BLOCK_D = max(triton.next_power_of_2(D), 16)
+    if is_interpreting():
+        bm, bn, warps, stages = 32, 16, 4, 1
+    else:
+        bm, bn, warps, stages = _CONFIGS[64 if BLOCK_D <= 64 else 128 if BLOCK_D <= 128 else 256][0]
+    ws = os.environ.get("HF_FLASHATTN_V3_WS", "1") != "0" and not is_interpreting()
+    grid = (triton.cdiv(max_seqlen_q, bm), H, batch)
+    _fwd_kernel_tma[grid](q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                          *C.seq_layout(q, varlen), *C.seq_layout(k, varlen), *C.seq_layout(v, varlen),
+                          *C.seq_layout(out, varlen), *stride_l,
+                          max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale, H // Hk,
+                          HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_N=bn, IS_VARLEN=varlen, SOFTCAP=softcap > 0,
+                          WS=ws, num_warps=warps, num_stages=stages)
+    return out, lse
+
+
+def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+             window_size, softcap, deterministic):
+    from . import v2
+    return v2.backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                       softmax_scale, window_size, softcap, deterministic)

@@ -117,3 +117,20 @@ class Launcher:
                                              num_stages=cfg.num_stages)
         else:
             self.tuned[grid_fn](*args, **meta)
+
+
+@triton.jit
+def seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
+    """(q_start, k_start, Sq, Sk) of sequence b: read from cu_seqlens when packed, else (0, 0, seqlen_q,
+    seqlen_k). Starts are int64 row offsets (a packed batch can exceed 2^31 elements)."""
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        Sq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+        Sk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
+    else:
+        q_start = tl.zeros([], dtype=tl.int64)
+        k_start = tl.zeros([], dtype=tl.int64)
+        Sq = seqlen_q
+        Sk = seqlen_k
+    return q_start, k_start, Sq, Sk

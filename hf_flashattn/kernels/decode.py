@@ -21,6 +21,15 @@ from .v2 import _fwd_inner
 
 
 @triton.jit
+def _cache_entry(BIDX, b, HAS_BIDX: tl.constexpr):
+    """The cache entry sequence b uses: cache_batch_idx[b], or b."""
+    if HAS_BIDX:
+        return tl.load(BIDX + b).to(tl.int64)
+    else:
+        return b
+
+
+@triton.jit
 def _append_kernel(KNEW, VNEW, KC, VC, SEQLENS, BIDX,
                    stride_knb, stride_knn, stride_knh,
                    stride_vnb, stride_vnn, stride_vnh,
@@ -33,10 +42,7 @@ def _append_kernel(KNEW, VNEW, KC, VC, SEQLENS, BIDX,
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    if HAS_BIDX:
-        cb = tl.load(BIDX + b).to(tl.int64)
-    else:
-        cb = b
+    cb = _cache_entry(BIDX, b, HAS_BIDX)
     pos = tl.load(SEQLENS + b).to(tl.int64) + n
     d = tl.arange(0, BLOCK_D)
     mask = (n[:, None] < seqlen_new) & (d[None, :] < HEAD_DIM)
@@ -62,10 +68,7 @@ def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX,
     r0 = (tl.program_id(0) // n_splits) * BLOCK_M
     kvh = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    if HAS_BIDX:
-        cb = tl.load(BIDX + b).to(tl.int64)
-    else:
-        cb = b
+    cb = _cache_entry(BIDX, b, HAS_BIDX)
     Sk = tl.load(SEQLENS_K + b)
     rows = r0 + tl.arange(0, BLOCK_M)
     row_ok = rows < seqlen_q * group

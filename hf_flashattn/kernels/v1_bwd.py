@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, visible, window_args
+from ._common import dot_precision, seq_bounds, visible, window_args
 from .v1 import (_bhm_strides, _block_d, _bwd_config, _geometry, _lse_strides, _needs_mask, _q_block_range,
                  _score_args, _scores)
 
@@ -102,16 +102,8 @@ def _v1_bwd_kernel(
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16)      # tl.dot's minimum tile
     pid_kvh = tl.program_id(0)
     pid_b = tl.program_id(1)
-    if IS_VARLEN:
-        q_start = tl.load(CU_SEQLENS_Q + pid_b)
-        seqlen_q = tl.load(CU_SEQLENS_Q + pid_b + 1) - q_start
-        k_start = tl.load(CU_SEQLENS_K + pid_b)
-        seqlen_k = tl.load(CU_SEQLENS_K + pid_b + 1) - k_start
-        q_start = q_start.to(tl.int64)
-        k_start = k_start.to(tl.int64)
-    else:
-        q_start = 0
-        k_start = 0
+    q_start, k_start, seqlen_q, seqlen_k = seq_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, pid_b, seqlen_q, seqlen_k,
+                                                      IS_VARLEN)
     diag = seqlen_k - seqlen_q
     b64 = pid_b.to(tl.int64)
     kvh64 = pid_kvh.to(tl.int64)

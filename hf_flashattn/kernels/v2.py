@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
-from ._common import tanh, tile_range, visible
+from ._common import seq_bounds, tanh, tile_range, visible
 
 
 @triton.jit
@@ -78,16 +78,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)   # heaviest (last, under causal) blocks first
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        k_start = tl.load(CU_K + b).to(tl.int64)
-        Sq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
-        Sk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
-    else:
-        q_start = 0
-        k_start = 0
-        Sq = seqlen_q
-        Sk = seqlen_k
+    q_start, k_start, Sq, Sk = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= Sq:
         return

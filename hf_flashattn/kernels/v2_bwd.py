@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .._runtime import is_interpreting
 from . import _common as C
-from ._common import tanh, tile_range, visible
+from ._common import seq_bounds, tanh, tile_range, visible
 from .v2 import prune_by_head_dim
 
 
@@ -36,12 +36,7 @@ def _preprocess_kernel(O, DO, DELTA, CU_Q,
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        Sq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
-    else:
-        q_start = 0
-        Sq = seqlen_q
+    q_start, _, Sq, _ = seq_bounds(CU_Q, CU_Q, b, seqlen_q, seqlen_q, IS_VARLEN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM)
@@ -124,16 +119,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, CU_Q, CU_K,
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        k_start = tl.load(CU_K + b).to(tl.int64)
-        Sq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
-        Sk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
-    else:
-        q_start = 0
-        k_start = 0
-        Sq = seqlen_q
-        Sk = seqlen_k
+    q_start, k_start, Sq, Sk = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
     n0 = pid_n * BLOCK_N
     if n0 >= Sk:
         return
@@ -236,16 +222,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        k_start = tl.load(CU_K + b).to(tl.int64)
-        Sq = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
-        Sk = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
-    else:
-        q_start = 0
-        k_start = 0
-        Sq = seqlen_q
-        Sk = seqlen_k
+    q_start, k_start, Sq, Sk = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= Sq:
         return

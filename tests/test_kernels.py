@@ -206,3 +206,15 @@ def test_v3_refuses_what_tma_cannot_load():
     misaligned = base[1:].view(1, 8, 2, 16)             # data pointer off by 2 bytes
     with pytest.raises(NotImplementedError, match="16-byte aligned q"):
         fa.flash_attn_func(misaligned, misaligned, misaligned, version="v3")
+
+
+@pytest.mark.parametrize("split", ["1", "0"], ids=["split-kv", "main-kernel"])
+def test_v2_decode_shapes_both_kernels(split, monkeypatch):
+    """v2 sends decode-like shapes (seqlen_q <= 16, many keys) to the split-KV kernel; both kernels
+    meet the rule, forward and backward (the backward only needs out and lse)."""
+    monkeypatch.setenv("HF_FLASHATTN_SPLITKV", split)
+    from hf_flashattn.kernels import v2
+    q, k, v, do = _inputs((2, 3, 90, 8, 2, 32), torch.float32, seed=12)
+    assert v2.use_split_kv(q, k, False) == (split == "1")
+    for mask in MASKS:
+        _check("v2", q, k, v, do, torch.float32, **mask)

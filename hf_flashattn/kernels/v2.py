@@ -145,9 +145,22 @@ _fwd_launch = C.Launcher(_fwd_kernel, _fwd_configs(), prune_by_head_dim,
                          interp_meta={"BLOCK_M": 32, "BLOCK_N": 16, "D_CLASS": 0})
 
 
+def use_split_kv(q, k, varlen: bool) -> bool:
+    """Decode-like shapes (a few queries, many keys) go to the split-KV kernel of decode.py: the same
+    exact result (out and lse, so the backward is unchanged), but the key range is spread over many
+    programs instead of one per (query block, head). HF_FLASHATTN_SPLITKV=0 turns this off."""
+    return (not varlen and q.shape[1] <= 16 and k.shape[1] >= 8 * q.shape[1] and q.numel() > 0
+            and os.environ.get("HF_FLASHATTN_SPLITKV", "1") != "0")
+
+
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_size,
             softcap):
     varlen = cu_seqlens_q is not None
+    if use_split_kv(q, k, varlen):
+        from . import decode
+        seqlens = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)
+        out, lse, _ = decode.forward(q, k, v, seqlens, None, k.shape[1], softmax_scale, window_size, softcap, 0)
+        return out, lse
     H, D = q.shape[-2], q.shape[-1]
     Hk = k.shape[-2]
     batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]

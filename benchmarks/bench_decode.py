@@ -1,0 +1,133 @@
+"""Decode benchmark (issue 6): one new query token against a long KV cache, and end-to-end generate().
+
+    python benchmarks/bench_decode.py --out DIR [--skip-generate] [--budget-s S]
+
+Kernel part: batch 1 and 8, GQA 32/8, d128, bf16, cache 4k / 32k / 128k. Achieved bandwidth = K and V
+bytes read (2 · B · L · Hk · D · 2) ÷ time, against the measured copy bandwidth; time against SDPA (the best
+of its backends that runs the shape) and compiled FlexAttention, in the same process.
+Generate part: a ~1B-parameter random-weight Llama-architecture model, prompts of 8k and 32k tokens,
+64 new tokens, eager / sdpa / flashattn_custom; decode tokens/s = 63 / (t(64 new) - t(1 new)).
+Writes decode.json and decode.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import hf_flashattn as fa  # noqa: E402
+
+
+def copy_bandwidth():
+    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda").random_(0, 255)
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
+    return 2 * x.numel() / ms / 1e9
+
+
+def kernel_rows(bw):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import flex_attention
+    flex = torch.compile(flex_attention, dynamic=False)
+    rows = []
+    H, Hk, D = 32, 8, 128
+    for B in (1, 8):
+        for L in (4096, 32768, 131072):
+            q = torch.randn(B, 1, H, D, device="cuda", dtype=torch.bfloat16)
+            kc = torch.randn(B, L, Hk, D, device="cuda", dtype=torch.bfloat16)
+            vc = torch.randn(B, L, Hk, D, device="cuda", dtype=torch.bfloat16)
+            qt, kt, vt = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
+            gbytes = 2 * B * L * Hk * D * 2 / 1e9
+            impls = {"ours-kvcache": lambda: fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=L),
+                     "ours-flash_attn_func": lambda: fa.flash_attn_func(q, kc, vc)}
+            for name, be in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION),
+                             ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-math", SDPBackend.MATH)):
+                def run(be=be):
+                    with sdpa_kernel(be):
+                        return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+                impls[name] = run
+            impls["flex"] = lambda: flex(qt, kt, vt, enable_gqa=True)
+            for name, f in impls.items():
+                try:
+                    f()
+                    ms = triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")
+                    rows.append(dict(impl=name, B=B, L=L, ms=ms, tb_s=gbytes / ms, frac_copy_bw=gbytes / ms / bw))
+                except Exception as e:
+                    rows.append(dict(impl=name, B=B, L=L, ms=None, error=f"{type(e).__name__}: {str(e)[:120]}"))
+            print(" ".join(f"{r['impl']}={r['ms']:.3f}ms" if r.get("ms") else f"{r['impl']}=–" for r in rows[-7:]),
+                  f"B={B} L={L}", flush=True)
+            del q, kc, vc
+            torch.cuda.empty_cache()
+    return rows
+
+
+def generate_rows(budget_s, t0):
+    import hf_flashattn  # noqa: F401
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    cfg = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=32000, max_position_embeddings=40960)
+    rows = []
+    for prompt in (8192, 32768):
+        ids = torch.randint(1, 32000, (1, prompt), device="cuda")
+        for impl in ("flashattn_custom", "sdpa", "eager"):
+            if time.time() - t0 > budget_s:
+                rows.append(dict(impl=impl, prompt=prompt, skipped="time budget"))
+                continue
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(LlamaConfig(**cfg), attn_implementation=impl,
+                                                     dtype=torch.bfloat16).cuda().eval()
+            try:
+                times = {}
+                for new in (1, 64):
+                    torch.cuda.synchronize()
+                    s = time.time()
+                    model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+                    torch.cuda.synchronize()
+                    times[new] = time.time() - s
+                rows.append(dict(impl=impl, prompt=prompt, decode_tok_s=63 / (times[64] - times[1]),
+                                 prefill_s=times[1]))
+            except torch.cuda.OutOfMemoryError:
+                rows.append(dict(impl=impl, prompt=prompt, error="OOM"))
+            print(rows[-1], flush=True)
+            del model
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--skip-generate", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=1e9)
+    args = ap.parse_args()
+    t0 = time.time()
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                commit=os.environ.get("COMMIT", "unknown"), date=time.strftime("%Y-%m-%d"))
+    bw = copy_bandwidth()
+    rows = kernel_rows(bw)
+    gen = [] if args.skip_generate else generate_rows(args.budget_s, t0)
+    with open(os.path.join(args.out, "decode.json"), "w") as f:
+        json.dump(dict(meta=meta, copy_tb_s=bw, kernel=rows, generate=gen), f, indent=1)
+    md = [f"# Decode — {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}",
+          "", f"copy bandwidth {bw:.2f} TB/s; GQA 32/8, d128, bf16, one query token", "",
+          "| B | cache | impl | ms | TB/s | of copy bw |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("ms"):
+            md.append(f"| {r['B']} | {r['L']} | {r['impl']} | {r['ms']:.3f} | {r['tb_s']:.2f} | {r['frac_copy_bw']:.0%} |")
+    md += ["", "| prompt | impl | decode tokens/s |", "|---|---|---|"]
+    for r in gen:
+        md.append(f"| {r['prompt']} | {r['impl']} | {r.get('decode_tok_s', r.get('error', r.get('skipped')))} |")
+    with open(os.path.join(args.out, "decode.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

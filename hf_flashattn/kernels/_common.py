@@ -134,3 +134,35 @@ def seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
         Sq = seqlen_q
         Sk = seqlen_k
     return q_start, k_start, Sq, Sk
+
+
+@triton.jit
+def load_rows_pair(A_ptrs, B_ptrs, rows, S, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   MASKED: tl.constexpr):
+    """Load two (rows, BLOCK_D) tiles that share a row range (k and v, or q and dO): rows >= S are
+    masked only on edge blocks (MASKED), the head-dim padding only when BLOCK_D != HEAD_DIM."""
+    if MASKED:
+        mask = (rows[:, None] < S) & (offs_d[None, :] < HEAD_DIM)
+        a = tl.load(A_ptrs, mask=mask, other=0.0)
+        b = tl.load(B_ptrs, mask=mask, other=0.0)
+    elif BLOCK_D != HEAD_DIM:
+        a = tl.load(A_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        b = tl.load(B_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        a = tl.load(A_ptrs)
+        b = tl.load(B_ptrs)
+    return a, b
+
+
+@triton.jit
+def log2_scores(a, b, qk_scale, cap_scale, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Scores a·bᵀ in log2 units (see score_scales), and t = tanh(...) under softcap (the backward's
+    chain-rule factor is 1 - t²; t is unused, and dropped, without softcap)."""
+    qk = tl.dot(a, tl.trans(b), input_precision=DOT_PREC)
+    if SOFTCAP:
+        t = tanh(qk * qk_scale)
+        s = cap_scale * t
+    else:
+        t = qk
+        s = qk * qk_scale
+    return s, t

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
-from ._common import seq_bounds, tanh, tile_range, visible
+from ._common import load_rows_pair, log2_scores, seq_bounds, tile_range, visible
 
 
 @triton.jit
@@ -29,22 +29,9 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, start, en
         k_ptrs = K_base + cols[:, None] * stride_kn + offs_d[None, :]
         v_ptrs = V_base + cols[:, None] * stride_vn + offs_d[None, :]
         # -- load k, v (the d-padding and, on the edge blocks, the key tail are masked) --
-        if MASKED:
-            kv_mask = (cols[:, None] < Sk) & (offs_d[None, :] < HEAD_DIM)
-            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        elif BLOCK_D != HEAD_DIM:
-            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k, v = load_rows_pair(k_ptrs, v_ptrs, cols, Sk, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         # -- compute qk, in log2 units --
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        if SOFTCAP:
-            s = cap_scale * tanh(qk * qk_scale)
-        else:
-            s = qk * qk_scale
+        s, _ = log2_scores(q, k, qk_scale, cap_scale, SOFTCAP, DOT_PREC)
         if MASKED:
             s = tl.where(visible(offs_m, cols, diag, left, right, Sk), s, float("-inf"))
         # -- update m_i, l_i (a row that has seen nothing yet keeps m = -inf; shift by 0 then) --

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .._runtime import is_interpreting
 from . import _common as C
-from ._common import seq_bounds, tanh, tile_range, visible
+from ._common import load_rows_pair, log2_scores, seq_bounds, tile_range, visible
 from .v2 import prune_by_head_dim
 
 
@@ -58,28 +58,15 @@ def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_q
         q_ptrs = Q_base + rows_q[:, None] * stride_qm + offs_d[None, :]
         do_ptrs = DO_base + rows_q[:, None] * stride_dom + offs_d[None, :]
         # -- load q, dO, lse, Delta --
+        q, do = load_rows_pair(q_ptrs, do_ptrs, rows_q, Sq, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         if MASKED:
-            qmask = (rows_q[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM)
-            q = tl.load(q_ptrs, mask=qmask, other=0.0)
-            do = tl.load(do_ptrs, mask=qmask, other=0.0)
             lse = tl.load(L_base + rows_q, mask=rows_q < Sq, other=float("inf"))
             delta = tl.load(D_base + rows_q, mask=rows_q < Sq, other=0.0)
         else:
-            if BLOCK_D != HEAD_DIM:
-                q = tl.load(q_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-                do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-            else:
-                q = tl.load(q_ptrs)
-                do = tl.load(do_ptrs)
             lse = tl.load(L_base + rows_q)
             delta = tl.load(D_base + rows_q)
         # -- recompute Pᵀ = exp2(Sᵀ - lse) --
-        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
-        if SOFTCAP:
-            t = tanh(qkT * qk_scale)
-            sT = cap_scale * t
-        else:
-            sT = qkT * qk_scale
+        sT, t = log2_scores(k, q, qk_scale, cap_scale, SOFTCAP, DOT_PREC)
         pT = tl.exp2(sT - lse[None, :] * 1.4426950408889634)
         if MASKED:
             pT = tl.where(visible(offs_n, rows_q, diag_t, left_t, right_t, Sq), pT, 0.0)
@@ -176,23 +163,9 @@ def _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, start
         cols = start_n + offs_n
         k_ptrs = K_base + cols[:, None] * stride_kn + offs_d[None, :]
         v_ptrs = V_base + cols[:, None] * stride_vn + offs_d[None, :]
-        if MASKED:
-            kv_mask = (cols[:, None] < Sk) & (offs_d[None, :] < HEAD_DIM)
-            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        elif BLOCK_D != HEAD_DIM:
-            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k, v = load_rows_pair(k_ptrs, v_ptrs, cols, Sk, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         # -- recompute P --
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        if SOFTCAP:
-            t = tanh(qk * qk_scale)
-            s = cap_scale * t
-        else:
-            s = qk * qk_scale
+        s, t = log2_scores(q, k, qk_scale, cap_scale, SOFTCAP, DOT_PREC)
         p = tl.exp2(s - lse[:, None])
         if MASKED:
             p = tl.where(visible(offs_m, cols, diag, left, right, Sk), p, 0.0)

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .._runtime import is_interpreting
 from . import _common as C
-from ._common import seq_bounds, tanh, tile_range, visible
+from ._common import log2_scores, seq_bounds, tile_range, visible
 
 
 @triton.jit
@@ -36,11 +36,7 @@ def _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, start, end, offs_m, offs_n,
         k = k_desc.load([start_n, 0])
         v = v_desc.load([start_n, 0])
         # -- compute qk, in log2 units --
-        qk = tl.dot(q, tl.trans(k))
-        if SOFTCAP:
-            s = cap_scale * tanh(qk * qk_scale)
-        else:
-            s = qk * qk_scale
+        s, _ = log2_scores(q, k, qk_scale, cap_scale, SOFTCAP, "tf32")
         if MASKED:
             s = tl.where(visible(offs_m, start_n + offs_n, diag, left, right, Sk), s, float("-inf"))
         # -- update m_i, l_i --

@@ -35,3 +35,16 @@ def assert_close_rule(name, got, ref64, ref_low, factor, dtype):
     print(f"{name}: max err {err:.3e}  (torch low-precision {base:.3e}, bound {bound:.3e})")
     assert torch.isfinite(got).all(), f"{name}: non-finite values"
     assert err <= bound, f"{name}: max error {err:.3e} exceeds {bound:.3e}"
+
+
+def left_padded(lengths, vocab_size, pad, device, seed=1):
+    """input_ids (B, max(lengths)) of random tokens in [3, vocab_size), `pad` on the left, and the
+    matching 2D attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad)
+    mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = torch.randint(3, vocab_size, (n,), generator=g)
+        mask[row, width - n:] = 1
+    return ids.to(device), mask.to(device)

@@ -16,6 +16,8 @@ import types
 import pytest
 import torch
 
+import _attn_testing
+
 import hf_flashattn  # before transformers: sets TRITON_INTERPRET on the CPU, registers flashattn_custom
 import hf_flashattn.patches as patches
 from hf_flashattn import interface
@@ -79,13 +81,7 @@ def twins(model_type, impl="eager"):
 
 
 def left_padded(lengths, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids, mask = torch.full((len(lengths), width), PAD), torch.zeros((len(lengths), width), dtype=torch.long)
-    for row, n in enumerate(lengths):
-        ids[row, width - n:] = torch.randint(3, TINY["vocab_size"], (n,), generator=g)
-        mask[row, width - n:] = 1
-    return ids.to(DEVICE), mask.to(DEVICE)
+    return _attn_testing.left_padded(lengths, TINY["vocab_size"], PAD, DEVICE, seed)
 
 
 def report(name, ours, ref):

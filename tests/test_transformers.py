@@ -17,6 +17,8 @@ import textwrap
 import pytest
 import torch
 
+import _attn_testing
+
 import hf_flashattn  # before transformers: sets TRITON_INTERPRET on the CPU, installs the registration hook
 from hf_flashattn import interface
 from hf_flashattn.integrations import transformers as integration
@@ -79,15 +81,7 @@ def pair(family_or_config):
 
 
 def left_padded(lengths, seed=1):
-    """input_ids (B, max(lengths)) with PAD on the left, and the matching 2D attention mask."""
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), PAD)
-    mask = torch.zeros((len(lengths), width), dtype=torch.long)
-    for row, n in enumerate(lengths):
-        ids[row, width - n:] = torch.randint(3, TINY["vocab_size"], (n,), generator=g)
-        mask[row, width - n:] = 1
-    return ids.to(DEVICE), mask.to(DEVICE)
+    return _attn_testing.left_padded(lengths, TINY["vocab_size"], PAD, DEVICE, seed)
 
 
 def report(name, ours, ref):

@@ -307,7 +307,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                       ("block_table", block_table)):
         if val is not None:
             raise NotImplementedError(f"flash_attn_with_kvcache: {name} is not implemented; pass {name}=None.")
-    B, Sq = q.shape[0], q.shape[1]
+    B = q.shape[0]
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
     elif cache_seqlens is None:

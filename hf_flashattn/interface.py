@@ -1,7 +1,8 @@
 """Public functions with flash-attn's names, argument order and layout.
 
-Three layers, as in flash-attn: documented public function -> torch.autograd.Function -> the
-kernel backend (`hf_flashattn.kernels.<version>`), whose contract is
+Layers, as in flash-attn: documented public function -> torch.autograd.Function -> torch.library
+custom op (with a fake implementation, for torch.compile) -> the kernel backend
+(`hf_flashattn.kernels.<version>`), whose contract is
 
     forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             softmax_scale, window_size, softcap) -> (out, lse)
@@ -42,7 +43,9 @@ def get_default_version() -> str:
 
 
 def set_default_version(version: str) -> None:
-    """Make version="auto" calls (including attn_implementation="flashattn_custom") use `version`."""
+    """Make version="auto" calls (including attn_implementation="flashattn_custom") use `version`.
+    The setting is per thread (the thread that runs the forward pass); HF_FLASHATTN_VERSION sets the
+    default for the whole process."""
     V._validate_options(0.0, None, (-1, -1), 0.0, None, version, "set_default_version")
     _state.version = None if version == "auto" else version
 

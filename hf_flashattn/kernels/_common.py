@@ -155,10 +155,9 @@ def load_rows_pair(A_ptrs, B_ptrs, rows, S, offs_d, HEAD_DIM: tl.constexpr, BLOC
 
 
 @triton.jit
-def log2_scores(a, b, qk_scale, cap_scale, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Scores a·bᵀ in log2 units (see score_scales), and t = tanh(...) under softcap (the backward's
-    chain-rule factor is 1 - t²; t is unused, and dropped, without softcap)."""
-    qk = tl.dot(a, tl.trans(b), input_precision=DOT_PREC)
+def scores_from_qk(qk, qk_scale, cap_scale, SOFTCAP: tl.constexpr):
+    """Raw q·k -> scores in log2 units (see score_scales), and t = tanh(...) under softcap (the
+    backward's chain-rule factor is 1 - t²; without softcap t is qk, unused and dropped)."""
     if SOFTCAP:
         t = tanh(qk * qk_scale)
         s = cap_scale * t
@@ -166,3 +165,9 @@ def log2_scores(a, b, qk_scale, cap_scale, SOFTCAP: tl.constexpr, DOT_PREC: tl.c
         t = qk
         s = qk * qk_scale
     return s, t
+
+
+@triton.jit
+def log2_scores(a, b, qk_scale, cap_scale, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """scores_from_qk of a·bᵀ."""
+    return scores_from_qk(tl.dot(a, tl.trans(b), input_precision=DOT_PREC), qk_scale, cap_scale, SOFTCAP)

@@ -36,27 +36,12 @@ import triton
 import triton.language as tl
 
 from .._runtime import is_interpreting
-from ._common import LOG2E, dot_precision, seq_bounds, tanh, visible, window_args
+from ._common import LOG2E, dot_precision, scores_from_qk, seq_bounds, visible, window_args
 
 
 # ----------------------------------------------------------------------------------------------
 # Helpers shared with the backward kernel.
 # ----------------------------------------------------------------------------------------------
-
-@triton.jit
-def _scores(qk, qk_scale, softcap_log2, HAS_SOFTCAP: tl.constexpr):
-    """Raw Q Kᵀ -> scores in log2 units, s2 = S · log2(e), and t = tanh(scale · qk / softcap)
-    (t is what the softcap backward needs; it is qk itself when there is no softcap).
-    Without softcap, qk_scale = softmax_scale · log2(e); with it, qk_scale = softmax_scale / softcap
-    and softcap_log2 = softcap · log2(e)."""
-    if HAS_SOFTCAP:
-        t = tanh(qk * qk_scale)
-        s2 = t * softcap_log2
-    else:
-        t = qk
-        s2 = qk * qk_scale
-    return s2, t
-
 
 @triton.jit
 def _q_block_range(n0, seqlen_q, seqlen_k, diag, window_left, window_right,
@@ -104,7 +89,7 @@ def _v1_fwd_update(k, v, m0, n0, q_base, oacc_base, ml_off, M, L,
 
     # -- S_ij = Q_i K_jᵀ, in log2 units (line 9) --
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    s, _ = _scores(qk, qk_scale, softcap_log2, HAS_SOFTCAP)
+    s, _ = scores_from_qk(qk, qk_scale, softcap_log2, HAS_SOFTCAP)
     if _needs_mask(m0, n0, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N):
         s = tl.where(visible(offs_m, offs_n, diag, window_left, window_right, seqlen_k), s,
                      float("-inf"))
@@ -259,7 +244,7 @@ def _lse_strides(lse, varlen: bool):
 
 
 def _score_args(softmax_scale: float, softcap: float):
-    """(qk_scale, softcap_log2, HAS_SOFTCAP) for _scores()."""
+    """(qk_scale, softcap_log2, HAS_SOFTCAP) for _common.scores_from_qk()."""
     if softcap > 0:
         return softmax_scale / softcap, softcap * LOG2E, True
     return softmax_scale * LOG2E, 0.0, False

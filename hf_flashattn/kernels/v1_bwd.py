@@ -26,9 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, seq_bounds, visible, window_args
+from ._common import dot_precision, scores_from_qk, seq_bounds, visible, window_args
 from .v1 import (_bhm_strides, _block_d, _bwd_config, _geometry, _lse_strides, _needs_mask, _q_block_range,
-                 _score_args, _scores)
+                 _score_args)
 
 
 @triton.jit
@@ -53,7 +53,7 @@ def _v1_bwd_update(dk, dv, k, v, m0, n0, q_base, do_base, dqacc_base, lse_base, 
 
     # -- recompute S_ij (log2 units) and P_ij = exp(S_ij - lse_i) (lines 16-18) --
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    s, t = _scores(qk, qk_scale, softcap_log2, HAS_SOFTCAP)
+    s, t = scores_from_qk(qk, qk_scale, softcap_log2, HAS_SOFTCAP)
     if _needs_mask(m0, n0, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N):
         s = tl.where(visible(offs_m, offs_n, diag, window_left, window_right, seqlen_k), s,
                      float("-inf"))

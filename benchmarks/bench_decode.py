@@ -68,7 +68,7 @@ def kernel_rows(bw):
     return rows
 
 
-def generate_rows(budget_s, t0):
+def generate_rows(budget_s, t0, save=lambda rows: None):
     import hf_flashattn  # noqa: F401
     from transformers import AutoModelForCausalLM, LlamaConfig
     cfg = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
@@ -96,6 +96,7 @@ def generate_rows(budget_s, t0):
             except torch.cuda.OutOfMemoryError:
                 rows.append(dict(impl=impl, prompt=prompt, error="OOM"))
             print(rows[-1], flush=True)
+            save(rows)
             del model
             torch.cuda.empty_cache()
     return rows
@@ -112,9 +113,14 @@ def main():
                 commit=os.environ.get("COMMIT", "unknown"), date=time.strftime("%Y-%m-%d"))
     bw = copy_bandwidth()
     rows = kernel_rows(bw)
-    gen = [] if args.skip_generate else generate_rows(args.budget_s, t0)
-    with open(os.path.join(args.out, "decode.json"), "w") as f:
-        json.dump(dict(meta=meta, copy_tb_s=bw, kernel=rows, generate=gen), f, indent=1)
+
+    def save(gen):  # after the kernel part and after every generate row: a run cut short keeps its numbers
+        with open(os.path.join(args.out, "decode.json"), "w") as f:
+            json.dump(dict(meta=meta, copy_tb_s=bw, kernel=rows, generate=gen), f, indent=1)
+
+    save([])
+    gen = [] if args.skip_generate else generate_rows(args.budget_s, t0, save)
+    save(gen)
     md = [f"# Decode — {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}",
           "", f"copy bandwidth {bw:.2f} TB/s; GQA 32/8, d128, bf16, one query token", "",
           "| B | cache | impl | ms | TB/s | of copy bw |", "|---|---|---|---|---|---|"]

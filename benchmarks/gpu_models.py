@@ -110,16 +110,20 @@ def run_family(fam):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
+    ap.add_argument("--versions", default="v2", help="kernel versions flashattn_custom runs, comma-separated")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     results = []
-    for fam in FAMILIES:
-        try:
-            r = run_family(fam)
-        except Exception as e:
-            r = dict(family=fam, ok=False, error=f"{type(e).__name__}: {e}")
-        results.append(r)
-        print(json.dumps(r), flush=True)
+    for version in args.versions.split(","):
+        for fam in FAMILIES:
+            try:
+                with hf_flashattn.use_version(version):
+                    r = run_family(fam)
+            except Exception as e:
+                r = dict(family=fam, ok=False, error=f"{type(e).__name__}: {e}")
+            r["version"] = version
+            results.append(r)
+            print(json.dumps(r), flush=True)
     with open(os.path.join(args.out, "models.json"), "w") as f:
         json.dump(dict(transformers=transformers.__version__, results=results), f, indent=1)
     print("models:", "all pass" if all(r["ok"] for r in results) else "FAILURES")

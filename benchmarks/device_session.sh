@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One device call, several GPU phases, each under its own time limit; everything a phase writes is
+# packed into $OUT/results.tgz (the device tool returns at most 8 files), with $OUT/session.log.
+#
+#   bash benchmarks/device_session.sh check:240 patches:150 decode:150
+#
+# Phases (the number is the phase's wall-clock limit in seconds; its script gets a budget a little
+# under it so that it writes its JSON before being killed):
+#   check     benchmarks/gpu_check.py --versions $CHECK_VERSIONS (default v3,v1,v2), autotuning off
+#   models    benchmarks/gpu_models.py --versions $MODEL_VERSIONS (default v2,v3)
+#   patches   benchmarks/gpu_patches.py
+#   decode    benchmarks/bench_decode.py
+#   bench     benchmarks/bench.py $BENCH_ARGS (default --versions v2,v3)
+#   recipes-bar / recipes-grid / recipes-longest / recipes-fsdp2   benchmarks/gpu_recipes.sh PHASE
+# A folder .tcache (Triton's cache of an earlier call, carried back) is used when present, and the
+# cache is returned as $OUT/tcache.tgz so that the next call need not compile again.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/device-out}
+RES=${RES:-/tmp/device-results}
+mkdir -p "$OUT" "$RES"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TRITON_CACHE_DIR="$PWD/.tcache"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+mkdir -p "$TRITON_CACHE_DIR"
+{
+  echo "date $(date -u +%FT%TZ) commit ${COMMIT:-unknown}"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, triton, transformers, accelerate, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'triton', triton.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'peft', peft.__version__)"
+} > "$RES/env.txt" 2>&1
+cat "$RES/env.txt" | tee "$OUT/session.log"
+
+for spec in "$@"; do
+  phase=${spec%%:*}
+  secs=${spec#*:}
+  [ "$secs" = "$spec" ] && secs=300
+  budget=$(( secs > 90 ? secs - 45 : secs / 2 ))
+  dir="$RES/$phase"
+  mkdir -p "$dir"
+  case $phase in
+    check) cmd=(env HF_FLASHATTN_AUTOTUNE=0 python3 benchmarks/gpu_check.py --out "$dir"
+                --versions "${CHECK_VERSIONS:-v3,v1,v2}" --budget-s "$budget") ;;
+    models) cmd=(python3 benchmarks/gpu_models.py --out "$dir" --versions "${MODEL_VERSIONS:-v2,v3}") ;;
+    patches) cmd=(python3 benchmarks/gpu_patches.py --out "$dir" --budget-s "$budget") ;;
+    decode) cmd=(python3 benchmarks/bench_decode.py --out "$dir" --budget-s "$budget") ;;
+    # shellcheck disable=SC2206
+    bench) cmd=(python3 benchmarks/bench.py --out "$dir" --budget-s "$budget" ${BENCH_ARGS:---versions v2,v3}) ;;
+    recipes-*) cmd=(env OUT="$dir" BUDGET_S="$budget" bash benchmarks/gpu_recipes.sh "${phase#recipes-}") ;;
+    *) echo "unknown phase $phase" | tee -a "$OUT/session.log"; continue ;;
+  esac
+  t0=$SECONDS
+  timeout -k 15 "$secs" "${cmd[@]}" > "$dir/$phase.log" 2>&1
+  rc=$?
+  {
+    echo "=== $phase: rc=$rc in $((SECONDS - t0))s (limit $secs s): ${cmd[*]}"
+    grep -E "^(FAIL|correctness grid|models:|time budget)" "$dir/$phase.log" | head -40
+    tail -n 25 "$dir/$phase.log"
+  } | tee -a "$OUT/session.log"
+done
+
+cp "$OUT/session.log" "$RES/session.log"
+tar czf "$OUT/results.tgz" -C "$RES" .
+tar czf /tmp/tcache.tgz .tcache 2>/dev/null && [ "$(stat -c %s /tmp/tcache.tgz)" -lt 15000000 ] && cp /tmp/tcache.tgz "$OUT/"
+ls -la "$OUT"

@@ -23,6 +23,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_CACHE_DIR="$PWD/.tcache"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 mkdir -p "$TRITON_CACHE_DIR"
+# installed (editable, offline) so that hf_flashattn.patches resolves through the package-dir mapping
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$RES/pip.log" 2>&1 || echo "pip install -e . failed" | tee -a "$RES/pip.log"
 {
   echo "date $(date -u +%FT%TZ) commit ${COMMIT:-unknown}"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader

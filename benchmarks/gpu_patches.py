@@ -156,7 +156,9 @@ def correctness(run, model_type):
         out["checks"].append(check(f"loss grad (layer 0 {proj})", grads["ours"][i], grads["ref"][i], grads["low"][i],
                                    3))
     P, new = (12, 4) if run.smoke else (256, 32)
-    kw = dict(attention_mask=mask[:, -P:], max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    # disable_compile: generate() compiles the static-cache forward by default; compare the kernels, not inductor
+    kw = dict(attention_mask=mask[:, -P:], max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+              disable_compile=True)
     for cache in ("dynamic", "static"):
         extra = dict(cache_implementation="static") if cache == "static" else {}
         with torch.no_grad():
@@ -232,8 +234,9 @@ def training(run, model_type):
 
 
 def meta(run):
+    commit = os.environ.get("COMMIT")  # the device copy has no (or a stale) .git: the caller passes the commit
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except OSError:
         commit = None

@@ -77,8 +77,8 @@ case "${1:-}" in
     for len in 196608 262144 393216 524288; do
       STEPS=3 WARMUP=1 one_gpu "1gpu-flashattn_custom-$((len / 1024))k" single_gpu $len flashattn_custom || break
     done ;;
-  fsdp2)
-    for len in 32768 65536; do
+  fsdp2)  # FSDP2_LENS: the context lengths (default 32768 65536)
+    for len in ${FSDP2_LENS:-32768 65536}; do
       k=$((len / 1024))k
       run "2gpu-fsdp2-flashattn_custom-$k" fsdp2 $len flashattn_custom
       CUDA_VISIBLE_DEVICES=0 run "1gpu-alone-flashattn_custom-$k" single_gpu $len flashattn_custom

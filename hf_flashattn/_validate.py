@@ -96,7 +96,9 @@ def _as_int(x, name: str) -> int:
     return x
 
 
-def _validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, num_splits):
+def _validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, num_splits, seqlens_checked=False):
+    """seqlens_checked: cache_seqlens came from an int already checked on the host. Otherwise its values
+    (and cache_batch_idx's) are read back, a device sync, except while a CUDA graph is being captured."""
     _validate_tensors(q, k_cache, v_cache, varlen=False, check_batch=False)  # batch: see cache_batch_idx below
     B, Sc = q.shape[0], k_cache.shape[1]
     if (k is None) != (v is None):
@@ -117,7 +119,8 @@ def _validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx,
         raise TypeError(f"cache_seqlens must be an int or an int32 tensor of shape ({B},) on {q.device}; got "
                         f"{cache_seqlens.dtype if isinstance(cache_seqlens, torch.Tensor) else type(cache_seqlens)}"
                         f"{'' if not isinstance(cache_seqlens, torch.Tensor) else ' ' + str(tuple(cache_seqlens.shape))}.")
-    lens = cache_seqlens.tolist()
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    lens = [0] if seqlens_checked or capturing else cache_seqlens.tolist()
     if min(lens) < 0 or max(lens) + s_new > Sc:
         raise ValueError(f"cache_seqlens + seqlen_new must lie in [0, seqlen_cache={Sc}]; got cache_seqlens={lens} "
                          f"and seqlen_new={s_new}. Allocate a longer cache.")
@@ -129,7 +132,7 @@ def _validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx,
         if not isinstance(cache_batch_idx, torch.Tensor) or cache_batch_idx.dtype != torch.int32 or \
                 tuple(cache_batch_idx.shape) != (B,):
             raise TypeError(f"cache_batch_idx must be an int32 tensor of shape ({B},).")
-        idx = cache_batch_idx.tolist()
+        idx = [0] if capturing else cache_batch_idx.tolist()
         if min(idx) < 0 or max(idx) >= k_cache.shape[0]:
             raise ValueError(f"cache_batch_idx values must lie in [0, {k_cache.shape[0]}); got {idx}.")
     if not isinstance(num_splits, int) or num_splits < 0:

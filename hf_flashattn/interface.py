@@ -284,7 +284,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         rotary_cos: None only (rotary in the kernel is not implemented; apply it before the call).
         rotary_sin: None only.
         cache_seqlens: int, (batch,) int32 tensor, or None (= every cache row is valid): the number of
-            valid cache rows per sequence before the append.
+            valid cache rows per sequence before the append. A tensor's values are checked by reading
+            them back (a device sync), except under torch.compile or CUDA-graph capture; an int is
+            checked on the host (no sync).
         cache_batch_idx: None or (batch,) int32: which cache entry each sequence uses (default b).
         cache_leftpad: None only (not implemented).
         block_table: None only (paged caches are not implemented).
@@ -311,7 +313,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if val is not None:
             raise NotImplementedError(f"flash_attn_with_kvcache: {name} is not implemented; pass {name}=None.")
     B = q.shape[0]
-    if isinstance(cache_seqlens, int):
+    seqlens_checked = isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool)
+    if seqlens_checked:  # checked here on the host: no device sync to read the values back
+        s_new = k.shape[1] if k is not None else 0
+        if not 0 <= cache_seqlens <= k_cache.shape[1] - s_new:
+            raise ValueError(f"flash_attn_with_kvcache: cache_seqlens + seqlen_new must lie in [0, seqlen_cache="
+                             f"{k_cache.shape[1]}]; got cache_seqlens={cache_seqlens} and seqlen_new={s_new}. "
+                             "Allocate a longer cache.")
         cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
     elif cache_seqlens is None:
         if k is not None:
@@ -319,7 +327,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                              "should they go?); pass the number of valid cache rows per sequence.")
         cache_seqlens = torch.full((B,), k_cache.shape[1], dtype=torch.int32, device=q.device)
     if not torch.compiler.is_compiling():
-        V._validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, num_splits)
+        V._validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, num_splits, seqlens_checked)
         V._validate_options(0.0, softmax_scale, window_size, softcap, alibi_slopes, "auto",
                             "flash_attn_with_kvcache")
     if softmax_scale is None:

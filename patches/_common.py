@@ -144,32 +144,35 @@ def _layout(mask, B, Sq, Sk, window, position_ids, who):
     else:
         raise ValueError(f"{who} (patched by hf_flashattn.patches): attention mask of shape {tuple(mask.shape)}; "
                          "expected None, (batch, kv_len) or (batch, 1, q_len, kv_len).")
-    if valid is None and starts is None and Sq == length and Sq > 1 and position_ids is not None:
-        starts = _starts_from_position_ids(position_ids, B)
+    if valid is None and starts is None and B == 1 and Sq == length and Sq > 1 and position_ids is not None:
+        # packing only in a batch of one, as DataCollatorWithFlattening makes and Transformers' flash path assumes
+        starts = _cached(position_ids, ("starts",), lambda: _starts_from_position_ids(position_ids))
     return valid, starts, length
 
 
-def _starts_from_position_ids(position_ids, B):
+def _starts_from_position_ids(position_ids):
     """Packed sequences (DataCollatorWithFlattening without flash kwargs): a sequence starts wherever
     the position does not follow the previous one, as in Transformers' find_packed_sequence_indices."""
-    pid = position_ids.expand(B, -1)
-    starts = F.pad(torch.diff(pid, dim=-1) != 1, (1, 0), value=True)
-    return starts if bool(starts[:, 1:].any()) else None
+    starts = F.pad(torch.diff(position_ids[:1], dim=-1) != 1, (1, 0), value=True)
+    return starts if bool(starts[:, 1:].any()) else None  # a device sync: once per forward (cached)
 
 
-_MASK_CACHE: dict = {}  # id(mask) -> (weakref to mask, (B, Sq, window), result)
+_CACHE: dict = {}  # id(tensor) -> (weakref to tensor, key, result): one derivation per forward, not per layer
+
+
+def _cached(tensor, key, derive):
+    hit = _CACHE.get(id(tensor))
+    if hit is not None and hit[0]() is tensor and hit[1] == key:
+        return hit[2]
+    result = derive()
+    if len(_CACHE) >= 8:
+        _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[id(tensor)] = (weakref.ref(tensor), key, result)
+    return result
 
 
 def _from_4d(mask, B, Sq, window, who):
-    key = (B, Sq, window)
-    hit = _MASK_CACHE.get(id(mask))
-    if hit is not None and hit[0]() is mask and hit[1] == key:
-        return hit[2]
-    result = _derive_4d(mask, B, Sq, window, who)
-    if len(_MASK_CACHE) >= 8:
-        _MASK_CACHE.pop(next(iter(_MASK_CACHE)))
-    _MASK_CACHE[id(mask)] = (weakref.ref(mask), key, result)
-    return result
+    return _cached(mask, (B, Sq, window), lambda: _derive_4d(mask, B, Sq, window, who))
 
 
 def _derive_4d(mask, B, Sq, window, who):

@@ -105,6 +105,20 @@ def test_bad_kvcache_arguments(kw, exc, pattern):
         fa.flash_attn_with_kvcache(q, kc, vc, kn, vn, **args)
 
 
+def test_int_cache_seqlens_is_checked_on_the_host_and_matches_the_tensor_form():
+    q, kc, vc, kn, vn, lens, idx = _case()
+    with pytest.raises(ValueError, match=r"cache_seqlens=90 and seqlen_new=1"):
+        fa.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=90, cache_batch_idx=idx)
+    with pytest.raises(ValueError, match=r"cache_seqlens=-1"):
+        fa.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=-1, cache_batch_idx=idx)
+    a_kc, a_vc, b_kc, b_vc = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    a = fa.flash_attn_with_kvcache(q, a_kc, a_vc, kn, vn, cache_seqlens=37, cache_batch_idx=idx, causal=True)
+    b = fa.flash_attn_with_kvcache(q, b_kc, b_vc, kn, vn, cache_seqlens=torch.full((3,), 37, dtype=torch.int32),
+                                   cache_batch_idx=idx, causal=True)
+    assert torch.equal(a, b) and torch.equal(a_kc, b_kc) and torch.equal(a_vc, b_vc)
+    assert not torch.equal(a_kc, kc), "the append did not write"
+
+
 def test_append_needs_cache_seqlens_and_both_k_v():
     q, kc, vc, kn, vn, lens, idx = _case()
     with pytest.raises(ValueError, match="cache_seqlens is required"):

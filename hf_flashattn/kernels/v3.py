@@ -152,7 +152,9 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
         bm, bn, warps, stages = 32, 16, 4, 1
     else:
         bm, bn, warps, stages = _CONFIGS[64 if BLOCK_D <= 64 else 128 if BLOCK_D <= 128 else 256][0]
-    ws = os.environ.get("HF_FLASHATTN_V3_WS", "1") != "0" and not is_interpreting()
+    # triton 3.6's warp-specialisation pass asserts (TaskIdPropagation, "PassManager::run failed") on the
+    # head-dim-64 tiles (benchmarks/results/2026-11-26-v3-h100-correctness-ws.md): those run pipelined only.
+    ws = os.environ.get("HF_FLASHATTN_V3_WS", "1") != "0" and not is_interpreting() and BLOCK_D > 64
     grid = (triton.cdiv(max_seqlen_q, bm), H, batch)
     _fwd_kernel_tma[grid](q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                           *C.seq_layout(q, varlen), *C.seq_layout(k, varlen), *C.seq_layout(v, varlen),

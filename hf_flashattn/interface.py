@@ -129,12 +129,22 @@ def _resolve_window(causal: bool, window_size) -> tuple[int, int]:
     return left, right
 
 
+def _fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window, softcap, version):
+    """The custom op while torch.compile traces; a direct call otherwise (the op's Python dispatch costs
+    tens of microseconds a call, which a decode step of a few microseconds of GPU time cannot hide)."""
+    if torch.compiler.is_compiling():
+        return _attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                         window[0], window[1], softcap, version)
+    return _kernels(version).forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                     window, softcap)
+
+
 class _FlashAttnFunc(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                 window, softcap, deterministic, version):
-        out, lse = _attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                             window[0], window[1], softcap, version)
+        out, lse = _fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window,
+                        softcap, version)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
         ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, window, softcap, deterministic, version)
         ctx.mark_non_differentiable(lse)
@@ -144,9 +154,25 @@ class _FlashAttnFunc(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         max_q, max_k, scale, window, softcap, deterministic, version = ctx.args
-        dq, dk, dv = _attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, window[0], window[1],
-                               softcap, deterministic, version)
+        if torch.compiler.is_compiling():
+            dq, dk, dv = _attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, window[0], window[1],
+                                   softcap, deterministic, version)
+        else:
+            dq, dk, dv = _kernels(version).backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, window,
+                                                    softcap, deterministic)
         return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window, softcap,
+               deterministic, version):
+    """The autograd Function when a gradient can flow (or torch.compile traces); the forward alone
+    otherwise (inference, generate()), without the Function's bookkeeping."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and
+                                         (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return _FlashAttnFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                    window, softcap, deterministic, version)
+    return _fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window, softcap,
+                version)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -192,9 +218,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     version = _resolve_version(version, q, k, v)
-    out, lse = _FlashAttnFunc.apply(q, k, v, None, None, q.shape[1], k.shape[1], float(softmax_scale),
-                                    _resolve_window(causal, window_size), float(softcap), deterministic,
-                                    version)
+    out, lse = _attention(q, k, v, None, None, q.shape[1], k.shape[1], float(softmax_scale),
+                          _resolve_window(causal, window_size), float(softcap), deterministic, version)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -239,17 +264,13 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     version = _resolve_version(version, q, k, v)
-    out, lse = _FlashAttnFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                    float(softmax_scale), _resolve_window(causal, window_size), float(softcap),
-                                    deterministic, version)
+    out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale),
+                          _resolve_window(causal, window_size), float(softcap), deterministic, version)
     return (out, lse, None) if return_attn_probs else out
 
 
-@torch.library.custom_op("hf_flashattn::kvcache_fwd", mutates_args=("k_cache", "v_cache"))
-def _kvcache_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: Optional[torch.Tensor],
-                 v: Optional[torch.Tensor], cache_seqlens: torch.Tensor, cache_batch_idx: Optional[torch.Tensor],
-                 softmax_scale: float, window_left: int, window_right: int, softcap: float,
-                 num_splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _kvcache_impl(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, softmax_scale, window_left, window_right,
+                  softcap, num_splits):
     from .kernels import decode
     seqlens_k = cache_seqlens
     if k is not None:
@@ -258,6 +279,15 @@ def _kvcache_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     out, lse, _ = decode.forward(q, k_cache, v_cache, seqlens_k, cache_batch_idx, k_cache.shape[1], softmax_scale,
                                  (window_left, window_right), softcap, num_splits)
     return out, lse
+
+
+@torch.library.custom_op("hf_flashattn::kvcache_fwd", mutates_args=("k_cache", "v_cache"))
+def _kvcache_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: Optional[torch.Tensor],
+                 v: Optional[torch.Tensor], cache_seqlens: torch.Tensor, cache_batch_idx: Optional[torch.Tensor],
+                 softmax_scale: float, window_left: int, window_right: int, softcap: float,
+                 num_splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _kvcache_impl(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, softmax_scale, window_left,
+                         window_right, softcap, num_splits)
 
 
 @_kvcache_fwd.register_fake
@@ -333,6 +363,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     left, right = _resolve_window(causal, window_size)
-    out, lse = _kvcache_fwd(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, float(softmax_scale), left,
-                            right, float(softcap), int(num_splits))
+    op = _kvcache_fwd if torch.compiler.is_compiling() else _kvcache_impl  # the op's dispatch only where traced
+    out, lse = op(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, float(softmax_scale), left, right,
+                  float(softcap), int(num_splits))
     return (out, lse) if return_softmax_lse else out

@@ -11,6 +11,8 @@ block is read once per kv head instead of once per query head.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -135,8 +137,13 @@ def _combine_kernel(OP, LP, O, LSE, n_splits,
 
 def _num_sms(device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 4
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:  # get_device_properties on every decode step is measurable host time
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def choose_num_splits(batch, nheads_k, row_tiles, max_seqlen_k, block_n, num_sms) -> int:

@@ -64,7 +64,7 @@ def main():
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)
         text += [f"===== {impl}: decode step median {res[impl]['step_ms_median']:.2f} ms", s.getvalue()]
-        print(text[-2], flush=True)
+        print(text[-2], text[-1][:6000], sep="\n", flush=True)
         del model
         torch.cuda.empty_cache()
     with open(os.path.join(args.out, "profile.json"), "w") as f:

@@ -1,7 +1,8 @@
 """Markdown summaries of committed GPU logs (benchmarks/results/*.json), for the README and notes.
 
-    python benchmarks/summarize.py correctness RESULT.json META.json   # META: a bench.json of the same run
-    python benchmarks/summarize.py models RESULT.json META.json
+    python benchmarks/summarize.py correctness RESULT.json META   # META: a bench.json or env.txt of the same call
+    python benchmarks/summarize.py models RESULT.json META
+    python benchmarks/summarize.py patches RESULT.json META
     python benchmarks/summarize.py ratios BENCH.json [BENCH.json ...]
 """
 from __future__ import annotations
@@ -10,10 +11,21 @@ import json
 import sys
 
 
+def _env_meta(path):
+    """The env.txt that benchmarks/device_session.sh writes at the start of a device call."""
+    lines = open(path).read().splitlines()
+    date, commit = lines[0].split()[1], lines[0].split()[3]
+    words = lines[-1].split()
+    v = dict(zip(words[::2], words[1::2]))
+    gpus = [ln.split(",")[0] for ln in lines[1:-1]]
+    gpu = gpus[0] + (f" x{len(gpus)}" if len(gpus) > 1 else "")
+    return dict(gpu=gpu, torch=v["torch"], triton=v["triton"], cuda=v["cuda"], commit=commit, date=date[:10])
+
+
 def header(meta_path):
-    m = json.load(open(meta_path))["meta"]
+    m = _env_meta(meta_path) if meta_path.endswith(".txt") else json.load(open(meta_path))["meta"]
     return (f"card {m['gpu']}, torch {m['torch']}, triton {m['triton']}, CUDA {m['cuda']}, commit {m['commit']}, "
-            f"date {m['date']} (same device call as {meta_path.split('/')[-1]})")
+            f"date {m['date']}" + ("" if meta_path.endswith(".txt") else f" (same device call as {meta_path.split('/')[-1]})"))
 
 
 def correctness(path, meta):
@@ -26,6 +38,10 @@ def correctness(path, meta):
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mask = ", ".join(f"{k}={r[k]}" for k in ("causal", "window_size", "softcap") if k in r)
+        if "error" in r:  # the case did not run (compile or launch failure)
+            out.append(f"| {r['version']} | {r['dtype']} | {tuple(r['shape'])} | {r['varlen']} | {mask} | "
+                       f"error: {r['error'][:70]} | | | | NO |")
+            continue
         cells = [f"{r[n]['err']:.1e} / {r[n]['bound']:.1e}" for n in ("out", "dq", "dk", "dv")]
         out.append(f"| {r['version']} | {r['dtype']} | {tuple(r['shape'])} | {r['varlen']} | {mask} | "
                    + " | ".join(cells) + f" | {'yes' if r['ok'] else 'NO'} |")
@@ -42,13 +58,54 @@ def models(path, meta):
            "| family | check | flashattn_custom err | eager bf16 err | bound | ok |", "|---|---|---|---|---|---|"]
     for r in d["results"]:
         for c in r.get("checks", []):
-            out.append(f"| {r['family']} | {c['name']} | {c['err']:.2e} | {c['eager_bf16_err']:.2e} | "
+            out.append(f"| {r['family']} ({r.get('version', 'v2')}) | {c['name']} | {c['err']:.2e} | {c['eager_bf16_err']:.2e} | "
                        f"{c['bound']:.2e} | {'yes' if c['ok'] else 'NO'} |")
     out += ["", "Greedy generate() (32 new tokens, batch 4, 64-token prompts), token agreement with eager bf16:", "",
             "| family | dynamic cache | static cache |", "|---|---|---|"]
     for r in d["results"]:
-        out.append(f"| {r['family']} | {r.get('generate_dynamic_agreement', float('nan')):.3f} | "
+        out.append(f"| {r['family']} ({r.get('version', 'v2')}) | {r.get('generate_dynamic_agreement', float('nan')):.3f} | "
                    f"{r.get('generate_static_agreement', float('nan')):.3f} |")
+    return "\n".join(out) + "\n"
+
+
+def patches(path, meta):
+    d = json.load(open(path))
+    out = [f"# hf_flashattn.patches on the GPU: {path.split('/')[-1]}", "", header(meta) +
+           f", transformers {d['meta']['transformers']}", "",
+           "Models: 4 layers, hidden 1024, 8 heads / 2 kv heads, head dim 128, random weights, bf16, built with "
+           "attn_implementation='eager' and patched. Relative max error against eager float32; bound = 2× (logits) / "
+           "3× (gradients) eager-bf16's error + 2e-3. Stock eager attention calls while patched must be 0.", "",
+           "| model type | check | patched err | eager bf16 err | bound | ok |", "|---|---|---|---|---|---|"]
+    for t, r in d["results"].items():
+        c = r.get("correctness", {})
+        for ch in c.get("checks", []):
+            out.append(f"| {t} | {ch['name']} | {ch['err']:.2e} | {ch['eager_low_err']:.2e} | {ch['bound']:.2e} | "
+                       f"{'yes' if ch['ok'] else 'NO'} |")
+        if "error" in c:
+            out.append(f"| {t} | error: {c['error'][:80]} | | | | NO |")
+    out += ["", "| model type | stock eager calls while patched | generate agreement vs eager bf16 (dynamic / static) |",
+            "|---|---|---|"]
+    for t, r in d["results"].items():
+        c = r.get("correctness", {})
+        out.append(f"| {t} | {c.get('eager_calls_while_patched')} | "
+                   f"{c.get('generate_dynamic_agreement_vs_eager_low', float('nan')):.3f} / "
+                   f"{c.get('generate_static_agreement_vs_eager_low', float('nan')):.3f} |")
+    out += ["", "Training step (forward + backward + AdamW), tokens/s and speed-up of the patched model over the same "
+            "model built with stock 'sdpa':", "",
+            "| model type | batch | sdpa tokens/s | patched tokens/s | patched ÷ sdpa | peak GiB sdpa / patched |",
+            "|---|---|---|---|---|---|"]
+    for t, r in d["results"].items():
+        for name, row in r.get("training", {}).items():
+            if "sdpa" not in row:
+                continue
+            out.append(f"| {t} | {name} | {row['sdpa']['tokens_per_s']:.0f} | {row['patched']['tokens_per_s']:.0f} | "
+                       f"{row['speedup']:.2f} | {row['sdpa']['peak_gib']:.2f} / {row['patched']['peak_gib']:.2f} |")
+    w = d["results"].get("qwen2_moe", {}).get("sliding_window_fix")
+    if w and "error" not in w:
+        out += ["", "Qwen2-MoE sliding window (Transformers' flash path never receives it), relative max error of the "
+                "logits against eager float32:", "",
+                f"- eager bf16: {w['eager_low_err']:.3f}", f"- stock flash path (flashattn_custom, no window): "
+                f"{w['stock_flash_path_err']:.3f}", f"- patched: {w['patched_err']:.3f}"]
     return "\n".join(out) + "\n"
 
 
@@ -74,4 +131,4 @@ if __name__ == "__main__":
     if what == "ratios":
         print(ratios(sys.argv[2:]), end="")
     else:
-        print({"correctness": correctness, "models": models}[what](sys.argv[2], sys.argv[3]), end="")
+        print({"correctness": correctness, "models": models, "patches": patches}[what](sys.argv[2], sys.argv[3]), end="")

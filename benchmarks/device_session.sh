@@ -11,6 +11,7 @@
 #   patches   benchmarks/gpu_patches.py
 #   decode    benchmarks/bench_decode.py
 #   profile   benchmarks/profile_decode.py (host-side profile of Transformers decode steps)
+#   sweep     benchmarks/sweep_decode.py (launch parameters of the split-KV decode kernel)
 #   bench     benchmarks/bench.py $BENCH_ARGS (default --versions v2,v3)
 #   recipes-bar / recipes-grid / recipes-longest / recipes-fsdp2   benchmarks/gpu_recipes.sh PHASE
 # A folder .tcache (Triton's cache of an earlier call, carried back) is used when present, and the
@@ -47,6 +48,7 @@ for spec in "$@"; do
     patches) cmd=(python3 benchmarks/gpu_patches.py --out "$dir" --budget-s "$budget") ;;
     decode) cmd=(python3 benchmarks/bench_decode.py --out "$dir" --budget-s "$budget") ;;
     profile) cmd=(python3 benchmarks/profile_decode.py --out "$dir") ;;
+    sweep) cmd=(python3 benchmarks/sweep_decode.py --out "$dir") ;;
     # shellcheck disable=SC2206
     bench) cmd=(python3 benchmarks/bench.py --out "$dir" --budget-s "$budget" ${BENCH_ARGS:---versions v2,v3}) ;;
     recipes-*) cmd=(env OUT="$dir" BUDGET_S="$budget" bash benchmarks/gpu_recipes.sh "${phase#recipes-}") ;;

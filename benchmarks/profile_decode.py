@@ -23,17 +23,39 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hf_flashattn  # noqa: E402,F401
 
 
-def steps(model, ids, n):
+def steps(model, ids, n, prof=None):
     from transformers import DynamicCache
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         out = model(input_ids=ids, past_key_values=cache, use_cache=True)
         tok = out.logits[:, -1:].argmax(-1)
         torch.cuda.synchronize()
+        if prof is not None:  # the decode steps only, after the prefill
+            prof.enable()
         times = []
         for _ in range(n):
             t = time.perf_counter()
             out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        if prof is not None:
+            prof.disable()
+    return times
+
+
+def steps_masked(model, ids, n, mask):
+    from transformers import DynamicCache
+    cache = DynamicCache(config=model.config)
+    L = ids.shape[1]
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask[:, :L], past_key_values=cache, use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        times = []
+        for i in range(n):
+            t = time.perf_counter()
+            out = model(input_ids=tok, attention_mask=mask[:, :L + i + 1], past_key_values=cache, use_cache=True)
             tok = out.logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
@@ -54,13 +76,15 @@ def main():
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(LlamaConfig(**cfg), attn_implementation=impl,
                                                  dtype=torch.bfloat16).cuda().eval()
-        steps(model, ids[:, :1024], 4)  # warm-up (compile, autotune, cuBLAS)
+        steps(model, ids, 4)  # warm-up at the same length (compile, autotune, cuBLAS)
         t = steps(model, ids, 32)
         res[impl] = dict(step_ms_median=1e3 * sorted(t)[len(t) // 2], step_ms_min=1e3 * min(t))
+        # the same with an all-ones attention mask, as generate() passes it
+        mask = torch.ones(1, args.prompt + 64, dtype=torch.long, device="cuda")
+        tm = steps_masked(model, ids, 32, mask)
+        res[impl]["masked_step_ms_median"] = 1e3 * sorted(tm)[len(tm) // 2]
         prof = cProfile.Profile()
-        prof.enable()
-        steps(model, ids[:, :2048], 16)
-        prof.disable()
+        steps(model, ids, 16, prof)
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)
         text += [f"===== {impl}: decode step median {res[impl]['step_ms_median']:.2f} ms", s.getvalue()]

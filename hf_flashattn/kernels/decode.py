@@ -146,11 +146,16 @@ def _cuda_sms(index: int) -> int:  # get_device_properties on every decode step 
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def choose_num_splits(batch, nheads_k, row_tiles, max_seqlen_k, block_n, num_sms) -> int:
-    """Enough programs to fill the GPU twice over, but each split at least 2 key blocks."""
+# Launch parameters of the GPU decode kernel (module-level so that benchmarks/sweep_decode.py can vary
+# them): key block for head dim <= 128 (32 above), warps, pipeline stages, waves of programs per SM.
+TUNE = {"block_n": 64, "num_warps": 4, "num_stages": 3, "waves": 2}
+
+
+def choose_num_splits(batch, nheads_k, row_tiles, max_seqlen_k, block_n, num_sms, waves=2) -> int:
+    """Enough programs to fill the GPU `waves` times over, but each split at least 2 key blocks."""
     programs = batch * nheads_k * row_tiles
     blocks = triton.cdiv(max(max_seqlen_k, 1), block_n)
-    return max(1, min(triton.cdiv(2 * num_sms, programs), blocks // 2, 128))
+    return max(1, min(triton.cdiv(waves * num_sms, programs), blocks // 2, 128))
 
 
 def append(k, v, k_cache, v_cache, cache_seqlens, cache_batch_idx):
@@ -174,10 +179,10 @@ def forward(q, k_cache, v_cache, seqlens_k, cache_batch_idx, max_seqlen_k, softm
     group = H // Hk
     BLOCK_D = max(triton.next_power_of_2(D), 16)
     BLOCK_M = 16 if is_interpreting() else max(16, min(64, triton.next_power_of_2(Sq * group)))
-    BLOCK_N = 32 if is_interpreting() else (64 if D <= 128 else 32)
+    BLOCK_N = 32 if is_interpreting() else (TUNE["block_n"] if D <= 128 else 32)
     row_tiles = triton.cdiv(Sq * group, BLOCK_M)
     if num_splits <= 0:
-        num_splits = choose_num_splits(B, Hk, row_tiles, max_seqlen_k, BLOCK_N, _num_sms(q.device))
+        num_splits = choose_num_splits(B, Hk, row_tiles, max_seqlen_k, BLOCK_N, _num_sms(q.device), TUNE["waves"])
     left, right = C.window_args(window_size, Sq, max(max_seqlen_k, 1))
     qk_scale, cap_scale = C.score_scales(softmax_scale, softcap)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -195,7 +200,7 @@ def forward(q, k_cache, v_cache, seqlens_k, cache_batch_idx, max_seqlen_k, softm
     meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_BIDX=cache_batch_idx is not None,
                 SPLIT=split, SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype))
     if not is_interpreting():
-        meta.update(num_warps=4, num_stages=3)
+        meta.update(num_warps=TUNE["num_warps"], num_stages=TUNE["num_stages"])
     _decode_kernel[(row_tiles * num_splits, Hk, B)](
         q, k_cache, v_cache, o_part, l_part, seqlens_k, cache_batch_idx,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

@@ -447,3 +447,36 @@ def test_qwen2_moe_sliding_window_matches_eager(calls):
     torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], **TOL)
     torch.testing.assert_close(out1, ref1, **TOL)
     assert calls["flash_attn_varlen_func"] == 2 and calls["flash_attn_func"] == 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plain_decode_step_skips_the_flash_path_and_matches_it(family, monkeypatch):
+    """A decode step with one token and no padding calls our kernel directly (no per-layer
+    `_is_packed_sequence` device sync); its output equals what Transformers' flash path computes, with
+    the layer's sliding window (the cache here is longer than WINDOW), softcap and scaling."""
+    import transformers.integrations.flash_attention as hf_flash
+    integ = integration
+    _, ours = pair(family)
+    attn = ours.model.layers[0].self_attn
+    fn = AttentionInterface._global_mapping[NAME]
+    g = torch.Generator().manual_seed(3)
+    H, Hk, D = ours.config.num_attention_heads, ours.config.num_key_value_heads, attn.head_dim
+    q = torch.randn(2, H, 1, D, generator=g)
+    k, v = torch.randn(2, Hk, WINDOW + 9, D, generator=g), torch.randn(2, Hk, WINDOW + 9, D, generator=g)
+    seen = []
+    real = hf_flash._flash_attention_forward
+    monkeypatch.setattr(hf_flash, "_flash_attention_forward", lambda *a, **kw: seen.append(1) or real(*a, **kw))
+    for window, softcap in ((None, None), (WINDOW, None), (WINDOW, 5.0)):
+        kw = dict(dropout=0.0, scaling=attn.scaling, sliding_window=window, softcap=softcap)
+        assert integ._is_plain_decode_step(attn, q, k, v, None, kw)
+        fast, _ = fn(attn, q, k, v, None, **kw)
+        assert not seen, "the plain decode step went through Transformers' flash path"
+        slow, _ = hf_flash.flash_attention_forward(attn, q, k, v, None, **kw)
+        assert seen, "the reference did not run Transformers' flash path"
+        seen.clear()
+        torch.testing.assert_close(fast, slow, rtol=0, atol=0)
+    # not plain: a padding mask, several tokens, packed-sequence kwargs -> Transformers' path
+    mask = torch.ones(2, WINDOW + 9, dtype=torch.bool)
+    assert not integ._is_plain_decode_step(attn, q, k, v, mask, {})
+    assert not integ._is_plain_decode_step(attn, torch.randn(2, H, 2, D), k, v, None, {})
+    assert not integ._is_plain_decode_step(attn, q, k, v, None, {"cu_seq_lens_q": torch.zeros(3, dtype=torch.int32)})

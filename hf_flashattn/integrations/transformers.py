@@ -14,12 +14,16 @@ FlashAttention path, which unpads 2D masks into varlen calls, turns `position_id
      for this; the wrapper checks the signature and raises RuntimeError (naming the Transformers
      version) when the internals differ, rather than letting the model silently run something else.
   2. AttentionInterface: Transformers' `flash_attention_forward`, with `sliding_window` taken from
-     `module.sliding_window` when the model does not pass it (Qwen2-MoE never does).
+     `module.sliding_window` when the model does not pass it (Qwen2-MoE never does); a plain decode
+     step (one token per sequence, no padding mask) goes straight to our kernel, skipping the flash
+     path's per-layer host work (a device sync to rule out packing).
   3. AttentionMaskInterface: `flash_attention_mask` (None, or a 2D (batch, kv_len) padding mask).
 """
 from __future__ import annotations
 
 import inspect
+
+import torch
 
 NAME = "flashattn_custom"
 _EXPECTED_PARAMS = ("implementation", "attention_wrapper", "allow_all_kernels")
@@ -99,13 +103,57 @@ def _install_lazy_imports_adapter(fa_utils) -> None:
         fa_utils._loaded_implementation = None
 
 
+_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def _is_plain_decode_step(module, query, key, value, attention_mask, kwargs) -> bool:
+    """One new token per sequence, no padding mask, nothing packed: the case the fast path takes.
+    query/key/value are Transformers' (batch, heads, seq, dim)."""
+    return (query.shape[2] == 1 and attention_mask is None and query.shape[0] > 0
+            and key.dtype == query.dtype and value.dtype == query.dtype
+            and value.shape[-1] == query.shape[-1]
+            and all(kwargs.get(k) is None for k in _VARLEN_KWARGS)
+            and kwargs.get("s_aux") is None and not kwargs.get("output_attentions", False)
+            and not kwargs.get("dropout", 0.0) and _keeps_dtype(query, module))
+
+
+def _keeps_dtype(query, module) -> bool:
+    """Transformers' flash path casts float32 inputs to the autocast / weight dtype first; the fast path
+    only takes inputs it would leave as they are."""
+    if query.dtype in (torch.float16, torch.bfloat16):
+        return True
+    if query.dtype != torch.float32 or torch.is_autocast_enabled(query.device.type) or \
+            hasattr(module.config, "_is_quantized"):
+        return False
+    linear = next((m for m in module.modules() if isinstance(m, torch.nn.Linear)), None)
+    return linear is not None and linear.weight.dtype == torch.float32
+
+
+def _decode_step(module, query, key, value, sliding_window, kwargs):
+    """What Transformers' flash path computes for a plain decode step, without its per-layer work:
+    `_is_packed_sequence` reads a tensor back to the host (a device sync in every layer of every step)
+    although one token per sequence cannot be packed. Same kernel, same keywords (window of
+    `sliding_window` keys when the cache is longer, softcap, scaling); returns (batch, 1, heads, dim)."""
+    from .. import interface
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    window = (-1, -1)
+    if sliding_window is not None and k.shape[1] > sliding_window:
+        window = (sliding_window - 1, sliding_window - 1)
+    softcap = kwargs.get("softcap")
+    return interface.flash_attn_func(q, k, v, softmax_scale=kwargs.get("scaling"), causal=True, window_size=window,
+                                     softcap=0.0 if softcap is None else softcap)
+
+
 def _make_attention_forward(flash_attention_forward):
     def flashattn_custom_forward(module, query, key, value, attention_mask, sliding_window=None, **kwargs):
         """Transformers' flash_attention_forward (the contract is in design.md, "Transformers
         integration"), taking sliding_window from `module.sliding_window` when the model does not
-        pass it: Qwen2-MoE sets it on its sliding layers but never forwards it, unlike eager's mask."""
+        pass it: Qwen2-MoE sets it on its sliding layers but never forwards it, unlike eager's mask.
+        A plain decode step (one token, no padding) calls the kernel directly (`_decode_step`)."""
         if sliding_window is None:
             sliding_window = getattr(module, "sliding_window", None)
+        if _is_plain_decode_step(module, query, key, value, attention_mask, kwargs):
+            return _decode_step(module, query, key, value, sliding_window, kwargs), None
         return flash_attention_forward(module, query, key, value, attention_mask, sliding_window=sliding_window,
                                        **kwargs)
 

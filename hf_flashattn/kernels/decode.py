@@ -148,7 +148,9 @@ def _cuda_sms(index: int) -> int:  # get_device_properties on every decode step 
 
 # Launch parameters of the GPU decode kernel (module-level so that benchmarks/sweep_decode.py can vary
 # them): key block for head dim <= 128 (32 above), warps, pipeline stages, waves of programs per SM.
-TUNE = {"block_n": 64, "num_warps": 4, "num_stages": 3, "waves": 2}
+# num_stages None: 3 when the keys are cut into >= 16 splits (batch 1: 54 vs 55 us at 32k), else 2 (batch 8:
+# 356 vs 376 us at 32k, 1.40 vs 1.47 ms at 128k) -- benchmarks/results/2026-11-26-h100-sweep-decode.json.
+TUNE = {"block_n": 64, "num_warps": 4, "num_stages": None, "waves": 2}
 
 
 def choose_num_splits(batch, nheads_k, row_tiles, max_seqlen_k, block_n, num_sms, waves=2) -> int:
@@ -200,7 +202,8 @@ def forward(q, k_cache, v_cache, seqlens_k, cache_batch_idx, max_seqlen_k, softm
     meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_BIDX=cache_batch_idx is not None,
                 SPLIT=split, SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype))
     if not is_interpreting():
-        meta.update(num_warps=TUNE["num_warps"], num_stages=TUNE["num_stages"])
+        stages = TUNE["num_stages"] or (3 if num_splits >= 16 else 2)
+        meta.update(num_warps=TUNE["num_warps"], num_stages=stages)
     _decode_kernel[(row_tiles * num_splits, Hk, B)](
         q, k_cache, v_cache, o_part, l_part, seqlens_k, cache_batch_idx,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

@@ -87,6 +87,8 @@ def _validate_cu_seqlens(cu, name: str, total: int, device):
 
 
 def _as_int(x, name: str) -> int:
+    if torch.compiler.is_compiling():  # a data-dependent SymInt (e.g. from .item() in the unpad path): no checks
+        return int(x.item()) if isinstance(x, torch.Tensor) else x
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:
             raise ValueError(f"{name} must be an int or a 0-d tensor; got a tensor of shape {tuple(x.shape)}.")

@@ -25,7 +25,7 @@ from hf_flashattn.integrations import transformers as integration
 
 import transformers
 from transformers import (AutoModelForCausalLM, DataCollatorWithFlattening, LlamaConfig,
-                          LlamaForCausalLM, MistralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config)
+                          LlamaForCausalLM, MistralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, StaticCache)
 from transformers import modeling_flash_attention_utils as fa_utils
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 from transformers.modeling_utils import AttentionInterface
@@ -480,3 +480,26 @@ def test_plain_decode_step_skips_the_flash_path_and_matches_it(family, monkeypat
     assert not integ._is_plain_decode_step(attn, q, k, v, mask, {})
     assert not integ._is_plain_decode_step(attn, torch.randn(2, H, 2, D), k, v, None, {})
     assert not integ._is_plain_decode_step(attn, q, k, v, None, {"cu_seq_lens_q": torch.zeros(3, dtype=torch.int32)})
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
+def test_static_cache_decode_step_compiles_fullgraph(padded):
+    """torch.compile(model.forward, fullgraph=True) on a decode step with a StaticCache (what generate()
+    auto-compiles): no graph break through Transformers' flash path and our custom ops, and the same
+    logits as the step run eagerly. float16: the float32 path logs a cast warning, which dynamo cannot trace."""
+    config = CONFIGS["llama"]()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=NAME).to(DEVICE, torch.float16).eval()
+    ids, mask = left_padded((11, 6) if padded else (11, 11))
+    step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    logits = []
+    for compiled in (False, True):
+        cache = StaticCache(config=config, max_cache_len=24)
+        with torch.no_grad():
+            tok = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits[:, -1:].argmax(-1)
+            fwd = torch.compile(model.forward, fullgraph=True, backend="aot_eager") if compiled else model.forward
+            logits.append(fwd(input_ids=tok, attention_mask=step_mask, past_key_values=cache,
+                              cache_position=torch.tensor([ids.shape[1]], device=DEVICE)).logits)
+    torch._dynamo.reset()
+    assert torch.isfinite(logits[0]).all()
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)

@@ -1,6 +1,6 @@
 """Decode benchmark (issue 6): one new query token against a long KV cache, and end-to-end generate().
 
-    python benchmarks/bench_decode.py --out DIR [--skip-generate] [--budget-s S]
+    python benchmarks/bench_decode.py --out DIR [--skip-generate] [--skip-kernels] [--cache static] [--budget-s S]
 
 Kernel part: batch 1 and 8, GQA 32/8, d128, bf16, cache 4k / 32k / 128k. Achieved bandwidth = K and V
 bytes read (2 · B · L · Hk · D · 2) ÷ time, against the measured copy bandwidth; time against SDPA (the best
@@ -77,7 +77,9 @@ def kernel_rows(bw):
     return rows
 
 
-def generate_rows(budget_s, t0, save=lambda rows: None):
+def generate_rows(budget_s, t0, save=lambda rows: None, cache="dynamic"):
+    """cache "static": generate(cache_implementation="static"), which Transformers compiles (CUDA graphs
+    with "reduce-overhead"): decode steps without the host cost of Python launches."""
     import hf_flashattn  # noqa: F401
     from transformers import AutoModelForCausalLM, LlamaConfig
     cfg = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
@@ -85,29 +87,36 @@ def generate_rows(budget_s, t0, save=lambda rows: None):
     rows = []
     for prompt in (8192, 32768):
         ids = torch.randint(1, 32000, (1, prompt), device="cuda")
-        for impl in ("flashattn_custom", "sdpa", "eager"):
+        for impl in ("flashattn_custom", "sdpa") + (("eager",) if cache == "dynamic" else ()):
             if time.time() - t0 > budget_s:
                 rows.append(dict(impl=impl, prompt=prompt, skipped="time budget"))
                 continue
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(LlamaConfig(**cfg), attn_implementation=impl,
                                                      dtype=torch.bfloat16).cuda().eval()
+            gkw = dict(do_sample=False, pad_token_id=0)
+            if cache == "static":
+                gkw["cache_implementation"] = "static"
             try:
                 times = {1: [], 64: []}
                 # warm-up: the first generate() compiles/autotunes kernels and initialises cuBLAS/cuDNN
-                model.generate(ids[:, :1024], max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+                # (static cache: at the timed prompt length, so that the compiled graphs are the timed ones)
+                warm = ids if cache == "static" else ids[:, :1024]
+                model.generate(warm, max_new_tokens=4, min_new_tokens=4, **gkw)
                 for _ in range(2):  # best of two of each: one slow call must not decide the difference
                     for new in (1, 64):
                         torch.cuda.synchronize()
                         s = time.time()
-                        model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+                        model.generate(ids, max_new_tokens=new, min_new_tokens=new, **gkw)
                         torch.cuda.synchronize()
                         times[new].append(time.time() - s)
                 t1, t64 = min(times[1]), min(times[64])
-                rows.append(dict(impl=impl, prompt=prompt, decode_tok_s=63 / (t64 - t1), prefill_s=t1,
+                rows.append(dict(impl=impl, prompt=prompt, cache=cache, decode_tok_s=63 / (t64 - t1), prefill_s=t1,
                                  generate_64_tok_s=64 / t64, times=times))
             except torch.cuda.OutOfMemoryError:
-                rows.append(dict(impl=impl, prompt=prompt, error="OOM"))
+                rows.append(dict(impl=impl, prompt=prompt, cache=cache, error="OOM"))
+            except Exception as e:  # e.g. a compile failure of the static-cache path: recorded, not fatal
+                rows.append(dict(impl=impl, prompt=prompt, cache=cache, error=f"{type(e).__name__}: {str(e)[:200]}"))
             print(rows[-1], flush=True)
             save(rows)
             del model
@@ -119,20 +128,22 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--skip-generate", action="store_true")
+    ap.add_argument("--skip-kernels", action="store_true")
+    ap.add_argument("--cache", default="dynamic", choices=("dynamic", "static"), help="generate()'s KV cache")
     ap.add_argument("--budget-s", type=float, default=1e9)
     args = ap.parse_args()
     t0 = time.time()
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 commit=os.environ.get("COMMIT", "unknown"), date=time.strftime("%Y-%m-%d"))
     bw = copy_bandwidth()
-    rows = kernel_rows(bw)
+    rows = [] if args.skip_kernels else kernel_rows(bw)
 
     def save(gen):  # after the kernel part and after every generate row: a run cut short keeps its numbers
         with open(os.path.join(args.out, "decode.json"), "w") as f:
             json.dump(dict(meta=meta, copy_tb_s=bw, kernel=rows, generate=gen), f, indent=1)
 
     save([])
-    gen = [] if args.skip_generate else generate_rows(args.budget_s, t0, save)
+    gen = [] if args.skip_generate else generate_rows(args.budget_s, t0, save, args.cache)
     save(gen)
     md = [f"# Decode — {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}",
           "", f"copy bandwidth {bw:.2f} TB/s; GQA 32/8, d128, bf16, one query token", "",
@@ -145,7 +156,8 @@ def main():
                  else "– | – | –")
             md.append(f"| {r['B']} | {r['L']} | {r['impl']} | {r['ms']:.3f} | {r['tb_s']:.2f} | "
                       f"{r['frac_copy_bw']:.0%} | {g} |")
-    md += ["", "| prompt | impl | decode tokens/s (63 / (t64 − t1)) | generate tokens/s (64 / t64) | prefill s |",
+    md += ["", f"generate(), {args.cache} cache:", "",
+           "| prompt | impl | decode tokens/s (63 / (t64 − t1)) | generate tokens/s (64 / t64) | prefill s |",
            "|---|---|---|---|---|"]
     for r in gen:
         if "decode_tok_s" in r:

@@ -10,6 +10,7 @@
 #   models    benchmarks/gpu_models.py --versions $MODEL_VERSIONS (default v2,v3)
 #   patches   benchmarks/gpu_patches.py
 #   decode    benchmarks/bench_decode.py
+#   decode-static  its generate() part with a static (compiled) cache
 #   profile   benchmarks/profile_decode.py (host-side profile of Transformers decode steps)
 #   sweep     benchmarks/sweep_decode.py (launch parameters of the split-KV decode kernel)
 #   bench     benchmarks/bench.py $BENCH_ARGS (default --versions v2,v3)
@@ -47,6 +48,7 @@ for spec in "$@"; do
     models) cmd=(python3 benchmarks/gpu_models.py --out "$dir" --versions "${MODEL_VERSIONS:-v2,v3}") ;;
     patches) cmd=(python3 benchmarks/gpu_patches.py --out "$dir" --budget-s "$budget") ;;
     decode) cmd=(python3 benchmarks/bench_decode.py --out "$dir" --budget-s "$budget") ;;
+    decode-static) cmd=(python3 benchmarks/bench_decode.py --out "$dir" --budget-s "$budget" --skip-kernels --cache static) ;;
     profile) cmd=(python3 benchmarks/profile_decode.py --out "$dir") ;;
     sweep) cmd=(python3 benchmarks/sweep_decode.py --out "$dir") ;;
     # shellcheck disable=SC2206

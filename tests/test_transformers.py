@@ -503,3 +503,14 @@ def test_static_cache_decode_step_compiles_fullgraph(padded):
     torch._dynamo.reset()
     assert torch.isfinite(logits[0]).all()
     torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
+
+
+def test_attention_sinks_are_refused_not_dropped():
+    """Transformers drops keywords a flash implementation does not take; sinks (s_aux, gpt-oss) would be
+    ignored silently, so the registered function refuses them by name."""
+    _, ours = pair("llama")
+    attn = ours.model.layers[0].self_attn
+    q = torch.randn(1, 4, 3, attn.head_dim)
+    k = v = torch.randn(1, 2, 3, attn.head_dim)
+    with pytest.raises(NotImplementedError, match="s_aux"):
+        AttentionInterface._global_mapping[NAME](attn, q, k, v, None, s_aux=torch.zeros(4))

@@ -150,6 +150,9 @@ def _make_attention_forward(flash_attention_forward):
         integration"), taking sliding_window from `module.sliding_window` when the model does not
         pass it: Qwen2-MoE sets it on its sliding layers but never forwards it, unlike eager's mask.
         A plain decode step (one token, no padding) calls the kernel directly (`_decode_step`)."""
+        if kwargs.get("s_aux") is not None:  # Transformers would drop it silently: our functions take no sinks
+            raise NotImplementedError(f"{type(module).__name__} uses attention sinks (s_aux), which hf_flashattn does "
+                                      "not implement; build the model with attn_implementation='eager' or 'sdpa'.")
         if sliding_window is None:
             sliding_window = getattr(module, "sliding_window", None)
         if _is_plain_decode_step(module, query, key, value, attention_mask, kwargs):

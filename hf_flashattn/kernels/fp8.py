@@ -1,0 +1,151 @@
+"""FP8 (e4m3) attention forward with per-block scales (FlashAttention-3's FP8 path, in Triton).
+
+Q, K, V arrive quantised to float8_e4m3fn in blocks of QUANT_BLOCK rows per (sequence, head), each
+block with a float32 descale (x ≈ x8 · descale). One program: BLOCK_M query rows (inside one Q block),
+walking key blocks of BLOCK_N rows (inside one K/V block), so every tile has a single descale:
+    s = (q8 · k8ᵀ) · q_descale · k_descale            (FP8 product, float32 accumulator)
+    p = exp2(s · scale · log2 e − m)  ∈ [0, 1]      (float32, online softmax as in v2)
+    acc = acc · α + (fp8(p) · v8) · v_descale         (P quantised to e4m3 as FA3 does)
+The row sum l is taken over the float32 p. Causal (bottom-right), sliding window, softcap and GQA as
+in v2; no varlen, no backward (forward-only, for inference).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._runtime import is_interpreting
+from . import _common as C
+from ._common import scores_from_qk, tile_range, visible
+
+QUANT_BLOCK = 128  # rows per quantisation block of Q, K and V (per sequence and head)
+
+
+@triton.jit
+def _round_to_e4m3_grid(x):
+    """Round x >= 0 to the nearest e4m3 value (3 mantissa bits, subnormal step 2^-9), so that the cast
+    to float8 that follows is exact. Only on Triton's interpreter, whose float32 -> float8 cast truncates
+    (biased, unlike the GPU's round-to-nearest): without this the CPU tests would check a different
+    rounding than the GPU runs."""
+    e = tl.maximum(tl.floor(tl.log2(tl.maximum(x, 1e-30))), -6.0)
+    step = tl.exp2(e - 3.0)
+    return tl.floor(x / step + 0.5) * step
+
+
+@triton.jit
+def _fp8_inner(acc, l_i, m_i, q, qd, K_base, V_base, KD_base, VD_base, stride_kn, stride_vn, start, end,
+               offs_m, offs_n, offs_d, Sk, diag, left, right, qk_scale, cap_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, QB: tl.constexpr,
+               MASKED: tl.constexpr, SOFTCAP: tl.constexpr, RN_P: tl.constexpr):
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        mask = (cols[:, None] < Sk) & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(K_base + cols[:, None] * stride_kn + offs_d[None, :], mask=mask, other=0.0)
+        v = tl.load(V_base + cols[:, None] * stride_vn + offs_d[None, :], mask=mask, other=0.0)
+        kd = tl.load(KD_base + start_n // QB)
+        vd = tl.load(VD_base + start_n // QB)
+        qk = tl.dot(q, tl.trans(k)) * (qd * kd)
+        s, _ = scores_from_qk(qk, qk_scale, cap_scale, SOFTCAP)
+        if MASKED:
+            s = tl.where(visible(offs_m, cols, diag, left, right, Sk), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if RN_P:
+            p8 = _round_to_e4m3_grid(p).to(v.dtype)
+        else:
+            p8 = p.to(v.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p8, v) * vd
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group"])
+def _fp8_fwd_kernel(Q, K, V, QD, KD, VD, O, LSE,
+                    stride_qb, stride_qm, stride_qh,
+                    stride_kb, stride_kn, stride_kh,
+                    stride_vb, stride_vn, stride_vh,
+                    stride_qdb, stride_qdh, stride_kdb, stride_kdh, stride_vdb, stride_vdh,
+                    stride_ob, stride_om, stride_oh,
+                    stride_lb, stride_lh,
+                    seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, group,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    QB: tl.constexpr, SOFTCAP: tl.constexpr, RN_P: tl.constexpr):
+    # Grid: (cdiv(seqlen_q, BLOCK_M), nheads, batch), as v2's forward.
+    tl.static_assert(QB % BLOCK_M == 0)
+    tl.static_assert(QB % BLOCK_N == 0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    kvh = (h // group).to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < seqlen_q
+    q = tl.load(Q + b * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    qd = tl.load(QD + b * stride_qdb + h64 * stride_qdh + m0 // QB)
+    K_base = K + b * stride_kb + kvh * stride_kh
+    V_base = V + b * stride_vb + kvh * stride_vh
+    KD_base = KD + b * stride_kdb + kvh * stride_kdh
+    VD_base = VD + b * stride_vdb + kvh * stride_vdh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    diag = seqlen_k - seqlen_q
+    lo, full_lo, full_hi, hi = tile_range(m0, BLOCK_M, diag, window_left, window_right, seqlen_k, BLOCK_N)
+    acc, l_i, m_i = _fp8_inner(acc, l_i, m_i, q, qd, K_base, V_base, KD_base, VD_base, stride_kn, stride_vn,
+                               lo, full_lo, offs_m, offs_n, offs_d, seqlen_k, diag, window_left, window_right,
+                               qk_scale, cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, QB, True, SOFTCAP, RN_P)
+    acc, l_i, m_i = _fp8_inner(acc, l_i, m_i, q, qd, K_base, V_base, KD_base, VD_base, stride_kn, stride_vn,
+                               full_lo, full_hi, offs_m, offs_n, offs_d, seqlen_k, diag, window_left, window_right,
+                               qk_scale, cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, QB, False, SOFTCAP, RN_P)
+    acc, l_i, m_i = _fp8_inner(acc, l_i, m_i, q, qd, K_base, V_base, KD_base, VD_base, stride_kn, stride_vn,
+                               full_hi, hi, offs_m, offs_n, offs_d, seqlen_k, diag, window_left, window_right,
+                               qk_scale, cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, QB, True, SOFTCAP, RN_P)
+    seen = l_i > 0.0
+    acc = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("inf"))
+    tl.store(LSE + b * stride_lb + h64 * stride_lh + offs_m, lse, mask=row_ok)
+    tl.store(O + b * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+             acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class; unmeasured first guesses (issue 5).
+_CONFIGS = {64: (128, 128, 8, 3), 128: (128, 128, 8, 3), 256: (128, 64, 8, 2)}
+
+
+def forward(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, window_size, softcap, out_dtype):
+    """q8 (B, Sq, H, D), k8/v8 (B, Sk, Hk, D) float8_e4m3fn, last dim contiguous; descales float32
+    (B, H, cdiv(Sq, QUANT_BLOCK)) and (B, Hk, cdiv(Sk, QUANT_BLOCK)). Returns out (B, Sq, H, D) in
+    out_dtype and lse (B, H, Sq) float32."""
+    B, Sq, H, D = q8.shape
+    Sk, Hk = k8.shape[1], k8.shape[2]
+    out = torch.empty((B, Sq, H, D), dtype=out_dtype, device=q8.device)
+    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q8.device)
+    if out.numel() == 0:
+        return out.zero_(), lse.fill_(float("inf"))
+    left, right = C.window_args(window_size, Sq, Sk)
+    qk_scale, cap_scale = C.score_scales(softmax_scale, softcap)
+    BLOCK_D = max(triton.next_power_of_2(D), 32)
+    if is_interpreting():
+        bm, bn, meta = 32, 16, {}
+    else:
+        bm, bn, w, st = _CONFIGS[64 if BLOCK_D <= 64 else 128 if BLOCK_D <= 128 else 256]
+        meta = dict(num_warps=w, num_stages=st)
+    grid = (triton.cdiv(Sq, bm), H, B)
+    _fp8_fwd_kernel[grid](q8, k8, v8, q_descale, k_descale, v_descale, out, lse,
+                          q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
+                          v8.stride(0), v8.stride(1), v8.stride(2),
+                          q_descale.stride(0), q_descale.stride(1), k_descale.stride(0), k_descale.stride(1),
+                          v_descale.stride(0), v_descale.stride(1),
+                          out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+                          Sq, Sk, left, right, qk_scale, cap_scale, H // Hk,
+                          HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_N=bn, QB=QUANT_BLOCK, SOFTCAP=softcap > 0,
+                          RN_P=is_interpreting(), **meta)
+    return out, lse

@@ -14,6 +14,7 @@ Not measured on a GPU yet.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -157,3 +158,29 @@ def flash_attn_fp8_func(q, k, v, softmax_scale=None, causal=False, window_size=(
     out, lse = _attention(q, k, v, softmax_scale, causal, window_size, softcap, q_descale, k_descale, v_descale,
                           incoherent, hadamard_seed, out_dtype)
     return (out, lse, None) if return_attn_probs else out
+
+
+@contextlib.contextmanager
+def fp8_attention(incoherent: bool = True, hadamard_seed: int = 0):
+    """Inference in FP8 through the usual entry points, e.g. around `model.generate(...)` with
+    attn_implementation="flashattn_custom":
+
+        with hf_flashattn.fp8.fp8_attention():
+            out = model.generate(**inputs)
+
+    Inside, calls of flash_attn_func that need no gradient, on float16/bfloat16 inputs with more than 16
+    query rows (prefill) run flash_attn_fp8_func's kernel. Unchanged: calls with a gradient (training
+    stays bf16), packed/padded (varlen) calls, and decode steps (<= 16 query rows: memory-bound, their
+    split-KV kernel reads the bf16 cache). Per thread, like use_version()."""
+    from .interface import _state
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if not fp8_supported(dev):
+        where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "a machine without a CUDA GPU"
+        raise RuntimeError(f"fp8_attention needs a GPU with FP8 tensor cores (compute capability 8.9 or newer, "
+                           f"e.g. H100); this is {where}.")
+    old = getattr(_state, "fp8", None)
+    _state.fp8 = dict(incoherent=incoherent, hadamard_seed=hadamard_seed)
+    try:
+        yield
+    finally:
+        _state.fp8 = old

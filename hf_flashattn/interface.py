@@ -166,11 +166,16 @@ class _FlashAttnFunc(torch.autograd.Function):
 def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window, softcap,
                deterministic, version):
     """The autograd Function when a gradient can flow (or torch.compile traces); the forward alone
-    otherwise (inference, generate()), without the Function's bookkeeping."""
+    otherwise (inference, generate()), without the Function's bookkeeping; inside
+    hf_flashattn.fp8.fp8_attention(), dense prefill-sized calls in FP8."""
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and
                                          (q.requires_grad or k.requires_grad or v.requires_grad)):
         return _FlashAttnFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                                     window, softcap, deterministic, version)
+    fp8 = getattr(_state, "fp8", None)
+    if fp8 is not None and cu_seqlens_q is None and q.shape[1] > 16 and q.dtype in (torch.float16, torch.bfloat16):
+        from . import fp8 as F8
+        return F8._attention(q, k, v, softmax_scale, False, window, softcap, **fp8)
     return _fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window, softcap,
                 version)
 

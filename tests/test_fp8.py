@@ -131,3 +131,40 @@ def test_fp8_errors_name_the_argument_and_the_fix():
         F8._attention(q, k, v, q_descale=d)
     with pytest.raises(TypeError, match="float8_e4m3fn"):
         F8._attention(q.float(), k.float(), v.float())
+
+
+def test_fp8_attention_context_refuses_a_machine_without_fp8_tensor_cores():
+    with pytest.raises(RuntimeError, match="FP8 tensor cores"):
+        with F8.fp8_attention():
+            pass
+
+
+def test_fp8_attention_context_routes_prefill_of_a_transformers_model(monkeypatch):
+    """The one-line use: generate() of a flashattn_custom model inside fp8_attention() runs its prefill
+    through the FP8 kernel (counted), keeps decode steps on the bf16/fp16 path, and its logits stay close
+    to the fp16 run's. The device check is bypassed here (CPU interpreter)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    import hf_flashattn  # noqa: F401
+    monkeypatch.setattr(F8, "fp8_supported", lambda device: True)
+    calls = []
+    real = F8._attention
+    monkeypatch.setattr(F8, "_attention", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=32, vocab_size=100, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="flashattn_custom").to(torch.float16).eval()
+    ids = torch.randint(1, 100, (1, 40))
+    with torch.no_grad():
+        ref = model(ids).logits
+        with F8.fp8_attention():
+            got = model(ids).logits
+            model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert len(calls) == 2 * cfg.num_hidden_layers, calls      # two prefills; the 2 decode steps stay fp16
+    assert all(shape[1] == 40 for shape in calls)
+    rel = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+    print(f"fp8 vs fp16 logits: relative max diff {rel:.3e}")
+    assert 0 < rel < 0.05
+    calls.clear()
+    with torch.no_grad():
+        model(ids)
+    assert not calls, "FP8 stayed on after the context"

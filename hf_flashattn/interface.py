@@ -274,6 +274,40 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return (out, lse, None) if return_attn_probs else out
 
 
+def _decode_masked_impl(q, k, v, key_mask, softmax_scale, window_left, window_right, softcap):
+    from .kernels import decode
+    _kernels("v2")  # the split-KV decode kernel is v2's inner loop (and version bookkeeping sees it)
+    seqlens = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)
+    out, _, _ = decode.forward(q, k, v, seqlens, None, k.shape[1], softmax_scale, (window_left, window_right),
+                               softcap, 0, key_mask)
+    return out
+
+
+@torch.library.custom_op("hf_flashattn::decode_masked_fwd", mutates_args=())
+def _decode_masked_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,
+                       softmax_scale: float, window_left: int, window_right: int, softcap: float) -> torch.Tensor:
+    return _decode_masked_impl(q, k, v, key_mask, softmax_scale, window_left, window_right, softcap)
+
+
+@_decode_masked_fwd.register_fake
+def _(q, k, v, key_mask, softmax_scale, window_left, window_right, softcap):
+    return q.new_empty(q.shape)
+
+
+def _decode_with_padding_mask(q, k, v, key_mask, softmax_scale, window, softcap):
+    """Decode step(s) of q (B, Sq <= 16, H, D) over k, v (B, L, Hk, D) where key j of sequence b is
+    attended only if key_mask[b, j] (B, L) is nonzero (a left-padded batch, a static cache's empty
+    slots): the split-KV kernel with the mask applied per key block, no unpadding and no device sync.
+    Queries sit at the last positions (bottom-right). Returns None when the active version is not v2
+    (the caller then takes the generic path), else out (B, Sq, H, D)."""
+    if _resolve_version("auto", q, k, v) != "v2" or q.requires_grad and torch.is_grad_enabled():
+        return None
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    op = _decode_masked_fwd if torch.compiler.is_compiling() else _decode_masked_impl
+    return op(q, k, v, key_mask, float(softmax_scale), int(window[0]), int(window[1]), float(softcap))
+
+
 def _kvcache_impl(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, softmax_scale, window_left, window_right,
                   softcap, num_splits):
     from .kernels import decode

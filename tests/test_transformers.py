@@ -92,8 +92,8 @@ def report(name, ours, ref):
 @pytest.fixture
 def calls(monkeypatch):
     """Counts calls of hf_flashattn's public functions as Transformers' flash path makes them."""
-    counts = {"flash_attn_func": 0, "flash_attn_varlen_func": 0}
-    for fname in counts:
+    counts = {"flash_attn_func": 0, "flash_attn_varlen_func": 0, "decode_masked": 0}
+    for fname in ("flash_attn_func", "flash_attn_varlen_func"):
         real = getattr(interface, fname)
 
         @functools.wraps(real)  # Transformers inspects the signature; wraps() keeps the real one visible
@@ -102,6 +102,14 @@ def calls(monkeypatch):
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(interface, fname, counting)
+    real_masked = interface._decode_with_padding_mask
+
+    def counting_masked(*args, **kwargs):  # decode steps with a padding mask (None: left to the flash path)
+        out = real_masked(*args, **kwargs)
+        counts["decode_masked"] += out is not None
+        return out
+
+    monkeypatch.setattr(interface, "_decode_with_padding_mask", counting_masked)
     # lazy_import_flash_attention caches the resolved functions by name: forget them, so that NAME
     # resolves again through the adapter and picks up the counting wrappers.
     fa_utils._loaded_implementation = None
@@ -399,7 +407,11 @@ def test_greedy_generate_matches_eager(family, cache, padded, calls, kernel_vers
     report(f"{family} {cache} scores", torch.stack(out.scores), torch.stack(ref.scores))
     assert torch.equal(out.sequences, ref.sequences)
     torch.testing.assert_close(torch.stack(out.scores), torch.stack(ref.scores), **TOL)
-    assert calls["flash_attn_func"] + calls["flash_attn_varlen_func"] == 6 * ours.config.num_hidden_layers
+    assert calls["flash_attn_func"] + calls["flash_attn_varlen_func"] + calls["decode_masked"] == \
+        6 * ours.config.num_hidden_layers
+    if padded:  # decode steps with a padding mask take the masked split-KV path (v2's kernel only)
+        assert (calls["decode_masked"] > 0) == (kernel_version == "v2"), calls
+    assert kernel_version == "v2" or calls["decode_masked"] == 0, calls
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -475,10 +487,22 @@ def test_plain_decode_step_skips_the_flash_path_and_matches_it(family, monkeypat
         assert seen, "the reference did not run Transformers' flash path"
         seen.clear()
         torch.testing.assert_close(fast, slow, rtol=0, atol=0)
-    # not plain: a padding mask, several tokens, packed-sequence kwargs -> Transformers' path
-    mask = torch.ones(2, WINDOW + 9, dtype=torch.bool)
-    assert not integ._is_plain_decode_step(attn, q, k, v, mask, {})
+    # a padding mask (left padding, and a static cache whose mask covers fewer keys than it holds): the
+    # masked split-KV path, against Transformers' unpad + varlen path (another kernel: close, not equal)
+    mask = torch.ones(2, WINDOW + 5, dtype=torch.bool)
+    mask[1, :7] = False
+    for window, softcap in ((None, None), (WINDOW, 5.0)):
+        kw = dict(dropout=0.0, scaling=attn.scaling, sliding_window=window, softcap=softcap)
+        assert integ._is_plain_decode_step(attn, q, k, v, mask, kw)
+        fast, _ = fn(attn, q, k, v, mask, **kw)
+        assert not seen, "the masked decode step went through Transformers' flash path"
+        slow, _ = hf_flash.flash_attention_forward(attn, q, k, v, mask, **kw)
+        assert seen
+        seen.clear()
+        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    # not plain: several tokens, packed-sequence kwargs, a mask longer than the keys -> Transformers' path
     assert not integ._is_plain_decode_step(attn, torch.randn(2, H, 2, D), k, v, None, {})
+    assert not integ._is_plain_decode_step(attn, q, k, v, torch.ones(2, WINDOW + 10, dtype=torch.bool), {})
     assert not integ._is_plain_decode_step(attn, q, k, v, None, {"cu_seq_lens_q": torch.zeros(3, dtype=torch.int32)})
 
 

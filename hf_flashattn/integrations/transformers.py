@@ -109,7 +109,9 @@ _VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_
 def _is_plain_decode_step(module, query, key, value, attention_mask, kwargs) -> bool:
     """One new token per sequence, no padding mask, nothing packed: the case the fast path takes.
     query/key/value are Transformers' (batch, heads, seq, dim)."""
-    return (query.shape[2] == 1 and attention_mask is None and query.shape[0] > 0
+    plain_mask = attention_mask is None or (attention_mask.dim() == 2 and attention_mask.shape[0] == query.shape[0]
+                                            and 0 < attention_mask.shape[1] <= key.shape[2])
+    return (query.shape[2] == 1 and plain_mask and query.shape[0] > 0
             and key.dtype == query.dtype and value.dtype == query.dtype
             and value.shape[-1] == query.shape[-1]
             and all(kwargs.get(k) is None for k in _VARLEN_KWARGS)
@@ -129,19 +131,28 @@ def _keeps_dtype(query, module) -> bool:
     return linear is not None and linear.weight.dtype == torch.float32
 
 
-def _decode_step(module, query, key, value, sliding_window, kwargs):
+def _decode_step(module, query, key, value, attention_mask, sliding_window, kwargs):
     """What Transformers' flash path computes for a plain decode step, without its per-layer work:
     `_is_packed_sequence` reads a tensor back to the host (a device sync in every layer of every step)
-    although one token per sequence cannot be packed. Same kernel, same keywords (window of
-    `sliding_window` keys when the cache is longer, softcap, scaling); returns (batch, 1, heads, dim)."""
+    although one token per sequence cannot be packed, and a 2D padding mask (left-padded batches, a
+    static cache) is unpadded into a varlen call (more syncs). Same keywords (window of `sliding_window`
+    keys when the cache is longer, softcap, scaling). A mask covers the first L keys (Transformers'
+    flash path drops the rest too); the split-KV kernel applies it per key. Returns (batch, 1, heads,
+    dim), or None to leave the step to Transformers' path (a kernel version without that kernel)."""
     from .. import interface
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if attention_mask is not None:
+        k, v = k[:, :attention_mask.shape[1]], v[:, :attention_mask.shape[1]]
     window = (-1, -1)
     if sliding_window is not None and k.shape[1] > sliding_window:
         window = (sliding_window - 1, sliding_window - 1)
     softcap = kwargs.get("softcap")
+    softcap = 0.0 if softcap is None else softcap
+    if attention_mask is not None:
+        return interface._decode_with_padding_mask(q, k, v, attention_mask, kwargs.get("scaling"),
+                                                   (window[0], 0), softcap)
     return interface.flash_attn_func(q, k, v, softmax_scale=kwargs.get("scaling"), causal=True, window_size=window,
-                                     softcap=0.0 if softcap is None else softcap)
+                                     softcap=softcap)
 
 
 def _make_attention_forward(flash_attention_forward):
@@ -156,7 +167,9 @@ def _make_attention_forward(flash_attention_forward):
         if sliding_window is None:
             sliding_window = getattr(module, "sliding_window", None)
         if _is_plain_decode_step(module, query, key, value, attention_mask, kwargs):
-            return _decode_step(module, query, key, value, sliding_window, kwargs), None
+            out = _decode_step(module, query, key, value, attention_mask, sliding_window, kwargs)
+            if out is not None:
+                return out, None
         return flash_attention_forward(module, query, key, value, attention_mask, sliding_window=sliding_window,
                                        **kwargs)
 

@@ -55,7 +55,7 @@ def _append_kernel(KNEW, VNEW, KC, VC, SEQLENS, BIDX,
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "window_left", "window_right", "group", "n_splits"])
-def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX,
+def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX, KMASK, stride_mb,
                    stride_qb, stride_qm, stride_qh,
                    stride_kb, stride_kn, stride_kh,
                    stride_vb, stride_vn, stride_vh,
@@ -63,9 +63,11 @@ def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX,
                    stride_ls, stride_lb, stride_lh,
                    seqlen_q, window_left, window_right, qk_scale, cap_scale, group, n_splits,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HAS_BIDX: tl.constexpr, SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+                   HAS_BIDX: tl.constexpr, SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+                   HAS_KMASK: tl.constexpr):
     # Grid: (cdiv(seqlen_q * group, BLOCK_M) * n_splits, nheads_k, batch). One program: BLOCK_M packed
     # rows (query position, head of the group) against one split of the visible keys of its sequence.
+    # KMASK (HAS_KMASK): (batch, cache rows) padding mask, nonzero = attend (Transformers' 2D mask).
     split = tl.program_id(0) % n_splits
     r0 = (tl.program_id(0) // n_splits) * BLOCK_M
     kvh = tl.program_id(1).to(tl.int64)
@@ -97,7 +99,7 @@ def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX,
     V_base = V + cb * stride_vb + kvh * stride_vh
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, s_lo, s_hi,
                                pos, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC)
+                               HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC, KMASK + b * stride_mb, HAS_KMASK)
     # epilogue: a split that saw nothing gets lse = -inf (it adds nothing in the combine); without
     # splits, a row that saw nothing gets lse = +inf and O = 0, as everywhere else
     seen = l_i > 0.0
@@ -173,9 +175,10 @@ def append(k, v, k_cache, v_cache, cache_seqlens, cache_batch_idx):
 
 
 def forward(q, k_cache, v_cache, seqlens_k, cache_batch_idx, max_seqlen_k, softmax_scale, window_size, softcap,
-            num_splits):
+            num_splits, key_mask=None):
     """q (B, Sq, H, D); k_cache/v_cache (B_cache, S_cache, Hk, D); seqlens_k (B,) int32 valid keys per
-    sequence (after any append). Returns out (B, Sq, H, D) and lse (B, H, Sq) float32."""
+    sequence (after any append); key_mask None or (B, >= max key) bool/int, nonzero = attend, contiguous
+    last dim. Returns out (B, Sq, H, D) and lse (B, H, Sq) float32."""
     B, Sq, H, D = q.shape
     Hk = k_cache.shape[2]
     group = H // Hk
@@ -200,12 +203,16 @@ def forward(q, k_cache, v_cache, seqlens_k, cache_batch_idx, max_seqlen_k, softm
         o_strides = (0,) + out.stride()[:3]
         l_strides = (0,) + lse.stride()[:2]
     meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_BIDX=cache_batch_idx is not None,
+                HAS_KMASK=key_mask is not None,
                 SPLIT=split, SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype))
     if not is_interpreting():
         stages = TUNE["num_stages"] or (3 if num_splits >= 16 else 2)
         meta.update(num_warps=TUNE["num_warps"], num_stages=stages)
+    if key_mask is not None and key_mask.dtype == torch.bool:
+        key_mask = key_mask.view(torch.uint8)
     _decode_kernel[(row_tiles * num_splits, Hk, B)](
         q, k_cache, v_cache, o_part, l_part, seqlens_k, cache_batch_idx,
+        seqlens_k if key_mask is None else key_mask, 0 if key_mask is None else key_mask.stride(0),  # never read without
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *o_strides, *l_strides,
         Sq, left, right, qk_scale, cap_scale, group, num_splits, **meta)

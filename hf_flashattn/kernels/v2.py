@@ -23,7 +23,9 @@ from ._common import load_rows_pair, log2_scores, seq_bounds, tile_range, visibl
 def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, start, end,
                offs_m, offs_n, offs_d, Sk, diag, left, right, qk_scale, cap_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASKED: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+               MASKED: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+               KMASK_base=None, HAS_KMASK: tl.constexpr = False):
+    # KMASK_base (decode only): a per-key padding mask (nonzero = attend), applied on top of the window
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         k_ptrs = K_base + cols[:, None] * stride_kn + offs_d[None, :]
@@ -34,6 +36,9 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, start, en
         s, _ = log2_scores(q, k, qk_scale, cap_scale, SOFTCAP, DOT_PREC)
         if MASKED:
             s = tl.where(visible(offs_m, cols, diag, left, right, Sk), s, float("-inf"))
+        if HAS_KMASK:
+            keep = tl.load(KMASK_base + cols, mask=cols < Sk, other=0)
+            s = tl.where(keep[None, :] != 0, s, float("-inf"))
         # -- update m_i, l_i (a row that has seen nothing yet keeps m = -inf; shift by 0 then) --
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -23,42 +23,28 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hf_flashattn  # noqa: E402,F401
 
 
-def steps(model, ids, n, prof=None):
+def steps(model, ids, n, prof=None, mask=None):
+    """Prefill ids, then time n decode steps (DynamicCache). mask: an all-ones (1, >= len + n) attention
+    mask passed along, as generate() does; prof: a cProfile enabled for the decode steps only."""
     from transformers import DynamicCache
     cache = DynamicCache(config=model.config)
+    L = ids.shape[1]
+    extra = (lambda i: {}) if mask is None else (lambda i: {"attention_mask": mask[:, :L + i]})
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, **extra(0))
         tok = out.logits[:, -1:].argmax(-1)
         torch.cuda.synchronize()
-        if prof is not None:  # the decode steps only, after the prefill
+        if prof is not None:
             prof.enable()
         times = []
-        for _ in range(n):
+        for i in range(n):
             t = time.perf_counter()
-            out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+            out = model(input_ids=tok, past_key_values=cache, use_cache=True, **extra(i + 1))
             tok = out.logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
         if prof is not None:
             prof.disable()
-    return times
-
-
-def steps_masked(model, ids, n, mask):
-    from transformers import DynamicCache
-    cache = DynamicCache(config=model.config)
-    L = ids.shape[1]
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask[:, :L], past_key_values=cache, use_cache=True)
-        tok = out.logits[:, -1:].argmax(-1)
-        torch.cuda.synchronize()
-        times = []
-        for i in range(n):
-            t = time.perf_counter()
-            out = model(input_ids=tok, attention_mask=mask[:, :L + i + 1], past_key_values=cache, use_cache=True)
-            tok = out.logits[:, -1:].argmax(-1)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
     return times
 
 
@@ -81,7 +67,7 @@ def main():
         res[impl] = dict(step_ms_median=1e3 * sorted(t)[len(t) // 2], step_ms_min=1e3 * min(t))
         # the same with an all-ones attention mask, as generate() passes it
         mask = torch.ones(1, args.prompt + 64, dtype=torch.long, device="cuda")
-        tm = steps_masked(model, ids, 32, mask)
+        tm = steps(model, ids, 32, mask=mask)
         res[impl]["masked_step_ms_median"] = 1e3 * sorted(tm)[len(tm) // 2]
         prof = cProfile.Profile()
         steps(model, ids, 16, prof)

@@ -277,10 +277,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 def _decode_masked_impl(q, k, v, key_mask, softmax_scale, window_left, window_right, softcap):
     from .kernels import decode
     _kernels("v2")  # the split-KV decode kernel is v2's inner loop (and version bookkeeping sees it)
-    seqlens = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)
-    out, _, _ = decode.forward(q, k, v, seqlens, None, k.shape[1], softmax_scale, (window_left, window_right),
-                               softcap, 0, key_mask)
-    return out
+    return decode.forward_dense(q, k, v, softmax_scale, (window_left, window_right), softcap, key_mask)[0]
 
 
 @torch.library.custom_op("hf_flashattn::decode_masked_fwd", mutates_args=())

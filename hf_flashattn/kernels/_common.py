@@ -155,6 +155,28 @@ def load_rows_pair(A_ptrs, B_ptrs, rows, S, offs_d, HEAD_DIM: tl.constexpr, BLOC
 
 
 @triton.jit
+def softmax_step(s, m_i, l_i):
+    """One online-softmax step over a tile of log2 scores s: (p, alpha, m_new, l_new), where
+    p = 2^(s - m_new) and the accumulator is rescaled by alpha. A row that has seen nothing yet keeps
+    m = -inf and is shifted by 0 (no NaN from -inf - -inf)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_shift[:, None])
+    alpha = tl.exp2(m_i - m_shift)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def normalise_rows(acc, l_i, m_i, EMPTY_LSE: tl.constexpr):
+    """Epilogue of the forward kernels: O = acc / l and lse = ln(l · 2^m); a row that saw no key
+    (l = 0) gets O = 0 and lse = EMPTY_LSE (+inf as flash-attn; -inf for a split-KV partial)."""
+    seen = l_i > 0.0
+    acc = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, EMPTY_LSE)
+    return acc, lse
+
+
+@triton.jit
 def scores_from_qk(qk, qk_scale, cap_scale, SOFTCAP: tl.constexpr):
     """Raw q·k -> scores in log2 units (see score_scales), and t = tanh(...) under softcap (the
     backward's chain-rule factor is 1 - t²; without softcap t is qk, unused and dropped)."""

@@ -102,10 +102,7 @@ def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX, KMASK, stride_mb,
                                HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC, KMASK + b * stride_mb, HAS_KMASK)
     # epilogue: a split that saw nothing gets lse = -inf (it adds nothing in the combine); without
     # splits, a row that saw nothing gets lse = +inf and O = 0, as everywhere else
-    seen = l_i > 0.0
-    acc = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453
-    lse = tl.where(seen, lse, float("-inf") if SPLIT else float("inf"))
+    acc, lse = C.normalise_rows(acc, l_i, m_i, float("-inf") if SPLIT else float("inf"))
     tl.store(LSE + split * stride_ls + b * stride_lb + h * stride_lh + pos, lse, mask=row_ok)
     tl.store(O + split * stride_os + b * stride_ob + pos[:, None] * stride_om + h[:, None] * stride_oh
              + offs_d[None, :], acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -172,6 +169,14 @@ def append(k, v, k_cache, v_cache, cache_seqlens, cache_batch_idx):
                          v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), Snew,
                          HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), BLOCK_N=BLOCK_N,
                          HAS_BIDX=cache_batch_idx is not None)
+
+
+def forward_dense(q, k, v, softmax_scale, window_size, softcap, key_mask=None):
+    """forward() for q (B, Sq, H, D) over every row of k, v (B, Sk, Hk, D) (flash_attn_func's decode-like
+    shapes; with key_mask, Transformers' padded decode steps). Returns out, lse."""
+    seqlens = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)
+    out, lse, _ = forward(q, k, v, seqlens, None, k.shape[1], softmax_scale, window_size, softcap, 0, key_mask)
+    return out, lse
 
 
 def forward(q, k_cache, v_cache, seqlens_k, cache_batch_idx, max_seqlen_k, softmax_scale, window_size, softcap,

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .._runtime import is_interpreting
 from . import _common as C
-from ._common import scores_from_qk, tile_range, visible
+from ._common import normalise_rows, scores_from_qk, softmax_step, tile_range, visible
 
 QUANT_BLOCK = 128  # rows per quantisation block of Q, K and V (per sequence and head)
 
@@ -49,11 +49,7 @@ def _fp8_inner(acc, l_i, m_i, q, qd, K_base, V_base, KD_base, VD_base, stride_kn
         s, _ = scores_from_qk(qk, qk_scale, cap_scale, SOFTCAP)
         if MASKED:
             s = tl.where(visible(offs_m, cols, diag, left, right, Sk), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_shift[:, None])
-        alpha = tl.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = softmax_step(s, m_i, l_i)
         if RN_P:
             p8 = _round_to_e4m3_grid(p).to(v.dtype)
         else:
@@ -108,9 +104,7 @@ def _fp8_fwd_kernel(Q, K, V, QD, KD, VD, O, LSE,
     acc, l_i, m_i = _fp8_inner(acc, l_i, m_i, q, qd, K_base, V_base, KD_base, VD_base, stride_kn, stride_vn,
                                full_hi, hi, offs_m, offs_n, offs_d, seqlen_k, diag, window_left, window_right,
                                qk_scale, cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, QB, True, SOFTCAP, RN_P)
-    seen = l_i > 0.0
-    acc = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("inf"))
+    acc, lse = normalise_rows(acc, l_i, m_i, float("inf"))
     tl.store(LSE + b * stride_lb + h64 * stride_lh + offs_m, lse, mask=row_ok)
     tl.store(O + b * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))

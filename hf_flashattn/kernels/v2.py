@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
-from ._common import load_rows_pair, log2_scores, seq_bounds, tile_range, visible
+from ._common import load_rows_pair, log2_scores, normalise_rows, seq_bounds, softmax_step, tile_range, visible
 
 
 @triton.jit
@@ -40,11 +40,7 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, start, en
             keep = tl.load(KMASK_base + cols, mask=cols < Sk, other=0)
             s = tl.where(keep[None, :] != 0, s, float("-inf"))
         # -- update m_i, l_i (a row that has seen nothing yet keeps m = -inf; shift by 0 then) --
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_shift[:, None])
-        alpha = tl.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = softmax_step(s, m_i, l_i)
         # -- update the output accumulator --
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
@@ -103,9 +99,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                                offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
                                cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC)
     # epilogue: normalise once; rows that saw no key get O = 0 and lse = +inf (as flash-attn)
-    seen = l_i > 0.0
-    acc = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("inf"))
+    acc, lse = normalise_rows(acc, l_i, m_i, float("inf"))
     tl.store(LSE + b * stride_lb + h64 * stride_lh + q_start + offs_m, lse, mask=row_ok)
     O_base = O + b * stride_ob + h64 * stride_oh + q_start * stride_om
     tl.store(O_base + offs_m[:, None] * stride_om + offs_d[None, :], acc.to(O.dtype.element_ty),
@@ -150,9 +144,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     varlen = cu_seqlens_q is not None
     if use_split_kv(q, k, varlen):
         from . import decode
-        seqlens = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)
-        out, lse, _ = decode.forward(q, k, v, seqlens, None, k.shape[1], softmax_scale, window_size, softcap, 0)
-        return out, lse
+        return decode.forward_dense(q, k, v, softmax_scale, window_size, softcap)
     H, D = q.shape[-2], q.shape[-1]
     Hk = k.shape[-2]
     batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .._runtime import is_interpreting
 from . import _common as C
-from ._common import log2_scores, seq_bounds, tile_range, visible
+from ._common import log2_scores, normalise_rows, seq_bounds, softmax_step, tile_range, visible
 
 
 @triton.jit
@@ -40,11 +40,7 @@ def _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, start, end, offs_m, offs_n,
         if MASKED:
             s = tl.where(visible(offs_m, start_n + offs_n, diag, left, right, Sk), s, float("-inf"))
         # -- update m_i, l_i --
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_shift[:, None])
-        alpha = tl.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = softmax_step(s, m_i, l_i)
         # -- update the output accumulator --
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc)
@@ -97,9 +93,7 @@ def _fwd_kernel_tma(Q, K, V, O, LSE, CU_Q, CU_K,
     acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, full_hi, hi, offs_m, offs_n, Sk, diag,
                                    window_left, window_right, qk_scale, cap_scale, BLOCK_N, True, SOFTCAP, False)
     # epilogue, as v2
-    seen = l_i > 0.0
-    acc = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("inf"))
+    acc, lse = normalise_rows(acc, l_i, m_i, float("inf"))
     tl.store(LSE + b * stride_lb + h64 * stride_lh + q_start + offs_m, lse, mask=offs_m < Sq)
     o_desc.store([m0, 0], acc.to(O.dtype.element_ty))
 

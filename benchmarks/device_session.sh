@@ -13,6 +13,7 @@
 #   decode-static  its generate() part with a static (compiled) cache
 #   profile   benchmarks/profile_decode.py (host-side profile of Transformers decode steps)
 #   sweep     benchmarks/sweep_decode.py (launch parameters of the split-KV decode kernel)
+#   sweep-bwd benchmarks/sweep_bwd.py (tile configs of v2's backward passes and forward, forced one by one)
 #   fp8       benchmarks/bench_fp8.py (FP8 accuracy, generation agreement, speed)
 #   bench     benchmarks/bench.py $BENCH_ARGS (default --versions v2,v3)
 #   recipes-bar / recipes-grid / recipes-longest / recipes-fsdp2   benchmarks/gpu_recipes.sh PHASE
@@ -52,6 +53,7 @@ for spec in "$@"; do
     decode-static) cmd=(python3 benchmarks/bench_decode.py --out "$dir" --budget-s "$budget" --skip-kernels --cache static) ;;
     profile) cmd=(python3 benchmarks/profile_decode.py --out "$dir") ;;
     sweep) cmd=(python3 benchmarks/sweep_decode.py --out "$dir") ;;
+    sweep-bwd) cmd=(python3 benchmarks/sweep_bwd.py --out "$dir" --budget-s "$budget" --dims "${SWEEP_DIMS:-64,128,256}") ;;
     fp8) cmd=(python3 benchmarks/bench_fp8.py --out "$dir" --budget-s "$budget") ;;
     # shellcheck disable=SC2206
     bench) cmd=(python3 benchmarks/bench.py --out "$dir" --budget-s "$budget" ${BENCH_ARGS:---versions v2,v3}) ;;

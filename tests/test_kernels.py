@@ -158,6 +158,33 @@ def test_v2_atomic_dq_backward(shape, mask, monkeypatch):
     _check("v2", q, k, v, do, torch.float32, **mask)
 
 
+@pytest.mark.parametrize("shape, mask", [(SHAPES[0], MASKS[1]), (SHAPES[1], MASKS[3]), (SHAPES[5], MASKS[0]),
+                                         (SHAPES[4], MASKS[2])], ids=["gqa-causal", "window-softcap", "gqa32/8",
+                                                                      "mqa-window"])
+def test_v2_split_dkdv_backward(shape, mask, monkeypatch):
+    """The split dK/dV variant (one program for dV, one for dK per key block; an autotune choice for large
+    head dims) forced on the interpreter: the same rule, and the same dq as the fused variant."""
+    from hf_flashattn.kernels import v2_bwd
+    q, k, v, do = _inputs(shape, torch.float32, seed=11)
+    fused = _kernel("v2", q, k, v, do, **mask)
+    monkeypatch.setattr(v2_bwd._dkdv_launch, "force", v2_bwd._config(0, 16, 32, 4, 1, True))
+    _check("v2", q, k, v, do, torch.float32, **mask)
+    split = _kernel("v2", q, k, v, do, **mask)
+    torch.testing.assert_close(split[2], fused[2], rtol=0, atol=0)   # dq pass untouched
+    torch.testing.assert_close(split[3], fused[3], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split[4], fused[4], rtol=1e-5, atol=1e-5)
+
+
+def test_v2_split_dkdv_varlen(monkeypatch):
+    from hf_flashattn.kernels import v2_bwd
+    monkeypatch.setattr(v2_bwd._dkdv_launch, "force", v2_bwd._config(0, 16, 32, 4, 1, True))
+    lq = [5, 0, 1, 40, 23]
+    cu = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32)
+    g = torch.Generator().manual_seed(12)
+    q, k, v, do = torch.randn(4, sum(lq), 4, 24, generator=g)
+    _check("v2", q, k, v, do, torch.float32, cu=(cu, cu), causal=True)
+
+
 def test_v2_atomic_dq_varlen_and_deterministic_flag(monkeypatch):
     monkeypatch.setenv("HF_FLASHATTN_BWD_DQ", "atomic")
     lq = [5, 0, 1, 40, 23]

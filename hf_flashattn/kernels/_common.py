@@ -103,12 +103,21 @@ class Launcher:
         self.interpret = is_interpreting()
         self.tune = os.environ.get("HF_FLASHATTN_AUTOTUNE", "1") != "0"
         self.tuned = None
+        # force: a triton.Config that overrides tuning (benchmarks/sweep_bwd.py; tests of variants that
+        # the interpreter's fixed tiles would not reach); on the interpreter its kwargs go over interp_meta
+        self.force = None
         if not self.interpret and self.tune:
             # reset_to_zero: outputs accumulated with atomics, zeroed before each tuning run
             self.tuned = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune},
                                          reset_to_zero=reset_to_zero)(kernel)
 
     def __call__(self, grid_fn, args, meta):
+        if self.force is not None:
+            cfg = self.force
+            kw = dict(self.interp_meta, **cfg.kwargs) if self.interpret else dict(cfg.kwargs)
+            opts = {} if self.interpret else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            self.last = self.kernel[grid_fn(kw)](*args, **meta, **kw, **opts)
+            return self.last
         if self.interpret:
             self.kernel[grid_fn(self.interp_meta)](*args, **meta, **self.interp_meta)
         elif self.tuned is None:

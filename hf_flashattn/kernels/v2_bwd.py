@@ -51,8 +51,10 @@ def _preprocess_kernel(O, DO, DELTA, CU_Q,
 def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom, stride_dqm,
                 start, end, offs_n, offs_m, offs_d, Sq, diag_t, left_t, right_t, qk_scale, cap_scale, ds_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                DO_DK: tl.constexpr, DO_DV: tl.constexpr):
     # Rows of this tile are keys (offs_n), columns are queries: everything is transposed.
+    # DO_DK / DO_DV: which accumulators this program owns (both, or one of them in the split variant)
     for start_m in range(start, end, BLOCK_M):
         rows_q = start_m + offs_m
         q_ptrs = Q_base + rows_q[:, None] * stride_qm + offs_d[None, :]
@@ -61,29 +63,73 @@ def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_q
         q, do = load_rows_pair(q_ptrs, do_ptrs, rows_q, Sq, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         if MASKED:
             lse = tl.load(L_base + rows_q, mask=rows_q < Sq, other=float("inf"))
-            delta = tl.load(D_base + rows_q, mask=rows_q < Sq, other=0.0)
         else:
             lse = tl.load(L_base + rows_q)
-            delta = tl.load(D_base + rows_q)
         # -- recompute Pᵀ = exp2(Sᵀ - lse) --
         sT, t = log2_scores(k, q, qk_scale, cap_scale, SOFTCAP, DOT_PREC)
         pT = tl.exp2(sT - lse[None, :] * 1.4426950408889634)
         if MASKED:
             pT = tl.where(visible(offs_n, rows_q, diag_t, left_t, right_t, Sq), pT, 0.0)
-        # -- dV += Pᵀ dO --
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
-        # -- dSᵀ = Pᵀ ∘ (dPᵀ - Delta), dK += dSᵀ Q --
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-        dsT = pT * (dpT - delta[None, :])
-        if SOFTCAP:
-            dsT = dsT * (1.0 - t * t)
-        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+        if DO_DV:
+            # -- dV += Pᵀ dO --
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        if DO_DK:
+            if MASKED:
+                delta = tl.load(D_base + rows_q, mask=rows_q < Sq, other=0.0)
+            else:
+                delta = tl.load(D_base + rows_q)
+            # -- dSᵀ = Pᵀ ∘ (dPᵀ - Delta), dK += dSᵀ Q --
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            dsT = pT * (dpT - delta[None, :])
+            if SOFTCAP:
+                dsT = dsT * (1.0 - t * t)
+            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
         if ATOMIC_DQ:
             # -- dQ += dS K, accumulated in float32 across the key-block programs (order varies) --
             dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PREC) * ds_scale
             tl.atomic_add(DQ_base + rows_q[:, None] * stride_dqm + offs_d[None, :], dq,
                           mask=(rows_q[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv
+
+
+@triton.jit
+def _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
+                stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
+                lo, full_lo, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left, window_right,
+                qk_scale, cap_scale, ds_scale, group,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                DO_DK: tl.constexpr, DO_DV: tl.constexpr):
+    """dK and/or dV of one key block of one kv head, summed over the GROUP query heads that read it:
+    the masked blocks before the band's full part, the full part unmasked, the masked blocks after."""
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(group):
+        h = kvh * group + g
+        Q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qm
+        DO_base = DO + b * stride_dob + h * stride_doh + q_start * stride_dom
+        L_base = LSE + b * stride_lb + h * stride_lh + q_start
+        D_base = DELTA + b * stride_lb + h * stride_lh + q_start
+        if ATOMIC_DQ:
+            DQ_base = DQ_ACC + b * stride_dqb + h * stride_dqh + q_start * stride_dqm
+        else:
+            DQ_base = DQ_ACC
+        # key j is seen by queries i with j - diag - right <= i <= j - diag + left: the same band,
+        # transposed (diag -> -diag, left <-> right)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom,
+                             stride_dqm, lo, full_lo, offs_n, offs_m, offs_d, Sq, diag_t, window_right,
+                             window_left, qk_scale, cap_scale, ds_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, SOFTCAP,
+                             DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom,
+                             stride_dqm, full_lo, full_hi, offs_n, offs_m, offs_d, Sq, diag_t, window_right,
+                             window_left, qk_scale, cap_scale, ds_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, SOFTCAP,
+                             DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom,
+                             stride_dqm, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_right,
+                             window_left, qk_scale, cap_scale, ds_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, SOFTCAP,
+                             DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV)
+    # dS was taken w.r.t. the log2-unit score; ds_scale brings it back to q·k units
+    return dk * ds_scale, dv
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "SEQ_BUCKET",
@@ -100,10 +146,17 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, CU_Q, CU_K,
                  seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, ds_scale, SEQ_BUCKET, MASK_KIND,
                  group, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
-                 SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr, ATOMIC_DQ: tl.constexpr):
-    # Grid: (cdiv(max_seqlen_k, BLOCK_N), nheads_k, batch). One program computes BLOCK_N rows of dK
-    # and dV for one kv head, summing over the GROUP query heads that read it.
-    pid_n = tl.program_id(0)
+                 SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                 SPLIT: tl.constexpr = False):
+    # Grid: (cdiv(max_seqlen_k, BLOCK_N) (x2 if SPLIT), nheads_k, batch). One program computes BLOCK_N rows
+    # of dK and dV for one kv head, summing over the GROUP query heads that read it. SPLIT: two programs
+    # per key block, one for dV (2 matmuls) and one for dK (3 matmuls; QKᵀ is recomputed): one float32
+    # accumulator each instead of two, for large head dims whose registers would otherwise spill.
+    pid0 = tl.program_id(0)
+    if SPLIT:
+        pid_n = pid0 // 2
+    else:
+        pid_n = pid0
     kvh = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     q_start, k_start, Sq, Sk = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
@@ -118,40 +171,33 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, CU_Q, CU_K,
                 mask=kv_mask, other=0.0)
     v = tl.load(V + b * stride_vb + kvh * stride_vh + (k_start + offs_n[:, None]) * stride_vn + offs_d[None, :],
                 mask=kv_mask, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    # key j is seen by queries i with j - diag - right <= i <= j - diag + left: the same band,
-    # transposed (diag -> -diag, left <-> right)
     diag_t = Sq - Sk
     lo, full_lo, full_hi, hi = tile_range(n0, BLOCK_N, diag_t, window_right, window_left, Sq, BLOCK_M)
-    for g in range(group):
-        h = kvh * group + g
-        Q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qm
-        DO_base = DO + b * stride_dob + h * stride_doh + q_start * stride_dom
-        L_base = LSE + b * stride_lb + h * stride_lh + q_start
-        D_base = DELTA + b * stride_lb + h * stride_lh + q_start
-        if ATOMIC_DQ:
-            DQ_base = DQ_ACC + b * stride_dqb + h * stride_dqh + q_start * stride_dqm
+    dk_ptrs = DK + b * stride_dkb + kvh * stride_dkh + (k_start + offs_n[:, None]) * stride_dkn + offs_d[None, :]
+    dv_ptrs = DV + b * stride_dvb + kvh * stride_dvh + (k_start + offs_n[:, None]) * stride_dvn + offs_d[None, :]
+    if SPLIT:
+        if pid0 % 2 == 0:
+            _, dv = _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
+                                stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb,
+                                stride_lh, lo, full_lo, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left,
+                                window_right, qk_scale, cap_scale, ds_scale, group, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, False, True)
+            tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
         else:
-            DQ_base = DQ_ACC
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom,
-                             stride_dqm, lo, full_lo, offs_n, offs_m, offs_d, Sq, diag_t, window_right,
-                             window_left, qk_scale, cap_scale, ds_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, SOFTCAP,
-                             DOT_PREC, ATOMIC_DQ)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom,
-                             stride_dqm, full_lo, full_hi, offs_n, offs_m, offs_d, Sq, diag_t, window_right,
-                             window_left, qk_scale, cap_scale, ds_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, SOFTCAP,
-                             DOT_PREC, ATOMIC_DQ)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom,
-                             stride_dqm, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_right,
-                             window_left, qk_scale, cap_scale, ds_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, SOFTCAP,
-                             DOT_PREC, ATOMIC_DQ)
-    # epilogue: dS was taken w.r.t. the log2-unit score; ds_scale brings it back to q·k units
-    dk = dk * ds_scale
-    tl.store(DK + b * stride_dkb + kvh * stride_dkh + (k_start + offs_n[:, None]) * stride_dkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * stride_dvb + kvh * stride_dvh + (k_start + offs_n[:, None]) * stride_dvn + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+            dk, _ = _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
+                                stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb,
+                                stride_lh, lo, full_lo, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left,
+                                window_right, qk_scale, cap_scale, ds_scale, group, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, True, False)
+            tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    else:
+        dk, dv = _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
+                             stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb,
+                             stride_lh, lo, full_lo, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left,
+                             window_right, qk_scale, cap_scale, ds_scale, group, HEAD_DIM, BLOCK_D, BLOCK_M,
+                             BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, True, True)
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -243,15 +289,27 @@ _DQ_CONFIGS = {64: [(128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
                256: [(64, 32, 8, 2), (64, 16, 4, 2), (32, 32, 8, 2)]}
 
 
-def _configs(table):
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "D_CLASS": d}, num_warps=w, num_stages=s)
-            for d, cfgs in table.items() for bm, bn, w, s in cfgs]
+def _config(d_class, bm, bn, w, s, split=False):
+    kw = {"BLOCK_M": bm, "BLOCK_N": bn, "D_CLASS": d_class}
+    if split:
+        kw["SPLIT"] = True
+    return triton.Config(kw, num_warps=w, num_stages=s)
+
+
+def _configs(table, allow_split=True):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages[, split]) tuples per head-dim class -> triton.Configs."""
+    return [_config(d, *c) for d, cfgs in table.items() for c in cfgs if allow_split or not c[4:5] == (True,)]
+
+
+def dkdv_grid(max_seqlen_k, Hk, batch):
+    return lambda m: (triton.cdiv(max_seqlen_k, m["BLOCK_N"]) * (2 if m.get("SPLIT", False) else 1), Hk, batch)
 
 
 _KEY = ["BLOCK_D", "IS_VARLEN", "SOFTCAP", "DOT_PREC", "SEQ_BUCKET", "MASK_KIND"]
 _INTERP = {"BLOCK_M": 16, "BLOCK_N": 32, "D_CLASS": 0}
 _dkdv_launch = C.Launcher(_dkdv_kernel, _configs(_DKDV_CONFIGS), prune_by_head_dim, _KEY, _INTERP)
-_dkdv_atomic_launch = C.Launcher(_dkdv_kernel, _configs(_DKDV_CONFIGS), prune_by_head_dim, _KEY, _INTERP,
+_dkdv_atomic_launch = C.Launcher(_dkdv_kernel, _configs(_DKDV_CONFIGS, allow_split=False), prune_by_head_dim,
+                                 _KEY, _INTERP,
                                  reset_to_zero=["DQ_ACC"])
 _dq_launch = C.Launcher(_dq_kernel, _configs(_DQ_CONFIGS), prune_by_head_dim, _KEY, _INTERP)
 
@@ -292,7 +350,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else None
     dq_strides = C.seq_layout(dq_acc, varlen) if atomic_dq else (0, 0, 0)
     launch = _dkdv_atomic_launch if atomic_dq else _dkdv_launch
-    launch(lambda m: (triton.cdiv(max_seqlen_k, m["BLOCK_N"]), Hk, batch),
+    launch(dkdv_grid(max_seqlen_k, Hk, batch),
            (q, k, v, do, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1], *lay[2], *lay[3],
             *C.seq_layout(dk, varlen), *C.seq_layout(dv, varlen), *dq_strides, *stride_l, *common),
            dict(meta, ATOMIC_DQ=atomic_dq))

@@ -141,7 +141,21 @@ def kernel_version(request, monkeypatch):
 def test_name_is_registered_with_attention_and_mask_interfaces():
     assert integration.is_registered()
     assert NAME in AttentionInterface._global_mapping
-    assert AttentionMaskInterface._global_mapping[NAME] is flash_attention_mask
+    mask_fn = AttentionMaskInterface._global_mapping[NAME]
+    assert getattr(mask_fn, "__hf_flashattn__", False)
+    # same answers as Transformers' flash mask where the mask already spans the keys ...
+    full = torch.ones(2, 7, dtype=torch.bool)
+    assert mask_fn(2, 1, 7, attention_mask=full) is None and flash_attention_mask(2, 1, 7, attention_mask=full) is None
+    padded = full.clone()
+    padded[0, :3] = False
+    assert torch.equal(mask_fn(2, 1, 7, attention_mask=padded), flash_attention_mask(2, 1, 7, attention_mask=padded))
+    # ... and a static cache's mask (shorter than the cache) right-padded with zeros to the cache's size, so
+    # that a compiled decode step sees the same input size every step
+    grown = mask_fn(2, 1, 12, attention_mask=padded)
+    assert grown.shape == (2, 12) and grown.dtype == padded.dtype
+    assert torch.equal(grown[:, :7], padded) and not grown[:, 7:].any()
+    # a prefill (several query tokens, aligned with the mask's last columns) keeps Transformers' mask
+    assert torch.equal(mask_fn(2, 3, 12, attention_mask=padded), flash_attention_mask(2, 3, 12, attention_mask=padded))
 
 
 def test_lazy_imports_adapter_resolves_our_functions():
@@ -412,6 +426,26 @@ def test_greedy_generate_matches_eager(family, cache, padded, calls, kernel_vers
     if padded:  # decode steps with a padding mask take the masked split-KV path (v2's kernel only)
         assert (calls["decode_masked"] > 0) == (kernel_version == "v2"), calls
     assert kernel_version == "v2" or calls["decode_masked"] == 0, calls
+
+
+def test_static_cache_decode_steps_see_one_mask_size():
+    """generate() with a static cache builds each step's mask outside the (compiled) forward; the decode
+    steps must all pass the same mask size, else a compiled forward records a new CUDA graph every step."""
+    _, ours = pair("llama")
+    ids, mask = left_padded((11, 6))
+    sizes = []
+    hook = ours.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: sizes.append((kwargs["input_ids"].shape[1], tuple(kwargs["attention_mask"].shape))),
+        with_kwargs=True)
+    try:
+        with torch.no_grad():
+            ours.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                          pad_token_id=PAD, cache_implementation="static", disable_compile=True)
+    finally:
+        hook.remove()
+    decode = [m for q, m in sizes if q == 1]
+    assert len(decode) == 5 and len(set(decode)) == 1, sizes
+    assert decode[0][-1] >= 11 + 6 - 1
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -110,7 +110,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
 # launch configuration: data, with a named prune function (GPU); fixed small tiles on the interpreter
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), best guess first. Few on purpose: each costs a compile.
 _FWD_CONFIGS = {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-                128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3)],
+                128: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
                 256: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2)]}
 
 

@@ -279,14 +279,16 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
 
 
 # ----------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), best guess first: the dK/dV pass keeps a tall key tile
-# and walks narrow query tiles, the dQ pass the reverse.
-_DKDV_CONFIGS = {64: [(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3)],
-                 128: [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3)],
-                 256: [(32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 8, 2)]}
-_DQ_CONFIGS = {64: [(128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
-               128: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
-               256: [(64, 32, 8, 2), (64, 16, 4, 2), (32, 32, 8, 2)]}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, split]), best first: the winners of the H100 sweep
+# (benchmarks/sweep_bwd.py, results/2026-11-26-h100-sweep-bwd.md; autotuning picks among them). The dK/dV
+# pass keeps a tall key tile and walks narrow query tiles, the dQ pass the reverse. At head dim 256 every
+# fused dK/dV tile spills; the split variant (dV and dK in separate programs) is the fastest there.
+_DKDV_CONFIGS = {64: [(32, 128, 4, 3), (32, 128, 4, 5), (32, 64, 4, 3)],
+                 128: [(32, 64, 4, 3), (32, 128, 8, 2), (64, 128, 8, 2)],
+                 256: [(32, 128, 8, 2, True), (16, 64, 4, 2, True), (64, 64, 8, 2)]}
+_DQ_CONFIGS = {64: [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+               128: [(128, 64, 8, 3), (64, 32, 4, 3), (128, 64, 8, 2)],
+               256: [(128, 32, 8, 2), (64, 16, 4, 2), (64, 64, 8, 2)]}
 
 
 def _config(d_class, bm, bn, w, s, split=False):

@@ -34,15 +34,26 @@ def _round_to_e4m3_grid(x):
 
 
 @triton.jit
-def _fp8_inner(acc, l_i, m_i, q, qd, K_base, V_base, KD_base, VD_base, stride_kn, stride_vn, start, end,
+def _fp8_inner(acc, l_i, m_i, vd_cur, q, qd, K_base, VT_base, KD_base, VD_base, stride_kn, stride_vd, start, end,
                offs_m, offs_n, offs_d, Sk, diag, left, right, qk_scale, cap_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, QB: tl.constexpr,
                MASKED: tl.constexpr, SOFTCAP: tl.constexpr, RN_P: tl.constexpr):
+    # V arrives transposed (D, keys; keys contiguous): the P·V product's reduction dim is the keys, and
+    # FP8 wgmma reads both operands K-major, so the tile goes to shared memory as loaded (no transpose
+    # through registers, which would also keep the loop from being pipelined).
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        mask = (cols[:, None] < Sk) & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(K_base + cols[:, None] * stride_kn + offs_d[None, :], mask=mask, other=0.0)
-        v = tl.load(V_base + cols[:, None] * stride_vn + offs_d[None, :], mask=mask, other=0.0)
+        k_ptrs = K_base + cols[:, None] * stride_kn + offs_d[None, :]
+        vt_ptrs = VT_base + offs_d[:, None] * stride_vd + cols[None, :]
+        if MASKED:   # key tail (edge blocks only) and head-dim padding
+            k = tl.load(k_ptrs, mask=(cols[:, None] < Sk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            vt = tl.load(vt_ptrs, mask=(cols[None, :] < Sk) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            vt = tl.load(vt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            vt = tl.load(vt_ptrs)
         kd = tl.load(KD_base + start_n // QB)
         vd = tl.load(VD_base + start_n // QB)
         qk = tl.dot(q, tl.trans(k)) * (qd * kd)
@@ -51,19 +62,24 @@ def _fp8_inner(acc, l_i, m_i, q, qd, K_base, V_base, KD_base, VD_base, stride_kn
             s = tl.where(visible(offs_m, cols, diag, left, right, Sk), s, float("-inf"))
         p, alpha, m_new, l_i = softmax_step(s, m_i, l_i)
         if RN_P:
-            p8 = _round_to_e4m3_grid(p).to(v.dtype)
+            p8 = _round_to_e4m3_grid(p).to(vt.dtype)
         else:
-            p8 = p.to(v.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p8, v) * vd
+            p8 = p.to(vt.dtype)
+        # acc is kept in units of the current V block's descale, so the product accumulates in place (no
+        # second BLOCK_M x D float32 tile): rescale by alpha and by the ratio of the old and new descales
+        vd = tl.maximum(vd, 1e-30)
+        acc = acc * (alpha * (vd_cur / vd))[:, None]
+        acc = tl.dot(p8, tl.trans(vt), acc)
+        vd_cur = vd
         m_i = m_new
-    return acc, l_i, m_i
+    return acc, l_i, m_i, vd_cur
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group"])
-def _fp8_fwd_kernel(Q, K, V, QD, KD, VD, O, LSE,
+def _fp8_fwd_kernel(Q, K, VT, QD, KD, VD, O, LSE,
                     stride_qb, stride_qm, stride_qh,
                     stride_kb, stride_kn, stride_kh,
-                    stride_vb, stride_vn, stride_vh,
+                    stride_vb, stride_vh, stride_vd,
                     stride_qdb, stride_qdh, stride_kdb, stride_kdh, stride_vdb, stride_vdh,
                     stride_ob, stride_om, stride_oh,
                     stride_lb, stride_lh,
@@ -87,31 +103,33 @@ def _fp8_fwd_kernel(Q, K, V, QD, KD, VD, O, LSE,
                 mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     qd = tl.load(QD + b * stride_qdb + h64 * stride_qdh + m0 // QB)
     K_base = K + b * stride_kb + kvh * stride_kh
-    V_base = V + b * stride_vb + kvh * stride_vh
+    VT_base = VT + b * stride_vb + kvh * stride_vh
     KD_base = KD + b * stride_kdb + kvh * stride_kdh
     VD_base = VD + b * stride_vdb + kvh * stride_vdh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    vd_cur = tl.full([], 1.0, dtype=tl.float32)
     diag = seqlen_k - seqlen_q
     lo, full_lo, full_hi, hi = tile_range(m0, BLOCK_M, diag, window_left, window_right, seqlen_k, BLOCK_N)
-    acc, l_i, m_i = _fp8_inner(acc, l_i, m_i, q, qd, K_base, V_base, KD_base, VD_base, stride_kn, stride_vn,
+    acc, l_i, m_i, vd_cur = _fp8_inner(acc, l_i, m_i, vd_cur, q, qd, K_base, VT_base, KD_base, VD_base, stride_kn, stride_vd,
                                lo, full_lo, offs_m, offs_n, offs_d, seqlen_k, diag, window_left, window_right,
                                qk_scale, cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, QB, True, SOFTCAP, RN_P)
-    acc, l_i, m_i = _fp8_inner(acc, l_i, m_i, q, qd, K_base, V_base, KD_base, VD_base, stride_kn, stride_vn,
+    acc, l_i, m_i, vd_cur = _fp8_inner(acc, l_i, m_i, vd_cur, q, qd, K_base, VT_base, KD_base, VD_base, stride_kn, stride_vd,
                                full_lo, full_hi, offs_m, offs_n, offs_d, seqlen_k, diag, window_left, window_right,
                                qk_scale, cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, QB, False, SOFTCAP, RN_P)
-    acc, l_i, m_i = _fp8_inner(acc, l_i, m_i, q, qd, K_base, V_base, KD_base, VD_base, stride_kn, stride_vn,
+    acc, l_i, m_i, vd_cur = _fp8_inner(acc, l_i, m_i, vd_cur, q, qd, K_base, VT_base, KD_base, VD_base, stride_kn, stride_vd,
                                full_hi, hi, offs_m, offs_n, offs_d, seqlen_k, diag, window_left, window_right,
                                qk_scale, cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, QB, True, SOFTCAP, RN_P)
-    acc, lse = normalise_rows(acc, l_i, m_i, float("inf"))
+    acc, lse = normalise_rows(acc * vd_cur, l_i, m_i, float("inf"))
     tl.store(LSE + b * stride_lb + h64 * stride_lh + offs_m, lse, mask=row_ok)
     tl.store(O + b * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class; unmeasured first guesses (issue 5).
-_CONFIGS = {64: (128, 128, 8, 3), 128: (128, 128, 8, 3), 256: (128, 64, 8, 2)}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class: d128/d256 chosen for the fewest spills in
+# a local sm_90a compile (benchmarks/compile_sm90.py; 24 and 620 bytes), not yet timed on the GPU.
+_CONFIGS = {64: (128, 128, 8, 3), 128: (128, 64, 8, 3), 256: (128, 32, 8, 2)}
 
 
 def forward(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, window_size, softcap, out_dtype):
@@ -133,9 +151,11 @@ def forward(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, window_s
         bm, bn, w, st = _CONFIGS[64 if BLOCK_D <= 64 else 128 if BLOCK_D <= 128 else 256]
         meta = dict(num_warps=w, num_stages=st)
     grid = (triton.cdiv(Sq, bm), H, B)
-    _fp8_fwd_kernel[grid](q8, k8, v8, q_descale, k_descale, v_descale, out, lse,
+    # V transposed once to (B, Hk, D, Sk), keys contiguous (see _fp8_inner): one pass over V's bytes
+    vt = v8.permute(0, 2, 3, 1).contiguous()
+    _fp8_fwd_kernel[grid](q8, k8, vt, q_descale, k_descale, v_descale, out, lse,
                           q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
-                          v8.stride(0), v8.stride(1), v8.stride(2),
+                          vt.stride(0), vt.stride(1), vt.stride(2),
                           q_descale.stride(0), q_descale.stride(1), k_descale.stride(0), k_descale.stride(1),
                           v_descale.stride(0), v_descale.stride(1),
                           out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),

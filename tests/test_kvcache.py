@@ -59,8 +59,13 @@ def test_append_and_decode_match_reference(dtype, H, Hk, Sq, Snew, mask):
     assert (lse[fin].double() - ref_lse[fin]).abs().max() < 1e-3
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-combine", "combine-kernel"])
 @pytest.mark.parametrize("num_splits", [2, 3, 7])
-def test_split_kv_matches_unsplit(num_splits):
+def test_split_kv_matches_unsplit(num_splits, fused, monkeypatch):
+    """Both ways of merging the splits (the last split's program, or a second kernel) give the unsplit
+    result; the fused way's counters are back at 0 afterwards (they are reused by the next call)."""
+    from hf_flashattn.kernels import decode
+    monkeypatch.setitem(decode.TUNE, "fused_combine", fused)
     q, kc, vc, kn, vn, lens, idx = _case(Sc=120, H=8, Hk=2, Sq=2, Snew=2, seed=1)
     one, lse1 = fa.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), kn, vn, cache_seqlens=lens,
                                            cache_batch_idx=idx, causal=True, num_splits=1, return_softmax_lse=True)
@@ -69,6 +74,9 @@ def test_split_kv_matches_unsplit(num_splits):
                                             return_softmax_lse=True)
     torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lsen, lse1, rtol=1e-5, atol=1e-6)
+    assert all(int(buf.abs().sum()) == 0 for buf in decode._LOCKS.values())
+    if fused:
+        assert decode._LOCKS
 
 
 def test_automatic_split_choice_splits_long_caches():

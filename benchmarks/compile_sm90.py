@@ -30,7 +30,7 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 
 
 def signature(fn, ptr_dtype="bf16"):
-    sig, const = {}, {}
+    sig = {}
     for name in fn.arg_names:
         p = fn.params[fn.arg_names.index(name)]
         if p.is_constexpr:

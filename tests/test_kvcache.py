@@ -164,3 +164,19 @@ def test_compiles_fullgraph_without_graph_breaks():
     assert torch.equal(kc1[int(idx[1]), 5], kn[1, 0]), "the compiled call did not append in place"
     qq, kk, vv = torch.randn(1, 9, 2, 16), torch.randn(1, 12, 1, 16), torch.randn(1, 12, 1, 16)
     torch.testing.assert_close(torch.compile(dense, fullgraph=True, backend="aot_eager")(qq, kk, vv), dense(qq, kk, vv))
+
+
+def test_custom_ops_merge_splits_with_the_separate_kernel(monkeypatch):
+    """What a compiled model calls (the custom ops) never touches the fused combine's cached counters:
+    CUDA-graph trees reject a buffer allocated during warm-up or recording that is not an output."""
+    from hf_flashattn.kernels import decode
+    monkeypatch.setattr(decode, "_LOCKS", {})
+    q, kc, vc, kn, vn, lens, idx = _case(Sc=120, H=8, Hk=2, Sq=2, Snew=2, seed=3)
+    ref = fa.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), kn, vn, cache_seqlens=lens, cache_batch_idx=idx,
+                                     causal=True, num_splits=3)
+    assert decode._LOCKS  # the eager call took the fused path
+    monkeypatch.setattr(decode, "_LOCKS", {})
+    out, _ = torch.ops.hf_flashattn.kvcache_fwd(q, kc.clone(), vc.clone(), kn, vn, lens, idx, q.shape[-1] ** -0.5,
+                                                10**6, 0, 0.0, 3)
+    assert not decode._LOCKS
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

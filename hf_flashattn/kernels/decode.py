@@ -11,7 +11,9 @@ block is read once per kv head instead of once per query head.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 
 import torch
 import triton
@@ -211,6 +213,29 @@ def _pow2(n: int) -> int:
 
 
 _LOCKS: dict = {}
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def separate_combine():
+    """Merge the splits with the separate combine kernel inside this block. The custom ops (what a
+    compiled model calls) run under it: torch.compile's CUDA-graph trees require every allocation made
+    while a graph is warmed up or recorded to be an output, and the fused combine's counter buffer, cached
+    across calls, is not (2026-11-26: "Detected 1 tensor(s) in the cudagraph pool not tracked as outputs").
+    Inside a graph the second launch costs no host time anyway."""
+    prev = getattr(_STATE, "separate", False)
+    _STATE.separate = True
+    try:
+        yield
+    finally:
+        _STATE.separate = prev
+
+
+def _fuse_combine(device) -> bool:
+    if not TUNE["fused_combine"] or getattr(_STATE, "separate", False):
+        return False
+    # a capture of the caller's own (torch.cuda.graph): same reason as above
+    return device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
 
 
 def _locks(device, n: int) -> torch.Tensor:
@@ -287,7 +312,7 @@ def forward(q, k_cache, v_cache, seqlens_k, cache_batch_idx, max_seqlen_k, softm
         meta.update(num_warps=TUNE["num_warps"], num_stages=stages)
     if key_mask is not None and key_mask.dtype == torch.bool:
         key_mask = key_mask.view(torch.uint8)
-    fused = split and TUNE["fused_combine"]
+    fused = split and _fuse_combine(q.device)
     locks = _locks(q.device, B * Hk * row_tiles) if fused else q   # never read unless fused
     _decode_kernel[(row_tiles * num_splits, Hk, B)](
         q, k_cache, v_cache, o_part, l_part, q if seqlens_k is None else seqlens_k, cache_batch_idx,

@@ -201,8 +201,11 @@ def _cuda_sms(index: int) -> int:  # get_device_properties on every decode step 
 # num_stages None: 3 when the keys are cut into >= 16 splits (batch 1: 54 vs 55 us at 32k), else 2 (batch 8:
 # 356 vs 376 us at 32k, 1.40 vs 1.47 ms at 128k) -- benchmarks/results/2026-11-26-h100-sweep-decode.json.
 # fused_combine: the last split of a row tile merges the partials itself (one launch instead of two; a
-# counter per row tile in a cached, self-resetting buffer) instead of the separate _combine_kernel.
-TUNE = {"block_n": 64, "num_warps": 4, "num_stages": None, "waves": 2, "fused_combine": True}
+# counter per row tile in a cached, self-resetting buffer) instead of the separate _combine_kernel. Off:
+# measured on the H100 (results/2026-11-26-h100-decode-4.md, batch 1) it saves ~12 us of host time a call
+# (4k cache, launched from Python: 43 vs 55 us) but the merge by one program lengthens the GPU tail (CUDA
+# graph: 18 vs 10 us at 4k, 60 vs 53 us at 32k); a compiled model never uses it (separate_combine below).
+TUNE = {"block_n": 64, "num_warps": 4, "num_stages": None, "waves": 2, "fused_combine": False}
 
 def _cdiv(a: int, b: int) -> int:  # plain ints: newer Triton's cdiv is a constexpr function, ~10 us a call
     return -(-a // b)

@@ -102,11 +102,53 @@ def generation_agreement():
     return dict(agreement=(a == b).float().mean().item(), tokens=a.numel())
 
 
+DIAG_CONFIGS = {128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3)],
+                256: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)]}
+
+
+def diagnose(out_dir):
+    """Time variants of the FP8 kernel that leave one stage out (METHOD.md): P·V in FP8 (the kernel), in bf16,
+    and none, over a few tiles, beside bf16 v2 in the same process; d128/d256, 16k tokens, not causal."""
+    from hf_flashattn.kernels import fp8 as K
+    rows = []
+    for D in (128, 256):
+        S, B, H = 16384, 1, 2048 // D
+        q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        (q8, qd), (k8, kd), (v8, vd) = (F8.quantize_fp8(t) for t in (q, k, v))
+        flops = 4 * B * H * S * S * D
+        ms = triton.testing.do_bench(lambda: fa.flash_attn_func(q, k, v, version="v2"), return_mode="median")
+        rows.append(dict(D=D, variant="bf16 v2", tflops=flops / ms / 1e9))
+        for cfg in DIAG_CONFIGS[D]:
+            for mode, name in ((0, "fp8 P·V"), (1, "bf16 P·V"), (2, "no P·V")):
+                f = lambda: K.forward(q8, k8, v8, qd, kd, vd, D ** -0.5, (-1, -1), 0.0, torch.bfloat16,  # noqa: E731
+                                      _pv_mode=mode, _config=cfg)
+                try:
+                    f()
+                    ms = triton.testing.do_bench(f, return_mode="median")
+                    rows.append(dict(D=D, variant=name, cfg=list(cfg), tflops=flops / ms / 1e9))
+                except Exception as e:  # noqa: BLE001 (e.g. out of shared memory for a tile)
+                    rows.append(dict(D=D, variant=name, cfg=list(cfg), error=f"{type(e).__name__}: {str(e)[:120]}"))
+                print(json.dumps(rows[-1]), flush=True)
+        del q, k, v, q8, k8, v8
+    md = ["| D | variant | tile (BM, BN, warps, stages) | TFLOP/s (counted as the full forward) |", "|---|---|---|---|"]
+    md += [f"| {r['D']} | {r['variant']} | {tuple(r['cfg']) if 'cfg' in r else '–'} | "
+           f"{r['tflops']:.0f} |" if "tflops" in r else f"| {r['D']} | {r['variant']} | {tuple(r['cfg'])} | {r['error']} |"
+           for r in rows]
+    with open(os.path.join(out_dir, "fp8_diagnose.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(out_dir, "fp8_diagnose.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--budget-s", type=float, default=1e9)
+    ap.add_argument("--diagnose", action="store_true", help="only the leave-one-stage-out timings")
     args = ap.parse_args()
+    if args.diagnose:
+        return diagnose(args.out)
     t0 = time.time()
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 commit=os.environ.get("COMMIT", "unknown"), date=time.strftime("%Y-%m-%d"))

@@ -15,6 +15,7 @@
 #   sweep     benchmarks/sweep_decode.py (launch parameters of the split-KV decode kernel)
 #   sweep-bwd benchmarks/sweep_bwd.py (tile configs of v2's backward passes and forward, forced one by one)
 #   fp8       benchmarks/bench_fp8.py (FP8 accuracy, generation agreement, speed)
+#   fp8-diagnose  its variants that leave one stage out (P·V in FP8 / bf16 / none) over a few tiles
 #   bench     benchmarks/bench.py $BENCH_ARGS (default --versions v2,v3)
 #   recipes-bar / recipes-grid / recipes-longest / recipes-fsdp2   benchmarks/gpu_recipes.sh PHASE
 # A folder .tcache (Triton's cache of an earlier call, carried back) is used when present, and the
@@ -46,7 +47,7 @@ for spec in "$@"; do
   mkdir -p "$dir"
   case $phase in
     check) cmd=(env HF_FLASHATTN_AUTOTUNE=0 python3 benchmarks/gpu_check.py --out "$dir"
-                --versions "${CHECK_VERSIONS:-v3,v1,v2}" --budget-s "$budget") ;;
+                --versions "${CHECK_VERSIONS:-v3,v1,v2}" --dtypes "${CHECK_DTYPES:-bf16,fp16}" --budget-s "$budget") ;;
     models) cmd=(python3 benchmarks/gpu_models.py --out "$dir" --versions "${MODEL_VERSIONS:-v2,v3}") ;;
     patches) cmd=(python3 benchmarks/gpu_patches.py --out "$dir" --budget-s "$budget") ;;
     decode) cmd=(python3 benchmarks/bench_decode.py --out "$dir" --budget-s "$budget") ;;
@@ -55,6 +56,7 @@ for spec in "$@"; do
     sweep) cmd=(python3 benchmarks/sweep_decode.py --out "$dir") ;;
     sweep-bwd) cmd=(python3 benchmarks/sweep_bwd.py --out "$dir" --budget-s "$budget" --dims "${SWEEP_DIMS:-64,128,256}") ;;
     fp8) cmd=(python3 benchmarks/bench_fp8.py --out "$dir" --budget-s "$budget") ;;
+    fp8-diagnose) cmd=(python3 benchmarks/bench_fp8.py --out "$dir" --diagnose) ;;
     # shellcheck disable=SC2206
     bench) cmd=(python3 benchmarks/bench.py --out "$dir" --budget-s "$budget" ${BENCH_ARGS:---versions v2,v3}) ;;
     recipes-*) cmd=(env OUT="$dir" BUDGET_S="$budget" bash benchmarks/gpu_recipes.sh "${phase#recipes-}") ;;

@@ -81,13 +81,14 @@ def main():
     ap.add_argument("--out", default=".")
     ap.add_argument("--versions", default="v2")
     ap.add_argument("--budget-s", type=float, default=1e9)
+    ap.add_argument("--dtypes", default="bf16,fp16", help="a subset, e.g. fp16 to finish a grid a budget cut short")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
     rows, t0 = [], time.time()
     cases = []
     for version in args.versions.split(","):
-        for dtype in (torch.bfloat16, torch.float16):
+        for dtype in [{"bf16": torch.bfloat16, "fp16": torch.float16}[d] for d in args.dtypes.split(",")]:
             for shape in SHAPES:
                 for kw in MASKS:
                     if dtype == torch.float16 and kw != MASKS[1]:

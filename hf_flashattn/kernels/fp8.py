@@ -37,7 +37,7 @@ def _round_to_e4m3_grid(x):
 def _fp8_inner(acc, l_i, m_i, vd_cur, q, qd, K_base, VT_base, KD_base, VD_base, stride_kn, stride_vd, start, end,
                offs_m, offs_n, offs_d, Sk, diag, left, right, qk_scale, cap_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, QB: tl.constexpr,
-               MASKED: tl.constexpr, SOFTCAP: tl.constexpr, RN_P: tl.constexpr):
+               MASKED: tl.constexpr, SOFTCAP: tl.constexpr, RN_P: tl.constexpr, PV_MODE: tl.constexpr):
     # V arrives transposed (D, keys; keys contiguous): the P·V product's reduction dim is the keys, and
     # FP8 wgmma reads both operands K-major, so the tile goes to shared memory as loaded (no transpose
     # through registers, which would also keep the loop from being pipelined).
@@ -61,15 +61,18 @@ def _fp8_inner(acc, l_i, m_i, vd_cur, q, qd, K_base, VT_base, KD_base, VD_base, 
         if MASKED:
             s = tl.where(visible(offs_m, cols, diag, left, right, Sk), s, float("-inf"))
         p, alpha, m_new, l_i = softmax_step(s, m_i, l_i)
-        if RN_P:
-            p8 = _round_to_e4m3_grid(p).to(vt.dtype)
-        else:
-            p8 = p.to(vt.dtype)
         # acc is kept in units of the current V block's descale, so the product accumulates in place (no
         # second BLOCK_M x D float32 tile): rescale by alpha and by the ratio of the old and new descales
         vd = tl.maximum(vd, 1e-30)
         acc = acc * (alpha * (vd_cur / vd))[:, None]
-        acc = tl.dot(p8, tl.trans(vt), acc)
+        if PV_MODE == 0:
+            if RN_P:
+                p8 = _round_to_e4m3_grid(p).to(vt.dtype)
+            else:
+                p8 = p.to(vt.dtype)
+            acc = tl.dot(p8, tl.trans(vt), acc)
+        elif PV_MODE == 1:  # diagnostic: P·V in bf16 (V tile widened), to time the FP8 P path against it
+            acc = tl.dot(p.to(tl.bfloat16), tl.trans(vt.to(tl.bfloat16)), acc)
         vd_cur = vd
         m_i = m_new
     return acc, l_i, m_i, vd_cur
@@ -85,7 +88,7 @@ def _fp8_fwd_kernel(Q, K, VT, QD, KD, VD, O, LSE,
                     stride_lb, stride_lh,
                     seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, group,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    QB: tl.constexpr, SOFTCAP: tl.constexpr, RN_P: tl.constexpr):
+                    QB: tl.constexpr, SOFTCAP: tl.constexpr, RN_P: tl.constexpr, PV_MODE: tl.constexpr = 0):
     # Grid: (cdiv(seqlen_q, BLOCK_M), nheads, batch), as v2's forward.
     tl.static_assert(QB % BLOCK_M == 0)
     tl.static_assert(QB % BLOCK_N == 0)
@@ -112,15 +115,21 @@ def _fp8_fwd_kernel(Q, K, VT, QD, KD, VD, O, LSE,
     vd_cur = tl.full([], 1.0, dtype=tl.float32)
     diag = seqlen_k - seqlen_q
     lo, full_lo, full_hi, hi = tile_range(m0, BLOCK_M, diag, window_left, window_right, seqlen_k, BLOCK_N)
-    acc, l_i, m_i, vd_cur = _fp8_inner(acc, l_i, m_i, vd_cur, q, qd, K_base, VT_base, KD_base, VD_base, stride_kn, stride_vd,
-                               lo, full_lo, offs_m, offs_n, offs_d, seqlen_k, diag, window_left, window_right,
-                               qk_scale, cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, QB, True, SOFTCAP, RN_P)
-    acc, l_i, m_i, vd_cur = _fp8_inner(acc, l_i, m_i, vd_cur, q, qd, K_base, VT_base, KD_base, VD_base, stride_kn, stride_vd,
-                               full_lo, full_hi, offs_m, offs_n, offs_d, seqlen_k, diag, window_left, window_right,
-                               qk_scale, cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, QB, False, SOFTCAP, RN_P)
-    acc, l_i, m_i, vd_cur = _fp8_inner(acc, l_i, m_i, vd_cur, q, qd, K_base, VT_base, KD_base, VD_base, stride_kn, stride_vd,
-                               full_hi, hi, offs_m, offs_n, offs_d, seqlen_k, diag, window_left, window_right,
-                               qk_scale, cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, QB, True, SOFTCAP, RN_P)
+    acc, l_i, m_i, vd_cur = _fp8_inner(acc, l_i, m_i, vd_cur, q, qd, K_base, VT_base, KD_base, VD_base,
+                                       stride_kn, stride_vd, lo, full_lo, offs_m, offs_n, offs_d, seqlen_k, diag,
+                                       window_left, window_right,
+                                       qk_scale, cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, QB, True, SOFTCAP, RN_P,
+                                       PV_MODE)
+    acc, l_i, m_i, vd_cur = _fp8_inner(acc, l_i, m_i, vd_cur, q, qd, K_base, VT_base, KD_base, VD_base,
+                                       stride_kn, stride_vd, full_lo, full_hi, offs_m, offs_n, offs_d, seqlen_k, diag,
+                                       window_left, window_right,
+                                       qk_scale, cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, QB, False, SOFTCAP, RN_P,
+                                       PV_MODE)
+    acc, l_i, m_i, vd_cur = _fp8_inner(acc, l_i, m_i, vd_cur, q, qd, K_base, VT_base, KD_base, VD_base,
+                                       stride_kn, stride_vd, full_hi, hi, offs_m, offs_n, offs_d, seqlen_k, diag,
+                                       window_left, window_right,
+                                       qk_scale, cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, QB, True, SOFTCAP, RN_P,
+                                       PV_MODE)
     acc, lse = normalise_rows(acc * vd_cur, l_i, m_i, float("inf"))
     tl.store(LSE + b * stride_lb + h64 * stride_lh + offs_m, lse, mask=row_ok)
     tl.store(O + b * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
@@ -132,10 +141,13 @@ def _fp8_fwd_kernel(Q, K, VT, QD, KD, VD, O, LSE,
 _CONFIGS = {64: (128, 128, 8, 3), 128: (128, 64, 8, 3), 256: (128, 32, 8, 2)}
 
 
-def forward(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, window_size, softcap, out_dtype):
+def forward(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, window_size, softcap, out_dtype,
+            _pv_mode=0, _config=None):
     """q8 (B, Sq, H, D), k8/v8 (B, Sk, Hk, D) float8_e4m3fn, last dim contiguous; descales float32
     (B, H, cdiv(Sq, QUANT_BLOCK)) and (B, Hk, cdiv(Sk, QUANT_BLOCK)). Returns out (B, Sq, H, D) in
-    out_dtype and lse (B, H, Sq) float32."""
+    out_dtype and lse (B, H, Sq) float32. _pv_mode (diagnostics for benchmarks/bench_fp8.py --diagnose, which
+    times variants that leave one stage out): 0 = the FP8 kernel, 1 = P·V in bf16, 2 = no P·V; _config
+    overrides (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
     B, Sq, H, D = q8.shape
     Sk, Hk = k8.shape[1], k8.shape[2]
     out = torch.empty((B, Sq, H, D), dtype=out_dtype, device=q8.device)
@@ -148,7 +160,7 @@ def forward(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, window_s
     if is_interpreting():
         bm, bn, meta = 32, 16, {}
     else:
-        bm, bn, w, st = _CONFIGS[64 if BLOCK_D <= 64 else 128 if BLOCK_D <= 128 else 256]
+        bm, bn, w, st = _config or _CONFIGS[64 if BLOCK_D <= 64 else 128 if BLOCK_D <= 128 else 256]
         meta = dict(num_warps=w, num_stages=st)
     grid = (triton.cdiv(Sq, bm), H, B)
     # V transposed once to (B, Hk, D, Sk), keys contiguous (see _fp8_inner): one pass over V's bytes
@@ -161,5 +173,5 @@ def forward(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, window_s
                           out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
                           Sq, Sk, left, right, qk_scale, cap_scale, H // Hk,
                           HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_N=bn, QB=QUANT_BLOCK, SOFTCAP=softcap > 0,
-                          RN_P=is_interpreting(), **meta)
+                          RN_P=is_interpreting(), PV_MODE=_pv_mode, **meta)
     return out, lse

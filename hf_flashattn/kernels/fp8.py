@@ -136,9 +136,11 @@ def _fp8_fwd_kernel(Q, K, VT, QD, KD, VD, O, LSE,
              acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class: d128/d256 chosen for the fewest spills in
-# a local sm_90a compile (benchmarks/compile_sm90.py; 24 and 620 bytes), not yet timed on the GPU.
-_CONFIGS = {64: (128, 128, 8, 3), 128: (128, 64, 8, 3), 256: (128, 32, 8, 2)}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class: d128/d256 the fastest of the H100 diagnostic
+# (results/2026-11-26-h100-fp8-diagnose.md: 342 and 219 TFLOP/s at 16k against 225 and 145 for the tiles
+# with the fewest spills). Wider key tiles read longer contiguous runs of the transposed V (one run of
+# BLOCK_N bytes per head-dim row); d64 is unmeasured.
+_CONFIGS = {64: (128, 128, 8, 3), 128: (128, 128, 8, 3), 256: (128, 64, 8, 2)}
 
 
 def forward(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, window_size, softcap, out_dtype,

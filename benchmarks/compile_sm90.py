@@ -84,13 +84,15 @@ def main():
             for c in over.get(kname, table[cls]):
                 bm, bn, w, s = c[:4]
                 split = bool(c[4:5] and c[4])
+                kv_b = bool(c[5:6] and c[5])
                 ce = dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=bm, BLOCK_N=bn, IS_VARLEN=False, SOFTCAP=False,
                           DOT_PREC="tf32", D_CLASS=cls, **extra)
                 if kname == "dkdv":
                     ce["SPLIT"] = split
+                    ce["KV_B"] = kv_b
                 try:
                     r = compile_one(fn, ce, w, s)
-                    print(f"{kname:5s} d{d:<4d} BM{bm:<4d} BN{bn:<4d} w{w} s{s} split={int(split)}: regs {r['regs']:3d} "
+                    print(f"{kname:5s} d{d:<4d} BM{bm:<4d} BN{bn:<4d} w{w} s{s} split={int(split)}{' kv_b' if kname == 'dkdv' and kv_b else ''}: regs {r['regs']:3d} "
                           f"spill st/ld {r['spill_st']}/{r['spill_ld']} stack {r['stack']} smem {r['smem']} "
                           f"wgmma {r['wgmma']}", flush=True)
                 except Exception as e:  # noqa: BLE001

@@ -52,9 +52,11 @@ def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_q
                 start, end, offs_n, offs_m, offs_d, Sq, diag_t, left_t, right_t, qk_scale, cap_scale, ds_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                 SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                DO_DK: tl.constexpr, DO_DV: tl.constexpr):
+                DO_DK: tl.constexpr, DO_DV: tl.constexpr, KV_B: tl.constexpr):
     # Rows of this tile are keys (offs_n), columns are queries: everything is transposed.
     # DO_DK / DO_DV: which accumulators this program owns (both, or one of them in the split variant)
+    # KV_B: the other orientation (queries x keys), in which K and V are the second operand of every product
+    # they enter (shared memory for wgmma) and Pᵀ, dSᵀ are transposed in registers instead
     for start_m in range(start, end, BLOCK_M):
         rows_q = start_m + offs_m
         q_ptrs = Q_base + rows_q[:, None] * stride_qm + offs_d[None, :]
@@ -65,30 +67,77 @@ def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_q
             lse = tl.load(L_base + rows_q, mask=rows_q < Sq, other=float("inf"))
         else:
             lse = tl.load(L_base + rows_q)
-        # -- recompute Pᵀ = exp2(Sᵀ - lse) --
-        sT, t = log2_scores(k, q, qk_scale, cap_scale, SOFTCAP, DOT_PREC)
-        pT = tl.exp2(sT - lse[None, :] * 1.4426950408889634)
+        if KV_B:
+            dk, dv = _dkdv_step_kv_b(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_q, offs_n, offs_d,
+                                     Sq, diag_t, left_t, right_t, qk_scale, cap_scale, ds_scale, HEAD_DIM, MASKED,
+                                     SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV)
+        else:
+            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_q, offs_n, offs_d,
+                                Sq, diag_t, left_t, right_t, qk_scale, cap_scale, ds_scale, HEAD_DIM, MASKED,
+                                SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_q, offs_n, offs_d, Sq, diag_t, left_t,
+               right_t, qk_scale, cap_scale, ds_scale, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+               SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, DO_DK: tl.constexpr,
+               DO_DV: tl.constexpr):
+    """One query block against the key block, keys x queries (K and V the first operands)."""
+    # -- recompute Pᵀ = exp2(Sᵀ - lse) --
+    sT, t = log2_scores(k, q, qk_scale, cap_scale, SOFTCAP, DOT_PREC)
+    pT = tl.exp2(sT - lse[None, :] * 1.4426950408889634)
+    if MASKED:
+        pT = tl.where(visible(offs_n, rows_q, diag_t, left_t, right_t, Sq), pT, 0.0)
+    if DO_DV:
+        # -- dV += Pᵀ dO --
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+    if DO_DK:
         if MASKED:
-            pT = tl.where(visible(offs_n, rows_q, diag_t, left_t, right_t, Sq), pT, 0.0)
-        if DO_DV:
-            # -- dV += Pᵀ dO --
-            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
-        if DO_DK:
-            if MASKED:
-                delta = tl.load(D_base + rows_q, mask=rows_q < Sq, other=0.0)
-            else:
-                delta = tl.load(D_base + rows_q)
-            # -- dSᵀ = Pᵀ ∘ (dPᵀ - Delta), dK += dSᵀ Q --
-            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            dsT = pT * (dpT - delta[None, :])
-            if SOFTCAP:
-                dsT = dsT * (1.0 - t * t)
-            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
-        if ATOMIC_DQ:
-            # -- dQ += dS K, accumulated in float32 across the key-block programs (order varies) --
-            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PREC) * ds_scale
-            tl.atomic_add(DQ_base + rows_q[:, None] * stride_dqm + offs_d[None, :], dq,
-                          mask=(rows_q[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+            delta = tl.load(D_base + rows_q, mask=rows_q < Sq, other=0.0)
+        else:
+            delta = tl.load(D_base + rows_q)
+        # -- dSᵀ = Pᵀ ∘ (dPᵀ - Delta), dK += dSᵀ Q --
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * (1.0 - t * t)
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    if ATOMIC_DQ:
+        # -- dQ += dS K, accumulated in float32 across the key-block programs (order varies) --
+        dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PREC) * ds_scale
+        tl.atomic_add(DQ_base + rows_q[:, None] * stride_dqm + offs_d[None, :], dq,
+                      mask=(rows_q[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_step_kv_b(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_q, offs_n, offs_d, Sq, diag_t,
+                    left_t, right_t, qk_scale, cap_scale, ds_scale, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                    SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, DO_DK: tl.constexpr,
+                    DO_DV: tl.constexpr):
+    """The same step, queries x keys: S = Q Kᵀ and dP = dO Vᵀ take K and V as second operands; dV and dK take
+    Pᵀ and dSᵀ. Rows past Sq have lse = +inf (P = 0); the window is the untransposed band."""
+    s, t = log2_scores(q, k, qk_scale, cap_scale, SOFTCAP, DOT_PREC)
+    p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
+    if MASKED:
+        p = tl.where(visible(rows_q, offs_n, -diag_t, right_t, left_t, 2147483647), p, 0.0)
+    if DO_DV:
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PREC)
+    if DO_DK:
+        if MASKED:
+            delta = tl.load(D_base + rows_q, mask=rows_q < Sq, other=0.0)
+        else:
+            delta = tl.load(D_base + rows_q)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PREC)
+    if ATOMIC_DQ:
+        dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC) * ds_scale
+        tl.atomic_add(DQ_base + rows_q[:, None] * stride_dqm + offs_d[None, :], dq,
+                      mask=(rows_q[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv
 
 
@@ -99,7 +148,7 @@ def _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, str
                 qk_scale, cap_scale, ds_scale, group,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                DO_DK: tl.constexpr, DO_DV: tl.constexpr):
+                DO_DK: tl.constexpr, DO_DV: tl.constexpr, KV_B: tl.constexpr):
     """dK and/or dV of one key block of one kv head, summed over the GROUP query heads that read it:
     the masked blocks before the band's full part, the full part unmasked, the masked blocks after."""
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -119,15 +168,15 @@ def _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, str
         dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom,
                              stride_dqm, lo, full_lo, offs_n, offs_m, offs_d, Sq, diag_t, window_right,
                              window_left, qk_scale, cap_scale, ds_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, SOFTCAP,
-                             DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV)
+                             DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, KV_B)
         dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom,
                              stride_dqm, full_lo, full_hi, offs_n, offs_m, offs_d, Sq, diag_t, window_right,
                              window_left, qk_scale, cap_scale, ds_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, SOFTCAP,
-                             DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV)
+                             DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, KV_B)
         dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom,
                              stride_dqm, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_right,
                              window_left, qk_scale, cap_scale, ds_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, SOFTCAP,
-                             DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV)
+                             DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, KV_B)
     # dS was taken w.r.t. the log2-unit score; ds_scale brings it back to q·k units
     return dk * ds_scale, dv
 
@@ -147,7 +196,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, CU_Q, CU_K,
                  group, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                  SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                 SPLIT: tl.constexpr = False):
+                 SPLIT: tl.constexpr = False, KV_B: tl.constexpr = False):
     # Grid: (cdiv(max_seqlen_k, BLOCK_N) (x2 if SPLIT), nheads_k, batch). One program computes BLOCK_N rows
     # of dK and dV for one kv head, summing over the GROUP query heads that read it. SPLIT: two programs
     # per key block, one for dV (2 matmuls) and one for dK (3 matmuls; QKᵀ is recomputed): one float32
@@ -181,21 +230,21 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, CU_Q, CU_K,
                                 stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb,
                                 stride_lh, lo, full_lo, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left,
                                 window_right, qk_scale, cap_scale, ds_scale, group, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, False, True)
+                                BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, False, True, KV_B)
             tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
         else:
             dk, _ = _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
                                 stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb,
                                 stride_lh, lo, full_lo, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left,
                                 window_right, qk_scale, cap_scale, ds_scale, group, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, True, False)
+                                BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, True, False, KV_B)
             tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
     else:
         dk, dv = _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
                              stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb,
                              stride_lh, lo, full_lo, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left,
                              window_right, qk_scale, cap_scale, ds_scale, group, HEAD_DIM, BLOCK_D, BLOCK_M,
-                             BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, True, True)
+                             BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, True, True, KV_B)
         tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -291,15 +340,17 @@ _DQ_CONFIGS = {64: [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
                256: [(128, 32, 8, 2), (64, 16, 4, 2), (64, 64, 8, 2)]}
 
 
-def _config(d_class, bm, bn, w, s, split=False):
+def _config(d_class, bm, bn, w, s, split=False, kv_b=False):
     kw = {"BLOCK_M": bm, "BLOCK_N": bn, "D_CLASS": d_class}
     if split:
         kw["SPLIT"] = True
+    if kv_b:
+        kw["KV_B"] = True
     return triton.Config(kw, num_warps=w, num_stages=s)
 
 
 def _configs(table, allow_split=True):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages[, split]) tuples per head-dim class -> triton.Configs."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages[, split[, kv_b]]) tuples per head-dim class -> triton.Configs."""
     return [_config(d, *c) for d, cfgs in table.items() for c in cfgs if allow_split or not c[4:5] == (True,)]
 
 

@@ -22,19 +22,22 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages[, split]) candidates per head dim
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, split[, kv_b]]) candidates per head dim; kv_b (the queries x keys
+# orientation) needs BLOCK_M >= 64 for wgmma (a local sm_90a compile of BLOCK_M 32 used mma.sync for QKᵀ)
 DKDV = {64: [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3),
              (64, 64, 8, 2), (64, 64, 8, 3), (32, 128, 4, 5), (32, 128, 4, 3, True), (64, 128, 8, 2, True),
-             (32, 128, 8, 3, True)],
-        128: [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (32, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2),
+             (32, 128, 8, 3, True), (64, 64, 4, 3, False, True), (64, 128, 8, 2, False, True),
+             (64, 64, 8, 2, False, True)],
+        128: [(32, 64, 4, 3), (32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2),
               (32, 64, 8, 2), (32, 128, 4, 3), (32, 128, 8, 2, True), (64, 128, 8, 2, True), (32, 128, 8, 3, True),
-              (32, 64, 4, 3, True)],
-        256: [(32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (16, 32, 4, 2),
-              (32, 64, 8, 2, True), (64, 64, 8, 2, True), (32, 128, 8, 2, True), (16, 64, 4, 2, True),
-              (64, 128, 8, 2, True)]}
-DQ = {64: [(128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)],
-      128: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3)],
-      256: [(64, 32, 8, 2), (64, 16, 4, 2), (32, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 64, 4, 2)]}
+              (32, 64, 4, 3, True), (64, 64, 4, 3, False, True), (64, 64, 8, 2, False, True),
+              (64, 128, 8, 2, False, True)],
+        256: [(32, 128, 8, 2, True), (32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 8, 2), (64, 64, 8, 2), (16, 32, 4, 2),
+              (32, 64, 8, 2, True), (64, 64, 8, 2, True), (16, 64, 4, 2, True), (64, 64, 8, 2, True, True),
+              (64, 128, 8, 2, True, True)]}
+DQ = {64: [(128, 32, 8, 3), (128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+      128: [(128, 64, 8, 3), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+      256: [(128, 32, 8, 2), (64, 32, 8, 2), (64, 16, 4, 2), (32, 32, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)]}
 FWD = {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4)],
        128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4),
              (128, 32, 4, 4)],
@@ -128,7 +131,8 @@ def main():
                     return_mode="median")
             rows.append(dict(base, impl=name, fwd_ms=f_ms, bwd_ms=fb_ms - f_ms, fwd_tflops=fl / f_ms / 1e9,
                              bwd_tflops=2.5 * fl / (fb_ms - f_ms) / 1e9))
-        # default configs (what the autotune-off path runs), then each candidate of one pass at a time
+        # the first config of each list is the current default (what the autotune-off path runs): it holds
+        # the other pass fixed while each candidate of one pass is timed
         dk0, dq0 = cfg(DKDV[D][0], D), cfg(DQ[D][0], D)
         for kind, table in (("dkdv", DKDV), ("dq", DQ), ("fwd", FWD)):
             if kind == "fwd" and S > 4096:

@@ -15,7 +15,7 @@ def main(path):
     out = [f"# v2 tile sweep — {d['gpu']}, torch {d['torch']}, triton {d['triton']}, commit {d['commit']}", "",
            "bf16, H = 2048 / D heads, B = 16384 / S; backward TFLOP/s = 2.5 x forward FLOPs / backward time. "
            "Each row forces one pass's config (BLOCK_M, BLOCK_N, warps, stages[, split]); the other pass runs its "
-           "default (the first config of the pre-sweep table). (n) = spilled registers of the loaded kernel.", ""]
+           "default (the first config of its list: the default when the sweep ran). (n) = spilled registers of the loaded kernel.", ""]
     pts = defaultdict(list)
     for r in d["rows"]:
         pts[(r["D"], r["S"], r["causal"])].append(r)

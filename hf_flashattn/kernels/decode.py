@@ -5,7 +5,8 @@ Split-KV: with a short query (decode) there are too few (query block, head, sequ
 the GPU, so the key range of each is cut into `num_splits` pieces, one program each. A piece writes its
 normalised partial output O_s (float32) and lse_s; the combine computes, per row,
     lse = log Σ_s exp(lse_s),   O = Σ_s exp(lse_s - lse) · O_s
-(exact: it is the online-softmax merge). Packed GQA: the `group` query heads that share a kv head are
+(exact: it is the online-softmax merge), in a second kernel by default, or (TUNE["fused_combine"]) by the
+split program that finishes last. Packed GQA: the `group` query heads that share a kv head are
 stacked along the rows of one tile (row r = query position r // group, head r % group), so each K/V
 block is read once per kv head instead of once per query head.
 """

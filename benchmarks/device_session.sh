@@ -18,6 +18,8 @@
 #   fp8-diagnose  its variants that leave one stage out (P·V in FP8 / bf16 / none) over a few tiles
 #   bench     benchmarks/bench.py $BENCH_ARGS (default --versions v2,v3)
 #   recipes-bar / recipes-grid / recipes-longest / recipes-fsdp2   benchmarks/gpu_recipes.sh PHASE
+#   ncu       Nsight Compute (--set full, clocks left alone) on benchmarks/ncu_target.py's kernels
+#             ($NCU_TARGETS, default "fp8 dkdv"), details pages as text
 # A folder .tcache (Triton's cache of an earlier call, carried back) is used when present, and the
 # cache is returned as $OUT/tcache.tgz so that the next call need not compile again.
 set -uo pipefail
@@ -60,6 +62,15 @@ for spec in "$@"; do
     # shellcheck disable=SC2206
     bench) cmd=(python3 benchmarks/bench.py --out "$dir" --budget-s "$budget" ${BENCH_ARGS:---versions v2,v3}) ;;
     recipes-*) cmd=(env OUT="$dir" BUDGET_S="$budget" bash benchmarks/gpu_recipes.sh "${phase#recipes-}") ;;
+    ncu) cmd=(bash -c '
+           NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+           [ -n "$NCU" ] || { echo "no ncu on this machine"; exit 1; }
+           for t in ${NCU_TARGETS:-fp8 dkdv}; do
+             k=$([ "$t" = fp8 ] && echo _fp8_fwd_kernel || echo _dkdv_kernel)
+             "$NCU" --clock-control none --set full -k "regex:$k" -s 2 -c 1 -f -o "$0/$t" python3 benchmarks/ncu_target.py "$t"
+             "$NCU" -i "$0/$t.ncu-rep" --page details > "$0/$t-details.txt" 2>&1
+             rm -f "$0/$t.ncu-rep"
+           done' "$dir") ;;
     *) echo "unknown phase $phase" | tee -a "$OUT/session.log"; continue ;;
   esac
   t0=$SECONDS

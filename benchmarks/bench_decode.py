@@ -23,7 +23,6 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hf_flashattn as fa  # noqa: E402
-from hf_flashattn.kernels import decode  # noqa: E402
 
 
 def copy_bandwidth():
@@ -46,15 +45,8 @@ def kernel_rows(bw):
             vc = torch.randn(B, L, Hk, D, device="cuda", dtype=torch.bfloat16)
             qt, kt, vt = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
             gbytes = 2 * B * L * Hk * D * 2 / 1e9
-            def two_launches():  # the splits merged by a second kernel instead of the last split (decode.TUNE)
-                decode.TUNE["fused_combine"] = False
-                try:
-                    return fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=L)
-                finally:
-                    decode.TUNE["fused_combine"] = True
             impls = {"ours-kvcache": lambda: fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=L),
-                     "ours-flash_attn_func": lambda: fa.flash_attn_func(q, kc, vc),
-                     "ours-kvcache-2launch": two_launches}
+                     "ours-flash_attn_func": lambda: fa.flash_attn_func(q, kc, vc)}
             for name, be in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION),
                              ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-math", SDPBackend.MATH)):
                 def run(be=be):

@@ -95,10 +95,8 @@ def _kernels(version: str):
 def _attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor],
               cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
               window_left: int, window_right: int, softcap: float, version: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    from .kernels import decode
-    with decode.separate_combine():  # may run inside a CUDA graph (see decode.separate_combine)
-        return _kernels(version).forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                         softmax_scale, (window_left, window_right), softcap)
+    return _kernels(version).forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                     (window_left, window_right), softcap)
 
 
 @_attn_fwd.register_fake
@@ -285,9 +283,7 @@ def _decode_masked_impl(q, k, v, key_mask, softmax_scale, window_left, window_ri
 @torch.library.custom_op("hf_flashattn::decode_masked_fwd", mutates_args=())
 def _decode_masked_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,
                        softmax_scale: float, window_left: int, window_right: int, softcap: float) -> torch.Tensor:
-    from .kernels import decode
-    with decode.separate_combine():
-        return _decode_masked_impl(q, k, v, key_mask, softmax_scale, window_left, window_right, softcap)
+    return _decode_masked_impl(q, k, v, key_mask, softmax_scale, window_left, window_right, softcap)
 
 
 @_decode_masked_fwd.register_fake
@@ -326,10 +322,8 @@ def _kvcache_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                  v: Optional[torch.Tensor], cache_seqlens: torch.Tensor, cache_batch_idx: Optional[torch.Tensor],
                  softmax_scale: float, window_left: int, window_right: int, softcap: float,
                  num_splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    from .kernels import decode
-    with decode.separate_combine():
-        return _kvcache_impl(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, softmax_scale, window_left,
-                             window_right, softcap, num_splits)
+    return _kvcache_impl(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, softmax_scale, window_left,
+                         window_right, softcap, num_splits)
 
 
 @_kvcache_fwd.register_fake

@@ -5,16 +5,13 @@ Split-KV: with a short query (decode) there are too few (query block, head, sequ
 the GPU, so the key range of each is cut into `num_splits` pieces, one program each. A piece writes its
 normalised partial output O_s (float32) and lse_s; the combine computes, per row,
     lse = log Σ_s exp(lse_s),   O = Σ_s exp(lse_s - lse) · O_s
-(exact: it is the online-softmax merge), in a second kernel by default, or (TUNE["fused_combine"]) by the
-split program that finishes last. Packed GQA: the `group` query heads that share a kv head are
+(exact: it is the online-softmax merge), in a second kernel. Packed GQA: the `group` query heads that share a kv head are
 stacked along the rows of one tile (row r = query position r // group, head r % group), so each K/V
 block is read once per kv head instead of once per query head.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import threading
 
 import torch
 import triton
@@ -57,39 +54,6 @@ def _append_kernel(KNEW, VNEW, KC, VC, SEQLENS, BIDX,
     tl.store(VC + cb * stride_vcb + h * stride_vch + pos[:, None] * stride_vcn + d[None, :], v, mask=mask)
 
 
-@triton.jit
-def _merge_splits(OP, LP, OF, LF, b, h, pos, row_ok, offs_d, n_splits,
-                  stride_os, stride_ob, stride_om, stride_oh, stride_ls, stride_lb, stride_lh,
-                  stride_fb, stride_fm, stride_fh, stride_gb, stride_gh,
-                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The combine of the n_splits partial rows (O_s, lse_s) of one packed row tile, by the program that
-    finished last: an online merge over the splits (the same exact merge as _combine_kernel)."""
-    d_ok = offs_d[None, :] < HEAD_DIM
-    top = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([BLOCK_M], dtype=tl.float32)
-    out = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for s in range(n_splits):
-        # .cg: read past L1, where no line of another program's partials can be stale
-        lse_s = tl.load(LP + s * stride_ls + b * stride_lb + h * stride_lh + pos, mask=row_ok,
-                        other=float("-inf"), cache_modifier=".cg")
-        o_s = tl.load(OP + s * stride_os + b * stride_ob + pos[:, None] * stride_om + h[:, None] * stride_oh
-                      + offs_d[None, :], mask=row_ok[:, None] & d_ok, other=0.0, cache_modifier=".cg")
-        new_top = tl.maximum(top, lse_s)
-        safe = tl.where(new_top == float("-inf"), 0.0, new_top)
-        scale = tl.exp(top - safe)
-        w = tl.exp(lse_s - safe)
-        out = out * scale[:, None] + o_s * w[:, None]
-        total = total * scale + w
-        top = new_top
-    seen = total > 0
-    out = out / tl.where(seen, total, 1.0)[:, None]
-    top_safe = tl.where(top == float("-inf"), 0.0, top)
-    lse = tl.where(seen, top_safe + tl.log(tl.where(seen, total, 1.0)), float("inf"))
-    tl.store(LF + b * stride_gb + h * stride_gh + pos, lse, mask=row_ok)
-    tl.store(OF + b * stride_fb + pos[:, None] * stride_fm + h[:, None] * stride_fh + offs_d[None, :],
-             out.to(OF.dtype.element_ty), mask=row_ok[:, None] & d_ok)
-
-
 @triton.jit(do_not_specialize=["seqlen_q", "window_left", "window_right", "group", "n_splits", "max_seqlen_k"])
 def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX, KMASK, stride_mb,
                    stride_qb, stride_qm, stride_qh,
@@ -98,10 +62,9 @@ def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX, KMASK, stride_mb,
                    stride_os, stride_ob, stride_om, stride_oh,
                    stride_ls, stride_lb, stride_lh,
                    seqlen_q, window_left, window_right, qk_scale, cap_scale, group, n_splits, max_seqlen_k,
-                   OF, LF, LOCKS, stride_fb, stride_fm, stride_fh, stride_gb, stride_gh,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_BIDX: tl.constexpr, SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-                   HAS_KMASK: tl.constexpr, FUSED_COMBINE: tl.constexpr = False, HAS_SEQLENS: tl.constexpr = True):
+                   HAS_KMASK: tl.constexpr, HAS_SEQLENS: tl.constexpr = True):
     # Grid: (cdiv(seqlen_q * group, BLOCK_M) * n_splits, nheads_k, batch). One program: BLOCK_M packed
     # rows (query position, head of the group) against one split of the visible keys of its sequence.
     # KMASK (HAS_KMASK): (batch, cache rows) padding mask, nonzero = attend (Transformers' 2D mask).
@@ -146,18 +109,6 @@ def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX, KMASK, stride_mb,
     tl.store(LSE + split * stride_ls + b * stride_lb + h * stride_lh + pos, lse, mask=row_ok)
     tl.store(O + split * stride_os + b * stride_ob + pos[:, None] * stride_om + h[:, None] * stride_oh
              + offs_d[None, :], acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
-    if FUSED_COMBINE:
-        # One counter per (row tile, kv head, sequence): the program that brings it to n_splits merges the
-        # splits (no second launch), then resets it to 0 for the next call. The barrier orders this CTA's
-        # partial stores before its release; the acquire makes the other programs' partials visible.
-        tl.debug_barrier()
-        lock = LOCKS + (b * tl.num_programs(1) + kvh) * (tl.num_programs(0) // n_splits) + tl.program_id(0) // n_splits
-        done = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
-        if done == n_splits - 1:
-            _merge_splits(O, LSE, OF, LF, b, h, pos, row_ok, offs_d, n_splits,
-                          stride_os, stride_ob, stride_om, stride_oh, stride_ls, stride_lb, stride_lh,
-                          stride_fb, stride_fm, stride_fh, stride_gb, stride_gh, HEAD_DIM, BLOCK_M, BLOCK_D)
-            tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -201,12 +152,8 @@ def _cuda_sms(index: int) -> int:  # get_device_properties on every decode step 
 # them): key block for head dim <= 128 (32 above), warps, pipeline stages, waves of programs per SM.
 # num_stages None: 3 when the keys are cut into >= 16 splits (batch 1: 54 vs 55 us at 32k), else 2 (batch 8:
 # 356 vs 376 us at 32k, 1.40 vs 1.47 ms at 128k) -- benchmarks/results/2026-11-26-h100-sweep-decode.json.
-# fused_combine: the last split of a row tile merges the partials itself (one launch instead of two; a
-# counter per row tile in a cached, self-resetting buffer) instead of the separate _combine_kernel. Off:
-# measured on the H100 (results/2026-11-26-h100-decode-4.md, batch 1) it saves ~12 us of host time a call
-# (4k cache, launched from Python: 43 vs 55 us) but the merge by one program lengthens the GPU tail (CUDA
-# graph: 18 vs 10 us at 4k, 60 vs 53 us at 32k); a compiled model never uses it (separate_combine below).
-TUNE = {"block_n": 64, "num_warps": 4, "num_stages": None, "waves": 2, "fused_combine": False}
+TUNE = {"block_n": 64, "num_warps": 4, "num_stages": None, "waves": 2}
+
 
 def _cdiv(a: int, b: int) -> int:  # plain ints: newer Triton's cdiv is a constexpr function, ~10 us a call
     return -(-a // b)
@@ -214,44 +161,6 @@ def _cdiv(a: int, b: int) -> int:  # plain ints: newer Triton's cdiv is a conste
 
 def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
-
-
-_LOCKS: dict = {}
-_STATE = threading.local()
-
-
-@contextlib.contextmanager
-def separate_combine():
-    """Merge the splits with the separate combine kernel inside this block. The custom ops (what a
-    compiled model calls) run under it: torch.compile's CUDA-graph trees require every allocation made
-    while a graph is warmed up or recorded to be an output, and the fused combine's counter buffer, cached
-    across calls, is not (2026-11-26: "Detected 1 tensor(s) in the cudagraph pool not tracked as outputs").
-    Inside a graph the second launch costs no host time anyway."""
-    prev = getattr(_STATE, "separate", False)
-    _STATE.separate = True
-    try:
-        yield
-    finally:
-        _STATE.separate = prev
-
-
-def _fuse_combine(device) -> bool:
-    if not TUNE["fused_combine"] or getattr(_STATE, "separate", False):
-        return False
-    # a capture of the caller's own (torch.cuda.graph): same reason as above
-    return device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
-
-
-def _locks(device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters for the fused combine, one buffer per (device, stream) so that decode steps on
-    two streams never share a counter; every use leaves them at 0 again."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    buf = _LOCKS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _LOCKS[key] = buf
-    return buf
 
 
 def choose_num_splits(batch, nheads_k, row_tiles, max_seqlen_k, block_n, num_sms, waves=2) -> int:
@@ -283,8 +192,8 @@ def forward_dense(q, k, v, softmax_scale, window_size, softcap, key_mask=None):
 def forward(q, k_cache, v_cache, seqlens_k, cache_batch_idx, max_seqlen_k, softmax_scale, window_size, softcap,
             num_splits, key_mask=None):
     """q (B, Sq, H, D); k_cache/v_cache (B_cache, S_cache, Hk, D); seqlens_k (B,) int32 valid keys per
-    sequence (after any append), or None when every sequence has max_seqlen_k; key_mask None or (B, >= max key) bool/int, nonzero = attend, contiguous
-    last dim. Returns out (B, Sq, H, D) and lse (B, H, Sq) float32."""
+    sequence (after any append), or None when every sequence has max_seqlen_k; key_mask None or
+    (B, >= max key) bool/int, nonzero = attend, contiguous last dim. Returns out (B, Sq, H, D) and lse (B, H, Sq) float32."""
     B, Sq, H, D = q.shape
     Hk = k_cache.shape[2]
     group = H // Hk
@@ -316,17 +225,14 @@ def forward(q, k_cache, v_cache, seqlens_k, cache_batch_idx, max_seqlen_k, softm
         meta.update(num_warps=TUNE["num_warps"], num_stages=stages)
     if key_mask is not None and key_mask.dtype == torch.bool:
         key_mask = key_mask.view(torch.uint8)
-    fused = split and _fuse_combine(q.device)
-    locks = _locks(q.device, B * Hk * row_tiles) if fused else q   # never read unless fused
     _decode_kernel[(row_tiles * num_splits, Hk, B)](
         q, k_cache, v_cache, o_part, l_part, q if seqlens_k is None else seqlens_k, cache_batch_idx,
         q if key_mask is None else key_mask, 0 if key_mask is None else key_mask.stride(0),  # never read without
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *o_strides, *l_strides,
         Sq, left, right, qk_scale, cap_scale, group, num_splits, max_seqlen_k,
-        out, lse, locks, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        FUSED_COMBINE=fused, HAS_SEQLENS=seqlens_k is not None, **meta)
-    if split and not fused:
+        HAS_SEQLENS=seqlens_k is not None, **meta)
+    if split:
         _combine_kernel[(Sq, H, B)](o_part, l_part, out, lse, num_splits, *o_part.stride()[:4],
                                     *l_part.stride()[:3], out.stride(0), out.stride(1), out.stride(2),
                                     lse.stride(0), lse.stride(1), HEAD_DIM=D, BLOCK_D=BLOCK_D,

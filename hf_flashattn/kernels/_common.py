@@ -106,6 +106,7 @@ class Launcher:
         # force: a triton.Config that overrides tuning (benchmarks/sweep_bwd.py; tests of variants that
         # the interpreter's fixed tiles would not reach); on the interpreter its kwargs go over interp_meta
         self.force = None
+        self.last = None   # the CompiledKernel of the last forced launch (its registers and spills)
         if not self.interpret and self.tune:
             # reset_to_zero: outputs accumulated with atomics, zeroed before each tuning run
             self.tuned = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune},

@@ -23,6 +23,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hf_flashattn  # noqa: E402,F401
 
 
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def steps(model, ids, n, prof=None, mask=None):
     """Prefill ids, then time n decode steps (DynamicCache). mask: an all-ones (1, >= len + n) attention
     mask passed along, as generate() does; prof: a cProfile enabled for the decode steps only."""
@@ -33,7 +38,7 @@ def steps(model, ids, n, prof=None, mask=None):
     with torch.no_grad():
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, **extra(0))
         tok = out.logits[:, -1:].argmax(-1)
-        torch.cuda.synchronize()
+        _sync()
         if prof is not None:
             prof.enable()
         times = []
@@ -41,11 +46,51 @@ def steps(model, ids, n, prof=None, mask=None):
             t = time.perf_counter()
             out = model(input_ids=tok, past_key_values=cache, use_cache=True, **extra(i + 1))
             tok = out.logits[:, -1:].argmax(-1)
-            torch.cuda.synchronize()
+            _sync()
             times.append(time.perf_counter() - t)
         if prof is not None:
             prof.disable()
     return times
+
+
+def decomposition(cfg, ids, n=32):
+    """Median decode-step ms (all-ones mask, as generate() passes it) for the variants in the docstring."""
+    from unittest import mock
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from hf_flashattn.kernels import decode
+    dev = ids.device
+    mask = torch.ones(1, ids.shape[1] + 64, dtype=torch.long, device=dev)
+
+    def no_launch(q, *a, **k):
+        B, Sq, H, _ = q.shape
+        return torch.empty_like(q), torch.empty((B, H, Sq), dtype=torch.float32, device=q.device), 1
+
+    def no_attention(module, query, key, value, attention_mask, **kwargs):
+        return query.transpose(1, 2), None
+
+    out = {}
+    for impl in ("sdpa", "flashattn_custom"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**cfg), attn_implementation=impl,
+                                                 dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32
+                                                 ).to(dev).eval()
+        variants = {impl: None, f"{impl}/no-attention": mock.patch.dict(ALL_ATTENTION_FUNCTIONS._global_mapping,
+                                                                         {impl: no_attention})}
+        if impl == "flashattn_custom":
+            variants[f"{impl}/no-launch"] = mock.patch.object(decode, "forward", no_launch)
+        for name, patch in variants.items():
+            if patch is not None:
+                patch.start()
+            try:
+                steps(model, ids, 4, mask=mask)
+                t = steps(model, ids, n, mask=mask)
+                out[name] = 1e3 * sorted(t)[len(t) // 2]
+            finally:
+                if patch is not None:
+                    patch.stop()
+        del model
+    return out
 
 
 def main():
@@ -77,6 +122,8 @@ def main():
         print(text[-2], text[-1][:6000], sep="\n", flush=True)
         del model
         torch.cuda.empty_cache()
+    res["decomposition"] = decomposition(cfg, ids)
+    print(json.dumps(res["decomposition"]), flush=True)
     with open(os.path.join(args.out, "profile.json"), "w") as f:
         json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, commit=os.environ.get("COMMIT"),
                        prompt=args.prompt, results=res), f, indent=1)

@@ -11,6 +11,7 @@
 #   patches   benchmarks/gpu_patches.py
 #   decode    benchmarks/bench_decode.py
 #   decode-static  its generate() part with a static (compiled) cache
+#   decode-check   benchmarks/gpu_decode_check.py (decode paths and the direct kernel launch against the reference)
 #   profile   benchmarks/profile_decode.py (host-side profile of Transformers decode steps)
 #   sweep     benchmarks/sweep_decode.py (launch parameters of the split-KV decode kernel)
 #   sweep-bwd benchmarks/sweep_bwd.py (tile configs of v2's backward passes and forward, forced one by one)
@@ -53,6 +54,7 @@ for spec in "$@"; do
     models) cmd=(python3 benchmarks/gpu_models.py --out "$dir" --versions "${MODEL_VERSIONS:-v2,v3}") ;;
     patches) cmd=(python3 benchmarks/gpu_patches.py --out "$dir" --budget-s "$budget") ;;
     decode) cmd=(python3 benchmarks/bench_decode.py --out "$dir" --budget-s "$budget") ;;
+    decode-check) cmd=(python3 benchmarks/gpu_decode_check.py --out "$dir") ;;
     decode-static) cmd=(python3 benchmarks/bench_decode.py --out "$dir" --budget-s "$budget" --skip-kernels --cache static) ;;
     profile) cmd=(python3 benchmarks/profile_decode.py --out "$dir") ;;
     sweep) cmd=(python3 benchmarks/sweep_decode.py --out "$dir") ;;
@@ -78,7 +80,7 @@ for spec in "$@"; do
   rc=$?
   {
     echo "=== $phase: rc=$rc in $((SECONDS - t0))s (limit $secs s): ${cmd[*]}"
-    grep -E "^(FAIL|correctness grid|models:|time budget)" "$dir/$phase.log" | head -40
+    grep -E "^(FAIL|correctness grid|models:|time budget|decode check)" "$dir/$phase.log" | head -40
     tail -n 25 "$dir/$phase.log"
   } | tee -a "$OUT/session.log"
 done

@@ -6,6 +6,7 @@
 # {"name", "status": out_of_memory | timeout | failed, "returncode"} instead. table.md sums them up.
 #
 #   bash benchmarks/gpu_recipes.sh bar       # 1x H100: 32k flashattn_custom vs sdpa (cuDNN), 128k flashattn_custom
+#   bash benchmarks/gpu_recipes.sh bar32     # 1x H100: the 32k pair of bar only
 #   bash benchmarks/gpu_recipes.sh grid      # 1x H100: 16k/32k/64k/128k x flashattn_custom, sdpa-cudnn, sdpa, eager
 #   bash benchmarks/gpu_recipes.sh longest   # 1x H100: flashattn_custom at 192k, 256k, 384k, 512k until one fails
 #   bash benchmarks/gpu_recipes.sh fsdp2     # 2x H100 (nvidia-h100-x2): FSDP2 at 32k/64k, and one GPU alone
@@ -63,6 +64,9 @@ case "${1:-}" in
     one_gpu 1gpu-flashattn_custom-32k single_gpu 32768 flashattn_custom
     one_gpu 1gpu-sdpa_cudnn-32k single_gpu 32768 sdpa --sdpa-backend cudnn
     one_gpu 1gpu-flashattn_custom-128k single_gpu 131072 flashattn_custom ;;
+  bar32)  # the 32k pair of `bar` alone
+    one_gpu 1gpu-flashattn_custom-32k single_gpu 32768 flashattn_custom
+    one_gpu 1gpu-sdpa_cudnn-32k single_gpu 32768 sdpa --sdpa-backend cudnn ;;
   grid)
     for len in 16384 32768 65536 131072; do
       k=$((len / 1024))k
@@ -83,7 +87,7 @@ case "${1:-}" in
       run "2gpu-fsdp2-flashattn_custom-$k" fsdp2 $len flashattn_custom
       CUDA_VISIBLE_DEVICES=0 run "1gpu-alone-flashattn_custom-$k" single_gpu $len flashattn_custom
     done ;;
-  *) echo "usage: $0 bar|grid|longest|fsdp2" >&2; exit 2 ;;
+  *) echo "usage: $0 bar|bar32|grid|longest|fsdp2" >&2; exit 2 ;;
 esac
 
 "$PYTHON" - "$DIR" > "$DIR/table.md" <<'EOF'

@@ -58,13 +58,12 @@ def decomposition(cfg, ids, n=32):
     from unittest import mock
     from transformers import AutoModelForCausalLM, LlamaConfig
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from hf_flashattn.kernels import decode
+    from hf_flashattn.kernels import _common as C, decode
     dev = ids.device
     mask = torch.ones(1, ids.shape[1] + 64, dtype=torch.long, device=dev)
 
-    def no_launch(q, *a, **k):
-        B, Sq, H, _ = q.shape
-        return torch.empty_like(q), torch.empty((B, H, Sq), dtype=torch.float32, device=q.device), 1
+    def no_launch(q, qs, k_cache, ks, v_cache, vs, B, Sq, H, D, *a, **k):
+        return torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device), None, 1
 
     def no_attention(module, query, key, value, attention_mask, **kwargs):
         return query.transpose(1, 2), None
@@ -78,7 +77,8 @@ def decomposition(cfg, ids, n=32):
         variants = {impl: None, f"{impl}/no-attention": mock.patch.dict(ALL_ATTENTION_FUNCTIONS._global_mapping,
                                                                          {impl: no_attention})}
         if impl == "flashattn_custom":
-            variants[f"{impl}/no-launch"] = mock.patch.object(decode, "forward", no_launch)
+            variants[f"{impl}/jit-launch"] = mock.patch.object(C, "FAST_LAUNCH", False)
+            variants[f"{impl}/no-launch"] = mock.patch.object(decode, "_run", no_launch)
         for name, patch in variants.items():
             if patch is not None:
                 patch.start()

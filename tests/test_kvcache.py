@@ -156,3 +156,49 @@ def test_compiles_fullgraph_without_graph_breaks():
     assert torch.equal(kc1[int(idx[1]), 5], kn[1, 0]), "the compiled call did not append in place"
     qq, kk, vv = torch.randn(1, 9, 2, 16), torch.randn(1, 12, 1, 16), torch.randn(1, 12, 1, 16)
     torch.testing.assert_close(torch.compile(dense, fullgraph=True, backend="aot_eager")(qq, kk, vv), dense(qq, kk, vv))
+
+
+def test_fast_launch_key_separates_what_triton_specialises(monkeypatch):
+    """The direct launch of a cached compiled kernel (kernels._common.FastLaunch, GPU only) reuses a kernel
+    only for arguments Triton would specialise identically: tensor dtype and 16-byte alignment, int
+    divisibility by 16, == 1, 32-bit range, None-ness, meta-parameters by name and value."""
+    import inspect
+    from hf_flashattn.kernels import decode
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    fl = decode._decode_launch
+    names = list(inspect.signature(decode._decode_kernel.fn).parameters)
+    assert fl.n_runtime == names.index("HEAD_DIM")
+    assert ("HAS_SEQLENS", True) in fl.constexprs and ("STORE_LSE", True) in fl.constexprs
+    buf = torch.zeros(64, dtype=torch.float16)
+    assert buf.data_ptr() % 16 == 0
+
+    def key(t, n, **meta):
+        return fl._key((t, n, 0.5, None), meta or {"BLOCK_N": 64})
+
+    assert key(buf[:8], 32) == key(buf[8:16], 48)            # both 16-byte aligned, both multiples of 16
+    assert key(buf[:8], 32) != key(buf[4:12], 32)            # 8 bytes off
+    assert key(buf[:8], 32) != key(buf[:8].float(), 32)      # dtype
+    assert key(buf[:8], 32) != key(buf[:8], 33)              # divisibility
+    assert key(buf[:8], 1) != key(buf[:8], 3)                # == 1
+    assert key(buf[:8], 32) != key(buf[:8], 2 ** 32)         # 64-bit int
+    assert key(buf[:8], 32) != key(buf[:8], 32, BLOCK_N=32)  # meta value
+    assert key(buf[:8], 32, BLOCK_M=64) != key(buf[:8], 32, BLOCK_N=64)  # meta name
+    assert fl._key((buf, None), {}) != fl._key((buf, buf), {})
+    with pytest.raises(TypeError, match="runtime arguments"):
+        fl((1, 1, 1), buf)
+
+
+def test_lean_decode_matches_flash_attn_func():
+    """decode.decode_bhsd (generate()'s per-layer path, Transformers' (B, H, S, D) layout, no lse) equals
+    flash_attn_func on the transposed inputs, with splits, GQA, a window and softcap."""
+    from hf_flashattn.kernels import decode
+    g = torch.Generator().manual_seed(3)
+    for B, H, Hk, L, D, window, cap in ((2, 4, 2, 300, 16, -1, 0.0), (1, 8, 1, 77, 40, 20, 5.0), (3, 2, 2, 9, 8, -1, 0.0)):
+        q = torch.randn(B, H, 1, D, generator=g, dtype=torch.float16)
+        k = torch.randn(B, Hk, L, D, generator=g, dtype=torch.float16)
+        v = torch.randn(B, Hk, L, D, generator=g, dtype=torch.float16)
+        out = decode.decode_bhsd(q, k, v, D ** -0.5, (window, 0), cap)
+        ref = fa.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                                 window_size=(window, -1), softcap=cap)
+        assert out.shape == (B, 1, H, D) and out.is_contiguous()
+        torch.testing.assert_close(out, ref, atol=1e-3, rtol=0)

@@ -21,6 +21,7 @@ import _attn_testing
 
 import hf_flashattn  # before transformers: sets TRITON_INTERPRET on the CPU, installs the registration hook
 from hf_flashattn import interface
+from hf_flashattn.kernels import decode as decode_kernels
 from hf_flashattn.integrations import transformers as integration
 
 import transformers
@@ -92,7 +93,7 @@ def report(name, ours, ref):
 @pytest.fixture
 def calls(monkeypatch):
     """Counts calls of hf_flashattn's public functions as Transformers' flash path makes them."""
-    counts = {"flash_attn_func": 0, "flash_attn_varlen_func": 0, "decode_masked": 0}
+    counts = {"flash_attn_func": 0, "flash_attn_varlen_func": 0, "decode_masked": 0, "decode_lean": 0}
     for fname in ("flash_attn_func", "flash_attn_varlen_func"):
         real = getattr(interface, fname)
 
@@ -110,6 +111,13 @@ def calls(monkeypatch):
         return out
 
     monkeypatch.setattr(interface, "_decode_with_padding_mask", counting_masked)
+    real_lean = decode_kernels.decode_bhsd
+
+    def counting_lean(*args, **kwargs):  # plain decode steps (no mask) in Transformers' layout
+        counts["decode_lean"] += 1
+        return real_lean(*args, **kwargs)
+
+    monkeypatch.setattr(decode_kernels, "decode_bhsd", counting_lean)
     # lazy_import_flash_attention caches the resolved functions by name: forget them, so that NAME
     # resolves again through the adapter and picks up the counting wrappers.
     fa_utils._loaded_implementation = None
@@ -421,8 +429,13 @@ def test_greedy_generate_matches_eager(family, cache, padded, calls, kernel_vers
     report(f"{family} {cache} scores", torch.stack(out.scores), torch.stack(ref.scores))
     assert torch.equal(out.sequences, ref.sequences)
     torch.testing.assert_close(torch.stack(out.scores), torch.stack(ref.scores), **TOL)
-    assert calls["flash_attn_func"] + calls["flash_attn_varlen_func"] + calls["decode_masked"] == \
-        6 * ours.config.num_hidden_layers
+    assert calls["flash_attn_func"] + calls["flash_attn_varlen_func"] + calls["decode_masked"] + \
+        calls["decode_lean"] == 6 * ours.config.num_hidden_layers
+    # unpadded decode steps with a dynamic cache take the lean path (v2's split-KV kernel in Transformers'
+    # layout); other kernel versions never do
+    if kernel_version == "v2" and not padded and cache == "dynamic":
+        assert calls["decode_lean"] == 5 * ours.config.num_hidden_layers, calls
+    assert kernel_version == "v2" or calls["decode_lean"] == 0, calls
     if padded:  # decode steps with a padding mask take the masked split-KV path (v2's kernel only)
         assert (calls["decode_masked"] > 0) == (kernel_version == "v2"), calls
     assert kernel_version == "v2" or calls["decode_masked"] == 0, calls

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import inspect
 
+import os
+
 import torch
 
 NAME = "flashattn_custom"
@@ -140,19 +142,40 @@ def _decode_step(module, query, key, value, attention_mask, sliding_window, kwar
     flash path drops the rest too); the split-KV kernel applies it per key. Returns (batch, 1, heads,
     dim), or None to leave the step to Transformers' path (a kernel version without that kernel)."""
     from .. import interface
-    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    if attention_mask is not None:
-        k, v = k[:, :attention_mask.shape[1]], v[:, :attention_mask.shape[1]]
     window = (-1, -1)
-    if sliding_window is not None and k.shape[1] > sliding_window:
+    if sliding_window is not None and key.shape[2] > sliding_window:
         window = (sliding_window - 1, sliding_window - 1)
     softcap = kwargs.get("softcap")
     softcap = 0.0 if softcap is None else softcap
+    if attention_mask is None and _lean_decode_ok(query, key, value):
+        from ..kernels import decode
+        scale = kwargs.get("scaling")
+        return decode.decode_bhsd(query, key, value, query.shape[-1] ** -0.5 if scale is None else float(scale),
+                                  (window[0], 0), float(softcap))
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if attention_mask is not None:
+        k, v = k[:, :attention_mask.shape[1]], v[:, :attention_mask.shape[1]]
     if attention_mask is not None:
         return interface._decode_with_padding_mask(q, k, v, attention_mask, kwargs.get("scaling"),
                                                    (window[0], 0), softcap)
     return interface.flash_attn_func(q, k, v, softmax_scale=kwargs.get("scaling"), causal=True, window_size=window,
                                      softcap=softcap)
+
+
+def _lean_decode_ok(query, key, value) -> bool:
+    """The inputs the split-KV decode kernel takes as they are, in Transformers' (batch, heads, seq, dim)
+    layout, with no further check (`decode.decode_bhsd`): what flash_attn_func would validate and route to
+    that kernel with version v2 (the active version; v1/v3 keep their own kernels). Anything else takes
+    flash_attn_func, which raises the usual errors."""
+    from .. import interface
+    from .._runtime import is_interpreting
+    D, H, Hk, L = query.shape[3], query.shape[1], key.shape[1], key.shape[2]
+    return (query.is_cuda or is_interpreting()) and key.device == query.device and value.device == query.device \
+        and D % 8 == 0 and 8 <= D <= 256 and Hk > 0 and H % Hk == 0 and L >= 8 \
+        and key.shape == value.shape and key.shape[3] == D and key.shape[0] == query.shape[0] \
+        and query.stride(3) == 1 and key.stride(3) == 1 and value.stride(3) == 1 \
+        and interface._resolve_version("auto", query, key, value) == "v2" \
+        and os.environ.get("HF_FLASHATTN_SPLITKV", "1") != "0"
 
 
 def _make_attention_forward(flash_attention_forward):

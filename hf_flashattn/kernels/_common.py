@@ -203,3 +203,68 @@ def scores_from_qk(qk, qk_scale, cap_scale, SOFTCAP: tl.constexpr):
 def log2_scores(a, b, qk_scale, cap_scale, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
     """scores_from_qk of a·bᵀ."""
     return scores_from_qk(tl.dot(a, tl.trans(b), input_precision=DOT_PREC), qk_scale, cap_scale, SOFTCAP)
+
+
+# Set to False to launch every kernel through Triton's JIT entry point (benchmarks compare the two).
+FAST_LAUNCH = True
+
+
+class FastLaunch:
+    """`kernel[grid](*args, **meta)` for the kernels of a decode step, with less host time per launch.
+
+    Triton's JIT entry point binds and specialises every argument, then formats its compile options into
+    a string for the cache key, on every call: tens of microseconds, which a decode step (a few
+    microseconds of GPU time per layer, `benchmarks/results/2026-11-26-h100-profile-decode-3.md`) cannot
+    hide. Here the first call of each specialisation goes through the JIT (compiling or loading the
+    kernel as usual) and keeps the returned CompiledKernel; later calls with the same specialisation
+    launch it directly (`CompiledKernel[grid](*all_args)`, the launcher Triton itself calls).
+
+    The key repeats what Triton specialises on, conservatively: the dtype and 16-byte alignment of each
+    tensor, for each int whether it is 1, a multiple of 16 and within 32 bits (Triton only looks at
+    some of these), None-ness, the meta-parameters by name and value, and the current device. Two calls
+    with the same key are therefore compiled identically by Triton, and reusing the kernel is exact.
+    Runtime arguments are positional and come first; constexprs are keywords (`meta`), defaults filled
+    from the kernel's signature. On Triton's interpreter this is a plain `kernel[grid](...)`.
+    """
+
+    def __init__(self, kernel):
+        import inspect
+        self.kernel = kernel
+        params = list(inspect.signature(kernel.fn).parameters.values())
+        flags = ["constexpr" in str(p.annotation) for p in params]
+        self.n_runtime = flags.index(True) if True in flags else len(flags)
+        if not all(flags[self.n_runtime:]):
+            raise TypeError(f"{kernel.fn.__name__}: FastLaunch needs the constexpr parameters last")
+        self.constexprs = [(p.name, p.default) for p in params[self.n_runtime:]]
+        self.cache = {}
+
+    def _key(self, args, meta):
+        key = [tuple(meta.items()), torch.cuda.current_device()]
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                key.append((a.dtype, a.data_ptr() & 15 == 0))
+            elif isinstance(a, int):  # bool is an int: True == 1, matching Triton's view of it
+                key.append((a == 1, a & 15 == 0, -0x80000000 <= a <= 0x7FFFFFFF, type(a)))
+            else:
+                key.append(a if a is None else type(a))
+        return tuple(key)
+
+    def __call__(self, grid, *args, **meta):
+        from .._runtime import is_interpreting
+        if len(args) != self.n_runtime:
+            raise TypeError(f"{self.kernel.fn.__name__} takes {self.n_runtime} runtime arguments, got {len(args)}")
+        if not FAST_LAUNCH or is_interpreting():
+            return self.kernel[grid](*args, **meta)
+        key = self._key(args, meta)
+        compiled = self.cache.get(key)
+        if compiled is None:
+            compiled = self.kernel[grid](*args, **meta)
+            if hasattr(compiled, "result"):  # a future under Triton's asynchronous compile mode
+                compiled = compiled.result()
+            self.cache[key] = compiled
+            return compiled
+        full = list(args)
+        for name, default in self.constexprs:
+            full.append(meta.get(name, default))
+        compiled[grid](*full)
+        return compiled

@@ -54,20 +54,23 @@ def _append_kernel(KNEW, VNEW, KC, VC, SEQLENS, BIDX,
     tl.store(VC + cb * stride_vcb + h * stride_vch + pos[:, None] * stride_vcn + d[None, :], v, mask=mask)
 
 
-@triton.jit(do_not_specialize=["seqlen_q", "window_left", "window_right", "group", "n_splits", "max_seqlen_k"])
+@triton.jit(do_not_specialize=["seqlen_q", "window_left", "window_right", "group", "n_splits", "max_seqlen_k",
+                             "lse_off"])
 def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX, KMASK, stride_mb,
                    stride_qb, stride_qm, stride_qh,
                    stride_kb, stride_kn, stride_kh,
                    stride_vb, stride_vn, stride_vh,
                    stride_os, stride_ob, stride_om, stride_oh,
                    stride_ls, stride_lb, stride_lh,
-                   seqlen_q, window_left, window_right, qk_scale, cap_scale, group, n_splits, max_seqlen_k,
+                   seqlen_q, window_left, window_right, qk_scale, cap_scale, group, n_splits, max_seqlen_k, lse_off,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_BIDX: tl.constexpr, SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-                   HAS_KMASK: tl.constexpr, HAS_SEQLENS: tl.constexpr = True):
+                   HAS_KMASK: tl.constexpr, HAS_SEQLENS: tl.constexpr = True, STORE_LSE: tl.constexpr = True):
     # Grid: (cdiv(seqlen_q * group, BLOCK_M) * n_splits, nheads_k, batch). One program: BLOCK_M packed
     # rows (query position, head of the group) against one split of the visible keys of its sequence.
     # KMASK (HAS_KMASK): (batch, cache rows) padding mask, nonzero = attend (Transformers' 2D mask).
+    # LSE + lse_off: the (split,) batch, head, position lse; with splits it shares one workspace with O
+    # (lse_off elements after it); without splits and STORE_LSE off (a caller that only wants O) not written.
     split = tl.program_id(0) % n_splits
     r0 = (tl.program_id(0) // n_splits) * BLOCK_M
     kvh = tl.program_id(1).to(tl.int64)
@@ -106,19 +109,22 @@ def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX, KMASK, stride_mb,
     # epilogue: a split that saw nothing gets lse = -inf (it adds nothing in the combine); without
     # splits, a row that saw nothing gets lse = +inf and O = 0, as everywhere else
     acc, lse = C.normalise_rows(acc, l_i, m_i, float("-inf") if SPLIT else float("inf"))
-    tl.store(LSE + split * stride_ls + b * stride_lb + h * stride_lh + pos, lse, mask=row_ok)
+    if SPLIT or STORE_LSE:
+        tl.store(LSE + lse_off + split * stride_ls + b * stride_lb + h * stride_lh + pos, lse, mask=row_ok)
     tl.store(O + split * stride_os + b * stride_ob + pos[:, None] * stride_om + h[:, None] * stride_oh
              + offs_d[None, :], acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
 @triton.jit
-def _combine_kernel(OP, LP, O, LSE, n_splits,
+def _combine_kernel(OP, O, LSE, n_splits, lp_off,
                     stride_ps, stride_pb, stride_pm, stride_ph,
                     stride_qs, stride_qb, stride_qh,
                     stride_ob, stride_om, stride_oh,
                     stride_lb, stride_lh,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):
-    # Grid: (seqlen_q, nheads, batch). Merges the n_splits partial rows of one (position, head, sequence).
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, STORE_LSE: tl.constexpr):
+    # Grid: (seqlen_q, nheads, batch). Merges the n_splits partial rows of one (position, head, sequence);
+    # the partial lse sit lp_off elements after the partial outputs OP, in the same workspace.
+    LP = OP + lp_off
     m = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -134,7 +140,8 @@ def _combine_kernel(OP, LP, O, LSE, n_splits,
     out = tl.sum(o_s * w[:, None], 0) / tl.where(total > 0, total, 1.0)
     lse = tl.where(total > 0, top_safe + tl.log(tl.where(total > 0, total, 1.0)), float("inf"))
     tl.store(O + b * stride_ob + m * stride_om + h * stride_oh + d, out.to(O.dtype.element_ty), mask=d < HEAD_DIM)
-    tl.store(LSE + b * stride_lb + h * stride_lh + m, lse)
+    if STORE_LSE:
+        tl.store(LSE + b * stride_lb + h * stride_lh + m, lse)
 
 
 def _num_sms(device) -> int:
@@ -195,46 +202,71 @@ def forward(q, k_cache, v_cache, seqlens_k, cache_batch_idx, max_seqlen_k, softm
     sequence (after any append), or None when every sequence has max_seqlen_k; key_mask None or
     (B, >= max key) bool/int, nonzero = attend, contiguous last dim. Returns out (B, Sq, H, D) and lse (B, H, Sq) float32."""
     B, Sq, H, D = q.shape
-    Hk = k_cache.shape[2]
+    return _run(q, (q.stride(0), q.stride(1), q.stride(2)), k_cache, (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)),
+                v_cache, (v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)), B, Sq, H, D, k_cache.shape[2],
+                seqlens_k, cache_batch_idx, max_seqlen_k, softmax_scale, window_size, softcap, num_splits, key_mask, True)
+
+
+def decode_bhsd(query, key, value, softmax_scale, window_size, softcap):
+    """One decode step in Transformers' layout, without going through flash_attn_func: query (B, H, 1, D),
+    key/value (B, Hk, L, D) (every key visible to the query but for the window), last dims contiguous,
+    same dtype, H a multiple of Hk, D a multiple of 8 up to 256 (the caller checks). Returns out
+    (B, 1, H, D), contiguous, as Transformers' flash path returns it. The strides are passed as they
+    are (no transposed views) and the lse is not kept: this is the per-layer host path of generate()
+    with a dynamic cache, where every microsecond of Python shows in the tokens/s."""
+    B, H, Sq, D = query.shape
+    L = key.shape[2]
+    out, _, _ = _run(query, (query.stride(0), query.stride(2), query.stride(1)), key,
+                     (key.stride(0), key.stride(2), key.stride(1)), value, (value.stride(0), value.stride(2), value.stride(1)),
+                     B, Sq, H, D, key.shape[1], None, None, L, softmax_scale, window_size, softcap, 0, None, False)
+    return out
+
+
+def _run(q, qs, k_cache, ks, v_cache, vs, B, Sq, H, D, Hk, seqlens_k, cache_batch_idx, max_seqlen_k, softmax_scale,
+         window_size, softcap, num_splits, key_mask, want_lse):
+    """forward() with the (batch, seq, head) strides of q, k_cache and v_cache given (qs, ks, vs), so that
+    any layout is read in place. want_lse False: lse is neither stored nor returned (None)."""
     group = H // Hk
     BLOCK_D = max(_pow2(D), 16)
-    BLOCK_M = 16 if is_interpreting() else max(16, min(64, _pow2(Sq * group)))
-    BLOCK_N = 32 if is_interpreting() else (TUNE["block_n"] if D <= 128 else 32)
+    interp = is_interpreting()
+    BLOCK_M = 16 if interp else max(16, min(64, _pow2(Sq * group)))
+    BLOCK_N = 32 if interp else (TUNE["block_n"] if D <= 128 else 32)
     row_tiles = _cdiv(Sq * group, BLOCK_M)
     if num_splits <= 0:
         num_splits = choose_num_splits(B, Hk, row_tiles, max_seqlen_k, BLOCK_N, _num_sms(q.device), TUNE["waves"])
     left, right = C.window_args(window_size, Sq, max(max_seqlen_k, 1))
     qk_scale, cap_scale = C.score_scales(softmax_scale, softcap)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    out = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device) if want_lse else None
     split = num_splits > 1
     if split:
-        o_part = torch.empty((num_splits, B, Sq, H, D), dtype=torch.float32, device=q.device)
-        l_part = torch.empty((num_splits, B, H, Sq), dtype=torch.float32, device=q.device)
-        o_strides = o_part.stride()[:4]
-        l_strides = l_part.stride()[:3]
+        # one float32 workspace: partial outputs (num_splits, B, Sq, H, D), then partial lse (num_splits, B, H, Sq)
+        n_o = num_splits * B * Sq * H * D
+        work = torch.empty(n_o + num_splits * B * H * Sq, dtype=torch.float32, device=q.device)
+        o_part, o_strides = work, (B * Sq * H * D, Sq * H * D, H * D, D)
+        l_part, l_strides, lse_off = work, (B * H * Sq, H * Sq, Sq), n_o
     else:
-        o_part, l_part = out, lse
-        o_strides = (0,) + out.stride()[:3]
-        l_strides = (0,) + lse.stride()[:2]
+        o_part, o_strides = out, (0, Sq * H * D, H * D, D)
+        l_part, l_strides, lse_off = (lse, (0, H * Sq, Sq), 0) if want_lse else (out, (0, 0, 0), 0)
     meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_BIDX=cache_batch_idx is not None,
-                HAS_KMASK=key_mask is not None,
-                SPLIT=split, SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype))
-    if not is_interpreting():
-        stages = TUNE["num_stages"] or (3 if num_splits >= 16 else 2)
-        meta.update(num_warps=TUNE["num_warps"], num_stages=stages)
+                HAS_KMASK=key_mask is not None, SPLIT=split, SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype),
+                HAS_SEQLENS=seqlens_k is not None, STORE_LSE=want_lse)
+    if not interp:
+        meta.update(num_warps=TUNE["num_warps"], num_stages=TUNE["num_stages"] or (3 if num_splits >= 16 else 2))
     if key_mask is not None and key_mask.dtype == torch.bool:
         key_mask = key_mask.view(torch.uint8)
-    _decode_kernel[(row_tiles * num_splits, Hk, B)](
+    _decode_launch(
+        (row_tiles * num_splits, Hk, B),
         q, k_cache, v_cache, o_part, l_part, q if seqlens_k is None else seqlens_k, cache_batch_idx,
         q if key_mask is None else key_mask, 0 if key_mask is None else key_mask.stride(0),  # never read without
-        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *o_strides, *l_strides,
-        Sq, left, right, qk_scale, cap_scale, group, num_splits, max_seqlen_k,
-        HAS_SEQLENS=seqlens_k is not None, **meta)
+        *qs, *ks, *vs, *o_strides, *l_strides,
+        Sq, left, right, qk_scale, cap_scale, group, num_splits, max_seqlen_k, lse_off, **meta)
     if split:
-        _combine_kernel[(Sq, H, B)](o_part, l_part, out, lse, num_splits, *o_part.stride()[:4],
-                                    *l_part.stride()[:3], out.stride(0), out.stride(1), out.stride(2),
-                                    lse.stride(0), lse.stride(1), HEAD_DIM=D, BLOCK_D=BLOCK_D,
-                                    SPLITS=max(_pow2(num_splits), 2))
+        _combine_launch((Sq, H, B), work, out, out if lse is None else lse, num_splits, lse_off, *o_strides,
+                        *l_strides, Sq * H * D, H * D, D, H * Sq, Sq,
+                        HEAD_DIM=D, BLOCK_D=BLOCK_D, SPLITS=max(_pow2(num_splits), 2), STORE_LSE=want_lse)
     return out, lse, num_splits
+
+
+_decode_launch = C.FastLaunch(_decode_kernel)
+_combine_launch = C.FastLaunch(_combine_kernel)

@@ -331,11 +331,14 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
 # (BLOCK_M, BLOCK_N, num_warps, num_stages[, split]), best first: the winners of the H100 sweep
 # (benchmarks/sweep_bwd.py, results/2026-11-26-h100-sweep-bwd.md; autotuning picks among them). The dK/dV
 # pass keeps a tall key tile and walks narrow query tiles, the dQ pass the reverse. At head dim 256 every
-# fused dK/dV tile spills; the split variant (dV and dK in separate programs) is the fastest there.
-_DKDV_CONFIGS = {64: [(32, 128, 4, 3), (32, 128, 4, 5), (32, 64, 4, 3)],
+# fused dK/dV tile spills; the split variant (dV and dK in separate programs) is the fastest there. At head
+# dim 64 the queries x keys orientation (KV_B, the sixth field) with 64 x 64 tiles is the best or within 1% of it
+# at every point of the second sweep (results/2026-11-26-h100-sweep-bwd-d64-kvb.md: +1-7% at 4k-16k, +14% at
+# 1k causal), as is the 64 x 64 dQ tile.
+_DKDV_CONFIGS = {64: [(64, 64, 4, 3, False, True), (32, 128, 4, 3), (32, 128, 4, 5)],
                  128: [(32, 64, 4, 3), (32, 128, 8, 2), (64, 128, 8, 2)],
                  256: [(32, 128, 8, 2, True), (16, 64, 4, 2, True), (64, 64, 8, 2)]}
-_DQ_CONFIGS = {64: [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+_DQ_CONFIGS = {64: [(64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)],
                128: [(128, 64, 8, 3), (64, 32, 4, 3), (128, 64, 8, 2)],
                256: [(128, 32, 8, 2), (64, 16, 4, 2), (64, 64, 8, 2)]}
 

@@ -11,6 +11,7 @@
 #   patches   benchmarks/gpu_patches.py
 #   decode    benchmarks/bench_decode.py
 #   decode-static  its generate() part with a static (compiled) cache
+#   host      benchmarks/host_overhead.py (host time of a decode step's attention, piece by piece)
 #   decode-check   benchmarks/gpu_decode_check.py (decode paths and the direct kernel launch against the reference)
 #   profile   benchmarks/profile_decode.py (host-side profile of Transformers decode steps)
 #   sweep     benchmarks/sweep_decode.py (launch parameters of the split-KV decode kernel)
@@ -55,6 +56,7 @@ for spec in "$@"; do
     patches) cmd=(python3 benchmarks/gpu_patches.py --out "$dir" --budget-s "$budget") ;;
     decode) cmd=(python3 benchmarks/bench_decode.py --out "$dir" --budget-s "$budget") ;;
     decode-check) cmd=(python3 benchmarks/gpu_decode_check.py --out "$dir") ;;
+    host) cmd=(python3 benchmarks/host_overhead.py --out "$dir") ;;
     decode-static) cmd=(python3 benchmarks/bench_decode.py --out "$dir" --budget-s "$budget" --skip-kernels --cache static) ;;
     profile) cmd=(python3 benchmarks/profile_decode.py --out "$dir") ;;
     sweep) cmd=(python3 benchmarks/sweep_decode.py --out "$dir") ;;

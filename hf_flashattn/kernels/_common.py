@@ -213,18 +213,19 @@ class FastLaunch:
     """`kernel[grid](*args, **meta)` for the kernels of a decode step, with less host time per launch.
 
     Triton's JIT entry point binds and specialises every argument, then formats its compile options into
-    a string for the cache key, on every call: tens of microseconds, which a decode step (a few
-    microseconds of GPU time per layer, `benchmarks/results/2026-11-26-h100-profile-decode-3.md`) cannot
-    hide. Here the first call of each specialisation goes through the JIT (compiling or loading the
-    kernel as usual) and keeps the returned CompiledKernel; later calls with the same specialisation
-    launch it directly (`CompiledKernel[grid](*all_args)`, the launcher Triton itself calls).
+    a string for the cache key, on every call: ~37 us a launch on the H100 machine's host, which a decode
+    step (~10 us of GPU time per layer) cannot hide (`benchmarks/results/2026-11-26-h100-host-overhead.md`).
+    Here the first call of each specialisation goes through the JIT (compiling or loading the kernel as
+    usual) and keeps the returned CompiledKernel; later calls with the same specialisation hand the
+    arguments straight to its launcher, as Triton's entry point itself does after its bookkeeping.
 
-    The key repeats what Triton specialises on, conservatively: the dtype and 16-byte alignment of each
-    tensor, for each int whether it is 1, a multiple of 16 and within 32 bits (Triton only looks at
-    some of these), None-ness, the meta-parameters by name and value, and the current device. Two calls
-    with the same key are therefore compiled identically by Triton, and reusing the kernel is exact.
-    Runtime arguments are positional and come first; constexprs are keywords (`meta`), defaults filled
-    from the kernel's signature. On Triton's interpreter this is a plain `kernel[grid](...)`.
+    The key repeats what Triton specialises on, conservatively: the dtype and the address modulo 16 of each
+    tensor, each int modulo 16 (and whether it is 1), whether all ints fit in 32 bits, which arguments are
+    None, floats or bools, the meta-parameters by name and value, and the current device. Two calls with
+    the same key are compiled identically by Triton, so reusing the kernel is exact. Runtime arguments are
+    positional and come first; constexprs are keywords (`meta`), defaults filled from the signature. On
+    Triton's interpreter, with FAST_LAUNCH off, or with a launch hook installed (a profiler), this is a
+    plain `kernel[grid](...)`.
     """
 
     def __init__(self, kernel):
@@ -237,34 +238,54 @@ class FastLaunch:
             raise TypeError(f"{kernel.fn.__name__}: FastLaunch needs the constexpr parameters last")
         self.constexprs = [(p.name, p.default) for p in params[self.n_runtime:]]
         self.cache = {}
+        self._layouts = {}  # argument types -> (positions of tensors, positions of ints)
 
     def _key(self, args, meta):
-        key = [tuple(meta.items()), torch.cuda.current_device()]
-        for a in args:
-            if isinstance(a, torch.Tensor):
-                key.append((a.dtype, a.data_ptr() & 15 == 0))
-            elif isinstance(a, int):  # bool is an int: True == 1, matching Triton's view of it
-                key.append((a == 1, a & 15 == 0, -0x80000000 <= a <= 0x7FFFFFFF, type(a)))
-            else:
-                key.append(a if a is None else type(a))
-        return tuple(key)
+        types = tuple(map(type, args))
+        layout = self._layouts.get(types)
+        if layout is None:
+            tensors = tuple(i for i, t in enumerate(types) if issubclass(t, torch.Tensor))
+            ints = tuple(i for i, t in enumerate(types) if t is int)
+            layout = self._layouts[types] = (tensors, ints)
+        tensors, ints = layout
+        ts = [args[i] for i in tensors]
+        iv = [args[i] for i in ints]
+        return (types, tuple(meta.items()), torch.cuda.current_device(),
+                tuple([t.dtype for t in ts]), tuple([t.data_ptr() & 15 for t in ts]),
+                tuple([16 if x == 1 else x & 15 for x in iv]),
+                (min(iv) >= -0x80000000 and max(iv) <= 0x7FFFFFFF) if iv else True)
 
     def __call__(self, grid, *args, **meta):
         from .._runtime import is_interpreting
         if len(args) != self.n_runtime:
             raise TypeError(f"{self.kernel.fn.__name__} takes {self.n_runtime} runtime arguments, got {len(args)}")
-        if not FAST_LAUNCH or is_interpreting():
+        if not FAST_LAUNCH or is_interpreting() or _launch_hooks():
             return self.kernel[grid](*args, **meta)
         key = self._key(args, meta)
-        compiled = self.cache.get(key)
-        if compiled is None:
+        entry = self.cache.get(key)
+        if entry is None:
             compiled = self.kernel[grid](*args, **meta)
             if hasattr(compiled, "result"):  # a future under Triton's asynchronous compile mode
                 compiled = compiled.result()
-            self.cache[key] = compiled
+            compiled._init_handles()
+            self.cache[key] = (compiled, tuple(meta.get(n, d) for n, d in self.constexprs))
             return compiled
-        full = list(args)
-        for name, default in self.constexprs:
-            full.append(meta.get(name, default))
-        compiled[grid](*full)
+        compiled, tail = entry
+        g0 = grid[0]
+        g1 = grid[1] if len(grid) > 1 else 1
+        g2 = grid[2] if len(grid) > 2 else 1
+        compiled.run(g0, g1, g2, torch.cuda.current_stream().cuda_stream, compiled.function,
+                     compiled.packed_metadata, None, None, None, *args, *tail)
         return compiled
+
+
+def _launch_hooks() -> bool:
+    """True when a Triton launch hook is installed (a profiler such as proton): launches then go through
+    Triton's entry point, which calls the hooks."""
+    try:
+        from triton import knobs
+        hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    except (ImportError, AttributeError):  # pragma: no cover - Triton without knobs
+        return True
+    # a HookChain (Triton >= 3.5) is always there; it counts when something was added to it
+    return any(h is not None and getattr(h, "calls", True) for h in hooks)

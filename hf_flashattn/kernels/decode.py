@@ -12,6 +12,7 @@ block is read once per kv head instead of once per query head.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -20,6 +21,11 @@ import triton.language as tl
 from .._runtime import is_interpreting
 from . import _common as C
 from .v2 import _fwd_inner
+
+try:  # programmatic dependent launch (Hopper): in triton.language.extra.cuda since Triton 3.3
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton: PDL stays off (see _has_pdl)
+    gdc_launch_dependents = gdc_wait = None
 
 
 @triton.jit
@@ -60,17 +66,22 @@ def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX, KMASK, stride_mb,
                    stride_qb, stride_qm, stride_qh,
                    stride_kb, stride_kn, stride_kh,
                    stride_vb, stride_vn, stride_vh,
-                   stride_os, stride_ob, stride_om, stride_oh,
-                   stride_ls, stride_lb, stride_lh,
                    seqlen_q, window_left, window_right, qk_scale, cap_scale, group, n_splits, max_seqlen_k, lse_off,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_BIDX: tl.constexpr, SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-                   HAS_KMASK: tl.constexpr, HAS_SEQLENS: tl.constexpr = True, STORE_LSE: tl.constexpr = True):
+                   HAS_KMASK: tl.constexpr, HAS_SEQLENS: tl.constexpr = True, STORE_LSE: tl.constexpr = True,
+                   PDL: tl.constexpr = False):
     # Grid: (cdiv(seqlen_q * group, BLOCK_M) * n_splits, nheads_k, batch). One program: BLOCK_M packed
     # rows (query position, head of the group) against one split of the visible keys of its sequence.
     # KMASK (HAS_KMASK): (batch, cache rows) padding mask, nonzero = attend (Transformers' 2D mask).
-    # LSE + lse_off: the (split,) batch, head, position lse; with splits it shares one workspace with O
-    # (lse_off elements after it); without splits and STORE_LSE off (a caller that only wants O) not written.
+    # O: contiguous (n_splits, batch, seqlen_q, nheads, HEAD_DIM) float32 partials with SPLIT, else the
+    # contiguous (batch, seqlen_q, nheads, HEAD_DIM) output; LSE + lse_off: contiguous ((n_splits,) batch,
+    # nheads, seqlen_q); with splits it shares one workspace with O (lse_off elements after it); without
+    # splits and STORE_LSE off (a caller that only wants O) not written. Their strides follow from the grid.
+    # PDL: programmatic dependent launch (sm90+): the combine kernel may be launched once every program
+    # got here, and waits for this grid's writes itself (gdc_wait).
+    if PDL:
+        gdc_launch_dependents()
     split = tl.program_id(0) % n_splits
     r0 = (tl.program_id(0) // n_splits) * BLOCK_M
     kvh = tl.program_id(1).to(tl.int64)
@@ -109,6 +120,14 @@ def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX, KMASK, stride_mb,
     # epilogue: a split that saw nothing gets lse = -inf (it adds nothing in the combine); without
     # splits, a row that saw nothing gets lse = +inf and O = 0, as everywhere else
     acc, lse = C.normalise_rows(acc, l_i, m_i, float("-inf") if SPLIT else float("inf"))
+    n_heads = tl.num_programs(1).to(tl.int64) * group
+    stride_lh = seqlen_q
+    stride_lb = n_heads * seqlen_q
+    stride_ls = tl.num_programs(2).to(tl.int64) * stride_lb
+    stride_oh = HEAD_DIM
+    stride_om = n_heads * HEAD_DIM
+    stride_ob = seqlen_q * stride_om
+    stride_os = tl.num_programs(2).to(tl.int64) * stride_ob
     if SPLIT or STORE_LSE:
         tl.store(LSE + lse_off + split * stride_ls + b * stride_lb + h * stride_lh + pos, lse, mask=row_ok)
     tl.store(O + split * stride_os + b * stride_ob + pos[:, None] * stride_om + h[:, None] * stride_oh
@@ -117,17 +136,29 @@ def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX, KMASK, stride_mb,
 
 @triton.jit
 def _combine_kernel(OP, O, LSE, n_splits, lp_off,
-                    stride_ps, stride_pb, stride_pm, stride_ph,
-                    stride_qs, stride_qb, stride_qh,
-                    stride_ob, stride_om, stride_oh,
-                    stride_lb, stride_lh,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, STORE_LSE: tl.constexpr):
-    # Grid: (seqlen_q, nheads, batch). Merges the n_splits partial rows of one (position, head, sequence);
-    # the partial lse sit lp_off elements after the partial outputs OP, in the same workspace.
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, STORE_LSE: tl.constexpr,
+                    PDL: tl.constexpr = False):
+    # Grid: (seqlen_q, nheads, batch). Merges the n_splits partial rows of one (position, head, sequence).
+    # OP: contiguous (n_splits, batch, seqlen_q, nheads, HEAD_DIM) partial outputs, and lp_off elements
+    # after them in the same workspace the (n_splits, batch, nheads, seqlen_q) partial lse; O and LSE:
+    # contiguous (batch, seqlen_q, nheads, HEAD_DIM) and (batch, nheads, seqlen_q). PDL: launched as a
+    # programmatic dependent of the decode kernel, so wait for its writes first.
+    if PDL:
+        gdc_wait()
     LP = OP + lp_off
     m = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
+    Sq = tl.num_programs(0).to(tl.int64)
+    H = tl.num_programs(1).to(tl.int64)
+    B = tl.num_programs(2).to(tl.int64)
+    stride_oh = HEAD_DIM
+    stride_om = H * HEAD_DIM
+    stride_ob = Sq * stride_om
+    stride_ph, stride_pm, stride_pb, stride_ps = stride_oh, stride_om, stride_ob, B * stride_ob
+    stride_lh = Sq
+    stride_lb = H * Sq
+    stride_qh, stride_qb, stride_qs = stride_lh, stride_lb, B * stride_lb
     s = tl.arange(0, SPLITS)
     d = tl.arange(0, BLOCK_D)
     lse_s = tl.load(LP + s * stride_qs + b * stride_qb + h * stride_qh + m, mask=s < n_splits, other=float("-inf"))
@@ -142,6 +173,21 @@ def _combine_kernel(OP, O, LSE, n_splits, lp_off,
     tl.store(O + b * stride_ob + m * stride_om + h * stride_oh + d, out.to(O.dtype.element_ty), mask=d < HEAD_DIM)
     if STORE_LSE:
         tl.store(LSE + b * stride_lb + h * stride_lh + m, lse)
+
+
+def _has_pdl(device) -> bool:
+    """Programmatic dependent launch (the combine kernel launched while the decode kernel drains): sm90+.
+    HF_FLASHATTN_PDL=0 turns it off."""
+    return device.type == "cuda" and gdc_wait is not None and _cuda_major(device.index if device.index is not None else
+                                                 torch.cuda.current_device()) >= 9 and _PDL_ENV
+
+
+_PDL_ENV = os.environ.get("HF_FLASHATTN_PDL", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def _num_sms(device) -> int:
@@ -241,16 +287,15 @@ def _run(q, qs, k_cache, ks, v_cache, vs, B, Sq, H, D, Hk, seqlens_k, cache_batc
     split = num_splits > 1
     if split:
         # one float32 workspace: partial outputs (num_splits, B, Sq, H, D), then partial lse (num_splits, B, H, Sq)
-        n_o = num_splits * B * Sq * H * D
-        work = torch.empty(n_o + num_splits * B * H * Sq, dtype=torch.float32, device=q.device)
-        o_part, o_strides = work, (B * Sq * H * D, Sq * H * D, H * D, D)
-        l_part, l_strides, lse_off = work, (B * H * Sq, H * Sq, Sq), n_o
+        lse_off = num_splits * B * Sq * H * D
+        o_part = l_part = torch.empty(lse_off + num_splits * B * H * Sq, dtype=torch.float32, device=q.device)
     else:
-        o_part, o_strides = out, (0, Sq * H * D, H * D, D)
-        l_part, l_strides, lse_off = (lse, (0, H * Sq, Sq), 0) if want_lse else (out, (0, 0, 0), 0)
+        o_part, lse_off = out, 0
+        l_part = lse if want_lse else out
+    pdl = split and not interp and _has_pdl(q.device)
     meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_BIDX=cache_batch_idx is not None,
                 HAS_KMASK=key_mask is not None, SPLIT=split, SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype),
-                HAS_SEQLENS=seqlens_k is not None, STORE_LSE=want_lse)
+                HAS_SEQLENS=seqlens_k is not None, STORE_LSE=want_lse, PDL=pdl)
     if not interp:
         meta.update(num_warps=TUNE["num_warps"], num_stages=TUNE["num_stages"] or (3 if num_splits >= 16 else 2))
     if key_mask is not None and key_mask.dtype == torch.bool:
@@ -259,12 +304,12 @@ def _run(q, qs, k_cache, ks, v_cache, vs, B, Sq, H, D, Hk, seqlens_k, cache_batc
         (row_tiles * num_splits, Hk, B),
         q, k_cache, v_cache, o_part, l_part, q if seqlens_k is None else seqlens_k, cache_batch_idx,
         q if key_mask is None else key_mask, 0 if key_mask is None else key_mask.stride(0),  # never read without
-        *qs, *ks, *vs, *o_strides, *l_strides,
-        Sq, left, right, qk_scale, cap_scale, group, num_splits, max_seqlen_k, lse_off, **meta)
+        *qs, *ks, *vs, Sq, left, right, qk_scale, cap_scale, group, num_splits, max_seqlen_k, lse_off, **meta)
     if split:
-        _combine_launch((Sq, H, B), work, out, out if lse is None else lse, num_splits, lse_off, *o_strides,
-                        *l_strides, Sq * H * D, H * D, D, H * Sq, Sq,
-                        HEAD_DIM=D, BLOCK_D=BLOCK_D, SPLITS=max(_pow2(num_splits), 2), STORE_LSE=want_lse)
+        cmeta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, SPLITS=max(_pow2(num_splits), 2), STORE_LSE=want_lse, PDL=pdl)
+        if pdl:
+            cmeta["launch_pdl"] = True
+        _combine_launch((Sq, H, B), o_part, out, out if lse is None else lse, num_splits, lse_off, **cmeta)
     return out, lse, num_splits
 
 

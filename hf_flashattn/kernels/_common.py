@@ -256,10 +256,9 @@ class FastLaunch:
                 (min(iv) >= -0x80000000 and max(iv) <= 0x7FFFFFFF) if iv else True)
 
     def __call__(self, grid, *args, **meta):
-        from .._runtime import is_interpreting
         if len(args) != self.n_runtime:
             raise TypeError(f"{self.kernel.fn.__name__} takes {self.n_runtime} runtime arguments, got {len(args)}")
-        if not FAST_LAUNCH or is_interpreting() or _launch_hooks():
+        if not FAST_LAUNCH or _INTERPRETING or _launch_hooks():
             return self.kernel[grid](*args, **meta)
         key = self._key(args, meta)
         entry = self.cache.get(key)
@@ -274,7 +273,7 @@ class FastLaunch:
         g0 = grid[0]
         g1 = grid[1] if len(grid) > 1 else 1
         g2 = grid[2] if len(grid) > 2 else 1
-        compiled.run(g0, g1, g2, torch.cuda.current_stream().cuda_stream, compiled.function,
+        compiled.run(g0, g1, g2, _raw_stream(torch.cuda.current_device()), compiled.function,
                      compiled.packed_metadata, None, None, None, *args, *tail)
         return compiled
 
@@ -282,10 +281,27 @@ class FastLaunch:
 def _launch_hooks() -> bool:
     """True when a Triton launch hook is installed (a profiler such as proton): launches then go through
     Triton's entry point, which calls the hooks."""
-    try:
-        from triton import knobs
-        hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
-    except (ImportError, AttributeError):  # pragma: no cover - Triton without knobs
+    if _KNOBS is None:  # pragma: no cover - Triton without knobs
         return True
+    hooks = (_KNOBS.runtime.launch_enter_hook, _KNOBS.runtime.launch_exit_hook)
     # a HookChain (Triton >= 3.5) is always there; it counts when something was added to it
     return any(h is not None and getattr(h, "calls", True) for h in hooks)
+
+
+def _raw_stream(device: int) -> int:
+    """The current CUDA stream's handle, as Triton's entry point gets it (its driver's get_current_stream)."""
+    return triton.runtime.driver.active.get_current_stream(device)
+
+
+try:
+    from triton import knobs as _KNOBS
+except ImportError:  # pragma: no cover
+    _KNOBS = None
+
+
+def _interpreting() -> bool:
+    from .._runtime import is_interpreting
+    return is_interpreting()
+
+
+_INTERPRETING = _interpreting()

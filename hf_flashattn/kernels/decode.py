@@ -12,7 +12,6 @@ block is read once per kv head instead of once per query head.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -21,11 +20,6 @@ import triton.language as tl
 from .._runtime import is_interpreting
 from . import _common as C
 from .v2 import _fwd_inner
-
-try:  # programmatic dependent launch (Hopper): in triton.language.extra.cuda since Triton 3.3
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover - older Triton: PDL stays off (see _has_pdl)
-    gdc_launch_dependents = gdc_wait = None
 
 
 @triton.jit
@@ -69,8 +63,7 @@ def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX, KMASK, stride_mb,
                    seqlen_q, window_left, window_right, qk_scale, cap_scale, group, n_splits, max_seqlen_k, lse_off,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_BIDX: tl.constexpr, SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-                   HAS_KMASK: tl.constexpr, HAS_SEQLENS: tl.constexpr = True, STORE_LSE: tl.constexpr = True,
-                   PDL: tl.constexpr = False):
+                   HAS_KMASK: tl.constexpr, HAS_SEQLENS: tl.constexpr = True, STORE_LSE: tl.constexpr = True):
     # Grid: (cdiv(seqlen_q * group, BLOCK_M) * n_splits, nheads_k, batch). One program: BLOCK_M packed
     # rows (query position, head of the group) against one split of the visible keys of its sequence.
     # KMASK (HAS_KMASK): (batch, cache rows) padding mask, nonzero = attend (Transformers' 2D mask).
@@ -78,10 +71,6 @@ def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX, KMASK, stride_mb,
     # contiguous (batch, seqlen_q, nheads, HEAD_DIM) output; LSE + lse_off: contiguous ((n_splits,) batch,
     # nheads, seqlen_q); with splits it shares one workspace with O (lse_off elements after it); without
     # splits and STORE_LSE off (a caller that only wants O) not written. Their strides follow from the grid.
-    # PDL: programmatic dependent launch (sm90+): the combine kernel may be launched once every program
-    # got here, and waits for this grid's writes itself (gdc_wait).
-    if PDL:
-        gdc_launch_dependents()
     split = tl.program_id(0) % n_splits
     r0 = (tl.program_id(0) // n_splits) * BLOCK_M
     kvh = tl.program_id(1).to(tl.int64)
@@ -136,15 +125,11 @@ def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX, KMASK, stride_mb,
 
 @triton.jit
 def _combine_kernel(OP, O, LSE, n_splits, lp_off,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, STORE_LSE: tl.constexpr,
-                    PDL: tl.constexpr = False):
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, STORE_LSE: tl.constexpr):
     # Grid: (seqlen_q, nheads, batch). Merges the n_splits partial rows of one (position, head, sequence).
     # OP: contiguous (n_splits, batch, seqlen_q, nheads, HEAD_DIM) partial outputs, and lp_off elements
     # after them in the same workspace the (n_splits, batch, nheads, seqlen_q) partial lse; O and LSE:
-    # contiguous (batch, seqlen_q, nheads, HEAD_DIM) and (batch, nheads, seqlen_q). PDL: launched as a
-    # programmatic dependent of the decode kernel, so wait for its writes first.
-    if PDL:
-        gdc_wait()
+    # contiguous (batch, seqlen_q, nheads, HEAD_DIM) and (batch, nheads, seqlen_q).
     LP = OP + lp_off
     m = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -173,21 +158,6 @@ def _combine_kernel(OP, O, LSE, n_splits, lp_off,
     tl.store(O + b * stride_ob + m * stride_om + h * stride_oh + d, out.to(O.dtype.element_ty), mask=d < HEAD_DIM)
     if STORE_LSE:
         tl.store(LSE + b * stride_lb + h * stride_lh + m, lse)
-
-
-def _has_pdl(device) -> bool:
-    """Programmatic dependent launch (the combine kernel launched while the decode kernel drains): sm90+.
-    HF_FLASHATTN_PDL=0 turns it off."""
-    return device.type == "cuda" and gdc_wait is not None and _cuda_major(device.index if device.index is not None else
-                                                 torch.cuda.current_device()) >= 9 and _PDL_ENV
-
-
-_PDL_ENV = os.environ.get("HF_FLASHATTN_PDL", "1") != "0"
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
 
 
 def _num_sms(device) -> int:
@@ -292,10 +262,9 @@ def _run(q, qs, k_cache, ks, v_cache, vs, B, Sq, H, D, Hk, seqlens_k, cache_batc
     else:
         o_part, lse_off = out, 0
         l_part = lse if want_lse else out
-    pdl = split and not interp and _has_pdl(q.device)
     meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_BIDX=cache_batch_idx is not None,
                 HAS_KMASK=key_mask is not None, SPLIT=split, SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype),
-                HAS_SEQLENS=seqlens_k is not None, STORE_LSE=want_lse, PDL=pdl)
+                HAS_SEQLENS=seqlens_k is not None, STORE_LSE=want_lse)
     if not interp:
         meta.update(num_warps=TUNE["num_warps"], num_stages=TUNE["num_stages"] or (3 if num_splits >= 16 else 2))
     if key_mask is not None and key_mask.dtype == torch.bool:
@@ -306,10 +275,8 @@ def _run(q, qs, k_cache, ks, v_cache, vs, B, Sq, H, D, Hk, seqlens_k, cache_batc
         q if key_mask is None else key_mask, 0 if key_mask is None else key_mask.stride(0),  # never read without
         *qs, *ks, *vs, Sq, left, right, qk_scale, cap_scale, group, num_splits, max_seqlen_k, lse_off, **meta)
     if split:
-        cmeta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, SPLITS=max(_pow2(num_splits), 2), STORE_LSE=want_lse, PDL=pdl)
-        if pdl:
-            cmeta["launch_pdl"] = True
-        _combine_launch((Sq, H, B), o_part, out, out if lse is None else lse, num_splits, lse_off, **cmeta)
+        _combine_launch((Sq, H, B), o_part, out, out if lse is None else lse, num_splits, lse_off,
+                        HEAD_DIM=D, BLOCK_D=BLOCK_D, SPLITS=max(_pow2(num_splits), 2), STORE_LSE=want_lse)
     return out, lse, num_splits
 
 

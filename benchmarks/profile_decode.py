@@ -2,6 +2,8 @@
 an 8k prompt, then decode steps (model forward of one token with the DynamicCache), for
 flashattn_custom and sdpa: wall time per step, and the host-side (Python) profile of flashattn_custom's
 steps (cProfile, top functions by own time), to show whether a step is bound by the GPU or by the host.
+The step's parts, timed in turns (one variant after the other drifts too much to compare):
+benchmarks/host_overhead.py.
 
     python benchmarks/profile_decode.py --out DIR
 Writes profile.json and profile.txt.
@@ -53,46 +55,6 @@ def steps(model, ids, n, prof=None, mask=None):
     return times
 
 
-def decomposition(cfg, ids, n=32):
-    """Median decode-step ms (all-ones mask, as generate() passes it) for the variants in the docstring."""
-    from unittest import mock
-    from transformers import AutoModelForCausalLM, LlamaConfig
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from hf_flashattn.kernels import _common as C, decode
-    dev = ids.device
-    mask = torch.ones(1, ids.shape[1] + 64, dtype=torch.long, device=dev)
-
-    def no_launch(q, qs, k_cache, ks, v_cache, vs, B, Sq, H, D, *a, **k):
-        return torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device), None, 1
-
-    def no_attention(module, query, key, value, attention_mask, **kwargs):
-        return query.transpose(1, 2), None
-
-    out = {}
-    for impl in ("sdpa", "flashattn_custom"):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**cfg), attn_implementation=impl,
-                                                 dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32
-                                                 ).to(dev).eval()
-        variants = {impl: None, f"{impl}/no-attention": mock.patch.dict(ALL_ATTENTION_FUNCTIONS._global_mapping,
-                                                                         {impl: no_attention})}
-        if impl == "flashattn_custom":
-            variants[f"{impl}/jit-launch"] = mock.patch.object(C, "FAST_LAUNCH", False)
-            variants[f"{impl}/no-launch"] = mock.patch.object(decode, "_run", no_launch)
-        for name, patch in variants.items():
-            if patch is not None:
-                patch.start()
-            try:
-                steps(model, ids, 4, mask=mask)
-                t = steps(model, ids, n, mask=mask)
-                out[name] = 1e3 * sorted(t)[len(t) // 2]
-            finally:
-                if patch is not None:
-                    patch.stop()
-        del model
-    return out
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -122,8 +84,6 @@ def main():
         print(text[-2], text[-1][:6000], sep="\n", flush=True)
         del model
         torch.cuda.empty_cache()
-    res["decomposition"] = decomposition(cfg, ids)
-    print(json.dumps(res["decomposition"]), flush=True)
     with open(os.path.join(args.out, "profile.json"), "w") as f:
         json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, commit=os.environ.get("COMMIT"),
                        prompt=args.prompt, results=res), f, indent=1)

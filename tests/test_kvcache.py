@@ -188,6 +188,39 @@ def test_fast_launch_key_separates_what_triton_specialises(monkeypatch):
         fl((1, 1, 1), buf)
 
 
+def test_fast_launch_key_ignores_the_residues_of_unspecialised_ints(monkeypatch):
+    """Ints the kernel marks do_not_specialize (the key length, the window) change every decode step; Triton
+    compiles them once, so the key keeps only their 32/64-bit type. The compiled kernel (a JITFunction on the
+    GPU) is stood in for by its parameters, as the interpreter's kernel object has none."""
+    import inspect
+    import types
+    from hf_flashattn.kernels import _common as C, decode
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    names = list(inspect.signature(decode._decode_kernel.fn).parameters)
+    dns = {"seqlen_q", "window_left", "window_right", "group", "n_splits", "max_seqlen_k", "lse_off"}
+    kernel = types.SimpleNamespace(fn=decode._decode_kernel.fn,
+                                   params=[types.SimpleNamespace(do_not_specialize=n in dns) for n in names])
+    fl = C.FastLaunch(kernel)
+    assert {names[i] for i in fl.dns} == dns
+    n = fl.n_runtime
+    t = torch.zeros(16, dtype=torch.float16)
+    base = [t if names[i].isupper() else 64 for i in range(n)]
+    base[names.index("qk_scale")] = base[names.index("cap_scale")] = 1.0
+
+    def key(**changes):
+        args = list(base)
+        for name, value in changes.items():
+            args[names.index(name)] = value
+        return fl._key(tuple(args), {"BLOCK_N": 64})
+
+    assert key(max_seqlen_k=33) == key(max_seqlen_k=48) == key()          # not specialised: one kernel
+    assert key(max_seqlen_k=2 ** 31) != key()                              # but a 64-bit int is another type,
+    assert key(max_seqlen_k=2 ** 31) != key(lse_off=2 ** 31)               # argument by argument
+    assert key(max_seqlen_k=2 ** 31) != key(max_seqlen_k=2 ** 63)          # (unsigned from 2**63)
+    assert key(stride_kh=33) != key()                                      # a specialised int keeps its residue
+    assert key(stride_kh=1) != key(stride_kh=17)
+
+
 def test_lean_decode_matches_flash_attn_func():
     """decode.decode_bhsd (generate()'s per-layer path, Transformers' (B, H, S, D) layout, no lse) equals
     flash_attn_func on the transposed inputs, with splits, GQA, a window and softcap."""

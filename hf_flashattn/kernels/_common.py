@@ -220,8 +220,8 @@ class FastLaunch:
     arguments straight to its launcher, as Triton's entry point itself does after its bookkeeping.
 
     The key repeats what Triton specialises on, conservatively: the dtype and the address modulo 16 of each
-    tensor, each int modulo 16 (and whether it is 1), whether all ints fit in 32 bits, which arguments are
-    None, floats or bools, the meta-parameters by name and value, and the current device. Two calls with
+    tensor, each int modulo 16 (and whether it is 1) unless the kernel marks it do_not_specialize, which ints
+    do not fit in 32 bits (or in 63), which arguments are None, floats or bools, the meta-parameters by name and value, and the current device. Two calls with
     the same key are compiled identically by Triton, so reusing the kernel is exact. Runtime arguments are
     positional and come first; constexprs are keywords (`meta`), defaults filled from the signature. On
     Triton's interpreter, with FAST_LAUNCH off, or with a launch hook installed (a profiler), this is a
@@ -237,8 +237,12 @@ class FastLaunch:
         if not all(flags[self.n_runtime:]):
             raise TypeError(f"{kernel.fn.__name__}: FastLaunch needs the constexpr parameters last")
         self.constexprs = [(p.name, p.default) for p in params[self.n_runtime:]]
+        # ints Triton does not specialise (do_not_specialize: only their 32/64-bit type counts); on the
+        # interpreter the kernel object has no params, and this path is not taken there
+        self.dns = frozenset(i for i, kp in enumerate(getattr(kernel, "params", ())[:self.n_runtime])
+                             if getattr(kp, "do_not_specialize", False))
         self.cache = {}
-        self._layouts = {}  # argument types -> (positions of tensors, positions of ints)
+        self._layouts = {}  # argument types -> (tensor positions, specialised int positions, int positions)
 
     def _key(self, args, meta):
         types = tuple(map(type, args))
@@ -246,14 +250,15 @@ class FastLaunch:
         if layout is None:
             tensors = tuple(i for i, t in enumerate(types) if issubclass(t, torch.Tensor))
             ints = tuple(i for i, t in enumerate(types) if t is int)
-            layout = self._layouts[types] = (tensors, ints)
-        tensors, ints = layout
+            layout = self._layouts[types] = (tensors, tuple(i for i in ints if i not in self.dns), ints)
+        tensors, spec_ints, ints = layout
         ts = [args[i] for i in tensors]
-        iv = [args[i] for i in ints]
         return (types, tuple(meta.items()), torch.cuda.current_device(),
                 tuple([t.dtype for t in ts]), tuple([t.data_ptr() & 15 for t in ts]),
-                tuple([16 if x == 1 else x & 15 for x in iv]),
-                (min(iv) >= -0x80000000 and max(iv) <= 0x7FFFFFFF) if iv else True)
+                tuple([16 if args[i] == 1 else args[i] & 15 for i in spec_ints]),
+                # the ints outside 32 bits, each by position (Triton types each one i64, or u64 from 2**63)
+                tuple([(i, args[i] > 0x7FFFFFFFFFFFFFFF) for i in ints
+                       if not -0x80000000 <= args[i] <= 0x7FFFFFFF]))
 
     def __call__(self, grid, *args, **meta):
         if len(args) != self.n_runtime:
@@ -267,6 +272,8 @@ class FastLaunch:
             if hasattr(compiled, "result"):  # a future under Triton's asynchronous compile mode
                 compiled = compiled.result()
             compiled._init_handles()
+            if len(self.cache) >= 4096:  # many shapes over a long run: start over rather than grow
+                self.cache.clear()
             self.cache[key] = (compiled, tuple(meta.get(n, d) for n, d in self.constexprs))
             return compiled
         compiled, tail = entry

@@ -63,7 +63,7 @@ def pieces():
     grid, args, meta = seen["grid"], seen["args"], seen["meta"]
     compiled = real(grid, *args, **meta)
     full = list(args) + [meta.get(n, d) for n, d in real.constexprs]
-    res["FastLaunch key"] = per_call_us(lambda: real._key(args, meta))
+    res["FastLaunch key"] = per_call_us(lambda: real._key(args, meta, torch.cuda.current_device()))
     res["decode kernel: Triton JIT launch"] = per_call_us(lambda: decode._decode_kernel[grid](*args, **meta))
     res["decode kernel: FastLaunch"] = per_call_us(lambda: real(grid, *args, **meta))
     res["decode kernel: CompiledKernel[grid](*args)"] = per_call_us(lambda: compiled[grid](*full))

@@ -158,13 +158,12 @@ def test_compiles_fullgraph_without_graph_breaks():
     torch.testing.assert_close(torch.compile(dense, fullgraph=True, backend="aot_eager")(qq, kk, vv), dense(qq, kk, vv))
 
 
-def test_fast_launch_key_separates_what_triton_specialises(monkeypatch):
+def test_fast_launch_key_separates_what_triton_specialises():
     """The direct launch of a cached compiled kernel (kernels._common.FastLaunch, GPU only) reuses a kernel
     only for arguments Triton would specialise identically: tensor dtype and 16-byte alignment, int
     divisibility by 16, == 1, 32-bit range, None-ness, meta-parameters by name and value."""
     import inspect
     from hf_flashattn.kernels import decode
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     fl = decode._decode_launch
     names = list(inspect.signature(decode._decode_kernel.fn).parameters)
     assert fl.n_runtime == names.index("HEAD_DIM")
@@ -173,7 +172,7 @@ def test_fast_launch_key_separates_what_triton_specialises(monkeypatch):
     assert buf.data_ptr() % 16 == 0
 
     def key(t, n, **meta):
-        return fl._key((t, n, 0.5, None), meta or {"BLOCK_N": 64})
+        return fl._key((t, n, 0.5, None), meta or {"BLOCK_N": 64}, 0)
 
     assert key(buf[:8], 32) == key(buf[8:16], 48)            # both 16-byte aligned, both multiples of 16
     assert key(buf[:8], 32) != key(buf[4:12], 32)            # 8 bytes off
@@ -183,19 +182,18 @@ def test_fast_launch_key_separates_what_triton_specialises(monkeypatch):
     assert key(buf[:8], 32) != key(buf[:8], 2 ** 32)         # 64-bit int
     assert key(buf[:8], 32) != key(buf[:8], 32, BLOCK_N=32)  # meta value
     assert key(buf[:8], 32, BLOCK_M=64) != key(buf[:8], 32, BLOCK_N=64)  # meta name
-    assert fl._key((buf, None), {}) != fl._key((buf, buf), {})
+    assert fl._key((buf, None), {}, 0) != fl._key((buf, buf), {}, 0)
     with pytest.raises(TypeError, match="runtime arguments"):
         fl((1, 1, 1), buf)
 
 
-def test_fast_launch_key_ignores_the_residues_of_unspecialised_ints(monkeypatch):
+def test_fast_launch_key_ignores_the_residues_of_unspecialised_ints():
     """Ints the kernel marks do_not_specialize (the key length, the window) change every decode step; Triton
     compiles them once, so the key keeps only their 32/64-bit type. The compiled kernel (a JITFunction on the
     GPU) is stood in for by its parameters, as the interpreter's kernel object has none."""
     import inspect
     import types
     from hf_flashattn.kernels import _common as C, decode
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     names = list(inspect.signature(decode._decode_kernel.fn).parameters)
     dns = {"seqlen_q", "window_left", "window_right", "group", "n_splits", "max_seqlen_k", "lse_off"}
     kernel = types.SimpleNamespace(fn=decode._decode_kernel.fn,
@@ -211,7 +209,7 @@ def test_fast_launch_key_ignores_the_residues_of_unspecialised_ints(monkeypatch)
         args = list(base)
         for name, value in changes.items():
             args[names.index(name)] = value
-        return fl._key(tuple(args), {"BLOCK_N": 64})
+        return fl._key(tuple(args), {"BLOCK_N": 64}, 0)
 
     assert key(max_seqlen_k=33) == key(max_seqlen_k=48) == key()          # not specialised: one kernel
     assert key(max_seqlen_k=2 ** 31) != key()                              # but a 64-bit int is another type,

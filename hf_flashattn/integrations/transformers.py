@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import inspect
 
-import os
-
 import torch
 
 NAME = "flashattn_custom"
@@ -155,7 +153,6 @@ def _decode_step(module, query, key, value, attention_mask, sliding_window, kwar
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     if attention_mask is not None:
         k, v = k[:, :attention_mask.shape[1]], v[:, :attention_mask.shape[1]]
-    if attention_mask is not None:
         return interface._decode_with_padding_mask(q, k, v, attention_mask, kwargs.get("scaling"),
                                                    (window[0], 0), softcap)
     return interface.flash_attn_func(q, k, v, softmax_scale=kwargs.get("scaling"), causal=True, window_size=window,
@@ -169,13 +166,14 @@ def _lean_decode_ok(query, key, value) -> bool:
     flash_attn_func, which raises the usual errors."""
     from .. import interface
     from .._runtime import is_interpreting
-    D, H, Hk, L = query.shape[3], query.shape[1], key.shape[1], key.shape[2]
+    from ..kernels import v2
+    D, H, Hk = query.shape[3], query.shape[1], key.shape[1]
     return (query.is_cuda or is_interpreting()) and key.device == query.device and value.device == query.device \
-        and D % 8 == 0 and 8 <= D <= 256 and Hk > 0 and H % Hk == 0 and L >= 8 \
+        and D % 8 == 0 and 8 <= D <= 256 and Hk > 0 and H % Hk == 0 \
         and key.shape == value.shape and key.shape[3] == D and key.shape[0] == query.shape[0] \
         and query.stride(3) == 1 and key.stride(3) == 1 and value.stride(3) == 1 \
         and interface._resolve_version("auto", query, key, value) == "v2" \
-        and os.environ.get("HF_FLASHATTN_SPLITKV", "1") != "0"
+        and v2.splits_keys(query.shape[2], key.shape[2])
 
 
 def _make_attention_forward(flash_attention_forward):

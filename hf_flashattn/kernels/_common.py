@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._runtime import is_interpreting
+
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
 LN2 = 0.6931471805599453    # ln(2):   log(x) = log2(x) * ln(2)
 
@@ -98,7 +100,6 @@ class Launcher:
 
     def __init__(self, kernel, configs, prune, key, interp_meta, reset_to_zero=None):
         import os
-        from .._runtime import is_interpreting
         self.kernel, self.configs, self.prune, self.interp_meta = kernel, configs, prune, interp_meta
         self.interpret = is_interpreting()
         self.tune = os.environ.get("HF_FLASHATTN_AUTOTUNE", "1") != "0"
@@ -220,9 +221,10 @@ class FastLaunch:
     arguments straight to its launcher, as Triton's entry point itself does after its bookkeeping.
 
     The key repeats what Triton specialises on, conservatively: the dtype and the address modulo 16 of each
-    tensor, each int modulo 16 (and whether it is 1) unless the kernel marks it do_not_specialize, which ints
-    do not fit in 32 bits (or in 63), which arguments are None, floats or bools, the meta-parameters by name and value, and the current device. Two calls with
-    the same key are compiled identically by Triton, so reusing the kernel is exact. Runtime arguments are
+    tensor, each int modulo 16 (and whether it is 1) unless the kernel marks it do_not_specialize, which
+    ints do not fit in 32 bits (or in 63), which arguments are None, floats or bools, the meta-parameters
+    by name and value, and the current device. Two calls with the same key are compiled identically by
+    Triton, so reusing the kernel is exact. Runtime arguments are
     positional and come first; constexprs are keywords (`meta`), defaults filled from the signature. On
     Triton's interpreter, with FAST_LAUNCH off, or with a launch hook installed (a profiler), this is a
     plain `kernel[grid](...)`.
@@ -244,7 +246,7 @@ class FastLaunch:
         self.cache = {}
         self._layouts = {}  # argument types -> (tensor positions, specialised int positions, int positions)
 
-    def _key(self, args, meta):
+    def _key(self, args, meta, device: int):
         types = tuple(map(type, args))
         layout = self._layouts.get(types)
         if layout is None:
@@ -253,7 +255,7 @@ class FastLaunch:
             layout = self._layouts[types] = (tensors, tuple(i for i in ints if i not in self.dns), ints)
         tensors, spec_ints, ints = layout
         ts = [args[i] for i in tensors]
-        return (types, tuple(meta.items()), torch.cuda.current_device(),
+        return (types, tuple(meta.items()), device,
                 tuple([t.dtype for t in ts]), tuple([t.data_ptr() & 15 for t in ts]),
                 tuple([16 if args[i] == 1 else args[i] & 15 for i in spec_ints]),
                 # the ints outside 32 bits, each by position (Triton types each one i64, or u64 from 2**63)
@@ -265,7 +267,8 @@ class FastLaunch:
             raise TypeError(f"{self.kernel.fn.__name__} takes {self.n_runtime} runtime arguments, got {len(args)}")
         if not FAST_LAUNCH or _INTERPRETING or _launch_hooks():
             return self.kernel[grid](*args, **meta)
-        key = self._key(args, meta)
+        device = torch.cuda.current_device()
+        key = self._key(args, meta, device)
         entry = self.cache.get(key)
         if entry is None:
             compiled = self.kernel[grid](*args, **meta)
@@ -280,7 +283,7 @@ class FastLaunch:
         g0 = grid[0]
         g1 = grid[1] if len(grid) > 1 else 1
         g2 = grid[2] if len(grid) > 2 else 1
-        compiled.run(g0, g1, g2, _raw_stream(torch.cuda.current_device()), compiled.function,
+        compiled.run(g0, g1, g2, _raw_stream(device), compiled.function,
                      compiled.packed_metadata, None, None, None, *args, *tail)
         return compiled
 
@@ -306,9 +309,4 @@ except ImportError:  # pragma: no cover
     _KNOBS = None
 
 
-def _interpreting() -> bool:
-    from .._runtime import is_interpreting
-    return is_interpreting()
-
-
-_INTERPRETING = _interpreting()
+_INTERPRETING = is_interpreting()

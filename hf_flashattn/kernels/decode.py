@@ -5,9 +5,9 @@ Split-KV: with a short query (decode) there are too few (query block, head, sequ
 the GPU, so the key range of each is cut into `num_splits` pieces, one program each. A piece writes its
 normalised partial output O_s (float32) and lse_s; the combine computes, per row,
     lse = log Σ_s exp(lse_s),   O = Σ_s exp(lse_s - lse) · O_s
-(exact: it is the online-softmax merge), in a second kernel. Packed GQA: the `group` query heads that share a kv head are
-stacked along the rows of one tile (row r = query position r // group, head r % group), so each K/V
-block is read once per kv head instead of once per query head.
+(exact: it is the online-softmax merge), in a second kernel. Packed GQA: the `group` query heads that
+share a kv head are stacked along the rows of one tile (row r = query position r // group, head
+r % group), so each K/V block is read once per kv head instead of once per query head.
 """
 from __future__ import annotations
 
@@ -216,11 +216,12 @@ def forward(q, k_cache, v_cache, seqlens_k, cache_batch_idx, max_seqlen_k, softm
             num_splits, key_mask=None):
     """q (B, Sq, H, D); k_cache/v_cache (B_cache, S_cache, Hk, D); seqlens_k (B,) int32 valid keys per
     sequence (after any append), or None when every sequence has max_seqlen_k; key_mask None or
-    (B, >= max key) bool/int, nonzero = attend, contiguous last dim. Returns out (B, Sq, H, D) and lse (B, H, Sq) float32."""
+    (B, >= max key) bool/int, nonzero = attend, contiguous last dim. Returns out (B, Sq, H, D) and
+    lse (B, H, Sq) float32."""
     B, Sq, H, D = q.shape
-    return _run(q, (q.stride(0), q.stride(1), q.stride(2)), k_cache, (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)),
-                v_cache, (v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)), B, Sq, H, D, k_cache.shape[2],
-                seqlens_k, cache_batch_idx, max_seqlen_k, softmax_scale, window_size, softcap, num_splits, key_mask, True)
+    return _run(q, q.stride()[:3], k_cache, k_cache.stride()[:3], v_cache, v_cache.stride()[:3],
+                B, Sq, H, D, k_cache.shape[2], seqlens_k, cache_batch_idx, max_seqlen_k, softmax_scale,
+                window_size, softcap, num_splits, key_mask, True)
 
 
 def decode_bhsd(query, key, value, softmax_scale, window_size, softcap):
@@ -232,8 +233,8 @@ def decode_bhsd(query, key, value, softmax_scale, window_size, softcap):
     with a dynamic cache, where every microsecond of Python shows in the tokens/s."""
     B, H, Sq, D = query.shape
     L = key.shape[2]
-    out, _, _ = _run(query, (query.stride(0), query.stride(2), query.stride(1)), key,
-                     (key.stride(0), key.stride(2), key.stride(1)), value, (value.stride(0), value.stride(2), value.stride(1)),
+    qs, ks, vs = query.stride(), key.stride(), value.stride()
+    out, _, _ = _run(query, (qs[0], qs[2], qs[1]), key, (ks[0], ks[2], ks[1]), value, (vs[0], vs[2], vs[1]),
                      B, Sq, H, D, key.shape[1], None, None, L, softmax_scale, window_size, softcap, 0, None, False)
     return out
 

@@ -134,9 +134,14 @@ _fwd_launch = C.Launcher(_fwd_kernel, _fwd_configs(), prune_by_head_dim,
 def use_split_kv(q, k, varlen: bool) -> bool:
     """Decode-like shapes (a few queries, many keys) go to the split-KV kernel of decode.py: the same
     exact result (out and lse, so the backward is unchanged), but the key range is spread over many
-    programs instead of one per (query block, head). HF_FLASHATTN_SPLITKV=0 turns this off."""
-    return (not varlen and q.shape[1] <= 16 and k.shape[1] >= 8 * q.shape[1] and q.numel() > 0
-            and os.environ.get("HF_FLASHATTN_SPLITKV", "1") != "0")
+    programs instead of one per (query block, head)."""
+    return not varlen and q.numel() > 0 and splits_keys(q.shape[1], k.shape[1])
+
+
+def splits_keys(seqlen_q: int, seqlen_k: int) -> bool:
+    """The sequence lengths use_split_kv sends to the split-KV kernel (also Transformers' decode fast
+    path, which has them without (B, S, H, D) tensors). HF_FLASHATTN_SPLITKV=0 turns this off."""
+    return seqlen_q <= 16 and seqlen_k >= 8 * seqlen_q and os.environ.get("HF_FLASHATTN_SPLITKV", "1") != "0"
 
 
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_size,

@@ -79,6 +79,23 @@ def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_q
 
 
 @triton.jit
+def _load_delta(D_base, rows_q, Sq, MASKED: tl.constexpr):
+    """Delta = rowsum(dO ∘ O) of the query block (0 past Sq on edge blocks)."""
+    if MASKED:
+        delta = tl.load(D_base + rows_q, mask=rows_q < Sq, other=0.0)
+    else:
+        delta = tl.load(D_base + rows_q)
+    return delta
+
+
+@triton.jit
+def _add_dq(dq, DQ_base, stride_dqm, rows_q, offs_d, Sq, HEAD_DIM: tl.constexpr):
+    """dQ += dq, accumulated in float32 across the key-block programs (atomic dQ: the order varies)."""
+    tl.atomic_add(DQ_base + rows_q[:, None] * stride_dqm + offs_d[None, :], dq,
+                  mask=(rows_q[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+
+
+@triton.jit
 def _dkdv_step(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_q, offs_n, offs_d, Sq, diag_t, left_t,
                right_t, qk_scale, cap_scale, ds_scale, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, DO_DK: tl.constexpr,
@@ -93,10 +110,7 @@ def _dkdv_step(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_q, of
         # -- dV += Pᵀ dO --
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
     if DO_DK:
-        if MASKED:
-            delta = tl.load(D_base + rows_q, mask=rows_q < Sq, other=0.0)
-        else:
-            delta = tl.load(D_base + rows_q)
+        delta = _load_delta(D_base, rows_q, Sq, MASKED)
         # -- dSᵀ = Pᵀ ∘ (dPᵀ - Delta), dK += dSᵀ Q --
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dsT = pT * (dpT - delta[None, :])
@@ -104,10 +118,9 @@ def _dkdv_step(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_q, of
             dsT = dsT * (1.0 - t * t)
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
     if ATOMIC_DQ:
-        # -- dQ += dS K, accumulated in float32 across the key-block programs (order varies) --
-        dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PREC) * ds_scale
-        tl.atomic_add(DQ_base + rows_q[:, None] * stride_dqm + offs_d[None, :], dq,
-                      mask=(rows_q[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+        # -- dQ += dS K --
+        dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PREC)
+        _add_dq(dq * ds_scale, DQ_base, stride_dqm, rows_q, offs_d, Sq, HEAD_DIM)
     return dk, dv
 
 
@@ -125,19 +138,15 @@ def _dkdv_step_kv_b(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_
     if DO_DV:
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PREC)
     if DO_DK:
-        if MASKED:
-            delta = tl.load(D_base + rows_q, mask=rows_q < Sq, other=0.0)
-        else:
-            delta = tl.load(D_base + rows_q)
+        delta = _load_delta(D_base, rows_q, Sq, MASKED)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PREC)
     if ATOMIC_DQ:
-        dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC) * ds_scale
-        tl.atomic_add(DQ_base + rows_q[:, None] * stride_dqm + offs_d[None, :], dq,
-                      mask=(rows_q[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+        dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        _add_dq(dq * ds_scale, DQ_base, stride_dqm, rows_q, offs_d, Sq, HEAD_DIM)
     return dk, dv
 
 

@@ -23,6 +23,7 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hf_flashattn as fa  # noqa: E402
+from hf_flashattn.kernels import decode  # noqa: E402
 
 
 def copy_bandwidth():
@@ -47,6 +48,10 @@ def kernel_rows(bw):
             gbytes = 2 * B * L * Hk * D * 2 / 1e9
             impls = {"ours-kvcache": lambda: fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=L),
                      "ours-flash_attn_func": lambda: fa.flash_attn_func(q, kc, vc)}
+            # generate()'s per-layer call in Transformers' layout: launched, the splits are merged in-kernel
+            # (one launch); captured in a graph, by the combine kernel (as the two rows above)
+            qb, kb, vb = (x.transpose(1, 2).contiguous() for x in (q, kc, vc))
+            impls["ours-bhsd"] = lambda: decode.decode_bhsd(qb, kb, vb, D ** -0.5, (-1, 0), 0.0)
             for name, be in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION),
                              ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-math", SDPBackend.MATH)):
                 def run(be=be):
@@ -72,7 +77,7 @@ def kernel_rows(bw):
                     rows.append(dict(impl=name, B=B, L=L, ms=None, error=f"{type(e).__name__}: {str(e)[:120]}"))
             print(" ".join(f"{r['impl']}={r['ms']:.3f}ms" if r.get("ms") else f"{r['impl']}=–" for r in rows[-len(impls):]),
                   f"B={B} L={L}", flush=True)
-            del q, kc, vc
+            del q, kc, vc, qb, kb, vb
             torch.cuda.empty_cache()
     return rows
 

@@ -10,6 +10,8 @@ For each case: the first call compiles through Triton's JIT, later calls launch 
   * the lean Transformers path (`decode.decode_bhsd`, Transformers' (B, H, S, D) layout), flash_attn_func
     decode shapes, flash_attn_with_kvcache with ragged cache_seqlens and an append, and the masked
     decode of a left-padded batch;
+  * decode_bhsd's in-kernel merge of the splits (one launch, a cached workspace per stream) against the
+    combine kernel, on two streams at once and over changing shapes, its counters back at zero;
   * greedy generate() of a small bf16 Llama: flashattn_custom with the direct launch gives the same tokens
     as with the JIT launch, and is compared with sdpa (agreement reported).
 
@@ -64,6 +66,58 @@ def jit(fn):
         C.FAST_LAUNCH = True
 
 
+def separate(fn):
+    """fn() with decode_bhsd's splits merged by the combine kernel (a second launch) instead of in-kernel."""
+    decode.FUSED_MERGE = False
+    try:
+        return fn()
+    finally:
+        decode.FUSED_MERGE = True
+
+
+def counters_zero(name):
+    """Every counter of the in-kernel merge is back at zero after the calls (the next call relies on it)."""
+    torch.cuda.synchronize()
+    left = sum(int(c.count_nonzero()) for _, c in decode._WORKSPACES.values())
+    RESULTS.append(dict(name=name, nonzero_counters=left, ok=left == 0))
+    print(("ok  " if left == 0 else "FAIL"), f"{name}: {left} counters left nonzero", flush=True)
+
+
+def streams_case():
+    """decode_bhsd on two streams at once (a workspace per stream), then many calls of changing shapes on
+    one: every output against the two-launch path, counters back at zero."""
+    if DEV != "cuda":
+        return
+    g = torch.Generator(device=DEV).manual_seed(5)
+    mk = lambda B, H, Hk, L: (torch.randn(B, H, 1, 128, device=DEV, dtype=torch.bfloat16, generator=g),  # noqa: E731
+                              torch.randn(B, Hk, L, 128, device=DEV, dtype=torch.bfloat16, generator=g),
+                              torch.randn(B, Hk, L, 128, device=DEV, dtype=torch.bfloat16, generator=g))
+    cases = [mk(1, 32, 8, 32768), mk(2, 32, 8, 8192)]
+    refs_ = [separate(lambda c=c: decode.decode_bhsd(*c, 128 ** -0.5, (-1, 0), 0.0)) for c in cases]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    outs = [[], []]
+    torch.cuda.synchronize()
+    for _ in range(50):
+        for i, st in enumerate(streams):
+            with torch.cuda.stream(st):
+                outs[i].append(decode.decode_bhsd(*cases[i], 128 ** -0.5, (-1, 0), 0.0))
+    torch.cuda.synchronize()
+    for i in range(2):
+        worst = max((o.float() - refs_[i].float()).abs().max().item() for o in outs[i])
+        ok = worst <= 1e-2
+        RESULTS.append(dict(name=f"two streams, case {i}: 50 calls vs two-launch path", err=worst, ok=ok))
+        print(("ok  " if ok else "FAIL"), f"two streams case {i}: max diff {worst:.3e}", flush=True)
+    for L in (100, 1000, 4097, 20000, 3, 65536):
+        for B in (1, 3):
+            c = mk(B, 16, 4, L)
+            a = decode.decode_bhsd(*c, 128 ** -0.5, (-1, 0), 0.0)
+            b = separate(lambda c=c: decode.decode_bhsd(*c, 128 ** -0.5, (-1, 0), 0.0))
+            d = (a.float() - b.float()).abs().max().item()
+            RESULTS.append(dict(name=f"in-kernel merge vs combine kernel B{B} L{L}", err=d, ok=d <= 1e-2))
+            print(("ok  " if d <= 1e-2 else "FAIL"), f"merge B{B} L{L}: max diff {d:.3e}", flush=True)
+    counters_zero("counters after the stream cases")
+
+
 def misaligned(x):
     """x's values in a tensor whose data pointer is 8 bytes (4 elements) off a 16-byte boundary."""
     buf = torch.empty(x.numel() + 4, dtype=x.dtype, device=x.device)
@@ -98,6 +152,8 @@ def lean_cases():
             check(name + " (direct call)", second, ref64, low, dtype)
             same(name + " direct == JIT", second, jit(run))
             same(name + " direct, twice", second, third)
+            two = separate(run)
+            check(name + " (two launches: combine kernel)", two, ref64, low, dtype)
             qm, km, vm = misaligned(q), misaligned(k), misaligned(v)
             check(name + " misaligned views", decode.decode_bhsd(qm, km, vm, scale, (window, 0), softcap),
                   ref64, low, dtype)
@@ -108,8 +164,8 @@ def lean_cases():
 
 
 def graph_case():
-    """The split decode (decode kernel, then the combine, launched as its programmatic dependent on sm90)
-    captured in a CUDA graph and replayed, against the eager call."""
+    """The split decode (decode kernel, then the combine) captured in a CUDA graph and replayed, against the
+    eager call."""
     if DEV != "cuda":
         return
     g = torch.Generator(device=DEV).manual_seed(4)
@@ -128,7 +184,9 @@ def graph_case():
         q.copy_(torch.randn(q.shape, device=DEV, dtype=q.dtype, generator=g))
         graph.replay()
         torch.cuda.synchronize()
-        same(f"CUDA graph replay L{L} == eager call (new q)", out, decode.decode_bhsd(q, k, v, 128 ** -0.5, (-1, 0), 0.0))
+        # captured: the combine kernel merges (no cached workspace inside a graph), as the eager call below
+        same(f"CUDA graph replay L{L} == eager call (new q)", out,
+             separate(lambda: decode.decode_bhsd(q, k, v, 128 ** -0.5, (-1, 0), 0.0)))
 
 
 def api_cases():
@@ -193,6 +251,8 @@ def generate_case():
             if impl == "flashattn_custom":
                 toks["flashattn_custom/jit"] = jit(lambda: model.generate(ids, **kw)[0, ids.shape[1]:])
     same("generate: direct launch == JIT launch (tokens)", toks["flashattn_custom"], toks["flashattn_custom/jit"])
+    if DEV == "cuda":
+        counters_zero("counters after generate()")
     agree = (toks["flashattn_custom"] == toks["sdpa"]).float().mean().item()
     RESULTS.append(dict(name="generate agreement with sdpa (bf16 near-ties may differ)", agreement=agree, ok=True))
     print(f"info generate: greedy agreement with sdpa {agree:.2f}", flush=True)
@@ -202,7 +262,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
-    for part in (lean_cases, graph_case, api_cases, generate_case):
+    for part in (lean_cases, graph_case, streams_case, api_cases, generate_case):
         try:
             part()
         except Exception:  # noqa: BLE001

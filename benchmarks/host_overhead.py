@@ -3,7 +3,8 @@ by the host, one Python call after another). Each piece is called N times in a l
 (~10 us at these sizes) is shorter than its host time, so time per call = host time per call.
 
 Pieces: torch.empty; the FastLaunch cache key; the decode kernel launched through Triton's JIT entry point,
-through FastLaunch, and straight through the CompiledKernel; decode.decode_bhsd; flash_attn_func; the
+through FastLaunch, and straight through the CompiledKernel; decode.decode_bhsd (one launch, and with the
+combine kernel: two); flash_attn_func; the
 Transformers attention functions of flashattn_custom and sdpa on the same module and tensors. Then whole
 decode steps of the ~1B Llama (8k prompt, DynamicCache, all-ones mask as generate() passes it) for
 flashattn_custom and sdpa, and flashattn_custom with parts left out, interleaved round by round so that
@@ -68,16 +69,20 @@ def pieces():
     res["decode kernel: FastLaunch"] = per_call_us(lambda: real(grid, *args, **meta))
     res["decode kernel: CompiledKernel[grid](*args)"] = per_call_us(lambda: compiled[grid](*full))
     res["decode.decode_bhsd"] = per_call_us(lambda: decode.decode_bhsd(q, k, v, D ** -0.5, (-1, 0), 0.0))
+    decode.FUSED_MERGE = False
+    res["decode.decode_bhsd (two launches)"] = per_call_us(lambda: decode.decode_bhsd(q, k, v, D ** -0.5, (-1, 0), 0.0))
+    decode.FUSED_MERGE = True
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     res["flash_attn_func"] = per_call_us(lambda: fa.flash_attn_func(qt, kt, vt, causal=True))
     cfg = LlamaConfig(hidden_size=H * D, intermediate_size=256, num_hidden_layers=1, num_attention_heads=H,
                       num_key_value_heads=Hk, vocab_size=100)
+    pos = torch.full((1, 1), L - 1, device="cuda")   # the keywords a Llama layer passes on a decode step
     for impl in ("flashattn_custom", "sdpa"):
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation=impl, dtype=torch.bfloat16).cuda()
         attn = model.model.layers[0].self_attn
         fn = ALL_ATTENTION_FUNCTIONS[impl]
         res[f"attention function {impl}"] = per_call_us(
-            lambda: fn(attn, q, k, v, None, dropout=0.0, scaling=attn.scaling))
+            lambda: fn(attn, q, k, v, None, dropout=0.0, scaling=attn.scaling, position_ids=pos, use_cache=True))
         del model
     return res
 
@@ -123,6 +128,7 @@ def interleaved_steps(rounds=8, n=16, prompt=8192):
         "sdpa": ("sdpa", None),
         "flashattn_custom": ("flashattn_custom", None),
         "flashattn_custom/jit-launch": ("flashattn_custom", lambda: mock.patch.object(C, "FAST_LAUNCH", False)),
+        "flashattn_custom/two-launch": ("flashattn_custom", lambda: mock.patch.object(decode, "FUSED_MERGE", False)),
         "flashattn_custom/no-launch": ("flashattn_custom", lambda: mock.patch.object(decode, "_run", no_launch)),
         "flashattn_custom/no-attention": ("flashattn_custom", lambda: mock.patch.dict(
             ALL_ATTENTION_FUNCTIONS._global_mapping, {"flashattn_custom": no_attention})),

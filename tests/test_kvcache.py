@@ -233,3 +233,43 @@ def test_lean_decode_matches_flash_attn_func():
                                  window_size=(window, -1), softcap=cap)
         assert out.shape == (B, 1, H, D) and out.is_contiguous()
         torch.testing.assert_close(out, ref, atol=1e-3, rtol=0)
+
+
+def test_lean_decode_merges_splits_in_kernel_with_one_launch(monkeypatch):
+    """decode_bhsd (generate()'s per-layer call) merges the splits in the split kernel itself: one launch,
+    partials and counters in a cached per-stream workspace, the counters back at zero after every call
+    (the next call relies on it), the same output as the combine kernel's merge; growing shapes grow the
+    workspace. While torch.compile traces (or a CUDA graph is captured) the combine kernel merges instead."""
+    from hf_flashattn.kernels import decode
+    launches = {"decode": 0, "combine": 0}
+    for name in launches:
+        real = getattr(decode, f"_{name}_launch")
+        monkeypatch.setattr(decode, f"_{name}_launch", lambda *a, _r=real, _n=name, **kw:
+                            launches.__setitem__(_n, launches[_n] + 1) or _r(*a, **kw))
+    g = torch.Generator().manual_seed(11)
+    # few (batch, kv head) programs, so that the interpreter's 4 "SMs" ask for 3-5 splits in every case
+    for B, H, Hk, L, D, window, cap in ((1, 8, 2, 200, 16, -1, 0.0), (1, 4, 1, 333, 32, 50, 0.0),
+                                        (1, 6, 2, 500, 24, -1, 4.0), (2, 2, 1, 400, 8, -1, 0.0)):
+        q = torch.randn(B, H, 1, D, generator=g, dtype=torch.float16)
+        k = torch.randn(B, Hk, L, D, generator=g, dtype=torch.float16)
+        v = torch.randn(B, Hk, L, D, generator=g, dtype=torch.float16)
+        launches.update(decode=0, combine=0)
+        fused = decode.decode_bhsd(q, k, v, D ** -0.5, (window, 0), cap)
+        assert launches == {"decode": 1, "combine": 0}, launches
+        for _, counters in decode._WORKSPACES.values():
+            assert int(counters.count_nonzero()) == 0, "a counter of the in-kernel merge was left nonzero"
+        monkeypatch.setattr(decode, "FUSED_MERGE", False)
+        two = decode.decode_bhsd(q, k, v, D ** -0.5, (window, 0), cap)
+        monkeypatch.setattr(decode, "FUSED_MERGE", True)
+        assert launches == {"decode": 2, "combine": 1}, launches
+        torch.testing.assert_close(fused, two, atol=1e-3, rtol=0)
+        ref = fa.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                                 window_size=(window, -1), softcap=cap)
+        torch.testing.assert_close(fused, ref, atol=1e-3, rtol=0)
+    assert len(decode._WORKSPACES) == 1   # one device, one stream
+    (ws, counters), = decode._WORKSPACES.values()
+    assert ws.numel() >= 4 * 6 * 24   # grown to the largest call (4 splits x 6 heads x d 24)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    launches.update(decode=0, combine=0)
+    decode.decode_bhsd(q, k, v, D ** -0.5, (-1, 0), 0.0)
+    assert launches == {"decode": 1, "combine": 1}, "under torch.compile the combine kernel must merge"

@@ -553,6 +553,55 @@ def test_plain_decode_step_skips_the_flash_path_and_matches_it(family, monkeypat
     assert not integ._is_plain_decode_step(attn, q, k, v, None, {"cu_seq_lens_q": torch.zeros(3, dtype=torch.int32)})
 
 
+def test_decode_step_that_wants_gradients_keeps_autograd(monkeypatch):
+    """A one-token step whose inputs require gradients (a training or scoring forward over one new token)
+    must not take the lean no-autograd kernel call: its output carries the autograd graph, and the
+    gradients equal those of Transformers' own flash path."""
+    import transformers.integrations.flash_attention as hf_flash
+    _, ours = pair("llama")
+    attn = ours.model.layers[0].self_attn
+    fn = AttentionInterface._global_mapping[NAME]
+    lean = []
+    real = decode_kernels.decode_bhsd
+    monkeypatch.setattr(decode_kernels, "decode_bhsd", lambda *a, **kw: lean.append(1) or real(*a, **kw))
+    g = torch.Generator().manual_seed(5)
+    H, Hk, D = ours.config.num_attention_heads, ours.config.num_key_value_heads, attn.head_dim
+    base = [torch.randn(2, H, 1, D, generator=g), torch.randn(2, Hk, 30, D, generator=g),
+            torch.randn(2, Hk, 30, D, generator=g)]
+    grads = []
+    for run in (lambda *t: fn(attn, *t, None, dropout=0.0, scaling=attn.scaling)[0],
+                lambda *t: hf_flash.flash_attention_forward(attn, *t, None, dropout=0.0, scaling=attn.scaling)[0]):
+        ts = [t.clone().requires_grad_() for t in base]
+        out = run(*ts)
+        assert out.grad_fn is not None, "the output of a step that wants gradients has no autograd graph"
+        (out.float() * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        grads.append([t.grad for t in ts])
+    assert not lean, "a step that wants gradients took the no-autograd lean path"
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():   # the same step without gradients takes it
+        fn(attn, *base, None, dropout=0.0, scaling=attn.scaling)
+    assert lean
+
+
+def test_module_sliding_window_lookup():
+    """The per-layer lookup of a module's window (no nn.Module.__getattr__ miss) finds an instance
+    attribute, a class attribute or property, and None when there is none."""
+    class Plain(torch.nn.Module):
+        pass
+
+    class WithProperty(torch.nn.Module):
+        @property
+        def sliding_window(self):
+            return 7
+
+    m = Plain()
+    assert integration._module_sliding_window(m) is None
+    m.sliding_window = 5
+    assert integration._module_sliding_window(m) == 5
+    assert integration._module_sliding_window(WithProperty()) == 7
+
+
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
 def test_static_cache_decode_step_compiles_fullgraph(padded):
     """torch.compile(model.forward, fullgraph=True) on a decode step with a StaticCache (what generate()

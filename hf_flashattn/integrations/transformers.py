@@ -138,18 +138,14 @@ def _decode_step(module, query, key, value, attention_mask, sliding_window, kwar
     static cache) is unpadded into a varlen call (more syncs). Same keywords (window of `sliding_window`
     keys when the cache is longer, softcap, scaling). A mask covers the first L keys (Transformers'
     flash path drops the rest too); the split-KV kernel applies it per key. Returns (batch, 1, heads,
-    dim), or None to leave the step to Transformers' path (a kernel version without that kernel)."""
+    dim), or None to leave the step to Transformers' path (a kernel version without that kernel).
+    (Steps without a mask that the split-KV kernel takes as they are went to `_lean_step` before.)"""
     from .. import interface
     window = (-1, -1)
     if sliding_window is not None and key.shape[2] > sliding_window:
         window = (sliding_window - 1, sliding_window - 1)
     softcap = kwargs.get("softcap")
     softcap = 0.0 if softcap is None else softcap
-    if attention_mask is None and _lean_decode_ok(query, key, value):
-        from ..kernels import decode
-        scale = kwargs.get("scaling")
-        return decode.decode_bhsd(query, key, value, query.shape[-1] ** -0.5 if scale is None else float(scale),
-                                  (window[0], 0), float(softcap))
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     if attention_mask is not None:
         k, v = k[:, :attention_mask.shape[1]], v[:, :attention_mask.shape[1]]
@@ -159,21 +155,65 @@ def _decode_step(module, query, key, value, attention_mask, sliding_window, kwar
                                      softcap=softcap)
 
 
-def _lean_decode_ok(query, key, value) -> bool:
-    """The inputs the split-KV decode kernel takes as they are, in Transformers' (batch, heads, seq, dim)
-    layout, with no further check (`decode.decode_bhsd`): what flash_attn_func would validate and route to
-    that kernel with version v2 (the active version; v1/v3 keep their own kernels). Anything else takes
-    flash_attn_func, which raises the usual errors."""
+_HALF = (torch.float16, torch.bfloat16)
+_kernels = None   # hf_flashattn.kernels (imported on the first decode step: it imports Triton)
+
+
+def _lean_step(module, query, key, value, sliding_window, kwargs):
+    """A decode step without a mask, the common case of generate() with a dynamic cache, where the host
+    time of every layer shows in the tokens/s: one new token per sequence, nothing packed, inputs the
+    split-KV decode kernel takes as they are (Transformers' (batch, heads, seq, dim) layout, last dims
+    contiguous, same dtype and device, heads a multiple of kv heads, head dim a multiple of 8 up to 256),
+    no gradient wanted, the v2 kernels active and the key length one that flash_attn_func would also send
+    to the split-KV kernel (`kernels.v2.splits_keys`). Then `kernels.decode.decode_bhsd` computes it: one
+    launch, no lse. Anything else returns None and takes `_decode_step` / Transformers' path, with
+    flash_attn_func's checks and errors. The tests are written for speed (no imports, no generator
+    expressions, `is` on dtypes): this function runs for every layer of every step."""
+    global _kernels
+    g = kwargs.get
+    if (g("dropout") or g("output_attentions") or g("s_aux") is not None or g("cu_seq_lens_q") is not None
+            or g("cu_seq_lens_k") is not None or g("max_length_q") is not None or g("max_length_k") is not None):
+        return None
+    dt = query.dtype
+    if key.dtype is not dt or value.dtype is not dt or (dt not in _HALF and not _keeps_dtype(query, module)):
+        return None
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return None
+    B, H, _, D = query.shape
+    kshape = key.shape
+    Hk, L = kshape[1], kshape[2]
+    if (value.shape != kshape or kshape[0] != B or kshape[3] != D or B == 0 or Hk == 0 or H % Hk or D % 8
+            or D > 256 or query.stride(3) != 1 or key.stride(3) != 1 or value.stride(3) != 1):
+        return None
+    dev = query.get_device()
+    if key.get_device() != dev or value.get_device() != dev or not (dev >= 0 or _interpreting()):
+        return None
+    if _kernels is None:
+        from .. import kernels as _k
+        from ..kernels import decode as _d, v2 as _v  # noqa: F401  (attributes of _k from here on)
+        _kernels = _k
     from .. import interface
+    if interface.get_default_version() not in ("auto", "v2") or not _kernels.v2.splits_keys(1, L):
+        return None
+    window_left = sliding_window - 1 if sliding_window is not None and L > sliding_window else -1
+    softcap, scale = g("softcap"), g("scaling")
+    return _kernels.decode.decode_bhsd(query, key, value, D ** -0.5 if scale is None else float(scale),
+                                       (window_left, 0), 0.0 if softcap is None else float(softcap))
+
+
+def _interpreting() -> bool:
     from .._runtime import is_interpreting
-    from ..kernels import v2
-    D, H, Hk = query.shape[3], query.shape[1], key.shape[1]
-    return (query.is_cuda or is_interpreting()) and key.device == query.device and value.device == query.device \
-        and D % 8 == 0 and 8 <= D <= 256 and Hk > 0 and H % Hk == 0 \
-        and key.shape == value.shape and key.shape[3] == D and key.shape[0] == query.shape[0] \
-        and query.stride(3) == 1 and key.stride(3) == 1 and value.stride(3) == 1 \
-        and interface._resolve_version("auto", query, key, value) == "v2" \
-        and v2.splits_keys(query.shape[2], key.shape[2])
+    return is_interpreting()
+
+
+def _module_sliding_window(module):
+    """`getattr(module, "sliding_window", None)` without nn.Module.__getattr__'s slow miss (Llama's
+    attention has no such attribute, and this runs for every layer of every step): an instance attribute,
+    else a class attribute or property; parameters, buffers and submodules cannot be windows."""
+    d = module.__dict__
+    if "sliding_window" in d:
+        return d["sliding_window"]
+    return getattr(module, "sliding_window", None) if hasattr(type(module), "sliding_window") else None
 
 
 def _make_attention_forward(flash_attention_forward):
@@ -182,11 +222,15 @@ def _make_attention_forward(flash_attention_forward):
         integration"), taking sliding_window from `module.sliding_window` when the model does not
         pass it: Qwen2-MoE sets it on its sliding layers but never forwards it, unlike eager's mask.
         A plain decode step (one token, no padding) calls the kernel directly (`_decode_step`)."""
+        if sliding_window is None:
+            sliding_window = _module_sliding_window(module)
+        if attention_mask is None and query.shape[2] == 1:
+            out = _lean_step(module, query, key, value, sliding_window, kwargs)
+            if out is not None:
+                return out, None
         if kwargs.get("s_aux") is not None:  # Transformers would drop it silently: our functions take no sinks
             raise NotImplementedError(f"{type(module).__name__} uses attention sinks (s_aux), which hf_flashattn does "
                                       "not implement; build the model with attn_implementation='eager' or 'sdpa'.")
-        if sliding_window is None:
-            sliding_window = getattr(module, "sliding_window", None)
         if _is_plain_decode_step(module, query, key, value, attention_mask, kwargs):
             out = _decode_step(module, query, key, value, attention_mask, sliding_window, kwargs)
             if out is not None:

@@ -54,6 +54,23 @@ def _append_kernel(KNEW, VNEW, KC, VC, SEQLENS, BIDX,
     tl.store(VC + cb * stride_vcb + h * stride_vch + pos[:, None] * stride_vcn + d[None, :], v, mask=mask)
 
 
+@triton.jit
+def _merge_row(OP, LP, stride_os, stride_ls, n_splits, s, d, HEAD_DIM: tl.constexpr):
+    """The exact merge of the n_splits partial rows O_s = OP + s * stride_os (float32, HEAD_DIM wide) with
+    lse_s = LP[s * stride_ls]: (O, lse) as float32; a row no split saw gets O = 0, lse = +inf. s: arange
+    over the splits (padded to a power of two), d: arange over the head dim (padded)."""
+    lse_s = tl.load(LP + s * stride_ls, mask=s < n_splits, other=float("-inf"), cache_modifier=".cg")
+    top = tl.max(lse_s, 0)
+    top_safe = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.exp(lse_s - top_safe)                       # 0 for empty splits and padding
+    total = tl.sum(w, 0)
+    o_s = tl.load(OP + s[:, None] * stride_os + d[None, :], mask=(s[:, None] < n_splits) & (d[None, :] < HEAD_DIM),
+                  other=0.0, cache_modifier=".cg")
+    out = tl.sum(o_s * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    lse = tl.where(total > 0, top_safe + tl.log(tl.where(total > 0, total, 1.0)), float("inf"))
+    return out, lse
+
+
 @triton.jit(do_not_specialize=["seqlen_q", "window_left", "window_right", "group", "n_splits", "max_seqlen_k",
                              "lse_off"])
 def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX, KMASK, stride_mb,
@@ -61,9 +78,11 @@ def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX, KMASK, stride_mb,
                    stride_kb, stride_kn, stride_kh,
                    stride_vb, stride_vn, stride_vh,
                    seqlen_q, window_left, window_right, qk_scale, cap_scale, group, n_splits, max_seqlen_k, lse_off,
+                   OF, LOCKS,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_BIDX: tl.constexpr, SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-                   HAS_KMASK: tl.constexpr, HAS_SEQLENS: tl.constexpr = True, STORE_LSE: tl.constexpr = True):
+                   HAS_KMASK: tl.constexpr, HAS_SEQLENS: tl.constexpr = True, STORE_LSE: tl.constexpr = True,
+                   FUSED: tl.constexpr = False, SPLITS: tl.constexpr = 2):
     # Grid: (cdiv(seqlen_q * group, BLOCK_M) * n_splits, nheads_k, batch). One program: BLOCK_M packed
     # rows (query position, head of the group) against one split of the visible keys of its sequence.
     # KMASK (HAS_KMASK): (batch, cache rows) padding mask, nonzero = attend (Transformers' 2D mask).
@@ -71,6 +90,10 @@ def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX, KMASK, stride_mb,
     # contiguous (batch, seqlen_q, nheads, HEAD_DIM) output; LSE + lse_off: contiguous ((n_splits,) batch,
     # nheads, seqlen_q); with splits it shares one workspace with O (lse_off elements after it); without
     # splits and STORE_LSE off (a caller that only wants O) not written. Their strides follow from the grid.
+    # FUSED (with SPLIT, STORE_LSE off): no combine launch; the split that finishes last for its row tile
+    # merges the partials into OF (contiguous (batch, seqlen_q, nheads, HEAD_DIM)), counting finished
+    # splits in LOCKS (one zeroed int32 per (row tile, kv head, sequence), left at zero again). SPLITS:
+    # n_splits rounded up to a power of two (>= 2), the width of the merge.
     split = tl.program_id(0) % n_splits
     r0 = (tl.program_id(0) // n_splits) * BLOCK_M
     kvh = tl.program_id(1).to(tl.int64)
@@ -121,6 +144,25 @@ def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX, KMASK, stride_mb,
         tl.store(LSE + lse_off + split * stride_ls + b * stride_lb + h * stride_lh + pos, lse, mask=row_ok)
     tl.store(O + split * stride_os + b * stride_ob + pos[:, None] * stride_om + h[:, None] * stride_oh
              + offs_d[None, :], acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    if FUSED:
+        # The barrier orders every thread's partial stores before the counter's release (gpu scope); the
+        # acquire of the program that brings the counter to n_splits makes the other splits' stores visible
+        # to it, and the merge reads them past L1 (.cg). That program resets the counter for the next call.
+        tl.debug_barrier()
+        tile = tl.program_id(0) // n_splits
+        lock = LOCKS + (b * tl.num_programs(1) + kvh) * (tl.num_programs(0) // n_splits) + tile
+        done = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
+        if done == n_splits - 1:
+            s = tl.arange(0, SPLITS)
+            for i in range(tl.minimum(BLOCK_M, seqlen_q * group - r0)):
+                r = r0 + i
+                pr = r // group
+                hr = kvh * group + r % group
+                o_row = b * stride_ob + pr * stride_om + hr * stride_oh
+                out, lse = _merge_row(O + o_row, LSE + lse_off + b * stride_lb + hr * stride_lh + pr,
+                                      stride_os, stride_ls, n_splits, s, offs_d, HEAD_DIM)
+                tl.store(OF + o_row + offs_d, out.to(OF.dtype.element_ty), mask=offs_d < HEAD_DIM)
+            tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -144,17 +186,9 @@ def _combine_kernel(OP, O, LSE, n_splits, lp_off,
     stride_lh = Sq
     stride_lb = H * Sq
     stride_qh, stride_qb, stride_qs = stride_lh, stride_lb, B * stride_lb
-    s = tl.arange(0, SPLITS)
     d = tl.arange(0, BLOCK_D)
-    lse_s = tl.load(LP + s * stride_qs + b * stride_qb + h * stride_qh + m, mask=s < n_splits, other=float("-inf"))
-    top = tl.max(lse_s, 0)
-    top_safe = tl.where(top == float("-inf"), 0.0, top)
-    w = tl.exp(lse_s - top_safe)                       # 0 for empty splits and padding
-    total = tl.sum(w, 0)
-    o_s = tl.load(OP + s[:, None] * stride_ps + b * stride_pb + m * stride_pm + h * stride_ph + d[None, :],
-                  mask=(s[:, None] < n_splits) & (d[None, :] < HEAD_DIM), other=0.0)
-    out = tl.sum(o_s * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    lse = tl.where(total > 0, top_safe + tl.log(tl.where(total > 0, total, 1.0)), float("inf"))
+    out, lse = _merge_row(OP + b * stride_pb + m * stride_pm + h * stride_ph, LP + b * stride_qb + h * stride_qh + m,
+                          stride_ps, stride_qs, n_splits, tl.arange(0, SPLITS), d, HEAD_DIM)
     tl.store(O + b * stride_ob + m * stride_om + h * stride_oh + d, out.to(O.dtype.element_ty), mask=d < HEAD_DIM)
     if STORE_LSE:
         tl.store(LSE + b * stride_lb + h * stride_lh + m, lse)
@@ -230,19 +264,44 @@ def decode_bhsd(query, key, value, softmax_scale, window_size, softcap):
     same dtype, H a multiple of Hk, D a multiple of 8 up to 256 (the caller checks). Returns out
     (B, 1, H, D), contiguous, as Transformers' flash path returns it. The strides are passed as they
     are (no transposed views) and the lse is not kept: this is the per-layer host path of generate()
-    with a dynamic cache, where every microsecond of Python shows in the tokens/s."""
+    with a dynamic cache, where every microsecond of Python shows in the tokens/s. For the same reason the
+    splits are merged by the split kernel itself (one launch, a cached workspace; `_workspace`), except
+    while a CUDA graph is captured or torch.compile traces, where the combine kernel merges them."""
     B, H, Sq, D = query.shape
-    L = key.shape[2]
     qs, ks, vs = query.stride(), key.stride(), value.stride()
+    fused = FUSED_MERGE and not (torch.compiler.is_compiling()
+                                 or (query.is_cuda and torch.cuda.is_current_stream_capturing()))
     out, _, _ = _run(query, (qs[0], qs[2], qs[1]), key, (ks[0], ks[2], ks[1]), value, (vs[0], vs[2], vs[1]),
-                     B, Sq, H, D, key.shape[1], None, None, L, softmax_scale, window_size, softcap, 0, None, False)
+                     B, Sq, H, D, key.shape[1], None, None, key.shape[2], softmax_scale, window_size, softcap, 0,
+                     None, False, fused)
     return out
 
 
+# Set to False to merge decode_bhsd's splits with the combine kernel too (benchmarks compare the two).
+FUSED_MERGE = True
+
+# (device index, stream) -> [float32 workspace, int32 counters] of the fused merge. Per stream, so that
+# calls on two streams never share partials or a counter; on one stream the calls are ordered, and every
+# call leaves the counters at zero again. Grown on demand, never shrunk.
+_WORKSPACES: dict = {}
+
+
+def _workspace(device, n_floats: int, n_counters: int):
+    index = device.index
+    key = (index, C._raw_stream(index) if device.type == "cuda" else 0)
+    ws = _WORKSPACES.get(key)
+    if ws is None or ws[0].numel() < n_floats or ws[1].numel() < n_counters:
+        old_f, old_c = (ws[0].numel(), ws[1].numel()) if ws is not None else (0, 0)
+        ws = _WORKSPACES[key] = (torch.empty(max(n_floats, old_f), dtype=torch.float32, device=device),
+                                 torch.zeros(max(n_counters, old_c, 256), dtype=torch.int32, device=device))
+    return ws
+
+
 def _run(q, qs, k_cache, ks, v_cache, vs, B, Sq, H, D, Hk, seqlens_k, cache_batch_idx, max_seqlen_k, softmax_scale,
-         window_size, softcap, num_splits, key_mask, want_lse):
+         window_size, softcap, num_splits, key_mask, want_lse, fused=False):
     """forward() with the (batch, seq, head) strides of q, k_cache and v_cache given (qs, ks, vs), so that
-    any layout is read in place. want_lse False: lse is neither stored nor returned (None)."""
+    any layout is read in place. want_lse False: lse is neither stored nor returned (None). fused (only
+    with want_lse False): the split kernel merges the splits itself, in a cached workspace."""
     group = H // Hk
     BLOCK_D = max(_pow2(D), 16)
     interp = is_interpreting()
@@ -256,16 +315,23 @@ def _run(q, qs, k_cache, ks, v_cache, vs, B, Sq, H, D, Hk, seqlens_k, cache_batc
     out = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device) if want_lse else None
     split = num_splits > 1
+    fused = fused and split and not want_lse
+    counters = q   # never read unless fused
     if split:
         # one float32 workspace: partial outputs (num_splits, B, Sq, H, D), then partial lse (num_splits, B, H, Sq)
         lse_off = num_splits * B * Sq * H * D
-        o_part = l_part = torch.empty(lse_off + num_splits * B * H * Sq, dtype=torch.float32, device=q.device)
+        if fused:
+            o_part, counters = _workspace(q.device, lse_off + num_splits * B * H * Sq, B * Hk * row_tiles)
+        else:
+            o_part = torch.empty(lse_off + num_splits * B * H * Sq, dtype=torch.float32, device=q.device)
+        l_part = o_part
     else:
         o_part, lse_off = out, 0
         l_part = lse if want_lse else out
+    splits_p2 = max(_pow2(num_splits), 2)
     meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_BIDX=cache_batch_idx is not None,
                 HAS_KMASK=key_mask is not None, SPLIT=split, SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype),
-                HAS_SEQLENS=seqlens_k is not None, STORE_LSE=want_lse)
+                HAS_SEQLENS=seqlens_k is not None, STORE_LSE=want_lse, FUSED=fused, SPLITS=splits_p2 if fused else 2)
     if not interp:
         meta.update(num_warps=TUNE["num_warps"], num_stages=TUNE["num_stages"] or (3 if num_splits >= 16 else 2))
     if key_mask is not None and key_mask.dtype == torch.bool:
@@ -274,10 +340,11 @@ def _run(q, qs, k_cache, ks, v_cache, vs, B, Sq, H, D, Hk, seqlens_k, cache_batc
         (row_tiles * num_splits, Hk, B),
         q, k_cache, v_cache, o_part, l_part, q if seqlens_k is None else seqlens_k, cache_batch_idx,
         q if key_mask is None else key_mask, 0 if key_mask is None else key_mask.stride(0),  # never read without
-        *qs, *ks, *vs, Sq, left, right, qk_scale, cap_scale, group, num_splits, max_seqlen_k, lse_off, **meta)
-    if split:
+        *qs, *ks, *vs, Sq, left, right, qk_scale, cap_scale, group, num_splits, max_seqlen_k, lse_off,
+        out, counters, **meta)
+    if split and not fused:
         _combine_launch((Sq, H, B), o_part, out, out if lse is None else lse, num_splits, lse_off,
-                        HEAD_DIM=D, BLOCK_D=BLOCK_D, SPLITS=max(_pow2(num_splits), 2), STORE_LSE=want_lse)
+                        HEAD_DIM=D, BLOCK_D=BLOCK_D, SPLITS=splits_p2, STORE_LSE=want_lse)
     return out, lse, num_splits
 
 

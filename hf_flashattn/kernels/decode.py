@@ -159,9 +159,9 @@ def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX, KMASK, stride_mb,
                 pr = r // group
                 hr = kvh * group + r % group
                 o_row = b * stride_ob + pr * stride_om + hr * stride_oh
-                out, lse = _merge_row(O + o_row, LSE + lse_off + b * stride_lb + hr * stride_lh + pr,
-                                      stride_os, stride_ls, n_splits, s, offs_d, HEAD_DIM)
-                tl.store(OF + o_row + offs_d, out.to(OF.dtype.element_ty), mask=offs_d < HEAD_DIM)
+                o_r, _ = _merge_row(O + o_row, LSE + lse_off + b * stride_lb + hr * stride_lh + pr,
+                                    stride_os, stride_ls, n_splits, s, offs_d, HEAD_DIM)
+                tl.store(OF + o_row + offs_d, o_r.to(OF.dtype.element_ty), mask=offs_d < HEAD_DIM)
             tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")
 
 

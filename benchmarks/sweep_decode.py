@@ -49,15 +49,14 @@ def main():
                         return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
                 out[name] = graph_ms(run)
         else:
-            decode.TUNE.update(tune)
+            decode.set_tune(**tune)
             try:
                 out.update(tune, ms=graph_ms(lambda: fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=L)))
                 out["tb_s"] = gb / out["ms"]
             except Exception as e:
                 out.update(tune, error=f"{type(e).__name__}: {str(e)[:100]}")
             finally:
-                decode.TUNE.clear()
-                decode.TUNE.update(default)
+                decode.set_tune(**default)
         print(json.dumps(out), flush=True)
         rows.append(out)
         return out

@@ -273,3 +273,21 @@ def test_lean_decode_merges_splits_in_kernel_with_one_launch(monkeypatch):
     launches.update(decode=0, combine=0)
     decode.decode_bhsd(q, k, v, D ** -0.5, (-1, 0), 0.0)
     assert launches == {"decode": 1, "combine": 1}, "under torch.compile the combine kernel must merge"
+
+
+def test_set_tune_forgets_cached_launch_plans():
+    """The per-shape launch plans follow the decode kernel's TUNE: set_tune changes it and drops the plans
+    made with the old values; an unknown parameter is refused by name."""
+    from hf_flashattn.kernels import decode
+    q = torch.randn(1, 4, 1, 16, dtype=torch.float16)
+    k = torch.randn(1, 2, 100, 16, dtype=torch.float16)
+    decode.decode_bhsd(q, k, k, 0.25, (-1, 0), 0.0)
+    assert decode._TILES and decode._METAS
+    old = dict(decode.TUNE)
+    try:
+        decode.set_tune(waves=3)
+        assert decode.TUNE["waves"] == 3 and not decode._TILES and not decode._METAS
+        with pytest.raises(KeyError, match="blocks"):
+            decode.set_tune(blocks=2)
+    finally:
+        decode.set_tune(**old)

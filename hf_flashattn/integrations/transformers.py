@@ -156,7 +156,7 @@ def _decode_step(module, query, key, value, attention_mask, sliding_window, kwar
 
 
 _HALF = (torch.float16, torch.bfloat16)
-_kernels = None   # hf_flashattn.kernels (imported on the first decode step: it imports Triton)
+_mods = None   # hf_flashattn.interface, kernels.decode, kernels.v2: imported on the first decode step (Triton)
 
 
 def _lean_step(module, query, key, value, sliding_window, kwargs):
@@ -169,7 +169,7 @@ def _lean_step(module, query, key, value, sliding_window, kwargs):
     launch, no lse. Anything else returns None and takes `_decode_step` / Transformers' path, with
     flash_attn_func's checks and errors. The tests are written for speed (no imports, no generator
     expressions, `is` on dtypes): this function runs for every layer of every step."""
-    global _kernels
+    global _mods
     g = kwargs.get
     if (g("dropout") or g("output_attentions") or g("s_aux") is not None or g("cu_seq_lens_q") is not None
             or g("cu_seq_lens_k") is not None or g("max_length_q") is not None or g("max_length_k") is not None):
@@ -188,17 +188,17 @@ def _lean_step(module, query, key, value, sliding_window, kwargs):
     dev = query.get_device()
     if key.get_device() != dev or value.get_device() != dev or not (dev >= 0 or _interpreting()):
         return None
-    if _kernels is None:
-        from .. import kernels as _k
-        from ..kernels import decode as _d, v2 as _v  # noqa: F401  (attributes of _k from here on)
-        _kernels = _k
-    from .. import interface
-    if interface.get_default_version() not in ("auto", "v2") or not _kernels.v2.splits_keys(1, L):
+    if _mods is None:
+        import types
+        from .. import interface
+        from ..kernels import decode, v2
+        _mods = types.SimpleNamespace(interface=interface, decode=decode, v2=v2)
+    if _mods.interface.get_default_version() not in ("auto", "v2") or not _mods.v2.splits_keys(1, L):
         return None
     window_left = sliding_window - 1 if sliding_window is not None and L > sliding_window else -1
     softcap, scale = g("softcap"), g("scaling")
-    return _kernels.decode.decode_bhsd(query, key, value, D ** -0.5 if scale is None else float(scale),
-                                       (window_left, 0), 0.0 if softcap is None else float(softcap))
+    return _mods.decode.decode_bhsd(query, key, value, D ** -0.5 if scale is None else float(scale),
+                                    (window_left, 0), 0.0 if softcap is None else float(softcap))
 
 
 def _interpreting() -> bool:

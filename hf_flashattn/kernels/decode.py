@@ -302,50 +302,87 @@ def _run(q, qs, k_cache, ks, v_cache, vs, B, Sq, H, D, Hk, seqlens_k, cache_batc
     """forward() with the (batch, seq, head) strides of q, k_cache and v_cache given (qs, ks, vs), so that
     any layout is read in place. want_lse False: lse is neither stored nor returned (None). fused (only
     with want_lse False): the split kernel merges the splits itself, in a cached workspace."""
-    group = H // Hk
-    BLOCK_D = max(_pow2(D), 16)
-    interp = is_interpreting()
-    BLOCK_M = 16 if interp else max(16, min(64, _pow2(Sq * group)))
-    BLOCK_N = 32 if interp else (TUNE["block_n"] if D <= 128 else 32)
-    row_tiles = _cdiv(Sq * group, BLOCK_M)
+    dev = q.device
+    tiles = _TILES.get((Sq, H, Hk, D, dev))
+    if tiles is None:
+        tiles = _TILES[(Sq, H, Hk, D, dev)] = _tiles(Sq, H, Hk, D) + (_num_sms(dev),)
+    row_tiles = tiles[3]
     if num_splits <= 0:
-        num_splits = choose_num_splits(B, Hk, row_tiles, max_seqlen_k, BLOCK_N, _num_sms(q.device), TUNE["waves"])
-    left, right = C.window_args(window_size, Sq, max(max_seqlen_k, 1))
-    qk_scale, cap_scale = C.score_scales(softmax_scale, softcap)
-    out = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device) if want_lse else None
+        num_splits = choose_num_splits(B, Hk, row_tiles, max_seqlen_k, tiles[2], tiles[6], TUNE["waves"])
     split = num_splits > 1
     fused = fused and split and not want_lse
+    mkey = (tiles, num_splits, q.dtype, cache_batch_idx is not None, key_mask is not None, softcap > 0,
+            seqlens_k is not None, want_lse, fused)
+    meta = _METAS.get(mkey)
+    if meta is None:
+        meta = _METAS[mkey] = _meta(*mkey)
+    left, right = C.window_args(window_size, Sq, max(max_seqlen_k, 1))
+    qk_scale, cap_scale = C.score_scales(softmax_scale, softcap)
+    out = torch.empty((B, Sq, H, D), dtype=q.dtype, device=dev)
+    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=dev) if want_lse else None
     counters = q   # never read unless fused
     if split:
         # one float32 workspace: partial outputs (num_splits, B, Sq, H, D), then partial lse (num_splits, B, H, Sq)
         lse_off = num_splits * B * Sq * H * D
         if fused:
-            o_part, counters = _workspace(q.device, lse_off + num_splits * B * H * Sq, B * Hk * row_tiles)
+            o_part, counters = _workspace(dev, lse_off + num_splits * B * H * Sq, B * Hk * row_tiles)
         else:
-            o_part = torch.empty(lse_off + num_splits * B * H * Sq, dtype=torch.float32, device=q.device)
+            o_part = torch.empty(lse_off + num_splits * B * H * Sq, dtype=torch.float32, device=dev)
         l_part = o_part
     else:
         o_part, lse_off = out, 0
         l_part = lse if want_lse else out
-    splits_p2 = max(_pow2(num_splits), 2)
-    meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_BIDX=cache_batch_idx is not None,
-                HAS_KMASK=key_mask is not None, SPLIT=split, SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype),
-                HAS_SEQLENS=seqlens_k is not None, STORE_LSE=want_lse, FUSED=fused, SPLITS=splits_p2 if fused else 2)
-    if not interp:
-        meta.update(num_warps=TUNE["num_warps"], num_stages=TUNE["num_stages"] or (3 if num_splits >= 16 else 2))
     if key_mask is not None and key_mask.dtype == torch.bool:
         key_mask = key_mask.view(torch.uint8)
     _decode_launch(
         (row_tiles * num_splits, Hk, B),
         q, k_cache, v_cache, o_part, l_part, q if seqlens_k is None else seqlens_k, cache_batch_idx,
         q if key_mask is None else key_mask, 0 if key_mask is None else key_mask.stride(0),  # never read without
-        *qs, *ks, *vs, Sq, left, right, qk_scale, cap_scale, group, num_splits, max_seqlen_k, lse_off,
+        *qs, *ks, *vs, Sq, left, right, qk_scale, cap_scale, tiles[4], num_splits, max_seqlen_k, lse_off,
         out, counters, **meta)
     if split and not fused:
         _combine_launch((Sq, H, B), o_part, out, out if lse is None else lse, num_splits, lse_off,
-                        HEAD_DIM=D, BLOCK_D=BLOCK_D, SPLITS=splits_p2, STORE_LSE=want_lse)
+                        HEAD_DIM=D, BLOCK_D=tiles[0], SPLITS=max(_pow2(num_splits), 2), STORE_LSE=want_lse)
     return out, lse, num_splits
+
+
+# Per-shape launch plans, computed once (a decode step calls _run for every layer of every step):
+# (Sq, H, Hk, D, device) -> tiles and SM count; (tiles, splits, dtype, flags...) -> the decode kernel's meta-parameters.
+# They follow TUNE: whoever changes TUNE calls set_tune (benchmarks/sweep_decode.py).
+_TILES: dict = {}
+_METAS: dict = {}
+
+
+def set_tune(**tune) -> None:
+    """Change the decode kernel's launch parameters (TUNE's keys) and forget the plans made with the old."""
+    unknown = set(tune) - set(TUNE)
+    if unknown:
+        raise KeyError(f"set_tune: unknown parameters {sorted(unknown)}; TUNE has {sorted(TUNE)}")
+    TUNE.update(tune)
+    _TILES.clear()
+    _METAS.clear()
+
+
+def _tiles(Sq, H, Hk, D):
+    """(BLOCK_D, BLOCK_M, BLOCK_N, row tiles, group, HEAD_DIM) of a call."""
+    group = H // Hk
+    interp = is_interpreting()
+    BLOCK_M = 16 if interp else max(16, min(64, _pow2(Sq * group)))
+    BLOCK_N = 32 if interp else (TUNE["block_n"] if D <= 128 else 32)
+    return max(_pow2(D), 16), BLOCK_M, BLOCK_N, _cdiv(Sq * group, BLOCK_M), group, D
+
+
+def _meta(tiles, num_splits, dtype, has_bidx, has_kmask, softcap, has_seqlens, want_lse, fused):
+    BLOCK_D, BLOCK_M, BLOCK_N, _, _, D, _ = tiles
+    meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_BIDX=has_bidx,
+                HAS_KMASK=has_kmask, SPLIT=num_splits > 1, SOFTCAP=softcap, DOT_PREC=C.dot_precision(dtype),
+                HAS_SEQLENS=has_seqlens, STORE_LSE=want_lse, FUSED=fused,
+                SPLITS=max(_pow2(num_splits), 2) if fused else 2)
+    if not is_interpreting():
+        meta.update(num_warps=TUNE["num_warps"], num_stages=TUNE["num_stages"] or (3 if num_splits >= 16 else 2))
+    if len(_METAS) > 4096:   # a long run over many shapes: start over rather than grow
+        _METAS.clear()
+    return meta
 
 
 _decode_launch = C.FastLaunch(_decode_kernel)

@@ -82,7 +82,7 @@ def kernel_rows(bw):
     return rows
 
 
-def generate_rows(budget_s, t0, save=lambda rows: None, cache="dynamic", reps=3):
+def generate_rows(budget_s, t0, save=lambda rows: None, cache="dynamic", reps=3, prompts=(8192, 32768), eager=True):
     """cache "static": generate(cache_implementation="static"), which Transformers compiles (CUDA graphs
     with "reduce-overhead"): decode steps without the host cost of Python launches.
     The implementations are timed in turns, `reps` rounds (best of the rounds for each): a decode step is
@@ -92,10 +92,10 @@ def generate_rows(budget_s, t0, save=lambda rows: None, cache="dynamic", reps=3)
     cfg = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=32000, max_position_embeddings=40960)
     rows = []
-    for prompt in (8192, 32768):
+    for prompt in prompts:
         ids = torch.randint(1, 32000, (1, prompt), device="cuda")
         # eager only at 8k: its 32k run materialises 32 x 32k scores a layer and would spend the budget
-        impls = ("flashattn_custom", "sdpa") + (("eager",) if cache == "dynamic" and prompt <= 8192 else ())
+        impls = ("flashattn_custom", "sdpa") + (("eager",) if eager and cache == "dynamic" and prompt <= 8192 else ())
         gkw = dict(do_sample=False, pad_token_id=0)
         if cache == "static":
             gkw["cache_implementation"] = "static"
@@ -152,6 +152,8 @@ def main():
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--cache", default="dynamic", choices=("dynamic", "static"), help="generate()'s KV cache")
     ap.add_argument("--budget-s", type=float, default=1e9)
+    ap.add_argument("--prompts", default="8192,32768", help="generate() prompt lengths, comma-separated")
+    ap.add_argument("--no-eager", action="store_true", help="generate(): leave eager attention out")
     args = ap.parse_args()
     t0 = time.time()
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -164,7 +166,9 @@ def main():
             json.dump(dict(meta=meta, copy_tb_s=bw, kernel=rows, generate=gen), f, indent=1)
 
     save([])
-    gen = [] if args.skip_generate else generate_rows(args.budget_s, t0, save, args.cache)
+    gen = [] if args.skip_generate else generate_rows(
+        args.budget_s, t0, save, args.cache, prompts=tuple(int(p) for p in args.prompts.split(",")),
+        eager=not args.no_eager)
     save(gen)
     md = [f"# Decode — {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}",
           "", f"copy bandwidth {bw:.2f} TB/s; GQA 32/8, d128, bf16, one query token", "",

@@ -10,7 +10,7 @@
 #   models    benchmarks/gpu_models.py --versions $MODEL_VERSIONS (default v2,v3)
 #   patches   benchmarks/gpu_patches.py
 #   decode    benchmarks/bench_decode.py
-#   decode-gen     its generate() part only (dynamic cache)
+#   decode-gen     its generate() part only (dynamic cache; $GEN_ARGS, e.g. "--prompts 32768 --no-eager")
 #   decode-static  its generate() part with a static (compiled) cache
 #   host      benchmarks/host_overhead.py (host time of a decode step's attention, piece by piece)
 #   decode-check   benchmarks/gpu_decode_check.py (decode paths and the direct kernel launch against the reference)
@@ -58,7 +58,8 @@ for spec in "$@"; do
     decode) cmd=(python3 benchmarks/bench_decode.py --out "$dir" --budget-s "$budget") ;;
     decode-check) cmd=(python3 benchmarks/gpu_decode_check.py --out "$dir") ;;
     host) cmd=(python3 benchmarks/host_overhead.py --out "$dir") ;;
-    decode-gen) cmd=(python3 benchmarks/bench_decode.py --out "$dir" --budget-s "$budget" --skip-kernels) ;;
+    # shellcheck disable=SC2206
+    decode-gen) cmd=(python3 benchmarks/bench_decode.py --out "$dir" --budget-s "$budget" --skip-kernels ${GEN_ARGS:-}) ;;
     decode-static) cmd=(python3 benchmarks/bench_decode.py --out "$dir" --budget-s "$budget" --skip-kernels --cache static) ;;
     profile) cmd=(python3 benchmarks/profile_decode.py --out "$dir") ;;
     sweep) cmd=(python3 benchmarks/sweep_decode.py --out "$dir") ;;

@@ -41,7 +41,16 @@ def _fp8_inner(acc, l_i, m_i, vd_cur, q, qd, K_base, VT_base, KD_base, VD_base, 
     # V arrives transposed (D, keys; keys contiguous): the P·V product's reduction dim is the keys, and
     # FP8 wgmma reads both operands K-major, so the tile goes to shared memory as loaded (no transpose
     # through registers, which would also keep the loop from being pipelined).
-    for start_n in range(start, end, BLOCK_N):
+    # Every loop that runs starts on a multiple of BLOCK_N (tile_range aligns lo, full_lo and full_hi; a
+    # bound it could not align is hi itself, and the loops from it are empty). Saying so lets the compiler
+    # read the transposed V tile, whose contiguous dim is the keys, in 16-byte vectors and pipeline it:
+    # without it the tile was loaded a byte per instruction, not asynchronously (ncu: 88% of the
+    # global-load sectors wasted, results/2026-11-26-h100-ncu.md).
+    # (A multiple_of hint on start does not survive to the axis analysis; a product by BLOCK_N does, and the
+    # loop's induction variable inherits it. An unaligned start only comes with an empty loop, kept empty.)
+    aligned = (start // BLOCK_N) * BLOCK_N
+    end = tl.where(start < end, end, aligned)
+    for start_n in range(aligned, end, BLOCK_N):
         cols = start_n + offs_n
         k_ptrs = K_base + cols[:, None] * stride_kn + offs_d[None, :]
         vt_ptrs = VT_base + offs_d[:, None] * stride_vd + cols[None, :]

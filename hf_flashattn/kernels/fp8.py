@@ -149,7 +149,7 @@ def _fp8_fwd_kernel(Q, K, VT, QD, KD, VD, O, LSE,
 # (results/2026-11-26-h100-fp8-diagnose.md: 342 and 219 TFLOP/s at 16k against 225 and 145 for the tiles
 # with the fewest spills). Wider key tiles read longer contiguous runs of the transposed V (one run of
 # BLOCK_N bytes per head-dim row); d64 is unmeasured.
-_CONFIGS = {64: (128, 128, 8, 3), 128: (128, 128, 8, 3), 256: (128, 64, 8, 2)}
+_CONFIGS = {64: (128, 64, 4, 3), 128: (128, 64, 4, 3), 256: (64, 64, 4, 2)}
 
 
 def forward(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, window_size, softcap, out_dtype,

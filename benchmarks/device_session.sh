@@ -22,7 +22,8 @@
 #   bench     benchmarks/bench.py $BENCH_ARGS (default --versions v2,v3)
 #   recipes-bar / recipes-grid / recipes-longest / recipes-fsdp2   benchmarks/gpu_recipes.sh PHASE
 #   ncu       Nsight Compute (--set full, clocks left alone) on benchmarks/ncu_target.py's kernels
-#             ($NCU_TARGETS, default "fp8 dkdv"), details pages as text
+#             ($NCU_TARGETS, default "fp8 dkdv"), details pages as text; NCU_SOURCE=1 adds per-line
+#             counters (source page, CSV)
 # A folder .tcache (Triton's cache of an earlier call, carried back) is used when present, and the
 # cache is returned as $OUT/tcache.tgz so that the next call need not compile again.
 set -uo pipefail
@@ -74,8 +75,14 @@ for spec in "$@"; do
            [ -n "$NCU" ] || { echo "no ncu on this machine"; exit 1; }
            for t in ${NCU_TARGETS:-fp8 dkdv}; do
              k=$([ "$t" = fp8 ] && echo _fp8_fwd_kernel || echo _dkdv_kernel)
-             "$NCU" --clock-control none --set full -k "regex:$k" -s 2 -c 1 -f -o "$0/$t" python3 benchmarks/ncu_target.py "$t"
+             src=$([ "${NCU_SOURCE:-0}" = 1 ] && echo "--import-source yes")
+             # shellcheck disable=SC2086
+             "$NCU" --clock-control none --set full $src -k "regex:$k" -s 2 -c 1 -f -o "$0/$t" python3 benchmarks/ncu_target.py "$t"
              "$NCU" -i "$0/$t.ncu-rep" --page details > "$0/$t-details.txt" 2>&1
+             # NCU_SOURCE=1: per-line counters (Triton keeps line info in its PTX), to find which load or
+             # instruction a finding belongs to
+             [ "${NCU_SOURCE:-0}" = 1 ] && "$NCU" -i "$0/$t.ncu-rep" --page source --csv --print-source cuda,sass \
+               > "$0/$t-source.csv" 2>&1
              rm -f "$0/$t.ncu-rep"
            done' "$dir") ;;
     *) echo "unknown phase $phase" | tee -a "$OUT/session.log"; continue ;;

@@ -139,7 +139,7 @@ def _decode_step(module, query, key, value, attention_mask, sliding_window, kwar
     keys when the cache is longer, softcap, scaling). A mask covers the first L keys (Transformers'
     flash path drops the rest too); the split-KV kernel applies it per key. Returns (batch, 1, heads,
     dim), or None to leave the step to Transformers' path (a kernel version without that kernel).
-    (Steps without a mask that the split-KV kernel takes as they are went to `_lean_step` before.)"""
+    (A step without a mask that the split-KV kernel takes as it is has already gone to `_lean_step`.)"""
     from .. import interface
     window = (-1, -1)
     if sliding_window is not None and key.shape[2] > sliding_window:
@@ -221,7 +221,9 @@ def _make_attention_forward(flash_attention_forward):
         """Transformers' flash_attention_forward (the contract is in design.md, "Transformers
         integration"), taking sliding_window from `module.sliding_window` when the model does not
         pass it: Qwen2-MoE sets it on its sliding layers but never forwards it, unlike eager's mask.
-        A plain decode step (one token, no padding) calls the kernel directly (`_decode_step`)."""
+        A plain decode step (one token, no padding) calls the kernel directly: `_lean_step` (no mask, the
+        common generate() step, one launch), else `_decode_step` (a padding mask, or inputs the lean call
+        does not take)."""
         if sliding_window is None:
             sliding_window = _module_sliding_window(module)
         if attention_mask is None and query.shape[2] == 1:

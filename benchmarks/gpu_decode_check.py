@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import traceback
+from unittest import mock
 
 import torch
 
@@ -59,20 +60,14 @@ def same(name, a, b):
 
 def jit(fn):
     """fn() with every kernel launched through Triton's JIT entry point."""
-    C.FAST_LAUNCH = False
-    try:
+    with mock.patch.object(C, "FAST_LAUNCH", False):
         return fn()
-    finally:
-        C.FAST_LAUNCH = True
 
 
 def separate(fn):
     """fn() with decode_bhsd's splits merged by the combine kernel (a second launch) instead of in-kernel."""
-    decode.FUSED_MERGE = False
-    try:
+    with mock.patch.object(decode, "FUSED_MERGE", False):
         return fn()
-    finally:
-        decode.FUSED_MERGE = True
 
 
 def counters_zero(name):

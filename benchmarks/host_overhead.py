@@ -69,9 +69,10 @@ def pieces():
     res["decode kernel: FastLaunch"] = per_call_us(lambda: real(grid, *args, **meta))
     res["decode kernel: CompiledKernel[grid](*args)"] = per_call_us(lambda: compiled[grid](*full))
     res["decode.decode_bhsd"] = per_call_us(lambda: decode.decode_bhsd(q, k, v, D ** -0.5, (-1, 0), 0.0))
-    decode.FUSED_MERGE = False
-    res["decode.decode_bhsd (two launches)"] = per_call_us(lambda: decode.decode_bhsd(q, k, v, D ** -0.5, (-1, 0), 0.0))
-    decode.FUSED_MERGE = True
+    from unittest import mock
+    with mock.patch.object(decode, "FUSED_MERGE", False):
+        res["decode.decode_bhsd (two launches)"] = per_call_us(
+            lambda: decode.decode_bhsd(q, k, v, D ** -0.5, (-1, 0), 0.0))
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     res["flash_attn_func"] = per_call_us(lambda: fa.flash_attn_func(qt, kt, vt, causal=True))
     cfg = LlamaConfig(hidden_size=H * D, intermediate_size=256, num_hidden_layers=1, num_attention_heads=H,

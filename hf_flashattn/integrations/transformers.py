@@ -25,6 +25,8 @@ import inspect
 
 import torch
 
+from .._runtime import is_interpreting
+
 NAME = "flashattn_custom"
 _EXPECTED_PARAMS = ("implementation", "attention_wrapper", "allow_all_kernels")
 _MARK = "__hf_flashattn_original__"  # set on our wrapper; holds the function it wraps
@@ -171,9 +173,11 @@ def _lean_step(module, query, key, value, sliding_window, kwargs):
     expressions, `is` on dtypes): this function runs for every layer of every step."""
     global _mods
     g = kwargs.get
-    if (g("dropout") or g("output_attentions") or g("s_aux") is not None or g("cu_seq_lens_q") is not None
-            or g("cu_seq_lens_k") is not None or g("max_length_q") is not None or g("max_length_k") is not None):
+    if g("dropout") or g("output_attentions") or g("s_aux") is not None:
         return None
+    for name in _VARLEN_KWARGS:
+        if g(name) is not None:
+            return None
     dt = query.dtype
     if key.dtype is not dt or value.dtype is not dt or (dt not in _HALF and not _keeps_dtype(query, module)):
         return None
@@ -186,7 +190,7 @@ def _lean_step(module, query, key, value, sliding_window, kwargs):
             or D > 256 or query.stride(3) != 1 or key.stride(3) != 1 or value.stride(3) != 1):
         return None
     dev = query.get_device()
-    if key.get_device() != dev or value.get_device() != dev or not (dev >= 0 or _interpreting()):
+    if key.get_device() != dev or value.get_device() != dev or not (dev >= 0 or is_interpreting()):
         return None
     if _mods is None:
         import types
@@ -199,11 +203,6 @@ def _lean_step(module, query, key, value, sliding_window, kwargs):
     softcap, scale = g("softcap"), g("scaling")
     return _mods.decode.decode_bhsd(query, key, value, D ** -0.5 if scale is None else float(scale),
                                     (window_left, 0), 0.0 if softcap is None else float(softcap))
-
-
-def _interpreting() -> bool:
-    from .._runtime import is_interpreting
-    return is_interpreting()
 
 
 def _module_sliding_window(module):

@@ -12,6 +12,7 @@ r % group), so each K/V block is read once per kv head instead of once per query
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -305,10 +306,10 @@ def _run(q, qs, k_cache, ks, v_cache, vs, B, Sq, H, D, Hk, seqlens_k, cache_batc
     dev = q.device
     tiles = _TILES.get((Sq, H, Hk, D, dev))
     if tiles is None:
-        tiles = _TILES[(Sq, H, Hk, D, dev)] = _tiles(Sq, H, Hk, D) + (_num_sms(dev),)
-    row_tiles = tiles[3]
+        tiles = _TILES[(Sq, H, Hk, D, dev)] = _tiles(Sq, H, Hk, D, dev)
+    row_tiles = tiles.row_tiles
     if num_splits <= 0:
-        num_splits = choose_num_splits(B, Hk, row_tiles, max_seqlen_k, tiles[2], tiles[6], TUNE["waves"])
+        num_splits = choose_num_splits(B, Hk, row_tiles, max_seqlen_k, tiles.block_n, tiles.num_sms, TUNE["waves"])
     split = num_splits > 1
     fused = fused and split and not want_lse
     mkey = (tiles, num_splits, q.dtype, cache_batch_idx is not None, key_mask is not None, softcap > 0,
@@ -338,11 +339,11 @@ def _run(q, qs, k_cache, ks, v_cache, vs, B, Sq, H, D, Hk, seqlens_k, cache_batc
         (row_tiles * num_splits, Hk, B),
         q, k_cache, v_cache, o_part, l_part, q if seqlens_k is None else seqlens_k, cache_batch_idx,
         q if key_mask is None else key_mask, 0 if key_mask is None else key_mask.stride(0),  # never read without
-        *qs, *ks, *vs, Sq, left, right, qk_scale, cap_scale, tiles[4], num_splits, max_seqlen_k, lse_off,
+        *qs, *ks, *vs, Sq, left, right, qk_scale, cap_scale, tiles.group, num_splits, max_seqlen_k, lse_off,
         out, counters, **meta)
     if split and not fused:
         _combine_launch((Sq, H, B), o_part, out, out if lse is None else lse, num_splits, lse_off,
-                        HEAD_DIM=D, BLOCK_D=tiles[0], SPLITS=max(_pow2(num_splits), 2), STORE_LSE=want_lse)
+                        HEAD_DIM=D, BLOCK_D=tiles.block_d, SPLITS=max(_pow2(num_splits), 2), STORE_LSE=want_lse)
     return out, lse, num_splits
 
 
@@ -363,18 +364,28 @@ def set_tune(**tune) -> None:
     _METAS.clear()
 
 
-def _tiles(Sq, H, Hk, D):
-    """(BLOCK_D, BLOCK_M, BLOCK_N, row tiles, group, HEAD_DIM) of a call."""
+class _Tiles(NamedTuple):
+    block_d: int
+    block_m: int
+    block_n: int
+    row_tiles: int
+    group: int
+    head_dim: int
+    num_sms: int
+
+
+def _tiles(Sq, H, Hk, D, device) -> _Tiles:
+    """The tile sizes, row tiles, GQA group and SM count of a call's shape."""
     group = H // Hk
     interp = is_interpreting()
     BLOCK_M = 16 if interp else max(16, min(64, _pow2(Sq * group)))
     BLOCK_N = 32 if interp else (TUNE["block_n"] if D <= 128 else 32)
-    return max(_pow2(D), 16), BLOCK_M, BLOCK_N, _cdiv(Sq * group, BLOCK_M), group, D
+    return _Tiles(max(_pow2(D), 16), BLOCK_M, BLOCK_N, _cdiv(Sq * group, BLOCK_M), group, D, _num_sms(device))
 
 
 def _meta(tiles, num_splits, dtype, has_bidx, has_kmask, softcap, has_seqlens, want_lse, fused):
-    BLOCK_D, BLOCK_M, BLOCK_N, _, _, D, _ = tiles
-    meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_BIDX=has_bidx,
+    meta = dict(HEAD_DIM=tiles.head_dim, BLOCK_D=tiles.block_d, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+                HAS_BIDX=has_bidx,
                 HAS_KMASK=has_kmask, SPLIT=num_splits > 1, SOFTCAP=softcap, DOT_PREC=C.dot_precision(dtype),
                 HAS_SEQLENS=has_seqlens, STORE_LSE=want_lse, FUSED=fused,
                 SPLITS=max(_pow2(num_splits), 2) if fused else 2)

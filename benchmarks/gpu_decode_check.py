@@ -10,6 +10,8 @@ For each case: the first call compiles through Triton's JIT, later calls launch 
   * the lean Transformers path (`decode.decode_bhsd`, Transformers' (B, H, S, D) layout), flash_attn_func
     decode shapes, flash_attn_with_kvcache with ragged cache_seqlens and an append, and the masked
     decode of a left-padded batch;
+  * decode_bhsd's direct launch (`decode._direct`) over a cache that grows a key a step, bitwise against the
+    JIT launch;
   * decode_bhsd's in-kernel merge of the splits (one launch, a cached workspace per stream) against the
     combine kernel, on two streams at once and over changing shapes, its counters back at zero;
   * greedy generate() of a small bf16 Llama: flashattn_custom with the direct launch gives the same tokens
@@ -73,7 +75,7 @@ def separate(fn):
 def counters_zero(name):
     """Every counter of the in-kernel merge is back at zero after the calls (the next call relies on it)."""
     torch.cuda.synchronize()
-    left = sum(int(c.count_nonzero()) for _, c in decode._WORKSPACES.values())
+    left = sum(int(ws.counters.count_nonzero()) for ws in decode._WORKSPACES.values())
     RESULTS.append(dict(name=name, nonzero_counters=left, ok=left == 0))
     print(("ok  " if left == 0 else "FAIL"), f"{name}: {left} counters left nonzero", flush=True)
 
@@ -156,6 +158,26 @@ def lean_cases():
             kt, vt = k.transpose(1, 2).contiguous().transpose(1, 2), v.transpose(1, 2).contiguous().transpose(1, 2)
             check(name + " strided views", decode.decode_bhsd(q, kt, vt, scale, (window, 0), softcap),
                   ref64, low, dtype)
+
+
+def growing_case():
+    """decode_bhsd as generate() calls it with a dynamic cache: a new contiguous cache one key longer every
+    step (new strides, a split count that changes on the way), the direct launch against the JIT launch
+    bitwise and against the reference."""
+    g = torch.Generator(device=DEV).manual_seed(9)
+    B, H, Hk, D = 2, 32, 8, 128
+    base = [torch.randn(B, Hk, 4400 if not SMALL else 300, D, device=DEV, dtype=torch.bfloat16, generator=g)
+            for _ in range(2)]
+    q = torch.randn(B, H, 1, D, device=DEV, dtype=torch.bfloat16, generator=g)
+    lengths = range(4090, 4100) if not SMALL else range(250, 253)
+    for L in (*lengths, 257 if not SMALL else 200, 130, 64):
+        k, v = base[0][:, :, :L].contiguous(), base[1][:, :, :L].contiguous()
+        run = lambda k=k, v=v: decode.decode_bhsd(q, k, v, D ** -0.5, (-1, 0), 0.0)  # noqa: E731
+        got = run()
+        same(f"growing cache L{L}: direct == JIT", got, jit(run))
+        ref64, low = refs(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        check(f"growing cache L{L}", got, ref64, low, torch.bfloat16)
+    counters_zero("counters after the growing cache")
 
 
 def graph_case():
@@ -257,7 +279,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
-    for part in (lean_cases, graph_case, streams_case, api_cases, generate_case):
+    for part in (lean_cases, growing_case, graph_case, streams_case, api_cases, generate_case):
         try:
             part()
         except Exception:  # noqa: BLE001
@@ -265,6 +287,7 @@ def main():
             print("FAIL", part.__name__, traceback.format_exc(), flush=True)
     n_fail = sum(not r["ok"] for r in RESULTS)
     cache = {name: len(fl.cache) for name, fl in (("decode", decode._decode_launch), ("combine", decode._combine_launch))}
+    cache["direct"] = sum(len(plan[2]) for plan in decode._DIRECT.values())
     print(f"decode check: {len(RESULTS) - n_fail}/{len(RESULTS)} passed; cached kernels {cache}", flush=True)
     with open(os.path.join(args.out, "decode_check.json"), "w") as f:
         json.dump(dict(gpu=torch.cuda.get_device_name() if DEV == "cuda" else "cpu (interpreter)", torch=torch.__version__, commit=os.environ.get("COMMIT"),

@@ -4,7 +4,8 @@ by the host, one Python call after another). Each piece is called N times in a l
 
 Pieces: torch.empty; the FastLaunch cache key; the decode kernel launched through Triton's JIT entry point,
 through FastLaunch, and straight through the CompiledKernel; decode.decode_bhsd (one launch, and with the
-combine kernel: two); flash_attn_func; the
+combine kernel: two; at 1k keys, where the host is slower than the kernel, with its direct launch and
+through FastLaunch); flash_attn_func; the
 Transformers attention functions of flashattn_custom and sdpa on the same module and tensors. Then whole
 decode steps of the ~1B Llama (8k prompt, DynamicCache, all-ones mask as generate() passes it) for
 flashattn_custom and sdpa, and flashattn_custom with parts left out, interleaved round by round so that
@@ -70,6 +71,13 @@ def pieces():
     res["decode kernel: CompiledKernel[grid](*args)"] = per_call_us(lambda: compiled[grid](*full))
     res["decode.decode_bhsd"] = per_call_us(lambda: decode.decode_bhsd(q, k, v, D ** -0.5, (-1, 0), 0.0))
     from unittest import mock
+    # at 1k keys the kernel's GPU time (~5 us) is below the host time: these rows measure the host
+    k1, v1 = k[:, :, :1024], v[:, :, :1024]
+    res["decode.decode_bhsd, 1k keys (direct launch)"] = per_call_us(
+        lambda: decode.decode_bhsd(q, k1, v1, D ** -0.5, (-1, 0), 0.0))
+    with mock.patch.object(decode, "_direct", lambda *a: None):
+        res["decode.decode_bhsd, 1k keys (FastLaunch)"] = per_call_us(
+            lambda: decode.decode_bhsd(q, k1, v1, D ** -0.5, (-1, 0), 0.0))
     with mock.patch.object(decode, "FUSED_MERGE", False):
         res["decode.decode_bhsd (two launches)"] = per_call_us(
             lambda: decode.decode_bhsd(q, k, v, D ** -0.5, (-1, 0), 0.0))
@@ -130,6 +138,8 @@ def interleaved_steps(rounds=8, n=16, prompt=8192):
         "flashattn_custom": ("flashattn_custom", None),
         "flashattn_custom/jit-launch": ("flashattn_custom", lambda: mock.patch.object(C, "FAST_LAUNCH", False)),
         "flashattn_custom/two-launch": ("flashattn_custom", lambda: mock.patch.object(decode, "FUSED_MERGE", False)),
+        "flashattn_custom/no-direct": ("flashattn_custom", lambda: mock.patch.object(decode, "_direct",
+                                                                                    lambda *a: None)),
         "flashattn_custom/no-launch": ("flashattn_custom", lambda: mock.patch.object(decode, "_run", no_launch)),
         "flashattn_custom/no-attention": ("flashattn_custom", lambda: mock.patch.dict(
             ALL_ATTENTION_FUNCTIONS._global_mapping, {"flashattn_custom": no_attention})),

@@ -256,8 +256,8 @@ def test_lean_decode_merges_splits_in_kernel_with_one_launch(monkeypatch):
         launches.update(decode=0, combine=0)
         fused = decode.decode_bhsd(q, k, v, D ** -0.5, (window, 0), cap)
         assert launches == {"decode": 1, "combine": 0}, launches
-        for _, counters in decode._WORKSPACES.values():
-            assert int(counters.count_nonzero()) == 0, "a counter of the in-kernel merge was left nonzero"
+        for ws in decode._WORKSPACES.values():
+            assert int(ws.counters.count_nonzero()) == 0, "a counter of the in-kernel merge was left nonzero"
         monkeypatch.setattr(decode, "FUSED_MERGE", False)
         two = decode.decode_bhsd(q, k, v, D ** -0.5, (window, 0), cap)
         monkeypatch.setattr(decode, "FUSED_MERGE", True)
@@ -267,12 +267,77 @@ def test_lean_decode_merges_splits_in_kernel_with_one_launch(monkeypatch):
                                  window_size=(window, -1), softcap=cap)
         torch.testing.assert_close(fused, ref, atol=1e-3, rtol=0)
     assert len(decode._WORKSPACES) == 1   # one device, one stream
-    (ws, counters), = decode._WORKSPACES.values()
-    assert ws.numel() >= 4 * 6 * 24   # grown to the largest call (4 splits x 6 heads x d 24)
+    ws, = decode._WORKSPACES.values()
+    assert ws.floats.numel() == ws.n_floats >= 4 * 6 * 24   # grown to the largest call (4 splits x 6 heads x d 24)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     launches.update(decode=0, combine=0)
     decode.decode_bhsd(q, k, v, D ** -0.5, (-1, 0), 0.0)
     assert launches == {"decode": 1, "combine": 1}, "under torch.compile the combine kernel must merge"
+
+
+def test_direct_decode_launch_passes_the_kernel_what_its_first_call_passed(monkeypatch):
+    """decode_bhsd's direct launch on a GPU (`decode._direct`, which Triton's interpreter never takes): the
+    first call of a shape goes through the kernel launch; later calls hand the cached compiled kernel the
+    same grid, stream, arguments in the same places (pointers as ints, the output's a fresh one) and
+    constexprs. Misaligned pointers, strides that are not multiples of 16 and a single split are declined
+    (None: `_run` launches them), as is any call with the direct launch switched off."""
+    import inspect
+    from hf_flashattn.kernels import _common as C, decode
+    calls = []
+
+    class Compiled:
+        function, packed_metadata = "function", "packed"
+
+        def run(self, *a):
+            calls.append(("run", a))
+
+    class Launch:
+        constexprs = decode._decode_launch.constexprs
+
+        def __call__(self, grid, *args, **meta):
+            calls.append(("launch", grid, args, meta))
+            return Compiled()
+
+    monkeypatch.setattr(decode, "_decode_launch", Launch())
+    monkeypatch.setattr(decode, "_DIRECT", {})
+    monkeypatch.setattr(decode, "_WORKSPACES", {})
+    monkeypatch.setattr(C, "_launch_hooks", lambda: False)
+    monkeypatch.setattr(C, "_raw_stream", lambda device: 7)
+    g = torch.Generator().manual_seed(3)
+    B, H, Hk, D, L = 1, 8, 2, 16, 200
+    q = torch.randn(B, H, 1, D, generator=g, dtype=torch.float16)
+    k = torch.randn(B, Hk, L, D, generator=g, dtype=torch.float16)
+    v = torch.randn(B, Hk, L, D, generator=g, dtype=torch.float16)
+
+    def direct(q, k, v, window=(-1, 0), cap=0.0):
+        return decode._direct(q, k, v, q.shape[0], q.shape[1], q.shape[2], q.shape[3], q.stride(), k.stride(),
+                              v.stride(), D ** -0.5, window, cap)
+
+    for window, cap in (((-1, 0), 0.0), ((50, 0), 2.0)):
+        calls.clear()
+        first, second = direct(q, k, v, window, cap), direct(q, k, v, window, cap)
+        assert first is not None and second is not None and first.shape == (B, 1, H, D)
+        (kind1, grid, args, meta), (kind2, run) = calls
+        assert (kind1, kind2) == ("launch", "run")
+        names = list(inspect.signature(decode._decode_kernel.fn).parameters)
+        out_at = names.index("OF")
+        assert args[out_at] is first and args[names.index("Q")] is q and args[names.index("K")] is k
+        assert meta["FUSED"] and meta["SPLIT"] and not meta["STORE_LSE"] and meta["SOFTCAP"] == (cap > 0)
+        assert run[:9] == (*grid, 7, "function", "packed", None, None, None)
+        want = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
+        want[out_at] = second.data_ptr()
+        assert list(run[9:9 + len(args)]) == want
+        assert run[9 + len(args):] == tuple(meta.get(n, d) for n, d in Launch.constexprs)
+    calls.clear()
+    odd = torch.empty(q.numel() + 1, dtype=q.dtype)[1:].view(q.shape)   # 2 bytes off
+    odd.copy_(q)
+    assert direct(odd, k, v) is None
+    k40 = torch.randn(B, Hk, L, 40, generator=g, dtype=torch.float16)   # strides 40: not multiples of 16
+    assert direct(torch.randn(B, H, 1, 40, generator=g, dtype=torch.float16), k40, k40) is None
+    assert direct(q, k[:, :, :40], v[:, :, :40]) is None                # one split at this key length
+    monkeypatch.setattr(C, "FAST_LAUNCH", False)
+    assert direct(q, k, v) is None
+    assert calls == []
 
 
 def test_set_tune_forgets_cached_launch_plans():

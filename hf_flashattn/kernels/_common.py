@@ -299,8 +299,15 @@ def _launch_hooks() -> bool:
 
 
 def _raw_stream(device: int) -> int:
-    """The current CUDA stream's handle, as Triton's entry point gets it (its driver's get_current_stream)."""
-    return triton.runtime.driver.active.get_current_stream(device)
+    """The current CUDA stream's handle, as Triton's entry point gets it (its driver's get_current_stream,
+    looked up once: `driver.active` is a lazy proxy, a microsecond an attribute)."""
+    global _get_stream
+    if _get_stream is None:
+        _get_stream = triton.runtime.driver.active.get_current_stream
+    return _get_stream(device)
+
+
+_get_stream = None
 
 
 try:

@@ -272,6 +272,10 @@ def decode_bhsd(query, key, value, softmax_scale, window_size, softcap):
     qs, ks, vs = query.stride(), key.stride(), value.stride()
     fused = FUSED_MERGE and not (torch.compiler.is_compiling()
                                  or (query.is_cuda and torch.cuda.is_current_stream_capturing()))
+    if fused and query.is_cuda:
+        out = _direct(query, key, value, B, H, Sq, D, qs, ks, vs, softmax_scale, window_size, softcap)
+        if out is not None:
+            return out
     out, _, _ = _run(query, (qs[0], qs[2], qs[1]), key, (ks[0], ks[2], ks[1]), value, (vs[0], vs[2], vs[1]),
                      B, Sq, H, D, key.shape[1], None, None, key.shape[2], softmax_scale, window_size, softcap, 0,
                      None, False, fused)
@@ -287,15 +291,90 @@ FUSED_MERGE = True
 _WORKSPACES: dict = {}
 
 
-def _workspace(device, n_floats: int, n_counters: int):
+class _Workspace(NamedTuple):
+    floats: torch.Tensor     # partial outputs, then partial lse
+    counters: torch.Tensor   # int32, zero between calls
+    n_floats: int
+    n_counters: int
+    floats_ptr: int
+    counters_ptr: int
+
+
+def _workspace(device, n_floats: int, n_counters: int, stream=None) -> _Workspace:
     index = device.index
-    key = (index, C._raw_stream(index) if device.type == "cuda" else 0)
+    if stream is None:
+        stream = C._raw_stream(index) if device.type == "cuda" else 0
+    key = (index, stream)
     ws = _WORKSPACES.get(key)
-    if ws is None or ws[0].numel() < n_floats or ws[1].numel() < n_counters:
-        old_f, old_c = (ws[0].numel(), ws[1].numel()) if ws is not None else (0, 0)
-        ws = _WORKSPACES[key] = (torch.empty(max(n_floats, old_f), dtype=torch.float32, device=device),
-                                 torch.zeros(max(n_counters, old_c, 256), dtype=torch.int32, device=device))
+    if ws is None or ws.n_floats < n_floats or ws.n_counters < n_counters:
+        n_floats = max(n_floats, ws.n_floats if ws is not None else 0)
+        n_counters = max(n_counters, ws.n_counters if ws is not None else 0, 256)
+        floats = torch.empty(n_floats, dtype=torch.float32, device=device)
+        counters = torch.zeros(n_counters, dtype=torch.int32, device=device)
+        ws = _WORKSPACES[key] = _Workspace(floats, counters, n_floats, n_counters, floats.data_ptr(),
+                                           counters.data_ptr())
     return ws
+
+
+def _direct(q, k, v, B, H, Sq, D, qs, ks, vs, softmax_scale, window_size, softcap):
+    """decode_bhsd's one-launch call on a GPU with the least host work: the compiled kernel of the call's
+    shape is kept per (shape, dtype, device, softcap on, split count) and launched with every pointer
+    passed as an int (Triton's launcher then neither calls data_ptr() nor asks the driver about each
+    pointer), without FastLaunch's generic key. Returns None, for `_run` to do it, unless every pointer
+    is 16-byte aligned, every stride a multiple of 16 and every int within 32 bits: then Triton
+    specialises every call of one entry identically (divisible by 16, none equal to 1, 32-bit ints), so
+    reusing the entry's kernel is exact. Also None for one split (no merge) and with FastLaunch off or a
+    launch hook installed. The first call of an entry goes through FastLaunch (compiling or loading the
+    kernel) with the same arguments as tensors."""
+    if not C.FAST_LAUNCH or C._launch_hooks():
+        return None
+    Hk, L = k.shape[1], k.shape[2]
+    qp, kp, vp = q.data_ptr(), k.data_ptr(), v.data_ptr()
+    strides = qs[0] | qs[1] | qs[2] | ks[0] | ks[1] | ks[2] | vs[0] | vs[1] | vs[2]
+    if (qp | kp | vp | strides) & 15 or (strides | L) >> 31:
+        return None
+    dev = q.get_device()
+    pkey = (B, H, Hk, D, Sq, dev, q.dtype, softcap > 0)
+    plan = _DIRECT.get(pkey)
+    if plan is None:
+        if len(_DIRECT) > 4096:
+            _DIRECT.clear()
+        tiles = _tiles(Sq, H, Hk, D, q.device)
+        base = _cdiv(TUNE["waves"] * tiles.num_sms, B * Hk * tiles.row_tiles)
+        plan = _DIRECT[pkey] = (tiles, base, {})
+    tiles, base, kernels = plan
+    n_splits = min(base, -(-L // tiles.block_n) // 2, 128)     # choose_num_splits
+    lse_off = n_splits * B * Sq * H * D
+    if n_splits < 2 or lse_off >> 31:
+        return None
+    row_tiles = tiles.row_tiles
+    n_floats = lse_off + n_splits * B * H * Sq
+    stream = C._raw_stream(dev)
+    ws = _WORKSPACES.get((dev, stream))
+    if ws is None or ws.n_floats < n_floats or ws.n_counters < B * Hk * row_tiles:
+        ws = _workspace(q.device, n_floats, B * Hk * row_tiles, stream)
+    out = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
+    big = Sq + max(L, 1) + 1                                    # C.window_args
+    left = window_size[0] if window_size[0] >= 0 else big
+    right = window_size[1] if window_size[1] >= 0 else big
+    qk_scale, cap_scale = C.score_scales(softmax_scale, softcap)
+    entry = kernels.get(n_splits)
+    op = out.data_ptr()
+    if entry is None or op & 15:
+        meta = _meta(tiles, n_splits, q.dtype, False, False, softcap > 0, False, False, True)
+        compiled = _decode_launch(
+            (row_tiles * n_splits, Hk, B), q, k, v, ws.floats, ws.floats, q, None, q, 0,
+            qs[0], qs[2], qs[1], ks[0], ks[2], ks[1], vs[0], vs[2], vs[1],
+            Sq, left, right, qk_scale, cap_scale, tiles.group, n_splits, L, lse_off, out, ws.counters, **meta)
+        if not op & 15:
+            kernels[n_splits] = (compiled, tuple(meta.get(n, d) for n, d in _decode_launch.constexprs))
+        return out
+    compiled, tail = entry
+    compiled.run(row_tiles * n_splits, Hk, B, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                 qp, kp, vp, ws.floats_ptr, ws.floats_ptr, qp, None, qp, 0,
+                 qs[0], qs[2], qs[1], ks[0], ks[2], ks[1], vs[0], vs[2], vs[1],
+                 Sq, left, right, qk_scale, cap_scale, tiles.group, n_splits, L, lse_off, op, ws.counters_ptr, *tail)
+    return out
 
 
 def _run(q, qs, k_cache, ks, v_cache, vs, B, Sq, H, D, Hk, seqlens_k, cache_batch_idx, max_seqlen_k, softmax_scale,
@@ -326,7 +405,7 @@ def _run(q, qs, k_cache, ks, v_cache, vs, B, Sq, H, D, Hk, seqlens_k, cache_batc
         # one float32 workspace: partial outputs (num_splits, B, Sq, H, D), then partial lse (num_splits, B, H, Sq)
         lse_off = num_splits * B * Sq * H * D
         if fused:
-            o_part, counters = _workspace(dev, lse_off + num_splits * B * H * Sq, B * Hk * row_tiles)
+            o_part, counters = _workspace(dev, lse_off + num_splits * B * H * Sq, B * Hk * row_tiles)[:2]
         else:
             o_part = torch.empty(lse_off + num_splits * B * H * Sq, dtype=torch.float32, device=dev)
         l_part = o_part
@@ -352,6 +431,9 @@ def _run(q, qs, k_cache, ks, v_cache, vs, B, Sq, H, D, Hk, seqlens_k, cache_batc
 # They follow TUNE: whoever changes TUNE calls set_tune (benchmarks/sweep_decode.py).
 _TILES: dict = {}
 _METAS: dict = {}
+# decode_bhsd's direct launches: (B, H, Hk, D, Sq, device, dtype, softcap on) -> (tiles, splits before the
+# key-length cap, {split count: (CompiledKernel, constexpr values)})
+_DIRECT: dict = {}
 
 
 def set_tune(**tune) -> None:
@@ -362,6 +444,7 @@ def set_tune(**tune) -> None:
     TUNE.update(tune)
     _TILES.clear()
     _METAS.clear()
+    _DIRECT.clear()
 
 
 class _Tiles(NamedTuple):

@@ -154,6 +154,7 @@ def main():
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--prompts", default="8192,32768", help="generate() prompt lengths, comma-separated")
     ap.add_argument("--no-eager", action="store_true", help="generate(): leave eager attention out")
+    ap.add_argument("--rounds", type=int, default=3, help="generate(): rounds of the implementations in turns")
     args = ap.parse_args()
     t0 = time.time()
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -167,7 +168,7 @@ def main():
 
     save([])
     gen = [] if args.skip_generate else generate_rows(
-        args.budget_s, t0, save, args.cache, prompts=tuple(int(p) for p in args.prompts.split(",")),
+        args.budget_s, t0, save, args.cache, reps=args.rounds, prompts=tuple(int(p) for p in args.prompts.split(",")),
         eager=not args.no_eager)
     save(gen)
     md = [f"# Decode — {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}",

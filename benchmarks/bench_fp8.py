@@ -102,13 +102,16 @@ def generation_agreement():
     return dict(agreement=(a == b).float().mean().item(), tokens=a.numel())
 
 
-DIAG_CONFIGS = {128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3)],
-                256: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)]}
+DIAG_CONFIGS = {128: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 4, 2), (64, 64, 4, 3)],
+                256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2)]}
+# (variant name, P·V mode, scales folded into the exponent's multiply-add): the kernel, the kernel as it was
+# before the fold (fifth session), and no P·V (what the rest of the loop costs)
+DIAG_VARIANTS = (("fp8 P·V", 0, True), ("fp8 P·V, scales not folded", 0, False), ("no P·V", 2, True))
 
 
 def diagnose(out_dir):
-    """Time variants of the FP8 kernel that leave one stage out (METHOD.md): P·V in FP8 (the kernel), in bf16,
-    and none, over a few tiles, beside bf16 v2 in the same process; d128/d256, 16k tokens, not causal."""
+    """Time variants of the FP8 kernel (DIAG_VARIANTS: the kernel, its scales not folded, no P·V) over a few
+    tiles, beside bf16 v2 and v3 in the same process; d128/d256, 16k tokens, not causal."""
     from hf_flashattn.kernels import fp8 as K
     rows = []
     for D in (128, 256):
@@ -116,12 +119,13 @@ def diagnose(out_dir):
         q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         (q8, qd), (k8, kd), (v8, vd) = (F8.quantize_fp8(t) for t in (q, k, v))
         flops = 4 * B * H * S * S * D
-        ms = triton.testing.do_bench(lambda: fa.flash_attn_func(q, k, v, version="v2"), return_mode="median")
-        rows.append(dict(D=D, variant="bf16 v2", tflops=flops / ms / 1e9))
+        for version in ("v2", "v3"):
+            ms = triton.testing.do_bench(lambda: fa.flash_attn_func(q, k, v, version=version), return_mode="median")
+            rows.append(dict(D=D, variant=f"bf16 {version}", tflops=flops / ms / 1e9))
         for cfg in DIAG_CONFIGS[D]:
-            for mode, name in ((0, "fp8 P·V"), (1, "bf16 P·V"), (2, "no P·V")):
+            for name, mode, fold in DIAG_VARIANTS:
                 f = lambda: K.forward(q8, k8, v8, qd, kd, vd, D ** -0.5, (-1, -1), 0.0, torch.bfloat16,  # noqa: E731
-                                      _pv_mode=mode, _config=cfg)
+                                      _pv_mode=mode, _config=cfg, _fold=fold)
                 try:
                     f()
                     ms = triton.testing.do_bench(f, return_mode="median")

@@ -142,7 +142,8 @@ def interleaved_steps(rounds=8, n=16, prompt=8192):
         "flashattn_custom/two-launch": ("flashattn_custom", lambda: mock.patch.object(decode, "FUSED_MERGE", False)),
         "flashattn_custom/no-direct": ("flashattn_custom", lambda: mock.patch.object(decode, "_direct",
                                                                                     lambda *a: None)),
-        "flashattn_custom/no-launch": ("flashattn_custom", lambda: mock.patch.object(decode, "_run", no_launch)),
+        "flashattn_custom/no-launch": ("flashattn_custom", lambda: mock.patch.multiple(
+            decode, _run=no_launch, _direct=lambda q, k, v, B, H, Sq, D, *a: q.new_empty((B, Sq, H, D)))),
         "flashattn_custom/no-attention": ("flashattn_custom", lambda: mock.patch.dict(
             ALL_ATTENTION_FUNCTIONS._global_mapping, {"flashattn_custom": no_attention})),
         "sdpa/no-attention": ("sdpa", lambda: mock.patch.dict(ALL_ATTENTION_FUNCTIONS._global_mapping,

@@ -34,5 +34,25 @@ def is_interpreting() -> bool:
     return INTERPRET
 
 
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = getattr(os.environ, "encodekey", None)
+_ENV_VALUE = getattr(os.environ, "decodevalue", None)
+_ENV_KEYS: dict = {}
+
+
+def env_get(name: str, default: str) -> str:
+    """os.environ.get(name, default), read on every call as that is, in a tenth of its time: the decode step
+    of generate() reads two switches per layer, and os.environ.get of an unset variable costs ~1.7 us (a
+    caught KeyError). This reads os.environ's own mapping, which its setters (and monkeypatch.setenv) keep
+    current; where os.environ is laid out otherwise, os.environ.get."""
+    if _ENV_DATA is None or _ENV_KEY is None or _ENV_VALUE is None:
+        return os.environ.get(name, default)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = _ENV_KEY(name)
+    value = _ENV_DATA.get(key)
+    return default if value is None else _ENV_VALUE(value)
+
+
 def is_hopper(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9

@@ -106,6 +106,8 @@ def _install_lazy_imports_adapter(fa_utils) -> None:
 
 
 _VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+# the keywords that can take a decode step off the lean path (`_lean_step`)
+_RARE_KWARGS = frozenset(("output_attentions", "s_aux") + _VARLEN_KWARGS)
 
 
 def _is_plain_decode_step(module, query, key, value, attention_mask, kwargs) -> bool:
@@ -172,12 +174,15 @@ def _lean_step(module, query, key, value, sliding_window, kwargs):
     flash_attn_func's checks and errors. The tests are written for speed (no imports, no generator
     expressions, `is` on dtypes): this function runs for every layer of every step."""
     global _mods
-    g = kwargs.get
-    if g("dropout") or g("output_attentions") or g("s_aux") is not None:
+    if kwargs.get("dropout"):
         return None
-    for name in _VARLEN_KWARGS:
-        if g(name) is not None:
+    if not _RARE_KWARGS.isdisjoint(kwargs):   # one C-level pass; the keywords themselves only when present
+        g = kwargs.get
+        if g("output_attentions") or g("s_aux") is not None:
             return None
+        for name in _VARLEN_KWARGS:
+            if g(name) is not None:
+                return None
     dt = query.dtype
     if key.dtype is not dt or value.dtype is not dt or (dt not in _HALF and not _keeps_dtype(query, module)):
         return None
@@ -200,7 +205,7 @@ def _lean_step(module, query, key, value, sliding_window, kwargs):
     if _mods.interface.get_default_version() not in ("auto", "v2") or not _mods.v2.splits_keys(1, L):
         return None
     window_left = sliding_window - 1 if sliding_window is not None and L > sliding_window else -1
-    softcap, scale = g("softcap"), g("scaling")
+    softcap, scale = kwargs.get("softcap"), kwargs.get("scaling")
     return _mods.decode.decode_bhsd(query, key, value, D ** -0.5 if scale is None else float(scale),
                                     (window_left, 0), 0.0 if softcap is None else float(softcap))
 

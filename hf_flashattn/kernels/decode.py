@@ -353,7 +353,7 @@ def _direct(q, k, v, B, H, Sq, D, qs, ks, vs, softmax_scale, window_size, softca
     ws = _WORKSPACES.get((dev, stream))
     if ws is None or ws.n_floats < n_floats or ws.n_counters < B * Hk * row_tiles:
         ws = _workspace(q.device, n_floats, B * Hk * row_tiles, stream)
-    out = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
+    out = q.new_empty((B, Sq, H, D))
     big = Sq + max(L, 1) + 1                                    # C.window_args
     left = window_size[0] if window_size[0] >= 0 else big
     right = window_size[1] if window_size[1] >= 0 else big

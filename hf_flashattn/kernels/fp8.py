@@ -37,7 +37,8 @@ def _round_to_e4m3_grid(x):
 def _fp8_inner(acc, l_i, m_i, vd_cur, q, qd, K_base, VT_base, KD_base, VD_base, stride_kn, stride_vd, start, end,
                offs_m, offs_n, offs_d, Sk, diag, left, right, qk_scale, cap_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, QB: tl.constexpr,
-               MASKED: tl.constexpr, SOFTCAP: tl.constexpr, RN_P: tl.constexpr, PV_MODE: tl.constexpr):
+               MASKED: tl.constexpr, SOFTCAP: tl.constexpr, RN_P: tl.constexpr, PV_MODE: tl.constexpr,
+               FOLD: tl.constexpr):
     # V arrives transposed (D, keys; keys contiguous): the P·V product's reduction dim is the keys, and
     # FP8 wgmma reads both operands K-major, so the tile goes to shared memory as loaded (no transpose
     # through registers, which would also keep the loop from being pipelined).
@@ -65,11 +66,25 @@ def _fp8_inner(acc, l_i, m_i, vd_cur, q, qd, K_base, VT_base, KD_base, VD_base, 
             vt = tl.load(vt_ptrs)
         kd = tl.load(KD_base + start_n // QB)
         vd = tl.load(VD_base + start_n // QB)
-        qk = tl.dot(q, tl.trans(k)) * (qd * kd)
-        s, _ = scores_from_qk(qk, qk_scale, cap_scale, SOFTCAP)
-        if MASKED:
-            s = tl.where(visible(offs_m, cols, diag, left, right, Sk), s, float("-inf"))
-        p, alpha, m_new, l_i = softmax_step(s, m_i, l_i)
+        qk = tl.dot(q, tl.trans(k))
+        if SOFTCAP or not FOLD:
+            s, _ = scores_from_qk(qk * (qd * kd), qk_scale, cap_scale, SOFTCAP)
+            if MASKED:
+                s = tl.where(visible(offs_m, cols, diag, left, right, Sk), s, float("-inf"))
+            p, alpha, m_new, l_i = softmax_step(s, m_i, l_i)
+        else:
+            # softmax_step on s = qk · c with the tile's one scale c = qd · kd · qk_scale > 0 folded in:
+            # the row max taken on qk (max(qk) · c = max(qk · c): rounding is monotonic) and the exponent
+            # qk · c - m one fused multiply-add. Two float32 operations fewer per score than scaling the
+            # tile first, where the instruction issue (not the FP8 tensor cores) bounds the loop.
+            if MASKED:
+                qk = tl.where(visible(offs_m, cols, diag, left, right, Sk), qk, float("-inf"))
+            c = qd * kd * qk_scale
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * c)
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(qk * c - m_shift[:, None])
+            alpha = tl.exp2(m_i - m_shift)
+            l_i = l_i * alpha + tl.sum(p, 1)
         # acc is kept in units of the current V block's descale, so the product accumulates in place (no
         # second BLOCK_M x D float32 tile): rescale by alpha and by the ratio of the old and new descales
         vd = tl.maximum(vd, 1e-30)
@@ -97,7 +112,8 @@ def _fp8_fwd_kernel(Q, K, VT, QD, KD, VD, O, LSE,
                     stride_lb, stride_lh,
                     seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, group,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    QB: tl.constexpr, SOFTCAP: tl.constexpr, RN_P: tl.constexpr, PV_MODE: tl.constexpr = 0):
+                    QB: tl.constexpr, SOFTCAP: tl.constexpr, RN_P: tl.constexpr, PV_MODE: tl.constexpr = 0,
+                    FOLD: tl.constexpr = True):
     # Grid: (cdiv(seqlen_q, BLOCK_M), nheads, batch), as v2's forward.
     tl.static_assert(QB % BLOCK_M == 0)
     tl.static_assert(QB % BLOCK_N == 0)
@@ -128,17 +144,17 @@ def _fp8_fwd_kernel(Q, K, VT, QD, KD, VD, O, LSE,
                                        stride_kn, stride_vd, lo, full_lo, offs_m, offs_n, offs_d, seqlen_k, diag,
                                        window_left, window_right,
                                        qk_scale, cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, QB, True, SOFTCAP, RN_P,
-                                       PV_MODE)
+                                       PV_MODE, FOLD)
     acc, l_i, m_i, vd_cur = _fp8_inner(acc, l_i, m_i, vd_cur, q, qd, K_base, VT_base, KD_base, VD_base,
                                        stride_kn, stride_vd, full_lo, full_hi, offs_m, offs_n, offs_d, seqlen_k, diag,
                                        window_left, window_right,
                                        qk_scale, cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, QB, False, SOFTCAP, RN_P,
-                                       PV_MODE)
+                                       PV_MODE, FOLD)
     acc, l_i, m_i, vd_cur = _fp8_inner(acc, l_i, m_i, vd_cur, q, qd, K_base, VT_base, KD_base, VD_base,
                                        stride_kn, stride_vd, full_hi, hi, offs_m, offs_n, offs_d, seqlen_k, diag,
                                        window_left, window_right,
                                        qk_scale, cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, QB, True, SOFTCAP, RN_P,
-                                       PV_MODE)
+                                       PV_MODE, FOLD)
     acc, lse = normalise_rows(acc * vd_cur, l_i, m_i, float("inf"))
     tl.store(LSE + b * stride_lb + h64 * stride_lh + offs_m, lse, mask=row_ok)
     tl.store(O + b * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
@@ -153,12 +169,13 @@ _CONFIGS = {64: (128, 64, 4, 3), 128: (128, 64, 4, 3), 256: (64, 64, 4, 2)}
 
 
 def forward(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, window_size, softcap, out_dtype,
-            _pv_mode=0, _config=None):
+            _pv_mode=0, _config=None, _fold=True):
     """q8 (B, Sq, H, D), k8/v8 (B, Sk, Hk, D) float8_e4m3fn, last dim contiguous; descales float32
     (B, H, cdiv(Sq, QUANT_BLOCK)) and (B, Hk, cdiv(Sk, QUANT_BLOCK)). Returns out (B, Sq, H, D) in
     out_dtype and lse (B, H, Sq) float32. _pv_mode (diagnostics for benchmarks/bench_fp8.py --diagnose, which
     times variants that leave one stage out): 0 = the FP8 kernel, 1 = P·V in bf16, 2 = no P·V; _config
-    overrides (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    overrides (BLOCK_M, BLOCK_N, num_warps, num_stages); _fold False scales the score tile before the softmax
+    instead of folding the scales into it (the kernel before the fifth session, for the benchmark)."""
     B, Sq, H, D = q8.shape
     Sk, Hk = k8.shape[1], k8.shape[2]
     out = torch.empty((B, Sq, H, D), dtype=out_dtype, device=q8.device)
@@ -184,5 +201,5 @@ def forward(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, window_s
                           out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
                           Sq, Sk, left, right, qk_scale, cap_scale, H // Hk,
                           HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_N=bn, QB=QUANT_BLOCK, SOFTCAP=softcap > 0,
-                          RN_P=is_interpreting(), PV_MODE=_pv_mode, **meta)
+                          RN_P=is_interpreting(), PV_MODE=_pv_mode, FOLD=_fold, **meta)
     return out, lse

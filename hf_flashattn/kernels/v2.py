@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._runtime import env_get
 from . import _common as C
 from ._common import load_rows_pair, log2_scores, normalise_rows, seq_bounds, softmax_step, tile_range, visible
 
@@ -141,7 +142,7 @@ def use_split_kv(q, k, varlen: bool) -> bool:
 def splits_keys(seqlen_q: int, seqlen_k: int) -> bool:
     """The sequence lengths use_split_kv sends to the split-KV kernel (also Transformers' decode fast
     path, which has them without (B, S, H, D) tensors). HF_FLASHATTN_SPLITKV=0 turns this off."""
-    return seqlen_q <= 16 and seqlen_k >= 8 * seqlen_q and os.environ.get("HF_FLASHATTN_SPLITKV", "1") != "0"
+    return seqlen_q <= 16 and seqlen_k >= 8 * seqlen_q and env_get("HF_FLASHATTN_SPLITKV", "1") != "0"
 
 
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_size,

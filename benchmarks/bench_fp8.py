@@ -102,16 +102,17 @@ def generation_agreement():
     return dict(agreement=(a == b).float().mean().item(), tokens=a.numel())
 
 
-DIAG_CONFIGS = {128: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 4, 2), (64, 64, 4, 3)],
-                256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2)]}
-# (variant name, P·V mode, scales folded into the exponent's multiply-add): the kernel, the kernel as it was
-# before the fold (fifth session), and no P·V (what the rest of the loop costs)
-DIAG_VARIANTS = (("fp8 P·V", 0, True), ("fp8 P·V, scales not folded", 0, False), ("no P·V", 2, True))
+DIAG_CONFIGS = {128: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2)],
+                256: [(64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)]}
+# (variant name, kernel.forward keywords): pointer loads; tiles through tensor descriptors (TMA), not
+# warp-specialised and warp-specialised (8-warp tiles only); no P·V (what the rest of the loop costs)
+DIAG_VARIANTS = (("fp8", dict(_tma=False)), ("fp8 TMA", dict(_tma=True, _ws=False)),
+                 ("fp8 TMA+WS", dict(_tma=True, _ws=True)), ("no P·V", dict(_pv_mode=2, _tma=False)))
 
 
 def diagnose(out_dir):
-    """Time variants of the FP8 kernel (DIAG_VARIANTS: the kernel, its scales not folded, no P·V) over a few
-    tiles, beside bf16 v2 and v3 in the same process; d128/d256, 16k tokens, not causal."""
+    """Time variants of the FP8 kernel (DIAG_VARIANTS: pointer loads, TMA, TMA + warp specialisation, no P·V)
+    over a few tiles, beside bf16 v2 and v3 in the same process; d128/d256, 16k tokens, not causal."""
     from hf_flashattn.kernels import fp8 as K
     rows = []
     for D in (128, 256):
@@ -123,9 +124,11 @@ def diagnose(out_dir):
             ms = triton.testing.do_bench(lambda: fa.flash_attn_func(q, k, v, version=version), return_mode="median")
             rows.append(dict(D=D, variant=f"bf16 {version}", tflops=flops / ms / 1e9))
         for cfg in DIAG_CONFIGS[D]:
-            for name, mode, fold in DIAG_VARIANTS:
+            for name, kw in DIAG_VARIANTS:
+                if name.endswith("+WS") and cfg[2] < 8:
+                    continue
                 f = lambda: K.forward(q8, k8, v8, qd, kd, vd, D ** -0.5, (-1, -1), 0.0, torch.bfloat16,  # noqa: E731
-                                      _pv_mode=mode, _config=cfg, _fold=fold)
+                                      _config=cfg, **kw)
                 try:
                     f()
                     ms = triton.testing.do_bench(f, return_mode="median")

@@ -75,6 +75,24 @@ def test_fp8_kernel_matches_reference_on_its_quantised_inputs(mask, H, Hk):
     assert (lse[fin].double() - ref_lse[fin]).abs().max() < 1e-3
 
 
+@pytest.mark.parametrize("mask", [dict(), dict(causal=True), dict(window_size=(48, 8))], ids=["full", "causal", "window"])
+@pytest.mark.parametrize("D", [64, 80])
+def test_fp8_kernel_through_tensor_descriptors_equals_the_pointer_loads(mask, D):
+    """The TMA variant of the FP8 kernel (Q, K, V^T tiles through in-kernel tensor descriptors, which read
+    keys past the sequence and head-dim padding as zeros) computes what the masked pointer loads compute:
+    203 keys (V^T rows padded to 208 for TMA's 16-byte strides), head dim 80 in a 128-wide tile, GQA."""
+    from hf_flashattn.kernels import fp8 as K
+    q, k, v = _qkv(D=D, H=4, Hk=2)
+    (q8, qd), (k8, kd), (v8, vd) = (F8.quantize_fp8(t) for t in (q, k, v))
+    window = (-1, 0) if mask.get("causal") else mask.get("window_size", (-1, -1))
+    assert K._tma_ok(q8, k8)
+    run = lambda tma: K.forward(q8, k8, v8, qd, kd, vd, D ** -0.5, window, 0.0, torch.float16, _tma=tma)  # noqa: E731
+    (o_ptr, l_ptr), (o_tma, l_tma) = run(False), run(True)
+    assert torch.isfinite(o_ptr).all()
+    torch.testing.assert_close(o_tma, o_ptr, atol=1e-3, rtol=0)
+    torch.testing.assert_close(l_tma, l_ptr, atol=1e-4, rtol=0)
+
+
 def test_incoherent_processing_lowers_the_error_on_outliers():
     """FA3's setting: N(0, 1) plus 0.1% outliers of N(0, 10). Block scales with the Hadamard rotation
     against one scale per tensor without it, RMSE against float64 attention of the unquantised inputs.

@@ -34,11 +34,54 @@ def _round_to_e4m3_grid(x):
 
 
 @triton.jit
+def _fp8_tile(acc, l_i, m_i, vd_cur, q, k, vt, qd, kd, vd, cols, offs_m, Sk, diag, left, right, qk_scale, cap_scale,
+              MASKED: tl.constexpr, SOFTCAP: tl.constexpr, RN_P: tl.constexpr, PV_MODE: tl.constexpr,
+              FOLD: tl.constexpr):
+    """One key tile of the FP8 forward: k (BLOCK_N, BLOCK_D) and vt (BLOCK_D, BLOCK_N) e4m3, kd / vd their
+    descales; returns the updated (acc, l_i, m_i, vd_cur)."""
+    qk = tl.dot(q, tl.trans(k))
+    if SOFTCAP or not FOLD:
+        s, _ = scores_from_qk(qk * (qd * kd), qk_scale, cap_scale, SOFTCAP)
+        if MASKED:
+            s = tl.where(visible(offs_m, cols, diag, left, right, Sk), s, float("-inf"))
+        p, alpha, m_new, l_i = softmax_step(s, m_i, l_i)
+    else:
+        # softmax_step on s = qk · c with the tile's one scale c = qd · kd · qk_scale > 0 folded in:
+        # the row max taken on qk (max(qk) · c = max(qk · c): rounding is monotonic) and the exponent
+        # qk · c - m one fused multiply-add. Two float32 operations fewer per score than scaling the
+        # tile first, where the instruction issue (not the FP8 tensor cores) bounds the loop.
+        if MASKED:
+            qk = tl.where(visible(offs_m, cols, diag, left, right, Sk), qk, float("-inf"))
+        c = qd * kd * qk_scale
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * c)
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(qk * c - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+    # acc is kept in units of the current V block's descale, so the product accumulates in place (no
+    # second BLOCK_M x D float32 tile): rescale by alpha and by the ratio of the old and new descales
+    vd = tl.maximum(vd, 1e-30)
+    acc = acc * (alpha * (vd_cur / vd))[:, None]
+    if PV_MODE == 0:
+        if RN_P:
+            p8 = _round_to_e4m3_grid(p).to(vt.dtype)
+        else:
+            p8 = p.to(vt.dtype)
+        acc = tl.dot(p8, tl.trans(vt), acc)
+    elif PV_MODE == 1:  # diagnostic: P·V in bf16 (V tile widened), to time the FP8 P path against it
+        acc = tl.dot(p.to(tl.bfloat16), tl.trans(vt.to(tl.bfloat16)), acc)
+    return acc, l_i, m_new, vd
+
+
+@triton.jit
 def _fp8_inner(acc, l_i, m_i, vd_cur, q, qd, K_base, VT_base, KD_base, VD_base, stride_kn, stride_vd, start, end,
                offs_m, offs_n, offs_d, Sk, diag, left, right, qk_scale, cap_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, QB: tl.constexpr,
                MASKED: tl.constexpr, SOFTCAP: tl.constexpr, RN_P: tl.constexpr, PV_MODE: tl.constexpr,
-               FOLD: tl.constexpr):
+               FOLD: tl.constexpr, k_desc, vt_desc, TMA: tl.constexpr, WS: tl.constexpr):
+    # TMA: the K and V^T tiles come through the tensor descriptors k_desc / vt_desc (bulk copies into shared
+    # memory; keys past the sequence and head-dim padding read as zeros, so no load masks), and WS
+    # warp-specialises the loop (producer warps issue the copies) as v3's forward does.
     # V arrives transposed (D, keys; keys contiguous): the P·V product's reduction dim is the keys, and
     # FP8 wgmma reads both operands K-major, so the tile goes to shared memory as loaded (no transpose
     # through registers, which would also keep the loop from being pipelined).
@@ -51,11 +94,14 @@ def _fp8_inner(acc, l_i, m_i, vd_cur, q, qd, K_base, VT_base, KD_base, VD_base, 
     # loop's induction variable inherits it. An unaligned start only comes with an empty loop, kept empty.)
     aligned = (start // BLOCK_N) * BLOCK_N
     end = tl.where(start < end, end, aligned)
-    for start_n in range(aligned, end, BLOCK_N):
+    for start_n in tl.range(aligned, end, BLOCK_N, warp_specialize=WS):
         cols = start_n + offs_n
         k_ptrs = K_base + cols[:, None] * stride_kn + offs_d[None, :]
         vt_ptrs = VT_base + offs_d[:, None] * stride_vd + cols[None, :]
-        if MASKED:   # key tail (edge blocks only) and head-dim padding
+        if TMA:
+            k = k_desc.load([start_n, 0])
+            vt = vt_desc.load([0, start_n])
+        elif MASKED:   # key tail (edge blocks only) and head-dim padding
             k = tl.load(k_ptrs, mask=(cols[:, None] < Sk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
             vt = tl.load(vt_ptrs, mask=(cols[None, :] < Sk) & (offs_d[:, None] < HEAD_DIM), other=0.0)
         elif BLOCK_D != HEAD_DIM:
@@ -66,39 +112,8 @@ def _fp8_inner(acc, l_i, m_i, vd_cur, q, qd, K_base, VT_base, KD_base, VD_base, 
             vt = tl.load(vt_ptrs)
         kd = tl.load(KD_base + start_n // QB)
         vd = tl.load(VD_base + start_n // QB)
-        qk = tl.dot(q, tl.trans(k))
-        if SOFTCAP or not FOLD:
-            s, _ = scores_from_qk(qk * (qd * kd), qk_scale, cap_scale, SOFTCAP)
-            if MASKED:
-                s = tl.where(visible(offs_m, cols, diag, left, right, Sk), s, float("-inf"))
-            p, alpha, m_new, l_i = softmax_step(s, m_i, l_i)
-        else:
-            # softmax_step on s = qk · c with the tile's one scale c = qd · kd · qk_scale > 0 folded in:
-            # the row max taken on qk (max(qk) · c = max(qk · c): rounding is monotonic) and the exponent
-            # qk · c - m one fused multiply-add. Two float32 operations fewer per score than scaling the
-            # tile first, where the instruction issue (not the FP8 tensor cores) bounds the loop.
-            if MASKED:
-                qk = tl.where(visible(offs_m, cols, diag, left, right, Sk), qk, float("-inf"))
-            c = qd * kd * qk_scale
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * c)
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(qk * c - m_shift[:, None])
-            alpha = tl.exp2(m_i - m_shift)
-            l_i = l_i * alpha + tl.sum(p, 1)
-        # acc is kept in units of the current V block's descale, so the product accumulates in place (no
-        # second BLOCK_M x D float32 tile): rescale by alpha and by the ratio of the old and new descales
-        vd = tl.maximum(vd, 1e-30)
-        acc = acc * (alpha * (vd_cur / vd))[:, None]
-        if PV_MODE == 0:
-            if RN_P:
-                p8 = _round_to_e4m3_grid(p).to(vt.dtype)
-            else:
-                p8 = p.to(vt.dtype)
-            acc = tl.dot(p8, tl.trans(vt), acc)
-        elif PV_MODE == 1:  # diagnostic: P·V in bf16 (V tile widened), to time the FP8 P path against it
-            acc = tl.dot(p.to(tl.bfloat16), tl.trans(vt.to(tl.bfloat16)), acc)
-        vd_cur = vd
-        m_i = m_new
+        acc, l_i, m_i, vd_cur = _fp8_tile(acc, l_i, m_i, vd_cur, q, k, vt, qd, kd, vd, cols, offs_m, Sk, diag, left,
+                                          right, qk_scale, cap_scale, MASKED, SOFTCAP, RN_P, PV_MODE, FOLD)
     return acc, l_i, m_i, vd_cur
 
 
@@ -113,8 +128,10 @@ def _fp8_fwd_kernel(Q, K, VT, QD, KD, VD, O, LSE,
                     seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, group,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     QB: tl.constexpr, SOFTCAP: tl.constexpr, RN_P: tl.constexpr, PV_MODE: tl.constexpr = 0,
-                    FOLD: tl.constexpr = True):
-    # Grid: (cdiv(seqlen_q, BLOCK_M), nheads, batch), as v2's forward.
+                    FOLD: tl.constexpr = True, TMA: tl.constexpr = False, WS: tl.constexpr = False):
+    # Grid: (cdiv(seqlen_q, BLOCK_M), nheads, batch), as v2's forward. TMA: Q, K and V^T tiles through
+    # in-kernel tensor descriptors (base pointers and strides 16-byte aligned: the caller checks), the band
+    # of unmasked key blocks warp-specialised when WS.
     tl.static_assert(QB % BLOCK_M == 0)
     tl.static_assert(QB % BLOCK_N == 0)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -127,11 +144,21 @@ def _fp8_fwd_kernel(Q, K, VT, QD, KD, VD, O, LSE,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < seqlen_q
-    q = tl.load(Q + b * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    qd = tl.load(QD + b * stride_qdb + h64 * stride_qdh + m0 // QB)
     K_base = K + b * stride_kb + kvh * stride_kh
     VT_base = VT + b * stride_vb + kvh * stride_vh
+    if TMA:
+        k_desc = tl.make_tensor_descriptor(K_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        vt_desc = tl.make_tensor_descriptor(VT_base, shape=[HEAD_DIM, seqlen_k], strides=[stride_vd, 1],
+                                            block_shape=[BLOCK_D, BLOCK_N])
+        q = tl.make_tensor_descriptor(Q + b * stride_qb + h64 * stride_qh, shape=[seqlen_q, HEAD_DIM],
+                                      strides=[stride_qm, 1], block_shape=[BLOCK_M, BLOCK_D]).load([m0, 0])
+    else:   # placeholders: the pointer path never reads them
+        k_desc = K_base
+        vt_desc = VT_base
+        q = tl.load(Q + b * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                    mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    qd = tl.load(QD + b * stride_qdb + h64 * stride_qdh + m0 // QB)
     KD_base = KD + b * stride_kdb + kvh * stride_kdh
     VD_base = VD + b * stride_vdb + kvh * stride_vdh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -144,38 +171,53 @@ def _fp8_fwd_kernel(Q, K, VT, QD, KD, VD, O, LSE,
                                        stride_kn, stride_vd, lo, full_lo, offs_m, offs_n, offs_d, seqlen_k, diag,
                                        window_left, window_right,
                                        qk_scale, cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, QB, True, SOFTCAP, RN_P,
-                                       PV_MODE, FOLD)
+                                       PV_MODE, FOLD, k_desc, vt_desc, TMA, False)
     acc, l_i, m_i, vd_cur = _fp8_inner(acc, l_i, m_i, vd_cur, q, qd, K_base, VT_base, KD_base, VD_base,
                                        stride_kn, stride_vd, full_lo, full_hi, offs_m, offs_n, offs_d, seqlen_k, diag,
                                        window_left, window_right,
                                        qk_scale, cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, QB, False, SOFTCAP, RN_P,
-                                       PV_MODE, FOLD)
+                                       PV_MODE, FOLD, k_desc, vt_desc, TMA, WS)
     acc, l_i, m_i, vd_cur = _fp8_inner(acc, l_i, m_i, vd_cur, q, qd, K_base, VT_base, KD_base, VD_base,
                                        stride_kn, stride_vd, full_hi, hi, offs_m, offs_n, offs_d, seqlen_k, diag,
                                        window_left, window_right,
                                        qk_scale, cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, QB, True, SOFTCAP, RN_P,
-                                       PV_MODE, FOLD)
+                                       PV_MODE, FOLD, k_desc, vt_desc, TMA, False)
     acc, lse = normalise_rows(acc * vd_cur, l_i, m_i, float("inf"))
     tl.store(LSE + b * stride_lb + h64 * stride_lh + offs_m, lse, mask=row_ok)
     tl.store(O + b * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class: d128/d256 the fastest of the H100 diagnostic
-# (results/2026-11-26-h100-fp8-diagnose.md: 342 and 219 TFLOP/s at 16k against 225 and 145 for the tiles
-# with the fewest spills). Wider key tiles read longer contiguous runs of the transposed V (one run of
-# BLOCK_N bytes per head-dim row); d64 is unmeasured.
-_CONFIGS = {64: (128, 64, 4, 3), 128: (128, 64, 4, 3), 256: (64, 64, 4, 2)}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class: the fastest of the H100 diagnostics at 16k
+# (results/2026-11-26-h100-fp8-diagnose-3.md: d128 (128, 64, 4, 3) 660 TFLOP/s, next (128, 128, 8, 3) 607;
+# d256 (64, 64, 4, 3) 655, against 566 for the earlier (64, 64, 4, 2)); d64 is unmeasured.
+_CONFIGS = {64: (128, 64, 4, 3), 128: (128, 64, 4, 3), 256: (64, 64, 4, 3)}
+
+
+# Tiles through tensor descriptors (TMA) and the unmasked band warp-specialised, per head-dim class, where
+# the inputs allow it (`_tma_ok`); set from the H100 diagnostic of the fifth session (see NOTES).
+_TMA = {64: False, 128: False, 256: False}
+
+
+def _tma_ok(*tensors) -> bool:
+    """TMA's rule for in-kernel descriptors: every base pointer and every stride but the last 16-byte aligned
+    (float8: 16 elements); then each (sequence, head) slice the kernel describes is too."""
+    for t in tensors:
+        if t.data_ptr() % 16 or any(st % 16 for st in t.stride()[:-1]) or t.stride(-1) != 1:
+            return False
+    return True
 
 
 def forward(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, window_size, softcap, out_dtype,
-            _pv_mode=0, _config=None, _fold=True):
+            _pv_mode=0, _config=None, _fold=True, _tma=None, _ws=True):
     """q8 (B, Sq, H, D), k8/v8 (B, Sk, Hk, D) float8_e4m3fn, last dim contiguous; descales float32
     (B, H, cdiv(Sq, QUANT_BLOCK)) and (B, Hk, cdiv(Sk, QUANT_BLOCK)). Returns out (B, Sq, H, D) in
     out_dtype and lse (B, H, Sq) float32. _pv_mode (diagnostics for benchmarks/bench_fp8.py --diagnose, which
     times variants that leave one stage out): 0 = the FP8 kernel, 1 = P·V in bf16, 2 = no P·V; _config
     overrides (BLOCK_M, BLOCK_N, num_warps, num_stages); _fold False scales the score tile before the softmax
-    instead of folding the scales into it (the kernel before the fifth session, for the benchmark)."""
+    instead of folding the scales into it (the kernel before the fifth session, for the benchmark); _tma
+    True / False forces the descriptor path on or off (None: `_TMA` where `_tma_ok`), _ws False keeps it
+    from warp-specialising."""
     B, Sq, H, D = q8.shape
     Sk, Hk = k8.shape[1], k8.shape[2]
     out = torch.empty((B, Sq, H, D), dtype=out_dtype, device=q8.device)
@@ -191,8 +233,19 @@ def forward(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, window_s
         bm, bn, w, st = _config or _CONFIGS[64 if BLOCK_D <= 64 else 128 if BLOCK_D <= 128 else 256]
         meta = dict(num_warps=w, num_stages=st)
     grid = (triton.cdiv(Sq, bm), H, B)
-    # V transposed once to (B, Hk, D, Sk), keys contiguous (see _fp8_inner): one pass over V's bytes
-    vt = v8.permute(0, 2, 3, 1).contiguous()
+    # V transposed once to (B, Hk, D, Sk), keys contiguous (see _fp8_inner): one pass over V's bytes. Rows
+    # padded to a multiple of 16 keys, so that the row stride suits TMA (16 bytes) for any key length.
+    Sk_pad = -(-Sk // 16) * 16
+    vt = torch.empty((B, Hk, D, Sk_pad), dtype=v8.dtype, device=v8.device)[..., :Sk]
+    vt.copy_(v8.permute(0, 2, 3, 1))
+    d_class = 64 if BLOCK_D <= 64 else 128 if BLOCK_D <= 128 else 256
+    tma = (_TMA[d_class] if _tma is None else _tma) and _tma_ok(q8, k8, vt)
+    if tma:
+        from .v3 import _set_allocator
+        _set_allocator()
+    # Triton 3.6's warp-specialisation pass fails on head-dim-64 tiles (see v3.forward): pipelined only there
+    # and on 4-warp tiles (one consumer warpgroup: the pass fails to partition them, Triton 3.9 locally)
+    ws = tma and _ws and not is_interpreting() and BLOCK_D > 64 and meta.get("num_warps", 4) >= 8
     _fp8_fwd_kernel[grid](q8, k8, vt, q_descale, k_descale, v_descale, out, lse,
                           q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
                           vt.stride(0), vt.stride(1), vt.stride(2),
@@ -201,5 +254,5 @@ def forward(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, window_s
                           out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
                           Sq, Sk, left, right, qk_scale, cap_scale, H // Hk,
                           HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_N=bn, QB=QUANT_BLOCK, SOFTCAP=softcap > 0,
-                          RN_P=is_interpreting(), PV_MODE=_pv_mode, FOLD=_fold, **meta)
+                          RN_P=is_interpreting(), PV_MODE=_pv_mode, FOLD=_fold, TMA=tma, WS=ws, **meta)
     return out, lse

@@ -196,7 +196,7 @@ _CONFIGS = {64: (128, 64, 4, 3), 128: (128, 64, 4, 3), 256: (64, 64, 4, 3)}
 
 # Tiles through tensor descriptors (TMA) and the unmasked band warp-specialised, per head-dim class, where
 # the inputs allow it (`_tma_ok`); set from the H100 diagnostic of the fifth session (see NOTES).
-_TMA = {64: False, 128: False, 256: False}
+_TMA = {64: False, 128: True, 256: True}
 
 
 def _tma_ok(*tensors) -> bool:

@@ -93,6 +93,20 @@ def test_fp8_kernel_through_tensor_descriptors_equals_the_pointer_loads(mask, D)
     torch.testing.assert_close(l_tma, l_ptr, atol=1e-4, rtol=0)
 
 
+def test_v_transpose_is_exact_and_pads_rows_for_tma():
+    """The FP8 kernel's V^T (B, Hk, D, S): the same bytes as the permuted view, keys contiguous, each row
+    padded to a multiple of 16 keys; strided inputs (a slice of heads) and odd lengths included."""
+    from hf_flashattn.kernels import fp8 as K
+    g = torch.Generator().manual_seed(1)
+    big = torch.randn(2, 50, 6, 64, generator=g).to(torch.float8_e4m3fn)
+    cases = [torch.randn(shape, generator=g).to(torch.float8_e4m3fn) for shape in ((2, 203, 2, 80), (3, 17, 4, 256))]
+    for v in cases + [big[:, :, 1:3]]:
+        vt = K.transpose_v(v)
+        assert vt.shape == (v.shape[0], v.shape[2], v.shape[3], v.shape[1])
+        assert vt.stride(-1) == 1 and vt.stride(-2) % 16 == 0 and vt.stride(-2) >= v.shape[1]
+        assert torch.equal(vt.view(torch.uint8), v.permute(0, 2, 3, 1).view(torch.uint8))
+
+
 def test_incoherent_processing_lowers_the_error_on_outliers():
     """FA3's setting: N(0, 1) plus 0.1% outliers of N(0, 10). Block scales with the Hadamard rotation
     against one scale per tensor without it, RMSE against float64 attention of the unquantised inputs.

@@ -188,6 +188,37 @@ def _fp8_fwd_kernel(Q, K, VT, QD, KD, VD, O, LSE,
              acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
+@triton.jit
+def _transpose_v_kernel(V, VT, stride_vb, stride_vs, stride_vh, stride_tb, stride_th, stride_td, seqlen,
+                        HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Grid: (cdiv(seqlen, BLOCK_S), nheads_k, batch). V (B, S, Hk, D) -> VT (B, Hk, D, S), bytes as uint8:
+    # a tile read along D and written along S, both coalesced (the transpose goes through shared memory).
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    tile = tl.load(V + b * stride_vb + h * stride_vh + s[:, None] * stride_vs + d[None, :],
+                   mask=(s[:, None] < seqlen) & (d[None, :] < HEAD_DIM))
+    tl.store(VT + b * stride_tb + h * stride_th + d[:, None] * stride_td + s[None, :], tl.trans(tile),
+             mask=(d[:, None] < HEAD_DIM) & (s[None, :] < seqlen))
+
+
+def transpose_v(v8):
+    """v8 (B, S, Hk, D), last dim contiguous -> (B, Hk, D, S) with keys contiguous, rows padded to a multiple
+    of 16 keys (TMA's 16-byte stride rule); one pass at copy speed (PyTorch's copy of the permuted view
+    reads a byte per key at stride Hk·D)."""
+    B, S, Hk, D = v8.shape
+    S_pad = -(-S // 16) * 16
+    vt = torch.empty((B, Hk, D, S_pad), dtype=v8.dtype, device=v8.device)[..., :S]
+    if vt.numel():
+        BLOCK_S = 64
+        src, dst = v8.view(torch.uint8), vt.view(torch.uint8)
+        _transpose_v_kernel[(triton.cdiv(S, BLOCK_S), Hk, B)](
+            src, dst, src.stride(0), src.stride(1), src.stride(2), dst.stride(0), dst.stride(1), dst.stride(2), S,
+            HEAD_DIM=D, BLOCK_S=BLOCK_S, BLOCK_D=max(triton.next_power_of_2(D), 16))
+    return vt
+
+
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class: the fastest of the H100 diagnostics at 16k
 # (results/2026-11-26-h100-fp8-diagnose-3.md: d128 (128, 64, 4, 3) 660 TFLOP/s, next (128, 128, 8, 3) 607;
 # d256 (64, 64, 4, 3) 655, against 566 for the earlier (64, 64, 4, 2)); d64 is unmeasured.
@@ -233,11 +264,8 @@ def forward(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, window_s
         bm, bn, w, st = _config or _CONFIGS[64 if BLOCK_D <= 64 else 128 if BLOCK_D <= 128 else 256]
         meta = dict(num_warps=w, num_stages=st)
     grid = (triton.cdiv(Sq, bm), H, B)
-    # V transposed once to (B, Hk, D, Sk), keys contiguous (see _fp8_inner): one pass over V's bytes. Rows
-    # padded to a multiple of 16 keys, so that the row stride suits TMA (16 bytes) for any key length.
-    Sk_pad = -(-Sk // 16) * 16
-    vt = torch.empty((B, Hk, D, Sk_pad), dtype=v8.dtype, device=v8.device)[..., :Sk]
-    vt.copy_(v8.permute(0, 2, 3, 1))
+    # V transposed once to (B, Hk, D, Sk), keys contiguous (see _fp8_inner): one pass over V's bytes
+    vt = transpose_v(v8)
     d_class = 64 if BLOCK_D <= 64 else 128 if BLOCK_D <= 128 else 256
     tma = (_TMA[d_class] if _tma is None else _tma) and _tma_ok(q8, k8, vt)
     if tma:

@@ -110,31 +110,33 @@ DIAG_VARIANTS = (("fp8", dict(_tma=False)), ("fp8 TMA", dict(_tma=True, _ws=Fals
                  ("fp8 TMA+WS", dict(_tma=True, _ws=True)), ("no P·V", dict(_pv_mode=2, _tma=False)))
 
 
-def diagnose(out_dir):
+def diagnose(out_dir, dims=(128, 256), S=16384, causal=False, configs=None, variants=None):
     """Time variants of the FP8 kernel (DIAG_VARIANTS: pointer loads, TMA, TMA + warp specialisation, no P·V)
     over a few tiles, beside bf16 v2 and v3 in the same process; d128/d256, 16k tokens, not causal."""
     from hf_flashattn.kernels import fp8 as K
     rows = []
-    for D in (128, 256):
-        S, B, H = 16384, 1, 2048 // D
+    window = (-1, 0) if causal else (-1, -1)
+    for D in dims:
+        B, H = 16384 // S, 2048 // D
         q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         (q8, qd), (k8, kd), (v8, vd) = (F8.quantize_fp8(t) for t in (q, k, v))
-        flops = 4 * B * H * S * S * D
+        flops = 4 * B * H * S * S * D * (0.5 if causal else 1.0)
         for version in ("v2", "v3"):
-            ms = triton.testing.do_bench(lambda: fa.flash_attn_func(q, k, v, version=version), return_mode="median")
-            rows.append(dict(D=D, variant=f"bf16 {version}", tflops=flops / ms / 1e9))
+            ms = triton.testing.do_bench(lambda: fa.flash_attn_func(q, k, v, causal=causal, version=version),
+                                         return_mode="median")
+            rows.append(dict(D=D, S=S, causal=causal, variant=f"bf16 {version}", tflops=flops / ms / 1e9))
         # the same kernel's pointer-load output, for the TMA variants' max |difference| (same arithmetic)
-        ref = K.forward(q8, k8, v8, qd, kd, vd, D ** -0.5, (-1, -1), 0.0, torch.bfloat16, _tma=False)[0].float()
-        for cfg in DIAG_CONFIGS[D]:
-            for name, kw in DIAG_VARIANTS:
+        ref = K.forward(q8, k8, v8, qd, kd, vd, D ** -0.5, window, 0.0, torch.bfloat16, _tma=False)[0].float()
+        for cfg in (configs or DIAG_CONFIGS[D]):
+            for name, kw in (variants or DIAG_VARIANTS):
                 if name.endswith("+WS") and cfg[2] < 8:
                     continue
-                f = lambda: K.forward(q8, k8, v8, qd, kd, vd, D ** -0.5, (-1, -1), 0.0, torch.bfloat16,  # noqa: E731
+                f = lambda: K.forward(q8, k8, v8, qd, kd, vd, D ** -0.5, window, 0.0, torch.bfloat16,  # noqa: E731
                                       _config=cfg, **kw)
                 try:
                     diff = (f()[0].float() - ref).abs().max().item()
                     ms = triton.testing.do_bench(f, return_mode="median")
-                    rows.append(dict(D=D, variant=name, cfg=list(cfg), tflops=flops / ms / 1e9,
+                    rows.append(dict(D=D, S=S, causal=causal, variant=name, cfg=list(cfg), tflops=flops / ms / 1e9,
                                      max_diff_vs_pointer_loads=diff))
                 except Exception as e:  # noqa: BLE001 (e.g. out of shared memory for a tile)
                     rows.append(dict(D=D, variant=name, cfg=list(cfg), error=f"{type(e).__name__}: {str(e)[:120]}"))
@@ -157,9 +159,17 @@ def main():
     ap.add_argument("--out", default=".")
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--diagnose", action="store_true", help="only the leave-one-stage-out timings")
+    ap.add_argument("--diag-dims", default="128,256")
+    ap.add_argument("--diag-s", type=int, default=16384)
+    ap.add_argument("--diag-causal", action="store_true")
+    ap.add_argument("--diag-configs", default=None, help="python literal list of (BM, BN, warps, stages)")
+    ap.add_argument("--diag-tma-only", action="store_true", help="only the TMA variant")
     args = ap.parse_args()
     if args.diagnose:
-        return diagnose(args.out)
+        import ast
+        return diagnose(args.out, tuple(int(d) for d in args.diag_dims.split(",")), args.diag_s, args.diag_causal,
+                        ast.literal_eval(args.diag_configs) if args.diag_configs else None,
+                        [v for v in DIAG_VARIANTS if v[0] == "fp8 TMA"] if args.diag_tma_only else None)
     t0 = time.time()
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 commit=os.environ.get("COMMIT", "unknown"), date=time.strftime("%Y-%m-%d"))

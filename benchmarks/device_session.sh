@@ -18,7 +18,8 @@
 #   sweep     benchmarks/sweep_decode.py (launch parameters of the split-KV decode kernel)
 #   sweep-bwd benchmarks/sweep_bwd.py (tile configs of v2's backward passes and forward, forced one by one)
 #   fp8       benchmarks/bench_fp8.py (FP8 accuracy, generation agreement, speed)
-#   fp8-diagnose  its variants that leave one stage out (P·V in FP8 / bf16 / none) over a few tiles
+#   fp8-diagnose  its variants (pointer loads / TMA / TMA + WS / no P·V) over a few tiles ($DIAG_ARGS, e.g.
+#             "--diag-dims 128 --diag-s 4096 --diag-causal --diag-tma-only --diag-configs '[(128,64,4,4)]'")
 #   bench     benchmarks/bench.py $BENCH_ARGS (default --versions v2,v3)
 #   recipes-bar / recipes-grid / recipes-longest / recipes-fsdp2   benchmarks/gpu_recipes.sh PHASE
 #   ncu       Nsight Compute (--set full, clocks left alone) on benchmarks/ncu_target.py's kernels
@@ -66,7 +67,8 @@ for spec in "$@"; do
     sweep) cmd=(python3 benchmarks/sweep_decode.py --out "$dir") ;;
     sweep-bwd) cmd=(python3 benchmarks/sweep_bwd.py --out "$dir" --budget-s "$budget" --dims "${SWEEP_DIMS:-64,128,256}") ;;
     fp8) cmd=(python3 benchmarks/bench_fp8.py --out "$dir" --budget-s "$budget") ;;
-    fp8-diagnose) cmd=(python3 benchmarks/bench_fp8.py --out "$dir" --diagnose) ;;
+    # shellcheck disable=SC2206
+    fp8-diagnose) cmd=(python3 benchmarks/bench_fp8.py --out "$dir" --diagnose ${DIAG_ARGS:-}) ;;
     # shellcheck disable=SC2206
     bench) cmd=(python3 benchmarks/bench.py --out "$dir" --budget-s "$budget" ${BENCH_ARGS:---versions v2,v3}) ;;
     recipes-*) cmd=(env OUT="$dir" BUDGET_S="$budget" bash benchmarks/gpu_recipes.sh "${phase#recipes-}") ;;

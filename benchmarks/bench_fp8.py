@@ -106,8 +106,9 @@ DIAG_CONFIGS = {128: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 
                 256: [(64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)]}
 # (variant name, kernel.forward keywords): pointer loads; tiles through tensor descriptors (TMA), not
 # warp-specialised and warp-specialised (8-warp tiles only); no P·V (what the rest of the loop costs)
-DIAG_VARIANTS = (("fp8", dict(_tma=False)), ("fp8 TMA", dict(_tma=True, _ws=False)),
-                 ("fp8 TMA+WS", dict(_tma=True, _ws=True)), ("no P·V", dict(_pv_mode=2, _tma=False)))
+DIAG_VARIANTS = (("fp8", dict(_tma=0)), ("fp8 TMA", dict(_tma=1, _ws=False)),
+                 ("fp8 TMA host descriptors", dict(_tma=2, _ws=False)),
+                 ("fp8 TMA+WS", dict(_tma=1, _ws=True)), ("no P·V", dict(_pv_mode=2, _tma=0)))
 
 
 def diagnose(out_dir, dims=(128, 256), S=16384, causal=False, configs=None, variants=None):
@@ -126,7 +127,7 @@ def diagnose(out_dir, dims=(128, 256), S=16384, causal=False, configs=None, vari
                                          return_mode="median")
             rows.append(dict(D=D, S=S, causal=causal, variant=f"bf16 {version}", tflops=flops / ms / 1e9))
         # the same kernel's pointer-load output, for the TMA variants' max |difference| (same arithmetic)
-        ref = K.forward(q8, k8, v8, qd, kd, vd, D ** -0.5, window, 0.0, torch.bfloat16, _tma=False)[0].float()
+        ref = K.forward(q8, k8, v8, qd, kd, vd, D ** -0.5, window, 0.0, torch.bfloat16, _tma=0)[0].float()
         for cfg in (configs or DIAG_CONFIGS[D]):
             for name, kw in (variants or DIAG_VARIANTS):
                 if name.endswith("+WS") and cfg[2] < 8:
@@ -169,7 +170,8 @@ def main():
         import ast
         return diagnose(args.out, tuple(int(d) for d in args.diag_dims.split(",")), args.diag_s, args.diag_causal,
                         ast.literal_eval(args.diag_configs) if args.diag_configs else None,
-                        [v for v in DIAG_VARIANTS if v[0] == "fp8 TMA"] if args.diag_tma_only else None)
+                        [v for v in DIAG_VARIANTS if v[0].startswith("fp8 TMA") and "WS" not in v[0]] if args.diag_tma_only
+                        else None)
     t0 = time.time()
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 commit=os.environ.get("COMMIT", "unknown"), date=time.strftime("%Y-%m-%d"))

@@ -87,10 +87,12 @@ def test_fp8_kernel_through_tensor_descriptors_equals_the_pointer_loads(mask, D)
     window = (-1, 0) if mask.get("causal") else mask.get("window_size", (-1, -1))
     assert K._tma_ok(q8, k8)
     run = lambda tma: K.forward(q8, k8, v8, qd, kd, vd, D ** -0.5, window, 0.0, torch.float16, _tma=tma)  # noqa: E731
-    (o_ptr, l_ptr), (o_tma, l_tma) = run(False), run(True)
+    o_ptr, l_ptr = run(0)
     assert torch.isfinite(o_ptr).all()
-    torch.testing.assert_close(o_tma, o_ptr, atol=1e-3, rtol=0)
-    torch.testing.assert_close(l_tma, l_ptr, atol=1e-4, rtol=0)
+    for mode in (1, 2):   # descriptors made in-kernel, and by the caller over the whole (B, S, H, D) tensors
+        o_tma, l_tma = run(mode)
+        torch.testing.assert_close(o_tma, o_ptr, atol=1e-3, rtol=0)
+        torch.testing.assert_close(l_tma, l_ptr, atol=1e-4, rtol=0)
 
 
 def test_v_transpose_is_exact_and_pads_rows_for_tma():

@@ -78,10 +78,11 @@ def _fp8_inner(acc, l_i, m_i, vd_cur, q, qd, K_base, VT_base, KD_base, VD_base, 
                offs_m, offs_n, offs_d, Sk, diag, left, right, qk_scale, cap_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, QB: tl.constexpr,
                MASKED: tl.constexpr, SOFTCAP: tl.constexpr, RN_P: tl.constexpr, PV_MODE: tl.constexpr,
-               FOLD: tl.constexpr, k_desc, vt_desc, TMA: tl.constexpr, WS: tl.constexpr):
-    # TMA: the K and V^T tiles come through the tensor descriptors k_desc / vt_desc (bulk copies into shared
-    # memory; keys past the sequence and head-dim padding read as zeros, so no load masks), and WS
-    # warp-specialises the loop (producer warps issue the copies) as v3's forward does.
+               FOLD: tl.constexpr, k_desc, vt_desc, b, kvh, TMA: tl.constexpr, WS: tl.constexpr):
+    # TMA (1: descriptors made in-kernel over this (sequence, head); 2: the caller's (B, S, Hk, D) and
+    # (B, Hk, D, S) descriptors, indexed by b and kvh): the K and V^T tiles come through k_desc / vt_desc
+    # (bulk copies into shared memory; keys past the sequence and head-dim padding read as zeros, so no load
+    # masks), and WS warp-specialises the loop (producer warps issue the copies) as v3's forward does.
     # V arrives transposed (D, keys; keys contiguous): the P·V product's reduction dim is the keys, and
     # FP8 wgmma reads both operands K-major, so the tile goes to shared memory as loaded (no transpose
     # through registers, which would also keep the loop from being pipelined).
@@ -96,20 +97,24 @@ def _fp8_inner(acc, l_i, m_i, vd_cur, q, qd, K_base, VT_base, KD_base, VD_base, 
     end = tl.where(start < end, end, aligned)
     for start_n in tl.range(aligned, end, BLOCK_N, warp_specialize=WS):
         cols = start_n + offs_n
-        k_ptrs = K_base + cols[:, None] * stride_kn + offs_d[None, :]
-        vt_ptrs = VT_base + offs_d[:, None] * stride_vd + cols[None, :]
-        if TMA:
+        if TMA == 2:
+            k = k_desc.load([b, start_n, kvh, 0]).reshape(BLOCK_N, BLOCK_D)
+            vt = vt_desc.load([b, kvh, 0, start_n]).reshape(BLOCK_D, BLOCK_N)
+        elif TMA == 1:
             k = k_desc.load([start_n, 0])
             vt = vt_desc.load([0, start_n])
-        elif MASKED:   # key tail (edge blocks only) and head-dim padding
-            k = tl.load(k_ptrs, mask=(cols[:, None] < Sk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            vt = tl.load(vt_ptrs, mask=(cols[None, :] < Sk) & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        elif BLOCK_D != HEAD_DIM:
-            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-            vt = tl.load(vt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
         else:
-            k = tl.load(k_ptrs)
-            vt = tl.load(vt_ptrs)
+            k_ptrs = K_base + cols[:, None] * stride_kn + offs_d[None, :]
+            vt_ptrs = VT_base + offs_d[:, None] * stride_vd + cols[None, :]
+            if MASKED:   # key tail (edge blocks only) and head-dim padding
+                k = tl.load(k_ptrs, mask=(cols[:, None] < Sk) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+                vt = tl.load(vt_ptrs, mask=(cols[None, :] < Sk) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            elif BLOCK_D != HEAD_DIM:
+                k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+                vt = tl.load(vt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            else:
+                k = tl.load(k_ptrs)
+                vt = tl.load(vt_ptrs)
         kd = tl.load(KD_base + start_n // QB)
         vd = tl.load(VD_base + start_n // QB)
         acc, l_i, m_i, vd_cur = _fp8_tile(acc, l_i, m_i, vd_cur, q, k, vt, qd, kd, vd, cols, offs_m, Sk, diag, left,
@@ -128,10 +133,11 @@ def _fp8_fwd_kernel(Q, K, VT, QD, KD, VD, O, LSE,
                     seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, group,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     QB: tl.constexpr, SOFTCAP: tl.constexpr, RN_P: tl.constexpr, PV_MODE: tl.constexpr = 0,
-                    FOLD: tl.constexpr = True, TMA: tl.constexpr = False, WS: tl.constexpr = False):
-    # Grid: (cdiv(seqlen_q, BLOCK_M), nheads, batch), as v2's forward. TMA: Q, K and V^T tiles through
-    # in-kernel tensor descriptors (base pointers and strides 16-byte aligned: the caller checks), the band
-    # of unmasked key blocks warp-specialised when WS.
+                    FOLD: tl.constexpr = True, TMA: tl.constexpr = 0, WS: tl.constexpr = False):
+    # Grid: (cdiv(seqlen_q, BLOCK_M), nheads, batch), as v2's forward. TMA 1: Q, K and V^T tiles through
+    # tensor descriptors made in-kernel (base pointers and strides 16-byte aligned: the caller checks); 2:
+    # Q, K, VT are the caller's descriptors over (B, Sq, H, D), (B, Sk, Hk, D), (B, Hk, D, Sk) (no
+    # descriptor written to memory per program); the band of unmasked key blocks warp-specialised when WS.
     tl.static_assert(QB % BLOCK_M == 0)
     tl.static_assert(QB % BLOCK_N == 0)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -144,23 +150,30 @@ def _fp8_fwd_kernel(Q, K, VT, QD, KD, VD, O, LSE,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < seqlen_q
-    K_base = K + b * stride_kb + kvh * stride_kh
-    VT_base = VT + b * stride_vb + kvh * stride_vh
-    if TMA:
+    KD_base = KD + b * stride_kdb + kvh * stride_kdh
+    VD_base = VD + b * stride_vdb + kvh * stride_vdh
+    if TMA == 2:   # placeholders for the pointer bases, which this path never reads
+        K_base = KD_base
+        VT_base = VD_base
+        k_desc = K
+        vt_desc = VT
+        q = Q.load([tl.program_id(2), m0, h, 0]).reshape(BLOCK_M, BLOCK_D)
+    else:
+        K_base = K + b * stride_kb + kvh * stride_kh
+        VT_base = VT + b * stride_vb + kvh * stride_vh
+    if TMA == 1:
         k_desc = tl.make_tensor_descriptor(K_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
                                            block_shape=[BLOCK_N, BLOCK_D])
         vt_desc = tl.make_tensor_descriptor(VT_base, shape=[HEAD_DIM, seqlen_k], strides=[stride_vd, 1],
                                             block_shape=[BLOCK_D, BLOCK_N])
         q = tl.make_tensor_descriptor(Q + b * stride_qb + h64 * stride_qh, shape=[seqlen_q, HEAD_DIM],
                                       strides=[stride_qm, 1], block_shape=[BLOCK_M, BLOCK_D]).load([m0, 0])
-    else:   # placeholders: the pointer path never reads them
+    elif TMA == 0:   # placeholders: the pointer path never reads them
         k_desc = K_base
         vt_desc = VT_base
         q = tl.load(Q + b * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                     mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     qd = tl.load(QD + b * stride_qdb + h64 * stride_qdh + m0 // QB)
-    KD_base = KD + b * stride_kdb + kvh * stride_kdh
-    VD_base = VD + b * stride_vdb + kvh * stride_vdh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -171,17 +184,17 @@ def _fp8_fwd_kernel(Q, K, VT, QD, KD, VD, O, LSE,
                                        stride_kn, stride_vd, lo, full_lo, offs_m, offs_n, offs_d, seqlen_k, diag,
                                        window_left, window_right,
                                        qk_scale, cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, QB, True, SOFTCAP, RN_P,
-                                       PV_MODE, FOLD, k_desc, vt_desc, TMA, False)
+                                       PV_MODE, FOLD, k_desc, vt_desc, tl.program_id(2), h // group, TMA, False)
     acc, l_i, m_i, vd_cur = _fp8_inner(acc, l_i, m_i, vd_cur, q, qd, K_base, VT_base, KD_base, VD_base,
                                        stride_kn, stride_vd, full_lo, full_hi, offs_m, offs_n, offs_d, seqlen_k, diag,
                                        window_left, window_right,
                                        qk_scale, cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, QB, False, SOFTCAP, RN_P,
-                                       PV_MODE, FOLD, k_desc, vt_desc, TMA, WS)
+                                       PV_MODE, FOLD, k_desc, vt_desc, tl.program_id(2), h // group, TMA, WS)
     acc, l_i, m_i, vd_cur = _fp8_inner(acc, l_i, m_i, vd_cur, q, qd, K_base, VT_base, KD_base, VD_base,
                                        stride_kn, stride_vd, full_hi, hi, offs_m, offs_n, offs_d, seqlen_k, diag,
                                        window_left, window_right,
                                        qk_scale, cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, QB, True, SOFTCAP, RN_P,
-                                       PV_MODE, FOLD, k_desc, vt_desc, TMA, False)
+                                       PV_MODE, FOLD, k_desc, vt_desc, tl.program_id(2), h // group, TMA, False)
     acc, lse = normalise_rows(acc * vd_cur, l_i, m_i, float("inf"))
     tl.store(LSE + b * stride_lb + h64 * stride_lh + offs_m, lse, mask=row_ok)
     tl.store(O + b * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
@@ -227,7 +240,8 @@ _CONFIGS = {64: (128, 64, 4, 3), 128: (128, 64, 4, 3), 256: (64, 64, 4, 3)}
 
 # Tiles through tensor descriptors (TMA) and the unmasked band warp-specialised, per head-dim class, where
 # the inputs allow it (`_tma_ok`); set from the H100 diagnostic of the fifth session (see NOTES).
-_TMA = {64: False, 128: True, 256: True}
+# 0: pointer loads; 1: descriptors made in-kernel; 2: descriptors made by the caller (host).
+_TMA = {64: 0, 128: 1, 256: 1}
 
 
 def _tma_ok(*tensors) -> bool:
@@ -247,8 +261,8 @@ def forward(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, window_s
     times variants that leave one stage out): 0 = the FP8 kernel, 1 = P·V in bf16, 2 = no P·V; _config
     overrides (BLOCK_M, BLOCK_N, num_warps, num_stages); _fold False scales the score tile before the softmax
     instead of folding the scales into it (the kernel before the fifth session, for the benchmark); _tma
-    True / False forces the descriptor path on or off (None: `_TMA` where `_tma_ok`), _ws False keeps it
-    from warp-specialising."""
+    0 / 1 / 2 forces the tile loads (pointers, in-kernel descriptors, host descriptors; None: `_TMA`), where
+    `_tma_ok`; _ws False keeps the descriptor paths from warp-specialising."""
     B, Sq, H, D = q8.shape
     Sk, Hk = k8.shape[1], k8.shape[2]
     out = torch.empty((B, Sq, H, D), dtype=out_dtype, device=q8.device)
@@ -267,14 +281,20 @@ def forward(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, window_s
     # V transposed once to (B, Hk, D, Sk), keys contiguous (see _fp8_inner): one pass over V's bytes
     vt = transpose_v(v8)
     d_class = 64 if BLOCK_D <= 64 else 128 if BLOCK_D <= 128 else 256
-    tma = (_TMA[d_class] if _tma is None else _tma) and _tma_ok(q8, k8, vt)
-    if tma:
+    tma = int(_TMA[d_class] if _tma is None else _tma) if _tma_ok(q8, k8, vt) and Sk > 0 else 0
+    q_arg, k_arg, vt_arg = q8, k8, vt
+    if tma == 2:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        q_arg = TensorDescriptor.from_tensor(q8, [1, bm, 1, BLOCK_D])
+        k_arg = TensorDescriptor.from_tensor(k8, [1, bn, 1, BLOCK_D])
+        vt_arg = TensorDescriptor.from_tensor(vt, [1, 1, BLOCK_D, bn])
+    elif tma == 1:
         from .v3 import _set_allocator
         _set_allocator()
     # Triton 3.6's warp-specialisation pass fails on head-dim-64 tiles (see v3.forward): pipelined only there
     # and on 4-warp tiles (one consumer warpgroup: the pass fails to partition them, Triton 3.9 locally)
-    ws = tma and _ws and not is_interpreting() and BLOCK_D > 64 and meta.get("num_warps", 4) >= 8
-    _fp8_fwd_kernel[grid](q8, k8, vt, q_descale, k_descale, v_descale, out, lse,
+    ws = tma > 0 and _ws and not is_interpreting() and BLOCK_D > 64 and meta.get("num_warps", 4) >= 8
+    _fp8_fwd_kernel[grid](q_arg, k_arg, vt_arg, q_descale, k_descale, v_descale, out, lse,
                           q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
                           vt.stride(0), vt.stride(1), vt.stride(2),
                           q_descale.stride(0), q_descale.stride(1), k_descale.stride(0), k_descale.stride(1),

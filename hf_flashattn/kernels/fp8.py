@@ -232,16 +232,18 @@ def transpose_v(v8):
     return vt
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class: the fastest of the H100 diagnostics at 16k
-# (results/2026-11-26-h100-fp8-diagnose-3.md: d128 (128, 64, 4, 3) 660 TFLOP/s, next (128, 128, 8, 3) 607;
-# d256 (64, 64, 4, 3) 655, against 566 for the earlier (64, 64, 4, 2)); d64 is unmeasured.
-_CONFIGS = {64: (128, 64, 4, 3), 128: (128, 64, 4, 3), 256: (64, 64, 4, 3)}
-
-
-# Tiles through tensor descriptors (TMA) and the unmasked band warp-specialised, per head-dim class, where
-# the inputs allow it (`_tma_ok`); set from the H100 diagnostic of the fifth session (see NOTES).
-# 0: pointer loads; 1: descriptors made in-kernel; 2: descriptors made by the caller (host).
-_TMA = {64: 0, 128: 1, 256: 1}
+# Launch plan per (head-dim class, causal): (BLOCK_M, BLOCK_N, num_warps, num_stages) and how the tiles are
+# loaded (0: pointer loads; 1: tensor descriptors made in-kernel over one (sequence, head); 2: descriptors made
+# by the caller over the whole tensors), where the inputs allow descriptors (`_tma_ok`). From the H100
+# diagnostics of the fifth session (results/2026-11-26-h100-fp8-diagnose-{3,4,5}.md, 16k and 4k tokens):
+# d128 not causal (128, 64, 4, 3) in-kernel descriptors (16k: 720 TFLOP/s against 656 with pointer loads;
+# host descriptors on this tile 567 at 4k); d128 causal (64, 64, 4, 3) host descriptors (4k: 592 against 542
+# for the former, 16k: 650 against 667); d256 (64, 64, 4, 3) host descriptors (16k: 868 against 808
+# in-kernel and 654 with pointer loads). Warp specialisation gained nothing on the 8-warp tiles; d64 is
+# unmeasured (pointer loads, as before).
+_PLANS = {(64, False): ((128, 64, 4, 3), 0), (64, True): ((128, 64, 4, 3), 0),
+          (128, False): ((128, 64, 4, 3), 1), (128, True): ((64, 64, 4, 3), 2),
+          (256, False): ((64, 64, 4, 3), 2), (256, True): ((64, 64, 4, 3), 2)}
 
 
 def _tma_ok(*tensors) -> bool:
@@ -261,7 +263,7 @@ def forward(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, window_s
     times variants that leave one stage out): 0 = the FP8 kernel, 1 = P·V in bf16, 2 = no P·V; _config
     overrides (BLOCK_M, BLOCK_N, num_warps, num_stages); _fold False scales the score tile before the softmax
     instead of folding the scales into it (the kernel before the fifth session, for the benchmark); _tma
-    0 / 1 / 2 forces the tile loads (pointers, in-kernel descriptors, host descriptors; None: `_TMA`), where
+    0 / 1 / 2 forces the tile loads (pointers, in-kernel descriptors, host descriptors; None: `_PLANS`), where
     `_tma_ok`; _ws False keeps the descriptor paths from warp-specialising."""
     B, Sq, H, D = q8.shape
     Sk, Hk = k8.shape[1], k8.shape[2]
@@ -272,16 +274,16 @@ def forward(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, window_s
     left, right = C.window_args(window_size, Sq, Sk)
     qk_scale, cap_scale = C.score_scales(softmax_scale, softcap)
     BLOCK_D = max(triton.next_power_of_2(D), 32)
+    plan_cfg, plan_tma = _PLANS[(64 if BLOCK_D <= 64 else 128 if BLOCK_D <= 128 else 256, window_size[1] == 0)]
     if is_interpreting():
         bm, bn, meta = 32, 16, {}
     else:
-        bm, bn, w, st = _config or _CONFIGS[64 if BLOCK_D <= 64 else 128 if BLOCK_D <= 128 else 256]
+        bm, bn, w, st = _config or plan_cfg
         meta = dict(num_warps=w, num_stages=st)
     grid = (triton.cdiv(Sq, bm), H, B)
     # V transposed once to (B, Hk, D, Sk), keys contiguous (see _fp8_inner): one pass over V's bytes
     vt = transpose_v(v8)
-    d_class = 64 if BLOCK_D <= 64 else 128 if BLOCK_D <= 128 else 256
-    tma = int(_TMA[d_class] if _tma is None else _tma) if _tma_ok(q8, k8, vt) and Sk > 0 else 0
+    tma = int(plan_tma if _tma is None else _tma) if _tma_ok(q8, k8, vt) and Sk > 0 else 0
     q_arg, k_arg, vt_arg = q8, k8, vt
     if tma == 2:
         from triton.tools.tensor_descriptor import TensorDescriptor

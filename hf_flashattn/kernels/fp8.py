@@ -235,14 +235,13 @@ def transpose_v(v8):
 # Launch plan per (head-dim class, causal): (BLOCK_M, BLOCK_N, num_warps, num_stages) and how the tiles are
 # loaded (0: pointer loads; 1: tensor descriptors made in-kernel over one (sequence, head); 2: descriptors made
 # by the caller over the whole tensors), where the inputs allow descriptors (`_tma_ok`). From the H100
-# diagnostics of the fifth session (results/2026-11-26-h100-fp8-diagnose-{3,4,5}.md, 16k and 4k tokens):
-# d128 not causal (128, 64, 4, 3) in-kernel descriptors (16k: 720 TFLOP/s against 656 with pointer loads;
-# host descriptors on this tile 567 at 4k); d128 causal (64, 64, 4, 3) host descriptors (4k: 592 against 542
-# for the former, 16k: 650 against 667); d256 (64, 64, 4, 3) host descriptors (16k: 868 against 808
-# in-kernel and 654 with pointer loads). Warp specialisation gained nothing on the 8-warp tiles; d64 is
-# unmeasured (pointer loads, as before).
+# diagnostics of the fifth session (results/2026-11-26-h100-fp8-diagnose-{3,4,5,6}.md, 4k to 16k tokens):
+# d128 (64, 128, 4, 3) host descriptors (4k: 706 TFLOP/s, 8k causal: 667, against 674 / 614 for (128, 64,
+# 4, 3) with in-kernel descriptors, which beat pointer loads 720 to 656 at 16k); d256 (64, 64, 4, 3) host
+# descriptors (16k: 868 against 808 in-kernel and 654 with pointer loads). Warp specialisation gained
+# nothing on the 8-warp tiles; d64 is unmeasured (pointer loads, as before).
 _PLANS = {(64, False): ((128, 64, 4, 3), 0), (64, True): ((128, 64, 4, 3), 0),
-          (128, False): ((128, 64, 4, 3), 1), (128, True): ((64, 64, 4, 3), 2),
+          (128, False): ((64, 128, 4, 3), 2), (128, True): ((64, 128, 4, 3), 2),
           (256, False): ((64, 64, 4, 3), 2), (256, True): ((64, 64, 4, 3), 2)}
 
 

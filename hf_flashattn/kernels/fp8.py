@@ -8,6 +8,13 @@ walking key blocks of BLOCK_N rows (inside one K/V block), so every tile has a s
     acc = acc · α + (fp8(p) · v8) · v_descale         (P quantised to e4m3 as FA3 does)
 The row sum l is taken over the float32 p. Causal (bottom-right), sliding window, softcap and GQA as
 in v2; no varlen, no backward (forward-only, for inference).
+
+The loop is bound by instruction issue rather than by the FP8 tensor cores (per tile, the exponentials
+and the float32 softmax work take as long as the two products), so the kernel spends few instructions
+per score: the tile's scales fold into the exponent's multiply-add, and on Hopper the tiles come in
+through TMA tensor descriptors (one copy instruction a tile; `_PLANS` picks pointer loads, descriptors
+made in-kernel, or descriptors made on the host per head dim and causal). V is transposed once per call
+(`transpose_v`) because FP8 wgmma reads both operands of P·V key-major.
 """
 from __future__ import annotations
 

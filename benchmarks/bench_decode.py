@@ -59,7 +59,7 @@ def kernel_rows(bw):
                         return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
                 impls[name] = run
             impls["flex"] = lambda: flex(qt, kt, vt, enable_gqa=True)
-            for name, f in impls.items():
+            def timed(name, f):
                 try:
                     f()
                     # ms: launched from Python one call after another (CPU launch cost included when the
@@ -75,8 +75,17 @@ def kernel_rows(bw):
                     rows.append(row)
                 except Exception as e:
                     rows.append(dict(impl=name, B=B, L=L, ms=None, error=f"{type(e).__name__}: {str(e)[:120]}"))
-            print(" ".join(f"{r['impl']}={r['ms']:.3f}ms" if r.get("ms") else f"{r['impl']}=–" for r in rows[-len(impls):]),
-                  f"B={B} L={L}", flush=True)
+            for name, f in impls.items():
+                timed(name, f)
+            # the in-kernel merge taking the tile's rows all at once (TUNE["merge_rows"], off by default):
+            # launched only differs (in a graph the combine kernel merges)
+            decode.set_tune(merge_rows=True)
+            try:
+                timed("ours-bhsd-rows-at-once", impls["ours-bhsd"])
+            finally:
+                decode.set_tune(merge_rows=False)
+            print(" ".join(f"{r['impl']}={r['ms']:.3f}ms" if r.get("ms") else f"{r['impl']}=–"
+                           for r in rows[-len(impls) - 1:]), f"B={B} L={L}", flush=True)
             del q, kc, vc, qb, kb, vb
             torch.cuda.empty_cache()
     return rows

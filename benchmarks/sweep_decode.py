@@ -71,7 +71,7 @@ def main():
         best[B] = min(ok, key=lambda r: r["ms"])
         for L in (4096, 131072):
             case(B, L)
-            case(B, L, {k: best[B][k] for k in default})
+            case(B, L, {k: best[B].get(k, default[k]) for k in default})
             case(B, L, default)
     with open(os.path.join(args.out, "sweep_decode.json"), "w") as f:
         json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,

@@ -340,6 +340,36 @@ def test_direct_decode_launch_passes_the_kernel_what_its_first_call_passed(monke
     assert calls == []
 
 
+def test_in_kernel_merge_of_all_rows_at_once_equals_the_row_loop(monkeypatch):
+    """TUNE["merge_rows"] (off by default until timed): the split that finishes last merges the tile's rows
+    all at once instead of one per iteration; GQA groups of 4, 3 and 6 (padded to 4 and 8 rows, the padding
+    loading nothing) and 1: the same outputs as the row loop and as the combine kernel."""
+    from hf_flashattn.kernels import decode
+    g = torch.Generator().manual_seed(12)
+    cases = ((1, 8, 2, 200, 16), (1, 6, 2, 333, 32), (2, 6, 1, 300, 16), (1, 2, 2, 250, 8))
+    for B, H, Hk, L, D in cases:
+        q = torch.randn(B, H, 1, D, generator=g, dtype=torch.float16)
+        k = torch.randn(B, Hk, L, D, generator=g, dtype=torch.float16)
+        v = torch.randn(B, Hk, L, D, generator=g, dtype=torch.float16)
+        loop = decode.decode_bhsd(q, k, v, D ** -0.5, (-1, 0), 0.0)
+        old = dict(decode.TUNE)
+        try:
+            decode.set_tune(merge_rows=True)
+            meta = decode._meta(decode._tiles(1, H, Hk, D, q.device), 3, q.dtype, False, False, False, False, False,
+                                True)
+            assert meta["MERGE_ROWS"] == decode._pow2(H // Hk)
+            at_once = decode.decode_bhsd(q, k, v, D ** -0.5, (-1, 0), 0.0)
+        finally:
+            decode.set_tune(**old)
+        monkeypatch.setattr(decode, "FUSED_MERGE", False)
+        two = decode.decode_bhsd(q, k, v, D ** -0.5, (-1, 0), 0.0)
+        monkeypatch.setattr(decode, "FUSED_MERGE", True)
+        torch.testing.assert_close(at_once, loop, atol=0, rtol=0)
+        torch.testing.assert_close(at_once, two, atol=1e-3, rtol=0)
+        for ws in decode._WORKSPACES.values():
+            assert int(ws.counters.count_nonzero()) == 0
+
+
 def test_set_tune_forgets_cached_launch_plans():
     """The per-shape launch plans follow the decode kernel's TUNE: set_tune changes it and drops the plans
     made with the old values; an unknown parameter is refused by name."""

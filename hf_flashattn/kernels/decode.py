@@ -83,7 +83,7 @@ def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX, KMASK, stride_mb,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_BIDX: tl.constexpr, SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
                    HAS_KMASK: tl.constexpr, HAS_SEQLENS: tl.constexpr = True, STORE_LSE: tl.constexpr = True,
-                   FUSED: tl.constexpr = False, SPLITS: tl.constexpr = 2):
+                   FUSED: tl.constexpr = False, SPLITS: tl.constexpr = 2, MERGE_ROWS: tl.constexpr = 0):
     # Grid: (cdiv(seqlen_q * group, BLOCK_M) * n_splits, nheads_k, batch). One program: BLOCK_M packed
     # rows (query position, head of the group) against one split of the visible keys of its sequence.
     # KMASK (HAS_KMASK): (batch, cache rows) padding mask, nonzero = attend (Transformers' 2D mask).
@@ -94,7 +94,8 @@ def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX, KMASK, stride_mb,
     # FUSED (with SPLIT, STORE_LSE off): no combine launch; the split that finishes last for its row tile
     # merges the partials into OF (contiguous (batch, seqlen_q, nheads, HEAD_DIM)), counting finished
     # splits in LOCKS (one zeroed int32 per (row tile, kv head, sequence), left at zero again). SPLITS:
-    # n_splits rounded up to a power of two (>= 2), the width of the merge.
+    # n_splits rounded up to a power of two (>= 2), the width of the merge. MERGE_ROWS (FUSED, > 0): merge the
+    # tile's rows all at once, MERGE_ROWS of them (a power of two >= the rows; TUNE["merge_rows"]).
     split = tl.program_id(0) % n_splits
     r0 = (tl.program_id(0) // n_splits) * BLOCK_M
     kvh = tl.program_id(1).to(tl.int64)
@@ -155,14 +156,35 @@ def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX, KMASK, stride_mb,
         done = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
         if done == n_splits - 1:
             s = tl.arange(0, SPLITS)
-            for i in range(tl.minimum(BLOCK_M, seqlen_q * group - r0)):
-                r = r0 + i
-                pr = r // group
-                hr = kvh * group + r % group
-                o_row = b * stride_ob + pr * stride_om + hr * stride_oh
-                o_r, _ = _merge_row(O + o_row, LSE + lse_off + b * stride_lb + hr * stride_lh + pr,
-                                    stride_os, stride_ls, n_splits, s, offs_d, HEAD_DIM)
-                tl.store(OF + o_row + offs_d, o_r.to(OF.dtype.element_ty), mask=offs_d < HEAD_DIM)
+            if MERGE_ROWS > 0:
+                # all rows of the tile (MERGE_ROWS >= them) merged before anything is stored: the row merges
+                # have no store between their loads, so the loads of every row can be in flight at once
+                # (the loop below waits for one row's loads per iteration: the tail of the last split)
+                rr = tl.arange(0, MERGE_ROWS)
+                merged = tl.zeros([MERGE_ROWS, BLOCK_D], dtype=tl.float32)
+                for i in tl.static_range(MERGE_ROWS):
+                    r = r0 + i
+                    pr = r // group
+                    hr = kvh * group + r % group
+                    n_r = tl.where(r < seqlen_q * group, n_splits, 0)     # a row past the end loads nothing
+                    o_r, _ = _merge_row(O + b * stride_ob + pr * stride_om + hr * stride_oh,
+                                        LSE + lse_off + b * stride_lb + hr * stride_lh + pr,
+                                        stride_os, stride_ls, n_r, s, offs_d, HEAD_DIM)
+                    merged = tl.where(rr[:, None] == i, o_r[None, :], merged)
+                rows_m = r0 + rr
+                tl.store(OF + b * stride_ob + (rows_m // group)[:, None] * stride_om
+                         + (kvh * group + rows_m % group)[:, None] * stride_oh + offs_d[None, :],
+                         merged.to(OF.dtype.element_ty),
+                         mask=(rows_m < seqlen_q * group)[:, None] & (offs_d[None, :] < HEAD_DIM))
+            else:
+                for i in range(tl.minimum(BLOCK_M, seqlen_q * group - r0)):
+                    r = r0 + i
+                    pr = r // group
+                    hr = kvh * group + r % group
+                    o_row = b * stride_ob + pr * stride_om + hr * stride_oh
+                    o_r, _ = _merge_row(O + o_row, LSE + lse_off + b * stride_lb + hr * stride_lh + pr,
+                                        stride_os, stride_ls, n_splits, s, offs_d, HEAD_DIM)
+                    tl.store(OF + o_row + offs_d, o_r.to(OF.dtype.element_ty), mask=offs_d < HEAD_DIM)
             tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")
 
 
@@ -210,7 +232,9 @@ def _cuda_sms(index: int) -> int:  # get_device_properties on every decode step 
 # them): key block for head dim <= 128 (32 above), warps, pipeline stages, waves of programs per SM.
 # num_stages None: 3 when the keys are cut into >= 16 splits (batch 1: 54 vs 55 us at 32k), else 2 (batch 8:
 # 356 vs 376 us at 32k, 1.40 vs 1.47 ms at 128k) -- benchmarks/results/2026-11-26-h100-sweep-decode.json.
-TUNE = {"block_n": 64, "num_warps": 4, "num_stages": None, "waves": 2}
+# merge_rows: the in-kernel merge takes a tile's rows all at once when they are at most 16 (decode: the GQA
+# group); off until timed on a GPU (compiled and CPU-tested only, fifth session).
+TUNE = {"block_n": 64, "num_warps": 4, "num_stages": None, "waves": 2, "merge_rows": False}
 
 
 def _cdiv(a: int, b: int) -> int:  # plain ints: newer Triton's cdiv is a constexpr function, ~10 us a call
@@ -455,6 +479,7 @@ class _Tiles(NamedTuple):
     group: int
     head_dim: int
     num_sms: int
+    rows: int = 0          # packed rows of the call (query positions x GQA group)
 
 
 def _tiles(Sq, H, Hk, D, device) -> _Tiles:
@@ -463,7 +488,8 @@ def _tiles(Sq, H, Hk, D, device) -> _Tiles:
     interp = is_interpreting()
     BLOCK_M = 16 if interp else max(16, min(64, _pow2(Sq * group)))
     BLOCK_N = 32 if interp else (TUNE["block_n"] if D <= 128 else 32)
-    return _Tiles(max(_pow2(D), 16), BLOCK_M, BLOCK_N, _cdiv(Sq * group, BLOCK_M), group, D, _num_sms(device))
+    return _Tiles(max(_pow2(D), 16), BLOCK_M, BLOCK_N, _cdiv(Sq * group, BLOCK_M), group, D, _num_sms(device),
+                  Sq * group)
 
 
 def _meta(tiles, num_splits, dtype, has_bidx, has_kmask, softcap, has_seqlens, want_lse, fused):
@@ -471,7 +497,9 @@ def _meta(tiles, num_splits, dtype, has_bidx, has_kmask, softcap, has_seqlens, w
                 HAS_BIDX=has_bidx,
                 HAS_KMASK=has_kmask, SPLIT=num_splits > 1, SOFTCAP=softcap, DOT_PREC=C.dot_precision(dtype),
                 HAS_SEQLENS=has_seqlens, STORE_LSE=want_lse, FUSED=fused,
-                SPLITS=max(_pow2(num_splits), 2) if fused else 2)
+                SPLITS=max(_pow2(num_splits), 2) if fused else 2,
+                MERGE_ROWS=_pow2(min(tiles.rows, tiles.block_m)) if fused and TUNE["merge_rows"] and tiles.rows <= 16
+                else 0)
     if not is_interpreting():
         meta.update(num_warps=TUNE["num_warps"], num_stages=TUNE["num_stages"] or (3 if num_splits >= 16 else 2))
     if len(_METAS) > 4096:   # a long run over many shapes: start over rather than grow

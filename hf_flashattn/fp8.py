@@ -179,7 +179,7 @@ def fp8_attention(incoherent: bool = True, hadamard_seed: int = 0):
         where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "a machine without a CUDA GPU"
         raise RuntimeError(f"fp8_attention needs a GPU with FP8 tensor cores (compute capability 8.9 or newer, "
                            f"e.g. H100); this is {where}.")
-    old = getattr(_state, "fp8", None)
+    old = _state.fp8
     _state.fp8 = dict(incoherent=incoherent, hadamard_seed=hadamard_seed)
     try:
         yield

@@ -59,7 +59,7 @@ def set_default_version(version: str) -> None:
 @contextlib.contextmanager
 def use_version(version: str):
     """Context manager form of set_default_version()."""
-    old = getattr(_state, "version", None)
+    old = _state.version
     set_default_version(version)
     try:
         yield
@@ -178,7 +178,7 @@ def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
                                          (q.requires_grad or k.requires_grad or v.requires_grad)):
         return _FlashAttnFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                                     window, softcap, deterministic, version)
-    fp8 = getattr(_state, "fp8", None)
+    fp8 = _state.fp8
     if fp8 is not None and cu_seqlens_q is None and q.shape[1] > 16 and q.dtype in (torch.float16, torch.bfloat16):
         from . import fp8 as F8
         return F8._attention(q, k, v, softmax_scale, False, window, softcap, **fp8)

@@ -247,9 +247,12 @@ def _pow2(n: int) -> int:
 
 def choose_num_splits(batch, nheads_k, row_tiles, max_seqlen_k, block_n, num_sms, waves=2) -> int:
     """Enough programs to fill the GPU `waves` times over, but each split at least 2 key blocks."""
-    programs = batch * nheads_k * row_tiles
-    blocks = _cdiv(max(max_seqlen_k, 1), block_n)
-    return max(1, min(_cdiv(waves * num_sms, programs), blocks // 2, 128))
+    return _capped_splits(_cdiv(waves * num_sms, batch * nheads_k * row_tiles), max_seqlen_k, block_n)
+
+
+def _capped_splits(wanted: int, max_seqlen_k: int, block_n: int) -> int:
+    """choose_num_splits' cap: at least 2 key blocks a split, at most 128 splits, at least 1."""
+    return max(1, min(wanted, _cdiv(max(max_seqlen_k, 1), block_n) // 2, 128))
 
 
 def append(k, v, k_cache, v_cache, cache_seqlens, cache_batch_idx):
@@ -367,20 +370,16 @@ def _direct(q, k, v, B, H, Sq, D, qs, ks, vs, softmax_scale, window_size, softca
         base = _cdiv(TUNE["waves"] * tiles.num_sms, B * Hk * tiles.row_tiles)
         plan = _DIRECT[pkey] = (tiles, base, {})
     tiles, base, kernels = plan
-    n_splits = min(base, -(-L // tiles.block_n) // 2, 128)     # choose_num_splits
+    n_splits = _capped_splits(base, L, tiles.block_n)           # choose_num_splits, its first part cached
     lse_off = n_splits * B * Sq * H * D
     if n_splits < 2 or lse_off >> 31:
         return None
     row_tiles = tiles.row_tiles
     n_floats = lse_off + n_splits * B * H * Sq
     stream = C._raw_stream(dev)
-    ws = _WORKSPACES.get((dev, stream))
-    if ws is None or ws.n_floats < n_floats or ws.n_counters < B * Hk * row_tiles:
-        ws = _workspace(q.device, n_floats, B * Hk * row_tiles, stream)
+    ws = _workspace(q.device, n_floats, B * Hk * row_tiles, stream)
     out = q.new_empty((B, Sq, H, D))
-    big = Sq + max(L, 1) + 1                                    # C.window_args
-    left = window_size[0] if window_size[0] >= 0 else big
-    right = window_size[1] if window_size[1] >= 0 else big
+    left, right = C.window_args(window_size, Sq, max(L, 1))
     qk_scale, cap_scale = C.score_scales(softmax_scale, softcap)
     entry = kernels.get(n_splits)
     op = out.data_ptr()

@@ -121,7 +121,7 @@ DIAG_VARIANTS = (("fp8", dict(_tma=0)), ("fp8 TMA", dict(_tma=1, _ws=False)),
 
 def diagnose(out_dir, dims=(128, 256), S=16384, causal=False, configs=None, variants=None):
     """Time variants of the FP8 kernel (DIAG_VARIANTS: pointer loads, TMA, TMA + warp specialisation, no P·V)
-    over a few tiles, beside bf16 v2 and v3 in the same process; d128/d256, 16k tokens, not causal."""
+    over a few tiles, beside bf16 v2 and v3 in the same process; by default d128/d256, 16k tokens, not causal."""
     from hf_flashattn.kernels import fp8 as K
     rows = []
     window = (-1, 0) if causal else (-1, -1)
@@ -148,7 +148,8 @@ def diagnose(out_dir, dims=(128, 256), S=16384, causal=False, configs=None, vari
                     rows.append(dict(D=D, S=S, causal=causal, variant=name, cfg=list(cfg), tflops=flops / ms / 1e9,
                                      max_diff_vs_pointer_loads=diff))
                 except Exception as e:  # noqa: BLE001 (e.g. out of shared memory for a tile)
-                    rows.append(dict(D=D, variant=name, cfg=list(cfg), error=f"{type(e).__name__}: {str(e)[:120]}"))
+                    rows.append(dict(D=D, S=S, causal=causal, variant=name, cfg=list(cfg),
+                                     error=f"{type(e).__name__}: {str(e)[:120]}"))
                 print(json.dumps(rows[-1]), flush=True)
         del q, k, v, q8, k8, v8
     md = ["| D | variant | tile (BM, BN, warps, stages) | TFLOP/s (counted as the full forward) | max diff vs pointer loads |",
@@ -167,12 +168,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--budget-s", type=float, default=1e9)
-    ap.add_argument("--diagnose", action="store_true", help="only the leave-one-stage-out timings")
+    ap.add_argument("--diagnose", action="store_true", help="only the timings of kernel variants over tiles (DIAG_VARIANTS)")
     ap.add_argument("--diag-dims", default="128,256")
     ap.add_argument("--diag-s", type=int, default=16384)
     ap.add_argument("--diag-causal", action="store_true")
     ap.add_argument("--diag-configs", default=None, help="python literal list of (BM, BN, warps, stages)")
-    ap.add_argument("--diag-tma-only", action="store_true", help="only the TMA variant")
+    ap.add_argument("--diag-tma-only", action="store_true", help="only the two descriptor (TMA) variants, not warp-specialised")
     args = ap.parse_args()
     if args.diagnose:
         import ast

@@ -9,7 +9,7 @@
 #   check     benchmarks/gpu_check.py --versions $CHECK_VERSIONS (default v3,v1,v2), autotuning off
 #   models    benchmarks/gpu_models.py --versions $MODEL_VERSIONS (default v2,v3)
 #   patches   benchmarks/gpu_patches.py
-#   decode    benchmarks/bench_decode.py
+#   decode    benchmarks/bench_decode.py $DECODE_ARGS (e.g. --skip-generate: the kernel table only)
 #   decode-gen     its generate() part only (dynamic cache; $GEN_ARGS, e.g. "--prompts 32768 --no-eager")
 #   decode-static  its generate() part with a static (compiled) cache
 #   host      benchmarks/host_overhead.py (host time of a decode step's attention, piece by piece)
@@ -17,6 +17,8 @@
 #   profile   benchmarks/profile_decode.py (host-side profile of Transformers decode steps)
 #   sweep     benchmarks/sweep_decode.py (launch parameters of the split-KV decode kernel)
 #   sweep-bwd benchmarks/sweep_bwd.py (tile configs of v2's backward passes and forward, forced one by one)
+#   sweep-v3  benchmarks/sweep_v3.py (v3 forward launch plans: tiles, host/in-kernel descriptors, WS, skew, fold;
+#             SWEEP_DIMS, SWEEP_SEQLENS)
 #   fp8       benchmarks/bench_fp8.py (FP8 accuracy, generation agreement, speed)
 #   fp8-check benchmarks/gpu_fp8_check.py (FP8 kernel on awkward shapes, each tile-load path, against float64)
 #   fp8-diagnose  its variants (pointer loads / TMA / TMA + WS / no P·V) over a few tiles ($DIAG_ARGS, e.g.
@@ -58,7 +60,8 @@ for spec in "$@"; do
                 --versions "${CHECK_VERSIONS:-v3,v1,v2}" --dtypes "${CHECK_DTYPES:-bf16,fp16}" --budget-s "$budget") ;;
     models) cmd=(python3 benchmarks/gpu_models.py --out "$dir" --versions "${MODEL_VERSIONS:-v2,v3}") ;;
     patches) cmd=(python3 benchmarks/gpu_patches.py --out "$dir" --budget-s "$budget") ;;
-    decode) cmd=(python3 benchmarks/bench_decode.py --out "$dir" --budget-s "$budget") ;;
+    # shellcheck disable=SC2206
+    decode) cmd=(python3 benchmarks/bench_decode.py --out "$dir" --budget-s "$budget" ${DECODE_ARGS:-}) ;;
     decode-check) cmd=(python3 benchmarks/gpu_decode_check.py --out "$dir") ;;
     host) cmd=(python3 benchmarks/host_overhead.py --out "$dir") ;;
     # shellcheck disable=SC2206
@@ -67,6 +70,8 @@ for spec in "$@"; do
     profile) cmd=(python3 benchmarks/profile_decode.py --out "$dir") ;;
     sweep) cmd=(python3 benchmarks/sweep_decode.py --out "$dir") ;;
     sweep-bwd) cmd=(python3 benchmarks/sweep_bwd.py --out "$dir" --budget-s "$budget" --dims "${SWEEP_DIMS:-64,128,256}") ;;
+    sweep-v3) cmd=(python3 benchmarks/sweep_v3.py --out "$dir" --budget-s "$budget" --dims "${SWEEP_DIMS:-128,256,64}"
+                  --seqlens "${SWEEP_SEQLENS:-4096,16384,1024}") ;;
     fp8) cmd=(python3 benchmarks/bench_fp8.py --out "$dir" --budget-s "$budget") ;;
     fp8-check) cmd=(python3 benchmarks/gpu_fp8_check.py --out "$dir") ;;
     # shellcheck disable=SC2206

@@ -250,6 +250,36 @@ def test_v3_varlen_and_strided():
            torch.float16, window_size=(7, 2))
 
 
+# v3's launch variants (host-made descriptors, the skewed band, the scale folded into the exponent) each
+# against the float64 reference and against the default plan, over shapes whose tiles have a masked
+# edge, a band and a tail (the interpreter's 32 x 16 tiles), GQA and MQA, a head dim padded to the tile.
+@pytest.mark.parametrize("plan", [(True, False, True), (False, True, True), (True, True, True),
+                                  (True, True, False)], ids=["host", "skew", "host-skew", "host-skew-nofold"])
+@pytest.mark.parametrize("shape,mask", [((1, 113, 203, 4, 1, 40), dict(causal=True)),
+                                        ((2, 70, 70, 4, 2, 32), dict(causal=False)),
+                                        ((1, 64, 96, 4, 4, 16), dict(window_size=(20, 5))),
+                                        ((1, 1, 97, 2, 1, 16), dict(causal=True))],
+                         ids=["113x203-causal-mqa-d40", "70x70-gqa", "window", "one-row"])
+def test_v3_launch_variants(plan, shape, mask):
+    from hf_flashattn.kernels import v3
+    host, skew, fold = plan
+    _, Sq, Sk, _, _, D = shape
+    q, k, v, _ = _inputs(shape, torch.float16, seed=12)
+    window = mask.get("window_size", (-1, 0 if mask.get("causal") else -1))
+    args = (None, None, Sq, Sk, D ** -0.5, window, 0.0)
+    base, base_lse = v3.forward(q, k, v, *args)
+    got, lse = v3.forward(q, k, v, *args, _plan=((32, 16, 4, 1), host, False, skew), _fold=fold)
+    ref = ref_grads(q, k, v, torch.zeros_like(q), **_ref_kw(mask))
+    low = ref_grads(q, k, v, torch.zeros_like(q), compute_dtype=None, **_ref_kw(mask))
+    assert_close_rule("out", got, ref[0], low[0], 2, torch.float16)
+    fin = torch.isfinite(ref[1])
+    assert torch.equal(torch.isinf(lse) & (lse > 0), ~fin)
+    assert_close_rule("lse", lse[fin], ref[1][fin], low[1].float()[fin], 2, torch.float32)
+    # the same arithmetic in the same order as the default plan (the skew and the loads change neither)
+    if fold:
+        assert torch.equal(got, base) and torch.equal(lse, base_lse)
+
+
 def test_v3_refuses_what_tma_cannot_load():
     q = torch.randn(1, 8, 2, 16)
     with pytest.raises(NotImplementedError, match="float16/bfloat16 only"):

@@ -26,20 +26,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # (tile, host descriptors, warp specialisation, skew, fold) per head-dim class; the first is the old default
 # (in-kernel descriptors, warp-specialised, scale not folded) for the ratio of each variant to it.
 T, F = True, False
+# Second round (the first, 02dc544: results/2026-11-26-h200-sweep-v3.md): around the first round's winners,
+# small 4-warp tiles with host descriptors (several programs an SM) and the 8-warp 128 x 128 tile at d128.
 PLANS = {
-    64: [((128, 128, 4, 3), F, F, F, F), ((128, 128, 4, 3), F, F, F, T), ((128, 128, 4, 3), T, F, F, T),
-         ((128, 64, 4, 3), T, F, F, T), ((64, 128, 4, 3), T, F, F, T), ((64, 64, 4, 3), T, F, F, T),
-         ((128, 128, 8, 3), T, F, F, T), ((128, 64, 4, 4), T, F, F, T), ((128, 128, 4, 2), T, F, F, T),
-         ((128, 64, 4, 3), T, F, T, T)],
-    128: [((128, 128, 8, 3), F, T, F, F), ((128, 128, 8, 3), F, T, F, T), ((128, 128, 8, 3), T, T, F, T),
-          ((128, 128, 8, 2), T, T, F, T), ((128, 64, 8, 3), T, T, F, T), ((128, 128, 8, 3), T, F, F, T),
-          ((128, 64, 4, 3), T, F, F, T), ((64, 128, 4, 3), T, F, F, T), ((64, 64, 4, 3), T, F, F, T),
-          ((128, 64, 8, 3), T, F, T, T), ((128, 128, 8, 2), F, T, F, T), ((128, 64, 4, 3), F, F, F, T),
-          ((64, 128, 4, 2), T, F, F, T), ((64, 64, 4, 2), T, F, F, T), ((64, 64, 4, 4), T, F, F, T)],
-    256: [((128, 64, 8, 2), F, T, F, F), ((128, 64, 8, 2), F, T, F, T), ((128, 64, 8, 2), T, T, F, T),
-          ((128, 64, 8, 2), T, F, F, T), ((64, 64, 4, 3), T, F, F, T), ((64, 64, 4, 2), T, F, F, T),
-          ((64, 128, 4, 2), T, F, F, T), ((128, 32, 8, 2), T, T, F, T), ((128, 64, 8, 3), T, T, F, T),
-          ((64, 64, 4, 3), F, F, F, T), ((64, 32, 4, 3), T, F, F, T)],
+    64: [((128, 128, 4, 3), F, F, F, F), ((64, 64, 4, 3), T, F, F, T), ((64, 64, 4, 4), T, F, F, T),
+         ((64, 32, 4, 3), T, F, F, T), ((64, 32, 4, 4), T, F, F, T), ((128, 64, 4, 4), T, F, F, T),
+         ((128, 32, 4, 3), T, F, F, T), ((64, 128, 4, 2), T, F, F, T)],
+    128: [((128, 128, 8, 3), F, T, F, F), ((128, 128, 8, 3), T, F, F, T), ((128, 128, 8, 3), T, T, F, T),
+          ((64, 64, 4, 3), T, F, F, T), ((64, 32, 4, 3), T, F, F, T), ((64, 32, 4, 4), T, F, F, T),
+          ((128, 64, 8, 4), T, F, F, T), ((128, 32, 8, 3), T, F, F, T), ((64, 64, 4, 3), F, F, F, T)],
+    256: [((128, 64, 8, 2), F, T, F, F), ((64, 32, 4, 3), T, F, F, T), ((64, 32, 4, 4), T, F, F, T),
+          ((64, 32, 4, 2), T, F, F, T), ((64, 16, 4, 3), T, F, F, T), ((64, 16, 4, 4), T, F, F, T),
+          ((128, 32, 8, 3), T, F, F, T), ((64, 32, 4, 3), F, F, F, T)],
 }
 
 

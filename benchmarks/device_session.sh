@@ -17,7 +17,7 @@
 #   profile   benchmarks/profile_decode.py (host-side profile of Transformers decode steps)
 #   sweep     benchmarks/sweep_decode.py (launch parameters of the split-KV decode kernel)
 #   sweep-bwd benchmarks/sweep_bwd.py (tile configs of v2's backward passes and forward, forced one by one)
-#   sweep-v3  benchmarks/sweep_v3.py (v3 forward launch plans: tiles, host/in-kernel descriptors, WS, skew, fold;
+#   sweep-v3  benchmarks/sweep_v3.py $SWEEP_ARGS (v3 forward launch plans: tiles, host/in-kernel descriptors, WS, fold;
 #             SWEEP_DIMS, SWEEP_SEQLENS)
 #   fp8       benchmarks/bench_fp8.py (FP8 accuracy, generation agreement, speed)
 #   fp8-check benchmarks/gpu_fp8_check.py (FP8 kernel on awkward shapes, each tile-load path, against float64)
@@ -70,8 +70,9 @@ for spec in "$@"; do
     profile) cmd=(python3 benchmarks/profile_decode.py --out "$dir") ;;
     sweep) cmd=(python3 benchmarks/sweep_decode.py --out "$dir") ;;
     sweep-bwd) cmd=(python3 benchmarks/sweep_bwd.py --out "$dir" --budget-s "$budget" --dims "${SWEEP_DIMS:-64,128,256}") ;;
+    # shellcheck disable=SC2206
     sweep-v3) cmd=(python3 benchmarks/sweep_v3.py --out "$dir" --budget-s "$budget" --dims "${SWEEP_DIMS:-128,256,64}"
-                  --seqlens "${SWEEP_SEQLENS:-4096,16384,1024}") ;;
+                  --seqlens "${SWEEP_SEQLENS:-4096,16384,1024}" ${SWEEP_ARGS:-}) ;;
     fp8) cmd=(python3 benchmarks/bench_fp8.py --out "$dir" --budget-s "$budget") ;;
     fp8-check) cmd=(python3 benchmarks/gpu_fp8_check.py --out "$dir") ;;
     # shellcheck disable=SC2206

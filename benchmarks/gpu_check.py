@@ -25,7 +25,8 @@ FLOOR = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 # (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim)
 SHAPES = [(2, 113, 203, 8, 2, 80), (1, 1023, 1024, 4, 4, 64), (1, 1024, 1023, 8, 1, 128),
           (2, 512, 512, 32, 8, 96), (1, 1, 2048, 32, 8, 128), (1, 256, 384, 4, 4, 256),
-          (1, 200, 257, 4, 1, 192), (1, 2048, 2048, 16, 16, 128)]
+          (1, 200, 257, 4, 1, 192), (1, 2048, 2048, 16, 16, 128),
+          (1, 777, 4500, 8, 2, 128)]   # keys >= 4096: v3's long-sequence plan at d128
 MASKS = [dict(causal=False), dict(causal=True), dict(window_size=(128, 0)), dict(window_size=(64, 32), softcap=30.0)]
 
 
@@ -96,6 +97,9 @@ def main():
                     cases.append((version, dtype, shape, kw, False))
             for kw in MASKS[1:3]:
                 cases.append((version, dtype, (3, 700, 700, 8, 2, 128), kw, True))
+            cases.append((version, dtype, (2, 4200, 4200, 4, 2, 128), MASKS[1], True))   # packed, long plan
+            cases.append((version, dtype, (3, 300, 300, 4, 1, 256), MASKS[0], True))
+            cases.append((version, dtype, (3, 300, 300, 8, 8, 64), MASKS[3], True))
     for version, dtype, shape, kw, varlen in cases:
         if time.time() - t0 > args.budget_s:
             print(f"time budget of {args.budget_s}s reached: {len(cases) - len(rows)} cases not run")

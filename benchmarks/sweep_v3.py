@@ -77,7 +77,12 @@ def main():
     ap.add_argument("--seqlens", default="4096,16384,1024")
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--workers", type=int, default=12)
+    ap.add_argument("--only-default", action="store_true",
+                    help="no plan list: only what version='auto' runs (v3's plan()), dense and packed, beside v2")
     args = ap.parse_args()
+    if args.only_default:
+        for d in PLANS:
+            PLANS[d] = []
     os.environ["HF_FLASHATTN_AUTOTUNE"] = "0"
     t0 = time.time()
     import torch.nn.functional as Fn
@@ -115,7 +120,20 @@ def main():
                 ms = triton.testing.do_bench(lambda: fa.flash_attn_func(q, k, v, causal=causal, version="v2"),
                                              return_mode="median")
                 rows.append(dict(base, impl="ours-v2", ms=ms, tflops=fl / ms / 1e9))
-                ref = run(PLANS[D][0], q, k, v, S, causal)[0].float()
+                # what version="auto" runs (v3 on Hopper, its plan() for this head dim and length), dense and
+                # as a packed batch of B equal sequences (flash_attn_varlen_func)
+                ms = triton.testing.do_bench(lambda: fa.flash_attn_func(q, k, v, causal=causal), return_mode="median")
+                rows.append(dict(base, impl="ours-auto", ms=ms, tflops=fl / ms / 1e9))
+                cu = torch.arange(0, (B + 1) * S, S, device="cuda", dtype=torch.int32)
+                qp, kp, vp = (x.reshape(B * S, H, D) for x in (q, k, v))
+                ms = triton.testing.do_bench(lambda: fa.flash_attn_varlen_func(qp, kp, vp, cu, cu, S, S, causal=causal),
+                                             return_mode="median")
+                rows.append(dict(base, impl="ours-auto-varlen", ms=ms, tflops=fl / ms / 1e9))
+                for vname, fn in (("ours-v2-varlen", lambda: fa.flash_attn_varlen_func(qp, kp, vp, cu, cu, S, S,
+                                                                                      causal=causal, version="v2")),):
+                    ms = triton.testing.do_bench(fn, return_mode="median")
+                    rows.append(dict(base, impl=vname, ms=ms, tflops=fl / ms / 1e9))
+                ref = run(PLANS[D][0], q, k, v, S, causal)[0].float() if PLANS[D] else None
                 for p in PLANS[D]:
                     r = dict(base, impl="ours-v3", plan=name(p), **info.get((name(p), D), {}))
                     if "error" not in r:
@@ -129,7 +147,7 @@ def main():
                     print(json.dumps(r), flush=True)
                 with open(os.path.join(args.out, "sweep_v3.json"), "w") as f:
                     json.dump(dict(meta=meta, rows=rows), f, indent=1)
-                del q, k, v, qt, kt, vt, ref
+                del q, k, v, qt, kt, vt, ref, qp, kp, vp
                 torch.cuda.empty_cache()
     md = [f"# v3 forward plans — {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, "
           f"cuDNN {meta['cudnn']}, commit {meta['commit']}", "",
@@ -138,7 +156,8 @@ def main():
     md += ["| plan | " + " | ".join(f"d{d} {s // 1024}k{' c' if c else ''}" for d, s, c in keys) + " |",
            "|---|" + "---|" * len(keys)]
     cudnn = {(r["D"], r["S"], r["causal"]): r["tflops"] for r in rows if r["impl"] == "sdpa-cudnn"}
-    labels = ["sdpa-cudnn", "sdpa-flash", "ours-v2"] + [name(p) for D in dims for p in PLANS[D]]
+    labels = ["sdpa-cudnn", "sdpa-flash", "ours-v2", "ours-auto", "ours-v2-varlen", "ours-auto-varlen"] + \
+        [name(p) for D in dims for p in PLANS[D]]
     for label in dict.fromkeys(labels):
         cells, seen = [], False
         for key in keys:

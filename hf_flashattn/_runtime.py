@@ -55,4 +55,13 @@ def env_get(name: str, default: str) -> str:
 
 
 def is_hopper(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    hopper = _HOPPER.get(index)
+    if hopper is None:
+        hopper = _HOPPER[index] = torch.cuda.get_device_capability(index)[0] == 9
+    return hopper
+
+
+_HOPPER: dict = {}   # device index -> sm90 (asked once: the query costs microseconds per call)

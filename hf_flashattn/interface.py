@@ -71,8 +71,7 @@ def _resolve_version(version: str, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     if version == "auto":
         version = get_default_version()
     if version == "auto":
-        # v3 is opt-in until it has been measured on the H100 (issue 4); every device runs v2.
-        version = "v2"
+        version = "v3" if _v3_by_default(q, k, v) else "v2"
     if version == "v3":
         if not (is_hopper(q.device) or is_interpreting()):
             raise NotImplementedError(f"version='v3' needs a Hopper GPU (sm90); q is on {q.device}. "
@@ -82,6 +81,18 @@ def _resolve_version(version: str, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         if why is not None:
             raise NotImplementedError(f"version='v3': {why}. Use version='v2' or 'auto'.")
     return version
+
+
+def _v3_by_default(q, k, v) -> bool:
+    """What version="auto" runs on a Hopper GPU: v3 (faster than v2's forward at every measured point,
+    benchmarks/results/2026-11-26-h200-sweep-v3*.md) for the inputs its descriptors can load (`v3.supports`),
+    except decode-like shapes (a few queries over many keys), which take v2's split-KV kernel. Elsewhere v2."""
+    if not is_hopper(q.device):
+        return False
+    from .kernels import v2, v3
+    if q.dim() == 4 and v2.splits_keys(q.shape[1], k.shape[1]):
+        return False
+    return v3.supports(q, k, v) is None
 
 
 def _kernels(version: str):
@@ -303,7 +314,8 @@ def _decode_with_padding_mask(q, k, v, key_mask, softmax_scale, window, softcap)
     slots): the split-KV kernel with the mask applied per key block, no unpadding and no device sync.
     Queries sit at the last positions (bottom-right). Returns None when the active version is not v2
     (the caller then takes the generic path), else out (B, Sq, H, D)."""
-    if _resolve_version("auto", q, k, v) != "v2" or q.requires_grad and torch.is_grad_enabled():
+    # the split-KV kernel is what "auto" and "v2" run for decode steps (`_v3_by_default`)
+    if get_default_version() not in ("auto", "v2") or q.requires_grad and torch.is_grad_enabled():
         return None
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])

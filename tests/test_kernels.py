@@ -250,34 +250,58 @@ def test_v3_varlen_and_strided():
            torch.float16, window_size=(7, 2))
 
 
-# v3's launch variants (host-made descriptors, the skewed band, the scale folded into the exponent) each
-# against the float64 reference and against the default plan, over shapes whose tiles have a masked
-# edge, a band and a tail (the interpreter's 32 x 16 tiles), GQA and MQA, a head dim padded to the tile.
-@pytest.mark.parametrize("plan", [(True, False, True), (False, True, True), (True, True, True),
-                                  (True, True, False)], ids=["host", "skew", "host-skew", "host-skew-nofold"])
-@pytest.mark.parametrize("shape,mask", [((1, 113, 203, 4, 1, 40), dict(causal=True)),
-                                        ((2, 70, 70, 4, 2, 32), dict(causal=False)),
-                                        ((1, 64, 96, 4, 4, 16), dict(window_size=(20, 5))),
-                                        ((1, 1, 97, 2, 1, 16), dict(causal=True))],
+# v3's launch variants (descriptors made on the host over the whole tensors, packed ones included, or in-kernel;
+# the scale folded into the exponent or not) each against the float64 reference and against the other load
+# path, over shapes whose tiles have a masked edge, a band and a tail (the interpreter's 32 x 16 tiles), GQA
+# and MQA, a head dim padded to the tile.
+@pytest.mark.parametrize("host,fold", [(True, True), (False, True), (True, False)],
+                         ids=["host", "in-kernel", "host-nofold"])
+@pytest.mark.parametrize("shape,mask", [((1, 113, 203, 4, 1, 40), {"causal": True}),
+                                        ((2, 70, 70, 4, 2, 32), {"causal": False}),
+                                        ((1, 64, 96, 4, 4, 16), {"window_size": (20, 5)}),
+                                        ((1, 1, 97, 2, 1, 16), {"causal": True})],
                          ids=["113x203-causal-mqa-d40", "70x70-gqa", "window", "one-row"])
-def test_v3_launch_variants(plan, shape, mask):
+def test_v3_launch_variants(host, fold, shape, mask):
     from hf_flashattn.kernels import v3
-    host, skew, fold = plan
     _, Sq, Sk, _, _, D = shape
     q, k, v, _ = _inputs(shape, torch.float16, seed=12)
     window = mask.get("window_size", (-1, 0 if mask.get("causal") else -1))
     args = (None, None, Sq, Sk, D ** -0.5, window, 0.0)
-    base, base_lse = v3.forward(q, k, v, *args)
-    got, lse = v3.forward(q, k, v, *args, _plan=((32, 16, 4, 1), host, False, skew), _fold=fold)
+    other, other_lse = v3.forward(q, k, v, *args, _plan=((32, 16, 4, 1), not host, False))
+    got, lse = v3.forward(q, k, v, *args, _plan=((32, 16, 4, 1), host, False), _fold=fold)
     ref = ref_grads(q, k, v, torch.zeros_like(q), **_ref_kw(mask))
     low = ref_grads(q, k, v, torch.zeros_like(q), compute_dtype=None, **_ref_kw(mask))
     assert_close_rule("out", got, ref[0], low[0], 2, torch.float16)
     fin = torch.isfinite(ref[1])
     assert torch.equal(torch.isinf(lse) & (lse > 0), ~fin)
     assert_close_rule("lse", lse[fin], ref[1][fin], low[1].float()[fin], 2, torch.float32)
-    # the same arithmetic in the same order as the default plan (the skew and the loads change neither)
+    # the same arithmetic in the same order whichever way the tiles are loaded
     if fold:
-        assert torch.equal(got, base) and torch.equal(lse, base_lse)
+        assert torch.equal(got, other) and torch.equal(lse, other_lse)
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["host", "in-kernel"])
+def test_v3_varlen_load_paths(host):
+    """Packed sequences through descriptors over the whole packed tensors: a tile that runs past its sequence
+    reads the next one's rows (masked as keys past the end) and must not write them (masked store)."""
+    from hf_flashattn.kernels import v3
+    lens = [5, 0, 1, 40, 23, 33]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    g = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(sum(lens), h, 24, generator=g).half() for h in (4, 2, 2))
+    for causal in (False, True):
+        win = (-1, 0) if causal else (-1, -1)
+        out, lse = v3.forward(q, k, v, cu, cu, max(lens), max(lens), 0.2, win, 0.0, _plan=((32, 16, 4, 1), host, False))
+        for i, n in enumerate(lens):
+            a, b = cu[i].item(), cu[i + 1].item()
+            if n == 0:
+                continue
+            ref = ref_grads(q[None, a:b], k[None, a:b], v[None, a:b], torch.zeros_like(q[None, a:b]), causal=causal,
+                            softmax_scale=0.2)
+            low = ref_grads(q[None, a:b], k[None, a:b], v[None, a:b], torch.zeros_like(q[None, a:b]), causal=causal,
+                            softmax_scale=0.2, compute_dtype=None)
+            assert_close_rule(f"out[seq {i}]", out[None, a:b], ref[0], low[0], 2, torch.float16)
+            assert_close_rule(f"lse[seq {i}]", lse[:, a:b][None], ref[1], low[1].float(), 2, torch.float32)
 
 
 def test_v3_refuses_what_tma_cannot_load():

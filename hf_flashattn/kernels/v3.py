@@ -28,10 +28,18 @@ from ._common import normalise_rows, scores_from_qk, seq_bounds, softmax_step, t
 
 
 @triton.jit
-def _load_k(k_desc, start_n, b, kvh, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HOST: tl.constexpr):
-    if HOST:   # the caller's (B, Sk, Hk, D) descriptor
-        return k_desc.load([b, start_n, kvh, 0]).reshape(BLOCK_N, BLOCK_D)
-    else:      # made in-kernel over this (sequence, head)
+def _load_k(k_desc, start_n, b, k_start, kvh, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HOST: tl.constexpr,
+            IS_VARLEN: tl.constexpr):
+    """Key block [start_n, start_n + BLOCK_N) of this sequence and KV head, through a tensor descriptor: the
+    caller's over (B, Sk, Hk, D) or, packed, over (total_k, Hk, D) (rows from k_start) when HOST; else one
+    made in-kernel over this (sequence, head). Rows past the tensor read as zeros; in a packed batch, rows of
+    the next sequence come in and are masked as columns past Sk (only the masked loops reach them)."""
+    if HOST:
+        if IS_VARLEN:
+            return k_desc.load([(k_start + start_n).to(tl.int32), kvh, 0]).reshape(BLOCK_N, BLOCK_D)
+        else:
+            return k_desc.load([b, start_n, kvh, 0]).reshape(BLOCK_N, BLOCK_D)
+    else:
         return k_desc.load([start_n, 0])
 
 
@@ -61,43 +69,21 @@ def _tile(acc, l_i, m_i, qk, v, offs_m, cols, Sk, diag, left, right, qk_scale, c
 
 @triton.jit
 def _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, start, end, offs_m, offs_n, Sk, diag, left, right,
-                   qk_scale, cap_scale, b, kvh, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
-                   SOFTCAP: tl.constexpr, FOLD: tl.constexpr, HOST: tl.constexpr, WS: tl.constexpr):
+                   qk_scale, cap_scale, b, k_start, kvh, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   MASKED: tl.constexpr, SOFTCAP: tl.constexpr, FOLD: tl.constexpr, HOST: tl.constexpr,
+                   IS_VARLEN: tl.constexpr, WS: tl.constexpr):
     for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WS):
         # K and V tiles through the descriptors (rows past the sequence read as 0)
-        k = _load_k(k_desc, start_n, b, kvh, BLOCK_N, BLOCK_D, HOST)
-        v = _load_k(v_desc, start_n, b, kvh, BLOCK_N, BLOCK_D, HOST)
+        k = _load_k(k_desc, start_n, b, k_start, kvh, BLOCK_N, BLOCK_D, HOST, IS_VARLEN)
+        v = _load_k(v_desc, start_n, b, k_start, kvh, BLOCK_N, BLOCK_D, HOST, IS_VARLEN)
         qk = tl.dot(q, tl.trans(k))
         acc, l_i, m_i = _tile(acc, l_i, m_i, qk, v, offs_m, start_n + offs_n, Sk, diag, left, right, qk_scale,
                               cap_scale, MASKED, SOFTCAP, FOLD)
     return acc, l_i, m_i
 
 
-@triton.jit
-def _fwd_band_skewed(acc, l_i, m_i, q, k_desc, v_desc, start, end, offs_m, offs_n, Sk, diag, left, right,
-                     qk_scale, cap_scale, b, kvh, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     SOFTCAP: tl.constexpr, FOLD: tl.constexpr, HOST: tl.constexpr):
-    """The unmasked band with the loop skewed by one key block (FA3's intra-warpgroup overlap, written in
-    Triton's language): the product q·kᵀ of block j + 1 is issued before the softmax of block j, so that the
-    tensor cores have work while the softmax's float32 and exponential instructions issue."""
-    if start < end:
-        k = _load_k(k_desc, start, b, kvh, BLOCK_N, BLOCK_D, HOST)
-        qk = tl.dot(q, tl.trans(k))
-        for start_n in tl.range(start + BLOCK_N, end, BLOCK_N):
-            k = _load_k(k_desc, start_n, b, kvh, BLOCK_N, BLOCK_D, HOST)
-            qk_next = tl.dot(q, tl.trans(k))
-            v = _load_k(v_desc, start_n - BLOCK_N, b, kvh, BLOCK_N, BLOCK_D, HOST)
-            acc, l_i, m_i = _tile(acc, l_i, m_i, qk, v, offs_m, start_n - BLOCK_N + offs_n, Sk, diag, left, right,
-                                  qk_scale, cap_scale, False, SOFTCAP, FOLD)
-            qk = qk_next
-        v = _load_k(v_desc, end - BLOCK_N, b, kvh, BLOCK_N, BLOCK_D, HOST)
-        acc, l_i, m_i = _tile(acc, l_i, m_i, qk, v, offs_m, end - BLOCK_N + offs_n, Sk, diag, left, right,
-                              qk_scale, cap_scale, False, SOFTCAP, FOLD)
-    return acc, l_i, m_i
-
-
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group"])
-def _fwd_kernel_tma(Q, K, V, O, LSE, CU_Q, CU_K,
+def _fwd_kernel_tma(Q, K, V, O, O_PTR, LSE, CU_Q, CU_K,
                     stride_qb, stride_qm, stride_qh,
                     stride_kb, stride_kn, stride_kh,
                     stride_vb, stride_vn, stride_vh,
@@ -106,10 +92,11 @@ def _fwd_kernel_tma(Q, K, V, O, LSE, CU_Q, CU_K,
                     seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, group,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     IS_VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, WS: tl.constexpr, HOST: tl.constexpr = False,
-                    FOLD: tl.constexpr = False, SKEW: tl.constexpr = False):
+                    FOLD: tl.constexpr = False):
     # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program: BLOCK_M rows of O and lse.
-    # HOST: Q, K, V, O are the caller's tensor descriptors over (B, S, H, D) (not varlen; no descriptor
-    # written and fenced per program); else descriptors are made here over one (sequence, head).
+    # HOST: Q, K, V, O are the caller's tensor descriptors over (B, S, H, D), or over the packed (total, H, D)
+    # when IS_VARLEN (no descriptor written and fenced per program); else descriptors are made here over one
+    # (sequence, head), which stop exactly at the sequence's end.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -120,26 +107,22 @@ def _fwd_kernel_tma(Q, K, V, O, LSE, CU_Q, CU_K,
     kvh = (h // group).to(tl.int64)
     h64 = h.to(tl.int64)
     if HOST:
-        q_desc = Q
         k_desc = K
         v_desc = V
-        o_desc = O
-        q = q_desc.load([tl.program_id(2), m0, h, 0]).reshape(BLOCK_M, BLOCK_D)
+        if IS_VARLEN:
+            q = Q.load([(q_start + m0).to(tl.int32), h, 0]).reshape(BLOCK_M, BLOCK_D)
+        else:
+            q = Q.load([tl.program_id(2), m0, h, 0]).reshape(BLOCK_M, BLOCK_D)
     else:
-        # one descriptor per tensor, spanning exactly this sequence and head: (seqlen, headdim)
-        q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h64 * stride_qh + q_start * stride_qm,
-                                           shape=[Sq, HEAD_DIM], strides=[stride_qm, 1],
-                                           block_shape=[BLOCK_M, BLOCK_D])
+        q = tl.make_tensor_descriptor(Q + b * stride_qb + h64 * stride_qh + q_start * stride_qm,
+                                      shape=[Sq, HEAD_DIM], strides=[stride_qm, 1],
+                                      block_shape=[BLOCK_M, BLOCK_D]).load([m0, 0])
         k_desc = tl.make_tensor_descriptor(K + b * stride_kb + kvh * stride_kh + k_start * stride_kn,
                                            shape=[Sk, HEAD_DIM], strides=[stride_kn, 1],
                                            block_shape=[BLOCK_N, BLOCK_D])
         v_desc = tl.make_tensor_descriptor(V + b * stride_vb + kvh * stride_vh + k_start * stride_vn,
                                            shape=[Sk, HEAD_DIM], strides=[stride_vn, 1],
                                            block_shape=[BLOCK_N, BLOCK_D])
-        o_desc = tl.make_tensor_descriptor(O + b * stride_ob + h64 * stride_oh + q_start * stride_om,
-                                           shape=[Sq, HEAD_DIM], strides=[stride_om, 1],
-                                           block_shape=[BLOCK_M, BLOCK_D])
-        q = q_desc.load([m0, 0])
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -149,36 +132,40 @@ def _fwd_kernel_tma(Q, K, V, O, LSE, CU_Q, CU_K,
     lo, full_lo, full_hi, hi = tile_range(m0, BLOCK_M, diag, window_left, window_right, Sk, BLOCK_N)
     bk = tl.program_id(2)
     kh = h // group
-    # masked left window edge; the band every row sees (pipelined, warp-specialised or skewed); masked
-    # diagonal/tail
+    # masked left window edge; the band every row sees (pipelined, warp-specialised); masked diagonal/tail
     acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, lo, full_lo, offs_m, offs_n, Sk, diag,
-                                   window_left, window_right, qk_scale, cap_scale, bk, kh, BLOCK_N, BLOCK_D, True,
-                                   SOFTCAP, FOLD, HOST, False)
-    if SKEW:
-        acc, l_i, m_i = _fwd_band_skewed(acc, l_i, m_i, q, k_desc, v_desc, full_lo, full_hi, offs_m, offs_n, Sk,
-                                         diag, window_left, window_right, qk_scale, cap_scale, bk, kh, BLOCK_N,
-                                         BLOCK_D, SOFTCAP, FOLD, HOST)
-    else:
-        acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, full_lo, full_hi, offs_m, offs_n, Sk, diag,
-                                       window_left, window_right, qk_scale, cap_scale, bk, kh, BLOCK_N, BLOCK_D,
-                                       False, SOFTCAP, FOLD, HOST, WS)
+                                   window_left, window_right, qk_scale, cap_scale, bk, k_start, kh, BLOCK_N, BLOCK_D,
+                                   True, SOFTCAP, FOLD, HOST, IS_VARLEN, False)
+    acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, full_lo, full_hi, offs_m, offs_n, Sk, diag,
+                                   window_left, window_right, qk_scale, cap_scale, bk, k_start, kh, BLOCK_N, BLOCK_D,
+                                   False, SOFTCAP, FOLD, HOST, IS_VARLEN, WS)
     acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, full_hi, hi, offs_m, offs_n, Sk, diag,
-                                   window_left, window_right, qk_scale, cap_scale, bk, kh, BLOCK_N, BLOCK_D, True,
-                                   SOFTCAP, FOLD, HOST, False)
+                                   window_left, window_right, qk_scale, cap_scale, bk, k_start, kh, BLOCK_N, BLOCK_D,
+                                   True, SOFTCAP, FOLD, HOST, IS_VARLEN, False)
     # epilogue, as v2
     acc, lse = normalise_rows(acc, l_i, m_i, float("inf"))
     tl.store(LSE + b * stride_lb + h64 * stride_lh + q_start + offs_m, lse, mask=offs_m < Sq)
-    if HOST:
-        o_desc.store([tl.program_id(2), m0, h, 0], acc.to(o_desc.dtype).reshape(1, BLOCK_M, 1, BLOCK_D))
+    if HOST and not IS_VARLEN:   # rows past the sequence are past the tensor: the copy drops them
+        O.store([tl.program_id(2), m0, h, 0], acc.to(O.dtype).reshape(1, BLOCK_M, 1, BLOCK_D))
+    elif HOST:   # packed: rows past this sequence belong to the next one, so a masked store
+        offs_d = tl.arange(0, BLOCK_D)
+        tl.store(O_PTR + (q_start + offs_m[:, None]) * stride_om + h64 * stride_oh + offs_d[None, :],
+                 acc.to(O_PTR.dtype.element_ty), mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM))
     else:
-        o_desc.store([m0, 0], acc.to(O.dtype.element_ty))
+        tl.make_tensor_descriptor(O + b * stride_ob + h64 * stride_oh + q_start * stride_om,
+                                  shape=[Sq, HEAD_DIM], strides=[stride_om, 1],
+                                  block_shape=[BLOCK_M, BLOCK_D]).store([m0, 0], acc.to(O.dtype.element_ty))
 
 
-# Launch plan per head-dim class: (BLOCK_M, BLOCK_N, num_warps, num_stages), then the tile loads through
-# descriptors made on the host (not varlen) or in-kernel, whether the unmasked band is warp-specialised,
-# and whether it is skewed (`_fwd_band_skewed`; not with warp specialisation).
-_PLANS = {64: ((128, 128, 4, 3), False, False, False), 128: ((128, 128, 8, 3), False, True, False),
-          256: ((128, 64, 8, 2), False, True, False)}
+# Launch plan per head-dim class: (BLOCK_M, BLOCK_N, num_warps, num_stages), whether the tiles come through
+# descriptors made on the host (over the whole tensors) or in-kernel, and whether the unmasked band is
+# warp-specialised. From the sixth session's sweeps (benchmarks/sweep_v3.py; results/2026-11-26-h200-sweep-v3*.md,
+# 1k-16k tokens, causal and not): host descriptors win everywhere; small 4-warp tiles, several programs an SM,
+# win at d64 and d256 and at d128 below 4k keys (`_PLANS_SHORT`); warp specialisation gains nothing on top.
+_PLANS = {64: ((64, 64, 4, 3), True, False), 128: ((128, 128, 8, 3), True, False),
+          256: ((64, 32, 4, 3), True, False)}
+_PLANS_SHORT = {64: _PLANS[64], 128: ((64, 64, 4, 3), True, False), 256: _PLANS[256]}
+SHORT_KEYS = 4096   # max_seqlen_k below this takes _PLANS_SHORT
 _allocator_set = False
 
 
@@ -203,11 +190,17 @@ def supports(q, k, v) -> str | None:
     return None
 
 
+def plan(D: int, max_seqlen_k: int):
+    """The launch plan (see `_PLANS`) for head dim D and the longest key sequence."""
+    cls = 64 if D <= 64 else 128 if D <= 128 else 256
+    return (_PLANS_SHORT if max_seqlen_k < SHORT_KEYS else _PLANS)[cls]
+
+
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, softcap,
             _plan=None, _fold=None):
-    """_plan overrides `_PLANS` (benchmarks/sweep_v3.py): ((BLOCK_M, BLOCK_N, num_warps, num_stages), host
-    descriptors, warp specialisation, skewed band); _fold False scales the scores before the softmax instead
-    of folding the scale into the exponent (the kernel before the sixth session)."""
+    """_plan overrides `plan()` (benchmarks/sweep_v3.py): ((BLOCK_M, BLOCK_N, num_warps, num_stages), host
+    descriptors, warp specialisation); _fold False scales the scores before the softmax instead of folding the
+    scale into the exponent (the kernel before the sixth session)."""
     why = supports(q, k, v)
     if why is not None:
         raise NotImplementedError(why + "; use version='v2'.")
@@ -223,33 +216,33 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     qk_scale, cap_scale = C.score_scales(softmax_scale, softcap)
     stride_l = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
     BLOCK_D = max(triton.next_power_of_2(D), 16)
-    (bm, bn, warps, stages), host, ws, skew = _plan or _PLANS[64 if BLOCK_D <= 64 else 128 if BLOCK_D <= 128 else 256]
+    (bm, bn, warps, stages), host, ws = _plan or plan(D, max_seqlen_k)
     if is_interpreting():
         bm, bn, warps, stages = 32, 16, 4, 1
     # triton 3.6's warp-specialisation pass asserts (TaskIdPropagation, "PassManager::run failed") on the
     # head-dim-64 tiles (benchmarks/results/2026-11-26-v3-h100-correctness-ws.md): those run pipelined only.
     ws = ws and os.environ.get("HF_FLASHATTN_V3_WS", "1") != "0" and not is_interpreting() and BLOCK_D > 64
-    skew = skew and not ws
-    # host descriptors over the whole (B, S, H, D) tensors: not for packed sequences (a tile must stop at its
-    # sequence's end, which only a descriptor over that sequence does), and not with a key length of 0
-    host = host and not varlen and max_seqlen_k > 0
-    fold = (softcap == 0 and softmax_scale > 0) if _fold is None else (_fold and softcap == 0 and softmax_scale > 0)
+    host = host and k.shape[-3] > 0   # no descriptor over an empty key dim
+    fold = softcap == 0 and softmax_scale > 0 and (_fold is None or _fold)
+    q_arg, k_arg, v_arg, o_arg = q, k, v, out
     if host:
         from triton.tools.tensor_descriptor import TensorDescriptor
-        q_arg = TensorDescriptor.from_tensor(q, [1, bm, 1, BLOCK_D])
-        k_arg = TensorDescriptor.from_tensor(k, [1, bn, 1, BLOCK_D])
-        v_arg = TensorDescriptor.from_tensor(v, [1, bn, 1, BLOCK_D])
-        o_arg = TensorDescriptor.from_tensor(out, [1, bm, 1, BLOCK_D])
+        # (B, S, H, D) or packed (total, H, D): a tile is BLOCK rows of one head
+        lead = [] if varlen else [1]
+        q_arg = TensorDescriptor.from_tensor(q, lead + [bm, 1, BLOCK_D])
+        k_arg = TensorDescriptor.from_tensor(k, lead + [bn, 1, BLOCK_D])
+        v_arg = TensorDescriptor.from_tensor(v, lead + [bn, 1, BLOCK_D])
+        if not varlen:
+            o_arg = TensorDescriptor.from_tensor(out, [1, bm, 1, BLOCK_D])
     else:
         _set_allocator()
-        q_arg, k_arg, v_arg, o_arg = q, k, v, out
     grid = (triton.cdiv(max_seqlen_q, bm), H, batch)
-    _fwd_kernel_tma[grid](q_arg, k_arg, v_arg, o_arg, lse, cu_seqlens_q, cu_seqlens_k,
+    _fwd_kernel_tma[grid](q_arg, k_arg, v_arg, o_arg, out, lse, cu_seqlens_q, cu_seqlens_k,
                           *C.seq_layout(q, varlen), *C.seq_layout(k, varlen), *C.seq_layout(v, varlen),
                           *C.seq_layout(out, varlen), *stride_l,
                           max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale, H // Hk,
                           HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_N=bn, IS_VARLEN=varlen, SOFTCAP=softcap > 0,
-                          WS=ws, HOST=host, FOLD=fold, SKEW=skew, num_warps=warps, num_stages=stages)
+                          WS=ws, HOST=host, FOLD=fold, num_warps=warps, num_stages=stages)
     return out, lse
 
 

@@ -157,14 +157,17 @@ def markdown(rows, floors, meta):
              f"bf16; measured floors: matmul {floors['matmul_tflops']:.0f} TFLOP/s, copy {floors['copy_tb_s']:.2f} TB/s",
              "", "TFLOP/s (ratio of ours-v2 to SDPA flash / cuDNN / Flex in brackets)", ""]
     impls = sorted({r["impl"] for r in rows}, key=lambda s: (not s.startswith("ours"), s))
-    lines.append("| D | S | H/Hk | causal | mode | " + " | ".join(impls) + " | v2/flash | v2/cuDNN | v2/flex |")
-    lines.append("|" + "---|" * (5 + len(impls) + 3))
+    mine = [v for v in ("v2", "v3") if f"ours-{v}" in impls]   # ratio columns for our v2 and v3
+    heads = [f"{v}/{b}" for v in mine for b in ("flash", "cuDNN", "flex")]
+    lines[-2] = "TFLOP/s; then the ratios of " + " and ".join(f"ours-{v}" for v in mine) + " to SDPA flash / cuDNN / Flex"
+    lines.append("| D | S | H/Hk | causal | mode | " + " | ".join(impls + heads) + " |")
+    lines.append("|" + "---|" * (5 + len(impls) + len(heads)))
     keys = sorted({(r["D"], r["S"], r["H"], r["Hk"], r["causal"], r["mode"]) for r in rows})
     for key in keys:
         by = {r["impl"]: r["tflops"] for r in rows if (r["D"], r["S"], r["H"], r["Hk"], r["causal"], r["mode"]) == key}
         cells = ["%.0f" % by[i] if by.get(i) else "–" for i in impls]
-        ours = by.get("ours-v2")
-        ratios = ["%.2f" % (ours / by[b]) if ours and by.get(b) else "–" for b in ("sdpa-flash", "sdpa-cudnn", "flex")]
+        ratios = ["%.2f" % (by[f"ours-{v}"] / by[b]) if by.get(f"ours-{v}") and by.get(b) else "–"
+                  for v in mine for b in ("sdpa-flash", "sdpa-cudnn", "flex")]
         lines.append(f"| {key[0]} | {key[1]} | {key[2]}/{key[3]} | {key[4]} | {key[5]} | " + " | ".join(cells + ratios)
                      + " |")
     return "\n".join(lines) + "\n"

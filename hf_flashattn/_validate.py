@@ -2,6 +2,8 @@
 received and the fix. Skipped under torch.compile tracing (see interface.py)."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ._runtime import is_interpreting
@@ -69,6 +71,24 @@ def _validate_options(dropout_p, softmax_scale, window_size, softcap, alibi_slop
         raise ValueError(f"version must be one of 'auto', 'v1', 'v2', 'v3'; got {version!r}.")
 
 
+# id(tensor) -> (weak reference, its version counter, its values): the cu_seqlens tensors read back already.
+# Transformers passes the same cu_seqlens tensor to every layer of a forward pass; reading its values is a
+# device sync, once per tensor instead of once per layer. An entry counts only for the same live object
+# (the weak reference) not modified in place since (torch's version counter).
+_READ_BACK: dict = {}
+
+
+def _read_back(cu):
+    hit = _READ_BACK.get(id(cu))
+    if hit is not None and hit[0]() is cu and hit[1] == cu._version:
+        return hit[2]
+    vals = cu.tolist()
+    if len(_READ_BACK) >= 64:
+        _READ_BACK.clear()
+    _READ_BACK[id(cu)] = (weakref.ref(cu), cu._version, vals)
+    return vals
+
+
 def _validate_cu_seqlens(cu, name: str, total: int, device):
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be an int32 torch.Tensor, got {type(cu).__name__}.")
@@ -78,7 +98,7 @@ def _validate_cu_seqlens(cu, name: str, total: int, device):
         raise ValueError(f"{name} must be 1-D with batch + 1 entries; got shape {tuple(cu.shape)}.")
     if cu.device != device:
         raise ValueError(f"{name} must be on the same device as q ({device}); got {cu.device}.")
-    vals = cu.tolist()
+    vals = _read_back(cu)
     if vals[0] != 0 or any(b < a for a, b in zip(vals, vals[1:])):
         raise ValueError(f"{name} must start at 0 and never decrease (cumulative sequence lengths); got {vals}.")
     if vals[-1] > total:

@@ -132,6 +132,31 @@ def test_bad_varlen(call, exc, pattern):
         call()
 
 
+def test_cu_seqlens_read_back_once_but_checked_after_a_change():
+    """cu_seqlens values are read back (a device sync) once per tensor, not once per layer; a tensor changed
+    in place since, or a new tensor, is read and checked again."""
+    from hf_flashattn import _validate as V
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    _varlen(cu)
+    reads = []
+    real = torch.Tensor.tolist
+    try:
+        torch.Tensor.tolist = lambda t: reads.append(1) or real(t)
+        _varlen(cu)
+        assert reads == []                      # the same tensor, unchanged: no read
+        cu[1] = 9                               # in place: [0, 9, 8] decreases
+        with pytest.raises(ValueError, match=r"never decrease.*\[0, 9, 8\]"):
+            _varlen(cu)
+        assert reads
+        reads.clear()
+        with pytest.raises(ValueError, match=r"never decrease.*\[0, 9, 8\]"):
+            _varlen(cu.clone())                 # another tensor: read again
+        assert reads
+    finally:
+        torch.Tensor.tolist = real
+        V._READ_BACK.clear()
+
+
 def test_varlen_accepts_0d_tensor_max_seqlen():
     q = torch.randn(8, 2, 16)
     cu = torch.tensor([0, 3, 8], dtype=torch.int32)

@@ -165,7 +165,8 @@ def main():
                 print(json.dumps(r), flush=True)
         with open(os.path.join(args.out, "sweep_bwd.json"), "w") as f:
             json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                           commit=os.environ.get("COMMIT", "unknown"), rows=rows), f, indent=1)
+                           commit=os.environ.get("COMMIT", "unknown"), bwd_tma=os.environ.get("HF_FLASHATTN_BWD_TMA"),
+                           rows=rows), f, indent=1)
         del q, k, v, do, out, lse, qt, kt, vt
         torch.cuda.empty_cache()
     print(f"total {time.time() - t0:.0f}s", flush=True)

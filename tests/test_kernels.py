@@ -304,6 +304,45 @@ def test_v3_varlen_load_paths(host):
             assert_close_rule(f"lse[seq {i}]", lse[:, a:b][None], ref[1], low[1].float(), 2, torch.float32)
 
 
+@pytest.mark.parametrize("shape,kw", [((1, 113, 203, 4, 1, 40), {"causal": True}),
+                                      ((2, 45, 45, 4, 2, 32), {"window_size": (9, 3), "softcap": 5.0}),
+                                      ((1, 29, 13, 2, 2, 16), {"causal": True})],
+                         ids=["113x203-causal-mqa-d40", "gqa-window-softcap", "q-longer"])
+def test_backward_descriptor_loads_equal_pointer_loads(shape, kw):
+    """The backward's inner-loop tiles through host-made descriptors (Hopper's TMA path): bitwise the pointer
+    loads' gradients (a tile running past the sequence brings zeros, or the next packed sequence's rows, which
+    P = 0 multiplies away)."""
+    from hf_flashattn.kernels import v2_bwd
+    q, k, v, do = _inputs(shape, torch.float16, seed=14)
+    grads = {}
+    try:
+        for tma in (False, True):
+            v2_bwd.TMA = tma
+            grads[tma] = _kernel("v2", q, k, v, do, **kw)[2:]
+    finally:
+        v2_bwd.TMA = None
+    for a, b in zip(grads[False], grads[True]):
+        assert torch.equal(a, b)
+
+
+def test_backward_descriptor_loads_varlen():
+    from hf_flashattn.kernels import v2_bwd
+    lens = [5, 0, 1, 40, 23, 33]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    g = torch.Generator().manual_seed(15)
+    q, k, v, do = (torch.randn(sum(lens), h, 24, generator=g).half() for h in (4, 2, 2, 4))
+    grads = {}
+    try:
+        for tma in (False, True):
+            v2_bwd.TMA = tma
+            grads[tma] = _kernel_varlen("v2", q, k, v, do, (cu, cu), causal=True)[2:]
+    finally:
+        v2_bwd.TMA = None
+    for a, b in zip(grads[False], grads[True]):
+        assert torch.equal(a, b)
+    _check("v2", q, k, v, do, torch.float16, cu=(cu, cu), causal=True)
+
+
 def test_v3_refuses_what_tma_cannot_load():
     q = torch.randn(1, 8, 2, 16)
     with pytest.raises(NotImplementedError, match="float16/bfloat16 only"):

@@ -98,9 +98,16 @@ class Launcher:
     the first config the prune function keeps when HF_FLASHATTN_AUTOTUNE=0 (no tuning, quick first
     call); else triton.autotune over `configs` keyed on `key`. `configs` are ordered best guess first."""
 
-    def __init__(self, kernel, configs, prune, key, interp_meta, reset_to_zero=None):
+    def __init__(self, kernel, configs, prune, key, interp_meta, reset_to_zero=None, pre_hook=None):
         import os
         self.kernel, self.configs, self.prune, self.interp_meta = kernel, configs, prune, interp_meta
+        # pre_hook(nargs): called with the arguments by name and the chosen config's kwargs before every launch
+        # (it sizes the blocks of host-made tensor descriptors to the config's tiles); set on the configs for
+        # the autotuner, called here on the other paths
+        self.pre_hook = pre_hook
+        if pre_hook is not None:
+            for c in configs:
+                c.pre_hook = pre_hook
         self.interpret = is_interpreting()
         self.tune = os.environ.get("HF_FLASHATTN_AUTOTUNE", "1") != "0"
         self.tuned = None
@@ -113,17 +120,24 @@ class Launcher:
             self.tuned = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune},
                                          reset_to_zero=reset_to_zero)(kernel)
 
+    def _hook(self, args, meta, kw):
+        if self.pre_hook is not None:
+            self.pre_hook(dict(zip(self.kernel.arg_names, args), **meta, **kw))
+
     def __call__(self, grid_fn, args, meta):
         if self.force is not None:
             cfg = self.force
             kw = dict(self.interp_meta, **cfg.kwargs) if self.interpret else dict(cfg.kwargs)
             opts = {} if self.interpret else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            self._hook(args, meta, kw)
             self.last = self.kernel[grid_fn(kw)](*args, **meta, **kw, **opts)
             return self.last
         if self.interpret:
+            self._hook(args, meta, self.interp_meta)
             self.kernel[grid_fn(self.interp_meta)](*args, **meta, **self.interp_meta)
         elif self.tuned is None:
             cfg = self.prune(self.configs, {}, **meta)[0]
+            self._hook(args, meta, cfg.kwargs)
             self.kernel[grid_fn(cfg.kwargs)](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,
                                              num_stages=cfg.num_stages)
         else:
@@ -163,6 +177,35 @@ def load_rows_pair(A_ptrs, B_ptrs, rows, S, offs_d, HEAD_DIM: tl.constexpr, BLOC
         a = tl.load(A_ptrs)
         b = tl.load(B_ptrs)
     return a, b
+
+
+@triton.jit
+def desc_rows(desc, b, row0, start, h, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Rows [start, start + BLOCK) of head h of sequence b through a host-made tensor descriptor over the whole
+    (B, S, H, D) tensor, or over the packed (total, H, D) one (rows from row0, the sequence's start) when
+    IS_VARLEN; block (1, BLOCK, 1, BLOCK_D) or (BLOCK, 1, BLOCK_D). Rows past the tensor and head-dim padding
+    read as zeros; in a packed batch, rows past the sequence are the next sequence's, which callers mask."""
+    if IS_VARLEN:
+        return desc.load([(row0 + start).to(tl.int32), h, 0]).reshape(BLOCK, BLOCK_D)
+    else:
+        return desc.load([b, start, h, 0]).reshape(BLOCK, BLOCK_D)
+
+
+def host_descriptor(t: torch.Tensor, rows: int, block_d: int, varlen: bool):
+    """A TensorDescriptor over (B, S, H, D) (or packed (total, H, D)) whose block is `rows` rows of one head."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return TensorDescriptor.from_tensor(t, ([] if varlen else [1]) + [rows, 1, block_d])
+
+
+def descriptors_ok(*tensors) -> bool:
+    """TMA's rule for a descriptor over the whole tensor: base pointer and every stride but the last
+    16-byte aligned, the last dim contiguous, and no empty dim (a descriptor cannot span nothing)."""
+    for t in tensors:
+        if t.data_ptr() % 16 or t.stride(-1) != 1 or t.numel() == 0:
+            return False
+        if any((st * t.element_size()) % 16 for st in t.stride()[:-1]):
+            return False
+    return True
 
 
 @triton.jit

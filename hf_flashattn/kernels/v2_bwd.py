@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import is_interpreting
+from .._runtime import env_get, is_hopper, is_interpreting
 from . import _common as C
-from ._common import load_rows_pair, log2_scores, seq_bounds, tile_range, visible
+from ._common import desc_rows, load_rows_pair, log2_scores, seq_bounds, tile_range, visible
 from .v2 import prune_by_head_dim
 
 
@@ -50,19 +50,25 @@ def _preprocess_kernel(O, DO, DELTA, CU_Q,
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom, stride_dqm,
                 start, end, offs_n, offs_m, offs_d, Sq, diag_t, left_t, right_t, qk_scale, cap_scale, ds_scale,
+                Q_DESC, DO_DESC, bq, q_start, h32,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                 SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                DO_DK: tl.constexpr, DO_DV: tl.constexpr, KV_B: tl.constexpr):
+                DO_DK: tl.constexpr, DO_DV: tl.constexpr, KV_B: tl.constexpr, TMA: tl.constexpr,
+                IS_VARLEN: tl.constexpr):
     # Rows of this tile are keys (offs_n), columns are queries: everything is transposed.
     # DO_DK / DO_DV: which accumulators this program owns (both, or one of them in the split variant)
     # KV_B: the other orientation (queries x keys), in which K and V are the second operand of every product
     # they enter (shared memory for wgmma) and Pᵀ, dSᵀ are transposed in registers instead
     for start_m in range(start, end, BLOCK_M):
         rows_q = start_m + offs_m
-        q_ptrs = Q_base + rows_q[:, None] * stride_qm + offs_d[None, :]
-        do_ptrs = DO_base + rows_q[:, None] * stride_dom + offs_d[None, :]
         # -- load q, dO, lse, Delta --
-        q, do = load_rows_pair(q_ptrs, do_ptrs, rows_q, Sq, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        if TMA:   # the caller's descriptors (rows past Sq have lse = +inf, so P = 0 there: no load mask)
+            q = desc_rows(Q_DESC, bq, q_start, start_m, h32, BLOCK_M, BLOCK_D, IS_VARLEN)
+            do = desc_rows(DO_DESC, bq, q_start, start_m, h32, BLOCK_M, BLOCK_D, IS_VARLEN)
+        else:
+            q_ptrs = Q_base + rows_q[:, None] * stride_qm + offs_d[None, :]
+            do_ptrs = DO_base + rows_q[:, None] * stride_dom + offs_d[None, :]
+            q, do = load_rows_pair(q_ptrs, do_ptrs, rows_q, Sq, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         if MASKED:
             lse = tl.load(L_base + rows_q, mask=rows_q < Sq, other=float("inf"))
         else:
@@ -154,16 +160,19 @@ def _dkdv_step_kv_b(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_
 def _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
                 stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
                 lo, full_lo, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left, window_right,
-                qk_scale, cap_scale, ds_scale, group,
+                qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                DO_DK: tl.constexpr, DO_DV: tl.constexpr, KV_B: tl.constexpr):
+                DO_DK: tl.constexpr, DO_DV: tl.constexpr, KV_B: tl.constexpr, TMA: tl.constexpr,
+                IS_VARLEN: tl.constexpr):
     """dK and/or dV of one key block of one kv head, summed over the GROUP query heads that read it:
     the masked blocks before the band's full part, the full part unmasked, the masked blocks after."""
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(group):
         h = kvh * group + g
+        h32 = h.to(tl.int32)
+        bq = b.to(tl.int32)
         Q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qm
         DO_base = DO + b * stride_dob + h * stride_doh + q_start * stride_dom
         L_base = LSE + b * stride_lb + h * stride_lh + q_start
@@ -176,23 +185,26 @@ def _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, str
         # transposed (diag -> -diag, left <-> right)
         dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom,
                              stride_dqm, lo, full_lo, offs_n, offs_m, offs_d, Sq, diag_t, window_right,
-                             window_left, qk_scale, cap_scale, ds_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, SOFTCAP,
-                             DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, KV_B)
+                             window_left, qk_scale, cap_scale, ds_scale, Q_DESC, DO_DESC, bq, q_start, h32, HEAD_DIM,
+                             BLOCK_D, BLOCK_M, True, SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, KV_B, TMA,
+                             IS_VARLEN)
         dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom,
                              stride_dqm, full_lo, full_hi, offs_n, offs_m, offs_d, Sq, diag_t, window_right,
-                             window_left, qk_scale, cap_scale, ds_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, SOFTCAP,
-                             DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, KV_B)
+                             window_left, qk_scale, cap_scale, ds_scale, Q_DESC, DO_DESC, bq, q_start, h32, HEAD_DIM,
+                             BLOCK_D, BLOCK_M, False, SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, KV_B, TMA,
+                             IS_VARLEN)
         dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom,
                              stride_dqm, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_right,
-                             window_left, qk_scale, cap_scale, ds_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, SOFTCAP,
-                             DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, KV_B)
+                             window_left, qk_scale, cap_scale, ds_scale, Q_DESC, DO_DESC, bq, q_start, h32, HEAD_DIM,
+                             BLOCK_D, BLOCK_M, True, SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, KV_B, TMA,
+                             IS_VARLEN)
     # dS was taken w.r.t. the log2-unit score; ds_scale brings it back to q·k units
     return dk * ds_scale, dv
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "SEQ_BUCKET",
                              "MASK_KIND", "group"])
-def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, CU_Q, CU_K,
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_DESC, DO_DESC, CU_Q, CU_K,
                  stride_qb, stride_qm, stride_qh,
                  stride_kb, stride_kn, stride_kh,
                  stride_vb, stride_vn, stride_vh,
@@ -205,7 +217,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, CU_Q, CU_K,
                  group, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                  SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                 SPLIT: tl.constexpr = False, KV_B: tl.constexpr = False):
+                 SPLIT: tl.constexpr = False, KV_B: tl.constexpr = False, TMA: tl.constexpr = False):
     # Grid: (cdiv(max_seqlen_k, BLOCK_N) (x2 if SPLIT), nheads_k, batch). One program computes BLOCK_N rows
     # of dK and dV for one kv head, summing over the GROUP query heads that read it. SPLIT: two programs
     # per key block, one for dV (2 matmuls) and one for dK (3 matmuls; QKᵀ is recomputed): one float32
@@ -238,36 +250,43 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, CU_Q, CU_K,
             _, dv = _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
                                 stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb,
                                 stride_lh, lo, full_lo, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left,
-                                window_right, qk_scale, cap_scale, ds_scale, group, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, False, True, KV_B)
+                                window_right, qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC,
+                                HEAD_DIM, BLOCK_D, BLOCK_M,
+                                BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, False, True, KV_B, TMA, IS_VARLEN)
             tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
         else:
             dk, _ = _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
                                 stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb,
                                 stride_lh, lo, full_lo, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left,
-                                window_right, qk_scale, cap_scale, ds_scale, group, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, True, False, KV_B)
+                                window_right, qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC,
+                                HEAD_DIM, BLOCK_D, BLOCK_M,
+                                BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, True, False, KV_B, TMA, IS_VARLEN)
             tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
     else:
         dk, dv = _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
                              stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb,
                              stride_lh, lo, full_lo, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left,
-                             window_right, qk_scale, cap_scale, ds_scale, group, HEAD_DIM, BLOCK_D, BLOCK_M,
-                             BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, True, True, KV_B)
+                             window_right, qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC,
+                             HEAD_DIM, BLOCK_D, BLOCK_M,
+                             BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, True, True, KV_B, TMA, IS_VARLEN)
         tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, start, end, offs_m, offs_n, offs_d,
-              Sk, diag, left, right, qk_scale, cap_scale,
+              Sk, diag, left, right, qk_scale, cap_scale, K_DESC, V_DESC, bq, k_start, kvh32,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+              SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr, IS_VARLEN: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        k_ptrs = K_base + cols[:, None] * stride_kn + offs_d[None, :]
-        v_ptrs = V_base + cols[:, None] * stride_vn + offs_d[None, :]
-        k, v = load_rows_pair(k_ptrs, v_ptrs, cols, Sk, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        if TMA:   # the caller's descriptors (keys past Sk are masked out of P on the masked blocks)
+            k = desc_rows(K_DESC, bq, k_start, start_n, kvh32, BLOCK_N, BLOCK_D, IS_VARLEN)
+            v = desc_rows(V_DESC, bq, k_start, start_n, kvh32, BLOCK_N, BLOCK_D, IS_VARLEN)
+        else:
+            k_ptrs = K_base + cols[:, None] * stride_kn + offs_d[None, :]
+            v_ptrs = V_base + cols[:, None] * stride_vn + offs_d[None, :]
+            k, v = load_rows_pair(k_ptrs, v_ptrs, cols, Sk, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         # -- recompute P --
         s, t = log2_scores(q, k, qk_scale, cap_scale, SOFTCAP, DOT_PREC)
         p = tl.exp2(s - lse[:, None])
@@ -284,7 +303,7 @@ def _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, start
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "SEQ_BUCKET",
                              "MASK_KIND", "group"])
-def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, K_DESC, V_DESC, CU_Q, CU_K,
                stride_qb, stride_qm, stride_qh,
                stride_kb, stride_kn, stride_kh,
                stride_vb, stride_vn, stride_vh,
@@ -294,7 +313,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, ds_scale, SEQ_BUCKET, MASK_KIND,
                group, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
-               SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr):
+               SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr, TMA: tl.constexpr = False):
     # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program computes BLOCK_M rows of dQ.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
@@ -304,6 +323,8 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     if m0 >= Sq:
         return
     kvh = (h // group).to(tl.int64)
+    kvh32 = h // group
+    bq = tl.program_id(2)
     h64 = h.to(tl.int64)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -323,14 +344,14 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     diag = Sk - Sq
     lo, full_lo, full_hi, hi = tile_range(m0, BLOCK_M, diag, window_left, window_right, Sk, BLOCK_N)
     dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, lo, full_lo, offs_m, offs_n,
-                   offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale,
-                   HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC)
+                   offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale, K_DESC, V_DESC, bq, k_start,
+                   kvh32, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC, TMA, IS_VARLEN)
     dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, full_lo, full_hi, offs_m, offs_n,
-                   offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale,
-                   HEAD_DIM, BLOCK_D, BLOCK_N, False, SOFTCAP, DOT_PREC)
+                   offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale, K_DESC, V_DESC, bq, k_start,
+                   kvh32, HEAD_DIM, BLOCK_D, BLOCK_N, False, SOFTCAP, DOT_PREC, TMA, IS_VARLEN)
     dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, full_hi, hi, offs_m, offs_n,
-                   offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale,
-                   HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC)
+                   offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale, K_DESC, V_DESC, bq, k_start,
+                   kvh32, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC, TMA, IS_VARLEN)
     dq = dq * ds_scale
     tl.store(DQ + b * stride_dqb + h64 * stride_dqh + (q_start + offs_m[:, None]) * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=qmask)
@@ -370,13 +391,29 @@ def dkdv_grid(max_seqlen_k, Hk, batch):
     return lambda m: (triton.cdiv(max_seqlen_k, m["BLOCK_N"]) * (2 if m.get("SPLIT", False) else 1), Hk, batch)
 
 
-_KEY = ["BLOCK_D", "IS_VARLEN", "SOFTCAP", "DOT_PREC", "SEQ_BUCKET", "MASK_KIND"]
+def _size_descriptors(nargs):
+    """Blocks of the host-made descriptors (TMA launches) sized to the launch's tiles: Q and dO tiles of BLOCK_M
+    rows in the dK/dV pass, K and V tiles of BLOCK_N rows in the dQ pass."""
+    for name, rows in (("Q_DESC", "BLOCK_M"), ("DO_DESC", "BLOCK_M"), ("K_DESC", "BLOCK_N"), ("V_DESC", "BLOCK_N")):
+        d = nargs.get(name)
+        if d is not None and hasattr(d, "block_shape"):
+            d.block_shape = ([1] if len(d.shape) == 4 else []) + [nargs[rows], 1, nargs["BLOCK_D"]]
+
+
+_KEY = ["BLOCK_D", "IS_VARLEN", "SOFTCAP", "DOT_PREC", "SEQ_BUCKET", "MASK_KIND", "TMA"]
 _INTERP = {"BLOCK_M": 16, "BLOCK_N": 32, "D_CLASS": 0}
-_dkdv_launch = C.Launcher(_dkdv_kernel, _configs(_DKDV_CONFIGS), prune_by_head_dim, _KEY, _INTERP)
+_dkdv_launch = C.Launcher(_dkdv_kernel, _configs(_DKDV_CONFIGS), prune_by_head_dim, _KEY, _INTERP,
+                          pre_hook=_size_descriptors)
 _dkdv_atomic_launch = C.Launcher(_dkdv_kernel, _configs(_DKDV_CONFIGS, allow_split=False), prune_by_head_dim,
-                                 _KEY, _INTERP,
-                                 reset_to_zero=["DQ_ACC"])
-_dq_launch = C.Launcher(_dq_kernel, _configs(_DQ_CONFIGS), prune_by_head_dim, _KEY, _INTERP)
+                                 _KEY, _INTERP, reset_to_zero=["DQ_ACC"], pre_hook=_size_descriptors)
+_dq_launch = C.Launcher(_dq_kernel, _configs(_DQ_CONFIGS), prune_by_head_dim, _KEY, _INTERP,
+                        pre_hook=_size_descriptors)
+
+# Tile loads of the backward's inner loops (Q and dO in the dK/dV pass, K and V in the dQ pass) through tensor
+# descriptors made on the host over the whole tensors (TMA on Hopper): None = on Hopper where the tensors allow
+# it (`C.descriptors_ok`), False = pointer loads, True = wherever allowed (the CPU tests). The environment
+# variable HF_FLASHATTN_BWD_TMA=0/1 sets it for a process (benchmarks compare the two).
+TMA = {"0": False, "1": True}.get(env_get("HF_FLASHATTN_BWD_TMA", ""))
 
 
 def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
@@ -412,17 +449,24 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, IS_VARLEN=varlen, SOFTCAP=softcap > 0,
                 DOT_PREC=C.dot_precision(q.dtype))
     lay = [C.seq_layout(t, varlen) for t in (q, k, v, do)]
+    tma = TMA if TMA is not None else (q.is_cuda and is_hopper(q.device))
+    tma = bool(tma) and q.dtype in (torch.float16, torch.bfloat16) and C.descriptors_ok(q, k, v, do)
+    # placeholders when not TMA (pointer arguments the kernels do not read); the blocks are sized per launch
+    descs = [C.host_descriptor(t, 16, BLOCK_D, varlen) if tma else t for t in (q, do, k, v)]
+    meta["TMA"] = tma
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else None
     dq_strides = C.seq_layout(dq_acc, varlen) if atomic_dq else (0, 0, 0)
     launch = _dkdv_atomic_launch if atomic_dq else _dkdv_launch
     launch(dkdv_grid(max_seqlen_k, Hk, batch),
-           (q, k, v, do, lse, delta, dk, dv, dq_acc, cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1], *lay[2], *lay[3],
+           (q, k, v, do, lse, delta, dk, dv, dq_acc, descs[0], descs[1], cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1],
+            *lay[2], *lay[3],
             *C.seq_layout(dk, varlen), *C.seq_layout(dv, varlen), *dq_strides, *stride_l, *common),
            dict(meta, ATOMIC_DQ=atomic_dq))
     if atomic_dq:
         return dq_acc.to(q.dtype), dk, dv
     dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     _dq_launch(lambda m: (triton.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch),
-               (q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1], *lay[2], *lay[3],
+               (q, k, v, do, lse, delta, dq, descs[2], descs[3], cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1],
+                *lay[2], *lay[3],
              *C.seq_layout(dq, varlen), *stride_l, *common), meta)
     return dq, dk, dv

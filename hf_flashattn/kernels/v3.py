@@ -24,21 +24,18 @@ import triton.language as tl
 
 from .._runtime import is_interpreting
 from . import _common as C
-from ._common import normalise_rows, scores_from_qk, seq_bounds, softmax_step, tile_range, visible
+from ._common import desc_rows, normalise_rows, scores_from_qk, seq_bounds, softmax_step, tile_range, visible
 
 
 @triton.jit
 def _load_k(k_desc, start_n, b, k_start, kvh, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HOST: tl.constexpr,
             IS_VARLEN: tl.constexpr):
     """Key block [start_n, start_n + BLOCK_N) of this sequence and KV head, through a tensor descriptor: the
-    caller's over (B, Sk, Hk, D) or, packed, over (total_k, Hk, D) (rows from k_start) when HOST; else one
-    made in-kernel over this (sequence, head). Rows past the tensor read as zeros; in a packed batch, rows of
-    the next sequence come in and are masked as columns past Sk (only the masked loops reach them)."""
+    caller's over the whole tensor when HOST (`desc_rows`: keys of the next packed sequence come in and are
+    masked as columns past Sk, which only the masked loops reach), else one made in-kernel over this
+    (sequence, head)."""
     if HOST:
-        if IS_VARLEN:
-            return k_desc.load([(k_start + start_n).to(tl.int32), kvh, 0]).reshape(BLOCK_N, BLOCK_D)
-        else:
-            return k_desc.load([b, start_n, kvh, 0]).reshape(BLOCK_N, BLOCK_D)
+        return desc_rows(k_desc, b, k_start, start_n, kvh, BLOCK_N, BLOCK_D, IS_VARLEN)
     else:
         return k_desc.load([start_n, 0])
 
@@ -109,10 +106,7 @@ def _fwd_kernel_tma(Q, K, V, O, O_PTR, LSE, CU_Q, CU_K,
     if HOST:
         k_desc = K
         v_desc = V
-        if IS_VARLEN:
-            q = Q.load([(q_start + m0).to(tl.int32), h, 0]).reshape(BLOCK_M, BLOCK_D)
-        else:
-            q = Q.load([tl.program_id(2), m0, h, 0]).reshape(BLOCK_M, BLOCK_D)
+        q = desc_rows(Q, tl.program_id(2), q_start, m0, h, BLOCK_M, BLOCK_D, IS_VARLEN)
     else:
         q = tl.make_tensor_descriptor(Q + b * stride_qb + h64 * stride_qh + q_start * stride_qm,
                                       shape=[Sq, HEAD_DIM], strides=[stride_qm, 1],
@@ -225,15 +219,9 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     host = host and k.shape[-3] > 0   # no descriptor over an empty key dim
     fold = softcap == 0 and softmax_scale > 0 and (_fold is None or _fold)
     q_arg, k_arg, v_arg, o_arg = q, k, v, out
-    if host:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-        # (B, S, H, D) or packed (total, H, D): a tile is BLOCK rows of one head
-        lead = [] if varlen else [1]
-        q_arg = TensorDescriptor.from_tensor(q, lead + [bm, 1, BLOCK_D])
-        k_arg = TensorDescriptor.from_tensor(k, lead + [bn, 1, BLOCK_D])
-        v_arg = TensorDescriptor.from_tensor(v, lead + [bn, 1, BLOCK_D])
-        if not varlen:
-            o_arg = TensorDescriptor.from_tensor(out, [1, bm, 1, BLOCK_D])
+    if host:   # (B, S, H, D) or packed (total, H, D): a tile is BLOCK rows of one head
+        q_arg, o_arg = C.host_descriptor(q, bm, BLOCK_D, varlen), C.host_descriptor(out, bm, BLOCK_D, varlen)
+        k_arg, v_arg = C.host_descriptor(k, bn, BLOCK_D, varlen), C.host_descriptor(v, bn, BLOCK_D, varlen)
     else:
         _set_allocator()
     grid = (triton.cdiv(max_seqlen_q, bm), H, batch)

@@ -410,10 +410,13 @@ _dq_launch = C.Launcher(_dq_kernel, _configs(_DQ_CONFIGS), prune_by_head_dim, _K
                         pre_hook=_size_descriptors)
 
 # Tile loads of the backward's inner loops (Q and dO in the dK/dV pass, K and V in the dQ pass) through tensor
-# descriptors made on the host over the whole tensors (TMA on Hopper): None = on Hopper where the tensors allow
-# it (`C.descriptors_ok`), False = pointer loads, True = wherever allowed (the CPU tests). The environment
-# variable HF_FLASHATTN_BWD_TMA=0/1 sets it for a process (benchmarks compare the two).
+# descriptors made on the host over the whole tensors (TMA on Hopper): None = on Hopper for sequences shorter
+# than TMA_BELOW where the tensors allow it (`C.descriptors_ok`), False = pointer loads, True = wherever allowed
+# (the CPU tests). HF_FLASHATTN_BWD_TMA=0/1 sets it for a process (benchmarks compare the two). Measured on the
+# H200 (results/2026-11-26-h200-sweep-bwd-tma.md, every tile of both passes, same process): +3-8% a pass at 1k
+# tokens, within ±3% at 4k, -1 to -5% at 16k, so only short sequences take it.
 TMA = {"0": False, "1": True}.get(env_get("HF_FLASHATTN_BWD_TMA", ""))
+TMA_BELOW = 4096
 
 
 def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
@@ -449,7 +452,8 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, IS_VARLEN=varlen, SOFTCAP=softcap > 0,
                 DOT_PREC=C.dot_precision(q.dtype))
     lay = [C.seq_layout(t, varlen) for t in (q, k, v, do)]
-    tma = TMA if TMA is not None else (q.is_cuda and is_hopper(q.device))
+    tma = TMA if TMA is not None else (q.is_cuda and max(max_seqlen_q, max_seqlen_k) < TMA_BELOW
+                                       and is_hopper(q.device))
     tma = bool(tma) and q.dtype in (torch.float16, torch.bfloat16) and C.descriptors_ok(q, k, v, do)
     # placeholders when not TMA (pointer arguments the kernels do not read); the blocks are sized per launch
     descs = [C.host_descriptor(t, 16, BLOCK_D, varlen) if tma else t for t in (q, do, k, v)]

@@ -83,14 +83,22 @@ def _resolve_version(version: str, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     return version
 
 
+V3_FROM_KEYS = 2048
+
+
 def _v3_by_default(q, k, v) -> bool:
-    """What version="auto" runs on a Hopper GPU: v3 (faster than v2's forward at every measured point,
-    benchmarks/results/2026-11-26-h200-sweep-v3*.md) for the inputs its descriptors can load (`v3.supports`),
-    except decode-like shapes (a few queries over many keys), which take v2's split-KV kernel. Elsewhere v2."""
+    """What version="auto" runs on a Hopper GPU: v3 for the inputs its descriptors can load (`v3.supports`) from
+    V3_FROM_KEYS keys (packed: keys in all), v2 below that, for decode-like shapes (a few queries over many keys:
+    v2's split-KV kernel) and off Hopper. Measured on the H200 (results/2026-11-26-h200-bench*.md, two runs): from
+    2k keys v3's forward is 1.05-1.23x v2's at every point (fwd+bwd 0.98-1.10x: the backward is v2's); at 512-1k,
+    where a call is short enough for the host's launch work to show (v3 makes four tensor descriptors a call), it
+    ranges 0.62-1.65x between points and runs."""
     if not is_hopper(q.device):
         return False
     from .kernels import v2, v3
-    if q.dim() == 4 and v2.splits_keys(q.shape[1], k.shape[1]):
+    if q.dim() == 4 and (k.shape[1] < V3_FROM_KEYS or v2.splits_keys(q.shape[1], k.shape[1])):
+        return False
+    if q.dim() == 3 and k.shape[0] < V3_FROM_KEYS:
         return False
     return v3.supports(q, k, v) is None
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import env_get, is_hopper, is_interpreting
+from .._runtime import env_get, is_interpreting
 from . import _common as C
 from ._common import desc_rows, load_rows_pair, log2_scores, seq_bounds, tile_range, visible
 from .v2 import prune_by_head_dim
@@ -410,11 +410,11 @@ _dq_launch = C.Launcher(_dq_kernel, _configs(_DQ_CONFIGS), prune_by_head_dim, _K
                         pre_hook=_size_descriptors)
 
 # Tile loads of the backward's inner loops (Q and dO in the dK/dV pass, K and V in the dQ pass) through tensor
-# descriptors made on the host over the whole tensors (TMA on Hopper): None = on Hopper for sequences shorter
-# than TMA_BELOW where the tensors allow it (`C.descriptors_ok`), False = pointer loads, True = wherever allowed
-# (the CPU tests). HF_FLASHATTN_BWD_TMA=0/1 sets it for a process (benchmarks compare the two). Measured on the
-# H200 (results/2026-11-26-h200-sweep-bwd-tma.md, every tile of both passes, same process): +3-8% a pass at 1k
-# tokens, within ±3% at 4k, -1 to -5% at 16k, so only short sequences take it.
+# descriptors made on the host over the whole tensors (TMA on Hopper): off by default (None), on where the tensors
+# allow it (`C.descriptors_ok`) with True or HF_FLASHATTN_BWD_TMA=1. Measured on the H200: the passes alone are
+# +3-8% at 1k tokens, within ±3% at 4k, -1 to -5% at 16k (results/2026-11-26-h200-sweep-bwd-tma.md), but fwd+bwd
+# with it at 512-1k tokens, where the host's launch work shows, lost 25-45% (four descriptors made and converted a
+# call; results/2026-11-26-h200-bench-2.md), so no default takes it. TMA_BELOW bounds it when on.
 TMA = {"0": False, "1": True}.get(env_get("HF_FLASHATTN_BWD_TMA", ""))
 TMA_BELOW = 4096
 
@@ -452,9 +452,8 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, IS_VARLEN=varlen, SOFTCAP=softcap > 0,
                 DOT_PREC=C.dot_precision(q.dtype))
     lay = [C.seq_layout(t, varlen) for t in (q, k, v, do)]
-    tma = TMA if TMA is not None else (q.is_cuda and max(max_seqlen_q, max_seqlen_k) < TMA_BELOW
-                                       and is_hopper(q.device))
-    tma = bool(tma) and q.dtype in (torch.float16, torch.bfloat16) and C.descriptors_ok(q, k, v, do)
+    tma = bool(TMA) and max(max_seqlen_q, max_seqlen_k) < TMA_BELOW and q.dtype in (torch.float16, torch.bfloat16) \
+        and C.descriptors_ok(q, k, v, do)
     # placeholders when not TMA (pointer arguments the kernels do not read); the blocks are sized per launch
     descs = [C.host_descriptor(t, 16, BLOCK_D, varlen) if tma else t for t in (q, do, k, v)]
     meta["TMA"] = tma

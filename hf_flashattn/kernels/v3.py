@@ -1,18 +1,23 @@
-"""FlashAttention-3-style forward for Hopper (arXiv 2407.08608), first version: v2's algorithm with
-tensor-descriptor (TMA) tile loads and stores and a warp-specialised, software-pipelined main loop.
+"""FlashAttention-3-style forward for Hopper (arXiv 2407.08608): v2's algorithm with tensor-descriptor (TMA)
+tile loads and stores.
 
 Per program (one query block of one head of one sequence), as in v2: Q blocks outer, K/V blocks inner,
-O / m / l in registers, normalised once. What changes is how tiles move: every Q, K, V, O tile goes
-through a tensor descriptor made in-kernel (`tl.make_tensor_descriptor`, on sm90 a TMA bulk copy into
-shared memory), and the unmasked band of key blocks runs in `tl.range(..., warp_specialize=WS)`, which
-on Hopper splits producer warps (TMA loads) from consumer warpgroups (wgmma + softmax) so the softmax of
-one tile overlaps the matmul of the next. Out-of-range rows of a descriptor read as zeros and are not
-written, so packed sequences (varlen) need no masks on loads: a descriptor spans exactly one sequence.
+O / m / l in registers, normalised once. What changes is how tiles move: every Q, K, V tile comes through a
+tensor descriptor (on sm90 one TMA bulk copy into shared memory instead of address math and a copy per
+thread), by default made on the host over the whole (B, S, H, D) tensor, or the packed (total, H, D) one
+(`plan()`, `_PLANS`); descriptors made in-kernel over one (sequence, head) remain as an option. The scale
+folds into the exponent (one multiply-add a score). The unmasked band of key blocks can run warp-specialised
+(`tl.range(..., warp_specialize=True)`: producer warps issue the copies), which the sweeps found no faster.
 
-Not yet (issue 4): FA3's intra-warpgroup ping-pong scheduling, a persistent grid, and a Hopper-specific
-backward (v3 runs v2's backward kernels). Requirements checked by `supports()`: fp16/bf16, head dim a
-multiple of 8 up to 256, 16-byte aligned base pointers and row strides (TMA's rule); otherwise callers
-use v2.
+Measured (sixth session, results/2026-11-26-h{100,200}-*v3*): the plans that win use small 4-warp tiles at
+d64/d256 and at d128 below 4k keys (several programs an SM, so one program's softmax overlaps another's
+matmuls, the overlap FA3 gets from ping-pong scheduling), 128 x 128 with 8 warps at d128 from 4k. The forward
+is 0.82-0.93x cuDNN at d128 from 4k on the H100. A loop skewed by one key block (q·kᵀ of the next block issued
+before this block's softmax) was tried and removed: Triton waits for each wgmma right after issuing it, so
+nothing overlapped and it spilled (0.15-0.78x). Not here (issue 4): explicit ping-pong of two consumer
+warpgroups and intra-warpgroup overlap (they need Gluon's explicit wgmma waits), a persistent grid, a
+Hopper-specific backward (v3 runs v2's). Requirements checked by `supports()`: fp16/bf16, head dim a
+multiple of 8 up to 256, 16-byte aligned base pointers and row strides (TMA's rule); otherwise callers use v2.
 """
 from __future__ import annotations
 

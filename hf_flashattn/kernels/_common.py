@@ -209,6 +209,24 @@ def descriptors_ok(*tensors) -> bool:
 
 
 @triton.jit
+def load_tile_pair(A_DESC, B_DESC, A_base, B_base, stride_a, stride_b, start, offs, S, offs_d, b, row0, h,
+                   HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+                   TMA: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Two (BLOCK, BLOCK_D) tiles sharing the rows [start, start + BLOCK) (q and dO, or k and v): through the
+    caller's descriptors when TMA (`desc_rows`: rows past S are the tensor's zeros or the next packed sequence's
+    rows, which the callers' P = 0 multiplies away), else pointer loads from the bases (`load_rows_pair`)."""
+    if TMA:
+        a = desc_rows(A_DESC, b, row0, start, h, BLOCK, BLOCK_D, IS_VARLEN)
+        c = desc_rows(B_DESC, b, row0, start, h, BLOCK, BLOCK_D, IS_VARLEN)
+    else:
+        rows = start + offs
+        a, c = load_rows_pair(A_base + rows[:, None] * stride_a + offs_d[None, :],
+                              B_base + rows[:, None] * stride_b + offs_d[None, :], rows, S, offs_d, HEAD_DIM, BLOCK_D,
+                              MASKED)
+    return a, c
+
+
+@triton.jit
 def softmax_step(s, m_i, l_i):
     """One online-softmax step over a tile of log2 scores s: (p, alpha, m_new, l_new), where
     p = 2^(s - m_new) and the accumulator is rescaled by alpha. A row that has seen nothing yet keeps

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .._runtime import env_get, is_interpreting
 from . import _common as C
-from ._common import desc_rows, load_rows_pair, log2_scores, seq_bounds, tile_range, visible
+from ._common import load_tile_pair, log2_scores, seq_bounds, tile_range, visible
 from .v2 import prune_by_head_dim
 
 
@@ -61,14 +61,9 @@ def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_q
     # they enter (shared memory for wgmma) and Pᵀ, dSᵀ are transposed in registers instead
     for start_m in range(start, end, BLOCK_M):
         rows_q = start_m + offs_m
-        # -- load q, dO, lse, Delta --
-        if TMA:   # the caller's descriptors (rows past Sq have lse = +inf, so P = 0 there: no load mask)
-            q = desc_rows(Q_DESC, bq, q_start, start_m, h32, BLOCK_M, BLOCK_D, IS_VARLEN)
-            do = desc_rows(DO_DESC, bq, q_start, start_m, h32, BLOCK_M, BLOCK_D, IS_VARLEN)
-        else:
-            q_ptrs = Q_base + rows_q[:, None] * stride_qm + offs_d[None, :]
-            do_ptrs = DO_base + rows_q[:, None] * stride_dom + offs_d[None, :]
-            q, do = load_rows_pair(q_ptrs, do_ptrs, rows_q, Sq, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        # -- load q, dO, lse, Delta (rows past Sq have lse = +inf, so P = 0 there) --
+        q, do = load_tile_pair(Q_DESC, DO_DESC, Q_base, DO_base, stride_qm, stride_dom, start_m, offs_m, Sq, offs_d,
+                               bq, q_start, h32, HEAD_DIM, BLOCK_M, BLOCK_D, MASKED, TMA, IS_VARLEN)
         if MASKED:
             lse = tl.load(L_base + rows_q, mask=rows_q < Sq, other=float("inf"))
         else:
@@ -280,13 +275,9 @@ def _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, start
               SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr, IS_VARLEN: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        if TMA:   # the caller's descriptors (keys past Sk are masked out of P on the masked blocks)
-            k = desc_rows(K_DESC, bq, k_start, start_n, kvh32, BLOCK_N, BLOCK_D, IS_VARLEN)
-            v = desc_rows(V_DESC, bq, k_start, start_n, kvh32, BLOCK_N, BLOCK_D, IS_VARLEN)
-        else:
-            k_ptrs = K_base + cols[:, None] * stride_kn + offs_d[None, :]
-            v_ptrs = V_base + cols[:, None] * stride_vn + offs_d[None, :]
-            k, v = load_rows_pair(k_ptrs, v_ptrs, cols, Sk, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        # keys past Sk are masked out of P on the masked blocks
+        k, v = load_tile_pair(K_DESC, V_DESC, K_base, V_base, stride_kn, stride_vn, start_n, offs_n, Sk, offs_d, bq,
+                              k_start, kvh32, HEAD_DIM, BLOCK_N, BLOCK_D, MASKED, TMA, IS_VARLEN)
         # -- recompute P --
         s, t = log2_scores(q, k, qk_scale, cap_scale, SOFTCAP, DOT_PREC)
         p = tl.exp2(s - lse[:, None])

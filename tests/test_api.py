@@ -68,6 +68,29 @@ def test_version_selection_and_unimplemented_versions():
     assert fa.get_default_version() == "auto"
 
 
+def test_auto_runs_v3_on_hopper_from_2048_keys(monkeypatch):
+    """version="auto" on a Hopper GPU (pretended here): v3 for inputs its descriptors can load from 2048 keys
+    (packed: in all), v2 for shorter inputs, decode-like shapes (v2's split-KV kernel), float32, misaligned
+    inputs, and off Hopper."""
+    from hf_flashattn import interface as I
+    mk = lambda *s, dtype=torch.float16: torch.zeros(*s, dtype=dtype)  # noqa: E731
+    monkeypatch.setattr(I, "is_hopper", lambda device: True)
+    q, k = mk(1, 2048, 4, 16), mk(1, 2048, 2, 16)
+    assert I._resolve_version("auto", q, k, k) == "v3"
+    assert I._resolve_version("auto", mk(1, 2047, 4, 16), mk(1, 2047, 2, 16), mk(1, 2047, 2, 16)) == "v2"
+    assert I._resolve_version("auto", mk(1, 1, 4, 16), k, k) == "v2"             # a decode step
+    q32, k32 = mk(1, 2048, 4, 16, dtype=torch.float32), mk(1, 2048, 2, 16, dtype=torch.float32)
+    assert I._resolve_version("auto", q32, k32, k32) == "v2"
+    assert I._resolve_version("auto", mk(4096, 4, 16), mk(4096, 2, 16), mk(4096, 2, 16)) == "v3"   # packed
+    assert I._resolve_version("auto", mk(100, 4, 16), mk(100, 2, 16), mk(100, 2, 16)) == "v2"
+    odd = mk(1 * 2048 * 2 * 16 + 1)[1:].view(1, 2048, 2, 16)                       # 2 bytes off: TMA cannot
+    assert I._resolve_version("auto", q, odd, odd) == "v2"
+    with fa.use_version("v2"):
+        assert I._resolve_version("auto", q, k, k) == "v2"
+    monkeypatch.setattr(I, "is_hopper", lambda device: False)
+    assert I._resolve_version("auto", q, k, k) == "v2"
+
+
 def test_env_default_version(monkeypatch):
     monkeypatch.setenv("HF_FLASHATTN_VERSION", "v1")
     assert fa.get_default_version() == "v1"

@@ -1,5 +1,5 @@
 """Sweep of v3's forward launch plans on one GPU: tile (BLOCK_M, BLOCK_N, warps, stages) x tile loads (host-made
-or in-kernel descriptors) x warp specialisation x skewed band x the scale folded into the exponent, beside our
+or in-kernel descriptors) x warp specialisation x the scale folded into the exponent, beside our
 v2 forward and SDPA-cuDNN / SDPA-flash measured in the same process, at 1k / 4k / 16k tokens, causal and not.
 
     python benchmarks/sweep_v3.py --out DIR [--dims 64,128,256] [--seqlens 1024,4096,16384] [--budget-s 400]
@@ -23,28 +23,27 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# (tile, host descriptors, warp specialisation, skew, fold) per head-dim class; the first is the old default
+# (tile, host descriptors, warp specialisation, fold) per head-dim class; the first is the old default
 # (in-kernel descriptors, warp-specialised, scale not folded) for the ratio of each variant to it.
 T, F = True, False
 # Second round (the first, 02dc544: results/2026-11-26-h200-sweep-v3.md): around the first round's winners,
 # small 4-warp tiles with host descriptors (several programs an SM) and the 8-warp 128 x 128 tile at d128.
 PLANS = {
-    64: [((128, 128, 4, 3), F, F, F, F), ((64, 64, 4, 3), T, F, F, T), ((64, 64, 4, 4), T, F, F, T),
-         ((64, 32, 4, 3), T, F, F, T), ((64, 32, 4, 4), T, F, F, T), ((128, 64, 4, 4), T, F, F, T),
-         ((128, 32, 4, 3), T, F, F, T), ((64, 128, 4, 2), T, F, F, T)],
-    128: [((128, 128, 8, 3), F, T, F, F), ((128, 128, 8, 3), T, F, F, T), ((128, 128, 8, 3), T, T, F, T),
-          ((64, 64, 4, 3), T, F, F, T), ((64, 32, 4, 3), T, F, F, T), ((64, 32, 4, 4), T, F, F, T),
-          ((128, 64, 8, 4), T, F, F, T), ((128, 32, 8, 3), T, F, F, T), ((64, 64, 4, 3), F, F, F, T)],
-    256: [((128, 64, 8, 2), F, T, F, F), ((64, 32, 4, 3), T, F, F, T), ((64, 32, 4, 4), T, F, F, T),
-          ((64, 32, 4, 2), T, F, F, T), ((64, 16, 4, 3), T, F, F, T), ((64, 16, 4, 4), T, F, F, T),
-          ((128, 32, 8, 3), T, F, F, T), ((64, 32, 4, 3), F, F, F, T)],
+    64: [((128, 128, 4, 3), F, F, F), ((64, 64, 4, 3), T, F, T), ((64, 64, 4, 4), T, F, T),
+         ((64, 32, 4, 3), T, F, T), ((64, 32, 4, 4), T, F, T), ((128, 64, 4, 4), T, F, T),
+         ((128, 32, 4, 3), T, F, T), ((64, 128, 4, 2), T, F, T)],
+    128: [((128, 128, 8, 3), F, T, F), ((128, 128, 8, 3), T, F, T), ((128, 128, 8, 3), T, T, T),
+          ((64, 64, 4, 3), T, F, T), ((64, 32, 4, 3), T, F, T), ((64, 32, 4, 4), T, F, T),
+          ((128, 64, 8, 4), T, F, T), ((128, 32, 8, 3), T, F, T), ((64, 64, 4, 3), F, F, T)],
+    256: [((128, 64, 8, 2), F, T, F), ((64, 32, 4, 3), T, F, T), ((64, 32, 4, 4), T, F, T),
+          ((64, 32, 4, 2), T, F, T), ((64, 16, 4, 3), T, F, T), ((64, 16, 4, 4), T, F, T),
+          ((128, 32, 8, 3), T, F, T), ((64, 32, 4, 3), F, F, T)],
 }
 
 
 def name(p):
-    (bm, bn, w, st), host, ws, skew, fold = p
-    return (f"{bm}x{bn}/{w}w/{st}s " + ("host" if host else "in-kernel") + (" ws" if ws else "") +
-            (" skew" if skew else "") + ("" if fold else " nofold"))
+    (bm, bn, w, st), host, ws, fold = p
+    return f"{bm}x{bn}/{w}w/{st}s " + ("host" if host else "in-kernel") + (" ws" if ws else "") + ("" if fold else " nofold")
 
 
 def inputs(B, H, S, D):
@@ -54,9 +53,8 @@ def inputs(B, H, S, D):
 def run(p, q, k, v, S, causal):
     from hf_flashattn.kernels import v3
     win = (-1, 0) if causal else (-1, -1)
-    cfg, host, ws, skew, fold = p
-    return v3.forward(q, k, v, None, None, S, S, q.shape[-1] ** -0.5, win, 0.0, _plan=(cfg, host, ws, skew),
-                      _fold=fold)
+    cfg, host, ws, fold = p
+    return v3.forward(q, k, v, None, None, S, S, q.shape[-1] ** -0.5, win, 0.0, _plan=(cfg, host, ws), _fold=fold)
 
 
 def _worker(job):

@@ -71,14 +71,20 @@ def _validate_options(dropout_p, softmax_scale, window_size, softcap, alibi_slop
         raise ValueError(f"version must be one of 'auto', 'v1', 'v2', 'v3'; got {version!r}.")
 
 
-# id(tensor) -> (weak reference, its version counter, its values): the cu_seqlens tensors read back already.
-# Transformers passes the same cu_seqlens tensor to every layer of a forward pass; reading its values is a
-# device sync, once per tensor instead of once per layer. An entry counts only for the same live object
-# (the weak reference) not modified in place since (torch's version counter).
+# id(tensor) -> (weak reference, its version counter, its values): the GPU cu_seqlens tensors read back already.
+# Transformers passes the same cu_seqlens tensor to every layer of a forward pass; reading a GPU tensor's values
+# is a device sync, once per tensor instead of once per layer. An entry counts only for the same live object
+# (the weak reference) not modified in place since (torch's version counter). Writes that bypass the counter
+# (through `.data`, a NumPy view, a raw kernel) are not seen: such a tensor is checked with its old values,
+# while the kernels read the new ones. CPU tensors (no sync to save) and inference-mode tensors (no version
+# counter) are read every call.
 _READ_BACK: dict = {}
+_CACHE_CPU = False   # tests: cache CPU tensors too, to check the cache's logic without a GPU
 
 
 def _read_back(cu):
+    if cu.is_inference() or not (cu.is_cuda or _CACHE_CPU):
+        return cu.tolist()
     hit = _READ_BACK.get(id(cu))
     if hit is not None and hit[0]() is cu and hit[1] == cu._version:
         return hit[2]

@@ -67,11 +67,11 @@ def use_version(version: str):
         _state.version = old
 
 
-def _resolve_version(version: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+def _resolve_version(version: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_seqlen_k=None) -> str:
     if version == "auto":
         version = get_default_version()
     if version == "auto":
-        version = "v3" if _v3_by_default(q, k, v) else "v2"
+        version = "v3" if _v3_by_default(q, k, v, max_seqlen_k) else "v2"
     if version == "v3":
         if not (is_hopper(q.device) or is_interpreting()):
             raise NotImplementedError(f"version='v3' needs a Hopper GPU (sm90); q is on {q.device}. "
@@ -86,9 +86,9 @@ def _resolve_version(version: str, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 V3_FROM_KEYS = 2048
 
 
-def _v3_by_default(q, k, v) -> bool:
+def _v3_by_default(q, k, v, max_seqlen_k=None) -> bool:
     """What version="auto" runs on a Hopper GPU: v3 for the inputs its descriptors can load (`v3.supports`) from
-    V3_FROM_KEYS keys (packed: keys in all), v2 below that, for decode-like shapes (a few queries over many keys:
+    V3_FROM_KEYS keys (packed: the longest sequence's, max_seqlen_k), v2 below that, for decode-like shapes (a few queries over many keys:
     v2's split-KV kernel) and off Hopper. Measured on the H200 (results/2026-11-26-h200-bench*.md, two runs): from
     2k keys v3's forward is 1.05-1.23x v2's at every point (fwd+bwd 0.98-1.10x: the backward is v2's); at 512-1k,
     where a call is short enough for the host's launch work to show (v3 makes four tensor descriptors a call), it
@@ -98,7 +98,7 @@ def _v3_by_default(q, k, v) -> bool:
     from .kernels import v2, v3
     if q.dim() == 4 and (k.shape[1] < V3_FROM_KEYS or v2.splits_keys(q.shape[1], k.shape[1])):
         return False
-    if q.dim() == 3 and k.shape[0] < V3_FROM_KEYS:
+    if q.dim() == 3 and (k.shape[0] if max_seqlen_k is None else max_seqlen_k) < V3_FROM_KEYS:
         return False
     return v3.supports(q, k, v) is None
 
@@ -293,7 +293,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                  f"{name}={longest}.")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    version = _resolve_version(version, q, k, v)
+    version = _resolve_version(version, q, k, v, max_seqlen_k)
     out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale),
                           _resolve_window(causal, window_size), float(softcap), deterministic, version)
     return (out, lse, None) if return_attn_probs else out

@@ -81,7 +81,9 @@ def test_auto_runs_v3_on_hopper_from_2048_keys(monkeypatch):
     assert I._resolve_version("auto", mk(1, 1, 4, 16), k, k) == "v2"             # a decode step
     q32, k32 = mk(1, 2048, 4, 16, dtype=torch.float32), mk(1, 2048, 2, 16, dtype=torch.float32)
     assert I._resolve_version("auto", q32, k32, k32) == "v2"
-    assert I._resolve_version("auto", mk(4096, 4, 16), mk(4096, 2, 16), mk(4096, 2, 16)) == "v3"   # packed
+    packed = (mk(4096, 4, 16), mk(4096, 2, 16), mk(4096, 2, 16))
+    assert I._resolve_version("auto", *packed, max_seqlen_k=4096) == "v3"
+    assert I._resolve_version("auto", *packed, max_seqlen_k=16) == "v2"        # 256 sequences of 16 tokens
     assert I._resolve_version("auto", mk(100, 4, 16), mk(100, 2, 16), mk(100, 2, 16)) == "v2"
     odd = mk(1 * 2048 * 2 * 16 + 1)[1:].view(1, 2048, 2, 16)                       # 2 bytes off: TMA cannot
     assert I._resolve_version("auto", q, odd, odd) == "v2"
@@ -155,10 +157,12 @@ def test_bad_varlen(call, exc, pattern):
         call()
 
 
-def test_cu_seqlens_read_back_once_but_checked_after_a_change():
-    """cu_seqlens values are read back (a device sync) once per tensor, not once per layer; a tensor changed
-    in place since, or a new tensor, is read and checked again."""
+def test_cu_seqlens_read_back_once_but_checked_after_a_change(monkeypatch):
+    """cu_seqlens values are read back (on a GPU a device sync) once per tensor, not once per layer; a tensor
+    changed in place since, or a new tensor, is read and checked again. (GPU tensors only: _CACHE_CPU lets the
+    CPU run the same logic.)"""
     from hf_flashattn import _validate as V
+    monkeypatch.setattr(V, "_CACHE_CPU", True)
     cu = torch.tensor([0, 3, 8], dtype=torch.int32)
     _varlen(cu)
     reads = []
@@ -178,6 +182,19 @@ def test_cu_seqlens_read_back_once_but_checked_after_a_change():
     finally:
         torch.Tensor.tolist = real
         V._READ_BACK.clear()
+
+
+def test_varlen_under_inference_mode(monkeypatch):
+    """Inference-mode tensors have no version counter: their cu_seqlens are read (and checked) every call."""
+    from hf_flashattn import _validate as V
+    monkeypatch.setattr(V, "_CACHE_CPU", True)
+    with torch.inference_mode():
+        cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+        a = _varlen(cu)
+        cu[1] = 9
+        with pytest.raises(ValueError, match=r"never decrease"):
+            _varlen(cu)
+    assert a.shape == (8, 2, 16)
 
 
 def test_varlen_accepts_0d_tensor_max_seqlen():

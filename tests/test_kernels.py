@@ -314,13 +314,13 @@ def test_backward_descriptor_loads_equal_pointer_loads(shape, kw):
     P = 0 multiplies away)."""
     from hf_flashattn.kernels import v2_bwd
     q, k, v, do = _inputs(shape, torch.float16, seed=14)
-    grads = {}
+    grads, before = {}, v2_bwd.TMA
     try:
         for tma in (False, True):
             v2_bwd.TMA = tma
             grads[tma] = _kernel("v2", q, k, v, do, **kw)[2:]
     finally:
-        v2_bwd.TMA = None
+        v2_bwd.TMA = before
     for a, b in zip(grads[False], grads[True]):
         assert torch.equal(a, b)
 
@@ -331,16 +331,48 @@ def test_backward_descriptor_loads_varlen():
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
     g = torch.Generator().manual_seed(15)
     q, k, v, do = (torch.randn(sum(lens), h, 24, generator=g).half() for h in (4, 2, 2, 4))
-    grads = {}
+    grads, before = {}, v2_bwd.TMA
     try:
         for tma in (False, True):
             v2_bwd.TMA = tma
             grads[tma] = _kernel_varlen("v2", q, k, v, do, (cu, cu), causal=True)[2:]
     finally:
-        v2_bwd.TMA = None
+        v2_bwd.TMA = before
     for a, b in zip(grads[False], grads[True]):
         assert torch.equal(a, b)
     _check("v2", q, k, v, do, torch.float16, cu=(cu, cu), causal=True)
+
+
+def test_descriptor_loads_keep_packed_sequences_apart(monkeypatch):
+    """Packed sequences through descriptors over the whole packed tensors (v3's forward, the backward with TMA):
+    a tile that runs past its sequence reads the next one's rows or the padding after cu_seqlens[-1]. Here those
+    rows hold inf and NaN: no sequence's output or gradient may see them, and the forward must not write past
+    its sequence (the output's rows outside every sequence stay as allocated: NaN here)."""
+    from hf_flashattn.kernels import v2_bwd, v3
+    lens = [23, 40, 5]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    total = sum(lens) + 9                                     # 9 rows of padding after the last sequence
+    g = torch.Generator().manual_seed(16)
+    q, k, v, do = (torch.randn(total, h, 24, generator=g).half() for h in (4, 2, 2, 4))
+    for t in (q, k, v, do):
+        t[sum(lens):] = float("nan")
+    k[cu[1]] = float("inf")                                   # the first row of sequence 1
+    v[cu[1]] = float("inf")
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: empty(*a, **kw).fill_(float("nan")))
+    out, lse = v3.forward(q, k, v, cu, cu, max(lens), max(lens), 0.2, (-1, 0), 0.0, _plan=((32, 16, 4, 1), True, False))
+    monkeypatch.setattr(torch, "empty", empty)
+    assert torch.isnan(out[sum(lens):]).all()                # never written
+    assert torch.isfinite(out[:cu[1]]).all()                 # sequence 0 does not see sequence 1's inf
+    before = v2_bwd.TMA
+    try:
+        v2_bwd.TMA = True
+        dq, dk, dv = v2_bwd.backward(do, q, k, v, out, lse, cu, cu, max(lens), max(lens), 0.2, (-1, 0), 0.0)
+    finally:
+        v2_bwd.TMA = before
+    for name, grad in (("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.isfinite(grad[:cu[1]]).all(), name      # sequence 0
+        assert torch.isfinite(grad[cu[2]:sum(lens)]).all(), name   # sequence 2, next to the NaN padding
 
 
 def test_v3_refuses_what_tma_cannot_load():

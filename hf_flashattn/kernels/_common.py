@@ -180,13 +180,19 @@ def load_rows_pair(A_ptrs, B_ptrs, rows, S, offs_d, HEAD_DIM: tl.constexpr, BLOC
 
 
 @triton.jit
-def desc_rows(desc, b, row0, start, h, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr):
+def desc_rows(desc, b, row0, start, h, S, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr,
+              MASKED: tl.constexpr):
     """Rows [start, start + BLOCK) of head h of sequence b through a host-made tensor descriptor over the whole
     (B, S, H, D) tensor, or over the packed (total, H, D) one (rows from row0, the sequence's start) when
     IS_VARLEN; block (1, BLOCK, 1, BLOCK_D) or (BLOCK, 1, BLOCK_D). Rows past the tensor and head-dim padding
-    read as zeros; in a packed batch, rows past the sequence are the next sequence's, which callers mask."""
+    read as zeros. In a packed batch the rows past this sequence's S are the next sequence's (or the padding
+    after the last): on a MASKED tile (the only ones that reach past S) they are zeroed, because P = 0 does not
+    cancel them in a product when they hold inf or NaN (0 · inf = NaN)."""
     if IS_VARLEN:
-        return desc.load([(row0 + start).to(tl.int32), h, 0]).reshape(BLOCK, BLOCK_D)
+        t = desc.load([(row0 + start).to(tl.int32), h, 0]).reshape(BLOCK, BLOCK_D)
+        if MASKED:
+            t = tl.where((start + tl.arange(0, BLOCK) < S)[:, None], t, tl.zeros_like(t))
+        return t
     else:
         return desc.load([b, start, h, 0]).reshape(BLOCK, BLOCK_D)
 
@@ -213,11 +219,11 @@ def load_tile_pair(A_DESC, B_DESC, A_base, B_base, stride_a, stride_b, start, of
                    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
                    TMA: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Two (BLOCK, BLOCK_D) tiles sharing the rows [start, start + BLOCK) (q and dO, or k and v): through the
-    caller's descriptors when TMA (`desc_rows`: rows past S are the tensor's zeros or the next packed sequence's
-    rows, which the callers' P = 0 multiplies away), else pointer loads from the bases (`load_rows_pair`)."""
+    caller's descriptors when TMA (`desc_rows`: rows past S read as zeros), else pointer loads from the bases
+    (`load_rows_pair`)."""
     if TMA:
-        a = desc_rows(A_DESC, b, row0, start, h, BLOCK, BLOCK_D, IS_VARLEN)
-        c = desc_rows(B_DESC, b, row0, start, h, BLOCK, BLOCK_D, IS_VARLEN)
+        a = desc_rows(A_DESC, b, row0, start, h, S, BLOCK, BLOCK_D, IS_VARLEN, MASKED)
+        c = desc_rows(B_DESC, b, row0, start, h, S, BLOCK, BLOCK_D, IS_VARLEN, MASKED)
     else:
         rows = start + offs
         a, c = load_rows_pair(A_base + rows[:, None] * stride_a + offs_d[None, :],

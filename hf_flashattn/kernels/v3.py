@@ -33,14 +33,13 @@ from ._common import desc_rows, normalise_rows, scores_from_qk, seq_bounds, soft
 
 
 @triton.jit
-def _load_k(k_desc, start_n, b, k_start, kvh, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HOST: tl.constexpr,
-            IS_VARLEN: tl.constexpr):
+def _load_k(k_desc, start_n, b, k_start, kvh, Sk, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HOST: tl.constexpr,
+            IS_VARLEN: tl.constexpr, MASKED: tl.constexpr):
     """Key block [start_n, start_n + BLOCK_N) of this sequence and KV head, through a tensor descriptor: the
-    caller's over the whole tensor when HOST (`desc_rows`: keys of the next packed sequence come in and are
-    masked as columns past Sk, which only the masked loops reach), else one made in-kernel over this
-    (sequence, head)."""
+    caller's over the whole tensor when HOST (`desc_rows`: keys past Sk read as zeros, packed or not), else one
+    made in-kernel over this (sequence, head)."""
     if HOST:
-        return desc_rows(k_desc, b, k_start, start_n, kvh, BLOCK_N, BLOCK_D, IS_VARLEN)
+        return desc_rows(k_desc, b, k_start, start_n, kvh, Sk, BLOCK_N, BLOCK_D, IS_VARLEN, MASKED)
     else:
         return k_desc.load([start_n, 0])
 
@@ -76,8 +75,8 @@ def _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, start, end, offs_m, offs_n,
                    IS_VARLEN: tl.constexpr, WS: tl.constexpr):
     for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WS):
         # K and V tiles through the descriptors (rows past the sequence read as 0)
-        k = _load_k(k_desc, start_n, b, k_start, kvh, BLOCK_N, BLOCK_D, HOST, IS_VARLEN)
-        v = _load_k(v_desc, start_n, b, k_start, kvh, BLOCK_N, BLOCK_D, HOST, IS_VARLEN)
+        k = _load_k(k_desc, start_n, b, k_start, kvh, Sk, BLOCK_N, BLOCK_D, HOST, IS_VARLEN, MASKED)
+        v = _load_k(v_desc, start_n, b, k_start, kvh, Sk, BLOCK_N, BLOCK_D, HOST, IS_VARLEN, MASKED)
         qk = tl.dot(q, tl.trans(k))
         acc, l_i, m_i = _tile(acc, l_i, m_i, qk, v, offs_m, start_n + offs_n, Sk, diag, left, right, qk_scale,
                               cap_scale, MASKED, SOFTCAP, FOLD)
@@ -111,7 +110,8 @@ def _fwd_kernel_tma(Q, K, V, O, O_PTR, LSE, CU_Q, CU_K,
     if HOST:
         k_desc = K
         v_desc = V
-        q = desc_rows(Q, tl.program_id(2), q_start, m0, h, BLOCK_M, BLOCK_D, IS_VARLEN)
+        # packed: rows past Sq are the next sequence's; they only reach rows that are not stored
+        q = desc_rows(Q, tl.program_id(2), q_start, m0, h, Sq, BLOCK_M, BLOCK_D, IS_VARLEN, False)
     else:
         q = tl.make_tensor_descriptor(Q + b * stride_qb + h64 * stride_qh + q_start * stride_qm,
                                       shape=[Sq, HEAD_DIM], strides=[stride_qm, 1],
@@ -221,7 +221,8 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     # triton 3.6's warp-specialisation pass asserts (TaskIdPropagation, "PassManager::run failed") on the
     # head-dim-64 tiles (benchmarks/results/2026-11-26-v3-h100-correctness-ws.md): those run pipelined only.
     ws = ws and os.environ.get("HF_FLASHATTN_V3_WS", "1") != "0" and not is_interpreting() and BLOCK_D > 64
-    host = host and k.shape[-3] > 0   # no descriptor over an empty key dim
+    # descriptors over the whole tensors: every stride 16-byte aligned (a batch stride too), no empty key dim
+    host = host and C.descriptors_ok(q, k, v)
     fold = softcap == 0 and softmax_scale > 0 and (_fold is None or _fold)
     q_arg, k_arg, v_arg, o_arg = q, k, v, out
     if host:   # (B, S, H, D) or packed (total, H, D): a tile is BLOCK rows of one head

@@ -88,11 +88,11 @@ V3_FROM_KEYS = 2048
 
 def _v3_by_default(q, k, v, max_seqlen_k=None) -> bool:
     """What version="auto" runs on a Hopper GPU: v3 for the inputs its descriptors can load (`v3.supports`) from
-    V3_FROM_KEYS keys (packed: the longest sequence's, max_seqlen_k), v2 below that, for decode-like shapes (a few queries over many keys:
-    v2's split-KV kernel) and off Hopper. Measured on the H200 (results/2026-11-26-h200-bench*.md, two runs): from
-    2k keys v3's forward is 1.05-1.23x v2's at every point (fwd+bwd 0.98-1.10x: the backward is v2's); at 512-1k,
-    where a call is short enough for the host's launch work to show (v3 makes four tensor descriptors a call), it
-    ranges 0.62-1.65x between points and runs."""
+    V3_FROM_KEYS keys (packed: the longest sequence's, max_seqlen_k), v2 below that, for decode-like shapes (a
+    few queries over many keys: v2's split-KV kernel) and off Hopper. Measured on the H200
+    (results/2026-11-26-h200-bench*.md, two runs): from 2k keys v3's forward is 1.05-1.23x v2's at every point
+    (fwd+bwd 0.98-1.10x: the backward is v2's); at 512-1k, where a call is short enough for the host's launch work
+    to show (v3 makes four tensor descriptors a call), it ranges 0.62-1.65x between points and runs."""
     if not is_hopper(q.device):
         return False
     from .kernels import v2, v3

@@ -85,7 +85,7 @@ def test_fp8_kernel_through_tensor_descriptors_equals_the_pointer_loads(mask, D)
     q, k, v = _qkv(D=D, H=4, Hk=2)
     (q8, qd), (k8, kd), (v8, vd) = (F8.quantize_fp8(t) for t in (q, k, v))
     window = (-1, 0) if mask.get("causal") else mask.get("window_size", (-1, -1))
-    assert K._tma_ok(q8, k8)
+    assert K.C.descriptors_ok(q8, k8)
     run = lambda tma: K.forward(q8, k8, v8, qd, kd, vd, D ** -0.5, window, 0.0, torch.float16, _tma=tma)  # noqa: E731
     o_ptr, l_ptr = run(0)
     assert torch.isfinite(o_ptr).all()

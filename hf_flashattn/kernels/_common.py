@@ -245,6 +245,36 @@ def softmax_step(s, m_i, l_i):
 
 
 @triton.jit
+def softmax_tile(qk, m_i, l_i, descale, qk_scale, cap_scale, offs_m, cols, Sk, diag, left, right,
+                 MASKED: tl.constexpr, SOFTCAP: tl.constexpr, FOLD: tl.constexpr, DESCALE: tl.constexpr):
+    """The online-softmax step of one key tile from raw q·k (float32, in units of `descale` when DESCALE: FP8's
+    block scales): (p, alpha, m_new, l_new) as softmax_step. FOLD (no softcap; the caller guarantees the scale
+    c > 0): softmax_step on s = qk · c with c folded in: the row max taken on qk (max(qk) · c = max(qk · c):
+    rounding is monotonic) and the exponent qk · c - m one fused multiply-add, float32 operations fewer per
+    score than scaling the tile first."""
+    if SOFTCAP or not FOLD:
+        if DESCALE:
+            qk = qk * descale
+        s, _ = scores_from_qk(qk, qk_scale, cap_scale, SOFTCAP)
+        if MASKED:
+            s = tl.where(visible(offs_m, cols, diag, left, right, Sk), s, float("-inf"))
+        p, alpha, m_new, l_i = softmax_step(s, m_i, l_i)
+    else:
+        if MASKED:
+            qk = tl.where(visible(offs_m, cols, diag, left, right, Sk), qk, float("-inf"))
+        if DESCALE:
+            c = descale * qk_scale
+        else:
+            c = qk_scale
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * c)
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(qk * c - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_i
+
+
+@triton.jit
 def normalise_rows(acc, l_i, m_i, EMPTY_LSE: tl.constexpr):
     """Epilogue of the forward kernels: O = acc / l and lse = ln(l · 2^m); a row that saw no key
     (l = 0) gets O = 0 and lse = EMPTY_LSE (+inf as flash-attn; -inf for a split-KV partial)."""

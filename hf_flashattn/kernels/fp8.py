@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .._runtime import is_interpreting
 from . import _common as C
-from ._common import normalise_rows, scores_from_qk, softmax_step, tile_range, visible
+from ._common import normalise_rows, softmax_tile, tile_range
 
 QUANT_BLOCK = 128  # rows per quantisation block of Q, K and V (per sequence and head)
 
@@ -47,24 +47,10 @@ def _fp8_tile(acc, l_i, m_i, vd_cur, q, k, vt, qd, kd, vd, cols, offs_m, Sk, dia
     """One key tile of the FP8 forward: k (BLOCK_N, BLOCK_D) and vt (BLOCK_D, BLOCK_N) e4m3, kd / vd their
     descales; returns the updated (acc, l_i, m_i, vd_cur)."""
     qk = tl.dot(q, tl.trans(k))
-    if SOFTCAP or not FOLD:
-        s, _ = scores_from_qk(qk * (qd * kd), qk_scale, cap_scale, SOFTCAP)
-        if MASKED:
-            s = tl.where(visible(offs_m, cols, diag, left, right, Sk), s, float("-inf"))
-        p, alpha, m_new, l_i = softmax_step(s, m_i, l_i)
-    else:
-        # softmax_step on s = qk · c with the tile's one scale c = qd · kd · qk_scale > 0 folded in:
-        # the row max taken on qk (max(qk) · c = max(qk · c): rounding is monotonic) and the exponent
-        # qk · c - m one fused multiply-add. Two float32 operations fewer per score than scaling the
-        # tile first, where the instruction issue (not the FP8 tensor cores) bounds the loop.
-        if MASKED:
-            qk = tl.where(visible(offs_m, cols, diag, left, right, Sk), qk, float("-inf"))
-        c = qd * kd * qk_scale
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * c)
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(qk * c - m_shift[:, None])
-        alpha = tl.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
+    # the tile's one scale qd · kd folded into the exponent's multiply-add (FOLD), where the instruction issue
+    # (not the FP8 tensor cores) bounds the loop
+    p, alpha, m_new, l_i = softmax_tile(qk, m_i, l_i, qd * kd, qk_scale, cap_scale, offs_m, cols, Sk, diag, left,
+                                        right, MASKED, SOFTCAP, FOLD, True)
     # acc is kept in units of the current V block's descale, so the product accumulates in place (no
     # second BLOCK_M x D float32 tile): rescale by alpha and by the ratio of the old and new descales
     vd = tl.maximum(vd, 1e-30)
@@ -241,7 +227,7 @@ def transpose_v(v8):
 
 # Launch plan per (head-dim class, causal): (BLOCK_M, BLOCK_N, num_warps, num_stages) and how the tiles are
 # loaded (0: pointer loads; 1: tensor descriptors made in-kernel over one (sequence, head); 2: descriptors made
-# by the caller over the whole tensors), where the inputs allow descriptors (`_tma_ok`). From the H100
+# by the caller over the whole tensors), where the inputs allow descriptors (`C.descriptors_ok`). From the H100
 # diagnostics of the fifth session (results/2026-11-26-h100-fp8-diagnose-{3,4,5,6}.md, 4k to 16k tokens):
 # d128 (64, 128, 4, 3) host descriptors (4k: 706 TFLOP/s, 8k causal: 667, against 674 / 614 for (128, 64,
 # 4, 3) with in-kernel descriptors, which beat pointer loads 720 to 656 at 16k); d256 (64, 64, 4, 3) host
@@ -250,15 +236,6 @@ def transpose_v(v8):
 _PLANS = {(64, False): ((128, 64, 4, 3), 0), (64, True): ((128, 64, 4, 3), 0),
           (128, False): ((64, 128, 4, 3), 2), (128, True): ((64, 128, 4, 3), 2),
           (256, False): ((64, 64, 4, 3), 2), (256, True): ((64, 64, 4, 3), 2)}
-
-
-def _tma_ok(*tensors) -> bool:
-    """TMA's rule for in-kernel descriptors: every base pointer and every stride but the last 16-byte aligned
-    (float8: 16 elements); then each (sequence, head) slice the kernel describes is too."""
-    for t in tensors:
-        if t.data_ptr() % 16 or any(st % 16 for st in t.stride()[:-1]) or t.stride(-1) != 1:
-            return False
-    return True
 
 
 def forward(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, window_size, softcap, out_dtype,
@@ -270,7 +247,7 @@ def forward(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, window_s
     overrides (BLOCK_M, BLOCK_N, num_warps, num_stages); _fold False scales the score tile before the softmax
     instead of folding the scales into it (the kernel before the fifth session, for the benchmark); _tma
     0 / 1 / 2 forces the tile loads (pointers, in-kernel descriptors, host descriptors; None: `_PLANS`), where
-    `_tma_ok`; _ws False keeps the descriptor paths from warp-specialising."""
+    `C.descriptors_ok`; _ws False keeps the descriptor paths from warp-specialising."""
     B, Sq, H, D = q8.shape
     Sk, Hk = k8.shape[1], k8.shape[2]
     out = torch.empty((B, Sq, H, D), dtype=out_dtype, device=q8.device)
@@ -289,13 +266,12 @@ def forward(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, window_s
     grid = (triton.cdiv(Sq, bm), H, B)
     # V transposed once to (B, Hk, D, Sk), keys contiguous (see _fp8_inner): one pass over V's bytes
     vt = transpose_v(v8)
-    tma = int(plan_tma if _tma is None else _tma) if _tma_ok(q8, k8, vt) and Sk > 0 else 0
+    tma = int(plan_tma if _tma is None else _tma) if C.descriptors_ok(q8, k8, vt) else 0
     q_arg, k_arg, vt_arg = q8, k8, vt
     if tma == 2:
         from triton.tools.tensor_descriptor import TensorDescriptor
-        q_arg = TensorDescriptor.from_tensor(q8, [1, bm, 1, BLOCK_D])
-        k_arg = TensorDescriptor.from_tensor(k8, [1, bn, 1, BLOCK_D])
-        vt_arg = TensorDescriptor.from_tensor(vt, [1, 1, BLOCK_D, bn])
+        q_arg, k_arg = C.host_descriptor(q8, bm, BLOCK_D, False), C.host_descriptor(k8, bn, BLOCK_D, False)
+        vt_arg = TensorDescriptor.from_tensor(vt, [1, 1, BLOCK_D, bn])   # (B, Hk, D, S): BLOCK_D rows of BLOCK_N keys
     elif tma == 1:
         from .v3 import _set_allocator
         _set_allocator()

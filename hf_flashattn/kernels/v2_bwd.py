@@ -164,10 +164,10 @@ def _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, str
     the masked blocks before the band's full part, the full part unmasked, the masked blocks after."""
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    bq = b.to(tl.int32)   # descriptor coordinates are int32
     for g in range(group):
         h = kvh * group + g
         h32 = h.to(tl.int32)
-        bq = b.to(tl.int32)
         Q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qm
         DO_base = DO + b * stride_dob + h * stride_doh + q_start * stride_dom
         L_base = LSE + b * stride_lb + h * stride_lh + q_start

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .._runtime import is_interpreting
 from . import _common as C
-from ._common import desc_rows, normalise_rows, scores_from_qk, seq_bounds, softmax_step, tile_range, visible
+from ._common import desc_rows, normalise_rows, seq_bounds, softmax_tile, tile_range
 
 
 @triton.jit
@@ -47,22 +47,10 @@ def _load_k(k_desc, start_n, b, k_start, kvh, Sk, BLOCK_N: tl.constexpr, BLOCK_D
 @triton.jit
 def _tile(acc, l_i, m_i, qk, v, offs_m, cols, Sk, diag, left, right, qk_scale, cap_scale,
           MASKED: tl.constexpr, SOFTCAP: tl.constexpr, FOLD: tl.constexpr):
-    """The online-softmax update with one key tile: qk = q·kᵀ (raw, float32), v the tile's values."""
-    if SOFTCAP or not FOLD:
-        s, _ = scores_from_qk(qk, qk_scale, cap_scale, SOFTCAP)
-        if MASKED:
-            s = tl.where(visible(offs_m, cols, diag, left, right, Sk), s, float("-inf"))
-        p, alpha, m_new, l_i = softmax_step(s, m_i, l_i)
-    else:
-        # the scale folded into the exponent (qk_scale > 0: the caller's condition for FOLD): the row max
-        # taken on raw q·k and 2^(qk·c − m) one fused multiply-add, a float32 multiply fewer per score
-        if MASKED:
-            qk = tl.where(visible(offs_m, cols, diag, left, right, Sk), qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(qk * qk_scale - m_shift[:, None])
-        alpha = tl.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
+    """The online-softmax update with one key tile: qk = q·kᵀ (raw, float32), v the tile's values (FOLD: the
+    scale folded into the exponent; qk_scale > 0 is the caller's condition for it)."""
+    p, alpha, m_new, l_i = softmax_tile(qk, m_i, l_i, 1.0, qk_scale, cap_scale, offs_m, cols, Sk, diag, left, right,
+                                        MASKED, SOFTCAP, FOLD, False)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_new

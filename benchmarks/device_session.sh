@@ -19,6 +19,8 @@
 #   sweep-bwd benchmarks/sweep_bwd.py (tile configs of v2's backward passes and forward, forced one by one)
 #   sweep-v3  benchmarks/sweep_v3.py $SWEEP_ARGS (v3 forward launch plans: tiles, host/in-kernel descriptors, WS, fold;
 #             SWEEP_DIMS, SWEEP_SEQLENS)
+#   gluon     benchmarks/sweep_gluon.py $GLUON_ARGS (the Gluon v3 forward: correctness grid, then its plans beside
+#             the Triton-language v3, SDPA-cuDNN and SDPA-flash)
 #   fp8       benchmarks/bench_fp8.py (FP8 accuracy, generation agreement, speed)
 #   fp8-check benchmarks/gpu_fp8_check.py (FP8 kernel on awkward shapes, each tile-load path, against float64)
 #   fp8-diagnose  its variants (pointer loads / TMA / TMA + WS / no P·V) over a few tiles ($DIAG_ARGS, e.g.
@@ -73,6 +75,7 @@ for spec in "$@"; do
     # shellcheck disable=SC2206
     sweep-v3) cmd=(python3 benchmarks/sweep_v3.py --out "$dir" --budget-s "$budget" --dims "${SWEEP_DIMS:-128,256,64}"
                   --seqlens "${SWEEP_SEQLENS:-4096,16384,1024}" ${SWEEP_ARGS:-}) ;;
+    gluon) cmd=(python3 benchmarks/sweep_gluon.py --out "$dir" --budget-s "$budget" ${GLUON_ARGS:-}) ;;
     fp8) cmd=(python3 benchmarks/bench_fp8.py --out "$dir" --budget-s "$budget") ;;
     fp8-check) cmd=(python3 benchmarks/gpu_fp8_check.py --out "$dir") ;;
     # shellcheck disable=SC2206

@@ -177,6 +177,17 @@ def supports(q, k, v) -> str | None:
     return None
 
 
+def _gluon_runs(q, k, v, cu_seqlens_q, softmax_scale, softcap) -> bool:
+    """Whether the Gluon kernel (v3_gluon.py) takes these inputs: HF_FLASHATTN_V3_GLUON=1, a Hopper GPU (its
+    wgmma/TMA code is sm90's), and inputs in its scope (`v3_gluon.supports`)."""
+    if os.environ.get("HF_FLASHATTN_V3_GLUON", "0") != "1" or is_interpreting() or q.device.type != "cuda":
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False
+    from . import v3_gluon
+    return v3_gluon.supports(q, k, v, cu_seqlens_q, softmax_scale, softcap) is None
+
+
 def plan(D: int, max_seqlen_k: int):
     """The launch plan (see `_PLANS`) for head dim D and the longest key sequence."""
     cls = 64 if D <= 64 else 128 if D <= 128 else 256
@@ -191,6 +202,9 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     why = supports(q, k, v)
     if why is not None:
         raise NotImplementedError(why + "; use version='v2'.")
+    if _plan is None and _gluon_runs(q, k, v, cu_seqlens_q, softmax_scale, softcap):
+        from . import v3_gluon
+        return v3_gluon.forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size)
     varlen = cu_seqlens_q is not None
     H, D = q.shape[-2], q.shape[-1]
     Hk = k.shape[-2]

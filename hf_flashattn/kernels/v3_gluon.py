@@ -1,0 +1,284 @@
+"""v3's forward in Gluon (`triton.experimental.gluon`) for Hopper: FA3's intra-warpgroup overlap, written out.
+
+Why Gluon: in Triton's high-level language the compiler waits on each wgmma right after issuing it (only a dot
+whose result feeds the next iteration's accumulator stays in flight), so the softmax of one key block never
+runs under a matmul of the same program (sixth session, benchmarks/NOTES.md). Here the waits are explicit.
+
+Per program: BLOCK_M query rows of one head of one sequence; NUM_WARPS / 4 warpgroups, each owning 64 (or
+BLOCK_M / warpgroups) rows of the wgmma tiles. Q, K, V come through host-made TMA descriptors over the whole
+(B, S, H, D) tensors into shared memory, K and V into a ring of STAGES buffers, each with its own mbarrier (K
+and V apart, so q·kᵀ can start before V has landed). Key block j's loop body:
+
+    S_j   = Q · K_jᵀ                      (wgmma, issued, not waited)
+    O    += P_{j-1} · V_{j-1}             (wgmma on the registers of P, issued, not waited)
+    wait for S_j only (wgmma groups retire in order: one left in flight)
+    softmax of S_j -> P_j, the row max and sum, alpha_j   <- runs while the tensor cores do P_{j-1} · V_{j-1}
+    wait for O; O *= alpha_j; refill the stage block j-1 used with block j-1+STAGES
+
+O after block j is alpha_j · (O + P_{j-1} V_{j-1}), the same online softmax as v2 (design.md) with the product
+for a block one step late. The key blocks come as v2's three ranges (`tile_range`): a masked left-window edge,
+the band every row sees (no mask), the masked diagonal/tail; the first block is peeled (always masked: it may
+be an edge) and the last block's product follows the loop. The scale folds into the exponent.
+
+Scope (`supports`): dense (B, S, H, D) fp16/bf16, head dim 64 or 128 exactly, no softcap, TMA-aligned strides.
+Everything else runs the Triton-language v3 kernel (v3.py). Gluon kernels do not run on Triton's interpreter;
+the CPU tests compile this kernel for sm_90a instead (tests/test_v3_gluon.py) and the GPU grid checks it.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+try:   # Gluon ships with Triton >= 3.4 (the GPU image has 3.6); absent -> v3.py's kernel
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - older Triton
+    HAVE_GLUON = False
+
+from . import _common as C
+
+if HAVE_GLUON:
+    # a CTA-wide barrier: `thread_barrier` in Triton 3.6, `barrier` in later releases
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+    # TMA copies: `async_load`/`async_store` from Triton 3.7 on (the old names raise there), the old names in 3.6
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+
+    @gluon.jit
+    def _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, b, kvh, lo, it, hi,
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, TILE_BYTES: gl.constexpr):
+        """TMA copies of key block `it` (keys lo + it·BLOCK_N ...) into ring slot it % STAGES, if it is < hi."""
+        start = lo + it * BLOCK_N
+        ok = start < hi
+        s = it % STAGES
+        mbarrier.expect(k_bars.index(s), TILE_BYTES, pred=ok)
+        _tma_load(k_desc, [b, start, kvh, 0], k_bars.index(s), k_smem.index(s), pred=ok)
+        mbarrier.expect(v_bars.index(s), TILE_BYTES, pred=ok)
+        _tma_load(v_desc, [b, start, kvh, 0], v_bars.index(s), v_smem.index(s), pred=ok)
+
+    @gluon.jit
+    def _softmax(s, m_i, l_i, qk_scale, offs_m, cols, Sk, diag, left, right, MASKED: gl.constexpr):
+        """Online-softmax step of raw scores s = q·kᵀ (float32), the scale c = qk_scale folded into the
+        exponent: (p, alpha, m_new, l_new); a row that has seen nothing keeps m = -inf, shifted by 0."""
+        if MASKED:
+            r = gl.expand_dims(offs_m, 1) + diag
+            c = gl.expand_dims(cols, 0)
+            vis = (c >= r - left) & (c <= r + right) & (c < Sk)
+            s = gl.where(vis, s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_shift, 1))
+        alpha = gl.exp2(m_i - m_shift)
+        return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+
+    @gluon.jit
+    def _block(start_n, o, m_i, l_i, p_prev, q2, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, b, kvh,
+               lo, hi, offs_m, offs_n, Sk, diag, left, right, qk_scale,
+               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+               TILE_BYTES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
+               MASKED: gl.constexpr):
+        """Key block `start_n` (not the first): its q·kᵀ and the previous block's P·V in flight together,
+        this block's softmax under the latter (module docstring)."""
+        it = (start_n - lo) // BLOCK_N
+        s = it % STAGES
+        mbarrier.wait(k_bars.index(s), (it // STAGES) & 1)
+        kt = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+        s_tok = warpgroup_mma(q2, kt, gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False,
+                              is_async=True)
+        prev = it - 1
+        sp = prev % STAGES
+        mbarrier.wait(v_bars.index(sp), (prev // STAGES) & 1)
+        o_tok = warpgroup_mma(p_prev, v_smem.index(sp).reshape([BLOCK_N, HEAD_DIM]), o, is_async=True)
+        qk = warpgroup_mma_wait(1, deps=[s_tok])
+        p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, qk_scale, offs_m, start_n + offs_n, Sk, diag, left, right,
+                                      MASKED)
+        o = warpgroup_mma_wait(0, deps=[o_tok])
+        # every warp is past its reads of slot sp (K: the previous block's q·kᵀ; V: the product just waited)
+        _cta_barrier()
+        _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, b, kvh, lo, prev + STAGES, hi, BLOCK_N, STAGES,
+                  TILE_BYTES)
+        o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        p_prev = gl.convert_layout(p.to(q2.dtype), p_layout)
+        return o, m_i, l_i, p_prev
+
+    @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group"])
+    def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
+                    seqlen_q, seqlen_k, window_left, window_right, qk_scale, group,
+                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                    NUM_WARPS: gl.constexpr):
+        # Grid: (cdiv(seqlen_q, BLOCK_M), nheads, batch), the longest (causal) row tiles first.
+        pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+        h = gl.program_id(1)
+        b = gl.program_id(2)
+        kvh = h // group
+        m0 = pid_m * BLOCK_M
+        Sq = seqlen_q
+        Sk = seqlen_k
+        dtype: gl.constexpr = q_desc.dtype
+        TILE_BYTES: gl.constexpr = BLOCK_N * HEAD_DIM * 2
+        # wgmma accumulators: S is BLOCK_M x BLOCK_N, O is BLOCK_M x HEAD_DIM; P feeds the second wgmma from
+        # registers as its A operand (the accumulator's own register layout for 16-bit types)
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+        q_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_M, 1, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEAD_DIM], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_bars.index(i), count=1)
+            mbarrier.init(v_bars.index(i), count=1)
+
+        diag = Sk - Sq
+        left = window_left
+        right = window_right
+        # the key range of this row tile, as v2 (_common.tile_range, written out for scalars)
+        lo = gl.maximum(m0 + diag - left, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+        hi = gl.minimum(m0 + BLOCK_M + diag + right, Sk)
+        hi = gl.maximum(hi, lo)
+        full_lo = gl.maximum(m0 + BLOCK_M - 1 + diag - left, 0)
+        full_lo = gl.minimum(gl.cdiv(full_lo, BLOCK_N) * BLOCK_N, hi)
+        full_hi = gl.minimum(m0 + diag + right + 1, Sk)
+        full_hi = gl.maximum((full_hi // BLOCK_N) * BLOCK_N, full_lo)
+
+        offs_m = m0 + gl.arange(0, BLOCK_M, layout=row_s)
+        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        offs_lse = m0 + gl.arange(0, BLOCK_M, layout=row_o)
+        lse_ptrs = LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs_lse
+
+        if lo >= hi:   # no key visible from any row of this tile (a window, or rows above a causal start)
+            o_smem = q_smem.reshape([BLOCK_M, HEAD_DIM])
+            o_smem.store(gl.zeros([BLOCK_M, HEAD_DIM], dtype, o_layout))
+            fence_async_shared()
+            _tma_store(o_desc, [b, m0, h, 0], q_smem)
+            gl.store(lse_ptrs, gl.full([BLOCK_M], float("inf"), gl.float32, row_o), mask=offs_lse < Sq)
+            tma.store_wait(0)
+            return
+
+        mbarrier.expect(q_bar, BLOCK_M * HEAD_DIM * 2)
+        _tma_load(q_desc, [b, m0, h, 0], q_bar, q_smem)
+        for i in gl.static_range(STAGES):
+            _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, b, kvh, lo, i, hi, BLOCK_N, STAGES, TILE_BYTES)
+        q2 = q_smem.reshape([BLOCK_M, HEAD_DIM])
+
+        # the first key block, peeled: no product before it; masked (it may be an edge)
+        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(k_bars.index(0), 0)
+        qk = warpgroup_mma(q2, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+                           gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False)
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
+        l_i = gl.zeros([BLOCK_M], gl.float32, row_s)
+        p, _, m_i, l_i = _softmax(qk, m_i, l_i, qk_scale, offs_m, lo + offs_n, Sk, diag, left, right, True)
+        p_prev = gl.convert_layout(p.to(dtype), p_layout)
+        o = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+
+        nxt = lo + BLOCK_N
+        # masked left-window edge; the band every row sees; masked diagonal / tail
+        for start_n in range(nxt, gl.maximum(full_lo, nxt), BLOCK_N):
+            o, m_i, l_i, p_prev = _block(start_n, o, m_i, l_i, p_prev, q2, k_smem, v_smem, k_bars, v_bars, k_desc,
+                                         v_desc, b, kvh, lo, hi, offs_m, offs_n, Sk, diag, left, right, qk_scale,
+                                         BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, TILE_BYTES, s_layout, o_layout, p_layout,
+                                         True)
+        for start_n in range(gl.maximum(full_lo, nxt), gl.maximum(full_hi, nxt), BLOCK_N):
+            o, m_i, l_i, p_prev = _block(start_n, o, m_i, l_i, p_prev, q2, k_smem, v_smem, k_bars, v_bars, k_desc,
+                                         v_desc, b, kvh, lo, hi, offs_m, offs_n, Sk, diag, left, right, qk_scale,
+                                         BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, TILE_BYTES, s_layout, o_layout, p_layout,
+                                         False)
+        for start_n in range(gl.maximum(full_hi, nxt), hi, BLOCK_N):
+            o, m_i, l_i, p_prev = _block(start_n, o, m_i, l_i, p_prev, q2, k_smem, v_smem, k_bars, v_bars, k_desc,
+                                         v_desc, b, kvh, lo, hi, offs_m, offs_n, Sk, diag, left, right, qk_scale,
+                                         BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, TILE_BYTES, s_layout, o_layout, p_layout,
+                                         True)
+        # the last block's product
+        last = (hi - 1 - lo) // BLOCK_N
+        sl = last % STAGES
+        mbarrier.wait(v_bars.index(sl), (last // STAGES) & 1)
+        o = warpgroup_mma(p_prev, v_smem.index(sl).reshape([BLOCK_N, HEAD_DIM]), o)
+
+        # epilogue: O / l, lse = ln(l · 2^m); a row that saw no key: O = 0, lse = +inf
+        l_o = gl.convert_layout(l_i, row_o)
+        m_o = gl.convert_layout(m_i, row_o)
+        seen = l_o > 0.0
+        l_safe = gl.where(seen, l_o, 1.0)
+        o = o / gl.expand_dims(l_safe, 1)
+        lse = gl.where(seen, (m_o + gl.log2(l_safe)) * 0.6931471805599453, float("inf"))
+        gl.store(lse_ptrs, lse, mask=offs_lse < Sq)
+        # O through shared memory (Q's buffer, no longer read) and one TMA store; rows past Sq are dropped
+        q2.store(o.to(dtype))
+        fence_async_shared()
+        _tma_store(o_desc, [b, m0, h, 0], q_smem)
+        tma.store_wait(0)
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(k_bars.index(i))
+            mbarrier.invalidate(v_bars.index(i))
+        mbarrier.invalidate(q_bar)
+
+
+# Launch plan per head dim: (BLOCK_M, BLOCK_N, num_warps, STAGES)
+_PLANS = {64: (128, 128, 8, 2), 128: (128, 128, 8, 2)}
+
+
+def supports(q, k, v, cu_seqlens_q, softmax_scale, softcap) -> str | None:
+    """None if this kernel runs the inputs, else why not (the caller then runs v3.py's kernel)."""
+    if not HAVE_GLUON:
+        return "this Triton has no Gluon"
+    if cu_seqlens_q is not None:
+        return "packed sequences run v3.py's kernel"
+    if softcap > 0:
+        return "softcap runs v3.py's kernel"
+    if not softmax_scale > 0:   # the fold takes the row max on raw q·k, which needs a positive scale
+        return "a scale <= 0 runs v3.py's kernel"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"{q.dtype} runs elsewhere"
+    if q.shape[-1] not in _PLANS:
+        return f"head dim {q.shape[-1]} runs v3.py's kernel"
+    if not C.descriptors_ok(q, k, v):
+        return "TMA needs 16-byte aligned pointers and strides"
+    return None
+
+
+def shared_layout(dtype: torch.dtype, head_dim: int):
+    """The NVMMA shared-memory layout of a (1, rows, 1, head_dim) tile (128-byte swizzle when a row allows)."""
+    row_bytes = head_dim * 2
+    swizzle = 128 if row_bytes % 128 == 0 else 64 if row_bytes % 64 == 0 else 32
+    return gl.NVMMASharedLayout(swizzle_byte_width=swizzle, element_bitwidth=16, rank=4)
+
+
+def forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _plan=None):
+    """Dense (B, S, H, D) forward: (out, lse (B, H, Sq) float32). `supports()` must have passed."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    B, Sq, H, D = q.shape
+    Sk, Hk = k.shape[1], k.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    if q.numel() == 0:
+        return out.zero_(), lse.fill_(float("inf"))
+    bm, bn, warps, stages = _plan or _PLANS[D]
+    left, right = C.window_args(window_size, Sq, Sk)
+    qk_scale, _ = C.score_scales(softmax_scale, 0.0)
+    layout = shared_layout(q.dtype, D)
+    qd = TensorDescriptor.from_tensor(q, [1, bm, 1, D], layout)
+    od = TensorDescriptor.from_tensor(out, [1, bm, 1, D], layout)
+    kd = TensorDescriptor.from_tensor(k, [1, bn, 1, D], layout)
+    vd = TensorDescriptor.from_tensor(v, [1, bn, 1, D], layout)
+    grid = (triton.cdiv(Sq, bm), H, B)
+    _fwd_kernel[grid](qd, kd, vd, od, lse, lse.stride(0), lse.stride(1), Sq, Sk, left, right, qk_scale, H // Hk,
+                      HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, NUM_WARPS=warps, num_warps=warps)
+    return out, lse

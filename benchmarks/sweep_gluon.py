@@ -23,11 +23,12 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FLOOR = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
-# (BLOCK_M, BLOCK_N, warps, stages) per head dim; the first is v3_gluon._PLANS' default
-PLANS = {128: [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2),
-               (64, 128, 4, 2)],
-         64: [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2), (64, 128, 4, 2), (64, 64, 4, 3),
-              (64, 64, 4, 2)]}
+# (BLOCK_M, BLOCK_N, warps, stages, consumer registers) per head dim; the first is v3_gluon._PLANS' default.
+# Consumer registers > 0: the warp-specialised kernel (producer partition + two consumer warpgroups).
+PLANS = {128: [(128, 128, 4, 2, 240), (128, 128, 4, 3, 240), (128, 64, 4, 3, 240), (128, 64, 4, 4, 240),
+               (128, 128, 8, 3, 0)],
+         64: [(128, 128, 4, 3, 240), (128, 128, 4, 2, 240), (128, 128, 4, 4, 240), (128, 64, 4, 4, 240),
+              (64, 128, 4, 2, 0)]}
 # (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim)
 SHAPES = [(2, 113, 203, 8, 2, 128), (2, 203, 113, 8, 8, 64), (1, 1, 2048, 32, 8, 128), (1, 1023, 1024, 4, 4, 64),
           (1, 1024, 1023, 8, 1, 128), (1, 777, 4500, 32, 8, 128), (2, 333, 333, 32, 8, 64)]

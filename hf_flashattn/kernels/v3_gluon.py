@@ -231,8 +231,185 @@ if HAVE_GLUON:
         mbarrier.invalidate(q_bar)
 
 
-# Launch plan per head dim: (BLOCK_M, BLOCK_N, num_warps, STAGES)
-_PLANS = {64: (128, 128, 8, 2), 128: (128, 128, 8, 2)}
+    # ---- warp-specialised: one producer partition (TMA) and two consumer warpgroups (64 rows each) ----
+
+    @gluon.jit
+    def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                  b, h, kvh, m0, lo, hi, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                  WG_ROWS: gl.constexpr):
+        """Q (one 64-row half per consumer), then K and V block by block into a ring of STAGES slots: a slot is
+        refilled once both consumers have released it (their arrive on its `empty` barrier)."""
+        mbarrier.expect(q_bar, 2 * WG_ROWS * HEAD_DIM * 2)
+        _tma_load(q_desc, [b, m0, h, 0], q_bar, q_smem.index(0))
+        _tma_load(q_desc, [b, m0 + WG_ROWS, h, 0], q_bar, q_smem.index(1))
+        n = gl.cdiv(hi - lo, BLOCK_N)
+        for it in range(n):
+            s = it % STAGES
+            # the first pass over the ring waits for nothing (parity 1 of a fresh barrier counts as done)
+            ph = ((it // STAGES) & 1) ^ 1
+            start = lo + it * BLOCK_N
+            mbarrier.wait(k_empty.index(s), ph)
+            mbarrier.expect(k_ready.index(s), BLOCK_N * HEAD_DIM * 2)
+            _tma_load(k_desc, [b, start, kvh, 0], k_ready.index(s), k_smem.index(s))
+            mbarrier.wait(v_empty.index(s), ph)
+            mbarrier.expect(v_ready.index(s), BLOCK_N * HEAD_DIM * 2)
+            _tma_load(v_desc, [b, start, kvh, 0], v_ready.index(s), v_smem.index(s))
+
+    @gluon.jit
+    def _ws_block(start_n, o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, lo,
+                  offs_m, offs_n, Sk, diag, left, right, qk_scale,
+                  ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                  s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, MASKED: gl.constexpr):
+        """As `_block`, for one consumer warpgroup: slots are released to the producer by mbarrier arrives."""
+        it = (start_n - lo) // BLOCK_N
+        s = it % STAGES
+        mbarrier.wait(k_ready.index(s), (it // STAGES) & 1)
+        kt = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+        s_tok = warpgroup_mma(qw, kt, gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
+                              is_async=True)
+        prev = it - 1
+        sp = prev % STAGES
+        mbarrier.wait(v_ready.index(sp), (prev // STAGES) & 1)
+        o_tok = warpgroup_mma(p_prev, v_smem.index(sp).reshape([BLOCK_N, HEAD_DIM]), o, is_async=True)
+        qk = warpgroup_mma_wait(1, deps=[s_tok])
+        mbarrier.arrive(k_empty.index(s), count=1)
+        p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, qk_scale, offs_m, start_n + offs_n, Sk, diag, left, right,
+                                      MASKED)
+        o = warpgroup_mma_wait(0, deps=[o_tok])
+        mbarrier.arrive(v_empty.index(sp), count=1)
+        o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        p_prev = gl.convert_layout(p.to(qw.dtype), p_layout)
+        return o, m_i, l_i, p_prev
+
+    @gluon.jit
+    def _consumer(W: gl.constexpr, o_desc, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem, q_bar, k_ready,
+                  v_ready, k_empty, v_empty, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left, right, qk_scale,
+                  ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+        """Consumer warpgroup W: rows m0 + W·ROWS ... of the tile, the loop of `_fwd_kernel` on them."""
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        r0 = m0 + W * ROWS
+        offs_m = r0 + gl.arange(0, ROWS, layout=row_s)
+        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        qw = q_smem.index(W).reshape([ROWS, HEAD_DIM])
+        dtype: gl.constexpr = qw.dtype
+
+        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(k_ready.index(0), 0)
+        qk = warpgroup_mma(qw, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+                           gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False)
+        mbarrier.arrive(k_empty.index(0), count=1)
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
+        l_i = gl.zeros([ROWS], gl.float32, row_s)
+        p, _, m_i, l_i = _softmax(qk, m_i, l_i, qk_scale, offs_m, lo + offs_n, Sk, diag, left, right, True)
+        p_prev = gl.convert_layout(p.to(dtype), p_layout)
+        o = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+        nxt = lo + BLOCK_N
+        for start_n in range(nxt, gl.maximum(full_lo, nxt), BLOCK_N):
+            o, m_i, l_i, p_prev = _ws_block(start_n, o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready,
+                                            k_empty, v_empty, lo, offs_m, offs_n, Sk, diag, left, right, qk_scale,
+                                            ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout, p_layout, True)
+        for start_n in range(gl.maximum(full_lo, nxt), gl.maximum(full_hi, nxt), BLOCK_N):
+            o, m_i, l_i, p_prev = _ws_block(start_n, o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready,
+                                            k_empty, v_empty, lo, offs_m, offs_n, Sk, diag, left, right, qk_scale,
+                                            ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout, p_layout, False)
+        for start_n in range(gl.maximum(full_hi, nxt), hi, BLOCK_N):
+            o, m_i, l_i, p_prev = _ws_block(start_n, o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready,
+                                            k_empty, v_empty, lo, offs_m, offs_n, Sk, diag, left, right, qk_scale,
+                                            ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout, p_layout, True)
+        last = (hi - 1 - lo) // BLOCK_N
+        sl = last % STAGES
+        mbarrier.wait(v_ready.index(sl), (last // STAGES) & 1)
+        o = warpgroup_mma(p_prev, v_smem.index(sl).reshape([BLOCK_N, HEAD_DIM]), o)
+        mbarrier.arrive(v_empty.index(sl), count=1)
+
+        l_o = gl.convert_layout(l_i, row_o)
+        m_o = gl.convert_layout(m_i, row_o)
+        seen = l_o > 0.0
+        l_safe = gl.where(seen, l_o, 1.0)
+        o = o / gl.expand_dims(l_safe, 1)
+        lse = gl.where(seen, (m_o + gl.log2(l_safe)) * 0.6931471805599453, float("inf"))
+        offs_lse = r0 + gl.arange(0, ROWS, layout=row_o)
+        gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs_lse, lse, mask=offs_lse < Sq)
+        qw.store(o.to(dtype))   # this warpgroup's half of Q's buffer, read by nobody else
+        fence_async_shared()
+        _tma_store(o_desc, [b, r0, h, 0], q_smem.index(W))
+        tma.store_wait(0)
+
+    @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group"])
+    def _fwd_kernel_ws(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
+                       seqlen_q, seqlen_k, window_left, window_right, qk_scale, group,
+                       HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+        # Grid: (cdiv(seqlen_q, 128), nheads, batch). Warps: this region's (num_warps=4: the producer
+        # partition) + two 4-warp consumer partitions, each with 64 rows of the 128-row tile.
+        ROWS: gl.constexpr = 64
+        pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+        h = gl.program_id(1)
+        b = gl.program_id(2)
+        kvh = h // group
+        m0 = pid_m * (2 * ROWS)
+        Sq = seqlen_q
+        Sk = seqlen_k
+        dtype: gl.constexpr = q_desc.dtype
+        q_smem = gl.allocate_shared_memory(dtype, [2, 1, ROWS, 1, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEAD_DIM], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)   # one arrive per consumer warpgroup
+            mbarrier.init(v_empty.index(i), count=2)
+        diag = Sk - Sq
+        left = window_left
+        right = window_right
+        BLOCK_M: gl.constexpr = 2 * ROWS
+        lo = gl.maximum(m0 + diag - left, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+        hi = gl.minimum(m0 + BLOCK_M + diag + right, Sk)
+        hi = gl.maximum(hi, lo)
+        full_lo = gl.maximum(m0 + BLOCK_M - 1 + diag - left, 0)
+        full_lo = gl.minimum(gl.cdiv(full_lo, BLOCK_N) * BLOCK_N, hi)
+        full_hi = gl.minimum(m0 + diag + right + 1, Sk)
+        full_hi = gl.maximum((full_hi // BLOCK_N) * BLOCK_N, full_lo)
+        if lo >= hi:   # no key visible from any row of this tile: O = 0, lse = +inf
+            z_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+            for w in gl.static_range(2):
+                q_smem.index(w).reshape([ROWS, HEAD_DIM]).store(gl.zeros([ROWS, HEAD_DIM], dtype, z_layout))
+            fence_async_shared()
+            for w in gl.static_range(2):
+                _tma_store(o_desc, [b, m0 + w * ROWS, h, 0], q_smem.index(w))
+            offs = m0 + gl.arange(0, BLOCK_M, layout=gl.BlockedLayout([1], [32], [4], [0]))
+            gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs,
+                     gl.full([BLOCK_M], float("inf"), gl.float32, gl.BlockedLayout([1], [32], [4], [0])),
+                     mask=offs < Sq)
+            tma.store_wait(0)
+            return
+        gl.warp_specialize([
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+                         b, h, kvh, m0, lo, hi, BLOCK_N, HEAD_DIM, STAGES, ROWS)),
+            (_consumer, (0, o_desc, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                         k_empty, v_empty, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left, right, qk_scale,
+                         ROWS, BLOCK_N, HEAD_DIM, STAGES)),
+            (_consumer, (1, o_desc, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                         k_empty, v_empty, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left, right, qk_scale,
+                         ROWS, BLOCK_N, HEAD_DIM, STAGES)),
+        ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+
+
+# Launch plan per head dim: (BLOCK_M, BLOCK_N, num_warps, STAGES, consumer registers); a consumer register count
+# (> 0) means the warp-specialised kernel (BLOCK_M 128 = two consumer warpgroups, num_warps 4 = the producer)
+_PLANS = {64: (128, 128, 4, 3, 240), 128: (128, 128, 4, 2, 240)}
 
 
 def supports(q, k, v, cu_seqlens_q, softmax_scale, softcap) -> str | None:
@@ -270,15 +447,21 @@ def forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _pl
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return out.zero_(), lse.fill_(float("inf"))
-    bm, bn, warps, stages = _plan or _PLANS[D]
+    bm, bn, warps, stages, ws = _plan or _PLANS[D]
     left, right = C.window_args(window_size, Sq, Sk)
     qk_scale, _ = C.score_scales(softmax_scale, 0.0)
     layout = shared_layout(q.dtype, D)
-    qd = TensorDescriptor.from_tensor(q, [1, bm, 1, D], layout)
-    od = TensorDescriptor.from_tensor(out, [1, bm, 1, D], layout)
+    rows = 64 if ws else bm   # warp-specialised: Q and O move in 64-row halves, one per consumer warpgroup
+    qd = TensorDescriptor.from_tensor(q, [1, rows, 1, D], layout)
+    od = TensorDescriptor.from_tensor(out, [1, rows, 1, D], layout)
     kd = TensorDescriptor.from_tensor(k, [1, bn, 1, D], layout)
     vd = TensorDescriptor.from_tensor(v, [1, bn, 1, D], layout)
-    grid = (triton.cdiv(Sq, bm), H, B)
-    _fwd_kernel[grid](qd, kd, vd, od, lse, lse.stride(0), lse.stride(1), Sq, Sk, left, right, qk_scale, H // Hk,
-                      HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, NUM_WARPS=warps, num_warps=warps)
+    if ws:
+        grid = (triton.cdiv(Sq, 128), H, B)
+        _fwd_kernel_ws[grid](qd, kd, vd, od, lse, lse.stride(0), lse.stride(1), Sq, Sk, left, right, qk_scale,
+                             H // Hk, HEAD_DIM=D, BLOCK_N=bn, STAGES=stages, CONSUMER_REGS=ws, num_warps=4)
+    else:
+        grid = (triton.cdiv(Sq, bm), H, B)
+        _fwd_kernel[grid](qd, kd, vd, od, lse, lse.stride(0), lse.stride(1), Sq, Sk, left, right, qk_scale, H // Hk,
+                          HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, NUM_WARPS=warps, num_warps=warps)
     return out, lse

@@ -236,12 +236,12 @@ if HAVE_GLUON:
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
                   b, h, kvh, m0, lo, hi, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                  WG_ROWS: gl.constexpr):
-        """Q (one 64-row half per consumer), then K and V block by block into a ring of STAGES slots: a slot is
-        refilled once both consumers have released it (their arrive on its `empty` barrier)."""
-        mbarrier.expect(q_bar, 2 * WG_ROWS * HEAD_DIM * 2)
-        _tma_load(q_desc, [b, m0, h, 0], q_bar, q_smem.index(0))
-        _tma_load(q_desc, [b, m0 + WG_ROWS, h, 0], q_bar, q_smem.index(1))
+                  WG_ROWS: gl.constexpr, NC: gl.constexpr):
+        """Q (one 64-row slice per consumer), then K and V block by block into a ring of STAGES slots: a slot is
+        refilled once all NC consumers have released it (their arrives on its `empty` barrier)."""
+        mbarrier.expect(q_bar, NC * WG_ROWS * HEAD_DIM * 2)
+        for w in gl.static_range(NC):
+            _tma_load(q_desc, [b, m0 + w * WG_ROWS, h, 0], q_bar, q_smem.index(w))
         n = gl.cdiv(hi - lo, BLOCK_N)
         for it in range(n):
             s = it % STAGES
@@ -344,19 +344,20 @@ if HAVE_GLUON:
     @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group"])
     def _fwd_kernel_ws(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
                        seqlen_q, seqlen_k, window_left, window_right, qk_scale, group,
-                       HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
-        # Grid: (cdiv(seqlen_q, 128), nheads, batch). Warps: this region's (num_warps=4: the producer
-        # partition) + two 4-warp consumer partitions, each with 64 rows of the 128-row tile.
+                       HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                       NC: gl.constexpr):
+        # Grid: (cdiv(seqlen_q, 64·NC), nheads, batch). Warps: this region's (num_warps=4: the producer
+        # partition) + NC (2 or 3) 4-warp consumer partitions, each with 64 rows of the 64·NC-row tile.
         ROWS: gl.constexpr = 64
         pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
         h = gl.program_id(1)
         b = gl.program_id(2)
         kvh = h // group
-        m0 = pid_m * (2 * ROWS)
+        m0 = pid_m * (NC * ROWS)
         Sq = seqlen_q
         Sk = seqlen_k
         dtype: gl.constexpr = q_desc.dtype
-        q_smem = gl.allocate_shared_memory(dtype, [2, 1, ROWS, 1, HEAD_DIM], q_desc.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [NC, 1, ROWS, 1, HEAD_DIM], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEAD_DIM], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEAD_DIM], v_desc.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -368,12 +369,12 @@ if HAVE_GLUON:
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)   # one arrive per consumer warpgroup
-            mbarrier.init(v_empty.index(i), count=2)
+            mbarrier.init(k_empty.index(i), count=NC)   # one arrive per consumer warpgroup
+            mbarrier.init(v_empty.index(i), count=NC)
         diag = Sk - Sq
         left = window_left
         right = window_right
-        BLOCK_M: gl.constexpr = 2 * ROWS
+        BLOCK_M: gl.constexpr = NC * ROWS
         lo = gl.maximum(m0 + diag - left, 0)
         lo = (lo // BLOCK_N) * BLOCK_N
         hi = gl.minimum(m0 + BLOCK_M + diag + right, Sk)
@@ -384,32 +385,49 @@ if HAVE_GLUON:
         full_hi = gl.maximum((full_hi // BLOCK_N) * BLOCK_N, full_lo)
         if lo >= hi:   # no key visible from any row of this tile: O = 0, lse = +inf
             z_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-            for w in gl.static_range(2):
+            for w in gl.static_range(NC):
                 q_smem.index(w).reshape([ROWS, HEAD_DIM]).store(gl.zeros([ROWS, HEAD_DIM], dtype, z_layout))
             fence_async_shared()
-            for w in gl.static_range(2):
+            for w in gl.static_range(NC):
                 _tma_store(o_desc, [b, m0 + w * ROWS, h, 0], q_smem.index(w))
-            offs = m0 + gl.arange(0, BLOCK_M, layout=gl.BlockedLayout([1], [32], [4], [0]))
-            gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs,
-                     gl.full([BLOCK_M], float("inf"), gl.float32, gl.BlockedLayout([1], [32], [4], [0])),
-                     mask=offs < Sq)
+            r_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+            for w in gl.static_range(NC):
+                offs = m0 + w * ROWS + gl.arange(0, ROWS, layout=r_layout)
+                gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs,
+                         gl.full([ROWS], float("inf"), gl.float32, r_layout), mask=offs < Sq)
             tma.store_wait(0)
             return
-        gl.warp_specialize([
-            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
-                         b, h, kvh, m0, lo, hi, BLOCK_N, HEAD_DIM, STAGES, ROWS)),
-            (_consumer, (0, o_desc, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                         k_empty, v_empty, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left, right, qk_scale,
-                         ROWS, BLOCK_N, HEAD_DIM, STAGES)),
-            (_consumer, (1, o_desc, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                         k_empty, v_empty, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left, right, qk_scale,
-                         ROWS, BLOCK_N, HEAD_DIM, STAGES)),
-        ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+        # (the partition lists are written out: a JIT function cannot be held in a variable)
+        if NC == 3:
+            gl.warp_specialize([
+                (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
+                             v_empty, b, h, kvh, m0, lo, hi, BLOCK_N, HEAD_DIM, STAGES, ROWS, NC)),
+                (_consumer, (0, o_desc, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                              k_empty, v_empty, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left, right,
+                              qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES)),
+                (_consumer, (1, o_desc, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                              k_empty, v_empty, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left, right,
+                              qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES)),
+                (_consumer, (2, o_desc, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                              k_empty, v_empty, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left, right,
+                              qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES)),
+            ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
+        else:
+            gl.warp_specialize([
+                (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
+                             v_empty, b, h, kvh, m0, lo, hi, BLOCK_N, HEAD_DIM, STAGES, ROWS, NC)),
+                (_consumer, (0, o_desc, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                              k_empty, v_empty, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left, right,
+                              qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES)),
+                (_consumer, (1, o_desc, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                              k_empty, v_empty, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left, right,
+                              qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES)),
+            ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
 # Launch plan per head dim: (BLOCK_M, BLOCK_N, num_warps, STAGES, consumer registers); a consumer register count
 # (> 0) means the warp-specialised kernel (BLOCK_M 128 = two consumer warpgroups, num_warps 4 = the producer)
-_PLANS = {64: (128, 128, 4, 3, 240), 128: (128, 128, 4, 2, 240)}
+_PLANS = {64: (128, 128, 4, 3, 240), 128: (128, 128, 4, 2, 240), 256: (128, 64, 4, 2, 240)}
 
 
 def supports(q, k, v, cu_seqlens_q, softmax_scale, softcap) -> str | None:
@@ -456,10 +474,11 @@ def forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _pl
     od = TensorDescriptor.from_tensor(out, [1, rows, 1, D], layout)
     kd = TensorDescriptor.from_tensor(k, [1, bn, 1, D], layout)
     vd = TensorDescriptor.from_tensor(v, [1, bn, 1, D], layout)
-    if ws:
-        grid = (triton.cdiv(Sq, 128), H, B)
+    if ws:   # BLOCK_M = 64 rows a consumer warpgroup
+        grid = (triton.cdiv(Sq, bm), H, B)
         _fwd_kernel_ws[grid](qd, kd, vd, od, lse, lse.stride(0), lse.stride(1), Sq, Sk, left, right, qk_scale,
-                             H // Hk, HEAD_DIM=D, BLOCK_N=bn, STAGES=stages, CONSUMER_REGS=ws, num_warps=4)
+                             H // Hk, HEAD_DIM=D, BLOCK_N=bn, STAGES=stages, CONSUMER_REGS=ws, NC=bm // 64,
+                             num_warps=4)
     else:
         grid = (triton.cdiv(Sq, bm), H, B)
         _fwd_kernel[grid](qd, kd, vd, od, lse, lse.stride(0), lse.stride(1), Sq, Sk, left, right, qk_scale, H // Hk,

@@ -177,15 +177,19 @@ def supports(q, k, v) -> str | None:
     return None
 
 
-def _gluon_runs(q, k, v, cu_seqlens_q, softmax_scale, softcap) -> bool:
-    """Whether the Gluon kernel (v3_gluon.py) takes these inputs: HF_FLASHATTN_V3_GLUON=1, a Hopper GPU (its
-    wgmma/TMA code is sm90's), and inputs in its scope (`v3_gluon.supports`)."""
-    if os.environ.get("HF_FLASHATTN_V3_GLUON", "0") != "1" or is_interpreting() or q.device.type != "cuda":
-        return False
+def _gluon_plan(q, k, v, cu_seqlens_q, max_seqlen_k, softmax_scale, window_size, softcap):
+    """The Gluon kernel's launch plan for these inputs (v3_gluon.py), or None for this file's kernel: on a Hopper
+    GPU, for inputs in its scope (`v3_gluon.supports`) where it measured faster (`v3_gluon.plan`).
+    HF_FLASHATTN_V3_GLUON=0 turns it off; =1 takes it for every input in its scope."""
+    mode = os.environ.get("HF_FLASHATTN_V3_GLUON", "auto")
+    if mode == "0" or is_interpreting() or q.device.type != "cuda":
+        return None
     if torch.cuda.get_device_capability(q.device)[0] != 9:
-        return False
+        return None
     from . import v3_gluon
-    return v3_gluon.supports(q, k, v, cu_seqlens_q, softmax_scale, softcap) is None
+    if v3_gluon.supports(q, k, v, cu_seqlens_q, softmax_scale, softcap) is not None:
+        return None
+    return v3_gluon.plan(q.shape[-1], max_seqlen_k, tuple(window_size) != (-1, -1), force=mode == "1")
 
 
 def plan(D: int, max_seqlen_k: int):
@@ -202,9 +206,11 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     why = supports(q, k, v)
     if why is not None:
         raise NotImplementedError(why + "; use version='v2'.")
-    if _plan is None and _gluon_runs(q, k, v, cu_seqlens_q, softmax_scale, softcap):
+    gplan = None if _plan is not None else _gluon_plan(q, k, v, cu_seqlens_q, max_seqlen_k, softmax_scale,
+                                                        window_size, softcap)
+    if gplan is not None:
         from . import v3_gluon
-        return v3_gluon.forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size)
+        return v3_gluon.forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _plan=gplan)
     varlen = cu_seqlens_q is not None
     H, D = q.shape[-2], q.shape[-1]
     Hk = k.shape[-2]

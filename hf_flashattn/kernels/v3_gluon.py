@@ -425,9 +425,23 @@ if HAVE_GLUON:
             ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
-# Launch plan per head dim: (BLOCK_M, BLOCK_N, num_warps, STAGES, consumer registers); a consumer register count
-# (> 0) means the warp-specialised kernel (BLOCK_M 128 = two consumer warpgroups, num_warps 4 = the producer)
-_PLANS = {64: (128, 128, 4, 3, 240), 128: (128, 128, 4, 2, 240), 256: (128, 64, 4, 2, 240)}
+# Launch plans: (BLOCK_M, BLOCK_N, num_warps, STAGES, consumer registers). A consumer register count (> 0) means
+# the warp-specialised kernel: BLOCK_M = 64 rows x NC consumer warpgroups, num_warps 4 = the producer partition.
+# 0 means `_fwd_kernel` (no specialisation; kept for the sweeps, slower everywhere measured).
+# From benchmarks/sweep_gluon.py on the H100 (results/2026-11-26-h100-sweep-gluon*.md), against v3.py's kernel:
+# d128 faster from 4k keys (1.01-1.04x cuDNN at 16k) and at 1k without a mask, slower at 1k causal; d256 faster
+# everywhere (0.93-1.18x cuDNN); d64 only without a mask from 4k keys with three consumers (192 rows).
+_PLANS = {64: (192, 128, 4, 2, 160), 128: (128, 128, 4, 2, 240), 256: (128, 64, 4, 2, 240)}
+
+
+def plan(D: int, max_seqlen_k: int, masked: bool, force: bool = False):
+    """The plan for head dim D (64, 128 or 256), the longest key sequence and whether a causal/window mask applies;
+    None where v3.py's kernel measured faster (unless force)."""
+    if force or D == 256:
+        return _PLANS[D]
+    if D == 128:
+        return None if masked and max_seqlen_k < 2048 else _PLANS[128]
+    return None if masked or max_seqlen_k < 4096 else _PLANS[64]
 
 
 def supports(q, k, v, cu_seqlens_q, softmax_scale, softcap) -> str | None:
@@ -465,7 +479,7 @@ def forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _pl
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return out.zero_(), lse.fill_(float("inf"))
-    bm, bn, warps, stages, ws = _plan or _PLANS[D]
+    bm, bn, warps, stages, ws = _plan or plan(D, Sk, tuple(window_size) != (-1, -1), force=True)
     left, right = C.window_args(window_size, Sq, Sk)
     qk_scale, _ = C.score_scales(softmax_scale, 0.0)
     layout = shared_layout(q.dtype, D)

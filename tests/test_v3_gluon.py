@@ -1,0 +1,126 @@
+"""The Gluon v3 forward (hf_flashattn/kernels/v3_gluon.py) on the CPU.
+
+Gluon kernels do not run on Triton's interpreter, so here: the kernel is compiled for sm_90a (Hopper) and its
+PTX checked for the structure the design depends on; the choice of kernel (`plan`, `supports`, the dispatch in
+v3.forward) is checked as a rule. Its numbers are checked on the GPU (benchmarks/sweep_gluon.py, gpu_check.py:
+results/2026-11-26-h100-sweep-gluon-*.md and -correctness-gluon.log).
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import pytest
+import torch
+
+from hf_flashattn.kernels import v3, v3_gluon as G
+
+pytestmark = pytest.mark.skipif(not G.HAVE_GLUON, reason="this Triton has no Gluon")
+
+
+_COMPILE = r"""
+import json, sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from hf_flashattn.kernels import v3_gluon as G
+D, block_n, stages, regs, nc = json.loads(sys.argv[1])
+fn = G._fwd_kernel_ws
+lay = repr(G.shared_layout(torch.bfloat16, D))
+sig = {}
+for i, name in enumerate(fn.arg_names):
+    if fn.params[i].is_constexpr:
+        sig[name] = "constexpr"
+    elif name in ("q_desc", "o_desc"):
+        sig[name] = f"tensordesc<bf16[1,64,1,{D}],{lay}>"
+    elif name in ("k_desc", "v_desc"):
+        sig[name] = f"tensordesc<bf16[1,{block_n},1,{D}],{lay}>"
+    else:
+        sig[name] = {"LSE": "*fp32", "qk_scale": "fp32"}.get(name, "i32")
+cx = dict(HEAD_DIM=D, BLOCK_N=block_n, STAGES=stages, CONSUMER_REGS=regs, NC=nc)
+src = GluonASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in cx.items()})
+k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+open(sys.argv[2], "w").write(k.asm["ptx"])
+print(k.metadata.shared)
+"""
+
+
+def _compile(D, block_n, stages, regs, nc, out):
+    """PTX of the warp-specialised kernel for sm_90a, compiled in a fresh process: this one runs Triton's
+    interpreter (TRITON_INTERPRET=1), under which Triton's own library functions are not compilable."""
+    import json
+    import sys
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    r = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps([D, block_n, stages, regs, nc]), out],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return open(out).read(), int(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_compiles_for_hopper_with_the_overlap(D):
+    """Each head dim's default plan compiles for sm_90a with: TMA tile copies, wgmma, a wait that leaves one
+    wgmma group in flight (the softmax of block j under P·V of block j-1), mbarrier waits and arrives between
+    the producer and the consumers, register reallocation between the partitions, and (next to) no spills."""
+    import triton
+    bm, bn, _, stages, regs = G.plan(D, 1 << 20, False, force=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, shared = _compile(D, bn, stages, regs, bm // 64, os.path.join(tmp, "k.ptx"))
+    assert "cp.async.bulk.tensor" in ptx                      # TMA loads and stores
+    assert "wgmma.mma_async" in ptx
+    assert re.search(r"wgmma\.wait_group\.sync\.aligned 1;", ptx)   # one group left in flight
+    assert "mbarrier.try_wait.parity" in ptx and "mbarrier.arrive" in ptx
+    assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx
+    assert shared <= 232448                         # fits the H100's shared memory per block
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.fail(f"no ptxas at {ptxas}: cannot check spills")
+    # this ptxas may be older than the PTX ISA version Triton writes; the instructions are sm_90a's either way
+    src = re.sub(r"^\.version \d+\.\d+", ".version 8.7", ptx, flags=re.M)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(src)
+    try:
+        out = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
+                             text=True, timeout=300)
+    finally:
+        os.unlink(f.name)
+    assert out.returncode == 0, out.stderr[-2000:]
+    spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", out.stderr)]
+    # Triton 3.6 (the GPU image) spills nothing on any of the three; 3.9 spills 12 bytes in d64's 3-consumer plan
+    assert spills and max(spills) <= 16, out.stderr[-2000:]
+
+
+def test_plan_rule():
+    """Where the Gluon kernel runs by default (measured faster on the H100, results/2026-11-26-h100-sweep-gluon-3)."""
+    assert G.plan(256, 512, True) == G._PLANS[256]             # d256: everywhere
+    assert G.plan(128, 1024, False) == G._PLANS[128]           # d128 without a mask: everywhere
+    assert G.plan(128, 1024, True) is None                     # d128 masked below 2048 keys: v3.py's kernel
+    assert G.plan(128, 2048, True) == G._PLANS[128]
+    assert G.plan(64, 4096, False) == G._PLANS[64]             # d64: unmasked from 4096 keys only
+    assert G.plan(64, 4095, False) is None and G.plan(64, 1 << 15, True) is None
+    assert G.plan(64, 16, True, force=True) == G._PLANS[64]
+    for bm, bn, warps, stages, regs in G._PLANS.values():      # the warp-specialised kernel's shape rules
+        assert bm in (128, 192) and warps == 4 and regs * 128 * (bm // 64) + 24 * 128 <= 65536
+
+
+def test_supports_names_what_it_leaves_to_v3py():
+    x = torch.zeros(1, 64, 2, 128, dtype=torch.bfloat16)
+    assert G.supports(x, x, x, None, 0.1, 0.0) is None
+    assert "packed" in G.supports(x, x, x, torch.zeros(2, dtype=torch.int32), 0.1, 0.0)
+    assert "softcap" in G.supports(x, x, x, None, 0.1, 30.0)
+    assert "scale" in G.supports(x, x, x, None, 0.0, 0.0)
+    assert "float32" in G.supports(x.float(), x.float(), x.float(), None, 0.1, 0.0)
+    y = torch.zeros(1, 64, 2, 80, dtype=torch.bfloat16)
+    assert "head dim 80" in G.supports(y, y, y, None, 0.1, 0.0)
+    odd = torch.zeros(1 * 64 * 2 * 128 + 1, dtype=torch.bfloat16)[1:].view(1, 64, 2, 128)
+    assert "TMA" in G.supports(x, odd, odd, None, 0.1, 0.0)
+
+
+def test_dispatch_off_the_gpu_and_when_turned_off(monkeypatch):
+    """v3.forward takes the Gluon kernel only for CUDA tensors on a Hopper GPU (never on the interpreter or the
+    CPU), unless HF_FLASHATTN_V3_GLUON=0."""
+    x = torch.zeros(1, 4096, 2, 128, dtype=torch.bfloat16)
+    assert v3._gluon_plan(x, x, x, None, 4096, 0.1, (-1, -1), 0.0) is None         # CPU tensors
+    monkeypatch.setenv("HF_FLASHATTN_V3_GLUON", "0")
+    assert v3._gluon_plan(x, x, x, None, 4096, 0.1, (-1, -1), 0.0) is None

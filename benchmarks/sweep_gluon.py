@@ -23,12 +23,11 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FLOOR = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
-# (BLOCK_M, BLOCK_N, warps, stages, consumer registers) per head dim; the first is v3_gluon._PLANS' default.
+# (BLOCK_M, BLOCK_N, warps, stages, consumer registers[, ping-pong]) per head dim; the first is v3_gluon's default.
 # Consumer registers > 0: the warp-specialised kernel (producer partition + two consumer warpgroups).
-PLANS = {128: [(128, 128, 4, 2, 240), (128, 128, 4, 3, 240), (128, 64, 4, 3, 240)],
-         64: [(128, 128, 4, 3, 240), (192, 128, 4, 2, 160), (192, 128, 4, 3, 160), (192, 64, 4, 4, 160),
-              (128, 128, 4, 4, 240)],
-         256: [(128, 64, 4, 2, 240), (128, 32, 4, 2, 240), (128, 32, 4, 3, 240)]}
+PLANS = {128: [(128, 128, 4, 2, 240, False), (128, 128, 4, 2, 240, True), (128, 128, 4, 3, 240, True)],
+         64: [(192, 128, 4, 2, 160, False), (192, 128, 4, 2, 160, True), (128, 128, 4, 3, 240, True)],
+         256: [(128, 64, 4, 2, 240, False), (128, 64, 4, 2, 240, True)]}
 # (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim)
 SHAPES = [(2, 113, 203, 8, 2, 128), (2, 203, 113, 8, 8, 64), (1, 1, 2048, 32, 8, 128), (1, 1023, 1024, 4, 4, 64),
           (1, 1024, 1023, 8, 1, 128), (1, 777, 4500, 32, 8, 128), (2, 333, 333, 32, 8, 64),

@@ -38,7 +38,7 @@ for i, name in enumerate(fn.arg_names):
         sig[name] = f"tensordesc<bf16[1,{block_n},1,{D}],{lay}>"
     else:
         sig[name] = {"LSE": "*fp32", "qk_scale": "fp32"}.get(name, "i32")
-cx = dict(HEAD_DIM=D, BLOCK_N=block_n, STAGES=stages, CONSUMER_REGS=regs, NC=nc)
+cx = dict(HEAD_DIM=D, BLOCK_N=block_n, STAGES=stages, CONSUMER_REGS=regs, NC=nc, PINGPONG=G.PINGPONG)
 src = GluonASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in cx.items()})
 k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 open(sys.argv[2], "w").write(k.asm["ptx"])

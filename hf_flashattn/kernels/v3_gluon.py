@@ -256,21 +256,40 @@ if HAVE_GLUON:
             _tma_load(v_desc, [b, start, kvh, 0], v_ready.index(s), v_smem.index(s))
 
     @gluon.jit
-    def _ws_block(start_n, o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, lo,
-                  offs_m, offs_n, Sk, diag, left, right, qk_scale,
+    def _turn_wait(turn_bars, W: gl.constexpr, t, PINGPONG: gl.constexpr):
+        """Ping-pong (FA3's warp-scheduler barrier): consumer W issues its wgmmas of turn t only after consumer
+        W - 1 has issued its own of turn t (consumer 0: after the last consumer's turn t - 1), so the tensor cores
+        take the warpgroups' products in turn and each one's softmax runs under the others' products."""
+        if PINGPONG:
+            if W == 0:
+                mbarrier.wait(turn_bars.index(0), (t - 1) & 1, pred=t > 0)
+            else:
+                mbarrier.wait(turn_bars.index(W), t & 1)
+
+    @gluon.jit
+    def _turn_pass(turn_bars, W: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr):
+        if PINGPONG:
+            mbarrier.arrive(turn_bars.index((W + 1) % NC), count=1)
+
+    @gluon.jit
+    def _ws_block(start_n, o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn_bars,
+                  lo, offs_m, offs_n, Sk, diag, left, right, qk_scale,
                   ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                  s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, MASKED: gl.constexpr):
+                  s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, MASKED: gl.constexpr,
+                  W: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr):
         """As `_block`, for one consumer warpgroup: slots are released to the producer by mbarrier arrives."""
         it = (start_n - lo) // BLOCK_N
         s = it % STAGES
         mbarrier.wait(k_ready.index(s), (it // STAGES) & 1)
         kt = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
-        s_tok = warpgroup_mma(qw, kt, gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
-                              is_async=True)
         prev = it - 1
         sp = prev % STAGES
         mbarrier.wait(v_ready.index(sp), (prev // STAGES) & 1)
+        _turn_wait(turn_bars, W, it, PINGPONG)
+        s_tok = warpgroup_mma(qw, kt, gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
+                              is_async=True)
         o_tok = warpgroup_mma(p_prev, v_smem.index(sp).reshape([BLOCK_N, HEAD_DIM]), o, is_async=True)
+        _turn_pass(turn_bars, W, NC, PINGPONG)
         qk = warpgroup_mma_wait(1, deps=[s_tok])
         mbarrier.arrive(k_empty.index(s), count=1)
         p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, qk_scale, offs_m, start_n + offs_n, Sk, diag, left, right,
@@ -283,8 +302,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(W: gl.constexpr, o_desc, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem, q_bar, k_ready,
-                  v_ready, k_empty, v_empty, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left, right, qk_scale,
-                  ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+                  v_ready, k_empty, v_empty, turn_bars, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left, right,
+                  qk_scale, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                  NC: gl.constexpr, PINGPONG: gl.constexpr):
         """Consumer warpgroup W: rows m0 + W·ROWS ... of the tile, the loop of `_fwd_kernel` on them."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -301,8 +321,11 @@ if HAVE_GLUON:
 
         mbarrier.wait(q_bar, 0)
         mbarrier.wait(k_ready.index(0), 0)
+        _turn_wait(turn_bars, W, 0, PINGPONG)
         qk = warpgroup_mma(qw, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
-                           gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False)
+                           gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+        _turn_pass(turn_bars, W, NC, PINGPONG)
+        qk = warpgroup_mma_wait(0, deps=[qk])
         mbarrier.arrive(k_empty.index(0), count=1)
         m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
         l_i = gl.zeros([ROWS], gl.float32, row_s)
@@ -312,20 +335,26 @@ if HAVE_GLUON:
         nxt = lo + BLOCK_N
         for start_n in range(nxt, gl.maximum(full_lo, nxt), BLOCK_N):
             o, m_i, l_i, p_prev = _ws_block(start_n, o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready,
-                                            k_empty, v_empty, lo, offs_m, offs_n, Sk, diag, left, right, qk_scale,
-                                            ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout, p_layout, True)
+                                            k_empty, v_empty, turn_bars, lo, offs_m, offs_n, Sk, diag, left, right,
+                                            qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout, p_layout,
+                                            True, W, NC, PINGPONG)
         for start_n in range(gl.maximum(full_lo, nxt), gl.maximum(full_hi, nxt), BLOCK_N):
             o, m_i, l_i, p_prev = _ws_block(start_n, o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready,
-                                            k_empty, v_empty, lo, offs_m, offs_n, Sk, diag, left, right, qk_scale,
-                                            ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout, p_layout, False)
+                                            k_empty, v_empty, turn_bars, lo, offs_m, offs_n, Sk, diag, left, right,
+                                            qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout, p_layout,
+                                            False, W, NC, PINGPONG)
         for start_n in range(gl.maximum(full_hi, nxt), hi, BLOCK_N):
             o, m_i, l_i, p_prev = _ws_block(start_n, o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready,
-                                            k_empty, v_empty, lo, offs_m, offs_n, Sk, diag, left, right, qk_scale,
-                                            ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout, p_layout, True)
+                                            k_empty, v_empty, turn_bars, lo, offs_m, offs_n, Sk, diag, left, right,
+                                            qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout, p_layout,
+                                            True, W, NC, PINGPONG)
         last = (hi - 1 - lo) // BLOCK_N
         sl = last % STAGES
         mbarrier.wait(v_ready.index(sl), (last // STAGES) & 1)
-        o = warpgroup_mma(p_prev, v_smem.index(sl).reshape([BLOCK_N, HEAD_DIM]), o)
+        _turn_wait(turn_bars, W, last + 1, PINGPONG)
+        o = warpgroup_mma(p_prev, v_smem.index(sl).reshape([BLOCK_N, HEAD_DIM]), o, is_async=True)
+        _turn_pass(turn_bars, W, NC, PINGPONG)
+        o = warpgroup_mma_wait(0, deps=[o])
         mbarrier.arrive(v_empty.index(sl), count=1)
 
         l_o = gl.convert_layout(l_i, row_o)
@@ -345,7 +374,7 @@ if HAVE_GLUON:
     def _fwd_kernel_ws(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
                        seqlen_q, seqlen_k, window_left, window_right, qk_scale, group,
                        HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                       NC: gl.constexpr):
+                       NC: gl.constexpr, PINGPONG: gl.constexpr):
         # Grid: (cdiv(seqlen_q, 64·NC), nheads, batch). Warps: this region's (num_warps=4: the producer
         # partition) + NC (2 or 3) 4-warp consumer partitions, each with 64 rows of the 64·NC-row tile.
         ROWS: gl.constexpr = 64
@@ -365,7 +394,10 @@ if HAVE_GLUON:
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn_bars = gl.allocate_shared_memory(gl.int64, [NC, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(NC):
+            mbarrier.init(turn_bars.index(i), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
@@ -403,25 +435,25 @@ if HAVE_GLUON:
                 (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
                              v_empty, b, h, kvh, m0, lo, hi, BLOCK_N, HEAD_DIM, STAGES, ROWS, NC)),
                 (_consumer, (0, o_desc, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                              k_empty, v_empty, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left, right,
-                              qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES)),
+                              k_empty, v_empty, turn_bars, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left,
+                              right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG)),
                 (_consumer, (1, o_desc, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                              k_empty, v_empty, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left, right,
-                              qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES)),
+                              k_empty, v_empty, turn_bars, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left,
+                              right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG)),
                 (_consumer, (2, o_desc, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                              k_empty, v_empty, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left, right,
-                              qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES)),
+                              k_empty, v_empty, turn_bars, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left,
+                              right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG)),
             ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
         else:
             gl.warp_specialize([
                 (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
                              v_empty, b, h, kvh, m0, lo, hi, BLOCK_N, HEAD_DIM, STAGES, ROWS, NC)),
                 (_consumer, (0, o_desc, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                              k_empty, v_empty, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left, right,
-                              qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES)),
+                              k_empty, v_empty, turn_bars, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left,
+                              right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG)),
                 (_consumer, (1, o_desc, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                              k_empty, v_empty, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left, right,
-                              qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES)),
+                              k_empty, v_empty, turn_bars, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left,
+                              right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG)),
             ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -431,6 +463,7 @@ if HAVE_GLUON:
 # From benchmarks/sweep_gluon.py on the H100 (results/2026-11-26-h100-sweep-gluon*.md), against v3.py's kernel:
 # d128 faster from 4k keys (1.01-1.04x cuDNN at 16k) and at 1k without a mask, slower at 1k causal; d256 faster
 # everywhere (0.93-1.18x cuDNN); d64 only without a mask from 4k keys with three consumers (192 rows).
+PINGPONG = False   # the consumers' products taken in turn (`_turn_wait`); a plan's 6th element overrides
 _PLANS = {64: (192, 128, 4, 2, 160), 128: (128, 128, 4, 2, 240), 256: (128, 64, 4, 2, 240)}
 
 
@@ -479,7 +512,9 @@ def forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _pl
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return out.zero_(), lse.fill_(float("inf"))
-    bm, bn, warps, stages, ws = _plan or plan(D, Sk, tuple(window_size) != (-1, -1), force=True)
+    p = _plan or plan(D, Sk, tuple(window_size) != (-1, -1), force=True)
+    bm, bn, warps, stages, ws = p[:5]
+    pingpong = p[5] if len(p) > 5 else PINGPONG
     left, right = C.window_args(window_size, Sq, Sk)
     qk_scale, _ = C.score_scales(softmax_scale, 0.0)
     layout = shared_layout(q.dtype, D)
@@ -492,7 +527,7 @@ def forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _pl
         grid = (triton.cdiv(Sq, bm), H, B)
         _fwd_kernel_ws[grid](qd, kd, vd, od, lse, lse.stride(0), lse.stride(1), Sq, Sk, left, right, qk_scale,
                              H // Hk, HEAD_DIM=D, BLOCK_N=bn, STAGES=stages, CONSUMER_REGS=ws, NC=bm // 64,
-                             num_warps=4)
+                             PINGPONG=pingpong, num_warps=4)
     else:
         grid = (triton.cdiv(Sq, bm), H, B)
         _fwd_kernel[grid](qd, kd, vd, od, lse, lse.stride(0), lse.stride(1), Sq, Sk, left, right, qk_scale, H // Hk,

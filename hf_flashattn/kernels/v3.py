@@ -14,9 +14,10 @@ d64/d256 and at d128 below 4k keys (several programs an SM, so one program's sof
 matmuls, the overlap FA3 gets from ping-pong scheduling), 128 x 128 with 8 warps at d128 from 4k. The forward
 is 0.82-0.93x cuDNN at d128 from 4k on the H100. A loop skewed by one key block (q·kᵀ of the next block issued
 before this block's softmax) was tried and removed: Triton waits for each wgmma right after issuing it, so
-nothing overlapped and it spilled (0.15-0.78x). Not here (issue 4): explicit ping-pong of two consumer
-warpgroups and intra-warpgroup overlap (they need Gluon's explicit wgmma waits), a persistent grid, a
-Hopper-specific backward (v3 runs v2's). Requirements checked by `supports()`: fp16/bf16, head dim a
+nothing overlapped and it spilled (0.15-0.78x). That overlap is written out in Gluon in v3_gluon.py
+(warp-specialised: a TMA producer, consumer warpgroups with explicit wgmma waits), which `forward` runs instead
+of this kernel on Hopper where it measured faster (`_gluon_plan`, `v3_gluon.plan`: 0.93-1.06x cuDNN from 4k
+keys). Not here (issue 4): a persistent grid, a Hopper-specific backward (v3 runs v2's). Requirements checked by `supports()`: fp16/bf16, head dim a
 multiple of 8 up to 256, 16-byte aligned base pointers and row strides (TMA's rule); otherwise callers use v2.
 """
 from __future__ import annotations

@@ -4,25 +4,32 @@ Why Gluon: in Triton's high-level language the compiler waits on each wgmma righ
 whose result feeds the next iteration's accumulator stays in flight), so the softmax of one key block never
 runs under a matmul of the same program (sixth session, benchmarks/NOTES.md). Here the waits are explicit.
 
-Per program: BLOCK_M query rows of one head of one sequence; NUM_WARPS / 4 warpgroups, each owning 64 (or
-BLOCK_M / warpgroups) rows of the wgmma tiles. Q, K, V come through host-made TMA descriptors over the whole
-(B, S, H, D) tensors into shared memory, K and V into a ring of STAGES buffers, each with its own mbarrier (K
-and V apart, so q·kᵀ can start before V has landed). Key block j's loop body:
+The kernel `forward` runs (`_fwd_kernel_ws`, warp-specialised): per program, 64·NC query rows of one head of one
+sequence (NC = 2 or 3). A producer partition (4 warps, 24 registers) copies Q once and K and V block by block
+through host-made TMA descriptors over the whole (B, S, H, D) tensors into a ring of STAGES shared-memory slots,
+each with a `ready` mbarrier (the copy's byte count) and an `empty` one (one arrive per consumer). NC consumer
+partitions (4 warps, one warpgroup, 64 rows each, `setmaxnreg` up to 240 or 160 registers) run, for key block j:
 
     S_j   = Q · K_jᵀ                      (wgmma, issued, not waited)
     O    += P_{j-1} · V_{j-1}             (wgmma on the registers of P, issued, not waited)
-    wait for S_j only (wgmma groups retire in order: one left in flight)
+    wait for S_j only (wgmma groups retire in order: one left in flight); release K_j's slot
     softmax of S_j -> P_j, the row max and sum, alpha_j   <- runs while the tensor cores do P_{j-1} · V_{j-1}
-    wait for O; O *= alpha_j; refill the stage block j-1 used with block j-1+STAGES
+    wait for O; release V_{j-1}'s slot; O *= alpha_j
 
 O after block j is alpha_j · (O + P_{j-1} V_{j-1}), the same online softmax as v2 (design.md) with the product
 for a block one step late. The key blocks come as v2's three ranges (`tile_range`): a masked left-window edge,
 the band every row sees (no mask), the masked diagonal/tail; the first block is peeled (always masked: it may
-be an edge) and the last block's product follows the loop. The scale folds into the exponent.
+be an edge) and the last block's product follows the loop. The scale folds into the exponent. Each consumer
+writes its rows of O through its slice of Q's buffer and one TMA store, and its lse by a masked store.
 
-Scope (`supports`): dense (B, S, H, D) fp16/bf16, head dim 64 or 128 exactly, no softcap, TMA-aligned strides.
-Everything else runs the Triton-language v3 kernel (v3.py). Gluon kernels do not run on Triton's interpreter;
-the CPU tests compile this kernel for sm_90a instead (tests/test_v3_gluon.py) and the GPU grid checks it.
+Measured on the H100 (benchmarks/NOTES.md, seventh session; results/2026-11-26-h100-*gluon*): 0.93-1.06x
+cuDNN's forward from 4k keys where `plan()` picks it, against 0.80-0.90x for v3.py's kernel at d128/d256.
+`_fwd_kernel` (one partition, no specialisation) was the first version: slower than v3.py's kernel everywhere,
+kept for the sweeps. Ping-pong of the consumers (`PINGPONG`) measured no gain and is off.
+
+Scope (`supports`): dense (B, S, H, D) fp16/bf16, head dim 64, 128 or 256 exactly, no softcap, a positive scale,
+TMA-aligned strides. Everything else runs the Triton-language v3 kernel (v3.py). Gluon kernels do not run on
+Triton's interpreter; the CPU tests compile this kernel for sm_90a instead (tests/test_v3_gluon.py).
 """
 from __future__ import annotations
 
@@ -51,6 +58,21 @@ if HAVE_GLUON:
     # TMA copies: `async_load`/`async_store` from Triton 3.7 on (the old names raise there), the old names in 3.6
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+
+    @gluon.jit
+    def _key_range(m0, BLOCK_M: gl.constexpr, diag, left, right, Sk, BLOCK_N: gl.constexpr):
+        """(lo, full_lo, full_hi, hi): the key blocks of the row tile [m0, m0 + BLOCK_M), as _common.tile_range
+        (a Triton-language function, which Gluon code cannot call): [lo, full_lo) and [full_hi, hi) masked,
+        [full_lo, full_hi) seen by every row."""
+        lo = gl.maximum(m0 + diag - left, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+        hi = gl.minimum(m0 + BLOCK_M + diag + right, Sk)
+        hi = gl.maximum(hi, lo)
+        full_lo = gl.maximum(m0 + BLOCK_M - 1 + diag - left, 0)
+        full_lo = gl.minimum(gl.cdiv(full_lo, BLOCK_N) * BLOCK_N, hi)
+        full_hi = gl.minimum(m0 + diag + right + 1, Sk)
+        full_hi = gl.maximum((full_hi // BLOCK_N) * BLOCK_N, full_lo)
+        return lo, full_lo, full_hi, hi
 
     @gluon.jit
     def _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, b, kvh, lo, it, hi,
@@ -148,15 +170,7 @@ if HAVE_GLUON:
         diag = Sk - Sq
         left = window_left
         right = window_right
-        # the key range of this row tile, as v2 (_common.tile_range, written out for scalars)
-        lo = gl.maximum(m0 + diag - left, 0)
-        lo = (lo // BLOCK_N) * BLOCK_N
-        hi = gl.minimum(m0 + BLOCK_M + diag + right, Sk)
-        hi = gl.maximum(hi, lo)
-        full_lo = gl.maximum(m0 + BLOCK_M - 1 + diag - left, 0)
-        full_lo = gl.minimum(gl.cdiv(full_lo, BLOCK_N) * BLOCK_N, hi)
-        full_hi = gl.minimum(m0 + diag + right + 1, Sk)
-        full_hi = gl.maximum((full_hi // BLOCK_N) * BLOCK_N, full_lo)
+        lo, full_lo, full_hi, hi = _key_range(m0, BLOCK_M, diag, left, right, Sk, BLOCK_N)
 
         offs_m = m0 + gl.arange(0, BLOCK_M, layout=row_s)
         offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -407,14 +421,7 @@ if HAVE_GLUON:
         left = window_left
         right = window_right
         BLOCK_M: gl.constexpr = NC * ROWS
-        lo = gl.maximum(m0 + diag - left, 0)
-        lo = (lo // BLOCK_N) * BLOCK_N
-        hi = gl.minimum(m0 + BLOCK_M + diag + right, Sk)
-        hi = gl.maximum(hi, lo)
-        full_lo = gl.maximum(m0 + BLOCK_M - 1 + diag - left, 0)
-        full_lo = gl.minimum(gl.cdiv(full_lo, BLOCK_N) * BLOCK_N, hi)
-        full_hi = gl.minimum(m0 + diag + right + 1, Sk)
-        full_hi = gl.maximum((full_hi // BLOCK_N) * BLOCK_N, full_lo)
+        lo, full_lo, full_hi, hi = _key_range(m0, BLOCK_M, diag, left, right, Sk, BLOCK_N)
         if lo >= hi:   # no key visible from any row of this tile: O = 0, lse = +inf
             z_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
             for w in gl.static_range(NC):

@@ -31,7 +31,9 @@ PLANS = {128: [(128, 128, 4, 2, 240, False), (128, 128, 4, 2, 240, True), (128, 
 # (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim)
 SHAPES = [(2, 113, 203, 8, 2, 128), (2, 203, 113, 8, 8, 64), (1, 1, 2048, 32, 8, 128), (1, 1023, 1024, 4, 4, 64),
           (1, 1024, 1023, 8, 1, 128), (1, 777, 4500, 32, 8, 128), (2, 333, 333, 32, 8, 64),
-          (2, 113, 203, 8, 2, 256), (1, 1023, 1024, 4, 1, 256)]
+          (2, 113, 203, 8, 2, 256), (1, 1023, 1024, 4, 1, 256),
+          # queries far past the keys: under a causal mask whole row tiles see no key (the kernel's early exit)
+          (1, 700, 100, 4, 4, 128), (2, 450, 64, 4, 1, 64), (1, 500, 60, 4, 2, 256)]
 MASKS = [dict(causal=False), dict(causal=True), dict(window_size=(128, 0)), dict(window_size=(64, 32))]
 
 

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FLOOR = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 # (BLOCK_M, BLOCK_N, warps, stages, consumer registers[, ping-pong]) per head dim; the first is v3_gluon's default.
-# Consumer registers > 0: the warp-specialised kernel (producer partition + two consumer warpgroups).
+# BLOCK_M = 64 rows x consumer warpgroups; warps: the producer partition's.
 PLANS = {128: [(128, 128, 4, 2, 240, False), (128, 128, 4, 2, 240, True), (128, 128, 4, 3, 240, True)],
          64: [(192, 128, 4, 2, 160, False), (192, 128, 4, 2, 160, True), (128, 128, 4, 3, 240, True)],
          256: [(128, 64, 4, 2, 240, False), (128, 64, 4, 2, 240, True)]}

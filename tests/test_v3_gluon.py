@@ -27,7 +27,7 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from hf_flashattn.kernels import v3_gluon as G
 D, block_n, stages, regs, nc = json.loads(sys.argv[1])
 fn = G._fwd_kernel_ws
-lay = repr(G.shared_layout(torch.bfloat16, D))
+lay = repr(G.shared_layout())
 sig = {}
 for i, name in enumerate(fn.arg_names):
     if fn.params[i].is_constexpr:

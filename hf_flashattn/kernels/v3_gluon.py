@@ -4,7 +4,7 @@ Why Gluon: in Triton's high-level language the compiler waits on each wgmma righ
 whose result feeds the next iteration's accumulator stays in flight), so the softmax of one key block never
 runs under a matmul of the same program (sixth session, benchmarks/NOTES.md). Here the waits are explicit.
 
-The kernel `forward` runs (`_fwd_kernel_ws`, warp-specialised): per program, 64·NC query rows of one head of one
+The kernel (`_fwd_kernel_ws`, warp-specialised): per program, 64·NC query rows of one head of one
 sequence (NC = 2 or 3). A producer partition (4 warps, 24 registers) copies Q once and K and V block by block
 through host-made TMA descriptors over the whole (B, S, H, D) tensors into a ring of STAGES shared-memory slots,
 each with a `ready` mbarrier (the copy's byte count) and an `empty` one (one arrive per consumer). NC consumer
@@ -24,8 +24,8 @@ writes its rows of O through its slice of Q's buffer and one TMA store, and its 
 
 Measured on the H100 (benchmarks/NOTES.md, seventh session; results/2026-11-26-h100-*gluon*): 0.93-1.06x
 cuDNN's forward from 4k keys where `plan()` picks it, against 0.80-0.90x for v3.py's kernel at d128/d256.
-`_fwd_kernel` (one partition, no specialisation) was the first version: slower than v3.py's kernel everywhere,
-kept for the sweeps. Ping-pong of the consumers (`PINGPONG`) measured no gain and is off.
+A first version in one partition, without specialisation (commit c2aee03), was slower than v3.py's kernel
+everywhere and is gone. Ping-pong of the consumers (`PINGPONG`) measured no gain and is off.
 
 Scope (`supports`): dense (B, S, H, D) fp16/bf16, head dim 64, 128 or 256 exactly, no softcap, a positive scale,
 TMA-aligned strides. Everything else runs the Triton-language v3 kernel (v3.py). Gluon kernels do not run on
@@ -53,8 +53,6 @@ except ImportError:  # pragma: no cover - older Triton
 from . import _common as C
 
 if HAVE_GLUON:
-    # a CTA-wide barrier: `thread_barrier` in Triton 3.6, `barrier` in later releases
-    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     # TMA copies: `async_load`/`async_store` from Triton 3.7 on (the old names raise there), the old names in 3.6
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
@@ -75,18 +73,6 @@ if HAVE_GLUON:
         return lo, full_lo, full_hi, hi
 
     @gluon.jit
-    def _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, b, kvh, lo, it, hi,
-                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, TILE_BYTES: gl.constexpr):
-        """TMA copies of key block `it` (keys lo + it·BLOCK_N ...) into ring slot it % STAGES, if it is < hi."""
-        start = lo + it * BLOCK_N
-        ok = start < hi
-        s = it % STAGES
-        mbarrier.expect(k_bars.index(s), TILE_BYTES, pred=ok)
-        _tma_load(k_desc, [b, start, kvh, 0], k_bars.index(s), k_smem.index(s), pred=ok)
-        mbarrier.expect(v_bars.index(s), TILE_BYTES, pred=ok)
-        _tma_load(v_desc, [b, start, kvh, 0], v_bars.index(s), v_smem.index(s), pred=ok)
-
-    @gluon.jit
     def _softmax(s, m_i, l_i, qk_scale, offs_m, cols, Sk, diag, left, right, MASKED: gl.constexpr):
         """Online-softmax step of raw scores s = q·kᵀ (float32), the scale c = qk_scale folded into the
         exponent: (p, alpha, m_new, l_new); a row that has seen nothing keeps m = -inf, shifted by 0."""
@@ -100,152 +86,6 @@ if HAVE_GLUON:
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_shift, 1))
         alpha = gl.exp2(m_i - m_shift)
         return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
-
-    @gluon.jit
-    def _block(start_n, o, m_i, l_i, p_prev, q2, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, b, kvh,
-               lo, hi, offs_m, offs_n, Sk, diag, left, right, qk_scale,
-               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-               TILE_BYTES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
-               MASKED: gl.constexpr):
-        """Key block `start_n` (not the first): its q·kᵀ and the previous block's P·V in flight together,
-        this block's softmax under the latter (module docstring)."""
-        it = (start_n - lo) // BLOCK_N
-        s = it % STAGES
-        mbarrier.wait(k_bars.index(s), (it // STAGES) & 1)
-        kt = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
-        s_tok = warpgroup_mma(q2, kt, gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False,
-                              is_async=True)
-        prev = it - 1
-        sp = prev % STAGES
-        mbarrier.wait(v_bars.index(sp), (prev // STAGES) & 1)
-        o_tok = warpgroup_mma(p_prev, v_smem.index(sp).reshape([BLOCK_N, HEAD_DIM]), o, is_async=True)
-        qk = warpgroup_mma_wait(1, deps=[s_tok])
-        p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, qk_scale, offs_m, start_n + offs_n, Sk, diag, left, right,
-                                      MASKED)
-        o = warpgroup_mma_wait(0, deps=[o_tok])
-        # every warp is past its reads of slot sp (K: the previous block's q·kᵀ; V: the product just waited)
-        _cta_barrier()
-        _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, b, kvh, lo, prev + STAGES, hi, BLOCK_N, STAGES,
-                  TILE_BYTES)
-        o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-        p_prev = gl.convert_layout(p.to(q2.dtype), p_layout)
-        return o, m_i, l_i, p_prev
-
-    @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group"])
-    def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
-                    seqlen_q, seqlen_k, window_left, window_right, qk_scale, group,
-                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                    NUM_WARPS: gl.constexpr):
-        # Grid: (cdiv(seqlen_q, BLOCK_M), nheads, batch), the longest (causal) row tiles first.
-        pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
-        h = gl.program_id(1)
-        b = gl.program_id(2)
-        kvh = h // group
-        m0 = pid_m * BLOCK_M
-        Sq = seqlen_q
-        Sk = seqlen_k
-        dtype: gl.constexpr = q_desc.dtype
-        TILE_BYTES: gl.constexpr = BLOCK_N * HEAD_DIM * 2
-        # wgmma accumulators: S is BLOCK_M x BLOCK_N, O is BLOCK_M x HEAD_DIM; P feeds the second wgmma from
-        # registers as its A operand (the accumulator's own register layout for 16-bit types)
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-
-        q_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_M, 1, HEAD_DIM], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEAD_DIM], v_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_bars.index(i), count=1)
-            mbarrier.init(v_bars.index(i), count=1)
-
-        diag = Sk - Sq
-        left = window_left
-        right = window_right
-        lo, full_lo, full_hi, hi = _key_range(m0, BLOCK_M, diag, left, right, Sk, BLOCK_N)
-
-        offs_m = m0 + gl.arange(0, BLOCK_M, layout=row_s)
-        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        offs_lse = m0 + gl.arange(0, BLOCK_M, layout=row_o)
-        lse_ptrs = LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs_lse
-
-        if lo >= hi:   # no key visible from any row of this tile (a window, or rows above a causal start)
-            o_smem = q_smem.reshape([BLOCK_M, HEAD_DIM])
-            o_smem.store(gl.zeros([BLOCK_M, HEAD_DIM], dtype, o_layout))
-            fence_async_shared()
-            _tma_store(o_desc, [b, m0, h, 0], q_smem)
-            gl.store(lse_ptrs, gl.full([BLOCK_M], float("inf"), gl.float32, row_o), mask=offs_lse < Sq)
-            tma.store_wait(0)
-            return
-
-        mbarrier.expect(q_bar, BLOCK_M * HEAD_DIM * 2)
-        _tma_load(q_desc, [b, m0, h, 0], q_bar, q_smem)
-        for i in gl.static_range(STAGES):
-            _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, b, kvh, lo, i, hi, BLOCK_N, STAGES, TILE_BYTES)
-        q2 = q_smem.reshape([BLOCK_M, HEAD_DIM])
-
-        # the first key block, peeled: no product before it; masked (it may be an edge)
-        mbarrier.wait(q_bar, 0)
-        mbarrier.wait(k_bars.index(0), 0)
-        qk = warpgroup_mma(q2, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
-                           gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False)
-        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
-        l_i = gl.zeros([BLOCK_M], gl.float32, row_s)
-        p, _, m_i, l_i = _softmax(qk, m_i, l_i, qk_scale, offs_m, lo + offs_n, Sk, diag, left, right, True)
-        p_prev = gl.convert_layout(p.to(dtype), p_layout)
-        o = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-
-        nxt = lo + BLOCK_N
-        # masked left-window edge; the band every row sees; masked diagonal / tail
-        for start_n in range(nxt, gl.maximum(full_lo, nxt), BLOCK_N):
-            o, m_i, l_i, p_prev = _block(start_n, o, m_i, l_i, p_prev, q2, k_smem, v_smem, k_bars, v_bars, k_desc,
-                                         v_desc, b, kvh, lo, hi, offs_m, offs_n, Sk, diag, left, right, qk_scale,
-                                         BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, TILE_BYTES, s_layout, o_layout, p_layout,
-                                         True)
-        for start_n in range(gl.maximum(full_lo, nxt), gl.maximum(full_hi, nxt), BLOCK_N):
-            o, m_i, l_i, p_prev = _block(start_n, o, m_i, l_i, p_prev, q2, k_smem, v_smem, k_bars, v_bars, k_desc,
-                                         v_desc, b, kvh, lo, hi, offs_m, offs_n, Sk, diag, left, right, qk_scale,
-                                         BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, TILE_BYTES, s_layout, o_layout, p_layout,
-                                         False)
-        for start_n in range(gl.maximum(full_hi, nxt), hi, BLOCK_N):
-            o, m_i, l_i, p_prev = _block(start_n, o, m_i, l_i, p_prev, q2, k_smem, v_smem, k_bars, v_bars, k_desc,
-                                         v_desc, b, kvh, lo, hi, offs_m, offs_n, Sk, diag, left, right, qk_scale,
-                                         BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, TILE_BYTES, s_layout, o_layout, p_layout,
-                                         True)
-        # the last block's product
-        last = (hi - 1 - lo) // BLOCK_N
-        sl = last % STAGES
-        mbarrier.wait(v_bars.index(sl), (last // STAGES) & 1)
-        o = warpgroup_mma(p_prev, v_smem.index(sl).reshape([BLOCK_N, HEAD_DIM]), o)
-
-        # epilogue: O / l, lse = ln(l · 2^m); a row that saw no key: O = 0, lse = +inf
-        l_o = gl.convert_layout(l_i, row_o)
-        m_o = gl.convert_layout(m_i, row_o)
-        seen = l_o > 0.0
-        l_safe = gl.where(seen, l_o, 1.0)
-        o = o / gl.expand_dims(l_safe, 1)
-        lse = gl.where(seen, (m_o + gl.log2(l_safe)) * 0.6931471805599453, float("inf"))
-        gl.store(lse_ptrs, lse, mask=offs_lse < Sq)
-        # O through shared memory (Q's buffer, no longer read) and one TMA store; rows past Sq are dropped
-        q2.store(o.to(dtype))
-        fence_async_shared()
-        _tma_store(o_desc, [b, m0, h, 0], q_smem)
-        tma.store_wait(0)
-        for i in gl.static_range(STAGES):
-            mbarrier.invalidate(k_bars.index(i))
-            mbarrier.invalidate(v_bars.index(i))
-        mbarrier.invalidate(q_bar)
-
-
-    # ---- warp-specialised: one producer partition (TMA) and two consumer warpgroups (64 rows each) ----
 
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
@@ -291,7 +131,9 @@ if HAVE_GLUON:
                   ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                   s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, MASKED: gl.constexpr,
                   W: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr):
-        """As `_block`, for one consumer warpgroup: slots are released to the producer by mbarrier arrives."""
+        """Key block `start_n` (not the first) for consumer W: its q·kᵀ and the previous block's P·V in flight
+        together, this block's softmax under the latter (module docstring); ring slots are released to the
+        producer by mbarrier arrives."""
         it = (start_n - lo) // BLOCK_N
         s = it % STAGES
         mbarrier.wait(k_ready.index(s), (it // STAGES) & 1)
@@ -319,7 +161,8 @@ if HAVE_GLUON:
                   v_ready, k_empty, v_empty, turn_bars, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left, right,
                   qk_scale, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                   NC: gl.constexpr, PINGPONG: gl.constexpr):
-        """Consumer warpgroup W: rows m0 + W·ROWS ... of the tile, the loop of `_fwd_kernel` on them."""
+        """Consumer warpgroup W: rows m0 + W·ROWS ... of the tile; the first key block peeled (always masked: it
+        may be an edge), then v2's three key ranges, then the last block's product, then O and lse."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -464,9 +307,8 @@ if HAVE_GLUON:
             ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
-# Launch plans: (BLOCK_M, BLOCK_N, num_warps, STAGES, consumer registers). A consumer register count (> 0) means
-# the warp-specialised kernel: BLOCK_M = 64 rows x NC consumer warpgroups, num_warps 4 = the producer partition.
-# 0 means `_fwd_kernel` (no specialisation; kept for the sweeps, slower everywhere measured).
+# Launch plans: (BLOCK_M, BLOCK_N, num_warps, STAGES, consumer registers[, ping-pong]): BLOCK_M = 64 rows x NC
+# consumer warpgroups, num_warps the producer partition's (the region outside `gl.warp_specialize`).
 # From benchmarks/sweep_gluon.py on the H100 (results/2026-11-26-h100-sweep-gluon*.md), against v3.py's kernel:
 # d128 faster from 4k keys (1.01-1.04x cuDNN at 16k) and at 1k without a mask, slower at 1k causal; d256 faster
 # everywhere (0.93-1.18x cuDNN); d64 only without a mask from 4k keys with three consumers (192 rows).
@@ -503,11 +345,10 @@ def supports(q, k, v, cu_seqlens_q, softmax_scale, softcap) -> str | None:
     return None
 
 
-def shared_layout(dtype: torch.dtype, head_dim: int):
-    """The NVMMA shared-memory layout of a (1, rows, 1, head_dim) tile (128-byte swizzle when a row allows)."""
-    row_bytes = head_dim * 2
-    swizzle = 128 if row_bytes % 128 == 0 else 64 if row_bytes % 64 == 0 else 32
-    return gl.NVMMASharedLayout(swizzle_byte_width=swizzle, element_bitwidth=16, rank=4)
+def shared_layout():
+    """The NVMMA shared-memory layout of a (1, rows, 1, head_dim) 16-bit tile: a 128-byte swizzle (every head dim in
+    scope, 64/128/256, has rows of at least 128 bytes)."""
+    return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
 
 
 def forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _plan=None):
@@ -520,23 +361,18 @@ def forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _pl
     if q.numel() == 0:
         return out.zero_(), lse.fill_(float("inf"))
     p = _plan or plan(D, Sk, tuple(window_size) != (-1, -1), force=True)
-    bm, bn, warps, stages, ws = p[:5]
+    bm, bn, warps, stages, regs = p[:5]
     pingpong = p[5] if len(p) > 5 else PINGPONG
     left, right = C.window_args(window_size, Sq, Sk)
     qk_scale, _ = C.score_scales(softmax_scale, 0.0)
-    layout = shared_layout(q.dtype, D)
-    rows = 64 if ws else bm   # warp-specialised: Q and O move in 64-row halves, one per consumer warpgroup
-    qd = TensorDescriptor.from_tensor(q, [1, rows, 1, D], layout)
-    od = TensorDescriptor.from_tensor(out, [1, rows, 1, D], layout)
+    layout = shared_layout()
+    # Q and O move in 64-row slices, one per consumer warpgroup
+    qd = TensorDescriptor.from_tensor(q, [1, 64, 1, D], layout)
+    od = TensorDescriptor.from_tensor(out, [1, 64, 1, D], layout)
     kd = TensorDescriptor.from_tensor(k, [1, bn, 1, D], layout)
     vd = TensorDescriptor.from_tensor(v, [1, bn, 1, D], layout)
-    if ws:   # BLOCK_M = 64 rows a consumer warpgroup
-        grid = (triton.cdiv(Sq, bm), H, B)
-        _fwd_kernel_ws[grid](qd, kd, vd, od, lse, lse.stride(0), lse.stride(1), Sq, Sk, left, right, qk_scale,
-                             H // Hk, HEAD_DIM=D, BLOCK_N=bn, STAGES=stages, CONSUMER_REGS=ws, NC=bm // 64,
-                             PINGPONG=pingpong, num_warps=4)
-    else:
-        grid = (triton.cdiv(Sq, bm), H, B)
-        _fwd_kernel[grid](qd, kd, vd, od, lse, lse.stride(0), lse.stride(1), Sq, Sk, left, right, qk_scale, H // Hk,
-                          HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, NUM_WARPS=warps, num_warps=warps)
+    grid = (triton.cdiv(Sq, bm), H, B)
+    _fwd_kernel_ws[grid](qd, kd, vd, od, lse, lse.stride(0), lse.stride(1), Sq, Sk, left, right, qk_scale, H // Hk,
+                         HEAD_DIM=D, BLOCK_N=bn, STAGES=stages, CONSUMER_REGS=regs, NC=bm // 64, PINGPONG=pingpong,
+                         num_warps=warps)
     return out, lse

@@ -70,8 +70,8 @@ def use_version(version: str):
 def _resolve_version(version: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_seqlen_k=None) -> str:
     if version == "auto":
         version = get_default_version()
-    if version == "auto":
-        version = "v3" if _v3_by_default(q, k, v, max_seqlen_k) else "v2"
+    if version == "auto":   # _v3_by_default checks what the branch below checks for an explicit "v3"
+        return "v3" if _v3_by_default(q, k, v, max_seqlen_k) else "v2"
     if version == "v3":
         if not (is_hopper(q.device) or is_interpreting()):
             raise NotImplementedError(f"version='v3' needs a Hopper GPU (sm90); q is on {q.device}. "

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import is_interpreting
+from .._runtime import env_get, is_hopper, is_interpreting
 from . import _common as C
 from ._common import desc_rows, normalise_rows, seq_bounds, softmax_tile, tile_range
 
@@ -182,10 +182,8 @@ def _gluon_plan(q, k, v, cu_seqlens_q, max_seqlen_k, softmax_scale, window_size,
     """The Gluon kernel's launch plan for these inputs (v3_gluon.py), or None for this file's kernel: on a Hopper
     GPU, for inputs in its scope (`v3_gluon.supports`) where it measured faster (`v3_gluon.plan`).
     HF_FLASHATTN_V3_GLUON=0 turns it off; =1 takes it for every input in its scope."""
-    mode = os.environ.get("HF_FLASHATTN_V3_GLUON", "auto")
-    if mode == "0" or is_interpreting() or q.device.type != "cuda":
-        return None
-    if torch.cuda.get_device_capability(q.device)[0] != 9:
+    mode = env_get("HF_FLASHATTN_V3_GLUON", "auto")
+    if mode == "0" or is_interpreting() or not is_hopper(q.device):
         return None
     from . import v3_gluon
     if v3_gluon.supports(q, k, v, cu_seqlens_q, softmax_scale, softcap) is not None:

@@ -1,0 +1,371 @@
+"""v3's backward in Gluon for Hopper: FA3's single pass, warp-specialised, dQ accumulated with float32 atomics.
+
+Why: v2's backward (Triton's language, two passes, 7 matmuls) ran at about 0.68x cuDNN's backward at d128 on the
+H100 (benchmarks/NOTES.md, seventh session): a forward that matches cuDNN still left forward+backward at
+0.67-0.84x. cuDNN and FA3 do the backward in one pass of 5 matmuls, dQ summed across the key-block programs.
+
+The kernel (`_bwd_kernel`): one program per (key block of 64·NC keys, kv head, sequence). A producer partition
+(4 warps) copies the program's K and V once (one 64-row slice per consumer) and then, for every query head of the
+kv head's group (GQA/MQA summed in registers, no repeated K/V) and every query block that sees the key block,
+Q and dO through host-made TMA descriptors into a ring of STAGES slots (`ready`/`empty` mbarriers, one arrive per
+consumer). NC consumer partitions (one warpgroup each, 64 keys, `setmaxnreg`) do, per query block (keys x
+queries, so that K and V are A operands from shared memory and Pᵀ, dSᵀ A operands from registers):
+
+    Sᵀ  = K Qᵀ,  dPᵀ = V dOᵀ                (two wgmmas in flight; Pᵀ's exponent under the second)
+    Pᵀ  = exp2(Sᵀ·c - lse·log2 e),  dSᵀ = Pᵀ ∘ (dPᵀ - Delta)
+    dV += Pᵀ dO,  dK += dSᵀ Q                (registers as A)
+    dQ_partial = dS K                        (dSᵀ through shared memory, read transposed)
+    release the slot; dQ += scale · dQ_partial with float32 atomics (relaxed `red`)
+
+dK (times the scale) and dV are stored once at the end. Delta = rowsum(dO ∘ O) comes from v2's preprocessing
+kernel; dQ's float32 accumulator is converted to the input dtype after the kernel. The summation order of dQ
+varies run to run: `deterministic=True` takes v2's two-pass backward instead (interface, v3.backward).
+The query blocks come as the three ranges of `_key_range` on the transposed band (masked edge, unmasked band,
+masked diagonal/tail), as v2's backward.
+
+Scope (`supports`): dense (B, S, H, D) fp16/bf16, head dim 64 or 128 (d256's dK and dV alone would take every
+register of a warpgroup), no softcap, a positive scale, TMA-aligned strides.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as C
+from .v3_gluon import HAVE_GLUON
+
+if HAVE_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+
+    from .v3_gluon import _key_range, _tma_load
+
+    @gluon.jit
+    def _producer(q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, q_smem, do_smem, k_smem, v_smem, l_smem, d_smem,
+                  kv_bar, ready, empty, b, kvh, n0, lo, hi, group, nheads, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                  NC: gl.constexpr):
+        """K and V of the program (a 64-row slice per consumer), then Q, dO, lse and Delta of every (head, query
+        block)."""
+        mbarrier.expect(kv_bar, 2 * NC * 64 * HEAD_DIM * 2)
+        for w in gl.static_range(NC):
+            _tma_load(k_desc, [b, n0 + w * 64, kvh, 0], kv_bar, k_smem.index(w))
+            _tma_load(v_desc, [b, n0 + w * 64, kvh, 0], kv_bar, v_smem.index(w))
+        n = gl.cdiv(hi - lo, BLOCK_M)
+        for g in range(group):
+            h = kvh * group + g
+            for i in range(n):
+                it = g * n + i
+                s = it % STAGES
+                mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)   # a fresh barrier's parity 1 is done
+                mbarrier.expect(ready.index(s), 2 * BLOCK_M * HEAD_DIM * 2 + 2 * BLOCK_M * 4)
+                m0 = lo + i * BLOCK_M
+                _tma_load(q_desc, [b, m0, h, 0], ready.index(s), q_smem.index(s))
+                _tma_load(do_desc, [b, m0, h, 0], ready.index(s), do_smem.index(s))
+                _tma_load(l_desc, [b * nheads + h, m0], ready.index(s), l_smem.index(s))
+                _tma_load(d_desc, [b * nheads + h, m0], ready.index(s), d_smem.index(s))
+
+    @gluon.jit
+    def _red_add(ptrs, x):
+        """dst += x with `red.global.add.v4.f32` (sm_90), four consecutive float32 a thread: Gluon's atomic_add
+        lowers to one returning `atom` an element in Triton 3.6."""
+        gl.inline_asm_elementwise("red.global.add.v4.f32 [$4], {$8, $9, $10, $11}; mov.b32 $0, 0; mov.b32 $1, 0; "
+                                  "mov.b32 $2, 0; mov.b32 $3, 0;", "=r,=r,=r,=r,l,l,l,l,r,r,r,r",
+                                  [ptrs.to(gl.int64, bitcast=True), x.to(gl.int32, bitcast=True)], dtype=gl.int32,
+                                  is_pure=False, pack=4)
+
+    @gluon.jit
+    def _red_rows(DQ_h, stride_dqm, m0, col0, buf, BLOCK_M: gl.constexpr, DH: gl.constexpr):
+        """DQ[m0 + r, col0 + c] += buf[r, c], eight rows at a time (the swizzle period of buf)."""
+        CH: gl.constexpr = 8
+        red_layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (DH // 4), DH // 4], [4, 1], [1, 0])
+        rr = gl.arange(0, CH, layout=gl.SliceLayout(1, red_layout))
+        cc = gl.expand_dims(col0 + gl.arange(0, DH, layout=gl.SliceLayout(0, red_layout)), 0)
+        for c0 in gl.static_range(0, BLOCK_M, CH):
+            x = buf.slice(c0, CH, dim=0).load(red_layout)
+            _red_add(DQ_h + gl.expand_dims(m0 + c0 + rr, 1) * stride_dqm + cc, x)
+
+    @gluon.jit
+    def _step(it, m0, dk, dv, kw4, kw, vw, dsw, dqa, dqb, q_smem, do_smem, l_smem, d_smem, ready, empty, DQ_h, stride_dqm, offs_k,
+              Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+              STAGES: gl.constexpr, st_layout: gl.constexpr, acc_layout: gl.constexpr, a_layout: gl.constexpr,
+              MASKED: gl.constexpr, DO_DQ: gl.constexpr):
+        """Query block m0 against this consumer's 64 keys (module docstring). lse (log2 units) and Delta are padded
+        to whole query blocks (+inf and 0), and so is dQ's accumulator: no load or store here needs a mask."""
+        s = it % STAGES
+        offs_q = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
+        mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+        qs = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
+        dos = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
+        zero = gl.zeros([64, BLOCK_M], gl.float32, st_layout)
+        st = warpgroup_mma(kw, qs.permute((1, 0)), zero, use_acc=False, is_async=True)
+        dpt = warpgroup_mma(vw, dos.permute((1, 0)), zero, use_acc=False, is_async=True)
+        lse = gl.max(l_smem.index(s).load(st_layout), 0)   # (1, BLOCK_M) -> the columns' vector (max: exact)
+        st = warpgroup_mma_wait(1, deps=[st])
+        pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))
+        if MASKED:
+            r = gl.expand_dims(offs_k, 1)   # keys
+            c = gl.expand_dims(offs_q, 0)   # queries (past Sq: lse = +inf, so P = 0 there)
+            vis = (r >= c + diag - left) & (r <= c + diag + right) & (r < Sk)
+            pt = gl.where(vis, pt, 0.0)
+        delta = gl.max(d_smem.index(s).load(st_layout), 0)
+        dpt = warpgroup_mma_wait(0, deps=[dpt])
+        dst = pt * (dpt - gl.expand_dims(delta, 0))
+        dtype: gl.constexpr = kw.dtype
+        p_op = gl.convert_layout(pt.to(dtype), a_layout)
+        dv_tok = warpgroup_mma(p_op, dos, dv, is_async=True)
+        ds16 = dst.to(dtype)
+        ds_op = gl.convert_layout(ds16, a_layout)
+        dk_tok = warpgroup_mma(ds_op, qs, dk, is_async=True)
+        if DO_DQ:
+            dsw.store(ds16)
+            fence_async_shared()
+            dsq = dsw.permute((1, 0))   # dS, queries x keys
+            # dQ += scale · dS K, at d128 in two halves of the head dim (32 registers a thread each, not 64): each
+            # part through shared memory into rows of four consecutive float32 a thread, then vector reductions
+            DH: gl.constexpr = 64
+            dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                                instr_shape=[16, DH, 16])
+            if HEAD_DIM == 64:
+                dq0 = warpgroup_mma(dsq, kw, gl.zeros([BLOCK_M, DH], gl.float32, dq_layout), use_acc=False,
+                                    is_async=True)
+                dv, dk, dq0, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq0, p_op, ds_op])
+                mbarrier.arrive(empty.index(s), count=1)
+                dqa.store(dq0 * ds_scale)
+                _red_rows(DQ_h, stride_dqm, m0, 0, dqa, BLOCK_M, DH)
+            else:
+                dq0 = warpgroup_mma(dsq, kw.slice(0, DH, dim=1), gl.zeros([BLOCK_M, DH], gl.float32, dq_layout),
+                                    use_acc=False, is_async=True)
+                dv, dk, dq0, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq0, p_op, ds_op])
+                dqa.store(dq0 * ds_scale)
+                dq1 = warpgroup_mma(dsq, kw.slice(DH, DH, dim=1), gl.zeros([BLOCK_M, DH], gl.float32, dq_layout),
+                                    use_acc=False, is_async=True)
+                _red_rows(DQ_h, stride_dqm, m0, 0, dqa, BLOCK_M, DH)
+                dq1 = warpgroup_mma_wait(0, deps=[dq1])
+                mbarrier.arrive(empty.index(s), count=1)
+                dqb.store(dq1 * ds_scale)
+                _red_rows(DQ_h, stride_dqm, m0, DH, dqb, BLOCK_M, DH)
+        else:   # timing diagnostic only (benchmarks/sweep_gluon.py): the backward without dQ
+            dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, p_op, ds_op])
+            mbarrier.arrive(empty.index(s), count=1)
+        return dk, dv
+
+    @gluon.jit
+    def _consumer(W: gl.constexpr, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
+                  empty, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh,
+                  stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+                  b, kvh, n0, lo, full_lo, full_hi, hi, group, Sq, Sk, diag, left, right, qk_scale, ds_scale,
+                  BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, DO_DQ: gl.constexpr):
+        """Consumer warpgroup W: keys n0 + 64·W ... of the program, summed over the group's heads."""
+        st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                            instr_shape=[16, BLOCK_M, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, HEAD_DIM, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        k0 = n0 + W * 64
+        offs_k = k0 + gl.arange(0, 64, layout=gl.SliceLayout(1, st_layout))
+        kw = k_smem.index(W).reshape([64, HEAD_DIM])
+        vw = v_smem.index(W).reshape([64, HEAD_DIM])
+        dsw = ds_smem.index(W)
+        dqa = dq_smem.index(2 * W)
+        dqb = dq_smem.index(2 * W + 1)
+        dk = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
+        dv = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
+        n = gl.cdiv(hi - lo, BLOCK_M)
+        mbarrier.wait(kv_bar, 0)
+        b64 = b.to(gl.int64)
+        for g in range(group):
+            h = (kvh * group + g).to(gl.int64)
+            DQ_h = DQ + b64 * stride_dqb + h * stride_dqh
+            base = g * n - lo // BLOCK_M
+            for m0 in range(lo, full_lo, BLOCK_M):
+                dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem.index(W), kw, vw, dsw, dqa, dqb, q_smem, do_smem, l_smem, d_smem,
+                               ready, empty, DQ_h, stride_dqm, offs_k, Sk, diag, left, right, qk_scale, ds_scale,
+                               BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout, a_layout, True, DO_DQ)
+            for m0 in range(full_lo, full_hi, BLOCK_M):
+                dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem.index(W), kw, vw, dsw, dqa, dqb, q_smem, do_smem, l_smem, d_smem,
+                               ready, empty, DQ_h, stride_dqm, offs_k, Sk, diag, left, right, qk_scale, ds_scale,
+                               BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout, a_layout, False, DO_DQ)
+            for m0 in range(full_hi, hi, BLOCK_M):
+                dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem.index(W), kw, vw, dsw, dqa, dqb, q_smem, do_smem, l_smem, d_smem,
+                               ready, empty, DQ_h, stride_dqm, offs_k, Sk, diag, left, right, qk_scale, ds_scale,
+                               BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout, a_layout, True, DO_DQ)
+        rows = k0 + gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
+        cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout)), 0)
+        ok = gl.expand_dims(rows, 1) < Sk
+        r64 = gl.expand_dims(rows.to(gl.int64), 1)
+        kv64 = kvh.to(gl.int64)
+        gl.store(DK + b64 * stride_dkb + kv64 * stride_dkh + r64 * stride_dkn + cols, (dk * ds_scale).to(DK.dtype.element_ty),
+                 mask=ok)
+        gl.store(DV + b64 * stride_dvb + kv64 * stride_dvh + r64 * stride_dvn + cols, dv.to(DV.dtype.element_ty), mask=ok)
+
+    @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group", "nheads"])
+    def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, l_desc, d_desc, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn, stride_dkh,
+                    stride_dvb, stride_dvn, stride_dvh, seqlen_q, seqlen_k, window_left, window_right,
+                    qk_scale, ds_scale, group, nheads, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                    CONSUMER_REGS: gl.constexpr, NC: gl.constexpr, DO_DQ: gl.constexpr):
+        # Grid: (cdiv(seqlen_k, 64·NC), nheads_k, batch). Warps: the producer (num_warps=4) + NC 4-warp consumers.
+        BLOCK_N: gl.constexpr = NC * 64
+        n0 = gl.program_id(0) * BLOCK_N
+        kvh = gl.program_id(1)
+        b = gl.program_id(2)
+        Sq = seqlen_q
+        Sk = seqlen_k
+        # key j is seen by queries i in [j + diag_t - right, j + diag_t + left]: the forward's band, transposed
+        lo, full_lo, full_hi, hi = _key_range(n0, BLOCK_N, Sq - Sk, window_right, window_left, Sq, BLOCK_M)
+        if lo >= hi:   # no query sees these keys: dK = dV = 0
+            z_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+            rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, z_layout))
+            cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, z_layout)), 0)
+            r64 = gl.expand_dims(rows.to(gl.int64), 1)
+            ok = gl.expand_dims(rows, 1) < Sk
+            zero = gl.zeros([BLOCK_N, HEAD_DIM], DK.dtype.element_ty, z_layout)
+            b64 = b.to(gl.int64)
+            kv64 = kvh.to(gl.int64)
+            gl.store(DK + b64 * stride_dkb + kv64 * stride_dkh + r64 * stride_dkn + cols, zero, mask=ok)
+            gl.store(DV + b64 * stride_dvb + kv64 * stride_dvh + r64 * stride_dvn + cols, zero, mask=ok)
+            return
+        dtype: gl.constexpr = q_desc.dtype
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, HEAD_DIM], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, HEAD_DIM], do_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [NC, 1, 64, 1, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [NC, 1, 64, 1, HEAD_DIM], v_desc.layout)
+        ds_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        ds_smem = gl.allocate_shared_memory(dtype, [NC, 64, BLOCK_M], ds_layout)
+        dq_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2 * NC, BLOCK_M, 64], dq_layout)
+        l_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M], l_desc.layout)
+        d_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M], d_desc.layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=NC)   # one arrive per consumer warpgroup
+        diag = Sk - Sq
+        left = window_left
+        right = window_right
+        if NC == 3:
+            gl.warp_specialize([
+                (_producer, (q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, q_smem, do_smem, k_smem, v_smem, l_smem,
+                             d_smem, kv_bar, ready, empty, b, kvh, n0, lo, hi, group, nheads, BLOCK_M, HEAD_DIM, STAGES,
+                             NC)),
+                (_consumer, (0, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
+                             empty, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
+                             stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, kvh, n0, lo, full_lo, full_hi, hi,
+                             group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ)),
+                (_consumer, (1, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
+                             empty, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
+                             stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, kvh, n0, lo, full_lo, full_hi, hi,
+                             group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ)),
+                (_consumer, (2, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
+                             empty, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
+                             stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, kvh, n0, lo, full_lo, full_hi, hi,
+                             group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ)),
+            ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
+        else:
+            gl.warp_specialize([
+                (_producer, (q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, q_smem, do_smem, k_smem, v_smem, l_smem,
+                             d_smem, kv_bar, ready, empty, b, kvh, n0, lo, hi, group, nheads, BLOCK_M, HEAD_DIM, STAGES,
+                             NC)),
+                (_consumer, (0, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
+                             empty, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
+                             stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, kvh, n0, lo, full_lo, full_hi, hi,
+                             group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ)),
+                (_consumer, (1, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
+                             empty, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
+                             stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, kvh, n0, lo, full_lo, full_hi, hi,
+                             group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ)),
+            ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+
+
+# Launch plans: (BLOCK_M query rows per step, STAGES of the Q/dO ring, consumer registers, NC consumers of 64 keys).
+# Not yet measured on the GPU (benchmarks/sweep_gluon.py --bwd chooses among PLANS there).
+_PLANS = {64: (64, 2, 240, 2), 128: (64, 2, 240, 2)}
+
+
+def plan(D: int):
+    return _PLANS[D]
+
+
+def supports(q, k, v, do, cu_seqlens_q, softmax_scale, softcap) -> str | None:
+    """None if this kernel runs the inputs, else why not (the caller then runs v2's backward)."""
+    if not HAVE_GLUON:
+        return "this Triton has no Gluon"
+    if cu_seqlens_q is not None:
+        return "packed sequences run v2's backward"
+    if softcap > 0:
+        return "softcap runs v2's backward"
+    if not softmax_scale > 0:
+        return "a scale <= 0 runs v2's backward"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"{q.dtype} runs v2's backward"
+    if q.shape[-1] not in _PLANS:
+        return f"head dim {q.shape[-1]} runs v2's backward"
+    if not C.descriptors_ok(q, k, v, do):
+        return "TMA needs 16-byte aligned pointers and strides"
+    return None
+
+
+@triton.jit
+def _prep_kernel(O, DO, LSE, LSE2, DELTA, stride_ob, stride_om, stride_oh, stride_dob, stride_dom, stride_doh,
+                 stride_lb, stride_lh, stride_pb, stride_ph, seqlen_q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    # Grid: (padded rows / BLOCK_M, nheads, batch). Delta = rowsum(dO ∘ O) and lse in log2 units, padded to whole
+    # query blocks: rows past seqlen_q get Delta = 0 and lse = +inf (P = 0), so the kernel's loads need no mask.
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    d = tl.arange(0, HEAD_DIM)
+    ok = m < seqlen_q
+    o = tl.load(O + b * stride_ob + h * stride_oh + m[:, None] * stride_om + d[None, :], mask=ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + m[:, None] * stride_dom + d[None, :], mask=ok[:, None],
+                 other=0.0)
+    lse = tl.load(LSE + b * stride_lb + h * stride_lh + m, mask=ok, other=float("inf"))
+    tl.store(DELTA + b * stride_pb + h * stride_ph + m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1))
+    tl.store(LSE2 + b * stride_pb + h * stride_ph + m, lse * 1.4426950408889634)
+
+
+def backward(do, q, k, v, out, lse, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _plan=None,
+             _dq=True):
+    """Dense (B, S, H, D) backward: (dq, dk, dv). `supports()` must have passed (do with a unit last stride).
+    _dq=False skips dQ (a timing diagnostic: dq is then garbage)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from .v3_gluon import shared_layout
+    B, Sq, H, D = q.shape
+    Sk, Hk = k.shape[1], k.shape[2]
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if q.numel() == 0 or k.numel() == 0:
+        return torch.zeros_like(q), dk.zero_(), dv.zero_()
+    bm, stages, regs, nc = _plan or plan(D)
+    # lse (log2 units), Delta and dQ's float32 accumulator padded to whole query blocks (module docstring)
+    pad = triton.cdiv(Sq, 128) * 128
+    lse2 = torch.empty((B, H, pad), dtype=torch.float32, device=q.device)
+    delta = torch.empty_like(lse2)
+    _prep_kernel[(pad // 64, H, B)](out, do, lse, lse2, delta, *C.seq_layout(out, False), *C.seq_layout(do, False),
+                                    lse.stride(0), lse.stride(1), lse2.stride(0), lse2.stride(1), Sq, HEAD_DIM=D,
+                                    BLOCK_M=64)
+    left, right = C.window_args(window_size, Sq, Sk)
+    qk_scale, _ = C.score_scales(softmax_scale, 0.0)
+    dq = torch.zeros((B, pad, H, D), dtype=torch.float32, device=q.device)
+    layout = shared_layout()
+    qd = TensorDescriptor.from_tensor(q, [1, bm, 1, D], layout)
+    dod = TensorDescriptor.from_tensor(do, [1, bm, 1, D], layout)
+    kd = TensorDescriptor.from_tensor(k, [1, 64, 1, D], layout)
+    vd = TensorDescriptor.from_tensor(v, [1, 64, 1, D], layout)
+    grid = (triton.cdiv(Sk, 64 * nc), Hk, B)
+    row_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    ld = TensorDescriptor.from_tensor(lse2.view(B * H, pad), [1, bm], row_layout)
+    dd = TensorDescriptor.from_tensor(delta.view(B * H, pad), [1, bm], row_layout)
+    _bwd_kernel[grid](qd, kd, vd, dod, ld, dd, dq, dk, dv, dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
+                      dv.stride(0), dv.stride(1), dv.stride(2), Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, H,
+                      HEAD_DIM=D, BLOCK_M=bm, STAGES=stages, CONSUMER_REGS=regs, NC=nc, DO_DQ=_dq, num_warps=4)
+    return dq[:, :Sq].to(q.dtype), dk, dv

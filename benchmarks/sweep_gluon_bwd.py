@@ -153,6 +153,8 @@ def main():
                 except Exception as e:  # noqa: BLE001
                     diff = f"{type(e).__name__}: {str(e)[:200]}"
                 timed("gluon bwd", "bwd", lambda: GB.backward(*args_b), rel_diff_vs_v2=diff)
+                if D == 128:
+                    timed("gluon bwd, dQ a consumer", "bwd", lambda: GB.backward(*args_b, _plan=GB._PLANS[128][:4] + (False,)))
                 timed("gluon bwd, no dQ (diagnostic)", "bwd", lambda: GB.backward(*args_b, _dq=False))
                 timed("v2 bwd", "bwd", lambda: v2.backward(do, q, k, v, out, lse, None, None, S, S, D ** -0.5, win,
                                                            0.0, False))

@@ -92,10 +92,11 @@ if HAVE_GLUON:
             _red_add(DQ_h + gl.expand_dims(m0 + c0 + rr, 1) * stride_dqm + cc, x)
 
     @gluon.jit
-    def _step(it, m0, dk, dv, kw4, kw, vw, dsw, dqa, dqb, q_smem, do_smem, l_smem, d_smem, ready, empty, DQ_h, stride_dqm, offs_k,
-              Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
-              STAGES: gl.constexpr, st_layout: gl.constexpr, acc_layout: gl.constexpr, a_layout: gl.constexpr,
-              MASKED: gl.constexpr, DO_DQ: gl.constexpr):
+    def _step(it, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dqa, dqb, q_smem, do_smem, l_smem, d_smem, ready, empty,
+              ds_full, ds_free, DQ_h, stride_dqm, offs_k, Sk, diag, left, right, qk_scale, ds_scale,
+              BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, st_layout: gl.constexpr,
+              acc_layout: gl.constexpr, a_layout: gl.constexpr, MASKED: gl.constexpr, DO_DQ: gl.constexpr,
+              SHARED_DQ: gl.constexpr, W: gl.constexpr, NC: gl.constexpr):
         """Query block m0 against this consumer's 64 keys (module docstring). lse (log2 units) and Delta are padded
         to whole query blocks (+inf and 0), and so is dQ's accumulator: no load or store here needs a mask."""
         s = it % STAGES
@@ -124,6 +125,8 @@ if HAVE_GLUON:
         ds_op = gl.convert_layout(ds16, a_layout)
         dk_tok = warpgroup_mma(ds_op, qs, dk, is_async=True)
         if DO_DQ:
+            if SHARED_DQ:   # the previous step's readers of every consumer's dS are done (a fresh barrier passes)
+                mbarrier.wait(ds_free, (it & 1) ^ 1)
             dsw.store(ds16)
             fence_async_shared()
             dsq = dsw.permute((1, 0))   # dS, queries x keys
@@ -132,7 +135,22 @@ if HAVE_GLUON:
             DH: gl.constexpr = 64
             dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                                 instr_shape=[16, DH, 16])
-            if HEAD_DIM == 64:
+            if SHARED_DQ:
+                # the program's dQ tile summed over all its keys before the atomics (half the traffic of a tile a
+                # consumer): every consumer's dSᵀ in shared memory (`ds_full`), then consumer W takes head-dim
+                # columns [64 W, 64 W + 64) of dS K over all 64·NC keys; `ds_free` once every reader is done
+                mbarrier.arrive(ds_full, count=1)
+                mbarrier.wait(ds_full, it & 1)
+                dq0 = gl.zeros([BLOCK_M, DH], gl.float32, dq_layout)
+                for j in gl.static_range(NC):
+                    kj = k_smem.index(j).reshape([64, HEAD_DIM]).slice(W * DH, DH, dim=1)
+                    dq0 = warpgroup_mma(ds_smem.index(j).permute((1, 0)), kj, dq0, use_acc=j > 0, is_async=True)
+                dv, dk, dq0, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq0, p_op, ds_op])
+                mbarrier.arrive(ds_free, count=1)
+                mbarrier.arrive(empty.index(s), count=1)
+                dqa.store(dq0 * ds_scale)
+                _red_rows(DQ_h, stride_dqm, m0, W * DH, dqa, BLOCK_M, DH)
+            elif HEAD_DIM == 64:
                 dq0 = warpgroup_mma(dsq, kw, gl.zeros([BLOCK_M, DH], gl.float32, dq_layout), use_acc=False,
                                     is_async=True)
                 dv, dk, dq0, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq0, p_op, ds_op])
@@ -158,10 +176,11 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(W: gl.constexpr, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
-                  empty, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh,
+                  empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh,
                   stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
                   b, kvh, n0, lo, full_lo, full_hi, hi, group, Sq, Sk, diag, left, right, qk_scale, ds_scale,
-                  BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, DO_DQ: gl.constexpr):
+                  BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, DO_DQ: gl.constexpr,
+                  SHARED_DQ: gl.constexpr, NC: gl.constexpr):
         """Consumer warpgroup W: keys n0 + 64·W ... of the program, summed over the group's heads."""
         st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                             instr_shape=[16, BLOCK_M, 16])
@@ -173,8 +192,8 @@ if HAVE_GLUON:
         kw = k_smem.index(W).reshape([64, HEAD_DIM])
         vw = v_smem.index(W).reshape([64, HEAD_DIM])
         dsw = ds_smem.index(W)
-        dqa = dq_smem.index(2 * W)
-        dqb = dq_smem.index(2 * W + 1)
+        dqa = dq_smem.index(W if SHARED_DQ else 2 * W)
+        dqb = dq_smem.index(W if SHARED_DQ else 2 * W + 1)
         dk = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
         dv = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
         n = gl.cdiv(hi - lo, BLOCK_M)
@@ -185,17 +204,20 @@ if HAVE_GLUON:
             DQ_h = DQ + b64 * stride_dqb + h * stride_dqh
             base = g * n - lo // BLOCK_M
             for m0 in range(lo, full_lo, BLOCK_M):
-                dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem.index(W), kw, vw, dsw, dqa, dqb, q_smem, do_smem, l_smem, d_smem,
-                               ready, empty, DQ_h, stride_dqm, offs_k, Sk, diag, left, right, qk_scale, ds_scale,
-                               BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout, a_layout, True, DO_DQ)
+                dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dqa, dqb, q_smem, do_smem,
+                               l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, offs_k, Sk, diag,
+                               left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout,
+                               a_layout, True, DO_DQ, SHARED_DQ, W, NC)
             for m0 in range(full_lo, full_hi, BLOCK_M):
-                dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem.index(W), kw, vw, dsw, dqa, dqb, q_smem, do_smem, l_smem, d_smem,
-                               ready, empty, DQ_h, stride_dqm, offs_k, Sk, diag, left, right, qk_scale, ds_scale,
-                               BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout, a_layout, False, DO_DQ)
+                dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dqa, dqb, q_smem, do_smem,
+                               l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, offs_k, Sk, diag,
+                               left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout,
+                               a_layout, False, DO_DQ, SHARED_DQ, W, NC)
             for m0 in range(full_hi, hi, BLOCK_M):
-                dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem.index(W), kw, vw, dsw, dqa, dqb, q_smem, do_smem, l_smem, d_smem,
-                               ready, empty, DQ_h, stride_dqm, offs_k, Sk, diag, left, right, qk_scale, ds_scale,
-                               BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout, a_layout, True, DO_DQ)
+                dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dqa, dqb, q_smem, do_smem,
+                               l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, offs_k, Sk, diag,
+                               left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout,
+                               a_layout, True, DO_DQ, SHARED_DQ, W, NC)
         rows = k0 + gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
         cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout)), 0)
         ok = gl.expand_dims(rows, 1) < Sk
@@ -209,7 +231,7 @@ if HAVE_GLUON:
     def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, l_desc, d_desc, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn, stride_dkh,
                     stride_dvb, stride_dvn, stride_dvh, seqlen_q, seqlen_k, window_left, window_right,
                     qk_scale, ds_scale, group, nheads, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                    CONSUMER_REGS: gl.constexpr, NC: gl.constexpr, DO_DQ: gl.constexpr):
+                    CONSUMER_REGS: gl.constexpr, NC: gl.constexpr, DO_DQ: gl.constexpr, SHARED_DQ: gl.constexpr):
         # Grid: (cdiv(seqlen_k, 64·NC), nheads_k, batch). Warps: the producer (num_warps=4) + NC 4-warp consumers.
         BLOCK_N: gl.constexpr = NC * 64
         n0 = gl.program_id(0) * BLOCK_N
@@ -239,13 +261,17 @@ if HAVE_GLUON:
         ds_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         ds_smem = gl.allocate_shared_memory(dtype, [NC, 64, BLOCK_M], ds_layout)
         dq_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
-        dq_smem = gl.allocate_shared_memory(gl.float32, [2 * NC, BLOCK_M, 64], dq_layout)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [NC if SHARED_DQ else 2 * NC, BLOCK_M, 64], dq_layout)
         l_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M], l_desc.layout)
         d_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M], d_desc.layout)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        ds_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ds_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(kv_bar, count=1)
+        mbarrier.init(ds_full, count=NC)
+        mbarrier.init(ds_free, count=NC)
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=NC)   # one arrive per consumer warpgroup
@@ -258,17 +284,20 @@ if HAVE_GLUON:
                              d_smem, kv_bar, ready, empty, b, kvh, n0, lo, hi, group, nheads, BLOCK_M, HEAD_DIM, STAGES,
                              NC)),
                 (_consumer, (0, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
-                             empty, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
+                             empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
                              stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, kvh, n0, lo, full_lo, full_hi, hi,
-                             group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ)),
+                             group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ,
+                             SHARED_DQ, NC)),
                 (_consumer, (1, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
-                             empty, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
+                             empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
                              stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, kvh, n0, lo, full_lo, full_hi, hi,
-                             group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ)),
+                             group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ,
+                             SHARED_DQ, NC)),
                 (_consumer, (2, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
-                             empty, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
+                             empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
                              stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, kvh, n0, lo, full_lo, full_hi, hi,
-                             group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ)),
+                             group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ,
+                             SHARED_DQ, NC)),
             ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
         else:
             gl.warp_specialize([
@@ -276,19 +305,23 @@ if HAVE_GLUON:
                              d_smem, kv_bar, ready, empty, b, kvh, n0, lo, hi, group, nheads, BLOCK_M, HEAD_DIM, STAGES,
                              NC)),
                 (_consumer, (0, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
-                             empty, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
+                             empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
                              stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, kvh, n0, lo, full_lo, full_hi, hi,
-                             group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ)),
+                             group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ,
+                             SHARED_DQ, NC)),
                 (_consumer, (1, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
-                             empty, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
+                             empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
                              stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, kvh, n0, lo, full_lo, full_hi, hi,
-                             group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ)),
+                             group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ,
+                             SHARED_DQ, NC)),
             ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
-# Launch plans: (BLOCK_M query rows per step, STAGES of the Q/dO ring, consumer registers, NC consumers of 64 keys).
-# Not yet measured on the GPU (benchmarks/sweep_gluon.py --bwd chooses among PLANS there).
-_PLANS = {64: (64, 2, 240, 2), 128: (64, 2, 240, 2)}
+# Launch plans: (BLOCK_M query rows per step, STAGES of the Q/dO ring, consumer registers, NC consumers of 64 keys,
+# shared dQ: the program's dQ tile summed over its 64·NC keys in shared memory before the atomics, consumer W taking
+# head-dim columns [64 W, 64 W + 64), which needs HEAD_DIM = 64·NC; else each consumer adds its own 64 keys' part).
+# Measured on the H100: benchmarks/sweep_gluon_bwd.py (results/2026-11-26-h100-sweep-gluon-bwd-*.md).
+_PLANS = {64: (64, 2, 240, 2, False), 128: (64, 2, 240, 2, True)}
 
 
 def plan(D: int):
@@ -345,7 +378,9 @@ def backward(do, q, k, v, out, lse, max_seqlen_q, max_seqlen_k, softmax_scale, w
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if q.numel() == 0 or k.numel() == 0:
         return torch.zeros_like(q), dk.zero_(), dv.zero_()
-    bm, stages, regs, nc = _plan or plan(D)
+    bm, stages, regs, nc, shared = _plan or plan(D)
+    if shared and D != 64 * nc:
+        raise ValueError(f"a shared dQ needs head dim 64 x {nc} consumers, got {D}")
     # lse (log2 units), Delta and dQ's float32 accumulator padded to whole query blocks (module docstring)
     pad = triton.cdiv(Sq, 128) * 128
     lse2 = torch.empty((B, H, pad), dtype=torch.float32, device=q.device)
@@ -367,5 +402,6 @@ def backward(do, q, k, v, out, lse, max_seqlen_q, max_seqlen_k, softmax_scale, w
     dd = TensorDescriptor.from_tensor(delta.view(B * H, pad), [1, bm], row_layout)
     _bwd_kernel[grid](qd, kd, vd, dod, ld, dd, dq, dk, dv, dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
                       dv.stride(0), dv.stride(1), dv.stride(2), Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, H,
-                      HEAD_DIM=D, BLOCK_M=bm, STAGES=stages, CONSUMER_REGS=regs, NC=nc, DO_DQ=_dq, num_warps=4)
+                      HEAD_DIM=D, BLOCK_M=bm, STAGES=stages, CONSUMER_REGS=regs, NC=nc, DO_DQ=_dq,
+                      SHARED_DQ=shared, num_warps=4)
     return dq[:, :Sq].to(q.dtype), dk, dv

@@ -31,6 +31,19 @@ SHAPES = [(2, 113, 203, 8, 2, 128), (2, 203, 113, 8, 8, 64), (1, 1, 2048, 32, 8,
           (1, 1024, 1023, 8, 1, 128), (1, 777, 4500, 8, 2, 128), (2, 333, 333, 32, 8, 64),
           (1, 100, 700, 4, 4, 128), (2, 64, 450, 4, 1, 64)]   # keys that no query sees under windows / causal
 MASKS = [dict(causal=False), dict(causal=True), dict(window_size=(128, 0)), dict(window_size=(64, 32))]
+# (label, plan, dQ mode) beside the default plan: v3_gluon_bwd._PLANS' fields (BLOCK_M, STAGES, consumer registers,
+# consumers, shared dQ, dQ mode); dQ modes (backward's _dq): 1 red.v4 through shared memory, 2 red.v2 from the
+# registers; 3 (dQ computed, not summed) and 0 (no dQ) are timing diagnostics, their dq is garbage
+VARIANTS = {128: [("gluon bwd, dQ a consumer, red.v4", (64, 2, 240, 2, False, 1), None),
+                  ("gluon bwd, shared dQ, red.v4", (64, 2, 240, 2, True, 1), None),
+                  ("gluon bwd, shared dQ, red.v2", (64, 2, 240, 2, True, 2), None),
+                  ("gluon bwd, shared dQ, red.v2, 3 stages", (64, 3, 240, 2, True, 2), None),
+                  ("gluon bwd, dQ not summed (diagnostic)", (64, 2, 240, 2, True, 2), 3),
+                  ("gluon bwd, no dQ (diagnostic)", (64, 2, 240, 2, True, 2), 0)],
+            64: [("gluon bwd, red.v4", (64, 2, 240, 2, False, 1), None),
+                 ("gluon bwd, red.v2", (64, 2, 240, 2, False, 2), None),
+                 ("gluon bwd, red.v2, 3 stages", (64, 3, 240, 2, False, 2), None),
+                 ("gluon bwd, no dQ (diagnostic)", (64, 2, 240, 2, False, 2), 0)]}
 
 
 def check(dtypes, t0, budget):
@@ -146,16 +159,14 @@ def main():
                 out, lse = v3.forward(q, k, v, None, None, S, S, D ** -0.5, win, 0.0)
                 args_b = (do, q, k, v, out, lse, S, S, D ** -0.5, win)
                 ref = v2.backward(do, q, k, v, out, lse, None, None, S, S, D ** -0.5, win, 0.0, True)
-                try:
-                    got = GB.backward(*args_b)
-                    diff = [((g.float() - r.float()).abs().max() / r.float().abs().max()).item()
-                            for g, r in zip(got, ref)]
-                except Exception as e:  # noqa: BLE001
-                    diff = f"{type(e).__name__}: {str(e)[:200]}"
-                timed("gluon bwd", "bwd", lambda: GB.backward(*args_b), rel_diff_vs_v2=diff)
-                if D == 128:
-                    timed("gluon bwd, dQ a consumer", "bwd", lambda: GB.backward(*args_b, _plan=GB._PLANS[128][:4] + (False,)))
-                timed("gluon bwd, no dQ (diagnostic)", "bwd", lambda: GB.backward(*args_b, _dq=False))
+
+                def rel(got, ref):
+                    return [((g.float() - r.float()).abs().max() / r.float().abs().max()).item() for g, r in zip(got, ref)]
+                timed("gluon bwd", "bwd", lambda: GB.backward(*args_b), rel_diff_vs_v2=rel(GB.backward(*args_b), ref))
+                for label, p_, dq_ in VARIANTS.get(D, []):
+                    fn = (lambda p_=p_, dq_=dq_: GB.backward(*args_b, _plan=p_, _dq=dq_))
+                    diff = rel(fn(), ref) if dq_ in (None, 1, 2) else None
+                    timed(label, "bwd", fn, plan=p_, rel_diff_vs_v2=diff)
                 timed("v2 bwd", "bwd", lambda: v2.backward(do, q, k, v, out, lse, None, None, S, S, D ** -0.5, win,
                                                            0.0, False))
                 save()

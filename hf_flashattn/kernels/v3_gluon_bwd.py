@@ -81,6 +81,13 @@ if HAVE_GLUON:
                                   is_pure=False, pack=4)
 
     @gluon.jit
+    def _red_add2(ptrs, x):
+        """dst += x with `red.global.add.v2.f32` (sm_90), two consecutive float32 a thread."""
+        gl.inline_asm_elementwise("red.global.add.v2.f32 [$2], {$4, $5}; mov.b32 $0, 0; mov.b32 $1, 0;",
+                                  "=r,=r,l,l,r,r", [ptrs.to(gl.int64, bitcast=True), x.to(gl.int32, bitcast=True)],
+                                  dtype=gl.int32, is_pure=False, pack=2)
+
+    @gluon.jit
     def _red_rows(DQ_h, stride_dqm, m0, col0, buf, BLOCK_M: gl.constexpr, DH: gl.constexpr):
         """DQ[m0 + r, col0 + c] += buf[r, c], eight rows at a time (the swizzle period of buf)."""
         CH: gl.constexpr = 8
@@ -90,6 +97,20 @@ if HAVE_GLUON:
         for c0 in gl.static_range(0, BLOCK_M, CH):
             x = buf.slice(c0, CH, dim=0).load(red_layout)
             _red_add(DQ_h + gl.expand_dims(m0 + c0 + rr, 1) * stride_dqm + cc, x)
+
+    @gluon.jit
+    def _reduce(DQ_h, stride_dqm, m0, col0, x, buf, BLOCK_M: gl.constexpr, DH: gl.constexpr, x_layout: gl.constexpr,
+                MODE: gl.constexpr):
+        """DQ[m0 + r, col0 + c] += x[r, c] (x in the wgmma layout): MODE 1 through shared memory (`buf`) into rows of
+        four consecutive float32 a thread, red.v4; MODE 2 straight from the registers, red.v2; MODE 3 nothing (a
+        timing diagnostic)."""
+        if MODE == 1:
+            buf.store(x)
+            _red_rows(DQ_h, stride_dqm, m0, col0, buf, BLOCK_M, DH)
+        elif MODE == 2:
+            rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_layout))
+            cols = col0 + gl.arange(0, DH, layout=gl.SliceLayout(0, x_layout))
+            _red_add2(DQ_h + gl.expand_dims(rows, 1) * stride_dqm + gl.expand_dims(cols, 0), x)
 
     @gluon.jit
     def _step(it, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dqa, dqb, q_smem, do_smem, l_smem, d_smem, ready, empty,
@@ -124,7 +145,7 @@ if HAVE_GLUON:
         ds16 = dst.to(dtype)
         ds_op = gl.convert_layout(ds16, a_layout)
         dk_tok = warpgroup_mma(ds_op, qs, dk, is_async=True)
-        if DO_DQ:
+        if DO_DQ > 0:
             if SHARED_DQ:   # the previous step's readers of every consumer's dS are done (a fresh barrier passes)
                 mbarrier.wait(ds_free, (it & 1) ^ 1)
             dsw.store(ds16)
@@ -148,27 +169,23 @@ if HAVE_GLUON:
                 dv, dk, dq0, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq0, p_op, ds_op])
                 mbarrier.arrive(ds_free, count=1)
                 mbarrier.arrive(empty.index(s), count=1)
-                dqa.store(dq0 * ds_scale)
-                _red_rows(DQ_h, stride_dqm, m0, W * DH, dqa, BLOCK_M, DH)
+                _reduce(DQ_h, stride_dqm, m0, W * DH, dq0 * ds_scale, dqa, BLOCK_M, DH, dq_layout, DO_DQ)
             elif HEAD_DIM == 64:
                 dq0 = warpgroup_mma(dsq, kw, gl.zeros([BLOCK_M, DH], gl.float32, dq_layout), use_acc=False,
                                     is_async=True)
                 dv, dk, dq0, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq0, p_op, ds_op])
                 mbarrier.arrive(empty.index(s), count=1)
-                dqa.store(dq0 * ds_scale)
-                _red_rows(DQ_h, stride_dqm, m0, 0, dqa, BLOCK_M, DH)
+                _reduce(DQ_h, stride_dqm, m0, 0, dq0 * ds_scale, dqa, BLOCK_M, DH, dq_layout, DO_DQ)
             else:
                 dq0 = warpgroup_mma(dsq, kw.slice(0, DH, dim=1), gl.zeros([BLOCK_M, DH], gl.float32, dq_layout),
                                     use_acc=False, is_async=True)
                 dv, dk, dq0, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq0, p_op, ds_op])
-                dqa.store(dq0 * ds_scale)
                 dq1 = warpgroup_mma(dsq, kw.slice(DH, DH, dim=1), gl.zeros([BLOCK_M, DH], gl.float32, dq_layout),
                                     use_acc=False, is_async=True)
-                _red_rows(DQ_h, stride_dqm, m0, 0, dqa, BLOCK_M, DH)
+                _reduce(DQ_h, stride_dqm, m0, 0, dq0 * ds_scale, dqa, BLOCK_M, DH, dq_layout, DO_DQ)
                 dq1 = warpgroup_mma_wait(0, deps=[dq1])
                 mbarrier.arrive(empty.index(s), count=1)
-                dqb.store(dq1 * ds_scale)
-                _red_rows(DQ_h, stride_dqm, m0, DH, dqb, BLOCK_M, DH)
+                _reduce(DQ_h, stride_dqm, m0, DH, dq1 * ds_scale, dqb, BLOCK_M, DH, dq_layout, DO_DQ)
         else:   # timing diagnostic only (benchmarks/sweep_gluon.py): the backward without dQ
             dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, p_op, ds_op])
             mbarrier.arrive(empty.index(s), count=1)
@@ -318,10 +335,11 @@ if HAVE_GLUON:
 
 
 # Launch plans: (BLOCK_M query rows per step, STAGES of the Q/dO ring, consumer registers, NC consumers of 64 keys,
+# the dQ reduction (`backward`'s _dq),
 # shared dQ: the program's dQ tile summed over its 64·NC keys in shared memory before the atomics, consumer W taking
 # head-dim columns [64 W, 64 W + 64), which needs HEAD_DIM = 64·NC; else each consumer adds its own 64 keys' part).
 # Measured on the H100: benchmarks/sweep_gluon_bwd.py (results/2026-11-26-h100-sweep-gluon-bwd-*.md).
-_PLANS = {64: (64, 2, 240, 2, False), 128: (64, 2, 240, 2, True)}
+_PLANS = {64: (64, 2, 240, 2, False, 2), 128: (64, 2, 240, 2, True, 2)}
 
 
 def plan(D: int):
@@ -366,9 +384,11 @@ def _prep_kernel(O, DO, LSE, LSE2, DELTA, stride_ob, stride_om, stride_oh, strid
 
 
 def backward(do, q, k, v, out, lse, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _plan=None,
-             _dq=True):
+             _dq=None):
     """Dense (B, S, H, D) backward: (dq, dk, dv). `supports()` must have passed (do with a unit last stride).
-    _dq=False skips dQ (a timing diagnostic: dq is then garbage)."""
+    _dq: how dQ is summed (the plan's choice when None): 1 through shared memory with red.v4, 2 straight from the
+    wgmma registers with red.v2 (shared dQ plans only); timing diagnostics, dq then garbage: 0 skips dQ, 3 computes
+    it without summing."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .v3_gluon import shared_layout
@@ -378,7 +398,8 @@ def backward(do, q, k, v, out, lse, max_seqlen_q, max_seqlen_k, softmax_scale, w
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if q.numel() == 0 or k.numel() == 0:
         return torch.zeros_like(q), dk.zero_(), dv.zero_()
-    bm, stages, regs, nc, shared = _plan or plan(D)
+    bm, stages, regs, nc, shared, red = _plan or plan(D)
+    dq_mode = red if _dq is None else _dq
     if shared and D != 64 * nc:
         raise ValueError(f"a shared dQ needs head dim 64 x {nc} consumers, got {D}")
     # lse (log2 units), Delta and dQ's float32 accumulator padded to whole query blocks (module docstring)
@@ -402,6 +423,6 @@ def backward(do, q, k, v, out, lse, max_seqlen_q, max_seqlen_k, softmax_scale, w
     dd = TensorDescriptor.from_tensor(delta.view(B * H, pad), [1, bm], row_layout)
     _bwd_kernel[grid](qd, kd, vd, dod, ld, dd, dq, dk, dv, dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
                       dv.stride(0), dv.stride(1), dv.stride(2), Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, H,
-                      HEAD_DIM=D, BLOCK_M=bm, STAGES=stages, CONSUMER_REGS=regs, NC=nc, DO_DQ=_dq,
+                      HEAD_DIM=D, BLOCK_M=bm, STAGES=stages, CONSUMER_REGS=regs, NC=nc, DO_DQ=dq_mode,
                       SHARED_DQ=shared, num_warps=4)
     return dq[:, :Sq].to(q.dtype), dk, dv

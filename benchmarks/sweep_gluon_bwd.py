@@ -31,19 +31,16 @@ SHAPES = [(2, 113, 203, 8, 2, 128), (2, 203, 113, 8, 8, 64), (1, 1, 2048, 32, 8,
           (1, 1024, 1023, 8, 1, 128), (1, 777, 4500, 8, 2, 128), (2, 333, 333, 32, 8, 64),
           (1, 100, 700, 4, 4, 128), (2, 64, 450, 4, 1, 64)]   # keys that no query sees under windows / causal
 MASKS = [dict(causal=False), dict(causal=True), dict(window_size=(128, 0)), dict(window_size=(64, 32))]
-# (label, plan, dQ mode) beside the default plan: v3_gluon_bwd._PLANS' fields (BLOCK_M, STAGES, consumer registers,
-# consumers, shared dQ, dQ mode); dQ modes (backward's _dq): 1 red.v4 through shared memory, 2 red.v2 from the
-# registers; 3 (dQ computed, not summed) and 0 (no dQ) are timing diagnostics, their dq is garbage
-VARIANTS = {128: [("gluon bwd, dQ a consumer, red.v4", (64, 2, 240, 2, False, 1), None),
-                  ("gluon bwd, shared dQ, red.v4", (64, 2, 240, 2, True, 1), None),
-                  ("gluon bwd, shared dQ, red.v2", (64, 2, 240, 2, True, 2), None),
-                  ("gluon bwd, shared dQ, red.v2, 3 stages", (64, 3, 240, 2, True, 2), None),
-                  ("gluon bwd, dQ not summed (diagnostic)", (64, 2, 240, 2, True, 2), 3),
-                  ("gluon bwd, no dQ (diagnostic)", (64, 2, 240, 2, True, 2), 0)],
-            64: [("gluon bwd, red.v4", (64, 2, 240, 2, False, 1), None),
-                 ("gluon bwd, red.v2", (64, 2, 240, 2, False, 2), None),
-                 ("gluon bwd, red.v2, 3 stages", (64, 3, 240, 2, False, 2), None),
-                 ("gluon bwd, no dQ (diagnostic)", (64, 2, 240, 2, False, 2), 0)]}
+# (label, plan, dQ mode, dQ pass plan) beside the default plans: v3_gluon_bwd._PLANS' and _DQ_PLANS' fields; dQ mode
+# 4 (backward's _dq, a timing diagnostic: dq garbage) skips dQ
+VARIANTS = {128: [("gluon bwd, single pass, shared dQ, red.v2", (64, 2, 240, 2, True, 2), None, None),
+                  ("gluon bwd, dQ pass 2 stages", (64, 2, 240, 2, True, 0), None, (64, 2, 240, 2)),
+                  ("gluon bwd, dQ pass 3 consumers", (64, 2, 240, 2, True, 0), None, (64, 2, 160, 3)),
+                  ("gluon bwd, dK/dV only (diagnostic)", (64, 2, 240, 2, True, 0), 4, None)],
+            64: [("gluon bwd, single pass, red.v4", (64, 2, 240, 2, False, 1), None, None),
+                 ("gluon bwd, dQ pass 3 consumers", (64, 2, 240, 2, False, 0), None, (64, 3, 160, 3)),
+                 ("gluon bwd, dQ pass 128 keys", (64, 2, 240, 2, False, 0), None, (128, 2, 240, 2)),
+                 ("gluon bwd, dK/dV only (diagnostic)", (64, 2, 240, 2, False, 0), 4, None)]}
 
 
 def check(dtypes, t0, budget):
@@ -163,9 +160,9 @@ def main():
                 def rel(got, ref):
                     return [((g.float() - r.float()).abs().max() / r.float().abs().max()).item() for g, r in zip(got, ref)]
                 timed("gluon bwd", "bwd", lambda: GB.backward(*args_b), rel_diff_vs_v2=rel(GB.backward(*args_b), ref))
-                for label, p_, dq_ in VARIANTS.get(D, []):
-                    fn = (lambda p_=p_, dq_=dq_: GB.backward(*args_b, _plan=p_, _dq=dq_))
-                    diff = rel(fn(), ref) if dq_ in (None, 1, 2) else None
+                for label, p_, dq_, dqp in VARIANTS.get(D, []):
+                    fn = (lambda p_=p_, dq_=dq_, dqp=dqp: GB.backward(*args_b, _plan=p_, _dq=dq_, _dq_plan=dqp))
+                    diff = rel(fn(), ref) if dq_ is None else None
                     timed(label, "bwd", fn, plan=p_, rel_diff_vs_v2=diff)
                 timed("v2 bwd", "bwd", lambda: v2.backward(do, q, k, v, out, lse, None, None, S, S, D ** -0.5, win,
                                                            0.0, False))

@@ -45,7 +45,9 @@ if HAVE_GLUON:
         warpgroup_mma_wait,
     )
 
-    from .v3_gluon import _key_range, _tma_load
+    from triton.experimental.gluon.language.nvidia.hopper import tma
+
+    from .v3_gluon import _key_range, _tma_load, _tma_store
 
     @gluon.jit
     def _producer(q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, q_smem, do_smem, k_smem, v_smem, l_smem, d_smem,
@@ -334,16 +336,168 @@ if HAVE_GLUON:
             ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
-# Launch plans: (BLOCK_M query rows per step, STAGES of the Q/dO ring, consumer registers, NC consumers of 64 keys,
-# the dQ reduction (`backward`'s _dq),
-# shared dQ: the program's dQ tile summed over its 64·NC keys in shared memory before the atomics, consumer W taking
-# head-dim columns [64 W, 64 W + 64), which needs HEAD_DIM = 64·NC; else each consumer adds its own 64 keys' part).
-# Measured on the H100: benchmarks/sweep_gluon_bwd.py (results/2026-11-26-h100-sweep-gluon-bwd-*.md).
-_PLANS = {64: (64, 2, 240, 2, False, 2), 128: (64, 2, 240, 2, True, 2)}
+    # ---- dQ in a pass of its own (deterministic): one program per 64·NC query rows, K and V streamed ----
+
+    @gluon.jit
+    def _dq_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty,
+                     b, h, kvh, m0, lo, hi, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                     NC: gl.constexpr):
+        """Q and dO of the tile once (a 64-row slice per consumer), then K and V block by block into a ring."""
+        mbarrier.expect(q_bar, 2 * NC * 64 * HEAD_DIM * 2)
+        for w in gl.static_range(NC):
+            _tma_load(q_desc, [b, m0 + w * 64, h, 0], q_bar, q_smem.index(w))
+            _tma_load(do_desc, [b, m0 + w * 64, h, 0], q_bar, do_smem.index(w))
+        n = gl.cdiv(hi - lo, BLOCK_N)
+        for it in range(n):
+            s = it % STAGES
+            mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), 2 * BLOCK_N * HEAD_DIM * 2)
+            start = lo + it * BLOCK_N
+            _tma_load(k_desc, [b, start, kvh, 0], ready.index(s), k_smem.index(s))
+            _tma_load(v_desc, [b, start, kvh, 0], ready.index(s), v_smem.index(s))
+
+    @gluon.jit
+    def _dq_step(start_n, lo, dq, qw, dow, k_smem, v_smem, ready, empty, lse, delta, offs_m, offs_n, Sk, diag,
+                 left, right, qk_scale, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                 s_layout: gl.constexpr, a_layout: gl.constexpr, MASKED: gl.constexpr):
+        """dQ += dS_j K_j for key block start_n: S = Q K_jᵀ and dP = dO V_jᵀ in flight together, P's exponent under
+        the second, dS = P ∘ (dP - Delta) as the A operand from registers; the slot is released once dQ's product
+        is done."""
+        it = (start_n - lo) // BLOCK_N
+        s = it % STAGES
+        mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+        ks = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
+        vs = v_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
+        zero = gl.zeros([64, BLOCK_N], gl.float32, s_layout)
+        s_tok = warpgroup_mma(qw, ks.permute((1, 0)), zero, use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(dow, vs.permute((1, 0)), zero, use_acc=False, is_async=True)
+        qk = warpgroup_mma_wait(1, deps=[s_tok])
+        p = gl.exp2(qk * qk_scale - gl.expand_dims(lse, 1))
+        if MASKED:
+            r = gl.expand_dims(offs_m, 1) + diag
+            c = gl.expand_dims(start_n + offs_n, 0)
+            p = gl.where((c >= r - left) & (c <= r + right) & (c < Sk), p, 0.0)
+        dp = warpgroup_mma_wait(0, deps=[dp_tok])
+        ds = gl.convert_layout((p * (dp - gl.expand_dims(delta, 1))).to(qw.dtype), a_layout)
+        dq_tok = warpgroup_mma(ds, ks, dq, is_async=True)
+        dq, ds = warpgroup_mma_wait(0, deps=[dq_tok, ds])
+        mbarrier.arrive(empty.index(s), count=1)
+        return dq
+
+    @gluon.jit
+    def _dq_consumer(W: gl.constexpr, dq_desc, q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty, LSE2, DELTA,
+                     stride_pb, stride_ph, b, h, m0, lo, full_lo, full_hi, hi, Sk, diag, left, right, qk_scale,
+                     ds_scale, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+        """Consumer warpgroup W: dQ of rows m0 + 64·W ... over v2's three key ranges, stored once."""
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, HEAD_DIM, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        r0 = m0 + W * 64
+        offs_m = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
+        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        base = b.to(gl.int64) * stride_pb + h.to(gl.int64) * stride_ph
+        lse = gl.load(LSE2 + base + offs_m)     # padded: +inf and 0 past the sequence
+        delta = gl.load(DELTA + base + offs_m)
+        qw = q_smem.index(W).reshape([64, HEAD_DIM])
+        dow = do_smem.index(W).reshape([64, HEAD_DIM])
+        dq = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
+        mbarrier.wait(q_bar, 0)
+        for start_n in range(lo, full_lo, BLOCK_N):
+            dq = _dq_step(start_n, lo, dq, qw, dow, k_smem, v_smem, ready, empty, lse, delta, offs_m, offs_n, Sk,
+                          diag, left, right, qk_scale, BLOCK_N, HEAD_DIM, STAGES, s_layout, a_layout, True)
+        for start_n in range(full_lo, full_hi, BLOCK_N):
+            dq = _dq_step(start_n, lo, dq, qw, dow, k_smem, v_smem, ready, empty, lse, delta, offs_m, offs_n, Sk,
+                          diag, left, right, qk_scale, BLOCK_N, HEAD_DIM, STAGES, s_layout, a_layout, False)
+        for start_n in range(full_hi, hi, BLOCK_N):
+            dq = _dq_step(start_n, lo, dq, qw, dow, k_smem, v_smem, ready, empty, lse, delta, offs_m, offs_n, Sk,
+                          diag, left, right, qk_scale, BLOCK_N, HEAD_DIM, STAGES, s_layout, a_layout, True)
+        qw.store((dq * ds_scale).to(qw.dtype))   # this warpgroup's slice of Q's buffer, read by nobody else now
+        fence_async_shared()
+        _tma_store(dq_desc, [b, r0, h, 0], q_smem.index(W))
+        tma.store_wait(0)
+
+    @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group"])
+    def _dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, LSE2, DELTA, stride_pb, stride_ph, seqlen_q, seqlen_k,
+                   window_left, window_right, qk_scale, ds_scale, group, HEAD_DIM: gl.constexpr,
+                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, NC: gl.constexpr):
+        # Grid: (cdiv(seqlen_q, 64·NC), nheads, batch), heaviest causal tiles first. Warps: the producer (num_warps=4)
+        # + NC 4-warp consumers of 64 query rows each.
+        pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+        h = gl.program_id(1)
+        b = gl.program_id(2)
+        kvh = h // group
+        BLOCK_M: gl.constexpr = NC * 64
+        m0 = pid_m * BLOCK_M
+        Sq = seqlen_q
+        Sk = seqlen_k
+        diag = Sk - Sq
+        lo, full_lo, full_hi, hi = _key_range(m0, BLOCK_M, diag, window_left, window_right, Sk, BLOCK_N)
+        dtype: gl.constexpr = q_desc.dtype
+        q_smem = gl.allocate_shared_memory(dtype, [NC, 1, 64, 1, HEAD_DIM], q_desc.layout)
+        if lo >= hi:   # no key visible from any row of this tile: dQ = 0
+            z_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+            for w in gl.static_range(NC):
+                q_smem.index(w).reshape([64, HEAD_DIM]).store(gl.zeros([64, HEAD_DIM], dtype, z_layout))
+            fence_async_shared()
+            for w in gl.static_range(NC):
+                _tma_store(dq_desc, [b, m0 + w * 64, h, 0], q_smem.index(w))
+            tma.store_wait(0)
+            return
+        do_smem = gl.allocate_shared_memory(dtype, [NC, 1, 64, 1, HEAD_DIM], do_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEAD_DIM], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=NC)
+        if NC == 3:
+            gl.warp_specialize([
+                (_dq_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty,
+                                b, h, kvh, m0, lo, hi, BLOCK_N, HEAD_DIM, STAGES, NC)),
+                (_dq_consumer, (0, dq_desc, q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty, LSE2, DELTA,
+                                stride_pb, stride_ph, b, h, m0, lo, full_lo, full_hi, hi, Sk, diag, window_left,
+                                window_right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM, STAGES)),
+                (_dq_consumer, (1, dq_desc, q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty, LSE2, DELTA,
+                                stride_pb, stride_ph, b, h, m0, lo, full_lo, full_hi, hi, Sk, diag, window_left,
+                                window_right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM, STAGES)),
+                (_dq_consumer, (2, dq_desc, q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty, LSE2, DELTA,
+                                stride_pb, stride_ph, b, h, m0, lo, full_lo, full_hi, hi, Sk, diag, window_left,
+                                window_right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM, STAGES)),
+            ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
+        else:
+            gl.warp_specialize([
+                (_dq_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty,
+                                b, h, kvh, m0, lo, hi, BLOCK_N, HEAD_DIM, STAGES, NC)),
+                (_dq_consumer, (0, dq_desc, q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty, LSE2, DELTA,
+                                stride_pb, stride_ph, b, h, m0, lo, full_lo, full_hi, hi, Sk, diag, window_left,
+                                window_right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM, STAGES)),
+                (_dq_consumer, (1, dq_desc, q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty, LSE2, DELTA,
+                                stride_pb, stride_ph, b, h, m0, lo, full_lo, full_hi, hi, Sk, diag, window_left,
+                                window_right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM, STAGES)),
+            ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+
+# Launch plans of the dK/dV kernel: (BLOCK_M query rows per step, STAGES of the Q/dO ring, consumer registers, NC
+# consumers of 64 keys, shared dQ, dQ mode). dQ mode (`backward`'s _dq): 0 a pass of its own (`_dq_kernel`, plan
+# `_DQ_PLANS`: deterministic); in the same pass with float32 atomics: 1 red.v4 through shared memory, 2 red.v2 from
+# the wgmma registers. Shared dQ (atomic modes): the program's dQ tile summed over its 64·NC keys in shared memory
+# before the atomics, consumer W taking head-dim columns [64 W, 64 W + 64) (needs HEAD_DIM = 64·NC); else each
+# consumer adds its own 64 keys' part. Measured on the H100: benchmarks/sweep_gluon_bwd.py
+# (results/2026-11-26-h100-sweep-gluon-bwd-*.md): the atomics' traffic (float32 dQ, once per 128 keys) bounds the
+# single pass at 0.77-0.81x cuDNN's backward (d128); without the sum the same pass ran at 1.25-1.34x.
+_PLANS = {64: (64, 2, 240, 2, False, 0), 128: (64, 2, 240, 2, True, 0)}
+# the dQ pass: (BLOCK_N keys per step, STAGES of the K/V ring, consumer registers, NC consumers of 64 query rows)
+_DQ_PLANS = {64: (64, 3, 240, 2), 128: (64, 3, 240, 2)}
 
 
-def plan(D: int):
-    return _PLANS[D]
+def plan(D: int, deterministic: bool = False):
+    """The dK/dV kernel's plan for head dim D (64 or 128); deterministic: dQ in its own pass (no atomics)."""
+    p = _PLANS[D]
+    return p[:5] + (0,) if deterministic else p
 
 
 def supports(q, k, v, do, cu_seqlens_q, softmax_scale, softcap) -> str | None:
@@ -384,11 +538,12 @@ def _prep_kernel(O, DO, LSE, LSE2, DELTA, stride_ob, stride_om, stride_oh, strid
 
 
 def backward(do, q, k, v, out, lse, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _plan=None,
-             _dq=None):
+             _dq=None, _dq_plan=None):
     """Dense (B, S, H, D) backward: (dq, dk, dv). `supports()` must have passed (do with a unit last stride).
-    _dq: how dQ is summed (the plan's choice when None): 1 through shared memory with red.v4, 2 straight from the
-    wgmma registers with red.v2 (shared dQ plans only); timing diagnostics, dq then garbage: 0 skips dQ, 3 computes
-    it without summing."""
+    _plan, _dq_plan override `plan()` and `_DQ_PLANS`; _dq overrides the plan's dQ mode (see `_PLANS`), and takes two
+    timing diagnostics whose dq is garbage: 3 computes dQ's products in the single pass without summing them, 4
+    skips dQ altogether."""
+    from triton.experimental.gluon.language import NVMMASharedLayout
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .v3_gluon import shared_layout
@@ -399,11 +554,11 @@ def backward(do, q, k, v, out, lse, max_seqlen_q, max_seqlen_k, softmax_scale, w
     if q.numel() == 0 or k.numel() == 0:
         return torch.zeros_like(q), dk.zero_(), dv.zero_()
     bm, stages, regs, nc, shared, red = _plan or plan(D)
-    dq_mode = red if _dq is None else _dq
-    if shared and D != 64 * nc:
+    mode = red if _dq is None else _dq
+    if shared and mode in (1, 2, 3) and D != 64 * nc:
         raise ValueError(f"a shared dQ needs head dim 64 x {nc} consumers, got {D}")
     # lse (log2 units), Delta and dQ's float32 accumulator padded to whole query blocks (module docstring)
-    pad = triton.cdiv(Sq, 128) * 128
+    pad = triton.cdiv(Sq, 64) * 64 + 128   # whole 64-row blocks, and the dQ pass's tiles of up to 192 rows
     lse2 = torch.empty((B, H, pad), dtype=torch.float32, device=q.device)
     delta = torch.empty_like(lse2)
     _prep_kernel[(pad // 64, H, B)](out, do, lse, lse2, delta, *C.seq_layout(out, False), *C.seq_layout(do, False),
@@ -411,18 +566,33 @@ def backward(do, q, k, v, out, lse, max_seqlen_q, max_seqlen_k, softmax_scale, w
                                     BLOCK_M=64)
     left, right = C.window_args(window_size, Sq, Sk)
     qk_scale, _ = C.score_scales(softmax_scale, 0.0)
-    dq = torch.zeros((B, pad, H, D), dtype=torch.float32, device=q.device)
+    atomic = mode in (1, 2, 3)
+    dq = torch.zeros((B, pad, H, D), dtype=torch.float32, device=q.device) if atomic else \
+        torch.empty(q.shape, dtype=q.dtype, device=q.device)
     layout = shared_layout()
+    row_layout = NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
     qd = TensorDescriptor.from_tensor(q, [1, bm, 1, D], layout)
     dod = TensorDescriptor.from_tensor(do, [1, bm, 1, D], layout)
     kd = TensorDescriptor.from_tensor(k, [1, 64, 1, D], layout)
     vd = TensorDescriptor.from_tensor(v, [1, 64, 1, D], layout)
-    grid = (triton.cdiv(Sk, 64 * nc), Hk, B)
-    row_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
     ld = TensorDescriptor.from_tensor(lse2.view(B * H, pad), [1, bm], row_layout)
     dd = TensorDescriptor.from_tensor(delta.view(B * H, pad), [1, bm], row_layout)
-    _bwd_kernel[grid](qd, kd, vd, dod, ld, dd, dq, dk, dv, dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
-                      dv.stride(0), dv.stride(1), dv.stride(2), Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, H,
-                      HEAD_DIM=D, BLOCK_M=bm, STAGES=stages, CONSUMER_REGS=regs, NC=nc, DO_DQ=dq_mode,
-                      SHARED_DQ=shared, num_warps=4)
-    return dq[:, :Sq].to(q.dtype), dk, dv
+    _bwd_kernel[(triton.cdiv(Sk, 64 * nc), Hk, B)](
+        qd, kd, vd, dod, ld, dd, dq, dk, dv, dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1),
+        dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, H,
+        HEAD_DIM=D, BLOCK_M=bm, STAGES=stages, CONSUMER_REGS=regs, NC=nc, DO_DQ=mode if atomic else 0,
+        SHARED_DQ=shared and atomic, num_warps=4)
+    if atomic:
+        return dq[:, :Sq].to(q.dtype), dk, dv
+    if mode == 0:
+        bn, dq_stages, dq_regs, dq_nc = _dq_plan or _DQ_PLANS[D]
+        q64 = TensorDescriptor.from_tensor(q, [1, 64, 1, D], layout)
+        do64 = TensorDescriptor.from_tensor(do, [1, 64, 1, D], layout)
+        dq64 = TensorDescriptor.from_tensor(dq, [1, 64, 1, D], layout)
+        kn = TensorDescriptor.from_tensor(k, [1, bn, 1, D], layout)
+        vn = TensorDescriptor.from_tensor(v, [1, bn, 1, D], layout)
+        _dq_kernel[(triton.cdiv(Sq, 64 * dq_nc), H, B)](
+            q64, kn, vn, do64, dq64, lse2, delta, lse2.stride(0), lse2.stride(1), Sq, Sk, left, right, qk_scale,
+            softmax_scale, H // Hk, HEAD_DIM=D, BLOCK_N=bn, STAGES=dq_stages, CONSUMER_REGS=dq_regs, NC=dq_nc,
+            num_warps=4)
+    return dq, dk, dv

@@ -30,6 +30,8 @@ sys.path.insert(0, HERE)
 SHAPES = [(2, 113, 203, 8, 2, 128), (2, 203, 113, 8, 8, 64), (1, 1, 2048, 32, 8, 128), (1, 1023, 1024, 4, 4, 64),
           (1, 1024, 1023, 8, 1, 128), (1, 777, 4500, 8, 2, 128), (2, 333, 333, 32, 8, 64),
           (1, 100, 700, 4, 4, 128), (2, 64, 450, 4, 1, 64)]   # keys that no query sees under windows / causal
+# packed (gpu_check: B sequences of Sq, Sq - 37, ... tokens, q_len = k_len)
+VARLEN_SHAPES = [(3, 300, 300, 8, 2, 128), (3, 200, 200, 4, 4, 64), (2, 1100, 1100, 8, 1, 128)]
 MASKS = [dict(causal=False), dict(causal=True), dict(window_size=(128, 0)), dict(window_size=(64, 32))]
 # (label, plan, dQ mode, dQ pass plan) beside the default plans: v3_gluon_bwd._PLANS' and _DQ_PLANS' fields; dQ mode
 # 4 (backward's _dq, a timing diagnostic: dq garbage) skips dQ
@@ -46,13 +48,14 @@ VARIANTS = {128: [("gluon bwd, single pass, shared dQ, red.v2", (64, 2, 240, 2, 
 def check(dtypes, t0, budget):
     import gpu_check
     rows = []
+    cases = [(shape, False) for shape in SHAPES] + [(shape, True) for shape in VARLEN_SHAPES]
     for dtype in dtypes:
-        for shape in SHAPES:
+        for shape, varlen in cases:
             for kw in MASKS:
                 if time.time() - t0 > budget:
                     return rows, False
                 try:
-                    row = gpu_check.run_case("v3", dtype, shape, kw)
+                    row = gpu_check.run_case("v3", dtype, shape, kw, varlen=varlen)
                 except Exception as e:  # noqa: BLE001
                     row = dict(dtype=str(dtype), shape=list(shape), **{k: str(v) for k, v in kw.items()}, ok=False,
                                error=f"{type(e).__name__}: {str(e)[:300]}")
@@ -70,6 +73,7 @@ def main():
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--gqa", action="store_true", help="d128 with 32 query heads on 8 kv heads")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--check-budget-s", type=float, default=None, help="default: 0.3 x --budget-s")
     args = ap.parse_args()
     os.environ["HF_FLASHATTN_AUTOTUNE"] = "0"
     t0 = time.time()
@@ -82,7 +86,8 @@ def main():
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 cudnn=torch.backends.cudnn.version(), commit=os.environ.get("COMMIT", "unknown"),
                 date=time.strftime("%Y-%m-%d"), plans={str(k): v for k, v in GB._PLANS.items()})
-    checks, complete = check((torch.bfloat16, torch.float16), t0, args.budget_s * 0.3)
+    checks, complete = check((torch.bfloat16, torch.float16), t0,
+                             args.check_budget_s if args.check_budget_s is not None else args.budget_s * 0.3)
     n_ok = sum(r["ok"] for r in checks)
     print(f"correctness: {n_ok}/{len(checks)} pass{'' if complete else ' (budget cut the grid)'} "
           f"in {time.time() - t0:.0f}s", flush=True)
@@ -154,7 +159,7 @@ def main():
                 timed("ours-v3 (v2 bwd)", "fwd+bwd", fb(ours, (qg, kg, vg), do))
                 os.environ["HF_FLASHATTN_V3_GLUON_BWD"] = "auto"
                 out, lse = v3.forward(q, k, v, None, None, S, S, D ** -0.5, win, 0.0)
-                args_b = (do, q, k, v, out, lse, S, S, D ** -0.5, win)
+                args_b = (do, q, k, v, out, lse, None, None, S, S, D ** -0.5, win)
                 ref = v2.backward(do, q, k, v, out, lse, None, None, S, S, D ** -0.5, win, 0.0, True)
 
                 def rel(got, ref):

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
+from ._common import seq_bounds
 from .v3_gluon import HAVE_GLUON
 
 if HAVE_GLUON:
@@ -50,15 +51,34 @@ if HAVE_GLUON:
     from .v3_gluon import _key_range, _tma_load, _tma_store
 
     @gluon.jit
+    def _bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN: gl.constexpr):
+        """(bq, q0, k0, Sq, Sk) of sequence b: the descriptors' batch coordinate, the first query and key rows and the
+        lengths; packed (IS_VARLEN: descriptors over (1, total, H, D)) from cu_seqlens, else (b, 0, 0, seqlen_q,
+        seqlen_k)."""
+        if IS_VARLEN:
+            q0 = gl.load(CU_Q + b)
+            k0 = gl.load(CU_K + b)
+            Sq = gl.load(CU_Q + b + 1) - q0
+            Sk = gl.load(CU_K + b + 1) - k0
+            bq = b * 0
+        else:
+            q0 = b * 0
+            k0 = b * 0
+            Sq = seqlen_q
+            Sk = seqlen_k
+            bq = b
+        return bq, q0, k0, Sq, Sk
+
+    @gluon.jit
     def _producer(q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, q_smem, do_smem, k_smem, v_smem, l_smem, d_smem,
-                  kv_bar, ready, empty, b, kvh, n0, lo, hi, group, nheads, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                  kv_bar, ready, empty, b, bq, q0, k0, kvh, n0, lo, hi, group, nheads, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                   NC: gl.constexpr):
         """K and V of the program (a 64-row slice per consumer), then Q, dO, lse and Delta of every (head, query
         block)."""
         mbarrier.expect(kv_bar, 2 * NC * 64 * HEAD_DIM * 2)
         for w in gl.static_range(NC):
-            _tma_load(k_desc, [b, n0 + w * 64, kvh, 0], kv_bar, k_smem.index(w))
-            _tma_load(v_desc, [b, n0 + w * 64, kvh, 0], kv_bar, v_smem.index(w))
+            _tma_load(k_desc, [bq, k0 + n0 + w * 64, kvh, 0], kv_bar, k_smem.index(w))
+            _tma_load(v_desc, [bq, k0 + n0 + w * 64, kvh, 0], kv_bar, v_smem.index(w))
         n = gl.cdiv(hi - lo, BLOCK_M)
         for g in range(group):
             h = kvh * group + g
@@ -68,8 +88,8 @@ if HAVE_GLUON:
                 mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)   # a fresh barrier's parity 1 is done
                 mbarrier.expect(ready.index(s), 2 * BLOCK_M * HEAD_DIM * 2 + 2 * BLOCK_M * 4)
                 m0 = lo + i * BLOCK_M
-                _tma_load(q_desc, [b, m0, h, 0], ready.index(s), q_smem.index(s))
-                _tma_load(do_desc, [b, m0, h, 0], ready.index(s), do_smem.index(s))
+                _tma_load(q_desc, [bq, q0 + m0, h, 0], ready.index(s), q_smem.index(s))
+                _tma_load(do_desc, [bq, q0 + m0, h, 0], ready.index(s), do_smem.index(s))
                 _tma_load(l_desc, [b * nheads + h, m0], ready.index(s), l_smem.index(s))
                 _tma_load(d_desc, [b * nheads + h, m0], ready.index(s), d_smem.index(s))
 
@@ -197,7 +217,7 @@ if HAVE_GLUON:
     def _consumer(W: gl.constexpr, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
                   empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh,
                   stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
-                  b, kvh, n0, lo, full_lo, full_hi, hi, group, Sq, Sk, diag, left, right, qk_scale, ds_scale,
+                  b, bq, k0, kvh, n0, lo, full_lo, full_hi, hi, group, Sq, Sk, diag, left, right, qk_scale, ds_scale,
                   BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, DO_DQ: gl.constexpr,
                   SHARED_DQ: gl.constexpr, NC: gl.constexpr):
         """Consumer warpgroup W: keys n0 + 64·W ... of the program, summed over the group's heads."""
@@ -206,8 +226,8 @@ if HAVE_GLUON:
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, HEAD_DIM, 16])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-        k0 = n0 + W * 64
-        offs_k = k0 + gl.arange(0, 64, layout=gl.SliceLayout(1, st_layout))
+        kw0 = n0 + W * 64   # this consumer's first key, within the sequence
+        offs_k = kw0 + gl.arange(0, 64, layout=gl.SliceLayout(1, st_layout))
         kw = k_smem.index(W).reshape([64, HEAD_DIM])
         vw = v_smem.index(W).reshape([64, HEAD_DIM])
         dsw = ds_smem.index(W)
@@ -237,37 +257,40 @@ if HAVE_GLUON:
                                l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, offs_k, Sk, diag,
                                left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout,
                                a_layout, True, DO_DQ, SHARED_DQ, W, NC)
-        rows = k0 + gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
+        rows = kw0 + gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
         cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout)), 0)
         ok = gl.expand_dims(rows, 1) < Sk
-        r64 = gl.expand_dims(rows.to(gl.int64), 1)
+        r64 = gl.expand_dims(rows.to(gl.int64) + k0, 1)
         kv64 = kvh.to(gl.int64)
+        b64 = bq.to(gl.int64)
         gl.store(DK + b64 * stride_dkb + kv64 * stride_dkh + r64 * stride_dkn + cols, (dk * ds_scale).to(DK.dtype.element_ty),
                  mask=ok)
         gl.store(DV + b64 * stride_dvb + kv64 * stride_dvh + r64 * stride_dvn + cols, dv.to(DV.dtype.element_ty), mask=ok)
 
     @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group", "nheads"])
-    def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, l_desc, d_desc, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn, stride_dkh,
+    def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, l_desc, d_desc, DQ, DK, DV, CU_Q, CU_K, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn, stride_dkh,
                     stride_dvb, stride_dvn, stride_dvh, seqlen_q, seqlen_k, window_left, window_right,
                     qk_scale, ds_scale, group, nheads, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                    CONSUMER_REGS: gl.constexpr, NC: gl.constexpr, DO_DQ: gl.constexpr, SHARED_DQ: gl.constexpr):
+                    CONSUMER_REGS: gl.constexpr, NC: gl.constexpr, DO_DQ: gl.constexpr, SHARED_DQ: gl.constexpr,
+                    IS_VARLEN: gl.constexpr):
         # Grid: (cdiv(seqlen_k, 64·NC), nheads_k, batch). Warps: the producer (num_warps=4) + NC 4-warp consumers.
         BLOCK_N: gl.constexpr = NC * 64
         n0 = gl.program_id(0) * BLOCK_N
         kvh = gl.program_id(1)
         b = gl.program_id(2)
-        Sq = seqlen_q
-        Sk = seqlen_k
+        bq, q0, k0, Sq, Sk = _bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
+        if n0 >= Sk:   # packed: past this sequence's keys
+            return
         # key j is seen by queries i in [j + diag_t - right, j + diag_t + left]: the forward's band, transposed
         lo, full_lo, full_hi, hi = _key_range(n0, BLOCK_N, Sq - Sk, window_right, window_left, Sq, BLOCK_M)
         if lo >= hi:   # no query sees these keys: dK = dV = 0
             z_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
             rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, z_layout))
             cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, z_layout)), 0)
-            r64 = gl.expand_dims(rows.to(gl.int64), 1)
+            r64 = gl.expand_dims(rows.to(gl.int64) + k0, 1)
             ok = gl.expand_dims(rows, 1) < Sk
             zero = gl.zeros([BLOCK_N, HEAD_DIM], DK.dtype.element_ty, z_layout)
-            b64 = b.to(gl.int64)
+            b64 = bq.to(gl.int64)
             kv64 = kvh.to(gl.int64)
             gl.store(DK + b64 * stride_dkb + kv64 * stride_dkh + r64 * stride_dkn + cols, zero, mask=ok)
             gl.store(DV + b64 * stride_dvb + kv64 * stride_dvh + r64 * stride_dvn + cols, zero, mask=ok)
@@ -300,37 +323,37 @@ if HAVE_GLUON:
         if NC == 3:
             gl.warp_specialize([
                 (_producer, (q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, q_smem, do_smem, k_smem, v_smem, l_smem,
-                             d_smem, kv_bar, ready, empty, b, kvh, n0, lo, hi, group, nheads, BLOCK_M, HEAD_DIM, STAGES,
+                             d_smem, kv_bar, ready, empty, b, bq, q0, k0, kvh, n0, lo, hi, group, nheads, BLOCK_M, HEAD_DIM, STAGES,
                              NC)),
                 (_consumer, (0, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
                              empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
-                             stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, kvh, n0, lo, full_lo, full_hi, hi,
+                             stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, bq, k0, kvh, n0, lo, full_lo, full_hi, hi,
                              group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ,
                              SHARED_DQ, NC)),
                 (_consumer, (1, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
                              empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
-                             stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, kvh, n0, lo, full_lo, full_hi, hi,
+                             stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, bq, k0, kvh, n0, lo, full_lo, full_hi, hi,
                              group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ,
                              SHARED_DQ, NC)),
                 (_consumer, (2, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
                              empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
-                             stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, kvh, n0, lo, full_lo, full_hi, hi,
+                             stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, bq, k0, kvh, n0, lo, full_lo, full_hi, hi,
                              group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ,
                              SHARED_DQ, NC)),
             ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
         else:
             gl.warp_specialize([
                 (_producer, (q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, q_smem, do_smem, k_smem, v_smem, l_smem,
-                             d_smem, kv_bar, ready, empty, b, kvh, n0, lo, hi, group, nheads, BLOCK_M, HEAD_DIM, STAGES,
+                             d_smem, kv_bar, ready, empty, b, bq, q0, k0, kvh, n0, lo, hi, group, nheads, BLOCK_M, HEAD_DIM, STAGES,
                              NC)),
                 (_consumer, (0, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
                              empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
-                             stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, kvh, n0, lo, full_lo, full_hi, hi,
+                             stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, bq, k0, kvh, n0, lo, full_lo, full_hi, hi,
                              group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ,
                              SHARED_DQ, NC)),
                 (_consumer, (1, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
                              empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
-                             stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, kvh, n0, lo, full_lo, full_hi, hi,
+                             stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, bq, k0, kvh, n0, lo, full_lo, full_hi, hi,
                              group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ,
                              SHARED_DQ, NC)),
             ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
@@ -340,21 +363,21 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _dq_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty,
-                     b, h, kvh, m0, lo, hi, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                     NC: gl.constexpr):
+                     bq, q0, k0, h, kvh, m0, lo, hi, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                     STAGES: gl.constexpr, NC: gl.constexpr):
         """Q and dO of the tile once (a 64-row slice per consumer), then K and V block by block into a ring."""
         mbarrier.expect(q_bar, 2 * NC * 64 * HEAD_DIM * 2)
         for w in gl.static_range(NC):
-            _tma_load(q_desc, [b, m0 + w * 64, h, 0], q_bar, q_smem.index(w))
-            _tma_load(do_desc, [b, m0 + w * 64, h, 0], q_bar, do_smem.index(w))
+            _tma_load(q_desc, [bq, q0 + m0 + w * 64, h, 0], q_bar, q_smem.index(w))
+            _tma_load(do_desc, [bq, q0 + m0 + w * 64, h, 0], q_bar, do_smem.index(w))
         n = gl.cdiv(hi - lo, BLOCK_N)
         for it in range(n):
             s = it % STAGES
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
             mbarrier.expect(ready.index(s), 2 * BLOCK_N * HEAD_DIM * 2)
             start = lo + it * BLOCK_N
-            _tma_load(k_desc, [b, start, kvh, 0], ready.index(s), k_smem.index(s))
-            _tma_load(v_desc, [b, start, kvh, 0], ready.index(s), v_smem.index(s))
+            _tma_load(k_desc, [bq, k0 + start, kvh, 0], ready.index(s), k_smem.index(s))
+            _tma_load(v_desc, [bq, k0 + start, kvh, 0], ready.index(s), v_smem.index(s))
 
     @gluon.jit
     def _dq_step(start_n, lo, dq, qw, dow, k_smem, v_smem, ready, empty, lse, delta, offs_m, offs_n, Sk, diag,
@@ -385,9 +408,10 @@ if HAVE_GLUON:
         return dq
 
     @gluon.jit
-    def _dq_consumer(W: gl.constexpr, dq_desc, q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty, LSE2, DELTA,
-                     stride_pb, stride_ph, b, h, m0, lo, full_lo, full_hi, hi, Sk, diag, left, right, qk_scale,
-                     ds_scale, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+    def _dq_consumer(W: gl.constexpr, dq_desc, DQ, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem, q_bar, ready,
+                     empty, LSE2, DELTA, stride_pb, stride_ph, b, bq, q0, h, m0, lo, full_lo, full_hi, hi, Sq, Sk, diag,
+                     left, right, qk_scale, ds_scale, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                     STAGES: gl.constexpr, IS_VARLEN: gl.constexpr):
         """Consumer warpgroup W: dQ of rows m0 + 64·W ... over v2's three key ranges, stored once."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -413,15 +437,23 @@ if HAVE_GLUON:
         for start_n in range(full_hi, hi, BLOCK_N):
             dq = _dq_step(start_n, lo, dq, qw, dow, k_smem, v_smem, ready, empty, lse, delta, offs_m, offs_n, Sk,
                           diag, left, right, qk_scale, BLOCK_N, HEAD_DIM, STAGES, s_layout, a_layout, True)
-        qw.store((dq * ds_scale).to(qw.dtype))   # this warpgroup's slice of Q's buffer, read by nobody else now
-        fence_async_shared()
-        _tma_store(dq_desc, [b, r0, h, 0], q_smem.index(W))
-        tma.store_wait(0)
+        dq = (dq * ds_scale).to(qw.dtype)
+        if IS_VARLEN:   # rows past the sequence are the next one's: a masked store
+            rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
+            cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout)), 0)
+            ptrs = DQ + gl.expand_dims((q0 + rows).to(gl.int64), 1) * stride_qm + h.to(gl.int64) * stride_qh + cols
+            gl.store(ptrs, dq, mask=gl.expand_dims(rows, 1) < Sq)
+        else:   # through this warpgroup's slice of Q's buffer (read by nobody else now); the copy drops rows past Sq
+            qw.store(dq)
+            fence_async_shared()
+            _tma_store(dq_desc, [bq, q0 + r0, h, 0], q_smem.index(W))
+            tma.store_wait(0)
 
     @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group"])
-    def _dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, LSE2, DELTA, stride_pb, stride_ph, seqlen_q, seqlen_k,
-                   window_left, window_right, qk_scale, ds_scale, group, HEAD_DIM: gl.constexpr,
-                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, NC: gl.constexpr):
+    def _dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DQ, CU_Q, CU_K, stride_qm, stride_qh, LSE2, DELTA,
+                   stride_pb, stride_ph, seqlen_q, seqlen_k, window_left, window_right, qk_scale, ds_scale, group,
+                   HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                   NC: gl.constexpr, IS_VARLEN: gl.constexpr):
         # Grid: (cdiv(seqlen_q, 64·NC), nheads, batch), heaviest causal tiles first. Warps: the producer (num_warps=4)
         # + NC 4-warp consumers of 64 query rows each.
         pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
@@ -430,20 +462,21 @@ if HAVE_GLUON:
         kvh = h // group
         BLOCK_M: gl.constexpr = NC * 64
         m0 = pid_m * BLOCK_M
-        Sq = seqlen_q
-        Sk = seqlen_k
+        bq, q0, k0, Sq, Sk = _bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
+        if m0 >= Sq:   # packed: past this sequence's queries
+            return
         diag = Sk - Sq
         lo, full_lo, full_hi, hi = _key_range(m0, BLOCK_M, diag, window_left, window_right, Sk, BLOCK_N)
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [NC, 1, 64, 1, HEAD_DIM], q_desc.layout)
         if lo >= hi:   # no key visible from any row of this tile: dQ = 0
             z_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-            for w in gl.static_range(NC):
-                q_smem.index(w).reshape([64, HEAD_DIM]).store(gl.zeros([64, HEAD_DIM], dtype, z_layout))
-            fence_async_shared()
-            for w in gl.static_range(NC):
-                _tma_store(dq_desc, [b, m0 + w * 64, h, 0], q_smem.index(w))
-            tma.store_wait(0)
+            rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, z_layout))
+            cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, z_layout)), 0)
+            ptrs = DQ + gl.expand_dims((q0 + rows).to(gl.int64), 1) * stride_qm + h.to(gl.int64) * stride_qh + cols
+            if not IS_VARLEN:
+                ptrs += b.to(gl.int64) * seqlen_q * stride_qm   # dense (B, S, H, D): rows of sequence b
+            gl.store(ptrs, gl.zeros([BLOCK_M, HEAD_DIM], dtype, z_layout), mask=gl.expand_dims(rows, 1) < Sq)
             return
         do_smem = gl.allocate_shared_memory(dtype, [NC, 1, 64, 1, HEAD_DIM], do_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEAD_DIM], k_desc.layout)
@@ -458,27 +491,32 @@ if HAVE_GLUON:
         if NC == 3:
             gl.warp_specialize([
                 (_dq_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty,
-                                b, h, kvh, m0, lo, hi, BLOCK_N, HEAD_DIM, STAGES, NC)),
-                (_dq_consumer, (0, dq_desc, q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty, LSE2, DELTA,
-                                stride_pb, stride_ph, b, h, m0, lo, full_lo, full_hi, hi, Sk, diag, window_left,
-                                window_right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM, STAGES)),
-                (_dq_consumer, (1, dq_desc, q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty, LSE2, DELTA,
-                                stride_pb, stride_ph, b, h, m0, lo, full_lo, full_hi, hi, Sk, diag, window_left,
-                                window_right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM, STAGES)),
-                (_dq_consumer, (2, dq_desc, q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty, LSE2, DELTA,
-                                stride_pb, stride_ph, b, h, m0, lo, full_lo, full_hi, hi, Sk, diag, window_left,
-                                window_right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM, STAGES)),
+                                bq, q0, k0, h, kvh, m0, lo, hi, BLOCK_N, HEAD_DIM, STAGES, NC)),
+                (_dq_consumer, (0, dq_desc, DQ, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem, q_bar,
+                                ready, empty, LSE2, DELTA, stride_pb, stride_ph, b, bq, q0, h, m0, lo, full_lo, full_hi,
+                                hi, Sq, Sk, diag, window_left, window_right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM,
+                                STAGES, IS_VARLEN)),
+                (_dq_consumer, (1, dq_desc, DQ, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem, q_bar,
+                                ready, empty, LSE2, DELTA, stride_pb, stride_ph, b, bq, q0, h, m0, lo, full_lo, full_hi,
+                                hi, Sq, Sk, diag, window_left, window_right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM,
+                                STAGES, IS_VARLEN)),
+                (_dq_consumer, (2, dq_desc, DQ, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem, q_bar,
+                                ready, empty, LSE2, DELTA, stride_pb, stride_ph, b, bq, q0, h, m0, lo, full_lo, full_hi,
+                                hi, Sq, Sk, diag, window_left, window_right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM,
+                                STAGES, IS_VARLEN)),
             ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
         else:
             gl.warp_specialize([
                 (_dq_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty,
-                                b, h, kvh, m0, lo, hi, BLOCK_N, HEAD_DIM, STAGES, NC)),
-                (_dq_consumer, (0, dq_desc, q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty, LSE2, DELTA,
-                                stride_pb, stride_ph, b, h, m0, lo, full_lo, full_hi, hi, Sk, diag, window_left,
-                                window_right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM, STAGES)),
-                (_dq_consumer, (1, dq_desc, q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty, LSE2, DELTA,
-                                stride_pb, stride_ph, b, h, m0, lo, full_lo, full_hi, hi, Sk, diag, window_left,
-                                window_right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM, STAGES)),
+                                bq, q0, k0, h, kvh, m0, lo, hi, BLOCK_N, HEAD_DIM, STAGES, NC)),
+                (_dq_consumer, (0, dq_desc, DQ, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem, q_bar,
+                                ready, empty, LSE2, DELTA, stride_pb, stride_ph, b, bq, q0, h, m0, lo, full_lo, full_hi,
+                                hi, Sq, Sk, diag, window_left, window_right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM,
+                                STAGES, IS_VARLEN)),
+                (_dq_consumer, (1, dq_desc, DQ, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem, q_bar,
+                                ready, empty, LSE2, DELTA, stride_pb, stride_ph, b, bq, q0, h, m0, lo, full_lo, full_hi,
+                                hi, Sq, Sk, diag, window_left, window_right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM,
+                                STAGES, IS_VARLEN)),
             ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 # Launch plans of the dK/dV kernel: (BLOCK_M query rows per step, STAGES of the Q/dO ring, consumer registers, NC
@@ -491,7 +529,7 @@ if HAVE_GLUON:
 # single pass at 0.77-0.81x cuDNN's backward (d128); without the sum the same pass ran at 1.25-1.34x.
 _PLANS = {64: (64, 2, 240, 2, False, 0), 128: (64, 2, 240, 2, True, 0)}
 # the dQ pass: (BLOCK_N keys per step, STAGES of the K/V ring, consumer registers, NC consumers of 64 query rows)
-_DQ_PLANS = {64: (64, 3, 240, 2), 128: (64, 3, 240, 2)}
+_DQ_PLANS = {64: (128, 2, 240, 2), 128: (64, 3, 240, 2)}
 
 
 def plan(D: int, deterministic: bool = False):
@@ -500,12 +538,10 @@ def plan(D: int, deterministic: bool = False):
     return p[:5] + (0,) if deterministic else p
 
 
-def supports(q, k, v, do, cu_seqlens_q, softmax_scale, softcap) -> str | None:
+def supports(q, k, v, do, softmax_scale, softcap) -> str | None:
     """None if this kernel runs the inputs, else why not (the caller then runs v2's backward)."""
     if not HAVE_GLUON:
         return "this Triton has no Gluon"
-    if cu_seqlens_q is not None:
-        return "packed sequences run v2's backward"
     if softcap > 0:
         return "softcap runs v2's backward"
     if not softmax_scale > 0:
@@ -520,79 +556,93 @@ def supports(q, k, v, do, cu_seqlens_q, softmax_scale, softcap) -> str | None:
 
 
 @triton.jit
-def _prep_kernel(O, DO, LSE, LSE2, DELTA, stride_ob, stride_om, stride_oh, stride_dob, stride_dom, stride_doh,
-                 stride_lb, stride_lh, stride_pb, stride_ph, seqlen_q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+def _prep_kernel(O, DO, LSE, LSE2, DELTA, CU_Q, stride_ob, stride_om, stride_oh, stride_dob, stride_dom, stride_doh,
+                 stride_lb, stride_lh, stride_pb, stride_ph, seqlen_q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 IS_VARLEN: tl.constexpr):
     # Grid: (padded rows / BLOCK_M, nheads, batch). Delta = rowsum(dO ∘ O) and lse in log2 units, padded to whole
-    # query blocks: rows past seqlen_q get Delta = 0 and lse = +inf (P = 0), so the kernel's loads need no mask.
+    # query blocks: rows past the sequence get Delta = 0 and lse = +inf (P = 0), so the kernels' loads need no mask.
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
+    q0, _, Sq, _ = seq_bounds(CU_Q, CU_Q, b, seqlen_q, seqlen_q, IS_VARLEN)
     d = tl.arange(0, HEAD_DIM)
-    ok = m < seqlen_q
-    o = tl.load(O + b * stride_ob + h * stride_oh + m[:, None] * stride_om + d[None, :], mask=ok[:, None], other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + m[:, None] * stride_dom + d[None, :], mask=ok[:, None],
+    ok = m < Sq
+    rows = q0 + m
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + d[None, :], mask=ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + d[None, :], mask=ok[:, None],
                  other=0.0)
-    lse = tl.load(LSE + b * stride_lb + h * stride_lh + m, mask=ok, other=float("inf"))
+    lse = tl.load(LSE + b * stride_lb + h * stride_lh + rows, mask=ok, other=float("inf"))
     tl.store(DELTA + b * stride_pb + h * stride_ph + m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1))
     tl.store(LSE2 + b * stride_pb + h * stride_ph + m, lse * 1.4426950408889634)
 
 
-def backward(do, q, k, v, out, lse, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _plan=None,
-             _dq=None, _dq_plan=None):
-    """Dense (B, S, H, D) backward: (dq, dk, dv). `supports()` must have passed (do with a unit last stride).
-    _plan, _dq_plan override `plan()` and `_DQ_PLANS`; _dq overrides the plan's dQ mode (see `_PLANS`), and takes two
-    timing diagnostics whose dq is garbage: 3 computes dQ's products in the single pass without summing them, 4
-    skips dQ altogether."""
+def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+             window_size, _plan=None, _dq=None, _dq_plan=None):
+    """(B, S, H, D) or packed (total, H, D) with cu_seqlens: (dq, dk, dv). `supports()` must have passed (do with a
+    unit last stride). _plan, _dq_plan override `plan()` and `_DQ_PLANS`; _dq overrides the plan's dQ mode (see
+    `_PLANS`; packed sequences take mode 0), and takes two timing diagnostics whose dq is garbage: 3 computes dQ's
+    products in the single pass without summing them, 4 skips dQ altogether."""
     from triton.experimental.gluon.language import NVMMASharedLayout
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .v3_gluon import shared_layout
-    B, Sq, H, D = q.shape
-    Sk, Hk = k.shape[1], k.shape[2]
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    if q.numel() == 0 or k.numel() == 0:
+    varlen = cu_seqlens_q is not None
+    H, D = q.shape[-2], q.shape[-1]
+    Hk = k.shape[-2]
+    B = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+    Sq, Sk = (max_seqlen_q, max_seqlen_k) if varlen else (q.shape[1], k.shape[1])
+    new = torch.zeros if varlen else torch.empty   # packed rows outside every sequence read as 0
+    dk = new(k.shape, dtype=k.dtype, device=k.device)
+    dv = new(v.shape, dtype=v.dtype, device=v.device)
+    if q.numel() == 0 or k.numel() == 0 or B == 0:
         return torch.zeros_like(q), dk.zero_(), dv.zero_()
     bm, stages, regs, nc, shared, red = _plan or plan(D)
     mode = red if _dq is None else _dq
+    if varlen and mode != 4:
+        mode = 0
     if shared and mode in (1, 2, 3) and D != 64 * nc:
         raise ValueError(f"a shared dQ needs head dim 64 x {nc} consumers, got {D}")
     # lse (log2 units), Delta and dQ's float32 accumulator padded to whole query blocks (module docstring)
     pad = triton.cdiv(Sq, 64) * 64 + 128   # whole 64-row blocks, and the dQ pass's tiles of up to 192 rows
     lse2 = torch.empty((B, H, pad), dtype=torch.float32, device=q.device)
     delta = torch.empty_like(lse2)
-    _prep_kernel[(pad // 64, H, B)](out, do, lse, lse2, delta, *C.seq_layout(out, False), *C.seq_layout(do, False),
-                                    lse.stride(0), lse.stride(1), lse2.stride(0), lse2.stride(1), Sq, HEAD_DIM=D,
-                                    BLOCK_M=64)
+    stride_l = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+    _prep_kernel[(pad // 64, H, B)](out, do, lse, lse2, delta, cu_seqlens_q, *C.seq_layout(out, varlen),
+                                    *C.seq_layout(do, varlen), *stride_l, lse2.stride(0), lse2.stride(1), Sq,
+                                    HEAD_DIM=D, BLOCK_M=64, IS_VARLEN=varlen)
     left, right = C.window_args(window_size, Sq, Sk)
     qk_scale, _ = C.score_scales(softmax_scale, 0.0)
     atomic = mode in (1, 2, 3)
     dq = torch.zeros((B, pad, H, D), dtype=torch.float32, device=q.device) if atomic else \
-        torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        new(q.shape, dtype=q.dtype, device=q.device)
     layout = shared_layout()
     row_layout = NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
-    qd = TensorDescriptor.from_tensor(q, [1, bm, 1, D], layout)
-    dod = TensorDescriptor.from_tensor(do, [1, bm, 1, D], layout)
-    kd = TensorDescriptor.from_tensor(k, [1, 64, 1, D], layout)
-    vd = TensorDescriptor.from_tensor(v, [1, 64, 1, D], layout)
+    as4 = (lambda t: t.unsqueeze(0)) if varlen else (lambda t: t)   # packed: descriptors over (1, total, H, D)
+    q4, k4, v4, do4, dq4 = as4(q), as4(k), as4(v), as4(do), (dq if atomic else as4(dq))
+    qd = TensorDescriptor.from_tensor(q4, [1, bm, 1, D], layout)
+    dod = TensorDescriptor.from_tensor(do4, [1, bm, 1, D], layout)
+    kd = TensorDescriptor.from_tensor(k4, [1, 64, 1, D], layout)
+    vd = TensorDescriptor.from_tensor(v4, [1, 64, 1, D], layout)
     ld = TensorDescriptor.from_tensor(lse2.view(B * H, pad), [1, bm], row_layout)
     dd = TensorDescriptor.from_tensor(delta.view(B * H, pad), [1, bm], row_layout)
+    dks, dvs = C.seq_layout(dk, varlen), C.seq_layout(dv, varlen)
     _bwd_kernel[(triton.cdiv(Sk, 64 * nc), Hk, B)](
-        qd, kd, vd, dod, ld, dd, dq, dk, dv, dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1),
-        dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, H,
+        qd, kd, vd, dod, ld, dd, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, dq.stride(0), dq.stride(1), dq.stride(2),
+        *dks, *dvs, Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, H,
         HEAD_DIM=D, BLOCK_M=bm, STAGES=stages, CONSUMER_REGS=regs, NC=nc, DO_DQ=mode if atomic else 0,
-        SHARED_DQ=shared and atomic, num_warps=4)
+        SHARED_DQ=shared and atomic, IS_VARLEN=varlen, num_warps=4)
     if atomic:
         return dq[:, :Sq].to(q.dtype), dk, dv
     if mode == 0:
         bn, dq_stages, dq_regs, dq_nc = _dq_plan or _DQ_PLANS[D]
-        q64 = TensorDescriptor.from_tensor(q, [1, 64, 1, D], layout)
-        do64 = TensorDescriptor.from_tensor(do, [1, 64, 1, D], layout)
-        dq64 = TensorDescriptor.from_tensor(dq, [1, 64, 1, D], layout)
-        kn = TensorDescriptor.from_tensor(k, [1, bn, 1, D], layout)
-        vn = TensorDescriptor.from_tensor(v, [1, bn, 1, D], layout)
+        q64 = TensorDescriptor.from_tensor(q4, [1, 64, 1, D], layout)
+        do64 = TensorDescriptor.from_tensor(do4, [1, 64, 1, D], layout)
+        dq64 = TensorDescriptor.from_tensor(dq4, [1, 64, 1, D], layout)
+        kn = TensorDescriptor.from_tensor(k4, [1, bn, 1, D], layout)
+        vn = TensorDescriptor.from_tensor(v4, [1, bn, 1, D], layout)
+        _, stride_qm, stride_qh = C.seq_layout(dq, varlen)
         _dq_kernel[(triton.cdiv(Sq, 64 * dq_nc), H, B)](
-            q64, kn, vn, do64, dq64, lse2, delta, lse2.stride(0), lse2.stride(1), Sq, Sk, left, right, qk_scale,
-            softmax_scale, H // Hk, HEAD_DIM=D, BLOCK_N=bn, STAGES=dq_stages, CONSUMER_REGS=dq_regs, NC=dq_nc,
-            num_warps=4)
+            q64, kn, vn, do64, dq64, dq, cu_seqlens_q, cu_seqlens_k, stride_qm, stride_qh, lse2, delta,
+            lse2.stride(0), lse2.stride(1), Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, HEAD_DIM=D,
+            BLOCK_N=bn, STAGES=dq_stages, CONSUMER_REGS=dq_regs, NC=dq_nc, IS_VARLEN=varlen, num_warps=4)
     return dq, dk, dv

@@ -471,12 +471,14 @@ if HAVE_GLUON:
         q_smem = gl.allocate_shared_memory(dtype, [NC, 1, 64, 1, HEAD_DIM], q_desc.layout)
         if lo >= hi:   # no key visible from any row of this tile: dQ = 0
             z_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-            rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, z_layout))
             cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, z_layout)), 0)
-            ptrs = DQ + gl.expand_dims((q0 + rows).to(gl.int64), 1) * stride_qm + h.to(gl.int64) * stride_qh + cols
+            base = DQ + h.to(gl.int64) * stride_qh
             if not IS_VARLEN:
-                ptrs += b.to(gl.int64) * seqlen_q * stride_qm   # dense (B, S, H, D): rows of sequence b
-            gl.store(ptrs, gl.zeros([BLOCK_M, HEAD_DIM], dtype, z_layout), mask=gl.expand_dims(rows, 1) < Sq)
+                base += b.to(gl.int64) * seqlen_q * stride_qm   # dense (B, S, H, D): rows of sequence b
+            for w in gl.static_range(NC):   # 64 rows at a time (64·NC need not be a power of two)
+                rows = m0 + w * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, z_layout))
+                gl.store(base + gl.expand_dims((q0 + rows).to(gl.int64), 1) * stride_qm + cols,
+                         gl.zeros([64, HEAD_DIM], dtype, z_layout), mask=gl.expand_dims(rows, 1) < Sq)
             return
         do_smem = gl.allocate_shared_memory(dtype, [NC, 1, 64, 1, HEAD_DIM], do_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEAD_DIM], k_desc.layout)

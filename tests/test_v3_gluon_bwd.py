@@ -1,0 +1,203 @@
+"""The Gluon v3 backward (hf_flashattn/kernels/v3_gluon_bwd.py) on the CPU.
+
+Gluon kernels do not run on Triton's interpreter: here both kernels (dK/dV, dQ) are compiled for sm_90a (Hopper),
+dense and packed, and their PTX checked for the structure the design depends on; the plan rule, `supports` and the
+dispatch in v3.backward are checked as rules. The padded lse/Delta preprocessing is a Triton-language kernel and
+runs here. Numbers are checked on the GPU (benchmarks/sweep_gluon_bwd.py: results/2026-11-26-h100-sweep-gluon-bwd-*).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+from hf_flashattn.kernels import v3, v3_gluon_bwd as GB
+
+pytestmark = pytest.mark.skipif(not GB.HAVE_GLUON, reason="this Triton has no Gluon")
+
+_COMPILE = r"""
+import json, sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from hf_flashattn.kernels import v3_gluon as G, v3_gluon_bwd as GB
+which, D, rows, stages, regs, nc, extra, varlen = json.loads(sys.argv[1])
+lay = repr(G.shared_layout())
+row_lay = repr(gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2))
+fn = GB._bwd_kernel if which == "dkdv" else GB._dq_kernel
+sig = {}
+for i, name in enumerate(fn.arg_names):
+    if fn.params[i].is_constexpr:
+        sig[name] = "constexpr"
+    elif name in ("q_desc", "do_desc", "dq_desc"):
+        sig[name] = f"tensordesc<bf16[1,{rows if which == 'dkdv' else 64},1,{D}],{lay}>"
+    elif name in ("k_desc", "v_desc"):
+        sig[name] = f"tensordesc<bf16[1,{64 if which == 'dkdv' else rows},1,{D}],{lay}>"
+    elif name in ("l_desc", "d_desc"):
+        sig[name] = f"tensordesc<fp32[1,{rows}],{row_lay}>"
+    elif name in ("DK", "DV") or (name == "DQ" and which == "dq"):
+        sig[name] = "*bf16"
+    elif name in ("DQ", "LSE2", "DELTA"):
+        sig[name] = "*fp32"
+    elif name in ("CU_Q", "CU_K"):
+        sig[name] = "*i32"
+    elif name in ("qk_scale", "ds_scale"):
+        sig[name] = "fp32"
+    else:
+        sig[name] = "i32"
+if which == "dkdv":
+    cx = dict(HEAD_DIM=D, BLOCK_M=rows, STAGES=stages, CONSUMER_REGS=regs, NC=nc, DO_DQ=extra[1] if extra[1] != 4 else 0,
+              SHARED_DQ=extra[0] and extra[1] in (1, 2, 3), IS_VARLEN=varlen)
+else:
+    cx = dict(HEAD_DIM=D, BLOCK_N=rows, STAGES=stages, CONSUMER_REGS=regs, NC=nc, IS_VARLEN=varlen)
+src = GluonASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in cx.items()})
+k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+open(sys.argv[2], "w").write(k.asm["ptx"])
+print(k.metadata.shared)
+"""
+
+
+def _compile(spec, out):
+    """PTX for sm_90a, compiled in a fresh process (this one runs Triton's interpreter, under which Triton's own
+    library functions are not compilable), and ptxas's spill count."""
+    import triton
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    r = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(spec), out], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ptx, shared = open(out).read(), int(r.stdout.strip().splitlines()[-1])
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.fail(f"no ptxas at {ptxas}: cannot check spills")
+    # this ptxas may be older than the PTX ISA version Triton writes; the instructions are sm_90a's either way
+    src = re.sub(r"^\.version \d+\.\d+", ".version 8.7", ptx, flags=re.M)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(src)
+    try:
+        res = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True,
+                             timeout=300)
+    finally:
+        os.unlink(f.name)
+    assert res.returncode == 0, res.stderr[-2000:]
+    spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", res.stderr)]
+    assert spills, res.stderr[-2000:]
+    return ptx, shared, max(spills)
+
+
+def _common_structure(ptx, shared):
+    assert "cp.async.bulk.tensor" in ptx                       # TMA copies
+    assert "wgmma.mma_async" in ptx
+    assert "mbarrier.try_wait.parity" in ptx and "mbarrier.arrive" in ptx
+    assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx
+    assert shared <= 232448                                    # the H100's shared memory per block
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_default_plans_compile_for_hopper_without_atomics(D, varlen):
+    """Both kernels of the default (deterministic) backward compile for sm_90a, dense and packed: TMA, wgmma,
+    mbarriers between the producer and the consumers, register reallocation, (next to) no spills; and no atomic
+    anywhere (dQ has a pass of its own, so results are bitwise reproducible)."""
+    bm, stages, regs, nc, shared, red = GB.plan(D)
+    assert red == 0
+    bn, dq_stages, dq_regs, dq_nc = GB._DQ_PLANS[D]
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, smem, spill = _compile(["dkdv", D, bm, stages, regs, nc, [shared, red], varlen], os.path.join(tmp, "a"))
+        _common_structure(ptx, smem)
+        assert not re.search(r"\b(red|atom)\.global", ptx)
+        assert spill <= 256, spill     # d128: 8 bytes dense, 72 packed on triton 3.6, 168 packed on 3.9; d64: 0
+        ptx, smem, spill = _compile(["dq", D, bn, dq_stages, dq_regs, dq_nc, [], varlen], os.path.join(tmp, "b"))
+        _common_structure(ptx, smem)
+        assert re.search(r"wgmma\.wait_group\.sync\.aligned 1;", ptx)   # S waited while dP is still in flight
+        assert not re.search(r"\b(red|atom)\.global", ptx)
+        assert spill <= 16, spill
+        # dense dQ leaves through a TMA store, packed through a masked store (the next sequence's rows follow)
+        assert ("cp.async.bulk.tensor.4d.global.shared" in ptx) != varlen
+
+
+def test_single_pass_with_atomics_compiles_with_vector_reductions():
+    """The single-pass plan (dQ summed across key blocks with float32 atomics) lowers its sum to
+    red.global.add.v2.f32, the shared dQ tile to two wgmmas over both consumers' dS."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, smem, spill = _compile(["dkdv", 128, 64, 2, 240, 2, [True, 2], False], os.path.join(tmp, "a"))
+    _common_structure(ptx, smem)
+    assert "red.global.add.v2.f32" in ptx
+    assert spill <= 512, spill
+
+
+def test_plan_rule():
+    """dQ in its own pass by default (measured faster than the single pass with atomics on the H100,
+    results/2026-11-26-h100-sweep-gluon-bwd-3.md), and always with deterministic=True."""
+    for D in (64, 128):
+        bm, stages, regs, nc, shared, red = GB.plan(D)
+        assert red == 0 and GB.plan(D, deterministic=True)[5] == 0
+        assert regs * 128 * nc + 24 * 128 <= 65536            # the consumers' registers fit beside the producer
+        assert GB.plan(D, deterministic=True)[:5] == (bm, stages, regs, nc, shared)
+    one_pass = (64, 2, 240, 2, True, 2)
+    assert GB.plan(128) != one_pass
+
+
+def test_supports_names_what_it_leaves_to_v2():
+    x = torch.zeros(1, 64, 2, 128, dtype=torch.bfloat16)
+    assert GB.supports(x, x, x, x, 0.1, 0.0) is None
+    assert "softcap" in GB.supports(x, x, x, x, 0.1, 30.0)
+    assert "scale" in GB.supports(x, x, x, x, 0.0, 0.0)
+    assert "float32" in GB.supports(x.float(), x.float(), x.float(), x.float(), 0.1, 0.0)
+    y = torch.zeros(1, 64, 2, 80, dtype=torch.bfloat16)
+    assert "head dim 80" in GB.supports(y, y, y, y, 0.1, 0.0)
+    z = torch.zeros(1, 64, 2, 256, dtype=torch.bfloat16)
+    assert "head dim 256" in GB.supports(z, z, z, z, 0.1, 0.0)
+    odd = torch.zeros(1 * 64 * 2 * 128 + 1, dtype=torch.bfloat16)[1:].view(1, 64, 2, 128)
+    assert "TMA" in GB.supports(x, odd, odd, x, 0.1, 0.0)
+
+
+def test_dispatch_off_the_gpu_and_when_turned_off(monkeypatch):
+    """v3.backward takes the Gluon backward only for CUDA tensors on a Hopper GPU (never on the interpreter or the
+    CPU), unless HF_FLASHATTN_V3_GLUON_BWD=0."""
+    x = torch.zeros(1, 256, 2, 128, dtype=torch.bfloat16)
+    assert v3._gluon_bwd_plan(x, x, x, x, 0.1, 0.0, False) is None          # CPU tensors
+    monkeypatch.setenv("HF_FLASHATTN_V3_GLUON_BWD", "0")
+    assert v3._gluon_bwd_plan(x, x, x, x, 0.1, 0.0, False) is None
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_preprocessing_pads_lse_and_delta(varlen):
+    """The padded inputs of both kernels (interpreter): Delta = rowsum(dO ∘ O) and lse·log2(e) per sequence, +inf and
+    0 past each sequence's end, so that no load in the kernels needs a mask."""
+    import triton
+    torch.manual_seed(0)
+    H, D = 2, 64
+    lens = [37, 5] if varlen else [29, 29]
+    B, pad = len(lens), triton.cdiv(max(lens), 64) * 64 + 128
+    if varlen:
+        total = sum(lens)
+        o, do = torch.randn(total, H, D), torch.randn(total, H, D)
+        lse = torch.randn(H, total)
+        cu = torch.tensor([0, lens[0], total], dtype=torch.int32)
+        stride_l = (0, lse.stride(0))
+    else:
+        o, do = torch.randn(B, lens[0], H, D), torch.randn(B, lens[0], H, D)
+        lse = torch.randn(B, H, lens[0])
+        cu = None
+        stride_l = (lse.stride(0), lse.stride(1))
+    from hf_flashattn.kernels import _common as C
+    lse2 = torch.full((B, H, pad), -1.0)
+    delta = torch.full((B, H, pad), -1.0)
+    GB._prep_kernel[(pad // 64, H, B)](o, do, lse, lse2, delta, cu, *C.seq_layout(o, varlen),
+                                       *C.seq_layout(do, varlen), *stride_l, lse2.stride(0), lse2.stride(1),
+                                       max(lens), HEAD_DIM=D, BLOCK_M=64, IS_VARLEN=varlen)
+    for b, n in enumerate(lens):
+        if varlen:
+            s0 = sum(lens[:b])
+            ob, dob, lb = o[s0:s0 + n].transpose(0, 1), do[s0:s0 + n].transpose(0, 1), lse[:, s0:s0 + n]
+        else:
+            ob, dob, lb = o[b].transpose(0, 1), do[b].transpose(0, 1), lse[b]
+        torch.testing.assert_close(delta[b, :, :n], (ob * dob).sum(-1), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(lse2[b, :, :n], lb * 1.4426950408889634, atol=1e-5, rtol=1e-5)
+        assert torch.all(delta[b, :, n:] == 0) and torch.all(torch.isinf(lse2[b, :, n:]))

@@ -37,11 +37,9 @@ MASKS = [dict(causal=False), dict(causal=True), dict(window_size=(128, 0)), dict
 # 4 (backward's _dq, a timing diagnostic: dq garbage) skips dQ
 VARIANTS = {128: [("gluon bwd, single pass, shared dQ, red.v2", (64, 2, 240, 2, True, 2), None, None),
                   ("gluon bwd, dQ pass 2 stages", (64, 2, 240, 2, True, 0), None, (64, 2, 240, 2)),
-                  ("gluon bwd, dQ pass 3 consumers", (64, 2, 240, 2, True, 0), None, (64, 2, 160, 3)),
                   ("gluon bwd, dK/dV only (diagnostic)", (64, 2, 240, 2, True, 0), 4, None)],
             64: [("gluon bwd, single pass, red.v4", (64, 2, 240, 2, False, 1), None, None),
-                 ("gluon bwd, dQ pass 3 consumers", (64, 2, 240, 2, False, 0), None, (64, 3, 160, 3)),
-                 ("gluon bwd, dQ pass 128 keys", (64, 2, 240, 2, False, 0), None, (128, 2, 240, 2)),
+                 ("gluon bwd, dQ pass 64 keys", (64, 2, 240, 2, False, 0), None, (64, 3, 240, 2)),
                  ("gluon bwd, dK/dV only (diagnostic)", (64, 2, 240, 2, False, 0), 4, None)]}
 
 

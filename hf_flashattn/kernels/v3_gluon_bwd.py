@@ -1,30 +1,37 @@
-"""v3's backward in Gluon for Hopper: FA3's single pass, warp-specialised, dQ accumulated with float32 atomics.
+"""v3's backward in Gluon for Hopper: two warp-specialised passes (dK/dV, then dQ), deterministic.
 
-Why: v2's backward (Triton's language, two passes, 7 matmuls) ran at about 0.68x cuDNN's backward at d128 on the
-H100 (benchmarks/NOTES.md, seventh session): a forward that matches cuDNN still left forward+backward at
-0.67-0.84x. cuDNN and FA3 do the backward in one pass of 5 matmuls, dQ summed across the key-block programs.
+Why: v2's backward (Triton's language, two passes) ran at 0.63-0.81x cuDNN's backward on the H100, so a forward
+that matches cuDNN still left forward+backward at 0.67-0.84x (benchmarks/NOTES.md, seventh session).
 
-The kernel (`_bwd_kernel`): one program per (key block of 64·NC keys, kv head, sequence). A producer partition
-(4 warps) copies the program's K and V once (one 64-row slice per consumer) and then, for every query head of the
-kv head's group (GQA/MQA summed in registers, no repeated K/V) and every query block that sees the key block,
-Q and dO through host-made TMA descriptors into a ring of STAGES slots (`ready`/`empty` mbarriers, one arrive per
-consumer). NC consumer partitions (one warpgroup each, 64 keys, `setmaxnreg`) do, per query block (keys x
-queries, so that K and V are A operands from shared memory and Pᵀ, dSᵀ A operands from registers):
+dK/dV pass (`_bwd_kernel`): one program per (64·NC keys, kv head, sequence), NC = 2. A producer partition (4 warps)
+copies the program's K and V once (a 64-row slice per consumer) and then, for every query head of the kv head's
+group (GQA/MQA summed in registers, no repeated K/V) and every query block that sees the keys, Q, dO and the
+block's lse (log2 units) and Delta through host-made TMA descriptors into a ring of STAGES slots (`ready`/`empty`
+mbarriers, one arrive per consumer). Each consumer (one warpgroup, 64 keys, `setmaxnreg`) works keys x queries,
+so that K and V are A operands from shared memory and Pᵀ, dSᵀ A operands from registers, and lse/Delta are
+per-column vectors read from shared memory when used:
 
-    Sᵀ  = K Qᵀ,  dPᵀ = V dOᵀ                (two wgmmas in flight; Pᵀ's exponent under the second)
-    Pᵀ  = exp2(Sᵀ·c - lse·log2 e),  dSᵀ = Pᵀ ∘ (dPᵀ - Delta)
-    dV += Pᵀ dO,  dK += dSᵀ Q                (registers as A)
-    dQ_partial = dS K                        (dSᵀ through shared memory, read transposed)
-    release the slot; dQ += scale · dQ_partial with float32 atomics (relaxed `red`)
+    Sᵀ = K Qᵀ,  dPᵀ = V dOᵀ                  (two wgmmas in flight; Pᵀ's exponent under the second)
+    Pᵀ = exp2(Sᵀ·c - lse),  dSᵀ = Pᵀ ∘ (dPᵀ - Delta)
+    dV += Pᵀ dO,  dK += dSᵀ Q                  (registers as A), then the slot is released
 
-dK (times the scale) and dV are stored once at the end. Delta = rowsum(dO ∘ O) comes from v2's preprocessing
-kernel; dQ's float32 accumulator is converted to the input dtype after the kernel. The summation order of dQ
-varies run to run: `deterministic=True` takes v2's two-pass backward instead (interface, v3.backward).
-The query blocks come as the three ranges of `_key_range` on the transposed band (masked edge, unmasked band,
-masked diagonal/tail), as v2's backward.
+and stores dK (times the scale) and dV once. dQ pass (`_dq_kernel`): one program per (128 query rows, head,
+sequence), shaped like the forward (v3_gluon.py): a producer copies Q and dO once and streams K and V; each consumer
+(64 rows) computes S = Q Kᵀ and dP = dO Vᵀ together, dS = P ∘ (dP - Delta) as a register A operand, dQ += dS K, and
+stores dQ once. No program writes what another writes: bitwise reproducible, so `deterministic=True` runs it too.
+Both passes take v2's three ranges of blocks (masked edge, unmasked band, masked diagonal/tail); Delta and lse come
+from `_prep_kernel`, padded per sequence to whole blocks (+inf, 0) so that the kernels' loads need no mask. Packed
+batches (cu_seqlens) use descriptors over (1, total, H, D) and per-sequence bounds; rows that run into the next
+sequence are masked out of P and out of the stores.
 
-Scope (`supports`): dense (B, S, H, D) fp16/bf16, head dim 64 or 128 (d256's dK and dV alone would take every
-register of a warpgroup), no softcap, a positive scale, TMA-aligned strides.
+FA3's single pass (dQ = dS K in the dK/dV pass, summed across programs with float32 atomics: `red.global.add` in
+inline PTX, as Gluon's atomic_add lowers to one returning `atom` an element in Triton 3.6) is kept as plan options
+(dQ modes 1 and 2, `SHARED_DQ`): it measured slower on the H100 (0.77-0.85x cuDNN's backward against 0.79-0.98x for
+the two passes), bound by the atomics' traffic (NOTES, eighth session).
+
+Scope (`supports`): (B, S, H, D) or packed fp16/bf16, head dim 64 or 128 (at 256, dK and dV alone would take every
+register of a warpgroup), no softcap, a positive scale, TMA-aligned strides. Everything else runs v2's backward.
+Gluon kernels do not run on Triton's interpreter: the CPU tests compile these for sm_90a (tests/test_v3_gluon_bwd.py).
 """
 from __future__ import annotations
 
@@ -320,43 +327,22 @@ if HAVE_GLUON:
         diag = Sk - Sq
         left = window_left
         right = window_right
-        if NC == 3:
-            gl.warp_specialize([
-                (_producer, (q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, q_smem, do_smem, k_smem, v_smem, l_smem,
-                             d_smem, kv_bar, ready, empty, b, bq, q0, k0, kvh, n0, lo, hi, group, nheads, BLOCK_M, HEAD_DIM, STAGES,
-                             NC)),
-                (_consumer, (0, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
-                             empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
-                             stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, bq, k0, kvh, n0, lo, full_lo, full_hi, hi,
-                             group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ,
-                             SHARED_DQ, NC)),
-                (_consumer, (1, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
-                             empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
-                             stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, bq, k0, kvh, n0, lo, full_lo, full_hi, hi,
-                             group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ,
-                             SHARED_DQ, NC)),
-                (_consumer, (2, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
-                             empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
-                             stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, bq, k0, kvh, n0, lo, full_lo, full_hi, hi,
-                             group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ,
-                             SHARED_DQ, NC)),
-            ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
-        else:
-            gl.warp_specialize([
-                (_producer, (q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, q_smem, do_smem, k_smem, v_smem, l_smem,
-                             d_smem, kv_bar, ready, empty, b, bq, q0, k0, kvh, n0, lo, hi, group, nheads, BLOCK_M, HEAD_DIM, STAGES,
-                             NC)),
-                (_consumer, (0, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
-                             empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
-                             stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, bq, k0, kvh, n0, lo, full_lo, full_hi, hi,
-                             group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ,
-                             SHARED_DQ, NC)),
-                (_consumer, (1, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
-                             empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
-                             stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, bq, k0, kvh, n0, lo, full_lo, full_hi, hi,
-                             group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ,
-                             SHARED_DQ, NC)),
-            ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+        # two consumers (the plans' NC; a third would leave each too few registers for dK and dV)
+        gl.warp_specialize([
+            (_producer, (q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, q_smem, do_smem, k_smem, v_smem, l_smem,
+                         d_smem, kv_bar, ready, empty, b, bq, q0, k0, kvh, n0, lo, hi, group, nheads, BLOCK_M, HEAD_DIM, STAGES,
+                         NC)),
+            (_consumer, (0, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
+                         empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
+                         stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, bq, k0, kvh, n0, lo, full_lo, full_hi, hi,
+                         group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ,
+                         SHARED_DQ, NC)),
+            (_consumer, (1, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
+                         empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
+                         stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, bq, k0, kvh, n0, lo, full_lo, full_hi, hi,
+                         group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ,
+                         SHARED_DQ, NC)),
+        ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
     # ---- dQ in a pass of its own (deterministic): one program per 64·NC query rows, K and V streamed ----
@@ -490,36 +476,19 @@ if HAVE_GLUON:
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=NC)
-        if NC == 3:
-            gl.warp_specialize([
-                (_dq_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty,
-                                bq, q0, k0, h, kvh, m0, lo, hi, BLOCK_N, HEAD_DIM, STAGES, NC)),
-                (_dq_consumer, (0, dq_desc, DQ, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem, q_bar,
-                                ready, empty, LSE2, DELTA, stride_pb, stride_ph, b, bq, q0, h, m0, lo, full_lo, full_hi,
-                                hi, Sq, Sk, diag, window_left, window_right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM,
-                                STAGES, IS_VARLEN)),
-                (_dq_consumer, (1, dq_desc, DQ, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem, q_bar,
-                                ready, empty, LSE2, DELTA, stride_pb, stride_ph, b, bq, q0, h, m0, lo, full_lo, full_hi,
-                                hi, Sq, Sk, diag, window_left, window_right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM,
-                                STAGES, IS_VARLEN)),
-                (_dq_consumer, (2, dq_desc, DQ, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem, q_bar,
-                                ready, empty, LSE2, DELTA, stride_pb, stride_ph, b, bq, q0, h, m0, lo, full_lo, full_hi,
-                                hi, Sq, Sk, diag, window_left, window_right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM,
-                                STAGES, IS_VARLEN)),
-            ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
-        else:
-            gl.warp_specialize([
-                (_dq_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty,
-                                bq, q0, k0, h, kvh, m0, lo, hi, BLOCK_N, HEAD_DIM, STAGES, NC)),
-                (_dq_consumer, (0, dq_desc, DQ, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem, q_bar,
-                                ready, empty, LSE2, DELTA, stride_pb, stride_ph, b, bq, q0, h, m0, lo, full_lo, full_hi,
-                                hi, Sq, Sk, diag, window_left, window_right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM,
-                                STAGES, IS_VARLEN)),
-                (_dq_consumer, (1, dq_desc, DQ, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem, q_bar,
-                                ready, empty, LSE2, DELTA, stride_pb, stride_ph, b, bq, q0, h, m0, lo, full_lo, full_hi,
-                                hi, Sq, Sk, diag, window_left, window_right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM,
-                                STAGES, IS_VARLEN)),
-            ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+        # two consumers (three, at 160 registers, measured within noise: results/2026-11-26-h100-sweep-gluon-bwd-6)
+        gl.warp_specialize([
+            (_dq_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty,
+                            bq, q0, k0, h, kvh, m0, lo, hi, BLOCK_N, HEAD_DIM, STAGES, NC)),
+            (_dq_consumer, (0, dq_desc, DQ, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem, q_bar,
+                            ready, empty, LSE2, DELTA, stride_pb, stride_ph, b, bq, q0, h, m0, lo, full_lo, full_hi,
+                            hi, Sq, Sk, diag, window_left, window_right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM,
+                            STAGES, IS_VARLEN)),
+            (_dq_consumer, (1, dq_desc, DQ, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem, q_bar,
+                            ready, empty, LSE2, DELTA, stride_pb, stride_ph, b, bq, q0, h, m0, lo, full_lo, full_hi,
+                            hi, Sq, Sk, diag, window_left, window_right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM,
+                            STAGES, IS_VARLEN)),
+        ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 # Launch plans of the dK/dV kernel: (BLOCK_M query rows per step, STAGES of the Q/dO ring, consumer registers, NC
 # consumers of 64 keys, shared dQ, dQ mode). dQ mode (`backward`'s _dq): 0 a pass of its own (`_dq_kernel`, plan
@@ -531,6 +500,7 @@ if HAVE_GLUON:
 # single pass at 0.77-0.81x cuDNN's backward (d128); without the sum the same pass ran at 1.25-1.34x.
 _PLANS = {64: (64, 2, 240, 2, False, 0), 128: (64, 2, 240, 2, True, 0)}
 # the dQ pass: (BLOCK_N keys per step, STAGES of the K/V ring, consumer registers, NC consumers of 64 query rows)
+# (both kernels run NC = 2: the plan field says so)
 _DQ_PLANS = {64: (128, 2, 240, 2), 128: (64, 3, 240, 2)}
 
 
@@ -599,6 +569,8 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if q.numel() == 0 or k.numel() == 0 or B == 0:
         return torch.zeros_like(q), dk.zero_(), dv.zero_()
     bm, stages, regs, nc, shared, red = _plan or plan(D)
+    if nc != 2:
+        raise ValueError(f"the Gluon backward's kernels run two consumer warpgroups, got a plan with {nc}")
     mode = red if _dq is None else _dq
     if varlen and mode != 4:
         mode = 0
@@ -637,6 +609,8 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         return dq[:, :Sq].to(q.dtype), dk, dv
     if mode == 0:
         bn, dq_stages, dq_regs, dq_nc = _dq_plan or _DQ_PLANS[D]
+        if dq_nc != 2:
+            raise ValueError(f"the dQ pass runs two consumer warpgroups, got a plan with {dq_nc}")
         q64 = TensorDescriptor.from_tensor(q4, [1, 64, 1, D], layout)
         do64 = TensorDescriptor.from_tensor(do4, [1, 64, 1, D], layout)
         dq64 = TensorDescriptor.from_tensor(dq4, [1, 64, 1, D], layout)

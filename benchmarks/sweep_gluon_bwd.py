@@ -36,10 +36,12 @@ MASKS = [dict(causal=False), dict(causal=True), dict(window_size=(128, 0)), dict
 # (label, plan, dQ mode, dQ pass plan) beside the default plans: v3_gluon_bwd._PLANS' and _DQ_PLANS' fields; dQ mode
 # 4 (backward's _dq, a timing diagnostic: dq garbage) skips dQ
 VARIANTS = {128: [("gluon bwd, single pass, shared dQ, red.v2", (64, 2, 240, 2, True, 2), None, None),
-                  ("gluon bwd, dQ pass 2 stages", (64, 2, 240, 2, True, 0), None, (64, 2, 240, 2)),
+                  ("gluon bwd, dQ pass not pipelined", (64, 2, 240, 2, True, 0), None, (64, 3, 240, 2, False)),
+                  ("gluon bwd, dQ pass not pipelined, 2 stages", (64, 2, 240, 2, True, 0), None, (64, 2, 240, 2, False)),
                   ("gluon bwd, dK/dV only (diagnostic)", (64, 2, 240, 2, True, 0), 4, None)],
             64: [("gluon bwd, single pass, red.v4", (64, 2, 240, 2, False, 1), None, None),
-                 ("gluon bwd, dQ pass 64 keys", (64, 2, 240, 2, False, 0), None, (64, 3, 240, 2)),
+                 ("gluon bwd, dQ pass not pipelined", (64, 2, 240, 2, False, 0), None, (128, 2, 240, 2, False)),
+                 ("gluon bwd, dQ pass pipelined, 64 keys", (64, 2, 240, 2, False, 0), None, (64, 3, 240, 2, True)),
                  ("gluon bwd, dK/dV only (diagnostic)", (64, 2, 240, 2, False, 0), 4, None)]}
 
 

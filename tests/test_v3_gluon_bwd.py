@@ -55,7 +55,7 @@ if which == "dkdv":
     cx = dict(HEAD_DIM=D, BLOCK_M=rows, STAGES=stages, CONSUMER_REGS=regs, NC=nc, DO_DQ=extra[1] if extra[1] != 4 else 0,
               SHARED_DQ=extra[0] and extra[1] in (1, 2, 3), IS_VARLEN=varlen)
 else:
-    cx = dict(HEAD_DIM=D, BLOCK_N=rows, STAGES=stages, CONSUMER_REGS=regs, NC=nc, IS_VARLEN=varlen)
+    cx = dict(HEAD_DIM=D, BLOCK_N=rows, STAGES=stages, CONSUMER_REGS=regs, NC=nc, IS_VARLEN=varlen, PIPE=extra[0])
 src = GluonASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in cx.items()})
 k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 open(sys.argv[2], "w").write(k.asm["ptx"])
@@ -106,17 +106,18 @@ def test_default_plans_compile_for_hopper_without_atomics(D, varlen):
     anywhere (dQ has a pass of its own, so results are bitwise reproducible)."""
     bm, stages, regs, nc, shared, red = GB.plan(D)
     assert red == 0
-    bn, dq_stages, dq_regs, dq_nc = GB._DQ_PLANS[D]
+    bn, dq_stages, dq_regs, dq_nc, pipe = GB._DQ_PLANS[D]
     with tempfile.TemporaryDirectory() as tmp:
         ptx, smem, spill = _compile(["dkdv", D, bm, stages, regs, nc, [shared, red], varlen], os.path.join(tmp, "a"))
         _common_structure(ptx, smem)
         assert not re.search(r"\b(red|atom)\.global", ptx)
         assert spill <= 256, spill     # d128: 8 bytes dense, 72 packed on triton 3.6, 168 packed on 3.9; d64: 0
-        ptx, smem, spill = _compile(["dq", D, bn, dq_stages, dq_regs, dq_nc, [], varlen], os.path.join(tmp, "b"))
+        ptx, smem, spill = _compile(["dq", D, bn, dq_stages, dq_regs, dq_nc, [pipe], varlen], os.path.join(tmp, "b"))
         _common_structure(ptx, smem)
-        assert re.search(r"wgmma\.wait_group\.sync\.aligned 1;", ptx)   # S waited while dP is still in flight
+        # S waited while dP (and, pipelined, the previous block's dQ product) is still in flight
+        assert re.search(r"wgmma\.wait_group\.sync\.aligned %d;" % (2 if pipe else 1), ptx)
         assert not re.search(r"\b(red|atom)\.global", ptx)
-        assert spill <= 16, spill
+        assert spill <= 64, spill      # triton 3.6: 0 (d128), 20 bytes (d64's 128-key steps, pipelined)
         # dense dQ leaves through a TMA store, packed through a masked store (the next sequence's rows follow)
         assert ("cp.async.bulk.tensor.4d.global.shared" in ptx) != varlen
 

@@ -394,11 +394,41 @@ if HAVE_GLUON:
         return dq
 
     @gluon.jit
+    def _dq_step_pipe(start_n, lo, dq, ds_prev, qw, dow, k_smem, v_smem, ready, empty, lse, delta, offs_m, offs_n,
+                      Sk, diag, left, right, qk_scale, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                      STAGES: gl.constexpr, s_layout: gl.constexpr, a_layout: gl.constexpr, MASKED: gl.constexpr):
+        """Key block start_n (not the first) with the previous block's dQ product one step late: S_j and dP_j are
+        issued, then dQ += dS_{j-1} K_{j-1}; P_j's exponent and dS_j run while the tensor cores do dP_j and that
+        product; the previous slot is released once it is done (the forward's overlap, v3_gluon.py)."""
+        it = (start_n - lo) // BLOCK_N
+        s = it % STAGES
+        sp = (it - 1) % STAGES
+        mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+        ks = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
+        vs = v_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
+        zero = gl.zeros([64, BLOCK_N], gl.float32, s_layout)
+        s_tok = warpgroup_mma(qw, ks.permute((1, 0)), zero, use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(dow, vs.permute((1, 0)), zero, use_acc=False, is_async=True)
+        dq_tok = warpgroup_mma(ds_prev, k_smem.index(sp).reshape([BLOCK_N, HEAD_DIM]), dq, is_async=True)
+        qk = warpgroup_mma_wait(2, deps=[s_tok])
+        p = gl.exp2(qk * qk_scale - gl.expand_dims(lse, 1))
+        if MASKED:
+            r = gl.expand_dims(offs_m, 1) + diag
+            c = gl.expand_dims(start_n + offs_n, 0)
+            p = gl.where((c >= r - left) & (c <= r + right) & (c < Sk), p, 0.0)
+        dp = warpgroup_mma_wait(1, deps=[dp_tok])
+        ds = (p * (dp - gl.expand_dims(delta, 1))).to(qw.dtype)
+        dq, ds_prev = warpgroup_mma_wait(0, deps=[dq_tok, ds_prev])
+        mbarrier.arrive(empty.index(sp), count=1)
+        return dq, gl.convert_layout(ds, a_layout)
+
+    @gluon.jit
     def _dq_consumer(W: gl.constexpr, dq_desc, DQ, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem, q_bar, ready,
                      empty, LSE2, DELTA, stride_pb, stride_ph, b, bq, q0, h, m0, lo, full_lo, full_hi, hi, Sq, Sk, diag,
                      left, right, qk_scale, ds_scale, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                     STAGES: gl.constexpr, IS_VARLEN: gl.constexpr):
-        """Consumer warpgroup W: dQ of rows m0 + 64·W ... over v2's three key ranges, stored once."""
+                     STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, PIPE: gl.constexpr):
+        """Consumer warpgroup W: dQ of rows m0 + 64·W ... over v2's three key ranges, stored once. PIPE: each block's
+        dQ product one step late (`_dq_step_pipe`), the first block peeled (always masked: it may be an edge)."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -414,15 +444,48 @@ if HAVE_GLUON:
         dow = do_smem.index(W).reshape([64, HEAD_DIM])
         dq = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
         mbarrier.wait(q_bar, 0)
-        for start_n in range(lo, full_lo, BLOCK_N):
-            dq = _dq_step(start_n, lo, dq, qw, dow, k_smem, v_smem, ready, empty, lse, delta, offs_m, offs_n, Sk,
-                          diag, left, right, qk_scale, BLOCK_N, HEAD_DIM, STAGES, s_layout, a_layout, True)
-        for start_n in range(full_lo, full_hi, BLOCK_N):
-            dq = _dq_step(start_n, lo, dq, qw, dow, k_smem, v_smem, ready, empty, lse, delta, offs_m, offs_n, Sk,
-                          diag, left, right, qk_scale, BLOCK_N, HEAD_DIM, STAGES, s_layout, a_layout, False)
-        for start_n in range(full_hi, hi, BLOCK_N):
-            dq = _dq_step(start_n, lo, dq, qw, dow, k_smem, v_smem, ready, empty, lse, delta, offs_m, offs_n, Sk,
-                          diag, left, right, qk_scale, BLOCK_N, HEAD_DIM, STAGES, s_layout, a_layout, True)
+        if PIPE:
+            mbarrier.wait(ready.index(0), 0)
+            zero = gl.zeros([64, BLOCK_N], gl.float32, s_layout)
+            ks = k_smem.index(0).reshape([BLOCK_N, HEAD_DIM])
+            s_tok = warpgroup_mma(qw, ks.permute((1, 0)), zero, use_acc=False, is_async=True)
+            dp_tok = warpgroup_mma(dow, v_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), zero,
+                                   use_acc=False, is_async=True)
+            qk = warpgroup_mma_wait(1, deps=[s_tok])
+            r = gl.expand_dims(offs_m, 1) + diag
+            c = gl.expand_dims(lo + offs_n, 0)
+            p = gl.where((c >= r - left) & (c <= r + right) & (c < Sk),
+                         gl.exp2(qk * qk_scale - gl.expand_dims(lse, 1)), 0.0)
+            dp = warpgroup_mma_wait(0, deps=[dp_tok])
+            ds_prev = gl.convert_layout((p * (dp - gl.expand_dims(delta, 1))).to(qw.dtype), a_layout)
+            nxt = lo + BLOCK_N
+            for start_n in range(nxt, gl.maximum(full_lo, nxt), BLOCK_N):
+                dq, ds_prev = _dq_step_pipe(start_n, lo, dq, ds_prev, qw, dow, k_smem, v_smem, ready, empty, lse,
+                                            delta, offs_m, offs_n, Sk, diag, left, right, qk_scale, BLOCK_N, HEAD_DIM,
+                                            STAGES, s_layout, a_layout, True)
+            for start_n in range(gl.maximum(full_lo, nxt), gl.maximum(full_hi, nxt), BLOCK_N):
+                dq, ds_prev = _dq_step_pipe(start_n, lo, dq, ds_prev, qw, dow, k_smem, v_smem, ready, empty, lse,
+                                            delta, offs_m, offs_n, Sk, diag, left, right, qk_scale, BLOCK_N, HEAD_DIM,
+                                            STAGES, s_layout, a_layout, False)
+            for start_n in range(gl.maximum(full_hi, nxt), hi, BLOCK_N):
+                dq, ds_prev = _dq_step_pipe(start_n, lo, dq, ds_prev, qw, dow, k_smem, v_smem, ready, empty, lse,
+                                            delta, offs_m, offs_n, Sk, diag, left, right, qk_scale, BLOCK_N, HEAD_DIM,
+                                            STAGES, s_layout, a_layout, True)
+            last = (hi - 1 - lo) // BLOCK_N
+            sl = last % STAGES
+            dq_tok = warpgroup_mma(ds_prev, k_smem.index(sl).reshape([BLOCK_N, HEAD_DIM]), dq, is_async=True)
+            dq, ds_prev = warpgroup_mma_wait(0, deps=[dq_tok, ds_prev])
+            mbarrier.arrive(empty.index(sl), count=1)
+        else:
+            for start_n in range(lo, full_lo, BLOCK_N):
+                dq = _dq_step(start_n, lo, dq, qw, dow, k_smem, v_smem, ready, empty, lse, delta, offs_m, offs_n, Sk,
+                              diag, left, right, qk_scale, BLOCK_N, HEAD_DIM, STAGES, s_layout, a_layout, True)
+            for start_n in range(full_lo, full_hi, BLOCK_N):
+                dq = _dq_step(start_n, lo, dq, qw, dow, k_smem, v_smem, ready, empty, lse, delta, offs_m, offs_n, Sk,
+                              diag, left, right, qk_scale, BLOCK_N, HEAD_DIM, STAGES, s_layout, a_layout, False)
+            for start_n in range(full_hi, hi, BLOCK_N):
+                dq = _dq_step(start_n, lo, dq, qw, dow, k_smem, v_smem, ready, empty, lse, delta, offs_m, offs_n, Sk,
+                              diag, left, right, qk_scale, BLOCK_N, HEAD_DIM, STAGES, s_layout, a_layout, True)
         dq = (dq * ds_scale).to(qw.dtype)
         if IS_VARLEN:   # rows past the sequence are the next one's: a masked store
             rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
@@ -439,7 +502,7 @@ if HAVE_GLUON:
     def _dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DQ, CU_Q, CU_K, stride_qm, stride_qh, LSE2, DELTA,
                    stride_pb, stride_ph, seqlen_q, seqlen_k, window_left, window_right, qk_scale, ds_scale, group,
                    HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                   NC: gl.constexpr, IS_VARLEN: gl.constexpr):
+                   NC: gl.constexpr, IS_VARLEN: gl.constexpr, PIPE: gl.constexpr = False):
         # Grid: (cdiv(seqlen_q, 64·NC), nheads, batch), heaviest causal tiles first. Warps: the producer (num_warps=4)
         # + NC 4-warp consumers of 64 query rows each.
         pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
@@ -483,11 +546,11 @@ if HAVE_GLUON:
             (_dq_consumer, (0, dq_desc, DQ, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem, q_bar,
                             ready, empty, LSE2, DELTA, stride_pb, stride_ph, b, bq, q0, h, m0, lo, full_lo, full_hi,
                             hi, Sq, Sk, diag, window_left, window_right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM,
-                            STAGES, IS_VARLEN)),
+                            STAGES, IS_VARLEN, PIPE)),
             (_dq_consumer, (1, dq_desc, DQ, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem, q_bar,
                             ready, empty, LSE2, DELTA, stride_pb, stride_ph, b, bq, q0, h, m0, lo, full_lo, full_hi,
                             hi, Sq, Sk, diag, window_left, window_right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM,
-                            STAGES, IS_VARLEN)),
+                            STAGES, IS_VARLEN, PIPE)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 # Launch plans of the dK/dV kernel: (BLOCK_M query rows per step, STAGES of the Q/dO ring, consumer registers, NC
@@ -499,9 +562,10 @@ if HAVE_GLUON:
 # (results/2026-11-26-h100-sweep-gluon-bwd-*.md): the atomics' traffic (float32 dQ, once per 128 keys) bounds the
 # single pass at 0.77-0.81x cuDNN's backward (d128); without the sum the same pass ran at 1.25-1.34x.
 _PLANS = {64: (64, 2, 240, 2, False, 0), 128: (64, 2, 240, 2, True, 0)}
-# the dQ pass: (BLOCK_N keys per step, STAGES of the K/V ring, consumer registers, NC consumers of 64 query rows)
+# the dQ pass: (BLOCK_N keys per step, STAGES of the K/V ring, consumer registers, NC consumers of 64 query rows,
+# PIPE: each block's dQ product one step late, under the next block's exponent)
 # (both kernels run NC = 2: the plan field says so)
-_DQ_PLANS = {64: (128, 2, 240, 2), 128: (64, 3, 240, 2)}
+_DQ_PLANS = {64: (128, 3, 240, 2, True), 128: (64, 3, 240, 2, True)}
 
 
 def plan(D: int, deterministic: bool = False):
@@ -608,7 +672,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if atomic:
         return dq[:, :Sq].to(q.dtype), dk, dv
     if mode == 0:
-        bn, dq_stages, dq_regs, dq_nc = _dq_plan or _DQ_PLANS[D]
+        bn, dq_stages, dq_regs, dq_nc, pipe = _dq_plan or _DQ_PLANS[D]
         if dq_nc != 2:
             raise ValueError(f"the dQ pass runs two consumer warpgroups, got a plan with {dq_nc}")
         q64 = TensorDescriptor.from_tensor(q4, [1, 64, 1, D], layout)
@@ -620,5 +684,6 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         _dq_kernel[(triton.cdiv(Sq, 64 * dq_nc), H, B)](
             q64, kn, vn, do64, dq64, dq, cu_seqlens_q, cu_seqlens_k, stride_qm, stride_qh, lse2, delta,
             lse2.stride(0), lse2.stride(1), Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, HEAD_DIM=D,
-            BLOCK_N=bn, STAGES=dq_stages, CONSUMER_REGS=dq_regs, NC=dq_nc, IS_VARLEN=varlen, num_warps=4)
+            BLOCK_N=bn, STAGES=dq_stages, CONSUMER_REGS=dq_regs, NC=dq_nc, IS_VARLEN=varlen, PIPE=pipe,
+            num_warps=4)
     return dq, dk, dv

@@ -29,19 +29,21 @@ sys.path.insert(0, HERE)
 # (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim)
 SHAPES = [(2, 113, 203, 8, 2, 128), (2, 203, 113, 8, 8, 64), (1, 1, 2048, 32, 8, 128), (1, 1023, 1024, 4, 4, 64),
           (1, 1024, 1023, 8, 1, 128), (1, 777, 4500, 8, 2, 128), (2, 333, 333, 32, 8, 64),
-          (1, 100, 700, 4, 4, 128), (2, 64, 450, 4, 1, 64)]   # keys that no query sees under windows / causal
+          (1, 100, 700, 4, 4, 128), (2, 64, 450, 4, 1, 64),   # keys that no query sees under windows / causal
+          (2, 113, 203, 8, 2, 256), (1, 1023, 1024, 4, 1, 256), (1, 100, 700, 4, 4, 256)]
 # packed (gpu_check: B sequences of Sq, Sq - 37, ... tokens, q_len = k_len)
-VARLEN_SHAPES = [(3, 300, 300, 8, 2, 128), (3, 200, 200, 4, 4, 64), (2, 1100, 1100, 8, 1, 128)]
+VARLEN_SHAPES = [(3, 300, 300, 8, 2, 128), (3, 200, 200, 4, 4, 64), (2, 1100, 1100, 8, 1, 128),
+                 (2, 300, 300, 4, 4, 256)]
 MASKS = [dict(causal=False), dict(causal=True), dict(window_size=(128, 0)), dict(window_size=(64, 32))]
 # (label, plan, dQ mode, dQ pass plan) beside the default plans: v3_gluon_bwd._PLANS' and _DQ_PLANS' fields; dQ mode
 # 4 (backward's _dq, a timing diagnostic: dq garbage) skips dQ
 VARIANTS = {128: [("gluon bwd, single pass, shared dQ, red.v2", (64, 2, 240, 2, True, 2), None, None),
-                  ("gluon bwd, dQ pass not pipelined", (64, 2, 240, 2, True, 0), None, (64, 3, 240, 2, False)),
-                  ("gluon bwd, dQ pass not pipelined, 2 stages", (64, 2, 240, 2, True, 0), None, (64, 2, 240, 2, False)),
+                  ("gluon bwd, dQ pass pipelined", (64, 2, 240, 2, True, 0), None, (64, 3, 240, 2, True)),
+                  ("gluon bwd, dQ pass 2 stages", (64, 2, 240, 2, True, 0), None, (64, 2, 240, 2, False)),
                   ("gluon bwd, dK/dV only (diagnostic)", (64, 2, 240, 2, True, 0), 4, None)],
             64: [("gluon bwd, single pass, red.v4", (64, 2, 240, 2, False, 1), None, None),
-                 ("gluon bwd, dQ pass not pipelined", (64, 2, 240, 2, False, 0), None, (128, 2, 240, 2, False)),
-                 ("gluon bwd, dQ pass pipelined, 64 keys", (64, 2, 240, 2, False, 0), None, (64, 3, 240, 2, True)),
+                 ("gluon bwd, dQ pass pipelined", (64, 2, 240, 2, False, 0), None, (128, 3, 240, 2, True)),
+                 ("gluon bwd, dQ pass 64 keys", (64, 2, 240, 2, False, 0), None, (64, 3, 240, 2, False)),
                  ("gluon bwd, dK/dV only (diagnostic)", (64, 2, 240, 2, False, 0), 4, None)]}
 
 
@@ -68,7 +70,7 @@ def check(dtypes, t0, budget):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
-    ap.add_argument("--dims", default="128,64")
+    ap.add_argument("--dims", default="128,64,256")
     ap.add_argument("--seqlens", default="1024,4096,16384")
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--gqa", action="store_true", help="d128 with 32 query heads on 8 kv heads")

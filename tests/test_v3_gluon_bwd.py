@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 from hf_flashattn.kernels import v3_gluon as G, v3_gluon_bwd as GB
-which, D, rows, stages, regs, nc, extra, varlen = json.loads(sys.argv[1])
+which, D, rows, stages, regs, nc, extra, varlen, part = json.loads(sys.argv[1])
 lay = repr(G.shared_layout())
 row_lay = repr(gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2))
 fn = GB._bwd_kernel if which == "dkdv" else GB._dq_kernel
@@ -53,7 +53,7 @@ for i, name in enumerate(fn.arg_names):
         sig[name] = "i32"
 if which == "dkdv":
     cx = dict(HEAD_DIM=D, BLOCK_M=rows, STAGES=stages, CONSUMER_REGS=regs, NC=nc, DO_DQ=extra[1] if extra[1] != 4 else 0,
-              SHARED_DQ=extra[0] and extra[1] in (1, 2, 3), IS_VARLEN=varlen)
+              SHARED_DQ=extra[0] and extra[1] in (1, 2, 3), IS_VARLEN=varlen, PART=part)
 else:
     cx = dict(HEAD_DIM=D, BLOCK_N=rows, STAGES=stages, CONSUMER_REGS=regs, NC=nc, IS_VARLEN=varlen, PIPE=extra[0])
 src = GluonASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in cx.items()})
@@ -98,21 +98,24 @@ def _common_structure(ptx, shared):
     assert shared <= 232448                                    # the H100's shared memory per block
 
 
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("varlen", [False, True])
 def test_default_plans_compile_for_hopper_without_atomics(D, varlen):
     """Both kernels of the default (deterministic) backward compile for sm_90a, dense and packed: TMA, wgmma,
     mbarriers between the producer and the consumers, register reallocation, (next to) no spills; and no atomic
-    anywhere (dQ has a pass of its own, so results are bitwise reproducible)."""
+    anywhere (dQ has a pass of its own, so results are bitwise reproducible). At d256 the dK/dV pass is two
+    kernels, dV alone and dK alone."""
     bm, stages, regs, nc, shared, red = GB.plan(D)
     assert red == 0
     bn, dq_stages, dq_regs, dq_nc, pipe = GB._DQ_PLANS[D]
     with tempfile.TemporaryDirectory() as tmp:
-        ptx, smem, spill = _compile(["dkdv", D, bm, stages, regs, nc, [shared, red], varlen], os.path.join(tmp, "a"))
-        _common_structure(ptx, smem)
-        assert not re.search(r"\b(red|atom)\.global", ptx)
-        assert spill <= 256, spill     # d128: 8 bytes dense, 72 packed on triton 3.6, 168 packed on 3.9; d64: 0
-        ptx, smem, spill = _compile(["dq", D, bn, dq_stages, dq_regs, dq_nc, [pipe], varlen], os.path.join(tmp, "b"))
+        for part in ((1, 2) if D == 256 else (0,)):
+            ptx, smem, spill = _compile(["dkdv", D, bm, stages, regs, nc, [shared, red], varlen, part],
+                                        os.path.join(tmp, "a"))
+            _common_structure(ptx, smem)
+            assert not re.search(r"\b(red|atom)\.global", ptx)
+            assert spill <= 256, spill   # d128: 8 bytes dense, 72 packed on triton 3.6, 168 packed on 3.9; d64, d256: 0
+        ptx, smem, spill = _compile(["dq", D, bn, dq_stages, dq_regs, dq_nc, [pipe], varlen, 0], os.path.join(tmp, "b"))
         _common_structure(ptx, smem)
         # S waited while dP (and, pipelined, the previous block's dQ product) is still in flight
         assert re.search(r"wgmma\.wait_group\.sync\.aligned %d;" % (2 if pipe else 1), ptx)
@@ -126,7 +129,7 @@ def test_single_pass_with_atomics_compiles_with_vector_reductions():
     """The single-pass plan (dQ summed across key blocks with float32 atomics) lowers its sum to
     red.global.add.v2.f32, the shared dQ tile to two wgmmas over both consumers' dS."""
     with tempfile.TemporaryDirectory() as tmp:
-        ptx, smem, spill = _compile(["dkdv", 128, 64, 2, 240, 2, [True, 2], False], os.path.join(tmp, "a"))
+        ptx, smem, spill = _compile(["dkdv", 128, 64, 2, 240, 2, [True, 2], False, 0], os.path.join(tmp, "a"))
     _common_structure(ptx, smem)
     assert "red.global.add.v2.f32" in ptx
     assert spill <= 512, spill
@@ -135,7 +138,7 @@ def test_single_pass_with_atomics_compiles_with_vector_reductions():
 def test_plan_rule():
     """dQ in its own pass by default (measured faster than the single pass with atomics on the H100,
     results/2026-11-26-h100-sweep-gluon-bwd-3.md), and always with deterministic=True."""
-    for D in (64, 128):
+    for D in (64, 128, 256):
         bm, stages, regs, nc, shared, red = GB.plan(D)
         assert red == 0 and GB.plan(D, deterministic=True)[5] == 0
         assert regs * 128 * nc + 24 * 128 <= 65536            # the consumers' registers fit beside the producer
@@ -153,7 +156,7 @@ def test_supports_names_what_it_leaves_to_v2():
     y = torch.zeros(1, 64, 2, 80, dtype=torch.bfloat16)
     assert "head dim 80" in GB.supports(y, y, y, y, 0.1, 0.0)
     z = torch.zeros(1, 64, 2, 256, dtype=torch.bfloat16)
-    assert "head dim 256" in GB.supports(z, z, z, z, 0.1, 0.0)
+    assert GB.supports(z, z, z, z, 0.1, 0.0) is None          # d256: dV and dK in separate launches
     odd = torch.zeros(1 * 64 * 2 * 128 + 1, dtype=torch.bfloat16)[1:].view(1, 64, 2, 128)
     assert "TMA" in GB.supports(x, odd, odd, x, 0.1, 0.0)
 
@@ -202,3 +205,13 @@ def test_preprocessing_pads_lse_and_delta(varlen):
         torch.testing.assert_close(delta[b, :, :n], (ob * dob).sum(-1), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(lse2[b, :, :n], lb * 1.4426950408889634, atol=1e-5, rtol=1e-5)
         assert torch.all(delta[b, :, n:] == 0) and torch.all(torch.isinf(lse2[b, :, n:]))
+
+
+def test_pipelined_dq_pass_compiles_with_its_product_one_step_late():
+    """The dQ pass's PIPE option (off by default: measured within noise) compiles with the previous block's dQ
+    product left in flight behind the next block's S and dP (a wait that leaves two groups)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, smem, spill = _compile(["dq", 128, 64, 3, 240, 2, [True], False, 0], os.path.join(tmp, "a"))
+    _common_structure(ptx, smem)
+    assert re.search(r"wgmma\.wait_group\.sync\.aligned 2;", ptx)
+    assert spill <= 64, spill

@@ -29,8 +29,11 @@ inline PTX, as Gluon's atomic_add lowers to one returning `atom` an element in T
 (dQ modes 1 and 2, `SHARED_DQ`): it measured slower on the H100 (0.77-0.85x cuDNN's backward against 0.79-0.98x for
 the two passes), bound by the atomics' traffic (NOTES, eighth session).
 
-Scope (`supports`): (B, S, H, D) or packed fp16/bf16, head dim 64 or 128 (at 256, dK and dV alone would take every
-register of a warpgroup), no softcap, a positive scale, TMA-aligned strides. Everything else runs v2's backward.
+At head dim 256 dK and dV together would take every register of a consumer: the dK/dV pass runs twice (`PART` 1:
+dV alone, 2: dK alone), with 32-query steps (and 32-key steps in the dQ pass) to fit shared memory.
+
+Scope (`supports`): (B, S, H, D) or packed fp16/bf16, head dim 64, 128 or 256, no softcap, a positive scale,
+TMA-aligned strides. Everything else runs v2's backward.
 Gluon kernels do not run on Triton's interpreter: the CPU tests compile these for sm_90a (tests/test_v3_gluon_bwd.py).
 """
 from __future__ import annotations
@@ -142,82 +145,113 @@ if HAVE_GLUON:
             _red_add2(DQ_h + gl.expand_dims(rows, 1) * stride_dqm + gl.expand_dims(cols, 0), x)
 
     @gluon.jit
+    def _visible_t(pt, offs_k, offs_q, Sk, diag, left, right, MASKED: gl.constexpr):
+        """Pᵀ (keys x queries) with the keys a query does not see set to 0 (masked blocks only; queries past Sq have
+        lse = +inf, so P = 0 there already)."""
+        if MASKED:
+            r = gl.expand_dims(offs_k, 1)
+            c = gl.expand_dims(offs_q, 0)
+            pt = gl.where((r >= c + diag - left) & (r <= c + diag + right) & (r < Sk), pt, 0.0)
+        return pt
+
+    @gluon.jit
     def _step(it, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dqa, dqb, q_smem, do_smem, l_smem, d_smem, ready, empty,
               ds_full, ds_free, DQ_h, stride_dqm, offs_k, Sk, diag, left, right, qk_scale, ds_scale,
               BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, st_layout: gl.constexpr,
               acc_layout: gl.constexpr, a_layout: gl.constexpr, MASKED: gl.constexpr, DO_DQ: gl.constexpr,
-              SHARED_DQ: gl.constexpr, W: gl.constexpr, NC: gl.constexpr):
+              SHARED_DQ: gl.constexpr, W: gl.constexpr, NC: gl.constexpr, PART: gl.constexpr):
         """Query block m0 against this consumer's 64 keys (module docstring). lse (log2 units) and Delta are padded
-        to whole query blocks (+inf and 0), and so is dQ's accumulator: no load or store here needs a mask."""
+        to whole query blocks (+inf and 0), and so is dQ's accumulator: no load or store here needs a mask.
+        PART 1: dV alone (Sᵀ, then Pᵀ dO); PART 2: dK alone (Sᵀ, dPᵀ, then dSᵀ Q); 0: both."""
         s = it % STAGES
         offs_q = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
         mbarrier.wait(ready.index(s), (it // STAGES) & 1)
         qs = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
         dos = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
         zero = gl.zeros([64, BLOCK_M], gl.float32, st_layout)
-        st = warpgroup_mma(kw, qs.permute((1, 0)), zero, use_acc=False, is_async=True)
-        dpt = warpgroup_mma(vw, dos.permute((1, 0)), zero, use_acc=False, is_async=True)
-        lse = gl.max(l_smem.index(s).load(st_layout), 0)   # (1, BLOCK_M) -> the columns' vector (max: exact)
-        st = warpgroup_mma_wait(1, deps=[st])
-        pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))
-        if MASKED:
-            r = gl.expand_dims(offs_k, 1)   # keys
-            c = gl.expand_dims(offs_q, 0)   # queries (past Sq: lse = +inf, so P = 0 there)
-            vis = (r >= c + diag - left) & (r <= c + diag + right) & (r < Sk)
-            pt = gl.where(vis, pt, 0.0)
-        delta = gl.max(d_smem.index(s).load(st_layout), 0)
-        dpt = warpgroup_mma_wait(0, deps=[dpt])
-        dst = pt * (dpt - gl.expand_dims(delta, 0))
         dtype: gl.constexpr = kw.dtype
-        p_op = gl.convert_layout(pt.to(dtype), a_layout)
-        dv_tok = warpgroup_mma(p_op, dos, dv, is_async=True)
-        ds16 = dst.to(dtype)
-        ds_op = gl.convert_layout(ds16, a_layout)
-        dk_tok = warpgroup_mma(ds_op, qs, dk, is_async=True)
-        if DO_DQ > 0:
-            if SHARED_DQ:   # the previous step's readers of every consumer's dS are done (a fresh barrier passes)
-                mbarrier.wait(ds_free, (it & 1) ^ 1)
-            dsw.store(ds16)
-            fence_async_shared()
-            dsq = dsw.permute((1, 0))   # dS, queries x keys
-            # dQ += scale · dS K, at d128 in two halves of the head dim (32 registers a thread each, not 64): each
-            # part through shared memory into rows of four consecutive float32 a thread, then vector reductions
-            DH: gl.constexpr = 64
-            dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                                instr_shape=[16, DH, 16])
-            if SHARED_DQ:
-                # the program's dQ tile summed over all its keys before the atomics (half the traffic of a tile a
-                # consumer): every consumer's dSᵀ in shared memory (`ds_full`), then consumer W takes head-dim
-                # columns [64 W, 64 W + 64) of dS K over all 64·NC keys; `ds_free` once every reader is done
-                mbarrier.arrive(ds_full, count=1)
-                mbarrier.wait(ds_full, it & 1)
-                dq0 = gl.zeros([BLOCK_M, DH], gl.float32, dq_layout)
-                for j in gl.static_range(NC):
-                    kj = k_smem.index(j).reshape([64, HEAD_DIM]).slice(W * DH, DH, dim=1)
-                    dq0 = warpgroup_mma(ds_smem.index(j).permute((1, 0)), kj, dq0, use_acc=j > 0, is_async=True)
-                dv, dk, dq0, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq0, p_op, ds_op])
-                mbarrier.arrive(ds_free, count=1)
-                mbarrier.arrive(empty.index(s), count=1)
-                _reduce(DQ_h, stride_dqm, m0, W * DH, dq0 * ds_scale, dqa, BLOCK_M, DH, dq_layout, DO_DQ)
-            elif HEAD_DIM == 64:
-                dq0 = warpgroup_mma(dsq, kw, gl.zeros([BLOCK_M, DH], gl.float32, dq_layout), use_acc=False,
-                                    is_async=True)
-                dv, dk, dq0, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq0, p_op, ds_op])
-                mbarrier.arrive(empty.index(s), count=1)
-                _reduce(DQ_h, stride_dqm, m0, 0, dq0 * ds_scale, dqa, BLOCK_M, DH, dq_layout, DO_DQ)
-            else:
-                dq0 = warpgroup_mma(dsq, kw.slice(0, DH, dim=1), gl.zeros([BLOCK_M, DH], gl.float32, dq_layout),
-                                    use_acc=False, is_async=True)
-                dv, dk, dq0, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq0, p_op, ds_op])
-                dq1 = warpgroup_mma(dsq, kw.slice(DH, DH, dim=1), gl.zeros([BLOCK_M, DH], gl.float32, dq_layout),
-                                    use_acc=False, is_async=True)
-                _reduce(DQ_h, stride_dqm, m0, 0, dq0 * ds_scale, dqa, BLOCK_M, DH, dq_layout, DO_DQ)
-                dq1 = warpgroup_mma_wait(0, deps=[dq1])
-                mbarrier.arrive(empty.index(s), count=1)
-                _reduce(DQ_h, stride_dqm, m0, DH, dq1 * ds_scale, dqb, BLOCK_M, DH, dq_layout, DO_DQ)
-        else:   # timing diagnostic only (benchmarks/sweep_gluon.py): the backward without dQ
-            dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, p_op, ds_op])
+        if PART == 1:
+            st = warpgroup_mma(kw, qs.permute((1, 0)), zero, use_acc=False, is_async=True)
+            lse = gl.max(l_smem.index(s).load(st_layout), 0)
+            st = warpgroup_mma_wait(0, deps=[st])
+            pt = _visible_t(gl.exp2(st * qk_scale - gl.expand_dims(lse, 0)), offs_k, offs_q, Sk, diag, left, right,
+                            MASKED)
+            p_op = gl.convert_layout(pt.to(dtype), a_layout)
+            dv_tok = warpgroup_mma(p_op, dos, dv, is_async=True)
+            dv, p_op = warpgroup_mma_wait(0, deps=[dv_tok, p_op])
             mbarrier.arrive(empty.index(s), count=1)
+        elif PART == 2:
+            st = warpgroup_mma(kw, qs.permute((1, 0)), zero, use_acc=False, is_async=True)
+            dpt = warpgroup_mma(vw, dos.permute((1, 0)), zero, use_acc=False, is_async=True)
+            lse = gl.max(l_smem.index(s).load(st_layout), 0)
+            st = warpgroup_mma_wait(1, deps=[st])
+            pt = _visible_t(gl.exp2(st * qk_scale - gl.expand_dims(lse, 0)), offs_k, offs_q, Sk, diag, left, right,
+                            MASKED)
+            delta = gl.max(d_smem.index(s).load(st_layout), 0)
+            dpt = warpgroup_mma_wait(0, deps=[dpt])
+            ds_op = gl.convert_layout((pt * (dpt - gl.expand_dims(delta, 0))).to(dtype), a_layout)
+            dk_tok = warpgroup_mma(ds_op, qs, dk, is_async=True)
+            dk, ds_op = warpgroup_mma_wait(0, deps=[dk_tok, ds_op])
+            mbarrier.arrive(empty.index(s), count=1)
+        else:
+            st = warpgroup_mma(kw, qs.permute((1, 0)), zero, use_acc=False, is_async=True)
+            dpt = warpgroup_mma(vw, dos.permute((1, 0)), zero, use_acc=False, is_async=True)
+            lse = gl.max(l_smem.index(s).load(st_layout), 0)   # (1, BLOCK_M) -> the columns' vector (max: exact)
+            st = warpgroup_mma_wait(1, deps=[st])
+            pt = _visible_t(gl.exp2(st * qk_scale - gl.expand_dims(lse, 0)), offs_k, offs_q, Sk, diag, left, right,
+                            MASKED)
+            delta = gl.max(d_smem.index(s).load(st_layout), 0)
+            dpt = warpgroup_mma_wait(0, deps=[dpt])
+            dst = pt * (dpt - gl.expand_dims(delta, 0))
+            p_op = gl.convert_layout(pt.to(dtype), a_layout)
+            dv_tok = warpgroup_mma(p_op, dos, dv, is_async=True)
+            ds16 = dst.to(dtype)
+            ds_op = gl.convert_layout(ds16, a_layout)
+            dk_tok = warpgroup_mma(ds_op, qs, dk, is_async=True)
+            if DO_DQ > 0:
+                if SHARED_DQ:   # the previous step's readers of every consumer's dS are done (a fresh barrier passes)
+                    mbarrier.wait(ds_free, (it & 1) ^ 1)
+                dsw.store(ds16)
+                fence_async_shared()
+                dsq = dsw.permute((1, 0))   # dS, queries x keys
+                # dQ += scale · dS K, at d128 in two halves of the head dim (32 registers a thread each, not 64): each
+                # part through shared memory into rows of four consecutive float32 a thread, then vector reductions
+                DH: gl.constexpr = 64
+                dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                                    instr_shape=[16, DH, 16])
+                if SHARED_DQ:
+                    # the program's dQ tile summed over all its keys before the atomics (half the traffic of a tile a
+                    # consumer): every consumer's dSᵀ in shared memory (`ds_full`), then consumer W takes head-dim
+                    # columns [64 W, 64 W + 64) of dS K over all 64·NC keys; `ds_free` once every reader is done
+                    mbarrier.arrive(ds_full, count=1)
+                    mbarrier.wait(ds_full, it & 1)
+                    dq0 = gl.zeros([BLOCK_M, DH], gl.float32, dq_layout)
+                    for j in gl.static_range(NC):
+                        kj = k_smem.index(j).reshape([64, HEAD_DIM]).slice(W * DH, DH, dim=1)
+                        dq0 = warpgroup_mma(ds_smem.index(j).permute((1, 0)), kj, dq0, use_acc=j > 0, is_async=True)
+                    dv, dk, dq0, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq0, p_op, ds_op])
+                    mbarrier.arrive(ds_free, count=1)
+                    mbarrier.arrive(empty.index(s), count=1)
+                    _reduce(DQ_h, stride_dqm, m0, W * DH, dq0 * ds_scale, dqa, BLOCK_M, DH, dq_layout, DO_DQ)
+                elif HEAD_DIM == 64:
+                    dq0 = warpgroup_mma(dsq, kw, gl.zeros([BLOCK_M, DH], gl.float32, dq_layout), use_acc=False,
+                                        is_async=True)
+                    dv, dk, dq0, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq0, p_op, ds_op])
+                    mbarrier.arrive(empty.index(s), count=1)
+                    _reduce(DQ_h, stride_dqm, m0, 0, dq0 * ds_scale, dqa, BLOCK_M, DH, dq_layout, DO_DQ)
+                else:
+                    dq0 = warpgroup_mma(dsq, kw.slice(0, DH, dim=1), gl.zeros([BLOCK_M, DH], gl.float32, dq_layout),
+                                        use_acc=False, is_async=True)
+                    dv, dk, dq0, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq0, p_op, ds_op])
+                    dq1 = warpgroup_mma(dsq, kw.slice(DH, DH, dim=1), gl.zeros([BLOCK_M, DH], gl.float32, dq_layout),
+                                        use_acc=False, is_async=True)
+                    _reduce(DQ_h, stride_dqm, m0, 0, dq0 * ds_scale, dqa, BLOCK_M, DH, dq_layout, DO_DQ)
+                    dq1 = warpgroup_mma_wait(0, deps=[dq1])
+                    mbarrier.arrive(empty.index(s), count=1)
+                    _reduce(DQ_h, stride_dqm, m0, DH, dq1 * ds_scale, dqb, BLOCK_M, DH, dq_layout, DO_DQ)
+            else:   # timing diagnostic only (benchmarks/sweep_gluon.py): the backward without dQ
+                dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, p_op, ds_op])
+                mbarrier.arrive(empty.index(s), count=1)
         return dk, dv
 
     @gluon.jit
@@ -226,7 +260,7 @@ if HAVE_GLUON:
                   stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
                   b, bq, k0, kvh, n0, lo, full_lo, full_hi, hi, group, Sq, Sk, diag, left, right, qk_scale, ds_scale,
                   BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, DO_DQ: gl.constexpr,
-                  SHARED_DQ: gl.constexpr, NC: gl.constexpr):
+                  SHARED_DQ: gl.constexpr, NC: gl.constexpr, PART: gl.constexpr):
         """Consumer warpgroup W: keys n0 + 64·W ... of the program, summed over the group's heads."""
         st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                             instr_shape=[16, BLOCK_M, 16])
@@ -253,33 +287,36 @@ if HAVE_GLUON:
                 dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dqa, dqb, q_smem, do_smem,
                                l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, offs_k, Sk, diag,
                                left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout,
-                               a_layout, True, DO_DQ, SHARED_DQ, W, NC)
+                               a_layout, True, DO_DQ, SHARED_DQ, W, NC, PART)
             for m0 in range(full_lo, full_hi, BLOCK_M):
                 dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dqa, dqb, q_smem, do_smem,
                                l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, offs_k, Sk, diag,
                                left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout,
-                               a_layout, False, DO_DQ, SHARED_DQ, W, NC)
+                               a_layout, False, DO_DQ, SHARED_DQ, W, NC, PART)
             for m0 in range(full_hi, hi, BLOCK_M):
                 dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dqa, dqb, q_smem, do_smem,
                                l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, offs_k, Sk, diag,
                                left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout,
-                               a_layout, True, DO_DQ, SHARED_DQ, W, NC)
+                               a_layout, True, DO_DQ, SHARED_DQ, W, NC, PART)
         rows = kw0 + gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
         cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout)), 0)
         ok = gl.expand_dims(rows, 1) < Sk
         r64 = gl.expand_dims(rows.to(gl.int64) + k0, 1)
         kv64 = kvh.to(gl.int64)
         b64 = bq.to(gl.int64)
-        gl.store(DK + b64 * stride_dkb + kv64 * stride_dkh + r64 * stride_dkn + cols, (dk * ds_scale).to(DK.dtype.element_ty),
-                 mask=ok)
-        gl.store(DV + b64 * stride_dvb + kv64 * stride_dvh + r64 * stride_dvn + cols, dv.to(DV.dtype.element_ty), mask=ok)
+        if PART != 1:
+            gl.store(DK + b64 * stride_dkb + kv64 * stride_dkh + r64 * stride_dkn + cols,
+                     (dk * ds_scale).to(DK.dtype.element_ty), mask=ok)
+        if PART != 2:
+            gl.store(DV + b64 * stride_dvb + kv64 * stride_dvh + r64 * stride_dvn + cols, dv.to(DV.dtype.element_ty),
+                     mask=ok)
 
     @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group", "nheads"])
     def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, l_desc, d_desc, DQ, DK, DV, CU_Q, CU_K, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn, stride_dkh,
                     stride_dvb, stride_dvn, stride_dvh, seqlen_q, seqlen_k, window_left, window_right,
                     qk_scale, ds_scale, group, nheads, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, NC: gl.constexpr, DO_DQ: gl.constexpr, SHARED_DQ: gl.constexpr,
-                    IS_VARLEN: gl.constexpr):
+                    IS_VARLEN: gl.constexpr, PART: gl.constexpr = 0):
         # Grid: (cdiv(seqlen_k, 64·NC), nheads_k, batch). Warps: the producer (num_warps=4) + NC 4-warp consumers.
         BLOCK_N: gl.constexpr = NC * 64
         n0 = gl.program_id(0) * BLOCK_N
@@ -336,12 +373,12 @@ if HAVE_GLUON:
                          empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
                          stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, bq, k0, kvh, n0, lo, full_lo, full_hi, hi,
                          group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ,
-                         SHARED_DQ, NC)),
+                         SHARED_DQ, NC, PART)),
             (_consumer, (1, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
                          empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
                          stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, bq, k0, kvh, n0, lo, full_lo, full_hi, hi,
                          group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ,
-                         SHARED_DQ, NC)),
+                         SHARED_DQ, NC, PART)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -561,15 +598,16 @@ if HAVE_GLUON:
 # consumer adds its own 64 keys' part. Measured on the H100: benchmarks/sweep_gluon_bwd.py
 # (results/2026-11-26-h100-sweep-gluon-bwd-*.md): the atomics' traffic (float32 dQ, once per 128 keys) bounds the
 # single pass at 0.77-0.81x cuDNN's backward (d128); without the sum the same pass ran at 1.25-1.34x.
-_PLANS = {64: (64, 2, 240, 2, False, 0), 128: (64, 2, 240, 2, True, 0)}
+_PLANS = {64: (64, 2, 240, 2, False, 0), 128: (64, 2, 240, 2, True, 0), 256: (32, 2, 240, 2, False, 0)}
 # the dQ pass: (BLOCK_N keys per step, STAGES of the K/V ring, consumer registers, NC consumers of 64 query rows,
-# PIPE: each block's dQ product one step late, under the next block's exponent)
+# PIPE: each block's dQ product one step late, under the next block's exponent; measured within noise, -9% to +5%
+# against without, results/2026-11-26-h100-sweep-gluon-bwd-8.md: off)
 # (both kernels run NC = 2: the plan field says so)
-_DQ_PLANS = {64: (128, 3, 240, 2, True), 128: (64, 3, 240, 2, True)}
+_DQ_PLANS = {64: (128, 2, 240, 2, False), 128: (64, 3, 240, 2, False), 256: (32, 2, 240, 2, False)}
 
 
 def plan(D: int, deterministic: bool = False):
-    """The dK/dV kernel's plan for head dim D (64 or 128); deterministic: dQ in its own pass (no atomics)."""
+    """The dK/dV kernel's plan for head dim D (64, 128 or 256); deterministic: dQ in its own pass (no atomics)."""
     p = _PLANS[D]
     return p[:5] + (0,) if deterministic else p
 
@@ -638,6 +676,8 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     mode = red if _dq is None else _dq
     if varlen and mode != 4:
         mode = 0
+    if D == 256 and mode in (1, 2, 3):
+        raise ValueError("head dim 256 runs dQ in a pass of its own (dQ mode 0)")
     if shared and mode in (1, 2, 3) and D != 64 * nc:
         raise ValueError(f"a shared dQ needs head dim 64 x {nc} consumers, got {D}")
     # lse (log2 units), Delta and dQ's float32 accumulator padded to whole query blocks (module docstring)
@@ -664,11 +704,13 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     ld = TensorDescriptor.from_tensor(lse2.view(B * H, pad), [1, bm], row_layout)
     dd = TensorDescriptor.from_tensor(delta.view(B * H, pad), [1, bm], row_layout)
     dks, dvs = C.seq_layout(dk, varlen), C.seq_layout(dv, varlen)
-    _bwd_kernel[(triton.cdiv(Sk, 64 * nc), Hk, B)](
-        qd, kd, vd, dod, ld, dd, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, dq.stride(0), dq.stride(1), dq.stride(2),
-        *dks, *dvs, Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, H,
-        HEAD_DIM=D, BLOCK_M=bm, STAGES=stages, CONSUMER_REGS=regs, NC=nc, DO_DQ=mode if atomic else 0,
-        SHARED_DQ=shared and atomic, IS_VARLEN=varlen, num_warps=4)
+    # d256: dV and dK in separate launches (both accumulators would take every register of a consumer)
+    for part in ((1, 2) if D == 256 else (0,)):
+        _bwd_kernel[(triton.cdiv(Sk, 64 * nc), Hk, B)](
+            qd, kd, vd, dod, ld, dd, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, dq.stride(0), dq.stride(1), dq.stride(2),
+            *dks, *dvs, Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, H,
+            HEAD_DIM=D, BLOCK_M=bm, STAGES=stages, CONSUMER_REGS=regs, NC=nc, DO_DQ=mode if atomic else 0,
+            SHARED_DQ=shared and atomic, IS_VARLEN=varlen, PART=part, num_warps=4)
     if atomic:
         return dq[:, :Sq].to(q.dtype), dk, dv
     if mode == 0:

@@ -17,7 +17,7 @@ before this block's softmax) was tried and removed: Triton waits for each wgmma 
 nothing overlapped and it spilled (0.15-0.78x). That overlap is written out in Gluon in v3_gluon.py
 (warp-specialised: a TMA producer, consumer warpgroups with explicit wgmma waits), which `forward` runs instead
 of this kernel on Hopper where it measured faster (`_gluon_plan`, `v3_gluon.plan`: 0.93-1.06x cuDNN from 4k
-keys). The backward (`backward`) runs the Gluon kernels of v3_gluon_bwd.py on Hopper at head dims 64 and 128
+keys). The backward (`backward`) runs the Gluon kernels of v3_gluon_bwd.py on Hopper at head dims 64, 128 and 256
 (`_gluon_bwd_plan`: a dK/dV pass and a dQ pass, deterministic) and v2's elsewhere. Not here (issue 4): a persistent
 grid. Requirements checked by `supports()`: fp16/bf16, head dim a multiple of 8 up to 256, 16-byte aligned base
 pointers and row strides (TMA's rule); otherwise callers use v2.

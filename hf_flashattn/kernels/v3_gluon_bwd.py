@@ -344,7 +344,8 @@ if HAVE_GLUON:
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, HEAD_DIM], do_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [NC, 1, 64, 1, HEAD_DIM], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [NC, 1, 64, 1, HEAD_DIM], v_desc.layout)
-        ds_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        DS_SWIZZLE: gl.constexpr = 128 if BLOCK_M >= 64 else 2 * BLOCK_M   # a row of dSᵀ is BLOCK_M 16-bit values
+        ds_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=DS_SWIZZLE, element_bitwidth=16, rank=2)
         ds_smem = gl.allocate_shared_memory(dtype, [NC, 64, BLOCK_M], ds_layout)
         dq_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
         dq_smem = gl.allocate_shared_memory(gl.float32, [NC if SHARED_DQ else 2 * NC, BLOCK_M, 64], dq_layout)

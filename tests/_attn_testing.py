@@ -1,7 +1,10 @@
-"""Shared helpers for the kernel tests: the flash-attn error rule and reference gradients."""
+"""Shared helpers for the kernel tests: the flash-attn error rule, reference gradients, ptxas spill counts."""
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import tempfile
 
 import torch
 
@@ -48,3 +51,22 @@ def left_padded(lengths, vocab_size, pad, device, seed=1):
         ids[row, width - n:] = torch.randint(3, vocab_size, (n,), generator=g)
         mask[row, width - n:] = 1
     return ids.to(device), mask.to(device)
+
+
+def ptxas_spills(ptx: str):
+    """(returncode, stderr, spill-store bytes per function) of Triton's bundled ptxas compiling `ptx` for sm_90a;
+    None when this Triton has no ptxas. Its ptxas may be older than the PTX ISA version Triton writes: the version
+    line is lowered (the instructions are sm_90a's either way)."""
+    import triton
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        return None
+    src = re.sub(r"^\.version \d+\.\d+", ".version 8.7", ptx, flags=re.M)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(src)
+    try:
+        out = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True,
+                             timeout=300)
+    finally:
+        os.unlink(f.name)
+    return out.returncode, out.stderr, [int(n) for n in re.findall(r"(\d+) bytes spill stores", out.stderr)]

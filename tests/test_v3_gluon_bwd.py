@@ -17,6 +17,7 @@ import tempfile
 import pytest
 import torch
 
+from _attn_testing import ptxas_spills
 from hf_flashattn.kernels import v3, v3_gluon_bwd as GB
 
 pytestmark = pytest.mark.skipif(not GB.HAVE_GLUON, reason="this Triton has no Gluon")
@@ -66,27 +67,16 @@ print(k.metadata.shared)
 def _compile(spec, out):
     """PTX for sm_90a, compiled in a fresh process (this one runs Triton's interpreter, under which Triton's own
     library functions are not compilable), and ptxas's spill count."""
-    import triton
     env = dict(os.environ, TRITON_INTERPRET="0")
     r = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(spec), out], capture_output=True, text=True,
                        env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     ptx, shared = open(out).read(), int(r.stdout.strip().splitlines()[-1])
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.fail(f"no ptxas at {ptxas}: cannot check spills")
-    # this ptxas may be older than the PTX ISA version Triton writes; the instructions are sm_90a's either way
-    src = re.sub(r"^\.version \d+\.\d+", ".version 8.7", ptx, flags=re.M)
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(src)
-    try:
-        res = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True,
-                             timeout=300)
-    finally:
-        os.unlink(f.name)
-    assert res.returncode == 0, res.stderr[-2000:]
-    spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", res.stderr)]
-    assert spills, res.stderr[-2000:]
+    res = ptxas_spills(ptx)
+    if res is None:
+        pytest.fail("this Triton has no ptxas: cannot check spills")
+    rc, err, spills = res
+    assert rc == 0 and spills, err[-2000:]
     return ptx, shared, max(spills)
 
 

@@ -88,8 +88,8 @@ def _common_structure(ptx, shared):
     assert shared <= 232448                                    # the H100's shared memory per block
 
 
-@pytest.mark.parametrize("D", [64, 128, 256])
-@pytest.mark.parametrize("varlen", [False, True])
+# packed at d64/d128 (d256's packed kernels differ from its dense ones only where d128's do: left out for CI time)
+@pytest.mark.parametrize("D, varlen", [(64, False), (64, True), (128, False), (128, True), (256, False)])
 def test_default_plans_compile_for_hopper_without_atomics(D, varlen):
     """Both kernels of the default (deterministic) backward compile for sm_90a, dense and packed: TMA, wgmma,
     mbarriers between the producer and the consumers, register reallocation, (next to) no spills; and no atomic

@@ -17,8 +17,8 @@ per-column vectors read from shared memory when used:
 
 and stores dK (times the scale) and dV once. dQ pass (`_dq_kernel`): one program per (128 query rows, head,
 sequence), shaped like the forward (v3_gluon.py): a producer copies Q and dO once and streams K and V; each consumer
-(64 rows) computes S = Q Kᵀ and dP = dO Vᵀ together, dS = P ∘ (dP - Delta) as a register A operand, dQ += dS K, and
-stores dQ once. No program writes what another writes: bitwise reproducible, so `deterministic=True` runs it too.
+(64 rows) computes S = Q Kᵀ and dP = dO Vᵀ together, dS = P ∘ (dP - Delta) as a register A operand, dQ += dS K,
+and stores dQ once. No program writes what another writes: bitwise reproducible, so `deterministic=True` runs it too.
 Both passes take v2's three ranges of blocks (masked edge, unmasked band, masked diagonal/tail); Delta and lse come
 from `_prep_kernel`, padded per sequence to whole blocks (+inf, 0) so that the kernels' loads need no mask. Packed
 batches (cu_seqlens) use descriptors over (1, total, H, D) and per-sequence bounds; rows that run into the next
@@ -52,11 +52,10 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared,
         mbarrier,
+        tma,
         warpgroup_mma,
         warpgroup_mma_wait,
     )
-
-    from triton.experimental.gluon.language.nvidia.hopper import tma
 
     from .v3_gluon import _key_range, _tma_load, _tma_store
 
@@ -81,8 +80,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _producer(q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, q_smem, do_smem, k_smem, v_smem, l_smem, d_smem,
-                  kv_bar, ready, empty, b, bq, q0, k0, kvh, n0, lo, hi, group, nheads, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                  NC: gl.constexpr):
+                  kv_bar, ready, empty, b, bq, q0, k0, kvh, n0, lo, hi, group, nheads, BLOCK_M: gl.constexpr,
+                  HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, NC: gl.constexpr):
         """K and V of the program (a 64-row slice per consumer), then Q, dO, lse and Delta of every (head, query
         block)."""
         mbarrier.expect(kv_bar, 2 * NC * 64 * HEAD_DIM * 2)
@@ -284,19 +283,19 @@ if HAVE_GLUON:
             DQ_h = DQ + b64 * stride_dqb + h * stride_dqh
             base = g * n - lo // BLOCK_M
             for m0 in range(lo, full_lo, BLOCK_M):
-                dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dqa, dqb, q_smem, do_smem,
-                               l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, offs_k, Sk, diag,
-                               left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout,
+                dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dqa, dqb, q_smem,
+                               do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, offs_k, Sk,
+                               diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout,
                                a_layout, True, DO_DQ, SHARED_DQ, W, NC, PART)
             for m0 in range(full_lo, full_hi, BLOCK_M):
-                dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dqa, dqb, q_smem, do_smem,
-                               l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, offs_k, Sk, diag,
-                               left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout,
+                dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dqa, dqb, q_smem,
+                               do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, offs_k, Sk,
+                               diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout,
                                a_layout, False, DO_DQ, SHARED_DQ, W, NC, PART)
             for m0 in range(full_hi, hi, BLOCK_M):
-                dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dqa, dqb, q_smem, do_smem,
-                               l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, offs_k, Sk, diag,
-                               left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout,
+                dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dqa, dqb, q_smem,
+                               do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, offs_k, Sk,
+                               diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout,
                                a_layout, True, DO_DQ, SHARED_DQ, W, NC, PART)
         rows = kw0 + gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
         cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout)), 0)
@@ -312,11 +311,11 @@ if HAVE_GLUON:
                      mask=ok)
 
     @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group", "nheads"])
-    def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, l_desc, d_desc, DQ, DK, DV, CU_Q, CU_K, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn, stride_dkh,
-                    stride_dvb, stride_dvn, stride_dvh, seqlen_q, seqlen_k, window_left, window_right,
-                    qk_scale, ds_scale, group, nheads, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                    CONSUMER_REGS: gl.constexpr, NC: gl.constexpr, DO_DQ: gl.constexpr, SHARED_DQ: gl.constexpr,
-                    IS_VARLEN: gl.constexpr, PART: gl.constexpr = 0):
+    def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, l_desc, d_desc, DQ, DK, DV, CU_Q, CU_K, stride_dqb, stride_dqm,
+                    stride_dqh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, seqlen_q,
+                    seqlen_k, window_left, window_right, qk_scale, ds_scale, group, nheads, HEAD_DIM: gl.constexpr,
+                    BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, NC: gl.constexpr,
+                    DO_DQ: gl.constexpr, SHARED_DQ: gl.constexpr, IS_VARLEN: gl.constexpr, PART: gl.constexpr = 0):
         # Grid: (cdiv(seqlen_k, 64·NC), nheads_k, batch). Warps: the producer (num_warps=4) + NC 4-warp consumers.
         BLOCK_N: gl.constexpr = NC * 64
         n0 = gl.program_id(0) * BLOCK_N
@@ -368,18 +367,18 @@ if HAVE_GLUON:
         # two consumers (the plans' NC; a third would leave each too few registers for dK and dV)
         gl.warp_specialize([
             (_producer, (q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, q_smem, do_smem, k_smem, v_smem, l_smem,
-                         d_smem, kv_bar, ready, empty, b, bq, q0, k0, kvh, n0, lo, hi, group, nheads, BLOCK_M, HEAD_DIM, STAGES,
-                         NC)),
+                         d_smem, kv_bar, ready, empty, b, bq, q0, k0, kvh, n0, lo, hi, group, nheads, BLOCK_M, HEAD_DIM,
+                         STAGES, NC)),
             (_consumer, (0, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
-                         empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
-                         stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, bq, k0, kvh, n0, lo, full_lo, full_hi, hi,
-                         group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ,
-                         SHARED_DQ, NC, PART)),
+                         empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb,
+                         stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, bq, k0, kvh, n0, lo, full_lo,
+                         full_hi, hi, group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES,
+                         DO_DQ, SHARED_DQ, NC, PART)),
             (_consumer, (1, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
-                         empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
-                         stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, bq, k0, kvh, n0, lo, full_lo, full_hi, hi,
-                         group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ,
-                         SHARED_DQ, NC, PART)),
+                         empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb,
+                         stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, bq, k0, kvh, n0, lo, full_lo,
+                         full_hi, hi, group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES,
+                         DO_DQ, SHARED_DQ, NC, PART)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 

@@ -139,25 +139,25 @@ def test_plan_rule():
 
 def test_supports_names_what_it_leaves_to_v2():
     x = torch.zeros(1, 64, 2, 128, dtype=torch.bfloat16)
-    assert GB.supports(x, x, x, x, 0.1, 0.0) is None
-    assert "softcap" in GB.supports(x, x, x, x, 0.1, 30.0)
-    assert "scale" in GB.supports(x, x, x, x, 0.0, 0.0)
-    assert "float32" in GB.supports(x.float(), x.float(), x.float(), x.float(), 0.1, 0.0)
+    assert GB.supports(x, x, x, 0.1, 0.0) is None
+    assert "softcap" in GB.supports(x, x, x, 0.1, 30.0)
+    assert "scale" in GB.supports(x, x, x, 0.0, 0.0)
+    assert "float32" in GB.supports(x.float(), x.float(), x.float(), 0.1, 0.0)
     y = torch.zeros(1, 64, 2, 80, dtype=torch.bfloat16)
-    assert "head dim 80" in GB.supports(y, y, y, y, 0.1, 0.0)
+    assert "head dim 80" in GB.supports(y, y, y, 0.1, 0.0)
     z = torch.zeros(1, 64, 2, 256, dtype=torch.bfloat16)
-    assert GB.supports(z, z, z, z, 0.1, 0.0) is None          # d256: dV and dK in separate launches
+    assert GB.supports(z, z, z, 0.1, 0.0) is None          # d256: dV and dK in separate launches
     odd = torch.zeros(1 * 64 * 2 * 128 + 1, dtype=torch.bfloat16)[1:].view(1, 64, 2, 128)
-    assert "TMA" in GB.supports(x, odd, odd, x, 0.1, 0.0)
+    assert "TMA" in GB.supports(x, odd, odd, 0.1, 0.0)
 
 
 def test_dispatch_off_the_gpu_and_when_turned_off(monkeypatch):
     """v3.backward takes the Gluon backward only for CUDA tensors on a Hopper GPU (never on the interpreter or the
     CPU), unless HF_FLASHATTN_V3_GLUON_BWD=0."""
     x = torch.zeros(1, 256, 2, 128, dtype=torch.bfloat16)
-    assert v3._gluon_bwd_plan(x, x, x, x, 0.1, 0.0, False) is None          # CPU tensors
+    assert v3._gluon_bwd_plan(x, x, x, 0.1, 0.0, False) is None          # CPU tensors
     monkeypatch.setenv("HF_FLASHATTN_V3_GLUON_BWD", "0")
-    assert v3._gluon_bwd_plan(x, x, x, x, 0.1, 0.0, False) is None
+    assert v3._gluon_bwd_plan(x, x, x, 0.1, 0.0, False) is None
 
 
 @pytest.mark.parametrize("varlen", [False, True])

@@ -249,25 +249,25 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     return out, lse
 
 
-def _gluon_bwd_plan(do, q, k, v, softmax_scale, softcap, deterministic):
+def _gluon_bwd_plan(q, k, v, softmax_scale, softcap, deterministic):
     """The Gluon backward's launch plan (v3_gluon_bwd.py) for these inputs, or None for v2's backward: on a Hopper
     GPU, for inputs in its scope; with deterministic=True one whose dQ has a pass of its own (no atomics).
     HF_FLASHATTN_V3_GLUON_BWD=0 turns it off."""
     if env_get("HF_FLASHATTN_V3_GLUON_BWD", "auto") == "0" or is_interpreting() or not is_hopper(q.device):
         return None
     from . import v3_gluon_bwd
-    if v3_gluon_bwd.supports(q, k, v, do, softmax_scale, softcap) is not None:
+    if v3_gluon_bwd.supports(q, k, v, softmax_scale, softcap) is not None:
         return None
     return v3_gluon_bwd.plan(q.shape[-1], deterministic)
 
 
 def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
              window_size, softcap, deterministic):
-    if not C.descriptors_ok(do):   # e.g. the expanded gradient of a sum: TMA needs real strides
-        do = do.contiguous()
-    gplan = _gluon_bwd_plan(do, q, k, v, softmax_scale, softcap, deterministic)
+    gplan = _gluon_bwd_plan(q, k, v, softmax_scale, softcap, deterministic)
     if gplan is not None:
         from . import v3_gluon_bwd
+        if not C.descriptors_ok(do):   # e.g. the expanded gradient of a sum: TMA needs real strides
+            do = do.contiguous()
         return v3_gluon_bwd.backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                      softmax_scale, window_size, _plan=gplan)
     from . import v2

@@ -154,6 +154,21 @@ if HAVE_GLUON:
         return pt
 
     @gluon.jit
+    def _p_ds_t(kw, vw, qs, dos, lse_s, delta_s, zero, offs_k, offs_q, Sk, diag, left, right, qk_scale,
+                st_layout: gl.constexpr, MASKED: gl.constexpr):
+        """Pᵀ and dSᵀ = Pᵀ ∘ (dPᵀ - Delta) (float32, keys x queries) of one query block: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ
+        in flight together, Pᵀ's exponent under the second; lse_s, delta_s the block's (1, BLOCK_M) slots."""
+        st = warpgroup_mma(kw, qs.permute((1, 0)), zero, use_acc=False, is_async=True)
+        dpt = warpgroup_mma(vw, dos.permute((1, 0)), zero, use_acc=False, is_async=True)
+        lse = gl.max(lse_s.load(st_layout), 0)   # (1, BLOCK_M) -> the columns' vector (max: exact)
+        st = warpgroup_mma_wait(1, deps=[st])
+        pt = _visible_t(gl.exp2(st * qk_scale - gl.expand_dims(lse, 0)), offs_k, offs_q, Sk, diag, left, right,
+                        MASKED)
+        delta = gl.max(delta_s.load(st_layout), 0)
+        dpt = warpgroup_mma_wait(0, deps=[dpt])
+        return pt, pt * (dpt - gl.expand_dims(delta, 0))
+
+    @gluon.jit
     def _step(it, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dqa, dqb, q_smem, do_smem, l_smem, d_smem, ready, empty,
               ds_full, ds_free, DQ_h, stride_dqm, offs_k, Sk, diag, left, right, qk_scale, ds_scale,
               BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, st_layout: gl.constexpr,
@@ -180,28 +195,15 @@ if HAVE_GLUON:
             dv, p_op = warpgroup_mma_wait(0, deps=[dv_tok, p_op])
             mbarrier.arrive(empty.index(s), count=1)
         elif PART == 2:
-            st = warpgroup_mma(kw, qs.permute((1, 0)), zero, use_acc=False, is_async=True)
-            dpt = warpgroup_mma(vw, dos.permute((1, 0)), zero, use_acc=False, is_async=True)
-            lse = gl.max(l_smem.index(s).load(st_layout), 0)
-            st = warpgroup_mma_wait(1, deps=[st])
-            pt = _visible_t(gl.exp2(st * qk_scale - gl.expand_dims(lse, 0)), offs_k, offs_q, Sk, diag, left, right,
-                            MASKED)
-            delta = gl.max(d_smem.index(s).load(st_layout), 0)
-            dpt = warpgroup_mma_wait(0, deps=[dpt])
-            ds_op = gl.convert_layout((pt * (dpt - gl.expand_dims(delta, 0))).to(dtype), a_layout)
+            pt, dst = _p_ds_t(kw, vw, qs, dos, l_smem.index(s), d_smem.index(s), zero, offs_k, offs_q, Sk, diag, left,
+                              right, qk_scale, st_layout, MASKED)
+            ds_op = gl.convert_layout(dst.to(dtype), a_layout)
             dk_tok = warpgroup_mma(ds_op, qs, dk, is_async=True)
             dk, ds_op = warpgroup_mma_wait(0, deps=[dk_tok, ds_op])
             mbarrier.arrive(empty.index(s), count=1)
         else:
-            st = warpgroup_mma(kw, qs.permute((1, 0)), zero, use_acc=False, is_async=True)
-            dpt = warpgroup_mma(vw, dos.permute((1, 0)), zero, use_acc=False, is_async=True)
-            lse = gl.max(l_smem.index(s).load(st_layout), 0)   # (1, BLOCK_M) -> the columns' vector (max: exact)
-            st = warpgroup_mma_wait(1, deps=[st])
-            pt = _visible_t(gl.exp2(st * qk_scale - gl.expand_dims(lse, 0)), offs_k, offs_q, Sk, diag, left, right,
-                            MASKED)
-            delta = gl.max(d_smem.index(s).load(st_layout), 0)
-            dpt = warpgroup_mma_wait(0, deps=[dpt])
-            dst = pt * (dpt - gl.expand_dims(delta, 0))
+            pt, dst = _p_ds_t(kw, vw, qs, dos, l_smem.index(s), d_smem.index(s), zero, offs_k, offs_q, Sk, diag, left,
+                              right, qk_scale, st_layout, MASKED)
             p_op = gl.convert_layout(pt.to(dtype), a_layout)
             dv_tok = warpgroup_mma(p_op, dos, dv, is_async=True)
             ds16 = dst.to(dtype)
@@ -248,7 +250,7 @@ if HAVE_GLUON:
                     dq1 = warpgroup_mma_wait(0, deps=[dq1])
                     mbarrier.arrive(empty.index(s), count=1)
                     _reduce(DQ_h, stride_dqm, m0, DH, dq1 * ds_scale, dqb, BLOCK_M, DH, dq_layout, DO_DQ)
-            else:   # timing diagnostic only (benchmarks/sweep_gluon.py): the backward without dQ
+            else:   # dQ in a pass of its own (`_dq_kernel`, the default), or skipped (`backward`'s _dq=4)
                 dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, p_op, ds_op])
                 mbarrier.arrive(empty.index(s), count=1)
         return dk, dv
@@ -612,8 +614,9 @@ def plan(D: int, deterministic: bool = False):
     return p[:5] + (0,) if deterministic else p
 
 
-def supports(q, k, v, do, softmax_scale, softcap) -> str | None:
-    """None if this kernel runs the inputs, else why not (the caller then runs v2's backward)."""
+def supports(q, k, v, softmax_scale, softcap) -> str | None:
+    """None if this kernel runs the inputs, else why not (the caller then runs v2's backward). dO is the caller's
+    to make TMA-loadable (v3.backward: a contiguous copy where `C.descriptors_ok` fails)."""
     if not HAVE_GLUON:
         return "this Triton has no Gluon"
     if softcap > 0:
@@ -624,7 +627,7 @@ def supports(q, k, v, do, softmax_scale, softcap) -> str | None:
         return f"{q.dtype} runs v2's backward"
     if q.shape[-1] not in _PLANS:
         return f"head dim {q.shape[-1]} runs v2's backward"
-    if not C.descriptors_ok(q, k, v, do):
+    if not C.descriptors_ok(q, k, v):
         return "TMA needs 16-byte aligned pointers and strides"
     return None
 
@@ -652,10 +655,10 @@ def _prep_kernel(O, DO, LSE, LSE2, DELTA, CU_Q, stride_ob, stride_om, stride_oh,
 
 def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
              window_size, _plan=None, _dq=None, _dq_plan=None):
-    """(B, S, H, D) or packed (total, H, D) with cu_seqlens: (dq, dk, dv). `supports()` must have passed (do with a
-    unit last stride). _plan, _dq_plan override `plan()` and `_DQ_PLANS`; _dq overrides the plan's dQ mode (see
-    `_PLANS`; packed sequences take mode 0), and takes two timing diagnostics whose dq is garbage: 3 computes dQ's
-    products in the single pass without summing them, 4 skips dQ altogether."""
+    """(B, S, H, D) or packed (total, H, D) with cu_seqlens: (dq, dk, dv). `supports()` must have passed and do be
+    TMA-loadable (`C.descriptors_ok`). _plan, _dq_plan override `plan()` and `_DQ_PLANS`; _dq overrides the plan's dQ
+    mode (see `_PLANS`; packed sequences take mode 0), and takes two timing diagnostics whose dq is garbage: 3 computes
+    dQ's products in the single pass without summing them, 4 skips dQ altogether."""
     from triton.experimental.gluon.language import NVMMASharedLayout
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -697,10 +700,14 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     row_layout = NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
     as4 = (lambda t: t.unsqueeze(0)) if varlen else (lambda t: t)   # packed: descriptors over (1, total, H, D)
     q4, k4, v4, do4, dq4 = as4(q), as4(k), as4(v), as4(do), (dq if atomic else as4(dq))
-    qd = TensorDescriptor.from_tensor(q4, [1, bm, 1, D], layout)
-    dod = TensorDescriptor.from_tensor(do4, [1, bm, 1, D], layout)
-    kd = TensorDescriptor.from_tensor(k4, [1, 64, 1, D], layout)
-    vd = TensorDescriptor.from_tensor(v4, [1, 64, 1, D], layout)
+    made = {}
+
+    def desc(t, rows):   # one descriptor per (tensor, tile rows): the two passes share those whose tiles agree
+        key = (id(t), rows)
+        if key not in made:
+            made[key] = TensorDescriptor.from_tensor(t, [1, rows, 1, D], layout)
+        return made[key]
+    qd, dod, kd, vd = desc(q4, bm), desc(do4, bm), desc(k4, 64), desc(v4, 64)
     ld = TensorDescriptor.from_tensor(lse2.view(B * H, pad), [1, bm], row_layout)
     dd = TensorDescriptor.from_tensor(delta.view(B * H, pad), [1, bm], row_layout)
     dks, dvs = C.seq_layout(dk, varlen), C.seq_layout(dv, varlen)
@@ -717,11 +724,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         bn, dq_stages, dq_regs, dq_nc, pipe = _dq_plan or _DQ_PLANS[D]
         if dq_nc != 2:
             raise ValueError(f"the dQ pass runs two consumer warpgroups, got a plan with {dq_nc}")
-        q64 = TensorDescriptor.from_tensor(q4, [1, 64, 1, D], layout)
-        do64 = TensorDescriptor.from_tensor(do4, [1, 64, 1, D], layout)
-        dq64 = TensorDescriptor.from_tensor(dq4, [1, 64, 1, D], layout)
-        kn = TensorDescriptor.from_tensor(k4, [1, bn, 1, D], layout)
-        vn = TensorDescriptor.from_tensor(v4, [1, bn, 1, D], layout)
+        q64, do64, dq64, kn, vn = desc(q4, 64), desc(do4, 64), desc(dq4, 64), desc(k4, bn), desc(v4, bn)
         _, stride_qm, stride_qh = C.seq_layout(dq, varlen)
         _dq_kernel[(triton.cdiv(Sq, 64 * dq_nc), H, B)](
             q64, kn, vn, do64, dq64, dq, cu_seqlens_q, cu_seqlens_k, stride_qm, stride_qh, lse2, delta,

@@ -115,16 +115,27 @@ class Launcher:
         # the interpreter's fixed tiles would not reach); on the interpreter its kwargs go over interp_meta
         self.force = None
         self.last = None   # the CompiledKernel of the last forced launch (its registers and spills)
+        self.key = key
+        self._tune_pos = None
+        self.direct = None  # FastLaunch of the kernel: the tuned launch's CompiledKernel, kept per call-site key
         if not self.interpret and self.tune:
             # reset_to_zero: outputs accumulated with atomics, zeroed before each tuning run
             self.tuned = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune},
                                          reset_to_zero=reset_to_zero)(kernel)
+            self.direct = FastLaunch(kernel)
 
     def _hook(self, args, meta, kw):
         if self.pre_hook is not None:
             self.pre_hook(dict(zip(self.kernel.arg_names, args), **meta, **kw))
 
-    def __call__(self, grid_fn, args, meta):
+    def __call__(self, grid_fn, args, meta, site_key=None):
+        """site_key: as `FastLaunch.keyed`'s, everything Triton specialises on in this call but the tuned config
+        (the values of the autotuning key are added here): after the first tuned launch of a key, later ones
+        launch the kept CompiledKernel with the config the autotuner chose, without its ~20 us a call of
+        bookkeeping (the arguments by name, its key, the JIT's specialisation)."""
+        if site_key is not None and self.direct is not None and self.force is None and FAST_LAUNCH \
+                and not _launch_hooks():
+            return self._direct(grid_fn, args, meta, site_key)
         if self.force is not None:
             cfg = self.force
             kw = dict(self.interp_meta, **cfg.kwargs) if self.interpret else dict(cfg.kwargs)
@@ -142,6 +153,32 @@ class Launcher:
                                              num_stages=cfg.num_stages)
         else:
             self.tuned[grid_fn](*args, **meta)
+
+    def _direct(self, grid_fn, args, meta, site_key):
+        names = self.kernel.arg_names
+        pos = self._tune_pos
+        if pos is None:
+            pos = self._tune_pos = tuple((n, names.index(n)) for n in self.key)
+        tune = tuple(meta[n] if n in meta else args[i] for n, i in pos)
+        device = torch.cuda.current_device()
+        key = ("tuned", site_key, tune, device)
+        fl = self.direct
+        entry = fl.cache.get(key)
+        if entry is None:
+            compiled = self.tuned[grid_fn](*args, **meta)
+            if hasattr(compiled, "result"):  # a future under Triton's asynchronous compile mode
+                compiled = compiled.result()
+            compiled._init_handles()
+            cfg = self.tuned.best_config
+            full = dict(meta, **cfg.kwargs)
+            if len(fl.cache) >= 4096:
+                fl.cache.clear()
+            fl.cache[key] = ((compiled, tuple(full.get(n, d) for n, d in fl.constexprs)), cfg)
+            return compiled
+        (compiled, tail), cfg = entry
+        if cfg.pre_hook is not None:
+            cfg.pre_hook(dict(zip(names, args), **meta, **cfg.kwargs))
+        return fl._again((compiled, tail), grid_fn(cfg.kwargs), device, args)
 
 
 @triton.jit
@@ -200,7 +237,7 @@ def desc_rows(desc, b, row0, start, h, S, BLOCK: tl.constexpr, BLOCK_D: tl.const
 def host_descriptor(t: torch.Tensor, rows: int, block_d: int, varlen: bool):
     """A TensorDescriptor over (B, S, H, D) (or packed (total, H, D)) whose block is `rows` rows of one head."""
     from triton.tools.tensor_descriptor import TensorDescriptor
-    return TensorDescriptor.from_tensor(t, ([] if varlen else [1]) + [rows, 1, block_d])
+    return descriptor(TensorDescriptor, t, (rows, 1, block_d) if varlen else (1, rows, 1, block_d))
 
 
 def descriptors_ok(*tensors) -> bool:
@@ -347,6 +384,10 @@ class FastLaunch:
         types = tuple(map(type, args))
         layout = self._layouts.get(types)
         if layout is None:
+            other = [t.__name__ for t in types if not issubclass(t, (torch.Tensor, int, float, type(None)))]
+            if other:   # e.g. a tensor descriptor: Triton specialises on its block and layout, not seen here
+                raise TypeError(f"{self.kernel.fn.__name__}: FastLaunch's generic key covers tensors, ints, floats "
+                                f"and None, not {other}; launch it with keyed() and a key of the call's own")
             tensors = tuple(i for i, t in enumerate(types) if issubclass(t, torch.Tensor))
             ints = tuple(i for i, t in enumerate(types) if t is int)
             layout = self._layouts[types] = (tensors, tuple(i for i in ints if i not in self.dns), ints)
@@ -368,14 +409,40 @@ class FastLaunch:
         key = self._key(args, meta, device)
         entry = self.cache.get(key)
         if entry is None:
-            compiled = self.kernel[grid](*args, **meta)
-            if hasattr(compiled, "result"):  # a future under Triton's asynchronous compile mode
-                compiled = compiled.result()
-            compiled._init_handles()
-            if len(self.cache) >= 4096:  # many shapes over a long run: start over rather than grow
-                self.cache.clear()
-            self.cache[key] = (compiled, tuple(meta.get(n, d) for n, d in self.constexprs))
-            return compiled
+            return self._first(key, grid, args, meta)
+        return self._again(entry, grid, device, args)
+
+    def keyed(self, site_key, grid, *args, **meta):
+        """`kernel[grid](*args, **meta)` with the caller's key in place of the generic one: `site_key` must
+        determine everything Triton specialises on in this call (each pointer's dtype and 16-byte alignment, each
+        specialised int's residue mod 16 and whether it is 1, each int's 32/64-bit type, which arguments are None,
+        each tensor descriptor's dtype, block and layout, the meta-parameters). A call site knows that from a few
+        shapes and options, cheaper than the generic key's walk over every argument, and it is how kernels with
+        tensor-descriptor arguments (which the generic key does not cover) launch directly."""
+        if len(args) != self.n_runtime:
+            raise TypeError(f"{self.kernel.fn.__name__} takes {self.n_runtime} runtime arguments, got {len(args)}")
+        if not FAST_LAUNCH or _INTERPRETING or _launch_hooks():
+            return self.kernel[grid](*args, **meta)
+        device = torch.cuda.current_device()
+        key = ("site", site_key, device)
+        entry = self.cache.get(key)
+        if entry is None:
+            return self._first(key, grid, args, meta)
+        return self._again(entry, grid, device, args)
+
+    def _first(self, key, grid, args, meta):
+        """The first call of a key: through Triton's JIT (compiling or loading the kernel), keeping the result."""
+        compiled = self.kernel[grid](*args, **meta)
+        if hasattr(compiled, "result"):  # a future under Triton's asynchronous compile mode
+            compiled = compiled.result()
+        compiled._init_handles()
+        if len(self.cache) >= 4096:  # many shapes over a long run: start over rather than grow
+            self.cache.clear()
+        self.cache[key] = (compiled, tuple(meta.get(n, d) for n, d in self.constexprs))
+        return compiled
+
+    @staticmethod
+    def _again(entry, grid, device, args):
         compiled, tail = entry
         g0 = grid[0]
         g1 = grid[1] if len(grid) > 1 else 1
@@ -383,6 +450,30 @@ class FastLaunch:
         compiled.run(g0, g1, g2, _raw_stream(device), compiled.function,
                      compiled.packed_metadata, None, None, None, *args, *tail)
         return compiled
+
+
+_DESC_FIELDS: dict = {}
+
+
+def descriptor(cls, t: torch.Tensor, block, layout=None):
+    """`cls.from_tensor(t, list(block)[, layout])` (cls: Triton's or Gluon's TensorDescriptor), its checks (a
+    dataclass's __post_init__: alignment, strides, block shape; ~6 us a descriptor) made once per shape, strides,
+    dtype, block, layout and base alignment: later descriptors of that kind copy the first one's fields and take
+    their own base. `layout` is one object per call site (its identity is in the key and it is kept alive)."""
+    key = (cls, t.shape, t.stride(), t.dtype, block, id(layout), t.data_ptr() & 15)
+    hit = _DESC_FIELDS.get(key)
+    if hit is None:
+        d = cls.from_tensor(t, list(block)) if layout is None else cls.from_tensor(t, list(block), layout)
+        fields = dict(d.__dict__)
+        del fields["base"]
+        if len(_DESC_FIELDS) >= 4096:
+            _DESC_FIELDS.clear()
+        _DESC_FIELDS[key] = (fields, layout)
+        return d
+    d = cls.__new__(cls)
+    d.__dict__.update(hit[0])
+    d.base = t
+    return d
 
 
 def _launch_hooks() -> bool:

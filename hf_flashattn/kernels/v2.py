@@ -169,8 +169,21 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
             C.seq_bucket(max_seqlen_q), C.mask_kind(window_size), H // Hk)
     meta = dict(HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), IS_VARLEN=varlen,
                 SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype))
-    _fwd_launch(lambda m: (triton.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch), args, meta)
+    _fwd_launch(lambda m: (triton.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch), args, meta,
+                site_key=_site_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, left, right))
     return out, lse
+
+
+def _site_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, left, right, *more):
+    """What Triton specialises on in a launch of v2's kernels over these inputs, for their direct launch
+    (`C.Launcher`'s site_key): the given tensors' shapes, strides, dtype and base alignment (the outputs are made
+    fresh, their strides follow from the shapes), cu_seqlens' alignment or absence, the 32/64-bit type of the
+    unspecialised lengths and window; `more`: the caller's other inputs (dO's strides and alignment, options)."""
+    align = (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15
+    if cu_seqlens_q is not None:
+        align = (align, (cu_seqlens_q.data_ptr() | cu_seqlens_k.data_ptr()) & 15)
+    return (q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype, align,
+            (max_seqlen_q | max_seqlen_k | left | right) >> 31) + more
 
 
 def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,

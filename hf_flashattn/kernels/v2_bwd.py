@@ -22,7 +22,7 @@ import triton.language as tl
 from .._runtime import env_get, is_interpreting
 from . import _common as C
 from ._common import load_tile_pair, log2_scores, seq_bounds, tile_range, visible
-from .v2 import prune_by_head_dim
+from .v2 import _site_key, prune_by_head_dim
 
 
 @triton.jit(do_not_specialize=["seqlen_q"])
@@ -430,10 +430,13 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     stride_l = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
     delta = torch.empty_like(lse)
     pre_bm = 64 if not is_interpreting() else 32
-    _preprocess_kernel[(triton.cdiv(max_seqlen_q, pre_bm), H, batch)](
-        out, do, delta, cu_seqlens_q, *C.seq_layout(out, varlen), *C.seq_layout(do, varlen), *stride_l,
-        max_seqlen_q, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_bm, IS_VARLEN=varlen)
     left, right = C.window_args(window_size, max_seqlen_q, max_seqlen_k)
+    # the direct launches' key (`v2._site_key`): dO and lse are given (strides, alignment); out is the forward's
+    site = _site_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, left, right, do.stride(),
+                     do.data_ptr() & 15, out.stride(), lse.stride(), softcap > 0, atomic_dq)
+    _preprocess_launch.keyed(site, (triton.cdiv(max_seqlen_q, pre_bm), H, batch),
+                             out, do, delta, cu_seqlens_q, *C.seq_layout(out, varlen), *C.seq_layout(do, varlen),
+                             *stride_l, max_seqlen_q, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_bm, IS_VARLEN=varlen)
     qk_scale, cap_scale = C.score_scales(softmax_scale, softcap)
     # d(score in log2 units)/d(qk) = qk_scale * cap_scale (with softcap, times 1 - tanh², in-kernel);
     # the kernels' dS is w.r.t. the natural-log score, i.e. dS_log2 / log2(e).
@@ -455,12 +458,15 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
            (q, k, v, do, lse, delta, dk, dv, dq_acc, descs[0], descs[1], cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1],
             *lay[2], *lay[3],
             *C.seq_layout(dk, varlen), *C.seq_layout(dv, varlen), *dq_strides, *stride_l, *common),
-           dict(meta, ATOMIC_DQ=atomic_dq))
+           dict(meta, ATOMIC_DQ=atomic_dq), site_key=site + (tma,))
     if atomic_dq:
         return dq_acc.to(q.dtype), dk, dv
     dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     _dq_launch(lambda m: (triton.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch),
                (q, k, v, do, lse, delta, dq, descs[2], descs[3], cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1],
                 *lay[2], *lay[3],
-             *C.seq_layout(dq, varlen), *stride_l, *common), meta)
+             *C.seq_layout(dq, varlen), *stride_l, *common), meta, site_key=site + (tma,))
     return dq, dk, dv
+
+
+_preprocess_launch = C.FastLaunch(_preprocess_kernel)

@@ -193,6 +193,27 @@ def _gluon_plan(q, k, v, cu_seqlens_q, max_seqlen_k, softmax_scale, window_size,
     return v3_gluon.plan(q.shape[-1], max_seqlen_k, tuple(window_size) != (-1, -1), force=mode == "1")
 
 
+_ROUTES: dict = {}
+
+
+def _route(q, k, v, cu_seqlens_q, max_seqlen_k, softmax_scale, window_size, softcap):
+    """(`supports()`'s answer, `_gluon_plan()`'s) for these inputs, kept per everything the two read (shapes,
+    strides, dtype, base alignment, packed or not, longest key sequence, window, scale's sign, softcap, device, the
+    HF_FLASHATTN_V3_GLUON switch): the checks cost ~15 us a call, a look-up ~3."""
+    key = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype, v.dtype,
+           (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15, cu_seqlens_q is None, max_seqlen_k, tuple(window_size),
+           softmax_scale > 0, softcap, q.get_device(), env_get("HF_FLASHATTN_V3_GLUON", "auto"))
+    hit = _ROUTES.get(key)
+    if hit is None:
+        why = supports(q, k, v)
+        hit = (why, None if why is not None else
+               _gluon_plan(q, k, v, cu_seqlens_q, max_seqlen_k, softmax_scale, window_size, softcap))
+        if len(_ROUTES) >= 4096:
+            _ROUTES.clear()
+        _ROUTES[key] = hit
+    return hit
+
+
 def plan(D: int, max_seqlen_k: int):
     """The launch plan (see `_PLANS`) for head dim D and the longest key sequence."""
     cls = 64 if D <= 64 else 128 if D <= 128 else 256
@@ -204,11 +225,11 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     """_plan overrides `plan()` (benchmarks/sweep_v3.py): ((BLOCK_M, BLOCK_N, num_warps, num_stages), host
     descriptors, warp specialisation); _fold False scales the scores before the softmax instead of folding the
     scale into the exponent (the kernel before the sixth session)."""
-    why = supports(q, k, v)
+    why, gplan = _route(q, k, v, cu_seqlens_q, max_seqlen_k, softmax_scale, window_size, softcap)
     if why is not None:
         raise NotImplementedError(why + "; use version='v2'.")
-    gplan = None if _plan is not None else _gluon_plan(q, k, v, cu_seqlens_q, max_seqlen_k, softmax_scale,
-                                                        window_size, softcap)
+    if _plan is not None:
+        gplan = None
     if gplan is not None:
         from . import v3_gluon
         return v3_gluon.forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _plan=gplan)
@@ -240,13 +261,24 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     else:
         _set_allocator()
     grid = (triton.cdiv(max_seqlen_q, bm), H, batch)
-    _fwd_kernel_tma[grid](q_arg, k_arg, v_arg, o_arg, out, lse, cu_seqlens_q, cu_seqlens_k,
-                          *C.seq_layout(q, varlen), *C.seq_layout(k, varlen), *C.seq_layout(v, varlen),
-                          *C.seq_layout(out, varlen), *stride_l,
-                          max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale, H // Hk,
-                          HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_N=bn, IS_VARLEN=varlen, SOFTCAP=softcap > 0,
-                          WS=ws, HOST=host, FOLD=fold, num_warps=warps, num_stages=stages)
+    # what Triton specialises on (`C.FastLaunch.keyed`): the pointers' dtype and alignment (q, k, v given; out, lse
+    # fresh; cu_seqlens given or None), the strides (q, k, v given; out's and lse's follow from the shapes), the
+    # descriptors' blocks (the plan, D), the group size, the 32/64-bit type of the unspecialised lengths and window
+    align = (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15
+    if varlen:
+        align = (align, (cu_seqlens_q.data_ptr() | cu_seqlens_k.data_ptr()) & 15)
+    key = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype, align, varlen, softcap > 0, bm, bn, warps,
+           stages, ws, host, fold, (max_seqlen_q | max_seqlen_k | left | right) >> 31)
+    _fwd_launch.keyed(key, grid, q_arg, k_arg, v_arg, o_arg, out, lse, cu_seqlens_q, cu_seqlens_k,
+                      *C.seq_layout(q, varlen), *C.seq_layout(k, varlen), *C.seq_layout(v, varlen),
+                      *C.seq_layout(out, varlen), *stride_l,
+                      max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale, H // Hk,
+                      HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_N=bn, IS_VARLEN=varlen, SOFTCAP=softcap > 0,
+                      WS=ws, HOST=host, FOLD=fold, num_warps=warps, num_stages=stages)
     return out, lse
+
+
+_fwd_launch = C.FastLaunch(_fwd_kernel_tma)
 
 
 def _gluon_bwd_plan(q, k, v, softmax_scale, softcap, deterministic):

@@ -38,6 +38,8 @@ Gluon kernels do not run on Triton's interpreter: the CPU tests compile these fo
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -659,7 +661,6 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     TMA-loadable (`C.descriptors_ok`). _plan, _dq_plan override `plan()` and `_DQ_PLANS`; _dq overrides the plan's dQ
     mode (see `_PLANS`; packed sequences take mode 0), and takes two timing diagnostics whose dq is garbage: 3 computes
     dQ's products in the single pass without summing them, 4 skips dQ altogether."""
-    from triton.experimental.gluon.language import NVMMASharedLayout
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .v3_gluon import shared_layout
@@ -688,32 +689,40 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     lse2 = torch.empty((B, H, pad), dtype=torch.float32, device=q.device)
     delta = torch.empty_like(lse2)
     stride_l = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
-    _prep_kernel[(pad // 64, H, B)](out, do, lse, lse2, delta, cu_seqlens_q, *C.seq_layout(out, varlen),
-                                    *C.seq_layout(do, varlen), *stride_l, lse2.stride(0), lse2.stride(1), Sq,
-                                    HEAD_DIM=D, BLOCK_M=64, IS_VARLEN=varlen)
+    # What Triton specialises on in the three launches, for their direct launch (`C.FastLaunch.keyed`): the
+    # shapes (with the padded length, every stride but dO's and lse's follows from them: the other tensors are made
+    # here or by the forward), dtype, dO's and lse's strides, the alignment of dO and of cu_seqlens, which are
+    # given, the sequence lengths (the prep kernel specialises Sq), the window and the plans
+    cu_align = None if not varlen else (cu_seqlens_q.data_ptr() | cu_seqlens_k.data_ptr()) & 15
+    key = (q.shape, k.shape, q.dtype, cu_align, Sq, Sk, tuple(window_size), do.stride(), do.data_ptr() & 15,
+           out.stride(), lse.stride(), _plan, _dq, _dq_plan)
+    _prep_launch.keyed(key, (pad // 64, H, B), out, do, lse, lse2, delta, cu_seqlens_q, *C.seq_layout(out, varlen),
+                       *C.seq_layout(do, varlen), *stride_l, lse2.stride(0), lse2.stride(1), Sq,
+                       HEAD_DIM=D, BLOCK_M=64, IS_VARLEN=varlen)
     left, right = C.window_args(window_size, Sq, Sk)
     qk_scale, _ = C.score_scales(softmax_scale, 0.0)
     atomic = mode in (1, 2, 3)
     dq = torch.zeros((B, pad, H, D), dtype=torch.float32, device=q.device) if atomic else \
         new(q.shape, dtype=q.dtype, device=q.device)
     layout = shared_layout()
-    row_layout = NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    row_layout = _row_layout()
     as4 = (lambda t: t.unsqueeze(0)) if varlen else (lambda t: t)   # packed: descriptors over (1, total, H, D)
     q4, k4, v4, do4, dq4 = as4(q), as4(k), as4(v), as4(do), (dq if atomic else as4(dq))
     made = {}
 
     def desc(t, rows):   # one descriptor per (tensor, tile rows): the two passes share those whose tiles agree
-        key = (id(t), rows)
-        if key not in made:
-            made[key] = TensorDescriptor.from_tensor(t, [1, rows, 1, D], layout)
-        return made[key]
+        dkey = (id(t), rows)
+        if dkey not in made:
+            made[dkey] = C.descriptor(TensorDescriptor, t, (1, rows, 1, D), layout)
+        return made[dkey]
     qd, dod, kd, vd = desc(q4, bm), desc(do4, bm), desc(k4, 64), desc(v4, 64)
-    ld = TensorDescriptor.from_tensor(lse2.view(B * H, pad), [1, bm], row_layout)
-    dd = TensorDescriptor.from_tensor(delta.view(B * H, pad), [1, bm], row_layout)
+    ld = C.descriptor(TensorDescriptor, lse2.view(B * H, pad), (1, bm), row_layout)
+    dd = C.descriptor(TensorDescriptor, delta.view(B * H, pad), (1, bm), row_layout)
     dks, dvs = C.seq_layout(dk, varlen), C.seq_layout(dv, varlen)
     # d256: dV and dK in separate launches (both accumulators would take every register of a consumer)
     for part in ((1, 2) if D == 256 else (0,)):
-        _bwd_kernel[(triton.cdiv(Sk, 64 * nc), Hk, B)](
+        _bwd_launch.keyed(
+            key + (part,), (triton.cdiv(Sk, 64 * nc), Hk, B),
             qd, kd, vd, dod, ld, dd, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, dq.stride(0), dq.stride(1), dq.stride(2),
             *dks, *dvs, Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, H,
             HEAD_DIM=D, BLOCK_M=bm, STAGES=stages, CONSUMER_REGS=regs, NC=nc, DO_DQ=mode if atomic else 0,
@@ -726,9 +735,22 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             raise ValueError(f"the dQ pass runs two consumer warpgroups, got a plan with {dq_nc}")
         q64, do64, dq64, kn, vn = desc(q4, 64), desc(do4, 64), desc(dq4, 64), desc(k4, bn), desc(v4, bn)
         _, stride_qm, stride_qh = C.seq_layout(dq, varlen)
-        _dq_kernel[(triton.cdiv(Sq, 64 * dq_nc), H, B)](
+        _dq_launch.keyed(
+            key, (triton.cdiv(Sq, 64 * dq_nc), H, B),
             q64, kn, vn, do64, dq64, dq, cu_seqlens_q, cu_seqlens_k, stride_qm, stride_qh, lse2, delta,
             lse2.stride(0), lse2.stride(1), Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, HEAD_DIM=D,
             BLOCK_N=bn, STAGES=dq_stages, CONSUMER_REGS=dq_regs, NC=dq_nc, IS_VARLEN=varlen, PIPE=pipe,
             num_warps=4)
     return dq, dk, dv
+
+
+@functools.lru_cache(maxsize=None)
+def _row_layout():
+    """The shared layout of the lse and Delta rows (float32, unswizzled); one object, as `v3_gluon.shared_layout`."""
+    return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+
+
+_prep_launch = C.FastLaunch(_prep_kernel)
+if HAVE_GLUON:
+    _bwd_launch = C.FastLaunch(_bwd_kernel)
+    _dq_launch = C.FastLaunch(_dq_kernel)

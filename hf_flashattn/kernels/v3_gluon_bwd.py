@@ -686,8 +686,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         raise ValueError(f"a shared dQ needs head dim 64 x {nc} consumers, got {D}")
     # lse (log2 units), Delta and dQ's float32 accumulator padded to whole query blocks (module docstring)
     pad = triton.cdiv(Sq, 64) * 64 + 128   # whole 64-row blocks, and the dQ pass's tiles of up to 192 rows
-    lse2 = torch.empty((B, H, pad), dtype=torch.float32, device=q.device)
-    delta = torch.empty_like(lse2)
+    lse2, delta = torch.empty((2, B, H, pad), dtype=torch.float32, device=q.device)   # one allocation
     stride_l = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
     # What Triton specialises on in the three launches, for their direct launch (`C.FastLaunch.keyed`): the
     # shapes (with the padded length, every stride but dO's and lse's follows from them: the other tensors are made

@@ -232,7 +232,8 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
         gplan = None
     if gplan is not None:
         from . import v3_gluon
-        return v3_gluon.forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _plan=gplan)
+        return v3_gluon.forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _plan=gplan,
+                                cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     varlen = cu_seqlens_q is not None
     H, D = q.shape[-2], q.shape[-1]
     Hk = k.shape[-2]

@@ -27,8 +27,10 @@ cuDNN's forward from 4k keys where `plan()` picks it, against 0.80-0.90x for v3.
 A first version in one partition, without specialisation (commit c2aee03), was slower than v3.py's kernel
 everywhere and is gone. Ping-pong of the consumers (`PINGPONG`) measured no gain and is off.
 
-Scope (`supports`): dense (B, S, H, D) fp16/bf16, head dim 64, 128 or 256 exactly, no softcap, a positive scale,
-TMA-aligned strides. Everything else runs the Triton-language v3 kernel (v3.py). Gluon kernels do not run on
+Scope (`supports`): dense (B, S, H, D) or packed (total, H, D) with cu_seqlens, fp16/bf16, head dim 64, 128 or 256
+exactly, no softcap, a positive scale, TMA-aligned strides. Packed sequences load through descriptors over
+(1, total, H, D) from each sequence's first row (`_bounds`); rows of the next sequence that a tile reaches enter only
+masked scores (P = 0), and O is written by masked stores. Everything else runs the Triton-language v3 kernel (v3.py). Gluon kernels do not run on
 Triton's interpreter; the CPU tests compile this kernel for sm_90a instead (tests/test_v3_gluon.py).
 """
 from __future__ import annotations
@@ -75,6 +77,25 @@ if HAVE_GLUON:
         return lo, full_lo, full_hi, hi
 
     @gluon.jit
+    def _bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN: gl.constexpr):
+        """(bq, q0, k0, Sq, Sk) of sequence b: the descriptors' batch coordinate, the first query and key rows and the
+        lengths; packed (IS_VARLEN: descriptors over (1, total, H, D)) from cu_seqlens, else (b, 0, 0, seqlen_q,
+        seqlen_k)."""
+        if IS_VARLEN:
+            q0 = gl.load(CU_Q + b)
+            k0 = gl.load(CU_K + b)
+            Sq = gl.load(CU_Q + b + 1) - q0
+            Sk = gl.load(CU_K + b + 1) - k0
+            bq = b * 0
+        else:
+            q0 = b * 0
+            k0 = b * 0
+            Sq = seqlen_q
+            Sk = seqlen_k
+            bq = b
+        return bq, q0, k0, Sq, Sk
+
+    @gluon.jit
     def _softmax(s, m_i, l_i, qk_scale, offs_m, cols, Sk, diag, left, right, MASKED: gl.constexpr):
         """Online-softmax step of raw scores s = q·kᵀ (float32), the scale c = qk_scale folded into the
         exponent: (p, alpha, m_new, l_new); a row that has seen nothing keeps m = -inf, shifted by 0."""
@@ -91,13 +112,14 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
-                  b, h, kvh, m0, lo, hi, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                  WG_ROWS: gl.constexpr, NC: gl.constexpr):
+                  bq, q0, k0, h, kvh, m0, lo, hi, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                  STAGES: gl.constexpr, WG_ROWS: gl.constexpr, NC: gl.constexpr):
         """Q (one 64-row slice per consumer), then K and V block by block into a ring of STAGES slots: a slot is
-        refilled once all NC consumers have released it (their arrives on its `empty` barrier)."""
+        refilled once all NC consumers have released it (their arrives on its `empty` barrier). Coordinates:
+        `_bounds`' (descriptor batch bq, first rows q0, k0 of the sequence)."""
         mbarrier.expect(q_bar, NC * WG_ROWS * HEAD_DIM * 2)
         for w in gl.static_range(NC):
-            _tma_load(q_desc, [b, m0 + w * WG_ROWS, h, 0], q_bar, q_smem.index(w))
+            _tma_load(q_desc, [bq, q0 + m0 + w * WG_ROWS, h, 0], q_bar, q_smem.index(w))
         n = gl.cdiv(hi - lo, BLOCK_N)
         for it in range(n):
             s = it % STAGES
@@ -106,10 +128,10 @@ if HAVE_GLUON:
             start = lo + it * BLOCK_N
             mbarrier.wait(k_empty.index(s), ph)
             mbarrier.expect(k_ready.index(s), BLOCK_N * HEAD_DIM * 2)
-            _tma_load(k_desc, [b, start, kvh, 0], k_ready.index(s), k_smem.index(s))
+            _tma_load(k_desc, [bq, k0 + start, kvh, 0], k_ready.index(s), k_smem.index(s))
             mbarrier.wait(v_empty.index(s), ph)
             mbarrier.expect(v_ready.index(s), BLOCK_N * HEAD_DIM * 2)
-            _tma_load(v_desc, [b, start, kvh, 0], v_ready.index(s), v_smem.index(s))
+            _tma_load(v_desc, [bq, k0 + start, kvh, 0], v_ready.index(s), v_smem.index(s))
 
     @gluon.jit
     def _turn_wait(turn_bars, W: gl.constexpr, t, PINGPONG: gl.constexpr):
@@ -159,10 +181,11 @@ if HAVE_GLUON:
         return o, m_i, l_i, p_prev
 
     @gluon.jit
-    def _consumer(W: gl.constexpr, o_desc, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem, q_bar, k_ready,
-                  v_ready, k_empty, v_empty, turn_bars, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left, right,
-                  qk_scale, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                  NC: gl.constexpr, PINGPONG: gl.constexpr):
+    def _consumer(W: gl.constexpr, o_desc, O, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem, k_smem,
+                  v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn_bars, b, bq, q0, h, m0, lo, hi, full_lo,
+                  full_hi, Sq, Sk, diag, left, right, qk_scale, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+                  HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr,
+                  IS_VARLEN: gl.constexpr):
         """Consumer warpgroup W: rows m0 + W·ROWS ... of the tile; the first key block peeled (always masked: it
         may be an edge), then v2's three key ranges, then the last block's product, then O and lse."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -223,27 +246,36 @@ if HAVE_GLUON:
         o = o / gl.expand_dims(l_safe, 1)
         lse = gl.where(seen, (m_o + gl.log2(l_safe)) * 0.6931471805599453, float("inf"))
         offs_lse = r0 + gl.arange(0, ROWS, layout=row_o)
-        gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs_lse, lse, mask=offs_lse < Sq)
-        qw.store(o.to(dtype))   # this warpgroup's half of Q's buffer, read by nobody else
-        fence_async_shared()
-        _tma_store(o_desc, [b, r0, h, 0], q_smem.index(W))
-        tma.store_wait(0)
+        gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q0 + offs_lse, lse,
+                 mask=offs_lse < Sq)
+        if IS_VARLEN:   # rows past the sequence are the next one's: a masked store
+            cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout)), 0)
+            ptrs = O + gl.expand_dims((q0 + offs_lse).to(gl.int64), 1) * stride_om + h.to(gl.int64) * stride_oh + cols
+            gl.store(ptrs, o.to(dtype), mask=gl.expand_dims(offs_lse, 1) < Sq)
+        else:
+            qw.store(o.to(dtype))   # this warpgroup's half of Q's buffer, read by nobody else
+            fence_async_shared()
+            _tma_store(o_desc, [bq, r0, h, 0], q_smem.index(W))
+            tma.store_wait(0)
 
     @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group"])
-    def _fwd_kernel_ws(q_desc, k_desc, v_desc, o_desc, LSE, stride_lb, stride_lh,
+    def _fwd_kernel_ws(q_desc, k_desc, v_desc, o_desc, O, LSE, CU_Q, CU_K, stride_om, stride_oh, stride_lb, stride_lh,
                        seqlen_q, seqlen_k, window_left, window_right, qk_scale, group,
                        HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                       NC: gl.constexpr, PINGPONG: gl.constexpr):
-        # Grid: (cdiv(seqlen_q, 64·NC), nheads, batch). Warps: this region's (num_warps=4: the producer
+                       NC: gl.constexpr, PINGPONG: gl.constexpr, IS_VARLEN: gl.constexpr = False):
+        # Grid: (cdiv(max seqlen_q, 64·NC), nheads, batch). Warps: this region's (num_warps=4: the producer
         # partition) + NC (2 or 3) 4-warp consumer partitions, each with 64 rows of the 64·NC-row tile.
+        # IS_VARLEN: packed sequences, descriptors over (1, total, H, D), bounds from cu_seqlens, O by masked stores
+        # (O, stride_om, stride_oh: the output's pointer and strides; dense runs store through o_desc).
         ROWS: gl.constexpr = 64
         pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
         h = gl.program_id(1)
         b = gl.program_id(2)
         kvh = h // group
         m0 = pid_m * (NC * ROWS)
-        Sq = seqlen_q
-        Sk = seqlen_k
+        bq, q0, k0, Sq, Sk = _bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
+        if m0 >= Sq:   # packed: past this sequence's queries
+            return
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [NC, 1, ROWS, 1, HEAD_DIM], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEAD_DIM], k_desc.layout)
@@ -269,15 +301,22 @@ if HAVE_GLUON:
         lo, full_lo, full_hi, hi = _key_range(m0, BLOCK_M, diag, left, right, Sk, BLOCK_N)
         if lo >= hi:   # no key visible from any row of this tile: O = 0, lse = +inf
             z_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-            for w in gl.static_range(NC):
-                q_smem.index(w).reshape([ROWS, HEAD_DIM]).store(gl.zeros([ROWS, HEAD_DIM], dtype, z_layout))
-            fence_async_shared()
-            for w in gl.static_range(NC):
-                _tma_store(o_desc, [b, m0 + w * ROWS, h, 0], q_smem.index(w))
+            if IS_VARLEN:   # masked stores: rows past the sequence are the next one's
+                cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, z_layout)), 0)
+                for w in gl.static_range(NC):
+                    rows = m0 + w * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, z_layout))
+                    gl.store(O + gl.expand_dims((q0 + rows).to(gl.int64), 1) * stride_om + h.to(gl.int64) * stride_oh
+                             + cols, gl.zeros([ROWS, HEAD_DIM], dtype, z_layout), mask=gl.expand_dims(rows, 1) < Sq)
+            else:
+                for w in gl.static_range(NC):
+                    q_smem.index(w).reshape([ROWS, HEAD_DIM]).store(gl.zeros([ROWS, HEAD_DIM], dtype, z_layout))
+                fence_async_shared()
+                for w in gl.static_range(NC):
+                    _tma_store(o_desc, [bq, m0 + w * ROWS, h, 0], q_smem.index(w))
             r_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
             for w in gl.static_range(NC):
                 offs = m0 + w * ROWS + gl.arange(0, ROWS, layout=r_layout)
-                gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + offs,
+                gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q0 + offs,
                          gl.full([ROWS], float("inf"), gl.float32, r_layout), mask=offs < Sq)
             tma.store_wait(0)
             return
@@ -285,27 +324,32 @@ if HAVE_GLUON:
         if NC == 3:
             gl.warp_specialize([
                 (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
-                             v_empty, b, h, kvh, m0, lo, hi, BLOCK_N, HEAD_DIM, STAGES, ROWS, NC)),
-                (_consumer, (0, o_desc, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                              k_empty, v_empty, turn_bars, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left,
-                              right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG)),
-                (_consumer, (1, o_desc, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                              k_empty, v_empty, turn_bars, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left,
-                              right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG)),
-                (_consumer, (2, o_desc, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                              k_empty, v_empty, turn_bars, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left,
-                              right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG)),
+                             v_empty, bq, q0, k0, h, kvh, m0, lo, hi, BLOCK_N, HEAD_DIM, STAGES, ROWS, NC)),
+                (_consumer, (0, o_desc, O, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem,
+                              q_bar, k_ready, v_ready, k_empty, v_empty, turn_bars, b, bq, q0, h, m0, lo, hi, full_lo,
+                              full_hi, Sq, Sk, diag, left, right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC,
+                              PINGPONG, IS_VARLEN)),
+                (_consumer, (1, o_desc, O, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem,
+                              q_bar, k_ready, v_ready, k_empty, v_empty, turn_bars, b, bq, q0, h, m0, lo, hi, full_lo,
+                              full_hi, Sq, Sk, diag, left, right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC,
+                              PINGPONG, IS_VARLEN)),
+                (_consumer, (2, o_desc, O, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem,
+                              q_bar, k_ready, v_ready, k_empty, v_empty, turn_bars, b, bq, q0, h, m0, lo, hi, full_lo,
+                              full_hi, Sq, Sk, diag, left, right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC,
+                              PINGPONG, IS_VARLEN)),
             ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
         else:
             gl.warp_specialize([
                 (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
-                             v_empty, b, h, kvh, m0, lo, hi, BLOCK_N, HEAD_DIM, STAGES, ROWS, NC)),
-                (_consumer, (0, o_desc, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                              k_empty, v_empty, turn_bars, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left,
-                              right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG)),
-                (_consumer, (1, o_desc, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                              k_empty, v_empty, turn_bars, b, h, m0, lo, hi, full_lo, full_hi, Sq, Sk, diag, left,
-                              right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG)),
+                             v_empty, bq, q0, k0, h, kvh, m0, lo, hi, BLOCK_N, HEAD_DIM, STAGES, ROWS, NC)),
+                (_consumer, (0, o_desc, O, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem,
+                              q_bar, k_ready, v_ready, k_empty, v_empty, turn_bars, b, bq, q0, h, m0, lo, hi, full_lo,
+                              full_hi, Sq, Sk, diag, left, right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC,
+                              PINGPONG, IS_VARLEN)),
+                (_consumer, (1, o_desc, O, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem,
+                              q_bar, k_ready, v_ready, k_empty, v_empty, turn_bars, b, bq, q0, h, m0, lo, hi, full_lo,
+                              full_hi, Sq, Sk, diag, left, right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC,
+                              PINGPONG, IS_VARLEN)),
             ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -332,8 +376,6 @@ def supports(q, k, v, cu_seqlens_q, softmax_scale, softcap) -> str | None:
     """None if this kernel runs the inputs, else why not (the caller then runs v3.py's kernel)."""
     if not HAVE_GLUON:
         return "this Triton has no Gluon"
-    if cu_seqlens_q is not None:
-        return "packed sequences run v3.py's kernel"
     if softcap > 0:
         return "softcap runs v3.py's kernel"
     if not softmax_scale > 0:   # the fold takes the row max on raw q·k, which needs a positive scale
@@ -355,14 +397,19 @@ def shared_layout():
     return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
 
 
-def forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _plan=None):
-    """Dense (B, S, H, D) forward: (out, lse (B, H, Sq) float32). `supports()` must have passed."""
+def forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _plan=None, cu_seqlens_q=None,
+            cu_seqlens_k=None):
+    """Dense (B, S, H, D), or packed (total, H, D) with cu_seqlens: (out, lse (B, H, Sq) or (H, total) float32).
+    `supports()` must have passed."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    B, Sq, H, D = q.shape
-    Sk, Hk = k.shape[1], k.shape[2]
+    varlen = cu_seqlens_q is not None
+    H, D = q.shape[-2], q.shape[-1]
+    Hk = k.shape[-2]
+    B = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+    Sq, Sk = (max_seqlen_q, max_seqlen_k) if varlen else (q.shape[1], k.shape[1])
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
-    if q.numel() == 0:
+    lse = torch.empty((H, q.shape[0]) if varlen else (B, H, Sq), dtype=torch.float32, device=q.device)
+    if q.numel() == 0 or k.numel() == 0 or B == 0:
         return out.zero_(), lse.fill_(float("inf"))
     p = _plan or plan(D, Sk, tuple(window_size) != (-1, -1), force=True)
     bm, bn, warps, stages, regs = p[:5]
@@ -370,17 +417,24 @@ def forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _pl
     left, right = C.window_args(window_size, Sq, Sk)
     qk_scale, _ = C.score_scales(softmax_scale, 0.0)
     layout = shared_layout()
+    # packed: descriptors over (1, total, H, D), rows addressed from each sequence's start
+    q4, k4, v4, o4 = (t.unsqueeze(0) for t in (q, k, v, out)) if varlen else (q, k, v, out)
     # Q and O move in 64-row slices, one per consumer warpgroup
-    qd = C.descriptor(TensorDescriptor, q, (1, 64, 1, D), layout)
-    od = C.descriptor(TensorDescriptor, out, (1, 64, 1, D), layout)
-    kd = C.descriptor(TensorDescriptor, k, (1, bn, 1, D), layout)
-    vd = C.descriptor(TensorDescriptor, v, (1, bn, 1, D), layout)
-    # what Triton specialises on here: the descriptors' dtype and blocks (dtype, D, plan), lse's strides (shapes;
-    # lse is fresh, so aligned), the group size; the sequence lengths and window only by their 32/64-bit type
-    key = (q.shape, Hk, q.dtype, p, (left | right | Sk) >> 31)
-    _fwd_launch.keyed(key, (triton.cdiv(Sq, bm), H, B), qd, kd, vd, od, lse, lse.stride(0), lse.stride(1), Sq, Sk,
-                      left, right, qk_scale, H // Hk, HEAD_DIM=D, BLOCK_N=bn, STAGES=stages, CONSUMER_REGS=regs,
-                      NC=bm // 64, PINGPONG=pingpong, num_warps=warps)
+    qd = C.descriptor(TensorDescriptor, q4, (1, 64, 1, D), layout)
+    od = C.descriptor(TensorDescriptor, o4, (1, 64, 1, D), layout)
+    kd = C.descriptor(TensorDescriptor, k4, (1, bn, 1, D), layout)
+    vd = C.descriptor(TensorDescriptor, v4, (1, bn, 1, D), layout)
+    stride_l = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+    _, stride_om, stride_oh = C.seq_layout(out, varlen)
+    # what Triton specialises on here: the descriptors' dtype and blocks (dtype, D, plan), lse's and out's strides
+    # (shapes; both fresh, so aligned), cu_seqlens' alignment, the group size; the sequence lengths and window only by
+    # their 32/64-bit type
+    cu_align = None if not varlen else (cu_seqlens_q.data_ptr() | cu_seqlens_k.data_ptr()) & 15
+    key = (q.shape, Hk, q.dtype, p, cu_align, (left | right | Sq | Sk) >> 31)
+    _fwd_launch.keyed(key, (triton.cdiv(Sq, bm), H, B), qd, kd, vd, od, out, lse, cu_seqlens_q, cu_seqlens_k,
+                      stride_om, stride_oh, *stride_l, Sq, Sk, left, right, qk_scale, H // Hk, HEAD_DIM=D, BLOCK_N=bn,
+                      STAGES=stages, CONSUMER_REGS=regs, NC=bm // 64, PINGPONG=pingpong, IS_VARLEN=varlen,
+                      num_warps=warps)
     return out, lse
 
 

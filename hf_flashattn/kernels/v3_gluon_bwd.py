@@ -59,26 +59,7 @@ if HAVE_GLUON:
         warpgroup_mma_wait,
     )
 
-    from .v3_gluon import _key_range, _tma_load, _tma_store
-
-    @gluon.jit
-    def _bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN: gl.constexpr):
-        """(bq, q0, k0, Sq, Sk) of sequence b: the descriptors' batch coordinate, the first query and key rows and the
-        lengths; packed (IS_VARLEN: descriptors over (1, total, H, D)) from cu_seqlens, else (b, 0, 0, seqlen_q,
-        seqlen_k)."""
-        if IS_VARLEN:
-            q0 = gl.load(CU_Q + b)
-            k0 = gl.load(CU_K + b)
-            Sq = gl.load(CU_Q + b + 1) - q0
-            Sk = gl.load(CU_K + b + 1) - k0
-            bq = b * 0
-        else:
-            q0 = b * 0
-            k0 = b * 0
-            Sq = seqlen_q
-            Sk = seqlen_k
-            bq = b
-        return bq, q0, k0, Sq, Sk
+    from .v3_gluon import _bounds, _key_range, _tma_load, _tma_store
 
     @gluon.jit
     def _producer(q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, q_smem, do_smem, k_smem, v_smem, l_smem, d_smem,

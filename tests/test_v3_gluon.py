@@ -92,8 +92,9 @@ def test_plan_rule():
     assert G.plan(128, 1024, False) == G._PLANS[128]           # d128 without a mask: everywhere
     assert G.plan(128, 1024, True) is None                     # d128 masked below 2048 keys: v3.py's kernel
     assert G.plan(128, 2048, True) == G._PLANS[128]
-    assert G.plan(64, 4096, False) == G._PLANS[64]             # d64: unmasked from 4096 keys only
-    assert G.plan(64, 4095, False) is None and G.plan(64, 1 << 15, True) is None
+    assert G.plan(64, 4096, False) == G._PLANS[64]             # d64: unmasked from 4096 keys,
+    assert G.plan(64, 4095, False) is None and G.plan(64, 16383, True) is None
+    assert G.plan(64, 16384, True) == G._PLANS[64]             # masked from 16384 (probe-packed-fwd)
     assert G.plan(64, 16, True, force=True) == G._PLANS[64]
     for bm, bn, warps, stages, regs in G._PLANS.values():      # the warp-specialised kernel's shape rules
         assert bm in (128, 192) and warps == 4 and regs * 128 * (bm // 64) + 24 * 128 <= 65536

@@ -360,6 +360,9 @@ if HAVE_GLUON:
 # everywhere (0.93-1.18x cuDNN); d64 only without a mask from 4k keys with three consumers (192 rows).
 PINGPONG = False   # the consumers' products taken in turn (`_turn_wait`); a plan's 6th element overrides
 _PLANS = {64: (192, 128, 4, 2, 160), 128: (128, 128, 4, 2, 240), 256: (128, 64, 4, 2, 240)}
+# d64 under a mask: the 192-row diagonal tiles cost less as the sequence grows; against v3.py's kernel (causal, 32/8
+# heads, results/2026-11-26-h100-probe-packed-fwd.md) 0.89-0.91x at 8k keys, 1.01-1.07x at 16k, 1.06-1.15x at 32k
+D64_MASKED_FROM_KEYS = 16384
 
 
 def plan(D: int, max_seqlen_k: int, masked: bool, force: bool = False):
@@ -369,7 +372,7 @@ def plan(D: int, max_seqlen_k: int, masked: bool, force: bool = False):
         return _PLANS[D]
     if D == 128:
         return None if masked and max_seqlen_k < 2048 else _PLANS[128]
-    return None if masked or max_seqlen_k < 4096 else _PLANS[64]
+    return _PLANS[64] if max_seqlen_k >= (D64_MASKED_FROM_KEYS if masked else 4096) else None
 
 
 def supports(q, k, v, cu_seqlens_q, softmax_scale, softcap) -> str | None:

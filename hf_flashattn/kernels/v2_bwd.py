@@ -419,11 +419,14 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     H, D = q.shape[-2], q.shape[-1]
     Hk = k.shape[-2]
     batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
-    # zero-filled: packed rows outside every sequence get no program and must read as 0
-    dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+    # packed: zero-filled, as rows outside every sequence get no program and must read as 0; dense: every row is
+    # written by a program (the dK/dV programs store even when no query sees their keys), so no fill (three memsets
+    # of the gradients' size a call, ~7% of a fwd+bwd at 1k tokens)
+    new = torch.zeros if varlen else torch.empty
+    dk = new(k.shape, dtype=k.dtype, device=k.device)
+    dv = new(v.shape, dtype=v.dtype, device=v.device)
     if q.numel() == 0 or k.numel() == 0 or batch == 0:
-        return torch.zeros(q.shape, dtype=q.dtype, device=q.device), dk, dv
+        return torch.zeros(q.shape, dtype=q.dtype, device=q.device), dk.zero_(), dv.zero_()
     if do.stride(-1) != 1:
         do = do.contiguous()
     BLOCK_D = max(triton.next_power_of_2(D), 16)
@@ -461,7 +464,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
            dict(meta, ATOMIC_DQ=atomic_dq), site_key=site + (tma,))
     if atomic_dq:
         return dq_acc.to(q.dtype), dk, dv
-    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    dq = new(q.shape, dtype=q.dtype, device=q.device)
     _dq_launch(lambda m: (triton.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch),
                (q, k, v, do, lse, delta, dq, descs[2], descs[3], cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1],
                 *lay[2], *lay[3],

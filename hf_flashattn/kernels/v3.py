@@ -294,12 +294,27 @@ def _gluon_bwd_plan(q, k, v, softmax_scale, softcap, deterministic):
     return v3_gluon_bwd.plan(q.shape[-1], deterministic)
 
 
+_BWD_ROUTES: dict = {}
+
+
 def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
              window_size, softcap, deterministic):
-    gplan = _gluon_bwd_plan(q, k, v, softmax_scale, softcap, deterministic)
+    # `_gluon_bwd_plan`'s answer and whether dO needs a copy, kept per everything the two read (as `_route`)
+    key = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), do.stride(), q.dtype,
+           (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15, do.data_ptr() & 15, softmax_scale > 0, softcap,
+           deterministic, q.get_device(), env_get("HF_FLASHATTN_V3_GLUON_BWD", "auto"))
+    hit = _BWD_ROUTES.get(key)
+    if hit is None:
+        gplan = _gluon_bwd_plan(q, k, v, softmax_scale, softcap, deterministic)
+        # e.g. the expanded gradient of a sum: TMA needs real strides
+        hit = (gplan, gplan is not None and not C.descriptors_ok(do))
+        if len(_BWD_ROUTES) >= 4096:
+            _BWD_ROUTES.clear()
+        _BWD_ROUTES[key] = hit
+    gplan, copy_do = hit
     if gplan is not None:
         from . import v3_gluon_bwd
-        if not C.descriptors_ok(do):   # e.g. the expanded gradient of a sum: TMA needs real strides
+        if copy_do:
             do = do.contiguous()
         return v3_gluon_bwd.backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                      softmax_scale, window_size, _plan=gplan)

@@ -221,7 +221,7 @@ def test_v2_atomic_dq_varlen_and_deterministic_flag(monkeypatch):
     from hf_flashattn.kernels import v2_bwd
     launched = []
     real = v2_bwd._dq_launch
-    monkeypatch.setattr(v2_bwd, "_dq_launch", lambda *a: (launched.append(1), real(*a)))
+    monkeypatch.setattr(v2_bwd, "_dq_launch", lambda *a, **kw: (launched.append(1), real(*a, **kw)))
     _kernel("v2", q[None], k[None], v[None], do[None], causal=True, deterministic=True)
     assert launched
     launched.clear()

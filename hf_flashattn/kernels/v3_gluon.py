@@ -96,14 +96,18 @@ if HAVE_GLUON:
         return bq, q0, k0, Sq, Sk
 
     @gluon.jit
+    def _visible(offs_m, cols, diag, left, right, Sk):
+        """Bool (rows x cols) tile: key column cols[j] is visible from query row offs_m[i] (_common.visible's rule)."""
+        r = gl.expand_dims(offs_m, 1) + diag
+        c = gl.expand_dims(cols, 0)
+        return (c >= r - left) & (c <= r + right) & (c < Sk)
+
+    @gluon.jit
     def _softmax(s, m_i, l_i, qk_scale, offs_m, cols, Sk, diag, left, right, MASKED: gl.constexpr):
         """Online-softmax step of raw scores s = q·kᵀ (float32), the scale c = qk_scale folded into the
         exponent: (p, alpha, m_new, l_new); a row that has seen nothing keeps m = -inf, shifted by 0."""
         if MASKED:
-            r = gl.expand_dims(offs_m, 1) + diag
-            c = gl.expand_dims(cols, 0)
-            vis = (c >= r - left) & (c <= r + right) & (c < Sk)
-            s = gl.where(vis, s, float("-inf"))
+            s = gl.where(_visible(offs_m, cols, diag, left, right, Sk), s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_shift, 1))

@@ -59,7 +59,7 @@ if HAVE_GLUON:
         warpgroup_mma_wait,
     )
 
-    from .v3_gluon import _bounds, _key_range, _tma_load, _tma_store
+    from .v3_gluon import _bounds, _key_range, _tma_load, _tma_store, _visible
 
     @gluon.jit
     def _producer(q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, q_smem, do_smem, k_smem, v_smem, l_smem, d_smem,
@@ -405,9 +405,7 @@ if HAVE_GLUON:
         qk = warpgroup_mma_wait(1, deps=[s_tok])
         p = gl.exp2(qk * qk_scale - gl.expand_dims(lse, 1))
         if MASKED:
-            r = gl.expand_dims(offs_m, 1) + diag
-            c = gl.expand_dims(start_n + offs_n, 0)
-            p = gl.where((c >= r - left) & (c <= r + right) & (c < Sk), p, 0.0)
+            p = gl.where(_visible(offs_m, start_n + offs_n, diag, left, right, Sk), p, 0.0)
         dp = warpgroup_mma_wait(0, deps=[dp_tok])
         ds = gl.convert_layout((p * (dp - gl.expand_dims(delta, 1))).to(qw.dtype), a_layout)
         dq_tok = warpgroup_mma(ds, ks, dq, is_async=True)
@@ -435,9 +433,7 @@ if HAVE_GLUON:
         qk = warpgroup_mma_wait(2, deps=[s_tok])
         p = gl.exp2(qk * qk_scale - gl.expand_dims(lse, 1))
         if MASKED:
-            r = gl.expand_dims(offs_m, 1) + diag
-            c = gl.expand_dims(start_n + offs_n, 0)
-            p = gl.where((c >= r - left) & (c <= r + right) & (c < Sk), p, 0.0)
+            p = gl.where(_visible(offs_m, start_n + offs_n, diag, left, right, Sk), p, 0.0)
         dp = warpgroup_mma_wait(1, deps=[dp_tok])
         ds = (p * (dp - gl.expand_dims(delta, 1))).to(qw.dtype)
         dq, ds_prev = warpgroup_mma_wait(0, deps=[dq_tok, ds_prev])
@@ -474,9 +470,7 @@ if HAVE_GLUON:
             dp_tok = warpgroup_mma(dow, v_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), zero,
                                    use_acc=False, is_async=True)
             qk = warpgroup_mma_wait(1, deps=[s_tok])
-            r = gl.expand_dims(offs_m, 1) + diag
-            c = gl.expand_dims(lo + offs_n, 0)
-            p = gl.where((c >= r - left) & (c <= r + right) & (c < Sk),
+            p = gl.where(_visible(offs_m, lo + offs_n, diag, left, right, Sk),
                          gl.exp2(qk * qk_scale - gl.expand_dims(lse, 1)), 0.0)
             dp = warpgroup_mma_wait(0, deps=[dp_tok])
             ds_prev = gl.convert_layout((p * (dp - gl.expand_dims(delta, 1))).to(qw.dtype), a_layout)

@@ -174,15 +174,14 @@ class _FlashAttnFunc(torch.autograd.Function):
         ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, window, softcap, deterministic, version)
         ctx.mark_non_differentiable(lse)
         # lse takes no gradient: without this, autograd would make a zero-filled dlse (an allocation and a fill
-        # kernel) for every backward
+        # kernel) for every backward. dout is always given: lse is not differentiable, so backward runs only when
+        # out received a gradient
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        if dout is None:   # out reached no loss (only lse was used): no gradient flows
-            return (None,) * 12
         max_q, max_k, scale, window, softcap, deterministic, version = ctx.args
         if torch.compiler.is_compiling():
             dq, dk, dv = _attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, window[0], window[1],

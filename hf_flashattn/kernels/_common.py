@@ -165,15 +165,10 @@ class Launcher:
         fl = self.direct
         entry = fl.cache.get(key)
         if entry is None:
-            compiled = self.tuned[grid_fn](*args, **meta)
-            if hasattr(compiled, "result"):  # a future under Triton's asynchronous compile mode
-                compiled = compiled.result()
-            compiled._init_handles()
+            compiled = _ready(self.tuned[grid_fn](*args, **meta))
             cfg = self.tuned.best_config
             full = dict(meta, **cfg.kwargs)
-            if len(fl.cache) >= 4096:
-                fl.cache.clear()
-            fl.cache[key] = ((compiled, tuple(full.get(n, d) for n, d in fl.constexprs)), cfg)
+            keep(fl.cache, key, ((compiled, tuple(full.get(n, d) for n, d in fl.constexprs)), cfg))
             return compiled
         (compiled, tail), cfg = entry
         if cfg.pre_hook is not None:
@@ -432,13 +427,8 @@ class FastLaunch:
 
     def _first(self, key, grid, args, meta):
         """The first call of a key: through Triton's JIT (compiling or loading the kernel), keeping the result."""
-        compiled = self.kernel[grid](*args, **meta)
-        if hasattr(compiled, "result"):  # a future under Triton's asynchronous compile mode
-            compiled = compiled.result()
-        compiled._init_handles()
-        if len(self.cache) >= 4096:  # many shapes over a long run: start over rather than grow
-            self.cache.clear()
-        self.cache[key] = (compiled, tuple(meta.get(n, d) for n, d in self.constexprs))
+        compiled = _ready(self.kernel[grid](*args, **meta))
+        keep(self.cache, key, (compiled, tuple(meta.get(n, d) for n, d in self.constexprs)))
         return compiled
 
     @staticmethod
@@ -450,6 +440,24 @@ class FastLaunch:
         compiled.run(g0, g1, g2, _raw_stream(device), compiled.function,
                      compiled.packed_metadata, None, None, None, *args, *tail)
         return compiled
+
+
+def _ready(compiled):
+    """The CompiledKernel a JIT launch returned (a future's result under Triton's asynchronous compile mode), with
+    its module loaded, ready for `CompiledKernel.run`."""
+    if hasattr(compiled, "result"):
+        compiled = compiled.result()
+    compiled._init_handles()
+    return compiled
+
+
+def keep(cache: dict, key, value):
+    """cache[key] = value for the host-side caches of a call (kept kernels, descriptor fields, routes); a long run
+    over many shapes starts a cache over at 4096 entries rather than let it grow. Returns value."""
+    if len(cache) >= 4096:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 _DESC_FIELDS: dict = {}
@@ -466,9 +474,7 @@ def descriptor(cls, t: torch.Tensor, block, layout=None):
         d = cls.from_tensor(t, list(block)) if layout is None else cls.from_tensor(t, list(block), layout)
         fields = dict(d.__dict__)
         del fields["base"]
-        if len(_DESC_FIELDS) >= 4096:
-            _DESC_FIELDS.clear()
-        _DESC_FIELDS[key] = (fields, layout)
+        keep(_DESC_FIELDS, key, (fields, layout))
         return d
     d = cls.__new__(cls)
     d.__dict__.update(hit[0])

@@ -206,11 +206,9 @@ def _route(q, k, v, cu_seqlens_q, max_seqlen_k, softmax_scale, window_size, soft
     hit = _ROUTES.get(key)
     if hit is None:
         why = supports(q, k, v)
-        hit = (why, None if why is not None else
-               _gluon_plan(q, k, v, cu_seqlens_q, max_seqlen_k, softmax_scale, window_size, softcap))
-        if len(_ROUTES) >= 4096:
-            _ROUTES.clear()
-        _ROUTES[key] = hit
+        hit = C.keep(_ROUTES, key, (why, None if why is not None else
+                                    _gluon_plan(q, k, v, cu_seqlens_q, max_seqlen_k, softmax_scale, window_size,
+                                                softcap)))
     return hit
 
 
@@ -307,10 +305,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if hit is None:
         gplan = _gluon_bwd_plan(q, k, v, softmax_scale, softcap, deterministic)
         # e.g. the expanded gradient of a sum: TMA needs real strides
-        hit = (gplan, gplan is not None and not C.descriptors_ok(do))
-        if len(_BWD_ROUTES) >= 4096:
-            _BWD_ROUTES.clear()
-        _BWD_ROUTES[key] = hit
+        hit = C.keep(_BWD_ROUTES, key, (gplan, gplan is not None and not C.descriptors_ok(do)))
     gplan, copy_do = hit
     if gplan is not None:
         from . import v3_gluon_bwd

@@ -81,9 +81,9 @@ def test_compiles_for_hopper_with_the_overlap(D, varlen):
         pytest.fail("this Triton has no ptxas: cannot check spills")
     rc, err, spills = res
     assert rc == 0, err[-2000:]
-    # Triton 3.6 (the GPU image) spills nothing on any of them; 3.9 spills 12 bytes in d64's 3-consumer plan, and
-    # 544 packed (the masked store of O after the loop, 160 registers a consumer)
-    assert spills and max(spills) <= (640 if varlen else 16), err[-2000:]
+    # Triton 3.6 (the GPU image) spills nothing on any of them; 3.9 spills 20 bytes at d256 since the persistent tile
+    # loop (tenth session; before it 12 in d64's 3-consumer plan and 544 packed, none now)
+    assert spills and max(spills) <= 32, err[-2000:]
 
 
 def test_plan_rule():

@@ -7,6 +7,8 @@ branch on it.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -72,6 +74,18 @@ def score_scales(softmax_scale: float, softcap: float):
 def dot_precision(dtype: torch.dtype) -> str:
     # float32 inputs: true float32 products (the GPU would otherwise use tf32, ~1e-3 relative error)
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def num_sms(device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 elsewhere: the interpreter's stand-in)."""
+    if device.type == "cuda":
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:  # get_device_properties on every call is measurable host time
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def seq_layout(x: torch.Tensor, varlen: bool):

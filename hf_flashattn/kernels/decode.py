@@ -11,7 +11,6 @@ r % group), so each K/V block is read once per kv head instead of once per query
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -217,15 +216,7 @@ def _combine_kernel(OP, O, LSE, n_splits, lp_off,
         tl.store(LSE + b * stride_lb + h * stride_lh + m, lse)
 
 
-def _num_sms(device) -> int:
-    if device.type == "cuda":
-        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
-    return 4
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sms(index: int) -> int:  # get_device_properties on every decode step is measurable host time
-    return torch.cuda.get_device_properties(index).multi_processor_count
+_num_sms = C.num_sms
 
 
 # Launch parameters of the GPU decode kernel (module-level so that benchmarks/sweep_decode.py can vary

@@ -115,27 +115,56 @@ if HAVE_GLUON:
         return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
 
     @gluon.jit
-    def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
-                  bq, q0, k0, h, kvh, m0, lo, hi, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                  STAGES: gl.constexpr, WG_ROWS: gl.constexpr, NC: gl.constexpr):
-        """Q (one 64-row slice per consumer), then K and V block by block into a ring of STAGES slots: a slot is
-        refilled once all NC consumers have released it (their arrives on its `empty` barrier). Coordinates:
-        `_bounds`' (descriptor batch bq, first rows q0, k0 of the sequence)."""
-        mbarrier.expect(q_bar, NC * WG_ROWS * HEAD_DIM * 2)
-        for w in gl.static_range(NC):
-            _tma_load(q_desc, [bq, q0 + m0 + w * WG_ROWS, h, 0], q_bar, q_smem.index(w))
-        n = gl.cdiv(hi - lo, BLOCK_N)
-        for it in range(n):
-            s = it % STAGES
-            # the first pass over the ring waits for nothing (parity 1 of a fresh barrier counts as done)
-            ph = ((it // STAGES) & 1) ^ 1
-            start = lo + it * BLOCK_N
-            mbarrier.wait(k_empty.index(s), ph)
-            mbarrier.expect(k_ready.index(s), BLOCK_N * HEAD_DIM * 2)
-            _tma_load(k_desc, [bq, k0 + start, kvh, 0], k_ready.index(s), k_smem.index(s))
-            mbarrier.wait(v_empty.index(s), ph)
-            mbarrier.expect(v_ready.index(s), BLOCK_N * HEAD_DIM * 2)
-            _tma_load(v_desc, [bq, k0 + start, kvh, 0], v_ready.index(s), v_smem.index(s))
+    def _tile(t, n_mt, n_heads, group, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, BLOCK_M: gl.constexpr,
+              BLOCK_N: gl.constexpr, IS_VARLEN: gl.constexpr):
+        """Tile t of the (batch, head, row tile) enumeration, row tiles fastest and the last rows first (a causal
+        tile's longest rows start first; neighbouring tiles share a head's K/V in L2): (b, h, kvh, m0, bq, q0, k0,
+        Sq, Sk, diag, lo, full_lo, full_hi, hi) with `_bounds`' coordinates and `_key_range`'s key blocks."""
+        pid_m = n_mt - 1 - t % n_mt
+        bh = t // n_mt
+        h = bh % n_heads
+        b = bh // n_heads
+        m0 = pid_m * BLOCK_M
+        bq, q0, k0, Sq, Sk = _bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
+        diag = Sk - Sq
+        lo, full_lo, full_hi, hi = _key_range(m0, BLOCK_M, diag, left, right, Sk, BLOCK_N)
+        return b, h, h // group, m0, bq, q0, k0, Sq, Sk, diag, lo, full_lo, full_hi, hi
+
+    @gluon.jit
+    def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
+                  CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_tiles, pid, nprog,
+                  BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, WG_ROWS: gl.constexpr,
+                  NC: gl.constexpr, IS_VARLEN: gl.constexpr):
+        """For each tile of this program that sees a key: Q (one 64-row slice per consumer) once the consumers have
+        released the previous tile's (`q_empty`), then K and V block by block into a ring of STAGES slots: a slot is
+        refilled once all NC consumers have released it (their arrives on its `empty` barrier). The ring's count
+        (`base`) runs on across tiles, so a tile's first blocks load while the consumers finish the one before."""
+        base = 0
+        tq = 0
+        for t in range(pid, n_tiles, nprog):
+            _, h, kvh, m0, bq, q0, k0, Sq, _, _, lo, _, _, hi = _tile(t, n_mt, n_heads, group, CU_Q, CU_K, seqlen_q,
+                                                                      seqlen_k, left, right, NC * WG_ROWS, BLOCK_N,
+                                                                      IS_VARLEN)
+            if (m0 < Sq) & (lo < hi):
+                # the first tile waits for nothing (parity 1 of a fresh barrier counts as done)
+                mbarrier.wait(q_empty, (tq & 1) ^ 1)
+                mbarrier.expect(q_bar, NC * WG_ROWS * HEAD_DIM * 2)
+                for w in gl.static_range(NC):
+                    _tma_load(q_desc, [bq, q0 + m0 + w * WG_ROWS, h, 0], q_bar, q_smem.index(w))
+                n = gl.cdiv(hi - lo, BLOCK_N)
+                for it in range(n):
+                    g = base + it
+                    s = g % STAGES
+                    ph = ((g // STAGES) & 1) ^ 1
+                    start = lo + it * BLOCK_N
+                    mbarrier.wait(k_empty.index(s), ph)
+                    mbarrier.expect(k_ready.index(s), BLOCK_N * HEAD_DIM * 2)
+                    _tma_load(k_desc, [bq, k0 + start, kvh, 0], k_ready.index(s), k_smem.index(s))
+                    mbarrier.wait(v_empty.index(s), ph)
+                    mbarrier.expect(v_ready.index(s), BLOCK_N * HEAD_DIM * 2)
+                    _tma_load(v_desc, [bq, k0 + start, kvh, 0], v_ready.index(s), v_smem.index(s))
+                base += n
+                tq += 1
 
     @gluon.jit
     def _turn_wait(turn_bars, W: gl.constexpr, t, PINGPONG: gl.constexpr):
@@ -155,21 +184,23 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _ws_block(start_n, o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn_bars,
-                  lo, offs_m, offs_n, Sk, diag, left, right, qk_scale,
+                  lo, base, turn0, offs_m, offs_n, Sk, diag, left, right, qk_scale,
                   ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                   s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, MASKED: gl.constexpr,
                   W: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr):
         """Key block `start_n` (not the first) for consumer W: its q·kᵀ and the previous block's P·V in flight
         together, this block's softmax under the latter (module docstring); ring slots are released to the
-        producer by mbarrier arrives."""
-        it = (start_n - lo) // BLOCK_N
+        producer by mbarrier arrives. `base`: the ring's count at this tile's first block; `turn0`: the ping-pong
+        turn of that block."""
+        j = (start_n - lo) // BLOCK_N
+        it = base + j
         s = it % STAGES
         mbarrier.wait(k_ready.index(s), (it // STAGES) & 1)
         kt = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
         prev = it - 1
         sp = prev % STAGES
         mbarrier.wait(v_ready.index(sp), (prev // STAGES) & 1)
-        _turn_wait(turn_bars, W, it, PINGPONG)
+        _turn_wait(turn_bars, W, turn0 + j, PINGPONG)
         s_tok = warpgroup_mma(qw, kt, gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
                               is_async=True)
         o_tok = warpgroup_mma(p_prev, v_smem.index(sp).reshape([BLOCK_N, HEAD_DIM]), o, is_async=True)
@@ -185,13 +216,15 @@ if HAVE_GLUON:
         return o, m_i, l_i, p_prev
 
     @gluon.jit
-    def _consumer(W: gl.constexpr, o_desc, O, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem, k_smem,
-                  v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn_bars, b, bq, q0, h, m0, lo, hi, full_lo,
-                  full_hi, Sq, Sk, diag, left, right, qk_scale, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
-                  HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr,
-                  IS_VARLEN: gl.constexpr):
-        """Consumer warpgroup W: rows m0 + W·ROWS ... of the tile; the first key block peeled (always masked: it
-        may be an edge), then v2's three key ranges, then the last block's product, then O and lse."""
+    def _consume_tile(W: gl.constexpr, o_desc, o_smem, O, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
+                      k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, base, tq, b, bq,
+                      q0, h, m0, lo, full_lo, full_hi, hi, Sq, Sk, diag, left, right, qk_scale, ROWS: gl.constexpr,
+                      BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, NC: gl.constexpr,
+                      PINGPONG: gl.constexpr, IS_VARLEN: gl.constexpr, O_BUF: gl.constexpr):
+        """Consumer warpgroup W on one tile that sees a key: rows m0 + W·ROWS ...; the first key block peeled
+        (always masked: it may be an edge), then v2's three key ranges, then the last block's product, then O and
+        lse. Q's buffer goes back to the producer as soon as the last q·kᵀ is done, unless O leaves through it
+        (dense without O_BUF: after the store)."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -204,15 +237,17 @@ if HAVE_GLUON:
         offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         qw = q_smem.index(W).reshape([ROWS, HEAD_DIM])
         dtype: gl.constexpr = qw.dtype
+        turn0 = base + tq   # ping-pong turns: n + 1 a tile (n blocks' q·kᵀ, the last P·V)
 
-        mbarrier.wait(q_bar, 0)
-        mbarrier.wait(k_ready.index(0), 0)
-        _turn_wait(turn_bars, W, 0, PINGPONG)
-        qk = warpgroup_mma(qw, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+        mbarrier.wait(q_bar, tq & 1)
+        s0 = base % STAGES
+        mbarrier.wait(k_ready.index(s0), (base // STAGES) & 1)
+        _turn_wait(turn_bars, W, turn0, PINGPONG)
+        qk = warpgroup_mma(qw, k_smem.index(s0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
                            gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
         _turn_pass(turn_bars, W, NC, PINGPONG)
         qk = warpgroup_mma_wait(0, deps=[qk])
-        mbarrier.arrive(k_empty.index(0), count=1)
+        mbarrier.arrive(k_empty.index(s0), count=1)
         m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
         l_i = gl.zeros([ROWS], gl.float32, row_s)
         p, _, m_i, l_i = _softmax(qk, m_i, l_i, qk_scale, offs_m, lo + offs_n, Sk, diag, left, right, True)
@@ -221,23 +256,26 @@ if HAVE_GLUON:
         nxt = lo + BLOCK_N
         for start_n in range(nxt, gl.maximum(full_lo, nxt), BLOCK_N):
             o, m_i, l_i, p_prev = _ws_block(start_n, o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready,
-                                            k_empty, v_empty, turn_bars, lo, offs_m, offs_n, Sk, diag, left, right,
-                                            qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout, p_layout,
-                                            True, W, NC, PINGPONG)
+                                            k_empty, v_empty, turn_bars, lo, base, turn0, offs_m, offs_n, Sk, diag,
+                                            left, right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout,
+                                            o_layout, p_layout, True, W, NC, PINGPONG)
         for start_n in range(gl.maximum(full_lo, nxt), gl.maximum(full_hi, nxt), BLOCK_N):
             o, m_i, l_i, p_prev = _ws_block(start_n, o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready,
-                                            k_empty, v_empty, turn_bars, lo, offs_m, offs_n, Sk, diag, left, right,
-                                            qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout, p_layout,
-                                            False, W, NC, PINGPONG)
+                                            k_empty, v_empty, turn_bars, lo, base, turn0, offs_m, offs_n, Sk, diag,
+                                            left, right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout,
+                                            o_layout, p_layout, False, W, NC, PINGPONG)
         for start_n in range(gl.maximum(full_hi, nxt), hi, BLOCK_N):
             o, m_i, l_i, p_prev = _ws_block(start_n, o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready,
-                                            k_empty, v_empty, turn_bars, lo, offs_m, offs_n, Sk, diag, left, right,
-                                            qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout, p_layout,
-                                            True, W, NC, PINGPONG)
-        last = (hi - 1 - lo) // BLOCK_N
+                                            k_empty, v_empty, turn_bars, lo, base, turn0, offs_m, offs_n, Sk, diag,
+                                            left, right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout,
+                                            o_layout, p_layout, True, W, NC, PINGPONG)
+        if O_BUF or IS_VARLEN:   # every q·kᵀ of the tile has been waited for: Q's buffer is free
+            mbarrier.arrive(q_empty, count=1)
+        n_last = (hi - 1 - lo) // BLOCK_N
+        last = base + n_last
         sl = last % STAGES
         mbarrier.wait(v_ready.index(sl), (last // STAGES) & 1)
-        _turn_wait(turn_bars, W, last + 1, PINGPONG)
+        _turn_wait(turn_bars, W, turn0 + n_last + 1, PINGPONG)
         o = warpgroup_mma(p_prev, v_smem.index(sl).reshape([BLOCK_N, HEAD_DIM]), o, is_async=True)
         _turn_pass(turn_bars, W, NC, PINGPONG)
         o = warpgroup_mma_wait(0, deps=[o])
@@ -256,104 +294,135 @@ if HAVE_GLUON:
             cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout)), 0)
             ptrs = O + gl.expand_dims((q0 + offs_lse).to(gl.int64), 1) * stride_om + h.to(gl.int64) * stride_oh + cols
             gl.store(ptrs, o.to(dtype), mask=gl.expand_dims(offs_lse, 1) < Sq)
-        else:
-            qw.store(o.to(dtype))   # this warpgroup's half of Q's buffer, read by nobody else
+        elif O_BUF:   # its own buffer: the previous tile's store from it must have read it; this one is not waited
+            ow = o_smem.index(W)
+            tma.store_wait(0)
+            ow.reshape([ROWS, HEAD_DIM]).store(o.to(dtype))
+            fence_async_shared()
+            _tma_store(o_desc, [bq, r0, h, 0], ow)
+        else:   # through this warpgroup's slice of Q's buffer, released to the producer once the store has read it
+            qw.store(o.to(dtype))
             fence_async_shared()
             _tma_store(o_desc, [bq, r0, h, 0], q_smem.index(W))
             tma.store_wait(0)
+            mbarrier.arrive(q_empty, count=1)
 
-    @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group"])
-    def _fwd_kernel_ws(q_desc, k_desc, v_desc, o_desc, O, LSE, CU_Q, CU_K, stride_om, stride_oh, stride_lb, stride_lh,
-                       seqlen_q, seqlen_k, window_left, window_right, qk_scale, group,
-                       HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                       NC: gl.constexpr, PINGPONG: gl.constexpr, IS_VARLEN: gl.constexpr = False):
-        # Grid: (cdiv(max seqlen_q, 64·NC), nheads, batch). Warps: this region's (num_warps=4: the producer
-        # partition) + NC (2 or 3) 4-warp consumer partitions, each with 64 rows of the 64·NC-row tile.
+    @gluon.jit
+    def _zero_rows(W: gl.constexpr, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, b, q0, h, m0, Sq,
+                   ROWS: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """Rows m0 + W·ROWS ... of a tile that sees no key: O = 0 and lse = +inf, by masked stores (past the sequence
+        are the next one's rows, packed, or nothing, dense)."""
+        z_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, z_layout)), 0)
+        rows = m0 + W * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, z_layout))
+        gl.store(O + b.to(gl.int64) * stride_ob + gl.expand_dims((q0 + rows).to(gl.int64), 1) * stride_om
+                 + h.to(gl.int64) * stride_oh + cols, gl.zeros([ROWS, HEAD_DIM], O.dtype.element_ty, z_layout),
+                 mask=gl.expand_dims(rows, 1) < Sq)
+        r_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        offs = m0 + W * ROWS + gl.arange(0, ROWS, layout=r_layout)
+        gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q0 + offs,
+                 gl.full([ROWS], float("inf"), gl.float32, r_layout), mask=offs < Sq)
+
+    @gluon.jit
+    def _consumer(W: gl.constexpr, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh,
+                  q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
+                  seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_tiles, pid, nprog, qk_scale,
+                  ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                  NC: gl.constexpr, PINGPONG: gl.constexpr, IS_VARLEN: gl.constexpr, O_BUF: gl.constexpr):
+        """Consumer warpgroup W over this program's tiles (the producer's order, with the same ring count)."""
+        base = 0
+        tq = 0
+        for t in range(pid, n_tiles, nprog):
+            b, h, _, m0, bq, q0, _, Sq, Sk, diag, lo, full_lo, full_hi, hi = _tile(t, n_mt, n_heads, group, CU_Q, CU_K,
+                                                                                   seqlen_q, seqlen_k, left, right,
+                                                                                   NC * ROWS, BLOCK_N, IS_VARLEN)
+            if m0 < Sq:
+                if lo < hi:
+                    _consume_tile(W, o_desc, o_smem, O, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
+                                  k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, base,
+                                  tq, b, bq, q0, h, m0, lo, full_lo, full_hi, hi, Sq, Sk, diag, left, right, qk_scale,
+                                  ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF)
+                    base += gl.cdiv(hi - lo, BLOCK_N)
+                    tq += 1
+                else:
+                    _zero_rows(W, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, b, q0, h, m0, Sq,
+                               ROWS, HEAD_DIM)
+        if O_BUF:
+            tma.store_wait(0)   # the last tile's store reads the buffer: shared memory must outlive it
+
+    @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group", "n_mt", "n_tiles"])
+    def _fwd_kernel_ws(q_desc, k_desc, v_desc, o_desc, O, LSE, CU_Q, CU_K, stride_ob, stride_om, stride_oh, stride_lb,
+                       stride_lh, seqlen_q, seqlen_k, window_left, window_right, qk_scale, group, n_mt, n_heads,
+                       n_tiles, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                       CONSUMER_REGS: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr,
+                       IS_VARLEN: gl.constexpr = False, O_BUF: gl.constexpr = False):
+        # Grid: (programs,), each taking tiles pid, pid + programs, ... of the n_tiles = n_mt · n_heads · batch
+        # (`_tile`): persistent with one program an SM, or one program a tile. Warps: this region's (num_warps=4: the
+        # producer partition) + NC (2 or 3) 4-warp consumer partitions, each with 64 rows of the 64·NC-row tile.
         # IS_VARLEN: packed sequences, descriptors over (1, total, H, D), bounds from cu_seqlens, O by masked stores
-        # (O, stride_om, stride_oh: the output's pointer and strides; dense runs store through o_desc).
+        # (O and its strides: also the rows of tiles that see no key). O_BUF: dense O leaves through a shared buffer
+        # of its own, so that the next tile's Q loads under this one's last product and store.
         ROWS: gl.constexpr = 64
-        pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
-        h = gl.program_id(1)
-        b = gl.program_id(2)
-        kvh = h // group
-        m0 = pid_m * (NC * ROWS)
-        bq, q0, k0, Sq, Sk = _bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
-        if m0 >= Sq:   # packed: past this sequence's queries
-            return
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [NC, 1, ROWS, 1, HEAD_DIM], q_desc.layout)
+        if O_BUF:
+            o_smem = gl.allocate_shared_memory(dtype, [NC, 1, ROWS, 1, HEAD_DIM], o_desc.layout)
+        else:
+            o_smem = q_smem
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEAD_DIM], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEAD_DIM], v_desc.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         turn_bars = gl.allocate_shared_memory(gl.int64, [NC, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
+        mbarrier.init(q_empty, count=NC)   # one arrive per consumer warpgroup
         for i in gl.static_range(NC):
             mbarrier.init(turn_bars.index(i), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=NC)   # one arrive per consumer warpgroup
+            mbarrier.init(k_empty.index(i), count=NC)
             mbarrier.init(v_empty.index(i), count=NC)
-        diag = Sk - Sq
         left = window_left
         right = window_right
-        BLOCK_M: gl.constexpr = NC * ROWS
-        lo, full_lo, full_hi, hi = _key_range(m0, BLOCK_M, diag, left, right, Sk, BLOCK_N)
-        if lo >= hi:   # no key visible from any row of this tile: O = 0, lse = +inf
-            z_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-            if IS_VARLEN:   # masked stores: rows past the sequence are the next one's
-                cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, z_layout)), 0)
-                for w in gl.static_range(NC):
-                    rows = m0 + w * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, z_layout))
-                    gl.store(O + gl.expand_dims((q0 + rows).to(gl.int64), 1) * stride_om + h.to(gl.int64) * stride_oh
-                             + cols, gl.zeros([ROWS, HEAD_DIM], dtype, z_layout), mask=gl.expand_dims(rows, 1) < Sq)
-            else:
-                for w in gl.static_range(NC):
-                    q_smem.index(w).reshape([ROWS, HEAD_DIM]).store(gl.zeros([ROWS, HEAD_DIM], dtype, z_layout))
-                fence_async_shared()
-                for w in gl.static_range(NC):
-                    _tma_store(o_desc, [bq, m0 + w * ROWS, h, 0], q_smem.index(w))
-            r_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-            for w in gl.static_range(NC):
-                offs = m0 + w * ROWS + gl.arange(0, ROWS, layout=r_layout)
-                gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q0 + offs,
-                         gl.full([ROWS], float("inf"), gl.float32, r_layout), mask=offs < Sq)
-            tma.store_wait(0)
-            return
         # (the partition lists are written out: a JIT function cannot be held in a variable)
         if NC == 3:
             gl.warp_specialize([
-                (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
-                             v_empty, bq, q0, k0, h, kvh, m0, lo, hi, BLOCK_N, HEAD_DIM, STAGES, ROWS, NC)),
-                (_consumer, (0, o_desc, O, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem,
-                              q_bar, k_ready, v_ready, k_empty, v_empty, turn_bars, b, bq, q0, h, m0, lo, hi, full_lo,
-                              full_hi, Sq, Sk, diag, left, right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC,
-                              PINGPONG, IS_VARLEN)),
-                (_consumer, (1, o_desc, O, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem,
-                              q_bar, k_ready, v_ready, k_empty, v_empty, turn_bars, b, bq, q0, h, m0, lo, hi, full_lo,
-                              full_hi, Sq, Sk, diag, left, right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC,
-                              PINGPONG, IS_VARLEN)),
-                (_consumer, (2, o_desc, O, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem,
-                              q_bar, k_ready, v_ready, k_empty, v_empty, turn_bars, b, bq, q0, h, m0, lo, hi, full_lo,
-                              full_hi, Sq, Sk, diag, left, right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC,
-                              PINGPONG, IS_VARLEN)),
+                (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
+                             v_empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_tiles, pid,
+                             nprog, BLOCK_N, HEAD_DIM, STAGES, ROWS, NC, IS_VARLEN)),
+                (_consumer, (0, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
+                             k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
+                             seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_tiles, pid, nprog, qk_scale,
+                             ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF)),
+                (_consumer, (1, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
+                             k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
+                             seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_tiles, pid, nprog, qk_scale,
+                             ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF)),
+                (_consumer, (2, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
+                             k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
+                             seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_tiles, pid, nprog, qk_scale,
+                             ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF)),
             ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
         else:
             gl.warp_specialize([
-                (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
-                             v_empty, bq, q0, k0, h, kvh, m0, lo, hi, BLOCK_N, HEAD_DIM, STAGES, ROWS, NC)),
-                (_consumer, (0, o_desc, O, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem,
-                              q_bar, k_ready, v_ready, k_empty, v_empty, turn_bars, b, bq, q0, h, m0, lo, hi, full_lo,
-                              full_hi, Sq, Sk, diag, left, right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC,
-                              PINGPONG, IS_VARLEN)),
-                (_consumer, (1, o_desc, O, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem,
-                              q_bar, k_ready, v_ready, k_empty, v_empty, turn_bars, b, bq, q0, h, m0, lo, hi, full_lo,
-                              full_hi, Sq, Sk, diag, left, right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC,
-                              PINGPONG, IS_VARLEN)),
+                (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
+                             v_empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_tiles, pid,
+                             nprog, BLOCK_N, HEAD_DIM, STAGES, ROWS, NC, IS_VARLEN)),
+                (_consumer, (0, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
+                             k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
+                             seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_tiles, pid, nprog, qk_scale,
+                             ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF)),
+                (_consumer, (1, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
+                             k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
+                             seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_tiles, pid, nprog, qk_scale,
+                             ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF)),
             ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -363,6 +432,11 @@ if HAVE_GLUON:
 # d128 faster from 4k keys (1.01-1.04x cuDNN at 16k) and at 1k without a mask, slower at 1k causal; d256 faster
 # everywhere (0.93-1.18x cuDNN); d64 only without a mask from 4k keys with three consumers (192 rows).
 PINGPONG = False   # the consumers' products taken in turn (`_turn_wait`); a plan's 6th element overrides
+# Persistent: one program an SM looping over the tiles, so a tile's Q and first key blocks load under the previous
+# tile's last product and store (with O in a buffer of its own: head dims up to O_BUF_MAX_D, where shared memory holds
+# one); False: one program a tile, as before the tenth session.
+PERSISTENT = True
+O_BUF_MAX_D = 128
 _PLANS = {64: (192, 128, 4, 2, 160), 128: (128, 128, 4, 2, 240), 256: (128, 64, 4, 2, 240)}
 # d64 under a mask: the 192-row diagonal tiles cost less as the sequence grows; against v3.py's kernel (causal, 32/8
 # heads, results/2026-11-26-h100-probe-packed-fwd.md) 0.89-0.91x at 8k keys, 1.01-1.07x at 16k, 1.06-1.15x at 32k
@@ -432,15 +506,19 @@ def forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _pl
     kd = C.descriptor(TensorDescriptor, k4, (1, bn, 1, D), layout)
     vd = C.descriptor(TensorDescriptor, v4, (1, bn, 1, D), layout)
     stride_l = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
-    _, stride_om, stride_oh = C.seq_layout(out, varlen)
+    stride_o = C.seq_layout(out, varlen)
+    n_mt = triton.cdiv(Sq, bm)
+    n_tiles = n_mt * H * B
+    programs = min(n_tiles, C.num_sms(q.device)) if PERSISTENT else n_tiles
+    o_buf = D <= O_BUF_MAX_D and not varlen
     # what Triton specialises on here: the descriptors' dtype and blocks (dtype, D, plan), lse's and out's strides
-    # (shapes; both fresh, so aligned), cu_seqlens' alignment, the group size; the sequence lengths and window only by
-    # their 32/64-bit type
+    # (shapes; both fresh, so aligned), cu_seqlens' alignment, the group size; the sequence lengths, window and tile
+    # counts only by their 32/64-bit type
     cu_align = None if not varlen else (cu_seqlens_q.data_ptr() | cu_seqlens_k.data_ptr()) & 15
-    key = (q.shape, Hk, q.dtype, p, cu_align, (left | right | Sq | Sk) >> 31)
-    _fwd_launch.keyed(key, (triton.cdiv(Sq, bm), H, B), qd, kd, vd, od, out, lse, cu_seqlens_q, cu_seqlens_k,
-                      stride_om, stride_oh, *stride_l, Sq, Sk, left, right, qk_scale, H // Hk, HEAD_DIM=D, BLOCK_N=bn,
-                      STAGES=stages, CONSUMER_REGS=regs, NC=bm // 64, PINGPONG=pingpong, IS_VARLEN=varlen,
+    key = (q.shape, Hk, q.dtype, p, cu_align, o_buf, (left | right | Sq | Sk | n_tiles) >> 31)
+    _fwd_launch.keyed(key, (programs,), qd, kd, vd, od, out, lse, cu_seqlens_q, cu_seqlens_k, *stride_o, *stride_l,
+                      Sq, Sk, left, right, qk_scale, H // Hk, n_mt, H, n_tiles, HEAD_DIM=D, BLOCK_N=bn, STAGES=stages,
+                      CONSUMER_REGS=regs, NC=bm // 64, PINGPONG=pingpong, IS_VARLEN=varlen, O_BUF=o_buf,
                       num_warps=warps)
     return out, lse
 

@@ -1,0 +1,154 @@
+"""The persistent Gluon v3 forward (one program an SM looping over the tiles) against one program a tile.
+
+1. check: flash_attn_func / flash_attn_varlen_func(version="v3") with HF_FLASHATTN_V3_GLUON=1 (the Gluon forward for
+   every input in its scope), persistent, against the float32 reference with gpu_check's rule: dense head dims
+   64/128/256 on awkward shapes, GQA 32/8 and MQA, q_len > k_len under a causal mask (tiles that see no key), a 4k
+   case with many tiles a program, packed sequences; bf16 and fp16; causal / not / two windows. Each forward is
+   also run with one program a tile: out and lse must be bitwise equal (the same arithmetic a tile).
+2. time (forward, bench.py's grid: 16k tokens, nheads = 2048 / D; GQA 32/8 at 8k): the Gluon kernel persistent
+   and one program a tile, v3.py's Triton kernel (HF_FLASHATTN_V3_GLUON=0), SDPA-cuDNN, in one process.
+
+    python benchmarks/probe_persistent_fwd.py --out DIR      (writes probe_persistent_fwd.json and .md)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import hf_flashattn as fa  # noqa: E402
+from hf_flashattn.kernels import v3_gluon as G  # noqa: E402
+
+DENSE = [(2, 113, 203, 8, 2, 64), (2, 113, 203, 8, 2, 128), (2, 113, 203, 8, 2, 256), (1, 1023, 1024, 32, 8, 128),
+         (2, 300, 100, 4, 1, 128), (2, 777, 513, 4, 4, 256), (1, 4096, 4096, 16, 16, 128), (2, 2048, 2048, 8, 8, 64)]
+VARLEN = [(3, 300, 300, 8, 2, 128), (5, 150, 150, 8, 2, 64), (2, 300, 300, 4, 4, 256), (2, 2100, 2100, 4, 1, 128)]
+MASKS = [dict(causal=False), dict(causal=True), dict(window_size=(128, 0)), dict(window_size=(64, 32))]
+
+
+def _same_both_ways(shape, dtype, kw, varlen):
+    """out and lse of the Gluon forward persistent and one program a tile: bitwise equal?"""
+    B, Sq, Sk, H, Hk, D = shape
+    if varlen:
+        lens = [Sq - 37 * i for i in range(B)]
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+        q = torch.randn(sum(lens), H, D, device="cuda", dtype=dtype)
+        k, v = (torch.randn(sum(lens), Hk, D, device="cuda", dtype=dtype) for _ in range(2))
+        call = lambda: fa.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), return_attn_probs=True,  # noqa
+                                                 version="v3", **kw)
+    else:
+        q = torch.randn(B, Sq, H, D, device="cuda", dtype=dtype)
+        k, v = (torch.randn(B, Sk, Hk, D, device="cuda", dtype=dtype) for _ in range(2))
+        call = lambda: fa.flash_attn_func(q, k, v, return_attn_probs=True, version="v3", **kw)  # noqa: E731
+    res = []
+    for persistent in (True, False):
+        G.PERSISTENT = persistent
+        with torch.no_grad():
+            out, lse, _ = call()
+        res.append((out, lse))
+    G.PERSISTENT = True
+    return torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
+
+
+def check(t_end):
+    import gpu_check
+    rows = []
+    os.environ["HF_FLASHATTN_V3_GLUON"] = "1"
+    G.PERSISTENT = True
+    for dtype in (torch.bfloat16, torch.float16):
+        for shape, varlen in [(s, False) for s in DENSE] + [(s, True) for s in VARLEN]:
+            for kw in MASKS:
+                if time.time() > t_end:
+                    return rows
+                try:
+                    row = gpu_check.run_case("v3", dtype, shape, kw, varlen=varlen)
+                    row["same_as_grid"] = _same_both_ways(shape, dtype, kw, varlen)
+                    row["ok"] &= row["same_as_grid"]
+                except Exception as e:  # noqa: BLE001
+                    row = dict(dtype=str(dtype), shape=list(shape), varlen=varlen, **{k: str(v) for k, v in kw.items()},
+                               ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+                rows.append(row)
+                print(("PASS " if row["ok"] else "FAIL ") + json.dumps(row), flush=True)
+    return rows
+
+
+def timing(t_end):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    rows = []
+    points = [(16384 // S, 2048 // D, 2048 // D, S, D) for D in (128, 64, 256) for S in (1024, 4096, 16384)]
+    points.insert(3, (2, 32, 8, 8192, 128))
+    for B, H, Hk, S, D in points:
+        for causal in (False, True):
+            if time.time() > t_end:
+                return rows
+            q = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16)
+            k, v = (torch.randn(B, S, Hk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+            qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+            fl = 4 * B * H * S * S * D * (0.5 if causal else 1.0)
+            r = dict(B=B, H=H, Hk=Hk, S=S, D=D, causal=causal)
+
+            def ours():
+                return fa.flash_attn_func(q, k, v, causal=causal, version="v3")
+
+            def cudnn():
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=H != Hk)
+            for name, env, persistent, fn in (("persistent", "1", True, ours), ("grid", "1", False, ours),
+                                              ("triton", "0", True, ours), ("cudnn", "auto", True, cudnn),
+                                              ("persistent2", "1", True, ours)):
+                os.environ["HF_FLASHATTN_V3_GLUON"] = env
+                G.PERSISTENT = persistent
+                with torch.no_grad():
+                    ms = triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+                r[name] = round(fl / ms / 1e9, 1)
+            G.PERSISTENT = True
+            os.environ["HF_FLASHATTN_V3_GLUON"] = "auto"
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--budget-s", type=float, default=240)
+    args = ap.parse_args()
+    t0 = time.time()
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                cudnn=torch.backends.cudnn.version(), commit=os.environ.get("COMMIT", "unknown"),
+                date=time.strftime("%Y-%m-%d"), sms=torch.cuda.get_device_properties(0).multi_processor_count)
+    checks = check(t0 + 0.45 * args.budget_s)
+    times = timing(t0 + args.budget_s)
+    out = dict(meta=meta, check=checks, timing=times)
+    with open(os.path.join(args.out, "probe_persistent_fwd.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    n_ok = sum(r["ok"] for r in checks)
+    n_same = sum(bool(r.get("same_as_grid")) for r in checks)
+    lines = [f"# Gluon v3 forward: persistent against one program a tile — {meta['gpu']} ({meta['sms']} SMs)", "",
+             f"date {meta['date']}, commit {meta['commit']}, torch {meta['torch']}, triton {meta['triton']}, "
+             f"cuDNN {meta['cudnn']}", "",
+             f"Check (HF_FLASHATTN_V3_GLUON=1, persistent): {n_ok}/{len(checks)} pass (gpu_check's rule: out 2x, "
+             f"grads 3x torch's low-precision error + floor; out and lse bitwise equal to one program a tile: "
+             f"{n_same}/{len(checks)})", "",
+             "Forward TFLOP/s, bf16 (persistent2: the persistent kernel timed again last, the spread of a repeat)", "",
+             "| D | S | H/Hk | causal | persistent | grid | v3.py Triton | cuDNN | persistent2 | pers/grid | "
+             "pers/cuDNN | grid/cuDNN | Triton/cuDNN |", "|" + "---|" * 13]
+    for r in times:
+        c = r["cudnn"]
+        lines.append(f"| {r['D']} | {r['S']} | {r['H']}/{r['Hk']} | {r['causal']} | {r['persistent']} | {r['grid']} | "
+                     f"{r['triton']} | {c} | {r['persistent2']} | {r['persistent'] / r['grid']:.3f} | "
+                     f"{r['persistent'] / c:.3f} | {r['grid'] / c:.3f} | {r['triton'] / c:.3f} |")
+    with open(os.path.join(args.out, "probe_persistent_fwd.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -30,8 +30,8 @@ everywhere and is gone. Ping-pong of the consumers (`PINGPONG`) measured no gain
 Scope (`supports`): dense (B, S, H, D) or packed (total, H, D) with cu_seqlens, fp16/bf16, head dim 64, 128 or 256
 exactly, no softcap, a positive scale, TMA-aligned strides. Packed sequences load through descriptors over
 (1, total, H, D) from each sequence's first row (`_bounds`); rows of the next sequence that a tile reaches enter only
-masked scores (P = 0), and O is written by masked stores. Everything else runs the Triton-language v3 kernel (v3.py). Gluon kernels do not run on
-Triton's interpreter; the CPU tests compile this kernel for sm_90a instead (tests/test_v3_gluon.py).
+masked scores (P = 0), and O is written by masked stores. Everything else runs the Triton-language v3 kernel
+(v3.py). Gluon kernels do not run on Triton's interpreter; the CPU tests compile this kernel for sm_90a instead (tests/test_v3_gluon.py).
 """
 from __future__ import annotations
 
@@ -115,24 +115,32 @@ if HAVE_GLUON:
         return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
 
     @gluon.jit
-    def _tile(t, n_mt, n_heads, group, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, BLOCK_M: gl.constexpr,
+    def _tile(i, pid, nprog, n_mt, n_heads, group, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, BLOCK_M: gl.constexpr,
               BLOCK_N: gl.constexpr, IS_VARLEN: gl.constexpr):
-        """Tile t of the (batch, head, row tile) enumeration, row tiles fastest and the last rows first (a causal
-        tile's longest rows start first; neighbouring tiles share a head's K/V in L2): (b, h, kvh, m0, bq, q0, k0,
-        Sq, Sk, diag, lo, full_lo, full_hi, hi) with `_bounds`' coordinates and `_key_range`'s key blocks."""
-        pid_m = n_mt - 1 - t % n_mt
-        bh = t // n_mt
+        """The i-th tile of program pid: (valid, b, h, kvh, m0, bq, q0, k0, Sq, Sk, diag, lo, full_lo, full_hi, hi) with
+        `_bounds`' coordinates and `_key_range`'s key blocks. A program takes the units pid, pid + nprog, ...; a unit is
+        a pair of row tiles of one (batch, head), j and n_mt - 1 - j, the last rows first: under a causal mask the
+        pair costs n_mt + 1 key blocks whatever j, so the units are even work for a static schedule (the middle tile
+        of an odd n_mt is a unit alone: `valid` is false for its second half). Units go head by head, so programs
+        running together share a head's K/V in L2."""
+        unit = pid + (i // 2) * nprog
+        half = i % 2
+        n_pairs = (n_mt + 1) // 2
+        j = unit % n_pairs
+        bh = unit // n_pairs
         h = bh % n_heads
         b = bh // n_heads
+        pid_m = n_mt - 1 - j - half * (n_mt - 1 - 2 * j)
+        valid = (half == 0) | (2 * j != n_mt - 1)
         m0 = pid_m * BLOCK_M
         bq, q0, k0, Sq, Sk = _bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
         diag = Sk - Sq
         lo, full_lo, full_hi, hi = _key_range(m0, BLOCK_M, diag, left, right, Sk, BLOCK_N)
-        return b, h, h // group, m0, bq, q0, k0, Sq, Sk, diag, lo, full_lo, full_hi, hi
+        return valid & (m0 < Sq), b, h, h // group, m0, bq, q0, k0, Sq, Sk, diag, lo, full_lo, full_hi, hi
 
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
-                  CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_tiles, pid, nprog,
+                  CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, pid, nprog,
                   BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, WG_ROWS: gl.constexpr,
                   NC: gl.constexpr, IS_VARLEN: gl.constexpr):
         """For each tile of this program that sees a key: Q (one 64-row slice per consumer) once the consumers have
@@ -141,11 +149,11 @@ if HAVE_GLUON:
         (`base`) runs on across tiles, so a tile's first blocks load while the consumers finish the one before."""
         base = 0
         tq = 0
-        for t in range(pid, n_tiles, nprog):
-            _, h, kvh, m0, bq, q0, k0, Sq, _, _, lo, _, _, hi = _tile(t, n_mt, n_heads, group, CU_Q, CU_K, seqlen_q,
-                                                                      seqlen_k, left, right, NC * WG_ROWS, BLOCK_N,
-                                                                      IS_VARLEN)
-            if (m0 < Sq) & (lo < hi):
+        for i in range(2 * gl.cdiv(n_units - pid, nprog)):
+            ok, _, h, kvh, m0, bq, q0, k0, _, _, _, lo, _, _, hi = _tile(i, pid, nprog, n_mt, n_heads, group, CU_Q,
+                                                                         CU_K, seqlen_q, seqlen_k, left, right,
+                                                                         NC * WG_ROWS, BLOCK_N, IS_VARLEN)
+            if ok & (lo < hi):
                 # the first tile waits for nothing (parity 1 of a fresh barrier counts as done)
                 mbarrier.wait(q_empty, (tq & 1) ^ 1)
                 mbarrier.expect(q_bar, NC * WG_ROWS * HEAD_DIM * 2)
@@ -326,17 +334,18 @@ if HAVE_GLUON:
     @gluon.jit
     def _consumer(W: gl.constexpr, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh,
                   q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
-                  seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_tiles, pid, nprog, qk_scale,
+                  seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, pid, nprog, qk_scale,
                   ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                   NC: gl.constexpr, PINGPONG: gl.constexpr, IS_VARLEN: gl.constexpr, O_BUF: gl.constexpr):
         """Consumer warpgroup W over this program's tiles (the producer's order, with the same ring count)."""
         base = 0
         tq = 0
-        for t in range(pid, n_tiles, nprog):
-            b, h, _, m0, bq, q0, _, Sq, Sk, diag, lo, full_lo, full_hi, hi = _tile(t, n_mt, n_heads, group, CU_Q, CU_K,
-                                                                                   seqlen_q, seqlen_k, left, right,
-                                                                                   NC * ROWS, BLOCK_N, IS_VARLEN)
-            if m0 < Sq:
+        for i in range(2 * gl.cdiv(n_units - pid, nprog)):
+            ok, b, h, _, m0, bq, q0, _, Sq, Sk, diag, lo, full_lo, full_hi, hi = _tile(i, pid, nprog, n_mt, n_heads,
+                                                                                       group, CU_Q, CU_K, seqlen_q,
+                                                                                       seqlen_k, left, right, NC * ROWS,
+                                                                                       BLOCK_N, IS_VARLEN)
+            if ok:
                 if lo < hi:
                     _consume_tile(W, o_desc, o_smem, O, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                                   k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, base,
@@ -350,15 +359,16 @@ if HAVE_GLUON:
         if O_BUF:
             tma.store_wait(0)   # the last tile's store reads the buffer: shared memory must outlive it
 
-    @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group", "n_mt", "n_tiles"])
+    @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group", "n_mt", "n_units"])
     def _fwd_kernel_ws(q_desc, k_desc, v_desc, o_desc, O, LSE, CU_Q, CU_K, stride_ob, stride_om, stride_oh, stride_lb,
                        stride_lh, seqlen_q, seqlen_k, window_left, window_right, qk_scale, group, n_mt, n_heads,
-                       n_tiles, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                       n_units, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        CONSUMER_REGS: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr,
                        IS_VARLEN: gl.constexpr = False, O_BUF: gl.constexpr = False):
-        # Grid: (programs,), each taking tiles pid, pid + programs, ... of the n_tiles = n_mt · n_heads · batch
-        # (`_tile`): persistent with one program an SM, or one program a tile. Warps: this region's (num_warps=4: the
-        # producer partition) + NC (2 or 3) 4-warp consumer partitions, each with 64 rows of the 64·NC-row tile.
+        # Grid: (programs,), each taking units pid, pid + programs, ... of the n_units = ceil(n_mt / 2) · H · B
+        # (`_tile`: a unit is two row tiles): persistent with one program an SM, or one program a unit. Warps: this
+        # region's (num_warps=4: the producer partition) + NC (2 or 3) 4-warp consumer partitions, each with 64 rows
+        # of the 64·NC-row tile.
         # IS_VARLEN: packed sequences, descriptors over (1, total, H, D), bounds from cu_seqlens, O by masked stores
         # (O and its strides: also the rows of tiles that see no key). O_BUF: dense O leaves through a shared buffer
         # of its own, so that the next tile's Q loads under this one's last product and store.
@@ -395,33 +405,33 @@ if HAVE_GLUON:
         if NC == 3:
             gl.warp_specialize([
                 (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
-                             v_empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_tiles, pid,
+                             v_empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, pid,
                              nprog, BLOCK_N, HEAD_DIM, STAGES, ROWS, NC, IS_VARLEN)),
                 (_consumer, (0, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
-                             seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_tiles, pid, nprog, qk_scale,
+                             seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, pid, nprog, qk_scale,
                              ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF)),
                 (_consumer, (1, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
-                             seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_tiles, pid, nprog, qk_scale,
+                             seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, pid, nprog, qk_scale,
                              ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF)),
                 (_consumer, (2, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
-                             seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_tiles, pid, nprog, qk_scale,
+                             seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, pid, nprog, qk_scale,
                              ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF)),
             ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
         else:
             gl.warp_specialize([
                 (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
-                             v_empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_tiles, pid,
+                             v_empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, pid,
                              nprog, BLOCK_N, HEAD_DIM, STAGES, ROWS, NC, IS_VARLEN)),
                 (_consumer, (0, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
-                             seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_tiles, pid, nprog, qk_scale,
+                             seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, pid, nprog, qk_scale,
                              ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF)),
                 (_consumer, (1, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
-                             seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_tiles, pid, nprog, qk_scale,
+                             seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, pid, nprog, qk_scale,
                              ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF)),
             ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
@@ -432,10 +442,12 @@ if HAVE_GLUON:
 # d128 faster from 4k keys (1.01-1.04x cuDNN at 16k) and at 1k without a mask, slower at 1k causal; d256 faster
 # everywhere (0.93-1.18x cuDNN); d64 only without a mask from 4k keys with three consumers (192 rows).
 PINGPONG = False   # the consumers' products taken in turn (`_turn_wait`); a plan's 6th element overrides
-# Persistent: one program an SM looping over the tiles, so a tile's Q and first key blocks load under the previous
-# tile's last product and store (with O in a buffer of its own: head dims up to O_BUF_MAX_D, where shared memory holds
-# one); False: one program a tile, as before the tenth session.
+# Persistent: one program an SM looping over units of two row tiles (`_tile`), so a tile's Q and first key blocks load
+# under the previous tile's last product and store, up to head dim PERSISTENT_MAX_D (d256: one program a unit, measured
+# faster at 16k, results/2026-11-26-h100-probe-persistent-fwd*.md). Dense O leaves through a buffer of its own up to
+# O_BUF_MAX_D (where shared memory holds one), else through Q's.
 PERSISTENT = True
+PERSISTENT_MAX_D = 128
 O_BUF_MAX_D = 128
 _PLANS = {64: (192, 128, 4, 2, 160), 128: (128, 128, 4, 2, 240), 256: (128, 64, 4, 2, 240)}
 # d64 under a mask: the 192-row diagonal tiles cost less as the sequence grows; against v3.py's kernel (causal, 32/8
@@ -508,16 +520,16 @@ def forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _pl
     stride_l = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
     stride_o = C.seq_layout(out, varlen)
     n_mt = triton.cdiv(Sq, bm)
-    n_tiles = n_mt * H * B
-    programs = min(n_tiles, C.num_sms(q.device)) if PERSISTENT else n_tiles
+    n_units = (n_mt + 1) // 2 * H * B
+    programs = min(n_units, C.num_sms(q.device)) if PERSISTENT and D <= PERSISTENT_MAX_D else n_units
     o_buf = D <= O_BUF_MAX_D and not varlen
     # what Triton specialises on here: the descriptors' dtype and blocks (dtype, D, plan), lse's and out's strides
     # (shapes; both fresh, so aligned), cu_seqlens' alignment, the group size; the sequence lengths, window and tile
     # counts only by their 32/64-bit type
     cu_align = None if not varlen else (cu_seqlens_q.data_ptr() | cu_seqlens_k.data_ptr()) & 15
-    key = (q.shape, Hk, q.dtype, p, cu_align, o_buf, (left | right | Sq | Sk | n_tiles) >> 31)
+    key = (q.shape, Hk, q.dtype, p, cu_align, o_buf, (left | right | Sq | Sk | n_units) >> 31)
     _fwd_launch.keyed(key, (programs,), qd, kd, vd, od, out, lse, cu_seqlens_q, cu_seqlens_k, *stride_o, *stride_l,
-                      Sq, Sk, left, right, qk_scale, H // Hk, n_mt, H, n_tiles, HEAD_DIM=D, BLOCK_N=bn, STAGES=stages,
+                      Sq, Sk, left, right, qk_scale, H // Hk, n_mt, H, n_units, HEAD_DIM=D, BLOCK_N=bn, STAGES=stages,
                       CONSUMER_REGS=regs, NC=bm // 64, PINGPONG=pingpong, IS_VARLEN=varlen, O_BUF=o_buf,
                       num_warps=warps)
     return out, lse

@@ -5,8 +5,9 @@
    64/128/256 on awkward shapes, GQA 32/8 and MQA, q_len > k_len under a causal mask (tiles that see no key), a 4k
    case with many tiles a program, packed sequences; bf16 and fp16; causal / not / two windows. Each forward is
    also run with one program a tile: out and lse must be bitwise equal (the same arithmetic a tile).
+   Every head dim runs persistent here (PERSISTENT_MAX_D = 256).
 2. time (forward, bench.py's grid: 16k tokens, nheads = 2048 / D; GQA 32/8 at 8k): the Gluon kernel persistent
-   and one program a tile, v3.py's Triton kernel (HF_FLASHATTN_V3_GLUON=0), SDPA-cuDNN, in one process.
+   and one program a unit (two row tiles), v3.py's Triton kernel (HF_FLASHATTN_V3_GLUON=0), SDPA-cuDNN, in one process.
 
     python benchmarks/probe_persistent_fwd.py --out DIR      (writes probe_persistent_fwd.json and .md)
 """
@@ -60,6 +61,7 @@ def _same_both_ways(shape, dtype, kw, varlen):
 def check(t_end):
     import gpu_check
     rows = []
+    G.PERSISTENT_MAX_D = 256   # every head dim persistent here (the default stops at 128)
     os.environ["HF_FLASHATTN_V3_GLUON"] = "1"
     G.PERSISTENT = True
     for dtype in (torch.bfloat16, torch.float16):
@@ -116,6 +118,7 @@ def timing(t_end):
 
 
 def main():
+    default_max_d = G.PERSISTENT_MAX_D
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--budget-s", type=float, default=240)
@@ -126,16 +129,17 @@ def main():
                 date=time.strftime("%Y-%m-%d"), sms=torch.cuda.get_device_properties(0).multi_processor_count)
     checks = check(t0 + 0.45 * args.budget_s)
     times = timing(t0 + args.budget_s)
+    G.PERSISTENT_MAX_D = default_max_d
     out = dict(meta=meta, check=checks, timing=times)
     with open(os.path.join(args.out, "probe_persistent_fwd.json"), "w") as f:
         json.dump(out, f, indent=1)
     n_ok = sum(r["ok"] for r in checks)
     n_same = sum(bool(r.get("same_as_grid")) for r in checks)
-    lines = [f"# Gluon v3 forward: persistent against one program a tile — {meta['gpu']} ({meta['sms']} SMs)", "",
+    lines = [f"# Gluon v3 forward: persistent against one program a unit — {meta['gpu']} ({meta['sms']} SMs)", "",
              f"date {meta['date']}, commit {meta['commit']}, torch {meta['torch']}, triton {meta['triton']}, "
              f"cuDNN {meta['cudnn']}", "",
              f"Check (HF_FLASHATTN_V3_GLUON=1, persistent): {n_ok}/{len(checks)} pass (gpu_check's rule: out 2x, "
-             f"grads 3x torch's low-precision error + floor; out and lse bitwise equal to one program a tile: "
+             f"grads 3x torch's low-precision error + floor; out and lse bitwise equal to one program a unit: "
              f"{n_same}/{len(checks)})", "",
              "Forward TFLOP/s, bf16 (persistent2: the persistent kernel timed again last, the spread of a repeat)", "",
              "| D | S | H/Hk | causal | persistent | grid | v3.py Triton | cuDNN | persistent2 | pers/grid | "

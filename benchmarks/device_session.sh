@@ -26,8 +26,8 @@
 #   probe     benchmarks/probe_short_fwd.py (short-sequence forwards: host time a call beside the measured time)
 #   host-v3   benchmarks/probe_host.py (flash_attn_func's direct launches against Triton's entry point: equal results,
 #             host time a call, do_bench at 512-1k tokens, a profile)
-#   persistent-fwd  benchmarks/probe_persistent_fwd.py (the Gluon forward persistent against one program a tile: check
-#             with bitwise equality, then the forward grid beside v3.py's kernel and SDPA-cuDNN)
+#   persistent benchmarks/probe_persistent.py (the Gluon forward and backward persistent against one program a unit:
+#             check with bitwise equality, then the forward and fwd+bwd grid beside v3.py's kernel and SDPA-cuDNN)
 #   packed-fwd benchmarks/probe_packed_fwd.py (the Gluon forward on packed sequences: check, then d64 causal at 8k-32k
 #             dense / packed against v3.py's kernel and SDPA-cuDNN)
 #   fp8       benchmarks/bench_fp8.py (FP8 accuracy, generation agreement, speed)
@@ -87,7 +87,7 @@ for spec in "$@"; do
     gluon) cmd=(python3 benchmarks/sweep_gluon.py --out "$dir" --budget-s "$budget" ${GLUON_ARGS:-}) ;;
     probe) cmd=(python3 benchmarks/probe_short_fwd.py --out "$dir") ;;
     host-v3) cmd=(python3 benchmarks/probe_host.py --out "$dir" --budget-s "$budget") ;;
-    persistent-fwd) cmd=(python3 benchmarks/probe_persistent_fwd.py --out "$dir" --budget-s "$budget") ;;
+    persistent) cmd=(python3 benchmarks/probe_persistent.py --out "$dir" --budget-s "$budget") ;;
     packed-fwd) cmd=(python3 benchmarks/probe_packed_fwd.py --out "$dir" --budget-s "$budget") ;;
     # shellcheck disable=SC2206
     gluon-bwd) cmd=(python3 benchmarks/sweep_gluon_bwd.py --out "$dir" --budget-s "$budget" ${GLUON_BWD_ARGS:-}) ;;

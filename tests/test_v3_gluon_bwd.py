@@ -56,7 +56,8 @@ if which == "dkdv":
     cx = dict(HEAD_DIM=D, BLOCK_M=rows, STAGES=stages, CONSUMER_REGS=regs, NC=nc, DO_DQ=extra[1] if extra[1] != 4 else 0,
               SHARED_DQ=extra[0] and extra[1] in (1, 2, 3), IS_VARLEN=varlen, PART=part)
 else:
-    cx = dict(HEAD_DIM=D, BLOCK_N=rows, STAGES=stages, CONSUMER_REGS=regs, NC=nc, IS_VARLEN=varlen, PIPE=extra[0])
+    cx = dict(HEAD_DIM=D, BLOCK_N=rows, STAGES=stages, CONSUMER_REGS=regs, NC=nc, IS_VARLEN=varlen, PIPE=extra[0],
+              DQ_BUF=D <= GB.DQ_BUF_MAX_D and not varlen)
 src = GluonASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in cx.items()})
 k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 open(sys.argv[2], "w").write(k.asm["ptx"])
@@ -104,13 +105,18 @@ def test_default_plans_compile_for_hopper_without_atomics(D, varlen):
                                         os.path.join(tmp, "a"))
             _common_structure(ptx, smem)
             assert not re.search(r"\b(red|atom)\.global", ptx)
-            assert spill <= 256, spill   # d128: 8 bytes dense, 72 packed on triton 3.6, 168 packed on 3.9; d64, d256: 0
+            # persistent (tenth session), d128: 208 bytes dense and 180 packed on triton 3.6, 308 and 232 on 3.9, all
+            # of them tile-loop scalars stored and loaded between the key ranges (none inside a range's loop, where dK
+            # and dV take 128 registers); d64: 0-32, d256: 8-172
+            assert spill <= 384, spill
         ptx, smem, spill = _compile(["dq", D, bn, dq_stages, dq_regs, dq_nc, [pipe], varlen, 0], os.path.join(tmp, "b"))
         _common_structure(ptx, smem)
         # S waited while dP (and, pipelined, the previous block's dQ product) is still in flight
         assert re.search(r"wgmma\.wait_group\.sync\.aligned %d;" % (2 if pipe else 1), ptx)
         assert not re.search(r"\b(red|atom)\.global", ptx)
-        assert spill <= 64, spill      # triton 3.6: 0 (d128), 20 bytes (d64's 128-key steps, pipelined)
+        # persistent (tenth session): triton 3.6 4-8 bytes (d128, d256), 3.9 12 (d128) and 116 (d256: scalars of the
+        # tile loop, stored and loaded between the key ranges, none inside a range's loop)
+        assert spill <= 128, spill
         # dense dQ leaves through a TMA store, packed through a masked store (the next sequence's rows follow)
         assert ("cp.async.bulk.tensor.4d.global.shared" in ptx) != varlen
 
@@ -122,7 +128,7 @@ def test_single_pass_with_atomics_compiles_with_vector_reductions():
         ptx, smem, spill = _compile(["dkdv", 128, 64, 2, 240, 2, [True, 2], False, 0], os.path.join(tmp, "a"))
     _common_structure(ptx, smem)
     assert "red.global.add.v2.f32" in ptx
-    assert spill <= 512, spill
+    assert spill <= 768, spill   # 640 bytes on triton 3.9 since the persistent tile loop (an option, off by default)
 
 
 def test_plan_rule():

@@ -443,11 +443,10 @@ if HAVE_GLUON:
 # everywhere (0.93-1.18x cuDNN); d64 only without a mask from 4k keys with three consumers (192 rows).
 PINGPONG = False   # the consumers' products taken in turn (`_turn_wait`); a plan's 6th element overrides
 # Persistent: one program an SM looping over units of two row tiles (`_tile`), so a tile's Q and first key blocks load
-# under the previous tile's last product and store, up to head dim PERSISTENT_MAX_D (d256: one program a unit, measured
-# faster at 16k, results/2026-11-26-h100-probe-persistent-fwd*.md). Dense O leaves through a buffer of its own up to
-# O_BUF_MAX_D (where shared memory holds one), else through Q's.
+# under the previous tile's last product and store (results/2026-11-26-h100-probe-persistent-fwd*.md: 1.00-1.08x one
+# program a unit, d256 16k unmasked 0.96-0.99x). False: one program a unit. Dense O leaves through a buffer of its own
+# up to head dim O_BUF_MAX_D (where shared memory holds one), else through Q's (the next Q then waits for the store).
 PERSISTENT = True
-PERSISTENT_MAX_D = 128
 O_BUF_MAX_D = 128
 _PLANS = {64: (192, 128, 4, 2, 160), 128: (128, 128, 4, 2, 240), 256: (128, 64, 4, 2, 240)}
 # d64 under a mask: the 192-row diagonal tiles cost less as the sequence grows; against v3.py's kernel (causal, 32/8
@@ -521,13 +520,13 @@ def forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _pl
     stride_o = C.seq_layout(out, varlen)
     n_mt = triton.cdiv(Sq, bm)
     n_units = (n_mt + 1) // 2 * H * B
-    programs = min(n_units, C.num_sms(q.device)) if PERSISTENT and D <= PERSISTENT_MAX_D else n_units
+    programs = min(n_units, C.num_sms(q.device)) if PERSISTENT else n_units
     o_buf = D <= O_BUF_MAX_D and not varlen
     # what Triton specialises on here: the descriptors' dtype and blocks (dtype, D, plan), lse's and out's strides
     # (shapes; both fresh, so aligned), cu_seqlens' alignment, the group size; the sequence lengths, window and tile
     # counts only by their 32/64-bit type
     cu_align = None if not varlen else (cu_seqlens_q.data_ptr() | cu_seqlens_k.data_ptr()) & 15
-    key = (q.shape, Hk, q.dtype, p, cu_align, o_buf, (left | right | Sq | Sk | n_units) >> 31)
+    key = (q.shape, Hk, q.dtype, p, pingpong, cu_align, o_buf, (left | right | Sq | Sk | n_units) >> 31)
     _fwd_launch.keyed(key, (programs,), qd, kd, vd, od, out, lse, cu_seqlens_q, cu_seqlens_k, *stride_o, *stride_l,
                       Sq, Sk, left, right, qk_scale, H // Hk, n_mt, H, n_units, HEAD_DIM=D, BLOCK_N=bn, STAGES=stages,
                       CONSUMER_REGS=regs, NC=bm // 64, PINGPONG=pingpong, IS_VARLEN=varlen, O_BUF=o_buf,

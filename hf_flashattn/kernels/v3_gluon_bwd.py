@@ -59,31 +59,55 @@ if HAVE_GLUON:
         warpgroup_mma_wait,
     )
 
-    from .v3_gluon import _bounds, _key_range, _tma_load, _tma_store, _visible
+    from .v3_gluon import _tile, _tma_load, _tma_store, _visible
+
+    @gluon.jit
+    def _kv_tile(i, pid, nprog, n_kt, n_kv_heads, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, BLOCK_N: gl.constexpr,
+                 BLOCK_M: gl.constexpr, IS_VARLEN: gl.constexpr):
+        """The i-th key tile of program pid (the forward's `_tile` with queries and keys exchanged: units of key tiles
+        j and n_kt - 1 - j, even work under a causal mask): (valid, b, kvh, n0, bq, q0, k0, Sq, Sk, lo, full_lo,
+        full_hi, hi), the query blocks [lo, hi) that see the keys, [full_lo, full_hi) seen by all of them."""
+        ok, b, kvh, _, n0, bq, k0, q0, Sk, Sq, _, lo, full_lo, full_hi, hi = _tile(i, pid, nprog, n_kt, n_kv_heads, 1,
+                                                                                   CU_K, CU_Q, seqlen_k, seqlen_q,
+                                                                                   right, left, BLOCK_N, BLOCK_M,
+                                                                                   IS_VARLEN)
+        return ok, b, kvh, n0, bq, q0, k0, Sq, Sk, lo, full_lo, full_hi, hi
 
     @gluon.jit
     def _producer(q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, q_smem, do_smem, k_smem, v_smem, l_smem, d_smem,
-                  kv_bar, ready, empty, b, bq, q0, k0, kvh, n0, lo, hi, group, nheads, BLOCK_M: gl.constexpr,
-                  HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, NC: gl.constexpr):
-        """K and V of the program (a 64-row slice per consumer), then Q, dO, lse and Delta of every (head, query
-        block)."""
-        mbarrier.expect(kv_bar, 2 * NC * 64 * HEAD_DIM * 2)
-        for w in gl.static_range(NC):
-            _tma_load(k_desc, [bq, k0 + n0 + w * 64, kvh, 0], kv_bar, k_smem.index(w))
-            _tma_load(v_desc, [bq, k0 + n0 + w * 64, kvh, 0], kv_bar, v_smem.index(w))
-        n = gl.cdiv(hi - lo, BLOCK_M)
-        for g in range(group):
-            h = kvh * group + g
-            for i in range(n):
-                it = g * n + i
-                s = it % STAGES
-                mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)   # a fresh barrier's parity 1 is done
-                mbarrier.expect(ready.index(s), 2 * BLOCK_M * HEAD_DIM * 2 + 2 * BLOCK_M * 4)
-                m0 = lo + i * BLOCK_M
-                _tma_load(q_desc, [bq, q0 + m0, h, 0], ready.index(s), q_smem.index(s))
-                _tma_load(do_desc, [bq, q0 + m0, h, 0], ready.index(s), do_smem.index(s))
-                _tma_load(l_desc, [b * nheads + h, m0], ready.index(s), l_smem.index(s))
-                _tma_load(d_desc, [b * nheads + h, m0], ready.index(s), d_smem.index(s))
+                  kv_bar, kv_empty, ready, empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, nheads, n_kt,
+                  n_units, pid, nprog, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                  NC: gl.constexpr, IS_VARLEN: gl.constexpr):
+        """For each key tile of this program that some query sees: K and V (a 64-row slice per consumer) once the
+        consumers have released the previous tile's (`kv_empty`), then Q, dO, lse and Delta of every (head, query
+        block) into a ring whose count runs on across tiles."""
+        base = 0
+        tk = 0
+        for t in range(2 * gl.cdiv(n_units - pid, nprog)):
+            ok, b, kvh, n0, bq, q0, k0, _, _, lo, _, _, hi = _kv_tile(t, pid, nprog, n_kt, nheads // group, CU_Q, CU_K,
+                                                                     seqlen_q, seqlen_k, left, right, NC * 64, BLOCK_M,
+                                                                     IS_VARLEN)
+            if ok & (lo < hi):
+                mbarrier.wait(kv_empty, (tk & 1) ^ 1)   # a fresh barrier's parity 1 is done
+                mbarrier.expect(kv_bar, 2 * NC * 64 * HEAD_DIM * 2)
+                for w in gl.static_range(NC):
+                    _tma_load(k_desc, [bq, k0 + n0 + w * 64, kvh, 0], kv_bar, k_smem.index(w))
+                    _tma_load(v_desc, [bq, k0 + n0 + w * 64, kvh, 0], kv_bar, v_smem.index(w))
+                n = gl.cdiv(hi - lo, BLOCK_M)
+                for g in range(group):
+                    h = kvh * group + g
+                    for i in range(n):
+                        it = base + g * n + i
+                        s = it % STAGES
+                        mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+                        mbarrier.expect(ready.index(s), 2 * BLOCK_M * HEAD_DIM * 2 + 2 * BLOCK_M * 4)
+                        m0 = lo + i * BLOCK_M
+                        _tma_load(q_desc, [bq, q0 + m0, h, 0], ready.index(s), q_smem.index(s))
+                        _tma_load(do_desc, [bq, q0 + m0, h, 0], ready.index(s), do_smem.index(s))
+                        _tma_load(l_desc, [b * nheads + h, m0], ready.index(s), l_smem.index(s))
+                        _tma_load(d_desc, [b * nheads + h, m0], ready.index(s), d_smem.index(s))
+                base += group * n
+                tk += 1
 
     @gluon.jit
     def _red_add(ptrs, x):
@@ -239,13 +263,15 @@ if HAVE_GLUON:
         return dk, dv
 
     @gluon.jit
-    def _consumer(W: gl.constexpr, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
-                  empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh,
-                  stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
-                  b, bq, k0, kvh, n0, lo, full_lo, full_hi, hi, group, Sq, Sk, diag, left, right, qk_scale, ds_scale,
-                  BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, DO_DQ: gl.constexpr,
-                  SHARED_DQ: gl.constexpr, NC: gl.constexpr, PART: gl.constexpr):
-        """Consumer warpgroup W: keys n0 + 64·W ... of the program, summed over the group's heads."""
+    def _kv_consume_tile(W: gl.constexpr, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar,
+                         kv_empty, ready, empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh,
+                         stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, tbase, tk,
+                         b, bq, k0, kvh, n0, lo, full_lo, full_hi, hi, group, Sk, diag, left, right, qk_scale,
+                         ds_scale, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                         DO_DQ: gl.constexpr, SHARED_DQ: gl.constexpr, NC: gl.constexpr, PART: gl.constexpr):
+        """Consumer warpgroup W on one key tile: keys n0 + 64·W ... of the tile, summed over the group's heads; K and
+        V go back to the producer after the last step (`kv_empty`), before dK and dV are stored. `tbase`: the ring's
+        count at the tile's first step."""
         st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                             instr_shape=[16, BLOCK_M, 16])
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -261,12 +287,12 @@ if HAVE_GLUON:
         dk = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
         dv = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
         n = gl.cdiv(hi - lo, BLOCK_M)
-        mbarrier.wait(kv_bar, 0)
+        mbarrier.wait(kv_bar, tk & 1)
         b64 = b.to(gl.int64)
         for g in range(group):
             h = (kvh * group + g).to(gl.int64)
             DQ_h = DQ + b64 * stride_dqb + h * stride_dqh
-            base = g * n - lo // BLOCK_M
+            base = tbase + g * n - lo // BLOCK_M
             for m0 in range(lo, full_lo, BLOCK_M):
                 dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dqa, dqb, q_smem,
                                do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, offs_k, Sk,
@@ -282,6 +308,7 @@ if HAVE_GLUON:
                                do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, offs_k, Sk,
                                diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout,
                                a_layout, True, DO_DQ, SHARED_DQ, W, NC, PART)
+        mbarrier.arrive(kv_empty, count=1)   # every product reading K and V has been waited for
         rows = kw0 + gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
         cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout)), 0)
         ok = gl.expand_dims(rows, 1) < Sk
@@ -295,34 +322,58 @@ if HAVE_GLUON:
             gl.store(DV + b64 * stride_dvb + kv64 * stride_dvh + r64 * stride_dvn + cols, dv.to(DV.dtype.element_ty),
                      mask=ok)
 
-    @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group", "nheads"])
+    @gluon.jit
+    def _consumer(W: gl.constexpr, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, kv_empty,
+                  ready, empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh,
+                  stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, CU_Q, CU_K, seqlen_q,
+                  seqlen_k, left, right, group, nheads, n_kt, n_units, pid, nprog, qk_scale, ds_scale,
+                  BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, DO_DQ: gl.constexpr,
+                  SHARED_DQ: gl.constexpr, NC: gl.constexpr, PART: gl.constexpr, IS_VARLEN: gl.constexpr):
+        """Consumer warpgroup W over this program's key tiles (the producer's order and ring count); keys no query
+        sees get dK = dV = 0."""
+        tbase = 0
+        tk = 0
+        for t in range(2 * gl.cdiv(n_units - pid, nprog)):
+            ok, b, kvh, n0, bq, q0, k0, Sq, Sk, lo, full_lo, full_hi, hi = _kv_tile(t, pid, nprog, n_kt,
+                                                                                   nheads // group, CU_Q, CU_K,
+                                                                                   seqlen_q, seqlen_k, left, right,
+                                                                                   NC * 64, BLOCK_M, IS_VARLEN)
+            if ok:
+                if lo < hi:
+                    _kv_consume_tile(W, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar,
+                                     kv_empty, ready, empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm,
+                                     stride_dqh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn,
+                                     stride_dvh, tbase, tk, b, bq, k0, kvh, n0, lo, full_lo, full_hi, hi, group, Sk,
+                                     Sk - Sq, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ,
+                                     SHARED_DQ, NC, PART)
+                    tbase += group * gl.cdiv(hi - lo, BLOCK_M)
+                    tk += 1
+                else:   # no query sees these keys: dK = dV = 0
+                    z_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+                    rows = n0 + W * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, z_layout))
+                    cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, z_layout)), 0)
+                    r64 = gl.expand_dims(rows.to(gl.int64) + k0, 1)
+                    okr = gl.expand_dims(rows, 1) < Sk
+                    zero = gl.zeros([64, HEAD_DIM], DK.dtype.element_ty, z_layout)
+                    b64 = bq.to(gl.int64)
+                    kv64 = kvh.to(gl.int64)
+                    if PART != 1:
+                        gl.store(DK + b64 * stride_dkb + kv64 * stride_dkh + r64 * stride_dkn + cols, zero, mask=okr)
+                    if PART != 2:
+                        gl.store(DV + b64 * stride_dvb + kv64 * stride_dvh + r64 * stride_dvn + cols, zero, mask=okr)
+
+    @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group", "nheads", "n_kt",
+                                  "n_units"])
     def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, l_desc, d_desc, DQ, DK, DV, CU_Q, CU_K, stride_dqb, stride_dqm,
                     stride_dqh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, seqlen_q,
-                    seqlen_k, window_left, window_right, qk_scale, ds_scale, group, nheads, HEAD_DIM: gl.constexpr,
-                    BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, NC: gl.constexpr,
-                    DO_DQ: gl.constexpr, SHARED_DQ: gl.constexpr, IS_VARLEN: gl.constexpr, PART: gl.constexpr = 0):
-        # Grid: (cdiv(seqlen_k, 64·NC), nheads_k, batch). Warps: the producer (num_warps=4) + NC 4-warp consumers.
-        BLOCK_N: gl.constexpr = NC * 64
-        n0 = gl.program_id(0) * BLOCK_N
-        kvh = gl.program_id(1)
-        b = gl.program_id(2)
-        bq, q0, k0, Sq, Sk = _bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
-        if n0 >= Sk:   # packed: past this sequence's keys
-            return
-        # key j is seen by queries i in [j + diag_t - right, j + diag_t + left]: the forward's band, transposed
-        lo, full_lo, full_hi, hi = _key_range(n0, BLOCK_N, Sq - Sk, window_right, window_left, Sq, BLOCK_M)
-        if lo >= hi:   # no query sees these keys: dK = dV = 0
-            z_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-            rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, z_layout))
-            cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, z_layout)), 0)
-            r64 = gl.expand_dims(rows.to(gl.int64) + k0, 1)
-            ok = gl.expand_dims(rows, 1) < Sk
-            zero = gl.zeros([BLOCK_N, HEAD_DIM], DK.dtype.element_ty, z_layout)
-            b64 = bq.to(gl.int64)
-            kv64 = kvh.to(gl.int64)
-            gl.store(DK + b64 * stride_dkb + kv64 * stride_dkh + r64 * stride_dkn + cols, zero, mask=ok)
-            gl.store(DV + b64 * stride_dvb + kv64 * stride_dvh + r64 * stride_dvn + cols, zero, mask=ok)
-            return
+                    seqlen_k, window_left, window_right, qk_scale, ds_scale, group, nheads, n_kt, n_units,
+                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                    NC: gl.constexpr, DO_DQ: gl.constexpr, SHARED_DQ: gl.constexpr, IS_VARLEN: gl.constexpr,
+                    PART: gl.constexpr = 0):
+        # Grid: (programs,), persistent or one program a unit of two key tiles of 64·NC keys (`_kv_tile`). Warps: the
+        # producer (num_warps=4) + NC 4-warp consumers.
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, HEAD_DIM], q_desc.layout)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, HEAD_DIM], do_desc.layout)
@@ -336,65 +387,79 @@ if HAVE_GLUON:
         l_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M], l_desc.layout)
         d_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M], d_desc.layout)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         ds_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ds_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(kv_bar, count=1)
+        mbarrier.init(kv_empty, count=NC)
         mbarrier.init(ds_full, count=NC)
         mbarrier.init(ds_free, count=NC)
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=NC)   # one arrive per consumer warpgroup
-        diag = Sk - Sq
         left = window_left
         right = window_right
         # two consumers (the plans' NC; a third would leave each too few registers for dK and dV)
         gl.warp_specialize([
             (_producer, (q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, q_smem, do_smem, k_smem, v_smem, l_smem,
-                         d_smem, kv_bar, ready, empty, b, bq, q0, k0, kvh, n0, lo, hi, group, nheads, BLOCK_M, HEAD_DIM,
-                         STAGES, NC)),
-            (_consumer, (0, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
+                         d_smem, kv_bar, kv_empty, ready, empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group,
+                         nheads, n_kt, n_units, pid, nprog, BLOCK_M, HEAD_DIM, STAGES, NC, IS_VARLEN)),
+            (_consumer, (0, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, kv_empty, ready,
                          empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb,
-                         stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, bq, k0, kvh, n0, lo, full_lo,
-                         full_hi, hi, group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES,
-                         DO_DQ, SHARED_DQ, NC, PART)),
-            (_consumer, (1, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, ready,
+                         stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, CU_Q, CU_K, seqlen_q, seqlen_k,
+                         left, right, group, nheads, n_kt, n_units, pid, nprog, qk_scale, ds_scale, BLOCK_M, HEAD_DIM,
+                         STAGES, DO_DQ, SHARED_DQ, NC, PART, IS_VARLEN)),
+            (_consumer, (1, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, kv_empty, ready,
                          empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb,
-                         stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, b, bq, k0, kvh, n0, lo, full_lo,
-                         full_hi, hi, group, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES,
-                         DO_DQ, SHARED_DQ, NC, PART)),
+                         stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, CU_Q, CU_K, seqlen_q, seqlen_k,
+                         left, right, group, nheads, n_kt, n_units, pid, nprog, qk_scale, ds_scale, BLOCK_M, HEAD_DIM,
+                         STAGES, DO_DQ, SHARED_DQ, NC, PART, IS_VARLEN)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
-
 
     # ---- dQ in a pass of its own (deterministic): one program per 64·NC query rows, K and V streamed ----
 
     @gluon.jit
-    def _dq_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty,
-                     bq, q0, k0, h, kvh, m0, lo, hi, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                     STAGES: gl.constexpr, NC: gl.constexpr):
-        """Q and dO of the tile once (a 64-row slice per consumer), then K and V block by block into a ring."""
-        mbarrier.expect(q_bar, 2 * NC * 64 * HEAD_DIM * 2)
-        for w in gl.static_range(NC):
-            _tma_load(q_desc, [bq, q0 + m0 + w * 64, h, 0], q_bar, q_smem.index(w))
-            _tma_load(do_desc, [bq, q0 + m0 + w * 64, h, 0], q_bar, do_smem.index(w))
-        n = gl.cdiv(hi - lo, BLOCK_N)
-        for it in range(n):
-            s = it % STAGES
-            mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
-            mbarrier.expect(ready.index(s), 2 * BLOCK_N * HEAD_DIM * 2)
-            start = lo + it * BLOCK_N
-            _tma_load(k_desc, [bq, k0 + start, kvh, 0], ready.index(s), k_smem.index(s))
-            _tma_load(v_desc, [bq, k0 + start, kvh, 0], ready.index(s), v_smem.index(s))
+    def _dq_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, q_empty, ready, empty,
+                     CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, pid, nprog,
+                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, NC: gl.constexpr,
+                     IS_VARLEN: gl.constexpr):
+        """For each tile of this program (the forward's `_tile` order) that sees a key: Q and dO once (a 64-row slice
+        per consumer) after the consumers have released the previous tile's (`q_empty`), then K and V block by block
+        into a ring whose count runs on across tiles."""
+        base = 0
+        tq = 0
+        for i in range(2 * gl.cdiv(n_units - pid, nprog)):
+            ok, _, h, kvh, m0, bq, q0, k0, _, _, _, lo, _, _, hi = _tile(i, pid, nprog, n_mt, n_heads, group, CU_Q,
+                                                                         CU_K, seqlen_q, seqlen_k, left, right, NC * 64,
+                                                                         BLOCK_N, IS_VARLEN)
+            if ok & (lo < hi):
+                mbarrier.wait(q_empty, (tq & 1) ^ 1)   # a fresh barrier's parity 1 is done
+                mbarrier.expect(q_bar, 2 * NC * 64 * HEAD_DIM * 2)
+                for w in gl.static_range(NC):
+                    _tma_load(q_desc, [bq, q0 + m0 + w * 64, h, 0], q_bar, q_smem.index(w))
+                    _tma_load(do_desc, [bq, q0 + m0 + w * 64, h, 0], q_bar, do_smem.index(w))
+                n = gl.cdiv(hi - lo, BLOCK_N)
+                for it in range(n):
+                    g = base + it
+                    s = g % STAGES
+                    mbarrier.wait(empty.index(s), ((g // STAGES) & 1) ^ 1)
+                    mbarrier.expect(ready.index(s), 2 * BLOCK_N * HEAD_DIM * 2)
+                    start = lo + it * BLOCK_N
+                    _tma_load(k_desc, [bq, k0 + start, kvh, 0], ready.index(s), k_smem.index(s))
+                    _tma_load(v_desc, [bq, k0 + start, kvh, 0], ready.index(s), v_smem.index(s))
+                base += n
+                tq += 1
 
     @gluon.jit
-    def _dq_step(start_n, lo, dq, qw, dow, k_smem, v_smem, ready, empty, lse, delta, offs_m, offs_n, Sk, diag,
+    def _dq_step(start_n, lo, base, dq, qw, dow, k_smem, v_smem, ready, empty, lse, delta, offs_m, offs_n, Sk, diag,
                  left, right, qk_scale, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                  s_layout: gl.constexpr, a_layout: gl.constexpr, MASKED: gl.constexpr):
         """dQ += dS_j K_j for key block start_n: S = Q K_jᵀ and dP = dO V_jᵀ in flight together, P's exponent under
         the second, dS = P ∘ (dP - Delta) as the A operand from registers; the slot is released once dQ's product
-        is done."""
-        it = (start_n - lo) // BLOCK_N
+        is done. `base`: the ring's count at the tile's first block."""
+        it = base + (start_n - lo) // BLOCK_N
         s = it % STAGES
         mbarrier.wait(ready.index(s), (it // STAGES) & 1)
         ks = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM])
@@ -414,13 +479,13 @@ if HAVE_GLUON:
         return dq
 
     @gluon.jit
-    def _dq_step_pipe(start_n, lo, dq, ds_prev, qw, dow, k_smem, v_smem, ready, empty, lse, delta, offs_m, offs_n,
+    def _dq_step_pipe(start_n, lo, base, dq, ds_prev, qw, dow, k_smem, v_smem, ready, empty, lse, delta, offs_m, offs_n,
                       Sk, diag, left, right, qk_scale, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                       STAGES: gl.constexpr, s_layout: gl.constexpr, a_layout: gl.constexpr, MASKED: gl.constexpr):
         """Key block start_n (not the first) with the previous block's dQ product one step late: S_j and dP_j are
         issued, then dQ += dS_{j-1} K_{j-1}; P_j's exponent and dS_j run while the tensor cores do dP_j and that
         product; the previous slot is released once it is done (the forward's overlap, v3_gluon.py)."""
-        it = (start_n - lo) // BLOCK_N
+        it = base + (start_n - lo) // BLOCK_N
         s = it % STAGES
         sp = (it - 1) % STAGES
         mbarrier.wait(ready.index(s), (it // STAGES) & 1)
@@ -441,12 +506,15 @@ if HAVE_GLUON:
         return dq, gl.convert_layout(ds, a_layout)
 
     @gluon.jit
-    def _dq_consumer(W: gl.constexpr, dq_desc, DQ, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem, q_bar, ready,
-                     empty, LSE2, DELTA, stride_pb, stride_ph, b, bq, q0, h, m0, lo, full_lo, full_hi, hi, Sq, Sk, diag,
-                     left, right, qk_scale, ds_scale, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                     STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, PIPE: gl.constexpr):
-        """Consumer warpgroup W: dQ of rows m0 + 64·W ... over v2's three key ranges, stored once. PIPE: each block's
-        dQ product one step late (`_dq_step_pipe`), the first block peeled (always masked: it may be an edge)."""
+    def _dq_tile(W: gl.constexpr, dq_desc, dq_buf, DQ, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem, q_bar,
+                 q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, base, tq, b, bq, q0, h, m0, lo, full_lo,
+                 full_hi, hi, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_N: gl.constexpr,
+                 HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, PIPE: gl.constexpr,
+                 DQ_BUF: gl.constexpr):
+        """Consumer warpgroup W on one tile that sees a key: dQ of rows m0 + 64·W ... over v2's three key ranges,
+        stored once. PIPE: each block's dQ product one step late (`_dq_step_pipe`), the first block peeled (always
+        masked: it may be an edge). Q's and dO's buffers go back to the producer after the last block, unless dQ
+        leaves through Q's (dense without DQ_BUF: after the store)."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -455,19 +523,20 @@ if HAVE_GLUON:
         r0 = m0 + W * 64
         offs_m = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
         offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        base = b.to(gl.int64) * stride_pb + h.to(gl.int64) * stride_ph
-        lse = gl.load(LSE2 + base + offs_m)     # padded: +inf and 0 past the sequence
-        delta = gl.load(DELTA + base + offs_m)
+        pbase = b.to(gl.int64) * stride_pb + h.to(gl.int64) * stride_ph
+        lse = gl.load(LSE2 + pbase + offs_m)     # padded: +inf and 0 past the sequence
+        delta = gl.load(DELTA + pbase + offs_m)
         qw = q_smem.index(W).reshape([64, HEAD_DIM])
         dow = do_smem.index(W).reshape([64, HEAD_DIM])
         dq = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
-        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(q_bar, tq & 1)
         if PIPE:
-            mbarrier.wait(ready.index(0), 0)
+            s0 = base % STAGES
+            mbarrier.wait(ready.index(s0), (base // STAGES) & 1)
             zero = gl.zeros([64, BLOCK_N], gl.float32, s_layout)
-            ks = k_smem.index(0).reshape([BLOCK_N, HEAD_DIM])
+            ks = k_smem.index(s0).reshape([BLOCK_N, HEAD_DIM])
             s_tok = warpgroup_mma(qw, ks.permute((1, 0)), zero, use_acc=False, is_async=True)
-            dp_tok = warpgroup_mma(dow, v_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), zero,
+            dp_tok = warpgroup_mma(dow, v_smem.index(s0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), zero,
                                    use_acc=False, is_async=True)
             qk = warpgroup_mma_wait(1, deps=[s_tok])
             p = gl.where(_visible(offs_m, lo + offs_n, diag, left, right, Sk),
@@ -476,97 +545,132 @@ if HAVE_GLUON:
             ds_prev = gl.convert_layout((p * (dp - gl.expand_dims(delta, 1))).to(qw.dtype), a_layout)
             nxt = lo + BLOCK_N
             for start_n in range(nxt, gl.maximum(full_lo, nxt), BLOCK_N):
-                dq, ds_prev = _dq_step_pipe(start_n, lo, dq, ds_prev, qw, dow, k_smem, v_smem, ready, empty, lse,
-                                            delta, offs_m, offs_n, Sk, diag, left, right, qk_scale, BLOCK_N, HEAD_DIM,
-                                            STAGES, s_layout, a_layout, True)
+                dq, ds_prev = _dq_step_pipe(start_n, lo, base, dq, ds_prev, qw, dow, k_smem, v_smem, ready, empty,
+                                            lse, delta, offs_m, offs_n, Sk, diag, left, right, qk_scale, BLOCK_N,
+                                            HEAD_DIM, STAGES, s_layout, a_layout, True)
             for start_n in range(gl.maximum(full_lo, nxt), gl.maximum(full_hi, nxt), BLOCK_N):
-                dq, ds_prev = _dq_step_pipe(start_n, lo, dq, ds_prev, qw, dow, k_smem, v_smem, ready, empty, lse,
-                                            delta, offs_m, offs_n, Sk, diag, left, right, qk_scale, BLOCK_N, HEAD_DIM,
-                                            STAGES, s_layout, a_layout, False)
+                dq, ds_prev = _dq_step_pipe(start_n, lo, base, dq, ds_prev, qw, dow, k_smem, v_smem, ready, empty,
+                                            lse, delta, offs_m, offs_n, Sk, diag, left, right, qk_scale, BLOCK_N,
+                                            HEAD_DIM, STAGES, s_layout, a_layout, False)
             for start_n in range(gl.maximum(full_hi, nxt), hi, BLOCK_N):
-                dq, ds_prev = _dq_step_pipe(start_n, lo, dq, ds_prev, qw, dow, k_smem, v_smem, ready, empty, lse,
-                                            delta, offs_m, offs_n, Sk, diag, left, right, qk_scale, BLOCK_N, HEAD_DIM,
-                                            STAGES, s_layout, a_layout, True)
-            last = (hi - 1 - lo) // BLOCK_N
+                dq, ds_prev = _dq_step_pipe(start_n, lo, base, dq, ds_prev, qw, dow, k_smem, v_smem, ready, empty,
+                                            lse, delta, offs_m, offs_n, Sk, diag, left, right, qk_scale, BLOCK_N,
+                                            HEAD_DIM, STAGES, s_layout, a_layout, True)
+            if DQ_BUF or IS_VARLEN:   # every product reading Q and dO has been waited for
+                mbarrier.arrive(q_empty, count=1)
+            last = base + (hi - 1 - lo) // BLOCK_N
             sl = last % STAGES
             dq_tok = warpgroup_mma(ds_prev, k_smem.index(sl).reshape([BLOCK_N, HEAD_DIM]), dq, is_async=True)
             dq, ds_prev = warpgroup_mma_wait(0, deps=[dq_tok, ds_prev])
             mbarrier.arrive(empty.index(sl), count=1)
         else:
             for start_n in range(lo, full_lo, BLOCK_N):
-                dq = _dq_step(start_n, lo, dq, qw, dow, k_smem, v_smem, ready, empty, lse, delta, offs_m, offs_n, Sk,
-                              diag, left, right, qk_scale, BLOCK_N, HEAD_DIM, STAGES, s_layout, a_layout, True)
+                dq = _dq_step(start_n, lo, base, dq, qw, dow, k_smem, v_smem, ready, empty, lse, delta, offs_m, offs_n,
+                              Sk, diag, left, right, qk_scale, BLOCK_N, HEAD_DIM, STAGES, s_layout, a_layout, True)
             for start_n in range(full_lo, full_hi, BLOCK_N):
-                dq = _dq_step(start_n, lo, dq, qw, dow, k_smem, v_smem, ready, empty, lse, delta, offs_m, offs_n, Sk,
-                              diag, left, right, qk_scale, BLOCK_N, HEAD_DIM, STAGES, s_layout, a_layout, False)
+                dq = _dq_step(start_n, lo, base, dq, qw, dow, k_smem, v_smem, ready, empty, lse, delta, offs_m, offs_n,
+                              Sk, diag, left, right, qk_scale, BLOCK_N, HEAD_DIM, STAGES, s_layout, a_layout, False)
             for start_n in range(full_hi, hi, BLOCK_N):
-                dq = _dq_step(start_n, lo, dq, qw, dow, k_smem, v_smem, ready, empty, lse, delta, offs_m, offs_n, Sk,
-                              diag, left, right, qk_scale, BLOCK_N, HEAD_DIM, STAGES, s_layout, a_layout, True)
+                dq = _dq_step(start_n, lo, base, dq, qw, dow, k_smem, v_smem, ready, empty, lse, delta, offs_m, offs_n,
+                              Sk, diag, left, right, qk_scale, BLOCK_N, HEAD_DIM, STAGES, s_layout, a_layout, True)
+            if DQ_BUF or IS_VARLEN:
+                mbarrier.arrive(q_empty, count=1)
         dq = (dq * ds_scale).to(qw.dtype)
         if IS_VARLEN:   # rows past the sequence are the next one's: a masked store
             rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
             cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout)), 0)
             ptrs = DQ + gl.expand_dims((q0 + rows).to(gl.int64), 1) * stride_qm + h.to(gl.int64) * stride_qh + cols
             gl.store(ptrs, dq, mask=gl.expand_dims(rows, 1) < Sq)
-        else:   # through this warpgroup's slice of Q's buffer (read by nobody else now); the copy drops rows past Sq
+        elif DQ_BUF:   # its own buffer: the previous tile's store from it must have read it; this one is not waited
+            dw = dq_buf.index(W)
+            tma.store_wait(0)
+            dw.reshape([64, HEAD_DIM]).store(dq)
+            fence_async_shared()
+            _tma_store(dq_desc, [bq, q0 + r0, h, 0], dw)
+        else:   # through this warpgroup's slice of Q's buffer, released once the copy (dropping rows past Sq) read it
             qw.store(dq)
             fence_async_shared()
             _tma_store(dq_desc, [bq, q0 + r0, h, 0], q_smem.index(W))
             tma.store_wait(0)
+            mbarrier.arrive(q_empty, count=1)
 
-    @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group"])
-    def _dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DQ, CU_Q, CU_K, stride_qm, stride_qh, LSE2, DELTA,
-                   stride_pb, stride_ph, seqlen_q, seqlen_k, window_left, window_right, qk_scale, ds_scale, group,
-                   HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                   NC: gl.constexpr, IS_VARLEN: gl.constexpr, PIPE: gl.constexpr = False):
-        # Grid: (cdiv(seqlen_q, 64·NC), nheads, batch), heaviest causal tiles first. Warps: the producer (num_warps=4)
-        # + NC 4-warp consumers of 64 query rows each.
-        pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
-        h = gl.program_id(1)
-        b = gl.program_id(2)
-        kvh = h // group
-        BLOCK_M: gl.constexpr = NC * 64
-        m0 = pid_m * BLOCK_M
-        bq, q0, k0, Sq, Sk = _bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
-        if m0 >= Sq:   # packed: past this sequence's queries
-            return
-        diag = Sk - Sq
-        lo, full_lo, full_hi, hi = _key_range(m0, BLOCK_M, diag, window_left, window_right, Sk, BLOCK_N)
+    @gluon.jit
+    def _dq_consumer(W: gl.constexpr, dq_desc, dq_buf, DQ, stride_qb, stride_qm, stride_qh, q_smem, do_smem, k_smem,
+                     v_smem, q_bar, q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, CU_Q, CU_K, seqlen_q,
+                     seqlen_k, left, right, group, n_mt, n_heads, n_units, pid, nprog, qk_scale, ds_scale,
+                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, NC: gl.constexpr,
+                     IS_VARLEN: gl.constexpr, PIPE: gl.constexpr, DQ_BUF: gl.constexpr):
+        """Consumer warpgroup W over this program's tiles (the producer's order and ring count); a tile that sees no
+        key gets dQ = 0 by masked stores."""
+        base = 0
+        tq = 0
+        for i in range(2 * gl.cdiv(n_units - pid, nprog)):
+            ok, b, h, _, m0, bq, q0, _, Sq, Sk, diag, lo, full_lo, full_hi, hi = _tile(i, pid, nprog, n_mt, n_heads,
+                                                                                       group, CU_Q, CU_K, seqlen_q,
+                                                                                       seqlen_k, left, right, NC * 64,
+                                                                                       BLOCK_N, IS_VARLEN)
+            if ok:
+                if lo < hi:
+                    _dq_tile(W, dq_desc, dq_buf, DQ, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem, q_bar,
+                             q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, base, tq, b, bq, q0, h, m0, lo,
+                             full_lo, full_hi, hi, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM,
+                             STAGES, IS_VARLEN, PIPE, DQ_BUF)
+                    base += gl.cdiv(hi - lo, BLOCK_N)
+                    tq += 1
+                else:   # no key visible from any row of this tile: dQ = 0
+                    z_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+                    cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, z_layout)), 0)
+                    rows = m0 + W * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, z_layout))
+                    gl.store(DQ + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh
+                             + gl.expand_dims((q0 + rows).to(gl.int64), 1) * stride_qm + cols,
+                             gl.zeros([64, HEAD_DIM], DQ.dtype.element_ty, z_layout), mask=gl.expand_dims(rows, 1) < Sq)
+        if DQ_BUF:
+            tma.store_wait(0)   # the last tile's store reads the buffer: shared memory must outlive it
+
+    @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group", "n_mt", "n_units"])
+    def _dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DQ, CU_Q, CU_K, stride_qb, stride_qm, stride_qh, LSE2,
+                   DELTA, stride_pb, stride_ph, seqlen_q, seqlen_k, window_left, window_right, qk_scale, ds_scale,
+                   group, n_mt, n_heads, n_units, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                   CONSUMER_REGS: gl.constexpr, NC: gl.constexpr, IS_VARLEN: gl.constexpr, PIPE: gl.constexpr = False,
+                   DQ_BUF: gl.constexpr = False):
+        # Grid: (programs,), persistent or one program a unit of two row tiles, as the forward's (v3_gluon._tile).
+        # Warps: the producer (num_warps=4) + NC 4-warp consumers of 64 query rows each. DQ_BUF: dense dQ leaves
+        # through a shared buffer of its own, so that the next tile's Q and dO load under this one's last product.
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [NC, 1, 64, 1, HEAD_DIM], q_desc.layout)
-        if lo >= hi:   # no key visible from any row of this tile: dQ = 0
-            z_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-            cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, z_layout)), 0)
-            base = DQ + h.to(gl.int64) * stride_qh
-            if not IS_VARLEN:
-                base += b.to(gl.int64) * seqlen_q * stride_qm   # dense (B, S, H, D): rows of sequence b
-            for w in gl.static_range(NC):   # 64 rows at a time (64·NC need not be a power of two)
-                rows = m0 + w * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, z_layout))
-                gl.store(base + gl.expand_dims((q0 + rows).to(gl.int64), 1) * stride_qm + cols,
-                         gl.zeros([64, HEAD_DIM], dtype, z_layout), mask=gl.expand_dims(rows, 1) < Sq)
-            return
+        if DQ_BUF:
+            dq_buf = gl.allocate_shared_memory(dtype, [NC, 1, 64, 1, HEAD_DIM], dq_desc.layout)
+        else:
+            dq_buf = q_smem
         do_smem = gl.allocate_shared_memory(dtype, [NC, 1, 64, 1, HEAD_DIM], do_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEAD_DIM], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEAD_DIM], v_desc.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
+        mbarrier.init(q_empty, count=NC)
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=NC)
+        left = window_left
+        right = window_right
         # two consumers (three, at 160 registers, measured within noise: results/2026-11-26-h100-sweep-gluon-bwd-6)
         gl.warp_specialize([
-            (_dq_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty,
-                            bq, q0, k0, h, kvh, m0, lo, hi, BLOCK_N, HEAD_DIM, STAGES, NC)),
-            (_dq_consumer, (0, dq_desc, DQ, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem, q_bar,
-                            ready, empty, LSE2, DELTA, stride_pb, stride_ph, b, bq, q0, h, m0, lo, full_lo, full_hi,
-                            hi, Sq, Sk, diag, window_left, window_right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM,
-                            STAGES, IS_VARLEN, PIPE)),
-            (_dq_consumer, (1, dq_desc, DQ, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem, q_bar,
-                            ready, empty, LSE2, DELTA, stride_pb, stride_ph, b, bq, q0, h, m0, lo, full_lo, full_hi,
-                            hi, Sq, Sk, diag, window_left, window_right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM,
-                            STAGES, IS_VARLEN, PIPE)),
+            (_dq_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, q_empty, ready,
+                            empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, pid,
+                            nprog, BLOCK_N, HEAD_DIM, STAGES, NC, IS_VARLEN)),
+            (_dq_consumer, (0, dq_desc, dq_buf, DQ, stride_qb, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem,
+                            q_bar, q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, CU_Q, CU_K, seqlen_q,
+                            seqlen_k, left, right, group, n_mt, n_heads, n_units, pid, nprog, qk_scale, ds_scale,
+                            BLOCK_N, HEAD_DIM, STAGES, NC, IS_VARLEN, PIPE, DQ_BUF)),
+            (_dq_consumer, (1, dq_desc, dq_buf, DQ, stride_qb, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem,
+                            q_bar, q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, CU_Q, CU_K, seqlen_q,
+                            seqlen_k, left, right, group, n_mt, n_heads, n_units, pid, nprog, qk_scale, ds_scale,
+                            BLOCK_N, HEAD_DIM, STAGES, NC, IS_VARLEN, PIPE, DQ_BUF)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 # Launch plans of the dK/dV kernel: (BLOCK_M query rows per step, STAGES of the Q/dO ring, consumer registers, NC
@@ -583,6 +687,11 @@ _PLANS = {64: (64, 2, 240, 2, False, 0), 128: (64, 2, 240, 2, True, 0), 256: (32
 # against without, results/2026-11-26-h100-sweep-gluon-bwd-8.md: off)
 # (both kernels run NC = 2: the plan field says so)
 _DQ_PLANS = {64: (128, 2, 240, 2, False), 128: (64, 3, 240, 2, False), 256: (32, 2, 240, 2, False)}
+# Persistent passes (the forward's schedule, v3_gluon.PERSISTENT): one program an SM over units of two tiles; False:
+# one program a unit. `backward`'s _persistent overrides. dQ leaves the dQ pass through a shared buffer of its own up
+# to head dim DQ_BUF_MAX_D (d256: through Q's, shared memory holds no other).
+PERSISTENT = True
+DQ_BUF_MAX_D = 128
 
 
 def plan(D: int, deterministic: bool = False):
@@ -631,7 +740,7 @@ def _prep_kernel(O, DO, LSE, LSE2, DELTA, CU_Q, stride_ob, stride_om, stride_oh,
 
 
 def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-             window_size, _plan=None, _dq=None, _dq_plan=None):
+             window_size, _plan=None, _dq=None, _dq_plan=None, _persistent=None):
     """(B, S, H, D) or packed (total, H, D) with cu_seqlens: (dq, dk, dv). `supports()` must have passed and do be
     TMA-loadable (`C.descriptors_ok`). _plan, _dq_plan override `plan()` and `_DQ_PLANS`; _dq overrides the plan's dQ
     mode (see `_PLANS`; packed sequences take mode 0), and takes two timing diagnostics whose dq is garbage: 3 computes
@@ -694,11 +803,14 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     dd = C.descriptor(TensorDescriptor, delta.view(B * H, pad), (1, bm), row_layout)
     dks, dvs = C.seq_layout(dk, varlen), C.seq_layout(dv, varlen)
     # d256: dV and dK in separate launches (both accumulators would take every register of a consumer)
+    persistent = PERSISTENT if _persistent is None else _persistent
+    n_kt = triton.cdiv(Sk, 64 * nc)
+    n_kv_units = (n_kt + 1) // 2 * Hk * B
     for part in ((1, 2) if D == 256 else (0,)):
         _bwd_launch.keyed(
-            key + (part,), (triton.cdiv(Sk, 64 * nc), Hk, B),
+            key + (part, persistent), (min(n_kv_units, C.num_sms(q.device)) if persistent else n_kv_units,),
             qd, kd, vd, dod, ld, dd, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, dq.stride(0), dq.stride(1), dq.stride(2),
-            *dks, *dvs, Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, H,
+            *dks, *dvs, Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, H, n_kt, n_kv_units,
             HEAD_DIM=D, BLOCK_M=bm, STAGES=stages, CONSUMER_REGS=regs, NC=nc, DO_DQ=mode if atomic else 0,
             SHARED_DQ=shared and atomic, IS_VARLEN=varlen, PART=part, num_warps=4)
     if atomic:
@@ -708,13 +820,16 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         if dq_nc != 2:
             raise ValueError(f"the dQ pass runs two consumer warpgroups, got a plan with {dq_nc}")
         q64, do64, dq64, kn, vn = desc(q4, 64), desc(do4, 64), desc(dq4, 64), desc(k4, bn), desc(v4, bn)
-        _, stride_qm, stride_qh = C.seq_layout(dq, varlen)
+        n_mt = triton.cdiv(Sq, 64 * dq_nc)
+        n_units = (n_mt + 1) // 2 * H * B
+        persistent = PERSISTENT if _persistent is None else _persistent
+        dq_buf = D <= DQ_BUF_MAX_D and not varlen
         _dq_launch.keyed(
-            key, (triton.cdiv(Sq, 64 * dq_nc), H, B),
-            q64, kn, vn, do64, dq64, dq, cu_seqlens_q, cu_seqlens_k, stride_qm, stride_qh, lse2, delta,
-            lse2.stride(0), lse2.stride(1), Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, HEAD_DIM=D,
-            BLOCK_N=bn, STAGES=dq_stages, CONSUMER_REGS=dq_regs, NC=dq_nc, IS_VARLEN=varlen, PIPE=pipe,
-            num_warps=4)
+            key + (persistent, dq_buf), (min(n_units, C.num_sms(q.device)) if persistent else n_units,),
+            q64, kn, vn, do64, dq64, dq, cu_seqlens_q, cu_seqlens_k, *C.seq_layout(dq, varlen), lse2, delta,
+            lse2.stride(0), lse2.stride(1), Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, n_mt, H, n_units,
+            HEAD_DIM=D, BLOCK_N=bn, STAGES=dq_stages, CONSUMER_REGS=dq_regs, NC=dq_nc, IS_VARLEN=varlen, PIPE=pipe,
+            DQ_BUF=dq_buf, num_warps=4)
     return dq, dk, dv
 
 

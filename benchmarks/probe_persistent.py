@@ -1,15 +1,17 @@
-"""The persistent Gluon v3 forward (one program an SM looping over the tiles) against one program a tile.
+"""The persistent Gluon v3 forward and backward (one program an SM looping over units of two tiles) against one
+program a unit.
 
 1. check: flash_attn_func / flash_attn_varlen_func(version="v3") with HF_FLASHATTN_V3_GLUON=1 (the Gluon forward for
    every input in its scope), persistent, against the float32 reference with gpu_check's rule: dense head dims
    64/128/256 on awkward shapes, GQA 32/8 and MQA, q_len > k_len under a causal mask (tiles that see no key), a 4k
-   case with many tiles a program, packed sequences; bf16 and fp16; causal / not / two windows. Each forward is
-   also run with one program a tile: out and lse must be bitwise equal (the same arithmetic a tile).
-   Every head dim runs persistent here (PERSISTENT_MAX_D = 256).
+   case with many tiles a program, packed sequences; bf16 and fp16; causal / not / two windows. Each case is also
+   run with one program a unit in all three kernels: out, lse, dq, dk and dv must be bitwise equal (the same
+   arithmetic a tile).
 2. time (forward, bench.py's grid: 16k tokens, nheads = 2048 / D; GQA 32/8 at 8k): the Gluon kernel persistent
-   and one program a unit (two row tiles), v3.py's Triton kernel (HF_FLASHATTN_V3_GLUON=0), SDPA-cuDNN, in one process.
+   and one program a unit (two row tiles), v3.py's Triton kernel (HF_FLASHATTN_V3_GLUON=0), SDPA-cuDNN, in one process;
+   then forward+backward with the backward's passes persistent and one program a unit, and SDPA-cuDNN's.
 
-    python benchmarks/probe_persistent_fwd.py --out DIR      (writes probe_persistent_fwd.json and .md)
+    python benchmarks/probe_persistent.py --out DIR      (writes probe_persistent.json and .md)
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hf_flashattn as fa  # noqa: E402
-from hf_flashattn.kernels import v3_gluon as G  # noqa: E402
+from hf_flashattn.kernels import v3_gluon as G, v3_gluon_bwd as GB  # noqa: E402
 
 DENSE = [(2, 113, 203, 8, 2, 64), (2, 113, 203, 8, 2, 128), (2, 113, 203, 8, 2, 256), (1, 1023, 1024, 32, 8, 128),
          (2, 300, 100, 4, 1, 128), (2, 777, 513, 4, 4, 256), (1, 4096, 4096, 16, 16, 128), (2, 2048, 2048, 8, 8, 64)]
@@ -35,33 +37,33 @@ MASKS = [dict(causal=False), dict(causal=True), dict(window_size=(128, 0)), dict
 
 
 def _same_both_ways(shape, dtype, kw, varlen):
-    """out and lse of the Gluon forward persistent and one program a tile: bitwise equal?"""
+    """out, lse and the gradients of the Gluon forward and backward persistent and one program a unit: bitwise
+    equal?"""
     B, Sq, Sk, H, Hk, D = shape
     if varlen:
         lens = [Sq - 37 * i for i in range(B)]
         cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
-        q = torch.randn(sum(lens), H, D, device="cuda", dtype=dtype)
-        k, v = (torch.randn(sum(lens), Hk, D, device="cuda", dtype=dtype) for _ in range(2))
+        q = torch.randn(sum(lens), H, D, device="cuda", dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(sum(lens), Hk, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
         call = lambda: fa.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), return_attn_probs=True,  # noqa
                                                  version="v3", **kw)
     else:
-        q = torch.randn(B, Sq, H, D, device="cuda", dtype=dtype)
-        k, v = (torch.randn(B, Sk, Hk, D, device="cuda", dtype=dtype) for _ in range(2))
+        q = torch.randn(B, Sq, H, D, device="cuda", dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(B, Sk, Hk, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
         call = lambda: fa.flash_attn_func(q, k, v, return_attn_probs=True, version="v3", **kw)  # noqa: E731
+    do = torch.randn(q.shape, device="cuda", dtype=dtype)
     res = []
     for persistent in (True, False):
-        G.PERSISTENT = persistent
-        with torch.no_grad():
-            out, lse, _ = call()
-        res.append((out, lse))
-    G.PERSISTENT = True
-    return torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
+        G.PERSISTENT = GB.PERSISTENT = persistent
+        out, lse, _ = call()
+        res.append((out, lse, *torch.autograd.grad(out, (q, k, v), do)))
+    G.PERSISTENT = GB.PERSISTENT = True
+    return all(torch.equal(a, b) for a, b in zip(*res))
 
 
 def check(t_end):
     import gpu_check
     rows = []
-    G.PERSISTENT_MAX_D = 256   # every head dim persistent here (the default stops at 128)
     os.environ["HF_FLASHATTN_V3_GLUON"] = "1"
     G.PERSISTENT = True
     for dtype in (torch.bfloat16, torch.float16):
@@ -112,13 +114,30 @@ def timing(t_end):
                 r[name] = round(fl / ms / 1e9, 1)
             G.PERSISTENT = True
             os.environ["HF_FLASHATTN_V3_GLUON"] = "auto"
+            qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+            qtg, ktg, vtg = (x.transpose(1, 2) for x in (qg, kg, vg))
+            do = torch.randn_like(q)
+
+            def ours_fb():
+                return torch.autograd.grad(fa.flash_attn_func(qg, kg, vg, causal=causal, version="v3"), (qg, kg, vg),
+                                           do)
+
+            def cudnn_fb():
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    o = F.scaled_dot_product_attention(qtg, ktg, vtg, is_causal=causal, enable_gqa=H != Hk)
+                return torch.autograd.grad(o, (qg, kg, vg), do.transpose(1, 2))
+            for name, persistent, fn in (("fb_persistent", True, ours_fb), ("fb_bwd_grid", False, ours_fb),
+                                         ("fb_cudnn", True, cudnn_fb), ("fb_persistent2", True, ours_fb)):
+                GB.PERSISTENT = persistent
+                ms = triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+                r[name] = round(3.5 * fl / ms / 1e9, 1)
+            GB.PERSISTENT = True
             rows.append(r)
             print(json.dumps(r), flush=True)
     return rows
 
 
 def main():
-    default_max_d = G.PERSISTENT_MAX_D
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--budget-s", type=float, default=240)
@@ -129,17 +148,16 @@ def main():
                 date=time.strftime("%Y-%m-%d"), sms=torch.cuda.get_device_properties(0).multi_processor_count)
     checks = check(t0 + 0.45 * args.budget_s)
     times = timing(t0 + args.budget_s)
-    G.PERSISTENT_MAX_D = default_max_d
     out = dict(meta=meta, check=checks, timing=times)
-    with open(os.path.join(args.out, "probe_persistent_fwd.json"), "w") as f:
+    with open(os.path.join(args.out, "probe_persistent.json"), "w") as f:
         json.dump(out, f, indent=1)
     n_ok = sum(r["ok"] for r in checks)
     n_same = sum(bool(r.get("same_as_grid")) for r in checks)
-    lines = [f"# Gluon v3 forward: persistent against one program a unit — {meta['gpu']} ({meta['sms']} SMs)", "",
+    lines = [f"# Gluon v3 forward and backward: persistent against one program a unit — {meta['gpu']} ({meta['sms']} SMs)", "",
              f"date {meta['date']}, commit {meta['commit']}, torch {meta['torch']}, triton {meta['triton']}, "
              f"cuDNN {meta['cudnn']}", "",
              f"Check (HF_FLASHATTN_V3_GLUON=1, persistent): {n_ok}/{len(checks)} pass (gpu_check's rule: out 2x, "
-             f"grads 3x torch's low-precision error + floor; out and lse bitwise equal to one program a unit: "
+             f"grads 3x torch's low-precision error + floor; out, lse and grads bitwise equal to one program a unit: "
              f"{n_same}/{len(checks)})", "",
              "Forward TFLOP/s, bf16 (persistent2: the persistent kernel timed again last, the spread of a repeat)", "",
              "| D | S | H/Hk | causal | persistent | grid | v3.py Triton | cuDNN | persistent2 | pers/grid | "
@@ -149,7 +167,16 @@ def main():
         lines.append(f"| {r['D']} | {r['S']} | {r['H']}/{r['Hk']} | {r['causal']} | {r['persistent']} | {r['grid']} | "
                      f"{r['triton']} | {c} | {r['persistent2']} | {r['persistent'] / r['grid']:.3f} | "
                      f"{r['persistent'] / c:.3f} | {r['grid'] / c:.3f} | {r['triton'] / c:.3f} |")
-    with open(os.path.join(args.out, "probe_persistent_fwd.md"), "w") as f:
+    lines += ["", "Forward+backward TFLOP/s (3.5x the forward's FLOPs), the forward persistent in both of ours "
+              "(fb_persistent2: the persistent run repeated last)", "",
+              "| D | S | H/Hk | causal | bwd persistent | bwd one program a unit | cuDNN | persistent2 | pers/unit | "
+              "pers/cuDNN |", "|" + "---|" * 10]
+    for r in times:
+        if "fb_persistent" in r:
+            lines.append(f"| {r['D']} | {r['S']} | {r['H']}/{r['Hk']} | {r['causal']} | {r['fb_persistent']} | "
+                         f"{r['fb_bwd_grid']} | {r['fb_cudnn']} | {r['fb_persistent2']} | "
+                         f"{r['fb_persistent'] / r['fb_bwd_grid']:.3f} | {r['fb_persistent'] / r['fb_cudnn']:.3f} |")
+    with open(os.path.join(args.out, "probe_persistent.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -27,7 +27,8 @@
 #   host-v3   benchmarks/probe_host.py (flash_attn_func's direct launches against Triton's entry point: equal results,
 #             host time a call, do_bench at 512-1k tokens, a profile)
 #   persistent benchmarks/probe_persistent.py (the Gluon forward and backward persistent against one program a unit:
-#             check with bitwise equality, then the forward and fwd+bwd grid beside v3.py's kernel and SDPA-cuDNN)
+#             check with bitwise equality, then the forward and fwd+bwd grid beside v3.py's kernel and SDPA-cuDNN;
+#             PERSISTENT_ARGS=--quick: a few cases and four points)
 #   packed-fwd benchmarks/probe_packed_fwd.py (the Gluon forward on packed sequences: check, then d64 causal at 8k-32k
 #             dense / packed against v3.py's kernel and SDPA-cuDNN)
 #   fp8       benchmarks/bench_fp8.py (FP8 accuracy, generation agreement, speed)
@@ -87,7 +88,8 @@ for spec in "$@"; do
     gluon) cmd=(python3 benchmarks/sweep_gluon.py --out "$dir" --budget-s "$budget" ${GLUON_ARGS:-}) ;;
     probe) cmd=(python3 benchmarks/probe_short_fwd.py --out "$dir") ;;
     host-v3) cmd=(python3 benchmarks/probe_host.py --out "$dir" --budget-s "$budget") ;;
-    persistent) cmd=(python3 benchmarks/probe_persistent.py --out "$dir" --budget-s "$budget") ;;
+    # shellcheck disable=SC2206
+    persistent) cmd=(python3 benchmarks/probe_persistent.py --out "$dir" --budget-s "$budget" ${PERSISTENT_ARGS:-}) ;;
     packed-fwd) cmd=(python3 benchmarks/probe_packed_fwd.py --out "$dir" --budget-s "$budget") ;;
     # shellcheck disable=SC2206
     gluon-bwd) cmd=(python3 benchmarks/sweep_gluon_bwd.py --out "$dir" --budget-s "$budget" ${GLUON_BWD_ARGS:-}) ;;

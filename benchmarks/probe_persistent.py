@@ -61,14 +61,21 @@ def _same_both_ways(shape, dtype, kw, varlen):
     return all(torch.equal(a, b) for a, b in zip(*res))
 
 
-def check(t_end):
+QUICK_DENSE = [(2, 113, 203, 8, 2, 64), (2, 300, 100, 4, 1, 128), (2, 777, 513, 4, 4, 256)]
+QUICK_VARLEN = [(3, 300, 300, 8, 2, 128)]
+QUICK_MASKS = [dict(causal=False), dict(causal=True), dict(window_size=(64, 32))]
+QUICK_POINTS = [(1, 32, 32, 16384, 64), (1, 32, 8, 32768, 128), (4, 32, 32, 4096, 64), (4, 16, 16, 4096, 128)]
+
+
+def check(t_end, quick=False):
     import gpu_check
     rows = []
+    dense, varlen_shapes, masks = (QUICK_DENSE, QUICK_VARLEN, QUICK_MASKS) if quick else (DENSE, VARLEN, MASKS)
     os.environ["HF_FLASHATTN_V3_GLUON"] = "1"
     G.PERSISTENT = True
-    for dtype in (torch.bfloat16, torch.float16):
-        for shape, varlen in [(s, False) for s in DENSE] + [(s, True) for s in VARLEN]:
-            for kw in MASKS:
+    for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16):
+        for shape, varlen in [(s, False) for s in dense] + [(s, True) for s in varlen_shapes]:
+            for kw in masks:
                 if time.time() > t_end:
                     return rows
                 try:
@@ -83,11 +90,13 @@ def check(t_end):
     return rows
 
 
-def timing(t_end):
+def timing(t_end, quick=False):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     rows = []
     points = [(16384 // S, 2048 // D, 2048 // D, S, D) for D in (128, 64, 256) for S in (1024, 4096, 16384)]
     points.insert(3, (2, 32, 8, 8192, 128))
+    if quick:
+        points = QUICK_POINTS
     for B, H, Hk, S, D in points:
         for causal in (False, True):
             if time.time() > t_end:
@@ -141,13 +150,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--budget-s", type=float, default=240)
+    ap.add_argument("--quick", action="store_true", help="a few check cases (bf16) and four timing points")
     args = ap.parse_args()
     t0 = time.time()
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 cudnn=torch.backends.cudnn.version(), commit=os.environ.get("COMMIT", "unknown"),
                 date=time.strftime("%Y-%m-%d"), sms=torch.cuda.get_device_properties(0).multi_processor_count)
-    checks = check(t0 + 0.45 * args.budget_s)
-    times = timing(t0 + args.budget_s)
+    checks = check(t0 + 0.45 * args.budget_s, args.quick)
+    times = timing(t0 + args.budget_s, args.quick)
     out = dict(meta=meta, check=checks, timing=times)
     with open(os.path.join(args.out, "probe_persistent.json"), "w") as f:
         json.dump(out, f, indent=1)

@@ -115,19 +115,20 @@ if HAVE_GLUON:
         return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
 
     @gluon.jit
-    def _tile(i, pid, nprog, n_mt, n_heads, group, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, BLOCK_M: gl.constexpr,
-              BLOCK_N: gl.constexpr, IS_VARLEN: gl.constexpr):
+    def _tile(i, pid, nprog, per, n_mt, n_heads, group, CU_Q, CU_K, seqlen_q, seqlen_k, left, right,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, IS_VARLEN: gl.constexpr):
         """The i-th tile of program pid: (valid, b, h, kvh, m0, bq, q0, k0, Sq, Sk, diag, lo, full_lo, full_hi, hi) with
-        `_bounds`' coordinates and `_key_range`'s key blocks. A program takes the units pid, pid + nprog, ...; a unit is
-        a pair of row tiles of one (batch, head), j and n_mt - 1 - j, the last rows first: under a causal mask the
-        pair costs n_mt + 1 key blocks whatever j, so the units are even work for a static schedule (the middle tile
-        of an odd n_mt is a unit alone: `valid` is false for its second half). Units go head by head, so programs
-        running together share a head's K/V in L2."""
-        unit = pid + (i // 2) * nprog
-        half = i % 2
-        n_pairs = (n_mt + 1) // 2
-        j = unit % n_pairs
-        bh = unit // n_pairs
+        `_bounds`' coordinates and `_key_range`'s key blocks. A program takes the units pid, pid + nprog, ... of `per`
+        row tiles each, units head by head (programs running together share a head's K/V in L2). per = 1: a unit is
+        a row tile, the last rows first. per = 2 (under a mask): a unit is the pair of row tiles j and n_mt - 1 - j,
+        the last rows first: under a causal mask the pair costs n_mt + 1 key blocks whatever j, so the units are even
+        work for a static schedule (the middle tile of an odd n_mt is a unit alone: `valid` is false for its second
+        half). Unmasked tiles cost the same and stay single: finer units round the work up less."""
+        unit = pid + (i // per) * nprog
+        half = i % per
+        n_per = (n_mt + per - 1) // per
+        j = unit % n_per
+        bh = unit // n_per
         h = bh % n_heads
         b = bh // n_heads
         pid_m = n_mt - 1 - j - half * (n_mt - 1 - 2 * j)
@@ -140,7 +141,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
-                  CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, pid, nprog,
+                  CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog,
                   BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, WG_ROWS: gl.constexpr,
                   NC: gl.constexpr, IS_VARLEN: gl.constexpr):
         """For each tile of this program that sees a key: Q (one 64-row slice per consumer) once the consumers have
@@ -149,8 +150,8 @@ if HAVE_GLUON:
         (`base`) runs on across tiles, so a tile's first blocks load while the consumers finish the one before."""
         base = 0
         tq = 0
-        for i in range(2 * gl.cdiv(n_units - pid, nprog)):
-            ok, _, h, kvh, m0, bq, q0, k0, _, _, _, lo, _, _, hi = _tile(i, pid, nprog, n_mt, n_heads, group, CU_Q,
+        for i in range(per * gl.cdiv(n_units - pid, nprog)):
+            ok, _, h, kvh, m0, bq, q0, k0, _, _, _, lo, _, _, hi = _tile(i, pid, nprog, per, n_mt, n_heads, group, CU_Q,
                                                                          CU_K, seqlen_q, seqlen_k, left, right,
                                                                          NC * WG_ROWS, BLOCK_N, IS_VARLEN)
             if ok & (lo < hi):
@@ -334,17 +335,17 @@ if HAVE_GLUON:
     @gluon.jit
     def _consumer(W: gl.constexpr, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh,
                   q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
-                  seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, pid, nprog, qk_scale,
+                  seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale,
                   ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                   NC: gl.constexpr, PINGPONG: gl.constexpr, IS_VARLEN: gl.constexpr, O_BUF: gl.constexpr):
         """Consumer warpgroup W over this program's tiles (the producer's order, with the same ring count)."""
         base = 0
         tq = 0
-        for i in range(2 * gl.cdiv(n_units - pid, nprog)):
-            ok, b, h, _, m0, bq, q0, _, Sq, Sk, diag, lo, full_lo, full_hi, hi = _tile(i, pid, nprog, n_mt, n_heads,
-                                                                                       group, CU_Q, CU_K, seqlen_q,
-                                                                                       seqlen_k, left, right, NC * ROWS,
-                                                                                       BLOCK_N, IS_VARLEN)
+        for i in range(per * gl.cdiv(n_units - pid, nprog)):
+            ok, b, h, _, m0, bq, q0, _, Sq, Sk, diag, lo, full_lo, full_hi, hi = _tile(i, pid, nprog, per, n_mt,
+                                                                                       n_heads, group, CU_Q, CU_K,
+                                                                                       seqlen_q, seqlen_k, left, right,
+                                                                                       NC * ROWS, BLOCK_N, IS_VARLEN)
             if ok:
                 if lo < hi:
                     _consume_tile(W, o_desc, o_smem, O, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
@@ -359,14 +360,15 @@ if HAVE_GLUON:
         if O_BUF:
             tma.store_wait(0)   # the last tile's store reads the buffer: shared memory must outlive it
 
-    @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group", "n_mt", "n_units"])
+    @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group", "n_mt", "n_units",
+                                  "per"])
     def _fwd_kernel_ws(q_desc, k_desc, v_desc, o_desc, O, LSE, CU_Q, CU_K, stride_ob, stride_om, stride_oh, stride_lb,
                        stride_lh, seqlen_q, seqlen_k, window_left, window_right, qk_scale, group, n_mt, n_heads,
-                       n_units, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                       n_units, per, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        CONSUMER_REGS: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr,
                        IS_VARLEN: gl.constexpr = False, O_BUF: gl.constexpr = False):
-        # Grid: (programs,), each taking units pid, pid + programs, ... of the n_units = ceil(n_mt / 2) · H · B
-        # (`_tile`: a unit is two row tiles): persistent with one program an SM, or one program a unit. Warps: this
+        # Grid: (programs,), each taking units pid, pid + programs, ... of the n_units = ceil(n_mt / per) · H · B
+        # (`_tile`: a unit is `per` row tiles): persistent with one program an SM, or one program a unit. Warps: this
         # region's (num_warps=4: the producer partition) + NC (2 or 3) 4-warp consumer partitions, each with 64 rows
         # of the 64·NC-row tile.
         # IS_VARLEN: packed sequences, descriptors over (1, total, H, D), bounds from cu_seqlens, O by masked stores
@@ -405,33 +407,33 @@ if HAVE_GLUON:
         if NC == 3:
             gl.warp_specialize([
                 (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
-                             v_empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, pid,
-                             nprog, BLOCK_N, HEAD_DIM, STAGES, ROWS, NC, IS_VARLEN)),
+                             v_empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per,
+                             pid, nprog, BLOCK_N, HEAD_DIM, STAGES, ROWS, NC, IS_VARLEN)),
                 (_consumer, (0, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
-                             seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, pid, nprog, qk_scale,
+                             seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale,
                              ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF)),
                 (_consumer, (1, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
-                             seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, pid, nprog, qk_scale,
+                             seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale,
                              ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF)),
                 (_consumer, (2, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
-                             seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, pid, nprog, qk_scale,
+                             seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale,
                              ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF)),
             ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
         else:
             gl.warp_specialize([
                 (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
-                             v_empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, pid,
-                             nprog, BLOCK_N, HEAD_DIM, STAGES, ROWS, NC, IS_VARLEN)),
+                             v_empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per,
+                             pid, nprog, BLOCK_N, HEAD_DIM, STAGES, ROWS, NC, IS_VARLEN)),
                 (_consumer, (0, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
-                             seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, pid, nprog, qk_scale,
+                             seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale,
                              ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF)),
                 (_consumer, (1, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
-                             seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, pid, nprog, qk_scale,
+                             seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale,
                              ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF)),
             ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
@@ -442,7 +444,7 @@ if HAVE_GLUON:
 # d128 faster from 4k keys (1.01-1.04x cuDNN at 16k) and at 1k without a mask, slower at 1k causal; d256 faster
 # everywhere (0.93-1.18x cuDNN); d64 only without a mask from 4k keys with three consumers (192 rows).
 PINGPONG = False   # the consumers' products taken in turn (`_turn_wait`); a plan's 6th element overrides
-# Persistent: one program an SM looping over units of two row tiles (`_tile`), so a tile's Q and first key blocks load
+# Persistent: one program an SM looping over units of row tiles (`_tile`), so a tile's Q and first key blocks load
 # under the previous tile's last product and store (results/2026-11-26-h100-probe-persistent-fwd*.md: 1.00-1.08x one
 # program a unit, d256 16k unmasked 0.96-0.99x). False: one program a unit. Dense O leaves through a buffer of its own
 # up to head dim O_BUF_MAX_D (where shared memory holds one), else through Q's (the next Q then waits for the store).
@@ -503,7 +505,8 @@ def forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _pl
     lse = torch.empty((H, q.shape[0]) if varlen else (B, H, Sq), dtype=torch.float32, device=q.device)
     if q.numel() == 0 or k.numel() == 0 or B == 0:
         return out.zero_(), lse.fill_(float("inf"))
-    p = _plan or plan(D, Sk, tuple(window_size) != (-1, -1), force=True)
+    masked = tuple(window_size) != (-1, -1)
+    p = _plan or plan(D, Sk, masked, force=True)
     bm, bn, warps, stages, regs = p[:5]
     pingpong = p[5] if len(p) > 5 else PINGPONG
     left, right = C.window_args(window_size, Sq, Sk)
@@ -519,7 +522,8 @@ def forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _pl
     stride_l = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
     stride_o = C.seq_layout(out, varlen)
     n_mt = triton.cdiv(Sq, bm)
-    n_units = (n_mt + 1) // 2 * H * B
+    per = 2 if masked else 1   # row tiles a unit (`_tile`)
+    n_units = (n_mt + per - 1) // per * H * B
     programs = min(n_units, C.num_sms(q.device)) if PERSISTENT else n_units
     o_buf = D <= O_BUF_MAX_D and not varlen
     # what Triton specialises on here: the descriptors' dtype and blocks (dtype, D, plan), lse's and out's strides
@@ -528,8 +532,8 @@ def forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _pl
     cu_align = None if not varlen else (cu_seqlens_q.data_ptr() | cu_seqlens_k.data_ptr()) & 15
     key = (q.shape, Hk, q.dtype, p, pingpong, cu_align, o_buf, (left | right | Sq | Sk | n_units) >> 31)
     _fwd_launch.keyed(key, (programs,), qd, kd, vd, od, out, lse, cu_seqlens_q, cu_seqlens_k, *stride_o, *stride_l,
-                      Sq, Sk, left, right, qk_scale, H // Hk, n_mt, H, n_units, HEAD_DIM=D, BLOCK_N=bn, STAGES=stages,
-                      CONSUMER_REGS=regs, NC=bm // 64, PINGPONG=pingpong, IS_VARLEN=varlen, O_BUF=o_buf,
+                      Sq, Sk, left, right, qk_scale, H // Hk, n_mt, H, n_units, per, HEAD_DIM=D, BLOCK_N=bn,
+                      STAGES=stages, CONSUMER_REGS=regs, NC=bm // 64, PINGPONG=pingpong, IS_VARLEN=varlen, O_BUF=o_buf,
                       num_warps=warps)
     return out, lse
 

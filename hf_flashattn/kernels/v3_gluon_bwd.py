@@ -62,31 +62,31 @@ if HAVE_GLUON:
     from .v3_gluon import _tile, _tma_load, _tma_store, _visible
 
     @gluon.jit
-    def _kv_tile(i, pid, nprog, n_kt, n_kv_heads, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, BLOCK_N: gl.constexpr,
-                 BLOCK_M: gl.constexpr, IS_VARLEN: gl.constexpr):
-        """The i-th key tile of program pid (the forward's `_tile` with queries and keys exchanged: units of key tiles
-        j and n_kt - 1 - j, even work under a causal mask): (valid, b, kvh, n0, bq, q0, k0, Sq, Sk, lo, full_lo,
-        full_hi, hi), the query blocks [lo, hi) that see the keys, [full_lo, full_hi) seen by all of them."""
-        ok, b, kvh, _, n0, bq, k0, q0, Sk, Sq, _, lo, full_lo, full_hi, hi = _tile(i, pid, nprog, n_kt, n_kv_heads, 1,
-                                                                                   CU_K, CU_Q, seqlen_k, seqlen_q,
-                                                                                   right, left, BLOCK_N, BLOCK_M,
-                                                                                   IS_VARLEN)
+    def _kv_tile(i, pid, nprog, per, n_kt, n_kv_heads, CU_Q, CU_K, seqlen_q, seqlen_k, left, right,
+                 BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, IS_VARLEN: gl.constexpr):
+        """The i-th key tile of program pid (the forward's `_tile` with queries and keys exchanged: under a mask, units
+        of key tiles j and n_kt - 1 - j, even work under a causal mask): (valid, b, kvh, n0, bq, q0, k0, Sq, Sk, lo,
+        full_lo, full_hi, hi), the query blocks [lo, hi) that see the keys, [full_lo, full_hi) seen by all of them."""
+        ok, b, kvh, _, n0, bq, k0, q0, Sk, Sq, _, lo, full_lo, full_hi, hi = _tile(i, pid, nprog, per, n_kt,
+                                                                                   n_kv_heads, 1, CU_K, CU_Q, seqlen_k,
+                                                                                   seqlen_q, right, left, BLOCK_N,
+                                                                                   BLOCK_M, IS_VARLEN)
         return ok, b, kvh, n0, bq, q0, k0, Sq, Sk, lo, full_lo, full_hi, hi
 
     @gluon.jit
     def _producer(q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, q_smem, do_smem, k_smem, v_smem, l_smem, d_smem,
                   kv_bar, kv_empty, ready, empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, nheads, n_kt,
-                  n_units, pid, nprog, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                  n_units, per, pid, nprog, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                   NC: gl.constexpr, IS_VARLEN: gl.constexpr):
         """For each key tile of this program that some query sees: K and V (a 64-row slice per consumer) once the
         consumers have released the previous tile's (`kv_empty`), then Q, dO, lse and Delta of every (head, query
         block) into a ring whose count runs on across tiles."""
         base = 0
         tk = 0
-        for t in range(2 * gl.cdiv(n_units - pid, nprog)):
-            ok, b, kvh, n0, bq, q0, k0, _, _, lo, _, _, hi = _kv_tile(t, pid, nprog, n_kt, nheads // group, CU_Q, CU_K,
-                                                                     seqlen_q, seqlen_k, left, right, NC * 64, BLOCK_M,
-                                                                     IS_VARLEN)
+        for t in range(per * gl.cdiv(n_units - pid, nprog)):
+            ok, b, kvh, n0, bq, q0, k0, _, _, lo, _, _, hi = _kv_tile(t, pid, nprog, per, n_kt, nheads // group, CU_Q,
+                                                                     CU_K, seqlen_q, seqlen_k, left, right, NC * 64,
+                                                                     BLOCK_M, IS_VARLEN)
             if ok & (lo < hi):
                 mbarrier.wait(kv_empty, (tk & 1) ^ 1)   # a fresh barrier's parity 1 is done
                 mbarrier.expect(kv_bar, 2 * NC * 64 * HEAD_DIM * 2)
@@ -326,15 +326,15 @@ if HAVE_GLUON:
     def _consumer(W: gl.constexpr, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, kv_empty,
                   ready, empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh,
                   stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, CU_Q, CU_K, seqlen_q,
-                  seqlen_k, left, right, group, nheads, n_kt, n_units, pid, nprog, qk_scale, ds_scale,
+                  seqlen_k, left, right, group, nheads, n_kt, n_units, per, pid, nprog, qk_scale, ds_scale,
                   BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, DO_DQ: gl.constexpr,
                   SHARED_DQ: gl.constexpr, NC: gl.constexpr, PART: gl.constexpr, IS_VARLEN: gl.constexpr):
         """Consumer warpgroup W over this program's key tiles (the producer's order and ring count); keys no query
         sees get dK = dV = 0."""
         tbase = 0
         tk = 0
-        for t in range(2 * gl.cdiv(n_units - pid, nprog)):
-            ok, b, kvh, n0, bq, q0, k0, Sq, Sk, lo, full_lo, full_hi, hi = _kv_tile(t, pid, nprog, n_kt,
+        for t in range(per * gl.cdiv(n_units - pid, nprog)):
+            ok, b, kvh, n0, bq, q0, k0, Sq, Sk, lo, full_lo, full_hi, hi = _kv_tile(t, pid, nprog, per, n_kt,
                                                                                    nheads // group, CU_Q, CU_K,
                                                                                    seqlen_q, seqlen_k, left, right,
                                                                                    NC * 64, BLOCK_M, IS_VARLEN)
@@ -363,14 +363,14 @@ if HAVE_GLUON:
                         gl.store(DV + b64 * stride_dvb + kv64 * stride_dvh + r64 * stride_dvn + cols, zero, mask=okr)
 
     @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group", "nheads", "n_kt",
-                                  "n_units"])
+                                  "n_units", "per"])
     def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, l_desc, d_desc, DQ, DK, DV, CU_Q, CU_K, stride_dqb, stride_dqm,
                     stride_dqh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, seqlen_q,
-                    seqlen_k, window_left, window_right, qk_scale, ds_scale, group, nheads, n_kt, n_units,
+                    seqlen_k, window_left, window_right, qk_scale, ds_scale, group, nheads, n_kt, n_units, per,
                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                     NC: gl.constexpr, DO_DQ: gl.constexpr, SHARED_DQ: gl.constexpr, IS_VARLEN: gl.constexpr,
                     PART: gl.constexpr = 0):
-        # Grid: (programs,), persistent or one program a unit of two key tiles of 64·NC keys (`_kv_tile`). Warps: the
+        # Grid: (programs,), persistent or one program a unit of `per` key tiles of 64·NC keys (`_kv_tile`). Warps: the
         # producer (num_warps=4) + NC 4-warp consumers.
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
@@ -405,24 +405,24 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_producer, (q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, q_smem, do_smem, k_smem, v_smem, l_smem,
                          d_smem, kv_bar, kv_empty, ready, empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group,
-                         nheads, n_kt, n_units, pid, nprog, BLOCK_M, HEAD_DIM, STAGES, NC, IS_VARLEN)),
+                         nheads, n_kt, n_units, per, pid, nprog, BLOCK_M, HEAD_DIM, STAGES, NC, IS_VARLEN)),
             (_consumer, (0, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, kv_empty, ready,
                          empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb,
                          stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, CU_Q, CU_K, seqlen_q, seqlen_k,
-                         left, right, group, nheads, n_kt, n_units, pid, nprog, qk_scale, ds_scale, BLOCK_M, HEAD_DIM,
-                         STAGES, DO_DQ, SHARED_DQ, NC, PART, IS_VARLEN)),
+                         left, right, group, nheads, n_kt, n_units, per, pid, nprog, qk_scale, ds_scale, BLOCK_M,
+                         HEAD_DIM, STAGES, DO_DQ, SHARED_DQ, NC, PART, IS_VARLEN)),
             (_consumer, (1, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, kv_empty, ready,
                          empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb,
                          stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, CU_Q, CU_K, seqlen_q, seqlen_k,
-                         left, right, group, nheads, n_kt, n_units, pid, nprog, qk_scale, ds_scale, BLOCK_M, HEAD_DIM,
-                         STAGES, DO_DQ, SHARED_DQ, NC, PART, IS_VARLEN)),
+                         left, right, group, nheads, n_kt, n_units, per, pid, nprog, qk_scale, ds_scale, BLOCK_M,
+                         HEAD_DIM, STAGES, DO_DQ, SHARED_DQ, NC, PART, IS_VARLEN)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
     # ---- dQ in a pass of its own (deterministic): one program per 64·NC query rows, K and V streamed ----
 
     @gluon.jit
     def _dq_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, q_empty, ready, empty,
-                     CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, pid, nprog,
+                     CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog,
                      BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, NC: gl.constexpr,
                      IS_VARLEN: gl.constexpr):
         """For each tile of this program (the forward's `_tile` order) that sees a key: Q and dO once (a 64-row slice
@@ -430,8 +430,8 @@ if HAVE_GLUON:
         into a ring whose count runs on across tiles."""
         base = 0
         tq = 0
-        for i in range(2 * gl.cdiv(n_units - pid, nprog)):
-            ok, _, h, kvh, m0, bq, q0, k0, _, _, _, lo, _, _, hi = _tile(i, pid, nprog, n_mt, n_heads, group, CU_Q,
+        for i in range(per * gl.cdiv(n_units - pid, nprog)):
+            ok, _, h, kvh, m0, bq, q0, k0, _, _, _, lo, _, _, hi = _tile(i, pid, nprog, per, n_mt, n_heads, group, CU_Q,
                                                                          CU_K, seqlen_q, seqlen_k, left, right, NC * 64,
                                                                          BLOCK_N, IS_VARLEN)
             if ok & (lo < hi):
@@ -597,18 +597,18 @@ if HAVE_GLUON:
     @gluon.jit
     def _dq_consumer(W: gl.constexpr, dq_desc, dq_buf, DQ, stride_qb, stride_qm, stride_qh, q_smem, do_smem, k_smem,
                      v_smem, q_bar, q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, CU_Q, CU_K, seqlen_q,
-                     seqlen_k, left, right, group, n_mt, n_heads, n_units, pid, nprog, qk_scale, ds_scale,
+                     seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale, ds_scale,
                      BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, NC: gl.constexpr,
                      IS_VARLEN: gl.constexpr, PIPE: gl.constexpr, DQ_BUF: gl.constexpr):
         """Consumer warpgroup W over this program's tiles (the producer's order and ring count); a tile that sees no
         key gets dQ = 0 by masked stores."""
         base = 0
         tq = 0
-        for i in range(2 * gl.cdiv(n_units - pid, nprog)):
-            ok, b, h, _, m0, bq, q0, _, Sq, Sk, diag, lo, full_lo, full_hi, hi = _tile(i, pid, nprog, n_mt, n_heads,
-                                                                                       group, CU_Q, CU_K, seqlen_q,
-                                                                                       seqlen_k, left, right, NC * 64,
-                                                                                       BLOCK_N, IS_VARLEN)
+        for i in range(per * gl.cdiv(n_units - pid, nprog)):
+            ok, b, h, _, m0, bq, q0, _, Sq, Sk, diag, lo, full_lo, full_hi, hi = _tile(i, pid, nprog, per, n_mt,
+                                                                                       n_heads, group, CU_Q, CU_K,
+                                                                                       seqlen_q, seqlen_k, left, right,
+                                                                                       NC * 64, BLOCK_N, IS_VARLEN)
             if ok:
                 if lo < hi:
                     _dq_tile(W, dq_desc, dq_buf, DQ, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem, q_bar,
@@ -627,13 +627,14 @@ if HAVE_GLUON:
         if DQ_BUF:
             tma.store_wait(0)   # the last tile's store reads the buffer: shared memory must outlive it
 
-    @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group", "n_mt", "n_units"])
+    @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group", "n_mt", "n_units",
+                                  "per"])
     def _dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DQ, CU_Q, CU_K, stride_qb, stride_qm, stride_qh, LSE2,
                    DELTA, stride_pb, stride_ph, seqlen_q, seqlen_k, window_left, window_right, qk_scale, ds_scale,
-                   group, n_mt, n_heads, n_units, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                   CONSUMER_REGS: gl.constexpr, NC: gl.constexpr, IS_VARLEN: gl.constexpr, PIPE: gl.constexpr = False,
-                   DQ_BUF: gl.constexpr = False):
-        # Grid: (programs,), persistent or one program a unit of two row tiles, as the forward's (v3_gluon._tile).
+                   group, n_mt, n_heads, n_units, per, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                   STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, NC: gl.constexpr, IS_VARLEN: gl.constexpr,
+                   PIPE: gl.constexpr = False, DQ_BUF: gl.constexpr = False):
+        # Grid: (programs,), persistent or one program a unit of `per` row tiles, as the forward's (v3_gluon._tile).
         # Warps: the producer (num_warps=4) + NC 4-warp consumers of 64 query rows each. DQ_BUF: dense dQ leaves
         # through a shared buffer of its own, so that the next tile's Q and dO load under this one's last product.
         pid = gl.program_id(0)
@@ -661,15 +662,15 @@ if HAVE_GLUON:
         # two consumers (three, at 160 registers, measured within noise: results/2026-11-26-h100-sweep-gluon-bwd-6)
         gl.warp_specialize([
             (_dq_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, q_empty, ready,
-                            empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, pid,
+                            empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid,
                             nprog, BLOCK_N, HEAD_DIM, STAGES, NC, IS_VARLEN)),
             (_dq_consumer, (0, dq_desc, dq_buf, DQ, stride_qb, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem,
                             q_bar, q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, CU_Q, CU_K, seqlen_q,
-                            seqlen_k, left, right, group, n_mt, n_heads, n_units, pid, nprog, qk_scale, ds_scale,
+                            seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale, ds_scale,
                             BLOCK_N, HEAD_DIM, STAGES, NC, IS_VARLEN, PIPE, DQ_BUF)),
             (_dq_consumer, (1, dq_desc, dq_buf, DQ, stride_qb, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem,
                             q_bar, q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, CU_Q, CU_K, seqlen_q,
-                            seqlen_k, left, right, group, n_mt, n_heads, n_units, pid, nprog, qk_scale, ds_scale,
+                            seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale, ds_scale,
                             BLOCK_N, HEAD_DIM, STAGES, NC, IS_VARLEN, PIPE, DQ_BUF)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
@@ -687,7 +688,7 @@ _PLANS = {64: (64, 2, 240, 2, False, 0), 128: (64, 2, 240, 2, True, 0), 256: (32
 # against without, results/2026-11-26-h100-sweep-gluon-bwd-8.md: off)
 # (both kernels run NC = 2: the plan field says so)
 _DQ_PLANS = {64: (128, 2, 240, 2, False), 128: (64, 3, 240, 2, False), 256: (32, 2, 240, 2, False)}
-# Persistent passes (the forward's schedule, v3_gluon.PERSISTENT): one program an SM over units of two tiles; False:
+# Persistent passes (the forward's schedule, v3_gluon.PERSISTENT): one program an SM over units of tiles; False:
 # one program a unit. `backward`'s _persistent overrides. dQ leaves the dQ pass through a shared buffer of its own up
 # to head dim DQ_BUF_MAX_D (d256: through Q's, shared memory holds no other).
 PERSISTENT = True
@@ -804,13 +805,14 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     dks, dvs = C.seq_layout(dk, varlen), C.seq_layout(dv, varlen)
     # d256: dV and dK in separate launches (both accumulators would take every register of a consumer)
     persistent = PERSISTENT if _persistent is None else _persistent
+    per = 2 if tuple(window_size) != (-1, -1) else 1   # tiles a unit (v3_gluon._tile: pairs under a mask)
     n_kt = triton.cdiv(Sk, 64 * nc)
-    n_kv_units = (n_kt + 1) // 2 * Hk * B
+    n_kv_units = (n_kt + per - 1) // per * Hk * B
     for part in ((1, 2) if D == 256 else (0,)):
         _bwd_launch.keyed(
             key + (part, persistent), (min(n_kv_units, C.num_sms(q.device)) if persistent else n_kv_units,),
             qd, kd, vd, dod, ld, dd, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, dq.stride(0), dq.stride(1), dq.stride(2),
-            *dks, *dvs, Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, H, n_kt, n_kv_units,
+            *dks, *dvs, Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, H, n_kt, n_kv_units, per,
             HEAD_DIM=D, BLOCK_M=bm, STAGES=stages, CONSUMER_REGS=regs, NC=nc, DO_DQ=mode if atomic else 0,
             SHARED_DQ=shared and atomic, IS_VARLEN=varlen, PART=part, num_warps=4)
     if atomic:
@@ -821,14 +823,14 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             raise ValueError(f"the dQ pass runs two consumer warpgroups, got a plan with {dq_nc}")
         q64, do64, dq64, kn, vn = desc(q4, 64), desc(do4, 64), desc(dq4, 64), desc(k4, bn), desc(v4, bn)
         n_mt = triton.cdiv(Sq, 64 * dq_nc)
-        n_units = (n_mt + 1) // 2 * H * B
+        n_units = (n_mt + per - 1) // per * H * B
         persistent = PERSISTENT if _persistent is None else _persistent
         dq_buf = D <= DQ_BUF_MAX_D and not varlen
         _dq_launch.keyed(
             key + (persistent, dq_buf), (min(n_units, C.num_sms(q.device)) if persistent else n_units,),
             q64, kn, vn, do64, dq64, dq, cu_seqlens_q, cu_seqlens_k, *C.seq_layout(dq, varlen), lse2, delta,
             lse2.stride(0), lse2.stride(1), Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, n_mt, H, n_units,
-            HEAD_DIM=D, BLOCK_N=bn, STAGES=dq_stages, CONSUMER_REGS=dq_regs, NC=dq_nc, IS_VARLEN=varlen, PIPE=pipe,
+            per, HEAD_DIM=D, BLOCK_N=bn, STAGES=dq_stages, CONSUMER_REGS=dq_regs, NC=dq_nc, IS_VARLEN=varlen, PIPE=pipe,
             DQ_BUF=dq_buf, num_warps=4)
     return dq, dk, dv
 

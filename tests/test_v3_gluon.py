@@ -64,7 +64,8 @@ def _compile(D, block_n, stages, regs, nc, out, varlen=False):
 def test_compiles_for_hopper_with_the_overlap(D, varlen):
     """Each head dim's default plan compiles for sm_90a with: TMA tile copies, wgmma, a wait that leaves one
     wgmma group in flight (the softmax of block j under P·V of block j-1), mbarrier waits and arrives between
-    the producer and the consumers, register reallocation between the partitions, and (next to) no spills. Packed
+    the producer and the consumers, register reallocation between the partitions, a tile loop over the grid's
+    stride (persistent), and (next to) no spills. Packed
     (varlen): the bounds read from cu_seqlens and O written by masked stores, not TMA stores."""
     bm, bn, _, stages, regs = G.plan(D, 1 << 20, False, force=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,6 +76,7 @@ def test_compiles_for_hopper_with_the_overlap(D, varlen):
     assert re.search(r"wgmma\.wait_group\.sync\.aligned 1;", ptx)   # one group left in flight
     assert "mbarrier.try_wait.parity" in ptx and "mbarrier.arrive" in ptx
     assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx
+    assert "%nctaid.x" in ptx                       # persistent: a program's tiles stride by the number of programs
     assert shared <= 232448                         # fits the H100's shared memory per block
     res = ptxas_spills(ptx)
     if res is None:

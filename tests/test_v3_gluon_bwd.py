@@ -86,6 +86,7 @@ def _common_structure(ptx, shared):
     assert "wgmma.mma_async" in ptx
     assert "mbarrier.try_wait.parity" in ptx and "mbarrier.arrive" in ptx
     assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx
+    assert "%nctaid.x" in ptx                                  # persistent: tiles stride by the number of programs
     assert shared <= 232448                                    # the H100's shared memory per block
 
 

@@ -4,8 +4,9 @@ Why Gluon: in Triton's high-level language the compiler waits on each wgmma righ
 whose result feeds the next iteration's accumulator stays in flight), so the softmax of one key block never
 runs under a matmul of the same program (sixth session, benchmarks/NOTES.md). Here the waits are explicit.
 
-The kernel (`_fwd_kernel_ws`, warp-specialised): per program, 64·NC query rows of one head of one
-sequence (NC = 2 or 3). A producer partition (4 warps, 24 registers) copies Q once and K and V block by block
+The kernel (`_fwd_kernel_ws`, warp-specialised, persistent): one program an SM, each looping over tiles of 64·NC
+query rows of one head of one sequence (NC = 2 or 3), in the static order of `_tile` (under a mask, pairs of row
+tiles j and n - 1 - j, even work). A producer partition (4 warps, 24 registers) copies Q once and K and V block by block
 through host-made TMA descriptors over the whole (B, S, H, D) tensors into a ring of STAGES shared-memory slots,
 each with a `ready` mbarrier (the copy's byte count) and an `empty` one (one arrive per consumer). NC consumer
 partitions (4 warps, one warpgroup, 64 rows each, `setmaxnreg` up to 240 or 160 registers) run, for key block j:
@@ -20,7 +21,10 @@ O after block j is alpha_j · (O + P_{j-1} V_{j-1}), the same online softmax as 
 for a block one step late. The key blocks come as v2's three ranges (`tile_range`): a masked left-window edge,
 the band every row sees (no mask), the masked diagonal/tail; the first block is peeled (always masked: it may
 be an edge) and the last block's product follows the loop. The scale folds into the exponent. Each consumer
-writes its rows of O through its slice of Q's buffer and one TMA store, and its lse by a masked store.
+writes its rows of O through a shared buffer of its own and one TMA store left in flight (d256: through its slice
+of Q's buffer, waited), and its lse by a masked store. Across tiles the ring's count runs on and the consumers
+hand Q's buffer back (`q_empty`) after a tile's last q·kᵀ, so the next tile's Q and first key blocks load under
+this tile's last product and store (tenth session: 1.06-1.12x one program a tile at d128 1k-4k unmasked).
 
 Measured on the H100 (benchmarks/NOTES.md, seventh session; results/2026-11-26-h100-*gluon*): 0.93-1.06x
 cuDNN's forward from 4k keys where `plan()` picks it, against 0.80-0.90x for v3.py's kernel at d128/d256.
@@ -31,7 +35,8 @@ Scope (`supports`): dense (B, S, H, D) or packed (total, H, D) with cu_seqlens, 
 exactly, no softcap, a positive scale, TMA-aligned strides. Packed sequences load through descriptors over
 (1, total, H, D) from each sequence's first row (`_bounds`); rows of the next sequence that a tile reaches enter only
 masked scores (P = 0), and O is written by masked stores. Everything else runs the Triton-language v3 kernel
-(v3.py). Gluon kernels do not run on Triton's interpreter; the CPU tests compile this kernel for sm_90a instead (tests/test_v3_gluon.py).
+(v3.py). Gluon kernels do not run on Triton's interpreter; the CPU tests compile this kernel for sm_90a instead
+(tests/test_v3_gluon.py).
 """
 from __future__ import annotations
 

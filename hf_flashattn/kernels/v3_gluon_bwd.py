@@ -18,7 +18,10 @@ per-column vectors read from shared memory when used:
 and stores dK (times the scale) and dV once. dQ pass (`_dq_kernel`): one program per (128 query rows, head,
 sequence), shaped like the forward (v3_gluon.py): a producer copies Q and dO once and streams K and V; each consumer
 (64 rows) computes S = Q Kᵀ and dP = dO Vᵀ together, dS = P ∘ (dP - Delta) as a register A operand, dQ += dS K,
-and stores dQ once. No program writes what another writes: bitwise reproducible, so `deterministic=True` runs it too.
+and stores dQ once. No program writes what another writes: bitwise reproducible, so `deterministic=True` runs it
+too. Both passes are persistent, as the forward (v3_gluon.py: one program an SM over `_tile`'s units, the ring's
+count running on across tiles; the dK/dV pass hands K and V back after a tile's last step, the dQ pass Q and dO
+after its last block; tenth session: 0.97-1.07x one program a unit, about 1.02 on average).
 Both passes take v2's three ranges of blocks (masked edge, unmasked band, masked diagonal/tail); Delta and lse come
 from `_prep_kernel`, padded per sequence to whole blocks (+inf, 0) so that the kernels' loads need no mask. Packed
 batches (cu_seqlens) use descriptors over (1, total, H, D) and per-sequence bounds; rows that run into the next

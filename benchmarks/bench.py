@@ -92,6 +92,24 @@ def wanted(name, S, D):
     return True
 
 
+def host_ms(f, n=20):
+    """Host time a call (the calls queued, not waited for), the median of three runs of n: where it reaches the
+    measured time, the point measured the host, not the GPU (the short points' spread between processes, NOTES,
+    tenth session). None if it cannot be taken."""
+    try:
+        times = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                f()
+            times.append((time.perf_counter() - t0) * 1e3 / n)
+            torch.cuda.synchronize()
+        return sorted(times)[1]
+    except Exception:  # noqa: BLE001 - a diagnostic, never the reason a point is lost
+        return None
+
+
 def bench_point(impls, B, H, Hk, S, D, causal, modes=("fwd", "fwd+bwd")):
     rows = []
     for name, fn in impls.items():
@@ -116,7 +134,8 @@ def bench_point(impls, B, H, Hk, S, D, causal, modes=("fwd", "fwd+bwd")):
                     f()
                 ms = triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")
                 tf = flops(B, H, S, S, D, causal, mode) / ms / 1e9
-                rows.append(dict(impl=name, B=B, H=H, Hk=Hk, S=S, D=D, causal=causal, mode=mode, ms=ms, tflops=tf))
+                rows.append(dict(impl=name, B=B, H=H, Hk=Hk, S=S, D=D, causal=causal, mode=mode, ms=ms, tflops=tf,
+                                 host_ms=host_ms(f) if ms < 2.0 else None))   # only where the host could matter
             except Exception as e:  # a baseline that cannot run this shape is recorded, not fatal
                 rows.append(dict(impl=name, B=B, H=H, Hk=Hk, S=S, D=D, causal=causal, mode=mode, ms=None,
                                  tflops=None, error=f"{type(e).__name__}: {str(e)[:160]}"))

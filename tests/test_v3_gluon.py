@@ -122,3 +122,16 @@ def test_dispatch_off_the_gpu_and_when_turned_off(monkeypatch):
     assert v3._gluon_plan(x, x, x, None, 4096, 0.1, (-1, -1), 0.0) is None         # CPU tensors
     monkeypatch.setenv("HF_FLASHATTN_V3_GLUON", "0")
     assert v3._gluon_plan(x, x, x, None, 4096, 0.1, (-1, -1), 0.0) is None
+
+
+def test_persistent_switch(monkeypatch):
+    """The Gluon forward and both backward passes run persistent by default; HF_FLASHATTN_V3_PERSISTENT=0 gives one
+    program a unit (read on every call), and so does the module switch."""
+    from hf_flashattn.kernels import v3_gluon_bwd as GB
+    monkeypatch.delenv("HF_FLASHATTN_V3_PERSISTENT", raising=False)
+    assert G.persistent_on() and GB._persistent_on()
+    monkeypatch.setenv("HF_FLASHATTN_V3_PERSISTENT", "0")
+    assert not G.persistent_on() and not GB._persistent_on()
+    monkeypatch.setenv("HF_FLASHATTN_V3_PERSISTENT", "1")
+    monkeypatch.setattr(G, "PERSISTENT", False)
+    assert not G.persistent_on() and GB._persistent_on()

@@ -59,6 +59,7 @@ try:   # Gluon ships with Triton >= 3.4 (the GPU image has 3.6); absent -> v3.py
 except ImportError:  # pragma: no cover - older Triton
     HAVE_GLUON = False
 
+from .._runtime import env_get
 from . import _common as C
 
 if HAVE_GLUON:
@@ -455,6 +456,13 @@ PINGPONG = False   # the consumers' products taken in turn (`_turn_wait`); a pla
 # up to head dim O_BUF_MAX_D (where shared memory holds one), else through Q's (the next Q then waits for the store).
 PERSISTENT = True
 O_BUF_MAX_D = 128
+
+
+def persistent_on() -> bool:
+    """Whether the Gluon kernels (this forward and v3_gluon_bwd's passes) run persistent: `PERSISTENT`, unless
+    HF_FLASHATTN_V3_PERSISTENT=0 (one program a unit: the hardware's scheduler then spreads the units, which may
+    suit a GPU shared with kernels running beside it, e.g. collectives)."""
+    return PERSISTENT and env_get("HF_FLASHATTN_V3_PERSISTENT", "1") != "0"
 _PLANS = {64: (192, 128, 4, 2, 160), 128: (128, 128, 4, 2, 240), 256: (128, 64, 4, 2, 240)}
 # d64 under a mask: the 192-row diagonal tiles cost less as the sequence grows; against v3.py's kernel (causal, 32/8
 # heads, results/2026-11-26-h100-probe-packed-fwd.md) 0.89-0.91x at 8k keys, 1.01-1.07x at 16k, 1.06-1.15x at 32k
@@ -529,7 +537,7 @@ def forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _pl
     n_mt = triton.cdiv(Sq, bm)
     per = 2 if masked else 1   # row tiles a unit (`_tile`)
     n_units = (n_mt + per - 1) // per * H * B
-    programs = min(n_units, C.num_sms(q.device)) if PERSISTENT else n_units
+    programs = min(n_units, C.num_sms(q.device)) if persistent_on() else n_units
     o_buf = D <= O_BUF_MAX_D and not varlen
     # what Triton specialises on here: the descriptors' dtype and blocks (dtype, D, plan), lse's and out's strides
     # (shapes; both fresh, so aligned), cu_seqlens' alignment, the group size; the sequence lengths, window and tile

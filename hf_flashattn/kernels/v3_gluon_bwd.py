@@ -47,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._runtime import env_get
 from . import _common as C
 from ._common import seq_bounds
 from .v3_gluon import HAVE_GLUON
@@ -698,6 +699,11 @@ PERSISTENT = True
 DQ_BUF_MAX_D = 128
 
 
+def _persistent_on() -> bool:
+    """`PERSISTENT`, unless HF_FLASHATTN_V3_PERSISTENT=0 (v3_gluon.persistent_on)."""
+    return PERSISTENT and env_get("HF_FLASHATTN_V3_PERSISTENT", "1") != "0"
+
+
 def plan(D: int, deterministic: bool = False):
     """The dK/dV kernel's plan for head dim D (64, 128 or 256); deterministic: dQ in its own pass (no atomics)."""
     p = _PLANS[D]
@@ -807,7 +813,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     dd = C.descriptor(TensorDescriptor, delta.view(B * H, pad), (1, bm), row_layout)
     dks, dvs = C.seq_layout(dk, varlen), C.seq_layout(dv, varlen)
     # d256: dV and dK in separate launches (both accumulators would take every register of a consumer)
-    persistent = PERSISTENT if _persistent is None else _persistent
+    persistent = _persistent_on() if _persistent is None else _persistent
     per = 2 if tuple(window_size) != (-1, -1) else 1   # tiles a unit (v3_gluon._tile: pairs under a mask)
     n_kt = triton.cdiv(Sk, 64 * nc)
     n_kv_units = (n_kt + per - 1) // per * Hk * B
@@ -827,7 +833,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         q64, do64, dq64, kn, vn = desc(q4, 64), desc(do4, 64), desc(dq4, 64), desc(k4, bn), desc(v4, bn)
         n_mt = triton.cdiv(Sq, 64 * dq_nc)
         n_units = (n_mt + per - 1) // per * H * B
-        persistent = PERSISTENT if _persistent is None else _persistent
+        persistent = _persistent_on() if _persistent is None else _persistent
         dq_buf = D <= DQ_BUF_MAX_D and not varlen
         _dq_launch.keyed(
             key + (persistent, dq_buf), (min(n_units, C.num_sms(q.device)) if persistent else n_units,),

@@ -1,5 +1,5 @@
-"""The persistent Gluon v3 forward and backward (one program an SM looping over units of two tiles) against one
-program a unit.
+"""The persistent Gluon v3 forward and backward (one program an SM looping over units of tiles: pairs under a mask,
+single tiles without one, v3_gluon._tile) against one program a unit.
 
 1. check: flash_attn_func / flash_attn_varlen_func(version="v3") with HF_FLASHATTN_V3_GLUON=1 (the Gluon forward for
    every input in its scope), persistent, against the float32 reference with gpu_check's rule: dense head dims
@@ -8,10 +8,10 @@ program a unit.
    run with one program a unit in all three kernels: out, lse, dq, dk and dv must be bitwise equal (the same
    arithmetic a tile).
 2. time (forward, bench.py's grid: 16k tokens, nheads = 2048 / D; GQA 32/8 at 8k): the Gluon kernel persistent
-   and one program a unit (two row tiles), v3.py's Triton kernel (HF_FLASHATTN_V3_GLUON=0), SDPA-cuDNN, in one process;
-   then forward+backward with the backward's passes persistent and one program a unit, and SDPA-cuDNN's.
+   and one program a unit, v3.py's Triton kernel (HF_FLASHATTN_V3_GLUON=0), SDPA-cuDNN, in one process; then
+   forward+backward with the backward's passes persistent and one program a unit, and SDPA-cuDNN's.
 
-    python benchmarks/probe_persistent.py --out DIR      (writes probe_persistent.json and .md)
+    python benchmarks/probe_persistent.py --out DIR [--quick]     (writes probe_persistent.json and .md)
 """
 from __future__ import annotations
 

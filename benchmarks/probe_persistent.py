@@ -163,7 +163,8 @@ def main():
         json.dump(out, f, indent=1)
     n_ok = sum(r["ok"] for r in checks)
     n_same = sum(bool(r.get("same_as_grid")) for r in checks)
-    lines = [f"# Gluon v3 forward and backward: persistent against one program a unit — {meta['gpu']} ({meta['sms']} SMs)", "",
+    lines = [f"# Gluon v3 forward and backward: persistent against one program a unit — {meta['gpu']} "
+             f"({meta['sms']} SMs)", "",
              f"date {meta['date']}, commit {meta['commit']}, torch {meta['torch']}, triton {meta['triton']}, "
              f"cuDNN {meta['cudnn']}", "",
              f"Check (HF_FLASHATTN_V3_GLUON=1, persistent): {n_ok}/{len(checks)} pass (gpu_check's rule: out 2x, "

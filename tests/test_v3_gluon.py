@@ -135,3 +135,16 @@ def test_persistent_switch(monkeypatch):
     monkeypatch.setenv("HF_FLASHATTN_V3_PERSISTENT", "1")
     monkeypatch.setattr(G, "PERSISTENT", False)
     assert not G.persistent_on() and GB._persistent_on()
+
+
+def test_schedule_units_and_programs(monkeypatch):
+    """`schedule`: pairs of tiles a unit under a mask (an odd count leaves a single), single tiles without one; one
+    program an SM (4 off the GPU) when persistent, one a unit otherwise."""
+    monkeypatch.delenv("HF_FLASHATTN_V3_PERSISTENT", raising=False)
+    cpu = torch.device("cpu")
+    assert G.schedule(5, 2, 3, True, cpu) == (2, 18, 4)       # ceil(5 / 2) units a (batch, head)
+    assert G.schedule(5, 2, 3, False, cpu) == (1, 30, 4)
+    assert G.schedule(1, 1, 2, False, cpu) == (1, 2, 2)        # fewer units than SMs: a program each
+    assert G.schedule(5, 2, 3, True, cpu, switch=False) == (2, 18, 18)
+    monkeypatch.setenv("HF_FLASHATTN_V3_PERSISTENT", "0")
+    assert G.schedule(5, 2, 3, False, cpu) == (1, 30, 30)

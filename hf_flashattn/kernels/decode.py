@@ -216,9 +216,6 @@ def _combine_kernel(OP, O, LSE, n_splits, lp_off,
         tl.store(LSE + b * stride_lb + h * stride_lh + m, lse)
 
 
-_num_sms = C.num_sms
-
-
 # Launch parameters of the GPU decode kernel (module-level so that benchmarks/sweep_decode.py can vary
 # them): key block for head dim <= 128 (32 above), warps, pipeline stages, waves of programs per SM.
 # num_stages None: 3 when the keys are cut into >= 16 splits (batch 1: 54 vs 55 us at 32k), else 2 (batch 8:
@@ -478,7 +475,7 @@ def _tiles(Sq, H, Hk, D, device) -> _Tiles:
     interp = is_interpreting()
     BLOCK_M = 16 if interp else max(16, min(64, _pow2(Sq * group)))
     BLOCK_N = 32 if interp else (TUNE["block_n"] if D <= 128 else 32)
-    return _Tiles(max(_pow2(D), 16), BLOCK_M, BLOCK_N, _cdiv(Sq * group, BLOCK_M), group, D, _num_sms(device),
+    return _Tiles(max(_pow2(D), 16), BLOCK_M, BLOCK_N, _cdiv(Sq * group, BLOCK_M), group, D, C.num_sms(device),
                   Sq * group)
 
 

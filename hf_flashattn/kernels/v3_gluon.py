@@ -451,18 +451,26 @@ if HAVE_GLUON:
 # everywhere (0.93-1.18x cuDNN); d64 only without a mask from 4k keys with three consumers (192 rows).
 PINGPONG = False   # the consumers' products taken in turn (`_turn_wait`); a plan's 6th element overrides
 # Persistent: one program an SM looping over units of row tiles (`_tile`), so a tile's Q and first key blocks load
-# under the previous tile's last product and store (results/2026-11-26-h100-probe-persistent-fwd*.md: 1.00-1.08x one
+# under the previous tile's last product and store (results/2026-11-26-h100-probe-persistent*.md: 1.00-1.08x one
 # program a unit, d256 16k unmasked 0.96-0.99x). False: one program a unit. Dense O leaves through a buffer of its own
 # up to head dim O_BUF_MAX_D (where shared memory holds one), else through Q's (the next Q then waits for the store).
 PERSISTENT = True
 O_BUF_MAX_D = 128
 
 
-def persistent_on() -> bool:
-    """Whether the Gluon kernels (this forward and v3_gluon_bwd's passes) run persistent: `PERSISTENT`, unless
-    HF_FLASHATTN_V3_PERSISTENT=0 (one program a unit: the hardware's scheduler then spreads the units, which may
-    suit a GPU shared with kernels running beside it, e.g. collectives)."""
-    return PERSISTENT and env_get("HF_FLASHATTN_V3_PERSISTENT", "1") != "0"
+def persistent_on(switch: bool | None = None) -> bool:
+    """Whether a Gluon kernel (this forward, v3_gluon_bwd's passes) runs persistent: its module's switch (`switch`;
+    None: this module's `PERSISTENT`), unless HF_FLASHATTN_V3_PERSISTENT=0 (one program a unit: the hardware's
+    scheduler then spreads the units, which may suit a GPU shared with kernels running beside it, e.g. collectives)."""
+    return (PERSISTENT if switch is None else switch) and env_get("HF_FLASHATTN_V3_PERSISTENT", "1") != "0"
+
+
+def schedule(n_tiles: int, heads: int, batch: int, masked: bool, device, switch: bool | None = None):
+    """(per, n_units, programs) of a launch over n_tiles tiles of each (batch, head) in `_tile`'s order: per = 2 tiles
+    a unit under a mask (pairs of even work), else 1; one program an SM if `persistent_on(switch)`, else one a unit."""
+    per = 2 if masked else 1
+    n_units = (n_tiles + per - 1) // per * heads * batch
+    return per, n_units, (min(n_units, C.num_sms(device)) if persistent_on(switch) else n_units)
 _PLANS = {64: (192, 128, 4, 2, 160), 128: (128, 128, 4, 2, 240), 256: (128, 64, 4, 2, 240)}
 # d64 under a mask: the 192-row diagonal tiles cost less as the sequence grows; against v3.py's kernel (causal, 32/8
 # heads, results/2026-11-26-h100-probe-packed-fwd.md) 0.89-0.91x at 8k keys, 1.01-1.07x at 16k, 1.06-1.15x at 32k
@@ -535,9 +543,7 @@ def forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _pl
     stride_l = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
     stride_o = C.seq_layout(out, varlen)
     n_mt = triton.cdiv(Sq, bm)
-    per = 2 if masked else 1   # row tiles a unit (`_tile`)
-    n_units = (n_mt + per - 1) // per * H * B
-    programs = min(n_units, C.num_sms(q.device)) if persistent_on() else n_units
+    per, n_units, programs = schedule(n_mt, H, B, masked, q.device)
     o_buf = D <= O_BUF_MAX_D and not varlen
     # what Triton specialises on here: the descriptors' dtype and blocks (dtype, D, plan), lse's and out's strides
     # (shapes; both fresh, so aligned), cu_seqlens' alignment, the group size; the sequence lengths, window and tile

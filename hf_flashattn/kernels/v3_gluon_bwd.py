@@ -47,10 +47,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import env_get
 from . import _common as C
 from ._common import seq_bounds
-from .v3_gluon import HAVE_GLUON
+from .v3_gluon import HAVE_GLUON, persistent_on, schedule
 
 if HAVE_GLUON:
     from triton.experimental import gluon
@@ -692,16 +691,16 @@ _PLANS = {64: (64, 2, 240, 2, False, 0), 128: (64, 2, 240, 2, True, 0), 256: (32
 # against without, results/2026-11-26-h100-sweep-gluon-bwd-8.md: off)
 # (both kernels run NC = 2: the plan field says so)
 _DQ_PLANS = {64: (128, 2, 240, 2, False), 128: (64, 3, 240, 2, False), 256: (32, 2, 240, 2, False)}
-# Persistent passes (the forward's schedule, v3_gluon.PERSISTENT): one program an SM over units of tiles; False:
-# one program a unit. `backward`'s _persistent overrides. dQ leaves the dQ pass through a shared buffer of its own up
-# to head dim DQ_BUF_MAX_D (d256: through Q's, shared memory holds no other).
+# Persistent passes (the forward's schedule, v3_gluon.schedule): one program an SM over units of tiles; False:
+# one program a unit. dQ leaves the dQ pass through a shared buffer of its own up to head dim DQ_BUF_MAX_D (d256:
+# through Q's, shared memory holds no other).
 PERSISTENT = True
 DQ_BUF_MAX_D = 128
 
 
 def _persistent_on() -> bool:
     """`PERSISTENT`, unless HF_FLASHATTN_V3_PERSISTENT=0 (v3_gluon.persistent_on)."""
-    return PERSISTENT and env_get("HF_FLASHATTN_V3_PERSISTENT", "1") != "0"
+    return persistent_on(PERSISTENT)
 
 
 def plan(D: int, deterministic: bool = False):
@@ -750,7 +749,7 @@ def _prep_kernel(O, DO, LSE, LSE2, DELTA, CU_Q, stride_ob, stride_om, stride_oh,
 
 
 def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-             window_size, _plan=None, _dq=None, _dq_plan=None, _persistent=None):
+             window_size, _plan=None, _dq=None, _dq_plan=None):
     """(B, S, H, D) or packed (total, H, D) with cu_seqlens: (dq, dk, dv). `supports()` must have passed and do be
     TMA-loadable (`C.descriptors_ok`). _plan, _dq_plan override `plan()` and `_DQ_PLANS`; _dq overrides the plan's dQ
     mode (see `_PLANS`; packed sequences take mode 0), and takes two timing diagnostics whose dq is garbage: 3 computes
@@ -813,13 +812,12 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     dd = C.descriptor(TensorDescriptor, delta.view(B * H, pad), (1, bm), row_layout)
     dks, dvs = C.seq_layout(dk, varlen), C.seq_layout(dv, varlen)
     # d256: dV and dK in separate launches (both accumulators would take every register of a consumer)
-    persistent = _persistent_on() if _persistent is None else _persistent
-    per = 2 if tuple(window_size) != (-1, -1) else 1   # tiles a unit (v3_gluon._tile: pairs under a mask)
+    masked = tuple(window_size) != (-1, -1)
     n_kt = triton.cdiv(Sk, 64 * nc)
-    n_kv_units = (n_kt + per - 1) // per * Hk * B
+    per, n_kv_units, programs = schedule(n_kt, Hk, B, masked, q.device, PERSISTENT)
     for part in ((1, 2) if D == 256 else (0,)):
         _bwd_launch.keyed(
-            key + (part, persistent), (min(n_kv_units, C.num_sms(q.device)) if persistent else n_kv_units,),
+            key + (part,), (programs,),
             qd, kd, vd, dod, ld, dd, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, dq.stride(0), dq.stride(1), dq.stride(2),
             *dks, *dvs, Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, H, n_kt, n_kv_units, per,
             HEAD_DIM=D, BLOCK_M=bm, STAGES=stages, CONSUMER_REGS=regs, NC=nc, DO_DQ=mode if atomic else 0,
@@ -832,11 +830,10 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             raise ValueError(f"the dQ pass runs two consumer warpgroups, got a plan with {dq_nc}")
         q64, do64, dq64, kn, vn = desc(q4, 64), desc(do4, 64), desc(dq4, 64), desc(k4, bn), desc(v4, bn)
         n_mt = triton.cdiv(Sq, 64 * dq_nc)
-        n_units = (n_mt + per - 1) // per * H * B
-        persistent = _persistent_on() if _persistent is None else _persistent
+        _, n_units, programs = schedule(n_mt, H, B, masked, q.device, PERSISTENT)
         dq_buf = D <= DQ_BUF_MAX_D and not varlen
         _dq_launch.keyed(
-            key + (persistent, dq_buf), (min(n_units, C.num_sms(q.device)) if persistent else n_units,),
+            key + (dq_buf,), (programs,),
             q64, kn, vn, do64, dq64, dq, cu_seqlens_q, cu_seqlens_k, *C.seq_layout(dq, varlen), lse2, delta,
             lse2.stride(0), lse2.stride(1), Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, n_mt, H, n_units,
             per, HEAD_DIM=D, BLOCK_N=bn, STAGES=dq_stages, CONSUMER_REGS=dq_regs, NC=dq_nc, IS_VARLEN=varlen, PIPE=pipe,

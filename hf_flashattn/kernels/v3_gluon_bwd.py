@@ -312,15 +312,23 @@ if HAVE_GLUON:
                                diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout,
                                a_layout, True, DO_DQ, SHARED_DQ, W, NC, PART)
         mbarrier.arrive(kv_empty, count=1)   # every product reading K and V has been waited for
-        rows = kw0 + gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
-        cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout)), 0)
+        _store_kv_rows(DK, DV, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, bq, kvh, k0, kw0,
+                       Sk, dk * ds_scale, dv, acc_layout, HEAD_DIM, PART)
+
+    @gluon.jit
+    def _store_kv_rows(DK, DV, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, bq, kvh, k0, kw0,
+                       Sk, dk, dv, layout: gl.constexpr, HEAD_DIM: gl.constexpr, PART: gl.constexpr):
+        """dK and dV (64 x HEAD_DIM, in `layout`) of keys kw0 ... of the sequence, by masked stores (keys past Sk are
+        the next sequence's, packed, or nothing); PART 1 stores dV alone, 2 dK alone."""
+        rows = kw0 + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
+        cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout)), 0)
         ok = gl.expand_dims(rows, 1) < Sk
         r64 = gl.expand_dims(rows.to(gl.int64) + k0, 1)
         kv64 = kvh.to(gl.int64)
         b64 = bq.to(gl.int64)
         if PART != 1:
-            gl.store(DK + b64 * stride_dkb + kv64 * stride_dkh + r64 * stride_dkn + cols,
-                     (dk * ds_scale).to(DK.dtype.element_ty), mask=ok)
+            gl.store(DK + b64 * stride_dkb + kv64 * stride_dkh + r64 * stride_dkn + cols, dk.to(DK.dtype.element_ty),
+                     mask=ok)
         if PART != 2:
             gl.store(DV + b64 * stride_dvb + kv64 * stride_dvh + r64 * stride_dvn + cols, dv.to(DV.dtype.element_ty),
                      mask=ok)
@@ -353,17 +361,9 @@ if HAVE_GLUON:
                     tk += 1
                 else:   # no query sees these keys: dK = dV = 0
                     z_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-                    rows = n0 + W * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, z_layout))
-                    cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, z_layout)), 0)
-                    r64 = gl.expand_dims(rows.to(gl.int64) + k0, 1)
-                    okr = gl.expand_dims(rows, 1) < Sk
                     zero = gl.zeros([64, HEAD_DIM], DK.dtype.element_ty, z_layout)
-                    b64 = bq.to(gl.int64)
-                    kv64 = kvh.to(gl.int64)
-                    if PART != 1:
-                        gl.store(DK + b64 * stride_dkb + kv64 * stride_dkh + r64 * stride_dkn + cols, zero, mask=okr)
-                    if PART != 2:
-                        gl.store(DV + b64 * stride_dvb + kv64 * stride_dvh + r64 * stride_dvn + cols, zero, mask=okr)
+                    _store_kv_rows(DK, DV, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, bq,
+                                   kvh, k0, n0 + W * 64, Sk, zero, zero, z_layout, HEAD_DIM, PART)
 
     @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group", "nheads", "n_kt",
                                   "n_units", "per"])

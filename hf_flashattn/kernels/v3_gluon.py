@@ -305,20 +305,33 @@ if HAVE_GLUON:
         offs_lse = r0 + gl.arange(0, ROWS, layout=row_o)
         gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q0 + offs_lse, lse,
                  mask=offs_lse < Sq)
-        if IS_VARLEN:   # rows past the sequence are the next one's: a masked store
-            cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout)), 0)
-            ptrs = O + gl.expand_dims((q0 + offs_lse).to(gl.int64), 1) * stride_om + h.to(gl.int64) * stride_oh + cols
-            gl.store(ptrs, o.to(dtype), mask=gl.expand_dims(offs_lse, 1) < Sq)
-        elif O_BUF:   # its own buffer: the previous tile's store from it must have read it; this one is not waited
-            ow = o_smem.index(W)
+        _store_rows(o.to(dtype), W, o_desc, o_smem, q_smem, q_empty, O, stride_om, stride_oh, bq, q0, h, r0, Sq,
+                    o_layout, ROWS, HEAD_DIM, IS_VARLEN, O_BUF)
+
+    @gluon.jit
+    def _store_rows(x, W: gl.constexpr, desc, own_smem, q_smem, q_empty, PTR, stride_m, stride_h, bq, q0, h, r0, Sq,
+                    layout: gl.constexpr, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, IS_VARLEN: gl.constexpr,
+                    OWN_BUF: gl.constexpr):
+        """Consumer W's rows r0 ... of a tile's output x (in the output dtype, `layout`): packed, by a masked store
+        (rows past the sequence are the next one's); dense, by a TMA store through W's slice of a shared buffer of its
+        own (OWN_BUF: the previous tile's store from it waited for first, this one left in flight) or of Q's buffer
+        (the store waited for, then Q's buffer handed back to the producer on `q_empty`). The forward's O and the dQ
+        pass's dQ (v3_gluon_bwd.py)."""
+        if IS_VARLEN:
+            rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
+            cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout)), 0)
+            ptrs = PTR + gl.expand_dims((q0 + rows).to(gl.int64), 1) * stride_m + h.to(gl.int64) * stride_h + cols
+            gl.store(ptrs, x, mask=gl.expand_dims(rows, 1) < Sq)
+        elif OWN_BUF:
+            w = own_smem.index(W)
             tma.store_wait(0)
-            ow.reshape([ROWS, HEAD_DIM]).store(o.to(dtype))
+            w.reshape([ROWS, HEAD_DIM]).store(x)
             fence_async_shared()
-            _tma_store(o_desc, [bq, r0, h, 0], ow)
-        else:   # through this warpgroup's slice of Q's buffer, released to the producer once the store has read it
-            qw.store(o.to(dtype))
+            _tma_store(desc, [bq, q0 + r0, h, 0], w)
+        else:
+            q_smem.index(W).reshape([ROWS, HEAD_DIM]).store(x)
             fence_async_shared()
-            _tma_store(o_desc, [bq, r0, h, 0], q_smem.index(W))
+            _tma_store(desc, [bq, q0 + r0, h, 0], q_smem.index(W))
             tma.store_wait(0)
             mbarrier.arrive(q_empty, count=1)
 

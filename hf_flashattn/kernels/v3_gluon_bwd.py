@@ -62,7 +62,7 @@ if HAVE_GLUON:
         warpgroup_mma_wait,
     )
 
-    from .v3_gluon import _tile, _tma_load, _tma_store, _visible
+    from .v3_gluon import _store_rows, _tile, _tma_load, _visible
 
     @gluon.jit
     def _kv_tile(i, pid, nprog, per, n_kt, n_kv_heads, CU_Q, CU_K, seqlen_q, seqlen_k, left, right,
@@ -579,23 +579,8 @@ if HAVE_GLUON:
             if DQ_BUF or IS_VARLEN:
                 mbarrier.arrive(q_empty, count=1)
         dq = (dq * ds_scale).to(qw.dtype)
-        if IS_VARLEN:   # rows past the sequence are the next one's: a masked store
-            rows = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
-            cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout)), 0)
-            ptrs = DQ + gl.expand_dims((q0 + rows).to(gl.int64), 1) * stride_qm + h.to(gl.int64) * stride_qh + cols
-            gl.store(ptrs, dq, mask=gl.expand_dims(rows, 1) < Sq)
-        elif DQ_BUF:   # its own buffer: the previous tile's store from it must have read it; this one is not waited
-            dw = dq_buf.index(W)
-            tma.store_wait(0)
-            dw.reshape([64, HEAD_DIM]).store(dq)
-            fence_async_shared()
-            _tma_store(dq_desc, [bq, q0 + r0, h, 0], dw)
-        else:   # through this warpgroup's slice of Q's buffer, released once the copy (dropping rows past Sq) read it
-            qw.store(dq)
-            fence_async_shared()
-            _tma_store(dq_desc, [bq, q0 + r0, h, 0], q_smem.index(W))
-            tma.store_wait(0)
-            mbarrier.arrive(q_empty, count=1)
+        _store_rows(dq, W, dq_desc, dq_buf, q_smem, q_empty, DQ, stride_qm, stride_qh, bq, q0, h, r0, Sq, acc_layout,
+                    64, HEAD_DIM, IS_VARLEN, DQ_BUF)
 
     @gluon.jit
     def _dq_consumer(W: gl.constexpr, dq_desc, dq_buf, DQ, stride_qb, stride_qm, stride_qh, q_smem, do_smem, k_smem,

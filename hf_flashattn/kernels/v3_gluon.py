@@ -336,16 +336,23 @@ if HAVE_GLUON:
             mbarrier.arrive(q_empty, count=1)
 
     @gluon.jit
+    def _store_zero_rows(PTR, stride_b, stride_m, stride_h, b, q0, h, r0, Sq, ROWS: gl.constexpr,
+                         HEAD_DIM: gl.constexpr):
+        """Rows r0 ... r0 + ROWS (of sequence b, head h) set to 0 by a masked store: past Sq are the next sequence's
+        rows (packed) or nothing (dense). The forward's O and the dQ pass's dQ of tiles that see no key."""
+        z_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, z_layout)), 0)
+        rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, z_layout))
+        gl.store(PTR + b.to(gl.int64) * stride_b + gl.expand_dims((q0 + rows).to(gl.int64), 1) * stride_m
+                 + h.to(gl.int64) * stride_h + cols, gl.zeros([ROWS, HEAD_DIM], PTR.dtype.element_ty, z_layout),
+                 mask=gl.expand_dims(rows, 1) < Sq)
+
+    @gluon.jit
     def _zero_rows(W: gl.constexpr, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, b, q0, h, m0, Sq,
                    ROWS: gl.constexpr, HEAD_DIM: gl.constexpr):
         """Rows m0 + W·ROWS ... of a tile that sees no key: O = 0 and lse = +inf, by masked stores (past the sequence
         are the next one's rows, packed, or nothing, dense)."""
-        z_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, z_layout)), 0)
-        rows = m0 + W * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, z_layout))
-        gl.store(O + b.to(gl.int64) * stride_ob + gl.expand_dims((q0 + rows).to(gl.int64), 1) * stride_om
-                 + h.to(gl.int64) * stride_oh + cols, gl.zeros([ROWS, HEAD_DIM], O.dtype.element_ty, z_layout),
-                 mask=gl.expand_dims(rows, 1) < Sq)
+        _store_zero_rows(O, stride_ob, stride_om, stride_oh, b, q0, h, m0 + W * ROWS, Sq, ROWS, HEAD_DIM)
         r_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
         offs = m0 + W * ROWS + gl.arange(0, ROWS, layout=r_layout)
         gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q0 + offs,

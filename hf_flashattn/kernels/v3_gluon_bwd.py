@@ -62,7 +62,7 @@ if HAVE_GLUON:
         warpgroup_mma_wait,
     )
 
-    from .v3_gluon import _store_rows, _tile, _tma_load, _visible
+    from .v3_gluon import _store_rows, _store_zero_rows, _tile, _tma_load, _visible
 
     @gluon.jit
     def _kv_tile(i, pid, nprog, per, n_kt, n_kv_heads, CU_Q, CU_K, seqlen_q, seqlen_k, left, right,
@@ -606,12 +606,7 @@ if HAVE_GLUON:
                     base += gl.cdiv(hi - lo, BLOCK_N)
                     tq += 1
                 else:   # no key visible from any row of this tile: dQ = 0
-                    z_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-                    cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, z_layout)), 0)
-                    rows = m0 + W * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, z_layout))
-                    gl.store(DQ + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh
-                             + gl.expand_dims((q0 + rows).to(gl.int64), 1) * stride_qm + cols,
-                             gl.zeros([64, HEAD_DIM], DQ.dtype.element_ty, z_layout), mask=gl.expand_dims(rows, 1) < Sq)
+                    _store_zero_rows(DQ, stride_qb, stride_qm, stride_qh, b, q0, h, m0 + W * 64, Sq, 64, HEAD_DIM)
         if DQ_BUF:
             tma.store_wait(0)   # the last tile's store reads the buffer: shared memory must outlive it
 

@@ -77,6 +77,26 @@ def run_case(version, dtype, shape, kw, varlen=False):
     return row
 
 
+def run_cases(cases, t_end, extra=None, version="v3"):
+    """The probes' checks: run_case over (dtype, shape, kw, varlen) cases until the clock passes t_end, each row
+    printed PASS/FAIL as JSON; extra(row, dtype, shape, kw, varlen) may add checks of its own to a row. A case that
+    raises is a failed row with the error, and the cases go on."""
+    rows = []
+    for dtype, shape, kw, varlen in cases:
+        if time.time() > t_end:
+            break
+        try:
+            row = run_case(version, dtype, shape, kw, varlen=varlen)
+            if extra is not None:
+                extra(row, dtype, shape, kw, varlen)
+        except Exception as e:  # noqa: BLE001
+            row = dict(dtype=str(dtype), shape=list(shape), varlen=varlen, **{k: str(v) for k, v in kw.items()},
+                       ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+        rows.append(row)
+        print(("PASS " if row["ok"] else "FAIL ") + json.dumps(row), flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")

@@ -35,21 +35,10 @@ MASKS = [dict(causal=False), dict(causal=True), dict(window_size=(128, 0)), dict
 
 def check(t_end):
     import gpu_check
-    rows = []
     os.environ["HF_FLASHATTN_V3_GLUON"] = "1"
-    for dtype in (torch.bfloat16, torch.float16):
-        for shape, varlen in [(s, True) for s in VARLEN_SHAPES] + [(s, False) for s in DENSE_SHAPES]:
-            for kw in MASKS:
-                if time.time() > t_end:
-                    return rows
-                try:
-                    row = gpu_check.run_case("v3", dtype, shape, kw, varlen=varlen)
-                except Exception as e:  # noqa: BLE001
-                    row = dict(dtype=str(dtype), shape=list(shape), varlen=varlen, **{k: str(v) for k, v in kw.items()},
-                               ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
-                rows.append(row)
-                print(("PASS " if row["ok"] else "FAIL ") + json.dumps(row), flush=True)
-    return rows
+    shapes = [(s, True) for s in VARLEN_SHAPES] + [(s, False) for s in DENSE_SHAPES]
+    return gpu_check.run_cases([(dtype, shape, kw, varlen) for dtype in (torch.bfloat16, torch.float16)
+                                for shape, varlen in shapes for kw in MASKS], t_end)
 
 
 def timing(t_end):

@@ -69,25 +69,17 @@ QUICK_POINTS = [(1, 32, 32, 16384, 64), (1, 32, 8, 32768, 128), (4, 32, 32, 4096
 
 def check(t_end, quick=False):
     import gpu_check
-    rows = []
     dense, varlen_shapes, masks = (QUICK_DENSE, QUICK_VARLEN, QUICK_MASKS) if quick else (DENSE, VARLEN, MASKS)
     os.environ["HF_FLASHATTN_V3_GLUON"] = "1"
     G.PERSISTENT = True
-    for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16):
-        for shape, varlen in [(s, False) for s in dense] + [(s, True) for s in varlen_shapes]:
-            for kw in masks:
-                if time.time() > t_end:
-                    return rows
-                try:
-                    row = gpu_check.run_case("v3", dtype, shape, kw, varlen=varlen)
-                    row["same_as_grid"] = _same_both_ways(shape, dtype, kw, varlen)
-                    row["ok"] &= row["same_as_grid"]
-                except Exception as e:  # noqa: BLE001
-                    row = dict(dtype=str(dtype), shape=list(shape), varlen=varlen, **{k: str(v) for k, v in kw.items()},
-                               ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
-                rows.append(row)
-                print(("PASS " if row["ok"] else "FAIL ") + json.dumps(row), flush=True)
-    return rows
+
+    def same_as_grid(row, dtype, shape, kw, varlen):
+        row["same_as_grid"] = _same_both_ways(shape, dtype, kw, varlen)
+        row["ok"] &= row["same_as_grid"]
+    return gpu_check.run_cases([(dtype, shape, kw, varlen)
+                                for dtype in ((torch.bfloat16,) if quick else (torch.bfloat16, torch.float16))
+                                for shape, varlen in [(s, False) for s in dense] + [(s, True) for s in varlen_shapes]
+                                for kw in masks], t_end, extra=same_as_grid)
 
 
 def timing(t_end, quick=False):

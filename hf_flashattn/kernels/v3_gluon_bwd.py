@@ -77,19 +77,27 @@ if HAVE_GLUON:
         return ok, b, kvh, n0, bq, q0, k0, Sq, Sk, lo, full_lo, full_hi, hi
 
     @gluon.jit
+    def _rotated(m, lo, hi, rot, BLOCK_M: gl.constexpr):
+        """Query block m of [lo, hi) (multiples of BLOCK_M apart) in a key tile's own order, rotated by rot blocks:
+        the programs of one head, which start their key tiles together, then sum dQ into different query blocks
+        instead of all into the same one (the single pass's atomics, `STAGGER`)."""
+        return lo + ((m - lo) // BLOCK_M + rot) % ((hi - lo) // BLOCK_M) * BLOCK_M
+
+    @gluon.jit
     def _producer(q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, q_smem, do_smem, k_smem, v_smem, l_smem, d_smem,
                   kv_bar, kv_empty, ready, empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, nheads, n_kt,
                   n_units, per, pid, nprog, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                  NC: gl.constexpr, IS_VARLEN: gl.constexpr):
+                  NC: gl.constexpr, IS_VARLEN: gl.constexpr, STAGGER: gl.constexpr):
         """For each key tile of this program that some query sees: K and V (a 64-row slice per consumer) once the
         consumers have released the previous tile's (`kv_empty`), then Q, dO, lse and Delta of every (head, query
         block) into a ring whose count runs on across tiles."""
         base = 0
         tk = 0
         for t in range(per * gl.cdiv(n_units - pid, nprog)):
-            ok, b, kvh, n0, bq, q0, k0, _, _, lo, _, _, hi = _kv_tile(t, pid, nprog, per, n_kt, nheads // group, CU_Q,
-                                                                     CU_K, seqlen_q, seqlen_k, left, right, NC * 64,
-                                                                     BLOCK_M, IS_VARLEN)
+            ok, b, kvh, n0, bq, q0, k0, _, _, lo, full_lo, full_hi, hi = _kv_tile(t, pid, nprog, per, n_kt,
+                                                                                 nheads // group, CU_Q, CU_K, seqlen_q,
+                                                                                 seqlen_k, left, right, NC * 64,
+                                                                                 BLOCK_M, IS_VARLEN)
             if ok & (lo < hi):
                 mbarrier.wait(kv_empty, (tk & 1) ^ 1)   # a fresh barrier's parity 1 is done
                 mbarrier.expect(kv_bar, 2 * NC * 64 * HEAD_DIM * 2)
@@ -105,6 +113,9 @@ if HAVE_GLUON:
                         mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
                         mbarrier.expect(ready.index(s), 2 * BLOCK_M * HEAD_DIM * 2 + 2 * BLOCK_M * 4)
                         m0 = lo + i * BLOCK_M
+                        if STAGGER:   # the consumers' order (`_kv_consume_tile`)
+                            if (m0 >= full_lo) & (m0 < full_hi):
+                                m0 = _rotated(m0, full_lo, full_hi, n0 // (NC * 64), BLOCK_M)
                         _tma_load(q_desc, [bq, q0 + m0, h, 0], ready.index(s), q_smem.index(s))
                         _tma_load(do_desc, [bq, q0 + m0, h, 0], ready.index(s), do_smem.index(s))
                         _tma_load(l_desc, [b * nheads + h, m0], ready.index(s), l_smem.index(s))
@@ -128,6 +139,20 @@ if HAVE_GLUON:
                                   "=r,=r,l,l,r,r", [ptrs.to(gl.int64, bitcast=True), x.to(gl.int32, bitcast=True)],
                                   dtype=gl.int32, is_pure=False, pack=2)
 
+    if hasattr(tma, "async_atomic_add"):   # Triton 3.7+: the TMA reduce has a name in Gluon
+        _tma_add = tma.async_atomic_add
+    else:   # Triton 3.6: its IR (ttng.async_tma_reduce) and builder call exist, Gluon's Python has no name for them
+        from triton._C.libtriton import ir as _ir
+        from triton.experimental.gluon.language._core import builtin as _builtin
+
+        @_builtin
+        def _tma_add(tensor_desc, coord, src, _semantic=None):
+            """global[coord ...] += src (shared memory) through the TMA unit (`cp.reduce.async.bulk.tensor ... add`),
+            asynchronous as a TMA store: `tma.store_wait` before src is written again."""
+            coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+            _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
+                                                      src.handle)
+
     @gluon.jit
     def _red_rows(DQ_h, stride_dqm, m0, col0, buf, BLOCK_M: gl.constexpr, DH: gl.constexpr):
         """DQ[m0 + r, col0 + c] += buf[r, c], eight rows at a time (the swizzle period of buf)."""
@@ -140,12 +165,18 @@ if HAVE_GLUON:
             _red_add(DQ_h + gl.expand_dims(m0 + c0 + rr, 1) * stride_dqm + cc, x)
 
     @gluon.jit
-    def _reduce(DQ_h, stride_dqm, m0, col0, x, buf, BLOCK_M: gl.constexpr, DH: gl.constexpr, x_layout: gl.constexpr,
-                MODE: gl.constexpr):
+    def _reduce(DQ_h, stride_dqm, m0, col0, x, buf, dqa_desc, b, h, BLOCK_M: gl.constexpr, DH: gl.constexpr,
+                x_layout: gl.constexpr, MODE: gl.constexpr):
         """DQ[m0 + r, col0 + c] += x[r, c] (x in the wgmma layout): MODE 1 through shared memory (`buf`) into rows of
-        four consecutive float32 a thread, red.v4; MODE 2 straight from the registers, red.v2; MODE 3 nothing (a
-        timing diagnostic)."""
-        if MODE == 1:
+        four consecutive float32 a thread, red.v4; MODE 2 straight from the registers, red.v2; MODE 5 through `buf`
+        (dqa_desc's layout) and one TMA reduce of the tile (b, m0, h, col0), left in flight until buf's next use;
+        MODE 3 nothing (a timing diagnostic)."""
+        if MODE == 5:
+            tma.store_wait(0)   # the previous reduce from buf has read it
+            buf.reshape([BLOCK_M, DH]).store(x)
+            fence_async_shared()
+            _tma_add(dqa_desc, [b, m0, h, col0], buf)
+        elif MODE == 1:
             buf.store(x)
             _red_rows(DQ_h, stride_dqm, m0, col0, buf, BLOCK_M, DH)
         elif MODE == 2:
@@ -180,7 +211,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _step(it, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dqa, dqb, q_smem, do_smem, l_smem, d_smem, ready, empty,
-              ds_full, ds_free, DQ_h, stride_dqm, offs_k, Sk, diag, left, right, qk_scale, ds_scale,
+              ds_full, ds_free, DQ_h, stride_dqm, dqa_desc, b, h, offs_k, Sk, diag, left, right, qk_scale, ds_scale,
               BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, st_layout: gl.constexpr,
               acc_layout: gl.constexpr, a_layout: gl.constexpr, MASKED: gl.constexpr, DO_DQ: gl.constexpr,
               SHARED_DQ: gl.constexpr, W: gl.constexpr, NC: gl.constexpr, PART: gl.constexpr):
@@ -243,23 +274,23 @@ if HAVE_GLUON:
                     dv, dk, dq0, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq0, p_op, ds_op])
                     mbarrier.arrive(ds_free, count=1)
                     mbarrier.arrive(empty.index(s), count=1)
-                    _reduce(DQ_h, stride_dqm, m0, W * DH, dq0 * ds_scale, dqa, BLOCK_M, DH, dq_layout, DO_DQ)
+                    _reduce(DQ_h, stride_dqm, m0, W * DH, dq0 * ds_scale, dqa, dqa_desc, b, h, BLOCK_M, DH, dq_layout, DO_DQ)
                 elif HEAD_DIM == 64:
                     dq0 = warpgroup_mma(dsq, kw, gl.zeros([BLOCK_M, DH], gl.float32, dq_layout), use_acc=False,
                                         is_async=True)
                     dv, dk, dq0, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq0, p_op, ds_op])
                     mbarrier.arrive(empty.index(s), count=1)
-                    _reduce(DQ_h, stride_dqm, m0, 0, dq0 * ds_scale, dqa, BLOCK_M, DH, dq_layout, DO_DQ)
+                    _reduce(DQ_h, stride_dqm, m0, 0, dq0 * ds_scale, dqa, dqa_desc, b, h, BLOCK_M, DH, dq_layout, DO_DQ)
                 else:
                     dq0 = warpgroup_mma(dsq, kw.slice(0, DH, dim=1), gl.zeros([BLOCK_M, DH], gl.float32, dq_layout),
                                         use_acc=False, is_async=True)
                     dv, dk, dq0, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq0, p_op, ds_op])
                     dq1 = warpgroup_mma(dsq, kw.slice(DH, DH, dim=1), gl.zeros([BLOCK_M, DH], gl.float32, dq_layout),
                                         use_acc=False, is_async=True)
-                    _reduce(DQ_h, stride_dqm, m0, 0, dq0 * ds_scale, dqa, BLOCK_M, DH, dq_layout, DO_DQ)
+                    _reduce(DQ_h, stride_dqm, m0, 0, dq0 * ds_scale, dqa, dqa_desc, b, h, BLOCK_M, DH, dq_layout, DO_DQ)
                     dq1 = warpgroup_mma_wait(0, deps=[dq1])
                     mbarrier.arrive(empty.index(s), count=1)
-                    _reduce(DQ_h, stride_dqm, m0, DH, dq1 * ds_scale, dqb, BLOCK_M, DH, dq_layout, DO_DQ)
+                    _reduce(DQ_h, stride_dqm, m0, DH, dq1 * ds_scale, dqb, dqa_desc, b, h, BLOCK_M, DH, dq_layout, DO_DQ)
             else:   # dQ in a pass of its own (`_dq_kernel`, the default), or skipped (`backward`'s _dq=4)
                 dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, p_op, ds_op])
                 mbarrier.arrive(empty.index(s), count=1)
@@ -267,11 +298,12 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _kv_consume_tile(W: gl.constexpr, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar,
-                         kv_empty, ready, empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh,
-                         stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, tbase, tk,
+                         kv_empty, ready, empty, ds_full, ds_free, DQ, dqa_desc, DK, DV, stride_dqb, stride_dqm,
+                         stride_dqh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, tbase, tk,
                          b, bq, k0, kvh, n0, lo, full_lo, full_hi, hi, group, Sk, diag, left, right, qk_scale,
                          ds_scale, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                         DO_DQ: gl.constexpr, SHARED_DQ: gl.constexpr, NC: gl.constexpr, PART: gl.constexpr):
+                         DO_DQ: gl.constexpr, SHARED_DQ: gl.constexpr, NC: gl.constexpr, PART: gl.constexpr,
+                         STAGGER: gl.constexpr):
         """Consumer warpgroup W on one key tile: keys n0 + 64·W ... of the tile, summed over the group's heads; K and
         V go back to the producer after the last step (`kv_empty`), before dK and dV are stored. `tbase`: the ring's
         count at the tile's first step."""
@@ -293,22 +325,26 @@ if HAVE_GLUON:
         mbarrier.wait(kv_bar, tk & 1)
         b64 = b.to(gl.int64)
         for g in range(group):
-            h = (kvh * group + g).to(gl.int64)
-            DQ_h = DQ + b64 * stride_dqb + h * stride_dqh
+            hq = kvh * group + g
+            DQ_h = DQ + b64 * stride_dqb + hq.to(gl.int64) * stride_dqh
             base = tbase + g * n - lo // BLOCK_M
             for m0 in range(lo, full_lo, BLOCK_M):
                 dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dqa, dqb, q_smem,
-                               do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, offs_k, Sk,
+                               do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, dqa_desc, b, hq,
+                               offs_k, Sk,
                                diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout,
                                a_layout, True, DO_DQ, SHARED_DQ, W, NC, PART)
-            for m0 in range(full_lo, full_hi, BLOCK_M):
-                dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dqa, dqb, q_smem,
-                               do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, offs_k, Sk,
+            for m in range(full_lo, full_hi, BLOCK_M):
+                m0 = _rotated(m, full_lo, full_hi, n0 // (NC * 64), BLOCK_M) if STAGGER else m
+                dk, dv = _step(base + m // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dqa, dqb, q_smem,
+                               do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, dqa_desc, b, hq,
+                               offs_k, Sk,
                                diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout,
                                a_layout, False, DO_DQ, SHARED_DQ, W, NC, PART)
             for m0 in range(full_hi, hi, BLOCK_M):
                 dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dqa, dqb, q_smem,
-                               do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, offs_k, Sk,
+                               do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, dqa_desc, b, hq,
+                               offs_k, Sk,
                                diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout,
                                a_layout, True, DO_DQ, SHARED_DQ, W, NC, PART)
         mbarrier.arrive(kv_empty, count=1)   # every product reading K and V has been waited for
@@ -335,11 +371,12 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(W: gl.constexpr, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, kv_empty,
-                  ready, empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh,
+                  ready, empty, ds_full, ds_free, DQ, dqa_desc, DK, DV, stride_dqb, stride_dqm, stride_dqh,
                   stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, CU_Q, CU_K, seqlen_q,
                   seqlen_k, left, right, group, nheads, n_kt, n_units, per, pid, nprog, qk_scale, ds_scale,
                   BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, DO_DQ: gl.constexpr,
-                  SHARED_DQ: gl.constexpr, NC: gl.constexpr, PART: gl.constexpr, IS_VARLEN: gl.constexpr):
+                  SHARED_DQ: gl.constexpr, NC: gl.constexpr, PART: gl.constexpr, IS_VARLEN: gl.constexpr,
+                  STAGGER: gl.constexpr):
         """Consumer warpgroup W over this program's key tiles (the producer's order and ring count); keys no query
         sees get dK = dV = 0."""
         tbase = 0
@@ -352,11 +389,12 @@ if HAVE_GLUON:
             if ok:
                 if lo < hi:
                     _kv_consume_tile(W, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar,
-                                     kv_empty, ready, empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm,
+                                     kv_empty, ready, empty, ds_full, ds_free, DQ, dqa_desc, DK, DV, stride_dqb,
+                                     stride_dqm,
                                      stride_dqh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn,
                                      stride_dvh, tbase, tk, b, bq, k0, kvh, n0, lo, full_lo, full_hi, hi, group, Sk,
                                      Sk - Sq, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ,
-                                     SHARED_DQ, NC, PART)
+                                     SHARED_DQ, NC, PART, STAGGER)
                     tbase += group * gl.cdiv(hi - lo, BLOCK_M)
                     tk += 1
                 else:   # no query sees these keys: dK = dV = 0
@@ -364,15 +402,17 @@ if HAVE_GLUON:
                     zero = gl.zeros([64, HEAD_DIM], DK.dtype.element_ty, z_layout)
                     _store_kv_rows(DK, DV, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, bq,
                                    kvh, k0, n0 + W * 64, Sk, zero, zero, z_layout, HEAD_DIM, PART)
+        if DO_DQ == 5:
+            tma.store_wait(0)   # the last reduce reads shared memory, which must outlive it
 
     @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group", "nheads", "n_kt",
                                   "n_units", "per"])
-    def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, l_desc, d_desc, DQ, DK, DV, CU_Q, CU_K, stride_dqb, stride_dqm,
+    def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, l_desc, d_desc, dqa_desc, DQ, DK, DV, CU_Q, CU_K, stride_dqb, stride_dqm,
                     stride_dqh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, seqlen_q,
                     seqlen_k, window_left, window_right, qk_scale, ds_scale, group, nheads, n_kt, n_units, per,
                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                     NC: gl.constexpr, DO_DQ: gl.constexpr, SHARED_DQ: gl.constexpr, IS_VARLEN: gl.constexpr,
-                    PART: gl.constexpr = 0):
+                    PART: gl.constexpr = 0, STAGGER: gl.constexpr = False):
         # Grid: (programs,), persistent or one program a unit of `per` key tiles of 64·NC keys (`_kv_tile`). Warps: the
         # producer (num_warps=4) + NC 4-warp consumers.
         pid = gl.program_id(0)
@@ -385,8 +425,12 @@ if HAVE_GLUON:
         DS_SWIZZLE: gl.constexpr = 128 if BLOCK_M >= 64 else 2 * BLOCK_M   # a row of dSᵀ is BLOCK_M 16-bit values
         ds_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=DS_SWIZZLE, element_bitwidth=16, rank=2)
         ds_smem = gl.allocate_shared_memory(dtype, [NC, 64, BLOCK_M], ds_layout)
-        dq_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
-        dq_smem = gl.allocate_shared_memory(gl.float32, [NC if SHARED_DQ else 2 * NC, BLOCK_M, 64], dq_layout)
+        if DO_DQ == 5:   # tiles for the TMA reduce, in its descriptor's layout
+            dq_smem = gl.allocate_shared_memory(gl.float32, [NC if SHARED_DQ else 2 * NC, 1, BLOCK_M, 1, 64],
+                                                dqa_desc.layout)
+        else:
+            dq_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
+            dq_smem = gl.allocate_shared_memory(gl.float32, [NC if SHARED_DQ else 2 * NC, BLOCK_M, 64], dq_layout)
         l_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M], l_desc.layout)
         d_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M], d_desc.layout)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -408,17 +452,20 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_producer, (q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, q_smem, do_smem, k_smem, v_smem, l_smem,
                          d_smem, kv_bar, kv_empty, ready, empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group,
-                         nheads, n_kt, n_units, per, pid, nprog, BLOCK_M, HEAD_DIM, STAGES, NC, IS_VARLEN)),
+                         nheads, n_kt, n_units, per, pid, nprog, BLOCK_M, HEAD_DIM, STAGES, NC, IS_VARLEN,
+                         STAGGER)),
             (_consumer, (0, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, kv_empty, ready,
-                         empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb,
+                         empty, ds_full, ds_free, DQ, dqa_desc, DK, DV, stride_dqb, stride_dqm, stride_dqh,
+                         stride_dkb,
                          stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, CU_Q, CU_K, seqlen_q, seqlen_k,
                          left, right, group, nheads, n_kt, n_units, per, pid, nprog, qk_scale, ds_scale, BLOCK_M,
-                         HEAD_DIM, STAGES, DO_DQ, SHARED_DQ, NC, PART, IS_VARLEN)),
+                         HEAD_DIM, STAGES, DO_DQ, SHARED_DQ, NC, PART, IS_VARLEN, STAGGER)),
             (_consumer, (1, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, kv_empty, ready,
-                         empty, ds_full, ds_free, DQ, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb,
+                         empty, ds_full, ds_free, DQ, dqa_desc, DK, DV, stride_dqb, stride_dqm, stride_dqh,
+                         stride_dkb,
                          stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, CU_Q, CU_K, seqlen_q, seqlen_k,
                          left, right, group, nheads, n_kt, n_units, per, pid, nprog, qk_scale, ds_scale, BLOCK_M,
-                         HEAD_DIM, STAGES, DO_DQ, SHARED_DQ, NC, PART, IS_VARLEN)),
+                         HEAD_DIM, STAGES, DO_DQ, SHARED_DQ, NC, PART, IS_VARLEN, STAGGER)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
     # ---- dQ in a pass of its own (deterministic): one program per 64·NC query rows, K and V streamed ----
@@ -676,6 +723,9 @@ _DQ_PLANS = {64: (128, 2, 240, 2, False), 128: (64, 3, 240, 2, False), 256: (32,
 # through Q's, shared memory holds no other).
 PERSISTENT = True
 DQ_BUF_MAX_D = 128
+# Single pass (atomic dQ modes): each key tile takes its unmasked query blocks rotated by its index (`_rotated`), so
+# that the programs of a head, which start together, do not all sum into the same dQ rows at once.
+STAGGER = True
 
 
 def _persistent_on() -> bool:
@@ -753,9 +803,9 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     mode = red if _dq is None else _dq
     if varlen and mode != 4:
         mode = 0
-    if D == 256 and mode in (1, 2, 3):
+    if D == 256 and mode in (1, 2, 3, 5):
         raise ValueError("head dim 256 runs dQ in a pass of its own (dQ mode 0)")
-    if shared and mode in (1, 2, 3) and D != 64 * nc:
+    if shared and mode in (1, 2, 3, 5) and D != 64 * nc:
         raise ValueError(f"a shared dQ needs head dim 64 x {nc} consumers, got {D}")
     # lse (log2 units), Delta and dQ's float32 accumulator padded to whole query blocks (module docstring)
     pad = triton.cdiv(Sq, 64) * 64 + 128   # whole 64-row blocks, and the dQ pass's tiles of up to 192 rows
@@ -773,7 +823,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                        HEAD_DIM=D, BLOCK_M=64, IS_VARLEN=varlen)
     left, right = C.window_args(window_size, Sq, Sk)
     qk_scale, _ = C.score_scales(softmax_scale, 0.0)
-    atomic = mode in (1, 2, 3)
+    atomic = mode in (1, 2, 3, 5)
     dq = torch.zeros((B, pad, H, D), dtype=torch.float32, device=q.device) if atomic else \
         new(q.shape, dtype=q.dtype, device=q.device)
     layout = shared_layout()
@@ -790,18 +840,22 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     qd, dod, kd, vd = desc(q4, bm), desc(do4, bm), desc(k4, 64), desc(v4, 64)
     ld = C.descriptor(TensorDescriptor, lse2.view(B * H, pad), (1, bm), row_layout)
     dd = C.descriptor(TensorDescriptor, delta.view(B * H, pad), (1, bm), row_layout)
+    # mode 5: dQ's float32 accumulator as (1, bm, 1, 64) tiles for the TMA reduce; other modes do not read it (lse's
+    # descriptor stands in)
+    dqad = C.descriptor(TensorDescriptor, dq, (1, bm, 1, 64), _acc_layout()) if mode == 5 else ld
     dks, dvs = C.seq_layout(dk, varlen), C.seq_layout(dv, varlen)
     # d256: dV and dK in separate launches (both accumulators would take every register of a consumer)
     masked = tuple(window_size) != (-1, -1)
     n_kt = triton.cdiv(Sk, 64 * nc)
     per, n_kv_units, programs = schedule(n_kt, Hk, B, masked, q.device, PERSISTENT)
+    stagger = STAGGER and atomic
     for part in ((1, 2) if D == 256 else (0,)):
         _bwd_launch.keyed(
-            key + (part,), (programs,),
-            qd, kd, vd, dod, ld, dd, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, dq.stride(0), dq.stride(1), dq.stride(2),
+            key + (part, stagger), (programs,),
+            qd, kd, vd, dod, ld, dd, dqad, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, dq.stride(0), dq.stride(1), dq.stride(2),
             *dks, *dvs, Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, H, n_kt, n_kv_units, per,
             HEAD_DIM=D, BLOCK_M=bm, STAGES=stages, CONSUMER_REGS=regs, NC=nc, DO_DQ=mode if atomic else 0,
-            SHARED_DQ=shared and atomic, IS_VARLEN=varlen, PART=part, num_warps=4)
+            SHARED_DQ=shared and atomic, IS_VARLEN=varlen, PART=part, STAGGER=stagger, num_warps=4)
     if atomic:
         return dq[:, :Sq].to(q.dtype), dk, dv
     if mode == 0:
@@ -819,6 +873,12 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             per, HEAD_DIM=D, BLOCK_N=bn, STAGES=dq_stages, CONSUMER_REGS=dq_regs, NC=dq_nc, IS_VARLEN=varlen, PIPE=pipe,
             DQ_BUF=dq_buf, num_warps=4)
     return dq, dk, dv
+
+
+@functools.lru_cache(maxsize=None)
+def _acc_layout():
+    """The shared layout of dQ's float32 accumulator tiles (1, rows, 1, 64) for the TMA reduce: a 128-byte swizzle."""
+    return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=4)
 
 
 @functools.lru_cache(maxsize=None)

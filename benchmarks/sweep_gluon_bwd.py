@@ -39,16 +39,18 @@ MASKS = [dict(causal=False), dict(causal=True), dict(window_size=(128, 0)), dict
 # fields; dQ mode 4 (backward's _dq, a timing diagnostic: dq garbage) skips dQ; stagger sets v3_gluon_bwd.STAGGER
 # (the single pass's rotated query order) for the variant
 VARIANTS = {128: [("gluon bwd, two passes", (64, 2, 240, 2, True, 0), None, None),
-                  ("gluon bwd, single pass, shared dQ, TMA reduce", (64, 2, 240, 2, True, 5), None, None, True),
-                  ("gluon bwd, single pass, shared dQ, TMA reduce, not staggered", (64, 2, 240, 2, True, 5), None,
-                   None, False),
-                  ("gluon bwd, single pass, shared dQ, red.v2", (64, 2, 240, 2, True, 2), None, None, True),
-                  ("gluon bwd, single pass, shared dQ, red.v2, not staggered", (64, 2, 240, 2, True, 2), None, None,
+                  ("gluon bwd, single pass, shared dQ, TMA reduce", (64, 2, 240, 2, True, 5), None, None, False),
+                  ("gluon bwd, single pass, shared dQ, TMA reduce, 2 buffers", (64, 2, 240, 2, True, 6), None, None,
+                   False),
+                  ("gluon bwd, single pass, shared dQ, TMA reduce, 2 buffers, staggered", (64, 2, 240, 2, True, 6),
+                   None, None, True),
+                  ("gluon bwd, single pass, own dQ, TMA reduce, 2 buffers", (64, 2, 240, 2, False, 6), None, None,
                    False),
                   ("gluon bwd, dK/dV only (diagnostic)", (64, 2, 240, 2, True, 0), 4, None)],
             64: [("gluon bwd, two passes", (64, 2, 240, 2, False, 0), None, None),
-                 ("gluon bwd, single pass, TMA reduce", (64, 2, 240, 2, False, 5), None, None, True),
-                 ("gluon bwd, single pass, red.v4", (64, 2, 240, 2, False, 1), None, None, True),
+                 ("gluon bwd, single pass, TMA reduce, 2 buffers", (64, 2, 240, 2, False, 6), None, None, False),
+                 ("gluon bwd, single pass, TMA reduce, 2 buffers, staggered", (64, 2, 240, 2, False, 6), None, None,
+                  True),
                  ("gluon bwd, dK/dV only (diagnostic)", (64, 2, 240, 2, False, 0), 4, None)]}
 
 

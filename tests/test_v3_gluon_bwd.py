@@ -40,7 +40,7 @@ for i, name in enumerate(fn.arg_names):
         sig[name] = f"tensordesc<bf16[1,{rows if which == 'dkdv' else 64},1,{D}],{lay}>"
     elif name in ("k_desc", "v_desc"):
         sig[name] = f"tensordesc<bf16[1,{64 if which == 'dkdv' else rows},1,{D}],{lay}>"
-    elif name in ("l_desc", "d_desc") or (name == "dqa_desc" and extra[1] != 5):
+    elif name in ("l_desc", "d_desc") or (name == "dqa_desc" and extra[1] < 5):
         sig[name] = f"tensordesc<fp32[1,{rows}],{row_lay}>"
     elif name == "dqa_desc":
         sig[name] = f"tensordesc<fp32[1,{rows},1,64],{repr(GB._acc_layout())}>"
@@ -56,8 +56,8 @@ for i, name in enumerate(fn.arg_names):
         sig[name] = "i32"
 if which == "dkdv":
     cx = dict(HEAD_DIM=D, BLOCK_M=rows, STAGES=stages, CONSUMER_REGS=regs, NC=nc, DO_DQ=extra[1] if extra[1] != 4 else 0,
-              SHARED_DQ=extra[0] and extra[1] in (1, 2, 3, 5), IS_VARLEN=varlen, PART=part,
-              STAGGER=GB.STAGGER and extra[1] in (1, 2, 3, 5))
+              SHARED_DQ=extra[0] and extra[1] in (1, 2, 3, 5, 6), IS_VARLEN=varlen, PART=part,
+              STAGGER=GB.STAGGER and extra[1] in (1, 2, 3, 5, 6))
 else:
     cx = dict(HEAD_DIM=D, BLOCK_N=rows, STAGES=stages, CONSUMER_REGS=regs, NC=nc, IS_VARLEN=varlen, PIPE=extra[0],
               DQ_BUF=D <= GB.DQ_BUF_MAX_D and not varlen)

@@ -170,9 +170,9 @@ if HAVE_GLUON:
         """DQ[m0 + r, col0 + c] += x[r, c] (x in the wgmma layout): MODE 1 through shared memory (`buf`) into rows of
         four consecutive float32 a thread, red.v4; MODE 2 straight from the registers, red.v2; MODE 5 through `buf`
         (dqa_desc's layout) and one TMA reduce of the tile (b, m0, h, col0), left in flight until buf's next use;
-        MODE 3 nothing (a timing diagnostic)."""
-        if MODE == 5:
-            tma.store_wait(0)   # the previous reduce from buf has read it
+        MODE 6 as 5 with two buffers a consumer; MODE 3 nothing (a timing diagnostic)."""
+        if MODE >= 5:
+            tma.store_wait(MODE - 5)   # the reduce that last read buf is done (6: two buffers, one may be in flight)
             buf.reshape([BLOCK_M, DH]).store(x)
             fence_async_shared()
             _tma_add(dqa_desc, [b, m0, h, col0], buf)
@@ -210,7 +210,7 @@ if HAVE_GLUON:
         return pt, pt * (dpt - gl.expand_dims(delta, 0))
 
     @gluon.jit
-    def _step(it, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dqa, dqb, q_smem, do_smem, l_smem, d_smem, ready, empty,
+    def _step(it, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dq_smem, q_smem, do_smem, l_smem, d_smem, ready, empty,
               ds_full, ds_free, DQ_h, stride_dqm, dqa_desc, b, h, offs_k, Sk, diag, left, right, qk_scale, ds_scale,
               BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, st_layout: gl.constexpr,
               acc_layout: gl.constexpr, a_layout: gl.constexpr, MASKED: gl.constexpr, DO_DQ: gl.constexpr,
@@ -251,6 +251,12 @@ if HAVE_GLUON:
             ds_op = gl.convert_layout(ds16, a_layout)
             dk_tok = warpgroup_mma(ds_op, qs, dk, is_async=True)
             if DO_DQ > 0:
+                if (DO_DQ == 6) & (SHARED_DQ | (HEAD_DIM == 64)):   # one tile a step, two buffers in turn
+                    dqa = dq_smem.index(2 * W + (it & 1))
+                    dqb = dqa
+                else:
+                    dqa = dq_smem.index(W if SHARED_DQ else 2 * W)
+                    dqb = dq_smem.index(W if SHARED_DQ else 2 * W + 1)
                 if SHARED_DQ:   # the previous step's readers of every consumer's dS are done (a fresh barrier passes)
                     mbarrier.wait(ds_free, (it & 1) ^ 1)
                 dsw.store(ds16)
@@ -274,23 +280,27 @@ if HAVE_GLUON:
                     dv, dk, dq0, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq0, p_op, ds_op])
                     mbarrier.arrive(ds_free, count=1)
                     mbarrier.arrive(empty.index(s), count=1)
-                    _reduce(DQ_h, stride_dqm, m0, W * DH, dq0 * ds_scale, dqa, dqa_desc, b, h, BLOCK_M, DH, dq_layout, DO_DQ)
+                    _reduce(DQ_h, stride_dqm, m0, W * DH, dq0 * ds_scale, dqa, dqa_desc, b, h, BLOCK_M, DH,
+                            dq_layout, DO_DQ)
                 elif HEAD_DIM == 64:
                     dq0 = warpgroup_mma(dsq, kw, gl.zeros([BLOCK_M, DH], gl.float32, dq_layout), use_acc=False,
                                         is_async=True)
                     dv, dk, dq0, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq0, p_op, ds_op])
                     mbarrier.arrive(empty.index(s), count=1)
-                    _reduce(DQ_h, stride_dqm, m0, 0, dq0 * ds_scale, dqa, dqa_desc, b, h, BLOCK_M, DH, dq_layout, DO_DQ)
+                    _reduce(DQ_h, stride_dqm, m0, 0, dq0 * ds_scale, dqa, dqa_desc, b, h, BLOCK_M, DH,
+                            dq_layout, DO_DQ)
                 else:
                     dq0 = warpgroup_mma(dsq, kw.slice(0, DH, dim=1), gl.zeros([BLOCK_M, DH], gl.float32, dq_layout),
                                         use_acc=False, is_async=True)
                     dv, dk, dq0, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq0, p_op, ds_op])
                     dq1 = warpgroup_mma(dsq, kw.slice(DH, DH, dim=1), gl.zeros([BLOCK_M, DH], gl.float32, dq_layout),
                                         use_acc=False, is_async=True)
-                    _reduce(DQ_h, stride_dqm, m0, 0, dq0 * ds_scale, dqa, dqa_desc, b, h, BLOCK_M, DH, dq_layout, DO_DQ)
+                    _reduce(DQ_h, stride_dqm, m0, 0, dq0 * ds_scale, dqa, dqa_desc, b, h, BLOCK_M, DH,
+                            dq_layout, DO_DQ)
                     dq1 = warpgroup_mma_wait(0, deps=[dq1])
                     mbarrier.arrive(empty.index(s), count=1)
-                    _reduce(DQ_h, stride_dqm, m0, DH, dq1 * ds_scale, dqb, dqa_desc, b, h, BLOCK_M, DH, dq_layout, DO_DQ)
+                    _reduce(DQ_h, stride_dqm, m0, DH, dq1 * ds_scale, dqb, dqa_desc, b, h, BLOCK_M, DH,
+                            dq_layout, DO_DQ)
             else:   # dQ in a pass of its own (`_dq_kernel`, the default), or skipped (`backward`'s _dq=4)
                 dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, p_op, ds_op])
                 mbarrier.arrive(empty.index(s), count=1)
@@ -317,8 +327,6 @@ if HAVE_GLUON:
         kw = k_smem.index(W).reshape([64, HEAD_DIM])
         vw = v_smem.index(W).reshape([64, HEAD_DIM])
         dsw = ds_smem.index(W)
-        dqa = dq_smem.index(W if SHARED_DQ else 2 * W)
-        dqb = dq_smem.index(W if SHARED_DQ else 2 * W + 1)
         dk = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
         dv = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
         n = gl.cdiv(hi - lo, BLOCK_M)
@@ -329,22 +337,22 @@ if HAVE_GLUON:
             DQ_h = DQ + b64 * stride_dqb + hq.to(gl.int64) * stride_dqh
             base = tbase + g * n - lo // BLOCK_M
             for m0 in range(lo, full_lo, BLOCK_M):
-                dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dqa, dqb, q_smem,
-                               do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, dqa_desc, b, hq,
-                               offs_k, Sk,
+                dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dq_smem, q_smem,
+                               do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, dqa_desc,
+                               b, hq, offs_k, Sk,
                                diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout,
                                a_layout, True, DO_DQ, SHARED_DQ, W, NC, PART)
             for m in range(full_lo, full_hi, BLOCK_M):
                 m0 = _rotated(m, full_lo, full_hi, n0 // (NC * 64), BLOCK_M) if STAGGER else m
-                dk, dv = _step(base + m // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dqa, dqb, q_smem,
-                               do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, dqa_desc, b, hq,
-                               offs_k, Sk,
+                dk, dv = _step(base + m // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dq_smem, q_smem,
+                               do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, dqa_desc,
+                               b, hq, offs_k, Sk,
                                diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout,
                                a_layout, False, DO_DQ, SHARED_DQ, W, NC, PART)
             for m0 in range(full_hi, hi, BLOCK_M):
-                dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dqa, dqb, q_smem,
-                               do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, dqa_desc, b, hq,
-                               offs_k, Sk,
+                dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dq_smem, q_smem,
+                               do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, dqa_desc,
+                               b, hq, offs_k, Sk,
                                diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout,
                                a_layout, True, DO_DQ, SHARED_DQ, W, NC, PART)
         mbarrier.arrive(kv_empty, count=1)   # every product reading K and V has been waited for
@@ -402,12 +410,13 @@ if HAVE_GLUON:
                     zero = gl.zeros([64, HEAD_DIM], DK.dtype.element_ty, z_layout)
                     _store_kv_rows(DK, DV, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, bq,
                                    kvh, k0, n0 + W * 64, Sk, zero, zero, z_layout, HEAD_DIM, PART)
-        if DO_DQ == 5:
+        if DO_DQ >= 5:
             tma.store_wait(0)   # the last reduce reads shared memory, which must outlive it
 
     @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group", "nheads", "n_kt",
                                   "n_units", "per"])
-    def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, l_desc, d_desc, dqa_desc, DQ, DK, DV, CU_Q, CU_K, stride_dqb, stride_dqm,
+    def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, l_desc, d_desc, dqa_desc, DQ, DK, DV, CU_Q, CU_K, stride_dqb,
+                    stride_dqm,
                     stride_dqh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, seqlen_q,
                     seqlen_k, window_left, window_right, qk_scale, ds_scale, group, nheads, n_kt, n_units, per,
                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
@@ -425,9 +434,9 @@ if HAVE_GLUON:
         DS_SWIZZLE: gl.constexpr = 128 if BLOCK_M >= 64 else 2 * BLOCK_M   # a row of dSᵀ is BLOCK_M 16-bit values
         ds_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=DS_SWIZZLE, element_bitwidth=16, rank=2)
         ds_smem = gl.allocate_shared_memory(dtype, [NC, 64, BLOCK_M], ds_layout)
-        if DO_DQ == 5:   # tiles for the TMA reduce, in its descriptor's layout
-            dq_smem = gl.allocate_shared_memory(gl.float32, [NC if SHARED_DQ else 2 * NC, 1, BLOCK_M, 1, 64],
-                                                dqa_desc.layout)
+        if DO_DQ >= 5:   # tiles for the TMA reduce, in its descriptor's layout
+            dq_smem = gl.allocate_shared_memory(gl.float32, [NC if SHARED_DQ and DO_DQ == 5 else 2 * NC, 1, BLOCK_M,
+                                                             1, 64], dqa_desc.layout)
         else:
             dq_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
             dq_smem = gl.allocate_shared_memory(gl.float32, [NC if SHARED_DQ else 2 * NC, BLOCK_M, 64], dq_layout)
@@ -724,8 +733,9 @@ _DQ_PLANS = {64: (128, 2, 240, 2, False), 128: (64, 3, 240, 2, False), 256: (32,
 PERSISTENT = True
 DQ_BUF_MAX_D = 128
 # Single pass (atomic dQ modes): each key tile takes its unmasked query blocks rotated by its index (`_rotated`), so
-# that the programs of a head, which start together, do not all sum into the same dQ rows at once.
-STAGGER = True
+# that the programs of a head, which start together, do not all sum into the same dQ rows at once. Measured with
+# the TMA reduce (mode 5, results/2026-11-27-h100-sweep-bwd-tma-1.md): 0.96-1.00x not staggered, so off.
+STAGGER = False
 
 
 def _persistent_on() -> bool:
@@ -803,9 +813,9 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     mode = red if _dq is None else _dq
     if varlen and mode != 4:
         mode = 0
-    if D == 256 and mode in (1, 2, 3, 5):
+    if D == 256 and mode in (1, 2, 3, 5, 6):
         raise ValueError("head dim 256 runs dQ in a pass of its own (dQ mode 0)")
-    if shared and mode in (1, 2, 3, 5) and D != 64 * nc:
+    if shared and mode in (1, 2, 3, 5, 6) and D != 64 * nc:
         raise ValueError(f"a shared dQ needs head dim 64 x {nc} consumers, got {D}")
     # lse (log2 units), Delta and dQ's float32 accumulator padded to whole query blocks (module docstring)
     pad = triton.cdiv(Sq, 64) * 64 + 128   # whole 64-row blocks, and the dQ pass's tiles of up to 192 rows
@@ -823,7 +833,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                        HEAD_DIM=D, BLOCK_M=64, IS_VARLEN=varlen)
     left, right = C.window_args(window_size, Sq, Sk)
     qk_scale, _ = C.score_scales(softmax_scale, 0.0)
-    atomic = mode in (1, 2, 3, 5)
+    atomic = mode in (1, 2, 3, 5, 6)
     dq = torch.zeros((B, pad, H, D), dtype=torch.float32, device=q.device) if atomic else \
         new(q.shape, dtype=q.dtype, device=q.device)
     layout = shared_layout()
@@ -840,9 +850,9 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     qd, dod, kd, vd = desc(q4, bm), desc(do4, bm), desc(k4, 64), desc(v4, 64)
     ld = C.descriptor(TensorDescriptor, lse2.view(B * H, pad), (1, bm), row_layout)
     dd = C.descriptor(TensorDescriptor, delta.view(B * H, pad), (1, bm), row_layout)
-    # mode 5: dQ's float32 accumulator as (1, bm, 1, 64) tiles for the TMA reduce; other modes do not read it (lse's
+    # modes 5, 6: dQ's float32 accumulator as (1, bm, 1, 64) tiles for the TMA reduce; other modes do not read it (lse's
     # descriptor stands in)
-    dqad = C.descriptor(TensorDescriptor, dq, (1, bm, 1, 64), _acc_layout()) if mode == 5 else ld
+    dqad = C.descriptor(TensorDescriptor, dq, (1, bm, 1, 64), _acc_layout()) if mode >= 5 else ld
     dks, dvs = C.seq_layout(dk, varlen), C.seq_layout(dv, varlen)
     # d256: dV and dK in separate launches (both accumulators would take every register of a consumer)
     masked = tuple(window_size) != (-1, -1)
@@ -852,7 +862,8 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     for part in ((1, 2) if D == 256 else (0,)):
         _bwd_launch.keyed(
             key + (part, stagger), (programs,),
-            qd, kd, vd, dod, ld, dd, dqad, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, dq.stride(0), dq.stride(1), dq.stride(2),
+            qd, kd, vd, dod, ld, dd, dqad, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, dq.stride(0), dq.stride(1),
+            dq.stride(2),
             *dks, *dvs, Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, H, n_kt, n_kv_units, per,
             HEAD_DIM=D, BLOCK_M=bm, STAGES=stages, CONSUMER_REGS=regs, NC=nc, DO_DQ=mode if atomic else 0,
             SHARED_DQ=shared and atomic, IS_VARLEN=varlen, PART=part, STAGGER=stagger, num_warps=4)

@@ -95,12 +95,12 @@ def _common_structure(ptx, shared):
 
 # packed at d64/d128 (d256's packed kernels differ from its dense ones only where d128's do: left out for CI time)
 @pytest.mark.parametrize("D, varlen", [(64, False), (64, True), (128, False), (128, True), (256, False)])
-def test_default_plans_compile_for_hopper_without_atomics(D, varlen):
-    """Both kernels of the default (deterministic) backward compile for sm_90a, dense and packed: TMA, wgmma,
+def test_deterministic_plans_compile_for_hopper_without_atomics(D, varlen):
+    """Both kernels of the deterministic backward (every head dim's plan with deterministic=True) compile for sm_90a, dense and packed: TMA, wgmma,
     mbarriers between the producer and the consumers, register reallocation, (next to) no spills; and no atomic
     anywhere (dQ has a pass of its own, so results are bitwise reproducible). At d256 the dK/dV pass is two
     kernels, dV alone and dK alone."""
-    bm, stages, regs, nc, shared, red = GB.plan(D)
+    bm, stages, regs, nc, shared, red = GB.plan(D, deterministic=True)
     assert red == 0
     bn, dq_stages, dq_regs, dq_nc, pipe = GB._DQ_PLANS[D]
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,7 +108,7 @@ def test_default_plans_compile_for_hopper_without_atomics(D, varlen):
             ptx, smem, spill = _compile(["dkdv", D, bm, stages, regs, nc, [shared, red], varlen, part],
                                         os.path.join(tmp, "a"))
             _common_structure(ptx, smem)
-            assert not re.search(r"\b(red|atom)\.global", ptx)
+            assert not re.search(r"\b(red|atom)\.global", ptx) and "cp.reduce" not in ptx
             # persistent (tenth session), d128: 208 bytes dense and 180 packed on triton 3.6, 308 and 232 on 3.9, all
             # of them tile-loop scalars stored and loaded between the key ranges (none inside a range's loop, where dK
             # and dV take 128 registers); d64: 0-32, d256: 8-172
@@ -117,7 +117,7 @@ def test_default_plans_compile_for_hopper_without_atomics(D, varlen):
         _common_structure(ptx, smem)
         # S waited while dP (and, pipelined, the previous block's dQ product) is still in flight
         assert re.search(r"wgmma\.wait_group\.sync\.aligned %d;" % (2 if pipe else 1), ptx)
-        assert not re.search(r"\b(red|atom)\.global", ptx)
+        assert not re.search(r"\b(red|atom)\.global", ptx) and "cp.reduce" not in ptx
         # persistent (tenth session): triton 3.6 4-8 bytes (d128, d256), 3.9 12 (d128) and 116 (d256: scalars of the
         # tile loop, stored and loaded between the key ranges, none inside a range's loop)
         assert spill <= 128, spill
@@ -126,8 +126,8 @@ def test_default_plans_compile_for_hopper_without_atomics(D, varlen):
 
 
 def test_single_pass_with_atomics_compiles_with_vector_reductions():
-    """The single-pass plan (dQ summed across key blocks with float32 atomics) lowers its sum to
-    red.global.add.v2.f32, the shared dQ tile to two wgmmas over both consumers' dS."""
+    """The single pass with red (dQ mode 2, an option) lowers its sum to red.global.add.v2.f32, the shared dQ tile to
+    two wgmmas over both consumers' dS."""
     with tempfile.TemporaryDirectory() as tmp:
         ptx, smem, spill = _compile(["dkdv", 128, 64, 2, 240, 2, [True, 2], False, 0], os.path.join(tmp, "a"))
     _common_structure(ptx, smem)
@@ -135,16 +135,34 @@ def test_single_pass_with_atomics_compiles_with_vector_reductions():
     assert spill <= 768, spill   # 640 bytes on triton 3.9 since the persistent tile loop (an option, off by default)
 
 
+def test_d128_default_plan_sums_dq_with_the_tma_reduce():
+    """d128's default (non-deterministic) plan is the single pass whose dQ tiles go through the TMA unit's reduce
+    (Triton 3.6 reaches it through the builder: `_tma_add`): a float32 tensor reduce-add from shared memory, two
+    buffers a consumer (a wait that leaves one reduce in flight), no red/atom; the last reduce is waited for before
+    the program ends (shared memory must outlive it)."""
+    bm, stages, regs, nc, shared, red = GB.plan(128)
+    assert (shared, red) == (True, 6)
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, smem, spill = _compile(["dkdv", 128, bm, stages, regs, nc, [shared, red], False, 0],
+                                    os.path.join(tmp, "a"))
+    _common_structure(ptx, smem)
+    assert "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add" in ptx
+    assert "cp.async.bulk.wait_group.read 	1;" in ptx and "cp.async.bulk.wait_group.read 	0;" in ptx
+    assert not re.search(r"\b(red|atom)\.global", ptx)
+    # triton 3.6 324 bytes, 3.9 692 (3.9: scalars of the tile and step loops, a few loads a step between the wgmmas)
+    assert spill <= 768, spill
+
+
 def test_plan_rule():
-    """dQ in its own pass by default (measured faster than the single pass with atomics on the H100,
-    results/2026-11-26-h100-sweep-gluon-bwd-3.md), and always with deterministic=True."""
+    """d128 runs the single pass with the TMA reduce by default (measured faster than two passes on the H100,
+    results/2026-11-27-h100-sweep-bwd-tma-2.md), d64 and d256 two passes; with deterministic=True every head dim takes
+    dQ's own pass (no atomics)."""
     for D in (64, 128, 256):
         bm, stages, regs, nc, shared, red = GB.plan(D)
-        assert red == 0 and GB.plan(D, deterministic=True)[5] == 0
+        assert red == (6 if D == 128 else 0) and GB.plan(D, deterministic=True)[5] == 0
         assert regs * 128 * nc + 24 * 128 <= 65536            # the consumers' registers fit beside the producer
         assert GB.plan(D, deterministic=True)[:5] == (bm, stages, regs, nc, shared)
-    one_pass = (64, 2, 240, 2, True, 2)
-    assert GB.plan(128) != one_pass
+    assert not GB.STAGGER                                      # measured no better (sweep-bwd-tma-1, -2)
 
 
 def test_supports_names_what_it_leaves_to_v2():

@@ -1,4 +1,5 @@
-"""v3's backward in Gluon for Hopper: two warp-specialised passes (dK/dV, then dQ), deterministic.
+"""v3's backward in Gluon for Hopper: warp-specialised, persistent; at d128 one pass summing dQ through the TMA unit's
+reduce, elsewhere (and with deterministic=True everywhere) two passes (dK/dV, then dQ), bitwise reproducible.
 
 Why: v2's backward (Triton's language, two passes) ran at 0.63-0.81x cuDNN's backward on the H100, so a forward
 that matches cuDNN still left forward+backward at 0.67-0.84x (benchmarks/NOTES.md, seventh session).
@@ -27,10 +28,13 @@ from `_prep_kernel`, padded per sequence to whole blocks (+inf, 0) so that the k
 batches (cu_seqlens) use descriptors over (1, total, H, D) and per-sequence bounds; rows that run into the next
 sequence are masked out of P and out of the stores.
 
-FA3's single pass (dQ = dS K in the dK/dV pass, summed across programs with float32 atomics: `red.global.add` in
-inline PTX, as Gluon's atomic_add lowers to one returning `atom` an element in Triton 3.6) is kept as plan options
-(dQ modes 1 and 2, `SHARED_DQ`): it measured slower on the H100 (0.77-0.85x cuDNN's backward against 0.79-0.98x for
-the two passes), bound by the atomics' traffic (NOTES, eighth session).
+FA3's single pass (`_PLANS`' dQ modes): dQ = dS K in the dK/dV pass, summed across programs into a float32
+accumulator (B, S, H, D), then cast. At d128 (the default there) the two consumers' dSᵀ meet in shared memory and
+consumer W computes head-dim columns [64 W, 64 W + 64) of the program's dQ tile over all 128 keys, stores it to one of
+two shared tiles and hands it to the TMA unit's reduce-add (`_tma_add`), waited for only before that tile's next use:
+0.96-1.04x cuDNN's backward against 0.88-0.92x for the two passes (NOTES, eleventh session). Summing with `red`
+instruction by instruction instead (modes 1, 2, kept as options) ran at 0.77-0.83x: the atomics' traffic (eighth
+session). The sum's order varies between runs, so deterministic=True and packed batches take the two passes.
 
 At head dim 256 dK and dV together would take every register of a consumer: the dK/dV pass runs twice (`PART` 1:
 dV alone, 2: dK alone), with 32-query steps (and 32-key steps in the dQ pass) to fit shared memory.
@@ -715,13 +719,16 @@ if HAVE_GLUON:
 
 # Launch plans of the dK/dV kernel: (BLOCK_M query rows per step, STAGES of the Q/dO ring, consumer registers, NC
 # consumers of 64 keys, shared dQ, dQ mode). dQ mode (`backward`'s _dq): 0 a pass of its own (`_dq_kernel`, plan
-# `_DQ_PLANS`: deterministic); in the same pass with float32 atomics: 1 red.v4 through shared memory, 2 red.v2 from
-# the wgmma registers. Shared dQ (atomic modes): the program's dQ tile summed over its 64·NC keys in shared memory
-# before the atomics, consumer W taking head-dim columns [64 W, 64 W + 64) (needs HEAD_DIM = 64·NC); else each
-# consumer adds its own 64 keys' part. Measured on the H100: benchmarks/sweep_gluon_bwd.py
-# (results/2026-11-26-h100-sweep-gluon-bwd-*.md): the atomics' traffic (float32 dQ, once per 128 keys) bounds the
-# single pass at 0.77-0.81x cuDNN's backward (d128); without the sum the same pass ran at 1.25-1.34x.
-_PLANS = {64: (64, 2, 240, 2, False, 0), 128: (64, 2, 240, 2, True, 0), 256: (32, 2, 240, 2, False, 0)}
+# `_DQ_PLANS`: deterministic); in the same pass, summed into a float32 accumulator across programs: 1 red.v4 through
+# shared memory, 2 red.v2 from the wgmma registers, 5 the TMA unit's reduce from a shared tile, 6 the same from two
+# tiles a consumer in turn. Shared dQ: the program's dQ tile summed over its 64·NC keys in shared memory first,
+# consumer W taking head-dim columns [64 W, 64 W + 64) (needs HEAD_DIM = 64·NC); else each consumer adds its own 64
+# keys' part. Measured on the H100 (benchmarks/sweep_gluon_bwd.py): with red, the atomics' traffic bounded the single
+# pass at 0.77-0.81x cuDNN's backward at d128, below the two passes (results/2026-11-26-h100-sweep-gluon-bwd-3.md);
+# with the TMA reduce and a shared tile (mode 6) it ran at 0.96-1.04x, the two passes at 0.88-0.92x in the same
+# processes (results/2026-11-27-h100-sweep-bwd-tma-2.md). At d64 (no shared tile: twice the traffic) the single pass
+# measured 0.84-0.96x against the two passes' 0.92-1.00x, and own tiles at d128 0.79-0.82x: they keep two passes.
+_PLANS = {64: (64, 2, 240, 2, False, 0), 128: (64, 2, 240, 2, True, 6), 256: (32, 2, 240, 2, False, 0)}
 # the dQ pass: (BLOCK_N keys per step, STAGES of the K/V ring, consumer registers, NC consumers of 64 query rows,
 # PIPE: each block's dQ product one step late, under the next block's exponent; measured within noise, -9% to +5%
 # against without, results/2026-11-26-h100-sweep-gluon-bwd-8.md: off)

@@ -26,6 +26,7 @@
 #   probe     benchmarks/probe_short_fwd.py (short-sequence forwards: host time a call beside the measured time)
 #   host-v3   benchmarks/probe_host.py (flash_attn_func's direct launches against Triton's entry point: equal results,
 #             host time a call, do_bench at 512-1k tokens, a profile)
+#   host-bwd  benchmarks/probe_host_bwd.py (host time of a v3 fwd+bwd piece by piece at a tiny shape, a profile)
 #   persistent benchmarks/probe_persistent.py (the Gluon forward and backward persistent against one program a unit:
 #             check with bitwise equality, then the forward and fwd+bwd grid beside v3.py's kernel and SDPA-cuDNN;
 #             PERSISTENT_ARGS=--quick: a few cases and four points)
@@ -88,6 +89,7 @@ for spec in "$@"; do
     gluon) cmd=(python3 benchmarks/sweep_gluon.py --out "$dir" --budget-s "$budget" ${GLUON_ARGS:-}) ;;
     probe) cmd=(python3 benchmarks/probe_short_fwd.py --out "$dir") ;;
     host-v3) cmd=(python3 benchmarks/probe_host.py --out "$dir" --budget-s "$budget") ;;
+    host-bwd) cmd=(python3 benchmarks/probe_host_bwd.py --out "$dir") ;;
     # shellcheck disable=SC2206
     persistent) cmd=(python3 benchmarks/probe_persistent.py --out "$dir" --budget-s "$budget" ${PERSISTENT_ARGS:-}) ;;
     packed-fwd) cmd=(python3 benchmarks/probe_packed_fwd.py --out "$dir" --budget-s "$budget") ;;

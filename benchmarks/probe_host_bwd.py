@@ -1,0 +1,130 @@
+"""Where the host time of a v3 forward+backward goes (bench.py's 512-1k points read close to their host time).
+
+Microseconds of host time a call, each piece timed alone at a tiny shape (B=1, H=2, S=128, d128: the GPU idles, so
+the time a call is the host's), N calls queued and one synchronize, median of 5 repeats:
+flash_attn_func's forward without and with autograd, fwd+bwd through .backward(), the backward alone through
+torch.autograd.backward on a kept graph (retain_graph), v3.backward, v3_gluon_bwd.backward for the default plan and
+the two passes, one launch of each kernel, torch.empty/zeros, SDPA-cuDNN beside. Then cProfile of fwd+bwd (top
+functions by own and by cumulative time).
+
+    python benchmarks/probe_host_bwd.py --out DIR     (writes probe_host_bwd.json, .md, _profile.txt)
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import hf_flashattn as fa  # noqa: E402
+from hf_flashattn.kernels import v3  # noqa: E402
+from hf_flashattn.kernels import v3_gluon_bwd as GB  # noqa: E402
+
+
+def host_us(fn, n=200, reps=5):
+    fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        out.append((time.perf_counter() - t) / n * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    args = ap.parse_args()
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                commit=os.environ.get("COMMIT", "unknown"), date=time.strftime("%Y-%m-%d"))
+    rows = []
+    B, S, H, D = 1, 128, 2, 128
+    for causal in (False, True):
+        mk = lambda: torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+        q, k, v, do = mk(), mk(), mk(), mk()
+        qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+        win = (-1, 0) if causal else (-1, -1)
+        out, lse = v3.forward(q, k, v, None, None, S, S, D ** -0.5, win, 0.0)
+
+        def fb():
+            for x in (qg, kg, vg):
+                x.grad = None
+            fa.flash_attn_func(qg, kg, vg, causal=causal, version="v3").backward(do)
+        kept = fa.flash_attn_func(qg, kg, vg, causal=causal, version="v3")
+
+        def bwd_only():
+            torch.autograd.backward(kept, do, retain_graph=True)
+        qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
+        dot = do.transpose(1, 2)
+
+        def cud():
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            for x in (qt, kt, vt):
+                x.grad = None
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).backward(dot)
+        args_b = (do, q, k, v, out, lse, None, None, S, S, D ** -0.5, win)
+        pieces = {
+            "flash_attn_func fwd, no grad": lambda: fa.flash_attn_func(q, k, v, causal=causal, version="v3"),
+            "flash_attn_func fwd, autograd Function": lambda: fa.flash_attn_func(qg, kg, vg, causal=causal,
+                                                                                 version="v3"),
+            "fwd+bwd (.backward)": fb,
+            "bwd alone (autograd.backward, kept graph)": bwd_only,
+            "v3.backward": lambda: v3.backward(do, q, k, v, out, lse, None, None, S, S, D ** -0.5, win, 0.0, False),
+            "v3_gluon_bwd.backward, default plan": lambda: GB.backward(*args_b),
+            "v3_gluon_bwd.backward, two passes": lambda: GB.backward(*args_b, _plan=GB.plan(D, True)),
+            "torch.empty x6": lambda: [torch.empty(B, S, H, D, device="cuda") for _ in range(6)],
+            "torch.zeros fp32 accumulator": lambda: torch.zeros(B, S + 128, H, D, device="cuda"),
+            "sdpa-cudnn fwd+bwd": cud,
+        }
+        for name, fn in pieces.items():
+            try:
+                us = host_us(fn)
+                rows.append(dict(causal=causal, piece=name, host_us=us))
+            except Exception as e:  # noqa: BLE001
+                rows.append(dict(causal=causal, piece=name, error=f"{type(e).__name__}: {str(e)[:200]}"))
+            print(json.dumps(rows[-1]), flush=True)
+        if causal:
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(300):
+                fb()
+            torch.cuda.synchronize()
+            pr.disable()
+            text = []
+            for key in ("tottime", "cumulative"):
+                s = io.StringIO()
+                pstats.Stats(pr, stream=s).sort_stats(key).print_stats(40)
+                text.append(s.getvalue())
+            with open(os.path.join(args.out, "probe_host_bwd_profile.txt"), "w") as f:
+                f.write("\n\n".join(text))
+    with open(os.path.join(args.out, "probe_host_bwd.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    md = [f"# Host time of v3 fwd+bwd, piece by piece — {meta['gpu']}, torch {meta['torch']}, triton "
+          f"{meta['triton']}, commit {meta['commit']}", "",
+          f"B={B}, S={S}, H={H}, d{D}, bf16 (the GPU idles: a call's time is host time); us a call, median of 5 x 200",
+          "", "| piece | not causal | causal |", "|---|---|---|"]
+    for name in dict.fromkeys(r["piece"] for r in rows):
+        cells = [next((f"{r['host_us']:.0f}" if "host_us" in r else "err" for r in rows
+                       if r["piece"] == name and r["causal"] == c), "–") for c in (False, True)]
+        md.append(f"| {name} | " + " | ".join(cells) + " |")
+    with open(os.path.join(args.out, "probe_host_bwd.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

@@ -255,7 +255,10 @@ if HAVE_GLUON:
             ds_op = gl.convert_layout(ds16, a_layout)
             dk_tok = warpgroup_mma(ds_op, qs, dk, is_async=True)
             if DO_DQ > 0:
-                if (DO_DQ == 6) & (SHARED_DQ | (HEAD_DIM == 64)):   # one tile a step, two buffers in turn
+                if SHARED_DQ & (HEAD_DIM == 64) & (DO_DQ == 6):   # a tile every other step, two buffers in turn
+                    dqa = dq_smem.index(2 * W + ((it >> 1) & 1))
+                    dqb = dqa
+                elif (DO_DQ == 6) & (SHARED_DQ | (HEAD_DIM == 64)):   # one tile a step, two buffers in turn
                     dqa = dq_smem.index(2 * W + (it & 1))
                     dqb = dqa
                 else:
@@ -271,7 +274,24 @@ if HAVE_GLUON:
                 DH: gl.constexpr = 64
                 dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                                     instr_shape=[16, DH, 16])
-                if SHARED_DQ:
+                if SHARED_DQ & (HEAD_DIM == 64):
+                    # as below, but the tile has one 64-column part: consumer W takes it on steps where it & 1 == W
+                    mbarrier.arrive(ds_full, count=1)
+                    mbarrier.wait(ds_full, it & 1)
+                    if (it & 1) == W:
+                        dq0 = gl.zeros([BLOCK_M, DH], gl.float32, dq_layout)
+                        for j in gl.static_range(NC):
+                            dq0 = warpgroup_mma(ds_smem.index(j).permute((1, 0)), k_smem.index(j).reshape([64, DH]),
+                                                dq0, use_acc=j > 0, is_async=True)
+                        dq0 = warpgroup_mma_wait(0, deps=[dq0])
+                        mbarrier.arrive(ds_free, count=1)
+                        _reduce(DQ_h, stride_dqm, m0, 0, dq0 * ds_scale, dqa, dqa_desc, b, h, BLOCK_M, DH,
+                                dq_layout, DO_DQ)
+                    else:
+                        mbarrier.arrive(ds_free, count=1)   # this consumer reads no dS this step
+                    dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, p_op, ds_op])
+                    mbarrier.arrive(empty.index(s), count=1)
+                elif SHARED_DQ:
                     # the program's dQ tile summed over all its keys before the atomics (half the traffic of a tile a
                     # consumer): every consumer's dSᵀ in shared memory (`ds_full`), then consumer W takes head-dim
                     # columns [64 W, 64 W + 64) of dS K over all 64·NC keys; `ds_free` once every reader is done
@@ -822,8 +842,8 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         mode = 0
     if D == 256 and mode in (1, 2, 3, 5, 6):
         raise ValueError("head dim 256 runs dQ in a pass of its own (dQ mode 0)")
-    if shared and mode in (1, 2, 3, 5, 6) and D != 64 * nc:
-        raise ValueError(f"a shared dQ needs head dim 64 x {nc} consumers, got {D}")
+    if shared and mode in (1, 2, 3, 5, 6) and D != 64 * nc and not (D == 64 and mode == 6):
+        raise ValueError(f"a shared dQ needs head dim 64 x {nc} consumers (or 64 with dQ mode 6), got {D}")
     # lse (log2 units), Delta and dQ's float32 accumulator padded to whole query blocks (module docstring)
     pad = triton.cdiv(Sq, 64) * 64 + 128   # whole 64-row blocks, and the dQ pass's tiles of up to 192 rows
     lse2, delta = torch.empty((2, B, H, pad), dtype=torch.float32, device=q.device)   # one allocation

@@ -232,9 +232,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
             i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right.
         softcap: float, default 0.0 (off). Scores become softcap · tanh(scores / softcap).
         alibi_slopes: None only (NotImplementedError otherwise).
-        deterministic: bool, default False. The default backward uses no atomics and is bitwise
-            reproducible; HF_FLASHATTN_BWD_DQ=atomic selects a faster-in-principle backward with
-            float32 atomics for dQ, which deterministic=True always overrides.
+        deterministic: bool, default False. With True the backward uses no atomics and is bitwise
+            reproducible. With False, v3 on Hopper at head dim 64 and 128 sums dQ across key blocks
+            with the TMA unit's float32 reduce (faster, not bitwise reproducible between runs, as
+            flash-attn's default); v1/v2 stay bitwise reproducible unless HF_FLASHATTN_BWD_DQ=atomic.
         return_attn_probs: bool, default False. If True, also return softmax_lse and None.
         version: keyword-only, "auto" (default), "v1", "v2" or "v3". "auto" follows
             set_default_version() / HF_FLASHATTN_VERSION, else the best kernel for the device.

@@ -135,31 +135,33 @@ def test_single_pass_with_atomics_compiles_with_vector_reductions():
     assert spill <= 768, spill   # 640 bytes on triton 3.9 since the persistent tile loop (an option, off by default)
 
 
-def test_d128_default_plan_sums_dq_with_the_tma_reduce():
-    """d128's default (non-deterministic) plan is the single pass whose dQ tiles go through the TMA unit's reduce
-    (Triton 3.6 reaches it through the builder: `_tma_add`): a float32 tensor reduce-add from shared memory, two
-    buffers a consumer (a wait that leaves one reduce in flight), no red/atom; the last reduce is waited for before
-    the program ends (shared memory must outlive it)."""
-    bm, stages, regs, nc, shared, red = GB.plan(128)
+@pytest.mark.parametrize("D", [64, 128])
+def test_default_plans_sum_dq_with_the_tma_reduce(D):
+    """d64's and d128's default (non-deterministic) plans are the single pass whose dQ tiles go through the TMA unit's
+    reduce (Triton 3.6 reaches it through the builder: `_tma_add`): a float32 tensor reduce-add from shared memory,
+    two buffers a consumer (a wait that leaves one reduce in flight), no red/atom; the last reduce is waited for
+    before the program ends (shared memory must outlive it). d64: the consumers take the shared tile in turn."""
+    bm, stages, regs, nc, shared, red = GB.plan(D)
     assert (shared, red) == (True, 6)
     with tempfile.TemporaryDirectory() as tmp:
-        ptx, smem, spill = _compile(["dkdv", 128, bm, stages, regs, nc, [shared, red], False, 0],
+        ptx, smem, spill = _compile(["dkdv", D, bm, stages, regs, nc, [shared, red], False, 0],
                                     os.path.join(tmp, "a"))
     _common_structure(ptx, smem)
     assert "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add" in ptx
     assert "cp.async.bulk.wait_group.read 	1;" in ptx and "cp.async.bulk.wait_group.read 	0;" in ptx
     assert not re.search(r"\b(red|atom)\.global", ptx)
-    # triton 3.6 252 bytes, 3.9 692 (3.9: scalars of the tile and step loops, a few loads a step between the wgmmas)
+    # d128: triton 3.6 252 bytes, 3.9 692 (3.9: scalars of the tile and step loops, a few loads a step between the
+    # wgmmas); d64: 0
     assert spill <= 768, spill
 
 
 def test_plan_rule():
-    """d128 runs the single pass with the TMA reduce by default (measured faster than two passes on the H100,
-    results/2026-11-27-h100-sweep-bwd-tma-2.md), d64 and d256 two passes; with deterministic=True every head dim takes
+    """d64 and d128 run the single pass with the TMA reduce by default (measured faster than two passes on the H100,
+    results/2026-11-27-h100-sweep-bwd-tma-2.md, -3.md), d256 two passes; with deterministic=True every head dim takes
     dQ's own pass (no atomics)."""
     for D in (64, 128, 256):
         bm, stages, regs, nc, shared, red = GB.plan(D)
-        assert red == (6 if D == 128 else 0) and GB.plan(D, deterministic=True)[5] == 0
+        assert red == (0 if D == 256 else 6) and GB.plan(D, deterministic=True)[5] == 0
         assert regs * 128 * nc + 24 * 128 <= 65536            # the consumers' registers fit beside the producer
         assert GB.plan(D, deterministic=True)[:5] == (bm, stages, regs, nc, shared)
     assert not GB.STAGGER                                      # measured no better (sweep-bwd-tma-1, -2)

@@ -1,5 +1,6 @@
-"""v3's backward in Gluon for Hopper: warp-specialised, persistent; at d128 one pass summing dQ through the TMA unit's
-reduce, elsewhere (and with deterministic=True everywhere) two passes (dK/dV, then dQ), bitwise reproducible.
+"""v3's backward in Gluon for Hopper: warp-specialised, persistent; at d64 and d128 one pass summing dQ through the TMA
+unit's reduce, at d256 (and with deterministic=True or packed sequences everywhere) two passes (dK/dV, then dQ),
+bitwise reproducible.
 
 Why: v2's backward (Triton's language, two passes) ran at 0.63-0.81x cuDNN's backward on the H100, so a forward
 that matches cuDNN still left forward+backward at 0.67-0.84x (benchmarks/NOTES.md, seventh session).
@@ -32,7 +33,8 @@ FA3's single pass (`_PLANS`' dQ modes): dQ = dS K in the dK/dV pass, summed acro
 accumulator (B, S, H, D), then cast. At d128 (the default there) the two consumers' dSᵀ meet in shared memory and
 consumer W computes head-dim columns [64 W, 64 W + 64) of the program's dQ tile over all 128 keys, stores it to one of
 two shared tiles and hands it to the TMA unit's reduce-add (`_tma_add`), waited for only before that tile's next use:
-0.96-1.04x cuDNN's backward against 0.88-0.92x for the two passes (NOTES, eleventh session). Summing with `red`
+0.96-1.05x cuDNN's backward against 0.84-0.96x for the two passes (NOTES, eleventh session). At d64 the tile is one
+64-column part, taken by the consumers in turn, a step each (0.96-1.08x against 0.88-0.96x). Summing with `red`
 instruction by instruction instead (modes 1, 2, kept as options) ran at 0.77-0.83x: the atomics' traffic (eighth
 session). The sum's order varies between runs, so deterministic=True and packed batches take the two passes.
 
@@ -746,9 +748,10 @@ if HAVE_GLUON:
 # keys' part. Measured on the H100 (benchmarks/sweep_gluon_bwd.py): with red, the atomics' traffic bounded the single
 # pass at 0.77-0.81x cuDNN's backward at d128, below the two passes (results/2026-11-26-h100-sweep-gluon-bwd-3.md);
 # with the TMA reduce and a shared tile (mode 6) it ran at 0.96-1.04x, the two passes at 0.88-0.92x in the same
-# processes (results/2026-11-27-h100-sweep-bwd-tma-2.md). At d64 (no shared tile: twice the traffic) the single pass
-# measured 0.84-0.96x against the two passes' 0.92-1.00x, and own tiles at d128 0.79-0.82x: they keep two passes.
-_PLANS = {64: (64, 2, 240, 2, False, 0), 128: (64, 2, 240, 2, True, 6), 256: (32, 2, 240, 2, False, 0)}
+# processes (results/2026-11-27-h100-sweep-bwd-tma-2.md); own tiles a consumer (twice the traffic) 0.79-0.82x. At d64
+# the tile has one 64-column part, which the consumers take in turn (a step each): 0.96-1.08x against the two
+# passes' 0.88-0.96x (own tiles: 0.83-0.93x; results/2026-11-27-h100-sweep-bwd-tma-3.md). d256 runs two passes.
+_PLANS = {64: (64, 2, 240, 2, True, 6), 128: (64, 2, 240, 2, True, 6), 256: (32, 2, 240, 2, False, 0)}
 # the dQ pass: (BLOCK_N keys per step, STAGES of the K/V ring, consumer registers, NC consumers of 64 query rows,
 # PIPE: each block's dQ product one step late, under the next block's exponent; measured within noise, -9% to +5%
 # against without, results/2026-11-26-h100-sweep-gluon-bwd-8.md: off)

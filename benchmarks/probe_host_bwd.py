@@ -4,8 +4,9 @@ Microseconds of host time a call, each piece timed alone at a tiny shape (B=1, H
 the time a call is the host's), N calls queued and one synchronize, median of 5 repeats:
 flash_attn_func's forward without and with autograd, fwd+bwd through .backward(), the backward alone through
 torch.autograd.backward on a kept graph (retain_graph), v3.backward, v3_gluon_bwd.backward for the default plan and
-the two passes, one launch of each kernel, torch.empty/zeros, SDPA-cuDNN beside. Then cProfile of fwd+bwd (top
-functions by own and by cumulative time).
+the two passes, torch.empty/zeros, SDPA-cuDNN beside; fwd+bwd with Python's garbage collector off and after
+gc.freeze(), a trivial Python autograd.Function, the collections a run of fwd+bwd triggers. Then cProfile of fwd+bwd
+(top functions by own and by cumulative time).
 
     python benchmarks/probe_host_bwd.py --out DIR     (writes probe_host_bwd.json, .md, _profile.txt)
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import json
 import os
@@ -77,6 +79,28 @@ def main():
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).backward(dot)
         args_b = (do, q, k, v, out, lse, None, None, S, S, D ** -0.5, win)
+
+        class Ident(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return x.view_as(x)
+
+            @staticmethod
+            def backward(ctx, g):
+                return g
+
+        def ident():
+            qg.grad = None
+            Ident.apply(qg).backward(do)
+
+        def no_gc(fn):
+            def run():
+                gc.disable()
+                try:
+                    fn()
+                finally:
+                    gc.enable()
+            return run
         pieces = {
             "flash_attn_func fwd, no grad": lambda: fa.flash_attn_func(q, k, v, causal=causal, version="v3"),
             "flash_attn_func fwd, autograd Function": lambda: fa.flash_attn_func(qg, kg, vg, causal=causal,
@@ -89,6 +113,9 @@ def main():
             "torch.empty x6": lambda: [torch.empty(B, S, H, D, device="cuda") for _ in range(6)],
             "torch.zeros fp32 accumulator": lambda: torch.zeros(B, S + 128, H, D, device="cuda"),
             "sdpa-cudnn fwd+bwd": cud,
+            "fwd+bwd, Python's gc disabled": no_gc(fb),
+            "sdpa-cudnn fwd+bwd, gc disabled": no_gc(cud),
+            "a Python autograd.Function (identity) fwd+bwd": ident,
         }
         for name, fn in pieces.items():
             try:
@@ -98,6 +125,19 @@ def main():
                 rows.append(dict(causal=causal, piece=name, error=f"{type(e).__name__}: {str(e)[:200]}"))
             print(json.dumps(rows[-1]), flush=True)
         if causal:
+            before = [st["collections"] for st in gc.get_stats()]
+            for _ in range(200):
+                fb()
+            torch.cuda.synchronize()
+            after = [st["collections"] for st in gc.get_stats()]
+            rows.append(dict(causal=causal, piece="gc collections per 200 fwd+bwd (gen 0/1/2)",
+                             collections=[a - b for a, b in zip(after, before)],
+                             tracked_objects=len(gc.get_objects())))
+            print(json.dumps(rows[-1]), flush=True)
+            gc.freeze()
+            rows.append(dict(causal=causal, piece="fwd+bwd after gc.freeze()", host_us=host_us(fb)))
+            print(json.dumps(rows[-1]), flush=True)
+            gc.unfreeze()
             pr = cProfile.Profile()
             pr.enable()
             for _ in range(300):

@@ -158,7 +158,7 @@ def main():
           f"B={B}, S={S}, H={H}, d{D}, bf16 (the GPU idles: a call's time is host time); us a call, median of 5 x 200",
           "", "| piece | not causal | causal |", "|---|---|---|"]
     for name in dict.fromkeys(r["piece"] for r in rows):
-        cells = [next((f"{r['host_us']:.0f}" if "host_us" in r else "err" for r in rows
+        cells = [next((f"{r['host_us']:.0f}" if "host_us" in r else str(r.get("collections", "err")) for r in rows
                        if r["piece"] == name and r["causal"] == c), "–") for c in (False, True)]
         md.append(f"| {name} | " + " | ".join(cells) + " |")
     with open(os.path.join(args.out, "probe_host_bwd.md"), "w") as f:

@@ -46,6 +46,11 @@ def host_us(fn, n=200, reps=5):
     return statistics.median(out)
 
 
+def _no_grad(fn, *a):
+    with torch.no_grad():
+        return fn(*a)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -116,6 +121,8 @@ def main():
             "fwd+bwd, Python's gc disabled": no_gc(fb),
             "sdpa-cudnn fwd+bwd, gc disabled": no_gc(cud),
             "a Python autograd.Function (identity) fwd+bwd": ident,
+            "v3.backward, no grad mode": lambda: _no_grad(v3.backward, do, q, k, v, out, lse, None, None, S, S,
+                                                          D ** -0.5, win, 0.0, False),
         }
         for name, fn in pieces.items():
             try:
@@ -124,7 +131,18 @@ def main():
             except Exception as e:  # noqa: BLE001
                 rows.append(dict(causal=causal, piece=name, error=f"{type(e).__name__}: {str(e)[:200]}"))
             print(json.dumps(rows[-1]), flush=True)
-        if causal:
+        if causal:   # v3.backward looped in another thread (the autograd engine runs CUDA backwards on its own)
+            import threading
+            res = {}
+
+            def in_thread():
+                res["us"] = host_us(lambda: v3.backward(do, q, k, v, out, lse, None, None, S, S, D ** -0.5, win,
+                                                        0.0, False))
+            th = threading.Thread(target=in_thread)
+            th.start()
+            th.join()
+            rows.append(dict(causal=causal, piece="v3.backward in another thread", host_us=res["us"]))
+            print(json.dumps(rows[-1]), flush=True)
             before = [st["collections"] for st in gc.get_stats()]
             for _ in range(200):
                 fb()

@@ -6,7 +6,7 @@
 #
 # Phases (the number is the phase's wall-clock limit in seconds; its script gets a budget a little
 # under it so that it writes its JSON before being killed):
-#   check     benchmarks/gpu_check.py --versions $CHECK_VERSIONS (default v3,v1,v2), autotuning off
+#   check     benchmarks/gpu_check.py --versions $CHECK_VERSIONS (default v3,v1,v2) $CHECK_ARGS, autotuning off
 #   models    benchmarks/gpu_models.py --versions $MODEL_VERSIONS (default v2,v3)
 #   patches   benchmarks/gpu_patches.py
 #   decode    benchmarks/bench_decode.py $DECODE_ARGS (e.g. --skip-generate: the kernel table only)
@@ -70,7 +70,8 @@ for spec in "$@"; do
   mkdir -p "$dir"
   case $phase in
     check) cmd=(env HF_FLASHATTN_AUTOTUNE=0 python3 benchmarks/gpu_check.py --out "$dir"
-                --versions "${CHECK_VERSIONS:-v3,v1,v2}" --dtypes "${CHECK_DTYPES:-bf16,fp16}" --budget-s "$budget") ;;
+                --versions "${CHECK_VERSIONS:-v3,v1,v2}" --dtypes "${CHECK_DTYPES:-bf16,fp16}" --budget-s "$budget"
+                ${CHECK_ARGS:-}) ;;
     models) cmd=(python3 benchmarks/gpu_models.py --out "$dir" --versions "${MODEL_VERSIONS:-v2,v3}") ;;
     patches) cmd=(python3 benchmarks/gpu_patches.py --out "$dir" --budget-s "$budget") ;;
     # shellcheck disable=SC2206

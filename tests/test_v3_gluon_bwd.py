@@ -135,22 +135,23 @@ def test_single_pass_with_atomics_compiles_with_vector_reductions():
     assert spill <= 768, spill   # 640 bytes on triton 3.9 since the persistent tile loop (an option, off by default)
 
 
-@pytest.mark.parametrize("D", [64, 128])
-def test_default_plans_sum_dq_with_the_tma_reduce(D):
+@pytest.mark.parametrize("D, varlen", [(64, False), (128, False), (128, True)])
+def test_default_plans_sum_dq_with_the_tma_reduce(D, varlen):
     """d64's and d128's default (non-deterministic) plans are the single pass whose dQ tiles go through the TMA unit's
     reduce (Triton 3.6 reaches it through the builder: `_tma_add`): a float32 tensor reduce-add from shared memory,
     two buffers a consumer (a wait that leaves one reduce in flight), no red/atom; the last reduce is waited for
-    before the program ends (shared memory must outlive it). d64: the consumers take the shared tile in turn."""
+    before the program ends (shared memory must outlive it). d64: the consumers take the shared tile in turn. Packed
+    batches take it too (a (1, total, H, D) accumulator)."""
     bm, stages, regs, nc, shared, red = GB.plan(D)
     assert (shared, red) == (True, 6)
     with tempfile.TemporaryDirectory() as tmp:
-        ptx, smem, spill = _compile(["dkdv", D, bm, stages, regs, nc, [shared, red], False, 0],
+        ptx, smem, spill = _compile(["dkdv", D, bm, stages, regs, nc, [shared, red], varlen, 0],
                                     os.path.join(tmp, "a"))
     _common_structure(ptx, smem)
     assert "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add" in ptx
     assert "cp.async.bulk.wait_group.read 	1;" in ptx and "cp.async.bulk.wait_group.read 	0;" in ptx
     assert not re.search(r"\b(red|atom)\.global", ptx)
-    # d128: triton 3.6 252 bytes, 3.9 692 (3.9: scalars of the tile and step loops, a few loads a step between the
+    # d128: triton 3.6 252 bytes (packed 276), 3.9 692 (3.9: scalars of the tile and step loops, a few loads a step between the
     # wgmmas); d64: 0
     assert spill <= 768, spill
 

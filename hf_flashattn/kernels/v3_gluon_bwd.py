@@ -36,7 +36,8 @@ two shared tiles and hands it to the TMA unit's reduce-add (`_tma_add`), waited 
 0.96-1.05x cuDNN's backward against 0.84-0.96x for the two passes (NOTES, eleventh session). At d64 the tile is one
 64-column part, taken by the consumers in turn, a step each (0.96-1.08x against 0.88-0.96x). Summing with `red`
 instruction by instruction instead (modes 1, 2, kept as options) ran at 0.77-0.83x: the atomics' traffic (eighth
-session). The sum's order varies between runs, so deterministic=True and packed batches take the two passes.
+session). The sum's order varies between runs, so deterministic=True takes the two passes. Packed batches sum into a
+(1, total, H, D) accumulator: a tile's rows past its sequence belong to the next one, and add exact zeros there.
 
 At head dim 256 dK and dV together would take every register of a consumer: the dK/dV pass runs twice (`PART` 1:
 dV alone, 2: dK alone), with 32-query steps (and 32-key steps in the dQ pass) to fit shared memory.
@@ -171,17 +172,17 @@ if HAVE_GLUON:
             _red_add(DQ_h + gl.expand_dims(m0 + c0 + rr, 1) * stride_dqm + cc, x)
 
     @gluon.jit
-    def _reduce(DQ_h, stride_dqm, m0, col0, x, buf, dqa_desc, b, h, BLOCK_M: gl.constexpr, DH: gl.constexpr,
+    def _reduce(DQ_h, stride_dqm, m0, col0, x, buf, dqa_desc, b, q0, h, BLOCK_M: gl.constexpr, DH: gl.constexpr,
                 x_layout: gl.constexpr, MODE: gl.constexpr):
         """DQ[m0 + r, col0 + c] += x[r, c] (x in the wgmma layout): MODE 1 through shared memory (`buf`) into rows of
         four consecutive float32 a thread, red.v4; MODE 2 straight from the registers, red.v2; MODE 5 through `buf`
-        (dqa_desc's layout) and one TMA reduce of the tile (b, m0, h, col0), left in flight until buf's next use;
+        (dqa_desc's layout) and one TMA reduce of the tile (b, q0 + m0, h, col0), left in flight until buf's next use;
         MODE 6 as 5 with two buffers a consumer; MODE 3 nothing (a timing diagnostic)."""
         if MODE >= 5:
             tma.store_wait(MODE - 5)   # the reduce that last read buf is done (6: two buffers, one may be in flight)
             buf.reshape([BLOCK_M, DH]).store(x)
             fence_async_shared()
-            _tma_add(dqa_desc, [b, m0, h, col0], buf)
+            _tma_add(dqa_desc, [b, q0 + m0, h, col0], buf)
         elif MODE == 1:
             buf.store(x)
             _red_rows(DQ_h, stride_dqm, m0, col0, buf, BLOCK_M, DH)
@@ -217,7 +218,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _step(it, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dq_smem, q_smem, do_smem, l_smem, d_smem, ready, empty,
-              ds_full, ds_free, DQ_h, stride_dqm, dqa_desc, b, h, offs_k, Sk, diag, left, right, qk_scale, ds_scale,
+              ds_full, ds_free, DQ_h, stride_dqm, dqa_desc, b, q0, h, offs_k, Sk, diag, left, right, qk_scale, ds_scale,
               BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, st_layout: gl.constexpr,
               acc_layout: gl.constexpr, a_layout: gl.constexpr, MASKED: gl.constexpr, DO_DQ: gl.constexpr,
               SHARED_DQ: gl.constexpr, W: gl.constexpr, NC: gl.constexpr, PART: gl.constexpr):
@@ -287,7 +288,7 @@ if HAVE_GLUON:
                                                 dq0, use_acc=j > 0, is_async=True)
                         dq0 = warpgroup_mma_wait(0, deps=[dq0])
                         mbarrier.arrive(ds_free, count=1)
-                        _reduce(DQ_h, stride_dqm, m0, 0, dq0 * ds_scale, dqa, dqa_desc, b, h, BLOCK_M, DH,
+                        _reduce(DQ_h, stride_dqm, m0, 0, dq0 * ds_scale, dqa, dqa_desc, b, q0, h, BLOCK_M, DH,
                                 dq_layout, DO_DQ)
                     else:
                         mbarrier.arrive(ds_free, count=1)   # this consumer reads no dS this step
@@ -306,14 +307,14 @@ if HAVE_GLUON:
                     dv, dk, dq0, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq0, p_op, ds_op])
                     mbarrier.arrive(ds_free, count=1)
                     mbarrier.arrive(empty.index(s), count=1)
-                    _reduce(DQ_h, stride_dqm, m0, W * DH, dq0 * ds_scale, dqa, dqa_desc, b, h, BLOCK_M, DH,
+                    _reduce(DQ_h, stride_dqm, m0, W * DH, dq0 * ds_scale, dqa, dqa_desc, b, q0, h, BLOCK_M, DH,
                             dq_layout, DO_DQ)
                 elif HEAD_DIM == 64:
                     dq0 = warpgroup_mma(dsq, kw, gl.zeros([BLOCK_M, DH], gl.float32, dq_layout), use_acc=False,
                                         is_async=True)
                     dv, dk, dq0, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq0, p_op, ds_op])
                     mbarrier.arrive(empty.index(s), count=1)
-                    _reduce(DQ_h, stride_dqm, m0, 0, dq0 * ds_scale, dqa, dqa_desc, b, h, BLOCK_M, DH,
+                    _reduce(DQ_h, stride_dqm, m0, 0, dq0 * ds_scale, dqa, dqa_desc, b, q0, h, BLOCK_M, DH,
                             dq_layout, DO_DQ)
                 else:
                     dq0 = warpgroup_mma(dsq, kw.slice(0, DH, dim=1), gl.zeros([BLOCK_M, DH], gl.float32, dq_layout),
@@ -321,11 +322,11 @@ if HAVE_GLUON:
                     dv, dk, dq0, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq0, p_op, ds_op])
                     dq1 = warpgroup_mma(dsq, kw.slice(DH, DH, dim=1), gl.zeros([BLOCK_M, DH], gl.float32, dq_layout),
                                         use_acc=False, is_async=True)
-                    _reduce(DQ_h, stride_dqm, m0, 0, dq0 * ds_scale, dqa, dqa_desc, b, h, BLOCK_M, DH,
+                    _reduce(DQ_h, stride_dqm, m0, 0, dq0 * ds_scale, dqa, dqa_desc, b, q0, h, BLOCK_M, DH,
                             dq_layout, DO_DQ)
                     dq1 = warpgroup_mma_wait(0, deps=[dq1])
                     mbarrier.arrive(empty.index(s), count=1)
-                    _reduce(DQ_h, stride_dqm, m0, DH, dq1 * ds_scale, dqb, dqa_desc, b, h, BLOCK_M, DH,
+                    _reduce(DQ_h, stride_dqm, m0, DH, dq1 * ds_scale, dqb, dqa_desc, b, q0, h, BLOCK_M, DH,
                             dq_layout, DO_DQ)
             else:   # dQ in a pass of its own (`_dq_kernel`, the default), or skipped (`backward`'s _dq=4)
                 dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, p_op, ds_op])
@@ -336,7 +337,7 @@ if HAVE_GLUON:
     def _kv_consume_tile(W: gl.constexpr, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar,
                          kv_empty, ready, empty, ds_full, ds_free, DQ, dqa_desc, DK, DV, stride_dqb, stride_dqm,
                          stride_dqh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, tbase, tk,
-                         b, bq, k0, kvh, n0, lo, full_lo, full_hi, hi, group, Sk, diag, left, right, qk_scale,
+                         b, bq, q0, k0, kvh, n0, lo, full_lo, full_hi, hi, group, Sk, diag, left, right, qk_scale,
                          ds_scale, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                          DO_DQ: gl.constexpr, SHARED_DQ: gl.constexpr, NC: gl.constexpr, PART: gl.constexpr,
                          STAGGER: gl.constexpr):
@@ -365,20 +366,20 @@ if HAVE_GLUON:
             for m0 in range(lo, full_lo, BLOCK_M):
                 dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dq_smem, q_smem,
                                do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, dqa_desc,
-                               b, hq, offs_k, Sk,
+                               bq, q0, hq, offs_k, Sk,
                                diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout,
                                a_layout, True, DO_DQ, SHARED_DQ, W, NC, PART)
             for m in range(full_lo, full_hi, BLOCK_M):
                 m0 = _rotated(m, full_lo, full_hi, n0 // (NC * 64), BLOCK_M) if STAGGER else m
                 dk, dv = _step(base + m // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dq_smem, q_smem,
                                do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, dqa_desc,
-                               b, hq, offs_k, Sk,
+                               bq, q0, hq, offs_k, Sk,
                                diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout,
                                a_layout, False, DO_DQ, SHARED_DQ, W, NC, PART)
             for m0 in range(full_hi, hi, BLOCK_M):
                 dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dq_smem, q_smem,
                                do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, dqa_desc,
-                               b, hq, offs_k, Sk,
+                               bq, q0, hq, offs_k, Sk,
                                diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout,
                                a_layout, True, DO_DQ, SHARED_DQ, W, NC, PART)
         mbarrier.arrive(kv_empty, count=1)   # every product reading K and V has been waited for
@@ -426,7 +427,7 @@ if HAVE_GLUON:
                                      kv_empty, ready, empty, ds_full, ds_free, DQ, dqa_desc, DK, DV, stride_dqb,
                                      stride_dqm,
                                      stride_dqh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn,
-                                     stride_dvh, tbase, tk, b, bq, k0, kvh, n0, lo, full_lo, full_hi, hi, group, Sk,
+                                     stride_dvh, tbase, tk, b, bq, q0, k0, kvh, n0, lo, full_lo, full_hi, hi, group, Sk,
                                      Sk - Sq, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ,
                                      SHARED_DQ, NC, PART, STAGGER)
                     tbase += group * gl.cdiv(hi - lo, BLOCK_M)
@@ -822,7 +823,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
              window_size, _plan=None, _dq=None, _dq_plan=None):
     """(B, S, H, D) or packed (total, H, D) with cu_seqlens: (dq, dk, dv). `supports()` must have passed and do be
     TMA-loadable (`C.descriptors_ok`). _plan, _dq_plan override `plan()` and `_DQ_PLANS`; _dq overrides the plan's dQ
-    mode (see `_PLANS`; packed sequences take mode 0), and takes two timing diagnostics whose dq is garbage: 3 computes
+    mode (see `_PLANS`; packed sequences take mode 0 for modes 1-3), and takes two timing diagnostics whose dq is garbage: 3 computes
     dQ's products in the single pass without summing them, 4 skips dQ altogether."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -841,7 +842,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if nc != 2:
         raise ValueError(f"the Gluon backward's kernels run two consumer warpgroups, got a plan with {nc}")
     mode = red if _dq is None else _dq
-    if varlen and mode != 4:
+    if varlen and mode not in (4, 5, 6):   # packed: red's pointer arithmetic is dense-only
         mode = 0
     if D == 256 and mode in (1, 2, 3, 5, 6):
         raise ValueError("head dim 256 runs dQ in a pass of its own (dQ mode 0)")
@@ -864,7 +865,10 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     left, right = C.window_args(window_size, Sq, Sk)
     qk_scale, _ = C.score_scales(softmax_scale, 0.0)
     atomic = mode in (1, 2, 3, 5, 6)
-    dq = torch.zeros((B, pad, H, D), dtype=torch.float32, device=q.device) if atomic else \
+    # dQ's float32 accumulator: dense (B, pad, H, D); packed (1, total, H, D), where a tile's rows past its sequence
+    # add exact zeros (their lse is +inf) and rows past the last are outside the descriptor
+    acc_shape = (1, q.shape[0], H, D) if varlen else (B, pad, H, D)
+    dq = torch.zeros(acc_shape, dtype=torch.float32, device=q.device) if atomic else \
         new(q.shape, dtype=q.dtype, device=q.device)
     layout = shared_layout()
     row_layout = _row_layout()
@@ -898,7 +902,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             HEAD_DIM=D, BLOCK_M=bm, STAGES=stages, CONSUMER_REGS=regs, NC=nc, DO_DQ=mode if atomic else 0,
             SHARED_DQ=shared and atomic, IS_VARLEN=varlen, PART=part, STAGGER=stagger, num_warps=4)
     if atomic:
-        return dq[:, :Sq].to(q.dtype), dk, dv
+        return (dq[0] if varlen else dq[:, :Sq]).to(q.dtype), dk, dv
     if mode == 0:
         bn, dq_stages, dq_regs, dq_nc, pipe = _dq_plan or _DQ_PLANS[D]
         if dq_nc != 2:

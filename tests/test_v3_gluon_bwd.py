@@ -151,8 +151,8 @@ def test_default_plans_sum_dq_with_the_tma_reduce(D, varlen):
     assert "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add" in ptx
     assert "cp.async.bulk.wait_group.read 	1;" in ptx and "cp.async.bulk.wait_group.read 	0;" in ptx
     assert not re.search(r"\b(red|atom)\.global", ptx)
-    # d128: triton 3.6 252 bytes (packed 276), 3.9 692 (3.9: scalars of the tile and step loops, a few loads a step between the
-    # wgmmas); d64: 0
+    # d128: triton 3.6 252 bytes (packed 276), 3.9 692 (3.9: scalars of the tile and step loops, a few loads a step
+    # between the wgmmas); d64: 0
     assert spill <= 768, spill
 
 

@@ -823,8 +823,8 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
              window_size, _plan=None, _dq=None, _dq_plan=None):
     """(B, S, H, D) or packed (total, H, D) with cu_seqlens: (dq, dk, dv). `supports()` must have passed and do be
     TMA-loadable (`C.descriptors_ok`). _plan, _dq_plan override `plan()` and `_DQ_PLANS`; _dq overrides the plan's dQ
-    mode (see `_PLANS`; packed sequences take mode 0 for modes 1-3), and takes two timing diagnostics whose dq is garbage: 3 computes
-    dQ's products in the single pass without summing them, 4 skips dQ altogether."""
+    mode (see `_PLANS`; packed sequences take mode 0 for modes 1-3), and takes two timing diagnostics whose dq is
+    garbage: 3 computes dQ's products in the single pass without summing them, 4 skips dQ altogether."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .v3_gluon import shared_layout

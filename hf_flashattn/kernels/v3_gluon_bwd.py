@@ -340,7 +340,7 @@ if HAVE_GLUON:
                          b, bq, q0, k0, kvh, n0, lo, full_lo, full_hi, hi, group, Sk, diag, left, right, qk_scale,
                          ds_scale, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                          DO_DQ: gl.constexpr, SHARED_DQ: gl.constexpr, NC: gl.constexpr, PART: gl.constexpr,
-                         STAGGER: gl.constexpr):
+                         STAGGER: gl.constexpr, IS_VARLEN: gl.constexpr):
         """Consumer warpgroup W on one key tile: keys n0 + 64·W ... of the tile, summed over the group's heads; K and
         V go back to the producer after the last step (`kv_empty`), before dK and dV are stored. `tbase`: the ring's
         count at the tile's first step."""
@@ -357,6 +357,10 @@ if HAVE_GLUON:
         dk = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
         dv = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
         n = gl.cdiv(hi - lo, BLOCK_M)
+        if IS_VARLEN & (DO_DQ >= 5):
+            if n0 + NC * 64 > Sk:   # packed, the sequence's last key tile: its keys past Sk are the next sequence's,
+                full_lo = hi        # which dQ = dS K would take in (dense: zeros past the tensor): every step masks them
+                full_hi = hi
         mbarrier.wait(kv_bar, tk & 1)
         b64 = b.to(gl.int64)
         for g in range(group):
@@ -429,7 +433,7 @@ if HAVE_GLUON:
                                      stride_dqh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn,
                                      stride_dvh, tbase, tk, b, bq, q0, k0, kvh, n0, lo, full_lo, full_hi, hi, group, Sk,
                                      Sk - Sq, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ,
-                                     SHARED_DQ, NC, PART, STAGGER)
+                                     SHARED_DQ, NC, PART, STAGGER, IS_VARLEN)
                     tbase += group * gl.cdiv(hi - lo, BLOCK_M)
                     tk += 1
                 else:   # no query sees these keys: dK = dV = 0

@@ -1,6 +1,6 @@
 """v3's backward in Gluon for Hopper: warp-specialised, persistent; at d64 and d128 one pass summing dQ through the TMA
-unit's reduce, at d256 (and with deterministic=True or packed sequences everywhere) two passes (dK/dV, then dQ),
-bitwise reproducible.
+unit's reduce (dense or packed), at d256 (and with deterministic=True everywhere) two passes (dK/dV, then dQ), bitwise
+reproducible.
 
 Why: v2's backward (Triton's language, two passes) ran at 0.63-0.81x cuDNN's backward on the H100, so a forward
 that matches cuDNN still left forward+backward at 0.67-0.84x (benchmarks/NOTES.md, seventh session).
@@ -37,7 +37,8 @@ two shared tiles and hands it to the TMA unit's reduce-add (`_tma_add`), waited 
 64-column part, taken by the consumers in turn, a step each (0.96-1.08x against 0.88-0.96x). Summing with `red`
 instruction by instruction instead (modes 1, 2, kept as options) ran at 0.77-0.83x: the atomics' traffic (eighth
 session). The sum's order varies between runs, so deterministic=True takes the two passes. Packed batches sum into a
-(1, total, H, D) accumulator: a tile's rows past its sequence belong to the next one, and add exact zeros there.
+(1, total, H, D) accumulator: a tile's query rows past its sequence belong to the next one and add exact zeros there
+(their lse is +inf); a sequence's last key tile masks every step, as its keys past Sk are the next sequence's.
 
 At head dim 256 dK and dV together would take every register of a consumer: the dK/dV pass runs twice (`PART` 1:
 dV alone, 2: dK alone), with 32-query steps (and 32-key steps in the dQ pass) to fit shared memory.

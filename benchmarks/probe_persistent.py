@@ -6,7 +6,7 @@ single tiles without one, v3_gluon._tile) against one program a unit.
    64/128/256 on awkward shapes, GQA 32/8 and MQA, q_len > k_len under a causal mask (tiles that see no key), a 4k
    case with many tiles a program, packed sequences; bf16 and fp16; causal / not / two windows. Each case is also
    run with one program a unit in all three kernels: out, lse, dq, dk and dv must be bitwise equal (the same
-   arithmetic a tile).
+   arithmetic a tile; deterministic=True, the two-pass backward: the single pass's dQ sum varies run to run).
 2. time (forward, bench.py's grid: 16k tokens, nheads = 2048 / D; GQA 32/8 at 8k): the Gluon kernel persistent
    and one program a unit, v3.py's Triton kernel (HF_FLASHATTN_V3_GLUON=0), SDPA-cuDNN, in one process; then
    forward+backward with the backward's passes persistent and one program a unit, and SDPA-cuDNN's.
@@ -38,7 +38,8 @@ MASKS = [dict(causal=False), dict(causal=True), dict(window_size=(128, 0)), dict
 
 def _same_both_ways(shape, dtype, kw, varlen):
     """out, lse and the gradients of the Gluon forward and backward persistent and one program a unit: bitwise
-    equal?"""
+    equal? With deterministic=True: the default single-pass backward (d64/d128) sums dQ in an order that varies
+    between runs, so the two passes are what can be compared bit for bit."""
     B, Sq, Sk, H, Hk, D = shape
     if varlen:
         lens = [Sq - 37 * i for i in range(B)]
@@ -46,11 +47,12 @@ def _same_both_ways(shape, dtype, kw, varlen):
         q = torch.randn(sum(lens), H, D, device="cuda", dtype=dtype, requires_grad=True)
         k, v = (torch.randn(sum(lens), Hk, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
         call = lambda: fa.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), return_attn_probs=True,  # noqa
-                                                 version="v3", **kw)
+                                                 deterministic=True, version="v3", **kw)
     else:
         q = torch.randn(B, Sq, H, D, device="cuda", dtype=dtype, requires_grad=True)
         k, v = (torch.randn(B, Sk, Hk, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
-        call = lambda: fa.flash_attn_func(q, k, v, return_attn_probs=True, version="v3", **kw)  # noqa: E731
+        call = lambda: fa.flash_attn_func(q, k, v, return_attn_probs=True, deterministic=True,  # noqa: E731
+                                          version="v3", **kw)
     do = torch.randn(q.shape, device="cuda", dtype=dtype)
     res = []
     for persistent in (True, False):

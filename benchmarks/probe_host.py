@@ -3,7 +3,8 @@ launched without Triton's JIT entry point, tensor descriptors made from kept fie
 in one process:
 
 1. equal: fwd+bwd with FAST_LAUNCH on (twice, new tensors each time: a kept kernel or descriptor must take the new
-   pointers) and off, bitwise equal (the same kernels), over v3 (its Triton kernel, the Gluon forward and backward,
+   pointers) and off, bitwise equal (the same kernels; deterministic=True: v3's single-pass dQ sum varies run to
+   run), over v3 (its Triton kernel, the Gluon forward and backward,
    d64/128/256, GQA, a window, packed) and v2;
 2. host: microseconds of host time a call at a tiny shape (the GPU idles: time a call = host time), fwd and
    fwd+bwd, v3 and v2, on and off, SDPA-cuDNN beside;
@@ -33,11 +34,12 @@ import hf_flashattn as fa  # noqa: E402
 from hf_flashattn.kernels import _common as C  # noqa: E402
 
 
-def fwd_bwd(q, k, v, do, ver, causal, window=(-1, -1), cu=None, max_s=0):
+def fwd_bwd(q, k, v, do, ver, causal, window=(-1, -1), cu=None, max_s=0, deterministic=False):
     if cu is None:
-        o = fa.flash_attn_func(q, k, v, causal=causal, window_size=window, version=ver)
+        o = fa.flash_attn_func(q, k, v, causal=causal, window_size=window, deterministic=deterministic, version=ver)
     else:
-        o = fa.flash_attn_varlen_func(q, k, v, cu, cu, max_s, max_s, causal=causal, window_size=window, version=ver)
+        o = fa.flash_attn_varlen_func(q, k, v, cu, cu, max_s, max_s, causal=causal, window_size=window,
+                                      deterministic=deterministic, version=ver)
     return (o,) + torch.autograd.grad(o, (q, k, v), do)
 
 
@@ -69,7 +71,7 @@ def equal_section():
         for mode, seed in (("on-1", 1), ("on-2", 2), ("off-2", 2), ("on-1b", 1)):
             C.FAST_LAUNCH = mode.startswith("on")
             q, k, v, do = make(seed)
-            results[mode] = fwd_bwd(q, k, v, do, ver, causal, window, cu, ms)
+            results[mode] = fwd_bwd(q, k, v, do, ver, causal, window, cu, ms, deterministic=True)
             torch.cuda.synchronize()
         C.FAST_LAUNCH = True
         same = all(torch.equal(a, b) for a, b in zip(results["on-2"], results["off-2"]))

@@ -359,8 +359,10 @@ if HAVE_GLUON:
         dv = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
         n = gl.cdiv(hi - lo, BLOCK_M)
         if IS_VARLEN & (DO_DQ >= 5):
-            if n0 + NC * 64 > Sk:   # packed, the sequence's last key tile: its keys past Sk are the next sequence's,
-                full_lo = hi        # which dQ = dS K would take in (dense: zeros past the tensor): every step masks them
+            # packed, the sequence's last key tile: its keys past Sk are the next sequence's, which dQ = dS K would take
+            # in (dense: zeros past the tensor), so every step masks them
+            if n0 + NC * 64 > Sk:
+                full_lo = hi
                 full_hi = hi
         mbarrier.wait(kv_bar, tk & 1)
         b64 = b.to(gl.int64)
@@ -371,22 +373,19 @@ if HAVE_GLUON:
             for m0 in range(lo, full_lo, BLOCK_M):
                 dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dq_smem, q_smem,
                                do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, dqa_desc,
-                               bq, q0, hq, offs_k, Sk,
-                               diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout,
-                               a_layout, True, DO_DQ, SHARED_DQ, W, NC, PART)
+                               bq, q0, hq, offs_k, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM,
+                               STAGES, st_layout, acc_layout, a_layout, True, DO_DQ, SHARED_DQ, W, NC, PART)
             for m in range(full_lo, full_hi, BLOCK_M):
                 m0 = _rotated(m, full_lo, full_hi, n0 // (NC * 64), BLOCK_M) if STAGGER else m
                 dk, dv = _step(base + m // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dq_smem, q_smem,
                                do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, dqa_desc,
-                               bq, q0, hq, offs_k, Sk,
-                               diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout,
-                               a_layout, False, DO_DQ, SHARED_DQ, W, NC, PART)
+                               bq, q0, hq, offs_k, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM,
+                               STAGES, st_layout, acc_layout, a_layout, False, DO_DQ, SHARED_DQ, W, NC, PART)
             for m0 in range(full_hi, hi, BLOCK_M):
                 dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dq_smem, q_smem,
                                do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, dqa_desc,
-                               bq, q0, hq, offs_k, Sk,
-                               diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, st_layout, acc_layout,
-                               a_layout, True, DO_DQ, SHARED_DQ, W, NC, PART)
+                               bq, q0, hq, offs_k, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM,
+                               STAGES, st_layout, acc_layout, a_layout, True, DO_DQ, SHARED_DQ, W, NC, PART)
         mbarrier.arrive(kv_empty, count=1)   # every product reading K and V has been waited for
         _store_kv_rows(DK, DV, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, bq, kvh, k0, kw0,
                        Sk, dk * ds_scale, dv, acc_layout, HEAD_DIM, PART)
@@ -430,11 +429,10 @@ if HAVE_GLUON:
                 if lo < hi:
                     _kv_consume_tile(W, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar,
                                      kv_empty, ready, empty, ds_full, ds_free, DQ, dqa_desc, DK, DV, stride_dqb,
-                                     stride_dqm,
-                                     stride_dqh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn,
-                                     stride_dvh, tbase, tk, b, bq, q0, k0, kvh, n0, lo, full_lo, full_hi, hi, group, Sk,
-                                     Sk - Sq, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ,
-                                     SHARED_DQ, NC, PART, STAGGER, IS_VARLEN)
+                                     stride_dqm, stride_dqh, stride_dkb, stride_dkn, stride_dkh, stride_dvb,
+                                     stride_dvn, stride_dvh, tbase, tk, b, bq, q0, k0, kvh, n0, lo, full_lo, full_hi,
+                                     hi, group, Sk, Sk - Sq, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM,
+                                     STAGES, DO_DQ, SHARED_DQ, NC, PART, STAGGER, IS_VARLEN)
                     tbase += group * gl.cdiv(hi - lo, BLOCK_M)
                     tk += 1
                 else:   # no query sees these keys: dK = dV = 0
@@ -448,9 +446,9 @@ if HAVE_GLUON:
     @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group", "nheads", "n_kt",
                                   "n_units", "per"])
     def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, l_desc, d_desc, dqa_desc, DQ, DK, DV, CU_Q, CU_K, stride_dqb,
-                    stride_dqm,
-                    stride_dqh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, seqlen_q,
-                    seqlen_k, window_left, window_right, qk_scale, ds_scale, group, nheads, n_kt, n_units, per,
+                    stride_dqm, stride_dqh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+                    seqlen_q, seqlen_k, window_left, window_right, qk_scale, ds_scale, group, nheads, n_kt, n_units,
+                    per,
                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                     NC: gl.constexpr, DO_DQ: gl.constexpr, SHARED_DQ: gl.constexpr, IS_VARLEN: gl.constexpr,
                     PART: gl.constexpr = 0, STAGGER: gl.constexpr = False):

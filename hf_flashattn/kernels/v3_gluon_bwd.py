@@ -33,8 +33,8 @@ FA3's single pass (`_PLANS`' dQ modes): dQ = dS K in the dK/dV pass, summed acro
 accumulator (B, S, H, D), then cast. At d128 (the default there) the two consumers' dSᵀ meet in shared memory and
 consumer W computes head-dim columns [64 W, 64 W + 64) of the program's dQ tile over all 128 keys, stores it to one of
 two shared tiles and hands it to the TMA unit's reduce-add (`_tma_add`), waited for only before that tile's next use:
-0.96-1.05x cuDNN's backward against 0.84-0.96x for the two passes (NOTES, eleventh session). At d64 the tile is one
-64-column part, taken by the consumers in turn, a step each (0.96-1.08x against 0.88-0.96x). Summing with `red`
+0.94-1.05x cuDNN's backward against 0.84-0.96x for the two passes (NOTES, eleventh session). At d64 the tile is one
+64-column part, taken by the consumers in turn, a step each (0.93-1.08x against 0.88-0.96x). Summing with `red`
 instruction by instruction instead (modes 1, 2, kept as options) ran at 0.77-0.83x: the atomics' traffic (eighth
 session). The sum's order varies between runs, so deterministic=True takes the two passes. Packed batches sum into a
 (1, total, H, D) accumulator: a tile's query rows past its sequence belong to the next one and add exact zeros there
@@ -751,9 +751,9 @@ if HAVE_GLUON:
 # consumer W taking head-dim columns [64 W, 64 W + 64) (needs HEAD_DIM = 64·NC); else each consumer adds its own 64
 # keys' part. Measured on the H100 (benchmarks/sweep_gluon_bwd.py): with red, the atomics' traffic bounded the single
 # pass at 0.77-0.81x cuDNN's backward at d128, below the two passes (results/2026-11-26-h100-sweep-gluon-bwd-3.md);
-# with the TMA reduce and a shared tile (mode 6) it ran at 0.96-1.04x, the two passes at 0.88-0.92x in the same
+# with the TMA reduce and a shared tile (mode 6) it ran at 0.94-1.04x, the two passes at 0.88-0.92x in the same
 # processes (results/2026-11-27-h100-sweep-bwd-tma-2.md); own tiles a consumer (twice the traffic) 0.79-0.82x. At d64
-# the tile has one 64-column part, which the consumers take in turn (a step each): 0.96-1.08x against the two
+# the tile has one 64-column part, which the consumers take in turn (a step each): 0.93-1.08x against the two
 # passes' 0.88-0.96x (own tiles: 0.83-0.93x; results/2026-11-27-h100-sweep-bwd-tma-3.md). d256 runs two passes.
 _PLANS = {64: (64, 2, 240, 2, True, 6), 128: (64, 2, 240, 2, True, 6), 256: (32, 2, 240, 2, False, 0)}
 # the dQ pass: (BLOCK_N keys per step, STAGES of the K/V ring, consumer registers, NC consumers of 64 query rows,

@@ -168,6 +168,26 @@ def test_plan_rule():
     assert not GB.STAGGER                                      # measured no better (sweep-bwd-tma-1, -2)
 
 
+def test_dq_mode_rule():
+    """Which dQ mode a launch runs: d64/d128 sum dQ with the TMA reduce (mode 6), dense or packed; deterministic plans,
+    d256 and packed calls of red's modes run dQ's own pass (0); plans the kernels cannot run are refused by name."""
+    for varlen in (False, True):
+        assert GB.dq_mode(128, GB.plan(128), varlen) == 6
+        assert GB.dq_mode(64, GB.plan(64), varlen) == 6
+        assert GB.dq_mode(256, GB.plan(256), varlen) == 0
+        for D in (64, 128, 256):
+            assert GB.dq_mode(D, GB.plan(D, deterministic=True), varlen) == 0
+    red = (64, 2, 240, 2, True, 2)
+    assert GB.dq_mode(128, red, False) == 2 and GB.dq_mode(128, red, True) == 0   # red: dense pointers only
+    assert GB.dq_mode(128, GB.plan(128), True, dq=4) == 4                          # the dK/dV-only diagnostic
+    with pytest.raises(ValueError, match="head dim 256"):
+        GB.dq_mode(256, (32, 2, 240, 2, False, 6), False)
+    with pytest.raises(ValueError, match="shared dQ"):
+        GB.dq_mode(64, (64, 2, 240, 2, True, 2), False)
+    with pytest.raises(ValueError, match="two consumer warpgroups"):
+        GB.dq_mode(128, (64, 2, 160, 3, True, 6), False)
+
+
 def test_supports_names_what_it_leaves_to_v2():
     x = torch.zeros(1, 64, 2, 128, dtype=torch.bfloat16)
     assert GB.supports(x, x, x, 0.1, 0.0) is None

@@ -783,6 +783,28 @@ def plan(D: int, deterministic: bool = False):
     return p[:5] + (0,) if deterministic else p
 
 
+# dQ modes that sum dQ across programs into a float32 accumulator (the single pass; 3 computes without summing)
+_SUMMED = (1, 2, 3, 5, 6)
+
+
+def dq_mode(D: int, plan_: tuple, varlen: bool, dq: int | None = None) -> int:
+    """The dQ mode a launch runs (`_PLANS`' last field): the plan's, or `dq` (`backward`'s _dq). Packed batches run
+    red's modes (1-3: dense pointer arithmetic) as 0, the TMA reduce's (5, 6) as they are. ValueError for what the
+    kernels cannot run: other than two consumers, a summed dQ at d256, a shared dQ tile whose head dim is not 64 per
+    consumer (d64 shares one tile in turn, mode 6 only)."""
+    _, _, _, nc, shared, red = plan_
+    if nc != 2:
+        raise ValueError(f"the Gluon backward's kernels run two consumer warpgroups, got a plan with {nc}")
+    mode = red if dq is None else dq
+    if varlen and mode not in (4, 5, 6):
+        mode = 0
+    if D == 256 and mode in _SUMMED:
+        raise ValueError("head dim 256 runs dQ in a pass of its own (dQ mode 0)")
+    if shared and mode in _SUMMED and D != 64 * nc and not (D == 64 and mode == 6):
+        raise ValueError(f"a shared dQ needs head dim 64 x {nc} consumers (or 64 with dQ mode 6), got {D}")
+    return mode
+
+
 def supports(q, k, v, softmax_scale, softcap) -> str | None:
     """None if this kernel runs the inputs, else why not (the caller then runs v2's backward). dO is the caller's
     to make TMA-loadable (v3.backward: a contiguous copy where `C.descriptors_ok` fails)."""
@@ -842,15 +864,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if q.numel() == 0 or k.numel() == 0 or B == 0:
         return torch.zeros_like(q), dk.zero_(), dv.zero_()
     bm, stages, regs, nc, shared, red = _plan or plan(D)
-    if nc != 2:
-        raise ValueError(f"the Gluon backward's kernels run two consumer warpgroups, got a plan with {nc}")
-    mode = red if _dq is None else _dq
-    if varlen and mode not in (4, 5, 6):   # packed: red's pointer arithmetic is dense-only
-        mode = 0
-    if D == 256 and mode in (1, 2, 3, 5, 6):
-        raise ValueError("head dim 256 runs dQ in a pass of its own (dQ mode 0)")
-    if shared and mode in (1, 2, 3, 5, 6) and D != 64 * nc and not (D == 64 and mode == 6):
-        raise ValueError(f"a shared dQ needs head dim 64 x {nc} consumers (or 64 with dQ mode 6), got {D}")
+    mode = dq_mode(D, (bm, stages, regs, nc, shared, red), varlen, _dq)
     # lse (log2 units), Delta and dQ's float32 accumulator padded to whole query blocks (module docstring)
     pad = triton.cdiv(Sq, 64) * 64 + 128   # whole 64-row blocks, and the dQ pass's tiles of up to 192 rows
     lse2, delta = torch.empty((2, B, H, pad), dtype=torch.float32, device=q.device)   # one allocation
@@ -867,7 +881,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                        HEAD_DIM=D, BLOCK_M=64, IS_VARLEN=varlen)
     left, right = C.window_args(window_size, Sq, Sk)
     qk_scale, _ = C.score_scales(softmax_scale, 0.0)
-    atomic = mode in (1, 2, 3, 5, 6)
+    atomic = mode in _SUMMED
     # dQ's float32 accumulator: dense (B, pad, H, D); packed (1, total, H, D), where a tile's rows past its sequence
     # add exact zeros (their lse is +inf) and rows past the last are outside the descriptor
     acc_shape = (1, q.shape[0], H, D) if varlen else (B, pad, H, D)

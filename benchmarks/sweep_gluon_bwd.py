@@ -35,22 +35,16 @@ SHAPES = [(2, 113, 203, 8, 2, 128), (2, 203, 113, 8, 8, 64), (1, 1, 2048, 32, 8,
 VARLEN_SHAPES = [(3, 300, 300, 8, 2, 128), (3, 200, 200, 4, 4, 64), (2, 1100, 1100, 8, 1, 128),
                  (2, 300, 300, 4, 4, 256)]
 MASKS = [dict(causal=False), dict(causal=True), dict(window_size=(128, 0)), dict(window_size=(64, 32))]
-# (label, plan, dQ mode, dQ pass plan[, stagger]) beside the default plans: v3_gluon_bwd._PLANS' and _DQ_PLANS'
-# fields; dQ mode 4 (backward's _dq, a timing diagnostic: dq garbage) skips dQ; stagger sets v3_gluon_bwd.STAGGER
-# (the single pass's rotated query order) for the variant
+# (label, plan, dQ mode, dQ pass plan) beside the default plans: v3_gluon_bwd._PLANS' and _DQ_PLANS' fields; dQ mode
+# 4 (backward's _dq, a timing diagnostic: dq garbage) skips dQ
 VARIANTS = {128: [("gluon bwd, two passes", (64, 2, 240, 2, True, 0), None, None),
-                  ("gluon bwd, single pass, shared dQ, TMA reduce", (64, 2, 240, 2, True, 5), None, None, False),
-                  ("gluon bwd, single pass, shared dQ, TMA reduce, 2 buffers", (64, 2, 240, 2, True, 6), None, None,
-                   False),
-                  ("gluon bwd, single pass, shared dQ, TMA reduce, 2 buffers, staggered", (64, 2, 240, 2, True, 6),
-                   None, None, True),
+                  ("gluon bwd, single pass, shared dQ, TMA reduce", (64, 2, 240, 2, True, 5), None, None),
+                  ("gluon bwd, single pass, shared dQ, TMA reduce, 2 buffers", (64, 2, 240, 2, True, 6), None, None),
                   ("gluon bwd, dK/dV only (diagnostic)", (64, 2, 240, 2, True, 0), 4, None)],
             64: [("gluon bwd, two passes", (64, 2, 240, 2, False, 0), None, None),
                  ("gluon bwd, single pass, shared dQ in turn, TMA reduce, 2 buffers", (64, 2, 240, 2, True, 6), None,
-                  None, False),
-                 ("gluon bwd, single pass, TMA reduce, 2 buffers", (64, 2, 240, 2, False, 6), None, None, False),
-                 ("gluon bwd, single pass, TMA reduce, 2 buffers, staggered", (64, 2, 240, 2, False, 6), None, None,
-                  True),
+                  None),
+                 ("gluon bwd, single pass, TMA reduce, 2 buffers", (64, 2, 240, 2, False, 6), None, None),
                  ("gluon bwd, dK/dV only (diagnostic)", (64, 2, 240, 2, False, 0), 4, None)]}
 
 
@@ -99,7 +93,6 @@ def main():
         d, fields = spec.split("=")
         f = [int(x) for x in fields.split(",")]
         GB._PLANS[int(d)] = (f[0], f[1], f[2], f[3], bool(f[4]), f[5])
-    stagger = GB.STAGGER
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 cudnn=torch.backends.cudnn.version(), commit=os.environ.get("COMMIT", "unknown"),
                 date=time.strftime("%Y-%m-%d"), plans={str(k): v for k, v in GB._PLANS.items()})
@@ -182,12 +175,10 @@ def main():
                 def rel(got, ref):
                     return [((g.float() - r.float()).abs().max() / r.float().abs().max()).item() for g, r in zip(got, ref)]
                 timed("gluon bwd", "bwd", lambda: GB.backward(*args_b), rel_diff_vs_v2=rel(GB.backward(*args_b), ref))
-                for label, p_, dq_, dqp, *stag in VARIANTS.get(D, []):
+                for label, p_, dq_, dqp in VARIANTS.get(D, []):
                     fn = (lambda p_=p_, dq_=dq_, dqp=dqp: GB.backward(*args_b, _plan=p_, _dq=dq_, _dq_plan=dqp))
-                    GB.STAGGER = stag[0] if stag else stagger
                     diff = rel(fn(), ref) if dq_ is None else None
-                    timed(label, "bwd", fn, plan=p_, stagger=GB.STAGGER, rel_diff_vs_v2=diff)
-                    GB.STAGGER = stagger
+                    timed(label, "bwd", fn, plan=p_, rel_diff_vs_v2=diff)
                 timed("v2 bwd", "bwd", lambda: v2.backward(do, q, k, v, out, lse, None, None, S, S, D ** -0.5, win,
                                                            0.0, False))
                 save()

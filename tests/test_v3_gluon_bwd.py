@@ -56,8 +56,7 @@ for i, name in enumerate(fn.arg_names):
         sig[name] = "i32"
 if which == "dkdv":
     cx = dict(HEAD_DIM=D, BLOCK_M=rows, STAGES=stages, CONSUMER_REGS=regs, NC=nc, DO_DQ=extra[1] if extra[1] != 4 else 0,
-              SHARED_DQ=extra[0] and extra[1] in (1, 2, 3, 5, 6), IS_VARLEN=varlen, PART=part,
-              STAGGER=GB.STAGGER and extra[1] in (1, 2, 3, 5, 6))
+              SHARED_DQ=extra[0] and extra[1] in (1, 2, 3, 5, 6), IS_VARLEN=varlen, PART=part)
 else:
     cx = dict(HEAD_DIM=D, BLOCK_N=rows, STAGES=stages, CONSUMER_REGS=regs, NC=nc, IS_VARLEN=varlen, PIPE=extra[0],
               DQ_BUF=D <= GB.DQ_BUF_MAX_D and not varlen)
@@ -165,7 +164,6 @@ def test_plan_rule():
         assert red == (0 if D == 256 else 6) and GB.plan(D, deterministic=True)[5] == 0
         assert regs * 128 * nc + 24 * 128 <= 65536            # the consumers' registers fit beside the producer
         assert GB.plan(D, deterministic=True)[:5] == (bm, stages, regs, nc, shared)
-    assert not GB.STAGGER                                      # measured no better (sweep-bwd-tma-1, -2)
 
 
 def test_dq_mode_rule():

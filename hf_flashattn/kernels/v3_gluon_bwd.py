@@ -85,27 +85,19 @@ if HAVE_GLUON:
         return ok, b, kvh, n0, bq, q0, k0, Sq, Sk, lo, full_lo, full_hi, hi
 
     @gluon.jit
-    def _rotated(m, lo, hi, rot, BLOCK_M: gl.constexpr):
-        """Query block m of [lo, hi) (multiples of BLOCK_M apart) in a key tile's own order, rotated by rot blocks:
-        the programs of one head, which start their key tiles together, then sum dQ into different query blocks
-        instead of all into the same one (the single pass's atomics, `STAGGER`)."""
-        return lo + ((m - lo) // BLOCK_M + rot) % ((hi - lo) // BLOCK_M) * BLOCK_M
-
-    @gluon.jit
     def _producer(q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, q_smem, do_smem, k_smem, v_smem, l_smem, d_smem,
                   kv_bar, kv_empty, ready, empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, nheads, n_kt,
                   n_units, per, pid, nprog, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                  NC: gl.constexpr, IS_VARLEN: gl.constexpr, STAGGER: gl.constexpr):
+                  NC: gl.constexpr, IS_VARLEN: gl.constexpr):
         """For each key tile of this program that some query sees: K and V (a 64-row slice per consumer) once the
         consumers have released the previous tile's (`kv_empty`), then Q, dO, lse and Delta of every (head, query
         block) into a ring whose count runs on across tiles."""
         base = 0
         tk = 0
         for t in range(per * gl.cdiv(n_units - pid, nprog)):
-            ok, b, kvh, n0, bq, q0, k0, _, _, lo, full_lo, full_hi, hi = _kv_tile(t, pid, nprog, per, n_kt,
-                                                                                 nheads // group, CU_Q, CU_K, seqlen_q,
-                                                                                 seqlen_k, left, right, NC * 64,
-                                                                                 BLOCK_M, IS_VARLEN)
+            ok, b, kvh, n0, bq, q0, k0, _, _, lo, _, _, hi = _kv_tile(t, pid, nprog, per, n_kt, nheads // group, CU_Q,
+                                                                     CU_K, seqlen_q, seqlen_k, left, right, NC * 64,
+                                                                     BLOCK_M, IS_VARLEN)
             if ok & (lo < hi):
                 mbarrier.wait(kv_empty, (tk & 1) ^ 1)   # a fresh barrier's parity 1 is done
                 mbarrier.expect(kv_bar, 2 * NC * 64 * HEAD_DIM * 2)
@@ -121,9 +113,6 @@ if HAVE_GLUON:
                         mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
                         mbarrier.expect(ready.index(s), 2 * BLOCK_M * HEAD_DIM * 2 + 2 * BLOCK_M * 4)
                         m0 = lo + i * BLOCK_M
-                        if STAGGER:   # the consumers' order (`_kv_consume_tile`)
-                            if (m0 >= full_lo) & (m0 < full_hi):
-                                m0 = _rotated(m0, full_lo, full_hi, n0 // (NC * 64), BLOCK_M)
                         _tma_load(q_desc, [bq, q0 + m0, h, 0], ready.index(s), q_smem.index(s))
                         _tma_load(do_desc, [bq, q0 + m0, h, 0], ready.index(s), do_smem.index(s))
                         _tma_load(l_desc, [b * nheads + h, m0], ready.index(s), l_smem.index(s))
@@ -341,7 +330,7 @@ if HAVE_GLUON:
                          b, bq, q0, k0, kvh, n0, lo, full_lo, full_hi, hi, group, Sk, diag, left, right, qk_scale,
                          ds_scale, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                          DO_DQ: gl.constexpr, SHARED_DQ: gl.constexpr, NC: gl.constexpr, PART: gl.constexpr,
-                         STAGGER: gl.constexpr, IS_VARLEN: gl.constexpr):
+                         IS_VARLEN: gl.constexpr):
         """Consumer warpgroup W on one key tile: keys n0 + 64·W ... of the tile, summed over the group's heads; K and
         V go back to the producer after the last step (`kv_empty`), before dK and dV are stored. `tbase`: the ring's
         count at the tile's first step."""
@@ -375,9 +364,8 @@ if HAVE_GLUON:
                                do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, dqa_desc,
                                bq, q0, hq, offs_k, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM,
                                STAGES, st_layout, acc_layout, a_layout, True, DO_DQ, SHARED_DQ, W, NC, PART)
-            for m in range(full_lo, full_hi, BLOCK_M):
-                m0 = _rotated(m, full_lo, full_hi, n0 // (NC * 64), BLOCK_M) if STAGGER else m
-                dk, dv = _step(base + m // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dq_smem, q_smem,
+            for m0 in range(full_lo, full_hi, BLOCK_M):
+                dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dq_smem, q_smem,
                                do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, dqa_desc,
                                bq, q0, hq, offs_k, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM,
                                STAGES, st_layout, acc_layout, a_layout, False, DO_DQ, SHARED_DQ, W, NC, PART)
@@ -414,8 +402,7 @@ if HAVE_GLUON:
                   stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, CU_Q, CU_K, seqlen_q,
                   seqlen_k, left, right, group, nheads, n_kt, n_units, per, pid, nprog, qk_scale, ds_scale,
                   BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, DO_DQ: gl.constexpr,
-                  SHARED_DQ: gl.constexpr, NC: gl.constexpr, PART: gl.constexpr, IS_VARLEN: gl.constexpr,
-                  STAGGER: gl.constexpr):
+                  SHARED_DQ: gl.constexpr, NC: gl.constexpr, PART: gl.constexpr, IS_VARLEN: gl.constexpr):
         """Consumer warpgroup W over this program's key tiles (the producer's order and ring count); keys no query
         sees get dK = dV = 0."""
         tbase = 0
@@ -432,7 +419,7 @@ if HAVE_GLUON:
                                      stride_dqm, stride_dqh, stride_dkb, stride_dkn, stride_dkh, stride_dvb,
                                      stride_dvn, stride_dvh, tbase, tk, b, bq, q0, k0, kvh, n0, lo, full_lo, full_hi,
                                      hi, group, Sk, Sk - Sq, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM,
-                                     STAGES, DO_DQ, SHARED_DQ, NC, PART, STAGGER, IS_VARLEN)
+                                     STAGES, DO_DQ, SHARED_DQ, NC, PART, IS_VARLEN)
                     tbase += group * gl.cdiv(hi - lo, BLOCK_M)
                     tk += 1
                 else:   # no query sees these keys: dK = dV = 0
@@ -451,7 +438,7 @@ if HAVE_GLUON:
                     per,
                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                     NC: gl.constexpr, DO_DQ: gl.constexpr, SHARED_DQ: gl.constexpr, IS_VARLEN: gl.constexpr,
-                    PART: gl.constexpr = 0, STAGGER: gl.constexpr = False):
+                    PART: gl.constexpr = 0):
         # Grid: (programs,), persistent or one program a unit of `per` key tiles of 64·NC keys (`_kv_tile`). Warps: the
         # producer (num_warps=4) + NC 4-warp consumers.
         pid = gl.program_id(0)
@@ -491,20 +478,17 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_producer, (q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, q_smem, do_smem, k_smem, v_smem, l_smem,
                          d_smem, kv_bar, kv_empty, ready, empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group,
-                         nheads, n_kt, n_units, per, pid, nprog, BLOCK_M, HEAD_DIM, STAGES, NC, IS_VARLEN,
-                         STAGGER)),
+                         nheads, n_kt, n_units, per, pid, nprog, BLOCK_M, HEAD_DIM, STAGES, NC, IS_VARLEN)),
             (_consumer, (0, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, kv_empty, ready,
                          empty, ds_full, ds_free, DQ, dqa_desc, DK, DV, stride_dqb, stride_dqm, stride_dqh,
-                         stride_dkb,
-                         stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, CU_Q, CU_K, seqlen_q, seqlen_k,
-                         left, right, group, nheads, n_kt, n_units, per, pid, nprog, qk_scale, ds_scale, BLOCK_M,
-                         HEAD_DIM, STAGES, DO_DQ, SHARED_DQ, NC, PART, IS_VARLEN, STAGGER)),
+                         stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, CU_Q, CU_K, seqlen_q,
+                         seqlen_k, left, right, group, nheads, n_kt, n_units, per, pid, nprog, qk_scale, ds_scale,
+                         BLOCK_M, HEAD_DIM, STAGES, DO_DQ, SHARED_DQ, NC, PART, IS_VARLEN)),
             (_consumer, (1, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, kv_empty, ready,
                          empty, ds_full, ds_free, DQ, dqa_desc, DK, DV, stride_dqb, stride_dqm, stride_dqh,
-                         stride_dkb,
-                         stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, CU_Q, CU_K, seqlen_q, seqlen_k,
-                         left, right, group, nheads, n_kt, n_units, per, pid, nprog, qk_scale, ds_scale, BLOCK_M,
-                         HEAD_DIM, STAGES, DO_DQ, SHARED_DQ, NC, PART, IS_VARLEN, STAGGER)),
+                         stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, CU_Q, CU_K, seqlen_q,
+                         seqlen_k, left, right, group, nheads, n_kt, n_units, per, pid, nprog, qk_scale, ds_scale,
+                         BLOCK_M, HEAD_DIM, STAGES, DO_DQ, SHARED_DQ, NC, PART, IS_VARLEN)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
     # ---- dQ in a pass of its own (deterministic): one program per 64·NC query rows, K and V streamed ----
@@ -766,10 +750,6 @@ _DQ_PLANS = {64: (128, 2, 240, 2, False), 128: (64, 3, 240, 2, False), 256: (32,
 # through Q's, shared memory holds no other).
 PERSISTENT = True
 DQ_BUF_MAX_D = 128
-# Single pass (atomic dQ modes): each key tile takes its unmasked query blocks rotated by its index (`_rotated`), so
-# that the programs of a head, which start together, do not all sum into the same dQ rows at once. Measured with
-# the TMA reduce (mode 5, results/2026-11-27-h100-sweep-bwd-tma-1.md): 0.96-1.00x not staggered, so off.
-STAGGER = False
 
 
 def _persistent_on() -> bool:
@@ -909,15 +889,14 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     masked = tuple(window_size) != (-1, -1)
     n_kt = triton.cdiv(Sk, 64 * nc)
     per, n_kv_units, programs = schedule(n_kt, Hk, B, masked, q.device, PERSISTENT)
-    stagger = STAGGER and atomic
     for part in ((1, 2) if D == 256 else (0,)):
         _bwd_launch.keyed(
-            key + (part, stagger), (programs,),
+            key + (part,), (programs,),
             qd, kd, vd, dod, ld, dd, dqad, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, dq.stride(0), dq.stride(1),
             dq.stride(2),
             *dks, *dvs, Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, H, n_kt, n_kv_units, per,
             HEAD_DIM=D, BLOCK_M=bm, STAGES=stages, CONSUMER_REGS=regs, NC=nc, DO_DQ=mode if atomic else 0,
-            SHARED_DQ=shared and atomic, IS_VARLEN=varlen, PART=part, STAGGER=stagger, num_warps=4)
+            SHARED_DQ=shared and atomic, IS_VARLEN=varlen, PART=part, num_warps=4)
     if atomic:
         return (dq[0] if varlen else dq[:, :Sq]).to(q.dtype), dk, dv
     if mode == 0:

@@ -85,6 +85,18 @@ if HAVE_GLUON:
         return ok, b, kvh, n0, bq, q0, k0, Sq, Sk, lo, full_lo, full_hi, hi
 
     @gluon.jit
+    def _load_tile_pair(a_desc, b_desc, bq, row, head, bar, free_bar, t, a_smem, b_smem, HEAD_DIM: gl.constexpr,
+                        NC: gl.constexpr):
+        """A producer's once-a-tile load of two tensors' rows [row, row + 64·NC) of head `head` (a 64-row slice per
+        consumer), after the consumers have released the t-th previous tile's (`free_bar`): K and V in the dK/dV pass,
+        Q and dO in the dQ pass."""
+        mbarrier.wait(free_bar, (t & 1) ^ 1)   # a fresh barrier's parity 1 is done
+        mbarrier.expect(bar, 2 * NC * 64 * HEAD_DIM * 2)
+        for w in gl.static_range(NC):
+            _tma_load(a_desc, [bq, row + w * 64, head, 0], bar, a_smem.index(w))
+            _tma_load(b_desc, [bq, row + w * 64, head, 0], bar, b_smem.index(w))
+
+    @gluon.jit
     def _producer(q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, q_smem, do_smem, k_smem, v_smem, l_smem, d_smem,
                   kv_bar, kv_empty, ready, empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, nheads, n_kt,
                   n_units, per, pid, nprog, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
@@ -99,11 +111,7 @@ if HAVE_GLUON:
                                                                      CU_K, seqlen_q, seqlen_k, left, right, NC * 64,
                                                                      BLOCK_M, IS_VARLEN)
             if ok & (lo < hi):
-                mbarrier.wait(kv_empty, (tk & 1) ^ 1)   # a fresh barrier's parity 1 is done
-                mbarrier.expect(kv_bar, 2 * NC * 64 * HEAD_DIM * 2)
-                for w in gl.static_range(NC):
-                    _tma_load(k_desc, [bq, k0 + n0 + w * 64, kvh, 0], kv_bar, k_smem.index(w))
-                    _tma_load(v_desc, [bq, k0 + n0 + w * 64, kvh, 0], kv_bar, v_smem.index(w))
+                _load_tile_pair(k_desc, v_desc, bq, k0 + n0, kvh, kv_bar, kv_empty, tk, k_smem, v_smem, HEAD_DIM, NC)
                 n = gl.cdiv(hi - lo, BLOCK_M)
                 for g in range(group):
                     h = kvh * group + g
@@ -508,11 +516,7 @@ if HAVE_GLUON:
                                                                          CU_K, seqlen_q, seqlen_k, left, right, NC * 64,
                                                                          BLOCK_N, IS_VARLEN)
             if ok & (lo < hi):
-                mbarrier.wait(q_empty, (tq & 1) ^ 1)   # a fresh barrier's parity 1 is done
-                mbarrier.expect(q_bar, 2 * NC * 64 * HEAD_DIM * 2)
-                for w in gl.static_range(NC):
-                    _tma_load(q_desc, [bq, q0 + m0 + w * 64, h, 0], q_bar, q_smem.index(w))
-                    _tma_load(do_desc, [bq, q0 + m0 + w * 64, h, 0], q_bar, do_smem.index(w))
+                _load_tile_pair(q_desc, do_desc, bq, q0 + m0, h, q_bar, q_empty, tq, q_smem, do_smem, HEAD_DIM, NC)
                 n = gl.cdiv(hi - lo, BLOCK_N)
                 for it in range(n):
                     g = base + it

@@ -386,3 +386,80 @@ def test_set_tune_forgets_cached_launch_plans():
             decode.set_tune(blocks=2)
     finally:
         decode.set_tune(**old)
+
+
+_COMPILE_PDL = r"""
+import json, sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from hf_flashattn.kernels import decode
+which, pdl = json.loads(sys.argv[1])
+fn = decode._decode_kernel if which == "split" else decode._combine_kernel
+sig, cx = {}, {}
+for i, name in enumerate(fn.arg_names):
+    if fn.params[i].is_constexpr:
+        sig[name] = "constexpr"
+    elif name in ("Q", "K", "V", "O") and which == "split" or name == "O" and which == "combine":
+        sig[name] = "*bf16" if name != "O" or which == "combine" else "*fp32"
+    elif name in ("qk_scale", "cap_scale"):
+        sig[name] = "fp32"
+    elif name in ("LSE", "OP", "OF"):
+        sig[name] = "*fp32" if name != "OF" else "*bf16"
+    elif name in ("SEQLENS_K", "BIDX", "LOCKS"):
+        sig[name] = "*i32"
+    elif name == "KMASK":
+        sig[name] = "*u8"
+    else:
+        sig[name] = "i32"
+if which == "split":
+    cx = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=16, BLOCK_N=64, HAS_BIDX=False, SPLIT=True, SOFTCAP=False,
+              DOT_PREC="tf32", HAS_KMASK=False, HAS_SEQLENS=False, STORE_LSE=False, PDL=pdl)
+else:
+    cx = dict(HEAD_DIM=128, BLOCK_D=128, SPLITS=32, STORE_LSE=False, PDL=pdl)
+src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in cx.items()})
+# the combine is the launch that carries launch_pdl (`decode._run`); the split kernel is launched as usual
+k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4,
+                                                                       launch_pdl=pdl and which == "combine"))
+print(json.dumps(dict(ptx=k.asm["ptx"], launch_pdl=bool(k.metadata.launch_pdl))))
+"""
+
+
+def _compile_pdl(which, pdl):
+    import json
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    r = subprocess.run([sys.executable, "-c", _COMPILE_PDL, json.dumps([which, pdl])], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_split_and_combine_compile_as_a_programmatic_dependent_launch_for_hopper():
+    """With PDL (Hopper), each split program signals `griddepcontrol.launch_dependents` before its first load, and
+    the combine kernel, compiled with Triton's launch_pdl option, executes `griddepcontrol.wait` before it reads a
+    partial; without PDL neither instruction is there (other GPUs launch the two kernels one after the other)."""
+    for which, first in (("split", "griddepcontrol.launch_dependents"), ("combine", "griddepcontrol.wait")):
+        on, off = _compile_pdl(which, True), _compile_pdl(which, False)
+        assert on["launch_pdl"] == (which == "combine") and not off["launch_pdl"]
+        body = on["ptx"]
+        assert first in body and "griddepcontrol" not in off["ptx"]
+        assert body.index(first) < body.index("ld.global"), f"{which}: a load precedes {first}"
+
+
+def test_pdl_rule():
+    """The combine is a dependent launch only where there is a combine (splits, not merged in-kernel), on a CUDA
+    device of compute capability >= 9, never on the interpreter; TUNE["pdl"] turns it off."""
+    from hf_flashattn.kernels import decode
+    assert not decode.pdl_on(torch.device("cpu"))
+    tiles = decode._tiles(1, 32, 8, 128, torch.device("cpu"))._replace(pdl=True)
+    meta = lambda n, fused: decode._meta(tiles, n, torch.float16, False, False, False, False, False, fused)  # noqa: E731
+    assert meta(8, False)["PDL"] and not meta(1, False)["PDL"] and not meta(8, True)["PDL"]
+    assert not decode._meta(tiles._replace(pdl=False), 8, torch.float16, False, False, False, False, False,
+                            False)["PDL"]
+    try:
+        decode.set_tune(pdl=False)
+        assert decode.TUNE["pdl"] is False
+    finally:
+        decode.set_tune(pdl=True)

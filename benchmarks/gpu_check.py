@@ -104,7 +104,13 @@ def main():
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--dtypes", default="bf16,fp16", help="a subset, e.g. fp16 to finish a grid a budget cut short")
     ap.add_argument("--packed-only", action="store_true", help="only the packed (varlen) cases")
+    ap.add_argument("--single-pass-from-keys", type=int, default=None,
+                    help="v3_gluon_bwd.SINGLE_PASS_FROM_KEYS for the run (0: v3's single-pass backward on every shape "
+                         "at d64/d128, which by default takes it only from 2048 visible keys)")
     args = ap.parse_args()
+    if args.single_pass_from_keys is not None:
+        from hf_flashattn.kernels import v3_gluon_bwd
+        v3_gluon_bwd.SINGLE_PASS_FROM_KEYS = args.single_pass_from_keys
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
     rows, t0 = [], time.time()

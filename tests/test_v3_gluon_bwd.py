@@ -166,6 +166,26 @@ def test_plan_rule():
         assert GB.plan(D, deterministic=True)[:5] == (bm, stages, regs, nc, shared)
 
 
+def test_short_sequences_take_the_two_passes():
+    """The single pass only where a query row sees at least SINGLE_PASS_FROM_KEYS (2048) keys on average: its float32
+    dQ accumulator costs per row and its saving per key (measured: two passes faster at 1k keys, level at 4k causal).
+    Unmasked: every key; causal: about half; a window: about its width."""
+    assert GB.SINGLE_PASS_FROM_KEYS == 2048
+    assert GB.visible_keys(4096, (-1, -1)) == pytest.approx(4096, abs=1)
+    assert GB.visible_keys(4096, (-1, 0)) == pytest.approx(2048.5, abs=1)
+    assert GB.visible_keys(32768, (255, 0)) == pytest.approx(256, abs=2)
+    assert GB.visible_keys(1024, (4096, 4096)) == pytest.approx(1024, abs=1)     # a window wider than the keys
+    for D in (64, 128):
+        single, two = GB.plan(D), GB.plan(D, deterministic=True)
+        assert GB.plan(D, False, 1024) == two and GB.plan(D, False, 1024, (-1, 0)) == two
+        assert GB.plan(D, False, 2048) == single and GB.plan(D, False, 2048, (-1, 0)) == two
+        assert GB.plan(D, False, 4096, (-1, 0)) == single and GB.plan(D, False, 16384, (-1, 0)) == single
+        assert GB.plan(D, False, 32768, (511, 0)) == two                          # a narrow sliding window
+        assert GB.plan(D, False, 32768, (4095, 0)) == single
+        assert GB.plan(D, True, 65536) == two                                     # deterministic: always two
+    assert GB.plan(256, False, 65536) == GB.plan(256, True)
+
+
 def test_dq_mode_rule():
     """Which dQ mode a launch runs: d64/d128 sum dQ with the TMA reduce (mode 6), dense or packed; deterministic plans,
     d256 and packed calls of red's modes run dQ's own pass (0); plans the kernels cannot run are refused by name."""

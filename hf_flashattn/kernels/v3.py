@@ -280,16 +280,16 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
 _fwd_launch = C.FastLaunch(_fwd_kernel_tma)
 
 
-def _gluon_bwd_plan(q, k, v, softmax_scale, softcap, deterministic):
+def _gluon_bwd_plan(q, k, v, softmax_scale, softcap, deterministic, max_seqlen_k=None, window_size=(-1, -1)):
     """The Gluon backward's launch plan (v3_gluon_bwd.py) for these inputs, or None for v2's backward: on a Hopper
-    GPU, for inputs in its scope; with deterministic=True one whose dQ has a pass of its own (no atomics).
-    HF_FLASHATTN_V3_GLUON_BWD=0 turns it off."""
+    GPU, for inputs in its scope; with deterministic=True, or where a query row sees few keys (`v3_gluon_bwd.plan`),
+    one whose dQ has a pass of its own (no atomics). HF_FLASHATTN_V3_GLUON_BWD=0 turns it off."""
     if env_get("HF_FLASHATTN_V3_GLUON_BWD", "auto") == "0" or is_interpreting() or not is_hopper(q.device):
         return None
     from . import v3_gluon_bwd
     if v3_gluon_bwd.supports(q, k, v, softmax_scale, softcap) is not None:
         return None
-    return v3_gluon_bwd.plan(q.shape[-1], deterministic)
+    return v3_gluon_bwd.plan(q.shape[-1], deterministic, max_seqlen_k, window_size)
 
 
 _BWD_ROUTES: dict = {}
@@ -300,10 +300,11 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     # `_gluon_bwd_plan`'s answer and whether dO needs a copy, kept per everything the two read (as `_route`)
     key = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), do.stride(), q.dtype,
            (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15, do.data_ptr() & 15, softmax_scale > 0, softcap,
-           deterministic, q.get_device(), env_get("HF_FLASHATTN_V3_GLUON_BWD", "auto"))
+           deterministic, q.get_device(), env_get("HF_FLASHATTN_V3_GLUON_BWD", "auto"), max_seqlen_k,
+           tuple(window_size))
     hit = _BWD_ROUTES.get(key)
     if hit is None:
-        gplan = _gluon_bwd_plan(q, k, v, softmax_scale, softcap, deterministic)
+        gplan = _gluon_bwd_plan(q, k, v, softmax_scale, softcap, deterministic, max_seqlen_k, window_size)
         # e.g. the expanded gradient of a sum: TMA needs real strides
         hit = C.keep(_BWD_ROUTES, key, (gplan, gplan is not None and not C.descriptors_ok(do)))
     gplan, copy_do = hit

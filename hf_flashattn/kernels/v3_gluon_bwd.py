@@ -761,10 +761,33 @@ def _persistent_on() -> bool:
     return persistent_on(PERSISTENT)
 
 
-def plan(D: int, deterministic: bool = False):
-    """The dK/dV kernel's plan for head dim D (64, 128 or 256); deterministic: dQ in its own pass (no atomics)."""
+# The single pass from this many keys visible to a query row on average (`visible_keys`); below, the two passes. The
+# single pass's float32 dQ accumulator (zero fill, the reduce's traffic, the cast) costs per query row, its saved
+# matmuls per visible key: at 1k keys the two passes measured faster (d128 0.95 against 0.90x cuDNN's backward
+# unmasked, 0.94 against 0.82 causal; d64 0.96 / 0.94 and 1.04 / 0.99), at 4k causal (2k visible) the two level, at
+# 4k unmasked the single pass ahead (results/2026-11-27-h100-sweep-bwd-tma-3.md, twelfth session's sweep at 1k).
+SINGLE_PASS_FROM_KEYS = 2048
+
+
+def visible_keys(seqlen_k: int, window_size) -> float:
+    """Keys a query row sees on average, q_len = k_len: f(left) + f(right) + 1 with f(x) = mean over rows i of
+    min(i, x) (x = seqlen_k for an unbounded side): seqlen_k unmasked, about half of it under causal."""
+    n = max(int(seqlen_k), 1)
+
+    def f(x):
+        x = n if x < 0 else min(x, n)
+        return x - x * (x + 1) / (2 * n)
+    left, right = window_size
+    return f(left) + f(right) + 1
+
+
+def plan(D: int, deterministic: bool = False, seqlen_k: int | None = None, window_size=(-1, -1)):
+    """The dK/dV kernel's plan for head dim D (64, 128 or 256); deterministic: dQ in its own pass (no atomics); with
+    seqlen_k, also the two passes where a query row sees fewer than SINGLE_PASS_FROM_KEYS keys on average."""
     p = _PLANS[D]
-    return p[:5] + (0,) if deterministic else p
+    if deterministic or (seqlen_k is not None and visible_keys(seqlen_k, window_size) < SINGLE_PASS_FROM_KEYS):
+        return p[:5] + (0,)
+    return p
 
 
 # dQ modes that sum dQ across programs into a float32 accumulator (the single pass; 3 computes without summing)
@@ -866,9 +889,10 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     left, right = C.window_args(window_size, Sq, Sk)
     qk_scale, _ = C.score_scales(softmax_scale, 0.0)
     atomic = mode in _SUMMED
-    # dQ's float32 accumulator: dense (B, pad, H, D); packed (1, total, H, D), where a tile's rows past its sequence
-    # add exact zeros (their lse is +inf) and rows past the last are outside the descriptor
-    acc_shape = (1, q.shape[0], H, D) if varlen else (B, pad, H, D)
+    # dQ's float32 accumulator: dense (B, Sq, H, D) for the TMA reduce (modes 5, 6: it clips rows past the tensor),
+    # (B, pad, H, D) for red's (their pointers reach the padded rows); packed (1, total, H, D), where a tile's rows
+    # past its sequence add exact zeros (their lse is +inf) and rows past the last are outside the descriptor
+    acc_shape = (1, q.shape[0], H, D) if varlen else (B, Sq if mode >= 5 else pad, H, D)
     dq = torch.zeros(acc_shape, dtype=torch.float32, device=q.device) if atomic else \
         new(q.shape, dtype=q.dtype, device=q.device)
     layout = shared_layout()

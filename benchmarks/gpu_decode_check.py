@@ -255,6 +255,11 @@ def pdl_case():
         n = int(lens[b])
         r64, rlow = refs(q[b:b + 1], kc[b:b + 1, :n], vc[b:b + 1, :n], causal=True)
         check(f"{name} seq {b} (len {n}) against the reference", outs[True][1][0][b:b + 1], r64, rlow, torch.bfloat16)
+        # an int cache_seqlens: no lengths tensor, the key length L // 2 + 3 for every sequence
+        n = L // 2 + 3
+        o = fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=n, causal=True)
+        r64, rlow = refs(q, kc[:, :n], vc[:, :n], causal=True)
+        check(f"{name} int cache_seqlens={n} against the reference", o, r64, rlow, torch.bfloat16)
 
 
 def api_cases():

@@ -142,13 +142,15 @@ def _validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx,
             if t.stride(-1) != 1:
                 raise ValueError(f"{name} must be contiguous in its last dimension; call {name}.contiguous().")
         s_new = k.shape[1]
-    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32 or \
+    if seqlens_checked and isinstance(cache_seqlens, int):
+        pass   # an int the caller checked on the host (flash_attn_with_kvcache)
+    elif not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32 or \
             tuple(cache_seqlens.shape) != (B,) or cache_seqlens.device != q.device:
         raise TypeError(f"cache_seqlens must be an int or an int32 tensor of shape ({B},) on {q.device}; got "
                         f"{cache_seqlens.dtype if isinstance(cache_seqlens, torch.Tensor) else type(cache_seqlens)}"
                         f"{'' if not isinstance(cache_seqlens, torch.Tensor) else ' ' + str(tuple(cache_seqlens.shape))}.")
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    lens = [0] if seqlens_checked or capturing else cache_seqlens.tolist()
+    lens = [0] if seqlens_checked or capturing else cache_seqlens.tolist()   # an int: checked by the caller
     if min(lens) < 0 or max(lens) + s_new > Sc:
         raise ValueError(f"cache_seqlens + seqlen_new must lie in [0, seqlen_cache={Sc}]; got cache_seqlens={lens} "
                          f"and seqlen_new={s_new}. Allocate a longer cache.")

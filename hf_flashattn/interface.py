@@ -338,12 +338,22 @@ def _decode_with_padding_mask(q, k, v, key_mask, softmax_scale, window, softcap)
 
 def _kvcache_impl(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, softmax_scale, window_left, window_right,
                   softcap, num_splits):
+    """cache_seqlens: an int32 (batch,) tensor, or (eager calls) an int that every sequence shares: then the attention
+    reads no lengths tensor (every sequence sees cache_seqlens + seqlen_new keys: no fill and add kernels a call, and
+    the split count follows the keys in use, not the cache's size); the append still takes its rows from a tensor."""
     from .kernels import decode
-    seqlens_k = cache_seqlens
-    if k is not None:
-        decode.append(k, v, k_cache, v_cache, cache_seqlens, cache_batch_idx)
-        seqlens_k = cache_seqlens + k.shape[1]
-    out, lse, _ = decode.forward(q, k_cache, v_cache, seqlens_k, cache_batch_idx, k_cache.shape[1], softmax_scale,
+    s_new = 0 if k is None else k.shape[1]
+    if isinstance(cache_seqlens, int):
+        if k is not None:
+            decode.append(k, v, k_cache, v_cache,
+                          torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device), cache_batch_idx)
+        seqlens_k, max_k = None, cache_seqlens + s_new
+    else:
+        seqlens_k, max_k = cache_seqlens, k_cache.shape[1]
+        if k is not None:
+            decode.append(k, v, k_cache, v_cache, cache_seqlens, cache_batch_idx)
+            seqlens_k = cache_seqlens + s_new
+    out, lse, _ = decode.forward(q, k_cache, v_cache, seqlens_k, cache_batch_idx, max_k, softmax_scale,
                                  (window_left, window_right), softcap, num_splits)
     return out, lse
 
@@ -410,20 +420,24 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if val is not None:
             raise NotImplementedError(f"flash_attn_with_kvcache: {name} is not implemented; pass {name}=None.")
     B = q.shape[0]
-    seqlens_checked = isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool)
-    if seqlens_checked:  # checked here on the host: no device sync to read the values back
-        s_new = k.shape[1] if k is not None else 0
-        if not 0 <= cache_seqlens <= k_cache.shape[1] - s_new:
-            raise ValueError(f"flash_attn_with_kvcache: cache_seqlens + seqlen_new must lie in [0, seqlen_cache="
-                             f"{k_cache.shape[1]}]; got cache_seqlens={cache_seqlens} and seqlen_new={s_new}. "
-                             "Allocate a longer cache.")
-        cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
-    elif cache_seqlens is None:
+    compiling = torch.compiler.is_compiling()
+    if cache_seqlens is None:
         if k is not None:
             raise ValueError("flash_attn_with_kvcache: cache_seqlens is required when k/v are appended (where "
                              "should they go?); pass the number of valid cache rows per sequence.")
-        cache_seqlens = torch.full((B,), k_cache.shape[1], dtype=torch.int32, device=q.device)
-    if not torch.compiler.is_compiling():
+        if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4:
+            cache_seqlens = k_cache.shape[1]       # every cache row is valid: the int path below
+    seqlens_checked = isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool)
+    if seqlens_checked:  # checked here on the host: no device sync to read the values back
+        s_new = k.shape[1] if isinstance(k, torch.Tensor) and k.dim() == 4 else 0
+        cache_rows = k_cache.shape[1] if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4 else cache_seqlens
+        if not 0 <= cache_seqlens <= cache_rows - s_new:   # (a malformed k_cache is _validate_kvcache's to name)
+            raise ValueError(f"flash_attn_with_kvcache: cache_seqlens + seqlen_new must lie in [0, seqlen_cache="
+                             f"{k_cache.shape[1]}]; got cache_seqlens={cache_seqlens} and seqlen_new={s_new}. "
+                             "Allocate a longer cache.")
+        if compiling:   # the custom op takes a tensor; eager calls keep the int (`_kvcache_impl`)
+            cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
+    if not compiling:
         V._validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, num_splits, seqlens_checked)
         V._validate_options(0.0, softmax_scale, window_size, softcap, alibi_slopes, "auto",
                             "flash_attn_with_kvcache")

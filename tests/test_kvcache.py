@@ -74,11 +74,47 @@ def test_split_kv_matches_unsplit(num_splits):
 def test_automatic_split_choice_splits_long_caches():
     from hf_flashattn.kernels.decode import choose_num_splits
     # H100: 132 SMs. Batch 1, 8 kv heads, a 32k cache: 8 programs unsplit -> split to fill the GPU
-    assert choose_num_splits(1, 8, 1, 32768, 64, 132) == 33
+    # (2 x 132 programs wanted: 33 splits, but 512 key blocks in 33 equal whole shares are 32 of 16 and an empty one)
+    assert choose_num_splits(1, 8, 1, 32768, 64, 132) == 32
+    assert choose_num_splits(8, 8, 1, 32768, 64, 132) == 5      # 5 x 103 blocks >= 512: none empty
+    for batch in (1, 2, 3, 8):
+        for L in (1000, 4096, 5000, 32768, 131072):
+            n = choose_num_splits(batch, 8, 1, L, 64, 132)
+            blocks = -(-L // 64)
+            assert (n - 1) * -(-blocks // n) < blocks, (batch, L, n)   # the last split has keys
     # many sequences with short caches already fill it
     assert choose_num_splits(64, 8, 1, 128, 64, 132) == 1
     # never fewer than 2 key blocks per split
     assert choose_num_splits(1, 1, 1, 256, 64, 132) == 2
+
+
+def test_int_cache_seqlens_reads_no_lengths_tensor(monkeypatch):
+    """An int cache_seqlens (every sequence the same length) reaches the kernel as no lengths tensor and a key length of
+    cache_seqlens + seqlen_new (no fill or add kernel a call), with or without an append, and gives what the same
+    lengths as a tensor give; None means every cache row."""
+    from hf_flashattn.kernels import decode
+    seen = []
+    real = decode.forward
+
+    def spy(q, kc, vc, seqlens_k, bidx, max_k, *a, **kw):
+        seen.append((seqlens_k, max_k))
+        return real(q, kc, vc, seqlens_k, bidx, max_k, *a, **kw)
+    monkeypatch.setattr(decode, "forward", spy)
+    q, kc, vc, kn, vn, _, idx = _case(B=2, Sc=70, Snew=2, dtype=torch.float16)
+    for snew, (k, v) in ((0, (None, None)), (2, (kn, vn))):
+        kc1, vc1, kc2, vc2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+        seen.clear()
+        a = fa.flash_attn_with_kvcache(q, kc1, vc1, k, v, cache_seqlens=40, cache_batch_idx=idx, causal=True)
+        assert seen == [(None, 40 + snew)]
+        b = fa.flash_attn_with_kvcache(q, kc2, vc2, k, v, cache_seqlens=torch.full((2,), 40, dtype=torch.int32),
+                                       cache_batch_idx=idx, causal=True)
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+        assert torch.equal(kc1, kc2) and torch.equal(vc1, vc2)
+    seen.clear()
+    fa.flash_attn_with_kvcache(q, kc[:2], vc[:2])
+    assert seen == [(None, 70)]
+    with pytest.raises(ValueError, match="seqlen_cache=70"):
+        fa.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=69, cache_batch_idx=idx)
 
 
 def test_empty_cache_rows_give_zero_and_inf_lse():

@@ -258,8 +258,12 @@ def choose_num_splits(batch, nheads_k, row_tiles, max_seqlen_k, block_n, num_sms
 
 
 def _capped_splits(wanted: int, max_seqlen_k: int, block_n: int) -> int:
-    """choose_num_splits' cap: at least 2 key blocks a split, at most 128 splits, at least 1."""
-    return max(1, min(wanted, _cdiv(max(max_seqlen_k, 1), block_n) // 2, 128))
+    """choose_num_splits' cap: at least 2 key blocks a split, at most 128 splits, at least 1; then no more splits than
+    the key blocks fill (the kernel gives every split the same whole number of blocks: 512 blocks in 33 splits are
+    32 of 16 and an empty one, a program and a partial row per head for nothing)."""
+    blocks = _cdiv(max(max_seqlen_k, 1), block_n)
+    n = max(1, min(wanted, blocks // 2, 128))
+    return _cdiv(blocks, _cdiv(blocks, n))
 
 
 def append(k, v, k_cache, v_cache, cache_seqlens, cache_batch_idx):

@@ -84,16 +84,8 @@ def kernel_rows(bw):
                 timed("ours-bhsd-rows-at-once", impls["ours-bhsd"])
             finally:
                 decode.set_tune(merge_rows=False)
-            # the combine launched after the split kernel instead of as its programmatic dependent (TUNE["pdl"],
-            # on by default on Hopper): the same process's A/B
-            decode.set_tune(pdl=False)
-            try:
-                for name in ("ours-kvcache", "ours-flash_attn_func"):
-                    timed(name + "-nopdl", impls[name])
-            finally:
-                decode.set_tune(pdl=True)
             print(" ".join(f"{r['impl']}={r['ms']:.3f}ms" if r.get("ms") else f"{r['impl']}=–"
-                           for r in rows[-len(impls) - 3:]), f"B={B} L={L}", flush=True)
+                           for r in rows[-len(impls) - 1:]), f"B={B} L={L}", flush=True)
             del q, kc, vc, qb, kb, vb
             torch.cuda.empty_cache()
     return rows

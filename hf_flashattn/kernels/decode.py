@@ -11,7 +11,6 @@ r % group), so each K/V block is read once per kv head instead of once per query
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -21,11 +20,6 @@ import triton.language as tl
 from .._runtime import is_interpreting
 from . import _common as C
 from .v2 import _fwd_inner
-
-try:   # Triton >= 3.4 (programmatic dependent launch, Hopper); `pdl_on` is False without them
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover - older Triton
-    gdc_launch_dependents = gdc_wait = None
 
 
 @triton.jit
@@ -88,8 +82,7 @@ def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX, KMASK, stride_mb,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_BIDX: tl.constexpr, SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
                    HAS_KMASK: tl.constexpr, HAS_SEQLENS: tl.constexpr = True, STORE_LSE: tl.constexpr = True,
-                   FUSED: tl.constexpr = False, SPLITS: tl.constexpr = 2, MERGE_ROWS: tl.constexpr = 0,
-                   PDL: tl.constexpr = False):
+                   FUSED: tl.constexpr = False, SPLITS: tl.constexpr = 2, MERGE_ROWS: tl.constexpr = 0):
     # Grid: (cdiv(seqlen_q * group, BLOCK_M) * n_splits, nheads_k, batch). One program: BLOCK_M packed
     # rows (query position, head of the group) against one split of the visible keys of its sequence.
     # KMASK (HAS_KMASK): (batch, cache rows) padding mask, nonzero = attend (Transformers' 2D mask).
@@ -102,11 +95,6 @@ def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX, KMASK, stride_mb,
     # splits in LOCKS (one zeroed int32 per (row tile, kv head, sequence), left at zero again). SPLITS:
     # n_splits rounded up to a power of two (>= 2), the width of the merge. MERGE_ROWS (FUSED, > 0): merge the
     # tile's rows all at once, MERGE_ROWS of them (a power of two >= the rows; TUNE["merge_rows"]).
-    # PDL (Hopper, with the combine kernel launched as a programmatic dependent): every program lets the combine
-    # launch as soon as it starts, so that the combine's programs are resident, waiting in `gdc_wait`, when the
-    # last split finishes, rather than launched after it.
-    if PDL:
-        gdc_launch_dependents()
     split = tl.program_id(0) % n_splits
     r0 = (tl.program_id(0) // n_splits) * BLOCK_M
     kvh = tl.program_id(1).to(tl.int64)
@@ -201,11 +189,8 @@ def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX, KMASK, stride_mb,
 
 @triton.jit
 def _combine_kernel(OP, O, LSE, n_splits, lp_off,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, STORE_LSE: tl.constexpr,
-                    PDL: tl.constexpr = False):
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, STORE_LSE: tl.constexpr):
     # Grid: (seqlen_q, nheads, batch). Merges the n_splits partial rows of one (position, head, sequence).
-    # PDL: launched as a programmatic dependent of the split kernel (launch_pdl): `gdc_wait` returns once that
-    # kernel has finished and its stores are visible, before any partial is read.
     # OP: contiguous (n_splits, batch, seqlen_q, nheads, HEAD_DIM) partial outputs, and lp_off elements
     # after them in the same workspace the (n_splits, batch, nheads, seqlen_q) partial lse; O and LSE:
     # contiguous (batch, seqlen_q, nheads, HEAD_DIM) and (batch, nheads, seqlen_q).
@@ -224,8 +209,6 @@ def _combine_kernel(OP, O, LSE, n_splits, lp_off,
     stride_lb = H * Sq
     stride_qh, stride_qb, stride_qs = stride_lh, stride_lb, B * stride_lb
     d = tl.arange(0, BLOCK_D)
-    if PDL:
-        gdc_wait()
     out, lse = _merge_row(OP + b * stride_pb + m * stride_pm + h * stride_ph, LP + b * stride_qb + h * stride_qh + m,
                           stride_ps, stride_qs, n_splits, tl.arange(0, SPLITS), d, HEAD_DIM)
     tl.store(O + b * stride_ob + m * stride_om + h * stride_oh + d, out.to(O.dtype.element_ty), mask=d < HEAD_DIM)
@@ -239,9 +222,9 @@ def _combine_kernel(OP, O, LSE, n_splits, lp_off,
 # 356 vs 376 us at 32k, 1.40 vs 1.47 ms at 128k) -- benchmarks/results/2026-11-26-h100-sweep-decode.json.
 # merge_rows: the in-kernel merge takes a tile's rows all at once when they are at most 16 (decode: the GQA
 # group); off until timed on a GPU (compiled and CPU-tested only, fifth session).
-# pdl: on Hopper and later, the combine kernel is launched as a programmatic dependent of the split kernel
-# (launch_pdl; `_combine_kernel`), which hides the gap between the two launches (twelfth session).
-TUNE = {"block_n": 64, "num_warps": 4, "num_stages": None, "waves": 2, "merge_rows": False, "pdl": True}
+# (The combine as a programmatic dependent launch of the split kernel, griddepcontrol: tried twice, no difference from a
+# CUDA graph, results/2026-11-26-h100-decode-6.md and 2026-11-27-h100-decode-pdl.md; not kept.)
+TUNE = {"block_n": 64, "num_warps": 4, "num_stages": None, "waves": 2, "merge_rows": False}
 
 
 def _cdiv(a: int, b: int) -> int:  # plain ints: newer Triton's cdiv is a constexpr function, ~10 us a call
@@ -455,10 +438,8 @@ def _run(q, qs, k_cache, ks, v_cache, vs, B, Sq, H, D, Hk, seqlens_k, cache_batc
         *qs, *ks, *vs, Sq, left, right, qk_scale, cap_scale, tiles.group, num_splits, max_seqlen_k, lse_off,
         out, counters, **meta)
     if split and not fused:
-        pdl = meta["PDL"]
         _combine_launch((Sq, H, B), o_part, out, out if lse is None else lse, num_splits, lse_off,
-                        HEAD_DIM=D, BLOCK_D=tiles.block_d, SPLITS=max(_pow2(num_splits), 2), STORE_LSE=want_lse,
-                        PDL=pdl, **_PDL_LAUNCH[pdl])
+                        HEAD_DIM=D, BLOCK_D=tiles.block_d, SPLITS=max(_pow2(num_splits), 2), STORE_LSE=want_lse)
     return out, lse, num_splits
 
 
@@ -492,24 +473,6 @@ class _Tiles(NamedTuple):
     head_dim: int
     num_sms: int
     rows: int = 0          # packed rows of the call (query positions x GQA group)
-    pdl: bool = False      # the combine may be a programmatic dependent launch (`pdl_on`)
-
-
-# the combine launch's extra option with PDL on (a compile option of Triton's: part of the launch's key)
-_PDL_LAUNCH = {True: {"launch_pdl": True}, False: {}}
-
-
-def pdl_on(device) -> bool:
-    """Whether split kernel and combine run as a programmatic dependent launch on `device`: TUNE["pdl"], a CUDA
-    device of compute capability 9 or later (Hopper: griddepcontrol) and a Triton that has it; never on the
-    interpreter."""
-    return bool(TUNE["pdl"] and gdc_wait is not None and device.type == "cuda" and not is_interpreting()
-                and _capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9)
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int):
-    return torch.cuda.get_device_capability(index)
 
 
 def _tiles(Sq, H, Hk, D, device) -> _Tiles:
@@ -519,7 +482,7 @@ def _tiles(Sq, H, Hk, D, device) -> _Tiles:
     BLOCK_M = 16 if interp else max(16, min(64, _pow2(Sq * group)))
     BLOCK_N = 32 if interp else (TUNE["block_n"] if D <= 128 else 32)
     return _Tiles(max(_pow2(D), 16), BLOCK_M, BLOCK_N, _cdiv(Sq * group, BLOCK_M), group, D, C.num_sms(device),
-                  Sq * group, pdl_on(device))
+                  Sq * group)
 
 
 def _meta(tiles, num_splits, dtype, has_bidx, has_kmask, softcap, has_seqlens, want_lse, fused):
@@ -529,8 +492,7 @@ def _meta(tiles, num_splits, dtype, has_bidx, has_kmask, softcap, has_seqlens, w
                 HAS_SEQLENS=has_seqlens, STORE_LSE=want_lse, FUSED=fused,
                 SPLITS=max(_pow2(num_splits), 2) if fused else 2,
                 MERGE_ROWS=_pow2(min(tiles.rows, tiles.block_m)) if fused and TUNE["merge_rows"] and tiles.rows <= 16
-                else 0,
-                PDL=tiles.pdl and num_splits > 1 and not fused)
+                else 0)
     if not is_interpreting():
         meta.update(num_warps=TUNE["num_warps"], num_stages=TUNE["num_stages"] or (3 if num_splits >= 16 else 2))
     if len(_METAS) > 4096:   # a long run over many shapes: start over rather than grow

@@ -763,9 +763,10 @@ def _persistent_on() -> bool:
 
 # The single pass from this many keys visible to a query row on average (`visible_keys`); below, the two passes. The
 # single pass's float32 dQ accumulator (zero fill, the reduce's traffic, the cast) costs per query row, its saved
-# matmuls per visible key: at 1k keys the two passes measured faster (d128 0.95 against 0.90x cuDNN's backward
-# unmasked, 0.94 against 0.82 causal; d64 0.96 / 0.94 and 1.04 / 0.99), at 4k causal (2k visible) the two level, at
-# 4k unmasked the single pass ahead (results/2026-11-27-h100-sweep-bwd-tma-3.md, twelfth session's sweep at 1k).
+# matmuls per visible key. Measured on the H100, ÷ cuDNN's backward, two passes against single: 1k d128 0.95-0.97
+# against 0.90-0.94 unmasked, 0.94 against 0.82-0.86 causal, d64 within noise (results/2026-11-27-h100-sweep-bwd-1k.md,
+# -1k-2.md); 2k the single pass ahead (d64 1.01 against 0.95, causal 1.03 against 1.01; d128 0.95 against 0.93:
+# -2k.md); 4k causal (2k visible) level, 4k unmasked the single pass ahead (-sweep-bwd-tma-3.md).
 SINGLE_PASS_FROM_KEYS = 2048
 
 

@@ -49,23 +49,13 @@ VARIANTS = {128: [("gluon bwd, two passes", (64, 2, 240, 2, True, 0), None, None
 
 
 def check(dtypes, t0, budget):
+    """gpu_check's cases (`run_cases`) over every shape, mask and dtype until the budget ends: (rows, complete)."""
     import gpu_check
-    rows = []
-    cases = [(shape, False) for shape in SHAPES] + [(shape, True) for shape in VARLEN_SHAPES]
-    for dtype in dtypes:
-        for shape, varlen in cases:
-            for kw in MASKS:
-                if time.time() - t0 > budget:
-                    return rows, False
-                try:
-                    row = gpu_check.run_case("v3", dtype, shape, kw, varlen=varlen)
-                except Exception as e:  # noqa: BLE001
-                    row = dict(dtype=str(dtype), shape=list(shape), **{k: str(v) for k, v in kw.items()}, ok=False,
-                               error=f"{type(e).__name__}: {str(e)[:300]}")
-                rows.append(row)
-                if not row["ok"]:
-                    print("FAIL", json.dumps(row), flush=True)
-    return rows, True
+    cases = [(dtype, shape, kw, varlen) for dtype in dtypes
+             for shape, varlen in [(shape, False) for shape in SHAPES] + [(shape, True) for shape in VARLEN_SHAPES]
+             for kw in MASKS]
+    rows = gpu_check.run_cases(cases, t0 + budget)
+    return rows, len(rows) == len(cases)
 
 
 def main():

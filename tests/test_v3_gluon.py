@@ -129,12 +129,13 @@ def test_persistent_switch(monkeypatch):
     program a unit (read on every call), and so does the module switch."""
     from hf_flashattn.kernels import v3_gluon_bwd as GB
     monkeypatch.delenv("HF_FLASHATTN_V3_PERSISTENT", raising=False)
-    assert G.persistent_on() and GB._persistent_on()
+    # the backward's passes ask `schedule` with their module's switch, GB.PERSISTENT
+    assert G.persistent_on() and G.persistent_on(GB.PERSISTENT)
     monkeypatch.setenv("HF_FLASHATTN_V3_PERSISTENT", "0")
-    assert not G.persistent_on() and not GB._persistent_on()
+    assert not G.persistent_on() and not G.persistent_on(GB.PERSISTENT)
     monkeypatch.setenv("HF_FLASHATTN_V3_PERSISTENT", "1")
     monkeypatch.setattr(G, "PERSISTENT", False)
-    assert not G.persistent_on() and GB._persistent_on()
+    assert not G.persistent_on() and G.persistent_on(GB.PERSISTENT)
 
 
 def test_schedule_units_and_programs(monkeypatch):

@@ -95,10 +95,10 @@ def _common_structure(ptx, shared):
 # packed at d64/d128 (d256's packed kernels differ from its dense ones only where d128's do: left out for CI time)
 @pytest.mark.parametrize("D, varlen", [(64, False), (64, True), (128, False), (128, True), (256, False)])
 def test_deterministic_plans_compile_for_hopper_without_atomics(D, varlen):
-    """Both kernels of the deterministic backward (every head dim's plan with deterministic=True) compile for sm_90a, dense and packed: TMA, wgmma,
-    mbarriers between the producer and the consumers, register reallocation, (next to) no spills; and no atomic
-    anywhere (dQ has a pass of its own, so results are bitwise reproducible). At d256 the dK/dV pass is two
-    kernels, dV alone and dK alone."""
+    """Both kernels of the deterministic backward (every head dim's plan with deterministic=True) compile for sm_90a,
+    dense and packed: TMA, wgmma, mbarriers between the producer and the consumers, register reallocation, (next to)
+    no spills; and no atomic anywhere (dQ has a pass of its own, so results are bitwise reproducible). At d256 the dK/dV
+    pass is two kernels, dV alone and dK alone."""
     bm, stages, regs, nc, shared, red = GB.plan(D, deterministic=True)
     assert red == 0
     bn, dq_stages, dq_regs, dq_nc, pipe = GB._DQ_PLANS[D]

@@ -19,8 +19,9 @@ nothing overlapped and it spilled (0.15-0.78x). That overlap is written out in G
 of this kernel on Hopper where it measured faster (`_gluon_plan`, `v3_gluon.plan`: 0.93-1.06x cuDNN from 4k
 keys). The backward (`backward`) runs the Gluon kernels of v3_gluon_bwd.py on Hopper at head dims 64, 128 and 256
 (`_gluon_bwd_plan`: at d64/d128 one pass summing dQ through the TMA reduce, else and with deterministic=True a dK/dV
-pass and a dQ pass, bitwise reproducible) and v2's elsewhere. The Gluon kernels are persistent; this one is not. Requirements checked by `supports()`: fp16/bf16, head dim a multiple of 8 up to 256, 16-byte aligned base
-pointers and row strides (TMA's rule); otherwise callers use v2.
+pass and a dQ pass, bitwise reproducible) and v2's elsewhere. The Gluon kernels are persistent; this one is not.
+Requirements checked by `supports()`: fp16/bf16, head dim a multiple of 8 up to 256, 16-byte aligned base pointers and
+row strides (TMA's rule); otherwise callers use v2.
 """
 from __future__ import annotations
 

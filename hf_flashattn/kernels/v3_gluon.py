@@ -491,6 +491,8 @@ def schedule(n_tiles: int, heads: int, batch: int, masked: bool, device, switch:
     per = 2 if masked else 1
     n_units = (n_tiles + per - 1) // per * heads * batch
     return per, n_units, (min(n_units, C.num_sms(device)) if persistent_on(switch) else n_units)
+
+
 _PLANS = {64: (192, 128, 4, 2, 160), 128: (128, 128, 4, 2, 240), 256: (128, 64, 4, 2, 240)}
 # d64 under a mask: the 192-row diagonal tiles cost less as the sequence grows; against v3.py's kernel (causal, 32/8
 # heads, results/2026-11-26-h100-probe-packed-fwd.md) 0.89-0.91x at 8k keys, 1.01-1.07x at 16k, 1.06-1.15x at 32k

@@ -57,7 +57,7 @@ import triton.language as tl
 
 from . import _common as C
 from ._common import seq_bounds
-from .v3_gluon import HAVE_GLUON, persistent_on, schedule
+from .v3_gluon import HAVE_GLUON, schedule
 
 if HAVE_GLUON:
     from triton.experimental import gluon
@@ -749,16 +749,11 @@ _PLANS = {64: (64, 2, 240, 2, True, 6), 128: (64, 2, 240, 2, True, 6), 256: (32,
 # against without, results/2026-11-26-h100-sweep-gluon-bwd-8.md: off)
 # (both kernels run NC = 2: the plan field says so)
 _DQ_PLANS = {64: (128, 2, 240, 2, False), 128: (64, 3, 240, 2, False), 256: (32, 2, 240, 2, False)}
-# Persistent passes (the forward's schedule, v3_gluon.schedule): one program an SM over units of tiles; False:
-# one program a unit. dQ leaves the dQ pass through a shared buffer of its own up to head dim DQ_BUF_MAX_D (d256:
+# Persistent passes (the forward's schedule, v3_gluon.schedule, which also reads HF_FLASHATTN_V3_PERSISTENT): one
+# program an SM over units of tiles; False: one program a unit. dQ leaves the dQ pass through a shared buffer of its own up to head dim DQ_BUF_MAX_D (d256:
 # through Q's, shared memory holds no other).
 PERSISTENT = True
 DQ_BUF_MAX_D = 128
-
-
-def _persistent_on() -> bool:
-    """`PERSISTENT`, unless HF_FLASHATTN_V3_PERSISTENT=0 (v3_gluon.persistent_on)."""
-    return persistent_on(PERSISTENT)
 
 
 # The single pass from this many keys visible to a query row on average (`visible_keys`); below, the two passes. The

@@ -12,10 +12,13 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEADDIM = 256
 
 
-def _validate_tensors(q, k, v, varlen: bool, check_batch: bool = True):
+def _validate_tensors(q, k, v, varlen: bool, check_batch: bool = True, names=("q", "k", "v")):
+    """names: the caller's names of its three tensors, for the messages (flash_attn_with_kvcache: k_cache and
+    v_cache)."""
+    qn, kn, vn = names
     want = 3 if varlen else 4
     layout = "(total_tokens, nheads, headdim)" if varlen else "(batch, seqlen, nheads, headdim)"
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    for name, t in ((qn, q), (kn, k), (vn, v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
         if t.dim() != want:
@@ -24,9 +27,10 @@ def _validate_tensors(q, k, v, varlen: bool, check_batch: bool = True):
             raise TypeError(f"{name} has dtype {t.dtype}; supported dtypes are float16, bfloat16 and float32 "
                             f"(cast with {name}.to(torch.bfloat16)).")
         if t.dtype != q.dtype:
-            raise TypeError(f"q, k and v must share a dtype; got q {q.dtype} and {name} {t.dtype}.")
+            raise TypeError(f"{qn}, {kn} and {vn} must share a dtype; got {qn} {q.dtype} and {name} {t.dtype}.")
         if t.device != q.device:
-            raise ValueError(f"q, k and v must be on one device; got q on {q.device} and {name} on {t.device}.")
+            raise ValueError(f"{qn}, {kn} and {vn} must be on one device; got {qn} on {q.device} and {name} on "
+                             f"{t.device}.")
         if t.numel() > 0 and t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last (headdim) dimension; got strides "
                              f"{tuple(t.stride())}. Call {name}.contiguous() first.")
@@ -40,16 +44,18 @@ def _validate_tensors(q, k, v, varlen: bool, check_batch: bool = True):
     if d % 8 != 0 or not 8 <= d <= MAX_HEADDIM:
         raise ValueError(f"headdim must be a multiple of 8 between 8 and {MAX_HEADDIM}; got q.shape[-1]={d}.")
     if k.shape[-1] != d or v.shape[-1] != d:
-        raise ValueError(f"q, k and v must have the same headdim; got q {d}, k {k.shape[-1]}, v {v.shape[-1]}.")
+        raise ValueError(f"{qn}, {kn} and {vn} must have the same headdim; got {qn} {d}, {kn} {k.shape[-1]}, "
+                         f"{vn} {v.shape[-1]}.")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape; got k {tuple(k.shape)} and v {tuple(v.shape)}.")
+        raise ValueError(f"{kn} and {vn} must have the same shape; got {kn} {tuple(k.shape)} and {vn} "
+                         f"{tuple(v.shape)}.")
     h, hk = q.shape[-2], k.shape[-2]
     if hk == 0 or h % hk != 0:
         raise ValueError(f"the number of query heads must be a multiple of the number of key/value heads; got "
-                         f"nheads={h} (q.shape[-2]) and nheads_k={hk} (k.shape[-2]).")
+                         f"nheads={h} ({qn}.shape[-2]) and nheads_k={hk} ({kn}.shape[-2]).")
     if not varlen and check_batch and k.shape[0] != q.shape[0]:
-        raise ValueError(f"q and k must have the same batch size; got q.shape[0]={q.shape[0]} and "
-                         f"k.shape[0]={k.shape[0]}.")
+        raise ValueError(f"{qn} and {kn} must have the same batch size; got {qn}.shape[0]={q.shape[0]} and "
+                         f"{kn}.shape[0]={k.shape[0]}.")
 
 
 def _validate_options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, version, what: str):
@@ -127,7 +133,8 @@ def _as_int(x, name: str) -> int:
 def _validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, num_splits, seqlens_checked=False):
     """seqlens_checked: cache_seqlens came from an int already checked on the host. Otherwise its values
     (and cache_batch_idx's) are read back, a device sync, except while a CUDA graph is being captured."""
-    _validate_tensors(q, k_cache, v_cache, varlen=False, check_batch=False)  # batch: see cache_batch_idx below
+    _validate_tensors(q, k_cache, v_cache, varlen=False, check_batch=False,   # batch: see cache_batch_idx below
+                      names=("q", "k_cache", "v_cache"))
     B, Sc = q.shape[0], k_cache.shape[1]
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (new keys and values to append), or both be None.")

@@ -421,19 +421,19 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             raise NotImplementedError(f"flash_attn_with_kvcache: {name} is not implemented; pass {name}=None.")
     B = q.shape[0]
     compiling = torch.compiler.is_compiling()
+    cache_rows = k_cache.shape[1] if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4 else None
     if cache_seqlens is None:
         if k is not None:
             raise ValueError("flash_attn_with_kvcache: cache_seqlens is required when k/v are appended (where "
                              "should they go?); pass the number of valid cache rows per sequence.")
-        if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4:
-            cache_seqlens = k_cache.shape[1]       # every cache row is valid: the int path below
+        cache_seqlens = cache_rows       # every cache row is valid: the int path below
     seqlens_checked = isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool)
     if seqlens_checked:  # checked here on the host: no device sync to read the values back
         s_new = k.shape[1] if isinstance(k, torch.Tensor) and k.dim() == 4 else 0
-        cache_rows = k_cache.shape[1] if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4 else cache_seqlens
-        if not 0 <= cache_seqlens <= cache_rows - s_new:   # (a malformed k_cache is _validate_kvcache's to name)
+        # (a malformed k_cache, cache_rows None, is _validate_kvcache's to name, below)
+        if cache_rows is not None and not 0 <= cache_seqlens <= cache_rows - s_new:
             raise ValueError(f"flash_attn_with_kvcache: cache_seqlens + seqlen_new must lie in [0, seqlen_cache="
-                             f"{k_cache.shape[1]}]; got cache_seqlens={cache_seqlens} and seqlen_new={s_new}. "
+                             f"{cache_rows}]; got cache_seqlens={cache_seqlens} and seqlen_new={s_new}. "
                              "Allocate a longer cache.")
         if compiling:   # the custom op takes a tensor; eager calls keep the int (`_kvcache_impl`)
             cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)

@@ -90,8 +90,9 @@ def test_automatic_split_choice_splits_long_caches():
 
 def test_int_cache_seqlens_reads_no_lengths_tensor(monkeypatch):
     """An int cache_seqlens (every sequence the same length) reaches the kernel as no lengths tensor and a key length of
-    cache_seqlens + seqlen_new (no fill or add kernel a call), with or without an append, and gives what the same
-    lengths as a tensor give; None means every cache row."""
+    cache_seqlens + seqlen_new (no fill or add kernel a call), with or without an append, and without one gives what
+    the same lengths as a tensor give (with one: test_int_cache_seqlens_is_checked_on_the_host_...); None means every
+    cache row. A malformed cache is named as such."""
     from hf_flashattn.kernels import decode
     seen = []
     real = decode.forward
@@ -101,20 +102,21 @@ def test_int_cache_seqlens_reads_no_lengths_tensor(monkeypatch):
         return real(q, kc, vc, seqlens_k, bidx, max_k, *a, **kw)
     monkeypatch.setattr(decode, "forward", spy)
     q, kc, vc, kn, vn, _, idx = _case(B=2, Sc=70, Snew=2, dtype=torch.float16)
-    for snew, (k, v) in ((0, (None, None)), (2, (kn, vn))):
-        kc1, vc1, kc2, vc2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
-        seen.clear()
-        a = fa.flash_attn_with_kvcache(q, kc1, vc1, k, v, cache_seqlens=40, cache_batch_idx=idx, causal=True)
-        assert seen == [(None, 40 + snew)]
-        b = fa.flash_attn_with_kvcache(q, kc2, vc2, k, v, cache_seqlens=torch.full((2,), 40, dtype=torch.int32),
-                                       cache_batch_idx=idx, causal=True)
-        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
-        assert torch.equal(kc1, kc2) and torch.equal(vc1, vc2)
+    a = fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=40, cache_batch_idx=idx, causal=True)
+    assert seen == [(None, 40)]
+    b = fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=torch.full((2,), 40, dtype=torch.int32),
+                                   cache_batch_idx=idx, causal=True)
+    torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+    seen.clear()
+    fa.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), kn, vn, cache_seqlens=40, cache_batch_idx=idx)
+    assert seen == [(None, 42)]
     seen.clear()
     fa.flash_attn_with_kvcache(q, kc[:2], vc[:2])
     assert seen == [(None, 70)]
-    with pytest.raises(ValueError, match="seqlen_cache=70"):
-        fa.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=69, cache_batch_idx=idx)
+    with pytest.raises(TypeError, match="k_cache must be a torch.Tensor"):
+        fa.flash_attn_with_kvcache(q, [1.0], vc, cache_seqlens=3)
+    with pytest.raises(TypeError, match="q, k_cache and v_cache must share a dtype; got q torch.float16 and v_cache"):
+        fa.flash_attn_with_kvcache(q, kc, vc.float(), cache_seqlens=3, cache_batch_idx=idx)
 
 
 def test_empty_cache_rows_give_zero_and_inf_lse():

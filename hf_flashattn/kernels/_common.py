@@ -187,7 +187,8 @@ class Launcher:
         (compiled, tail), cfg = entry
         if cfg.pre_hook is not None:
             cfg.pre_hook(dict(zip(names, args), **meta, **cfg.kwargs))
-        return fl._again((compiled, tail), grid_fn(cfg.kwargs), device, args)
+        # through CompiledKernel.run: the pre-hook may resize a descriptor's block in place
+        return fl._again((compiled, tail, None, False), grid_fn(cfg.kwargs), device, args)
 
 
 @triton.jit
@@ -243,10 +244,12 @@ def desc_rows(desc, b, row0, start, h, S, BLOCK: tl.constexpr, BLOCK_D: tl.const
         return desc.load([b, start, h, 0]).reshape(BLOCK, BLOCK_D)
 
 
-def host_descriptor(t: torch.Tensor, rows: int, block_d: int, varlen: bool):
-    """A TensorDescriptor over (B, S, H, D) (or packed (total, H, D)) whose block is `rows` rows of one head."""
+def host_descriptor(t: torch.Tensor, rows: int, block_d: int, varlen: bool, tma: bool = False):
+    """A TensorDescriptor over (B, S, H, D) (or packed (total, H, D)) whose block is `rows` rows of one head; tma: as
+    a `Tma` argument of a FastLaunch launch (made only where Triton's launcher needs the object)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
-    return descriptor(TensorDescriptor, t, (rows, 1, block_d) if varlen else (1, rows, 1, block_d))
+    block = (rows, 1, block_d) if varlen else (1, rows, 1, block_d)
+    return Tma(TensorDescriptor, t, block) if tma else descriptor(TensorDescriptor, t, block)
 
 
 def descriptors_ok(*tensors) -> bool:
@@ -413,7 +416,7 @@ class FastLaunch:
         if len(args) != self.n_runtime:
             raise TypeError(f"{self.kernel.fn.__name__} takes {self.n_runtime} runtime arguments, got {len(args)}")
         if not FAST_LAUNCH or _INTERPRETING or _launch_hooks():
-            return self.kernel[grid](*args, **meta)
+            return self.kernel[grid](*_materialise(args), **meta)
         device = torch.cuda.current_device()
         key = self._key(args, meta, device)
         entry = self.cache.get(key)
@@ -431,7 +434,7 @@ class FastLaunch:
         if len(args) != self.n_runtime:
             raise TypeError(f"{self.kernel.fn.__name__} takes {self.n_runtime} runtime arguments, got {len(args)}")
         if not FAST_LAUNCH or _INTERPRETING or _launch_hooks():
-            return self.kernel[grid](*args, **meta)
+            return self.kernel[grid](*_materialise(args), **meta)
         device = torch.cuda.current_device()
         key = ("site", site_key, device)
         entry = self.cache.get(key)
@@ -440,20 +443,131 @@ class FastLaunch:
         return self._again(entry, grid, device, args)
 
     def _first(self, key, grid, args, meta):
-        """The first call of a key: through Triton's JIT (compiling or loading the kernel), keeping the result."""
-        compiled = _ready(self.kernel[grid](*args, **meta))
-        keep(self.cache, key, (compiled, tuple(meta.get(n, d) for n, d in self.constexprs)))
+        """The first call of a key: through Triton's JIT (compiling or loading the kernel), keeping the result and,
+        where Triton's launcher allows it, a `_Raw` launch of it."""
+        compiled = _ready(self.kernel[grid](*_materialise(args), **meta))
+        raw = _Raw.of(compiled, args)
+        keep(self.cache, key, (compiled, tuple(meta.get(n, d) for n, d in self.constexprs), raw,
+                               any(type(a) is Tma for a in args)))
         return compiled
 
     @staticmethod
     def _again(entry, grid, device, args):
-        compiled, tail = entry
+        compiled, tail, raw, has_tma = entry
         g0 = grid[0]
         g1 = grid[1] if len(grid) > 1 else 1
         g2 = grid[2] if len(grid) > 2 else 1
+        if raw is not None and RAW_LAUNCH:
+            raw(g0, g1, g2, _raw_stream(device), args, tail)
+            return compiled
         compiled.run(g0, g1, g2, _raw_stream(device), compiled.function,
-                     compiled.packed_metadata, None, None, None, *args, *tail)
+                     compiled.packed_metadata, None, None, None, *(_materialise(args) if has_tma else args), *tail)
         return compiled
+
+
+# Launch kept kernels through Triton's generated C launcher itself (`_Raw`) where its form is known; False: through
+# `CompiledKernel.run` (benchmarks/probe_host.py compares the two; read at each launch).
+RAW_LAUNCH = True
+
+
+class Tma:
+    """A tensor-descriptor argument of a FastLaunch launch: a descriptor of class `cls` (Triton's or Gluon's
+    TensorDescriptor) over `t` with block `block` (and shared `layout`, Gluon's), made only where Triton's launcher
+    needs the object (`descriptor`); the direct launch (`_Raw`) reads the tensor's address, shape and strides."""
+    __slots__ = ("cls", "t", "block", "layout")
+
+    def __init__(self, cls, t: torch.Tensor, block, layout=None):
+        self.cls, self.t, self.block, self.layout = cls, t, block, layout
+
+    def make(self):
+        return descriptor(self.cls, self.t, self.block, self.layout)
+
+
+def _tma_fill():
+    """Triton 3.6's CUtensorMap encoder (`fill_tma_descriptor` of its driver's utilities)."""
+    return triton.runtime.driver.active.utils.fill_tma_descriptor
+
+
+def _materialise(args):
+    """args with each `Tma` made into its descriptor."""
+    return [a.make() if type(a) is Tma else a for a in args]
+
+
+class _Raw:
+    """A kept kernel launched through the C function of Triton's launcher module, skipping what Triton 3.6 does in
+    Python on every launch (`CudaLauncher.__call__`, and per tensor descriptor `wrap_handle_tensordesc`'s loop,
+    `make_tensordesc_arg` and `fill_tma_descriptor`, which encodes a CUtensorMap): here the arguments are expanded
+    as that wrapper expands them, each tensor passed as its address (an int: the C launcher then neither calls
+    data_ptr() nor asks the driver about the pointer, as decode's direct launch), and each descriptor's CUtensorMap
+    kept per (argument, address, shape, strides), everything it encodes besides the kernel's fixed metadata (dtype,
+    block, swizzle). `of` returns None (the caller launches through `CompiledKernel.run`) unless the launcher has
+    exactly the form written for: Triton 3.6's (a `__triton_launcher` module whose `launch` takes
+    `_BASE_ARGS_FORMAT` "iiiKKppOOOOOO" then the kernel's arguments, every descriptor with TMA metadata, no global
+    or profile scratch) and every descriptor passed as a `Tma`. Triton 3.7+ launch through one generic function and
+    take the `CompiledKernel.run` path."""
+    __slots__ = ("launch", "head", "ptrs", "descs", "maps", "fill")
+
+    @classmethod
+    def of(cls, compiled, args):
+        try:
+            run = compiled.run
+            if getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1):
+                return None
+            launch = run.launch
+            metas = []
+            code = getattr(launch, "__code__", None)
+            if code is not None:   # wrap_handle_tensordesc's closure around the C launcher
+                cells = dict(zip(code.co_freevars, launch.__closure__ or ()))
+                if "launcher" not in cells or "tensordesc_meta" not in cells:
+                    return None
+                launch = cells["launcher"].cell_contents
+                metas = list(cells["tensordesc_meta"].cell_contents or ())
+            if getattr(launch, "__module__", None) != "__triton_launcher":
+                return None
+            import sys
+            drv = sys.modules.get(type(run).__module__)
+            if getattr(drv, "_BASE_ARGS_FORMAT", None) != "iiiKKppOOOOOO":
+                return None
+            pos = [i for i, a in enumerate(args) if type(a) is Tma]
+            if len(pos) != len(metas) or any(m is None or m.get("fp4_padded") for m in metas):
+                return None
+            to_host = drv.TMA_DTYPE_DEVICE_TO_HOST
+            self = cls()
+            self.launch = launch
+            self.head = (compiled.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
+                         compiled.packed_metadata, None, None, None)
+            self.ptrs = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+            self.descs = tuple((i, m["swizzle"], m["elem_size"], to_host[m["elem_type"]], list(m["block_size"]))
+                               for i, m in zip(pos, metas))
+            self.maps = {}
+            self.fill = _tma_fill() if self.descs else None
+            return self
+        except (AttributeError, KeyError, TypeError, ValueError):   # another launcher's form
+            return None
+
+    def __call__(self, g0, g1, g2, stream, args, tail):
+        a = list(args)
+        for i in self.ptrs:
+            a[i] = a[i].data_ptr()
+        if self.descs:
+            flat = []
+            prev = 0
+            maps = self.maps
+            for i, swizzle, elem_size, dtype, block in self.descs:
+                flat += a[prev:i]
+                t = a[i].t
+                ptr, shape, strides = t.data_ptr(), t.shape, t.stride()
+                key = (i, ptr, shape, strides)
+                m = maps.get(key)
+                if m is None:
+                    m = keep(maps, key, self.fill(ptr, swizzle, elem_size, dtype, block, shape, strides, 0))
+                flat.append(m)
+                flat += shape
+                flat += strides
+                prev = i + 1
+            flat += a[prev:]
+            a = flat
+        self.launch(g0, g1, g2, stream, *self.head, *a, *tail)
 
 
 def _ready(compiled):

@@ -558,10 +558,10 @@ def forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _pl
     # packed: descriptors over (1, total, H, D), rows addressed from each sequence's start
     q4, k4, v4, o4 = (t.unsqueeze(0) for t in (q, k, v, out)) if varlen else (q, k, v, out)
     # Q and O move in 64-row slices, one per consumer warpgroup
-    qd = C.descriptor(TensorDescriptor, q4, (1, 64, 1, D), layout)
-    od = C.descriptor(TensorDescriptor, o4, (1, 64, 1, D), layout)
-    kd = C.descriptor(TensorDescriptor, k4, (1, bn, 1, D), layout)
-    vd = C.descriptor(TensorDescriptor, v4, (1, bn, 1, D), layout)
+    qd = C.Tma(TensorDescriptor, q4, (1, 64, 1, D), layout)
+    od = C.Tma(TensorDescriptor, o4, (1, 64, 1, D), layout)
+    kd = C.Tma(TensorDescriptor, k4, (1, bn, 1, D), layout)
+    vd = C.Tma(TensorDescriptor, v4, (1, bn, 1, D), layout)
     stride_l = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
     stride_o = C.seq_layout(out, varlen)
     n_mt = triton.cdiv(Sq, bm)

@@ -895,19 +895,15 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     row_layout = _row_layout()
     as4 = (lambda t: t.unsqueeze(0)) if varlen else (lambda t: t)   # packed: descriptors over (1, total, H, D)
     q4, k4, v4, do4, dq4 = as4(q), as4(k), as4(v), as4(do), (dq if atomic else as4(dq))
-    made = {}
 
-    def desc(t, rows):   # one descriptor per (tensor, tile rows): the two passes share those whose tiles agree
-        dkey = (id(t), rows)
-        if dkey not in made:
-            made[dkey] = C.descriptor(TensorDescriptor, t, (1, rows, 1, D), layout)
-        return made[dkey]
+    def desc(t, rows):   # a descriptor argument over t whose tiles are `rows` rows of one head
+        return C.Tma(TensorDescriptor, t, (1, rows, 1, D), layout)
     qd, dod, kd, vd = desc(q4, bm), desc(do4, bm), desc(k4, 64), desc(v4, 64)
-    ld = C.descriptor(TensorDescriptor, lse2.view(B * H, pad), (1, bm), row_layout)
-    dd = C.descriptor(TensorDescriptor, delta.view(B * H, pad), (1, bm), row_layout)
+    ld = C.Tma(TensorDescriptor, lse2.view(B * H, pad), (1, bm), row_layout)
+    dd = C.Tma(TensorDescriptor, delta.view(B * H, pad), (1, bm), row_layout)
     # modes 5, 6: dQ's float32 accumulator as (1, bm, 1, 64) tiles for the TMA reduce; other modes do not read it (lse's
     # descriptor stands in)
-    dqad = C.descriptor(TensorDescriptor, dq, (1, bm, 1, 64), _acc_layout()) if mode >= 5 else ld
+    dqad = C.Tma(TensorDescriptor, dq, (1, bm, 1, 64), _acc_layout()) if mode >= 5 else ld
     dks, dvs = C.seq_layout(dk, varlen), C.seq_layout(dv, varlen)
     # d256: dV and dK in separate launches (both accumulators would take every register of a consumer)
     masked = tuple(window_size) != (-1, -1)

@@ -172,3 +172,122 @@ def test_tma_argument_is_made_into_the_same_descriptor():
     d = C._materialise([C.Tma(TensorDescriptor, t, (1, 16, 1, 32)), 3])[0]
     ref = TensorDescriptor.from_tensor(t, [1, 16, 1, 32])
     assert d.base is t and _fields(d) == _fields(ref)
+
+
+def _record(monkeypatch, *launchers):
+    calls = []
+    for name, fl in launchers:
+        monkeypatch.setattr(fl, "launch", lambda key, grid, args, meta, name=name, fl=fl:
+                            calls.append((name, fl.n_runtime, key, grid, tuple(args), dict(meta))))
+    return calls
+
+
+def _tma_ok(a, t, block):
+    """A Tma argument over t's memory (t itself or its packed (1, total, ...) view) with this block."""
+    return (type(a) is C.Tma and a.t.data_ptr() == t.data_ptr() and a.block == block
+            and tuple(a.t.shape[-t.dim():]) == tuple(t.shape))
+
+
+@pytest.mark.parametrize("case", ["short", "single", "d256", "packed", "window"])
+def test_gluon_backward_hands_each_launch_the_call_tensors_and_their_strides(monkeypatch, case):
+    """v3_gluon_bwd.backward keeps everything but the tensors per call signature (`_Setup`); the kernels are GPU-only,
+    so here each launch is recorded instead: its argument count must be the kernel's, every tensor argument the call's
+    own (a second call with new tensors hands the new ones) and every stride the tensor's own, as reading them from
+    the tensors would give."""
+    from hf_flashattn.kernels import v3_gluon_bwd as GB
+    if not GB.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    calls = _record(monkeypatch, ("prep", GB._prep_launch), ("bwd", GB._bwd_launch), ("dq", GB._dq_launch))
+    D = {"d256": 256}.get(case, 128 if case != "single" else 64)
+    S = 2048 if case == "single" else 192
+    window = {"window": (40, 0), "packed": (-1, 0)}.get(case, (-1, -1))
+    H, Hk = 4, 2
+    lens = [50, 90, 52]
+    for seed in (0, 1):
+        g = torch.Generator().manual_seed(seed)
+        if case == "packed":
+            mk = lambda h: torch.randn(sum(lens), h, D, generator=g, dtype=torch.float16)  # noqa: E731
+            cu = torch.tensor([0, 50, 140, 192], dtype=torch.int32)
+            B, Sq, Sk = 3, 90, 90
+            lse = torch.randn(H, sum(lens))
+        else:
+            mk = lambda h: torch.randn(2, S, h, D, generator=g, dtype=torch.float16)  # noqa: E731
+            cu = None
+            B, Sq, Sk = 2, S, S
+            lse = torch.randn(2, H, S)
+        q, k, v, do, out = mk(H), mk(Hk), mk(Hk), mk(H), mk(H)
+        gplan = GB.plan(D, False, Sk, window)
+        calls.clear()
+        dq, dk, dv = GB.backward(do, q, k, v, out, lse, cu, cu, Sq, Sk, 0.125, window, _plan=gplan)
+        names = [c[0] for c in calls]
+        mode = gplan[5]
+        assert names == (["prep", "bwd", "bwd"] if D == 256 else ["prep", "bwd"]) + (["dq"] if mode == 0 else [])
+        for name, n_runtime, _, _, args, _ in calls:
+            assert len(args) == n_runtime, name
+        lay = lambda t: C.seq_layout(t, cu is not None)  # noqa: E731
+        left, right = C.window_args(window, Sq, Sk)
+        stride_l = (0, lse.stride(0)) if cu is not None else (lse.stride(0), lse.stride(1))
+        # prep: out, dO, lse in; lse2 and Delta out
+        args = calls[0][4]
+        lse2, delta = args[3], args[4]
+        assert args[0] is out and args[1] is do and args[2] is lse and args[5] is cu
+        assert args[6:] == (*lay(out), *lay(do), *stride_l, lse2.stride(0), lse2.stride(1), Sq)
+        # dK/dV (and the single pass's dQ)
+        args = calls[1][4]
+        bm = gplan[0]
+        acc = args[7]
+        assert args[8] is dk and args[9] is dv and args[10] is cu and args[11] is cu
+        assert _tma_ok(args[0], q, (1, bm, 1, D)) and _tma_ok(args[1], k, (1, 64, 1, D))
+        assert _tma_ok(args[2], v, (1, 64, 1, D)) and _tma_ok(args[3], do, (1, bm, 1, D))
+        assert args[4].t.data_ptr() == lse2.data_ptr() and args[5].t.data_ptr() == delta.data_ptr()
+        assert tuple(args[4].t.shape) == (B * H, lse2.shape[-1]) and args[4].block == (1, bm)
+        if mode >= 5:
+            assert _tma_ok(args[6], acc, (1, bm, 1, 64)) and acc.dtype == torch.float32
+            assert torch.equal(dq, (acc[:, :Sq]).to(q.dtype))
+        else:
+            assert acc is dq
+        assert args[12:21] == (*acc.stride()[:3], *lay(dk), *lay(dv))
+        assert args[21:27] == (Sq, Sk, left, right, C.score_scales(0.125, 0.0)[0], 0.125)
+        assert args[27:29] == (H // Hk, H)
+        if mode == 0:   # the dQ pass
+            args = calls[-1][4]
+            bn = GB._DQ_PLANS[D][0]
+            assert _tma_ok(args[0], q, (1, 64, 1, D)) and _tma_ok(args[1], k, (1, bn, 1, D))
+            assert _tma_ok(args[2], v, (1, bn, 1, D)) and _tma_ok(args[3], do, (1, 64, 1, D))
+            assert _tma_ok(args[4], dq, (1, 64, 1, D)) and args[5] is dq and args[6] is cu and args[7] is cu
+            assert args[8:11] == lay(dq) and args[11] is lse2 and args[12] is delta
+            assert args[13:21] == (lse2.stride(0), lse2.stride(1), Sq, Sk, left, right,
+                                   C.score_scales(0.125, 0.0)[0], 0.125)
+    assert len(GB._SETUPS) >= 1
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_gluon_forward_hands_the_launch_the_call_tensors_and_their_strides(monkeypatch, packed):
+    """As the backward's test, for v3_gluon.forward's one launch."""
+    from hf_flashattn.kernels import v3_gluon as G
+    if not G.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    calls = _record(monkeypatch, ("fwd", G._fwd_launch))
+    H, Hk, D = 4, 2, 128
+    for seed in (0, 1):
+        g = torch.Generator().manual_seed(seed)
+        if packed:
+            q, k, v = (torch.randn(192, h, D, generator=g, dtype=torch.float16) for h in (H, Hk, Hk))
+            cu = torch.tensor([0, 50, 140, 192], dtype=torch.int32)
+            Sq = Sk = 90
+        else:
+            q, k, v = (torch.randn(2, s, h, D, generator=g, dtype=torch.float16)
+                       for s, h in ((100, H), (160, Hk), (160, Hk)))
+            cu, Sq, Sk = None, 100, 160
+        calls.clear()
+        out, lse = G.forward(q, k, v, Sq, Sk, 0.125, (-1, 0), cu_seqlens_q=cu, cu_seqlens_k=cu)
+        (_, n_runtime, _, _, args, meta), = calls
+        assert len(args) == n_runtime
+        bn = G.plan(D, Sk, True, force=True)[1]
+        assert _tma_ok(args[0], q, (1, 64, 1, D)) and _tma_ok(args[1], k, (1, bn, 1, D))
+        assert _tma_ok(args[2], v, (1, bn, 1, D)) and _tma_ok(args[3], out, (1, 64, 1, D))
+        assert args[4] is out and args[5] is lse and args[6] is cu and args[7] is cu
+        stride_l = (0, lse.stride(0)) if packed else (lse.stride(0), lse.stride(1))
+        left, right = C.window_args((-1, 0), Sq, Sk)
+        assert args[8:17] == (*C.seq_layout(out, packed), *stride_l, Sq, Sk, left, right)
+        assert args[18] == H // Hk and meta["IS_VARLEN"] == packed

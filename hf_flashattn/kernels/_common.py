@@ -76,6 +76,11 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of plain ints (Triton's cdiv is a constexpr function in newer releases: a JIT call, microseconds)."""
+    return -(-a // b)
+
+
 def num_sms(device) -> int:
     """Streaming multiprocessors of a CUDA device (4 elsewhere: the interpreter's stand-in)."""
     if device.type == "cuda":
@@ -433,6 +438,12 @@ class FastLaunch:
         tensor-descriptor arguments (which the generic key does not cover) launch directly."""
         if len(args) != self.n_runtime:
             raise TypeError(f"{self.kernel.fn.__name__} takes {self.n_runtime} runtime arguments, got {len(args)}")
+        return self.launch(site_key, grid, args, meta)
+
+    def launch(self, site_key, grid, args, meta: dict):
+        """`keyed` with the runtime arguments as one sequence and the meta-parameters as one dict, both passed as
+        they are (a call site that keeps them per shape builds neither per call); the count is the caller's to get
+        right."""
         if not FAST_LAUNCH or _INTERPRETING or _launch_hooks():
             return self.kernel[grid](*_materialise(args), **meta)
         device = torch.cuda.current_device()
@@ -615,9 +626,13 @@ def _launch_hooks() -> bool:
     Triton's entry point, which calls the hooks."""
     if _KNOBS is None:  # pragma: no cover - Triton without knobs
         return True
-    hooks = (_KNOBS.runtime.launch_enter_hook, _KNOBS.runtime.launch_exit_hook)
+    rt = _KNOBS.runtime
     # a HookChain (Triton >= 3.5) is always there; it counts when something was added to it
-    return any(h is not None and getattr(h, "calls", True) for h in hooks)
+    h = rt.launch_enter_hook
+    if h is not None and getattr(h, "calls", True):
+        return True
+    h = rt.launch_exit_hook
+    return h is not None and bool(getattr(h, "calls", True))
 
 
 def _raw_stream(device: int) -> int:

@@ -43,7 +43,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
 try:   # Gluon ships with Triton >= 3.4 (the GPU image has 3.6); absent -> v3.py's kernel
     from triton.experimental import gluon
@@ -537,46 +536,71 @@ def shared_layout():
 def forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _plan=None, cu_seqlens_q=None,
             cu_seqlens_k=None):
     """Dense (B, S, H, D), or packed (total, H, D) with cu_seqlens: (out, lse (B, H, Sq) or (H, total) float32).
-    `supports()` must have passed."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    `supports()` must have passed. Everything but the tensors is worked out once per call signature (`_Setup`)."""
     varlen = cu_seqlens_q is not None
-    H, D = q.shape[-2], q.shape[-1]
-    Hk = k.shape[-2]
-    B = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
-    Sq, Sk = (max_seqlen_q, max_seqlen_k) if varlen else (q.shape[1], k.shape[1])
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((H, q.shape[0]) if varlen else (B, H, Sq), dtype=torch.float32, device=q.device)
-    if q.numel() == 0 or k.numel() == 0 or B == 0:
+    key = (q.shape, k.shape, q.dtype, None if not varlen else
+           ((cu_seqlens_q.data_ptr() | cu_seqlens_k.data_ptr()) & 15, cu_seqlens_q.numel(), max_seqlen_q, max_seqlen_k),
+           tuple(window_size), softmax_scale, _plan, q.device, persistent_on(), PINGPONG)
+    st = _SETUPS.get(key)
+    if st is None:
+        st = C.keep(_SETUPS, key, _Setup(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_size,
+                                         _plan, key))
+    dev = q.device
+    out = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    lse = torch.empty(st.lse_shape, dtype=torch.float32, device=dev)
+    if st.empty:
         return out.zero_(), lse.fill_(float("inf"))
-    masked = tuple(window_size) != (-1, -1)
-    p = _plan or plan(D, Sk, masked, force=True)
-    bm, bn, warps, stages, regs = p[:5]
-    pingpong = p[5] if len(p) > 5 else PINGPONG
-    left, right = C.window_args(window_size, Sq, Sk)
-    qk_scale, _ = C.score_scales(softmax_scale, 0.0)
-    layout = shared_layout()
-    # packed: descriptors over (1, total, H, D), rows addressed from each sequence's start
-    q4, k4, v4, o4 = (t.unsqueeze(0) for t in (q, k, v, out)) if varlen else (q, k, v, out)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as TD
+    o4 = out
+    if varlen:   # packed: descriptors over (1, total, H, D), rows addressed from each sequence's start
+        q, k, v, o4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), out.unsqueeze(0)
+    layout, D, bn = st.layout, st.D, st.bn
     # Q and O move in 64-row slices, one per consumer warpgroup
-    qd = C.Tma(TensorDescriptor, q4, (1, 64, 1, D), layout)
-    od = C.Tma(TensorDescriptor, o4, (1, 64, 1, D), layout)
-    kd = C.Tma(TensorDescriptor, k4, (1, bn, 1, D), layout)
-    vd = C.Tma(TensorDescriptor, v4, (1, bn, 1, D), layout)
-    stride_l = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
-    stride_o = C.seq_layout(out, varlen)
-    n_mt = triton.cdiv(Sq, bm)
-    per, n_units, programs = schedule(n_mt, H, B, masked, q.device)
-    o_buf = D <= O_BUF_MAX_D and not varlen
-    # what Triton specialises on here: the descriptors' dtype and blocks (dtype, D, plan), lse's and out's strides
-    # (shapes; both fresh, so aligned), cu_seqlens' alignment, the group size; the sequence lengths, window and tile
-    # counts only by their 32/64-bit type
-    cu_align = None if not varlen else (cu_seqlens_q.data_ptr() | cu_seqlens_k.data_ptr()) & 15
-    key = (q.shape, Hk, q.dtype, p, pingpong, cu_align, o_buf, (left | right | Sq | Sk | n_units) >> 31)
-    _fwd_launch.keyed(key, (programs,), qd, kd, vd, od, out, lse, cu_seqlens_q, cu_seqlens_k, *stride_o, *stride_l,
-                      Sq, Sk, left, right, qk_scale, H // Hk, n_mt, H, n_units, per, HEAD_DIM=D, BLOCK_N=bn,
-                      STAGES=stages, CONSUMER_REGS=regs, NC=bm // 64, PINGPONG=pingpong, IS_VARLEN=varlen, O_BUF=o_buf,
-                      num_warps=warps)
+    _fwd_launch.launch(st.key, st.grid, (C.Tma(TD, q, (1, 64, 1, D), layout), C.Tma(TD, k, (1, bn, 1, D), layout),
+                                         C.Tma(TD, v, (1, bn, 1, D), layout), C.Tma(TD, o4, (1, 64, 1, D), layout),
+                                         out, lse, cu_seqlens_q, cu_seqlens_k) + st.ints, st.meta)
     return out, lse
+
+
+_SETUPS: dict = {}
+
+
+class _Setup:
+    """What `forward` works out from a call's signature, kept per signature: lse's shape, the plan, the grid, the
+    launch's key, integer arguments and meta-parameters."""
+
+    def __init__(self, q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _plan, key):
+        varlen = cu_seqlens_q is not None
+        H, D = q.shape[-2], q.shape[-1]
+        Hk = k.shape[-2]
+        B = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+        Sq, Sk = (max_seqlen_q, max_seqlen_k) if varlen else (q.shape[1], k.shape[1])
+        self.D = D
+        self.lse_shape = (H, q.shape[0]) if varlen else (B, H, Sq)
+        self.empty = q.numel() == 0 or k.numel() == 0 or B == 0
+        if self.empty:
+            return
+        masked = tuple(window_size) != (-1, -1)
+        p = _plan or plan(D, Sk, masked, force=True)
+        bm, bn, warps, stages, regs = p[:5]
+        self.bn = bn
+        pingpong = p[5] if len(p) > 5 else PINGPONG
+        left, right = C.window_args(window_size, Sq, Sk)
+        qk_scale, _ = C.score_scales(softmax_scale, 0.0)
+        self.layout = shared_layout()
+        # lse and out are made here (contiguous): their strides follow from the shapes
+        stride_l = (0, q.shape[0]) if varlen else (H * Sq, Sq)
+        stride_o = (0, H * D, D) if varlen else (Sq * H * D, H * D, D)
+        n_mt = C.cdiv(Sq, bm)
+        per, n_units, programs = schedule(n_mt, H, B, masked, q.device)
+        self.grid = (programs,)
+        o_buf = D <= O_BUF_MAX_D and not varlen
+        # what Triton specialises on besides the signature: the lengths, window and tile counts only by their 32/64-bit
+        # type (the descriptors' dtype and blocks, lse's and out's strides and the group size follow from the key)
+        self.key = key + ((left | right | Sq | Sk | n_units) >> 31,)
+        self.ints = stride_o + stride_l + (Sq, Sk, left, right, qk_scale, H // Hk, n_mt, H, n_units, per)
+        self.meta = dict(HEAD_DIM=D, BLOCK_N=bn, STAGES=stages, CONSUMER_REGS=regs, NC=bm // 64, PINGPONG=pingpong,
+                         IS_VARLEN=varlen, O_BUF=o_buf, num_warps=warps)
 
 
 if HAVE_GLUON:

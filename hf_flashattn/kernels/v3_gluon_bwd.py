@@ -57,7 +57,7 @@ import triton.language as tl
 
 from . import _common as C
 from ._common import seq_bounds
-from .v3_gluon import HAVE_GLUON, schedule
+from .v3_gluon import HAVE_GLUON, persistent_on, schedule
 
 if HAVE_GLUON:
     from triton.experimental import gluon
@@ -852,88 +852,139 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """(B, S, H, D) or packed (total, H, D) with cu_seqlens: (dq, dk, dv). `supports()` must have passed and do be
     TMA-loadable (`C.descriptors_ok`). _plan, _dq_plan override `plan()` and `_DQ_PLANS`; _dq overrides the plan's dQ
     mode (see `_PLANS`; packed sequences take mode 0 for modes 1-3), and takes two timing diagnostics whose dq is
-    garbage: 3 computes dQ's products in the single pass without summing them, 4 skips dQ altogether."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    garbage: 3 computes dQ's products in the single pass without summing them, 4 skips dQ altogether.
 
-    from .v3_gluon import shared_layout
+    Everything but the tensors is worked out once per call signature (`_Setup`) and kept."""
     varlen = cu_seqlens_q is not None
-    H, D = q.shape[-2], q.shape[-1]
-    Hk = k.shape[-2]
-    B = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
-    Sq, Sk = (max_seqlen_q, max_seqlen_k) if varlen else (q.shape[1], k.shape[1])
+    # the signature: what the setup reads (shapes, dtype, lengths, window, scale, plans, device) and what Triton
+    # specialises on in the three launches besides (dO's and lse's strides and dO's alignment; every other tensor's
+    # strides follow from the shapes: they are made here or by the forward; cu_seqlens' alignment)
+    key = (q.shape, k.shape, q.dtype, None if not varlen else
+           ((cu_seqlens_q.data_ptr() | cu_seqlens_k.data_ptr()) & 15, cu_seqlens_q.numel(), max_seqlen_q, max_seqlen_k),
+           tuple(window_size), do.stride(), do.data_ptr() & 15, out.stride(), lse.stride(), softmax_scale, _plan, _dq,
+           _dq_plan, q.device, persistent_on(PERSISTENT))
+    st = _SETUPS.get(key)
+    if st is None:
+        st = C.keep(_SETUPS, key, _Setup(q, k, do, out, lse, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                         window_size, _plan, _dq, _dq_plan, key))
     new = torch.zeros if varlen else torch.empty   # packed rows outside every sequence read as 0
-    dk = new(k.shape, dtype=k.dtype, device=k.device)
-    dv = new(v.shape, dtype=v.dtype, device=v.device)
-    if q.numel() == 0 or k.numel() == 0 or B == 0:
+    dev = q.device
+    dk = new(k.shape, dtype=k.dtype, device=dev)
+    dv = new(v.shape, dtype=v.dtype, device=dev)
+    if st.empty:
         return torch.zeros_like(q), dk.zero_(), dv.zero_()
-    bm, stages, regs, nc, shared, red = _plan or plan(D)
-    mode = dq_mode(D, (bm, stages, regs, nc, shared, red), varlen, _dq)
-    # lse (log2 units), Delta and dQ's float32 accumulator padded to whole query blocks (module docstring)
-    pad = triton.cdiv(Sq, 64) * 64 + 128   # whole 64-row blocks, and the dQ pass's tiles of up to 192 rows
-    lse2, delta = torch.empty((2, B, H, pad), dtype=torch.float32, device=q.device)   # one allocation
-    stride_l = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
-    # What Triton specialises on in the three launches, for their direct launch (`C.FastLaunch.keyed`): the
-    # shapes (with the padded length, every stride but dO's and lse's follows from them: the other tensors are made
-    # here or by the forward), dtype, dO's and lse's strides, the alignment of dO and of cu_seqlens, which are
-    # given, the sequence lengths (the prep kernel specialises Sq), the window and the plans
-    cu_align = None if not varlen else (cu_seqlens_q.data_ptr() | cu_seqlens_k.data_ptr()) & 15
-    key = (q.shape, k.shape, q.dtype, cu_align, Sq, Sk, tuple(window_size), do.stride(), do.data_ptr() & 15,
-           out.stride(), lse.stride(), _plan, _dq, _dq_plan)
-    _prep_launch.keyed(key, (pad // 64, H, B), out, do, lse, lse2, delta, cu_seqlens_q, *C.seq_layout(out, varlen),
-                       *C.seq_layout(do, varlen), *stride_l, lse2.stride(0), lse2.stride(1), Sq,
-                       HEAD_DIM=D, BLOCK_M=64, IS_VARLEN=varlen)
-    left, right = C.window_args(window_size, Sq, Sk)
-    qk_scale, _ = C.score_scales(softmax_scale, 0.0)
-    atomic = mode in _SUMMED
-    # dQ's float32 accumulator: dense (B, Sq, H, D) for the TMA reduce (modes 5, 6: it clips rows past the tensor),
-    # (B, pad, H, D) for red's (their pointers reach the padded rows); packed (1, total, H, D), where a tile's rows
-    # past its sequence add exact zeros (their lse is +inf) and rows past the last are outside the descriptor
-    acc_shape = (1, q.shape[0], H, D) if varlen else (B, Sq if mode >= 5 else pad, H, D)
-    dq = torch.zeros(acc_shape, dtype=torch.float32, device=q.device) if atomic else \
-        new(q.shape, dtype=q.dtype, device=q.device)
-    layout = shared_layout()
-    row_layout = _row_layout()
-    as4 = (lambda t: t.unsqueeze(0)) if varlen else (lambda t: t)   # packed: descriptors over (1, total, H, D)
-    q4, k4, v4, do4, dq4 = as4(q), as4(k), as4(v), as4(do), (dq if atomic else as4(dq))
-
-    def desc(t, rows):   # a descriptor argument over t whose tiles are `rows` rows of one head
-        return C.Tma(TensorDescriptor, t, (1, rows, 1, D), layout)
-    qd, dod, kd, vd = desc(q4, bm), desc(do4, bm), desc(k4, 64), desc(v4, 64)
-    ld = C.Tma(TensorDescriptor, lse2.view(B * H, pad), (1, bm), row_layout)
-    dd = C.Tma(TensorDescriptor, delta.view(B * H, pad), (1, bm), row_layout)
-    # modes 5, 6: dQ's float32 accumulator as (1, bm, 1, 64) tiles for the TMA reduce; other modes do not read it (lse's
-    # descriptor stands in)
-    dqad = C.Tma(TensorDescriptor, dq, (1, bm, 1, 64), _acc_layout()) if mode >= 5 else ld
-    dks, dvs = C.seq_layout(dk, varlen), C.seq_layout(dv, varlen)
-    # d256: dV and dK in separate launches (both accumulators would take every register of a consumer)
-    masked = tuple(window_size) != (-1, -1)
-    n_kt = triton.cdiv(Sk, 64 * nc)
-    per, n_kv_units, programs = schedule(n_kt, Hk, B, masked, q.device, PERSISTENT)
-    for part in ((1, 2) if D == 256 else (0,)):
-        _bwd_launch.keyed(
-            key + (part,), (programs,),
-            qd, kd, vd, dod, ld, dd, dqad, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, dq.stride(0), dq.stride(1),
-            dq.stride(2),
-            *dks, *dvs, Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, H, n_kt, n_kv_units, per,
-            HEAD_DIM=D, BLOCK_M=bm, STAGES=stages, CONSUMER_REGS=regs, NC=nc, DO_DQ=mode if atomic else 0,
-            SHARED_DQ=shared and atomic, IS_VARLEN=varlen, PART=part, num_warps=4)
-    if atomic:
-        return (dq[0] if varlen else dq[:, :Sq]).to(q.dtype), dk, dv
-    if mode == 0:
-        bn, dq_stages, dq_regs, dq_nc, pipe = _dq_plan or _DQ_PLANS[D]
-        if dq_nc != 2:
-            raise ValueError(f"the dQ pass runs two consumer warpgroups, got a plan with {dq_nc}")
-        q64, do64, dq64, kn, vn = desc(q4, 64), desc(do4, 64), desc(dq4, 64), desc(k4, bn), desc(v4, bn)
-        n_mt = triton.cdiv(Sq, 64 * dq_nc)
-        _, n_units, programs = schedule(n_mt, H, B, masked, q.device, PERSISTENT)
-        dq_buf = D <= DQ_BUF_MAX_D and not varlen
-        _dq_launch.keyed(
-            key + (dq_buf,), (programs,),
-            q64, kn, vn, do64, dq64, dq, cu_seqlens_q, cu_seqlens_k, *C.seq_layout(dq, varlen), lse2, delta,
-            lse2.stride(0), lse2.stride(1), Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, n_mt, H, n_units,
-            per, HEAD_DIM=D, BLOCK_N=bn, STAGES=dq_stages, CONSUMER_REGS=dq_regs, NC=dq_nc, IS_VARLEN=varlen, PIPE=pipe,
-            DQ_BUF=dq_buf, num_warps=4)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as TD
+    lse2, delta = torch.empty(st.lse_shape, dtype=torch.float32, device=dev)   # one allocation
+    _prep_launch.launch(st.prep_key, st.prep_grid, (out, do, lse, lse2, delta, cu_seqlens_q) + st.prep_ints,
+                        st.prep_meta)
+    dq = torch.zeros(st.acc_shape, dtype=torch.float32, device=dev) if st.atomic else new(q.shape, dtype=q.dtype,
+                                                                                             device=dev)
+    if varlen:   # descriptors over (1, total, H, D)
+        q, k, v, do = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), do.unsqueeze(0)
+    layout, bm, D = st.layout, st.bm, st.D
+    ld = C.Tma(TD, lse2.view(st.rows_2d), (1, bm), st.row_layout)
+    dqad = C.Tma(TD, dq, (1, bm, 1, 64), st.acc_layout) if st.mode >= 5 else ld
+    args = (C.Tma(TD, q, (1, bm, 1, D), layout), C.Tma(TD, k, (1, 64, 1, D), layout),
+            C.Tma(TD, v, (1, 64, 1, D), layout), C.Tma(TD, do, (1, bm, 1, D), layout), ld,
+            C.Tma(TD, delta.view(st.rows_2d), (1, bm), st.row_layout), dqad, dq, dk, dv, cu_seqlens_q,
+            cu_seqlens_k) + st.bwd_ints
+    for part_key, meta in st.bwd_parts:
+        _bwd_launch.launch(part_key, st.bwd_grid, args, meta)
+    if st.atomic:
+        return (dq[0] if varlen else dq[:, :st.Sq]).to(st.dtype), dk, dv
+    if st.mode == 0:
+        bn = st.dq_bn
+        dq4 = dq.unsqueeze(0) if varlen else dq
+        _dq_launch.launch(st.dq_key, st.dq_grid,
+                          (C.Tma(TD, q, (1, 64, 1, D), layout), C.Tma(TD, k, (1, bn, 1, D), layout),
+                           C.Tma(TD, v, (1, bn, 1, D), layout), C.Tma(TD, do, (1, 64, 1, D), layout),
+                           C.Tma(TD, dq4, (1, 64, 1, D), layout), dq, cu_seqlens_q, cu_seqlens_k) + st.dq_strides
+                          + (lse2, delta) + st.dq_ints, st.dq_meta)
     return dq, dk, dv
+
+
+_SETUPS: dict = {}
+
+
+class _Setup:
+    """What `backward` works out from a call's signature, kept per signature: allocation shapes, the dQ mode, the
+    launches' grids, keys, integer arguments and meta-parameters. The d256 plan's two dK/dV launches are `bwd_parts`."""
+
+    def __init__(self, q, k, do, out, lse, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_size,
+                 _plan, _dq, _dq_plan, key):
+        from .v3_gluon import shared_layout
+        varlen = cu_seqlens_q is not None
+        H, D = q.shape[-2], q.shape[-1]
+        Hk = k.shape[-2]
+        B = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+        Sq, Sk = (max_seqlen_q, max_seqlen_k) if varlen else (q.shape[1], k.shape[1])
+        self.D, self.Sq, self.dtype = D, Sq, q.dtype
+        self.empty = q.numel() == 0 or k.numel() == 0 or B == 0
+        if self.empty:
+            return
+        bm, stages, regs, nc, shared, red = _plan or plan(D)
+        self.bm = bm
+        self.mode = mode = dq_mode(D, (bm, stages, regs, nc, shared, red), varlen, _dq)
+        # lse (log2 units), Delta and dQ's float32 accumulator padded to whole query blocks (module docstring)
+        pad = C.cdiv(Sq, 64) * 64 + 128   # whole 64-row blocks, and the dQ pass's tiles of up to 192 rows
+        self.lse_shape = (2, B, H, pad)
+        self.rows_2d = (B * H, pad)
+        lse_pb, lse_ph = H * pad, pad   # lse2's and Delta's (B, H, pad) strides
+        stride_l = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+        self.prep_key = key
+        self.prep_grid = (pad // 64, H, B)
+        self.prep_ints = C.seq_layout(out, varlen) + C.seq_layout(do, varlen) + stride_l + (lse_pb, lse_ph, Sq)
+        self.prep_meta = dict(HEAD_DIM=D, BLOCK_M=64, IS_VARLEN=varlen)
+        left, right = C.window_args(window_size, Sq, Sk)
+        qk_scale, _ = C.score_scales(softmax_scale, 0.0)
+        self.atomic = atomic = mode in _SUMMED
+        # dQ's float32 accumulator: dense (B, Sq, H, D) for the TMA reduce (modes 5, 6: it clips rows past the
+        # tensor), (B, pad, H, D) for red's (their pointers reach the padded rows); packed (1, total, H, D), where a
+        # tile's rows past its sequence add exact zeros (their lse is +inf) and rows past the last are outside the
+        # descriptor
+        self.acc_shape = acc_shape = (1, q.shape[0], H, D) if varlen else (B, Sq if mode >= 5 else pad, H, D)
+        self.layout, self.row_layout, self.acc_layout = shared_layout(), _row_layout(), _acc_layout()
+        dq_strides = _contiguous_strides(acc_shape if atomic else q.shape)
+        dkv = _layout_of(_contiguous_strides(k.shape), varlen)   # dK's and dV's (fresh, contiguous)
+        # d256: dV and dK in separate launches (both accumulators would take every register of a consumer)
+        masked = tuple(window_size) != (-1, -1)
+        n_kt = C.cdiv(Sk, 64 * nc)
+        per, n_kv_units, programs = schedule(n_kt, Hk, B, masked, q.device, PERSISTENT)
+        self.bwd_grid = (programs,)
+        self.bwd_ints = dq_strides[:3] + dkv + dkv + (Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, H, n_kt,
+                                                     n_kv_units, per)
+        self.bwd_parts = tuple((key + (part,), dict(HEAD_DIM=D, BLOCK_M=bm, STAGES=stages, CONSUMER_REGS=regs, NC=nc,
+                                                    DO_DQ=mode if atomic else 0, SHARED_DQ=shared and atomic,
+                                                    IS_VARLEN=varlen, PART=part, num_warps=4))
+                               for part in ((1, 2) if D == 256 else (0,)))
+        if mode == 0:
+            bn, dq_stages, dq_regs, dq_nc, pipe = _dq_plan or _DQ_PLANS[D]
+            if dq_nc != 2:
+                raise ValueError(f"the dQ pass runs two consumer warpgroups, got a plan with {dq_nc}")
+            self.dq_bn = bn
+            n_mt = C.cdiv(Sq, 64 * dq_nc)
+            _, n_units, programs = schedule(n_mt, H, B, masked, q.device, PERSISTENT)
+            dq_buf = D <= DQ_BUF_MAX_D and not varlen
+            self.dq_key = key + (dq_buf,)
+            self.dq_grid = (programs,)
+            self.dq_strides = _layout_of(dq_strides, varlen)
+            self.dq_ints = (lse_pb, lse_ph, Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, n_mt, H, n_units,
+                            per)
+            self.dq_meta = dict(HEAD_DIM=D, BLOCK_N=bn, STAGES=dq_stages, CONSUMER_REGS=dq_regs, NC=dq_nc,
+                                IS_VARLEN=varlen, PIPE=pipe, DQ_BUF=dq_buf, num_warps=4)
+
+
+def _contiguous_strides(shape) -> tuple:
+    out, acc = [], 1
+    for n in reversed(tuple(shape)):
+        out.append(acc)
+        acc *= n
+    return tuple(reversed(out))
+
+
+def _layout_of(strides: tuple, varlen: bool) -> tuple:
+    """`C.seq_layout`'s (stride_batch, stride_seq, stride_head) from a tensor's strides."""
+    return (0, strides[0], strides[1]) if varlen else (strides[0], strides[1], strides[2])
 
 
 @functools.lru_cache(maxsize=None)

@@ -107,75 +107,15 @@ if HAVE_GLUON:
         c = gl.expand_dims(cols, 0)
         return (c >= r - left) & (c <= r + right) & (c < Sk)
 
-    # 2^f on [0, 1) to 2.7e-6 relative (degree 4, fitted to the relative error), highest power first
-    _POLY_ASM = gl.constexpr(
-        "{\n"
-        ".reg .f32 j, f, p;\n"
-        ".reg .b32 ji, pb;\n"
-        ".reg .pred tiny;\n"
-        "ex2.approx.f32 $0, $4;\n"
-        "ex2.approx.f32 $1, $5;\n"
-        "ex2.approx.f32 $2, $6;\n"
-        "max.f32 f, $7, 0fC2FE0000;\n"        # -127: -inf and underflow stay finite here, zeroed below
-        "cvt.rmi.f32.f32 j, f;\n"
-        "sub.f32 f, f, j;\n"
-        "fma.rn.f32 p, f, 0f3C5DBDA7, 0f3D5509CB;\n"
-        "fma.rn.f32 p, p, f, 0f3E773CE8;\n"
-        "fma.rn.f32 p, p, f, 0f3F3168AF;\n"
-        "fma.rn.f32 p, p, f, 0f3F800016;\n"
-        "cvt.rzi.s32.f32 ji, j;\n"
-        "shl.b32 ji, ji, 23;\n"
-        "mov.b32 pb, p;\n"
-        "add.s32 pb, pb, ji;\n"
-        "setp.lt.f32 tiny, $7, 0fC2FC0000;\n"  # below -126 (and -inf): 0
-        "selp.b32 pb, 0, pb, tiny;\n"
-        "mov.b32 $3, pb;\n"
-        "}")
-
     @gluon.jit
-    def _exp2(x, EXP2_POLY: gl.constexpr):
-        """2^x of x <= 0 or -inf (0 for -inf). EXP2_POLY = 4: one element in four by a polynomial on the FMA units
-        (FA4's trick), the other three by the MUFU's ex2, whose 16 results a clock an SM bound the d64 softmax; 0: all
-        by the MUFU."""
-        if EXP2_POLY == 4:
-            return gl.inline_asm_elementwise(_POLY_ASM, "=f,=f,=f,=f,f,f,f,f", [x], dtype=gl.float32, is_pure=True,
-                                             pack=4)
-        elif EXP2_POLY == 2:   # the odd columns by the polynomial: a column pair is in one thread's registers
-            R: gl.constexpr = x.shape[0]
-            N: gl.constexpr = x.shape[1]
-            a, b = gl.split(gl.reshape(x, [R, N // 2, 2]))
-            # the same layout as x's, written another way (a linear layout): the conversion is a relabelling
-            return gl.convert_layout(gl.reshape(gl.join(gl.exp2(a), _exp2_poly(b)), [R, N]), x.type.layout)
-        else:
-            return gl.exp2(x)
-
-    @gluon.jit
-    def _exp2_poly(x):
-        """2^x of x <= 0 or -inf on the FMA units: 2^floor(x) put into the exponent of a degree-4 polynomial of the
-        fraction (2.7e-6 relative; `_POLY_ASM`'s coefficients); below -126 and -inf, 0."""
-        xc = gl.maximum(x, -127.0)
-        j = gl.floor(xc)
-        f = xc - j
-        p = f * 0.013533986173570156 + 0.052011292427778244
-        p = p * f + 0.24144327640533447
-        p = p * f + 0.6930035948753357
-        p = p * f + 1.0000026226043701
-        bits = p.to(gl.int32, bitcast=True) + (j.to(gl.int32) << 23)
-        return gl.where(x < -126.0, 0.0, bits.to(gl.float32, bitcast=True))
-
-    @gluon.jit
-    def _softmax(s, m_i, l_i, qk_scale, offs_m, cols, Sk, diag, left, right, MASKED: gl.constexpr,
-                 EXP2_POLY: gl.constexpr = 0):
+    def _softmax(s, m_i, l_i, qk_scale, offs_m, cols, Sk, diag, left, right, MASKED: gl.constexpr):
         """Online-softmax step of raw scores s = q·kᵀ (float32), the scale c = qk_scale folded into the
         exponent: (p, alpha, m_new, l_new); a row that has seen nothing keeps m = -inf, shifted by 0."""
         if MASKED:
             s = gl.where(_visible(offs_m, cols, diag, left, right, Sk), s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)
-        if MASKED:   # the masked edge and diagonal blocks keep the MUFU's (registers: the mask's tile)
-            p = gl.exp2(s * qk_scale - gl.expand_dims(m_shift, 1))
-        else:
-            p = _exp2(s * qk_scale - gl.expand_dims(m_shift, 1), EXP2_POLY)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_shift, 1))
         alpha = gl.exp2(m_i - m_shift)
         return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
 
@@ -261,7 +201,7 @@ if HAVE_GLUON:
                   lo, base, turn0, offs_m, offs_n, Sk, diag, left, right, qk_scale,
                   ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                   s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, MASKED: gl.constexpr,
-                  W: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr, EXP2_POLY: gl.constexpr):
+                  W: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr):
         """Key block `start_n` (not the first) for consumer W: its q·kᵀ and the previous block's P·V in flight
         together, this block's softmax under the latter (module docstring); ring slots are released to the
         producer by mbarrier arrives. `base`: the ring's count at this tile's first block; `turn0`: the ping-pong
@@ -282,7 +222,7 @@ if HAVE_GLUON:
         qk = warpgroup_mma_wait(1, deps=[s_tok])
         mbarrier.arrive(k_empty.index(s), count=1)
         p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, qk_scale, offs_m, start_n + offs_n, Sk, diag, left, right,
-                                      MASKED, EXP2_POLY)
+                                      MASKED)
         o = warpgroup_mma_wait(0, deps=[o_tok])
         mbarrier.arrive(v_empty.index(sp), count=1)
         o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
@@ -294,8 +234,7 @@ if HAVE_GLUON:
                       k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, base, tq, b, bq,
                       q0, h, m0, lo, full_lo, full_hi, hi, Sq, Sk, diag, left, right, qk_scale, ROWS: gl.constexpr,
                       BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, NC: gl.constexpr,
-                      PINGPONG: gl.constexpr, EXP2_POLY: gl.constexpr, IS_VARLEN: gl.constexpr,
-                  O_BUF: gl.constexpr):
+                      PINGPONG: gl.constexpr, IS_VARLEN: gl.constexpr, O_BUF: gl.constexpr):
         """Consumer warpgroup W on one tile that sees a key: rows m0 + W·ROWS ...; the first key block peeled
         (always masked: it may be an edge), then v2's three key ranges, then the last block's product, then O and
         lse. Q's buffer goes back to the producer as soon as the last q·kᵀ is done, unless O leaves through it
@@ -325,8 +264,7 @@ if HAVE_GLUON:
         mbarrier.arrive(k_empty.index(s0), count=1)
         m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
         l_i = gl.zeros([ROWS], gl.float32, row_s)
-        p, _, m_i, l_i = _softmax(qk, m_i, l_i, qk_scale, offs_m, lo + offs_n, Sk, diag, left, right, True,
-                                  EXP2_POLY)
+        p, _, m_i, l_i = _softmax(qk, m_i, l_i, qk_scale, offs_m, lo + offs_n, Sk, diag, left, right, True)
         p_prev = gl.convert_layout(p.to(dtype), p_layout)
         o = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
         nxt = lo + BLOCK_N
@@ -334,17 +272,17 @@ if HAVE_GLUON:
             o, m_i, l_i, p_prev = _ws_block(start_n, o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready,
                                             k_empty, v_empty, turn_bars, lo, base, turn0, offs_m, offs_n, Sk, diag,
                                             left, right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout,
-                                            o_layout, p_layout, True, W, NC, PINGPONG, EXP2_POLY)
+                                            o_layout, p_layout, True, W, NC, PINGPONG)
         for start_n in range(gl.maximum(full_lo, nxt), gl.maximum(full_hi, nxt), BLOCK_N):
             o, m_i, l_i, p_prev = _ws_block(start_n, o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready,
                                             k_empty, v_empty, turn_bars, lo, base, turn0, offs_m, offs_n, Sk, diag,
                                             left, right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout,
-                                            o_layout, p_layout, False, W, NC, PINGPONG, EXP2_POLY)
+                                            o_layout, p_layout, False, W, NC, PINGPONG)
         for start_n in range(gl.maximum(full_hi, nxt), hi, BLOCK_N):
             o, m_i, l_i, p_prev = _ws_block(start_n, o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready,
                                             k_empty, v_empty, turn_bars, lo, base, turn0, offs_m, offs_n, Sk, diag,
                                             left, right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout,
-                                            o_layout, p_layout, True, W, NC, PINGPONG, EXP2_POLY)
+                                            o_layout, p_layout, True, W, NC, PINGPONG)
         if O_BUF or IS_VARLEN:   # every q·kᵀ of the tile has been waited for: Q's buffer is free
             mbarrier.arrive(q_empty, count=1)
         n_last = (hi - 1 - lo) // BLOCK_N
@@ -424,8 +362,7 @@ if HAVE_GLUON:
                   q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
                   seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale,
                   ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                  NC: gl.constexpr, PINGPONG: gl.constexpr, EXP2_POLY: gl.constexpr, IS_VARLEN: gl.constexpr,
-                  O_BUF: gl.constexpr):
+                  NC: gl.constexpr, PINGPONG: gl.constexpr, IS_VARLEN: gl.constexpr, O_BUF: gl.constexpr):
         """Consumer warpgroup W over this program's tiles (the producer's order, with the same ring count)."""
         base = 0
         tq = 0
@@ -439,7 +376,7 @@ if HAVE_GLUON:
                     _consume_tile(W, o_desc, o_smem, O, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                                   k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, base,
                                   tq, b, bq, q0, h, m0, lo, full_lo, full_hi, hi, Sq, Sk, diag, left, right, qk_scale,
-                                  ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, EXP2_POLY, IS_VARLEN, O_BUF)
+                                  ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF)
                     base += gl.cdiv(hi - lo, BLOCK_N)
                     tq += 1
                 else:
@@ -454,7 +391,7 @@ if HAVE_GLUON:
                        stride_lh, seqlen_q, seqlen_k, window_left, window_right, qk_scale, group, n_mt, n_heads,
                        n_units, per, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        CONSUMER_REGS: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr,
-                       IS_VARLEN: gl.constexpr = False, O_BUF: gl.constexpr = False, EXP2_POLY: gl.constexpr = 0):
+                       IS_VARLEN: gl.constexpr = False, O_BUF: gl.constexpr = False):
         # Grid: (programs,), each taking units pid, pid + programs, ... of the n_units = ceil(n_mt / per) · H · B
         # (`_tile`: a unit is `per` row tiles): persistent with one program an SM, or one program a unit. Warps: this
         # region's (num_warps=4: the producer partition) + NC (2 or 3) 4-warp consumer partitions, each with 64 rows
@@ -500,15 +437,15 @@ if HAVE_GLUON:
                 (_consumer, (0, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
                              seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale,
-                             ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, EXP2_POLY, IS_VARLEN, O_BUF)),
+                             ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF)),
                 (_consumer, (1, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
                              seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale,
-                             ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, EXP2_POLY, IS_VARLEN, O_BUF)),
+                             ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF)),
                 (_consumer, (2, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
                              seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale,
-                             ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, EXP2_POLY, IS_VARLEN, O_BUF)),
+                             ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF)),
             ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
         else:
             gl.warp_specialize([
@@ -518,11 +455,11 @@ if HAVE_GLUON:
                 (_consumer, (0, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
                              seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale,
-                             ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, EXP2_POLY, IS_VARLEN, O_BUF)),
+                             ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF)),
                 (_consumer, (1, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
                              seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale,
-                             ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, EXP2_POLY, IS_VARLEN, O_BUF)),
+                             ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF)),
             ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -538,8 +475,6 @@ PINGPONG = False   # the consumers' products taken in turn (`_turn_wait`); a pla
 # up to head dim O_BUF_MAX_D (where shared memory holds one), else through Q's (the next Q then waits for the store).
 PERSISTENT = True
 O_BUF_MAX_D = 128
-# Head dims whose softmax takes one exponential in four from a polynomial on the FMA units (`_exp2`): {D: 4}
-EXP2_POLY: dict = {}
 
 
 def persistent_on(switch: bool | None = None) -> bool:
@@ -605,8 +540,7 @@ def forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _pl
     varlen = cu_seqlens_q is not None
     key = (q.shape, k.shape, q.dtype, None if not varlen else
            ((cu_seqlens_q.data_ptr() | cu_seqlens_k.data_ptr()) & 15, cu_seqlens_q.numel(), max_seqlen_q, max_seqlen_k),
-           tuple(window_size), softmax_scale, _plan, q.device, persistent_on(), PINGPONG,
-           EXP2_POLY.get(q.shape[-1], 0))
+           tuple(window_size), softmax_scale, _plan, q.device, persistent_on(), PINGPONG)
     st = _SETUPS.get(key)
     if st is None:
         st = C.keep(_SETUPS, key, _Setup(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_size,
@@ -666,7 +600,7 @@ class _Setup:
         self.key = key + ((left | right | Sq | Sk | n_units) >> 31,)
         self.ints = stride_o + stride_l + (Sq, Sk, left, right, qk_scale, H // Hk, n_mt, H, n_units, per)
         self.meta = dict(HEAD_DIM=D, BLOCK_N=bn, STAGES=stages, CONSUMER_REGS=regs, NC=bm // 64, PINGPONG=pingpong,
-                         IS_VARLEN=varlen, O_BUF=o_buf, EXP2_POLY=EXP2_POLY.get(D, 0), num_warps=warps)
+                         IS_VARLEN=varlen, O_BUF=o_buf, num_warps=warps)
 
 
 if HAVE_GLUON:

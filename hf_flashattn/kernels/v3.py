@@ -256,8 +256,8 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     fold = softcap == 0 and softmax_scale > 0 and (_fold is None or _fold)
     q_arg, k_arg, v_arg, o_arg = q, k, v, out
     if host:   # (B, S, H, D) or packed (total, H, D): a tile is BLOCK rows of one head
-        q_arg, o_arg = C.host_descriptor(q, bm, BLOCK_D, varlen, True), C.host_descriptor(out, bm, BLOCK_D, varlen, True)
-        k_arg, v_arg = C.host_descriptor(k, bn, BLOCK_D, varlen, True), C.host_descriptor(v, bn, BLOCK_D, varlen, True)
+        q_arg, o_arg = (C.host_descriptor(t, bm, BLOCK_D, varlen, tma=True) for t in (q, out))
+        k_arg, v_arg = (C.host_descriptor(t, bn, BLOCK_D, varlen, tma=True) for t in (k, v))
     else:
         _set_allocator()
     grid = (triton.cdiv(max_seqlen_q, bm), H, batch)

@@ -227,32 +227,28 @@ def _combine_kernel(OP, O, LSE, n_splits, lp_off,
 TUNE = {"block_n": 64, "num_warps": 4, "num_stages": None, "waves": 2, "merge_rows": False}
 
 
-def _cdiv(a: int, b: int) -> int:  # plain ints: newer Triton's cdiv is a constexpr function, ~10 us a call
-    return -(-a // b)
-
-
 def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
 def choose_num_splits(batch, nheads_k, row_tiles, max_seqlen_k, block_n, num_sms, waves=2) -> int:
     """Enough programs to fill the GPU `waves` times over, but each split at least 2 key blocks."""
-    return _capped_splits(_cdiv(waves * num_sms, batch * nheads_k * row_tiles), max_seqlen_k, block_n)
+    return _capped_splits(C.cdiv(waves * num_sms, batch * nheads_k * row_tiles), max_seqlen_k, block_n)
 
 
 def _capped_splits(wanted: int, max_seqlen_k: int, block_n: int) -> int:
     """choose_num_splits' cap: at least 2 key blocks a split, at most 128 splits, at least 1; then no more splits than
     the key blocks fill (the kernel gives every split the same whole number of blocks: 512 blocks in 33 splits are
     32 of 16 and an empty one, a program and a partial row per head for nothing)."""
-    blocks = _cdiv(max(max_seqlen_k, 1), block_n)
+    blocks = C.cdiv(max(max_seqlen_k, 1), block_n)
     n = max(1, min(wanted, blocks // 2, 128))
-    return _cdiv(blocks, _cdiv(blocks, n))
+    return C.cdiv(blocks, C.cdiv(blocks, n))
 
 
 def append(k, v, k_cache, v_cache, cache_seqlens, cache_batch_idx):
     B, Snew, Hk, D = k.shape
     BLOCK_N = 16
-    grid = (_cdiv(Snew, BLOCK_N), Hk, B)
+    grid = (C.cdiv(Snew, BLOCK_N), Hk, B)
     _append_kernel[grid](k, v, k_cache, v_cache, cache_seqlens, cache_batch_idx,
                          k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                          k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -361,7 +357,7 @@ def _direct(q, k, v, B, H, Sq, D, qs, ks, vs, softmax_scale, window_size, softca
         if len(_DIRECT) > 4096:
             _DIRECT.clear()
         tiles = _tiles(Sq, H, Hk, D, q.device)
-        base = _cdiv(TUNE["waves"] * tiles.num_sms, B * Hk * tiles.row_tiles)
+        base = C.cdiv(TUNE["waves"] * tiles.num_sms, B * Hk * tiles.row_tiles)
         plan = _DIRECT[pkey] = (tiles, base, {})
     tiles, base, kernels = plan
     n_splits = _capped_splits(base, L, tiles.block_n)           # choose_num_splits, its first part cached
@@ -481,7 +477,7 @@ def _tiles(Sq, H, Hk, D, device) -> _Tiles:
     interp = is_interpreting()
     BLOCK_M = 16 if interp else max(16, min(64, _pow2(Sq * group)))
     BLOCK_N = 32 if interp else (TUNE["block_n"] if D <= 128 else 32)
-    return _Tiles(max(_pow2(D), 16), BLOCK_M, BLOCK_N, _cdiv(Sq * group, BLOCK_M), group, D, C.num_sms(device),
+    return _Tiles(max(_pow2(D), 16), BLOCK_M, BLOCK_N, C.cdiv(Sq * group, BLOCK_M), group, D, C.num_sms(device),
                   Sq * group)
 
 

@@ -219,7 +219,7 @@ def transpose_v(v8):
     if vt.numel():
         BLOCK_S = 64
         src, dst = v8.view(torch.uint8), vt.view(torch.uint8)
-        _transpose_v_kernel[(triton.cdiv(S, BLOCK_S), Hk, B)](
+        _transpose_v_kernel[(C.cdiv(S, BLOCK_S), Hk, B)](
             src, dst, src.stride(0), src.stride(1), src.stride(2), dst.stride(0), dst.stride(1), dst.stride(2), S,
             HEAD_DIM=D, BLOCK_S=BLOCK_S, BLOCK_D=max(triton.next_power_of_2(D), 16))
     return vt
@@ -263,7 +263,7 @@ def forward(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, window_s
     else:
         bm, bn, w, st = _config or plan_cfg
         meta = dict(num_warps=w, num_stages=st)
-    grid = (triton.cdiv(Sq, bm), H, B)
+    grid = (C.cdiv(Sq, bm), H, B)
     # V transposed once to (B, Hk, D, Sk), keys contiguous (see _fp8_inner): one pass over V's bytes
     vt = transpose_v(v8)
     tma = int(plan_tma if _tma is None else _tma) if C.descriptors_ok(q8, k8, vt) else 0

@@ -379,7 +379,7 @@ def _configs(table, allow_split=True):
 
 
 def dkdv_grid(max_seqlen_k, Hk, batch):
-    return lambda m: (triton.cdiv(max_seqlen_k, m["BLOCK_N"]) * (2 if m.get("SPLIT", False) else 1), Hk, batch)
+    return lambda m: (C.cdiv(max_seqlen_k, m["BLOCK_N"]) * (2 if m.get("SPLIT", False) else 1), Hk, batch)
 
 
 def _size_descriptors(nargs):
@@ -437,7 +437,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     # the direct launches' key (`v2._site_key`): dO and lse are given (strides, alignment); out is the forward's
     site = _site_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, left, right, do.stride(),
                      do.data_ptr() & 15, out.stride(), lse.stride(), softcap > 0, atomic_dq)
-    _preprocess_launch.keyed(site, (triton.cdiv(max_seqlen_q, pre_bm), H, batch),
+    _preprocess_launch.keyed(site, (C.cdiv(max_seqlen_q, pre_bm), H, batch),
                              out, do, delta, cu_seqlens_q, *C.seq_layout(out, varlen), *C.seq_layout(do, varlen),
                              *stride_l, max_seqlen_q, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_bm, IS_VARLEN=varlen)
     qk_scale, cap_scale = C.score_scales(softmax_scale, softcap)
@@ -465,7 +465,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if atomic_dq:
         return dq_acc.to(q.dtype), dk, dv
     dq = new(q.shape, dtype=q.dtype, device=q.device)
-    _dq_launch(lambda m: (triton.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch),
+    _dq_launch(lambda m: (C.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch),
                (q, k, v, do, lse, delta, dq, descs[2], descs[3], cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1],
                 *lay[2], *lay[3],
              *C.seq_layout(dq, varlen), *stride_l, *common), meta, site_key=site + (tma,))

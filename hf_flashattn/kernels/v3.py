@@ -260,7 +260,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
         k_arg, v_arg = (C.host_descriptor(t, bn, BLOCK_D, varlen, tma=True) for t in (k, v))
     else:
         _set_allocator()
-    grid = (triton.cdiv(max_seqlen_q, bm), H, batch)
+    grid = (C.cdiv(max_seqlen_q, bm), H, batch)
     # what Triton specialises on (`C.FastLaunch.keyed`): the pointers' dtype and alignment (q, k, v given; out, lse
     # fresh; cu_seqlens given or None), the strides (q, k, v given; out's and lse's follow from the shapes), the
     # descriptors' blocks (the plan, D), the group size, the 32/64-bit type of the unspecialised lengths and window

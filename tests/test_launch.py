@@ -291,3 +291,13 @@ def test_gluon_forward_hands_the_launch_the_call_tensors_and_their_strides(monke
         left, right = C.window_args((-1, 0), Sq, Sk)
         assert args[8:17] == (*C.seq_layout(out, packed), *stride_l, Sq, Sk, left, right)
         assert args[18] == H // Hk and meta["IS_VARLEN"] == packed
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 4), (1, 3, 2), (0, 5), (2, 3, 1, 4), (7,)])
+def test_contiguous_strides_are_torch_empty_s(shape):
+    """The setups take the strides of tensors they have not made yet from C.contiguous_strides: they must be the
+    strides torch.empty gives, size-0 and size-1 dimensions included; layout_of reads them as seq_layout does."""
+    assert C.contiguous_strides(shape) == torch.empty(shape).stride()
+    t = torch.empty(2, 5, 3, 4)
+    assert C.layout_of(t.stride(), False) == C.seq_layout(t, False)
+    assert C.layout_of(t[0].stride(), True) == C.seq_layout(t[0], True)

@@ -95,9 +95,23 @@ def _cuda_sms(index: int) -> int:  # get_device_properties on every call is meas
 
 def seq_layout(x: torch.Tensor, varlen: bool):
     """(stride_batch, stride_seq, stride_head) of a (B, S, H, D) or packed (T, H, D) tensor."""
+    return layout_of(x.stride(), varlen)
+
+
+def layout_of(strides: tuple, varlen: bool) -> tuple:
+    """`seq_layout` from a tensor's strides (e.g. `contiguous_strides` of a tensor not made yet)."""
     if varlen:
-        return 0, x.stride(0), x.stride(1)
-    return x.stride(0), x.stride(1), x.stride(2)
+        return 0, strides[0], strides[1]
+    return strides[0], strides[1], strides[2]
+
+
+def contiguous_strides(shape) -> tuple:
+    """The strides torch.empty(shape) gets (a size-0 dimension counts as 1, as torch counts it)."""
+    out, acc = [], 1
+    for n in reversed(tuple(shape)):
+        out.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(out))
 
 
 def mask_kind(window) -> int:

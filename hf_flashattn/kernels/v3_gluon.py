@@ -589,8 +589,9 @@ class _Setup:
         qk_scale, _ = C.score_scales(softmax_scale, 0.0)
         self.layout = shared_layout()
         # lse and out are made here (contiguous): their strides follow from the shapes
-        stride_l = (0, q.shape[0]) if varlen else (H * Sq, Sq)
-        stride_o = (0, H * D, D) if varlen else (Sq * H * D, H * D, D)
+        ls = C.contiguous_strides(self.lse_shape)
+        stride_l = (0, ls[0]) if varlen else ls[:2]
+        stride_o = C.layout_of(C.contiguous_strides(q.shape), varlen)
         n_mt = C.cdiv(Sq, bm)
         per, n_units, programs = schedule(n_mt, H, B, masked, q.device)
         self.grid = (programs,)

@@ -750,8 +750,8 @@ _PLANS = {64: (64, 2, 240, 2, True, 6), 128: (64, 2, 240, 2, True, 6), 256: (32,
 # (both kernels run NC = 2: the plan field says so)
 _DQ_PLANS = {64: (128, 2, 240, 2, False), 128: (64, 3, 240, 2, False), 256: (32, 2, 240, 2, False)}
 # Persistent passes (the forward's schedule, v3_gluon.schedule, which also reads HF_FLASHATTN_V3_PERSISTENT): one
-# program an SM over units of tiles; False: one program a unit. dQ leaves the dQ pass through a shared buffer of its own up to head dim DQ_BUF_MAX_D (d256:
-# through Q's, shared memory holds no other).
+# program an SM over units of tiles; False: one program a unit. dQ leaves the dQ pass through a shared buffer of its
+# own up to head dim DQ_BUF_MAX_D (d256: through Q's, shared memory holds no other).
 PERSISTENT = True
 DQ_BUF_MAX_D = 128
 
@@ -929,7 +929,7 @@ class _Setup:
         pad = C.cdiv(Sq, 64) * 64 + 128   # whole 64-row blocks, and the dQ pass's tiles of up to 192 rows
         self.lse_shape = (2, B, H, pad)
         self.rows_2d = (B * H, pad)
-        lse_pb, lse_ph = H * pad, pad   # lse2's and Delta's (B, H, pad) strides
+        lse_pb, lse_ph = C.contiguous_strides(self.lse_shape[1:])[:2]   # lse2's and Delta's (B, H, pad) strides
         stride_l = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
         self.prep_key = key
         self.prep_grid = (pad // 64, H, B)
@@ -944,8 +944,8 @@ class _Setup:
         # descriptor
         self.acc_shape = acc_shape = (1, q.shape[0], H, D) if varlen else (B, Sq if mode >= 5 else pad, H, D)
         self.layout, self.row_layout, self.acc_layout = shared_layout(), _row_layout(), _acc_layout()
-        dq_strides = _contiguous_strides(acc_shape if atomic else q.shape)
-        dkv = _layout_of(_contiguous_strides(k.shape), varlen)   # dK's and dV's (fresh, contiguous)
+        dq_strides = C.contiguous_strides(acc_shape if atomic else q.shape)
+        dkv = C.layout_of(C.contiguous_strides(k.shape), varlen)   # dK's and dV's (fresh, contiguous)
         # d256: dV and dK in separate launches (both accumulators would take every register of a consumer)
         masked = tuple(window_size) != (-1, -1)
         n_kt = C.cdiv(Sk, 64 * nc)
@@ -967,24 +967,11 @@ class _Setup:
             dq_buf = D <= DQ_BUF_MAX_D and not varlen
             self.dq_key = key + (dq_buf,)
             self.dq_grid = (programs,)
-            self.dq_strides = _layout_of(dq_strides, varlen)
+            self.dq_strides = C.layout_of(dq_strides, varlen)
             self.dq_ints = (lse_pb, lse_ph, Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, n_mt, H, n_units,
                             per)
             self.dq_meta = dict(HEAD_DIM=D, BLOCK_N=bn, STAGES=dq_stages, CONSUMER_REGS=dq_regs, NC=dq_nc,
                                 IS_VARLEN=varlen, PIPE=pipe, DQ_BUF=dq_buf, num_warps=4)
-
-
-def _contiguous_strides(shape) -> tuple:
-    out, acc = [], 1
-    for n in reversed(tuple(shape)):
-        out.append(acc)
-        acc *= n
-    return tuple(reversed(out))
-
-
-def _layout_of(strides: tuple, varlen: bool) -> tuple:
-    """`C.seq_layout`'s (stride_batch, stride_seq, stride_head) from a tensor's strides."""
-    return (0, strides[0], strides[1]) if varlen else (strides[0], strides[1], strides[2])
 
 
 @functools.lru_cache(maxsize=None)

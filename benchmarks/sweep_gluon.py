@@ -23,11 +23,11 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FLOOR = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
-# (BLOCK_M, BLOCK_N, warps, stages, consumer registers[, ping-pong]) per head dim; the first is v3_gluon's default.
-# BLOCK_M = 64 rows x consumer warpgroups; warps: the producer partition's.
-PLANS = {128: [(128, 128, 4, 2, 240, False), (128, 128, 4, 2, 240, True), (128, 128, 4, 3, 240, True)],
-         64: [(192, 128, 4, 2, 160, False), (192, 128, 4, 2, 160, True), (128, 128, 4, 3, 240, True)],
-         256: [(128, 64, 4, 2, 240, False), (128, 64, 4, 2, 240, True)]}
+# (BLOCK_M, BLOCK_N, warps, stages, consumer registers[, ping-pong[, Q slots]]) per head dim; the first is v3_gluon's
+# default. BLOCK_M = 64 rows x consumer warpgroups; warps: the producer partition's.
+PLANS = {128: [(128, 128, 4, 2, 240, False, 1), (128, 128, 4, 2, 240, False, 2)],
+         64: [(192, 128, 4, 2, 160, False, 1), (192, 128, 4, 2, 160, False, 2)],
+         256: [(128, 64, 4, 2, 240, False, 1)]}
 # (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim)
 SHAPES = [(2, 113, 203, 8, 2, 128), (2, 203, 113, 8, 8, 64), (1, 1, 2048, 32, 8, 128), (1, 1023, 1024, 4, 4, 64),
           (1, 1024, 1023, 8, 1, 128), (1, 777, 4500, 32, 8, 128), (2, 333, 333, 32, 8, 64),
@@ -82,6 +82,8 @@ def main():
     ap.add_argument("--seqlens", default="4096,16384,1024")
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--check-plans", default="all", help="'all' or 'default'")
+    ap.add_argument("--prev", default="", help="a module with an earlier version of v3_gluon (e.g. "
+                    "hf_flashattn.kernels.v3_gluon_prev), timed with its default plan beside this one's plans")
     args = ap.parse_args()
     os.environ["HF_FLASHATTN_AUTOTUNE"] = "0"
     os.environ["HF_FLASHATTN_V3_GLUON"] = "0"   # "ours-v3" below is the Triton-language kernel
@@ -92,6 +94,7 @@ def main():
     from hf_flashattn.kernels import v3
     from hf_flashattn.kernels import v3_gluon as G
     dims = [int(d) for d in args.dims.split(",")]
+    prev = __import__(args.prev, fromlist=["forward"]) if args.prev else None
     plans = {D: PLANS[D] if args.check_plans == "all" else PLANS[D][:1] for D in dims}
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 cudnn=torch.backends.cudnn.version(), commit=os.environ.get("COMMIT", "unknown"),
@@ -134,6 +137,11 @@ def main():
                         timed(impl, lambda: Fn.scaled_dot_product_attention(qt, kt, vt, is_causal=causal))
                 timed("ours-v3", lambda: v3.forward(q, k, v, None, None, S, S, D ** -0.5, win, 0.0))
                 ref = v3.forward(q, k, v, None, None, S, S, D ** -0.5, win, 0.0)[0].float()
+                if prev is not None:
+                    pp = prev._PLANS[D]
+                    diff = (prev.forward(q, k, v, S, S, D ** -0.5, win, _plan=pp)[0].float() - ref).abs().max().item()
+                    timed("prev " + "x".join(map(str, pp)),
+                          lambda: prev.forward(q, k, v, S, S, D ** -0.5, win, _plan=pp), max_diff_vs_v3=diff)
                 for p in PLANS[D]:
                     try:
                         diff = (G.forward(q, k, v, S, S, D ** -0.5, win, _plan=p)[0].float() - ref).abs().max().item()

@@ -108,11 +108,25 @@ if HAVE_GLUON:
         return (c >= r - left) & (c <= r + right) & (c < Sk)
 
     @gluon.jit
-    def _softmax(s, m_i, l_i, qk_scale, offs_m, cols, Sk, diag, left, right, MASKED: gl.constexpr):
+    def _row_bounds(offs_m, diag, left, right, Sk):
+        """(row_lo, row_hi) of query rows offs_m: row r sees the key columns c with row_lo[r] <= c <= row_hi[r]
+        (_visible's rule with the `c < Sk` bound folded into row_hi), worked out once a tile, so that a masked score
+        costs one or two compares (`_softmax`) instead of three."""
+        r = offs_m + diag
+        return r - left, gl.minimum(r + right, Sk - 1)
+
+    @gluon.jit
+    def _softmax(s, m_i, l_i, qk_scale, cols, row_lo, row_hi, MASKED: gl.constexpr, LEFT: gl.constexpr):
         """Online-softmax step of raw scores s = q·kᵀ (float32), the scale c = qk_scale folded into the
-        exponent: (p, alpha, m_new, l_new); a row that has seen nothing keeps m = -inf, shifted by 0."""
+        exponent: (p, alpha, m_new, l_new); a row that has seen nothing keeps m = -inf, shifted by 0. MASKED: column
+        cols[j] counts for row i when cols[j] <= row_hi[i] and, with a left window edge (LEFT), cols[j] >= row_lo[i]
+        (`_row_bounds`; without one row_lo is below every column)."""
         if MASKED:
-            s = gl.where(_visible(offs_m, cols, diag, left, right, Sk), s, float("-inf"))
+            c = gl.expand_dims(cols, 0)
+            keep = c <= gl.expand_dims(row_hi, 1)
+            if LEFT:
+                keep = keep & (c >= gl.expand_dims(row_lo, 1))
+            s = gl.where(keep, s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_shift, 1))
@@ -148,11 +162,13 @@ if HAVE_GLUON:
     def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
                   CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog,
                   BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, WG_ROWS: gl.constexpr,
-                  NC: gl.constexpr, IS_VARLEN: gl.constexpr):
-        """For each tile of this program that sees a key: Q (one 64-row slice per consumer) once the consumers have
-        released the previous tile's (`q_empty`), then K and V block by block into a ring of STAGES slots: a slot is
-        refilled once all NC consumers have released it (their arrives on its `empty` barrier). The ring's count
-        (`base`) runs on across tiles, so a tile's first blocks load while the consumers finish the one before."""
+                  NC: gl.constexpr, IS_VARLEN: gl.constexpr, Q_SLOTS: gl.constexpr):
+        """For each tile of this program that sees a key: Q (one 64-row slice per consumer) into slot tq % Q_SLOTS of
+        Q's buffer once the consumers have released the tile's before it in that slot (`q_empty`), then K and V block
+        by block into a ring of STAGES slots: a slot is refilled once all NC consumers have released it (their
+        arrives on its `empty` barrier). The ring's count (`base`) runs on across tiles, so a tile's first blocks load
+        while the consumers finish the one before; with two Q slots its Q loads as soon as the previous tile's last
+        key block is asked for, not after that tile's last q·kᵀ."""
         base = 0
         tq = 0
         for i in range(per * gl.cdiv(n_units - pid, nprog)):
@@ -160,11 +176,12 @@ if HAVE_GLUON:
                                                                          CU_K, seqlen_q, seqlen_k, left, right,
                                                                          NC * WG_ROWS, BLOCK_N, IS_VARLEN)
             if ok & (lo < hi):
-                # the first tile waits for nothing (parity 1 of a fresh barrier counts as done)
-                mbarrier.wait(q_empty, (tq & 1) ^ 1)
-                mbarrier.expect(q_bar, NC * WG_ROWS * HEAD_DIM * 2)
+                # a slot's first tile waits for nothing (parity 1 of a fresh barrier counts as done)
+                slot = tq % Q_SLOTS
+                mbarrier.wait(q_empty.index(slot), ((tq // Q_SLOTS) & 1) ^ 1)
+                mbarrier.expect(q_bar.index(slot), NC * WG_ROWS * HEAD_DIM * 2)
                 for w in gl.static_range(NC):
-                    _tma_load(q_desc, [bq, q0 + m0 + w * WG_ROWS, h, 0], q_bar, q_smem.index(w))
+                    _tma_load(q_desc, [bq, q0 + m0 + w * WG_ROWS, h, 0], q_bar.index(slot), q_smem.index(slot * NC + w))
                 n = gl.cdiv(hi - lo, BLOCK_N)
                 for it in range(n):
                     g = base + it
@@ -198,10 +215,10 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _ws_block(start_n, o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn_bars,
-                  lo, base, turn0, offs_m, offs_n, Sk, diag, left, right, qk_scale,
+                  lo, base, turn0, offs_n, row_lo, row_hi, qk_scale,
                   ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                   s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, MASKED: gl.constexpr,
-                  W: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr):
+                  W: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr, LEFT: gl.constexpr):
         """Key block `start_n` (not the first) for consumer W: its q·kᵀ and the previous block's P·V in flight
         together, this block's softmax under the latter (module docstring); ring slots are released to the
         producer by mbarrier arrives. `base`: the ring's count at this tile's first block; `turn0`: the ping-pong
@@ -221,8 +238,7 @@ if HAVE_GLUON:
         _turn_pass(turn_bars, W, NC, PINGPONG)
         qk = warpgroup_mma_wait(1, deps=[s_tok])
         mbarrier.arrive(k_empty.index(s), count=1)
-        p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, qk_scale, offs_m, start_n + offs_n, Sk, diag, left, right,
-                                      MASKED)
+        p, alpha, m_i, l_i = _softmax(qk, m_i, l_i, qk_scale, start_n + offs_n, row_lo, row_hi, MASKED, LEFT)
         o = warpgroup_mma_wait(0, deps=[o_tok])
         mbarrier.arrive(v_empty.index(sp), count=1)
         o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
@@ -234,11 +250,12 @@ if HAVE_GLUON:
                       k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, base, tq, b, bq,
                       q0, h, m0, lo, full_lo, full_hi, hi, Sq, Sk, diag, left, right, qk_scale, ROWS: gl.constexpr,
                       BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, NC: gl.constexpr,
-                      PINGPONG: gl.constexpr, IS_VARLEN: gl.constexpr, O_BUF: gl.constexpr):
-        """Consumer warpgroup W on one tile that sees a key: rows m0 + W·ROWS ...; the first key block peeled
-        (always masked: it may be an edge), then v2's three key ranges, then the last block's product, then O and
-        lse. Q's buffer goes back to the producer as soon as the last q·kᵀ is done, unless O leaves through it
-        (dense without O_BUF: after the store)."""
+                      PINGPONG: gl.constexpr, IS_VARLEN: gl.constexpr, O_BUF: gl.constexpr, LEFT: gl.constexpr,
+                      Q_SLOTS: gl.constexpr):
+        """Consumer warpgroup W on one tile that sees a key: rows m0 + W·ROWS ...; the first key block peeled (masked
+        only when it is an edge of v2's ranges), then v2's three key ranges, then the last block's product, then O and
+        lse. The tile's Q is in slot tq % Q_SLOTS of Q's buffer; the slot goes back to the producer as soon as the
+        last q·kᵀ is done, unless O leaves through it (dense without O_BUF: after the store)."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -249,11 +266,15 @@ if HAVE_GLUON:
         r0 = m0 + W * ROWS
         offs_m = r0 + gl.arange(0, ROWS, layout=row_s)
         offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        qw = q_smem.index(W).reshape([ROWS, HEAD_DIM])
+        row_lo, row_hi = _row_bounds(offs_m, diag, left, right, Sk)
+        slot = tq % Q_SLOTS
+        qi = slot * NC + W
+        qw = q_smem.index(qi).reshape([ROWS, HEAD_DIM])
+        q_free = q_empty.index(slot)
         dtype: gl.constexpr = qw.dtype
         turn0 = base + tq   # ping-pong turns: n + 1 a tile (n blocks' q·kᵀ, the last P·V)
 
-        mbarrier.wait(q_bar, tq & 1)
+        mbarrier.wait(q_bar.index(slot), (tq // Q_SLOTS) & 1)
         s0 = base % STAGES
         mbarrier.wait(k_ready.index(s0), (base // STAGES) & 1)
         _turn_wait(turn_bars, W, turn0, PINGPONG)
@@ -264,27 +285,30 @@ if HAVE_GLUON:
         mbarrier.arrive(k_empty.index(s0), count=1)
         m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
         l_i = gl.zeros([ROWS], gl.float32, row_s)
-        p, _, m_i, l_i = _softmax(qk, m_i, l_i, qk_scale, offs_m, lo + offs_n, Sk, diag, left, right, True)
+        if (lo < full_lo) | (lo >= full_hi):   # an edge (the left window's, the diagonal, the keys' end)
+            p, _, m_i, l_i = _softmax(qk, m_i, l_i, qk_scale, lo + offs_n, row_lo, row_hi, True, LEFT)
+        else:                                  # in the band every row sees whole
+            p, _, m_i, l_i = _softmax(qk, m_i, l_i, qk_scale, lo + offs_n, row_lo, row_hi, False, LEFT)
         p_prev = gl.convert_layout(p.to(dtype), p_layout)
         o = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
         nxt = lo + BLOCK_N
         for start_n in range(nxt, gl.maximum(full_lo, nxt), BLOCK_N):
             o, m_i, l_i, p_prev = _ws_block(start_n, o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready,
-                                            k_empty, v_empty, turn_bars, lo, base, turn0, offs_m, offs_n, Sk, diag,
-                                            left, right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout,
-                                            o_layout, p_layout, True, W, NC, PINGPONG)
+                                            k_empty, v_empty, turn_bars, lo, base, turn0, offs_n, row_lo, row_hi,
+                                            qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout, p_layout,
+                                            True, W, NC, PINGPONG, LEFT)
         for start_n in range(gl.maximum(full_lo, nxt), gl.maximum(full_hi, nxt), BLOCK_N):
             o, m_i, l_i, p_prev = _ws_block(start_n, o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready,
-                                            k_empty, v_empty, turn_bars, lo, base, turn0, offs_m, offs_n, Sk, diag,
-                                            left, right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout,
-                                            o_layout, p_layout, False, W, NC, PINGPONG)
+                                            k_empty, v_empty, turn_bars, lo, base, turn0, offs_n, row_lo, row_hi,
+                                            qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout, p_layout,
+                                            False, W, NC, PINGPONG, LEFT)
         for start_n in range(gl.maximum(full_hi, nxt), hi, BLOCK_N):
             o, m_i, l_i, p_prev = _ws_block(start_n, o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready,
-                                            k_empty, v_empty, turn_bars, lo, base, turn0, offs_m, offs_n, Sk, diag,
-                                            left, right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout,
-                                            o_layout, p_layout, True, W, NC, PINGPONG)
-        if O_BUF or IS_VARLEN:   # every q·kᵀ of the tile has been waited for: Q's buffer is free
-            mbarrier.arrive(q_empty, count=1)
+                                            k_empty, v_empty, turn_bars, lo, base, turn0, offs_n, row_lo, row_hi,
+                                            qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout, p_layout,
+                                            True, W, NC, PINGPONG, LEFT)
+        if O_BUF or IS_VARLEN:   # every q·kᵀ of the tile has been waited for: Q's slot is free
+            mbarrier.arrive(q_free, count=1)
         n_last = (hi - 1 - lo) // BLOCK_N
         last = base + n_last
         sl = last % STAGES
@@ -304,18 +328,18 @@ if HAVE_GLUON:
         offs_lse = r0 + gl.arange(0, ROWS, layout=row_o)
         gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q0 + offs_lse, lse,
                  mask=offs_lse < Sq)
-        _store_rows(o.to(dtype), W, o_desc, o_smem, q_smem, q_empty, O, stride_om, stride_oh, bq, q0, h, r0, Sq,
+        _store_rows(o.to(dtype), W, o_desc, o_smem, q_smem, qi, q_free, O, stride_om, stride_oh, bq, q0, h, r0, Sq,
                     o_layout, ROWS, HEAD_DIM, IS_VARLEN, O_BUF)
 
     @gluon.jit
-    def _store_rows(x, W: gl.constexpr, desc, own_smem, q_smem, q_empty, PTR, stride_m, stride_h, bq, q0, h, r0, Sq,
-                    layout: gl.constexpr, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, IS_VARLEN: gl.constexpr,
+    def _store_rows(x, W: gl.constexpr, desc, own_smem, q_smem, qi, q_empty, PTR, stride_m, stride_h, bq, q0, h, r0,
+                    Sq, layout: gl.constexpr, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, IS_VARLEN: gl.constexpr,
                     OWN_BUF: gl.constexpr):
         """Consumer W's rows r0 ... of a tile's output x (in the output dtype, `layout`): packed, by a masked store
         (rows past the sequence are the next one's); dense, by a TMA store through W's slice of a shared buffer of its
-        own (OWN_BUF: the previous tile's store from it waited for first, this one left in flight) or of Q's buffer
-        (the store waited for, then Q's buffer handed back to the producer on `q_empty`). The forward's O and the dQ
-        pass's dQ (v3_gluon_bwd.py)."""
+        own (OWN_BUF: the previous tile's store from it waited for first, this one left in flight) or of Q's buffer,
+        slice qi (the store waited for, then Q's buffer handed back to the producer on `q_empty`). The forward's O and
+        the dQ pass's dQ (v3_gluon_bwd.py)."""
         if IS_VARLEN:
             rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
             cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout)), 0)
@@ -328,9 +352,9 @@ if HAVE_GLUON:
             fence_async_shared()
             _tma_store(desc, [bq, q0 + r0, h, 0], w)
         else:
-            q_smem.index(W).reshape([ROWS, HEAD_DIM]).store(x)
+            q_smem.index(qi).reshape([ROWS, HEAD_DIM]).store(x)
             fence_async_shared()
-            _tma_store(desc, [bq, q0 + r0, h, 0], q_smem.index(W))
+            _tma_store(desc, [bq, q0 + r0, h, 0], q_smem.index(qi))
             tma.store_wait(0)
             mbarrier.arrive(q_empty, count=1)
 
@@ -362,7 +386,8 @@ if HAVE_GLUON:
                   q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
                   seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale,
                   ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                  NC: gl.constexpr, PINGPONG: gl.constexpr, IS_VARLEN: gl.constexpr, O_BUF: gl.constexpr):
+                  NC: gl.constexpr, PINGPONG: gl.constexpr, IS_VARLEN: gl.constexpr, O_BUF: gl.constexpr,
+                  LEFT: gl.constexpr, Q_SLOTS: gl.constexpr):
         """Consumer warpgroup W over this program's tiles (the producer's order, with the same ring count)."""
         base = 0
         tq = 0
@@ -376,7 +401,7 @@ if HAVE_GLUON:
                     _consume_tile(W, o_desc, o_smem, O, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                                   k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, base,
                                   tq, b, bq, q0, h, m0, lo, full_lo, full_hi, hi, Sq, Sk, diag, left, right, qk_scale,
-                                  ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF)
+                                  ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF, LEFT, Q_SLOTS)
                     base += gl.cdiv(hi - lo, BLOCK_N)
                     tq += 1
                 else:
@@ -391,34 +416,39 @@ if HAVE_GLUON:
                        stride_lh, seqlen_q, seqlen_k, window_left, window_right, qk_scale, group, n_mt, n_heads,
                        n_units, per, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        CONSUMER_REGS: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr,
-                       IS_VARLEN: gl.constexpr = False, O_BUF: gl.constexpr = False):
+                       IS_VARLEN: gl.constexpr = False, O_BUF: gl.constexpr = False, LEFT: gl.constexpr = True,
+                       Q_SLOTS: gl.constexpr = 1):
         # Grid: (programs,), each taking units pid, pid + programs, ... of the n_units = ceil(n_mt / per) · H · B
         # (`_tile`: a unit is `per` row tiles): persistent with one program an SM, or one program a unit. Warps: this
         # region's (num_warps=4: the producer partition) + NC (2 or 3) 4-warp consumer partitions, each with 64 rows
         # of the 64·NC-row tile.
         # IS_VARLEN: packed sequences, descriptors over (1, total, H, D), bounds from cu_seqlens, O by masked stores
         # (O and its strides: also the rows of tiles that see no key). O_BUF: dense O leaves through a shared buffer
-        # of its own, so that the next tile's Q loads under this one's last product and store.
+        # of its own, so that the next tile's Q loads under this one's last product and store. LEFT: the window has a
+        # left edge (else masked blocks compare each score against one bound, `_softmax`; on for the 3-consumer plans,
+        # where ptxas 3.6 spills 432 bytes at 160 registers without it). Q_SLOTS (1 or 2): tiles
+        # whose Q is in Q's buffer at once (2: the next tile's Q loads while this one runs, `_producer`).
         ROWS: gl.constexpr = 64
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
         dtype: gl.constexpr = q_desc.dtype
-        q_smem = gl.allocate_shared_memory(dtype, [NC, 1, ROWS, 1, HEAD_DIM], q_desc.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [Q_SLOTS * NC, 1, ROWS, 1, HEAD_DIM], q_desc.layout)
         if O_BUF:
             o_smem = gl.allocate_shared_memory(dtype, [NC, 1, ROWS, 1, HEAD_DIM], o_desc.layout)
         else:
             o_smem = q_smem
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEAD_DIM], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEAD_DIM], v_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_bar = gl.allocate_shared_memory(gl.int64, [Q_SLOTS, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [Q_SLOTS, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         turn_bars = gl.allocate_shared_memory(gl.int64, [NC, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        mbarrier.init(q_empty, count=NC)   # one arrive per consumer warpgroup
+        for i in gl.static_range(Q_SLOTS):
+            mbarrier.init(q_bar.index(i), count=1)
+            mbarrier.init(q_empty.index(i), count=NC)   # one arrive per consumer warpgroup
         for i in gl.static_range(NC):
             mbarrier.init(turn_bars.index(i), count=1)
         for i in gl.static_range(STAGES):
@@ -433,42 +463,43 @@ if HAVE_GLUON:
             gl.warp_specialize([
                 (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
                              v_empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per,
-                             pid, nprog, BLOCK_N, HEAD_DIM, STAGES, ROWS, NC, IS_VARLEN)),
+                             pid, nprog, BLOCK_N, HEAD_DIM, STAGES, ROWS, NC, IS_VARLEN, Q_SLOTS)),
                 (_consumer, (0, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
                              seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale,
-                             ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF)),
+                             ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF, LEFT, Q_SLOTS)),
                 (_consumer, (1, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
                              seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale,
-                             ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF)),
+                             ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF, LEFT, Q_SLOTS)),
                 (_consumer, (2, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
                              seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale,
-                             ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF)),
+                             ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF, LEFT, Q_SLOTS)),
             ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
         else:
             gl.warp_specialize([
                 (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
                              v_empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per,
-                             pid, nprog, BLOCK_N, HEAD_DIM, STAGES, ROWS, NC, IS_VARLEN)),
+                             pid, nprog, BLOCK_N, HEAD_DIM, STAGES, ROWS, NC, IS_VARLEN, Q_SLOTS)),
                 (_consumer, (0, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
                              seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale,
-                             ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF)),
+                             ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF, LEFT, Q_SLOTS)),
                 (_consumer, (1, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
                              seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale,
-                             ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF)),
+                             ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF, LEFT, Q_SLOTS)),
             ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
-# Launch plans: (BLOCK_M, BLOCK_N, num_warps, STAGES, consumer registers[, ping-pong]): BLOCK_M = 64 rows x NC
-# consumer warpgroups, num_warps the producer partition's (the region outside `gl.warp_specialize`).
+# Launch plans: (BLOCK_M, BLOCK_N, num_warps, STAGES, consumer registers[, ping-pong[, Q slots]]): BLOCK_M = 64 rows
+# x NC consumer warpgroups, num_warps the producer partition's (the region outside `gl.warp_specialize`).
 # From benchmarks/sweep_gluon.py on the H100 (results/2026-11-26-h100-sweep-gluon*.md), against v3.py's kernel:
 # d128 faster from 4k keys (1.01-1.04x cuDNN at 16k) and at 1k without a mask, slower at 1k causal; d256 faster
 # everywhere (0.93-1.18x cuDNN); d64 only without a mask from 4k keys with three consumers (192 rows).
 PINGPONG = False   # the consumers' products taken in turn (`_turn_wait`); a plan's 6th element overrides
+Q_SLOTS = 1        # tiles whose Q is in shared memory at once (`_producer`); a plan's 7th element overrides
 # Persistent: one program an SM looping over units of row tiles (`_tile`), so a tile's Q and first key blocks load
 # under the previous tile's last product and store (results/2026-11-26-h100-probe-persistent*.md: 1.00-1.08x one
 # program a unit, d256 16k unmasked 0.96-0.99x). False: one program a unit. Dense O leaves through a buffer of its own
@@ -585,6 +616,7 @@ class _Setup:
         bm, bn, warps, stages, regs = p[:5]
         self.bn = bn
         pingpong = p[5] if len(p) > 5 else PINGPONG
+        q_slots = p[6] if len(p) > 6 else Q_SLOTS
         left, right = C.window_args(window_size, Sq, Sk)
         qk_scale, _ = C.score_scales(softmax_scale, 0.0)
         self.layout = shared_layout()
@@ -601,7 +633,8 @@ class _Setup:
         self.key = key + ((left | right | Sq | Sk | n_units) >> 31,)
         self.ints = stride_o + stride_l + (Sq, Sk, left, right, qk_scale, H // Hk, n_mt, H, n_units, per)
         self.meta = dict(HEAD_DIM=D, BLOCK_N=bn, STAGES=stages, CONSUMER_REGS=regs, NC=bm // 64, PINGPONG=pingpong,
-                         IS_VARLEN=varlen, O_BUF=o_buf, num_warps=warps)
+                         IS_VARLEN=varlen, O_BUF=o_buf, LEFT=window_size[0] >= 0 or bm > 128, Q_SLOTS=q_slots,
+                         num_warps=warps)
 
 
 if HAVE_GLUON:

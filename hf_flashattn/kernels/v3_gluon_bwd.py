@@ -653,8 +653,8 @@ if HAVE_GLUON:
             if DQ_BUF or IS_VARLEN:
                 mbarrier.arrive(q_empty, count=1)
         dq = (dq * ds_scale).to(qw.dtype)
-        _store_rows(dq, W, dq_desc, dq_buf, q_smem, q_empty, DQ, stride_qm, stride_qh, bq, q0, h, r0, Sq, acc_layout,
-                    64, HEAD_DIM, IS_VARLEN, DQ_BUF)
+        _store_rows(dq, W, dq_desc, dq_buf, q_smem, W, q_empty, DQ, stride_qm, stride_qh, bq, q0, h, r0, Sq,
+                    acc_layout, 64, HEAD_DIM, IS_VARLEN, DQ_BUF)
 
     @gluon.jit
     def _dq_consumer(W: gl.constexpr, dq_desc, dq_buf, DQ, stride_qb, stride_qm, stride_qh, q_smem, do_smem, k_smem,

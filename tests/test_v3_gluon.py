@@ -99,7 +99,7 @@ def test_plan_rule():
     assert G.plan(64, 16384, True) == G._PLANS[64]             # masked from 16384 (probe-packed-fwd)
     assert G.plan(64, 16, True, force=True) == G._PLANS[64]
     for bm, bn, warps, stages, regs in G._PLANS.values():      # the warp-specialised kernel's shape rules
-        assert bm in (128, 192) and warps == 4 and regs * 128 * (bm // 64) + 24 * 128 <= 65536
+        assert bm in (64, 128, 192) and warps == 4 and regs * 128 * (bm // 64) + 24 * 128 <= 65536
 
 
 def test_supports_names_what_it_leaves_to_v3py():

@@ -477,6 +477,16 @@ if HAVE_GLUON:
                              seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale,
                              ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF, LEFT, Q_SLOTS)),
             ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
+        elif NC == 1:
+            gl.warp_specialize([
+                (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
+                             v_empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per,
+                             pid, nprog, BLOCK_N, HEAD_DIM, STAGES, ROWS, NC, IS_VARLEN, Q_SLOTS)),
+                (_consumer, (0, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
+                             k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
+                             seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale,
+                             ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF, LEFT, Q_SLOTS)),
+            ], [4], [CONSUMER_REGS])
         else:
             gl.warp_specialize([
                 (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
@@ -515,12 +525,13 @@ def persistent_on(switch: bool | None = None) -> bool:
     return (PERSISTENT if switch is None else switch) and env_get("HF_FLASHATTN_V3_PERSISTENT", "1") != "0"
 
 
-def schedule(n_tiles: int, heads: int, batch: int, masked: bool, device, switch: bool | None = None):
+def schedule(n_tiles: int, heads: int, batch: int, masked: bool, device, switch: bool | None = None, per_sm: int = 1):
     """(per, n_units, programs) of a launch over n_tiles tiles of each (batch, head) in `_tile`'s order: per = 2 tiles
-    a unit under a mask (pairs of even work), else 1; one program an SM if `persistent_on(switch)`, else one a unit."""
+    a unit under a mask (pairs of even work), else 1; per_sm programs an SM if `persistent_on(switch)`, else one a
+    unit."""
     per = 2 if masked else 1
     n_units = (n_tiles + per - 1) // per * heads * batch
-    return per, n_units, (min(n_units, C.num_sms(device)) if persistent_on(switch) else n_units)
+    return per, n_units, (min(n_units, per_sm * C.num_sms(device)) if persistent_on(switch) else n_units)
 
 
 _PLANS = {64: (192, 128, 4, 2, 160), 128: (128, 128, 4, 2, 240), 256: (128, 64, 4, 2, 240)}
@@ -625,16 +636,21 @@ class _Setup:
         stride_l = (0, ls[0]) if varlen else ls[:2]
         stride_o = C.layout_of(C.contiguous_strides(q.shape), varlen)
         n_mt = C.cdiv(Sq, bm)
-        per, n_units, programs = schedule(n_mt, H, B, masked, q.device)
+        nc = bm // 64
+        # one consumer: two programs an SM (registers capped at half the file, shared memory under half), so that one
+        # program's tile ends and starts run under the other's products
+        per, n_units, programs = schedule(n_mt, H, B, masked, q.device, per_sm=2 if nc == 1 else 1)
         self.grid = (programs,)
         o_buf = D <= O_BUF_MAX_D and not varlen
         # what Triton specialises on besides the signature: the lengths, window and tile counts only by their 32/64-bit
         # type (the descriptors' dtype and blocks, lse's and out's strides and the group size follow from the key)
         self.key = key + ((left | right | Sq | Sk | n_units) >> 31,)
         self.ints = stride_o + stride_l + (Sq, Sk, left, right, qk_scale, H // Hk, n_mt, H, n_units, per)
-        self.meta = dict(HEAD_DIM=D, BLOCK_N=bn, STAGES=stages, CONSUMER_REGS=regs, NC=bm // 64, PINGPONG=pingpong,
+        self.meta = dict(HEAD_DIM=D, BLOCK_N=bn, STAGES=stages, CONSUMER_REGS=regs, NC=nc, PINGPONG=pingpong,
                          IS_VARLEN=varlen, O_BUF=o_buf, LEFT=window_size[0] >= 0 or bm > 128, Q_SLOTS=q_slots,
                          num_warps=warps)
+        if nc == 1:
+            self.meta["maxnreg"] = 65536 // 2 // (32 * (warps + 4))
 
 
 if HAVE_GLUON:

@@ -140,7 +140,8 @@ def main():
                 ref = v3.forward(q, k, v, None, None, S, S, D ** -0.5, win, 0.0)[0].float()
                 if prev is not None:
                     pp = prev._PLANS[D]
-                    diff = (prev.forward(q, k, v, S, S, D ** -0.5, win, _plan=pp)[0].float() - ref).abs().max().item()
+                    diff = (prev.forward(q, k, v, S, S, D ** -0.5, win, _plan=pp)[0].float() - ref).abs().max()
+                    diff = diff.item()
                     timed("prev " + "x".join(map(str, pp)),
                           lambda: prev.forward(q, k, v, S, S, D ** -0.5, win, _plan=pp), max_diff_vs_v3=diff)
                 for p in PLANS[D]:

@@ -26,7 +26,7 @@ import json, sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from hf_flashattn.kernels import v3_gluon as G
-D, block_n, stages, regs, nc, varlen = json.loads(sys.argv[1])
+D, block_n, stages, regs, nc, varlen, left, q_slots, maxnreg = json.loads(sys.argv[1])
 fn = G._fwd_kernel_ws
 lay = repr(G.shared_layout())
 sig = {}
@@ -40,36 +40,43 @@ for i, name in enumerate(fn.arg_names):
     else:
         sig[name] = {"LSE": "*fp32", "O": "*bf16", "CU_Q": "*i32", "CU_K": "*i32", "qk_scale": "fp32"}.get(name, "i32")
 cx = dict(HEAD_DIM=D, BLOCK_N=block_n, STAGES=stages, CONSUMER_REGS=regs, NC=nc, PINGPONG=G.PINGPONG,
-          IS_VARLEN=varlen)
+          IS_VARLEN=varlen, O_BUF=not varlen and D <= G.O_BUF_MAX_D, LEFT=left, Q_SLOTS=q_slots)
 src = GluonASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in cx.items()})
-k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
 open(sys.argv[2], "w").write(k.asm["ptx"])
 print(k.metadata.shared)
 """
 
 
-def _compile(D, block_n, stages, regs, nc, out, varlen=False):
+def _compile(D, block_n, stages, regs, nc, out, varlen=False, left=True, q_slots=1, maxnreg=None):
     """PTX of the warp-specialised kernel for sm_90a, compiled in a fresh process: this one runs Triton's
     interpreter (TRITON_INTERPRET=1), under which Triton's own library functions are not compilable."""
     import json
     import sys
     env = dict(os.environ, TRITON_INTERPRET="0")
-    r = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps([D, block_n, stages, regs, nc, varlen]), out],
+    r = subprocess.run([sys.executable, "-c", _COMPILE,
+                        json.dumps([D, block_n, stages, regs, nc, varlen, left, q_slots, maxnreg]), out],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return open(out).read(), int(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("D,varlen", [(64, False), (128, False), (256, False), (64, True)])
-def test_compiles_for_hopper_with_the_overlap(D, varlen):
-    """Each head dim's default plan compiles for sm_90a with: TMA tile copies, wgmma, a wait that leaves one
-    wgmma group in flight (the softmax of block j under P·V of block j-1), mbarrier waits and arrives between
-    the producer and the consumers, register reallocation between the partitions, a tile loop over the grid's
-    stride (persistent), and (next to) no spills. Packed
-    (varlen): the bounds read from cu_seqlens and O written by masked stores, not TMA stores."""
-    bm, bn, _, stages, regs = G.plan(D, 1 << 20, False, force=True)
+@pytest.mark.parametrize("D,varlen,keys", [(64, False, 1 << 20), (128, False, 1 << 20), (256, False, 1 << 20),
+                                            (64, True, 1 << 20), (128, False, 1024), (128, True, 1024)])
+def test_compiles_for_hopper_with_the_overlap(D, varlen, keys):
+    """Each head dim's causal plan (at `keys` keys) compiles for sm_90a as `forward` launches it, with: TMA tile
+    copies, wgmma, a wait that leaves one wgmma group in flight (the softmax of block j under P·V of block j-1),
+    mbarrier waits and arrives between the producer and the consumers, register reallocation between the partitions,
+    a tile loop over the grid's stride (persistent), and (next to) no spills. Packed (varlen): the bounds read from
+    cu_seqlens and O written by masked stores, not TMA stores. The one-consumer plan (d128 under a mask below 2048
+    keys): registers capped at half the file and under half the shared memory, two programs an SM."""
+    p = G.plan(D, keys, True, force=keys > 4096)
+    q = torch.empty(1, 1, 2, D, dtype=torch.bfloat16).expand(1, keys, 2, D)   # the shapes only
+    st = G._Setup(q, q[:, :, :1], None, keys, keys, 0.1, (-1, 0), p, ())
+    m = st.meta
     with tempfile.TemporaryDirectory() as tmp:
-        ptx, shared = _compile(D, bn, stages, regs, bm // 64, os.path.join(tmp, "k.ptx"), varlen)
+        ptx, shared = _compile(D, m["BLOCK_N"], m["STAGES"], m["CONSUMER_REGS"], m["NC"], os.path.join(tmp, "k.ptx"),
+                               varlen, m["LEFT"], m["Q_SLOTS"], m.get("maxnreg"))
     assert "cp.async.bulk.tensor" in ptx                      # TMA loads (and, dense, stores)
     assert ("cp.async.bulk.tensor.4d.global.shared" in ptx) != varlen   # TMA stores of O only when dense
     assert "wgmma.mma_async" in ptx
@@ -78,6 +85,8 @@ def test_compiles_for_hopper_with_the_overlap(D, varlen):
     assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx
     assert "%nctaid.x" in ptx                       # persistent: a program's tiles stride by the number of programs
     assert shared <= 232448                         # fits the H100's shared memory per block
+    if m["NC"] == 1:                                # two programs an SM: registers and shared memory for both
+        assert "maxnreg" in m and re.search(r"\.maxnreg 128\b", ptx) and 2 * (shared + 1024) <= 233472
     res = ptxas_spills(ptx)
     if res is None:
         pytest.fail("this Triton has no ptxas: cannot check spills")
@@ -92,14 +101,15 @@ def test_plan_rule():
     """Where the Gluon kernel runs by default (measured faster on the H100, results/2026-11-26-h100-sweep-gluon-3)."""
     assert G.plan(256, 512, True) == G._PLANS[256]             # d256: everywhere
     assert G.plan(128, 1024, False) == G._PLANS[128]           # d128 without a mask: everywhere
-    assert G.plan(128, 1024, True) is None                     # d128 masked below 2048 keys: v3.py's kernel
+    assert G.plan(128, 1024, True) == G._PLAN_128_SHORT_MASKED   # d128 masked below 2048 keys: one consumer
     assert G.plan(128, 2048, True) == G._PLANS[128]
     assert G.plan(64, 4096, False) == G._PLANS[64]             # d64: unmasked from 4096 keys,
     assert G.plan(64, 4095, False) is None and G.plan(64, 16383, True) is None
     assert G.plan(64, 16384, True) == G._PLANS[64]             # masked from 16384 (probe-packed-fwd)
     assert G.plan(64, 16, True, force=True) == G._PLANS[64]
-    for bm, bn, warps, stages, regs in G._PLANS.values():      # the warp-specialised kernel's shape rules
-        assert bm in (64, 128, 192) and warps == 4 and regs * 128 * (bm // 64) + 24 * 128 <= 65536
+    for bm, bn, warps, stages, regs, *_ in (*G._PLANS.values(), G._PLAN_128_SHORT_MASKED):   # the kernel's shape rules
+        assert bm in (64, 128, 192) and warps == 4 and regs * 128 * (bm // 64) + 24 * 128 <= 65536 // (2 if bm == 64
+                                                                                                       else 1)
 
 
 def test_supports_names_what_it_leaves_to_v3py():

@@ -4,12 +4,13 @@ Why Gluon: in Triton's high-level language the compiler waits on each wgmma righ
 whose result feeds the next iteration's accumulator stays in flight), so the softmax of one key block never
 runs under a matmul of the same program (sixth session, benchmarks/NOTES.md). Here the waits are explicit.
 
-The kernel (`_fwd_kernel_ws`, warp-specialised, persistent): one program an SM, each looping over tiles of 64·NC
-query rows of one head of one sequence (NC = 2 or 3), in the static order of `_tile` (under a mask, pairs of row
-tiles j and n - 1 - j, even work). A producer partition (4 warps, 24 registers) copies Q once and K and V block by block
-through host-made TMA descriptors over the whole (B, S, H, D) tensors into a ring of STAGES shared-memory slots,
-each with a `ready` mbarrier (the copy's byte count) and an `empty` one (one arrive per consumer). NC consumer
-partitions (4 warps, one warpgroup, 64 rows each, `setmaxnreg` up to 240 or 160 registers) run, for key block j:
+The kernel (`_fwd_kernel_ws`, warp-specialised, persistent): one program an SM (two with one consumer, NC = 1: its
+registers capped at half the file), each looping over tiles of 64·NC query rows of one head of one sequence (NC = 1, 2
+or 3), in the static order of `_tile` (under a mask, pairs of row tiles j and n - 1 - j, even work). A producer
+partition (4 warps, 24 registers) copies Q once and K and V block by block through host-made TMA descriptors over the
+whole (B, S, H, D) tensors into a ring of STAGES shared-memory slots, each with a `ready` mbarrier (the copy's byte
+count) and an `empty` one (one arrive per consumer). NC consumer partitions (4 warps, one warpgroup, 64 rows each,
+`setmaxnreg` up to 240, 232 or 160 registers) run, for key block j:
 
     S_j   = Q · K_jᵀ                      (wgmma, issued, not waited)
     O    += P_{j-1} · V_{j-1}             (wgmma on the registers of P, issued, not waited)
@@ -19,12 +20,14 @@ partitions (4 warps, one warpgroup, 64 rows each, `setmaxnreg` up to 240 or 160 
 
 O after block j is alpha_j · (O + P_{j-1} V_{j-1}), the same online softmax as v2 (design.md) with the product
 for a block one step late. The key blocks come as v2's three ranges (`tile_range`): a masked left-window edge,
-the band every row sees (no mask), the masked diagonal/tail; the first block is peeled (always masked: it may
-be an edge) and the last block's product follows the loop. The scale folds into the exponent. Each consumer
+the band every row sees (no mask), the masked diagonal/tail; the first block is peeled (masked when it is an edge)
+and the last block's product follows the loop. A masked score is compared with its row's bounds, worked out once a
+tile (`_row_bounds`). The scale folds into the exponent. Each consumer
 writes its rows of O through a shared buffer of its own and one TMA store left in flight (d256: through its slice
 of Q's buffer, waited), and its lse by a masked store. Across tiles the ring's count runs on and the consumers
 hand Q's buffer back (`q_empty`) after a tile's last q·kᵀ, so the next tile's Q and first key blocks load under
-this tile's last product and store (tenth session: 1.06-1.12x one program a tile at d128 1k-4k unmasked).
+this tile's last product and store (tenth session: 1.06-1.12x one program a tile at d128 1k-4k unmasked); with two Q
+slots (`Q_SLOTS`) the next tile's Q loads as soon as this tile's last key block is asked for.
 
 Measured on the H100 (benchmarks/NOTES.md, seventh session; results/2026-11-26-h100-*gluon*): 0.93-1.06x
 cuDNN's forward from 4k keys where `plan()` picks it, against 0.80-0.90x for v3.py's kernel at d128/d256.
@@ -506,8 +509,12 @@ if HAVE_GLUON:
 # Launch plans: (BLOCK_M, BLOCK_N, num_warps, STAGES, consumer registers[, ping-pong[, Q slots]]): BLOCK_M = 64 rows
 # x NC consumer warpgroups, num_warps the producer partition's (the region outside `gl.warp_specialize`).
 # From benchmarks/sweep_gluon.py on the H100 (results/2026-11-26-h100-sweep-gluon*.md), against v3.py's kernel:
-# d128 faster from 4k keys (1.01-1.04x cuDNN at 16k) and at 1k without a mask, slower at 1k causal; d256 faster
-# everywhere (0.93-1.18x cuDNN); d64 only without a mask from 4k keys with three consumers (192 rows).
+# d128 faster from 4k keys (1.01-1.04x cuDNN at 16k) and at 1k without a mask; d256 faster everywhere (0.93-1.18x
+# cuDNN); d64 only without a mask from 4k keys with three consumers (192 rows). Fourteenth session
+# (results/2026-11-27-h100-sweep-gluon-{mask-qslots,one-consumer}.md): d128 with two Q slots (0.97-1.04x cuDNN at
+# 1k-16k, 1.00-1.05 under a mask from 4k), and under a mask below 2048 keys one consumer, two programs an SM
+# (`_PLAN_128_SHORT_MASKED`: 1k causal 386 TFLOP/s, 0.90x cuDNN, against 346-356 with two consumers and 348 for
+# v3.py's kernel; 0.90x against 1.04x at 4k causal).
 PINGPONG = False   # the consumers' products taken in turn (`_turn_wait`); a plan's 6th element overrides
 Q_SLOTS = 1        # tiles whose Q is in shared memory at once (`_producer`); a plan's 7th element overrides
 # Persistent: one program an SM looping over units of row tiles (`_tile`), so a tile's Q and first key blocks load
@@ -534,7 +541,9 @@ def schedule(n_tiles: int, heads: int, batch: int, masked: bool, device, switch:
     return per, n_units, (min(n_units, per_sm * C.num_sms(device)) if persistent_on(switch) else n_units)
 
 
-_PLANS = {64: (192, 128, 4, 2, 160), 128: (128, 128, 4, 2, 240), 256: (128, 64, 4, 2, 240)}
+_PLANS = {64: (192, 128, 4, 2, 160), 128: (128, 128, 4, 2, 240, False, 2), 256: (128, 64, 4, 2, 240)}
+_PLAN_128_SHORT_MASKED = (64, 64, 4, 2, 232)   # d128 under a mask below MASKED_SHORT_KEYS keys
+MASKED_SHORT_KEYS = 2048
 # d64 under a mask: the 192-row diagonal tiles cost less as the sequence grows; against v3.py's kernel (causal, 32/8
 # heads, results/2026-11-26-h100-probe-packed-fwd.md) 0.89-0.91x at 8k keys, 1.01-1.07x at 16k, 1.06-1.15x at 32k
 D64_MASKED_FROM_KEYS = 16384
@@ -542,11 +551,11 @@ D64_MASKED_FROM_KEYS = 16384
 
 def plan(D: int, max_seqlen_k: int, masked: bool, force: bool = False):
     """The plan for head dim D (64, 128 or 256), the longest key sequence and whether a causal/window mask applies;
-    None where v3.py's kernel measured faster (unless force)."""
+    None where v3.py's kernel measured faster (unless force, which gives _PLANS[D])."""
     if force or D == 256:
         return _PLANS[D]
     if D == 128:
-        return None if masked and max_seqlen_k < 2048 else _PLANS[128]
+        return _PLAN_128_SHORT_MASKED if masked and max_seqlen_k < MASKED_SHORT_KEYS else _PLANS[128]
     return _PLANS[64] if max_seqlen_k >= (D64_MASKED_FROM_KEYS if masked else 4096) else None
 
 

@@ -27,7 +27,7 @@ FLOOR = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 # default. BLOCK_M = 64 rows x consumer warpgroups; warps: the producer partition's.
 # 64-row plans (one consumer) run two programs an SM.
 PLANS = {128: [(128, 128, 4, 2, 240, False, 2), (64, 64, 4, 2, 232, False, 1)],
-         64: [(192, 128, 4, 2, 160, False, 1), (192, 128, 4, 2, 160, False, 2), (128, 128, 4, 2, 240, False, 2)],
+         64: [(192, 128, 4, 2, 160, False, 2), (192, 128, 4, 2, 160, False, 1), (128, 128, 4, 2, 240, False, 2)],
          256: [(128, 64, 4, 2, 240, False, 1)]}
 # (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim)
 SHAPES = [(2, 113, 203, 8, 2, 128), (2, 203, 113, 8, 8, 64), (1, 1, 2048, 32, 8, 128), (1, 1023, 1024, 4, 4, 64),

@@ -103,13 +103,11 @@ def test_plan_rule():
     assert G.plan(128, 1024, False) == G._PLANS[128]           # d128 without a mask: everywhere
     assert G.plan(128, 1024, True) == G._PLAN_128_SHORT_MASKED   # d128 masked below 2048 keys: one consumer
     assert G.plan(128, 2048, True) == G._PLANS[128]
-    assert G.plan(64, 2048, False) == G._PLAN_64_TWO_Q         # d64: unmasked from 2048 keys (two Q slots
-    assert G.plan(64, 16383, False) == G._PLAN_64_TWO_Q        # below 16384),
-    assert G.plan(64, 16384, False) == G._PLANS[64]
-    assert G.plan(64, 2047, False) is None and G.plan(64, 16383, True) is None
+    assert G.plan(64, 4096, False) == G._PLANS[64]             # d64: unmasked from 4096 keys,
+    assert G.plan(64, 4095, False) is None and G.plan(64, 16383, True) is None
     assert G.plan(64, 16384, True) == G._PLANS[64]             # masked from 16384 (probe-packed-fwd)
     assert G.plan(64, 16, True, force=True) == G._PLANS[64]
-    for bm, bn, warps, stages, regs, *_ in (*G._PLANS.values(), G._PLAN_128_SHORT_MASKED, G._PLAN_64_TWO_Q):
+    for bm, bn, warps, stages, regs, *_ in (*G._PLANS.values(), G._PLAN_128_SHORT_MASKED):   # the kernel's shape rules
         assert bm in (64, 128, 192) and warps == 4 and regs * 128 * (bm // 64) + 24 * 128 <= 65536 // (2 if bm == 64
                                                                                                        else 1)
 

@@ -544,11 +544,8 @@ def schedule(n_tiles: int, heads: int, batch: int, masked: bool, device, switch:
 _PLANS = {64: (192, 128, 4, 2, 160), 128: (128, 128, 4, 2, 240, False, 2), 256: (128, 64, 4, 2, 240)}
 _PLAN_128_SHORT_MASKED = (64, 64, 4, 2, 232)   # d128 under a mask below MASKED_SHORT_KEYS keys
 MASKED_SHORT_KEYS = 2048
-# d64 without a mask from 2048 to D64_ONE_Q_FROM_KEYS keys: two Q slots (results/2026-11-27-h100-sweep-gluon-2k.md:
-# 446 TFLOP/s at 2k and 4k, 0.97x cuDNN, against 428-432 with one and 434-436 for v3.py's kernel; at 16k one slot
-# measured 460 against 445, results/...-sweep-gluon-mask-qslots.md)
-_PLAN_64_TWO_Q = (192, 128, 4, 2, 160, False, 2)
-D64_ONE_Q_FROM_KEYS = 16384
+# (d64 without a mask at 2k-4k keys measured 446 TFLOP/s with two Q slots against 428-432 with one and 434-436 for
+# v3.py's kernel, results/2026-11-27-h100-sweep-gluon-2k.md; not the default yet: its correctness grid did not run)
 # d64 under a mask: the 192-row diagonal tiles cost less as the sequence grows; against v3.py's kernel (causal, 32/8
 # heads, results/2026-11-26-h100-probe-packed-fwd.md) 0.89-0.91x at 8k keys, 1.01-1.07x at 16k, 1.06-1.15x at 32k
 D64_MASKED_FROM_KEYS = 16384
@@ -561,11 +558,7 @@ def plan(D: int, max_seqlen_k: int, masked: bool, force: bool = False):
         return _PLANS[D]
     if D == 128:
         return _PLAN_128_SHORT_MASKED if masked and max_seqlen_k < MASKED_SHORT_KEYS else _PLANS[128]
-    if masked:
-        return _PLANS[64] if max_seqlen_k >= D64_MASKED_FROM_KEYS else None
-    if max_seqlen_k >= D64_ONE_Q_FROM_KEYS:
-        return _PLANS[64]
-    return _PLAN_64_TWO_Q if max_seqlen_k >= 2048 else None
+    return _PLANS[64] if max_seqlen_k >= (D64_MASKED_FROM_KEYS if masked else 4096) else None
 
 
 def supports(q, k, v, cu_seqlens_q, softmax_scale, softcap) -> str | None:

@@ -150,12 +150,14 @@ def test_persistent_switch(monkeypatch):
 
 def test_schedule_units_and_programs(monkeypatch):
     """`schedule`: pairs of tiles a unit under a mask (an odd count leaves a single), single tiles without one; one
-    program an SM (4 off the GPU) when persistent, one a unit otherwise."""
+    program an SM (4 off the GPU; `per_sm` of them if asked) when persistent, one a unit otherwise."""
     monkeypatch.delenv("HF_FLASHATTN_V3_PERSISTENT", raising=False)
     cpu = torch.device("cpu")
     assert G.schedule(5, 2, 3, True, cpu) == (2, 18, 4)       # ceil(5 / 2) units a (batch, head)
     assert G.schedule(5, 2, 3, False, cpu) == (1, 30, 4)
     assert G.schedule(1, 1, 2, False, cpu) == (1, 2, 2)        # fewer units than SMs: a program each
     assert G.schedule(5, 2, 3, True, cpu, switch=False) == (2, 18, 18)
+    assert G.schedule(5, 2, 3, True, cpu, per_sm=2) == (2, 18, 8)   # the one-consumer plan: two programs an SM
+    assert G.schedule(5, 2, 3, True, cpu, switch=False, per_sm=2) == (2, 18, 18)
     monkeypatch.setenv("HF_FLASHATTN_V3_PERSISTENT", "0")
     assert G.schedule(5, 2, 3, False, cpu) == (1, 30, 30)

@@ -1,0 +1,121 @@
+"""Where a fwd+bwd's GPU time goes, kernel by kernel, for ours-v3 and the SDPA baselines at short sequences: the
+1k points where v3's backward is the gap (benchmarks/NOTES.md, fourteenth session: d128 1k fwd+bwd 1.08 / 1.17x
+FlexAttention, our backward 0.97 ms against cuDNN's 0.87).
+
+    python benchmarks/probe_bwd_parts.py --out DIR [--dims 128,64] [--seqlens 1024,4096] [--iters 20]
+
+Per (head dim, length, causal) and implementation: the median fwd+bwd time (do_bench, as bench.py times it), then
+torch.profiler's device time of every kernel over `--iters` fwd+bwd calls, per call: the prep kernel, each pass, the
+allocations' fills, the casts. Shapes as bench.py's grid: B = 16384 / S, H = 2048 / D, bf16. Writes
+probe_bwd_parts.json and probe_bwd_parts.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def kernel_times(f, iters):
+    """[(kernel name, calls a call of f, device us a call of f)] of `iters` calls of f under torch.profiler,
+    longest first."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            f()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None)
+        if us is None:
+            us = getattr(e, "cuda_time_total", 0.0)
+        if us and us > 0:
+            rows.append((e.key, e.count / iters, us / iters))
+    return sorted(rows, key=lambda r: -r[2])
+
+
+def measure(fn, shape, causal, iters):
+    """{ms, kernels} of fn's fwd+bwd on bf16 inputs of `shape` (layout as fn takes them)."""
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    do = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+
+    def f():
+        o = fn(q, k, v, causal)
+        torch.autograd.grad(o, (q, k, v), do)
+    f()
+    ms = triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")
+    return dict(ms=ms, kernels=[dict(name=n, calls=c, us=u) for n, c, u in kernel_times(f, iters)])
+
+
+def short(name: str, width: int = 70) -> str:
+    return name if len(name) <= width else name[:width - 3] + "..."
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--dims", default="128,64")
+    ap.add_argument("--seqlens", default="1024,4096")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--impls", default="ours-v3,sdpa-cudnn,sdpa-flash")
+    ap.add_argument("--budget-s", type=float, default=1e9)
+    args = ap.parse_args()
+    from bench import make_impls
+    impls = make_impls(["v3"])
+    names = args.impls.split(",")
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                cudnn=torch.backends.cudnn.version(), commit=os.environ.get("COMMIT", "unknown"),
+                date=time.strftime("%Y-%m-%d"), iters=args.iters)
+    t0 = time.time()
+    points = []
+    for D in (int(d) for d in args.dims.split(",")):
+        for S in (int(s) for s in args.seqlens.split(",")):
+            for causal in (False, True):
+                if time.time() - t0 > args.budget_s:
+                    print("time budget reached: skipped", D, S, causal, flush=True)
+                    continue
+                B, H = 16384 // S, 2048 // D
+                for name in names:
+                    point = dict(impl=name, D=D, S=S, B=B, H=H, causal=causal)
+                    shp = (B, S, H, D) if name.startswith("ours") else (B, H, S, D)
+                    try:
+                        point.update(measure(impls[name], shp, causal, args.iters))
+                    except Exception as e:  # noqa: BLE001 - a baseline that cannot run is recorded
+                        point["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                    points.append(point)
+                    print(json.dumps({k: point[k] for k in point if k != "kernels"}), flush=True)
+                    torch.cuda.empty_cache()
+                with open(os.path.join(args.out, "probe_bwd_parts.json"), "w") as fh:
+                    json.dump(dict(meta=meta, points=points), fh, indent=1)
+    md = [f"# fwd+bwd kernel by kernel — {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, "
+          f"cuDNN {meta['cudnn']}, commit {meta['commit']}", "",
+          f"bf16, B = 16384 / S, H = 2048 / D; `ms`: do_bench median of a fwd+bwd; kernels: torch.profiler's device "
+          f"time over {args.iters} fwd+bwd calls, per call.", ""]
+    for p in points:
+        head = f"## {p['impl']}, d{p['D']}, S {p['S']}, {'causal' if p['causal'] else 'unmasked'}"
+        if "error" in p:
+            md += [head, "", f"error: {p['error']}", ""]
+            continue
+        total = sum(r["us"] for r in p["kernels"])
+        md += [head, "", f"do_bench {p['ms'] * 1e3:.0f} us a fwd+bwd; kernels' sum {total:.0f} us", "",
+               "| kernel | calls | us | share |", "|---|---|---|---|"]
+        md += [f"| {short(r['name'])} | {r['calls']:.1f} | {r['us']:.1f} | {r['us'] / max(total, 1e-9):.0%} |"
+               for r in p["kernels"]]
+        md.append("")
+    with open(os.path.join(args.out, "probe_bwd_parts.md"), "w") as fh:
+        fh.write("\n".join(md) + "\n")
+    print("\n".join(md))
+    print(f"total {time.time() - t0:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -6,12 +6,19 @@ FlexAttention, our backward 0.97 ms against cuDNN's 0.87).
 
 Per (head dim, length, causal) and implementation: the median fwd+bwd time (do_bench, as bench.py times it), then
 torch.profiler's device time of every kernel over `--iters` fwd+bwd calls, per call: the prep kernel, each pass, the
-allocations' fills, the casts. Shapes as bench.py's grid: B = 16384 / S, H = 2048 / D, bf16. Writes
-probe_bwd_parts.json and probe_bwd_parts.md.
+allocations' fills, the casts. Shapes as bench.py's grid: B = 16384 / S, H = 2048 / D, bf16. Implementation
+"ours-v3-prepkernel": ours with v3_gluon_bwd.FUSED_PREP off (lse and Delta from `_prep_kernel`, as before the
+fifteenth session), in the same process.
+
+--tile-cost: the Gluon backward's two passes (forced) at one head dim, unmasked, B = 16, H = 16, with the query length
+growing at 1k keys and the key length growing at 1k queries: each pass's kernel time against its tiles and steps, so
+that a pass's fixed cost a tile (K/V or Q/dO loads, the epilogue) separates from its cost a step.
+Writes probe_bwd_parts.json and probe_bwd_parts.md.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -56,6 +63,32 @@ def measure(fn, shape, causal, iters):
     return dict(ms=ms, kernels=[dict(name=n, calls=c, us=u) for n, c, u in kernel_times(f, iters)])
 
 
+def tile_cost(D, iters):
+    """[{Sq, Sk, kernels}] of the Gluon backward's two passes (plan forced to dQ mode 0) at (Sq, Sk) in (1k..4k, 1k) and
+    (1k, 1k..4k), unmasked, B = H = 16, bf16."""
+    from hf_flashattn.kernels import v3, v3_gluon_bwd as GB
+    rows = []
+    p0 = GB.plan(D)[:5] + (0,)
+    for Sq, Sk in ((1024, 1024), (2048, 1024), (4096, 1024), (1024, 2048), (1024, 4096)):
+        B, H = 16, 16
+        q = torch.randn(B, Sq, H, D, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(B, Sk, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        do = torch.randn_like(q)
+        out, lse = v3.forward(q, k, v, None, None, Sq, Sk, D ** -0.5, (-1, -1), 0.0)
+
+        f = functools.partial(GB.backward, do, q, k, v, out, lse, None, None, Sq, Sk, D ** -0.5, (-1, -1), _plan=p0)
+        f()
+        ms = triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")
+        kern = [dict(name=n, calls=c, us=u) for n, c, u in kernel_times(f, iters)]
+        row = dict(D=D, Sq=Sq, Sk=Sk, B=B, H=H, ms=ms, kernels=kern)
+        rows.append(row)
+        print(json.dumps(dict(D=D, Sq=Sq, Sk=Sk, ms=ms, kernels={r["name"]: round(r["us"], 1) for r in kern})),
+              flush=True)
+        del q, k, v, do, out, lse
+        torch.cuda.empty_cache()
+    return rows
+
+
 def short(name: str, width: int = 70) -> str:
     return name if len(name) <= width else name[:width - 3] + "..."
 
@@ -68,8 +101,12 @@ def main():
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--impls", default="ours-v3,sdpa-cudnn,sdpa-flash")
     ap.add_argument("--budget-s", type=float, default=1e9)
+    ap.add_argument("--tile-cost", default="", help="head dims for the tile-cost section (e.g. 128), none by default")
     args = ap.parse_args()
     from bench import make_impls
+
+    from hf_flashattn.kernels import v3_gluon_bwd as GB
+    fused0 = GB.FUSED_PREP
     impls = make_impls(["v3"])
     names = args.impls.split(",")
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -87,15 +124,26 @@ def main():
                 for name in names:
                     point = dict(impl=name, D=D, S=S, B=B, H=H, causal=causal)
                     shp = (B, S, H, D) if name.startswith("ours") else (B, H, S, D)
+                    prep_kernel = name == "ours-v3-prepkernel"
+                    GB.FUSED_PREP = not prep_kernel
                     try:
-                        point.update(measure(impls[name], shp, causal, args.iters))
+                        point.update(measure(impls["ours-v3" if prep_kernel else name], shp, causal, args.iters))
                     except Exception as e:  # noqa: BLE001 - a baseline that cannot run is recorded
                         point["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                    GB.FUSED_PREP = fused0
                     points.append(point)
                     print(json.dumps({k: point[k] for k in point if k != "kernels"}), flush=True)
                     torch.cuda.empty_cache()
                 with open(os.path.join(args.out, "probe_bwd_parts.json"), "w") as fh:
                     json.dump(dict(meta=meta, points=points), fh, indent=1)
+    tiles = []
+    for D in (int(d) for d in args.tile_cost.split(",") if d):
+        if time.time() - t0 > args.budget_s:
+            print("time budget reached: skipped the tile cost at", D, flush=True)
+            continue
+        tiles += tile_cost(D, args.iters)
+        with open(os.path.join(args.out, "probe_bwd_parts.json"), "w") as fh:
+            json.dump(dict(meta=meta, points=points, tile_cost=tiles), fh, indent=1)
     md = [f"# fwd+bwd kernel by kernel — {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, "
           f"cuDNN {meta['cudnn']}, commit {meta['commit']}", "",
           f"bf16, B = 16384 / S, H = 2048 / D; `ms`: do_bench median of a fwd+bwd; kernels: torch.profiler's device "
@@ -110,6 +158,16 @@ def main():
                "| kernel | calls | us | share |", "|---|---|---|---|"]
         md += [f"| {short(r['name'])} | {r['calls']:.1f} | {r['us']:.1f} | {r['us'] / max(total, 1e-9):.0%} |"
                for r in p["kernels"]]
+        md.append("")
+    if tiles:
+        names_t = sorted({r["name"] for t in tiles for r in t["kernels"]})
+        md += ["## The two passes' time against their tiles and steps (unmasked, B = H = 16, two passes forced)", "",
+               "| D | Sq | Sk | do_bench us | " + " | ".join(short(n, 30) for n in names_t) + " |",
+               "|---|---|---|---|" + "---|" * len(names_t)]
+        for t in tiles:
+            us = {r["name"]: r["us"] for r in t["kernels"]}
+            md.append(f"| {t['D']} | {t['Sq']} | {t['Sk']} | {t['ms'] * 1e3:.0f} | "
+                      + " | ".join(f"{us[n]:.1f}" if n in us else "" for n in names_t) + " |")
         md.append("")
     with open(os.path.join(args.out, "probe_bwd_parts.md"), "w") as fh:
         fh.write("\n".join(md) + "\n")

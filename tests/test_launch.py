@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 
 from hf_flashattn.kernels import _common as C, v3
 
@@ -221,19 +222,26 @@ def test_gluon_backward_hands_each_launch_the_call_tensors_and_their_strides(mon
         dq, dk, dv = GB.backward(do, q, k, v, out, lse, cu, cu, Sq, Sk, 0.125, window, _plan=gplan)
         names = [c[0] for c in calls]
         mode = gplan[5]
-        assert names == (["prep", "bwd", "bwd"] if D == 256 else ["prep", "bwd"]) + (["dq"] if mode == 0 else [])
+        kv = ["bwd", "bwd"] if D == 256 else ["bwd"]
+        # two passes: the dQ pass first, working out lse and Delta itself (FUSED_PREP); the single pass: the prep
+        # kernel, then dK/dV with dQ summed
+        assert names == (["dq"] + kv if mode == 0 else ["prep"] + kv)
         for name, n_runtime, _, _, args, _ in calls:
             assert len(args) == n_runtime, name
         lay = lambda t: C.seq_layout(t, cu is not None)  # noqa: E731
         left, right = C.window_args(window, Sq, Sk)
         stride_l = (0, lse.stride(0)) if cu is not None else (lse.stride(0), lse.stride(1))
-        # prep: out, dO, lse in; lse2 and Delta out
-        args = calls[0][4]
-        lse2, delta = args[3], args[4]
-        assert args[0] is out and args[1] is do and args[2] is lse and args[5] is cu
-        assert args[6:] == (*lay(out), *lay(do), *stride_l, lse2.stride(0), lse2.stride(1), Sq)
+        if mode == 0:
+            lse2, delta = calls[0][4][11], calls[0][4][12]
+        else:   # prep: out, dO, lse in; lse2 and Delta out
+            args = calls[0][4]
+            lse2, delta = args[3], args[4]
+            assert args[0] is out and args[1] is do and args[2] is lse and args[5] is cu
+            assert args[6:] == (*lay(out), *lay(do), *stride_l, lse2.stride(0), lse2.stride(1), Sq)
+        assert lse2.dtype == delta.dtype == torch.float32 and lse2.shape == delta.shape == (B, H, lse2.shape[-1])
+        assert lse2.shape[-1] >= triton.cdiv(Sq, 128) * 128   # every row of the dQ pass's 128-row tiles
         # dK/dV (and the single pass's dQ)
-        args = calls[1][4]
+        args = calls[names.index("bwd")][4]
         bm = gplan[0]
         acc = args[7]
         assert args[8] is dk and args[9] is dv and args[10] is cu and args[11] is cu
@@ -249,15 +257,16 @@ def test_gluon_backward_hands_each_launch_the_call_tensors_and_their_strides(mon
         assert args[12:21] == (*acc.stride()[:3], *lay(dk), *lay(dv))
         assert args[21:27] == (Sq, Sk, left, right, C.score_scales(0.125, 0.0)[0], 0.125)
         assert args[27:29] == (H // Hk, H)
-        if mode == 0:   # the dQ pass
-            args = calls[-1][4]
+        if mode == 0:   # the dQ pass: also reads out and the forward's lse (their strides) for lse2 and Delta
+            args = calls[0][4]
             bn = GB._DQ_PLANS[D][0]
             assert _tma_ok(args[0], q, (1, 64, 1, D)) and _tma_ok(args[1], k, (1, bn, 1, D))
             assert _tma_ok(args[2], v, (1, bn, 1, D)) and _tma_ok(args[3], do, (1, 64, 1, D))
             assert _tma_ok(args[4], dq, (1, 64, 1, D)) and args[5] is dq and args[6] is cu and args[7] is cu
             assert args[8:11] == lay(dq) and args[11] is lse2 and args[12] is delta
-            assert args[13:21] == (lse2.stride(0), lse2.stride(1), Sq, Sk, left, right,
-                                   C.score_scales(0.125, 0.0)[0], 0.125)
+            assert args[13:15] == (lse2.stride(0), lse2.stride(1))
+            assert args[15] is out and args[16] is lse and args[17:22] == (*lay(out), *stride_l)
+            assert args[22:28] == (Sq, Sk, left, right, C.score_scales(0.125, 0.0)[0], 0.125)
     assert len(GB._SETUPS) >= 1
 
 

@@ -583,15 +583,57 @@ if HAVE_GLUON:
         return dq, gl.convert_layout(ds, a_layout)
 
     @gluon.jit
+    def _prep_rows(O, LSE, LSE2, DELTA, pbase, stride_ob, stride_om, stride_oh, stride_lb, stride_lh, b, q0, h, r0, Sq,
+                   dow, q_bar, tq, row_layout: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """`_prep_kernel`'s work for rows r0 ... r0 + 63 of one (sequence, head), in the dQ pass (which then runs
+        before the dK/dV pass): lse in log2 units and Delta = rowsum(O ∘ dO), dO from the tile's shared buffer once
+        Q and dO have landed (`q_bar`, waited here), O and lse read straight from memory (their loads issued before
+        the wait), both written to the padded rows the dK/dV pass reads (+inf and 0 past the sequence). Returns
+        (lse, Delta) in `row_layout`."""
+        o_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        rows = r0 + gl.arange(0, 64, layout=row_layout)
+        lse = gl.load(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q0 + rows, mask=rows < Sq,
+                      other=float("inf")) * 1.4426950408889634
+        ro = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_layout))
+        optr = (O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+                + gl.expand_dims((q0 + ro).to(gl.int64) * stride_om, 1)
+                + gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(0, o_layout)), 0))
+        ok = gl.expand_dims(ro < Sq, 1)   # packed: the rows past the sequence are the next one's (dO's too)
+        o0 = gl.load(optr, mask=ok, other=0.0)
+        if HEAD_DIM >= 128:
+            o1 = gl.load(optr + 64, mask=ok, other=0.0)
+        mbarrier.wait(q_bar, tq & 1)
+        acc = gl.sum(o0.to(gl.float32) * dow.slice(0, 64, dim=1).load(o_layout).to(gl.float32), 1)
+        if HEAD_DIM >= 128:
+            acc += gl.sum(o1.to(gl.float32) * dow.slice(64, 64, dim=1).load(o_layout).to(gl.float32), 1)
+        if HEAD_DIM == 256:   # the last two 64-column parts after the wait: dQ's 128 registers a thread are live
+            for c in gl.static_range(2, 4):
+                oc = gl.load(optr + c * 64, mask=ok, other=0.0)
+                acc += gl.sum(oc.to(gl.float32) * dow.slice(c * 64, 64, dim=1).load(o_layout).to(gl.float32), 1)
+        delta = gl.convert_layout(acc, row_layout)
+        gl.store(LSE2 + pbase + rows, lse)
+        gl.store(DELTA + pbase + rows, delta)
+        return lse, delta
+
+    @gluon.jit
+    def _prep_none(LSE2, DELTA, pbase, r0, row_layout: gl.constexpr):
+        """Rows r0 ... r0 + 63 of a tile that sees no key, for the dK/dV pass: lse +inf and Delta 0 (P = 0), as
+        `_prep_kernel` writes them."""
+        rows = r0 + gl.arange(0, 64, layout=row_layout)
+        gl.store(LSE2 + pbase + rows, gl.full([64], float("inf"), gl.float32, row_layout))
+        gl.store(DELTA + pbase + rows, gl.zeros([64], gl.float32, row_layout))
+
+    @gluon.jit
     def _dq_tile(W: gl.constexpr, dq_desc, dq_buf, DQ, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem, q_bar,
-                 q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, base, tq, b, bq, q0, h, m0, lo, full_lo,
-                 full_hi, hi, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_N: gl.constexpr,
-                 HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, PIPE: gl.constexpr,
-                 DQ_BUF: gl.constexpr):
+                 q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, O, LSE, stride_ob, stride_om, stride_oh,
+                 stride_lb, stride_lh, base, tq, b, bq, q0, h, m0, lo, full_lo, full_hi, hi, Sq, Sk, diag, left, right,
+                 qk_scale, ds_scale, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                 IS_VARLEN: gl.constexpr, PIPE: gl.constexpr, DQ_BUF: gl.constexpr, PREP: gl.constexpr):
         """Consumer warpgroup W on one tile that sees a key: dQ of rows m0 + 64·W ... over v2's three key ranges,
         stored once. PIPE: each block's dQ product one step late (`_dq_step_pipe`), the first block peeled (always
         masked: it may be an edge). Q's and dO's buffers go back to the producer after the last block, unless dQ
-        leaves through Q's (dense without DQ_BUF: after the store)."""
+        leaves through Q's (dense without DQ_BUF: after the store). PREP: the rows' lse and Delta are worked out
+        here (`_prep_rows`) and written for the dK/dV pass that follows, instead of read from `_prep_kernel`'s."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -601,12 +643,16 @@ if HAVE_GLUON:
         offs_m = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
         offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         pbase = b.to(gl.int64) * stride_pb + h.to(gl.int64) * stride_ph
-        lse = gl.load(LSE2 + pbase + offs_m)     # padded: +inf and 0 past the sequence
-        delta = gl.load(DELTA + pbase + offs_m)
         qw = q_smem.index(W).reshape([64, HEAD_DIM])
         dow = do_smem.index(W).reshape([64, HEAD_DIM])
+        if PREP:
+            lse, delta = _prep_rows(O, LSE, LSE2, DELTA, pbase, stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+                                    b, q0, h, r0, Sq, dow, q_bar, tq, gl.SliceLayout(1, s_layout), HEAD_DIM)
+        else:
+            lse = gl.load(LSE2 + pbase + offs_m)     # padded: +inf and 0 past the sequence
+            delta = gl.load(DELTA + pbase + offs_m)
+            mbarrier.wait(q_bar, tq & 1)
         dq = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
-        mbarrier.wait(q_bar, tq & 1)
         if PIPE:
             s0 = base % STAGES
             mbarrier.wait(ready.index(s0), (base // STAGES) & 1)
@@ -658,12 +704,13 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _dq_consumer(W: gl.constexpr, dq_desc, dq_buf, DQ, stride_qb, stride_qm, stride_qh, q_smem, do_smem, k_smem,
-                     v_smem, q_bar, q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, CU_Q, CU_K, seqlen_q,
-                     seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale, ds_scale,
-                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, NC: gl.constexpr,
-                     IS_VARLEN: gl.constexpr, PIPE: gl.constexpr, DQ_BUF: gl.constexpr):
+                     v_smem, q_bar, q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, O, LSE, stride_ob,
+                     stride_om, stride_oh, stride_lb, stride_lh, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group,
+                     n_mt, n_heads, n_units, per, pid, nprog, qk_scale, ds_scale, BLOCK_N: gl.constexpr,
+                     HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, NC: gl.constexpr, IS_VARLEN: gl.constexpr,
+                     PIPE: gl.constexpr, DQ_BUF: gl.constexpr, PREP: gl.constexpr):
         """Consumer warpgroup W over this program's tiles (the producer's order and ring count); a tile that sees no
-        key gets dQ = 0 by masked stores."""
+        key gets dQ = 0 by masked stores (and, with PREP, lse +inf and Delta 0)."""
         base = 0
         tq = 0
         for i in range(per * gl.cdiv(n_units - pid, nprog)):
@@ -674,26 +721,33 @@ if HAVE_GLUON:
             if ok:
                 if lo < hi:
                     _dq_tile(W, dq_desc, dq_buf, DQ, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem, q_bar,
-                             q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, base, tq, b, bq, q0, h, m0, lo,
-                             full_lo, full_hi, hi, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM,
-                             STAGES, IS_VARLEN, PIPE, DQ_BUF)
+                             q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, O, LSE, stride_ob, stride_om,
+                             stride_oh, stride_lb, stride_lh, base, tq, b, bq, q0, h, m0, lo, full_lo, full_hi, hi, Sq,
+                             Sk, diag, left, right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM, STAGES, IS_VARLEN, PIPE,
+                             DQ_BUF, PREP)
                     base += gl.cdiv(hi - lo, BLOCK_N)
                     tq += 1
                 else:   # no key visible from any row of this tile: dQ = 0
                     _store_zero_rows(DQ, stride_qb, stride_qm, stride_qh, b, q0, h, m0 + W * 64, Sq, 64, HEAD_DIM)
+                    if PREP:
+                        _prep_none(LSE2, DELTA, b.to(gl.int64) * stride_pb + h.to(gl.int64) * stride_ph,
+                                   m0 + W * 64, gl.BlockedLayout([1], [32], [4], [0]))
         if DQ_BUF:
             tma.store_wait(0)   # the last tile's store reads the buffer: shared memory must outlive it
 
     @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group", "n_mt", "n_units",
                                   "per"])
     def _dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DQ, CU_Q, CU_K, stride_qb, stride_qm, stride_qh, LSE2,
-                   DELTA, stride_pb, stride_ph, seqlen_q, seqlen_k, window_left, window_right, qk_scale, ds_scale,
-                   group, n_mt, n_heads, n_units, per, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                   STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, NC: gl.constexpr, IS_VARLEN: gl.constexpr,
-                   PIPE: gl.constexpr = False, DQ_BUF: gl.constexpr = False):
+                   DELTA, stride_pb, stride_ph, O, LSE, stride_ob, stride_om, stride_oh, stride_lb, stride_lh, seqlen_q,
+                   seqlen_k, window_left, window_right, qk_scale, ds_scale, group, n_mt, n_heads, n_units, per,
+                   HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                   NC: gl.constexpr, IS_VARLEN: gl.constexpr, PIPE: gl.constexpr = False, DQ_BUF: gl.constexpr = False,
+                   PREP: gl.constexpr = False):
         # Grid: (programs,), persistent or one program a unit of `per` row tiles, as the forward's (v3_gluon._tile).
         # Warps: the producer (num_warps=4) + NC 4-warp consumers of 64 query rows each. DQ_BUF: dense dQ leaves
         # through a shared buffer of its own, so that the next tile's Q and dO load under this one's last product.
+        # PREP: lse (log2 units) and Delta are worked out from O, dO and the forward's LSE here and written to LSE2
+        # and DELTA for the dK/dV pass, which then runs second (no `_prep_kernel`); else they are read from there.
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
         dtype: gl.constexpr = q_desc.dtype
@@ -722,13 +776,15 @@ if HAVE_GLUON:
                             empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid,
                             nprog, BLOCK_N, HEAD_DIM, STAGES, NC, IS_VARLEN)),
             (_dq_consumer, (0, dq_desc, dq_buf, DQ, stride_qb, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem,
-                            q_bar, q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, CU_Q, CU_K, seqlen_q,
-                            seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale, ds_scale,
-                            BLOCK_N, HEAD_DIM, STAGES, NC, IS_VARLEN, PIPE, DQ_BUF)),
+                            q_bar, q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, O, LSE, stride_ob,
+                            stride_om, stride_oh, stride_lb, stride_lh, CU_Q, CU_K, seqlen_q, seqlen_k, left, right,
+                            group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale, ds_scale, BLOCK_N, HEAD_DIM,
+                            STAGES, NC, IS_VARLEN, PIPE, DQ_BUF, PREP)),
             (_dq_consumer, (1, dq_desc, dq_buf, DQ, stride_qb, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem,
-                            q_bar, q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, CU_Q, CU_K, seqlen_q,
-                            seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale, ds_scale,
-                            BLOCK_N, HEAD_DIM, STAGES, NC, IS_VARLEN, PIPE, DQ_BUF)),
+                            q_bar, q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, O, LSE, stride_ob,
+                            stride_om, stride_oh, stride_lb, stride_lh, CU_Q, CU_K, seqlen_q, seqlen_k, left, right,
+                            group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale, ds_scale, BLOCK_N, HEAD_DIM,
+                            STAGES, NC, IS_VARLEN, PIPE, DQ_BUF, PREP)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 # Launch plans of the dK/dV kernel: (BLOCK_M query rows per step, STAGES of the Q/dO ring, consumer registers, NC
@@ -754,6 +810,11 @@ _DQ_PLANS = {64: (128, 2, 240, 2, False), 128: (64, 3, 240, 2, False), 256: (32,
 # own up to head dim DQ_BUF_MAX_D (d256: through Q's, shared memory holds no other).
 PERSISTENT = True
 DQ_BUF_MAX_D = 128
+# Two passes (dQ mode 0): the dQ pass runs first and works out each row's lse (log2 units) and Delta = rowsum(O ∘ dO)
+# itself, writing them for the dK/dV pass, instead of `_prep_kernel` reading O and dO in a launch of its own before
+# both (50 us of a 937 us backward at d128 1k on the H100, where cuDNN's own dO·O kernel takes 93:
+# results/2026-11-27-h100-bwd-parts.md). False: the prep kernel, then dK/dV, then dQ.
+FUSED_PREP = True
 
 
 # The single pass from this many keys visible to a query row on average (`visible_keys`); below, the two passes. The
@@ -862,7 +923,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     key = (q.shape, k.shape, q.dtype, None if not varlen else
            ((cu_seqlens_q.data_ptr() | cu_seqlens_k.data_ptr()) & 15, cu_seqlens_q.numel(), max_seqlen_q, max_seqlen_k),
            tuple(window_size), do.stride(), do.data_ptr() & 15, out.stride(), lse.stride(), softmax_scale, _plan, _dq,
-           _dq_plan, q.device, persistent_on(PERSISTENT))
+           _dq_plan, q.device, persistent_on(PERSISTENT), FUSED_PREP)
     st = _SETUPS.get(key)
     if st is None:
         st = C.keep(_SETUPS, key, _Setup(q, k, do, out, lse, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale,
@@ -875,13 +936,23 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         return torch.zeros_like(q), dk.zero_(), dv.zero_()
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as TD
     lse2, delta = torch.empty(st.lse_shape, dtype=torch.float32, device=dev)   # one allocation
-    _prep_launch.launch(st.prep_key, st.prep_grid, (out, do, lse, lse2, delta, cu_seqlens_q) + st.prep_ints,
-                        st.prep_meta)
+    if not st.fused_prep:
+        _prep_launch.launch(st.prep_key, st.prep_grid, (out, do, lse, lse2, delta, cu_seqlens_q) + st.prep_ints,
+                            st.prep_meta)
     dq = torch.zeros(st.acc_shape, dtype=torch.float32, device=dev) if st.atomic else new(q.shape, dtype=q.dtype,
                                                                                              device=dev)
     if varlen:   # descriptors over (1, total, H, D)
         q, k, v, do = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), do.unsqueeze(0)
     layout, bm, D = st.layout, st.bm, st.D
+    if st.mode == 0:   # the dQ pass: first when it works out lse and Delta for the dK/dV pass (`fused_prep`)
+        bn = st.dq_bn
+        dq4 = dq.unsqueeze(0) if varlen else dq
+        dq_args = ((C.Tma(TD, q, (1, 64, 1, D), layout), C.Tma(TD, k, (1, bn, 1, D), layout),
+                    C.Tma(TD, v, (1, bn, 1, D), layout), C.Tma(TD, do, (1, 64, 1, D), layout),
+                    C.Tma(TD, dq4, (1, 64, 1, D), layout), dq, cu_seqlens_q, cu_seqlens_k) + st.dq_strides
+                   + (lse2, delta) + st.dq_pad_strides + (out, lse) + st.dq_ints)
+        if st.fused_prep:
+            _dq_launch.launch(st.dq_key, st.dq_grid, dq_args, st.dq_meta)
     ld = C.Tma(TD, lse2.view(st.rows_2d), (1, bm), st.row_layout)
     dqad = C.Tma(TD, dq, (1, bm, 1, 64), st.acc_layout) if st.mode >= 5 else ld
     args = (C.Tma(TD, q, (1, bm, 1, D), layout), C.Tma(TD, k, (1, 64, 1, D), layout),
@@ -892,14 +963,8 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         _bwd_launch.launch(part_key, st.bwd_grid, args, meta)
     if st.atomic:
         return (dq[0] if varlen else dq[:, :st.Sq]).to(st.dtype), dk, dv
-    if st.mode == 0:
-        bn = st.dq_bn
-        dq4 = dq.unsqueeze(0) if varlen else dq
-        _dq_launch.launch(st.dq_key, st.dq_grid,
-                          (C.Tma(TD, q, (1, 64, 1, D), layout), C.Tma(TD, k, (1, bn, 1, D), layout),
-                           C.Tma(TD, v, (1, bn, 1, D), layout), C.Tma(TD, do, (1, 64, 1, D), layout),
-                           C.Tma(TD, dq4, (1, 64, 1, D), layout), dq, cu_seqlens_q, cu_seqlens_k) + st.dq_strides
-                          + (lse2, delta) + st.dq_ints, st.dq_meta)
+    if st.mode == 0 and not st.fused_prep:
+        _dq_launch.launch(st.dq_key, st.dq_grid, dq_args, st.dq_meta)
     return dq, dk, dv
 
 
@@ -938,6 +1003,8 @@ class _Setup:
         left, right = C.window_args(window_size, Sq, Sk)
         qk_scale, _ = C.score_scales(softmax_scale, 0.0)
         self.atomic = atomic = mode in _SUMMED
+        # two passes: the dQ pass works out lse and Delta itself and runs first (no `_prep_kernel`; FUSED_PREP)
+        self.fused_prep = mode == 0 and FUSED_PREP
         # dQ's float32 accumulator: dense (B, Sq, H, D) for the TMA reduce (modes 5, 6: it clips rows past the
         # tensor), (B, pad, H, D) for red's (their pointers reach the padded rows); packed (1, total, H, D), where a
         # tile's rows past its sequence add exact zeros (their lse is +inf) and rows past the last are outside the
@@ -968,10 +1035,12 @@ class _Setup:
             self.dq_key = key + (dq_buf,)
             self.dq_grid = (programs,)
             self.dq_strides = C.layout_of(dq_strides, varlen)
-            self.dq_ints = (lse_pb, lse_ph, Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, n_mt, H, n_units,
-                            per)
+            self.dq_pad_strides = (lse_pb, lse_ph)
+            # O's and lse's strides (read by the dQ pass with FUSED_PREP), then the integers
+            self.dq_ints = C.seq_layout(out, varlen) + stride_l + (Sq, Sk, left, right, qk_scale, softmax_scale,
+                                                                   H // Hk, n_mt, H, n_units, per)
             self.dq_meta = dict(HEAD_DIM=D, BLOCK_N=bn, STAGES=dq_stages, CONSUMER_REGS=dq_regs, NC=dq_nc,
-                                IS_VARLEN=varlen, PIPE=pipe, DQ_BUF=dq_buf, num_warps=4)
+                                IS_VARLEN=varlen, PIPE=pipe, DQ_BUF=dq_buf, PREP=self.fused_prep, num_warps=4)
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,11 +8,13 @@ Per (head dim, length, causal) and implementation: the median fwd+bwd time (do_b
 torch.profiler's device time of every kernel over `--iters` fwd+bwd calls, per call: the prep kernel, each pass, the
 allocations' fills, the casts. Shapes as bench.py's grid: B = 16384 / S, H = 2048 / D, bf16. Implementation
 "ours-v3-prepkernel": ours with v3_gluon_bwd.FUSED_PREP off (lse and Delta from `_prep_kernel`, as before the
-fifteenth session), in the same process.
+fifteenth session), in the same process; "ours-v3-kv1": ours with one K/V slot in the dK/dV pass
+(v3_gluon_bwd.MAX_KV_SLOTS = 1, as before the fifteenth session).
 
 --tile-cost: the Gluon backward's two passes (forced) at one head dim, unmasked, B = 16, H = 16, with the query length
 growing at 1k keys and the key length growing at 1k queries: each pass's kernel time against its tiles and steps, so
-that a pass's fixed cost a tile (K/V or Q/dO loads, the epilogue) separates from its cost a step.
+that a pass's fixed cost a tile (K/V or Q/dO loads, the epilogue) separates from its cost a step; with the default
+K/V slots and with one.
 Writes probe_bwd_parts.json and probe_bwd_parts.md.
 """
 from __future__ import annotations
@@ -69,7 +71,10 @@ def tile_cost(D, iters):
     from hf_flashattn.kernels import v3, v3_gluon_bwd as GB
     rows = []
     p0 = GB.plan(D)[:5] + (0,)
-    for Sq, Sk in ((1024, 1024), (2048, 1024), (4096, 1024), (1024, 2048), (1024, 4096)):
+    slots0 = GB.MAX_KV_SLOTS
+    for slots, Sq, Sk in [(s_, a, b) for s_ in dict.fromkeys((slots0, 1))
+                          for a, b in ((1024, 1024), (2048, 1024), (4096, 1024), (1024, 2048), (1024, 4096))]:
+        GB.MAX_KV_SLOTS = slots
         B, H = 16, 16
         q = torch.randn(B, Sq, H, D, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(B, Sk, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -80,12 +85,13 @@ def tile_cost(D, iters):
         f()
         ms = triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")
         kern = [dict(name=n, calls=c, us=u) for n, c, u in kernel_times(f, iters)]
-        row = dict(D=D, Sq=Sq, Sk=Sk, B=B, H=H, ms=ms, kernels=kern)
+        row = dict(D=D, Sq=Sq, Sk=Sk, B=B, H=H, kv_slots=GB.kv_slots_for(D, 0), ms=ms, kernels=kern)
         rows.append(row)
-        print(json.dumps(dict(D=D, Sq=Sq, Sk=Sk, ms=ms, kernels={r["name"]: round(r["us"], 1) for r in kern})),
+        print(json.dumps(dict(D=D, Sq=Sq, Sk=Sk, kv_slots=row["kv_slots"], ms=ms, kernels={r["name"]: round(r["us"], 1) for r in kern})),
               flush=True)
         del q, k, v, do, out, lse
         torch.cuda.empty_cache()
+    GB.MAX_KV_SLOTS = slots0
     return rows
 
 
@@ -106,7 +112,7 @@ def main():
     from bench import make_impls
 
     from hf_flashattn.kernels import v3_gluon_bwd as GB
-    fused0 = GB.FUSED_PREP
+    fused0, slots0 = GB.FUSED_PREP, GB.MAX_KV_SLOTS
     impls = make_impls(["v3"])
     names = args.impls.split(",")
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -124,13 +130,14 @@ def main():
                 for name in names:
                     point = dict(impl=name, D=D, S=S, B=B, H=H, causal=causal)
                     shp = (B, S, H, D) if name.startswith("ours") else (B, H, S, D)
-                    prep_kernel = name == "ours-v3-prepkernel"
-                    GB.FUSED_PREP = not prep_kernel
+                    variant = name in ("ours-v3-prepkernel", "ours-v3-kv1")
+                    GB.FUSED_PREP = name != "ours-v3-prepkernel"
+                    GB.MAX_KV_SLOTS = 1 if name == "ours-v3-kv1" else slots0
                     try:
-                        point.update(measure(impls["ours-v3" if prep_kernel else name], shp, causal, args.iters))
+                        point.update(measure(impls["ours-v3" if variant else name], shp, causal, args.iters))
                     except Exception as e:  # noqa: BLE001 - a baseline that cannot run is recorded
                         point["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                    GB.FUSED_PREP = fused0
+                    GB.FUSED_PREP, GB.MAX_KV_SLOTS = fused0, slots0
                     points.append(point)
                     print(json.dumps({k: point[k] for k in point if k != "kernels"}), flush=True)
                     torch.cuda.empty_cache()
@@ -162,11 +169,11 @@ def main():
     if tiles:
         names_t = sorted({r["name"] for t in tiles for r in t["kernels"]})
         md += ["## The two passes' time against their tiles and steps (unmasked, B = H = 16, two passes forced)", "",
-               "| D | Sq | Sk | do_bench us | " + " | ".join(short(n, 30) for n in names_t) + " |",
-               "|---|---|---|---|" + "---|" * len(names_t)]
+               "| D | K/V slots | Sq | Sk | do_bench us | " + " | ".join(short(n, 30) for n in names_t) + " |",
+               "|---|---|---|---|---|" + "---|" * len(names_t)]
         for t in tiles:
             us = {r["name"]: r["us"] for r in t["kernels"]}
-            md.append(f"| {t['D']} | {t['Sq']} | {t['Sk']} | {t['ms'] * 1e3:.0f} | "
+            md.append(f"| {t['D']} | {t['kv_slots']} | {t['Sq']} | {t['Sk']} | {t['ms'] * 1e3:.0f} | "
                       + " | ".join(f"{us[n]:.1f}" if n in us else "" for n in names_t) + " |")
         md.append("")
     with open(os.path.join(args.out, "probe_bwd_parts.md"), "w") as fh:

@@ -55,8 +55,10 @@ for i, name in enumerate(fn.arg_names):
     else:
         sig[name] = "i32"
 if which == "dkdv":
-    cx = dict(HEAD_DIM=D, BLOCK_M=rows, STAGES=stages, CONSUMER_REGS=regs, NC=nc, DO_DQ=extra[1] if extra[1] != 4 else 0,
-              SHARED_DQ=extra[0] and extra[1] in (1, 2, 3, 5, 6), IS_VARLEN=varlen, PART=part)
+    do_dq = extra[1] if extra[1] != 4 else 0
+    cx = dict(HEAD_DIM=D, BLOCK_M=rows, STAGES=stages, CONSUMER_REGS=regs, NC=nc, DO_DQ=do_dq,
+              SHARED_DQ=extra[0] and extra[1] in (1, 2, 3, 5, 6), IS_VARLEN=varlen, PART=part,
+              KV_SLOTS=extra[2] if len(extra) > 2 else GB.kv_slots_for(D, do_dq))
 else:
     cx = dict(HEAD_DIM=D, BLOCK_N=rows, STAGES=stages, CONSUMER_REGS=regs, NC=nc, IS_VARLEN=varlen, PIPE=extra[0],
               DQ_BUF=D <= GB.DQ_BUF_MAX_D and not varlen, PREP=extra[1] if len(extra) > 1 else GB.FUSED_PREP)

@@ -85,25 +85,26 @@ if HAVE_GLUON:
         return ok, b, kvh, n0, bq, q0, k0, Sq, Sk, lo, full_lo, full_hi, hi
 
     @gluon.jit
-    def _load_tile_pair(a_desc, b_desc, bq, row, head, bar, free_bar, t, a_smem, b_smem, HEAD_DIM: gl.constexpr,
+    def _load_tile_pair(a_desc, b_desc, bq, row, head, bar, free_bar, t, a_smem, b_smem, a0, HEAD_DIM: gl.constexpr,
                         NC: gl.constexpr):
         """A producer's once-a-tile load of two tensors' rows [row, row + 64·NC) of head `head` (a 64-row slice per
-        consumer), after the consumers have released the t-th previous tile's (`free_bar`): K and V in the dK/dV pass,
-        Q and dO in the dQ pass."""
+        consumer, buffers a0 ... a0 + NC - 1), after the consumers have released the slot's previous use, its t-th
+        (`free_bar`): K and V in the dK/dV pass, Q and dO in the dQ pass."""
         mbarrier.wait(free_bar, (t & 1) ^ 1)   # a fresh barrier's parity 1 is done
         mbarrier.expect(bar, 2 * NC * 64 * HEAD_DIM * 2)
         for w in gl.static_range(NC):
-            _tma_load(a_desc, [bq, row + w * 64, head, 0], bar, a_smem.index(w))
-            _tma_load(b_desc, [bq, row + w * 64, head, 0], bar, b_smem.index(w))
+            _tma_load(a_desc, [bq, row + w * 64, head, 0], bar, a_smem.index(a0 + w))
+            _tma_load(b_desc, [bq, row + w * 64, head, 0], bar, b_smem.index(a0 + w))
 
     @gluon.jit
     def _producer(q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, q_smem, do_smem, k_smem, v_smem, l_smem, d_smem,
                   kv_bar, kv_empty, ready, empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, nheads, n_kt,
                   n_units, per, pid, nprog, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                  NC: gl.constexpr, IS_VARLEN: gl.constexpr):
-        """For each key tile of this program that some query sees: K and V (a 64-row slice per consumer) once the
-        consumers have released the previous tile's (`kv_empty`), then Q, dO, lse and Delta of every (head, query
-        block) into a ring whose count runs on across tiles."""
+                  NC: gl.constexpr, IS_VARLEN: gl.constexpr, KV_SLOTS: gl.constexpr):
+        """For each key tile of this program that some query sees: K and V (a 64-row slice per consumer) into slot
+        tk % KV_SLOTS once the consumers have released that slot's previous tile (`kv_empty`), then Q, dO, lse and
+        Delta of every (head, query block) into a ring whose count runs on across tiles. With two slots the next
+        tile's K and V load while this tile's last steps run, not after them."""
         base = 0
         tk = 0
         for t in range(per * gl.cdiv(n_units - pid, nprog)):
@@ -111,7 +112,9 @@ if HAVE_GLUON:
                                                                      CU_K, seqlen_q, seqlen_k, left, right, NC * 64,
                                                                      BLOCK_M, IS_VARLEN)
             if ok & (lo < hi):
-                _load_tile_pair(k_desc, v_desc, bq, k0 + n0, kvh, kv_bar, kv_empty, tk, k_smem, v_smem, HEAD_DIM, NC)
+                slot = tk % KV_SLOTS
+                _load_tile_pair(k_desc, v_desc, bq, k0 + n0, kvh, kv_bar.index(slot), kv_empty.index(slot),
+                                tk // KV_SLOTS, k_smem, v_smem, slot * NC, HEAD_DIM, NC)
                 n = gl.cdiv(hi - lo, BLOCK_M)
                 for g in range(group):
                     h = kvh * group + g
@@ -215,7 +218,7 @@ if HAVE_GLUON:
         return pt, pt * (dpt - gl.expand_dims(delta, 0))
 
     @gluon.jit
-    def _step(it, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dq_smem, q_smem, do_smem, l_smem, d_smem, ready, empty,
+    def _step(it, m0, dk, dv, k_smem, kv0, kw, vw, ds_smem, dsw, dq_smem, q_smem, do_smem, l_smem, d_smem, ready, empty,
               ds_full, ds_free, DQ_h, stride_dqm, dqa_desc, b, q0, h, offs_k, Sk, diag, left, right, qk_scale, ds_scale,
               BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, st_layout: gl.constexpr,
               acc_layout: gl.constexpr, a_layout: gl.constexpr, MASKED: gl.constexpr, DO_DQ: gl.constexpr,
@@ -282,7 +285,8 @@ if HAVE_GLUON:
                     if (it & 1) == W:
                         dq0 = gl.zeros([BLOCK_M, DH], gl.float32, dq_layout)
                         for j in gl.static_range(NC):
-                            dq0 = warpgroup_mma(ds_smem.index(j).permute((1, 0)), k_smem.index(j).reshape([64, DH]),
+                            dq0 = warpgroup_mma(ds_smem.index(j).permute((1, 0)),
+                                                k_smem.index(kv0 + j).reshape([64, DH]),
                                                 dq0, use_acc=j > 0, is_async=True)
                         dq0 = warpgroup_mma_wait(0, deps=[dq0])
                         mbarrier.arrive(ds_free, count=1)
@@ -300,7 +304,7 @@ if HAVE_GLUON:
                     mbarrier.wait(ds_full, it & 1)
                     dq0 = gl.zeros([BLOCK_M, DH], gl.float32, dq_layout)
                     for j in gl.static_range(NC):
-                        kj = k_smem.index(j).reshape([64, HEAD_DIM]).slice(W * DH, DH, dim=1)
+                        kj = k_smem.index(kv0 + j).reshape([64, HEAD_DIM]).slice(W * DH, DH, dim=1)
                         dq0 = warpgroup_mma(ds_smem.index(j).permute((1, 0)), kj, dq0, use_acc=j > 0, is_async=True)
                     dv, dk, dq0, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq0, p_op, ds_op])
                     mbarrier.arrive(ds_free, count=1)
@@ -338,10 +342,10 @@ if HAVE_GLUON:
                          b, bq, q0, k0, kvh, n0, lo, full_lo, full_hi, hi, group, Sk, diag, left, right, qk_scale,
                          ds_scale, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                          DO_DQ: gl.constexpr, SHARED_DQ: gl.constexpr, NC: gl.constexpr, PART: gl.constexpr,
-                         IS_VARLEN: gl.constexpr):
-        """Consumer warpgroup W on one key tile: keys n0 + 64·W ... of the tile, summed over the group's heads; K and
-        V go back to the producer after the last step (`kv_empty`), before dK and dV are stored. `tbase`: the ring's
-        count at the tile's first step."""
+                         IS_VARLEN: gl.constexpr, KV_SLOTS: gl.constexpr):
+        """Consumer warpgroup W on one key tile: keys n0 + 64·W ... of the tile (in K/V slot tk % KV_SLOTS), summed
+        over the group's heads; K and V go back to the producer after the last step (`kv_empty`), before dK and dV are
+        stored. `tbase`: the ring's count at the tile's first step."""
         st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                             instr_shape=[16, BLOCK_M, 16])
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -349,8 +353,10 @@ if HAVE_GLUON:
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
         kw0 = n0 + W * 64   # this consumer's first key, within the sequence
         offs_k = kw0 + gl.arange(0, 64, layout=gl.SliceLayout(1, st_layout))
-        kw = k_smem.index(W).reshape([64, HEAD_DIM])
-        vw = v_smem.index(W).reshape([64, HEAD_DIM])
+        slot = tk % KV_SLOTS
+        kv0 = slot * NC
+        kw = k_smem.index(kv0 + W).reshape([64, HEAD_DIM])
+        vw = v_smem.index(kv0 + W).reshape([64, HEAD_DIM])
         dsw = ds_smem.index(W)
         dk = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
         dv = gl.zeros([64, HEAD_DIM], gl.float32, acc_layout)
@@ -361,28 +367,28 @@ if HAVE_GLUON:
             if n0 + NC * 64 > Sk:
                 full_lo = hi
                 full_hi = hi
-        mbarrier.wait(kv_bar, tk & 1)
+        mbarrier.wait(kv_bar.index(slot), (tk // KV_SLOTS) & 1)
         b64 = b.to(gl.int64)
         for g in range(group):
             hq = kvh * group + g
             DQ_h = DQ + b64 * stride_dqb + hq.to(gl.int64) * stride_dqh
             base = tbase + g * n - lo // BLOCK_M
             for m0 in range(lo, full_lo, BLOCK_M):
-                dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dq_smem, q_smem,
+                dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kv0, kw, vw, ds_smem, dsw, dq_smem, q_smem,
                                do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, dqa_desc,
                                bq, q0, hq, offs_k, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM,
                                STAGES, st_layout, acc_layout, a_layout, True, DO_DQ, SHARED_DQ, W, NC, PART)
             for m0 in range(full_lo, full_hi, BLOCK_M):
-                dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dq_smem, q_smem,
+                dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kv0, kw, vw, ds_smem, dsw, dq_smem, q_smem,
                                do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, dqa_desc,
                                bq, q0, hq, offs_k, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM,
                                STAGES, st_layout, acc_layout, a_layout, False, DO_DQ, SHARED_DQ, W, NC, PART)
             for m0 in range(full_hi, hi, BLOCK_M):
-                dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kw, vw, ds_smem, dsw, dq_smem, q_smem,
+                dk, dv = _step(base + m0 // BLOCK_M, m0, dk, dv, k_smem, kv0, kw, vw, ds_smem, dsw, dq_smem, q_smem,
                                do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, dqa_desc,
                                bq, q0, hq, offs_k, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM,
                                STAGES, st_layout, acc_layout, a_layout, True, DO_DQ, SHARED_DQ, W, NC, PART)
-        mbarrier.arrive(kv_empty, count=1)   # every product reading K and V has been waited for
+        mbarrier.arrive(kv_empty.index(slot), count=1)   # every product reading K and V has been waited for
         _store_kv_rows(DK, DV, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, bq, kvh, k0, kw0,
                        Sk, dk * ds_scale, dv, acc_layout, HEAD_DIM, PART)
 
@@ -410,7 +416,8 @@ if HAVE_GLUON:
                   stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, CU_Q, CU_K, seqlen_q,
                   seqlen_k, left, right, group, nheads, n_kt, n_units, per, pid, nprog, qk_scale, ds_scale,
                   BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, DO_DQ: gl.constexpr,
-                  SHARED_DQ: gl.constexpr, NC: gl.constexpr, PART: gl.constexpr, IS_VARLEN: gl.constexpr):
+                  SHARED_DQ: gl.constexpr, NC: gl.constexpr, PART: gl.constexpr, IS_VARLEN: gl.constexpr,
+                  KV_SLOTS: gl.constexpr):
         """Consumer warpgroup W over this program's key tiles (the producer's order and ring count); keys no query
         sees get dK = dV = 0."""
         tbase = 0
@@ -427,7 +434,7 @@ if HAVE_GLUON:
                                      stride_dqm, stride_dqh, stride_dkb, stride_dkn, stride_dkh, stride_dvb,
                                      stride_dvn, stride_dvh, tbase, tk, b, bq, q0, k0, kvh, n0, lo, full_lo, full_hi,
                                      hi, group, Sk, Sk - Sq, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM,
-                                     STAGES, DO_DQ, SHARED_DQ, NC, PART, IS_VARLEN)
+                                     STAGES, DO_DQ, SHARED_DQ, NC, PART, IS_VARLEN, KV_SLOTS)
                     tbase += group * gl.cdiv(hi - lo, BLOCK_M)
                     tk += 1
                 else:   # no query sees these keys: dK = dV = 0
@@ -446,7 +453,7 @@ if HAVE_GLUON:
                     per,
                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                     NC: gl.constexpr, DO_DQ: gl.constexpr, SHARED_DQ: gl.constexpr, IS_VARLEN: gl.constexpr,
-                    PART: gl.constexpr = 0):
+                    PART: gl.constexpr = 0, KV_SLOTS: gl.constexpr = 1):
         # Grid: (programs,), persistent or one program a unit of `per` key tiles of 64·NC keys (`_kv_tile`). Warps: the
         # producer (num_warps=4) + NC 4-warp consumers.
         pid = gl.program_id(0)
@@ -454,27 +461,31 @@ if HAVE_GLUON:
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, HEAD_DIM], q_desc.layout)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, HEAD_DIM], do_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [NC, 1, 64, 1, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [NC, 1, 64, 1, HEAD_DIM], v_desc.layout)
+        # K/V_SLOTS slots of the tile's keys, NC 64-row buffers each (two: the next tile's load under this one)
+        k_smem = gl.allocate_shared_memory(dtype, [KV_SLOTS * NC, 1, 64, 1, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [KV_SLOTS * NC, 1, 64, 1, HEAD_DIM], v_desc.layout)
         DS_SWIZZLE: gl.constexpr = 128 if BLOCK_M >= 64 else 2 * BLOCK_M   # a row of dSᵀ is BLOCK_M 16-bit values
         ds_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=DS_SWIZZLE, element_bitwidth=16, rank=2)
         ds_smem = gl.allocate_shared_memory(dtype, [NC, 64, BLOCK_M], ds_layout)
         if DO_DQ >= 5:   # tiles for the TMA reduce, in its descriptor's layout
             dq_smem = gl.allocate_shared_memory(gl.float32, [NC if SHARED_DQ and DO_DQ == 5 else 2 * NC, 1, BLOCK_M,
                                                              1, 64], dqa_desc.layout)
+        elif DO_DQ == 0:   # no dQ here (its own pass): no buffer (`_step` reads none)
+            dq_smem = ds_smem
         else:
             dq_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
             dq_smem = gl.allocate_shared_memory(gl.float32, [NC if SHARED_DQ else 2 * NC, BLOCK_M, 64], dq_layout)
         l_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M], l_desc.layout)
         d_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M], d_desc.layout)
-        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        kv_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        kv_bar = gl.allocate_shared_memory(gl.int64, [KV_SLOTS, 1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [KV_SLOTS, 1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         ds_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ds_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(kv_bar, count=1)
-        mbarrier.init(kv_empty, count=NC)
+        for i in gl.static_range(KV_SLOTS):
+            mbarrier.init(kv_bar.index(i), count=1)
+            mbarrier.init(kv_empty.index(i), count=NC)
         mbarrier.init(ds_full, count=NC)
         mbarrier.init(ds_free, count=NC)
         for i in gl.static_range(STAGES):
@@ -486,17 +497,17 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_producer, (q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, q_smem, do_smem, k_smem, v_smem, l_smem,
                          d_smem, kv_bar, kv_empty, ready, empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group,
-                         nheads, n_kt, n_units, per, pid, nprog, BLOCK_M, HEAD_DIM, STAGES, NC, IS_VARLEN)),
+                         nheads, n_kt, n_units, per, pid, nprog, BLOCK_M, HEAD_DIM, STAGES, NC, IS_VARLEN, KV_SLOTS)),
             (_consumer, (0, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, kv_empty, ready,
                          empty, ds_full, ds_free, DQ, dqa_desc, DK, DV, stride_dqb, stride_dqm, stride_dqh,
                          stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, CU_Q, CU_K, seqlen_q,
                          seqlen_k, left, right, group, nheads, n_kt, n_units, per, pid, nprog, qk_scale, ds_scale,
-                         BLOCK_M, HEAD_DIM, STAGES, DO_DQ, SHARED_DQ, NC, PART, IS_VARLEN)),
+                         BLOCK_M, HEAD_DIM, STAGES, DO_DQ, SHARED_DQ, NC, PART, IS_VARLEN, KV_SLOTS)),
             (_consumer, (1, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, kv_empty, ready,
                          empty, ds_full, ds_free, DQ, dqa_desc, DK, DV, stride_dqb, stride_dqm, stride_dqh,
                          stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, CU_Q, CU_K, seqlen_q,
                          seqlen_k, left, right, group, nheads, n_kt, n_units, per, pid, nprog, qk_scale, ds_scale,
-                         BLOCK_M, HEAD_DIM, STAGES, DO_DQ, SHARED_DQ, NC, PART, IS_VARLEN)),
+                         BLOCK_M, HEAD_DIM, STAGES, DO_DQ, SHARED_DQ, NC, PART, IS_VARLEN, KV_SLOTS)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
     # ---- dQ in a pass of its own (deterministic): one program per 64·NC query rows, K and V streamed ----
@@ -516,7 +527,7 @@ if HAVE_GLUON:
                                                                          CU_K, seqlen_q, seqlen_k, left, right, NC * 64,
                                                                          BLOCK_N, IS_VARLEN)
             if ok & (lo < hi):
-                _load_tile_pair(q_desc, do_desc, bq, q0 + m0, h, q_bar, q_empty, tq, q_smem, do_smem, HEAD_DIM, NC)
+                _load_tile_pair(q_desc, do_desc, bq, q0 + m0, h, q_bar, q_empty, tq, q_smem, do_smem, 0, HEAD_DIM, NC)
                 n = gl.cdiv(hi - lo, BLOCK_N)
                 for it in range(n):
                     g = base + it
@@ -815,6 +826,18 @@ DQ_BUF_MAX_D = 128
 # both (50 us of a 937 us backward at d128 1k on the H100, where cuDNN's own dO·O kernel takes 93:
 # results/2026-11-27-h100-bwd-parts.md). False: the prep kernel, then dK/dV, then dQ.
 FUSED_PREP = True
+# The dK/dV pass's K/V slots: two where shared memory holds them (the next tile's K and V load under this tile's last
+# steps). The fifteenth session's tile-cost probe (results/2026-11-27-h100-bwd-parts-2.md) put the pass's fixed cost a
+# tile at 8-10 us at d128 (about five 1.65 us steps; the dQ pass's: 2-4 us): the K/V load (64 KB an SM, every SM's
+# tiles ending together) came after the tile's last step. MAX_KV_SLOTS = 1 turns it off.
+MAX_KV_SLOTS = 2
+
+
+def kv_slots_for(D: int, do_dq: int) -> int:
+    """K/V slots of the dK/dV pass (`_bwd_kernel`'s KV_SLOTS): two at d64 (every dQ mode: 176 KB of shared memory
+    with the single pass's dQ tiles) and at d128 with dQ in its own pass (209 KB; the single pass's 64 KB of dQ tiles
+    would take it to 273 KB, past the 227 KB a block may have); one at d256."""
+    return min(MAX_KV_SLOTS, 2 if D == 64 or (D == 128 and do_dq == 0) else 1)
 
 
 # The single pass from this many keys visible to a query row on average (`visible_keys`); below, the two passes. The
@@ -923,7 +946,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     key = (q.shape, k.shape, q.dtype, None if not varlen else
            ((cu_seqlens_q.data_ptr() | cu_seqlens_k.data_ptr()) & 15, cu_seqlens_q.numel(), max_seqlen_q, max_seqlen_k),
            tuple(window_size), do.stride(), do.data_ptr() & 15, out.stride(), lse.stride(), softmax_scale, _plan, _dq,
-           _dq_plan, q.device, persistent_on(PERSISTENT), FUSED_PREP)
+           _dq_plan, q.device, persistent_on(PERSISTENT), FUSED_PREP, MAX_KV_SLOTS)
     st = _SETUPS.get(key)
     if st is None:
         st = C.keep(_SETUPS, key, _Setup(q, k, do, out, lse, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale,
@@ -1020,9 +1043,10 @@ class _Setup:
         self.bwd_grid = (programs,)
         self.bwd_ints = dq_strides[:3] + dkv + dkv + (Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, H, n_kt,
                                                      n_kv_units, per)
+        kv_slots = kv_slots_for(D, mode if atomic else 0)
         self.bwd_parts = tuple((key + (part,), dict(HEAD_DIM=D, BLOCK_M=bm, STAGES=stages, CONSUMER_REGS=regs, NC=nc,
                                                     DO_DQ=mode if atomic else 0, SHARED_DQ=shared and atomic,
-                                                    IS_VARLEN=varlen, PART=part, num_warps=4))
+                                                    IS_VARLEN=varlen, PART=part, KV_SLOTS=kv_slots, num_warps=4))
                                for part in ((1, 2) if D == 256 else (0,)))
         if mode == 0:
             bn, dq_stages, dq_regs, dq_nc, pipe = _dq_plan or _DQ_PLANS[D]

@@ -231,7 +231,7 @@ def test_gluon_backward_hands_each_launch_the_call_tensors_and_their_strides(mon
         left, right = C.window_args(window, Sq, Sk)
         stride_l = (0, lse.stride(0)) if cu is not None else (lse.stride(0), lse.stride(1))
         if mode == 0:
-            lse2, delta = calls[0][4][11], calls[0][4][12]
+            lse2, delta = calls[0][4][12], calls[0][4][13]   # after the six descriptors, dq and cu_seqlens
         else:   # prep: out, dO, lse in; lse2 and Delta out
             args = calls[0][4]
             lse2, delta = args[3], args[4]
@@ -261,7 +261,12 @@ def test_gluon_backward_hands_each_launch_the_call_tensors_and_their_strides(mon
             bn = GB._DQ_PLANS[D][0]
             assert _tma_ok(args[0], q, (1, 64, 1, D)) and _tma_ok(args[1], k, (1, bn, 1, D))
             assert _tma_ok(args[2], v, (1, bn, 1, D)) and _tma_ok(args[3], do, (1, 64, 1, D))
-            assert _tma_ok(args[4], dq, (1, 64, 1, D)) and args[5] is dq and args[6] is cu and args[7] is cu
+            assert _tma_ok(args[4], dq, (1, 64, 1, D))
+            # O by TMA at d64/d128 (the dQ pass's PREP 2), by pointer loads at d256 (the argument is not read)
+            assert _tma_ok(args[5], out if D <= 128 else do, (1, 64, 1, D))
+            assert calls[0][5]["PREP"] == (2 if D <= 128 else 1)
+            args = args[:5] + args[6:]
+            assert args[5] is dq and args[6] is cu and args[7] is cu
             assert args[8:11] == lay(dq) and args[11] is lse2 and args[12] is delta
             assert args[13:15] == (lse2.stride(0), lse2.stride(1))
             assert args[15] is out and args[16] is lse and args[17:22] == (*lay(out), *stride_l)

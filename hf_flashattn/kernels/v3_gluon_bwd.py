@@ -513,13 +513,13 @@ if HAVE_GLUON:
     # ---- dQ in a pass of its own (deterministic): one program per 64·NC query rows, K and V streamed ----
 
     @gluon.jit
-    def _dq_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, q_empty, ready, empty,
-                     CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid, nprog,
-                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, NC: gl.constexpr,
-                     IS_VARLEN: gl.constexpr):
-        """For each tile of this program (the forward's `_tile` order) that sees a key: Q and dO once (a 64-row slice
-        per consumer) after the consumers have released the previous tile's (`q_empty`), then K and V block by block
-        into a ring whose count runs on across tiles."""
+    def _dq_producer(q_desc, do_desc, o_desc, k_desc, v_desc, q_smem, do_smem, o_smem, k_smem, v_smem, q_bar, q_empty,
+                     ready, empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per,
+                     pid, nprog, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                     NC: gl.constexpr, IS_VARLEN: gl.constexpr, PREP: gl.constexpr):
+        """For each tile of this program (the forward's `_tile` order) that sees a key: Q and dO (and, PREP 2, O) once
+        (a 64-row slice per consumer) after the consumers have released the previous tile's (`q_empty`), then K and V
+        block by block into a ring whose count runs on across tiles."""
         base = 0
         tq = 0
         for i in range(per * gl.cdiv(n_units - pid, nprog)):
@@ -527,7 +527,16 @@ if HAVE_GLUON:
                                                                          CU_K, seqlen_q, seqlen_k, left, right, NC * 64,
                                                                          BLOCK_N, IS_VARLEN)
             if ok & (lo < hi):
-                _load_tile_pair(q_desc, do_desc, bq, q0 + m0, h, q_bar, q_empty, tq, q_smem, do_smem, 0, HEAD_DIM, NC)
+                if PREP == 2:   # O too, on the same barrier
+                    mbarrier.wait(q_empty, (tq & 1) ^ 1)
+                    mbarrier.expect(q_bar, 3 * NC * 64 * HEAD_DIM * 2)
+                    for w in gl.static_range(NC):
+                        _tma_load(q_desc, [bq, q0 + m0 + w * 64, h, 0], q_bar, q_smem.index(w))
+                        _tma_load(do_desc, [bq, q0 + m0 + w * 64, h, 0], q_bar, do_smem.index(w))
+                        _tma_load(o_desc, [bq, q0 + m0 + w * 64, h, 0], q_bar, o_smem.index(w))
+                else:
+                    _load_tile_pair(q_desc, do_desc, bq, q0 + m0, h, q_bar, q_empty, tq, q_smem, do_smem, 0, HEAD_DIM,
+                                    NC)
                 n = gl.cdiv(hi - lo, BLOCK_N)
                 for it in range(n):
                     g = base + it
@@ -595,32 +604,40 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _prep_rows(O, LSE, LSE2, DELTA, pbase, stride_ob, stride_om, stride_oh, stride_lb, stride_lh, b, q0, h, r0, Sq,
-                   dow, q_bar, tq, row_layout: gl.constexpr, HEAD_DIM: gl.constexpr):
+                   dow, ow, q_bar, tq, row_layout: gl.constexpr, HEAD_DIM: gl.constexpr, PREP: gl.constexpr):
         """`_prep_kernel`'s work for rows r0 ... r0 + 63 of one (sequence, head), in the dQ pass (which then runs
         before the dK/dV pass): lse in log2 units and Delta = rowsum(O ∘ dO), dO from the tile's shared buffer once
-        Q and dO have landed (`q_bar`, waited here), O and lse read straight from memory (their loads issued before
-        the wait), both written to the padded rows the dK/dV pass reads (+inf and 0 past the sequence). Returns
-        (lse, Delta) in `row_layout`."""
+        Q and dO have landed (`q_bar`, waited here), O from shared memory too (PREP 2: `ow`, loaded with them) or
+        from memory (PREP 1: loads issued before the wait; at d256 half after it), lse from memory; both written to
+        the padded rows the dK/dV pass reads (+inf and 0 past the sequence). Returns (lse, Delta) in `row_layout`."""
         o_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         rows = r0 + gl.arange(0, 64, layout=row_layout)
         lse = gl.load(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q0 + rows, mask=rows < Sq,
                       other=float("inf")) * 1.4426950408889634
         ro = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_layout))
-        optr = (O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
-                + gl.expand_dims((q0 + ro).to(gl.int64) * stride_om, 1)
-                + gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(0, o_layout)), 0))
-        ok = gl.expand_dims(ro < Sq, 1)   # packed: the rows past the sequence are the next one's (dO's too)
-        o0 = gl.load(optr, mask=ok, other=0.0)
-        if HEAD_DIM >= 128:
-            o1 = gl.load(optr + 64, mask=ok, other=0.0)
-        mbarrier.wait(q_bar, tq & 1)
-        acc = gl.sum(o0.to(gl.float32) * dow.slice(0, 64, dim=1).load(o_layout).to(gl.float32), 1)
-        if HEAD_DIM >= 128:
-            acc += gl.sum(o1.to(gl.float32) * dow.slice(64, 64, dim=1).load(o_layout).to(gl.float32), 1)
-        if HEAD_DIM == 256:   # the last two 64-column parts after the wait: dQ's 128 registers a thread are live
-            for c in gl.static_range(2, 4):
-                oc = gl.load(optr + c * 64, mask=ok, other=0.0)
-                acc += gl.sum(oc.to(gl.float32) * dow.slice(c * 64, 64, dim=1).load(o_layout).to(gl.float32), 1)
+        if PREP == 2:
+            mbarrier.wait(q_bar, tq & 1)
+            acc = gl.zeros([64], gl.float32, gl.SliceLayout(1, o_layout))
+            for c in gl.static_range(HEAD_DIM // 64):
+                acc += gl.sum(ow.slice(c * 64, 64, dim=1).load(o_layout).to(gl.float32)
+                              * dow.slice(c * 64, 64, dim=1).load(o_layout).to(gl.float32), 1)
+            acc = gl.where(ro < Sq, acc, 0.0)   # packed: the rows past the sequence are the next one's
+        else:
+            optr = (O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+                    + gl.expand_dims((q0 + ro).to(gl.int64) * stride_om, 1)
+                    + gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(0, o_layout)), 0))
+            ok = gl.expand_dims(ro < Sq, 1)   # packed: the rows past the sequence are the next one's (dO's too)
+            o0 = gl.load(optr, mask=ok, other=0.0)
+            if HEAD_DIM >= 128:
+                o1 = gl.load(optr + 64, mask=ok, other=0.0)
+            mbarrier.wait(q_bar, tq & 1)
+            acc = gl.sum(o0.to(gl.float32) * dow.slice(0, 64, dim=1).load(o_layout).to(gl.float32), 1)
+            if HEAD_DIM >= 128:
+                acc += gl.sum(o1.to(gl.float32) * dow.slice(64, 64, dim=1).load(o_layout).to(gl.float32), 1)
+            if HEAD_DIM == 256:   # the last two 64-column parts after the wait: dQ's 128 registers a thread are live
+                for c in gl.static_range(2, 4):
+                    oc = gl.load(optr + c * 64, mask=ok, other=0.0)
+                    acc += gl.sum(oc.to(gl.float32) * dow.slice(c * 64, 64, dim=1).load(o_layout).to(gl.float32), 1)
         delta = gl.convert_layout(acc, row_layout)
         gl.store(LSE2 + pbase + rows, lse)
         gl.store(DELTA + pbase + rows, delta)
@@ -635,7 +652,8 @@ if HAVE_GLUON:
         gl.store(DELTA + pbase + rows, gl.zeros([64], gl.float32, row_layout))
 
     @gluon.jit
-    def _dq_tile(W: gl.constexpr, dq_desc, dq_buf, DQ, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem, q_bar,
+    def _dq_tile(W: gl.constexpr, dq_desc, dq_buf, DQ, stride_qm, stride_qh, q_smem, do_smem, o_smem, k_smem, v_smem,
+                 q_bar,
                  q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, O, LSE, stride_ob, stride_om, stride_oh,
                  stride_lb, stride_lh, base, tq, b, bq, q0, h, m0, lo, full_lo, full_hi, hi, Sq, Sk, diag, left, right,
                  qk_scale, ds_scale, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
@@ -656,9 +674,10 @@ if HAVE_GLUON:
         pbase = b.to(gl.int64) * stride_pb + h.to(gl.int64) * stride_ph
         qw = q_smem.index(W).reshape([64, HEAD_DIM])
         dow = do_smem.index(W).reshape([64, HEAD_DIM])
-        if PREP:
+        if PREP > 0:
             lse, delta = _prep_rows(O, LSE, LSE2, DELTA, pbase, stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-                                    b, q0, h, r0, Sq, dow, q_bar, tq, gl.SliceLayout(1, s_layout), HEAD_DIM)
+                                    b, q0, h, r0, Sq, dow, o_smem.index(W).reshape([64, HEAD_DIM]), q_bar, tq,
+                                    gl.SliceLayout(1, s_layout), HEAD_DIM, PREP)
         else:
             lse = gl.load(LSE2 + pbase + offs_m)     # padded: +inf and 0 past the sequence
             delta = gl.load(DELTA + pbase + offs_m)
@@ -714,8 +733,8 @@ if HAVE_GLUON:
                     acc_layout, 64, HEAD_DIM, IS_VARLEN, DQ_BUF)
 
     @gluon.jit
-    def _dq_consumer(W: gl.constexpr, dq_desc, dq_buf, DQ, stride_qb, stride_qm, stride_qh, q_smem, do_smem, k_smem,
-                     v_smem, q_bar, q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, O, LSE, stride_ob,
+    def _dq_consumer(W: gl.constexpr, dq_desc, dq_buf, DQ, stride_qb, stride_qm, stride_qh, q_smem, do_smem, o_smem,
+                     k_smem, v_smem, q_bar, q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, O, LSE, stride_ob,
                      stride_om, stride_oh, stride_lb, stride_lh, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group,
                      n_mt, n_heads, n_units, per, pid, nprog, qk_scale, ds_scale, BLOCK_N: gl.constexpr,
                      HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, NC: gl.constexpr, IS_VARLEN: gl.constexpr,
@@ -731,7 +750,8 @@ if HAVE_GLUON:
                                                                                        NC * 64, BLOCK_N, IS_VARLEN)
             if ok:
                 if lo < hi:
-                    _dq_tile(W, dq_desc, dq_buf, DQ, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem, q_bar,
+                    _dq_tile(W, dq_desc, dq_buf, DQ, stride_qm, stride_qh, q_smem, do_smem, o_smem, k_smem, v_smem,
+                             q_bar,
                              q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, O, LSE, stride_ob, stride_om,
                              stride_oh, stride_lb, stride_lh, base, tq, b, bq, q0, h, m0, lo, full_lo, full_hi, hi, Sq,
                              Sk, diag, left, right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM, STAGES, IS_VARLEN, PIPE,
@@ -740,7 +760,7 @@ if HAVE_GLUON:
                     tq += 1
                 else:   # no key visible from any row of this tile: dQ = 0
                     _store_zero_rows(DQ, stride_qb, stride_qm, stride_qh, b, q0, h, m0 + W * 64, Sq, 64, HEAD_DIM)
-                    if PREP:
+                    if PREP > 0:
                         _prep_none(LSE2, DELTA, b.to(gl.int64) * stride_pb + h.to(gl.int64) * stride_ph,
                                    m0 + W * 64, gl.BlockedLayout([1], [32], [4], [0]))
         if DQ_BUF:
@@ -748,17 +768,18 @@ if HAVE_GLUON:
 
     @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group", "n_mt", "n_units",
                                   "per"])
-    def _dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, DQ, CU_Q, CU_K, stride_qb, stride_qm, stride_qh, LSE2,
+    def _dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, o_desc, DQ, CU_Q, CU_K, stride_qb, stride_qm, stride_qh, LSE2,
                    DELTA, stride_pb, stride_ph, O, LSE, stride_ob, stride_om, stride_oh, stride_lb, stride_lh, seqlen_q,
                    seqlen_k, window_left, window_right, qk_scale, ds_scale, group, n_mt, n_heads, n_units, per,
                    HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                    NC: gl.constexpr, IS_VARLEN: gl.constexpr, PIPE: gl.constexpr = False, DQ_BUF: gl.constexpr = False,
-                   PREP: gl.constexpr = False):
+                   PREP: gl.constexpr = 0):
         # Grid: (programs,), persistent or one program a unit of `per` row tiles, as the forward's (v3_gluon._tile).
         # Warps: the producer (num_warps=4) + NC 4-warp consumers of 64 query rows each. DQ_BUF: dense dQ leaves
         # through a shared buffer of its own, so that the next tile's Q and dO load under this one's last product.
         # PREP: lse (log2 units) and Delta are worked out from O, dO and the forward's LSE here and written to LSE2
-        # and DELTA for the dK/dV pass, which then runs second (no `_prep_kernel`); else they are read from there.
+        # and DELTA for the dK/dV pass, which then runs second (no `_prep_kernel`); 2: O loaded by the producer with Q
+        # and dO (o_desc), 1: by the consumers' loads (d256: no room in shared memory); 0: read from LSE2 and DELTA.
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
         dtype: gl.constexpr = q_desc.dtype
@@ -768,6 +789,10 @@ if HAVE_GLUON:
         else:
             dq_buf = q_smem
         do_smem = gl.allocate_shared_memory(dtype, [NC, 1, 64, 1, HEAD_DIM], do_desc.layout)
+        if PREP == 2:
+            o_smem = gl.allocate_shared_memory(dtype, [NC, 1, 64, 1, HEAD_DIM], o_desc.layout)
+        else:
+            o_smem = do_smem   # not read
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEAD_DIM], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEAD_DIM], v_desc.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -783,15 +808,15 @@ if HAVE_GLUON:
         right = window_right
         # two consumers (three, at 160 registers, measured within noise: results/2026-11-26-h100-sweep-gluon-bwd-6)
         gl.warp_specialize([
-            (_dq_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, q_empty, ready,
-                            empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, pid,
-                            nprog, BLOCK_N, HEAD_DIM, STAGES, NC, IS_VARLEN)),
-            (_dq_consumer, (0, dq_desc, dq_buf, DQ, stride_qb, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem,
+            (_dq_producer, (q_desc, do_desc, o_desc, k_desc, v_desc, q_smem, do_smem, o_smem, k_smem, v_smem, q_bar,
+                            q_empty, ready, empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads,
+                            n_units, per, pid, nprog, BLOCK_N, HEAD_DIM, STAGES, NC, IS_VARLEN, PREP)),
+            (_dq_consumer, (0, dq_desc, dq_buf, DQ, stride_qb, stride_qm, stride_qh, q_smem, do_smem, o_smem, k_smem, v_smem,
                             q_bar, q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, O, LSE, stride_ob,
                             stride_om, stride_oh, stride_lb, stride_lh, CU_Q, CU_K, seqlen_q, seqlen_k, left, right,
                             group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale, ds_scale, BLOCK_N, HEAD_DIM,
                             STAGES, NC, IS_VARLEN, PIPE, DQ_BUF, PREP)),
-            (_dq_consumer, (1, dq_desc, dq_buf, DQ, stride_qb, stride_qm, stride_qh, q_smem, do_smem, k_smem, v_smem,
+            (_dq_consumer, (1, dq_desc, dq_buf, DQ, stride_qb, stride_qm, stride_qh, q_smem, do_smem, o_smem, k_smem, v_smem,
                             q_bar, q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, O, LSE, stride_ob,
                             stride_om, stride_oh, stride_lb, stride_lh, CU_Q, CU_K, seqlen_q, seqlen_k, left, right,
                             group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale, ds_scale, BLOCK_N, HEAD_DIM,
@@ -830,7 +855,7 @@ FUSED_PREP = True
 # steps). The fifteenth session's tile-cost probe (results/2026-11-27-h100-bwd-parts-2.md) put the pass's fixed cost a
 # tile at 8-10 us at d128 (about five 1.65 us steps; the dQ pass's: 2-4 us): the K/V load (64 KB an SM, every SM's
 # tiles ending together) came after the tile's last step. MAX_KV_SLOTS = 1 turns it off.
-MAX_KV_SLOTS = 2
+MAX_KV_SLOTS = 1
 
 
 def kv_slots_for(D: int, do_dq: int) -> int:
@@ -945,7 +970,8 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     # strides follow from the shapes: they are made here or by the forward; cu_seqlens' alignment)
     key = (q.shape, k.shape, q.dtype, None if not varlen else
            ((cu_seqlens_q.data_ptr() | cu_seqlens_k.data_ptr()) & 15, cu_seqlens_q.numel(), max_seqlen_q, max_seqlen_k),
-           tuple(window_size), do.stride(), do.data_ptr() & 15, out.stride(), lse.stride(), softmax_scale, _plan, _dq,
+           tuple(window_size), do.stride(), do.data_ptr() & 15, out.stride(), out.data_ptr() & 15, lse.stride(),
+           softmax_scale, _plan, _dq,
            _dq_plan, q.device, persistent_on(PERSISTENT), FUSED_PREP, MAX_KV_SLOTS)
     st = _SETUPS.get(key)
     if st is None:
@@ -969,10 +995,12 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     layout, bm, D = st.layout, st.bm, st.D
     if st.mode == 0:   # the dQ pass: first when it works out lse and Delta for the dK/dV pass (`fused_prep`)
         bn = st.dq_bn
-        dq4 = dq.unsqueeze(0) if varlen else dq
+        dq4, out4 = (dq.unsqueeze(0), out.unsqueeze(0)) if varlen else (dq, out)
         dq_args = ((C.Tma(TD, q, (1, 64, 1, D), layout), C.Tma(TD, k, (1, bn, 1, D), layout),
                     C.Tma(TD, v, (1, bn, 1, D), layout), C.Tma(TD, do, (1, 64, 1, D), layout),
-                    C.Tma(TD, dq4, (1, 64, 1, D), layout), dq, cu_seqlens_q, cu_seqlens_k) + st.dq_strides
+                    C.Tma(TD, dq4, (1, 64, 1, D), layout),
+                    C.Tma(TD, out4 if st.prep == 2 else do, (1, 64, 1, D), layout),   # O (else not read)
+                    dq, cu_seqlens_q, cu_seqlens_k) + st.dq_strides
                    + (lse2, delta) + st.dq_pad_strides + (out, lse) + st.dq_ints)
         if st.fused_prep:
             _dq_launch.launch(st.dq_key, st.dq_grid, dq_args, st.dq_meta)
@@ -1028,6 +1056,9 @@ class _Setup:
         self.atomic = atomic = mode in _SUMMED
         # two passes: the dQ pass works out lse and Delta itself and runs first (no `_prep_kernel`; FUSED_PREP)
         self.fused_prep = mode == 0 and FUSED_PREP
+        # the dQ pass's PREP: 2 O loaded by TMA with Q and dO (d64, d128: 32 KB more shared memory at d128, 229,984
+        # bytes in all), 1 by the consumers' loads (d256, or an O that TMA cannot read), 0 not there
+        self.prep = 0 if not self.fused_prep else 2 if D <= 128 and C.descriptors_ok(out) else 1
         # dQ's float32 accumulator: dense (B, Sq, H, D) for the TMA reduce (modes 5, 6: it clips rows past the
         # tensor), (B, pad, H, D) for red's (their pointers reach the padded rows); packed (1, total, H, D), where a
         # tile's rows past its sequence add exact zeros (their lse is +inf) and rows past the last are outside the
@@ -1064,7 +1095,8 @@ class _Setup:
             self.dq_ints = C.seq_layout(out, varlen) + stride_l + (Sq, Sk, left, right, qk_scale, softmax_scale,
                                                                    H // Hk, n_mt, H, n_units, per)
             self.dq_meta = dict(HEAD_DIM=D, BLOCK_N=bn, STAGES=dq_stages, CONSUMER_REGS=dq_regs, NC=dq_nc,
-                                IS_VARLEN=varlen, PIPE=pipe, DQ_BUF=dq_buf, PREP=self.fused_prep, num_warps=4)
+                                IS_VARLEN=varlen, PIPE=pipe, DQ_BUF=dq_buf,
+                                PREP=self.prep, num_warps=4)
 
 
 @functools.lru_cache(maxsize=None)

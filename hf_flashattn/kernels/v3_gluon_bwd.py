@@ -617,7 +617,11 @@ if HAVE_GLUON:
         ro = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_layout))
         if PREP == 2:
             mbarrier.wait(q_bar, tq & 1)
-            delta = _delta_smem(ow, dow, r0, Sq, row_layout, HEAD_DIM)
+            acc = gl.zeros([64], gl.float32, gl.SliceLayout(1, o_layout))
+            for c in gl.static_range(HEAD_DIM // 64):
+                acc += gl.sum(ow.slice(c * 64, 64, dim=1).load(o_layout).to(gl.float32)
+                              * dow.slice(c * 64, 64, dim=1).load(o_layout).to(gl.float32), 1)
+            acc = gl.where(ro < Sq, acc, 0.0)   # packed: the rows past the sequence are the next one's
         else:
             optr = (O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
                     + gl.expand_dims((q0 + ro).to(gl.int64) * stride_om, 1)
@@ -634,22 +638,10 @@ if HAVE_GLUON:
                 for c in gl.static_range(2, 4):
                     oc = gl.load(optr + c * 64, mask=ok, other=0.0)
                     acc += gl.sum(oc.to(gl.float32) * dow.slice(c * 64, 64, dim=1).load(o_layout).to(gl.float32), 1)
-            delta = gl.convert_layout(acc, row_layout)
+        delta = gl.convert_layout(acc, row_layout)
         gl.store(LSE2 + pbase + rows, lse)
         gl.store(DELTA + pbase + rows, delta)
         return lse, delta
-
-    @gluon.jit
-    def _delta_smem(ow, dow, r0, Sq, row_layout: gl.constexpr, HEAD_DIM: gl.constexpr):
-        """Delta = rowsum(O ∘ dO) of rows r0 ... r0 + 63 from their shared buffers (0 past the sequence: packed, the
-        rows there are the next sequence's), in `row_layout`."""
-        o_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        acc = gl.zeros([64], gl.float32, gl.SliceLayout(1, o_layout))
-        for c in gl.static_range(HEAD_DIM // 64):
-            acc += gl.sum(ow.slice(c * 64, 64, dim=1).load(o_layout).to(gl.float32)
-                          * dow.slice(c * 64, 64, dim=1).load(o_layout).to(gl.float32), 1)
-        ro = r0 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_layout))
-        return gl.convert_layout(gl.where(ro < Sq, acc, 0.0), row_layout)
 
     @gluon.jit
     def _prep_none(LSE2, DELTA, pbase, r0, row_layout: gl.constexpr):
@@ -682,12 +674,7 @@ if HAVE_GLUON:
         pbase = b.to(gl.int64) * stride_pb + h.to(gl.int64) * stride_ph
         qw = q_smem.index(W).reshape([64, HEAD_DIM])
         dow = do_smem.index(W).reshape([64, HEAD_DIM])
-        PEEL: gl.constexpr = (PREP == 2) & (not PIPE)
-        if PEEL:   # lse now, Delta under the first block's products (below)
-            lse = gl.load(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q0 + offs_m,
-                          mask=offs_m < Sq, other=float("inf")) * 1.4426950408889634
-            mbarrier.wait(q_bar, tq & 1)
-        elif PREP > 0:
+        if PREP > 0:
             lse, delta = _prep_rows(O, LSE, LSE2, DELTA, pbase, stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
                                     b, q0, h, r0, Sq, dow, o_smem.index(W).reshape([64, HEAD_DIM]), q_bar, tq,
                                     gl.SliceLayout(1, s_layout), HEAD_DIM, PREP)
@@ -729,40 +716,6 @@ if HAVE_GLUON:
             dq_tok = warpgroup_mma(ds_prev, k_smem.index(sl).reshape([BLOCK_N, HEAD_DIM]), dq, is_async=True)
             dq, ds_prev = warpgroup_mma_wait(0, deps=[dq_tok, ds_prev])
             mbarrier.arrive(empty.index(sl), count=1)
-        elif PEEL:
-            # the first block peeled (masked: it may be an edge): S_0 and dP_0 issued, then the rows' Delta worked
-            # out from O and dO in shared memory under them and written with lse for the dK/dV pass
-            s0 = base % STAGES
-            mbarrier.wait(ready.index(s0), (base // STAGES) & 1)
-            zero = gl.zeros([64, BLOCK_N], gl.float32, s_layout)
-            ks = k_smem.index(s0).reshape([BLOCK_N, HEAD_DIM])
-            s_tok = warpgroup_mma(qw, ks.permute((1, 0)), zero, use_acc=False, is_async=True)
-            dp_tok = warpgroup_mma(dow, v_smem.index(s0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), zero,
-                                   use_acc=False, is_async=True)
-            delta = _delta_smem(o_smem.index(W).reshape([64, HEAD_DIM]), dow, r0, Sq, gl.SliceLayout(1, s_layout),
-                                HEAD_DIM)
-            gl.store(LSE2 + pbase + offs_m, lse)
-            gl.store(DELTA + pbase + offs_m, delta)
-            qk = warpgroup_mma_wait(1, deps=[s_tok])
-            p = gl.where(_visible(offs_m, lo + offs_n, diag, left, right, Sk),
-                         gl.exp2(qk * qk_scale - gl.expand_dims(lse, 1)), 0.0)
-            dp = warpgroup_mma_wait(0, deps=[dp_tok])
-            ds = gl.convert_layout((p * (dp - gl.expand_dims(delta, 1))).to(qw.dtype), a_layout)
-            dq_tok = warpgroup_mma(ds, ks, dq, is_async=True)
-            dq, ds = warpgroup_mma_wait(0, deps=[dq_tok, ds])
-            mbarrier.arrive(empty.index(s0), count=1)
-            nxt = lo + BLOCK_N
-            for start_n in range(nxt, gl.maximum(full_lo, nxt), BLOCK_N):
-                dq = _dq_step(start_n, lo, base, dq, qw, dow, k_smem, v_smem, ready, empty, lse, delta, offs_m, offs_n,
-                              Sk, diag, left, right, qk_scale, BLOCK_N, HEAD_DIM, STAGES, s_layout, a_layout, True)
-            for start_n in range(gl.maximum(full_lo, nxt), gl.maximum(full_hi, nxt), BLOCK_N):
-                dq = _dq_step(start_n, lo, base, dq, qw, dow, k_smem, v_smem, ready, empty, lse, delta, offs_m, offs_n,
-                              Sk, diag, left, right, qk_scale, BLOCK_N, HEAD_DIM, STAGES, s_layout, a_layout, False)
-            for start_n in range(gl.maximum(full_hi, nxt), hi, BLOCK_N):
-                dq = _dq_step(start_n, lo, base, dq, qw, dow, k_smem, v_smem, ready, empty, lse, delta, offs_m, offs_n,
-                              Sk, diag, left, right, qk_scale, BLOCK_N, HEAD_DIM, STAGES, s_layout, a_layout, True)
-            if DQ_BUF or IS_VARLEN:
-                mbarrier.arrive(q_empty, count=1)
         else:
             for start_n in range(lo, full_lo, BLOCK_N):
                 dq = _dq_step(start_n, lo, base, dq, qw, dow, k_smem, v_smem, ready, empty, lse, delta, offs_m, offs_n,

@@ -277,3 +277,22 @@ def test_pipelined_dq_pass_compiles_with_its_product_one_step_late():
     _common_structure(ptx, smem)
     assert re.search(r"wgmma\.wait_group\.sync\.aligned 2;", ptx)
     assert spill <= 64, spill
+
+
+def test_two_kv_slots_compile_and_take_a_second_slot_of_shared_memory(monkeypatch):
+    """The dK/dV pass's K/V_SLOTS option (off by default: measured no gain, `MAX_KV_SLOTS`): at d128 with dQ in its
+    own pass the second slot (128 keys of K and V at d128, 65,536 bytes) fits beside the ring, no dQ buffers are
+    allocated there, and the rule gives two slots only where shared memory holds them."""
+    bm, stages, regs, nc, shared, _ = GB._PLANS[128]
+    with tempfile.TemporaryDirectory() as tmp:
+        _, smem1, _ = _compile(["dkdv", 128, bm, stages, regs, nc, [shared, 0, 1], False, 0], os.path.join(tmp, "a"))
+        ptx, smem2, spill = _compile(["dkdv", 128, bm, stages, regs, nc, [shared, 0, 2], False, 0],
+                                     os.path.join(tmp, "b"))
+    _common_structure(ptx, smem2)
+    assert 0 <= smem2 - smem1 - 2 * nc * 64 * 128 * 2 <= 64   # and two mbarriers
+    assert smem1 < 160 * 1024   # no float32 dQ tiles (64 KB) when dQ has a pass of its own
+    assert spill <= 384, spill
+    assert GB.MAX_KV_SLOTS == 1 and GB.kv_slots_for(128, 0) == 1
+    monkeypatch.setattr(GB, "MAX_KV_SLOTS", 2)
+    assert [GB.kv_slots_for(64, 6), GB.kv_slots_for(64, 0), GB.kv_slots_for(128, 0)] == [2, 2, 2]
+    assert [GB.kv_slots_for(128, 6), GB.kv_slots_for(256, 0)] == [1, 1]

@@ -24,8 +24,10 @@ and stores dQ once. No program writes what another writes: bitwise reproducible,
 too. Both passes are persistent, as the forward (v3_gluon.py: one program an SM over `_tile`'s units, the ring's
 count running on across tiles; the dK/dV pass hands K and V back after a tile's last step, the dQ pass Q and dO
 after its last block; tenth session: 0.97-1.07x one program a unit, about 1.02 on average).
-Both passes take v2's three ranges of blocks (masked edge, unmasked band, masked diagonal/tail); Delta and lse come
-from `_prep_kernel`, padded per sequence to whole blocks (+inf, 0) so that the kernels' loads need no mask. Packed
+Both passes take v2's three ranges of blocks (masked edge, unmasked band, masked diagonal/tail); Delta and lse (log2
+units) are padded per sequence to whole blocks (+inf, 0) so that the dK/dV pass's loads need no mask: with two passes
+the dQ pass works them out for its rows and runs first (`FUSED_PREP`, fifteenth session), the single pass reads them
+from `_prep_kernel`. Packed
 batches (cu_seqlens) use descriptors over (1, total, H, D) and per-sequence bounds; rows that run into the next
 sequence are masked out of P and out of the stores.
 
@@ -847,14 +849,19 @@ _DQ_PLANS = {64: (128, 2, 240, 2, False), 128: (64, 3, 240, 2, False), 256: (32,
 PERSISTENT = True
 DQ_BUF_MAX_D = 128
 # Two passes (dQ mode 0): the dQ pass runs first and works out each row's lse (log2 units) and Delta = rowsum(O ∘ dO)
-# itself, writing them for the dK/dV pass, instead of `_prep_kernel` reading O and dO in a launch of its own before
-# both (50 us of a 937 us backward at d128 1k on the H100, where cuDNN's own dO·O kernel takes 93:
-# results/2026-11-27-h100-bwd-parts.md). False: the prep kernel, then dK/dV, then dQ.
+# itself (O by TMA with Q and dO at d64/d128, PREP 2), writing them for the dK/dV pass, instead of `_prep_kernel`
+# reading O and dO in a launch of its own before both (50 us of a 937 us backward at d128 1k on the H100, where cuDNN's
+# own dO·O kernel takes 93: results/2026-11-27-h100-bwd-parts.md). Measured against the prep kernel in one process
+# (results/2026-11-27-h100-bwd-parts-prep-tma.md, 1k): the dQ pass + prep 334 / 232 us against 379 / 256 at d128
+# (unmasked / causal), 404 / 296 against 438 / 314 at d64, 400 / 265 against 419 / 282 at d256 (pointer loads of O,
+# PREP 1). False: the prep kernel, then dK/dV, then dQ.
 FUSED_PREP = True
-# The dK/dV pass's K/V slots: two where shared memory holds them (the next tile's K and V load under this tile's last
-# steps). The fifteenth session's tile-cost probe (results/2026-11-27-h100-bwd-parts-2.md) put the pass's fixed cost a
-# tile at 8-10 us at d128 (about five 1.65 us steps; the dQ pass's: 2-4 us): the K/V load (64 KB an SM, every SM's
-# tiles ending together) came after the tile's last step. MAX_KV_SLOTS = 1 turns it off.
+# The dK/dV pass's K/V slots (two: the next tile's K and V load under this tile's last steps, where shared memory holds
+# them). Tried because the fifteenth session's tile-cost probe (results/2026-11-27-h100-bwd-parts-fused-prep.md) fitted
+# the pass's time at 1k-4k queries a tile to 8-10 us a tile plus 1.6 us a step at d128; but the step's cost is not
+# constant (1.54 us from 16 to 32 steps, 1.80 from 32 to 64), so the fit says little. Measured with two slots against
+# one (results/2026-11-27-h100-bwd-parts-kv-slots.md): d128 1k -5% / +1.5% (unmasked / causal), 2k causal +4%, the
+# tile-cost shapes -2% to +7.5%; d64's single pass at 4k +2.5% / +4% slower. Off: MAX_KV_SLOTS = 1.
 MAX_KV_SLOTS = 1
 
 

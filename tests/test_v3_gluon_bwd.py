@@ -269,14 +269,19 @@ def test_preprocessing_pads_lse_and_delta(varlen):
         assert torch.all(delta[b, :, n:] == 0) and torch.all(torch.isinf(lse2[b, :, n:]))
 
 
-def test_pipelined_dq_pass_compiles_with_its_product_one_step_late():
+@pytest.mark.parametrize("prep", [0, 2])
+def test_pipelined_dq_pass_compiles_with_its_product_one_step_late(prep):
     """The dQ pass's PIPE option (off by default: measured within noise) compiles with the previous block's dQ
-    product left in flight behind the next block's S and dP (a wait that leaves two groups)."""
+    product left in flight behind the next block's S and dP (a wait that leaves two groups), with lse and Delta read
+    from the prep kernel's rows (PREP 0, FUSED_PREP off) or worked out here (2: O loaded by TMA with Q and dO, one
+    more TMA load a tile)."""
     with tempfile.TemporaryDirectory() as tmp:
-        ptx, smem, spill = _compile(["dq", 128, 64, 3, 240, 2, [True], False, 0], os.path.join(tmp, "a"))
+        ptx, smem, spill = _compile(["dq", 128, 64, 3, 240, 2, [True, prep], False, 0], os.path.join(tmp, "a"))
     _common_structure(ptx, smem)
     assert re.search(r"wgmma\.wait_group\.sync\.aligned 2;", ptx)
     assert spill <= 64, spill
+    loads = len(re.findall(r"cp\.async\.bulk\.tensor\.4d\.shared::\w+\.global", ptx))
+    assert loads == (8 if prep == 2 else 6), loads   # Q, dO (and O) a tile, a load per consumer; K, V a block
 
 
 def test_two_kv_slots_compile_and_take_a_second_slot_of_shared_memory(monkeypatch):

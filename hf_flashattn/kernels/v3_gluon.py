@@ -545,7 +545,8 @@ _PLANS = {64: (192, 128, 4, 2, 160), 128: (128, 128, 4, 2, 240, False, 2), 256: 
 _PLAN_128_SHORT_MASKED = (64, 64, 4, 2, 232)   # d128 under a mask below MASKED_SHORT_KEYS keys
 MASKED_SHORT_KEYS = 2048
 # (d64 without a mask at 2k-4k keys measured 446 TFLOP/s with two Q slots against 428-432 with one and 434-436 for
-# v3.py's kernel, results/2026-11-27-h100-sweep-gluon-2k.md; not the default yet: its correctness grid did not run)
+# v3.py's kernel, results/2026-11-27-h100-sweep-gluon-2k.md; correct (32/32) but not faster in the next process:
+# 435 / 433 / 437 at 2k / 4k / 8k against v3.py's 436 / 485 / 439, results/2026-11-27-h100-sweep-gluon-d64-qslots.md)
 # d64 under a mask: the 192-row diagonal tiles cost less as the sequence grows; against v3.py's kernel (causal, 32/8
 # heads, results/2026-11-26-h100-probe-packed-fwd.md) 0.89-0.91x at 8k keys, 1.01-1.07x at 16k, 1.06-1.15x at 32k
 D64_MASKED_FROM_KEYS = 16384

@@ -15,7 +15,8 @@ fifteenth session), in the same process; "ours-v3-kv1": ours with one K/V slot i
 growing at 1k keys and the key length growing at 1k queries: each pass's kernel time against its tiles and steps, so
 that a pass's fixed cost a tile (K/V or Q/dO loads, the epilogue) separates from its cost a step; with the default
 K/V slots and with one.
-Writes probe_bwd_parts.json and probe_bwd_parts.md.
+Writes probe_bwd_parts.json and probe_bwd_parts.md (a summary table first: each point's forward and backward device
+time). --from-json PATH renders a run's JSON to --out again, no GPU needed.
 """
 from __future__ import annotations
 
@@ -95,6 +96,53 @@ def tile_cost(D, iters):
     return rows
 
 
+def is_forward(name: str) -> bool:
+    """Whether a kernel (torch.profiler's name) is a forward: ours' `_fwd_kernel*`, cuDNN's fprop, flash's fwd."""
+    return "_fwd_kernel" in name or "fprop" in name or "flash_fwd" in name
+
+
+def render(meta, points, tiles):
+    """The Markdown report: a summary (a fwd+bwd's do_bench time, its forward kernel's device time and the sum of the
+    rest, the backward's), then each point's kernels, then the tile-cost table."""
+    md = [f"# fwd+bwd kernel by kernel — {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, "
+          f"cuDNN {meta['cudnn']}, commit {meta['commit']}", "",
+          f"bf16, B = 16384 / S, H = 2048 / D; `ms`: do_bench median of a fwd+bwd; kernels: torch.profiler's device "
+          f"time over {meta['iters']} fwd+bwd calls, per call.", "",
+          "## Summary: device time a call, us (backward: every kernel but the forward's)", "",
+          "| impl | D | S | mask | do_bench | forward | backward | backward's kernels |", "|---|---|---|---|---|---|---|---|"]
+    for p in points:
+        if "error" in p:
+            continue
+        fwd = sum(r["us"] for r in p["kernels"] if is_forward(r["name"]))
+        bwd = [r for r in p["kernels"] if not is_forward(r["name"])]
+        md.append(f"| {p['impl']} | {p['D']} | {p['S']} | {'causal' if p['causal'] else 'unmasked'} | "
+                  f"{p['ms'] * 1e3:.0f} | {fwd:.0f} | {sum(r['us'] for r in bwd):.0f} | "
+                  + ", ".join(f"{short(r['name'], 28)} {r['us']:.0f}" for r in bwd) + " |")
+    md.append("")
+    for p in points:
+        head = f"## {p['impl']}, d{p['D']}, S {p['S']}, {'causal' if p['causal'] else 'unmasked'}"
+        if "error" in p:
+            md += [head, "", f"error: {p['error']}", ""]
+            continue
+        total = sum(r["us"] for r in p["kernels"])
+        md += [head, "", f"do_bench {p['ms'] * 1e3:.0f} us a fwd+bwd; kernels' sum {total:.0f} us", "",
+               "| kernel | calls | us | share |", "|---|---|---|---|"]
+        md += [f"| {short(r['name'])} | {r['calls']:.1f} | {r['us']:.1f} | {r['us'] / max(total, 1e-9):.0%} |"
+               for r in p["kernels"]]
+        md.append("")
+    if tiles:
+        names_t = sorted({r["name"] for t in tiles for r in t["kernels"]})
+        md += ["## The two passes' time against their tiles and steps (unmasked, B = H = 16, two passes forced)", "",
+               "| D | K/V slots | Sq | Sk | do_bench us | " + " | ".join(short(n, 30) for n in names_t) + " |",
+               "|---|---|---|---|---|" + "---|" * len(names_t)]
+        for t in tiles:
+            us = {r["name"]: r["us"] for r in t["kernels"]}
+            md.append(f"| {t['D']} | {t.get('kv_slots', 1)} | {t['Sq']} | {t['Sk']} | {t['ms'] * 1e3:.0f} | "
+                      + " | ".join(f"{us[n]:.1f}" if n in us else "" for n in names_t) + " |")
+        md.append("")
+    return md
+
+
 def short(name: str, width: int = 70) -> str:
     return name if len(name) <= width else name[:width - 3] + "..."
 
@@ -108,7 +156,14 @@ def main():
     ap.add_argument("--impls", default="ours-v3,sdpa-cudnn,sdpa-flash")
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--tile-cost", default="", help="head dims for the tile-cost section (e.g. 128), none by default")
+    ap.add_argument("--from-json", default="", help="render a run's probe_bwd_parts.json again (no GPU) to --out")
     args = ap.parse_args()
+    if args.from_json:
+        with open(args.from_json) as fh:
+            run = json.load(fh)
+        with open(os.path.join(args.out, "probe_bwd_parts.md"), "w") as fh:
+            fh.write("\n".join(render(run["meta"], run["points"], run.get("tile_cost", []))) + "\n")
+        return
     from bench import make_impls
 
     from hf_flashattn.kernels import v3_gluon_bwd as GB
@@ -151,31 +206,7 @@ def main():
         tiles += tile_cost(D, args.iters)
         with open(os.path.join(args.out, "probe_bwd_parts.json"), "w") as fh:
             json.dump(dict(meta=meta, points=points, tile_cost=tiles), fh, indent=1)
-    md = [f"# fwd+bwd kernel by kernel — {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, "
-          f"cuDNN {meta['cudnn']}, commit {meta['commit']}", "",
-          f"bf16, B = 16384 / S, H = 2048 / D; `ms`: do_bench median of a fwd+bwd; kernels: torch.profiler's device "
-          f"time over {args.iters} fwd+bwd calls, per call.", ""]
-    for p in points:
-        head = f"## {p['impl']}, d{p['D']}, S {p['S']}, {'causal' if p['causal'] else 'unmasked'}"
-        if "error" in p:
-            md += [head, "", f"error: {p['error']}", ""]
-            continue
-        total = sum(r["us"] for r in p["kernels"])
-        md += [head, "", f"do_bench {p['ms'] * 1e3:.0f} us a fwd+bwd; kernels' sum {total:.0f} us", "",
-               "| kernel | calls | us | share |", "|---|---|---|---|"]
-        md += [f"| {short(r['name'])} | {r['calls']:.1f} | {r['us']:.1f} | {r['us'] / max(total, 1e-9):.0%} |"
-               for r in p["kernels"]]
-        md.append("")
-    if tiles:
-        names_t = sorted({r["name"] for t in tiles for r in t["kernels"]})
-        md += ["## The two passes' time against their tiles and steps (unmasked, B = H = 16, two passes forced)", "",
-               "| D | K/V slots | Sq | Sk | do_bench us | " + " | ".join(short(n, 30) for n in names_t) + " |",
-               "|---|---|---|---|---|" + "---|" * len(names_t)]
-        for t in tiles:
-            us = {r["name"]: r["us"] for r in t["kernels"]}
-            md.append(f"| {t['D']} | {t['kv_slots']} | {t['Sq']} | {t['Sk']} | {t['ms'] * 1e3:.0f} | "
-                      + " | ".join(f"{us[n]:.1f}" if n in us else "" for n in names_t) + " |")
-        md.append("")
+    md = render(meta, points, tiles)
     with open(os.path.join(args.out, "probe_bwd_parts.md"), "w") as fh:
         fh.write("\n".join(md) + "\n")
     print("\n".join(md))

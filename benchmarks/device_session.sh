@@ -45,7 +45,9 @@
 #             ($NCU_TARGETS, default "fp8 dkdv"), details pages as text; NCU_SOURCE=1 adds per-line
 #             counters (source page, CSV)
 # A folder .tcache (Triton's cache of an earlier call, carried back) is used when present, and the
-# cache is returned as $OUT/tcache.tgz so that the next call need not compile again.
+# cache (compiled kernels and launchers, without their IR) is returned as $OUT/tcache.tgz so that the next call need
+# not compile again: carry it as a file (`carry: [".devout/tcache.tgz"]`, ignored by git) and start the command with
+# `tar xzf .devout/tcache.tgz && ...`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device-out}
@@ -138,5 +140,11 @@ done
 
 cp "$OUT/session.log" "$RES/session.log"
 tar czf "$OUT/results.tgz" -C "$RES" .
+# Triton's cache without the IR of each kernel (.llir, .ptx, .ttgir, .ttir, .source: 90% of its bytes; a cache hit
+# loads the .json and the .cubin, and a group's missing children are skipped), so that it fits the 16 MiB a returned
+# file may have (the fifteenth session's calls had 91 MB with the IR and came back without it)
+find .tcache -type f \( -name '*.llir' -o -name '*.ptx' -o -name '*.ttgir' -o -name '*.ttir' -o -name '*.source' \) \
+  -delete 2>/dev/null
 tar czf /tmp/tcache.tgz .tcache 2>/dev/null && [ "$(stat -c %s /tmp/tcache.tgz)" -lt 15000000 ] && cp /tmp/tcache.tgz "$OUT/"
+echo "Triton cache returned: $(stat -c %s "$OUT/tcache.tgz" 2>/dev/null || echo none) bytes" | tee -a "$OUT/session.log"
 ls -la "$OUT"

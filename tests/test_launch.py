@@ -188,12 +188,13 @@ def _tma_ok(a, t, block):
             and tuple(a.t.shape[-t.dim():]) == tuple(t.shape))
 
 
-@pytest.mark.parametrize("case", ["short", "single", "d256", "packed", "window"])
+@pytest.mark.parametrize("case", ["short", "single", "d256", "packed", "window", "out_unaligned"])
 def test_gluon_backward_hands_each_launch_the_call_tensors_and_their_strides(monkeypatch, case):
     """v3_gluon_bwd.backward keeps everything but the tensors per call signature (`_Setup`); the kernels are GPU-only,
     so here each launch is recorded instead: its argument count must be the kernel's, every tensor argument the call's
     own (a second call with new tensors hands the new ones) and every stride the tensor's own, as reading them from
-    the tensors would give."""
+    the tensors would give. out_unaligned: an O that TMA cannot read (its address not 16-byte aligned) makes the dQ
+    pass load O by pointers (PREP 1), with no descriptor over it."""
     from hf_flashattn.kernels import v3_gluon_bwd as GB
     if not GB.HAVE_GLUON:
         pytest.skip("this Triton has no Gluon")
@@ -216,6 +217,9 @@ def test_gluon_backward_hands_each_launch_the_call_tensors_and_their_strides(mon
             B, Sq, Sk = 2, S, S
             lse = torch.randn(2, H, S)
         q, k, v, do, out = mk(H), mk(Hk), mk(Hk), mk(H), mk(H)
+        if case == "out_unaligned":   # the same values 2 bytes further on
+            out = torch.empty(out.numel() + 1, dtype=out.dtype)[1:].view(out.shape).copy_(out)
+            assert out.data_ptr() % 16
         gplan = GB.plan(D, False, Sk, window)
         calls.clear()
         dq, dk, dv = GB.backward(do, q, k, v, out, lse, cu, cu, Sq, Sk, 0.125, window, _plan=gplan)
@@ -262,9 +266,11 @@ def test_gluon_backward_hands_each_launch_the_call_tensors_and_their_strides(mon
             assert _tma_ok(args[0], q, (1, 64, 1, D)) and _tma_ok(args[1], k, (1, bn, 1, D))
             assert _tma_ok(args[2], v, (1, bn, 1, D)) and _tma_ok(args[3], do, (1, 64, 1, D))
             assert _tma_ok(args[4], dq, (1, 64, 1, D))
-            # O by TMA at d64/d128 (the dQ pass's PREP 2), by pointer loads at d256 (the argument is not read)
-            assert _tma_ok(args[5], out if D <= 128 else do, (1, 64, 1, D))
-            assert calls[0][5]["PREP"] == (2 if D <= 128 else 1)
+            # O by TMA at d64/d128 (the dQ pass's PREP 2), by pointer loads at d256 and where TMA cannot read O
+            # (the descriptor argument is then dO's and not read)
+            by_tma = D <= 128 and case != "out_unaligned"
+            assert _tma_ok(args[5], out if by_tma else do, (1, 64, 1, D))
+            assert calls[0][5]["PREP"] == (2 if by_tma else 1)
             args = args[:5] + args[6:]
             assert args[5] is dq and args[6] is cu and args[7] is cu
             assert args[8:11] == lay(dq) and args[11] is lse2 and args[12] is delta

@@ -88,8 +88,8 @@ def tile_cost(D, iters):
         kern = [dict(name=n, calls=c, us=u) for n, c, u in kernel_times(f, iters)]
         row = dict(D=D, Sq=Sq, Sk=Sk, B=B, H=H, kv_slots=GB.kv_slots_for(D, 0), ms=ms, kernels=kern)
         rows.append(row)
-        print(json.dumps(dict(D=D, Sq=Sq, Sk=Sk, kv_slots=row["kv_slots"], ms=ms, kernels={r["name"]: round(r["us"], 1) for r in kern})),
-              flush=True)
+        print(json.dumps(dict(D=D, Sq=Sq, Sk=Sk, kv_slots=row["kv_slots"], ms=ms,
+                              kernels={r["name"]: round(r["us"], 1) for r in kern})), flush=True)
         del q, k, v, do, out, lse
         torch.cuda.empty_cache()
     GB.MAX_KV_SLOTS = slots0
@@ -109,7 +109,8 @@ def render(meta, points, tiles):
           f"bf16, B = 16384 / S, H = 2048 / D; `ms`: do_bench median of a fwd+bwd; kernels: torch.profiler's device "
           f"time over {meta['iters']} fwd+bwd calls, per call.", "",
           "## Summary: device time a call, us (backward: every kernel but the forward's)", "",
-          "| impl | D | S | mask | do_bench | forward | backward | backward's kernels |", "|---|---|---|---|---|---|---|---|"]
+          "| impl | D | S | mask | do_bench | forward | backward | backward's kernels |",
+          "|---|---|---|---|---|---|---|---|"]
     for p in points:
         if "error" in p:
             continue

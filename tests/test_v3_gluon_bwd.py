@@ -61,7 +61,8 @@ if which == "dkdv":
               KV_SLOTS=extra[2] if len(extra) > 2 else GB.kv_slots_for(D, do_dq))
 else:
     cx = dict(HEAD_DIM=D, BLOCK_N=rows, STAGES=stages, CONSUMER_REGS=regs, NC=nc, IS_VARLEN=varlen, PIPE=extra[0],
-              DQ_BUF=D <= GB.DQ_BUF_MAX_D and not varlen, PREP=extra[1] if len(extra) > 1 else (2 if D <= 128 else 1) * GB.FUSED_PREP)
+              DQ_BUF=D <= GB.DQ_BUF_MAX_D and not varlen,
+              PREP=extra[1] if len(extra) > 1 else (2 if D <= 128 else 1) * GB.FUSED_PREP)
 src = GluonASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in cx.items()})
 k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 open(sys.argv[2], "w").write(k.asm["ptx"])

@@ -88,15 +88,18 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _load_tile_pair(a_desc, b_desc, bq, row, head, bar, free_bar, t, a_smem, b_smem, a0, HEAD_DIM: gl.constexpr,
-                        NC: gl.constexpr):
+                        NC: gl.constexpr, c_desc=None, c_smem=None):
         """A producer's once-a-tile load of two tensors' rows [row, row + 64·NC) of head `head` (a 64-row slice per
         consumer, buffers a0 ... a0 + NC - 1), after the consumers have released the slot's previous use, its t-th
-        (`free_bar`): K and V in the dK/dV pass, Q and dO in the dQ pass."""
+        (`free_bar`): K and V in the dK/dV pass, Q and dO in the dQ pass (and a third, c, on the same barrier: O when
+        the dQ pass works out Delta, `PREP` 2)."""
         mbarrier.wait(free_bar, (t & 1) ^ 1)   # a fresh barrier's parity 1 is done
-        mbarrier.expect(bar, 2 * NC * 64 * HEAD_DIM * 2)
+        mbarrier.expect(bar, (2 if c_desc is None else 3) * NC * 64 * HEAD_DIM * 2)
         for w in gl.static_range(NC):
             _tma_load(a_desc, [bq, row + w * 64, head, 0], bar, a_smem.index(a0 + w))
             _tma_load(b_desc, [bq, row + w * 64, head, 0], bar, b_smem.index(a0 + w))
+            if c_desc is not None:
+                _tma_load(c_desc, [bq, row + w * 64, head, 0], bar, c_smem.index(a0 + w))
 
     @gluon.jit
     def _producer(q_desc, do_desc, k_desc, v_desc, l_desc, d_desc, q_smem, do_smem, k_smem, v_smem, l_smem, d_smem,
@@ -530,12 +533,8 @@ if HAVE_GLUON:
                                                                          BLOCK_N, IS_VARLEN)
             if ok & (lo < hi):
                 if PREP == 2:   # O too, on the same barrier
-                    mbarrier.wait(q_empty, (tq & 1) ^ 1)
-                    mbarrier.expect(q_bar, 3 * NC * 64 * HEAD_DIM * 2)
-                    for w in gl.static_range(NC):
-                        _tma_load(q_desc, [bq, q0 + m0 + w * 64, h, 0], q_bar, q_smem.index(w))
-                        _tma_load(do_desc, [bq, q0 + m0 + w * 64, h, 0], q_bar, do_smem.index(w))
-                        _tma_load(o_desc, [bq, q0 + m0 + w * 64, h, 0], q_bar, o_smem.index(w))
+                    _load_tile_pair(q_desc, do_desc, bq, q0 + m0, h, q_bar, q_empty, tq, q_smem, do_smem, 0, HEAD_DIM,
+                                    NC, o_desc, o_smem)
                 else:
                     _load_tile_pair(q_desc, do_desc, bq, q0 + m0, h, q_bar, q_empty, tq, q_smem, do_smem, 0, HEAD_DIM,
                                     NC)
@@ -655,10 +654,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _dq_tile(W: gl.constexpr, dq_desc, dq_buf, DQ, stride_qm, stride_qh, q_smem, do_smem, o_smem, k_smem, v_smem,
-                 q_bar,
-                 q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, O, LSE, stride_ob, stride_om, stride_oh,
-                 stride_lb, stride_lh, base, tq, b, bq, q0, h, m0, lo, full_lo, full_hi, hi, Sq, Sk, diag, left, right,
-                 qk_scale, ds_scale, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                 q_bar, q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, O, LSE, stride_ob, stride_om,
+                 stride_oh, stride_lb, stride_lh, base, tq, b, bq, q0, h, m0, lo, full_lo, full_hi, hi, Sq, Sk, diag,
+                 left, right, qk_scale, ds_scale, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                  IS_VARLEN: gl.constexpr, PIPE: gl.constexpr, DQ_BUF: gl.constexpr, PREP: gl.constexpr):
         """Consumer warpgroup W on one tile that sees a key: dQ of rows m0 + 64·W ... over v2's three key ranges,
         stored once. PIPE: each block's dQ product one step late (`_dq_step_pipe`), the first block peeled (always
@@ -753,11 +751,10 @@ if HAVE_GLUON:
             if ok:
                 if lo < hi:
                     _dq_tile(W, dq_desc, dq_buf, DQ, stride_qm, stride_qh, q_smem, do_smem, o_smem, k_smem, v_smem,
-                             q_bar,
-                             q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, O, LSE, stride_ob, stride_om,
-                             stride_oh, stride_lb, stride_lh, base, tq, b, bq, q0, h, m0, lo, full_lo, full_hi, hi, Sq,
-                             Sk, diag, left, right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM, STAGES, IS_VARLEN, PIPE,
-                             DQ_BUF, PREP)
+                             q_bar, q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, O, LSE, stride_ob,
+                             stride_om, stride_oh, stride_lb, stride_lh, base, tq, b, bq, q0, h, m0, lo, full_lo,
+                             full_hi, hi, Sq, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_N, HEAD_DIM, STAGES,
+                             IS_VARLEN, PIPE, DQ_BUF, PREP)
                     base += gl.cdiv(hi - lo, BLOCK_N)
                     tq += 1
                 else:   # no key visible from any row of this tile: dQ = 0
@@ -770,12 +767,12 @@ if HAVE_GLUON:
 
     @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group", "n_mt", "n_units",
                                   "per"])
-    def _dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, o_desc, DQ, CU_Q, CU_K, stride_qb, stride_qm, stride_qh, LSE2,
-                   DELTA, stride_pb, stride_ph, O, LSE, stride_ob, stride_om, stride_oh, stride_lb, stride_lh, seqlen_q,
-                   seqlen_k, window_left, window_right, qk_scale, ds_scale, group, n_mt, n_heads, n_units, per,
-                   HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                   NC: gl.constexpr, IS_VARLEN: gl.constexpr, PIPE: gl.constexpr = False, DQ_BUF: gl.constexpr = False,
-                   PREP: gl.constexpr = 0):
+    def _dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, o_desc, DQ, CU_Q, CU_K, stride_qb, stride_qm, stride_qh,
+                   LSE2, DELTA, stride_pb, stride_ph, O, LSE, stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+                   seqlen_q, seqlen_k, window_left, window_right, qk_scale, ds_scale, group, n_mt, n_heads, n_units,
+                   per, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                   CONSUMER_REGS: gl.constexpr, NC: gl.constexpr, IS_VARLEN: gl.constexpr, PIPE: gl.constexpr = False,
+                   DQ_BUF: gl.constexpr = False, PREP: gl.constexpr = 0):
         # Grid: (programs,), persistent or one program a unit of `per` row tiles, as the forward's (v3_gluon._tile).
         # Warps: the producer (num_warps=4) + NC 4-warp consumers of 64 query rows each. DQ_BUF: dense dQ leaves
         # through a shared buffer of its own, so that the next tile's Q and dO load under this one's last product.
@@ -813,16 +810,16 @@ if HAVE_GLUON:
             (_dq_producer, (q_desc, do_desc, o_desc, k_desc, v_desc, q_smem, do_smem, o_smem, k_smem, v_smem, q_bar,
                             q_empty, ready, empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, n_mt, n_heads,
                             n_units, per, pid, nprog, BLOCK_N, HEAD_DIM, STAGES, NC, IS_VARLEN, PREP)),
-            (_dq_consumer, (0, dq_desc, dq_buf, DQ, stride_qb, stride_qm, stride_qh, q_smem, do_smem, o_smem, k_smem, v_smem,
-                            q_bar, q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, O, LSE, stride_ob,
-                            stride_om, stride_oh, stride_lb, stride_lh, CU_Q, CU_K, seqlen_q, seqlen_k, left, right,
-                            group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale, ds_scale, BLOCK_N, HEAD_DIM,
-                            STAGES, NC, IS_VARLEN, PIPE, DQ_BUF, PREP)),
-            (_dq_consumer, (1, dq_desc, dq_buf, DQ, stride_qb, stride_qm, stride_qh, q_smem, do_smem, o_smem, k_smem, v_smem,
-                            q_bar, q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, O, LSE, stride_ob,
-                            stride_om, stride_oh, stride_lb, stride_lh, CU_Q, CU_K, seqlen_q, seqlen_k, left, right,
-                            group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale, ds_scale, BLOCK_N, HEAD_DIM,
-                            STAGES, NC, IS_VARLEN, PIPE, DQ_BUF, PREP)),
+            (_dq_consumer, (0, dq_desc, dq_buf, DQ, stride_qb, stride_qm, stride_qh, q_smem, do_smem, o_smem,
+                            k_smem, v_smem, q_bar, q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, O, LSE,
+                            stride_ob, stride_om, stride_oh, stride_lb, stride_lh, CU_Q, CU_K, seqlen_q, seqlen_k, left,
+                            right, group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale, ds_scale, BLOCK_N,
+                            HEAD_DIM, STAGES, NC, IS_VARLEN, PIPE, DQ_BUF, PREP)),
+            (_dq_consumer, (1, dq_desc, dq_buf, DQ, stride_qb, stride_qm, stride_qh, q_smem, do_smem, o_smem,
+                            k_smem, v_smem, q_bar, q_empty, ready, empty, LSE2, DELTA, stride_pb, stride_ph, O, LSE,
+                            stride_ob, stride_om, stride_oh, stride_lb, stride_lh, CU_Q, CU_K, seqlen_q, seqlen_k, left,
+                            right, group, n_mt, n_heads, n_units, per, pid, nprog, qk_scale, ds_scale, BLOCK_N,
+                            HEAD_DIM, STAGES, NC, IS_VARLEN, PIPE, DQ_BUF, PREP)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 # Launch plans of the dK/dV kernel: (BLOCK_M query rows per step, STAGES of the Q/dO ring, consumer registers, NC
@@ -992,7 +989,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         return torch.zeros_like(q), dk.zero_(), dv.zero_()
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as TD
     lse2, delta = torch.empty(st.lse_shape, dtype=torch.float32, device=dev)   # one allocation
-    if not st.fused_prep:
+    if not st.prep:
         _prep_launch.launch(st.prep_key, st.prep_grid, (out, do, lse, lse2, delta, cu_seqlens_q) + st.prep_ints,
                             st.prep_meta)
     dq = torch.zeros(st.acc_shape, dtype=torch.float32, device=dev) if st.atomic else new(q.shape, dtype=q.dtype,
@@ -1000,7 +997,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if varlen:   # descriptors over (1, total, H, D)
         q, k, v, do = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), do.unsqueeze(0)
     layout, bm, D = st.layout, st.bm, st.D
-    if st.mode == 0:   # the dQ pass: first when it works out lse and Delta for the dK/dV pass (`fused_prep`)
+    if st.mode == 0:   # the dQ pass: first when it works out lse and Delta for the dK/dV pass (`prep`)
         bn = st.dq_bn
         dq4, out4 = (dq.unsqueeze(0), out.unsqueeze(0)) if varlen else (dq, out)
         dq_args = ((C.Tma(TD, q, (1, 64, 1, D), layout), C.Tma(TD, k, (1, bn, 1, D), layout),
@@ -1009,7 +1006,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                     C.Tma(TD, out4 if st.prep == 2 else do, (1, 64, 1, D), layout),   # O (else not read)
                     dq, cu_seqlens_q, cu_seqlens_k) + st.dq_strides
                    + (lse2, delta) + st.dq_pad_strides + (out, lse) + st.dq_ints)
-        if st.fused_prep:
+        if st.prep:
             _dq_launch.launch(st.dq_key, st.dq_grid, dq_args, st.dq_meta)
     ld = C.Tma(TD, lse2.view(st.rows_2d), (1, bm), st.row_layout)
     dqad = C.Tma(TD, dq, (1, bm, 1, 64), st.acc_layout) if st.mode >= 5 else ld
@@ -1021,7 +1018,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         _bwd_launch.launch(part_key, st.bwd_grid, args, meta)
     if st.atomic:
         return (dq[0] if varlen else dq[:, :st.Sq]).to(st.dtype), dk, dv
-    if st.mode == 0 and not st.fused_prep:
+    if st.mode == 0 and not st.prep:
         _dq_launch.launch(st.dq_key, st.dq_grid, dq_args, st.dq_meta)
     return dq, dk, dv
 
@@ -1061,11 +1058,10 @@ class _Setup:
         left, right = C.window_args(window_size, Sq, Sk)
         qk_scale, _ = C.score_scales(softmax_scale, 0.0)
         self.atomic = atomic = mode in _SUMMED
-        # two passes: the dQ pass works out lse and Delta itself and runs first (no `_prep_kernel`; FUSED_PREP)
-        self.fused_prep = mode == 0 and FUSED_PREP
-        # the dQ pass's PREP: 2 O loaded by TMA with Q and dO (d64, d128: 32 KB more shared memory at d128, 229,984
-        # bytes in all), 1 by the consumers' loads (d256, or an O that TMA cannot read), 0 not there
-        self.prep = 0 if not self.fused_prep else 2 if D <= 128 and C.descriptors_ok(out) else 1
+        # two passes (FUSED_PREP): the dQ pass works out lse and Delta itself and runs first, no `_prep_kernel`. Its
+        # PREP: 2 O loaded by TMA with Q and dO (d64, d128: 32 KB more shared memory at d128, 229,984 bytes in all),
+        # 1 by the consumers' loads (d256, or an O that TMA cannot read), 0 not there (the prep kernel runs)
+        self.prep = 0 if not (mode == 0 and FUSED_PREP) else 2 if D <= 128 and C.descriptors_ok(out) else 1
         # dQ's float32 accumulator: dense (B, Sq, H, D) for the TMA reduce (modes 5, 6: it clips rows past the
         # tensor), (B, pad, H, D) for red's (their pointers reach the padded rows); packed (1, total, H, D), where a
         # tile's rows past its sequence add exact zeros (their lse is +inf) and rows past the last are outside the

@@ -38,7 +38,7 @@ for i, name in enumerate(fn.arg_names):
         sig[name] = "constexpr"
     elif name in ("q_desc", "do_desc", "dq_desc", "o_desc"):
         sig[name] = f"tensordesc<bf16[1,{rows if which == 'dkdv' else 64},1,{D}],{lay}>"
-    elif name in ("k_desc", "v_desc"):
+    elif name in ("k_desc", "v_desc", "dk_desc", "dv_desc"):
         sig[name] = f"tensordesc<bf16[1,{64 if which == 'dkdv' else rows},1,{D}],{lay}>"
     elif name in ("l_desc", "d_desc") or (name == "dqa_desc" and extra[1] < 5):
         sig[name] = f"tensordesc<fp32[1,{rows}],{row_lay}>"
@@ -58,7 +58,8 @@ if which == "dkdv":
     do_dq = extra[1] if extra[1] != 4 else 0
     cx = dict(HEAD_DIM=D, BLOCK_M=rows, STAGES=stages, CONSUMER_REGS=regs, NC=nc, DO_DQ=do_dq,
               SHARED_DQ=extra[0] and extra[1] in (1, 2, 3, 5, 6), IS_VARLEN=varlen, PART=part,
-              KV_SLOTS=extra[2] if len(extra) > 2 else GB.kv_slots_for(D, do_dq))
+              KV_SLOTS=extra[2] if len(extra) > 2 else GB.kv_slots_for(D, do_dq),
+              KV_OUT=extra[3] if len(extra) > 3 else 0)
 else:
     cx = dict(HEAD_DIM=D, BLOCK_N=rows, STAGES=stages, CONSUMER_REGS=regs, NC=nc, IS_VARLEN=varlen, PIPE=extra[0],
               DQ_BUF=D <= GB.DQ_BUF_MAX_D and not varlen,

@@ -72,7 +72,7 @@ if HAVE_GLUON:
         warpgroup_mma_wait,
     )
 
-    from .v3_gluon import _store_rows, _store_zero_rows, _tile, _tma_load, _visible
+    from .v3_gluon import _store_rows, _store_zero_rows, _tile, _tma_load, _tma_store, _visible
 
     @gluon.jit
     def _kv_tile(i, pid, nprog, per, n_kt, n_kv_heads, CU_Q, CU_K, seqlen_q, seqlen_k, left, right,
@@ -342,15 +342,18 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _kv_consume_tile(W: gl.constexpr, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar,
-                         kv_empty, ready, empty, ds_full, ds_free, DQ, dqa_desc, DK, DV, stride_dqb, stride_dqm,
+                         kv_empty, ready, empty, ds_full, ds_free, DQ, dqa_desc, dk_desc, dv_desc, kvo_smem, DK, DV,
+                         stride_dqb, stride_dqm,
                          stride_dqh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, tbase, tk,
                          b, bq, q0, k0, kvh, n0, lo, full_lo, full_hi, hi, group, Sk, diag, left, right, qk_scale,
                          ds_scale, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                          DO_DQ: gl.constexpr, SHARED_DQ: gl.constexpr, NC: gl.constexpr, PART: gl.constexpr,
-                         IS_VARLEN: gl.constexpr, KV_SLOTS: gl.constexpr):
+                         IS_VARLEN: gl.constexpr, KV_SLOTS: gl.constexpr, KV_OUT: gl.constexpr):
         """Consumer warpgroup W on one key tile: keys n0 + 64·W ... of the tile (in K/V slot tk % KV_SLOTS), summed
-        over the group's heads; K and V go back to the producer after the last step (`kv_empty`), before dK and dV are
-        stored. `tbase`: the ring's count at the tile's first step."""
+        over the group's heads, then dK and dV stored (`KV_OUT`: 0 masked stores from registers, after K and V go back
+        to the producer on `kv_empty`; 1 TMA stores through buffers of their own, likewise; 2 TMA stores through this
+        consumer's K and V buffers, which go back once the stores have read them). `tbase`: the ring's count at the
+        tile's first step."""
         st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                             instr_shape=[16, BLOCK_M, 16])
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -393,9 +396,34 @@ if HAVE_GLUON:
                                do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, dqa_desc,
                                bq, q0, hq, offs_k, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM,
                                STAGES, st_layout, acc_layout, a_layout, True, DO_DQ, SHARED_DQ, W, NC, PART)
-        mbarrier.arrive(kv_empty.index(slot), count=1)   # every product reading K and V has been waited for
-        _store_kv_rows(DK, DV, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, bq, kvh, k0, kw0,
-                       Sk, dk * ds_scale, dv, acc_layout, HEAD_DIM, PART)
+        if KV_OUT == 2:
+            # every product reading this consumer's K and V slices has been waited for; with a shared dQ tile the
+            # other consumer's last dS K reads them too (`ds_free` of the tile's last step)
+            if SHARED_DQ & (DO_DQ > 0):
+                mbarrier.wait(ds_free, (tbase + group * n - 1) & 1)
+            _store_kv_tma(dk_desc, dv_desc, k_smem.index(kv0 + W), v_smem.index(kv0 + W), bq, k0 + kw0, kvh,
+                          dk * ds_scale, dv, HEAD_DIM)
+            tma.store_wait(0)   # the stores have read the buffers: the producer may load the next K and V there
+            mbarrier.arrive(kv_empty.index(slot), count=1)
+        else:
+            mbarrier.arrive(kv_empty.index(slot), count=1)   # every product reading K and V has been waited for
+            if KV_OUT == 1:
+                tma.store_wait(0)   # the previous tile's stores have read the buffers
+                _store_kv_tma(dk_desc, dv_desc, kvo_smem.index(2 * W), kvo_smem.index(2 * W + 1), bq, k0 + kw0, kvh,
+                              dk * ds_scale, dv, HEAD_DIM)
+            else:
+                _store_kv_rows(DK, DV, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, bq, kvh,
+                               k0, kw0, Sk, dk * ds_scale, dv, acc_layout, HEAD_DIM, PART)
+
+    @gluon.jit
+    def _store_kv_tma(dk_desc, dv_desc, ko, vo, bq, row, kvh, dk, dv, HEAD_DIM: gl.constexpr):
+        """Dense dK and dV (64 x HEAD_DIM float32 registers) of keys row ... row + 63 by TMA stores through the
+        shared buffers ko and vo, left in flight (TMA clips the rows past the tensor's keys)."""
+        ko.reshape([64, HEAD_DIM]).store(dk.to(dk_desc.dtype))
+        vo.reshape([64, HEAD_DIM]).store(dv.to(dv_desc.dtype))
+        fence_async_shared()
+        _tma_store(dk_desc, [bq, row, kvh, 0], ko)
+        _tma_store(dv_desc, [bq, row, kvh, 0], vo)
 
     @gluon.jit
     def _store_kv_rows(DK, DV, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, bq, kvh, k0, kw0,
@@ -417,12 +445,13 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(W: gl.constexpr, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, kv_empty,
-                  ready, empty, ds_full, ds_free, DQ, dqa_desc, DK, DV, stride_dqb, stride_dqm, stride_dqh,
+                  ready, empty, ds_full, ds_free, DQ, dqa_desc, dk_desc, dv_desc, kvo_smem, DK, DV, stride_dqb,
+                  stride_dqm, stride_dqh,
                   stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, CU_Q, CU_K, seqlen_q,
                   seqlen_k, left, right, group, nheads, n_kt, n_units, per, pid, nprog, qk_scale, ds_scale,
                   BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, DO_DQ: gl.constexpr,
                   SHARED_DQ: gl.constexpr, NC: gl.constexpr, PART: gl.constexpr, IS_VARLEN: gl.constexpr,
-                  KV_SLOTS: gl.constexpr):
+                  KV_SLOTS: gl.constexpr, KV_OUT: gl.constexpr):
         """Consumer warpgroup W over this program's key tiles (the producer's order and ring count); keys no query
         sees get dK = dV = 0."""
         tbase = 0
@@ -435,11 +464,12 @@ if HAVE_GLUON:
             if ok:
                 if lo < hi:
                     _kv_consume_tile(W, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar,
-                                     kv_empty, ready, empty, ds_full, ds_free, DQ, dqa_desc, DK, DV, stride_dqb,
-                                     stride_dqm, stride_dqh, stride_dkb, stride_dkn, stride_dkh, stride_dvb,
-                                     stride_dvn, stride_dvh, tbase, tk, b, bq, q0, k0, kvh, n0, lo, full_lo, full_hi,
-                                     hi, group, Sk, Sk - Sq, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM,
-                                     STAGES, DO_DQ, SHARED_DQ, NC, PART, IS_VARLEN, KV_SLOTS)
+                                     kv_empty, ready, empty, ds_full, ds_free, DQ, dqa_desc, dk_desc, dv_desc,
+                                     kvo_smem, DK, DV, stride_dqb, stride_dqm, stride_dqh, stride_dkb, stride_dkn,
+                                     stride_dkh, stride_dvb, stride_dvn, stride_dvh, tbase, tk, b, bq, q0, k0, kvh, n0,
+                                     lo, full_lo, full_hi, hi, group, Sk, Sk - Sq, left, right, qk_scale, ds_scale,
+                                     BLOCK_M, HEAD_DIM, STAGES, DO_DQ, SHARED_DQ, NC, PART, IS_VARLEN, KV_SLOTS,
+                                     KV_OUT)
                     tbase += group * gl.cdiv(hi - lo, BLOCK_M)
                     tk += 1
                 else:   # no query sees these keys: dK = dV = 0
@@ -447,18 +477,19 @@ if HAVE_GLUON:
                     zero = gl.zeros([64, HEAD_DIM], DK.dtype.element_ty, z_layout)
                     _store_kv_rows(DK, DV, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, bq,
                                    kvh, k0, n0 + W * 64, Sk, zero, zero, z_layout, HEAD_DIM, PART)
-        if DO_DQ >= 5:
-            tma.store_wait(0)   # the last reduce reads shared memory, which must outlive it
+        if (DO_DQ >= 5) | (KV_OUT > 0):
+            tma.store_wait(0)   # the last reduce or store reads shared memory, which must outlive it
 
     @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group", "nheads", "n_kt",
                                   "n_units", "per"])
-    def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, l_desc, d_desc, dqa_desc, DQ, DK, DV, CU_Q, CU_K, stride_dqb,
+    def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, l_desc, d_desc, dqa_desc, dk_desc, dv_desc, DQ, DK, DV, CU_Q,
+                    CU_K, stride_dqb,
                     stride_dqm, stride_dqh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
                     seqlen_q, seqlen_k, window_left, window_right, qk_scale, ds_scale, group, nheads, n_kt, n_units,
                     per,
                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                     NC: gl.constexpr, DO_DQ: gl.constexpr, SHARED_DQ: gl.constexpr, IS_VARLEN: gl.constexpr,
-                    PART: gl.constexpr = 0, KV_SLOTS: gl.constexpr = 1):
+                    PART: gl.constexpr = 0, KV_SLOTS: gl.constexpr = 1, KV_OUT: gl.constexpr = 0):
         # Grid: (programs,), persistent or one program a unit of `per` key tiles of 64·NC keys (`_kv_tile`). Warps: the
         # producer (num_warps=4) + NC 4-warp consumers.
         pid = gl.program_id(0)
@@ -480,6 +511,10 @@ if HAVE_GLUON:
         else:
             dq_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
             dq_smem = gl.allocate_shared_memory(gl.float32, [NC if SHARED_DQ else 2 * NC, BLOCK_M, 64], dq_layout)
+        if KV_OUT == 1:   # dK's and dV's own buffers for their TMA stores, two a consumer
+            kvo_smem = gl.allocate_shared_memory(dtype, [2 * NC, 1, 64, 1, HEAD_DIM], dk_desc.layout)
+        else:
+            kvo_smem = k_smem   # not written (KV_OUT 2 stores through the consumer's K and V slices)
         l_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M], l_desc.layout)
         d_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M], d_desc.layout)
         kv_bar = gl.allocate_shared_memory(gl.int64, [KV_SLOTS, 1], mbarrier.MBarrierLayout())
@@ -504,15 +539,17 @@ if HAVE_GLUON:
                          d_smem, kv_bar, kv_empty, ready, empty, CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group,
                          nheads, n_kt, n_units, per, pid, nprog, BLOCK_M, HEAD_DIM, STAGES, NC, IS_VARLEN, KV_SLOTS)),
             (_consumer, (0, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, kv_empty, ready,
-                         empty, ds_full, ds_free, DQ, dqa_desc, DK, DV, stride_dqb, stride_dqm, stride_dqh,
-                         stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, CU_Q, CU_K, seqlen_q,
-                         seqlen_k, left, right, group, nheads, n_kt, n_units, per, pid, nprog, qk_scale, ds_scale,
-                         BLOCK_M, HEAD_DIM, STAGES, DO_DQ, SHARED_DQ, NC, PART, IS_VARLEN, KV_SLOTS)),
+                         empty, ds_full, ds_free, DQ, dqa_desc, dk_desc, dv_desc, kvo_smem, DK, DV, stride_dqb,
+                         stride_dqm, stride_dqh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+                         CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, nheads, n_kt, n_units, per, pid, nprog,
+                         qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ, SHARED_DQ, NC, PART, IS_VARLEN,
+                         KV_SLOTS, KV_OUT)),
             (_consumer, (1, k_smem, v_smem, ds_smem, dq_smem, q_smem, do_smem, l_smem, d_smem, kv_bar, kv_empty, ready,
-                         empty, ds_full, ds_free, DQ, dqa_desc, DK, DV, stride_dqb, stride_dqm, stride_dqh,
-                         stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, CU_Q, CU_K, seqlen_q,
-                         seqlen_k, left, right, group, nheads, n_kt, n_units, per, pid, nprog, qk_scale, ds_scale,
-                         BLOCK_M, HEAD_DIM, STAGES, DO_DQ, SHARED_DQ, NC, PART, IS_VARLEN, KV_SLOTS)),
+                         empty, ds_full, ds_free, DQ, dqa_desc, dk_desc, dv_desc, kvo_smem, DK, DV, stride_dqb,
+                         stride_dqm, stride_dqh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+                         CU_Q, CU_K, seqlen_q, seqlen_k, left, right, group, nheads, n_kt, n_units, per, pid, nprog,
+                         qk_scale, ds_scale, BLOCK_M, HEAD_DIM, STAGES, DO_DQ, SHARED_DQ, NC, PART, IS_VARLEN,
+                         KV_SLOTS, KV_OUT)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
     # ---- dQ in a pass of its own (deterministic): one program per 64·NC query rows, K and V streamed ----
@@ -869,6 +906,37 @@ def kv_slots_for(D: int, do_dq: int) -> int:
     return min(MAX_KV_SLOTS, 2 if D == 64 or (D == 128 and do_dq == 0) else 1)
 
 
+# How the dK/dV pass stores dK and dV (`_bwd_kernel`'s KV_OUT, dense batches and d64/d128 only; packed batches and
+# d256 take masked stores): 0 masked stores from the registers; 1 TMA stores through buffers of their own (where shared
+# memory holds them); 2 TMA stores through the consumer's own K and V buffers, handed back to the producer once the
+# stores have read them (no shared memory of their own). Tried because the dK/dV pass's time at 1k keys fits 8-10 us a
+# tile beside 1.6 us a step at d128 (fifteenth session's tile-cost probe), the dQ pass's 3.7 us a tile: the dK/dV pass
+# writes twice the dQ pass's rows a tile, by 64 scattered 4-byte stores a thread.
+KV_OUT = 0
+_SMEM_LIMIT = 232448 - 1024   # the H100's shared memory per block, less the barriers' and alignment's share
+
+
+def bwd_smem(D: int, bm: int, stages: int, nc: int, do_dq: int, shared: bool, kv_slots: int, kv_out: int) -> int:
+    """Bytes of shared memory `_bwd_kernel` allocates for a plan (16-bit inputs), barriers aside."""
+    n = 2 * stages * bm * D * 2 + 2 * kv_slots * nc * 64 * D * 2 + nc * 64 * bm * 2 + 2 * stages * bm * 4
+    if do_dq in _SUMMED:
+        n += (nc if shared and do_dq == 5 else 2 * nc) * bm * 64 * 4
+    if kv_out == 1:
+        n += 2 * nc * 64 * D * 2
+    return n
+
+
+def kv_out_for(D: int, plan_: tuple, do_dq: int, varlen: bool, kv_slots: int) -> int:
+    """`_bwd_kernel`'s KV_OUT for a launch: KV_OUT where the kernel can take it (dense, d64/d128; own buffers only
+    where shared memory holds them, else through the K/V buffers)."""
+    if KV_OUT == 0 or varlen or D not in (64, 128):
+        return 0
+    bm, stages, _, nc, shared, _ = plan_
+    if KV_OUT == 1 and bwd_smem(D, bm, stages, nc, do_dq, shared, kv_slots, 1) <= _SMEM_LIMIT:
+        return 1
+    return 2
+
+
 # The single pass from this many keys visible to a query row on average (`visible_keys`); below, the two passes. The
 # single pass's float32 dQ accumulator (zero fill, the reduce's traffic, the cast) costs per query row, its saved
 # matmuls per visible key. Measured on the H100, ÷ cuDNN's backward, two passes against single: 1k d128 0.95-0.97
@@ -976,7 +1044,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
            ((cu_seqlens_q.data_ptr() | cu_seqlens_k.data_ptr()) & 15, cu_seqlens_q.numel(), max_seqlen_q, max_seqlen_k),
            tuple(window_size), do.stride(), do.data_ptr() & 15, out.stride(), out.data_ptr() & 15, lse.stride(),
            softmax_scale, _plan, _dq,
-           _dq_plan, q.device, persistent_on(PERSISTENT), FUSED_PREP, MAX_KV_SLOTS)
+           _dq_plan, q.device, persistent_on(PERSISTENT), FUSED_PREP, MAX_KV_SLOTS, KV_OUT)
     st = _SETUPS.get(key)
     if st is None:
         st = C.keep(_SETUPS, key, _Setup(q, k, do, out, lse, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale,
@@ -1012,8 +1080,10 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     dqad = C.Tma(TD, dq, (1, bm, 1, 64), st.acc_layout) if st.mode >= 5 else ld
     args = (C.Tma(TD, q, (1, bm, 1, D), layout), C.Tma(TD, k, (1, 64, 1, D), layout),
             C.Tma(TD, v, (1, 64, 1, D), layout), C.Tma(TD, do, (1, bm, 1, D), layout), ld,
-            C.Tma(TD, delta.view(st.rows_2d), (1, bm), st.row_layout), dqad, dq, dk, dv, cu_seqlens_q,
-            cu_seqlens_k) + st.bwd_ints
+            C.Tma(TD, delta.view(st.rows_2d), (1, bm), st.row_layout), dqad)
+    kd = args[1]
+    args += ((C.Tma(TD, dk, (1, 64, 1, D), layout), C.Tma(TD, dv, (1, 64, 1, D), layout)) if st.kv_out else (kd, kd))
+    args += (dq, dk, dv, cu_seqlens_q, cu_seqlens_k) + st.bwd_ints
     for part_key, meta in st.bwd_parts:
         _bwd_launch.launch(part_key, st.bwd_grid, args, meta)
     if st.atomic:
@@ -1077,10 +1147,12 @@ class _Setup:
         self.bwd_grid = (programs,)
         self.bwd_ints = dq_strides[:3] + dkv + dkv + (Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, H, n_kt,
                                                      n_kv_units, per)
-        kv_slots = kv_slots_for(D, mode if atomic else 0)
+        do_dq = mode if atomic else 0
+        kv_slots = kv_slots_for(D, do_dq)
+        self.kv_out = kv_out = kv_out_for(D, (bm, stages, regs, nc, shared and atomic, red), do_dq, varlen, kv_slots)
         self.bwd_parts = tuple((key + (part,), dict(HEAD_DIM=D, BLOCK_M=bm, STAGES=stages, CONSUMER_REGS=regs, NC=nc,
-                                                    DO_DQ=mode if atomic else 0, SHARED_DQ=shared and atomic,
-                                                    IS_VARLEN=varlen, PART=part, KV_SLOTS=kv_slots, num_warps=4))
+                                                    DO_DQ=do_dq, SHARED_DQ=shared and atomic, IS_VARLEN=varlen,
+                                                    PART=part, KV_SLOTS=kv_slots, KV_OUT=kv_out, num_warps=4))
                                for part in ((1, 2) if D == 256 else (0,)))
         if mode == 0:
             bn, dq_stages, dq_regs, dq_nc, pipe = _dq_plan or _DQ_PLANS[D]

@@ -1,0 +1,186 @@
+"""A/B of the Gluon backward's dK/dV pass (`_bwd_kernel`) variants in one process: how dK and dV leave (KV_OUT 0
+masked stores, 1 TMA stores through buffers of their own, 2 TMA stores through the consumer's K/V buffers) and one
+or two K/V slots (MAX_KV_SLOTS), at the points where the pass's per-tile cost weighs most (1k-2k keys) and a few
+single-pass points.
+
+    python benchmarks/probe_kv_out.py --out DIR [--points d128-1k,d128-1k-causal,...] [--rounds 7]
+
+Every variant runs the same inputs; rounds go variant after variant, so a drift of the card's clock or of the host
+shows in every variant alike, and each variant's time is read as its ratio to the baseline's in the same round (the
+median of those ratios; and the median device time of `_bwd_kernel` under torch.profiler). Correctness: each
+variant's dK and dV are compared bitwise with the baseline's (the variants change where dK and dV are stored from,
+not how they are summed), dQ bitwise with two passes (its own pass, unchanged) and within 1e-2 relative with the
+single pass (its float32 sum's order varies between runs). Writes probe_kv_out.json and probe_kv_out.md.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import functools
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+# name -> (D, S, causal); B = 16384 / S, H = 2048 / D (bench.py's grid)
+POINTS = {"d128-1k": (128, 1024, False), "d128-1k-causal": (128, 1024, True), "d64-1k": (64, 1024, False),
+          "d64-1k-causal": (64, 1024, True), "d128-2k-causal": (128, 2048, True), "d128-4k": (128, 4096, False),
+          "d64-4k": (64, 4096, False), "d128-4k-causal": (128, 4096, True)}
+# name -> (MAX_KV_SLOTS, KV_OUT); the first is the baseline
+VARIANTS = {"slots1-out0": (1, 0), "slots2-out0": (2, 0), "slots1-out1": (1, 1), "slots2-out2": (2, 2),
+            "slots1-out2": (1, 2)}
+
+
+def setup(D, S, causal, seed=0):
+    from hf_flashattn import flash_attn_func
+    B, H = 16384 // S, 2048 // D
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v, do = (torch.randn((B, S, H, D), device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
+    out, lse, _ = flash_attn_func(q, k, v, causal=causal, return_attn_probs=True, version="v3")
+    window = (-1, 0) if causal else (-1, -1)
+    return q, k, v, do, out, lse, window
+
+
+def call(GB, inputs, variant):
+    q, k, v, do, out, lse, window = inputs
+    GB.MAX_KV_SLOTS, GB.KV_OUT = VARIANTS[variant]
+    S = q.shape[1]
+    return GB.backward(do, q, k, v, out, lse, None, None, S, S, q.shape[-1] ** -0.5, window,
+                       _plan=GB.plan(q.shape[-1], False, S, window))
+
+
+# awkward dense shapes (B, Sq, Sk, H, Hk, D) for the bitwise check against the baseline: ragged lengths (TMA clips
+# the last tile's rows), GQA/MQA, keys no query sees (their dK/dV are zero stores)
+CHECK_SHAPES = [(2, 113, 203, 8, 2, 128), (2, 203, 113, 8, 8, 64), (1, 1023, 1024, 4, 1, 128),
+                (1, 100, 700, 4, 4, 128), (1, 1024, 1023, 8, 2, 64)]
+CHECK_MASKS = [(-1, -1), (-1, 0), (64, 32)]
+
+
+def check(GB, variants):
+    """[(shape, window, plan, variant, dK/dV bitwise equal to the baseline's)] over CHECK_SHAPES x CHECK_MASKS,
+    with both the two passes and the single pass (d64/d128's default plan from 2k keys)."""
+    from hf_flashattn import flash_attn_func
+    rows = []
+    for B, Sq, Sk, H, Hk, D in CHECK_SHAPES:
+        g = torch.Generator(device="cuda").manual_seed(1)
+        q, do = (torch.randn((B, Sq, H, D), device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+        k, v = (torch.randn((B, Sk, Hk, D), device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+        for window in CHECK_MASKS:
+            out, lse, _ = flash_attn_func(q, k, v, window_size=window, return_attn_probs=True, version="v3")
+            for single in (False, True):
+                plan = GB.plan(D) if single else GB.plan(D, deterministic=True)
+                res = {}
+                for v_ in variants:
+                    GB.MAX_KV_SLOTS, GB.KV_OUT = VARIANTS[v_]
+                    res[v_] = GB.backward(do, q, k, v, out, lse, None, None, Sq, Sk, D ** -0.5, window, _plan=plan)
+                for v_ in variants[1:]:
+                    eq = torch.equal(res[v_][1], res[variants[0]][1]) and torch.equal(res[v_][2], res[variants[0]][2])
+                    rows.append(dict(shape=[B, Sq, Sk, H, Hk, D], window=list(window), single=single, variant=v_,
+                                     bitwise=eq))
+    return rows
+
+
+def warm(point, variant):
+    """Compile one (point, variant) in a process of its own (the disk cache serves the main process)."""
+    from hf_flashattn.kernels import v3_gluon_bwd as GB
+    t = time.time()
+    call(GB, setup(*POINTS[point]), variant)
+    torch.cuda.synchronize()
+    return point, variant, time.time() - t
+
+
+def bwd_kernel_us(f, iters):
+    from probe_bwd_parts import kernel_times
+    return sum(us for name, _, us in kernel_times(f, iters) if name.startswith("_bwd_kernel"))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--points", default="d128-1k,d128-1k-causal,d64-1k,d64-1k-causal,d128-2k-causal,d128-4k,d64-4k")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--budget-s", type=float, default=1e9)
+    args = ap.parse_args()
+    t0 = time.time()
+    import triton
+
+    from hf_flashattn.kernels import v3_gluon_bwd as GB
+    points, variants = args.points.split(","), args.variants.split(",")
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                commit=os.environ.get("COMMIT", "unknown"), rounds=args.rounds, iters=args.iters,
+                date=time.strftime("%Y-%m-%d"))
+    with cf.ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as ex:
+        warmed = list(ex.map(warm, *zip(*[(p, v) for p in points for v in variants])))
+    meta["warm_s"] = round(time.time() - t0, 1)
+    print(f"compiled in {meta['warm_s']} s: {warmed}", flush=True)
+    checks = check(GB, variants)
+    bad = [c for c in checks if not c["bitwise"]]
+    print(f"check: {len(checks) - len(bad)}/{len(checks)} bitwise; differ: {bad}", flush=True)
+    results = []
+    for p in points:
+        if time.time() - t0 > args.budget_s:
+            print(f"budget: {p} and later skipped", flush=True)
+            break
+        D, S, causal = POINTS[p]
+        inputs = setup(D, S, causal)
+        ref = call(GB, inputs, variants[0])
+        two_pass = GB.plan(D, False, S, inputs[-1])[-1] == 0
+        row = dict(point=p, D=D, S=S, causal=causal, two_pass=two_pass, variants={})
+        for v in variants:
+            got = call(GB, inputs, v)
+            ok_kv = torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
+            if two_pass:
+                ok_q = torch.equal(got[0], ref[0])
+            else:
+                ok_q = bool(((got[0].float() - ref[0].float()).norm() / ref[0].float().norm()) < 1e-2)
+            row["variants"][v] = dict(dkdv_bitwise=ok_kv, dq_ok=ok_q, us=[], ratio=[])
+        for _ in range(args.rounds):
+            base = None
+            for v in variants:
+                us = bwd_kernel_us(functools.partial(call, GB, inputs, v), args.iters)
+                base = us if base is None else base
+                row["variants"][v]["us"].append(round(us, 1))
+                row["variants"][v]["ratio"].append(round(us / base, 4))
+        for v, r in row["variants"].items():
+            r["median_us"] = statistics.median(r["us"])
+            r["median_ratio"] = statistics.median(r["ratio"])
+        results.append(row)
+        print(p, {v: (r["median_us"], r["median_ratio"], r["dkdv_bitwise"], r["dq_ok"])
+                  for v, r in row["variants"].items()}, flush=True)
+        del inputs, ref
+    GB.MAX_KV_SLOTS, GB.KV_OUT = 1, 0
+    meta["total_s"] = round(time.time() - t0, 1)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "probe_kv_out.json"), "w") as f:
+        json.dump(dict(meta=meta, checks=checks, results=results), f, indent=1)
+    lines = [f"# dK/dV pass variants — {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
+             f"commit {meta['commit']}", "",
+             f"date {meta['date']}; bf16, B = 16384 / S, H = 2048 / D; `_bwd_kernel`'s device time (torch.profiler, "
+             f"{args.iters} calls) in {args.rounds} rounds, variant after variant; ratio: to the first variant in the "
+             "same round, median over rounds", "",
+             f"Check (dK and dV bitwise equal to {variants[0]}'s, awkward shapes x windows x both plans): "
+             f"{len(checks) - len(bad)}/{len(checks)}" + (f"; differ: {bad}" if bad else ""), "",
+             "| point | two passes | variant | median us | min us | ratio (median) | dK/dV bitwise | dQ ok |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in results:
+        for v, r in row["variants"].items():
+            lines.append(f"| {row['point']} | {row['two_pass']} | {v} | {r['median_us']:.1f} | {min(r['us']):.1f} | "
+                         f"{r['median_ratio']:.3f} | {r['dkdv_bitwise']} | {r['dq_ok']} |")
+    with open(os.path.join(args.out, "probe_kv_out.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

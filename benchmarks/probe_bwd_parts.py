@@ -9,7 +9,8 @@ torch.profiler's device time of every kernel over `--iters` fwd+bwd calls, per c
 allocations' fills, the casts. Shapes as bench.py's grid: B = 16384 / S, H = 2048 / D, bf16. Implementation
 "ours-v3-prepkernel": ours with v3_gluon_bwd.FUSED_PREP off (lse and Delta from `_prep_kernel`, as before the
 fifteenth session), in the same process; "ours-v3-kv1": ours with one K/V slot in the dK/dV pass
-(v3_gluon_bwd.MAX_KV_SLOTS = 1, as before the fifteenth session).
+(v3_gluon_bwd.MAX_KV_SLOTS = 1); "ours-v3-kvout0": one K/V slot and dK/dV by masked stores (MAX_KV_SLOTS = 1,
+KV_OUT = 0: the dK/dV pass as before the sixteenth session).
 
 --tile-cost: the Gluon backward's two passes (forced) at one head dim, unmasked, B = 16, H = 16, with the query length
 growing at 1k keys and the key length growing at 1k queries: each pass's kernel time against its tiles and steps, so
@@ -168,7 +169,7 @@ def main():
     from bench import make_impls
 
     from hf_flashattn.kernels import v3_gluon_bwd as GB
-    fused0, slots0 = GB.FUSED_PREP, GB.MAX_KV_SLOTS
+    fused0, slots0, out0 = GB.FUSED_PREP, GB.MAX_KV_SLOTS, GB.KV_OUT
     impls = make_impls(["v3"])
     names = args.impls.split(",")
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -186,14 +187,15 @@ def main():
                 for name in names:
                     point = dict(impl=name, D=D, S=S, B=B, H=H, causal=causal)
                     shp = (B, S, H, D) if name.startswith("ours") else (B, H, S, D)
-                    variant = name in ("ours-v3-prepkernel", "ours-v3-kv1")
+                    variant = name in ("ours-v3-prepkernel", "ours-v3-kv1", "ours-v3-kvout0")
                     GB.FUSED_PREP = name != "ours-v3-prepkernel"
-                    GB.MAX_KV_SLOTS = 1 if name == "ours-v3-kv1" else slots0
+                    GB.MAX_KV_SLOTS = 1 if name in ("ours-v3-kv1", "ours-v3-kvout0") else slots0
+                    GB.KV_OUT = 0 if name == "ours-v3-kvout0" else out0
                     try:
                         point.update(measure(impls["ours-v3" if variant else name], shp, causal, args.iters))
                     except Exception as e:  # noqa: BLE001 - a baseline that cannot run is recorded
                         point["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                    GB.FUSED_PREP, GB.MAX_KV_SLOTS = fused0, slots0
+                    GB.FUSED_PREP, GB.MAX_KV_SLOTS, GB.KV_OUT = fused0, slots0, out0
                     points.append(point)
                     print(json.dumps({k: point[k] for k in point if k != "kernels"}), flush=True)
                     torch.cuda.empty_cache()

@@ -287,9 +287,9 @@ def test_pipelined_dq_pass_compiles_with_its_product_one_step_late(prep):
 
 
 def test_two_kv_slots_compile_and_take_a_second_slot_of_shared_memory(monkeypatch):
-    """The dK/dV pass's K/V_SLOTS option (off by default: measured no gain, `MAX_KV_SLOTS`): at d128 with dQ in its
-    own pass the second slot (128 keys of K and V at d128, 65,536 bytes) fits beside the ring, no dQ buffers are
-    allocated there, and the rule gives two slots only where shared memory holds them."""
+    """The dK/dV pass's K/V slots: at d128 with dQ in its own pass a second slot (128 keys of K and V at d128,
+    65,536 bytes) fits beside the ring, no dQ buffers are allocated there, and the rule gives two slots only where
+    shared memory holds them (d64's two passes take two by default, `_KV_PLANS`)."""
     bm, stages, regs, nc, shared, _ = GB._PLANS[128]
     with tempfile.TemporaryDirectory() as tmp:
         _, smem1, _ = _compile(["dkdv", 128, bm, stages, regs, nc, [shared, 0, 1], False, 0], os.path.join(tmp, "a"))
@@ -299,7 +299,37 @@ def test_two_kv_slots_compile_and_take_a_second_slot_of_shared_memory(monkeypatc
     assert 0 <= smem2 - smem1 - 2 * nc * 64 * 128 * 2 <= 64   # and two mbarriers
     assert smem1 < 160 * 1024   # no float32 dQ tiles (64 KB) when dQ has a pass of its own
     assert spill <= 384, spill
-    assert GB.MAX_KV_SLOTS == 1 and GB.kv_slots_for(128, 0) == 1
+    assert GB.MAX_KV_SLOTS is None
+    assert [GB.kv_slots_for(64, 0), GB.kv_slots_for(64, 6), GB.kv_slots_for(128, 0), GB.kv_slots_for(128, 6),
+            GB.kv_slots_for(256, 0)] == [2, 1, 1, 1, 1]
     monkeypatch.setattr(GB, "MAX_KV_SLOTS", 2)
     assert [GB.kv_slots_for(64, 6), GB.kv_slots_for(64, 0), GB.kv_slots_for(128, 0)] == [2, 2, 2]
     assert [GB.kv_slots_for(128, 6), GB.kv_slots_for(256, 0)] == [1, 1]
+
+
+@pytest.mark.parametrize("D, do_dq", [(128, 0), (64, 0), (64, 6)])
+def test_dk_dv_leave_by_tma_stores(D, do_dq):
+    """dK and dV leave the dK/dV pass by TMA stores (`KV_OUT`, sixteenth session: the masked stores from registers
+    cost the pass 10-20% at 1k keys): d128's two passes through buffers of their own (1), d64's through the
+    consumer's K/V buffers with two K/V slots (2), d64's single pass through its own; each consumer stores dK and dV
+    (two 4-D TMA stores) and waits for them to read shared memory (before its next tile's stores, or before handing
+    K and V back) and before the program ends. d128's single pass keeps masked stores (no room for own buffers,
+    through K/V measured slower); packed batches and d256 take masked stores."""
+    bm, stages, regs, nc, shared, _ = GB._PLANS[D]
+    plan_ = (bm, stages, regs, nc, shared and do_dq > 0, do_dq)
+    slots = GB.kv_slots_for(D, do_dq)
+    kv_out = GB.kv_out_for(D, plan_, do_dq, False, slots)
+    assert (slots, kv_out) == {(128, 0): (1, 1), (64, 0): (2, 2), (64, 6): (1, 1)}[(D, do_dq)]
+    assert GB.kv_out_for(128, GB._PLANS[128], 6, False, 1) == 0
+    assert GB.kv_out_for(D, plan_, do_dq, True, slots) == 0 and GB.kv_out_for(256, GB._PLANS[256], 0, False, 1) == 0
+    assert GB.bwd_smem(D, bm, stages, nc, do_dq, plan_[4], slots, kv_out) <= GB._SMEM_LIMIT
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, smem, spill = _compile(["dkdv", D, bm, stages, regs, nc, [shared, do_dq, slots, kv_out], False, 0],
+                                    os.path.join(tmp, "a"))
+    _common_structure(ptx, smem)
+    stores = len(re.findall(r"cp\.async\.bulk\.tensor\.4d\.global\.shared::cta\.bulk_group \[", ptx))
+    assert stores == 4, stores   # dK and dV, in each consumer's code (the dQ reduce is cp.reduce)
+    assert re.search(r"cp\.async\.bulk\.wait_group\.read\s+0;", ptx)
+    # the masked stores remain only for the tiles that no query sees (zeros)
+    assert ptx.count("st.global") <= (256 if D == 128 else 128)
+    assert spill <= (64 if D == 64 else 384), spill   # triton 3.6: 0 at d64, 116 at d128; 3.9: 8 at d64's single pass

@@ -890,34 +890,38 @@ DQ_BUF_MAX_D = 128
 # (unmasked / causal), 404 / 296 against 438 / 314 at d64, 400 / 265 against 419 / 282 at d256 (pointer loads of O,
 # PREP 1). False: the prep kernel, then dK/dV, then dQ.
 FUSED_PREP = True
-# The dK/dV pass's K/V slots (two: the next tile's K and V load under this tile's last steps, where shared memory holds
-# them). Tried because the fifteenth session's tile-cost probe (results/2026-11-27-h100-bwd-parts-fused-prep.md) fitted
-# the pass's time at 1k-4k queries a tile to 8-10 us a tile plus 1.6 us a step at d128; but the step's cost is not
-# constant (1.54 us from 16 to 32 steps, 1.80 from 32 to 64), so the fit says little. Measured with two slots against
-# one (results/2026-11-27-h100-bwd-parts-kv-slots.md): d128 1k -5% / +1.5% (unmasked / causal), 2k causal +4%, the
-# tile-cost shapes -2% to +7.5%; d64's single pass at 4k +2.5% / +4% slower. Off: MAX_KV_SLOTS = 1.
-MAX_KV_SLOTS = 1
-
-
-def kv_slots_for(D: int, do_dq: int) -> int:
-    """K/V slots of the dK/dV pass (`_bwd_kernel`'s KV_SLOTS): two at d64 (every dQ mode: 176 KB of shared memory
-    with the single pass's dQ tiles) and at d128 with dQ in its own pass (209 KB; the single pass's 64 KB of dQ tiles
-    would take it to 273 KB, past the 227 KB a block may have); one at d256."""
-    return min(MAX_KV_SLOTS, 2 if D == 64 or (D == 128 and do_dq == 0) else 1)
-
-
-# How the dK/dV pass stores dK and dV (`_bwd_kernel`'s KV_OUT, dense batches and d64/d128 only; packed batches and
-# d256 take masked stores): 0 masked stores from the registers; 1 TMA stores through buffers of their own (where shared
-# memory holds them); 2 TMA stores through the consumer's own K and V buffers, handed back to the producer once the
-# stores have read them (no shared memory of their own). Tried because the dK/dV pass's time at 1k keys fits 8-10 us a
-# tile beside 1.6 us a step at d128 (fifteenth session's tile-cost probe), the dQ pass's 3.7 us a tile: the dK/dV pass
-# writes twice the dQ pass's rows a tile, by 64 scattered 4-byte stores a thread.
-KV_OUT = 0
+# The dK/dV pass's K/V slots (`_bwd_kernel`'s KV_SLOTS; two: the next tile's K and V load under this tile's last
+# steps, where shared memory holds them) and how it stores dK and dV (KV_OUT, dense batches at d64/d128; packed batches
+# and d256 take masked stores): 0 masked stores from the registers; 1 TMA stores through buffers of their own (where
+# shared memory holds them, else 2); 2 TMA stores through the consumer's own K and V buffers, handed back to the
+# producer once the stores have read them (no shared memory of their own).
+# Why: the fifteenth session's tile-cost probe (results/2026-11-27-h100-bwd-parts-fused-prep.md) fitted the dK/dV pass
+# at 1k-4k queries a tile to 8-10 us a tile beside 1.6 us a step at d128, the dQ pass to 3.7 us a tile; the dK/dV pass
+# wrote twice the dQ pass's rows a tile by 64 scattered 4-byte stores a thread, the dQ pass by a TMA store. Two slots
+# alone measured -5% to +7.5% (results/2026-11-27-h100-bwd-parts-kv-slots.md). Measured in one process, `_bwd_kernel`'s
+# median device time over 7 rounds against one slot and masked stores (results/2026-11-27-h100-kv-out.md):
+#   two passes, d128 1k: one slot + own buffers 0.887 / 0.793 (unmasked / causal), 2k causal 0.877; two slots +
+#     through K/V 0.937 / 0.897; two slots alone 1.027 / 1.003;
+#   two passes, d64 1k: two slots + through K/V 0.883 / 0.859; one slot + own buffers 0.941 / 0.993;
+#   single pass, 4k: d64 own buffers 0.983, two slots 1.050; d128 (no room for own buffers) through K/V 1.025, own
+#     slot and masked stores kept.
+# (head dim, dQ in its own pass) -> (K/V slots, KV_OUT); d256: (1, 0)
+_KV_PLANS = {(64, True): (2, 2), (128, True): (1, 1), (64, False): (1, 1), (128, False): (1, 0)}
+MAX_KV_SLOTS = None   # None: _KV_PLANS'; 1 or 2 forces the count where shared memory holds it (probes)
+KV_OUT = None         # None: _KV_PLANS'; 0, 1 or 2 forces it where the kernel can take it (probes)
 _SMEM_LIMIT = 232448 - 1024   # the H100's shared memory per block, less the barriers' and alignment's share
 
 
+def kv_slots_for(D: int, do_dq: int) -> int:
+    """K/V slots of the dK/dV pass (`_bwd_kernel`'s KV_SLOTS): `_KV_PLANS`' (or MAX_KV_SLOTS), two only where shared
+    memory holds them: d64 (every dQ mode: 176 KB with the single pass's dQ tiles) and d128 with dQ in its own pass
+    (209 KB; the single pass's 64 KB of dQ tiles would take it to 273 KB, past the 227 KB a block may have)."""
+    n = _KV_PLANS.get((D, do_dq == 0), (1, 0))[0] if MAX_KV_SLOTS is None else MAX_KV_SLOTS
+    return min(n, 2 if D == 64 or (D == 128 and do_dq == 0) else 1)
+
+
 def bwd_smem(D: int, bm: int, stages: int, nc: int, do_dq: int, shared: bool, kv_slots: int, kv_out: int) -> int:
-    """Bytes of shared memory `_bwd_kernel` allocates for a plan (16-bit inputs), barriers aside."""
+    """Bytes of shared memory `_bwd_kernel` allocates at most for a plan (16-bit inputs), barriers aside."""
     n = 2 * stages * bm * D * 2 + 2 * kv_slots * nc * 64 * D * 2 + nc * 64 * bm * 2 + 2 * stages * bm * 4
     if do_dq in _SUMMED:
         n += (nc if shared and do_dq == 5 else 2 * nc) * bm * 64 * 4
@@ -927,14 +931,15 @@ def bwd_smem(D: int, bm: int, stages: int, nc: int, do_dq: int, shared: bool, kv
 
 
 def kv_out_for(D: int, plan_: tuple, do_dq: int, varlen: bool, kv_slots: int) -> int:
-    """`_bwd_kernel`'s KV_OUT for a launch: KV_OUT where the kernel can take it (dense, d64/d128; own buffers only
-    where shared memory holds them, else through the K/V buffers)."""
-    if KV_OUT == 0 or varlen or D not in (64, 128):
+    """`_bwd_kernel`'s KV_OUT for a launch: `_KV_PLANS`' (or KV_OUT) where the kernel can take it (dense, d64/d128);
+    own buffers (1) only where shared memory holds them, else through the K/V buffers (2)."""
+    if varlen or D not in (64, 128):
         return 0
+    want = _KV_PLANS[(D, do_dq == 0)][1] if KV_OUT is None else KV_OUT
     bm, stages, _, nc, shared, _ = plan_
-    if KV_OUT == 1 and bwd_smem(D, bm, stages, nc, do_dq, shared, kv_slots, 1) <= _SMEM_LIMIT:
-        return 1
-    return 2
+    if want == 1 and bwd_smem(D, bm, stages, nc, do_dq, shared, kv_slots, 1) > _SMEM_LIMIT:
+        return 2
+    return want
 
 
 # The single pass from this many keys visible to a query row on average (`visible_keys`); below, the two passes. The

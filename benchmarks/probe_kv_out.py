@@ -30,71 +30,105 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-# name -> (D, S, causal); B = 16384 / S, H = 2048 / D (bench.py's grid)
-POINTS = {"d128-1k": (128, 1024, False), "d128-1k-causal": (128, 1024, True), "d64-1k": (64, 1024, False),
-          "d64-1k-causal": (64, 1024, True), "d128-2k-causal": (128, 2048, True), "d128-4k": (128, 4096, False),
-          "d64-4k": (64, 4096, False), "d128-4k-causal": (128, 4096, True)}
-# name -> (MAX_KV_SLOTS, KV_OUT); the first is the baseline
+# name -> (D, S, causal, packed); B = 16384 / S, H = 2048 / D (bench.py's grid); packed: the B sequences of S tokens
+# as one packed batch (cu_seqlens), their lengths S, S - 37, S - 74, ... (a sequence's last key tile reaches into the
+# next one's keys)
+POINTS = {"d128-1k": (128, 1024, False, False), "d128-1k-causal": (128, 1024, True, False),
+          "d64-1k": (64, 1024, False, False), "d64-1k-causal": (64, 1024, True, False),
+          "d128-2k-causal": (128, 2048, True, False), "d128-4k": (128, 4096, False, False),
+          "d64-4k": (64, 4096, False, False), "d128-4k-causal": (128, 4096, True, False),
+          "d256-1k": (256, 1024, False, False), "d256-1k-causal": (256, 1024, True, False),
+          "packed-d128-1k": (128, 1024, False, True), "packed-d128-1k-causal": (128, 1024, True, True),
+          "packed-d64-1k-causal": (64, 1024, True, True)}
+# name -> (MAX_KV_SLOTS, KV_OUT); the first is the baseline; "rule": v3_gluon_bwd's defaults (`_KV_PLANS`)
 VARIANTS = {"slots1-out0": (1, 0), "slots2-out0": (2, 0), "slots1-out1": (1, 1), "slots2-out2": (2, 2),
-            "slots1-out2": (1, 2)}
+            "slots1-out2": (1, 2), "rule": (None, None)}
 
 
-def setup(D, S, causal, seed=0):
-    from hf_flashattn import flash_attn_func
+def setup(D, S, causal, packed=False, seed=0):
+    from hf_flashattn import flash_attn_func, flash_attn_varlen_func
     B, H = 16384 // S, 2048 // D
     g = torch.Generator(device="cuda").manual_seed(seed)
-    q, k, v, do = (torch.randn((B, S, H, D), device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
-    out, lse, _ = flash_attn_func(q, k, v, causal=causal, return_attn_probs=True, version="v3")
     window = (-1, 0) if causal else (-1, -1)
-    return q, k, v, do, out, lse, window
+    if not packed:
+        q, k, v, do = (torch.randn((B, S, H, D), device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
+        out, lse, _ = flash_attn_func(q, k, v, causal=causal, return_attn_probs=True, version="v3")
+        return q, k, v, do, out, lse, window, None, S
+    lens = [max(S - 37 * i, 1) for i in range(B)]
+    cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
+    q, k, v, do = (torch.randn((sum(lens), H, D), device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
+    out, lse, _ = flash_attn_varlen_func(q, k, v, cu, cu, S, S, causal=causal, return_attn_probs=True, version="v3")
+    return q, k, v, do, out, lse, window, cu, S
 
 
-def call(GB, inputs, variant):
-    q, k, v, do, out, lse, window = inputs
+def call(GB, inputs, variant, plan=None):
+    q, k, v, do, out, lse, window, cu, S = inputs
     GB.MAX_KV_SLOTS, GB.KV_OUT = VARIANTS[variant]
-    S = q.shape[1]
-    return GB.backward(do, q, k, v, out, lse, None, None, S, S, q.shape[-1] ** -0.5, window,
-                       _plan=GB.plan(q.shape[-1], False, S, window))
+    return GB.backward(do, q, k, v, out, lse, cu, cu, S, S, q.shape[-1] ** -0.5, window,
+                       _plan=plan or GB.plan(q.shape[-1], False, S, window))
 
 
 # awkward dense shapes (B, Sq, Sk, H, Hk, D) for the bitwise check against the baseline: ragged lengths (TMA clips
 # the last tile's rows), GQA/MQA, keys no query sees (their dK/dV are zero stores)
 CHECK_SHAPES = [(2, 113, 203, 8, 2, 128), (2, 203, 113, 8, 8, 64), (1, 1023, 1024, 4, 1, 128),
-                (1, 100, 700, 4, 4, 128), (1, 1024, 1023, 8, 2, 64)]
+                (1, 100, 700, 4, 4, 128), (1, 1024, 1023, 8, 2, 64), (2, 113, 203, 8, 2, 256),
+                (1, 1023, 1024, 4, 1, 256)]
+# packed (B sequences of Sq, Sq - 37, ... tokens, q_len = k_len, H, Hk, D)
+CHECK_PACKED = [(3, 300, 8, 2, 128), (3, 200, 4, 4, 64), (2, 1100, 8, 1, 128), (2, 300, 4, 4, 256)]
 CHECK_MASKS = [(-1, -1), (-1, 0), (64, 32)]
 
 
-def check(GB, variants):
-    """[(shape, window, plan, variant, dK/dV bitwise equal to the baseline's)] over CHECK_SHAPES x CHECK_MASKS,
-    with both the two passes and the single pass (d64/d128's default plan from 2k keys)."""
-    from hf_flashattn import flash_attn_func
+def check(GB, variants, only=None):
+    """[(shape, window, plan, variant, dK/dV bitwise equal to the baseline's)] over CHECK_SHAPES and CHECK_PACKED x
+    CHECK_MASKS, with both the two passes and the single pass (d64/d128's default plan from 2k keys; d256 runs two
+    passes)."""
+    from hf_flashattn import flash_attn_func, flash_attn_varlen_func
     rows = []
-    for B, Sq, Sk, H, Hk, D in CHECK_SHAPES:
+    cases = [(s, False) for s in CHECK_SHAPES] + [(s, True) for s in CHECK_PACKED]
+    for shape, packed in (cases if only is None else [cases[only]]):
         g = torch.Generator(device="cuda").manual_seed(1)
-        q, do = (torch.randn((B, Sq, H, D), device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
-        k, v = (torch.randn((B, Sk, Hk, D), device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+        if packed:
+            B, S, H, Hk, D = shape
+            lens = [S - 37 * i for i in range(B)]
+            cu = torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
+            q, do = (torch.randn((sum(lens), H, D), device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+            k, v = (torch.randn((sum(lens), Hk, D), device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+            Sq = Sk = S
+        else:
+            B, Sq, Sk, H, Hk, D = shape
+            cu = None
+            q, do = (torch.randn((B, Sq, H, D), device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+            k, v = (torch.randn((B, Sk, Hk, D), device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
         for window in CHECK_MASKS:
-            out, lse, _ = flash_attn_func(q, k, v, window_size=window, return_attn_probs=True, version="v3")
-            for single in (False, True):
+            if packed:
+                out, lse, _ = flash_attn_varlen_func(q, k, v, cu, cu, Sq, Sk, window_size=window,
+                                                     return_attn_probs=True, version="v3")
+            else:
+                out, lse, _ = flash_attn_func(q, k, v, window_size=window, return_attn_probs=True, version="v3")
+            for single in ((False, True) if D != 256 else (False,)):
                 plan = GB.plan(D) if single else GB.plan(D, deterministic=True)
                 res = {}
                 for v_ in variants:
                     GB.MAX_KV_SLOTS, GB.KV_OUT = VARIANTS[v_]
-                    res[v_] = GB.backward(do, q, k, v, out, lse, None, None, Sq, Sk, D ** -0.5, window, _plan=plan)
+                    res[v_] = GB.backward(do, q, k, v, out, lse, cu, cu, Sq, Sk, D ** -0.5, window, _plan=plan)
                 for v_ in variants[1:]:
                     eq = torch.equal(res[v_][1], res[variants[0]][1]) and torch.equal(res[v_][2], res[variants[0]][2])
-                    rows.append(dict(shape=[B, Sq, Sk, H, Hk, D], window=list(window), single=single, variant=v_,
+                    rows.append(dict(shape=list(shape), packed=packed, window=list(window), single=single, variant=v_,
                                      bitwise=eq))
     return rows
 
 
 def warm(point, variant):
-    """Compile one (point, variant) in a process of its own (the disk cache serves the main process)."""
+    """Compile one (point, variant), or the check's case `point` (an int) under one variant, in a process of its own
+    (the disk cache serves the main process)."""
     from hf_flashattn.kernels import v3_gluon_bwd as GB
     t = time.time()
-    call(GB, setup(*POINTS[point]), variant)
+    if isinstance(point, int):
+        check(GB, [variant], only=point)
+    else:
+        call(GB, setup(*POINTS[point]), variant)
     torch.cuda.synchronize()
-    return point, variant, time.time() - t
+    return point, variant, round(time.time() - t, 1)
 
 
 def bwd_kernel_us(f, iters):
@@ -121,7 +155,9 @@ def main():
                 commit=os.environ.get("COMMIT", "unknown"), rounds=args.rounds, iters=args.iters,
                 date=time.strftime("%Y-%m-%d"))
     with cf.ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as ex:
-        warmed = list(ex.map(warm, *zip(*[(p, v) for p in points for v in variants])))
+        n_cases = len(CHECK_SHAPES) + len(CHECK_PACKED)
+        tasks = [(c, v) for c in range(n_cases) for v in variants] + [(p, v) for p in points for v in variants]
+        warmed = list(ex.map(warm, *zip(*tasks)))
     meta["warm_s"] = round(time.time() - t0, 1)
     print(f"compiled in {meta['warm_s']} s: {warmed}", flush=True)
     checks = check(GB, variants)
@@ -132,11 +168,11 @@ def main():
         if time.time() - t0 > args.budget_s:
             print(f"budget: {p} and later skipped", flush=True)
             break
-        D, S, causal = POINTS[p]
-        inputs = setup(D, S, causal)
+        D, S, causal, packed = POINTS[p]
+        inputs = setup(D, S, causal, packed)
         ref = call(GB, inputs, variants[0])
-        two_pass = GB.plan(D, False, S, inputs[-1])[-1] == 0
-        row = dict(point=p, D=D, S=S, causal=causal, two_pass=two_pass, variants={})
+        two_pass = GB.plan(D, False, S, inputs[6])[-1] == 0
+        row = dict(point=p, D=D, S=S, causal=causal, packed=packed, two_pass=two_pass, variants={})
         for v in variants:
             got = call(GB, inputs, v)
             ok_kv = torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
@@ -169,7 +205,8 @@ def main():
              f"date {meta['date']}; bf16, B = 16384 / S, H = 2048 / D; `_bwd_kernel`'s device time (torch.profiler, "
              f"{args.iters} calls) in {args.rounds} rounds, variant after variant; ratio: to the first variant in the "
              "same round, median over rounds", "",
-             f"Check (dK and dV bitwise equal to {variants[0]}'s, awkward shapes x windows x both plans): "
+             f"Check (dK and dV bitwise equal to {variants[0]}'s, awkward dense and packed shapes x windows x both "
+             "plans): "
              f"{len(checks) - len(bad)}/{len(checks)}" + (f"; differ: {bad}" if bad else ""), "",
              "| point | two passes | variant | median us | min us | ratio (median) | dK/dV bitwise | dQ ok |",
              "|---|---|---|---|---|---|---|---|"]

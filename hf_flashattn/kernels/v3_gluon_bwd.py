@@ -396,34 +396,59 @@ if HAVE_GLUON:
                                do_smem, l_smem, d_smem, ready, empty, ds_full, ds_free, DQ_h, stride_dqm, dqa_desc,
                                bq, q0, hq, offs_k, Sk, diag, left, right, qk_scale, ds_scale, BLOCK_M, HEAD_DIM,
                                STAGES, st_layout, acc_layout, a_layout, True, DO_DQ, SHARED_DQ, W, NC, PART)
-        if KV_OUT == 2:
-            # every product reading this consumer's K and V slices has been waited for; with a shared dQ tile the
-            # other consumer's last dS K reads them too (`ds_free` of the tile's last step)
-            if SHARED_DQ & (DO_DQ > 0):
-                mbarrier.wait(ds_free, (tbase + group * n - 1) & 1)
-            _store_kv_tma(dk_desc, dv_desc, k_smem.index(kv0 + W), v_smem.index(kv0 + W), bq, k0 + kw0, kvh,
-                          dk * ds_scale, dv, HEAD_DIM)
-            tma.store_wait(0)   # the stores have read the buffers: the producer may load the next K and V there
-            mbarrier.arrive(kv_empty.index(slot), count=1)
-        else:
+        if KV_OUT == 0:
             mbarrier.arrive(kv_empty.index(slot), count=1)   # every product reading K and V has been waited for
-            if KV_OUT == 1:
-                tma.store_wait(0)   # the previous tile's stores have read the buffers
-                _store_kv_tma(dk_desc, dv_desc, kvo_smem.index(2 * W), kvo_smem.index(2 * W + 1), bq, k0 + kw0, kvh,
-                              dk * ds_scale, dv, HEAD_DIM)
+            _store_kv_rows(DK, DV, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, bq, kvh, k0,
+                           kw0, Sk, dk * ds_scale, dv, acc_layout, HEAD_DIM, PART)
+        elif IS_VARLEN:
+            if kw0 + 64 > Sk:   # packed: this consumer's keys past the sequence are the next one's: masked stores
+                mbarrier.arrive(kv_empty.index(slot), count=1)
+                _store_kv_rows(DK, DV, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, bq,
+                               kvh, k0, kw0, Sk, dk * ds_scale, dv, acc_layout, HEAD_DIM, PART)
             else:
-                _store_kv_rows(DK, DV, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, bq, kvh,
-                               k0, kw0, Sk, dk * ds_scale, dv, acc_layout, HEAD_DIM, PART)
+                _kv_out_tma(W, k_smem, v_smem, kvo_smem, kv0, kv_empty.index(slot), ds_free, tbase + group * n - 1,
+                            dk_desc, dv_desc, bq, k0 + kw0, kvh, dk * ds_scale, dv, HEAD_DIM, DO_DQ, SHARED_DQ, PART,
+                            KV_OUT)
+        else:
+            _kv_out_tma(W, k_smem, v_smem, kvo_smem, kv0, kv_empty.index(slot), ds_free, tbase + group * n - 1,
+                        dk_desc, dv_desc, bq, k0 + kw0, kvh, dk * ds_scale, dv, HEAD_DIM, DO_DQ, SHARED_DQ, PART,
+                        KV_OUT)
 
     @gluon.jit
-    def _store_kv_tma(dk_desc, dv_desc, ko, vo, bq, row, kvh, dk, dv, HEAD_DIM: gl.constexpr):
-        """Dense dK and dV (64 x HEAD_DIM float32 registers) of keys row ... row + 63 by TMA stores through the
-        shared buffers ko and vo, left in flight (TMA clips the rows past the tensor's keys)."""
-        ko.reshape([64, HEAD_DIM]).store(dk.to(dk_desc.dtype))
-        vo.reshape([64, HEAD_DIM]).store(dv.to(dv_desc.dtype))
+    def _kv_out_tma(W: gl.constexpr, k_smem, v_smem, kvo_smem, kv0, kv_free, ds_free, last_it, dk_desc, dv_desc, bq,
+                    row, kvh, dk, dv, HEAD_DIM: gl.constexpr, DO_DQ: gl.constexpr, SHARED_DQ: gl.constexpr,
+                    PART: gl.constexpr, KV_OUT: gl.constexpr):
+        """A tile's dK and dV by TMA stores and the K/V slot handed back (`kv_free`): KV_OUT 2 through this consumer's
+        K and V buffers, once every product reading them has been waited for (with a shared dQ tile the other
+        consumer's last dS K reads them too: `ds_free` of the tile's last step, `last_it`), handed back once the
+        stores have read them; KV_OUT 1 through buffers of their own, the slot handed back first."""
+        if KV_OUT == 2:
+            if SHARED_DQ & (DO_DQ > 0):
+                mbarrier.wait(ds_free, last_it & 1)
+            _store_kv_tma(dk_desc, dv_desc, k_smem.index(kv0 + W), v_smem.index(kv0 + W), bq, row, kvh, dk, dv,
+                          HEAD_DIM, PART)
+            tma.store_wait(0)   # the stores have read the buffers: the producer may load the next K and V there
+            mbarrier.arrive(kv_free, count=1)
+        else:
+            mbarrier.arrive(kv_free, count=1)
+            tma.store_wait(0)   # the previous tile's stores have read the buffers
+            _store_kv_tma(dk_desc, dv_desc, kvo_smem.index(2 * W), kvo_smem.index(2 * W + 1), bq, row, kvh, dk, dv,
+                          HEAD_DIM, PART)
+
+    @gluon.jit
+    def _store_kv_tma(dk_desc, dv_desc, ko, vo, bq, row, kvh, dk, dv, HEAD_DIM: gl.constexpr, PART: gl.constexpr):
+        """dK and dV (64 x HEAD_DIM float32 registers; PART 1: dV alone, 2: dK alone) of keys row ... row + 63 by TMA
+        stores through the shared buffers ko and vo, left in flight (dense: TMA clips the rows past the tensor's
+        keys; packed: only a consumer's keys wholly inside the sequence come here)."""
+        if PART != 1:
+            ko.reshape([64, HEAD_DIM]).store(dk.to(dk_desc.dtype))
+        if PART != 2:
+            vo.reshape([64, HEAD_DIM]).store(dv.to(dv_desc.dtype))
         fence_async_shared()
-        _tma_store(dk_desc, [bq, row, kvh, 0], ko)
-        _tma_store(dv_desc, [bq, row, kvh, 0], vo)
+        if PART != 1:
+            _tma_store(dk_desc, [bq, row, kvh, 0], ko)
+        if PART != 2:
+            _tma_store(dv_desc, [bq, row, kvh, 0], vo)
 
     @gluon.jit
     def _store_kv_rows(DK, DV, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, bq, kvh, k0, kw0,
@@ -905,7 +930,7 @@ FUSED_PREP = True
 #   two passes, d64 1k: two slots + through K/V 0.883 / 0.859; one slot + own buffers 0.941 / 0.993;
 #   single pass, 4k: d64 own buffers 0.983, two slots 1.050; d128 (no room for own buffers) through K/V 1.025, own
 #     slot and masked stores kept.
-# (head dim, dQ in its own pass) -> (K/V slots, KV_OUT); d256: (1, 0)
+# (head dim, dQ in its own pass) -> (K/V slots, KV_OUT); d256: (1, 0); packed batches as dense ones
 _KV_PLANS = {(64, True): (2, 2), (128, True): (1, 1), (64, False): (1, 1), (128, False): (1, 0)}
 MAX_KV_SLOTS = None   # None: _KV_PLANS'; 1 or 2 forces the count where shared memory holds it (probes)
 KV_OUT = None         # None: _KV_PLANS'; 0, 1 or 2 forces it where the kernel can take it (probes)
@@ -931,11 +956,10 @@ def bwd_smem(D: int, bm: int, stages: int, nc: int, do_dq: int, shared: bool, kv
 
 
 def kv_out_for(D: int, plan_: tuple, do_dq: int, varlen: bool, kv_slots: int) -> int:
-    """`_bwd_kernel`'s KV_OUT for a launch: `_KV_PLANS`' (or KV_OUT) where the kernel can take it (dense, d64/d128);
-    own buffers (1) only where shared memory holds them, else through the K/V buffers (2)."""
-    if varlen or D not in (64, 128):
-        return 0
-    want = _KV_PLANS[(D, do_dq == 0)][1] if KV_OUT is None else KV_OUT
+    """`_bwd_kernel`'s KV_OUT for a launch: `_KV_PLANS`' (or KV_OUT); own buffers (1) only where shared memory holds
+    them, else through the K/V buffers (2). Packed batches too: a consumer's keys that reach past the sequence take
+    masked stores (`_kv_consume_tile`)."""
+    want = _KV_PLANS.get((D, do_dq == 0), (1, 0))[1] if KV_OUT is None else KV_OUT
     bm, stages, _, nc, shared, _ = plan_
     if want == 1 and bwd_smem(D, bm, stages, nc, do_dq, shared, kv_slots, 1) > _SMEM_LIMIT:
         return 2
@@ -1086,8 +1110,9 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     args = (C.Tma(TD, q, (1, bm, 1, D), layout), C.Tma(TD, k, (1, 64, 1, D), layout),
             C.Tma(TD, v, (1, 64, 1, D), layout), C.Tma(TD, do, (1, bm, 1, D), layout), ld,
             C.Tma(TD, delta.view(st.rows_2d), (1, bm), st.row_layout), dqad)
-    kd = args[1]
-    args += ((C.Tma(TD, dk, (1, 64, 1, D), layout), C.Tma(TD, dv, (1, 64, 1, D), layout)) if st.kv_out else (kd, kd))
+    kd = args[1]   # K's again where dK and dV take masked stores (not read)
+    dk4, dv4 = (dk.unsqueeze(0), dv.unsqueeze(0)) if varlen else (dk, dv)
+    args += ((C.Tma(TD, dk4, (1, 64, 1, D), layout), C.Tma(TD, dv4, (1, 64, 1, D), layout)) if st.kv_out else (kd, kd))
     args += (dq, dk, dv, cu_seqlens_q, cu_seqlens_k) + st.bwd_ints
     for part_key, meta in st.bwd_parts:
         _bwd_launch.launch(part_key, st.bwd_grid, args, meta)

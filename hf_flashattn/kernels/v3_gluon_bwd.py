@@ -929,9 +929,12 @@ FUSED_PREP = True
 #     through K/V 0.937 / 0.897; two slots alone 1.027 / 1.003;
 #   two passes, d64 1k: two slots + through K/V 0.883 / 0.859; one slot + own buffers 0.941 / 0.993;
 #   single pass, 4k: d64 own buffers 0.983, two slots 1.050; d128 (no room for own buffers) through K/V 1.025, own
-#     slot and masked stores kept.
-# (head dim, dQ in its own pass) -> (K/V slots, KV_OUT); d256: (1, 0); packed batches as dense ones
-_KV_PLANS = {(64, True): (2, 2), (128, True): (1, 1), (64, False): (1, 1), (128, False): (1, 0)}
+#     slot and masked stores kept;
+#   d256 (two passes, dV and dK in launches of their own; no room for own buffers) through K/V 0.927 / 0.901 at 1k;
+#   packed, 16 sequences of 1024, 987, ... tokens: d128 0.882 / 0.865, d64 causal 0.875 (results/2026-11-27-h100-
+#     kv-out-2.md).
+# (head dim, dQ in its own pass) -> (K/V slots, KV_OUT); packed batches as dense ones
+_KV_PLANS = {(64, True): (2, 2), (128, True): (1, 1), (64, False): (1, 1), (128, False): (1, 0), (256, True): (1, 2)}
 MAX_KV_SLOTS = None   # None: _KV_PLANS'; 1 or 2 forces the count where shared memory holds it (probes)
 KV_OUT = None         # None: _KV_PLANS'; 0, 1 or 2 forces it where the kernel can take it (probes)
 _SMEM_LIMIT = 232448 - 1024   # the H100's shared memory per block, less the barriers' and alignment's share

@@ -107,6 +107,7 @@ def test_plan_rule():
     assert G.plan(64, 4095, False) is None and G.plan(64, 16383, True) is None
     assert G.plan(64, 16384, True) == G._PLANS[64]             # masked from 16384 (probe-packed-fwd)
     assert G.plan(64, 16, True, force=True) == G._PLANS[64]
+    assert G._PLANS[64][6] == 2 and G._PLANS[128][6] == 2      # two Q slots (d64: sixteenth session)
     for bm, bn, warps, stages, regs, *_ in (*G._PLANS.values(), G._PLAN_128_SHORT_MASKED):   # the kernel's shape rules
         assert bm in (64, 128, 192) and warps == 4 and regs * 128 * (bm // 64) + 24 * 128 <= 65536 // (2 if bm == 64
                                                                                                        else 1)

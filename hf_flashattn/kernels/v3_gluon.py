@@ -541,12 +541,16 @@ def schedule(n_tiles: int, heads: int, batch: int, masked: bool, device, switch:
     return per, n_units, (min(n_units, per_sm * C.num_sms(device)) if persistent_on(switch) else n_units)
 
 
-_PLANS = {64: (192, 128, 4, 2, 160), 128: (128, 128, 4, 2, 240, False, 2), 256: (128, 64, 4, 2, 240)}
+# d64: two Q slots (sixteenth session, results/2026-11-27-h100-sweep-gluon-d64-16k.md, one process: 16k causal 443
+# TFLOP/s, 0.99x cuDNN, against 410 with one slot and 421 for v3.py's kernel; 16k unmasked 480 against 473; 4k
+# unmasked 433 against 428 and v3.py's 426; correct 32/32 there and in the fifteenth session's run)
+_PLANS = {64: (192, 128, 4, 2, 160, False, 2), 128: (128, 128, 4, 2, 240, False, 2), 256: (128, 64, 4, 2, 240)}
 _PLAN_128_SHORT_MASKED = (64, 64, 4, 2, 232)   # d128 under a mask below MASKED_SHORT_KEYS keys
 MASKED_SHORT_KEYS = 2048
 # (d64 without a mask at 2k-4k keys measured 446 TFLOP/s with two Q slots against 428-432 with one and 434-436 for
-# v3.py's kernel, results/2026-11-27-h100-sweep-gluon-2k.md; correct (32/32) but not faster in the next process:
-# 435 / 433 / 437 at 2k / 4k / 8k against v3.py's 436 / 485 / 439, results/2026-11-27-h100-sweep-gluon-d64-qslots.md)
+# v3.py's kernel, results/2026-11-27-h100-sweep-gluon-2k.md; 435 / 433 / 437 at 2k / 4k / 8k against v3.py's 436 /
+# 485 / 439 in the next process, results/2026-11-27-h100-sweep-gluon-d64-qslots.md: v3.py's kernel keeps d64 below
+# 4096 keys unmasked, 16384 masked)
 # d64 under a mask: the 192-row diagonal tiles cost less as the sequence grows; against v3.py's kernel (causal, 32/8
 # heads, results/2026-11-26-h100-probe-packed-fwd.md) 0.89-0.91x at 8k keys, 1.01-1.07x at 16k, 1.06-1.15x at 32k
 D64_MASKED_FROM_KEYS = 16384

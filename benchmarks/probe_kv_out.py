@@ -39,10 +39,19 @@ POINTS = {"d128-1k": (128, 1024, False, False), "d128-1k-causal": (128, 1024, Tr
           "d64-4k": (64, 4096, False, False), "d128-4k-causal": (128, 4096, True, False),
           "d256-1k": (256, 1024, False, False), "d256-1k-causal": (256, 1024, True, False),
           "packed-d128-1k": (128, 1024, False, True), "packed-d128-1k-causal": (128, 1024, True, True),
-          "packed-d64-1k-causal": (64, 1024, True, True)}
-# name -> (MAX_KV_SLOTS, KV_OUT); the first is the baseline; "rule": v3_gluon_bwd's defaults (`_KV_PLANS`)
+          "packed-d64-1k-causal": (64, 1024, True, True), "d128-2k": (128, 2048, False, False),
+          "d64-2k": (64, 2048, False, False), "d64-4k-causal": (64, 4096, True, False)}
+# name -> (MAX_KV_SLOTS, KV_OUT); the first is the baseline; "rule": v3_gluon_bwd's defaults (`_KV_PLANS`);
+# "two-pass-below-4k" / "-8k": the rule with the two passes up to 4096 / 8192 visible keys (SINGLE_PASS_FROM_KEYS)
 VARIANTS = {"slots1-out0": (1, 0), "slots2-out0": (2, 0), "slots1-out1": (1, 1), "slots2-out2": (2, 2),
             "slots1-out2": (1, 2), "rule": (None, None)}
+FROM_KEYS = {"two-pass-below-4k": 4096, "two-pass-below-8k": 8192}
+VARIANTS.update({k: (None, None) for k in FROM_KEYS})
+
+
+def set_variant(GB, variant):
+    GB.MAX_KV_SLOTS, GB.KV_OUT = VARIANTS[variant]
+    GB.SINGLE_PASS_FROM_KEYS = FROM_KEYS.get(variant, 2048)
 
 
 def setup(D, S, causal, packed=False, seed=0):
@@ -63,7 +72,7 @@ def setup(D, S, causal, packed=False, seed=0):
 
 def call(GB, inputs, variant, plan=None):
     q, k, v, do, out, lse, window, cu, S = inputs
-    GB.MAX_KV_SLOTS, GB.KV_OUT = VARIANTS[variant]
+    set_variant(GB, variant)
     return GB.backward(do, q, k, v, out, lse, cu, cu, S, S, q.shape[-1] ** -0.5, window,
                        _plan=plan or GB.plan(q.shape[-1], False, S, window))
 
@@ -109,7 +118,7 @@ def check(GB, variants, only=None):
                 plan = GB.plan(D) if single else GB.plan(D, deterministic=True)
                 res = {}
                 for v_ in variants:
-                    GB.MAX_KV_SLOTS, GB.KV_OUT = VARIANTS[v_]
+                    set_variant(GB, v_)
                     res[v_] = GB.backward(do, q, k, v, out, lse, cu, cu, Sq, Sk, D ** -0.5, window, _plan=plan)
                 for v_ in variants[1:]:
                     eq = torch.equal(res[v_][1], res[variants[0]][1]) and torch.equal(res[v_][2], res[variants[0]][2])
@@ -131,9 +140,10 @@ def warm(point, variant):
     return point, variant, round(time.time() - t, 1)
 
 
-def bwd_kernel_us(f, iters):
+def bwd_kernel_us(f, iters, total=False):
+    """`_bwd_kernel`'s device time a call of f (total: every kernel's, fills and casts included), us."""
     from probe_bwd_parts import kernel_times
-    return sum(us for name, _, us in kernel_times(f, iters) if name.startswith("_bwd_kernel"))
+    return sum(us for name, _, us in kernel_times(f, iters) if total or name.startswith("_bwd_kernel"))
 
 
 def main():
@@ -145,6 +155,8 @@ def main():
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--budget-s", type=float, default=1e9)
+    ap.add_argument("--total", action="store_true", help="time every kernel of the backward, not `_bwd_kernel` alone")
+    ap.add_argument("--no-check", action="store_true")
     args = ap.parse_args()
     t0 = time.time()
     import triton
@@ -155,12 +167,12 @@ def main():
                 commit=os.environ.get("COMMIT", "unknown"), rounds=args.rounds, iters=args.iters,
                 date=time.strftime("%Y-%m-%d"))
     with cf.ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as ex:
-        n_cases = len(CHECK_SHAPES) + len(CHECK_PACKED)
+        n_cases = 0 if args.no_check else len(CHECK_SHAPES) + len(CHECK_PACKED)
         tasks = [(c, v) for c in range(n_cases) for v in variants] + [(p, v) for p in points for v in variants]
         warmed = list(ex.map(warm, *zip(*tasks)))
     meta["warm_s"] = round(time.time() - t0, 1)
     print(f"compiled in {meta['warm_s']} s: {warmed}", flush=True)
-    checks = check(GB, variants)
+    checks = [] if args.no_check else check(GB, variants)
     bad = [c for c in checks if not c["bitwise"]]
     print(f"check: {len(checks) - len(bad)}/{len(checks)} bitwise; differ: {bad}", flush=True)
     results = []
@@ -175,16 +187,17 @@ def main():
         row = dict(point=p, D=D, S=S, causal=causal, packed=packed, two_pass=two_pass, variants={})
         for v in variants:
             got = call(GB, inputs, v)
+            tp = GB.plan(D, False, S, inputs[6])[-1] == 0
             ok_kv = torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
-            if two_pass:
+            if two_pass and tp:
                 ok_q = torch.equal(got[0], ref[0])
             else:
                 ok_q = bool(((got[0].float() - ref[0].float()).norm() / ref[0].float().norm()) < 1e-2)
-            row["variants"][v] = dict(dkdv_bitwise=ok_kv, dq_ok=ok_q, us=[], ratio=[])
+            row["variants"][v] = dict(two_pass=tp, dkdv_bitwise=ok_kv, dq_ok=ok_q, us=[], ratio=[])
         for _ in range(args.rounds):
             base = None
             for v in variants:
-                us = bwd_kernel_us(functools.partial(call, GB, inputs, v), args.iters)
+                us = bwd_kernel_us(functools.partial(call, GB, inputs, v), args.iters, args.total)
                 base = us if base is None else base
                 row["variants"][v]["us"].append(round(us, 1))
                 row["variants"][v]["ratio"].append(round(us / base, 4))
@@ -195,7 +208,7 @@ def main():
         print(p, {v: (r["median_us"], r["median_ratio"], r["dkdv_bitwise"], r["dq_ok"])
                   for v, r in row["variants"].items()}, flush=True)
         del inputs, ref
-    GB.MAX_KV_SLOTS, GB.KV_OUT = None, None   # the measured rule again
+    set_variant(GB, "rule")   # the measured rule again
     meta["total_s"] = round(time.time() - t0, 1)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "probe_kv_out.json"), "w") as f:
@@ -203,8 +216,8 @@ def main():
     lines = [f"# dK/dV pass variants — {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
              f"commit {meta['commit']}", "",
              f"date {meta['date']}; bf16, B = 16384 / S, H = 2048 / D; `_bwd_kernel`'s device time (torch.profiler, "
-             f"{args.iters} calls) in {args.rounds} rounds, variant after variant; ratio: to the first variant in the "
-             "same round, median over rounds", "",
+             f"{args.iters} calls{'; every kernel of the backward' if args.total else ''}) in {args.rounds} "
+             "rounds, variant after variant; ratio: to the first variant in the same round, median over rounds", "",
              f"Check (dK and dV bitwise equal to {variants[0]}'s, awkward dense and packed shapes x windows x both "
              "plans): "
              f"{len(checks) - len(bad)}/{len(checks)}" + (f"; differ: {bad}" if bad else ""), "",
@@ -212,7 +225,7 @@ def main():
              "|---|---|---|---|---|---|---|---|"]
     for row in results:
         for v, r in row["variants"].items():
-            lines.append(f"| {row['point']} | {row['two_pass']} | {v} | {r['median_us']:.1f} | {min(r['us']):.1f} | "
+            lines.append(f"| {row['point']} | {r.get('two_pass', row['two_pass'])} | {v} | {r['median_us']:.1f} | {min(r['us']):.1f} | "
                          f"{r['median_ratio']:.3f} | {r['dkdv_bitwise']} | {r['dq_ok']} |")
     with open(os.path.join(args.out, "probe_kv_out.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

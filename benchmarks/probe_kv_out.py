@@ -225,8 +225,8 @@ def main():
              "|---|---|---|---|---|---|---|---|"]
     for row in results:
         for v, r in row["variants"].items():
-            lines.append(f"| {row['point']} | {r.get('two_pass', row['two_pass'])} | {v} | {r['median_us']:.1f} | {min(r['us']):.1f} | "
-                         f"{r['median_ratio']:.3f} | {r['dkdv_bitwise']} | {r['dq_ok']} |")
+            lines.append(f"| {row['point']} | {r.get('two_pass', row['two_pass'])} | {v} | {r['median_us']:.1f} | "
+                         f"{min(r['us']):.1f} | {r['median_ratio']:.3f} | {r['dkdv_bitwise']} | {r['dq_ok']} |")
     with open(os.path.join(args.out, "probe_kv_out.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -17,7 +17,9 @@ per-column vectors read from shared memory when used:
     Pᵀ = exp2(Sᵀ·c - lse),  dSᵀ = Pᵀ ∘ (dPᵀ - Delta)
     dV += Pᵀ dO,  dK += dSᵀ Q                  (registers as A), then the slot is released
 
-and stores dK (times the scale) and dV once. dQ pass (`_dq_kernel`): one program per (128 query rows, head,
+and stores dK (times the scale) and dV once, by TMA stores through shared memory (`KV_OUT`: buffers of their own,
+or the consumer's K/V buffers; sixteenth session: the masked stores from registers they replace cost the pass 10-20%
+at 1k keys). dQ pass (`_dq_kernel`): one program per (128 query rows, head,
 sequence), shaped like the forward (v3_gluon.py): a producer copies Q and dO once and streams K and V; each consumer
 (64 rows) computes S = Q Kᵀ and dP = dO Vᵀ together, dS = P ∘ (dP - Delta) as a register A operand, dQ += dS K,
 and stores dQ once. No program writes what another writes: bitwise reproducible, so `deterministic=True` runs it

@@ -402,7 +402,7 @@ if HAVE_GLUON:
             mbarrier.arrive(kv_empty.index(slot), count=1)   # every product reading K and V has been waited for
             _store_kv_rows(DK, DV, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, bq, kvh, k0,
                            kw0, Sk, dk * ds_scale, dv, acc_layout, HEAD_DIM, PART)
-        elif IS_VARLEN:
+        elif IS_VARLEN:   # (one runtime condition joined to KV_OUT's fails to lower on Triton 3.6: two calls)
             if kw0 + 64 > Sk:   # packed: this consumer's keys past the sequence are the next one's: masked stores
                 mbarrier.arrive(kv_empty.index(slot), count=1)
                 _store_kv_rows(DK, DV, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, bq,
@@ -918,10 +918,10 @@ DQ_BUF_MAX_D = 128
 # PREP 1). False: the prep kernel, then dK/dV, then dQ.
 FUSED_PREP = True
 # The dK/dV pass's K/V slots (`_bwd_kernel`'s KV_SLOTS; two: the next tile's K and V load under this tile's last
-# steps, where shared memory holds them) and how it stores dK and dV (KV_OUT, dense batches at d64/d128; packed batches
-# and d256 take masked stores): 0 masked stores from the registers; 1 TMA stores through buffers of their own (where
-# shared memory holds them, else 2); 2 TMA stores through the consumer's own K and V buffers, handed back to the
-# producer once the stores have read them (no shared memory of their own).
+# steps, where shared memory holds them) and how it stores dK and dV (KV_OUT; packed batches take masked stores for a
+# sequence's last keys): 0 masked stores from the registers; 1 TMA stores through buffers of their own (where shared
+# memory holds them, else 2); 2 TMA stores through the consumer's own K and V buffers, handed back to the producer once
+# the stores have read them (no shared memory of their own).
 # Why: the fifteenth session's tile-cost probe (results/2026-11-27-h100-bwd-parts-fused-prep.md) fitted the dK/dV pass
 # at 1k-4k queries a tile to 8-10 us a tile beside 1.6 us a step at d128, the dQ pass to 3.7 us a tile; the dK/dV pass
 # wrote twice the dQ pass's rows a tile by 64 scattered 4-byte stores a thread, the dQ pass by a TMA store. Two slots

@@ -1,5 +1,6 @@
 """A/B of the Gluon backward's dK/dV pass (`_bwd_kernel`) variants in one process: how dK and dV leave (KV_OUT 0
-masked stores, 1 TMA stores through buffers of their own, 2 TMA stores through the consumer's K/V buffers) and one
+masked stores, 1 TMA stores through buffers of their own, 2 TMA stores through the consumer's K/V buffers, 3 through
+the single pass's dQ tiles) and one
 or two K/V slots (MAX_KV_SLOTS), at the points where the pass's per-tile cost weighs most (1k-2k keys) and a few
 single-pass points.
 
@@ -40,11 +41,12 @@ POINTS = {"d128-1k": (128, 1024, False, False), "d128-1k-causal": (128, 1024, Tr
           "d256-1k": (256, 1024, False, False), "d256-1k-causal": (256, 1024, True, False),
           "packed-d128-1k": (128, 1024, False, True), "packed-d128-1k-causal": (128, 1024, True, True),
           "packed-d64-1k-causal": (64, 1024, True, True), "d128-2k": (128, 2048, False, False),
-          "d64-2k": (64, 2048, False, False), "d64-4k-causal": (64, 4096, True, False)}
+          "d64-2k": (64, 2048, False, False), "d64-4k-causal": (64, 4096, True, False),
+          "d128-16k-causal": (128, 16384, True, False), "packed-d128-4k": (128, 4096, False, True)}
 # name -> (MAX_KV_SLOTS, KV_OUT); the first is the baseline; "rule": v3_gluon_bwd's defaults (`_KV_PLANS`);
 # "two-pass-below-4k" / "-8k": the rule with the two passes up to 4096 / 8192 visible keys (SINGLE_PASS_FROM_KEYS)
 VARIANTS = {"slots1-out0": (1, 0), "slots2-out0": (2, 0), "slots1-out1": (1, 1), "slots2-out2": (2, 2),
-            "slots1-out2": (1, 2), "rule": (None, None)}
+            "slots1-out2": (1, 2), "slots1-out3": (1, 3), "rule": (None, None)}
 FROM_KEYS = {"two-pass-below-4k": 4096, "two-pass-below-8k": 8192}
 VARIANTS.update({k: (None, None) for k in FROM_KEYS})
 

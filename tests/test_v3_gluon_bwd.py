@@ -337,3 +337,26 @@ def test_dk_dv_leave_by_tma_stores(D, do_dq, varlen):
     assert ptx.count("st.global") <= (128 if D == 64 else 256) * (2 if varlen else 1)
     # triton 3.6: 0 at d64, 116 at d128 (196 packed), 16 at d256 (dK); 3.9: 8 at d64's single pass
     assert spill <= (64 if D == 64 else 384), spill
+
+
+def test_dk_dv_through_the_dq_tiles_compile(monkeypatch):
+    """KV_OUT 3 (an option): the single pass's dK and dV leave by TMA stores through the consumer's two float32 dQ
+    tiles (the same 32 KB at d128), once its last reduces have read them, waited for before the next tile's dQ tiles
+    are written there: no shared memory of its own (d128's single pass has no room for own buffers). Where the tiles
+    are fewer (mode 5 with a shared tile) the rule falls back to the K/V buffers."""
+    bm, stages, regs, nc, shared, red = GB._PLANS[128]
+    monkeypatch.setattr(GB, "KV_OUT", 3)
+    assert GB.kv_out_for(128, GB._PLANS[128], 6, False, 1) == 3
+    assert GB.kv_out_for(128, (bm, stages, regs, nc, True, 5), 5, False, 1) == 2
+    assert GB.kv_out_for(128, GB._PLANS[128], 0, False, 1) == 2   # two passes: no dQ tiles
+    with tempfile.TemporaryDirectory() as tmp:
+        _, smem0, _ = _compile(["dkdv", 128, bm, stages, regs, nc, [shared, red, 1, 0], False, 0],
+                               os.path.join(tmp, "a"))
+        ptx, smem, spill = _compile(["dkdv", 128, bm, stages, regs, nc, [shared, red, 1, 3], False, 0],
+                                    os.path.join(tmp, "b"))
+    _common_structure(ptx, smem)
+    assert smem0 <= smem <= smem0 + 64, (smem, smem0)   # no buffer of its own (alignment's bytes aside)
+    stores = len(re.findall(r"cp\.async\.bulk\.tensor\.4d\.global\.shared::cta\.bulk_group \[", ptx))
+    assert stores == 4, stores
+    assert "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add" in ptx
+    assert spill <= 768, spill   # triton 3.6: 228 bytes (252 with masked stores), 3.9: 716 (692)

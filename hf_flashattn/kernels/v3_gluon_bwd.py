@@ -76,6 +76,9 @@ if HAVE_GLUON:
 
     from .v3_gluon import _store_rows, _store_zero_rows, _tile, _tma_load, _tma_store, _visible
 
+    # shared memory seen as another dtype and shape: `reinterpret` from Triton 3.7, `_reinterpret` on 3.6
+    _NEW_REINTERPRET = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
+
     @gluon.jit
     def _kv_tile(i, pid, nprog, per, n_kt, n_kv_heads, CU_Q, CU_K, seqlen_q, seqlen_k, left, right,
                  BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, IS_VARLEN: gl.constexpr):
@@ -423,7 +426,9 @@ if HAVE_GLUON:
         """A tile's dK and dV by TMA stores and the K/V slot handed back (`kv_free`): KV_OUT 2 through this consumer's
         K and V buffers, once every product reading them has been waited for (with a shared dQ tile the other
         consumer's last dS K reads them too: `ds_free` of the tile's last step, `last_it`), handed back once the
-        stores have read them; KV_OUT 1 through buffers of their own, the slot handed back first."""
+        stores have read them; KV_OUT 1 through buffers of their own, the slot handed back first; KV_OUT 3 (the
+        single pass) through this consumer's two dQ tiles, once its last reduces have read them, and waited for
+        before its next tile writes dQ tiles there."""
         if KV_OUT == 2:
             if SHARED_DQ & (DO_DQ > 0):
                 mbarrier.wait(ds_free, last_it & 1)
@@ -433,9 +438,11 @@ if HAVE_GLUON:
             mbarrier.arrive(kv_free, count=1)
         else:
             mbarrier.arrive(kv_free, count=1)
-            tma.store_wait(0)   # the previous tile's stores have read the buffers
+            tma.store_wait(0)   # the previous tile's stores (KV_OUT 3: this tile's dQ reduces) have read the buffers
             _store_kv_tma(dk_desc, dv_desc, kvo_smem.index(2 * W), kvo_smem.index(2 * W + 1), bq, row, kvh, dk, dv,
                           HEAD_DIM, PART)
+            if KV_OUT == 3:
+                tma.store_wait(0)   # the next tile's first dQ tiles are written where dK and dV were
 
     @gluon.jit
     def _store_kv_tma(dk_desc, dv_desc, ko, vo, bq, row, kvh, dk, dv, HEAD_DIM: gl.constexpr, PART: gl.constexpr):
@@ -540,6 +547,11 @@ if HAVE_GLUON:
             dq_smem = gl.allocate_shared_memory(gl.float32, [NC if SHARED_DQ else 2 * NC, BLOCK_M, 64], dq_layout)
         if KV_OUT == 1:   # dK's and dV's own buffers for their TMA stores, two a consumer
             kvo_smem = gl.allocate_shared_memory(dtype, [2 * NC, 1, 64, 1, HEAD_DIM], dk_desc.layout)
+        elif KV_OUT == 3:   # the same bytes as the dQ tiles (consumer W's two: 2 W, 2 W + 1), free at a tile's end
+            if _NEW_REINTERPRET:
+                kvo_smem = dq_smem.reinterpret(dtype, [2 * NC, 1, 64, 1, HEAD_DIM], dk_desc.layout)
+            else:
+                kvo_smem = dq_smem._reinterpret(dtype, [2 * NC, 1, 64, 1, HEAD_DIM], dk_desc.layout)
         else:
             kvo_smem = k_smem   # not written (KV_OUT 2 stores through the consumer's K and V slices)
         l_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BLOCK_M], l_desc.layout)
@@ -962,11 +974,14 @@ def bwd_smem(D: int, bm: int, stages: int, nc: int, do_dq: int, shared: bool, kv
 
 def kv_out_for(D: int, plan_: tuple, do_dq: int, varlen: bool, kv_slots: int) -> int:
     """`_bwd_kernel`'s KV_OUT for a launch: `_KV_PLANS`' (or KV_OUT); own buffers (1) only where shared memory holds
-    them, else through the K/V buffers (2). Packed batches too: a consumer's keys that reach past the sequence take
-    masked stores (`_kv_consume_tile`)."""
+    them, else through the K/V buffers (2); through the dQ tiles (3) only with the TMA reduce's two tiles a consumer
+    (as many bytes as its dK and dV at d128, 64-row steps), else 2. Packed batches too: a consumer's keys that reach
+    past the sequence take masked stores (`_kv_consume_tile`)."""
     want = _KV_PLANS.get((D, do_dq == 0), (1, 0))[1] if KV_OUT is None else KV_OUT
     bm, stages, _, nc, shared, _ = plan_
     if want == 1 and bwd_smem(D, bm, stages, nc, do_dq, shared, kv_slots, 1) > _SMEM_LIMIT:
+        return 2
+    if want == 3 and not (do_dq == 6 or (do_dq == 5 and not shared)) or want == 3 and 2 * bm * 64 * 4 < 2 * 64 * D * 2:
         return 2
     return want
 

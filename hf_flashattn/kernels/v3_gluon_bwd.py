@@ -946,7 +946,9 @@ FUSED_PREP = True
 #     slot and masked stores kept;
 #   d256 (two passes, dV and dK in launches of their own; no room for own buffers) through K/V 0.927 / 0.901 at 1k;
 #   packed, 16 sequences of 1024, 987, ... tokens: d128 0.882 / 0.865, d64 causal 0.875 (results/2026-11-27-h100-
-#     kv-out-2.md).
+#     kv-out-2.md);
+#   d128's single pass through its dQ tiles (KV_OUT 3, waits for the tile's last reduces and for the stores' reads
+#     exposed): 1.045 at 4k, 1.011 4k causal, 1.056 16k causal, packed 4k 1.037 (kv-out-4.md): an option, off.
 # (head dim, dQ in its own pass) -> (K/V slots, KV_OUT); packed batches as dense ones
 _KV_PLANS = {(64, True): (2, 2), (128, True): (1, 1), (64, False): (1, 1), (128, False): (1, 0), (256, True): (1, 2)}
 MAX_KV_SLOTS = None   # None: _KV_PLANS'; 1 or 2 forces the count where shared memory holds it (probes)
@@ -981,7 +983,8 @@ def kv_out_for(D: int, plan_: tuple, do_dq: int, varlen: bool, kv_slots: int) ->
     bm, stages, _, nc, shared, _ = plan_
     if want == 1 and bwd_smem(D, bm, stages, nc, do_dq, shared, kv_slots, 1) > _SMEM_LIMIT:
         return 2
-    if want == 3 and not (do_dq == 6 or (do_dq == 5 and not shared)) or want == 3 and 2 * bm * 64 * 4 < 2 * 64 * D * 2:
+    two_tiles = do_dq == 6 or (do_dq == 5 and not shared)   # the TMA reduce's tiles: two a consumer
+    if want == 3 and not (two_tiles and bm * 64 * 4 >= 64 * D * 2):
         return 2
     return want
 

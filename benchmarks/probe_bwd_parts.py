@@ -74,7 +74,7 @@ def tile_cost(D, iters):
     rows = []
     p0 = GB.plan(D)[:5] + (0,)
     slots0 = GB.MAX_KV_SLOTS
-    for slots, Sq, Sk in [(s_, a, b) for s_ in dict.fromkeys((slots0, 1))
+    for slots, Sq, Sk in [(s_, a, b) for s_ in dict.fromkeys((GB.kv_slots_for(D, 0), 1))
                           for a, b in ((1024, 1024), (2048, 1024), (4096, 1024), (1024, 2048), (1024, 4096))]:
         GB.MAX_KV_SLOTS = slots
         B, H = 16, 16

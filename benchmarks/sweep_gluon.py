@@ -24,9 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FLOOR = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 # (BLOCK_M, BLOCK_N, warps, stages, consumer registers[, ping-pong[, Q slots]]) per head dim; the first is checked in
-# fp16 too and alone with --check-plans default: v3_gluon's default at d128/d256, at d64 the two-Q-slot candidate
-# (benchmarks/NOTES.md, fourteenth session; correct but not faster in the fifteenth's run). BLOCK_M = 64 rows x
-# consumer warpgroups; warps: the producer partition's.
+# fp16 too and alone with --check-plans default: v3_gluon's default at every head dim (d64's two Q slots since the
+# sixteenth session, benchmarks/NOTES.md). BLOCK_M = 64 rows x consumer warpgroups; warps: the producer partition's.
 # 64-row plans (one consumer) run two programs an SM.
 PLANS = {128: [(128, 128, 4, 2, 240, False, 2), (64, 64, 4, 2, 232, False, 1)],
          64: [(192, 128, 4, 2, 160, False, 2), (192, 128, 4, 2, 160, False, 1), (128, 128, 4, 2, 240, False, 2)],

@@ -32,6 +32,8 @@
 #             torch.profiler, ours-v3 beside SDPA-cuDNN and SDPA-flash; default d128/d64 at 1k and 4k)
 #   kv-out    benchmarks/probe_kv_out.py $KV_OUT_ARGS (the dK/dV pass's store and K/V-slot variants: bitwise check
 #             against the baseline, then rounds of A/B at 1k-4k)
+#   probe-decode benchmarks/probe_decode.py $PROBE_DECODE_ARGS (the split-KV decode kernel's variants in CUDA graphs:
+#             TMA against pointer loads, the combine's share, split counts; check against float64 first)
 #   persistent benchmarks/probe_persistent.py (the Gluon forward and backward persistent against one program a unit:
 #             check with bitwise equality, then the forward and fwd+bwd grid beside v3.py's kernel and SDPA-cuDNN;
 #             PERSISTENT_ARGS=--quick: a few cases and four points)
@@ -103,6 +105,8 @@ for spec in "$@"; do
     bwd-parts) cmd=(python3 benchmarks/probe_bwd_parts.py --out "$dir" --budget-s "$budget" ${BWD_PARTS_ARGS:-}) ;;
     # shellcheck disable=SC2206
     kv-out) cmd=(python3 benchmarks/probe_kv_out.py --out "$dir" --budget-s "$budget" ${KV_OUT_ARGS:-}) ;;
+    # shellcheck disable=SC2206
+    probe-decode) cmd=(python3 benchmarks/probe_decode.py --out "$dir" --budget-s "$budget" ${PROBE_DECODE_ARGS:-}) ;;
     # shellcheck disable=SC2206
     persistent) cmd=(python3 benchmarks/probe_persistent.py --out "$dir" --budget-s "$budget" ${PERSISTENT_ARGS:-}) ;;
     packed-fwd) cmd=(python3 benchmarks/probe_packed_fwd.py --out "$dir" --budget-s "$budget") ;;

@@ -424,3 +424,48 @@ def test_set_tune_forgets_cached_launch_plans():
             decode.set_tune(blocks=2)
     finally:
         decode.set_tune(**old)
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_cache_read_through_tensor_descriptors_matches_pointer_loads(monkeypatch, layout):
+    """TUNE["tma"]: K and V blocks through tensor descriptors over the caches (Hopper; here Triton's interpreter), with
+    the cache slots past the keys in use holding inf and NaN (zeroed in V, masked in the scores), ragged lengths with an
+    empty cache, cache_batch_idx, GQA, a window and split counts; and decode_bhsd's (B, Hk, L, D) layout through the
+    same descriptor (its strides reordered). Equal to the pointer kernel's output and within the reference's bound."""
+    from hf_flashattn.kernels import decode
+    calls = []
+    real = decode._cache_descriptor
+    monkeypatch.setattr(decode, "_cache_descriptor", lambda *a: calls.append(a[2]) or real(*a))
+    if layout == "bshd":
+        q, kc, vc, _, _, lens, idx = _case(B=3, Sc=90, H=4, Hk=2, D=32, Snew=0, dtype=torch.float16, seed=3)
+        for c, L in zip(idx.tolist(), lens.tolist()):
+            kc[c, L:], vc[c, L:] = float("nan"), float("inf")
+        ref = _reference(q, kc, vc, None, None, lens, idx, window_size=(40, 0))[0]
+        low = _reference(q, kc, vc, None, None, lens, idx, dtype=None, window_size=(40, 0))[0]
+        run = [lambda s=s: fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, cache_batch_idx=idx,
+                                                      window_size=(40, 0), num_splits=s) for s in (1, 3)]
+    else:
+        g = torch.Generator().manual_seed(4)
+        q = torch.randn(2, 4, 1, 16, generator=g, dtype=torch.float16)
+        kc, vc = (torch.randn(2, 2, 150, 16, generator=g, dtype=torch.float16) for _ in range(2))
+        ref = attention_ref(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), causal=True)[0]
+        low = attention_ref(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), causal=True,
+                            compute_dtype=None)[0]
+        run = [lambda f=f: decode.decode_bhsd(q, kc, vc, 0.25, (-1, 0), 0.0) if f else
+               decode._run(q, (q.stride(0), q.stride(2), q.stride(1)), kc, (kc.stride(0), kc.stride(2), kc.stride(1)),
+                           vc, (vc.stride(0), vc.stride(2), vc.stride(1)), 2, 1, 4, 16, 2, None, None, 150, 0.25,
+                           (-1, 0), 0.0, 3, None, False)[0] for f in (True, False)]
+    old = dict(decode.TUNE)
+    try:
+        pointer = [f() for f in run]
+        assert not calls
+        decode.set_tune(tma=True)
+        tma = [f() for f in run]
+    finally:
+        decode.set_tune(**old)
+    assert calls, "the descriptor path was not taken"
+    bound = 2 * (low.double() - ref.double()).abs().max().item() + FLOOR[torch.float16]
+    for p, t in zip(pointer, tma):
+        assert torch.isfinite(t).all()
+        torch.testing.assert_close(t, p, atol=1e-3, rtol=0)
+        assert (t.double() - ref.double()).abs().max().item() <= bound

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import is_interpreting
+from .._runtime import is_hopper, is_interpreting
 from . import _common as C
 from .v2 import _fwd_inner
 
@@ -55,6 +55,32 @@ def _append_kernel(KNEW, VNEW, KC, VC, SEQLENS, BIDX,
 
 
 @triton.jit
+def _decode_inner_tma(acc, l_i, m_i, q, K, V, cb, kvh, start, end, pos, offs_n, Sk, diag, left, right, qk_scale,
+                      cap_scale, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
+                      DOT_PREC: tl.constexpr, KMASK_base, HAS_KMASK: tl.constexpr):
+    """_fwd_inner's loop with the K and V blocks through the caller's tensor descriptors over the cache, ordered
+    (cache entry, row, kv head, head dim), block (1, BLOCK_N, 1, BLOCK_D): one TMA bulk copy a block instead of a
+    copy per thread. Rows past the cache and head-dim padding read as zeros; cache rows past the keys in use
+    (slots not yet written, which may hold inf or NaN) are zeroed in V (P = 0 does not cancel inf · 0) and masked
+    in the scores."""
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        k = K.load([cb, start_n, kvh, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = V.load([cb, start_n, kvh, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = tl.where((cols < Sk)[:, None], v, tl.zeros_like(v))
+        s, _ = C.log2_scores(q, k, qk_scale, cap_scale, SOFTCAP, DOT_PREC)
+        s = tl.where(C.visible(pos, cols, diag, left, right, Sk), s, float("-inf"))
+        if HAS_KMASK:
+            keep = tl.load(KMASK_base + cols, mask=cols < Sk, other=0)
+            s = tl.where(keep[None, :] != 0, s, float("-inf"))
+        p, alpha, m_new, l_i = C.softmax_step(s, m_i, l_i)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _merge_row(OP, LP, stride_os, stride_ls, n_splits, s, d, HEAD_DIM: tl.constexpr):
     """The exact merge of the n_splits partial rows O_s = OP + s * stride_os (float32, HEAD_DIM wide) with
     lse_s = LP[s * stride_ls]: (O, lse) as float32; a row no split saw gets O = 0, lse = +inf. s: arange
@@ -82,7 +108,8 @@ def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX, KMASK, stride_mb,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_BIDX: tl.constexpr, SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
                    HAS_KMASK: tl.constexpr, HAS_SEQLENS: tl.constexpr = True, STORE_LSE: tl.constexpr = True,
-                   FUSED: tl.constexpr = False, SPLITS: tl.constexpr = 2, MERGE_ROWS: tl.constexpr = 0):
+                   FUSED: tl.constexpr = False, SPLITS: tl.constexpr = 2, MERGE_ROWS: tl.constexpr = 0,
+                   TMA: tl.constexpr = False):
     # Grid: (cdiv(seqlen_q * group, BLOCK_M) * n_splits, nheads_k, batch). One program: BLOCK_M packed
     # rows (query position, head of the group) against one split of the visible keys of its sequence.
     # KMASK (HAS_KMASK): (batch, cache rows) padding mask, nonzero = attend (Transformers' 2D mask).
@@ -95,6 +122,8 @@ def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX, KMASK, stride_mb,
     # splits in LOCKS (one zeroed int32 per (row tile, kv head, sequence), left at zero again). SPLITS:
     # n_splits rounded up to a power of two (>= 2), the width of the merge. MERGE_ROWS (FUSED, > 0): merge the
     # tile's rows all at once, MERGE_ROWS of them (a power of two >= the rows; TUNE["merge_rows"]).
+    # TMA: K and V are tensor descriptors over the caches, (cache entry, row, kv head, head dim) ordered, block
+    # (1, BLOCK_N, 1, BLOCK_D) (`_decode_inner_tma`); their stride arguments are then not read.
     split = tl.program_id(0) % n_splits
     r0 = (tl.program_id(0) // n_splits) * BLOCK_M
     kvh = tl.program_id(1).to(tl.int64)
@@ -125,11 +154,17 @@ def _decode_kernel(Q, K, V, O, LSE, SEQLENS_K, BIDX, KMASK, stride_mb,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    K_base = K + cb * stride_kb + kvh * stride_kh
-    V_base = V + cb * stride_vb + kvh * stride_vh
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, s_lo, s_hi,
-                               pos, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC, KMASK + b * stride_mb, HAS_KMASK)
+    if TMA:
+        acc, l_i, m_i = _decode_inner_tma(acc, l_i, m_i, q, K, V, cb.to(tl.int32), kvh.to(tl.int32), s_lo, s_hi, pos,
+                                          offs_n, Sk, diag, window_left, window_right, qk_scale, cap_scale, BLOCK_D,
+                                          BLOCK_N, SOFTCAP, DOT_PREC, KMASK + b * stride_mb, HAS_KMASK)
+    else:
+        K_base = K + cb * stride_kb + kvh * stride_kh
+        V_base = V + cb * stride_vb + kvh * stride_vh
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, s_lo, s_hi,
+                                   pos, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC, KMASK + b * stride_mb,
+                                   HAS_KMASK)
     # epilogue: a split that saw nothing gets lse = -inf (it adds nothing in the combine); without
     # splits, a row that saw nothing gets lse = +inf and O = 0, as everywhere else
     acc, lse = C.normalise_rows(acc, l_i, m_i, float("-inf") if SPLIT else float("inf"))
@@ -224,7 +259,9 @@ def _combine_kernel(OP, O, LSE, n_splits, lp_off,
 # group); off until timed on a GPU (compiled and CPU-tested only, fifth session).
 # (The combine as a programmatic dependent launch of the split kernel, griddepcontrol: tried twice, no difference from a
 # CUDA graph, results/2026-11-26-h100-decode-6.md and 2026-11-27-h100-decode-pdl.md; not kept.)
-TUNE = {"block_n": 64, "num_warps": 4, "num_stages": None, "waves": 2, "merge_rows": False}
+# tma: K and V blocks through tensor descriptors made on the host over the caches (`_decode_inner_tma`; Hopper, or
+# Triton's interpreter), launched through Triton's entry point; off until timed against the pointer loads.
+TUNE = {"block_n": 64, "num_warps": 4, "num_stages": None, "waves": 2, "merge_rows": False, "tma": False}
 
 
 def _pow2(n: int) -> int:
@@ -427,16 +464,43 @@ def _run(q, qs, k_cache, ks, v_cache, vs, B, Sq, H, D, Hk, seqlens_k, cache_batc
         l_part = lse if want_lse else out
     if key_mask is not None and key_mask.dtype == torch.bool:
         key_mask = key_mask.view(torch.uint8)
-    _decode_launch(
-        (row_tiles * num_splits, Hk, B),
-        q, k_cache, v_cache, o_part, l_part, q if seqlens_k is None else seqlens_k, cache_batch_idx,
-        q if key_mask is None else key_mask, 0 if key_mask is None else key_mask.stride(0),  # never read without
-        *qs, *ks, *vs, Sq, left, right, qk_scale, cap_scale, tiles.group, num_splits, max_seqlen_k, lse_off,
-        out, counters, **meta)
+    if TUNE["tma"] and _tma_ok(q, k_cache, ks, v_cache, vs, D):
+        kd, vd = (_cache_descriptor(t, st, max_seqlen_k, Hk, D, tiles) for t, st in ((k_cache, ks), (v_cache, vs)))
+        _decode_kernel[(row_tiles * num_splits, Hk, B)](
+            q, kd, vd, o_part, l_part, q if seqlens_k is None else seqlens_k, cache_batch_idx,
+            q if key_mask is None else key_mask, 0 if key_mask is None else key_mask.stride(0),
+            *qs, *ks, *vs, Sq, left, right, qk_scale, cap_scale, tiles.group, num_splits, max_seqlen_k, lse_off,
+            out, counters, TMA=True, **meta)
+    else:
+        _decode_launch(
+            (row_tiles * num_splits, Hk, B),
+            q, k_cache, v_cache, o_part, l_part, q if seqlens_k is None else seqlens_k, cache_batch_idx,
+            q if key_mask is None else key_mask, 0 if key_mask is None else key_mask.stride(0),  # never read without
+            *qs, *ks, *vs, Sq, left, right, qk_scale, cap_scale, tiles.group, num_splits, max_seqlen_k, lse_off,
+            out, counters, **meta)
     if split and not fused:
         _combine_launch((Sq, H, B), o_part, out, out if lse is None else lse, num_splits, lse_off,
                         HEAD_DIM=D, BLOCK_D=tiles.block_d, SPLITS=max(_pow2(num_splits), 2), STORE_LSE=want_lse)
     return out, lse, num_splits
+
+
+def _tma_ok(q, k_cache, ks, v_cache, vs, D) -> bool:
+    """Whether the caches can be read through tensor descriptors (TUNE["tma"]): Hopper or Triton's interpreter, and
+    TMA's rule (16-byte aligned bases and strides but the last, a contiguous head dim)."""
+    if not (is_interpreting() or is_hopper(q.device)):
+        return False
+    es = k_cache.element_size()
+    return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all(x * es % 16 == 0 for x in st) and t.numel() > 0
+               for t, st in ((k_cache, ks), (v_cache, vs)))
+
+
+def _cache_descriptor(t, st, rows, Hk, D, tiles):
+    """A tensor descriptor over cache t ordered (cache entry, row, kv head, head dim) with its (entry, row, head)
+    strides st, block (1, BLOCK_N, 1, BLOCK_D), over its first `rows` rows (the most keys any sequence uses; those
+    past it read as zeros)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return TensorDescriptor(t, [t.shape[0], rows, Hk, D], [st[0], st[1], st[2], 1],
+                            [1, tiles.block_n, 1, tiles.block_d])
 
 
 # Per-shape launch plans, computed once (a decode step calls _run for every layer of every step):

@@ -34,25 +34,34 @@ H, HK, D = 32, 8, 128
 POINTS = {"b1-32k": (1, 32768), "b8-32k": (8, 32768), "b1-128k": (1, 131072), "b8-128k": (8, 131072),
           "b1-4k": (1, 4096), "b8-4k": (8, 4096)}
 BASE_TUNE = dict(decode.TUNE)
-# name -> (TUNE changes, how the call merges: "combine" (the combine kernel, as flash_attn_with_kvcache),
-# "split-only" (no merge: the split kernel's own time), "fused" (the split kernel merges), num_splits (0 = the rule))
-VARIANTS = {
-    "ptr": ({}, "combine", 0),
-    "tma": ({"tma": True}, "combine", 0),
-    "ptr-split-only": ({}, "split-only", 0),
-    "tma-split-only": ({"tma": True}, "split-only", 0),
-    "ptr-fused": ({}, "fused", 0),
-    "tma-fused": ({"tma": True}, "fused", 0),
-    "tma-s4": ({"tma": True, "num_stages": 4}, "combine", 0),
-    "tma-s2": ({"tma": True, "num_stages": 2}, "combine", 0),
-    "tma-bn128": ({"tma": True, "block_n": 128}, "combine", 0),
-    "tma-w8": ({"tma": True, "num_warps": 8}, "combine", 0),
-    "ptr-sp16": ({}, "combine", 16), "ptr-sp24": ({}, "combine", 24), "ptr-sp48": ({}, "combine", 48),
-    "ptr-sp64": ({}, "combine", 64),
-    "tma-sp16": ({"tma": True}, "combine", 16), "tma-sp24": ({"tma": True}, "combine", 24),
-    "tma-sp48": ({"tma": True}, "combine", 48), "tma-sp64": ({"tma": True}, "combine", 64),
-    "tma-waves3": ({"tma": True, "waves": 3}, "combine", 0), "tma-waves4": ({"tma": True, "waves": 4}, "combine", 0),
-}
+# A variant's name gives its TUNE changes and how the call merges: "ptr" / "tma" (pointer loads / tensor descriptors),
+# then optional "-spN" (N splits; none: the rule's count), "-sN" (num_stages), "-wN" (num_warps), "-bnN" (key block),
+# "-wavesN" (the rule's waves), and a merge: "-split-only" (no merge: the split kernel's own time) or "-fused" (the split
+# kernel merges); neither: the combine kernel, as flash_attn_with_kvcache.
+def parse_variant(name):
+    parts = name.split("-")
+    tune, merge, splits = {"tma": parts[0] == "tma"}, "combine", 0
+    if parts[0] not in ("ptr", "tma"):
+        raise ValueError(f"variant {name!r}: starts with ptr or tma")
+    rest = "-".join(parts[1:])
+    if rest.endswith("split-only"):
+        merge, rest = "split-only", rest[:-len("split-only")].rstrip("-")
+    elif rest.endswith("fused"):
+        merge, rest = "fused", rest[:-len("fused")].rstrip("-")
+    for tok in filter(None, rest.split("-")):
+        for prefix, key in (("waves", "waves"), ("sp", None), ("bn", "block_n"), ("s", "num_stages"),
+                            ("w", "num_warps")):
+            if tok.startswith(prefix) and tok[len(prefix):].isdigit():
+                if key is None:
+                    splits = int(tok[len(prefix):])
+                else:
+                    tune[key] = int(tok[len(prefix):])
+                break
+        else:
+            raise ValueError(f"variant {name!r}: unknown part {tok!r}")
+    return tune, merge, splits
+
+
 SDPA = ("sdpa-cudnn", "sdpa-flash")
 
 
@@ -68,7 +77,7 @@ def make_call(variant, q, kc, vc, L):
             with sdpa_kernel(be):
                 return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
         return run
-    tune, merge, splits = VARIANTS[variant]
+    tune, merge, splits = parse_variant(variant)
 
     def run():
         decode.set_tune(**{**BASE_TUNE, **tune})
@@ -164,9 +173,9 @@ def main():
     ap.add_argument("--points", default="b1-32k,b8-32k,b1-128k,b8-128k")
     ap.add_argument("--variants", default="ptr,tma,ptr-split-only,tma-split-only,ptr-fused,tma-fused,tma-s4,tma-s2,"
                                           "tma-bn128,tma-w8,sdpa-cudnn,sdpa-flash")
-    ap.add_argument("--b1-32k-variants", default="ptr-sp16,ptr-sp24,ptr-sp48,ptr-sp64,tma-sp16,tma-sp24,tma-sp48,"
-                                                 "tma-sp64,tma-waves3,tma-waves4",
-                    help="variants added at b1-32k only (split counts)")
+    ap.add_argument("--extra", default="b1-32k:ptr-sp16,ptr-sp24,ptr-sp48,ptr-sp64,tma-sp16,tma-sp24,tma-sp48,"
+                                       "tma-sp64,tma-waves3,tma-waves4",
+                    help="variants added at one point each: 'point:v1,v2;point:v3'")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--budget-s", type=float, default=1e9)
@@ -192,7 +201,8 @@ def main():
         q = torch.randn(B, 1, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
         kc, vc = (torch.randn(B, L, HK, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
         gbytes = 2 * B * L * HK * D * 2 / 1e9
-        variants = args.variants.split(",") + (args.b1_32k_variants.split(",") if p == "b1-32k" else [])
+        extra = dict(e.split(":", 1) for e in args.extra.split(";") if e)
+        variants = args.variants.split(",") + (extra[p].split(",") if p in extra else [])
         graphs, row = {}, dict(point=p, B=B, L=L, variants={})
         ref = make_call("ptr", q, kc, vc, L)().clone()
         for v in variants:

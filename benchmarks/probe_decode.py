@@ -31,12 +31,19 @@ from hf_flashattn.kernels import decode  # noqa: E402
 from hf_flashattn.reference import attention_ref  # noqa: E402
 
 H, HK, D = 32, 8, 128
-POINTS = {"b1-32k": (1, 32768), "b8-32k": (8, 32768), "b1-128k": (1, 131072), "b8-128k": (8, 131072),
-          "b1-4k": (1, 4096), "b8-4k": (8, 4096)}
+
+
+def point(name):
+    """'b8-32k' -> (batch 8, cache 32768)."""
+    b, k = name.split("-")
+    return int(b[1:]), int(k[:-1]) * 1024
+
+
 BASE_TUNE = dict(decode.TUNE)
 # A variant's name gives its TUNE changes and how the call merges: "ptr" / "tma" (pointer loads / tensor descriptors),
 # then optional "-spN" (N splits; none: the rule's count), "-sN" (num_stages), "-wN" (num_warps), "-bnN" (key block),
-# "-wavesN" (the rule's waves), and a merge: "-split-only" (no merge: the split kernel's own time) or "-fused" (the split
+# "-wavesN" (the rule's waves), "-old" (the rule before one_wave: two waves of programs, 2 stages below 16 splits), and a
+# merge: "-split-only" (no merge: the split kernel's own time) or "-fused" (the split
 # kernel merges); neither: the combine kernel, as flash_attn_with_kvcache.
 def parse_variant(name):
     parts = name.split("-")
@@ -49,6 +56,9 @@ def parse_variant(name):
     elif rest.endswith("fused"):
         merge, rest = "fused", rest[:-len("fused")].rstrip("-")
     for tok in filter(None, rest.split("-")):
+        if tok == "old":
+            tune["one_wave"] = False
+            continue
         for prefix, key in (("waves", "waves"), ("sp", None), ("bn", "block_n"), ("s", "num_stages"),
                             ("w", "num_warps")):
             if tok.startswith(prefix) and tok[len(prefix):].isdigit():
@@ -196,7 +206,7 @@ def main():
         if time.time() - t0 > args.budget_s:
             print(f"budget: {p} and later skipped", flush=True)
             break
-        B, L = POINTS[p]
+        B, L = point(p)
         g = torch.Generator(device="cuda").manual_seed(1)
         q = torch.randn(B, 1, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
         kc, vc = (torch.randn(B, L, HK, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))

@@ -253,24 +253,46 @@ def _combine_kernel(OP, O, LSE, n_splits, lp_off,
 
 # Launch parameters of the GPU decode kernel (module-level so that benchmarks/sweep_decode.py can vary
 # them): key block for head dim <= 128 (32 above), warps, pipeline stages, waves of programs per SM.
-# num_stages None: 3 when the keys are cut into >= 16 splits (batch 1: 54 vs 55 us at 32k), else 2 (batch 8:
-# 356 vs 376 us at 32k, 1.40 vs 1.47 ms at 128k) -- benchmarks/results/2026-11-26-h100-sweep-decode.json.
+# num_stages None: `_stages` (with two waves of programs, 3 stages at >= 16 splits, batch 1: 54 vs 55 us at 32k, else
+# 2, batch 8: 356 vs 376 us at 32k, 1.40 vs 1.47 ms at 128k -- benchmarks/results/2026-11-26-h100-sweep-decode.json).
 # merge_rows: the in-kernel merge takes a tile's rows all at once when they are at most 16 (decode: the GQA
 # group); off until timed on a GPU (compiled and CPU-tested only, fifth session).
 # (The combine as a programmatic dependent launch of the split kernel, griddepcontrol: tried twice, no difference from a
 # CUDA graph, results/2026-11-26-h100-decode-6.md and 2026-11-27-h100-decode-pdl.md; not kept.)
 # tma: K and V blocks through tensor descriptors made on the host over the caches (`_decode_inner_tma`; Hopper, or
-# Triton's interpreter), launched through Triton's entry point; off until timed against the pointer loads.
-TUNE = {"block_n": 64, "num_warps": 4, "num_stages": None, "waves": 2, "merge_rows": False, "tma": False}
+# Triton's interpreter), launched through Triton's entry point. Measured 0.7-1.3% slower than the pointer loads' cp.async
+# pipeline at batch 1 and 8, 32k and 128k (results/2026-11-27-h100-probe-decode.md): off, kept as an option.
+# one_wave: when the (row tile, kv head, sequence) units fit the SMs, the split count gives each program an SM of its
+# own (num_sms // units programs a unit, not `waves` times the SMs) and 3 stages: batch 1, 32k 16 splits 49.1 us
+# against 32 splits 51.7 (cuDNN 51.1); batch 8 2 splits with 3 stages 347 against 5 with 2 stages 356 (SDPA-flash 349)
+# (results/2026-11-27-h100-probe-decode-2.md).
+TUNE = {"block_n": 64, "num_warps": 4, "num_stages": None, "waves": 2, "merge_rows": False, "tma": False,
+        "one_wave": True}
 
 
 def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def choose_num_splits(batch, nheads_k, row_tiles, max_seqlen_k, block_n, num_sms, waves=2) -> int:
-    """Enough programs to fill the GPU `waves` times over, but each split at least 2 key blocks."""
-    return _capped_splits(C.cdiv(waves * num_sms, batch * nheads_k * row_tiles), max_seqlen_k, block_n)
+def choose_num_splits(batch, nheads_k, row_tiles, max_seqlen_k, block_n, num_sms, waves=2, one_wave=True) -> int:
+    """The split count of a call (`_splits_wanted`), each split at least 2 key blocks."""
+    return _capped_splits(_splits_wanted(batch * nheads_k * row_tiles, num_sms, waves, one_wave), max_seqlen_k,
+                          block_n)
+
+
+def _splits_wanted(units: int, num_sms: int, waves: int, one_wave: bool) -> int:
+    """Splits a (row tile, kv head, sequence) unit before the key-length cap: with one_wave and no more units than SMs,
+    as many as keep every program on an SM of its own (num_sms // units); else enough programs to fill the GPU `waves`
+    times over."""
+    if one_wave and units <= num_sms:
+        return num_sms // units
+    return C.cdiv(waves * num_sms, units)
+
+
+def _stages(num_splits: int, programs: int, num_sms: int) -> int:
+    """TUNE["num_stages"], or the rule: 3 when every program has an SM of its own or the keys are cut into >= 16
+    splits, else 2 (several programs an SM: a third stage's shared memory costs occupancy)."""
+    return TUNE["num_stages"] or (3 if programs <= num_sms or num_splits >= 16 else 2)
 
 
 def _capped_splits(wanted: int, max_seqlen_k: int, block_n: int) -> int:
@@ -394,7 +416,7 @@ def _direct(q, k, v, B, H, Sq, D, qs, ks, vs, softmax_scale, window_size, softca
         if len(_DIRECT) > 4096:
             _DIRECT.clear()
         tiles = _tiles(Sq, H, Hk, D, q.device)
-        base = C.cdiv(TUNE["waves"] * tiles.num_sms, B * Hk * tiles.row_tiles)
+        base = _splits_wanted(B * Hk * tiles.row_tiles, tiles.num_sms, TUNE["waves"], TUNE["one_wave"])
         plan = _DIRECT[pkey] = (tiles, base, {})
     tiles, base, kernels = plan
     n_splits = _capped_splits(base, L, tiles.block_n)           # choose_num_splits, its first part cached
@@ -411,7 +433,8 @@ def _direct(q, k, v, B, H, Sq, D, qs, ks, vs, softmax_scale, window_size, softca
     entry = kernels.get(n_splits)
     op = out.data_ptr()
     if entry is None or op & 15:
-        meta = _meta(tiles, n_splits, q.dtype, False, False, softcap > 0, False, False, True)
+        meta = _meta(tiles, n_splits, q.dtype, False, False, softcap > 0, False, False, True,
+                     _stages(n_splits, B * Hk * row_tiles * n_splits, tiles.num_sms))
         compiled = _decode_launch(
             (row_tiles * n_splits, Hk, B), q, k, v, ws.floats, ws.floats, q, None, q, 0,
             qs[0], qs[2], qs[1], ks[0], ks[2], ks[1], vs[0], vs[2], vs[1],
@@ -438,11 +461,12 @@ def _run(q, qs, k_cache, ks, v_cache, vs, B, Sq, H, D, Hk, seqlens_k, cache_batc
         tiles = _TILES[(Sq, H, Hk, D, dev)] = _tiles(Sq, H, Hk, D, dev)
     row_tiles = tiles.row_tiles
     if num_splits <= 0:
-        num_splits = choose_num_splits(B, Hk, row_tiles, max_seqlen_k, tiles.block_n, tiles.num_sms, TUNE["waves"])
+        num_splits = choose_num_splits(B, Hk, row_tiles, max_seqlen_k, tiles.block_n, tiles.num_sms, TUNE["waves"],
+                                       TUNE["one_wave"])
     split = num_splits > 1
     fused = fused and split and not want_lse
     mkey = (tiles, num_splits, q.dtype, cache_batch_idx is not None, key_mask is not None, softcap > 0,
-            seqlens_k is not None, want_lse, fused)
+            seqlens_k is not None, want_lse, fused, _stages(num_splits, B * Hk * row_tiles * num_splits, tiles.num_sms))
     meta = _METAS.get(mkey)
     if meta is None:
         meta = _METAS[mkey] = _meta(*mkey)
@@ -545,7 +569,7 @@ def _tiles(Sq, H, Hk, D, device) -> _Tiles:
                   Sq * group)
 
 
-def _meta(tiles, num_splits, dtype, has_bidx, has_kmask, softcap, has_seqlens, want_lse, fused):
+def _meta(tiles, num_splits, dtype, has_bidx, has_kmask, softcap, has_seqlens, want_lse, fused, num_stages=3):
     meta = dict(HEAD_DIM=tiles.head_dim, BLOCK_D=tiles.block_d, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
                 HAS_BIDX=has_bidx,
                 HAS_KMASK=has_kmask, SPLIT=num_splits > 1, SOFTCAP=softcap, DOT_PREC=C.dot_precision(dtype),
@@ -554,7 +578,7 @@ def _meta(tiles, num_splits, dtype, has_bidx, has_kmask, softcap, has_seqlens, w
                 MERGE_ROWS=_pow2(min(tiles.rows, tiles.block_m)) if fused and TUNE["merge_rows"] and tiles.rows <= 16
                 else 0)
     if not is_interpreting():
-        meta.update(num_warps=TUNE["num_warps"], num_stages=TUNE["num_stages"] or (3 if num_splits >= 16 else 2))
+        meta.update(num_warps=TUNE["num_warps"], num_stages=num_stages)
     if len(_METAS) > 4096:   # a long run over many shapes: start over rather than grow
         _METAS.clear()
     return meta

@@ -427,6 +427,21 @@ def test_in_kernel_merge_of_all_rows_at_once_equals_the_row_loop(monkeypatch):
             assert int(ws.counters.count_nonzero()) == 0
 
 
+def test_launch_meta_names_every_constexpr_of_the_decode_kernel():
+    """torch.compile launches the decode kernel as a user-defined Triton kernel from the traced call, and refuses a call
+    that leaves out a constexpr even where it has a default (the static-cache generate() of the seventeenth session's
+    first run failed so when TMA was added without it): `_meta` names each one."""
+    import inspect
+
+    from hf_flashattn.kernels import decode
+    params = inspect.signature(decode._decode_kernel.fn).parameters.values()
+    constexprs = {p.name for p in params if "constexpr" in str(p.annotation)}
+    t = decode._tiles(1, 8, 2, 64, torch.device("cpu"))
+    for fused in (False, True):
+        meta = decode._meta(t, 4, torch.float16, False, False, False, True, not fused, fused)
+        assert constexprs <= set(meta), sorted(constexprs - set(meta))
+
+
 def test_set_tune_forgets_cached_launch_plans():
     """The per-shape launch plans follow the decode kernel's TUNE: set_tune changes it and drops the plans
     made with the old values; an unknown parameter is refused by name."""

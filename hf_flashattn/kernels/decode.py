@@ -494,7 +494,7 @@ def _run(q, qs, k_cache, ks, v_cache, vs, B, Sq, H, D, Hk, seqlens_k, cache_batc
             q, kd, vd, o_part, l_part, q if seqlens_k is None else seqlens_k, cache_batch_idx,
             q if key_mask is None else key_mask, 0 if key_mask is None else key_mask.stride(0),
             *qs, *ks, *vs, Sq, left, right, qk_scale, cap_scale, tiles.group, num_splits, max_seqlen_k, lse_off,
-            out, counters, TMA=True, **meta)
+            out, counters, **{**meta, "TMA": True})
     else:
         _decode_launch(
             (row_tiles * num_splits, Hk, B),
@@ -576,7 +576,7 @@ def _meta(tiles, num_splits, dtype, has_bidx, has_kmask, softcap, has_seqlens, w
                 HAS_SEQLENS=has_seqlens, STORE_LSE=want_lse, FUSED=fused,
                 SPLITS=max(_pow2(num_splits), 2) if fused else 2,
                 MERGE_ROWS=_pow2(min(tiles.rows, tiles.block_m)) if fused and TUNE["merge_rows"] and tiles.rows <= 16
-                else 0)
+                else 0, TMA=False)   # every constexpr, defaults too: torch.compile's launch of a user kernel needs them
     if not is_interpreting():
         meta.update(num_warps=TUNE["num_warps"], num_stages=num_stages)
     if len(_METAS) > 4096:   # a long run over many shapes: start over rather than grow

@@ -584,6 +584,30 @@ def test_decode_step_that_wants_gradients_keeps_autograd(monkeypatch):
     assert lean
 
 
+def test_compiled_decode_step_reaches_the_kernel_through_the_custom_ops(monkeypatch):
+    """A static cache's decode step runs compiled: the attention forward with one token and no mask compiles with
+    fullgraph=True (no graph break), does not take the lean call (a direct kernel launch that Dynamo would trace into:
+    the 2026-11-27 static-cache generate() failed so on the GPU), and gives the eager step's output."""
+    _, ours = pair("llama")
+    attn = ours.model.layers[0].self_attn
+    fn = AttentionInterface._global_mapping[NAME]
+    g = torch.Generator().manual_seed(6)
+    H, Hk, D = ours.config.num_attention_heads, ours.config.num_key_value_heads, attn.head_dim
+    q, k, v = torch.randn(1, H, 1, D, generator=g), torch.randn(1, Hk, 40, D, generator=g), \
+        torch.randn(1, Hk, 40, D, generator=g)
+    with torch.no_grad():
+        eager = fn(attn, q, k, v, None, dropout=0.0, scaling=attn.scaling)[0]
+        lean = []
+        real = integration._lean_step
+        monkeypatch.setattr(integration, "_lean_step", lambda *a: lean.append(1) or real(*a))
+        torch._dynamo.reset()
+        step = torch.compile(lambda q, k, v: fn(attn, q, k, v, None, dropout=0.0, scaling=attn.scaling)[0],
+                             fullgraph=True, backend="eager")
+        out = step(q, k, v)
+    assert not lean, "the compiled step took the lean call (a kernel launch Dynamo traces into)"
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+
+
 def test_module_sliding_window_lookup():
     """The per-layer lookup of a module's window (no nn.Module.__getattr__ miss) finds an instance
     attribute, a class attribute or property, and None when there is none."""

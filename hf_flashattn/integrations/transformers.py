@@ -227,10 +227,13 @@ def _make_attention_forward(flash_attention_forward):
         pass it: Qwen2-MoE sets it on its sliding layers but never forwards it, unlike eager's mask.
         A plain decode step (one token, no padding) calls the kernel directly: `_lean_step` (no mask, the
         common generate() step, one launch), else `_decode_step` (a padding mask, or inputs the lean call
-        does not take)."""
+        does not take). While torch.compile traces (a static cache's compiled step), never `_lean_step`: it
+        launches the kernel itself, which Dynamo would trace into (a graph break at the launcher, then Inductor
+        recompiling the kernel with float64 scales, which Triton rejects); `_decode_step` reaches the same
+        kernel through the custom ops, opaque to the compiler."""
         if sliding_window is None:
             sliding_window = _module_sliding_window(module)
-        if attention_mask is None and query.shape[2] == 1:
+        if attention_mask is None and query.shape[2] == 1 and not torch.compiler.is_compiling():
             out = _lean_step(module, query, key, value, sliding_window, kwargs)
             if out is not None:
                 return out, None

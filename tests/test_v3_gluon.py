@@ -26,7 +26,7 @@ import json, sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from hf_flashattn.kernels import v3_gluon as G
-D, block_n, stages, regs, nc, varlen, left, q_slots, maxnreg = json.loads(sys.argv[1])
+D, block_n, stages, regs, nc, varlen, left, q_slots, maxnreg, tail = json.loads(sys.argv[1])
 fn = G._fwd_kernel_ws
 lay = repr(G.shared_layout())
 sig = {}
@@ -40,7 +40,7 @@ for i, name in enumerate(fn.arg_names):
     else:
         sig[name] = {"LSE": "*fp32", "O": "*bf16", "CU_Q": "*i32", "CU_K": "*i32", "qk_scale": "fp32"}.get(name, "i32")
 cx = dict(HEAD_DIM=D, BLOCK_N=block_n, STAGES=stages, CONSUMER_REGS=regs, NC=nc, PINGPONG=G.PINGPONG,
-          IS_VARLEN=varlen, O_BUF=not varlen and D <= G.O_BUF_MAX_D, LEFT=left, Q_SLOTS=q_slots)
+          IS_VARLEN=varlen, O_BUF=not varlen and D <= G.O_BUF_MAX_D, LEFT=left, Q_SLOTS=q_slots, TAIL=tail)
 src = GluonASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in cx.items()})
 k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
 open(sys.argv[2], "w").write(k.asm["ptx"])
@@ -48,14 +48,14 @@ print(k.metadata.shared)
 """
 
 
-def _compile(D, block_n, stages, regs, nc, out, varlen=False, left=True, q_slots=1, maxnreg=None):
+def _compile(D, block_n, stages, regs, nc, out, varlen=False, left=True, q_slots=1, maxnreg=None, tail=False):
     """PTX of the warp-specialised kernel for sm_90a, compiled in a fresh process: this one runs Triton's
     interpreter (TRITON_INTERPRET=1), under which Triton's own library functions are not compilable."""
     import json
     import sys
     env = dict(os.environ, TRITON_INTERPRET="0")
     r = subprocess.run([sys.executable, "-c", _COMPILE,
-                        json.dumps([D, block_n, stages, regs, nc, varlen, left, q_slots, maxnreg]), out],
+                        json.dumps([D, block_n, stages, regs, nc, varlen, left, q_slots, maxnreg, tail]), out],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return open(out).read(), int(r.stdout.strip().splitlines()[-1])
@@ -94,6 +94,25 @@ def test_compiles_for_hopper_with_the_overlap(D, varlen, keys):
     assert rc == 0, err[-2000:]
     # Triton 3.6 (the GPU image) spills nothing on any of them; 3.9 spills 20 bytes at d256 since the persistent tile
     # loop (tenth session; before it 12 in d64's 3-consumer plan and 544 packed, none now)
+    assert spills and max(spills) <= 32, err[-2000:]
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_tail_schedule_compiles_without_spills(D):
+    """The plans `tail_pairs` gives a tail (d64 16k causal, d128 GQA 32k causal) compile for sm_90a with the tail's
+    index math (TAIL) as they do without it: TMA, wgmma, persistent, and no more than the plans' spill allowance."""
+    p = G.plan(D, 1 << 15, True)
+    nc = p[0] // 64
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, shared = _compile(D, p[1], p[3], p[4], nc, os.path.join(tmp, "k.ptx"), False, p[0] > 128 or False,
+                               p[6] if len(p) > 6 else G.Q_SLOTS, None, True)
+    assert "cp.async.bulk.tensor" in ptx and "wgmma.mma_async" in ptx and "%nctaid.x" in ptx
+    assert shared <= 232448
+    res = ptxas_spills(ptx)
+    if res is None:
+        pytest.fail("this Triton has no ptxas: cannot check spills")
+    rc, err, spills = res
+    assert rc == 0, err[-2000:]
     assert spills and max(spills) <= 32, err[-2000:]
 
 
@@ -162,3 +181,41 @@ def test_schedule_units_and_programs(monkeypatch):
     assert G.schedule(5, 2, 3, True, cpu, switch=False, per_sm=2) == (2, 18, 18)
     monkeypatch.setenv("HF_FLASHATTN_V3_PERSISTENT", "0")
     assert G.schedule(5, 2, 3, False, cpu) == (1, 30, 30)
+
+
+def test_tile_order_covers_every_tile_once_with_a_tail():
+    """`tile_order` (the host's copy of the kernel's `_n_items` / `_tile`): with any tail, pairs or singles, every row
+    tile of every (batch, head) is taken exactly once, odd tile counts and fewer units than programs included; the tail
+    tiles are the most even pairs' (the middle rows), taken after every pair."""
+    for n_mt, n_bh, programs in ((86, 32, 132), (7, 3, 4), (8, 5, 4), (3, 1, 4), (256, 4, 16), (5, 2, 8), (2, 1, 3)):
+        n_per = (n_mt + 1) // 2
+        for tail in range(0, min(4, n_per - 1) + 1):
+            order = G.tile_order(n_mt, n_bh, programs, tail)
+            seen = sorted(t for tiles in order for t in tiles)
+            assert seen == [(bh, m) for bh in range(n_bh) for m in range(n_mt)], (n_mt, n_bh, programs, tail)
+            middle = {m for j in range(n_per - tail, n_per) for m in (j, n_mt - 1 - j)}
+            for tiles in order:   # a program's tail tiles come after its pairs
+                flags = [m in middle for _, m in tiles]
+                assert flags == sorted(flags) or tail == 0, (n_mt, n_bh, programs, tail)
+    # the rule: where the last round of pairs is short, a tail that ends it in half-pair steps
+    assert G.tail_pairs(86, 32, 132) == 2 and G.tail_pairs(256, 32, 132) == 1
+    assert G.tail_pairs(128, 16, 132) == 0 and G.tail_pairs(64, 64, 132) == 0
+    ms = [max(sum(m + 1 for _, m in t) for t in G.tile_order(86, 32, 132, tail)) for tail in (0, 2)]
+    assert ms[1] < 0.96 * ms[0]
+
+
+def test_setup_takes_the_tail_under_a_square_causal_mask_only(monkeypatch):
+    """`_Setup` passes `tail_pairs`' tail as the kernel's last integer for a dense square causal call of a plan with two
+    or three consumers; 0 with a window, with one consumer, unmasked, with TAIL_SPLIT off."""
+    monkeypatch.delenv("HF_FLASHATTN_V3_PERSISTENT", raising=False)
+    monkeypatch.setattr(G.C, "num_sms", lambda device: 132)   # the H100's count, for the d64 16k causal grid point
+    S, H = 1 << 14, 32
+    q = torch.empty(1, 1, H, 64, dtype=torch.bfloat16).expand(1, S, H, 64)   # the shapes only
+    p = G.plan(64, S, True)
+    st = G._Setup(q, q, None, S, S, 0.1, (-1, 0), p, ())
+    n_mt = -(-S // p[0])
+    assert st.grid == (132,) and st.ints[-1] == st.tail == G.tail_pairs(n_mt, H, 132) == 2 and st.ints[-2] == 2
+    assert G._Setup(q, q, None, S, S, 0.1, (1000, 0), p, ()).tail == 0
+    assert G._Setup(q, q, None, S, S, 0.1, (-1, -1), G.plan(64, S, False), ()).tail == 0
+    monkeypatch.setattr(G, "TAIL_SPLIT", False)
+    assert G._Setup(q, q, None, S, S, 0.1, (-1, 0), p, ()).tail == 0

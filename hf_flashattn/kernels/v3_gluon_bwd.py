@@ -87,8 +87,8 @@ if HAVE_GLUON:
         full_lo, full_hi, hi), the query blocks [lo, hi) that see the keys, [full_lo, full_hi) seen by all of them."""
         ok, b, kvh, _, n0, bq, k0, q0, Sk, Sq, _, lo, full_lo, full_hi, hi = _tile(i, pid, nprog, per, n_kt,
                                                                                    n_kv_heads, 1, CU_K, CU_Q, seqlen_k,
-                                                                                   seqlen_q, right, left, BLOCK_N,
-                                                                                   BLOCK_M, IS_VARLEN)
+                                                                                   seqlen_q, right, left, 0, 0,
+                                                                                   BLOCK_N, BLOCK_M, IS_VARLEN)
         return ok, b, kvh, n0, bq, q0, k0, Sq, Sk, lo, full_lo, full_hi, hi
 
     @gluon.jit
@@ -605,8 +605,8 @@ if HAVE_GLUON:
         tq = 0
         for i in range(per * gl.cdiv(n_units - pid, nprog)):
             ok, _, h, kvh, m0, bq, q0, k0, _, _, _, lo, _, _, hi = _tile(i, pid, nprog, per, n_mt, n_heads, group, CU_Q,
-                                                                         CU_K, seqlen_q, seqlen_k, left, right, NC * 64,
-                                                                         BLOCK_N, IS_VARLEN)
+                                                                         CU_K, seqlen_q, seqlen_k, left, right, 0, 0,
+                                                                         NC * 64, BLOCK_N, IS_VARLEN)
             if ok & (lo < hi):
                 if PREP == 2:   # O too, on the same barrier
                     _load_tile_pair(q_desc, do_desc, bq, q0 + m0, h, q_bar, q_empty, tq, q_smem, do_smem, 0, HEAD_DIM,
@@ -823,7 +823,8 @@ if HAVE_GLUON:
             ok, b, h, _, m0, bq, q0, _, Sq, Sk, diag, lo, full_lo, full_hi, hi = _tile(i, pid, nprog, per, n_mt,
                                                                                        n_heads, group, CU_Q, CU_K,
                                                                                        seqlen_q, seqlen_k, left, right,
-                                                                                       NC * 64, BLOCK_N, IS_VARLEN)
+                                                                                       0, 0, NC * 64, BLOCK_N,
+                                                                                       IS_VARLEN)
             if ok:
                 if lo < hi:
                     _dq_tile(W, dq_desc, dq_buf, DQ, stride_qm, stride_qh, q_smem, do_smem, o_smem, k_smem, v_smem,

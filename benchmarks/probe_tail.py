@@ -1,0 +1,182 @@
+"""A/B of the Gluon forward's tail (v3_gluon.TAIL_SPLIT: under a square causal mask, the last round of pairs of row
+tiles run as single tiles where `tail_pairs` finds the schedule shorter) in one process.
+
+    python benchmarks/probe_tail.py --out DIR [--rounds 7]
+
+Check first: on shapes that get a tail (d64 and d128 plans, GQA and MHA, bf16 and fp16), out and lse with the tail
+bitwise equal to those without it (the same tiles, computed the same way, in another order), and within flash-attn's
+error rule of a float32 reference. Then rounds of flash_attn_func(version="v3") forwards, tail on and off and SDPA's
+cuDNN backend in turns; each read as its ratio to the first in the same round, median over rounds. Writes
+probe_tail.json and probe_tail.md.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FLOOR = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+# (D, S, B, H, Hk): square causal shapes whose schedule gets a tail on 132 SMs
+CHECK = [(64, 2048, 1, 32, 8), (64, 3000, 1, 24, 24), (64, 2048, 3, 8, 2), (128, 3000, 1, 16, 4),
+         (128, 2048, 3, 8, 8), (128, 2048, 1, 24, 6)]
+# name -> (D, S, B, H, Hk)
+POINTS = {"d64-16k-causal": (64, 16384, 1, 32, 32), "gqa-d128-32k-causal": (128, 32768, 1, 32, 8),
+          "d128-16k-causal": (128, 16384, 1, 16, 16), "gqa-d128-8k-causal": (128, 8192, 2, 32, 8)}
+
+
+def fwd(q, k, v):
+    from hf_flashattn import flash_attn_func
+    return flash_attn_func(q, k, v, causal=True, return_attn_probs=True, version="v3")
+
+
+def check():
+    from hf_flashattn.kernels import v3_gluon as G
+    from hf_flashattn.reference import attention_ref
+    rows = []
+    for dtype in (torch.bfloat16, torch.float16):
+        for D, S, B, H, Hk in CHECK:
+            g = torch.Generator(device="cuda").manual_seed(D + S + H)
+            q = torch.randn(B, S, H, D, device="cuda", dtype=dtype, generator=g)
+            k, v = (torch.randn(B, S, Hk, D, device="cuda", dtype=dtype, generator=g) for _ in range(2))
+            p = G._PLANS[D]
+            res = {}
+            for on in (True, False):
+                G.TAIL_SPLIT = on
+                res[on] = G.forward(q, k, v, S, S, D ** -0.5, (-1, 0), _plan=p)
+            G.TAIL_SPLIT = True
+            n_mt = -(-S // p[0])
+            tail = G.tail_pairs(n_mt, B * H, min(torch.cuda.get_device_properties(0).multi_processor_count,
+                                                  B * H * ((n_mt + 1) // 2)))
+            ref, ref_lse = attention_ref(q, k, v, causal=True, compute_dtype=torch.float32)
+            low, _ = attention_ref(q, k, v, causal=True, compute_dtype=dtype)
+            out, lse = res[True]
+            err = (out.float() - ref).abs().max().item()
+            base = (low.float() - ref).abs().max().item()
+            lse_err = (lse - ref_lse).abs().max().item()
+            row = dict(dtype=str(dtype).split(".")[-1], shape=[D, S, B, H, Hk], tail=tail,
+                       bitwise=bool(torch.equal(res[True][0], res[False][0]) and torch.equal(res[True][1], res[False][1])),
+                       err=err, torch_err=base, lse_err=lse_err)
+            row["ok"] = bool(row["bitwise"] and tail > 0 and err <= 2 * base + FLOOR[dtype] and lse_err < 1e-2)
+            rows.append(row)
+            if not row["ok"]:
+                print("FAIL", json.dumps(row), flush=True)
+    return rows
+
+
+def tail_fwd(G, on, q, k, v):
+    G.TAIL_SPLIT = on
+    try:
+        return fwd(q, k, v)
+    finally:
+        G.TAIL_SPLIT = True
+
+
+def cudnn(sdpa_kernel, SDPBackend, qt, kt, vt, gqa):
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
+
+
+def timed_ms(f, iters):
+    f()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        f()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / iters
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--points", default=",".join(POINTS))
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--budget-s", type=float, default=1e9)
+    args = ap.parse_args()
+    t0 = time.time()
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from hf_flashattn.kernels import v3_gluon as G
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                cudnn=torch.backends.cudnn.version(), commit=os.environ.get("COMMIT", "unknown"), rounds=args.rounds,
+                iters=args.iters, date=time.strftime("%Y-%m-%d"))
+    checks = check()
+    bad = [c for c in checks if not c["ok"]]
+    print(f"check: {len(checks) - len(bad)}/{len(checks)}", flush=True)
+    results = []
+    for p in args.points.split(","):
+        if time.time() - t0 > args.budget_s:
+            print(f"budget: {p} and later skipped", flush=True)
+            break
+        D, S, B, H, Hk = POINTS[p]
+        q = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(B, S, Hk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        flops = 4 * B * H * S * S * D / 2
+
+        variants = {"tail": functools.partial(tail_fwd, G, True, q, k, v),
+                    "no-tail": functools.partial(tail_fwd, G, False, q, k, v),
+                    "sdpa-cudnn": functools.partial(cudnn, sdpa_kernel, SDPBackend, qt, kt, vt, H != Hk)}
+        a, b = variants["tail"](), variants["no-tail"]()
+        G.TAIL_SPLIT = True
+        st = [s for key, s in G._SETUPS.items() if key[0] == q.shape and key[-1] is True and not s.empty]
+        row = dict(point=p, D=D, S=S, B=B, H=H, Hk=Hk, tail=st[-1].tail if st else None,
+                   bitwise=bool(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])), variants={})
+        del a, b
+        for name in variants:
+            row["variants"][name] = dict(ms=[], ratio=[])
+        for _ in range(args.rounds):
+            base = None
+            for name, f in variants.items():
+                ms = timed_ms(f, args.iters)
+                base = ms if base is None else base
+                row["variants"][name]["ms"].append(round(ms, 4))
+                row["variants"][name]["ratio"].append(round(ms / base, 4))
+        for name, r in row["variants"].items():
+            r["median_ms"] = statistics.median(r["ms"])
+            r["median_ratio"] = statistics.median(r["ratio"])
+            r["tflops"] = flops / r["median_ms"] / 1e9
+            r["of_cudnn"] = statistics.median(c / m for c, m in zip(row["variants"]["sdpa-cudnn"]["ms"], r["ms"]))
+        results.append(row)
+        print(p, json.dumps({n: (round(r["tflops"]), round(r["median_ratio"], 4), round(r["of_cudnn"], 3))
+                             for n, r in row["variants"].items()}), "tail", row["tail"], "bitwise", row["bitwise"],
+              flush=True)
+        del q, k, v, qt, kt, vt
+        torch.cuda.empty_cache()
+    meta["total_s"] = round(time.time() - t0, 1)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "probe_tail.json"), "w") as f:
+        json.dump(dict(meta=meta, checks=checks, results=results), f, indent=1)
+    lines = [f"# Gluon forward: the schedule's tail — {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
+             f"cuDNN {meta['cudnn']}, commit {meta['commit']}", "",
+             f"date {meta['date']}; bf16 forwards through flash_attn_func(version='v3'), {args.iters} calls a timing, "
+             f"{args.rounds} rounds, tail / no tail / SDPA-cuDNN in turns; ratio: to `tail` in the same round (median); "
+             "÷ cuDNN: cuDNN's time over the variant's (median over rounds)", "",
+             f"Check (tail against no tail bitwise, and against a float32 reference with flash-attn's rule; shapes "
+             f"with a tail, bf16/fp16): {len(checks) - len(bad)}/{len(checks)}", "",
+             "| point | tail pairs | out/lse bitwise | variant | median ms | TFLOP/s | ratio | ÷ cuDNN |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in results:
+        for name, r in row["variants"].items():
+            lines.append(f"| {row['point']} | {row['tail']} | {row['bitwise']} | {name} | {r['median_ms']:.3f} | "
+                         f"{r['tflops']:.0f} | {r['median_ratio']:.3f} | {r['of_cudnn']:.3f} |")
+    with open(os.path.join(args.out, "probe_tail.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

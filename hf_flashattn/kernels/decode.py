@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .._runtime import is_hopper, is_interpreting
 from . import _common as C
-from .v2 import _fwd_inner
+from .v2 import _fwd_inner, kv_block
 
 
 @triton.jit
@@ -58,25 +58,18 @@ def _append_kernel(KNEW, VNEW, KC, VC, SEQLENS, BIDX,
 def _decode_inner_tma(acc, l_i, m_i, q, K, V, cb, kvh, start, end, pos, offs_n, Sk, diag, left, right, qk_scale,
                       cap_scale, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
                       DOT_PREC: tl.constexpr, KMASK_base, HAS_KMASK: tl.constexpr):
-    """_fwd_inner's loop with the K and V blocks through the caller's tensor descriptors over the cache, ordered
-    (cache entry, row, kv head, head dim), block (1, BLOCK_N, 1, BLOCK_D): one TMA bulk copy a block instead of a
-    copy per thread. Rows past the cache and head-dim padding read as zeros; cache rows past the keys in use
-    (slots not yet written, which may hold inf or NaN) are zeroed in V (P = 0 does not cancel inf · 0) and masked
-    in the scores."""
+    """_fwd_inner's loop (the same block update, v2.kv_block) with the K and V blocks through the caller's tensor
+    descriptors over the cache, ordered (cache entry, row, kv head, head dim), block (1, BLOCK_N, 1, BLOCK_D): one TMA
+    bulk copy a block instead of a copy per thread. Rows past the cache and head-dim padding read as zeros; cache rows
+    past the keys in use (slots not yet written, which may hold inf or NaN) are zeroed in V (P = 0 does not cancel
+    inf · 0) and masked in the scores."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         k = K.load([cb, start_n, kvh, 0]).reshape(BLOCK_N, BLOCK_D)
         v = V.load([cb, start_n, kvh, 0]).reshape(BLOCK_N, BLOCK_D)
         v = tl.where((cols < Sk)[:, None], v, tl.zeros_like(v))
-        s, _ = C.log2_scores(q, k, qk_scale, cap_scale, SOFTCAP, DOT_PREC)
-        s = tl.where(C.visible(pos, cols, diag, left, right, Sk), s, float("-inf"))
-        if HAS_KMASK:
-            keep = tl.load(KMASK_base + cols, mask=cols < Sk, other=0)
-            s = tl.where(keep[None, :] != 0, s, float("-inf"))
-        p, alpha, m_new, l_i = C.softmax_step(s, m_i, l_i)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-        m_i = m_new
+        acc, l_i, m_i = kv_block(acc, l_i, m_i, q, k, v, pos, cols, Sk, diag, left, right, qk_scale, cap_scale, True,
+                                 SOFTCAP, DOT_PREC, KMASK_base, HAS_KMASK)
     return acc, l_i, m_i
 
 
@@ -260,8 +253,8 @@ def _combine_kernel(OP, O, LSE, n_splits, lp_off,
 # (The combine as a programmatic dependent launch of the split kernel, griddepcontrol: tried twice, no difference from a
 # CUDA graph, results/2026-11-26-h100-decode-6.md and 2026-11-27-h100-decode-pdl.md; not kept.)
 # tma: K and V blocks through tensor descriptors made on the host over the caches (`_decode_inner_tma`; Hopper, or
-# Triton's interpreter), launched through Triton's entry point. Measured 0.7-1.3% slower than the pointer loads' cp.async
-# pipeline at batch 1 and 8, 32k and 128k (results/2026-11-27-h100-probe-decode.md): off, kept as an option.
+# Triton's interpreter), launched through Triton's entry point. Measured 0.7-1.3% slower than the pointer loads'
+# cp.async pipeline at batch 1 and 8, 32k and 128k (results/2026-11-27-h100-probe-decode.md): off, kept as an option.
 # one_wave: when the (row tile, kv head, sequence) units fit the SMs, the split count gives each program an SM of its
 # own (num_sms // units programs a unit, not `waves` times the SMs) and 3 stages: batch 1, 32k 16 splits 49.1 us
 # against 32 splits 51.7 (cuDNN 51.1); batch 8 2 splits with 3 stages 347 against 5 with 2 stages 356 (SDPA-flash 349)

@@ -33,20 +33,28 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, start, en
         v_ptrs = V_base + cols[:, None] * stride_vn + offs_d[None, :]
         # -- load k, v (the d-padding and, on the edge blocks, the key tail are masked) --
         k, v = load_rows_pair(k_ptrs, v_ptrs, cols, Sk, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        # -- compute qk, in log2 units --
-        s, _ = log2_scores(q, k, qk_scale, cap_scale, SOFTCAP, DOT_PREC)
-        if MASKED:
-            s = tl.where(visible(offs_m, cols, diag, left, right, Sk), s, float("-inf"))
-        if HAS_KMASK:
-            keep = tl.load(KMASK_base + cols, mask=cols < Sk, other=0)
-            s = tl.where(keep[None, :] != 0, s, float("-inf"))
-        # -- update m_i, l_i (a row that has seen nothing yet keeps m = -inf; shift by 0 then) --
-        p, alpha, m_new, l_i = softmax_step(s, m_i, l_i)
-        # -- update the output accumulator --
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-        m_i = m_new
+        acc, l_i, m_i = kv_block(acc, l_i, m_i, q, k, v, offs_m, cols, Sk, diag, left, right, qk_scale, cap_scale,
+                                 MASKED, SOFTCAP, DOT_PREC, KMASK_base, HAS_KMASK)
     return acc, l_i, m_i
+
+
+@triton.jit
+def kv_block(acc, l_i, m_i, q, k, v, offs_m, cols, Sk, diag, left, right, qk_scale, cap_scale, MASKED: tl.constexpr,
+             SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, KMASK_base, HAS_KMASK: tl.constexpr):
+    """One key block of `_fwd_inner`'s loop once k and v are loaded (columns `cols`): the scores in log2 units, the
+    mask (MASKED: the window and the key tail; HAS_KMASK: the per-key padding mask), the online-softmax update of m_i
+    and l_i (a row that has seen nothing yet keeps m = -inf and is shifted by 0) and of the accumulator. Also the
+    decode kernel's loop over descriptor-loaded blocks (decode._decode_inner_tma)."""
+    s, _ = log2_scores(q, k, qk_scale, cap_scale, SOFTCAP, DOT_PREC)
+    if MASKED:
+        s = tl.where(visible(offs_m, cols, diag, left, right, Sk), s, float("-inf"))
+    if HAS_KMASK:
+        keep = tl.load(KMASK_base + cols, mask=cols < Sk, other=0)
+        s = tl.where(keep[None, :] != 0, s, float("-inf"))
+    p, alpha, m_new, l_i = softmax_step(s, m_i, l_i)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, l_i, m_new
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "SEQ_BUCKET",

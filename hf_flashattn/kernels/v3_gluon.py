@@ -587,11 +587,11 @@ def tile_order(n_mt: int, n_bh: int, programs: int, tail: int, per: int = 2) -> 
     tile once."""
     n_per = (n_mt + per - 1) // per
     n_main = n_bh * (n_per - tail)
+    n_single = 2 * n_bh * tail
     order = []
     for pid in range(programs):
         c_main = -(-(n_main - pid) // programs) if n_main > pid else 0
         rot = (pid - n_main % programs + programs) % programs
-        n_single = 2 * n_bh * tail
         items = per * c_main + (-(-(n_single - rot) // programs) if n_single > rot else 0)
         tiles = []
         for i in range(items):

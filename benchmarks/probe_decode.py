@@ -14,6 +14,7 @@ inf/NaN in the cache slots not yet written. Writes probe_decode.json and probe_d
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -25,10 +26,12 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
 import hf_flashattn as fa  # noqa: E402
 from hf_flashattn.kernels import decode  # noqa: E402
 from hf_flashattn.reference import attention_ref  # noqa: E402
+from rounds import interleaved_rounds, median_speedup  # noqa: E402
 
 H, HK, D = 32, 8, 128
 
@@ -42,8 +45,8 @@ def point(name):
 BASE_TUNE = dict(decode.TUNE)
 # A variant's name gives its TUNE changes and how the call merges: "ptr" / "tma" (pointer loads / tensor descriptors),
 # then optional "-spN" (N splits; none: the rule's count), "-sN" (num_stages), "-wN" (num_warps), "-bnN" (key block),
-# "-wavesN" (the rule's waves), "-old" (the rule before one_wave: two waves of programs, 2 stages below 16 splits), and a
-# merge: "-split-only" (no merge: the split kernel's own time) or "-fused" (the split
+# "-wavesN" (the rule's waves), "-old" (the rule before one_wave: two waves of programs, 2 stages below 16 splits),
+# and a merge: "-split-only" (no merge: the split kernel's own time) or "-fused" (the split
 # kernel merges); neither: the combine kernel, as flash_attn_with_kvcache.
 def parse_variant(name):
     parts = name.split("-")
@@ -223,29 +226,20 @@ def main():
                 graphs[v].replay()
                 torch.cuda.synchronize()
                 out = out if v not in SDPA else out.transpose(1, 2)
-                row["variants"][v] = dict(us=[], ratio=[], bitwise=torch.equal(out, ref),
+                row["variants"][v] = dict(bitwise=torch.equal(out, ref),
                                           max_diff=(out.float() - ref.float()).abs().max().item())
             except Exception as e:   # a variant that fails to compile or capture is reported, the others run
                 row["variants"][v] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
                 print(p, v, row["variants"][v]["error"], flush=True)
         timed = [v for v in variants if v in graphs]
-        for _ in range(args.rounds):
-            base = None
-            for v in timed:
-                us = replay_us(graphs[v], stream, args.calls)
-                base = us if base is None else base
-                row["variants"][v]["us"].append(round(us, 2))
-                row["variants"][v]["ratio"].append(round(us / base, 4))
+        interleaved_rounds(row["variants"], {v: functools.partial(replay_us, graphs[v], stream, args.calls)
+                                             for v in timed}, args.rounds, "us", 2)
         for v in timed:
             r = row["variants"][v]
-            r["median_us"] = statistics.median(r["us"])
-            r["median_ratio"] = statistics.median(r["ratio"])
             r["tb_s"] = gbytes / r["median_us"] * 1e6 / 1e3
-        for sd in SDPA:
-            if sd in timed:
-                for v in timed:
-                    r = row["variants"][v]
-                    r[f"of_{sd}"] = statistics.median(a / b for a, b in zip(row["variants"][sd]["us"], r["us"]))
+            for sd in SDPA:
+                if sd in timed:
+                    r[f"of_{sd}"] = median_speedup(row["variants"], sd, v, "us")
         results.append(row)
         print(p, {v: (round(r.get("median_us", -1), 2), r.get("median_ratio"), r.get("bitwise"))
                   for v, r in row["variants"].items()}, flush=True)

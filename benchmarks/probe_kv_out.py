@@ -21,7 +21,6 @@ import functools
 import json
 import multiprocessing as mp
 import os
-import statistics
 import sys
 import time
 
@@ -30,6 +29,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+
+from rounds import interleaved_rounds  # noqa: E402
 
 # name -> (D, S, causal, packed); B = 16384 / S, H = 2048 / D (bench.py's grid); packed: the B sequences of S tokens
 # as one packed batch (cu_seqlens), their lengths S, S - 37, S - 74, ... (a sequence's last key tile reaches into the
@@ -195,17 +196,10 @@ def main():
                 ok_q = torch.equal(got[0], ref[0])
             else:
                 ok_q = bool(((got[0].float() - ref[0].float()).norm() / ref[0].float().norm()) < 1e-2)
-            row["variants"][v] = dict(two_pass=tp, dkdv_bitwise=ok_kv, dq_ok=ok_q, us=[], ratio=[])
-        for _ in range(args.rounds):
-            base = None
-            for v in variants:
-                us = bwd_kernel_us(functools.partial(call, GB, inputs, v), args.iters, args.total)
-                base = us if base is None else base
-                row["variants"][v]["us"].append(round(us, 1))
-                row["variants"][v]["ratio"].append(round(us / base, 4))
-        for v, r in row["variants"].items():
-            r["median_us"] = statistics.median(r["us"])
-            r["median_ratio"] = statistics.median(r["ratio"])
+            row["variants"][v] = dict(two_pass=tp, dkdv_bitwise=ok_kv, dq_ok=ok_q)
+        interleaved_rounds(row["variants"], {v: functools.partial(bwd_kernel_us, functools.partial(call, GB, inputs, v),
+                                                                  args.iters, args.total) for v in variants},
+                           args.rounds, "us", 1)
         results.append(row)
         print(p, {v: (r["median_us"], r["median_ratio"], r["dkdv_bitwise"], r["dq_ok"])
                   for v, r in row["variants"].items()}, flush=True)

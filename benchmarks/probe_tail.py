@@ -15,7 +15,6 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -23,6 +22,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from rounds import interleaved_rounds, median_speedup  # noqa: E402
 
 FLOOR = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 # (D, S, B, H, Hk): square causal shapes whose schedule gets a tail on 132 SMs
@@ -63,7 +65,8 @@ def check():
             base = (low.float() - ref).abs().max().item()
             lse_err = (lse - ref_lse).abs().max().item()
             row = dict(dtype=str(dtype).split(".")[-1], shape=[D, S, B, H, Hk], tail=tail,
-                       bitwise=bool(torch.equal(res[True][0], res[False][0]) and torch.equal(res[True][1], res[False][1])),
+                       bitwise=bool(torch.equal(res[True][0], res[False][0])
+                                    and torch.equal(res[True][1], res[False][1])),
                        err=err, torch_err=base, lse_err=lse_err)
             row["ok"] = bool(row["bitwise"] and tail > 0 and err <= 2 * base + FLOOR[dtype] and lse_err < 1e-2)
             rows.append(row)
@@ -136,20 +139,12 @@ def main():
         row = dict(point=p, D=D, S=S, B=B, H=H, Hk=Hk, tail=st[-1].tail if st else None,
                    bitwise=bool(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])), variants={})
         del a, b
-        for name in variants:
-            row["variants"][name] = dict(ms=[], ratio=[])
-        for _ in range(args.rounds):
-            base = None
-            for name, f in variants.items():
-                ms = timed_ms(f, args.iters)
-                base = ms if base is None else base
-                row["variants"][name]["ms"].append(round(ms, 4))
-                row["variants"][name]["ratio"].append(round(ms / base, 4))
+        row["variants"] = {name: {} for name in variants}
+        interleaved_rounds(row["variants"], {name: functools.partial(timed_ms, f, args.iters)
+                                             for name, f in variants.items()}, args.rounds, "ms", 4)
         for name, r in row["variants"].items():
-            r["median_ms"] = statistics.median(r["ms"])
-            r["median_ratio"] = statistics.median(r["ratio"])
             r["tflops"] = flops / r["median_ms"] / 1e9
-            r["of_cudnn"] = statistics.median(c / m for c, m in zip(row["variants"]["sdpa-cudnn"]["ms"], r["ms"]))
+            r["of_cudnn"] = median_speedup(row["variants"], "sdpa-cudnn", name, "ms")
         results.append(row)
         print(p, json.dumps({n: (round(r["tflops"]), round(r["median_ratio"], 4), round(r["of_cudnn"], 3))
                              for n, r in row["variants"].items()}), "tail", row["tail"], "bitwise", row["bitwise"],
@@ -160,11 +155,11 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "probe_tail.json"), "w") as f:
         json.dump(dict(meta=meta, checks=checks, results=results), f, indent=1)
-    lines = [f"# Gluon forward: the schedule's tail — {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
-             f"cuDNN {meta['cudnn']}, commit {meta['commit']}", "",
-             f"date {meta['date']}; bf16 forwards through flash_attn_func(version='v3'), {args.iters} calls a timing, "
-             f"{args.rounds} rounds, tail / no tail / SDPA-cuDNN in turns; ratio: to `tail` in the same round (median); "
-             "÷ cuDNN: cuDNN's time over the variant's (median over rounds)", "",
+    lines = [f"# Gluon forward: the schedule's tail — {meta['device']}, torch {meta['torch']}, "
+             f"triton {meta['triton']}, cuDNN {meta['cudnn']}, commit {meta['commit']}", "",
+             f"date {meta['date']}; bf16 forwards through flash_attn_func(version='v3'), {args.iters} calls a "
+             f"timing, {args.rounds} rounds, tail / no tail / SDPA-cuDNN in turns; ratio: to `tail` in the same "
+             "round (median); ÷ cuDNN: cuDNN's time over the variant's (median over rounds)", "",
              f"Check (tail against no tail bitwise, and against a float32 reference with flash-attn's rule; shapes "
              f"with a tail, bf16/fp16): {len(checks) - len(bad)}/{len(checks)}", "",
              "| point | tail pairs | out/lse bitwise | variant | median ms | TFLOP/s | ratio | ÷ cuDNN |",

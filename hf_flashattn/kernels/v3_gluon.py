@@ -793,9 +793,9 @@ def tail_pairs(n_mt: int, n_bh: int, programs: int, max_tail: int = 4) -> int:
 # after this tile's last q·kᵀ, and its wait would come before the carried product). O_REG: dense O of the plans
 # without a buffer of their own (d256) by masked stores from the registers, so that Q's buffer is free for the next
 # tile after the last q·kᵀ instead of after the store. (Read when a call signature is first set up.)
-CARRY = True
+CARRY = False
 CARRY_ONE_Q_SLOT = False
-O_REG = True
+O_REG = False
 
 # Split the last round of pairs into single tiles where `tail_pairs` finds it shorter (square causal masks, dense,
 # persistent). False: pairs only (benchmarks compare the two; read when a call signature is first set up).

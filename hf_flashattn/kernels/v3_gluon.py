@@ -282,61 +282,6 @@ if HAVE_GLUON:
         return o, m_i, l_i, p_prev
 
     @gluon.jit
-    def _tile_blocks(o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn_bars, lo,
-                     full_lo, full_hi, hi, base, turn0, offs_n, row_lo, row_hi, qk_scale, ROWS: gl.constexpr,
-                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
-                     o_layout: gl.constexpr, p_layout: gl.constexpr, W: gl.constexpr, NC: gl.constexpr,
-                     PINGPONG: gl.constexpr, LEFT: gl.constexpr):
-        """A tile's key blocks after the peeled first one, in v2's three ranges (`_key_range`): the masked left edge,
-        the band every row sees whole, the masked diagonal/tail; each block's q·kᵀ with the previous one's P·V
-        (`_ws_block`). The last block's P·V is left to the caller."""
-        nxt = lo + BLOCK_N
-        for start_n in range(nxt, gl.maximum(full_lo, nxt), BLOCK_N):
-            o, m_i, l_i, p_prev = _ws_block(start_n, o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready,
-                                            k_empty, v_empty, turn_bars, lo, base, turn0, offs_n, row_lo, row_hi,
-                                            qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout, p_layout,
-                                            True, W, NC, PINGPONG, LEFT)
-        for start_n in range(gl.maximum(full_lo, nxt), gl.maximum(full_hi, nxt), BLOCK_N):
-            o, m_i, l_i, p_prev = _ws_block(start_n, o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready,
-                                            k_empty, v_empty, turn_bars, lo, base, turn0, offs_n, row_lo, row_hi,
-                                            qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout, p_layout,
-                                            False, W, NC, PINGPONG, LEFT)
-        for start_n in range(gl.maximum(full_hi, nxt), hi, BLOCK_N):
-            o, m_i, l_i, p_prev = _ws_block(start_n, o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready,
-                                            k_empty, v_empty, turn_bars, lo, base, turn0, offs_n, row_lo, row_hi,
-                                            qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout, p_layout,
-                                            True, W, NC, PINGPONG, LEFT)
-        return o, m_i, l_i, p_prev
-
-    @gluon.jit
-    def _finish_rows(o, m_i, l_i, W: gl.constexpr, o_desc, o_smem, q_smem, qi, q_free, O, stride_ob, stride_om,
-                     stride_oh, LSE, stride_lb, stride_lh, b, bq, q0, h, r0, Sq, o_layout: gl.constexpr,
-                     ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, IS_VARLEN: gl.constexpr, O_BUF: gl.constexpr,
-                     O_REG: gl.constexpr):
-        """Consumer W's rows r0 ... of a tile, every product done: O = o / l and lse = (m + log2 l)·ln 2 (+inf and 0
-        for a row that saw no key), lse by a masked store, O by `_store_rows` or, dense with O_REG, by masked stores
-        from the registers (no shared memory: Q's buffer is free after the tile's last q·kᵀ)."""
-        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        l_o = gl.convert_layout(l_i, row_o)
-        m_o = gl.convert_layout(m_i, row_o)
-        seen = l_o > 0.0
-        l_safe = gl.where(seen, l_o, 1.0)
-        o = o / gl.expand_dims(l_safe, 1)
-        lse = gl.where(seen, (m_o + gl.log2(l_safe)) * 0.6931471805599453, float("inf"))
-        offs_lse = r0 + gl.arange(0, ROWS, layout=row_o)
-        gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q0 + offs_lse, lse,
-                 mask=offs_lse < Sq)
-        if O_REG:
-            rows = r0 + gl.arange(0, ROWS, layout=row_o)
-            cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout)), 0)
-            ptrs = (O + b.to(gl.int64) * stride_ob + gl.expand_dims((q0 + rows).to(gl.int64), 1) * stride_om
-                    + h.to(gl.int64) * stride_oh + cols)
-            gl.store(ptrs, o.to(O.dtype.element_ty), mask=gl.expand_dims(rows, 1) < Sq)
-        else:
-            _store_rows(o.to(O.dtype.element_ty), W, o_desc, o_smem, q_smem, qi, q_free, O, stride_om, stride_oh, bq,
-                        q0, h, r0, Sq, o_layout, ROWS, HEAD_DIM, IS_VARLEN, O_BUF)
-
-    @gluon.jit
     def _consume_tile(W: gl.constexpr, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh,
                       q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, base, tq,
                       b, bq, q0, h, m0, lo, full_lo, full_hi, hi, Sq, Sk, diag, left, right, qk_scale,
@@ -346,12 +291,14 @@ if HAVE_GLUON:
         """Consumer warpgroup W on one tile that sees a key: rows m0 + W·ROWS ...; the first key block peeled (masked
         only when it is an edge of v2's ranges), then v2's three key ranges, then the last block's product, then O and
         lse. The tile's Q is in slot tq % Q_SLOTS of Q's buffer; the slot goes back to the producer as soon as the
-        last q·kᵀ is done, unless O leaves through it (dense without O_BUF or O_REG: after the store)."""
+        last q·kᵀ is done, unless O leaves through it (dense without O_BUF or O_REG: after the store). O_REG: dense O
+        by masked stores from the registers (no shared memory)."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, HEAD_DIM, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         r0 = m0 + W * ROWS
         offs_m = r0 + gl.arange(0, ROWS, layout=row_s)
@@ -381,10 +328,22 @@ if HAVE_GLUON:
             p, _, m_i, l_i = _softmax(qk, m_i, l_i, qk_scale, lo + offs_n, row_lo, row_hi, False, LEFT)
         p_prev = gl.convert_layout(p.to(dtype), p_layout)
         o = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
-        o, m_i, l_i, p_prev = _tile_blocks(o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                                           turn_bars, lo, full_lo, full_hi, hi, base, turn0, offs_n, row_lo, row_hi,
-                                           qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout, p_layout, W,
-                                           NC, PINGPONG, LEFT)
+        nxt = lo + BLOCK_N
+        for start_n in range(nxt, gl.maximum(full_lo, nxt), BLOCK_N):
+            o, m_i, l_i, p_prev = _ws_block(start_n, o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready,
+                                            k_empty, v_empty, turn_bars, lo, base, turn0, offs_n, row_lo, row_hi,
+                                            qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout, p_layout,
+                                            True, W, NC, PINGPONG, LEFT)
+        for start_n in range(gl.maximum(full_lo, nxt), gl.maximum(full_hi, nxt), BLOCK_N):
+            o, m_i, l_i, p_prev = _ws_block(start_n, o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready,
+                                            k_empty, v_empty, turn_bars, lo, base, turn0, offs_n, row_lo, row_hi,
+                                            qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout, p_layout,
+                                            False, W, NC, PINGPONG, LEFT)
+        for start_n in range(gl.maximum(full_hi, nxt), hi, BLOCK_N):
+            o, m_i, l_i, p_prev = _ws_block(start_n, o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready,
+                                            k_empty, v_empty, turn_bars, lo, base, turn0, offs_n, row_lo, row_hi,
+                                            qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout, p_layout,
+                                            True, W, NC, PINGPONG, LEFT)
         if O_BUF or IS_VARLEN or O_REG:   # every q·kᵀ of the tile has been waited for: Q's slot is free
             mbarrier.arrive(q_free, count=1)
         n_last = (hi - 1 - lo) // BLOCK_N
@@ -396,88 +355,25 @@ if HAVE_GLUON:
         _turn_pass(turn_bars, W, NC, PINGPONG)
         o = warpgroup_mma_wait(0, deps=[o])
         mbarrier.arrive(v_empty.index(sl), count=1)
-        _finish_rows(o, m_i, l_i, W, o_desc, o_smem, q_smem, qi, q_free, O, stride_ob, stride_om, stride_oh, LSE,
-                     stride_lb, stride_lh, b, bq, q0, h, r0, Sq, o_layout, ROWS, HEAD_DIM, IS_VARLEN, O_BUF, O_REG)
 
-    @gluon.jit
-    def _consume_tile_carry(W: gl.constexpr, o_c, p_c, m_c, l_c, pend, c_last, c_b, c_bq, c_q0, c_h, c_r0, c_Sq,
-                            o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
-                            k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, base, tq,
-                            b, bq, q0, h, m0, lo, full_lo, full_hi, hi, Sq, Sk, diag, left, right, qk_scale,
-                            ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                            NC: gl.constexpr, IS_VARLEN: gl.constexpr, O_BUF: gl.constexpr, LEFT: gl.constexpr,
-                            Q_SLOTS: gl.constexpr, O_REG: gl.constexpr):
-        """`_consume_tile` with the tile's end carried into the next tile (CARRY): the previous tile's last P·V (pend:
-        there is one; its state o_c, p_c, m_c, l_c, the ring count c_last of its last block and its rows' coordinates)
-        is issued with this tile's first q·kᵀ, so that this tile's first softmax runs under it instead of with the
-        tensor cores idle; the previous tile's O and lse are then written. Returns this tile's state for the next
-        call (or `_flush_carry`). Only where O does not leave through Q's buffer (O_BUF, packed, O_REG) and without
-        ping-pong; the first block's softmax is always the masked one (exact for any block)."""
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        r0 = m0 + W * ROWS
-        offs_m = r0 + gl.arange(0, ROWS, layout=row_s)
-        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        row_lo, row_hi = _row_bounds(offs_m, diag, left, right, Sk)
-        slot = tq % Q_SLOTS
-        qw = q_smem.index(slot * NC + W).reshape([ROWS, HEAD_DIM])
-        dtype: gl.constexpr = qw.dtype
-
-        mbarrier.wait(q_bar.index(slot), (tq // Q_SLOTS) & 1)
-        s0 = base % STAGES
-        mbarrier.wait(k_ready.index(s0), (base // STAGES) & 1)
-        kt0 = k_smem.index(s0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
-        m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
-        l_i = gl.zeros([ROWS], gl.float32, row_s)
-        if pend:
-            sl = c_last % STAGES
-            mbarrier.wait(v_ready.index(sl), (c_last // STAGES) & 1)
-            qk = warpgroup_mma(qw, kt0, gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
-                               is_async=True)
-            o_tok = warpgroup_mma(p_c, v_smem.index(sl).reshape([BLOCK_N, HEAD_DIM]), o_c, is_async=True)
-            qk = warpgroup_mma_wait(1, deps=[qk])
-            mbarrier.arrive(k_empty.index(s0), count=1)
-            p, _, m_i, l_i = _softmax(qk, m_i, l_i, qk_scale, lo + offs_n, row_lo, row_hi, True, LEFT)
-            o_c, p_c = warpgroup_mma_wait(0, deps=[o_tok, p_c])
-            mbarrier.arrive(v_empty.index(sl), count=1)
-            _finish_rows(o_c, m_c, l_c, W, o_desc, o_smem, q_smem, W, q_empty.index(0), O, stride_ob, stride_om,
-                         stride_oh, LSE, stride_lb, stride_lh, c_b, c_bq, c_q0, c_h, c_r0, c_Sq, o_layout, ROWS,
-                         HEAD_DIM, IS_VARLEN, O_BUF, O_REG)
+        l_o = gl.convert_layout(l_i, row_o)
+        m_o = gl.convert_layout(m_i, row_o)
+        seen = l_o > 0.0
+        l_safe = gl.where(seen, l_o, 1.0)
+        o = o / gl.expand_dims(l_safe, 1)
+        lse = gl.where(seen, (m_o + gl.log2(l_safe)) * 0.6931471805599453, float("inf"))
+        offs_lse = r0 + gl.arange(0, ROWS, layout=row_o)
+        gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q0 + offs_lse, lse,
+                 mask=offs_lse < Sq)
+        if O_REG:
+            rows = r0 + gl.arange(0, ROWS, layout=row_o)
+            cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout)), 0)
+            ptrs = (O + b.to(gl.int64) * stride_ob + gl.expand_dims((q0 + rows).to(gl.int64), 1) * stride_om
+                    + h.to(gl.int64) * stride_oh + cols)
+            gl.store(ptrs, o.to(dtype), mask=gl.expand_dims(rows, 1) < Sq)
         else:
-            qk = warpgroup_mma(qw, kt0, gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
-                               is_async=True)
-            qk = warpgroup_mma_wait(0, deps=[qk])
-            mbarrier.arrive(k_empty.index(s0), count=1)
-            p, _, m_i, l_i = _softmax(qk, m_i, l_i, qk_scale, lo + offs_n, row_lo, row_hi, True, LEFT)
-        p_prev = gl.convert_layout(p.to(dtype), p_layout)
-        o = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
-        o, m_i, l_i, p_prev = _tile_blocks(o, m_i, l_i, p_prev, qw, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                                           turn_bars, lo, full_lo, full_hi, hi, base, 0, offs_n, row_lo, row_hi,
-                                           qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout, p_layout, W,
-                                           NC, False, LEFT)
-        mbarrier.arrive(q_empty.index(slot), count=1)   # every q·kᵀ of the tile done: Q's slot is free
-        return o, p_prev, m_i, l_i, base + (hi - 1 - lo) // BLOCK_N, b, bq, q0, h, r0, Sq
-
-    @gluon.jit
-    def _flush_carry(W: gl.constexpr, o_c, p_c, m_c, l_c, c_last, c_b, c_bq, c_q0, c_h, c_r0, c_Sq, o_desc, o_smem, O,
-                     stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem, q_empty, v_smem, v_ready,
-                     v_empty, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                     STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, O_BUF: gl.constexpr, O_REG: gl.constexpr):
-        """The last carried tile's last P·V, then its O and lse (`_consume_tile_carry`)."""
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
-        sl = c_last % STAGES
-        mbarrier.wait(v_ready.index(sl), (c_last // STAGES) & 1)
-        o_c = warpgroup_mma(p_c, v_smem.index(sl).reshape([BLOCK_N, HEAD_DIM]), o_c, is_async=True)
-        o_c = warpgroup_mma_wait(0, deps=[o_c])
-        mbarrier.arrive(v_empty.index(sl), count=1)
-        _finish_rows(o_c, m_c, l_c, W, o_desc, o_smem, q_smem, W, q_empty.index(0), O, stride_ob, stride_om,
-                     stride_oh, LSE, stride_lb, stride_lh, c_b, c_bq, c_q0, c_h, c_r0, c_Sq, o_layout, ROWS, HEAD_DIM,
-                     IS_VARLEN, O_BUF, O_REG)
+            _store_rows(o.to(dtype), W, o_desc, o_smem, q_smem, qi, q_free, O, stride_om, stride_oh, bq, q0, h, r0,
+                        Sq, o_layout, ROWS, HEAD_DIM, IS_VARLEN, O_BUF)
 
     @gluon.jit
     def _store_rows(x, W: gl.constexpr, desc, own_smem, q_smem, qi, q_empty, PTR, stride_m, stride_h, bq, q0, h, r0,
@@ -535,75 +431,28 @@ if HAVE_GLUON:
                   seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, tail, pid, nprog, qk_scale,
                   ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                   NC: gl.constexpr, PINGPONG: gl.constexpr, IS_VARLEN: gl.constexpr, O_BUF: gl.constexpr,
-                  LEFT: gl.constexpr, Q_SLOTS: gl.constexpr, TAIL: gl.constexpr, CARRY: gl.constexpr,
-                  O_REG: gl.constexpr):
-        """Consumer warpgroup W over this program's tiles (the producer's order, with the same ring count). CARRY:
-        each tile's last P·V and output are left to the next tile's start (`_consume_tile_carry`)."""
+                  LEFT: gl.constexpr, Q_SLOTS: gl.constexpr, TAIL: gl.constexpr, O_REG: gl.constexpr):
+        """Consumer warpgroup W over this program's tiles (the producer's order, with the same ring count)."""
         base = 0
         tq = 0
-        if CARRY:
-            o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                               instr_shape=[16, HEAD_DIM, 16])
-            s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                               instr_shape=[16, BLOCK_N, 16])
-            p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-            o_c = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
-            p_c = gl.zeros([ROWS, BLOCK_N], O.dtype.element_ty, p_layout)
-            m_c = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
-            l_c = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
-            pend = pid < 0
-            c_last = pid * 0
-            c_b = c_last
-            c_bq = c_last
-            c_q0 = c_last
-            c_h = c_last
-            c_r0 = c_last
-            c_Sq = c_last
-            for i in range(_n_items(pid, nprog, per, n_mt, n_units, tail, TAIL)):
-                ok, b, h, _, m0, bq, q0, _, Sq, Sk, diag, lo, full_lo, full_hi, hi = _tile(i, pid, nprog, per, n_mt,
-                                                                                           n_heads, group, CU_Q, CU_K,
-                                                                                           seqlen_q, seqlen_k, left,
-                                                                                           right, n_units, tail,
-                                                                                           NC * ROWS, BLOCK_N,
-                                                                                           IS_VARLEN, TAIL)
-                if ok:
-                    if lo < hi:
-                        o_c, p_c, m_c, l_c, c_last, c_b, c_bq, c_q0, c_h, c_r0, c_Sq = _consume_tile_carry(
-                            W, o_c, p_c, m_c, l_c, pend, c_last, c_b, c_bq, c_q0, c_h, c_r0, c_Sq, o_desc, o_smem, O,
-                            stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem, k_smem, v_smem, q_bar,
-                            q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, base, tq, b, bq, q0, h, m0, lo,
-                            full_lo, full_hi, hi, Sq, Sk, diag, left, right, qk_scale, ROWS, BLOCK_N, HEAD_DIM,
-                            STAGES, NC, IS_VARLEN, O_BUF, LEFT, Q_SLOTS, O_REG)
-                        pend = pid >= 0
-                        base += gl.cdiv(hi - lo, BLOCK_N)
-                        tq += 1
-                    else:
-                        _zero_rows(W, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, b, q0, h, m0, Sq,
-                                   ROWS, HEAD_DIM)
-            if pend:
-                _flush_carry(W, o_c, p_c, m_c, l_c, c_last, c_b, c_bq, c_q0, c_h, c_r0, c_Sq, o_desc, o_smem, O,
-                             stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem, q_empty, v_smem,
-                             v_ready, v_empty, ROWS, BLOCK_N, HEAD_DIM, STAGES, IS_VARLEN, O_BUF, O_REG)
-        else:
-            for i in range(_n_items(pid, nprog, per, n_mt, n_units, tail, TAIL)):
-                ok, b, h, _, m0, bq, q0, _, Sq, Sk, diag, lo, full_lo, full_hi, hi = _tile(i, pid, nprog, per, n_mt,
-                                                                                           n_heads, group, CU_Q, CU_K,
-                                                                                           seqlen_q, seqlen_k, left,
-                                                                                           right, n_units, tail,
-                                                                                           NC * ROWS, BLOCK_N,
-                                                                                           IS_VARLEN, TAIL)
-                if ok:
-                    if lo < hi:
-                        _consume_tile(W, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh,
-                                      q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
-                                      turn_bars, base, tq, b, bq, q0, h, m0, lo, full_lo, full_hi, hi, Sq, Sk, diag,
-                                      left, right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN,
-                                      O_BUF, LEFT, Q_SLOTS, O_REG)
-                        base += gl.cdiv(hi - lo, BLOCK_N)
-                        tq += 1
-                    else:
-                        _zero_rows(W, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, b, q0, h, m0, Sq,
-                                   ROWS, HEAD_DIM)
+        for i in range(_n_items(pid, nprog, per, n_mt, n_units, tail, TAIL)):
+            ok, b, h, _, m0, bq, q0, _, Sq, Sk, diag, lo, full_lo, full_hi, hi = _tile(i, pid, nprog, per, n_mt,
+                                                                                       n_heads, group, CU_Q, CU_K,
+                                                                                       seqlen_q, seqlen_k, left, right,
+                                                                                       n_units, tail, NC * ROWS,
+                                                                                       BLOCK_N, IS_VARLEN, TAIL)
+            if ok:
+                if lo < hi:
+                    _consume_tile(W, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh,
+                                  q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
+                                  turn_bars, base, tq, b, bq, q0, h, m0, lo, full_lo, full_hi, hi, Sq, Sk, diag,
+                                  left, right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN,
+                                  O_BUF, LEFT, Q_SLOTS, O_REG)
+                    base += gl.cdiv(hi - lo, BLOCK_N)
+                    tq += 1
+                else:
+                    _zero_rows(W, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, b, q0, h, m0, Sq,
+                               ROWS, HEAD_DIM)
         if O_BUF:
             tma.store_wait(0)   # the last tile's store reads the buffer: shared memory must outlive it
 
@@ -614,8 +463,7 @@ if HAVE_GLUON:
                        n_units, per, tail, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        CONSUMER_REGS: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr,
                        IS_VARLEN: gl.constexpr = False, O_BUF: gl.constexpr = False, LEFT: gl.constexpr = True,
-                       Q_SLOTS: gl.constexpr = 1, TAIL: gl.constexpr = False, CARRY: gl.constexpr = False,
-                       O_REG: gl.constexpr = False):
+                       Q_SLOTS: gl.constexpr = 1, TAIL: gl.constexpr = False, O_REG: gl.constexpr = False):
         # Grid: (programs,), each taking units pid, pid + programs, ... of the n_units = ceil(n_mt / per) · H · B
         # (`_tile`: a unit is `per` row tiles): persistent with one program an SM, or one program a unit. Warps: this
         # region's (num_warps=4: the producer partition) + NC (2 or 3) 4-warp consumer partitions, each with 64 rows
@@ -625,8 +473,7 @@ if HAVE_GLUON:
         # of its own, so that the next tile's Q loads under this one's last product and store. LEFT: the window has a
         # left edge (else masked blocks compare each score against one bound, `_softmax`; on for the 3-consumer plans,
         # where ptxas 3.6 spills 432 bytes at 160 registers without it). Q_SLOTS (1 or 2): tiles
-        # whose Q is in Q's buffer at once (2: the next tile's Q loads while this one runs, `_producer`). CARRY: a
-        # tile's last P·V and output run under the next tile's first softmax (`_consume_tile_carry`). O_REG: dense O
+        # whose Q is in Q's buffer at once (2: the next tile's Q loads while this one runs, `_producer`). O_REG: dense O
         # by masked stores from the registers (Q's buffer free after the last q·kᵀ, no buffer of its own).
         ROWS: gl.constexpr = 64
         pid = gl.program_id(0)
@@ -668,17 +515,17 @@ if HAVE_GLUON:
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
                              seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, tail, pid, nprog,
                              qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF, LEFT, Q_SLOTS,
-                             TAIL, CARRY, O_REG)),
+                             TAIL, O_REG)),
                 (_consumer, (1, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
                              seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, tail, pid, nprog,
                              qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF, LEFT, Q_SLOTS,
-                             TAIL, CARRY, O_REG)),
+                             TAIL, O_REG)),
                 (_consumer, (2, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
                              seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, tail, pid, nprog,
                              qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF, LEFT, Q_SLOTS,
-                             TAIL, CARRY, O_REG)),
+                             TAIL, O_REG)),
             ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
         elif NC == 1:
             gl.warp_specialize([
@@ -689,7 +536,7 @@ if HAVE_GLUON:
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
                              seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, tail, pid, nprog,
                              qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF, LEFT, Q_SLOTS,
-                             TAIL, CARRY, O_REG)),
+                             TAIL, O_REG)),
             ], [4], [CONSUMER_REGS])
         else:
             gl.warp_specialize([
@@ -700,12 +547,12 @@ if HAVE_GLUON:
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
                              seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, tail, pid, nprog,
                              qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF, LEFT, Q_SLOTS,
-                             TAIL, CARRY, O_REG)),
+                             TAIL, O_REG)),
                 (_consumer, (1, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
                              seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, tail, pid, nprog,
                              qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF, LEFT, Q_SLOTS,
-                             TAIL, CARRY, O_REG)),
+                             TAIL, O_REG)),
             ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -788,13 +635,9 @@ def tail_pairs(n_mt: int, n_bh: int, programs: int, max_tail: int = 4) -> int:
     return best_tail
 
 
-# A tile's last P·V and output under the next tile's first softmax (`_consume_tile_carry`), where O does not leave
-# through Q's buffer and, unless CARRY_ONE_Q_SLOT, the plan has two Q slots (with one, the next tile's Q is loaded only
-# after this tile's last q·kᵀ, and its wait would come before the carried product). O_REG: dense O of the plans
-# without a buffer of their own (d256) by masked stores from the registers, so that Q's buffer is free for the next
-# tile after the last q·kᵀ instead of after the store. (Read when a call signature is first set up.)
-CARRY = False
-CARRY_ONE_Q_SLOT = False
+# O_REG: dense O of the plans without a buffer of their own (d256) by masked stores from the registers, so that Q's
+# buffer is free for the next tile after the last q·kᵀ instead of after the store (read when a call signature is first
+# set up)
 O_REG = False
 
 # Split the last round of pairs into single tiles where `tail_pairs` finds it shorter (square causal masks, dense,
@@ -858,8 +701,7 @@ def forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _pl
     varlen = cu_seqlens_q is not None
     key = (q.shape, k.shape, q.dtype, None if not varlen else
            ((cu_seqlens_q.data_ptr() | cu_seqlens_k.data_ptr()) & 15, cu_seqlens_q.numel(), max_seqlen_q, max_seqlen_k),
-           tuple(window_size), softmax_scale, _plan, q.device, persistent_on(), PINGPONG, TAIL_SPLIT, CARRY,
-           CARRY_ONE_Q_SLOT, O_REG)
+           tuple(window_size), softmax_scale, _plan, q.device, persistent_on(), PINGPONG, TAIL_SPLIT, O_REG)
     st = _SETUPS.get(key)
     if st is None:
         st = C.keep(_SETUPS, key, _Setup(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_size,
@@ -920,8 +762,7 @@ class _Setup:
         self.grid = (programs,)
         o_buf = D <= O_BUF_MAX_D and not varlen
         o_reg = O_REG and not o_buf and not varlen
-        carry = CARRY and not pingpong and (o_buf or varlen or o_reg) and (q_slots > 1 or CARRY_ONE_Q_SLOT)
-        self.carry, self.o_reg = carry, o_reg
+        self.o_reg = o_reg
         # what Triton specialises on besides the signature: the lengths, window and tile counts only by their 32/64-bit
         # type (the descriptors' dtype and blocks, lse's and out's strides and the group size follow from the key)
         # the tail: under a causal mask only (a window's tiles cost the same, pairs or not), dense, persistent, one
@@ -934,7 +775,7 @@ class _Setup:
         self.ints = stride_o + stride_l + (Sq, Sk, left, right, qk_scale, H // Hk, n_mt, H, n_units, per, tail)
         self.meta = dict(HEAD_DIM=D, BLOCK_N=bn, STAGES=stages, CONSUMER_REGS=regs, NC=nc, PINGPONG=pingpong,
                          IS_VARLEN=varlen, O_BUF=o_buf, LEFT=window_size[0] >= 0 or bm > 128, Q_SLOTS=q_slots,
-                         TAIL=tail > 0, CARRY=carry, O_REG=o_reg, num_warps=warps)
+                         TAIL=tail > 0, O_REG=o_reg, num_warps=warps)
         if nc == 1:
             self.meta["maxnreg"] = 65536 // 2 // (32 * (warps + 4))
 

@@ -1,14 +1,14 @@
-"""A/B of the Gluon forward's tile ends in one process: v3_gluon.CARRY (a tile's last P·V and output under the next
-tile's first softmax) and v3_gluon.O_REG (d256's dense O by stores from the registers, so Q's buffer is free after the
-last q·kᵀ), each against the forward without them, with SDPA's cuDNN backend in the same rounds.
+"""A/B of the Gluon forward's tile end at d256 in one process: v3_gluon.O_REG (dense O by stores from the registers,
+so that Q's buffer is free for the next tile after the last q·kᵀ, not after O's store through it) against the forward
+without it, with SDPA's cuDNN backend in the same rounds.
 
-    python benchmarks/probe_carry.py --out DIR [--rounds 7] [--points d128-4k,...]
+    python benchmarks/probe_o_reg.py --out DIR [--rounds 7] [--points d256-4k,...]
 
 Check first: on awkward shapes (dense and packed, causal, windows, GQA, bf16 and fp16) each variant's out and lse
 bitwise equal to the baseline's (the same products in the same order; only where the tile's end runs moves), and within
 flash-attn's error rule of a float32 reference. Then rounds of forwards through v3_gluon.forward with the plan the
-dispatch would take (d64 at 4k: the Gluon plan forced, with v3.py's kernel as one more variant), each variant read as
-its ratio to the baseline in the same round, median over rounds. Writes probe_carry.json and probe_carry.md.
+dispatch takes, each variant read as its ratio to the baseline in the same round, median over rounds. Writes
+probe_o_reg.json and probe_o_reg.md.
 """
 from __future__ import annotations
 
@@ -29,25 +29,20 @@ from rounds import interleaved_rounds, median_speedup  # noqa: E402
 
 FLOOR = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 # switch settings of each variant (module attributes of v3_gluon)
-VARIANTS = {"base": dict(CARRY=False, O_REG=False), "carry": dict(CARRY=True, O_REG=False),
-            "o-reg": dict(CARRY=False, O_REG=True), "carry-1q": dict(CARRY=True, O_REG=True, CARRY_ONE_Q_SLOT=True)}
-# (D, Sq, Sk, B, H, Hk, window, packed): check shapes
-CHECK = [(128, 1000, 1000, 2, 8, 2, (-1, 0), False), (128, 777, 1503, 1, 16, 16, (-1, -1), False),
-         (64, 1000, 1000, 2, 6, 6, (-1, 0), False), (64, 1111, 1111, 1, 8, 1, (-1, -1), False),
-         (256, 900, 900, 2, 4, 4, (-1, 0), False), (256, 513, 1025, 1, 8, 2, (-1, -1), False),
-         (128, 1000, 1000, 1, 8, 8, (300, 0), False), (64, 700, 700, 1, 8, 8, (128, 64), False),
-         (128, 3000, 3000, 1, 8, 2, (-1, 0), True), (256, 2000, 2000, 1, 4, 4, (-1, -1), True)]
-# name -> (D, S, B, H, Hk, causal)
-POINTS = {"d128-4k": (128, 4096, 4, 16, 16, False), "d128-1k": (128, 1024, 16, 16, 16, False),
-          "d128-16k": (128, 16384, 1, 16, 16, False), "d128-4k-causal": (128, 4096, 4, 16, 16, True),
-          "d64-4k": (64, 4096, 4, 32, 32, False), "d256-4k": (256, 4096, 4, 8, 8, False),
-          "d256-16k": (256, 16384, 1, 8, 8, False), "d256-1k": (256, 1024, 16, 8, 8, False),
-          "gqa-32k-causal": (128, 32768, 1, 32, 8, True)}
+VARIANTS = {"base": dict(O_REG=False), "o-reg": dict(O_REG=True)}
+# (D, Sq, Sk, B, H, Hk, window, packed): check shapes (d256: the plans O_REG changes; one d128 control)
+CHECK = [(256, 900, 900, 2, 4, 4, (-1, 0), False), (256, 513, 1025, 1, 8, 2, (-1, -1), False),
+         (256, 1025, 513, 2, 8, 1, (-1, -1), False), (256, 777, 777, 1, 8, 8, (200, 0), False),
+         (256, 2000, 2000, 1, 4, 4, (-1, -1), True), (128, 1000, 1000, 2, 8, 2, (-1, 0), False)]
+# name -> (D, S, B, H, Hk, causal): the grid's d256 points
+POINTS = {"d256-1k": (256, 1024, 16, 8, 8, False), "d256-4k": (256, 4096, 4, 8, 8, False),
+          "d256-16k": (256, 16384, 1, 8, 8, False), "d256-1k-causal": (256, 1024, 16, 8, 8, True),
+          "d256-4k-causal": (256, 4096, 4, 8, 8, True), "d256-16k-causal": (256, 16384, 1, 8, 8, True)}
 
 
 def with_switches(G, sw, f, *a, **k):
-    old = {n: getattr(G, n) for n in ("CARRY", "O_REG", "CARRY_ONE_Q_SLOT")}
-    for n, v in dict(dict(CARRY_ONE_Q_SLOT=False), **sw).items():
+    old = {n: getattr(G, n) for n in sw}
+    for n, v in sw.items():
         setattr(G, n, v)
     try:
         return f(*a, **k)
@@ -68,7 +63,7 @@ def packed(B, S, H, Hk, D, dtype, g):
 def check(G, names):
     from hf_flashattn.reference import attention_ref
     rows = []
-    for dtype, shapes in ((torch.bfloat16, CHECK), (torch.float16, CHECK[:1] + CHECK[4:5])):   # fp16: a few (compiles)
+    for dtype, shapes in ((torch.bfloat16, CHECK), (torch.float16, CHECK[:2])):   # fp16: two shapes (compile time)
         for D, Sq, Sk, B, H, Hk, win, pk in shapes:
             g = torch.Generator(device="cuda").manual_seed(D + Sq + H)
             scale = D ** -0.5
@@ -130,7 +125,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--points", default=",".join(POINTS))
-    ap.add_argument("--variants", default="base,carry,o-reg")
+    ap.add_argument("--variants", default="base,o-reg")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--budget-s", type=float, default=1e9)
@@ -183,9 +178,9 @@ def main():
         torch.cuda.empty_cache()
     meta["total_s"] = round(time.time() - t0, 1)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "probe_carry.json"), "w") as f:
+    with open(os.path.join(args.out, "probe_o_reg.json"), "w") as f:
         json.dump(dict(meta=meta, checks=checks, results=results), f, indent=1)
-    lines = [f"# Gluon forward: the tile ends — {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
+    lines = [f"# Gluon forward: d256's O from the registers — {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
              f"cuDNN {meta['cudnn']}, commit {meta['commit']}", "",
              f"date {meta['date']}; bf16 forwards through v3_gluon.forward, {args.iters} calls a timing, "
              f"{args.rounds} rounds, the variants {meta['variants']} and SDPA-cuDNN in turns; ratio: to `{names[0]}` "
@@ -197,7 +192,7 @@ def main():
         for name, r in row["variants"].items():
             lines.append(f"| {row['point']} | {name} | {row['bitwise'].get(name, '')} | {r['median_ms']:.3f} | "
                          f"{r['tflops']:.0f} | {r['median_ratio']:.3f} | {r['of_cudnn']:.3f} |")
-    with open(os.path.join(args.out, "probe_carry.md"), "w") as f:
+    with open(os.path.join(args.out, "probe_o_reg.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 

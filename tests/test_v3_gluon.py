@@ -26,7 +26,7 @@ import json, sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from hf_flashattn.kernels import v3_gluon as G
-D, block_n, stages, regs, nc, varlen, left, q_slots, maxnreg, tail, o_reg = json.loads(sys.argv[1])
+D, block_n, stages, regs, nc, varlen, left, q_slots, maxnreg, tail = json.loads(sys.argv[1])
 fn = G._fwd_kernel_ws
 lay = repr(G.shared_layout())
 sig = {}
@@ -40,8 +40,7 @@ for i, name in enumerate(fn.arg_names):
     else:
         sig[name] = {"LSE": "*fp32", "O": "*bf16", "CU_Q": "*i32", "CU_K": "*i32", "qk_scale": "fp32"}.get(name, "i32")
 cx = dict(HEAD_DIM=D, BLOCK_N=block_n, STAGES=stages, CONSUMER_REGS=regs, NC=nc, PINGPONG=G.PINGPONG,
-          IS_VARLEN=varlen, O_BUF=not varlen and D <= G.O_BUF_MAX_D, LEFT=left, Q_SLOTS=q_slots, TAIL=tail,
-          O_REG=o_reg)
+          IS_VARLEN=varlen, O_BUF=not varlen and D <= G.O_BUF_MAX_D, LEFT=left, Q_SLOTS=q_slots, TAIL=tail)
 src = GluonASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in cx.items()})
 k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
 open(sys.argv[2], "w").write(k.asm["ptx"])
@@ -49,16 +48,14 @@ print(k.metadata.shared)
 """
 
 
-def _compile(D, block_n, stages, regs, nc, out, varlen=False, left=True, q_slots=1, maxnreg=None, tail=False,
-             o_reg=False):
+def _compile(D, block_n, stages, regs, nc, out, varlen=False, left=True, q_slots=1, maxnreg=None, tail=False):
     """PTX of the warp-specialised kernel for sm_90a, compiled in a fresh process: this one runs Triton's
     interpreter (TRITON_INTERPRET=1), under which Triton's own library functions are not compilable."""
     import json
     import sys
     env = dict(os.environ, TRITON_INTERPRET="0")
     r = subprocess.run([sys.executable, "-c", _COMPILE,
-                        json.dumps([D, block_n, stages, regs, nc, varlen, left, q_slots, maxnreg, tail, o_reg]),
-                        out],
+                        json.dumps([D, block_n, stages, regs, nc, varlen, left, q_slots, maxnreg, tail]), out],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return open(out).read(), int(r.stdout.strip().splitlines()[-1])
@@ -79,11 +76,9 @@ def test_compiles_for_hopper_with_the_overlap(D, varlen, keys):
     m = st.meta
     with tempfile.TemporaryDirectory() as tmp:
         ptx, shared = _compile(D, m["BLOCK_N"], m["STAGES"], m["CONSUMER_REGS"], m["NC"], os.path.join(tmp, "k.ptx"),
-                               varlen, m["LEFT"], m["Q_SLOTS"], m.get("maxnreg"), False, m["O_REG"])
+                               varlen, m["LEFT"], m["Q_SLOTS"], m.get("maxnreg"))
     assert "cp.async.bulk.tensor" in ptx                      # TMA loads (and, dense, stores)
-    # TMA stores of O only when dense through shared memory (O_REG: d256's dense O by stores from the registers)
-    assert ("cp.async.bulk.tensor.4d.global.shared" in ptx) == (not varlen and not m["O_REG"])
-    assert m["O_REG"] == (G.O_REG and D > G.O_BUF_MAX_D and not varlen)
+    assert ("cp.async.bulk.tensor.4d.global.shared" in ptx) != varlen   # TMA stores of O only when dense
     assert "wgmma.mma_async" in ptx
     assert re.search(r"wgmma\.wait_group\.sync\.aligned 1;", ptx)   # one group left in flight
     assert "mbarrier.try_wait.parity" in ptx and "mbarrier.arrive" in ptx

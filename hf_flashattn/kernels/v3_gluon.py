@@ -282,17 +282,16 @@ if HAVE_GLUON:
         return o, m_i, l_i, p_prev
 
     @gluon.jit
-    def _consume_tile(W: gl.constexpr, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh,
-                      q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, base, tq,
-                      b, bq, q0, h, m0, lo, full_lo, full_hi, hi, Sq, Sk, diag, left, right, qk_scale,
-                      ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                      NC: gl.constexpr, PINGPONG: gl.constexpr, IS_VARLEN: gl.constexpr, O_BUF: gl.constexpr,
-                      LEFT: gl.constexpr, Q_SLOTS: gl.constexpr, O_REG: gl.constexpr):
+    def _consume_tile(W: gl.constexpr, o_desc, o_smem, O, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
+                      k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, base, tq, b, bq,
+                      q0, h, m0, lo, full_lo, full_hi, hi, Sq, Sk, diag, left, right, qk_scale, ROWS: gl.constexpr,
+                      BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, NC: gl.constexpr,
+                      PINGPONG: gl.constexpr, IS_VARLEN: gl.constexpr, O_BUF: gl.constexpr, LEFT: gl.constexpr,
+                      Q_SLOTS: gl.constexpr):
         """Consumer warpgroup W on one tile that sees a key: rows m0 + W·ROWS ...; the first key block peeled (masked
         only when it is an edge of v2's ranges), then v2's three key ranges, then the last block's product, then O and
         lse. The tile's Q is in slot tq % Q_SLOTS of Q's buffer; the slot goes back to the producer as soon as the
-        last q·kᵀ is done, unless O leaves through it (dense without O_BUF or O_REG: after the store). O_REG: dense O
-        by masked stores from the registers (no shared memory)."""
+        last q·kᵀ is done, unless O leaves through it (dense without O_BUF: after the store)."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -344,7 +343,7 @@ if HAVE_GLUON:
                                             k_empty, v_empty, turn_bars, lo, base, turn0, offs_n, row_lo, row_hi,
                                             qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, s_layout, o_layout, p_layout,
                                             True, W, NC, PINGPONG, LEFT)
-        if O_BUF or IS_VARLEN or O_REG:   # every q·kᵀ of the tile has been waited for: Q's slot is free
+        if O_BUF or IS_VARLEN:   # every q·kᵀ of the tile has been waited for: Q's slot is free
             mbarrier.arrive(q_free, count=1)
         n_last = (hi - 1 - lo) // BLOCK_N
         last = base + n_last
@@ -365,15 +364,8 @@ if HAVE_GLUON:
         offs_lse = r0 + gl.arange(0, ROWS, layout=row_o)
         gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q0 + offs_lse, lse,
                  mask=offs_lse < Sq)
-        if O_REG:
-            rows = r0 + gl.arange(0, ROWS, layout=row_o)
-            cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout)), 0)
-            ptrs = (O + b.to(gl.int64) * stride_ob + gl.expand_dims((q0 + rows).to(gl.int64), 1) * stride_om
-                    + h.to(gl.int64) * stride_oh + cols)
-            gl.store(ptrs, o.to(dtype), mask=gl.expand_dims(rows, 1) < Sq)
-        else:
-            _store_rows(o.to(dtype), W, o_desc, o_smem, q_smem, qi, q_free, O, stride_om, stride_oh, bq, q0, h, r0,
-                        Sq, o_layout, ROWS, HEAD_DIM, IS_VARLEN, O_BUF)
+        _store_rows(o.to(dtype), W, o_desc, o_smem, q_smem, qi, q_free, O, stride_om, stride_oh, bq, q0, h, r0, Sq,
+                    o_layout, ROWS, HEAD_DIM, IS_VARLEN, O_BUF)
 
     @gluon.jit
     def _store_rows(x, W: gl.constexpr, desc, own_smem, q_smem, qi, q_empty, PTR, stride_m, stride_h, bq, q0, h, r0,
@@ -431,7 +423,7 @@ if HAVE_GLUON:
                   seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, tail, pid, nprog, qk_scale,
                   ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                   NC: gl.constexpr, PINGPONG: gl.constexpr, IS_VARLEN: gl.constexpr, O_BUF: gl.constexpr,
-                  LEFT: gl.constexpr, Q_SLOTS: gl.constexpr, TAIL: gl.constexpr, O_REG: gl.constexpr):
+                  LEFT: gl.constexpr, Q_SLOTS: gl.constexpr, TAIL: gl.constexpr):
         """Consumer warpgroup W over this program's tiles (the producer's order, with the same ring count)."""
         base = 0
         tq = 0
@@ -443,11 +435,10 @@ if HAVE_GLUON:
                                                                                        BLOCK_N, IS_VARLEN, TAIL)
             if ok:
                 if lo < hi:
-                    _consume_tile(W, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh,
-                                  q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
-                                  turn_bars, base, tq, b, bq, q0, h, m0, lo, full_lo, full_hi, hi, Sq, Sk, diag,
-                                  left, right, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN,
-                                  O_BUF, LEFT, Q_SLOTS, O_REG)
+                    _consume_tile(W, o_desc, o_smem, O, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
+                                  k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, base,
+                                  tq, b, bq, q0, h, m0, lo, full_lo, full_hi, hi, Sq, Sk, diag, left, right, qk_scale,
+                                  ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF, LEFT, Q_SLOTS)
                     base += gl.cdiv(hi - lo, BLOCK_N)
                     tq += 1
                 else:
@@ -463,7 +454,7 @@ if HAVE_GLUON:
                        n_units, per, tail, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                        CONSUMER_REGS: gl.constexpr, NC: gl.constexpr, PINGPONG: gl.constexpr,
                        IS_VARLEN: gl.constexpr = False, O_BUF: gl.constexpr = False, LEFT: gl.constexpr = True,
-                       Q_SLOTS: gl.constexpr = 1, TAIL: gl.constexpr = False, O_REG: gl.constexpr = False):
+                       Q_SLOTS: gl.constexpr = 1, TAIL: gl.constexpr = False):
         # Grid: (programs,), each taking units pid, pid + programs, ... of the n_units = ceil(n_mt / per) · H · B
         # (`_tile`: a unit is `per` row tiles): persistent with one program an SM, or one program a unit. Warps: this
         # region's (num_warps=4: the producer partition) + NC (2 or 3) 4-warp consumer partitions, each with 64 rows
@@ -473,8 +464,7 @@ if HAVE_GLUON:
         # of its own, so that the next tile's Q loads under this one's last product and store. LEFT: the window has a
         # left edge (else masked blocks compare each score against one bound, `_softmax`; on for the 3-consumer plans,
         # where ptxas 3.6 spills 432 bytes at 160 registers without it). Q_SLOTS (1 or 2): tiles
-        # whose Q is in Q's buffer at once (2: the next tile's Q loads while this one runs, `_producer`). O_REG: dense O
-        # by masked stores from the registers (Q's buffer free after the last q·kᵀ, no buffer of its own).
+        # whose Q is in Q's buffer at once (2: the next tile's Q loads while this one runs, `_producer`).
         ROWS: gl.constexpr = 64
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
@@ -515,17 +505,17 @@ if HAVE_GLUON:
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
                              seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, tail, pid, nprog,
                              qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF, LEFT, Q_SLOTS,
-                             TAIL, O_REG)),
+                             TAIL)),
                 (_consumer, (1, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
                              seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, tail, pid, nprog,
                              qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF, LEFT, Q_SLOTS,
-                             TAIL, O_REG)),
+                             TAIL)),
                 (_consumer, (2, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
                              seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, tail, pid, nprog,
                              qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF, LEFT, Q_SLOTS,
-                             TAIL, O_REG)),
+                             TAIL)),
             ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
         elif NC == 1:
             gl.warp_specialize([
@@ -536,7 +526,7 @@ if HAVE_GLUON:
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
                              seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, tail, pid, nprog,
                              qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF, LEFT, Q_SLOTS,
-                             TAIL, O_REG)),
+                             TAIL)),
             ], [4], [CONSUMER_REGS])
         else:
             gl.warp_specialize([
@@ -547,12 +537,12 @@ if HAVE_GLUON:
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
                              seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, tail, pid, nprog,
                              qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF, LEFT, Q_SLOTS,
-                             TAIL, O_REG)),
+                             TAIL)),
                 (_consumer, (1, o_desc, o_smem, O, stride_ob, stride_om, stride_oh, LSE, stride_lb, stride_lh, q_smem,
                              k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn_bars, CU_Q, CU_K,
                              seqlen_q, seqlen_k, left, right, group, n_mt, n_heads, n_units, per, tail, pid, nprog,
                              qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, NC, PINGPONG, IS_VARLEN, O_BUF, LEFT, Q_SLOTS,
-                             TAIL, O_REG)),
+                             TAIL)),
             ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -635,11 +625,6 @@ def tail_pairs(n_mt: int, n_bh: int, programs: int, max_tail: int = 4) -> int:
     return best_tail
 
 
-# O_REG: dense O of the plans without a buffer of their own (d256) by masked stores from the registers, so that Q's
-# buffer is free for the next tile after the last q·kᵀ instead of after the store (read when a call signature is first
-# set up)
-O_REG = False
-
 # Split the last round of pairs into single tiles where `tail_pairs` finds it shorter (square causal masks, dense,
 # persistent). False: pairs only (benchmarks compare the two; read when a call signature is first set up).
 TAIL_SPLIT = True
@@ -701,7 +686,7 @@ def forward(q, k, v, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, _pl
     varlen = cu_seqlens_q is not None
     key = (q.shape, k.shape, q.dtype, None if not varlen else
            ((cu_seqlens_q.data_ptr() | cu_seqlens_k.data_ptr()) & 15, cu_seqlens_q.numel(), max_seqlen_q, max_seqlen_k),
-           tuple(window_size), softmax_scale, _plan, q.device, persistent_on(), PINGPONG, TAIL_SPLIT, O_REG)
+           tuple(window_size), softmax_scale, _plan, q.device, persistent_on(), PINGPONG, TAIL_SPLIT)
     st = _SETUPS.get(key)
     if st is None:
         st = C.keep(_SETUPS, key, _Setup(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_size,
@@ -761,8 +746,6 @@ class _Setup:
         per, n_units, programs = schedule(n_mt, H, B, masked, q.device, per_sm=2 if nc == 1 else 1)
         self.grid = (programs,)
         o_buf = D <= O_BUF_MAX_D and not varlen
-        o_reg = O_REG and not o_buf and not varlen
-        self.o_reg = o_reg
         # what Triton specialises on besides the signature: the lengths, window and tile counts only by their 32/64-bit
         # type (the descriptors' dtype and blocks, lse's and out's strides and the group size follow from the key)
         # the tail: under a causal mask only (a window's tiles cost the same, pairs or not), dense, persistent, one
@@ -775,7 +758,7 @@ class _Setup:
         self.ints = stride_o + stride_l + (Sq, Sk, left, right, qk_scale, H // Hk, n_mt, H, n_units, per, tail)
         self.meta = dict(HEAD_DIM=D, BLOCK_N=bn, STAGES=stages, CONSUMER_REGS=regs, NC=nc, PINGPONG=pingpong,
                          IS_VARLEN=varlen, O_BUF=o_buf, LEFT=window_size[0] >= 0 or bm > 128, Q_SLOTS=q_slots,
-                         TAIL=tail > 0, O_REG=o_reg, num_warps=warps)
+                         TAIL=tail > 0, num_warps=warps)
         if nc == 1:
             self.meta["maxnreg"] = 65536 // 2 // (32 * (warps + 4))
 

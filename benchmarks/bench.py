@@ -5,14 +5,17 @@ measured in the same process, plus the two floors and the peak memory of fwd+bwd
 
 FLOPs (one formula everywhere): fwd = 4·B·H·Sq·Sk·D, ×0.5 when causal; bwd = 2.5 × fwd.
 Grid (design.md): 16k tokens per batch, headdim 64/128/256 (nheads = 2048 / headdim), seqlen
-512…16k, causal and not; GQA 32/8 at 8k and 32k (d128). Points up to 2k tokens: best of 3 rounds (--rounds).
+512…16k, causal and not; GQA 32/8 at 8k and 32k (d128). Points up to 2k tokens: best of 3 rounds (--rounds);
+--interleave R: every point's implementations measured in turn for R rounds, medians kept.
 Writes bench.json, bench.md, bench.png.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -111,8 +114,13 @@ def host_ms(f, n=20):
         return None
 
 
-def bench_point(impls, B, H, Hk, S, D, causal, modes=("fwd", "fwd+bwd")):
-    rows = []
+def bench_point(impls, B, H, Hk, S, D, causal, modes=("fwd", "fwd+bwd"), interleave=0):
+    """One row per (implementation, mode) of a grid point. interleave = 0: each implementation measured in turn
+    (do_bench, warmup 25 ms, 100 ms of calls). interleave = R > 0: every (implementation, mode) set up first, then R
+    rounds in which each is measured once (do_bench, warmup 10 ms, 40 ms of calls) in the same order; its time is the
+    median over rounds (every round's in `rounds_ms`), so that a drift of the card's clock within the point (the grid's
+    ratios moved by up to 7% between processes) weighs on every implementation alike."""
+    rows, timed = [], []
     for name, fn in impls.items():
         if not wanted(name, S, D):
             continue
@@ -123,26 +131,54 @@ def bench_point(impls, B, H, Hk, S, D, causal, modes=("fwd", "fwd+bwd")):
         v = torch.randn(shp(Hk), device="cuda", dtype=torch.bfloat16, requires_grad=True)
         do = torch.randn(shp(H), device="cuda", dtype=torch.bfloat16)
         for mode in modes:
+            row = dict(impl=name, B=B, H=H, Hk=Hk, S=S, D=D, causal=causal, mode=mode)
             try:
                 if mode == "fwd":
-                    with torch.no_grad():
-                        f = lambda: fn(q, k, v, causal)  # noqa: E731
-                        f()
+                    f = functools.partial(_fwd, fn, q, k, v, causal)
                 else:
-                    def f():
-                        o = fn(q, k, v, causal)
-                        torch.autograd.grad(o, (q, k, v), do)
-                    f()
+                    f = functools.partial(_fwd_bwd, fn, q, k, v, do, causal)
+                f()
+                if interleave:
+                    timed.append((row, f))
+                    continue
                 ms = triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")
-                tf = flops(B, H, S, S, D, causal, mode) / ms / 1e9
-                rows.append(dict(impl=name, B=B, H=H, Hk=Hk, S=S, D=D, causal=causal, mode=mode, ms=ms, tflops=tf,
-                                 host_ms=host_ms(f) if ms < 2.0 else None))   # only where the host could matter
+                _finish(row, f, ms)
             except Exception as e:  # a baseline that cannot run this shape is recorded, not fatal
-                rows.append(dict(impl=name, B=B, H=H, Hk=Hk, S=S, D=D, causal=causal, mode=mode, ms=None,
-                                 tflops=None, error=f"{type(e).__name__}: {str(e)[:160]}"))
-        del q, k, v, do
+                row.update(ms=None, tflops=None, error=f"{type(e).__name__}: {str(e)[:160]}")
+            rows.append(row)
+        if not interleave:
+            del q, k, v, do
+    for _ in range(interleave):
+        for row, f in timed:
+            try:
+                row.setdefault("rounds_ms", []).append(triton.testing.do_bench(f, warmup=10, rep=40,
+                                                                               return_mode="median"))
+            except Exception as e:  # noqa: BLE001 - recorded, not fatal
+                row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+    for row, f in timed:
+        if "error" in row:
+            row.update(ms=None, tflops=None)
+        else:
+            _finish(row, f, statistics.median(row["rounds_ms"]))
+        rows.append(row)
+    timed.clear()
     torch.cuda.empty_cache()
     return rows
+
+
+def _fwd(fn, q, k, v, causal):
+    with torch.no_grad():
+        return fn(q, k, v, causal)
+
+
+def _fwd_bwd(fn, q, k, v, do, causal):
+    o = fn(q, k, v, causal)
+    torch.autograd.grad(o, (q, k, v), do)
+
+
+def _finish(row, f, ms):
+    row.update(ms=ms, tflops=flops(row["B"], row["H"], row["S"], row["S"], row["D"], row["causal"], row["mode"]) / ms
+               / 1e9, host_ms=host_ms(f) if ms < 2.0 else None)   # host time only where the host could matter
 
 
 def best_of_rounds(rounds):
@@ -190,7 +226,9 @@ def peak_memory(impls, names, seqlens, H=16, D=128):
 def markdown(rows, floors, meta):
     lines = [f"# Attention benchmark — {meta['gpu']}", "",
              f"date {meta['date']}, commit {meta['commit']}, torch {meta['torch']}, triton {meta['triton']}, "
-             f"bf16; measured floors: matmul {floors['matmul_tflops']:.0f} TFLOP/s, copy {floors['copy_tb_s']:.2f} TB/s",
+             f"bf16; measured floors: matmul {floors['matmul_tflops']:.0f} TFLOP/s, copy {floors['copy_tb_s']:.2f} TB/s"
+             + (f"; every point's implementations measured in turn, {meta['interleave']} rounds, medians"
+                if meta.get("interleave") else ""),
              "", "TFLOP/s (ratio of ours-v2 to SDPA flash / cuDNN / Flex in brackets)", ""]
     impls = sorted({r["impl"] for r in rows}, key=lambda s: (not s.startswith("ours"), s))
     mine = [v for v in ("v2", "v3") if f"ours-{v}" in impls]   # ratio columns for our v2 and v3
@@ -246,10 +284,13 @@ def main():
                          "round, and each keeps its fastest round (their times recorded): those points are short "
                          "enough for the host's speed, which varies within and between processes, to show")
     ap.add_argument("--rounds-to", type=int, default=2048)
+    ap.add_argument("--interleave", type=int, default=0,
+                    help="R > 0: at every point, each (implementation, mode) measured once a round for R rounds in "
+                         "turn, its median kept (`bench_point`); --rounds then does not apply")
     args = ap.parse_args()
     t0 = time.time()
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                commit=os.environ.get("COMMIT", "unknown"), date=time.strftime("%Y-%m-%d"),
+                commit=os.environ.get("COMMIT", "unknown"), date=time.strftime("%Y-%m-%d"), interleave=args.interleave,
                 cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
     floors = measure_floors()
     print("floors", floors, flush=True)
@@ -264,8 +305,11 @@ def main():
         if time.time() - t0 > args.budget_s:
             print(f"time budget reached: skipped D={D} S={S} causal={causal} H={H}/{Hk}", flush=True)
             continue
-        new = best_of_rounds([bench_point(impls, B, H, Hk, S, D, causal)
-                              for _ in range(args.rounds if S <= args.rounds_to else 1)])
+        if args.interleave:
+            new = bench_point(impls, B, H, Hk, S, D, causal, interleave=args.interleave)
+        else:
+            new = best_of_rounds([bench_point(impls, B, H, Hk, S, D, causal)
+                                  for _ in range(args.rounds if S <= args.rounds_to else 1)])
         rows += new
         print(f"D={D} S={S} H={H}/{Hk} causal={causal} " + " ".join(
             f"{x['impl']}:{x['mode']}={x['tflops']:.0f}" if x["tflops"] else f"{x['impl']}:{x['mode']}=–"

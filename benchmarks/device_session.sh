@@ -127,10 +127,15 @@ for spec in "$@"; do
            NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
            [ -n "$NCU" ] || { echo "no ncu on this machine"; exit 1; }
            for t in ${NCU_TARGETS:-fp8 dkdv}; do
-             k=$([ "$t" = fp8 ] && echo _fp8_fwd_kernel || echo _dkdv_kernel)
+             case $t in
+               fp8) sel="-k regex:_fp8_fwd_kernel -s 2 -c 1" ;;
+               dkdv) sel="-k regex:_dkdv_kernel -s 2 -c 1" ;;
+               gluon-fwd) sel="-k regex:_fwd_kernel_ws -s 2 -c 1" ;;
+               *) sel="--profile-from-start off -s 2 -c 2" ;;   # cudnn-fwd: its launches inside the range
+             esac
              src=$([ "${NCU_SOURCE:-0}" = 1 ] && echo "--import-source yes")
              # shellcheck disable=SC2086
-             "$NCU" --clock-control none --set full $src -k "regex:$k" -s 2 -c 1 -f -o "$0/$t" python3 benchmarks/ncu_target.py "$t"
+             "$NCU" --clock-control none --set full $src $sel -f -o "$0/$t" python3 benchmarks/ncu_target.py "$t"
              "$NCU" -i "$0/$t.ncu-rep" --page details > "$0/$t-details.txt" 2>&1
              # NCU_SOURCE=1: per-line counters (Triton keeps line info in its PTX), to find which load or
              # instruction a finding belongs to

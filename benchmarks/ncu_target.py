@@ -4,7 +4,9 @@
     ncu --clock-control none --set full -k regex:_dkdv_kernel -s 2 -c 1 -o OUT python3 benchmarks/ncu_target.py dkdv
 
 Targets: fp8 (the FP8 forward, d128, 16k, not causal, its default tile), dkdv (v2's dK/dV pass, d64, 16k, causal,
-the 1B recipe's head dim, its default tile). device_session.sh's phase `ncu` runs both and writes the
+the 1B recipe's head dim, its default tile), gluon-fwd (v3's Gluon forward, d128, 4k, B = 4, H = 16, not causal: the
+grid's point), cudnn-fwd (SDPA's cuDNN forward on the same inputs, its launches alone inside a profiler range: run ncu
+with --profile-from-start off). device_session.sh's phase `ncu` runs $NCU_TARGETS (default fp8 dkdv) and writes the
 details pages as text.
 """
 from __future__ import annotations
@@ -36,8 +38,25 @@ def main(target):
         for _ in range(4):
             out = fa.flash_attn_func(q, k, v, causal=True, version="v2")
             torch.autograd.grad(out, (q, k, v), do)
+    elif target in ("gluon-fwd", "cudnn-fwd"):
+        B, S, H, D = 4, 4096, 16, 128
+        q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        if target == "gluon-fwd":
+            for _ in range(4):
+                fa.flash_attn_func(q, k, v, version="v3")
+        else:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)   # set up outside the range
+                torch.cuda.synchronize()
+                torch.cuda.cudart().cudaProfilerStart()
+                for _ in range(4):
+                    torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
+                torch.cuda.synchronize()
+                torch.cuda.cudart().cudaProfilerStop()
     else:
-        raise SystemExit(f"unknown target {target!r}: fp8 or dkdv")
+        raise SystemExit(f"unknown target {target!r}: fp8, dkdv, gluon-fwd or cudnn-fwd")
     torch.cuda.synchronize()
 
 

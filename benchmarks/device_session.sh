@@ -36,6 +36,8 @@
 #             TMA against pointer loads, the combine's share, split counts; check against float64 first)
 #   tail      benchmarks/probe_tail.py $TAIL_ARGS (the Gluon forward's tail of single tiles under a square causal mask:
 #             bitwise and reference check, then A/B rounds beside SDPA-cuDNN)
+#   plan-ab   benchmarks/probe_plan_ab.py $PLAN_AB_ARGS (the Gluon forward's default plans against variants, e.g.
+#             ping-pong: bitwise and reference check, then A/B rounds beside SDPA-cuDNN)
 #   persistent benchmarks/probe_persistent.py (the Gluon forward and backward persistent against one program a unit:
 #             check with bitwise equality, then the forward and fwd+bwd grid beside v3.py's kernel and SDPA-cuDNN;
 #             PERSISTENT_ARGS=--quick: a few cases and four points)
@@ -111,6 +113,8 @@ for spec in "$@"; do
     probe-decode) cmd=(python3 benchmarks/probe_decode.py --out "$dir" --budget-s "$budget" ${PROBE_DECODE_ARGS:-}) ;;
     # shellcheck disable=SC2206
     tail) cmd=(python3 benchmarks/probe_tail.py --out "$dir" --budget-s "$budget" ${TAIL_ARGS:-}) ;;
+    # shellcheck disable=SC2206
+    plan-ab) cmd=(python3 benchmarks/probe_plan_ab.py --out "$dir" --budget-s "$budget" ${PLAN_AB_ARGS:-}) ;;
     # shellcheck disable=SC2206
     persistent) cmd=(python3 benchmarks/probe_persistent.py --out "$dir" --budget-s "$budget" ${PERSISTENT_ARGS:-}) ;;
     packed-fwd) cmd=(python3 benchmarks/probe_packed_fwd.py --out "$dir" --budget-s "$budget") ;;

@@ -1,0 +1,200 @@
+"""A/B of the Gluon forward's launch plans in one process: each point's default plan (`v3_gluon._PLANS`) against
+variants of it, with SDPA's cuDNN backend in the same rounds. Variant `pingpong`: the plan with FA3's warp-scheduler
+barrier between the consumer warpgroups (`_turn_wait`: each issues its products only after the other has issued its
+own), the lever left where ptxas waits for P·V before the exponentials (benchmarks/NOTES.md, eighteenth session).
+
+    python benchmarks/probe_plan_ab.py --out DIR [--rounds 7] [--points d128-4k,...] [--variants base,pingpong]
+
+Check first: on awkward shapes (dense and packed, causal, windows, GQA, bf16 and fp16) each variant's out and lse
+bitwise equal to the baseline's (the same products in the same order, issued in another interleaving), and within
+flash-attn's error rule of a float32 reference. Then rounds of forwards through v3_gluon.forward with the plan the
+dispatch takes (d64 at 4k: the Gluon plan forced, v3.py's kernel timed beside it), each variant read as its ratio to
+the baseline in the same round, median over rounds. Writes probe_plan_ab.json and probe_plan_ab.md.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from rounds import interleaved_rounds, median_speedup  # noqa: E402
+
+FLOOR = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+def variant_plan(G, name, D):
+    """The plan tuple of variant `name` at head dim D."""
+    p = list(G._PLANS[D]) + [G.PINGPONG, G.Q_SLOTS][len(G._PLANS[D]) - 5:]
+    if name == "pingpong":
+        p[5] = True
+    elif name != "base":
+        raise SystemExit(f"unknown variant {name}")
+    return tuple(p)
+
+# (D, Sq, Sk, B, H, Hk, window, packed): check shapes
+CHECK = [(128, 1000, 1000, 2, 8, 2, (-1, 0), False), (128, 777, 1503, 1, 16, 16, (-1, -1), False),
+         (64, 1111, 1111, 1, 8, 1, (-1, -1), False), (256, 513, 1025, 1, 8, 2, (-1, -1), False),
+         (128, 1000, 1000, 1, 8, 8, (300, 0), False), (128, 3000, 3000, 1, 8, 2, (-1, 0), True)]
+# name -> (D, S, B, H, Hk, causal): the grid's points short of the bar
+POINTS = {"d128-4k": (128, 4096, 4, 16, 16, False), "d128-16k": (128, 16384, 1, 16, 16, False),
+          "d64-4k": (64, 4096, 4, 32, 32, False), "d256-4k": (256, 4096, 4, 8, 8, False),
+          "gqa-32k": (128, 32768, 1, 32, 8, False), "d128-1k": (128, 1024, 16, 16, 16, False)}
+
+
+def packed(B, S, H, Hk, D, dtype, g):
+    lens = [S - 37 * i for i in range(B + 2)]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), device="cuda", dtype=torch.int32)
+    T = int(cu[-1])
+    q = torch.randn(T, H, D, device="cuda", dtype=dtype, generator=g)
+    k, v = (torch.randn(T, Hk, D, device="cuda", dtype=dtype, generator=g) for _ in range(2))
+    return q, k, v, cu, max(lens)
+
+
+def check(G, names):
+    from hf_flashattn.reference import attention_ref
+    rows = []
+    for dtype, shapes in ((torch.bfloat16, CHECK), (torch.float16, CHECK[:2])):   # fp16: two shapes (compile time)
+        for D, Sq, Sk, B, H, Hk, win, pk in shapes:
+            g = torch.Generator(device="cuda").manual_seed(D + Sq + H)
+            scale = D ** -0.5
+            if pk:
+                q, k, v, cu, mx = packed(B, Sq, H, Hk, D, dtype, g)
+                run = functools.partial(G.forward, q, k, v, mx, mx, scale, win, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                        _plan=None)
+            else:
+                q = torch.randn(B, Sq, H, D, device="cuda", dtype=dtype, generator=g)
+                k, v = (torch.randn(B, Sk, Hk, D, device="cuda", dtype=dtype, generator=g) for _ in range(2))
+                run = functools.partial(G.forward, q, k, v, Sq, Sk, scale, win)
+            res = {n: run(_plan=variant_plan(G, n, D)) for n in names}
+            base = res[names[0]]
+            if pk:
+                err = base_err = lse_err = None
+                ok_ref = True
+            else:
+                causal = win == (-1, 0)
+                kw = dict(causal=causal) if causal or win == (-1, -1) else dict(window_size=win)
+                ref, ref_lse = attention_ref(q, k, v, compute_dtype=torch.float32, **kw)
+                low, _ = attention_ref(q, k, v, compute_dtype=dtype, **kw)
+                err = (base[0].float() - ref).abs().max().item()
+                base_err = (low.float() - ref).abs().max().item()
+                lse_err = (base[1] - ref_lse).abs().max().item()
+                ok_ref = err <= 2 * base_err + FLOOR[dtype] and lse_err < 1e-2
+            row = dict(dtype=str(dtype).split(".")[-1], shape=[D, Sq, Sk, B, H, Hk, list(win), pk], err=err,
+                       torch_err=base_err, lse_err=lse_err, ok_ref=ok_ref,
+                       bitwise={n: bool(torch.equal(res[n][0], base[0]) and torch.equal(res[n][1], base[1]))
+                                for n in names[1:]})
+            row["ok"] = bool(ok_ref and all(row["bitwise"].values()))
+            rows.append(row)
+            if not row["ok"]:
+                print("FAIL", json.dumps(row), flush=True)
+    return rows
+
+
+def timed_ms(f, iters):
+    f()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        f()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / iters
+
+
+def cudnn(sdpa_kernel, SDPBackend, qt, kt, vt, causal, gqa):
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=gqa)
+
+
+def v3py(q, k, v, causal):
+    from hf_flashattn import flash_attn_func
+    return flash_attn_func(q, k, v, causal=causal, version="v3")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--points", default=",".join(POINTS))
+    ap.add_argument("--variants", default="base,pingpong")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--budget-s", type=float, default=1e9)
+    ap.add_argument("--no-check", action="store_true")
+    args = ap.parse_args()
+    t0 = time.time()
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from hf_flashattn.kernels import v3_gluon as G
+    names = args.variants.split(",")
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                cudnn=torch.backends.cudnn.version(), commit=os.environ.get("COMMIT", "unknown"), rounds=args.rounds,
+                iters=args.iters, date=time.strftime("%Y-%m-%d"), variants=names)
+    checks = [] if args.no_check else check(G, names)
+    bad = [c for c in checks if not c["ok"]]
+    print(f"check: {len(checks) - len(bad)}/{len(checks)} ({time.time() - t0:.0f}s)", flush=True)
+    results = []
+    for p in args.points.split(","):
+        if time.time() - t0 > args.budget_s:
+            print(f"budget: {p} and later skipped", flush=True)
+            break
+        D, S, B, H, Hk, causal = POINTS[p]
+        q = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(B, S, Hk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        flops = 4 * B * H * S * S * D / (2 if causal else 1)
+        win = (-1, 0) if causal else (-1, -1)
+        variants = {n: functools.partial(G.forward, q, k, v, S, S, D ** -0.5, win, _plan=variant_plan(G, n, D))
+                    for n in names}
+        variants["sdpa-cudnn"] = functools.partial(cudnn, sdpa_kernel, SDPBackend, qt, kt, vt, causal, H != Hk)
+        if G.plan(D, S, causal) is None:   # the dispatch takes v3.py's kernel here: time it too
+            variants["v3py"] = functools.partial(v3py, q, k, v, causal)
+        outs = {n: variants[n]() for n in names}
+        row = dict(point=p, D=D, S=S, B=B, H=H, Hk=Hk, causal=causal,
+                   bitwise={n: bool(torch.equal(outs[n][0], outs[names[0]][0])
+                                    and torch.equal(outs[n][1], outs[names[0]][1])) for n in names[1:]})
+        del outs
+        row["variants"] = {name: {} for name in variants}
+        interleaved_rounds(row["variants"], {name: functools.partial(timed_ms, f, args.iters)
+                                             for name, f in variants.items()}, args.rounds, "ms", 4)
+        for name, r in row["variants"].items():
+            r["tflops"] = flops / r["median_ms"] / 1e9
+            r["of_cudnn"] = median_speedup(row["variants"], "sdpa-cudnn", name, "ms")
+        results.append(row)
+        print(p, json.dumps({n: (round(r["tflops"]), round(r["median_ratio"], 4), round(r["of_cudnn"], 3))
+                             for n, r in row["variants"].items()}), "bitwise", row["bitwise"], flush=True)
+        del q, k, v, qt, kt, vt
+        torch.cuda.empty_cache()
+    meta["total_s"] = round(time.time() - t0, 1)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "probe_plan_ab.json"), "w") as f:
+        json.dump(dict(meta=meta, checks=checks, results=results), f, indent=1)
+    lines = [f"# Gluon forward: launch plans A/B — {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
+             f"cuDNN {meta['cudnn']}, commit {meta['commit']}", "",
+             f"date {meta['date']}; bf16 forwards through v3_gluon.forward, {args.iters} calls a timing, "
+             f"{args.rounds} rounds, the variants {meta['variants']} and SDPA-cuDNN in turns; ratio: to `{names[0]}` "
+             "in the same round (median); ÷ cuDNN: cuDNN's time over the variant's (median over rounds)", "",
+             f"Check (each variant against `{names[0]}` bitwise, and against a float32 reference with flash-attn's "
+             f"rule, dense; bf16, fp16 on two shapes): {len(checks) - len(bad)}/{len(checks)}", "",
+             "| point | variant | bitwise | median ms | TFLOP/s | ratio | ÷ cuDNN |", "|---|---|---|---|---|---|---|"]
+    for row in results:
+        for name, r in row["variants"].items():
+            lines.append(f"| {row['point']} | {name} | {row['bitwise'].get(name, '')} | {r['median_ms']:.3f} | "
+                         f"{r['tflops']:.0f} | {r['median_ratio']:.3f} | {r['of_cudnn']:.3f} |")
+    with open(os.path.join(args.out, "probe_plan_ab.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -26,7 +26,7 @@ import json, sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from hf_flashattn.kernels import v3_gluon as G
-D, block_n, stages, regs, nc, varlen, left, q_slots, maxnreg, tail = json.loads(sys.argv[1])
+D, block_n, stages, regs, nc, varlen, left, q_slots, maxnreg, tail, pingpong = json.loads(sys.argv[1])
 fn = G._fwd_kernel_ws
 lay = repr(G.shared_layout())
 sig = {}
@@ -39,7 +39,7 @@ for i, name in enumerate(fn.arg_names):
         sig[name] = f"tensordesc<bf16[1,{block_n},1,{D}],{lay}>"
     else:
         sig[name] = {"LSE": "*fp32", "O": "*bf16", "CU_Q": "*i32", "CU_K": "*i32", "qk_scale": "fp32"}.get(name, "i32")
-cx = dict(HEAD_DIM=D, BLOCK_N=block_n, STAGES=stages, CONSUMER_REGS=regs, NC=nc, PINGPONG=G.PINGPONG,
+cx = dict(HEAD_DIM=D, BLOCK_N=block_n, STAGES=stages, CONSUMER_REGS=regs, NC=nc, PINGPONG=pingpong,
           IS_VARLEN=varlen, O_BUF=not varlen and D <= G.O_BUF_MAX_D, LEFT=left, Q_SLOTS=q_slots, TAIL=tail)
 src = GluonASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in cx.items()})
 k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
@@ -48,14 +48,16 @@ print(k.metadata.shared)
 """
 
 
-def _compile(D, block_n, stages, regs, nc, out, varlen=False, left=True, q_slots=1, maxnreg=None, tail=False):
+def _compile(D, block_n, stages, regs, nc, out, varlen=False, left=True, q_slots=1, maxnreg=None, tail=False,
+             pingpong=False):
     """PTX of the warp-specialised kernel for sm_90a, compiled in a fresh process: this one runs Triton's
     interpreter (TRITON_INTERPRET=1), under which Triton's own library functions are not compilable."""
     import json
     import sys
     env = dict(os.environ, TRITON_INTERPRET="0")
     r = subprocess.run([sys.executable, "-c", _COMPILE,
-                        json.dumps([D, block_n, stages, regs, nc, varlen, left, q_slots, maxnreg, tail]), out],
+                        json.dumps([D, block_n, stages, regs, nc, varlen, left, q_slots, maxnreg, tail, pingpong]),
+                        out],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return open(out).read(), int(r.stdout.strip().splitlines()[-1])
@@ -76,7 +78,7 @@ def test_compiles_for_hopper_with_the_overlap(D, varlen, keys):
     m = st.meta
     with tempfile.TemporaryDirectory() as tmp:
         ptx, shared = _compile(D, m["BLOCK_N"], m["STAGES"], m["CONSUMER_REGS"], m["NC"], os.path.join(tmp, "k.ptx"),
-                               varlen, m["LEFT"], m["Q_SLOTS"], m.get("maxnreg"))
+                               varlen, m["LEFT"], m["Q_SLOTS"], m.get("maxnreg"), False, m["PINGPONG"])
     assert "cp.async.bulk.tensor" in ptx                      # TMA loads (and, dense, stores)
     assert ("cp.async.bulk.tensor.4d.global.shared" in ptx) != varlen   # TMA stores of O only when dense
     assert "wgmma.mma_async" in ptx
@@ -110,7 +112,7 @@ def test_tail_schedule_compiles_without_spills(D):
     nc = p[0] // 64
     with tempfile.TemporaryDirectory() as tmp:
         ptx, shared = _compile(D, p[1], p[3], p[4], nc, os.path.join(tmp, "k.ptx"), False, p[0] > 128 or False,
-                               p[6] if len(p) > 6 else G.Q_SLOTS, None, True)
+                               p[6] if len(p) > 6 else G.Q_SLOTS, None, True, p[5] if len(p) > 5 else G.PINGPONG)
     assert "cp.async.bulk.tensor" in ptx and "wgmma.mma_async" in ptx and "%nctaid.x" in ptx
     assert shared <= 232448
     _assert_spills_within_allowance(ptx)
@@ -127,6 +129,7 @@ def test_plan_rule():
     assert G.plan(64, 16384, True) == G._PLANS[64]             # masked from 16384 (probe-packed-fwd)
     assert G.plan(64, 16, True, force=True) == G._PLANS[64]
     assert G._PLANS[64][6] == 2 and G._PLANS[128][6] == 2      # two Q slots (d64: sixteenth session)
+    assert G._PLANS[64][5] and not G._PLANS[128][5]            # ping-pong at d64 only (eighteenth session)
     for bm, bn, warps, stages, regs, *_ in (*G._PLANS.values(), G._PLAN_128_SHORT_MASKED):   # the kernel's shape rules
         assert bm in (64, 128, 192) and warps == 4 and regs * 128 * (bm // 64) + 24 * 128 <= 65536 // (2 if bm == 64
                                                                                                        else 1)

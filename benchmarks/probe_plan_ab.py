@@ -34,8 +34,8 @@ FLOOR = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 def variant_plan(G, name, D):
     """The plan tuple of variant `name` at head dim D."""
     p = list(G._PLANS[D]) + [G.PINGPONG, G.Q_SLOTS][len(G._PLANS[D]) - 5:]
-    if name == "pingpong":
-        p[5] = True
+    if name in ("pingpong", "no-pingpong"):
+        p[5] = name == "pingpong"
     elif name != "base":
         raise SystemExit(f"unknown variant {name}")
     return tuple(p)
@@ -50,7 +50,9 @@ POINTS = {"d128-4k": (128, 4096, 4, 16, 16, False), "d128-16k": (128, 16384, 1, 
           "d64-4k": (64, 4096, 4, 32, 32, False), "d256-4k": (256, 4096, 4, 8, 8, False),
           "gqa-32k": (128, 32768, 1, 32, 8, False), "d128-1k": (128, 1024, 16, 16, 16, False),
           "d64-8k": (64, 8192, 2, 32, 32, False), "d64-16k": (64, 16384, 1, 32, 32, False),
-          "d64-16k-causal": (64, 16384, 1, 32, 32, True), "d64-32k-causal-gqa": (64, 32768, 1, 32, 8, True)}
+          "d64-16k-causal": (64, 16384, 1, 32, 32, True), "d64-32k-causal-gqa": (64, 32768, 1, 32, 8, True),
+          "d64-1k": (64, 1024, 16, 32, 32, False), "d64-1k-causal": (64, 1024, 16, 32, 32, True),
+          "d64-4k-causal": (64, 4096, 4, 32, 32, True), "d64-8k-causal": (64, 8192, 2, 32, 32, True)}
 
 
 def packed(B, S, H, Hk, D, dtype, g):

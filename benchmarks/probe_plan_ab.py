@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from rounds import interleaved_rounds, median_speedup  # noqa: E402
+from rounds import time_forwards  # noqa: E402
 
 FLOOR = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
@@ -104,18 +104,6 @@ def check(G, names):
     return rows
 
 
-def timed_ms(f, iters):
-    f()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        f()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / iters
-
-
 def cudnn(sdpa_kernel, SDPBackend, qt, kt, vt, causal, gqa):
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=gqa)
@@ -169,12 +157,7 @@ def main():
                    bitwise={n: bool(torch.equal(outs[n][0], outs[names[0]][0])
                                     and torch.equal(outs[n][1], outs[names[0]][1])) for n in names[1:]})
         del outs
-        row["variants"] = {name: {} for name in variants}
-        interleaved_rounds(row["variants"], {name: functools.partial(timed_ms, f, args.iters)
-                                             for name, f in variants.items()}, args.rounds, "ms", 4)
-        for name, r in row["variants"].items():
-            r["tflops"] = flops / r["median_ms"] / 1e9
-            r["of_cudnn"] = median_speedup(row["variants"], "sdpa-cudnn", name, "ms")
+        row["variants"] = time_forwards(variants, args.rounds, args.iters, flops)
         results.append(row)
         print(p, json.dumps({n: (round(r["tflops"]), round(r["median_ratio"], 4), round(r["of_cudnn"], 3))
                              for n, r in row["variants"].items()}), "bitwise", row["bitwise"], flush=True)

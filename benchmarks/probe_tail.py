@@ -24,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from rounds import interleaved_rounds, median_speedup  # noqa: E402
+from rounds import time_forwards  # noqa: E402
 
 FLOOR = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 # (D, S, B, H, Hk): square causal shapes whose schedule gets a tail on 132 SMs
@@ -88,18 +88,6 @@ def cudnn(sdpa_kernel, SDPBackend, qt, kt, vt, gqa):
         return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
 
 
-def timed_ms(f, iters):
-    f()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        f()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / iters
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -139,12 +127,7 @@ def main():
         row = dict(point=p, D=D, S=S, B=B, H=H, Hk=Hk, tail=st[-1].tail if st else None,
                    bitwise=bool(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])), variants={})
         del a, b
-        row["variants"] = {name: {} for name in variants}
-        interleaved_rounds(row["variants"], {name: functools.partial(timed_ms, f, args.iters)
-                                             for name, f in variants.items()}, args.rounds, "ms", 4)
-        for name, r in row["variants"].items():
-            r["tflops"] = flops / r["median_ms"] / 1e9
-            r["of_cudnn"] = median_speedup(row["variants"], "sdpa-cudnn", name, "ms")
+        row["variants"] = time_forwards(variants, args.rounds, args.iters, flops)
         results.append(row)
         print(p, json.dumps({n: (round(r["tflops"]), round(r["median_ratio"], 4), round(r["of_cudnn"], 3))
                              for n, r in row["variants"].items()}), "tail", row["tail"], "bitwise", row["bitwise"],

@@ -26,3 +26,31 @@ def interleaved_rounds(records: dict, timers: dict, rounds: int, unit: str, digi
 def median_speedup(records: dict, ref: str, name: str, unit: str) -> float:
     """The median over rounds of ref's timing over name's (above 1: name was faster than ref)."""
     return statistics.median(a / b for a, b in zip(records[ref][unit], records[name][unit]))
+
+
+def timed_ms(f, iters: int) -> float:
+    """Mean milliseconds of `iters` calls of f (queued back to back, one warm-up call first), by CUDA events."""
+    import torch
+    f()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        f()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / iters
+
+
+def time_forwards(variants: dict, rounds: int, iters: int, flops: float, ref: str = "sdpa-cudnn") -> dict:
+    """Forward calls (name -> f) timed in `rounds` interleaved rounds of `iters` calls (`timed_ms`): per name the
+    records of `interleaved_rounds` (unit "ms"), its TFLOP/s at the median time and "of_cudnn", the median over rounds
+    of ref's time over its own."""
+    import functools
+    records = {name: {} for name in variants}
+    interleaved_rounds(records, {name: functools.partial(timed_ms, f, iters) for name, f in variants.items()}, rounds,
+                       "ms", 4)
+    for name, r in records.items():
+        r["tflops"] = flops / r["median_ms"] / 1e9
+        r["of_cudnn"] = median_speedup(records, ref, name, "ms")
+    return records

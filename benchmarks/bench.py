@@ -223,12 +223,24 @@ def peak_memory(impls, names, seqlens, H=16, D=128):
     return rows
 
 
+def _ratio(point, ours, base, interleaved):
+    """Cell "ours ÷ base" (speed) of a point's rows: measured in turns (interleaved), the median over rounds of each
+    round's ratio, so that a drift of the clock between rounds cancels; else the ratio of the kept times."""
+    a, b = point.get(ours), point.get(base)
+    if not (a and b and a.get("tflops") and b.get("tflops")):
+        return "–"
+    ra, rb = a.get("rounds_ms"), b.get("rounds_ms")
+    if interleaved and ra and rb and len(ra) == len(rb):
+        return "%.2f" % statistics.median(y / x for x, y in zip(ra, rb))
+    return "%.2f" % (a["tflops"] / b["tflops"])
+
+
 def markdown(rows, floors, meta):
     lines = [f"# Attention benchmark — {meta['gpu']}", "",
              f"date {meta['date']}, commit {meta['commit']}, torch {meta['torch']}, triton {meta['triton']}, "
              f"bf16; measured floors: matmul {floors['matmul_tflops']:.0f} TFLOP/s, copy {floors['copy_tb_s']:.2f} TB/s"
-             + (f"; every point's implementations measured in turn, {meta['interleave']} rounds, medians"
-                if meta.get("interleave") else ""),
+             + (f"; every point's implementations measured in turn, {meta['interleave']} rounds: TFLOP/s at the "
+                "median time, ratios the median of each round's ratio" if meta.get("interleave") else ""),
              "", "TFLOP/s (ratio of ours-v2 to SDPA flash / cuDNN / Flex in brackets)", ""]
     impls = sorted({r["impl"] for r in rows}, key=lambda s: (not s.startswith("ours"), s))
     mine = [v for v in ("v2", "v3") if f"ours-{v}" in impls]   # ratio columns for our v2 and v3
@@ -238,10 +250,11 @@ def markdown(rows, floors, meta):
     lines.append("|" + "---|" * (5 + len(impls) + len(heads)))
     keys = sorted({(r["D"], r["S"], r["H"], r["Hk"], r["causal"], r["mode"]) for r in rows})
     for key in keys:
-        by = {r["impl"]: r["tflops"] for r in rows if (r["D"], r["S"], r["H"], r["Hk"], r["causal"], r["mode"]) == key}
+        point = {r["impl"]: r for r in rows if (r["D"], r["S"], r["H"], r["Hk"], r["causal"], r["mode"]) == key}
+        by = {i: r["tflops"] for i, r in point.items()}
         cells = ["%.0f" % by[i] if by.get(i) else "–" for i in impls]
-        ratios = ["%.2f" % (by[f"ours-{v}"] / by[b]) if by.get(f"ours-{v}") and by.get(b) else "–"
-                  for v in mine for b in ("sdpa-flash", "sdpa-cudnn", "flex")]
+        ratios = [_ratio(point, f"ours-{v}", b, meta.get("interleave")) for v in mine
+                  for b in ("sdpa-flash", "sdpa-cudnn", "flex")]
         lines.append(f"| {key[0]} | {key[1]} | {key[2]}/{key[3]} | {key[4]} | {key[5]} | " + " | ".join(cells + ratios)
                      + " |")
     return "\n".join(lines) + "\n"

@@ -33,9 +33,9 @@ Measured on the H100 (benchmarks/NOTES.md, seventh session; results/2026-11-26-h
 cuDNN's forward from 4k keys where `plan()` picks it, against 0.80-0.90x for v3.py's kernel at d128/d256.
 A first version in one partition, without specialisation (commit c2aee03), was slower than v3.py's kernel
 everywhere and is gone. Ping-pong of the consumers (`PINGPONG`) measured no gain at first; measured again in rounds in
-one process (eighteenth session) it is 3-4% faster at d64 (on there), 1.6-2.3% slower at d128 and d256 (off). ptxas
-places each block's wait for P·V before the exponentials (after the row max) in the d64 and d128 plans, whatever the
-PTX's order, so the softmax overlaps the other consumers' products, not its own (benchmarks/NOTES.md).
+one process (eighteenth session) it is 3-4% faster at d64 (on there), 1.6-3.5% slower at d128 and d256 (off).
+ptxas places each block's wait for P·V before the exponentials (after the row max) in the d64 and d128 plans,
+whatever the PTX's order, so the softmax overlaps the other consumers' products, not its own (benchmarks/NOTES.md).
 
 Scope (`supports`): dense (B, S, H, D) or packed (total, H, D) with cu_seqlens, fp16/bf16, head dim 64, 128 or 256
 exactly, no softcap, a positive scale, TMA-aligned strides. Packed sequences load through descriptors over
@@ -635,9 +635,10 @@ TAIL_SPLIT = True
 # d64: two Q slots (sixteenth session, results/2026-11-27-h100-sweep-gluon-d64-16k.md, one process: 16k causal 443
 # TFLOP/s, 0.99x cuDNN, against 410 with one slot and 421 for v3.py's kernel; 16k unmasked 480 against 473; 4k
 # unmasked 433 against 428 and v3.py's 426; correct 32/32 there and in the fifteenth session's run)
-# d64: ping-pong of the three consumers (eighteenth session, results/2026-11-27-h100-plan-ab-pingpong{,-d64}.md, variants in
-# rounds in one process, bitwise equal output): 3.0-4.1% faster at 4k, 8k and 16k unmasked and 16k causal (1.000-1.052x
-# cuDNN against 0.961-1.004x), GQA 32k causal within noise (+1.0%); at d128 2.3% slower (4k and 16k), d256 1.6% slower
+# d64: ping-pong of the three consumers (eighteenth session, results/2026-11-27-h100-plan-ab-pingpong{,-d64}.md,
+# variants in rounds in one process, bitwise equal output): 3.0-4.1% faster at 4k, 8k and 16k unmasked and 16k causal
+# (1.000-1.052x cuDNN against 0.961-1.004x), GQA 32k causal within noise (+1.0%); at d128 1.6-3.5% slower (1k-32k),
+# d256 1.6% slower
 _PLANS = {64: (192, 128, 4, 2, 160, True, 2), 128: (128, 128, 4, 2, 240, False, 2), 256: (128, 64, 4, 2, 240)}
 _PLAN_128_SHORT_MASKED = (64, 64, 4, 2, 232)   # d128 under a mask below MASKED_SHORT_KEYS keys
 MASKED_SHORT_KEYS = 2048

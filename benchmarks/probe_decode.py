@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import statistics
 import sys
@@ -31,7 +30,7 @@ sys.path.insert(0, HERE)
 import hf_flashattn as fa  # noqa: E402
 from hf_flashattn.kernels import decode  # noqa: E402
 from hf_flashattn.reference import attention_ref  # noqa: E402
-from rounds import interleaved_rounds, median_speedup  # noqa: E402
+from rounds import interleaved_rounds, median_speedup, save_json, save_md  # noqa: E402
 
 H, HK, D = 32, 8, 128
 
@@ -245,10 +244,7 @@ def main():
                   for v, r in row["variants"].items()}, flush=True)
         del graphs, q, kc, vc
         torch.cuda.empty_cache()
-    meta["total_s"] = round(time.time() - t0, 1)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "probe_decode.json"), "w") as f:
-        json.dump(dict(meta=meta, checks=checks, results=results), f, indent=1)
+    save_json(args.out, "probe_decode", meta, t0, checks=checks, results=results)
     lines = [f"# Decode kernel variants — {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
              f"cuDNN {meta['cudnn']}, commit {meta['commit']}", "",
              f"date {meta['date']}; {meta['shape']}; each variant in its own CUDA graph of {args.calls} calls, "
@@ -268,9 +264,7 @@ def main():
             lines.append(f"| {row['point']} | {v} | {r['median_us']:.2f} | {r['tb_s']:.2f} | {r['median_ratio']:.3f} "
                          f"| {r.get('of_sdpa-cudnn', float('nan')):.3f} | {r.get('of_sdpa-flash', float('nan')):.3f} "
                          f"| {r['bitwise']} | {r['max_diff']:.2e} |")
-    with open(os.path.join(args.out, "probe_decode.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_md(args.out, "probe_decode", lines)
 
 
 if __name__ == "__main__":

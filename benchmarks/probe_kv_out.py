@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import functools
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -30,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from rounds import interleaved_rounds  # noqa: E402
+from rounds import interleaved_rounds, save_json, save_md  # noqa: E402
 
 # name -> (D, S, causal, packed); B = 16384 / S, H = 2048 / D (bench.py's grid); packed: the B sequences of S tokens
 # as one packed batch (cu_seqlens), their lengths S, S - 37, S - 74, ... (a sequence's last key tile reaches into the
@@ -205,10 +204,7 @@ def main():
                   for v, r in row["variants"].items()}, flush=True)
         del inputs, ref
     set_variant(GB, "rule")   # the measured rule again
-    meta["total_s"] = round(time.time() - t0, 1)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "probe_kv_out.json"), "w") as f:
-        json.dump(dict(meta=meta, checks=checks, results=results), f, indent=1)
+    save_json(args.out, "probe_kv_out", meta, t0, checks=checks, results=results)
     lines = [f"# dK/dV pass variants — {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
              f"commit {meta['commit']}", "",
              f"date {meta['date']}; bf16, B = 16384 / S, H = 2048 / D; `_bwd_kernel`'s device time (torch.profiler, "
@@ -223,9 +219,7 @@ def main():
         for v, r in row["variants"].items():
             lines.append(f"| {row['point']} | {r.get('two_pass', row['two_pass'])} | {v} | {r['median_us']:.1f} | "
                          f"{min(r['us']):.1f} | {r['median_ratio']:.3f} | {r['dkdv_bitwise']} | {r['dq_ok']} |")
-    with open(os.path.join(args.out, "probe_kv_out.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_md(args.out, "probe_kv_out", lines)
 
 
 if __name__ == "__main__":

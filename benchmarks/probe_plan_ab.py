@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from rounds import time_forwards  # noqa: E402
+from rounds import save_json, save_md, time_forwards  # noqa: E402
 
 FLOOR = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
@@ -163,10 +163,7 @@ def main():
                              for n, r in row["variants"].items()}), "bitwise", row["bitwise"], flush=True)
         del q, k, v, qt, kt, vt
         torch.cuda.empty_cache()
-    meta["total_s"] = round(time.time() - t0, 1)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "probe_plan_ab.json"), "w") as f:
-        json.dump(dict(meta=meta, checks=checks, results=results), f, indent=1)
+    save_json(args.out, "probe_plan_ab", meta, t0, checks=checks, results=results)
     lines = [f"# Gluon forward: launch plans A/B — {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
              f"cuDNN {meta['cudnn']}, commit {meta['commit']}", "",
              f"date {meta['date']}; bf16 forwards through v3_gluon.forward, {args.iters} calls a timing, "
@@ -179,9 +176,7 @@ def main():
         for name, r in row["variants"].items():
             lines.append(f"| {row['point']} | {name} | {row['bitwise'].get(name, '')} | {r['median_ms']:.3f} | "
                          f"{r['tflops']:.0f} | {r['median_ratio']:.3f} | {r['of_cudnn']:.3f} |")
-    with open(os.path.join(args.out, "probe_plan_ab.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_md(args.out, "probe_plan_ab", lines)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from rounds import time_forwards  # noqa: E402
+from rounds import save_json, save_md, time_forwards  # noqa: E402
 
 FLOOR = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 # (D, S, B, H, Hk): square causal shapes whose schedule gets a tail on 132 SMs
@@ -134,10 +134,7 @@ def main():
               flush=True)
         del q, k, v, qt, kt, vt
         torch.cuda.empty_cache()
-    meta["total_s"] = round(time.time() - t0, 1)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "probe_tail.json"), "w") as f:
-        json.dump(dict(meta=meta, checks=checks, results=results), f, indent=1)
+    save_json(args.out, "probe_tail", meta, t0, checks=checks, results=results)
     lines = [f"# Gluon forward: the schedule's tail — {meta['device']}, torch {meta['torch']}, "
              f"triton {meta['triton']}, cuDNN {meta['cudnn']}, commit {meta['commit']}", "",
              f"date {meta['date']}; bf16 forwards through flash_attn_func(version='v3'), {args.iters} calls a "
@@ -151,9 +148,7 @@ def main():
         for name, r in row["variants"].items():
             lines.append(f"| {row['point']} | {row['tail']} | {row['bitwise']} | {name} | {r['median_ms']:.3f} | "
                          f"{r['tflops']:.0f} | {r['median_ratio']:.3f} | {r['of_cudnn']:.3f} |")
-    with open(os.path.join(args.out, "probe_tail.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_md(args.out, "probe_tail", lines)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@ order, and reads each as its ratio to the first variant's time in that round, so
 the host hits every variant alike; the medians over rounds are the result."""
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import time
 
 
 def interleaved_rounds(records: dict, timers: dict, rounds: int, unit: str, digits: int) -> None:
@@ -54,3 +57,20 @@ def time_forwards(variants: dict, rounds: int, iters: int, flops: float, ref: st
         r["tflops"] = flops / r["median_ms"] / 1e9
         r["of_cudnn"] = median_speedup(records, ref, name, "ms")
     return records
+
+
+
+def save_json(out: str, stem: str, meta: dict, t0: float, **payload) -> None:
+    """A probe's results, written before its report is built (a report that fails to build loses nothing):
+    meta["total_s"] (seconds since t0), then OUT/stem.json with meta and the payload's keys, in order."""
+    meta["total_s"] = round(time.time() - t0, 1)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump(dict(meta=meta, **payload), f, indent=1)
+
+
+def save_md(out: str, stem: str, lines: list) -> None:
+    """A probe's report: OUT/stem.md, printed too."""
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))

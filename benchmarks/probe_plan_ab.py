@@ -2,12 +2,14 @@
 variants of it, with SDPA's cuDNN backend in the same rounds. Variant `pingpong`: the plan with FA3's warp-scheduler
 barrier between the consumer warpgroups (`_turn_wait`: each issues its products only after the other has issued its
 own), the lever left where ptxas waits for P·V before the exponentials (benchmarks/NOTES.md, eighteenth session).
+Variant `D:BMxBN:STAGES:REGS[:PINGPONG[:Q_SLOTS]]`: another plan at head dim D (other tiles: e.g. one consumer, two
+programs an SM, `64:64x128:3:232`), not run at other head dims.
 
     python benchmarks/probe_plan_ab.py --out DIR [--rounds 7] [--points d128-4k,...] [--variants base,pingpong]
 
-Check first: on awkward shapes (dense and packed, causal, windows, GQA, bf16 and fp16) each variant's out and lse
-bitwise equal to the baseline's (the same products in the same order, issued in another interleaving), and within
-flash-attn's error rule of a float32 reference. Then rounds of forwards through v3_gluon.forward with the plan the
+Check first: on awkward shapes (dense and packed, causal, windows, GQA, bf16 and fp16) each variant with the
+baseline's tiles bitwise equal to it (the same products in the same order, issued in another interleaving), the
+baseline and every variant with other tiles within flash-attn's error rule of a float32 reference. Then rounds of forwards through v3_gluon.forward with the plan the
 dispatch takes (d64 at 4k: the Gluon plan forced, v3.py's kernel timed beside it), each variant read as its ratio to
 the baseline in the same round, median over rounds. Writes probe_plan_ab.json and probe_plan_ab.md.
 """
@@ -32,19 +34,35 @@ from rounds import save_json, save_md, time_forwards  # noqa: E402
 
 
 def variant_plan(G, name, D):
-    """The plan tuple of variant `name` at head dim D."""
+    """The plan tuple of variant `name` at head dim D: `base` (`_PLANS[D]`), `pingpong` / `no-pingpong` (it with
+    ping-pong on / off), or an explicit plan `D:BMxBN:STAGES:REGS[:PINGPONG[:Q_SLOTS]]` (4 producer warps; at other
+    head dims: None, the variant is not run there)."""
     p = list(G._PLANS[D]) + [G.PINGPONG, G.Q_SLOTS][len(G._PLANS[D]) - 5:]
     if name in ("pingpong", "no-pingpong"):
         p[5] = name == "pingpong"
+    elif ":" in name:
+        f = name.split(":")
+        if int(f[0]) != D:
+            return None
+        bm, bn = (int(x) for x in f[1].split("x"))
+        p = [bm, bn, 4, int(f[2]), int(f[3]), bool(int(f[4])) if len(f) > 4 else G.PINGPONG,
+             int(f[5]) if len(f) > 5 else G.Q_SLOTS]
     elif name != "base":
         raise SystemExit(f"unknown variant {name}")
     return tuple(p)
+
+
+def same_tiles(a, b):
+    """Whether plans a and b sum the same products in the same order (same row and key tiles): bitwise equal."""
+    return a[:2] == b[:2]
 
 # (D, Sq, Sk, B, H, Hk, window, packed): check shapes
 CHECK = [(128, 1000, 1000, 2, 8, 2, (-1, 0), False), (128, 777, 1503, 1, 16, 16, (-1, -1), False),
          (64, 1111, 1111, 1, 8, 1, (-1, -1), False), (256, 513, 1025, 1, 8, 2, (-1, -1), False),
          (128, 1000, 1000, 1, 8, 8, (300, 0), False), (128, 3000, 3000, 1, 8, 2, (-1, 0), True),
-         (64, 3000, 3000, 1, 24, 24, (-1, 0), False), (64, 2000, 2000, 1, 8, 8, (-1, 0), True)]
+         (64, 3000, 3000, 1, 24, 24, (-1, 0), False), (64, 2000, 2000, 1, 8, 8, (-1, 0), True),
+         (64, 113, 203, 2, 8, 2, (-1, 0), False), (64, 1024, 1024, 2, 8, 8, (-1, 0), False),
+         (64, 1000, 1000, 1, 8, 8, (300, 0), False), (64, 777, 1503, 1, 16, 16, (-1, -1), False)]
 # name -> (D, S, B, H, Hk, causal): the grid's points short of the bar
 POINTS = {"d128-4k": (128, 4096, 4, 16, 16, False), "d128-16k": (128, 16384, 1, 16, 16, False),
           "d64-4k": (64, 4096, 4, 32, 32, False), "d256-4k": (256, 4096, 4, 8, 8, False),
@@ -66,7 +84,8 @@ def packed(B, S, H, Hk, D, dtype, g):
 
 def check(G, names):
     rows = []
-    for dtype, shapes in ((torch.bfloat16, CHECK), (torch.float16, CHECK[:2])):   # fp16: two shapes (compile time)
+    # fp16: a few shapes (compile time)
+    for dtype, shapes in ((torch.bfloat16, CHECK), (torch.float16, CHECK[:2] + CHECK[-3:-2])):
         for D, Sq, Sk, B, H, Hk, win, pk in shapes:
             g = torch.Generator(device="cuda").manual_seed(D + Sq + H)
             scale = D ** -0.5
@@ -78,19 +97,24 @@ def check(G, names):
                 q = torch.randn(B, Sq, H, D, device="cuda", dtype=dtype, generator=g)
                 k, v = (torch.randn(B, Sk, Hk, D, device="cuda", dtype=dtype, generator=g) for _ in range(2))
                 run = functools.partial(G.forward, q, k, v, Sq, Sk, scale, win)
-            res = {n: run(_plan=variant_plan(G, n, D)) for n in names}
+            plans = {n: variant_plan(G, n, D) for n in names}
+            plans = {n: pl for n, pl in plans.items() if pl is not None}
+            res = {n: run(_plan=pl) for n, pl in plans.items()}
             base = res[names[0]]
+            causal = win == (-1, 0)
+            kw = dict(causal=causal) if causal or win == (-1, -1) else dict(window_size=win)
             if pk:
-                rule = dict(err=None, torch_err=None, lse_err=None, ok=True)
-            else:
-                causal = win == (-1, 0)
-                kw = dict(causal=causal) if causal or win == (-1, -1) else dict(window_size=win)
-                rule = forward_rule(*base, q, k, v, **kw)
-            ok_ref = rule["ok"]
+                kw.update(cu_seqlens_q=cu, cu_seqlens_k=cu)
+            # the rule on the baseline and on every variant with other tiles (those are not bitwise equal to it)
+            rules = {n: forward_rule(*res[n], q, k, v, **kw) for n in plans
+                     if n == names[0] or not same_tiles(plans[n], plans[names[0]])}
+            rule = rules[names[0]]
+            ok_ref = all(r["ok"] for r in rules.values())
             row = dict(dtype=str(dtype).split(".")[-1], shape=[D, Sq, Sk, B, H, Hk, list(win), pk], err=rule["err"],
                        torch_err=rule["torch_err"], lse_err=rule["lse_err"], ok_ref=ok_ref,
+                       variant_err={n: r["err"] for n, r in rules.items() if n != names[0]},
                        bitwise={n: bool(torch.equal(res[n][0], base[0]) and torch.equal(res[n][1], base[1]))
-                                for n in names[1:]})
+                                for n in plans if n != names[0] and same_tiles(plans[n], plans[names[0]])})
             row["ok"] = bool(ok_ref and all(row["bitwise"].values()))
             rows.append(row)
             if not row["ok"]:
@@ -141,15 +165,18 @@ def main():
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         flops = 4 * B * H * S * S * D / (2 if causal else 1)
         win = (-1, 0) if causal else (-1, -1)
-        variants = {n: functools.partial(G.forward, q, k, v, S, S, D ** -0.5, win, _plan=variant_plan(G, n, D))
-                    for n in names}
+        plans = {n: variant_plan(G, n, D) for n in names}
+        variants = {n: functools.partial(G.forward, q, k, v, S, S, D ** -0.5, win, _plan=pl)
+                    for n, pl in plans.items() if pl is not None}
         variants["sdpa-cudnn"] = functools.partial(cudnn, sdpa_kernel, SDPBackend, qt, kt, vt, causal, H != Hk)
         if G.plan(D, S, causal) is None:   # the dispatch takes v3.py's kernel here: time it too
             variants["v3py"] = functools.partial(v3py, q, k, v, causal)
-        outs = {n: variants[n]() for n in names}
+        run = [n for n in names if plans[n] is not None]
+        outs = {n: variants[n]() for n in run}
         row = dict(point=p, D=D, S=S, B=B, H=H, Hk=Hk, causal=causal,
                    bitwise={n: bool(torch.equal(outs[n][0], outs[names[0]][0])
-                                    and torch.equal(outs[n][1], outs[names[0]][1])) for n in names[1:]})
+                                    and torch.equal(outs[n][1], outs[names[0]][1])) for n in run[1:]
+                            if same_tiles(plans[n], plans[names[0]])})
         del outs
         row["variants"] = time_forwards(variants, args.rounds, args.iters, flops)
         results.append(row)
@@ -163,8 +190,9 @@ def main():
              f"date {meta['date']}; bf16 forwards through v3_gluon.forward, {args.iters} calls a timing, "
              f"{args.rounds} rounds, the variants {meta['variants']} and SDPA-cuDNN in turns; ratio: to `{names[0]}` "
              "in the same round (median); ÷ cuDNN: cuDNN's time over the variant's (median over rounds)", "",
-             f"Check (each variant against `{names[0]}` bitwise, and against a float32 reference with flash-attn's "
-             f"rule, dense; bf16, fp16 on two shapes): {len(checks) - len(bad)}/{len(checks)}", "",
+             f"Check (variants with `{names[0]}`'s tiles against it bitwise; it and variants with other tiles against "
+             f"a float32 reference with flash-attn's rule, dense and packed; bf16, fp16 on three shapes): "
+             f"{len(checks) - len(bad)}/{len(checks)}", "",
              "| point | variant | bitwise | median ms | TFLOP/s | ratio | ÷ cuDNN |", "|---|---|---|---|---|---|---|"]
     for row in results:
         for name, r in row["variants"].items():

@@ -36,6 +36,8 @@
 #             TMA against pointer loads, the combine's share, split counts; check against float64 first)
 #   tail      benchmarks/probe_tail.py $TAIL_ARGS (the Gluon forward's tail of single tiles under a square causal mask:
 #             bitwise and reference check, then A/B rounds beside SDPA-cuDNN)
+#   tile-order benchmarks/probe_tile_order.py $TILE_ORDER_ARGS (the one-program-a-tile forwards' launch order: bitwise
+#             and reference check, then GROUP_TILES values A/B in rounds beside SDPA-cuDNN and SDPA-flash)
 #   plan-ab   benchmarks/probe_plan_ab.py $PLAN_AB_ARGS (the Gluon forward's default plans against variants, e.g.
 #             ping-pong: bitwise and reference check, then A/B rounds beside SDPA-cuDNN)
 #   persistent benchmarks/probe_persistent.py (the Gluon forward and backward persistent against one program a unit:
@@ -115,6 +117,7 @@ for spec in "$@"; do
     tail) cmd=(python3 benchmarks/probe_tail.py --out "$dir" --budget-s "$budget" ${TAIL_ARGS:-}) ;;
     # shellcheck disable=SC2206
     plan-ab) cmd=(python3 benchmarks/probe_plan_ab.py --out "$dir" --budget-s "$budget" ${PLAN_AB_ARGS:-}) ;;
+    tile-order) cmd=(python3 benchmarks/probe_tile_order.py --out "$dir" --budget-s "$budget" ${TILE_ORDER_ARGS:-}) ;;
     # shellcheck disable=SC2206
     persistent) cmd=(python3 benchmarks/probe_persistent.py --out "$dir" --budget-s "$budget" ${PERSISTENT_ARGS:-}) ;;
     packed-fwd) cmd=(python3 benchmarks/probe_packed_fwd.py --out "$dir" --budget-s "$budget") ;;

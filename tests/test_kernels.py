@@ -280,6 +280,27 @@ def test_v3_launch_variants(host, fold, shape, mask):
         assert torch.equal(got, other) and torch.equal(lse, other_lse)
 
 
+# `grouped_tile`'s launch order (v2's and v3's forward): the (batch, head) pairs in groups of g, the row tiles of a
+# group heaviest first. On the interpreter GROUP_TILES is 4, so with 1-3 row tiles of 32 these shapes run g = 4, 2
+# and 1 with a partial last group (5 and 3 pairs); GROUP_TILES is also set to 1 (one head's tiles in a row) and to
+# 12 (g = 12 > 5 pairs: clamped to them). Every tile must be computed once, by the program the order gives it.
+@pytest.mark.parametrize("version", ["v2", "v3"])
+@pytest.mark.parametrize("group_tiles", [4, 1, 12])
+@pytest.mark.parametrize("shape", [(1, 20, 20, 5, 5, 16), (1, 40, 50, 3, 1, 16), (1, 70, 70, 3, 3, 16)],
+                         ids=["1tile-5pairs", "2tiles-3pairs-mqa", "3tiles"])
+def test_grouped_tile_order(version, group_tiles, shape, monkeypatch):
+    from hf_flashattn.kernels import _common as C
+    monkeypatch.setattr(C, "group_tiles", lambda: group_tiles)
+    q, k, v, _ = _inputs(shape, torch.float16, seed=14)
+    out, lse, _ = fa.flash_attn_func(q, k, v, causal=True, return_attn_probs=True, version=version)
+    ref = ref_grads(q, k, v, torch.zeros_like(q), causal=True)
+    low = ref_grads(q, k, v, torch.zeros_like(q), compute_dtype=None, causal=True)
+    assert_close_rule("out", out, ref[0], low[0], 2, torch.float16)
+    fin = torch.isfinite(ref[1])
+    assert torch.equal(torch.isinf(lse) & (lse > 0), ~fin)
+    assert_close_rule("lse", lse[fin], ref[1][fin], low[1].float()[fin], 2, torch.float32)
+
+
 @pytest.mark.parametrize("host", [True, False], ids=["host", "in-kernel"])
 def test_v3_varlen_load_paths(host):
     """Packed sequences through descriptors over the whole packed tensors: a tile that runs past its sequence

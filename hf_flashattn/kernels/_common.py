@@ -37,6 +37,43 @@ def tile_range(t0, T_BLOCK: tl.constexpr, diag, left, right, S, L_BLOCK: tl.cons
     return lo, full_lo, full_hi, hi
 
 
+# `grouped_tile`: K/V elements (both, one head) a group of heads may hold in L2 together (~24 MB in 16-bit)
+GROUP_L2_ELEMS = tl.constexpr(6 << 20)
+# `grouped_tile`'s tiles a group on the GPU (1: each head's tiles in a row, the order before the nineteenth session;
+# benchmarks compare the two by setting this); on the interpreter 4, so that the CPU tests run several groups, a
+# partial last one included
+GROUP_TILES = 1024
+
+
+def group_tiles() -> int:
+    """GROUP_TILES for a launch (4 on Triton's interpreter)."""
+    return 4 if _INTERPRETING else GROUP_TILES
+
+
+@triton.jit
+def grouped_tile(seqlen_k, group_tiles, HEAD_DIM: tl.constexpr):
+    """(pid_m, h, b) of this program of a grid (n_m, H, B) of query tiles. Programs start in launch order (x fastest);
+    read in that order, the (batch, head) pairs come in groups of g, and within a group the row tiles from the last
+    (the heaviest under a causal mask) to the first, each tile of the g heads in turn: the longest tiles of every
+    group start first, the shortest end it, so the launch's last wave holds the shortest tiles (at d64 1k causal a
+    static model gives 142 against 150 time units for one head's tiles in a row, 139.6 the ideal). g: about
+    group_tiles tiles a group (a few waves of programs), at most as many heads as keep their keys and values in L2
+    together (GROUP_L2_ELEMS), at least 1 (then: one head's tiles in a row, heaviest first)."""
+    n_m = tl.num_programs(0)
+    n_h = tl.num_programs(1)
+    n_bh = n_h * tl.num_programs(2)
+    lin = tl.program_id(0) + n_m * (tl.program_id(1) + n_h * tl.program_id(2))
+    g = tl.minimum((GROUP_L2_ELEMS // (2 * HEAD_DIM)) // tl.maximum(seqlen_k, 1), group_tiles // n_m)
+    g = tl.maximum(g, 1)
+    grp = lin // (g * n_m)
+    r = lin - grp * (g * n_m)
+    first = grp * g
+    size = tl.minimum(g, n_bh - first)
+    mi = r // size
+    bh = first + r - mi * size
+    return n_m - 1 - mi, bh % n_h, bh // n_h
+
+
 @triton.jit
 def visible(rows, cols, diag, left, right, S_cols):
     """Bool tile: column cols[None, :] is visible from row rows[:, None]."""

@@ -17,7 +17,8 @@ import triton.language as tl
 
 from .._runtime import env_get
 from . import _common as C
-from ._common import load_rows_pair, log2_scores, normalise_rows, seq_bounds, softmax_step, tile_range, visible
+from ._common import (grouped_tile, load_rows_pair, log2_scores, normalise_rows, seq_bounds, softmax_step, tile_range,
+                      visible)
 
 
 @triton.jit
@@ -58,7 +59,7 @@ def kv_block(acc, l_i, m_i, q, k, v, offs_m, cols, Sk, diag, left, right, qk_sca
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "SEQ_BUCKET",
-                             "MASK_KIND", "group"])
+                             "MASK_KIND", "group", "group_tiles"])
 def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 stride_qb, stride_qm, stride_qh,
                 stride_kb, stride_kn, stride_kh,
@@ -66,15 +67,15 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 stride_ob, stride_om, stride_oh,
                 stride_lb, stride_lh,
                 seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, SEQ_BUCKET, MASK_KIND,
-                group, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                group, group_tiles, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                 SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr):
     # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program computes the BLOCK_M rows of
-    # O and lse of one (query block, head, sequence), walking the visible key blocks.
+    # O and lse of one (query block, head, sequence), walking the visible key blocks; programs take their tiles in
+    # `grouped_tile`'s order.
     tl.static_assert(BLOCK_D >= HEAD_DIM)
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)   # heaviest (last, under causal) blocks first
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    pid_m, h, b = grouped_tile(seqlen_k, group_tiles, HEAD_DIM)   # heaviest (last, under causal) blocks first
+    b = b.to(tl.int64)
     q_start, k_start, Sq, Sk = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= Sq:
@@ -174,7 +175,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
             *C.seq_layout(q, varlen), *C.seq_layout(k, varlen), *C.seq_layout(v, varlen),
             *C.seq_layout(out, varlen), *stride_l,
             max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale,
-            C.seq_bucket(max_seqlen_q), C.mask_kind(window_size), H // Hk)
+            C.seq_bucket(max_seqlen_q), C.mask_kind(window_size), H // Hk, C.group_tiles())
     meta = dict(HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), IS_VARLEN=varlen,
                 SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype))
     _fwd_launch(lambda m: (C.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch), args, meta,

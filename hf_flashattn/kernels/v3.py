@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .._runtime import env_get, is_hopper, is_interpreting
 from . import _common as C
-from ._common import desc_rows, normalise_rows, seq_bounds, softmax_tile, tile_range
+from ._common import desc_rows, grouped_tile, normalise_rows, seq_bounds, softmax_tile, tile_range
 
 
 @triton.jit
@@ -75,24 +75,24 @@ def _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, start, end, offs_m, offs_n,
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group"])
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "group", "group_tiles"])
 def _fwd_kernel_tma(Q, K, V, O, O_PTR, LSE, CU_Q, CU_K,
                     stride_qb, stride_qm, stride_qh,
                     stride_kb, stride_kn, stride_kh,
                     stride_vb, stride_vn, stride_vh,
                     stride_ob, stride_om, stride_oh,
                     stride_lb, stride_lh,
-                    seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, group,
+                    seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, group, group_tiles,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     IS_VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, WS: tl.constexpr, HOST: tl.constexpr = False,
                     FOLD: tl.constexpr = False):
-    # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program: BLOCK_M rows of O and lse.
+    # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program: BLOCK_M rows of O and lse, in the order of
+    # `grouped_tile` (group_tiles 1: each head's tiles in a row, heaviest first).
     # HOST: Q, K, V, O are the caller's tensor descriptors over (B, S, H, D), or over the packed (total, H, D)
     # when IS_VARLEN (no descriptor written and fenced per program); else descriptors are made here over one
     # (sequence, head), which stop exactly at the sequence's end.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    pid_m, h, b32 = grouped_tile(seqlen_k, group_tiles, HEAD_DIM)
+    b = b32.to(tl.int64)
     q_start, k_start, Sq, Sk = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= Sq:
@@ -103,7 +103,7 @@ def _fwd_kernel_tma(Q, K, V, O, O_PTR, LSE, CU_Q, CU_K,
         k_desc = K
         v_desc = V
         # packed: rows past Sq are the next sequence's; they only reach rows that are not stored
-        q = desc_rows(Q, tl.program_id(2), q_start, m0, h, Sq, BLOCK_M, BLOCK_D, IS_VARLEN, False)
+        q = desc_rows(Q, b32, q_start, m0, h, Sq, BLOCK_M, BLOCK_D, IS_VARLEN, False)
     else:
         q = tl.make_tensor_descriptor(Q + b * stride_qb + h64 * stride_qh + q_start * stride_qm,
                                       shape=[Sq, HEAD_DIM], strides=[stride_qm, 1],
@@ -121,7 +121,7 @@ def _fwd_kernel_tma(Q, K, V, O, O_PTR, LSE, CU_Q, CU_K,
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     diag = Sk - Sq
     lo, full_lo, full_hi, hi = tile_range(m0, BLOCK_M, diag, window_left, window_right, Sk, BLOCK_N)
-    bk = tl.program_id(2)
+    bk = b32
     kh = h // group
     # masked left window edge; the band every row sees (pipelined, warp-specialised); masked diagonal/tail
     acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, lo, full_lo, offs_m, offs_n, Sk, diag,
@@ -137,7 +137,7 @@ def _fwd_kernel_tma(Q, K, V, O, O_PTR, LSE, CU_Q, CU_K,
     acc, lse = normalise_rows(acc, l_i, m_i, float("inf"))
     tl.store(LSE + b * stride_lb + h64 * stride_lh + q_start + offs_m, lse, mask=offs_m < Sq)
     if HOST and not IS_VARLEN:   # rows past the sequence are past the tensor: the copy drops them
-        O.store([tl.program_id(2), m0, h, 0], acc.to(O.dtype).reshape(1, BLOCK_M, 1, BLOCK_D))
+        O.store([b32, m0, h, 0], acc.to(O.dtype).reshape(1, BLOCK_M, 1, BLOCK_D))
     elif HOST:   # packed: rows past this sequence belong to the next one, so a masked store
         offs_d = tl.arange(0, BLOCK_D)
         tl.store(O_PTR + (q_start + offs_m[:, None]) * stride_om + h64 * stride_oh + offs_d[None, :],
@@ -272,7 +272,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     _fwd_launch.keyed(key, grid, q_arg, k_arg, v_arg, o_arg, out, lse, cu_seqlens_q, cu_seqlens_k,
                       *C.seq_layout(q, varlen), *C.seq_layout(k, varlen), *C.seq_layout(v, varlen),
                       *C.seq_layout(out, varlen), *stride_l,
-                      max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale, H // Hk,
+                      max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale, H // Hk, C.group_tiles(),
                       HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_N=bn, IS_VARLEN=varlen, SOFTCAP=softcap > 0,
                       WS=ws, HOST=host, FOLD=fold, num_warps=warps, num_stages=stages)
     return out, lse

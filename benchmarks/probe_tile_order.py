@@ -151,10 +151,10 @@ def main():
              f"{meta['triton']}, cuDNN {meta['cudnn']}, commit {meta['commit']}", "",
              f"date {meta['date']}; bf16 forwards through flash_attn_func, {args.iters} calls a timing, {args.rounds} "
              f"rounds, every variant and SDPA's cuDNN and flash backends in turns. `vN-gT`: version N with "
-             f"GROUP_TILES = T (1: each head's tiles in a row, the order before); speed-up: the median of the per-round "
-             f"ratio of `vN-g{groups[0]}`'s time to this one's; ÷ cuDNN, ÷ flash likewise (above 1: faster)", "",
-             f"Check (every order bitwise equal to GROUP_TILES = {groups[0]}, and within flash-attn's rule of a float32 "
-             f"reference; v2 and v3, bf16 on {len(CHECK)} shapes, fp16 on 3): {len(checks) - len(bad)}/{len(checks)}",
+             f"GROUP_TILES = T (1: each head's tiles in a row, the order before); speed-up: the median of the "
+             f"per-round ratio of `vN-g{groups[0]}`'s time to this one's; ÷ cuDNN, ÷ flash likewise (above 1: faster)", "",
+             f"Check (every order bitwise equal to GROUP_TILES = {groups[0]}, and within flash-attn's rule of a "
+             f"float32 reference; v2 and v3, bf16 on {len(CHECK)} shapes, fp16 on 3): {len(checks) - len(bad)}/{len(checks)}",
              "", "| point | variant | bitwise | median ms | TFLOP/s | speed-up | ÷ cuDNN | ÷ flash |",
              "|---|---|---|---|---|---|---|---|"]
     for row in results:

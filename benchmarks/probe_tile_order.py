@@ -1,5 +1,5 @@
 """The launch order of the one-program-a-tile forwards (v2's kernel and v3.py's), A/B in rounds in one process:
-`_common.grouped_tile` with `_common.GROUP_TILES` = 1 (each head's row tiles in a row, heaviest first: the order
+`_common.grouped_tile` with `_common.GROUP_TILES` (per kernel) = 1 (each head's row tiles in a row, heaviest first: the order
 before the nineteenth session) against larger values (the (batch, head) pairs in groups of about GROUP_TILES tiles,
 each group's heaviest tiles of all its heads first), beside SDPA's cuDNN and flash backends.
 
@@ -42,8 +42,8 @@ CHECK = [(2, 113, 203, 8, 2, 64, (-1, 0)), (1, 1000, 1000, 32, 8, 128, (-1, 0)),
 
 
 def with_group(C, g, f):
-    """f run with GROUP_TILES = g (read by every launch)."""
-    C.GROUP_TILES = g
+    """f run with GROUP_TILES = g for every kernel (read by every launch)."""
+    C.GROUP_TILES = dict.fromkeys(C.GROUP_TILES, g)
     return f()
 
 
@@ -102,8 +102,8 @@ def main():
     groups = [int(x) for x in args.groups.split(",")]
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 cudnn=torch.backends.cudnn.version(), commit=os.environ.get("COMMIT", "unknown"), rounds=args.rounds,
-                iters=args.iters, date=time.strftime("%Y-%m-%d"), groups=groups, default_group=C.GROUP_TILES)
-    default = C.GROUP_TILES
+                iters=args.iters, date=time.strftime("%Y-%m-%d"), groups=groups, default_group=dict(C.GROUP_TILES))
+    default = dict(C.GROUP_TILES)
     checks = [] if args.no_check else check(C, groups)
     bad = [c for c in checks if not c["ok"]]
     print(f"check: {len(checks) - len(bad)}/{len(checks)} ({time.time() - t0:.0f}s)", flush=True)

@@ -290,7 +290,7 @@ def test_v3_launch_variants(host, fold, shape, mask):
                          ids=["1tile-5pairs", "2tiles-3pairs-mqa", "3tiles"])
 def test_grouped_tile_order(version, group_tiles, shape, monkeypatch):
     from hf_flashattn.kernels import _common as C
-    monkeypatch.setattr(C, "group_tiles", lambda: group_tiles)
+    monkeypatch.setattr(C, "group_tiles", lambda kernel: group_tiles)
     q, k, v, _ = _inputs(shape, torch.float16, seed=14)
     out, lse, _ = fa.flash_attn_func(q, k, v, causal=True, return_attn_probs=True, version=version)
     ref = ref_grads(q, k, v, torch.zeros_like(q), causal=True)

@@ -39,15 +39,19 @@ def tile_range(t0, T_BLOCK: tl.constexpr, diag, left, right, S, L_BLOCK: tl.cons
 
 # `grouped_tile`: K/V elements (both, one head) a group of heads may hold in L2 together (~24 MB in 16-bit)
 GROUP_L2_ELEMS = tl.constexpr(6 << 20)
-# `grouped_tile`'s tiles a group on the GPU (1: each head's tiles in a row, the order before the nineteenth session;
-# benchmarks compare the two by setting this); on the interpreter 4, so that the CPU tests run several groups, a
-# partial last one included
-GROUP_TILES = 1024
+# `grouped_tile`'s tiles a group on the GPU, per kernel (1: each head's tiles in a row, heaviest first, the order
+# before the nineteenth session; benchmarks/probe_tile_order.py compares values by setting these). Measured on the
+# H100 (results/2026-11-27-h100-probe-tile-order.md, rounds in one process, bitwise equal output): v2's forward
+# 1.02-1.07x faster with 1024 under a causal mask (d64 4k 1.058, d256 1k 1.049, d128 1k 1.031), unmasked within
+# noise; v3.py's kernel (d64 below the Gluon kernel's range) within -0.8..+1.6% at 512-4k and 6% slower at 8k causal:
+# kept at 1.
+# On the interpreter 4, so that the CPU tests run several groups, a partial last one included.
+GROUP_TILES = {"v2": 1024, "v3": 1}
 
 
-def group_tiles() -> int:
-    """GROUP_TILES for a launch (4 on Triton's interpreter)."""
-    return 4 if _INTERPRETING else GROUP_TILES
+def group_tiles(kernel: str) -> int:
+    """GROUP_TILES[kernel] for a launch (4 on Triton's interpreter)."""
+    return 4 if _INTERPRETING else GROUP_TILES[kernel]
 
 
 @triton.jit

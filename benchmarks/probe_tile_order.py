@@ -1,6 +1,6 @@
 """The launch order of the one-program-a-tile forwards (v2's kernel and v3.py's), A/B in rounds in one process:
-`_common.grouped_tile` with `_common.GROUP_TILES` (per kernel) = 1 (each head's row tiles in a row, heaviest first: the order
-before the nineteenth session) against larger values (the (batch, head) pairs in groups of about GROUP_TILES tiles,
+`_common.grouped_tile` with `_common.GROUP_TILES` (per kernel) = 1 (each head's row tiles in a row, heaviest first:
+the order before the nineteenth session) against larger values (the (batch, head) pairs in groups of about GROUP_TILES tiles,
 each group's heaviest tiles of all its heads first), beside SDPA's cuDNN and flash backends.
 
     python benchmarks/probe_tile_order.py --out DIR [--rounds 7] [--points d64-1k-causal,...] [--groups 1,1024]
@@ -9,7 +9,8 @@ Check first: for each point's implementation, out and lse bitwise equal between 
 does not depend on which program runs it or when), and on awkward shapes (113 x 203, head dim 80, q_len != k_len,
 GQA 32/8 and MQA, causal and windows; bf16 and fp16) every order within flash-attn's rule of a float32 reference.
 Then rounds of forwards; per point and implementation the speed-up of each order over GROUP_TILES = 1 (median of the
-per-round ratios) and ÷ cuDNN. Writes probe_tile_order.json and probe_tile_order.md.
+per-round ratios) and ÷ cuDNN. --v2-fold-ab adds v2 at the last order without the scale folded into the exponent
+(`v2.FOLD`, timed only: its rounding differs). Writes probe_tile_order.json and probe_tile_order.md.
 """
 from __future__ import annotations
 
@@ -45,6 +46,16 @@ def with_group(C, g, f):
     """f run with GROUP_TILES = g for every kernel (read by every launch)."""
     C.GROUP_TILES = dict.fromkeys(C.GROUP_TILES, g)
     return f()
+
+
+def with_fold(fold, f):
+    """f run with v2's forward folding the scale into the exponent or not (`v2.FOLD`), then the default back."""
+    from hf_flashattn.kernels import v2
+    default, v2.FOLD = v2.FOLD, fold
+    try:
+        return f()
+    finally:
+        v2.FOLD = default
 
 
 def impls_for(D, S, causal):
@@ -93,6 +104,7 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--v2-fold-ab", action="store_true", help="also v2 without the scale folded into the exponent")
     args = ap.parse_args()
     t0 = time.time()
     import triton
@@ -129,17 +141,21 @@ def main():
             for gt in groups:
                 variants[f"{version}-g{gt}"] = functools.partial(with_group, C, gt,
                                                                  functools.partial(call, version, q, k, v, causal))
-        outs = {n: f() for n, f in variants.items() if not n.startswith("sdpa")}
+        if args.v2_fold_ab:   # v2 at the last order with the scale not folded (the scores scaled first)
+            variants[f"v2-g{groups[-1]}-nofold"] = functools.partial(
+                with_fold, False, functools.partial(with_group, C, groups[-1],
+                                                    functools.partial(call, "v2", q, k, v, causal)))
+        outs = {n: f() for n, f in variants.items() if not n.startswith("sdpa") and not n.endswith("nofold")}
         bitwise = {n: bool(torch.equal(o[0], outs[n.rsplit("-g", 1)[0] + f"-g{groups[0]}"][0])
                            and torch.equal(o[1], outs[n.rsplit("-g", 1)[0] + f"-g{groups[0]}"][1]))
                    for n, o in outs.items()}
         del outs
         rec = time_forwards(variants, args.rounds, args.iters, flops)
-        for version in impls:
-            for gt in groups:
-                r = rec[f"{version}-g{gt}"]
-                r["speedup_vs_g1"] = median_speedup(rec, f"{version}-g{groups[0]}", f"{version}-g{gt}", "ms")
-                r["of_flash"] = median_speedup(rec, "sdpa-flash", f"{version}-g{gt}", "ms")
+        for name, r in rec.items():
+            if name.startswith("sdpa"):
+                continue
+            r["speedup_vs_g1"] = median_speedup(rec, name.split("-g")[0] + f"-g{groups[0]}", name, "ms")
+            r["of_flash"] = median_speedup(rec, "sdpa-flash", name, "ms")
         results.append(dict(point=p, D=D, S=S, B=B, H=H, Hk=Hk, causal=causal, bitwise=bitwise, variants=rec))
         print(p, json.dumps({n: (round(r["tflops"]), round(r.get("speedup_vs_g1", 0), 4), round(r["of_cudnn"], 3))
                              for n, r in rec.items()}), "bitwise", bitwise, flush=True)
@@ -152,9 +168,11 @@ def main():
              f"date {meta['date']}; bf16 forwards through flash_attn_func, {args.iters} calls a timing, {args.rounds} "
              f"rounds, every variant and SDPA's cuDNN and flash backends in turns. `vN-gT`: version N with "
              f"GROUP_TILES = T (1: each head's tiles in a row, the order before); speed-up: the median of the "
-             f"per-round ratio of `vN-g{groups[0]}`'s time to this one's; ÷ cuDNN, ÷ flash likewise (above 1: faster)", "",
+             f"per-round ratio of `vN-g{groups[0]}`'s time to this one's; ÷ cuDNN, ÷ flash likewise (above 1: "
+             "faster)", "",
              f"Check (every order bitwise equal to GROUP_TILES = {groups[0]}, and within flash-attn's rule of a "
-             f"float32 reference; v2 and v3, bf16 on {len(CHECK)} shapes, fp16 on 3): {len(checks) - len(bad)}/{len(checks)}",
+             f"float32 reference; v2 and v3, bf16 on {len(CHECK)} shapes, fp16 on 3): "
+             f"{len(checks) - len(bad)}/{len(checks)}",
              "", "| point | variant | bitwise | median ms | TFLOP/s | speed-up | ÷ cuDNN | ÷ flash |",
              "|---|---|---|---|---|---|---|---|"]
     for row in results:

@@ -301,6 +301,18 @@ def test_grouped_tile_order(version, group_tiles, shape, monkeypatch):
     assert_close_rule("lse", lse[fin], ref[1][fin], low[1].float()[fin], 2, torch.float32)
 
 
+# v2's forward with the scale folded into the exponent (the default where there is no softcap and the scale is
+# positive) and without (the scores scaled first): both within the rule, over masks with a masked edge and a tail.
+@pytest.mark.parametrize("fold", [True, False], ids=["fold", "no-fold"])
+@pytest.mark.parametrize("shape,mask", [((1, 113, 203, 4, 1, 40), {"causal": True}),
+                                        ((2, 70, 70, 4, 2, 32), {"window_size": (20, 5)})], ids=["causal", "window"])
+def test_v2_fold(fold, shape, mask, monkeypatch):
+    from hf_flashattn.kernels import v2
+    monkeypatch.setattr(v2, "FOLD", fold)
+    q, k, v, do = _inputs(shape, torch.float16, seed=15)
+    _check("v2", q, k, v, do, torch.float16, softmax_scale=0.3, **mask)
+
+
 @pytest.mark.parametrize("host", [True, False], ids=["host", "in-kernel"])
 def test_v3_varlen_load_paths(host):
     """Packed sequences through descriptors over the whole packed tensors: a tile that runs past its sequence

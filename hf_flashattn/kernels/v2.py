@@ -17,8 +17,8 @@ import triton.language as tl
 
 from .._runtime import env_get
 from . import _common as C
-from ._common import (grouped_tile, load_rows_pair, log2_scores, normalise_rows, seq_bounds, softmax_step, tile_range,
-                      visible)
+from ._common import (grouped_tile, load_rows_pair, log2_scores, normalise_rows, seq_bounds, softmax_step, softmax_tile,
+                      tile_range, visible)
 
 
 @triton.jit
@@ -26,7 +26,7 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, start, en
                offs_m, offs_n, offs_d, Sk, diag, left, right, qk_scale, cap_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-               KMASK_base=None, HAS_KMASK: tl.constexpr = False):
+               KMASK_base=None, HAS_KMASK: tl.constexpr = False, FOLD: tl.constexpr = False):
     # KMASK_base (decode only): a per-key padding mask (nonzero = attend), applied on top of the window
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
@@ -35,24 +35,32 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, start, en
         # -- load k, v (the d-padding and, on the edge blocks, the key tail are masked) --
         k, v = load_rows_pair(k_ptrs, v_ptrs, cols, Sk, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         acc, l_i, m_i = kv_block(acc, l_i, m_i, q, k, v, offs_m, cols, Sk, diag, left, right, qk_scale, cap_scale,
-                                 MASKED, SOFTCAP, DOT_PREC, KMASK_base, HAS_KMASK)
+                                 MASKED, SOFTCAP, DOT_PREC, KMASK_base, HAS_KMASK, FOLD)
     return acc, l_i, m_i
 
 
 @triton.jit
 def kv_block(acc, l_i, m_i, q, k, v, offs_m, cols, Sk, diag, left, right, qk_scale, cap_scale, MASKED: tl.constexpr,
-             SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, KMASK_base, HAS_KMASK: tl.constexpr):
+             SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, KMASK_base, HAS_KMASK: tl.constexpr,
+             FOLD: tl.constexpr = False):
     """One key block of `_fwd_inner`'s loop once k and v are loaded (columns `cols`): the scores in log2 units, the
     mask (MASKED: the window and the key tail; HAS_KMASK: the per-key padding mask), the online-softmax update of m_i
-    and l_i (a row that has seen nothing yet keeps m = -inf and is shifted by 0) and of the accumulator. Also the
-    decode kernel's loop over descriptor-loaded blocks (decode._decode_inner_tma)."""
-    s, _ = log2_scores(q, k, qk_scale, cap_scale, SOFTCAP, DOT_PREC)
-    if MASKED:
-        s = tl.where(visible(offs_m, cols, diag, left, right, Sk), s, float("-inf"))
-    if HAS_KMASK:
-        keep = tl.load(KMASK_base + cols, mask=cols < Sk, other=0)
-        s = tl.where(keep[None, :] != 0, s, float("-inf"))
-    p, alpha, m_new, l_i = softmax_step(s, m_i, l_i)
+    and l_i (a row that has seen nothing yet keeps m = -inf and is shifted by 0) and of the accumulator. FOLD (no
+    softcap, no per-key mask, a positive scale: the caller's condition): the scale folded into the exponent
+    (`softmax_tile`), as v3's kernels. Also the decode kernel's loop over descriptor-loaded blocks
+    (decode._decode_inner_tma)."""
+    if FOLD:
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        p, alpha, m_new, l_i = softmax_tile(qk, m_i, l_i, 1.0, qk_scale, cap_scale, offs_m, cols, Sk, diag, left,
+                                            right, MASKED, SOFTCAP, True, False)
+    else:
+        s, _ = log2_scores(q, k, qk_scale, cap_scale, SOFTCAP, DOT_PREC)
+        if MASKED:
+            s = tl.where(visible(offs_m, cols, diag, left, right, Sk), s, float("-inf"))
+        if HAS_KMASK:
+            keep = tl.load(KMASK_base + cols, mask=cols < Sk, other=0)
+            s = tl.where(keep[None, :] != 0, s, float("-inf"))
+        p, alpha, m_new, l_i = softmax_step(s, m_i, l_i)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
     return acc, l_i, m_new
@@ -69,7 +77,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, SEQ_BUCKET, MASK_KIND,
                 group, group_tiles, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
-                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr):
+                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr, FOLD: tl.constexpr = False):
     # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program computes the BLOCK_M rows of
     # O and lse of one (query block, head, sequence), walking the visible key blocks; programs take their tiles in
     # `grouped_tile`'s order.
@@ -101,13 +109,16 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     # right edge and the key tail (masked)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, full_lo,
                                offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
-                               cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC)
+                               cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC,
+                               FOLD=FOLD)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, full_lo, full_hi,
                                offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
-                               cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, SOFTCAP, DOT_PREC)
+                               cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, SOFTCAP, DOT_PREC,
+                               FOLD=FOLD)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, full_hi, hi,
                                offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
-                               cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC)
+                               cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC,
+                               FOLD=FOLD)
     # epilogue: normalise once; rows that saw no key get O = 0 and lse = +inf (as flash-attn)
     acc, lse = normalise_rows(acc, l_i, m_i, float("inf"))
     tl.store(LSE + b * stride_lb + h64 * stride_lh + q_start + offs_m, lse, mask=row_ok)
@@ -139,6 +150,11 @@ def prune_by_head_dim(configs, named_args, **kwargs):
 _fwd_launch = C.Launcher(_fwd_kernel, _fwd_configs(), prune_by_head_dim,
                          key=["BLOCK_D", "IS_VARLEN", "SOFTCAP", "DOT_PREC", "SEQ_BUCKET", "MASK_KIND"],
                          interp_meta={"BLOCK_M": 32, "BLOCK_N": 16, "D_CLASS": 0})
+
+
+# The forward's scale folded into the exponent (`kv_block`'s FOLD) where it applies; False: the scores scaled first (the
+# kernel before the nineteenth session; benchmarks compare the two)
+FOLD = True
 
 
 def use_split_kv(q, k, varlen: bool) -> bool:
@@ -176,10 +192,11 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
             *C.seq_layout(out, varlen), *stride_l,
             max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale,
             C.seq_bucket(max_seqlen_q), C.mask_kind(window_size), H // Hk, C.group_tiles("v2"))
+    fold = FOLD and softcap == 0 and softmax_scale > 0
     meta = dict(HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), IS_VARLEN=varlen,
-                SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype))
+                SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype), FOLD=fold)
     _fwd_launch(lambda m: (C.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch), args, meta,
-                site_key=_site_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, left, right))
+                site_key=_site_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, left, right, fold))
     return out, lse
 
 

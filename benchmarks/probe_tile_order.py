@@ -1,7 +1,7 @@
 """The launch order of the one-program-a-tile forwards (v2's kernel and v3.py's), A/B in rounds in one process:
 `_common.grouped_tile` with `_common.GROUP_TILES` (per kernel) = 1 (each head's row tiles in a row, heaviest first:
-the order before the nineteenth session) against larger values (the (batch, head) pairs in groups of about GROUP_TILES tiles,
-each group's heaviest tiles of all its heads first), beside SDPA's cuDNN and flash backends.
+the order before the nineteenth session) against larger values (the (batch, head) pairs in groups of about
+GROUP_TILES tiles, each group's heaviest tiles of all its heads first), beside SDPA's cuDNN and flash backends.
 
     python benchmarks/probe_tile_order.py --out DIR [--rounds 7] [--points d64-1k-causal,...] [--groups 1,1024]
 

@@ -10,8 +10,9 @@ programs an SM, `64:64x128:3:232`), not run at other head dims.
 Check first: on awkward shapes (dense and packed, causal, windows, GQA, bf16 and fp16) each variant with the
 baseline's tiles bitwise equal to it (the same products in the same order, issued in another interleaving), the
 baseline and every variant with other tiles within flash-attn's error rule of a float32 reference. Then rounds of forwards through v3_gluon.forward with the plan the
-dispatch takes (d64 at 4k: the Gluon plan forced, v3.py's kernel timed beside it), each variant read as its ratio to
-the baseline in the same round, median over rounds. Writes probe_plan_ab.json and probe_plan_ab.md.
+dispatch takes (d64 at 4k: the Gluon plan forced, v3.py's kernel timed beside it, `v3py`; elsewhere `v3`: what
+flash_attn_func(version="v3") runs), each variant read as its ratio to the baseline in the same round, median over
+rounds. Writes probe_plan_ab.json and probe_plan_ab.md.
 """
 from __future__ import annotations
 
@@ -175,8 +176,9 @@ def main():
         variants = {n: functools.partial(G.forward, q, k, v, S, S, D ** -0.5, win, _plan=pl)
                     for n, pl in plans.items() if pl is not None}
         variants["sdpa-cudnn"] = functools.partial(cudnn, sdpa_kernel, SDPBackend, qt, kt, vt, causal, H != Hk)
-        if G.plan(D, S, causal) is None:   # the dispatch takes v3.py's kernel here: time it too
-            variants["v3py"] = functools.partial(v3py, q, k, v, causal)
+        # what version="v3" runs here (v3.py's kernel where `plan` says None, a Gluon plan other than _PLANS[D] at
+        # d128 under a mask below MASKED_SHORT_KEYS): timed too, through flash_attn_func
+        variants["v3py" if G.plan(D, S, causal) is None else "v3"] = functools.partial(v3py, q, k, v, causal)
         run = [n for n in names if plans[n] is not None]
         outs = {n: variants[n]() for n in run}
         row = dict(point=p, D=D, S=S, B=B, H=H, Hk=Hk, causal=causal,

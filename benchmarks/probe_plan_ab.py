@@ -3,16 +3,17 @@ variants of it, with SDPA's cuDNN backend in the same rounds. Variant `pingpong`
 barrier between the consumer warpgroups (`_turn_wait`: each issues its products only after the other has issued its
 own), the lever left where ptxas waits for P·V before the exponentials (benchmarks/NOTES.md, eighteenth session).
 Variant `D:BMxBN:STAGES:REGS[:PINGPONG[:Q_SLOTS]]`: another plan at head dim D (other tiles: e.g. one consumer, two
-programs an SM, `64:64x128:3:232`), not run at other head dims.
+programs an SM, `64:64x128:3:232`), not run at other head dims; `v3py:D:BMxBN:WARPS:STAGES`: v3.py's kernel with
+that plan (host descriptors).
 
     python benchmarks/probe_plan_ab.py --out DIR [--rounds 7] [--points d128-4k,...] [--variants base,pingpong]
 
 Check first: on awkward shapes (dense and packed, causal, windows, GQA, bf16 and fp16) each variant with the
 baseline's tiles bitwise equal to it (the same products in the same order, issued in another interleaving), the
-baseline and every variant with other tiles within flash-attn's error rule of a float32 reference. Then rounds of forwards through v3_gluon.forward with the plan the
-dispatch takes (d64 at 4k: the Gluon plan forced, v3.py's kernel timed beside it, `v3py`; elsewhere `v3`: what
-flash_attn_func(version="v3") runs), each variant read as its ratio to the baseline in the same round, median over
-rounds. Writes probe_plan_ab.json and probe_plan_ab.md.
+baseline and every variant with other tiles within flash-attn's error rule of a float32 reference. Then rounds of
+forwards through v3_gluon.forward with the plan the dispatch takes (d64 at 4k: the Gluon plan forced, v3.py's kernel
+timed beside it, `v3py`; elsewhere `v3`: what flash_attn_func(version="v3") runs), each variant read as its ratio to
+the baseline in the same round, median over rounds. Writes probe_plan_ab.json and probe_plan_ab.md.
 """
 from __future__ import annotations
 
@@ -41,6 +42,12 @@ def variant_plan(G, name, D):
     p = list(G._PLANS[D]) + [G.PINGPONG, G.Q_SLOTS][len(G._PLANS[D]) - 5:]
     if name in ("pingpong", "no-pingpong"):
         p[5] = name == "pingpong"
+    elif name.startswith("v3py:"):   # v3py:D:BMxBN:WARPS:STAGES: v3.py's kernel with that plan (host descriptors)
+        f = name.split(":")
+        if int(f[1]) != D:
+            return None
+        bm, bn = (int(x) for x in f[2].split("x"))
+        return ("v3py", bm, bn, int(f[3]), int(f[4]))
     elif ":" in name:
         f = name.split(":")
         if int(f[0]) != D:
@@ -51,6 +58,17 @@ def variant_plan(G, name, D):
     elif name != "base":
         raise SystemExit(f"unknown variant {name}")
     return tuple(p)
+
+
+def runner(G, pl, q, k, v, Sq, Sk, scale, win, cu=None):
+    """The forward of plan `pl` (`variant_plan`) on these inputs: the Gluon kernel, or v3.py's for a v3py plan."""
+    if pl[0] == "v3py":
+        from hf_flashattn.kernels import v3
+        return functools.partial(v3.forward, q, k, v, cu, cu, Sq, Sk, scale, win, 0.0,
+                                 _plan=(tuple(pl[1:]), True, False))
+    if cu is None:
+        return functools.partial(G.forward, q, k, v, Sq, Sk, scale, win, _plan=pl)
+    return functools.partial(G.forward, q, k, v, Sq, Sk, scale, win, cu_seqlens_q=cu, cu_seqlens_k=cu, _plan=pl)
 
 
 def same_tiles(a, b):
@@ -98,15 +116,16 @@ def check(G, names):
             scale = D ** -0.5
             if pk:
                 q, k, v, cu, mx = packed(B, Sq, H, Hk, D, dtype, g)
-                run = functools.partial(G.forward, q, k, v, mx, mx, scale, win, cu_seqlens_q=cu, cu_seqlens_k=cu,
-                                        _plan=None)
+                lens = (mx, mx)
             else:
                 q = torch.randn(B, Sq, H, D, device="cuda", dtype=dtype, generator=g)
                 k, v = (torch.randn(B, Sk, Hk, D, device="cuda", dtype=dtype, generator=g) for _ in range(2))
-                run = functools.partial(G.forward, q, k, v, Sq, Sk, scale, win)
+                cu, lens = None, (Sq, Sk)
             plans = {n: variant_plan(G, n, D) for n in names}
             plans = {n: pl for n, pl in plans.items() if pl is not None}
-            res = {n: run(_plan=pl) for n, pl in plans.items()}
+            if names[0] not in plans:   # the baseline is a plan of another head dim
+                continue
+            res = {n: runner(G, pl, q, k, v, *lens, scale, win, cu)() for n, pl in plans.items()}
             base = res[names[0]]
             causal = win == (-1, 0)
             kw = dict(causal=causal) if causal or win == (-1, -1) else dict(window_size=win)
@@ -173,8 +192,7 @@ def main():
         flops = 4 * B * H * S * S * D / (2 if causal else 1)
         win = (-1, 0) if causal else (-1, -1)
         plans = {n: variant_plan(G, n, D) for n in names}
-        variants = {n: functools.partial(G.forward, q, k, v, S, S, D ** -0.5, win, _plan=pl)
-                    for n, pl in plans.items() if pl is not None}
+        variants = {n: runner(G, pl, q, k, v, S, S, D ** -0.5, win) for n, pl in plans.items() if pl is not None}
         variants["sdpa-cudnn"] = functools.partial(cudnn, sdpa_kernel, SDPBackend, qt, kt, vt, causal, H != Hk)
         # what version="v3" runs here (v3.py's kernel where `plan` says None, a Gluon plan other than _PLANS[D] at
         # d128 under a mask below MASKED_SHORT_KEYS): timed too, through flash_attn_func

@@ -2,9 +2,9 @@
 variants of it, with SDPA's cuDNN backend in the same rounds. Variant `pingpong`: the plan with FA3's warp-scheduler
 barrier between the consumer warpgroups (`_turn_wait`: each issues its products only after the other has issued its
 own), the lever left where ptxas waits for P·V before the exponentials (benchmarks/NOTES.md, eighteenth session).
-Variant `D:BMxBN:STAGES:REGS[:PINGPONG[:Q_SLOTS]]`: another plan at head dim D (other tiles: e.g. one consumer, two
-programs an SM, `64:64x128:3:232`), not run at other head dims; `v3py:D:BMxBN:WARPS:STAGES`: v3.py's kernel with
-that plan (host descriptors).
+Variant `D:BMxBN:STAGES:REGS[:PINGPONG[:Q_SLOTS[:PER_SM]]]`: another plan at head dim D (other tiles: e.g. one
+consumer, two programs an SM, `64:64x128:3:232`), not run at other head dims; `v3py:D:BMxBN:WARPS:STAGES`: v3.py's
+kernel with that plan (host descriptors).
 
     python benchmarks/probe_plan_ab.py --out DIR [--rounds 7] [--points d128-4k,...] [--variants base,pingpong]
 
@@ -37,8 +37,8 @@ from rounds import save_json, save_md, time_forwards  # noqa: E402
 
 def variant_plan(G, name, D):
     """The plan tuple of variant `name` at head dim D: `base` (`_PLANS[D]`), `pingpong` / `no-pingpong` (it with
-    ping-pong on / off), or an explicit plan `D:BMxBN:STAGES:REGS[:PINGPONG[:Q_SLOTS]]` (4 producer warps; at other
-    head dims: None, the variant is not run there)."""
+    ping-pong on / off), or an explicit plan `D:BMxBN:STAGES:REGS[:PINGPONG[:Q_SLOTS[:PER_SM]]]` (4 producer warps;
+    at other head dims: None, the variant is not run there)."""
     p = list(G._PLANS[D]) + [G.PINGPONG, G.Q_SLOTS][len(G._PLANS[D]) - 5:]
     if name in ("pingpong", "no-pingpong"):
         p[5] = name == "pingpong"
@@ -54,7 +54,7 @@ def variant_plan(G, name, D):
             return None
         bm, bn = (int(x) for x in f[1].split("x"))
         p = [bm, bn, 4, int(f[2]), int(f[3]), bool(int(f[4])) if len(f) > 4 else G.PINGPONG,
-             int(f[5]) if len(f) > 5 else G.Q_SLOTS]
+             int(f[5]) if len(f) > 5 else G.Q_SLOTS] + ([int(f[6])] if len(f) > 6 else [])
     elif name != "base":
         raise SystemExit(f"unknown variant {name}")
     return tuple(p)

@@ -549,8 +549,10 @@ if HAVE_GLUON:
             ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
-# Launch plans: (BLOCK_M, BLOCK_N, num_warps, STAGES, consumer registers[, ping-pong[, Q slots]]): BLOCK_M = 64 rows
-# x NC consumer warpgroups, num_warps the producer partition's (the region outside `gl.warp_specialize`).
+# Launch plans: (BLOCK_M, BLOCK_N, num_warps, STAGES, consumer registers[, ping-pong[, Q slots[, programs an SM]]]):
+# BLOCK_M = 64 rows x NC consumer warpgroups, num_warps the producer partition's (the region outside
+# `gl.warp_specialize`); programs an SM 2 with one consumer, else 1, unless given (with more than one, the registers
+# are capped at the file's share of each: consumer registers x 128 x NC + 24 x 32 x num_warps within it).
 # From benchmarks/sweep_gluon.py on the H100 (results/2026-11-26-h100-sweep-gluon*.md), against v3.py's kernel:
 # d128 faster from 4k keys (1.01-1.04x cuDNN at 16k) and at 1k without a mask; d256 faster everywhere (0.93-1.18x
 # cuDNN); d64 only without a mask from 4k keys with three consumers (192 rows). Fourteenth session
@@ -749,8 +751,9 @@ class _Setup:
         n_mt = C.cdiv(Sq, bm)
         nc = bm // 64
         # one consumer: two programs an SM (registers capped at half the file, shared memory under half), so that one
-        # program's tile ends and starts run under the other's products
-        per, n_units, programs = schedule(n_mt, H, B, masked, q.device, per_sm=2 if nc == 1 else 1)
+        # program's tile ends and starts run under the other's products; a plan's 8th element overrides
+        per_sm = p[7] if len(p) > 7 else (2 if nc == 1 else 1)
+        per, n_units, programs = schedule(n_mt, H, B, masked, q.device, per_sm=per_sm)
         self.grid = (programs,)
         o_buf = D <= O_BUF_MAX_D and not varlen
         # what Triton specialises on besides the signature: the lengths, window and tile counts only by their 32/64-bit
@@ -758,7 +761,7 @@ class _Setup:
         # the tail: under a causal mask only (a window's tiles cost the same, pairs or not), dense, persistent, one
         # program an SM (with two, the makespan model's programs are not the SMs)
         square_causal = tuple(window_size) == (-1, 0) and Sq == Sk and not varlen
-        tail = (tail_pairs(n_mt, H * B, programs) if TAIL_SPLIT and square_causal and per == 2 and nc > 1
+        tail = (tail_pairs(n_mt, H * B, programs) if TAIL_SPLIT and square_causal and per == 2 and per_sm == 1
                 and persistent_on() else 0)
         self.tail = tail
         self.key = key + ((left | right | Sq | Sk | n_units) >> 31,)
@@ -766,8 +769,8 @@ class _Setup:
         self.meta = dict(HEAD_DIM=D, BLOCK_N=bn, STAGES=stages, CONSUMER_REGS=regs, NC=nc, PINGPONG=pingpong,
                          IS_VARLEN=varlen, O_BUF=o_buf, LEFT=window_size[0] >= 0 or bm > 128, Q_SLOTS=q_slots,
                          TAIL=tail > 0, num_warps=warps)
-        if nc == 1:
-            self.meta["maxnreg"] = 65536 // 2 // (32 * (warps + 4))
+        if per_sm > 1:
+            self.meta["maxnreg"] = 65536 // per_sm // (32 * (warps + 4 * nc))
 
 
 if HAVE_GLUON:

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fwd_rule import forward_rule  # noqa: E402
-from rounds import save_json, save_md, time_forwards  # noqa: E402
+from rounds import forward_points, save_json, save_md, time_forwards  # noqa: E402
 
 
 
@@ -183,15 +183,8 @@ def main():
     bad = [c for c in checks if not c["ok"]]
     print(f"check: {len(checks) - len(bad)}/{len(checks)} ({time.time() - t0:.0f}s)", flush=True)
     results = []
-    for p in args.points.split(","):
-        if time.time() - t0 > args.budget_s:
-            print(f"budget: {p} and later skipped", flush=True)
-            break
-        D, S, B, H, Hk, causal = POINTS[p]
-        q = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(B, S, Hk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        flops = 4 * B * H * S * S * D / (2 if causal else 1)
+    for p, (D, S, B, H, Hk, causal), (q, k, v), (qt, kt, vt), flops in forward_points(args.points, POINTS, t0,
+                                                                                       args.budget_s):
         win = (-1, 0) if causal else (-1, -1)
         plans = {n: variant_plan(G, n, D) for n in names}
         variants = {n: runner(G, pl, q, k, v, S, S, D ** -0.5, win) for n, pl in plans.items() if pl is not None}
@@ -210,8 +203,7 @@ def main():
         results.append(row)
         print(p, json.dumps({n: (round(r["tflops"]), round(r["median_ratio"], 4), round(r["of_cudnn"], 3))
                              for n, r in row["variants"].items()}), "bitwise", row["bitwise"], flush=True)
-        del q, k, v, qt, kt, vt
-        torch.cuda.empty_cache()
+        del q, k, v, qt, kt, vt, variants   # the point's tensors, freed before the next point's (forward_points)
     save_json(args.out, "probe_plan_ab", meta, t0, checks=checks, results=results)
     lines = [f"# Gluon forward: launch plans A/B — {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
              f"cuDNN {meta['cudnn']}, commit {meta['commit']}", "",

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fwd_rule import forward_rule  # noqa: E402
-from rounds import median_speedup, save_json, save_md, time_forwards  # noqa: E402
+from rounds import forward_points, median_speedup, save_json, save_md, time_forwards  # noqa: E402
 
 # name -> (D, S, B, H, Hk, causal): 16k tokens a batch, H = 2048 / D (bench.py's grid), GQA 32/8
 POINTS = {"d64-1k-causal": (64, 1024, 16, 32, 32, True), "d64-1k": (64, 1024, 16, 32, 32, False),
@@ -125,15 +125,8 @@ def main():
             return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=gqa)
 
     results = []
-    for p in args.points.split(","):
-        if time.time() - t0 > args.budget_s:
-            print(f"budget: {p} and later skipped", flush=True)
-            break
-        D, S, B, H, Hk, causal = POINTS[p]
-        q = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(B, S, Hk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        flops = 4 * B * H * S * S * D / (2 if causal else 1)
+    for p, (D, S, B, H, Hk, causal), (q, k, v), (qt, kt, vt), flops in forward_points(args.points, POINTS, t0,
+                                                                                       args.budget_s):
         variants = {"sdpa-cudnn": functools.partial(sdpa, SDPBackend.CUDNN_ATTENTION, qt, kt, vt, causal, H != Hk),
                     "sdpa-flash": functools.partial(sdpa, SDPBackend.FLASH_ATTENTION, qt, kt, vt, causal, H != Hk)}
         impls = impls_for(D, S, causal)
@@ -159,8 +152,7 @@ def main():
         results.append(dict(point=p, D=D, S=S, B=B, H=H, Hk=Hk, causal=causal, bitwise=bitwise, variants=rec))
         print(p, json.dumps({n: (round(r["tflops"]), round(r.get("speedup_vs_g1", 0), 4), round(r["of_cudnn"], 3))
                              for n, r in rec.items()}), "bitwise", bitwise, flush=True)
-        del q, k, v, qt, kt, vt
-        torch.cuda.empty_cache()
+        del q, k, v, qt, kt, vt, variants   # the point's tensors, freed before the next point's (forward_points)
     C.GROUP_TILES = default
     save_json(args.out, "probe_tile_order", meta, t0, checks=checks, results=results)
     lines = [f"# One-program-a-tile forwards: launch order A/B — {meta['device']}, torch {meta['torch']}, triton "

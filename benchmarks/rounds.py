@@ -60,6 +60,24 @@ def time_forwards(variants: dict, rounds: int, iters: int, flops: float, ref: st
 
 
 
+def forward_points(names: str, points: dict, t0: float, budget_s: float):
+    """The forward probes' grid points in turn (`names`: comma-separated keys of `points`, name -> (D, S, B, H, Hk,
+    causal)) until `budget_s` seconds after t0: per point (name, (D, S, B, H, Hk, causal), (q, k, v) random bf16 on the
+    GPU as (B, S, H or Hk, D), their (B, H, S, D) views for SDPA, the forward's FLOPs, halved under the causal mask)."""
+    import torch
+    for p in names.split(","):
+        if time.time() - t0 > budget_s:
+            print(f"budget: {p} and later skipped", flush=True)
+            return
+        D, S, B, H, Hk, causal = points[p]
+        q = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(B, S, Hk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        yield p, points[p], (q, k, v), tuple(t.transpose(1, 2) for t in (q, k, v)), \
+            4 * B * H * S * S * D / (2 if causal else 1)
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
 def save_json(out: str, stem: str, meta: dict, t0: float, **payload) -> None:
     """A probe's results, written before its report is built (a report that fails to build loses nothing):
     meta["total_s"] (seconds since t0), then OUT/stem.json with meta and the payload's keys, in order."""

@@ -41,10 +41,10 @@ def tile_range(t0, T_BLOCK: tl.constexpr, diag, left, right, S, L_BLOCK: tl.cons
 GROUP_L2_ELEMS = tl.constexpr(6 << 20)
 # `grouped_tile`'s tiles a group on the GPU, per kernel (1: each head's tiles in a row, heaviest first, the order
 # before the nineteenth session; benchmarks/probe_tile_order.py compares values by setting these). Measured on the
-# H100 (results/2026-11-27-h100-probe-tile-order.md, rounds in one process, bitwise equal output): v2's forward
-# 1.02-1.07x faster with 1024 under a causal mask (d64 4k 1.058, d256 1k 1.049, d128 1k 1.031), unmasked within
-# noise; v3.py's kernel (d64 below the Gluon kernel's range) within -0.8..+1.6% at 512-4k and 6% slower at 8k causal:
-# kept at 1.
+# H100 (results/2026-11-27-h100-probe-tile-order{,-fold}.md, rounds in one process, bitwise equal output): v2's
+# forward 1.02-1.06x faster with 1024 under a causal mask at 1k-8k (d64 4k 1.058, d256 1k 1.042-1.049, d128 1k
+# 1.024-1.031), unmasked within noise, d64 512 causal 0.97-0.98; v3.py's kernel (d64 below the Gluon kernel's range)
+# within -1.9..+0.9% at 512-4k and 2-6% slower at 8k causal: kept at 1.
 # On the interpreter 4, so that the CPU tests run several groups, a partial last one included.
 GROUP_TILES = {"v2": 1024, "v3": 1}
 

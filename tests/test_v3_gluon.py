@@ -118,6 +118,29 @@ def test_tail_schedule_compiles_without_spills(D):
     _assert_spills_within_allowance(ptx)
 
 
+def test_plan_programs_per_sm():
+    """A plan's 8th element sets the programs an SM (nineteenth session: two two-consumer d64 programs an SM, measured
+    slower, no default plan uses it): the persistent grid is that many programs an SM, the registers are capped at each
+    program's share of the file (consumers' registers x 128 x NC + the producer's 24 x 128 within it), the tail is off
+    (its makespan model counts one program an SM), and the kernel compiles for sm_90a within the spill allowance with
+    shared memory for two programs."""
+    keys = 1024
+    q = torch.empty(1, 1, 1, 64, dtype=torch.bfloat16).expand(16, keys, 32, 64)
+    st = G._Setup(q, q[:, :, :1], None, keys, keys, 0.1, (-1, 0), (128, 64, 4, 3, 112, False, 1, 2), ())
+    m = st.meta
+    assert st.grid == (2 * 4,)   # 2 programs x the stand-in's 4 SMs (plenty of units)
+    assert m["maxnreg"] == 65536 // 2 // (32 * 12) and 112 * 128 * 2 + 24 * 128 <= m["maxnreg"] * 32 * 12
+    assert st.tail == 0 and not m["TAIL"]
+    one = G._Setup(q, q[:, :, :1], None, keys, keys, 0.1, (-1, 0), (128, 64, 4, 3, 112, False, 1), ())
+    assert one.grid == (4,) and "maxnreg" not in one.meta
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, shared = _compile(64, m["BLOCK_N"], m["STAGES"], m["CONSUMER_REGS"], m["NC"], os.path.join(tmp, "k.ptx"),
+                               False, m["LEFT"], m["Q_SLOTS"], m["maxnreg"], False, m["PINGPONG"])
+    assert re.search(r"\.maxnreg 85\b", ptx) and re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+112;", ptx)
+    assert 2 * (shared + 1024) <= 233472
+    _assert_spills_within_allowance(ptx)
+
+
 def test_plan_rule():
     """Where the Gluon kernel runs by default (measured faster on the H100, results/2026-11-26-h100-sweep-gluon-3)."""
     assert G.plan(256, 512, True) == G._PLANS[256]             # d256: everywhere

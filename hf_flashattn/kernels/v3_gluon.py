@@ -552,7 +552,9 @@ if HAVE_GLUON:
 # Launch plans: (BLOCK_M, BLOCK_N, num_warps, STAGES, consumer registers[, ping-pong[, Q slots[, programs an SM]]]):
 # BLOCK_M = 64 rows x NC consumer warpgroups, num_warps the producer partition's (the region outside
 # `gl.warp_specialize`); programs an SM 2 with one consumer, else 1, unless given (with more than one, the registers
-# are capped at the file's share of each: consumer registers x 128 x NC + 24 x 32 x num_warps within it).
+# are capped at the file's share of each: consumer registers x 128 x NC + 24 x 32 x num_warps within it; two
+# two-consumer d64 programs an SM at 112 registers measured 0.74-0.82x cuDNN at 1k-4k, against 0.93-1.03 for v3.py's
+# kernel, results/2026-11-27-h100-plan-ab-d64-two-per-sm.md: no plan uses it).
 # From benchmarks/sweep_gluon.py on the H100 (results/2026-11-26-h100-sweep-gluon*.md), against v3.py's kernel:
 # d128 faster from 4k keys (1.01-1.04x cuDNN at 16k) and at 1k without a mask; d256 faster everywhere (0.93-1.18x
 # cuDNN); d64 only without a mask from 4k keys with three consumers (192 rows). Fourteenth session

@@ -30,7 +30,7 @@ sys.path.insert(0, HERE)
 import hf_flashattn as fa  # noqa: E402
 from hf_flashattn.kernels import decode  # noqa: E402
 from hf_flashattn.reference import attention_ref  # noqa: E402
-from rounds import interleaved_rounds, median_speedup, save_json, save_md  # noqa: E402
+from rounds import interleaved_rounds, median_speedup, run_meta, save_json, save_md  # noqa: E402
 
 H, HK, D = 32, 8, 128
 
@@ -193,10 +193,7 @@ def main():
     ap.add_argument("--budget-s", type=float, default=1e9)
     args = ap.parse_args()
     t0 = time.time()
-    import triton
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                cudnn=torch.backends.cudnn.version(), commit=os.environ.get("COMMIT", "unknown"), rounds=args.rounds,
-                calls=args.calls, date=time.strftime("%Y-%m-%d"), shape=f"GQA {H}/{HK}, d{D}, bf16, one query token")
+    meta = run_meta(rounds=args.rounds, calls=args.calls, shape=f"GQA {H}/{HK}, d{D}, bf16, one query token")
     checks = check_reference()
     bad = [c for c in checks if not c["ok"]]
     nbit = sum(c["bitwise"] for c in checks)

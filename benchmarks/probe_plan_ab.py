@@ -25,13 +25,12 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fwd_rule import forward_rule  # noqa: E402
-from rounds import forward_points, save_json, save_md, time_forwards  # noqa: E402
+from rounds import forward_points, run_meta, save_json, save_md, sdpa_forward, time_forwards  # noqa: E402
 
 
 
@@ -150,11 +149,6 @@ def check(G, names):
     return rows
 
 
-def cudnn(sdpa_kernel, SDPBackend, qt, kt, vt, causal, gqa):
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=gqa)
-
-
 def v3py(q, k, v, causal):
     from hf_flashattn import flash_attn_func
     return flash_attn_func(q, k, v, causal=causal, version="v3")
@@ -171,14 +165,9 @@ def main():
     ap.add_argument("--no-check", action="store_true")
     args = ap.parse_args()
     t0 = time.time()
-    import triton
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     from hf_flashattn.kernels import v3_gluon as G
     names = args.variants.split(",")
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                cudnn=torch.backends.cudnn.version(), commit=os.environ.get("COMMIT", "unknown"), rounds=args.rounds,
-                iters=args.iters, date=time.strftime("%Y-%m-%d"), variants=names)
+    meta = run_meta(rounds=args.rounds, iters=args.iters, variants=names)
     checks = [] if args.no_check else check(G, names)
     bad = [c for c in checks if not c["ok"]]
     print(f"check: {len(checks) - len(bad)}/{len(checks)} ({time.time() - t0:.0f}s)", flush=True)
@@ -188,7 +177,7 @@ def main():
         win = (-1, 0) if causal else (-1, -1)
         plans = {n: variant_plan(G, n, D) for n in names}
         variants = {n: runner(G, pl, q, k, v, S, S, D ** -0.5, win) for n, pl in plans.items() if pl is not None}
-        variants["sdpa-cudnn"] = functools.partial(cudnn, sdpa_kernel, SDPBackend, qt, kt, vt, causal, H != Hk)
+        variants["sdpa-cudnn"] = functools.partial(sdpa_forward, "cudnn", qt, kt, vt, causal, H != Hk)
         # what version="v3" runs here (v3.py's kernel where `plan` says None, a Gluon plan other than _PLANS[D] at
         # d128 under a mask below MASKED_SHORT_KEYS): timed too, through flash_attn_func
         variants["v3py" if G.plan(D, S, causal) is None else "v3"] = functools.partial(v3py, q, k, v, causal)

@@ -19,20 +19,19 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fwd_rule import forward_rule  # noqa: E402
-from rounds import save_json, save_md, time_forwards  # noqa: E402
+from rounds import forward_points, run_meta, save_json, save_md, sdpa_forward, time_forwards  # noqa: E402
 
 # (D, S, B, H, Hk): square causal shapes whose schedule gets a tail on 132 SMs
 CHECK = [(64, 2048, 1, 32, 8), (64, 3000, 1, 24, 24), (64, 2048, 3, 8, 2), (128, 3000, 1, 16, 4),
          (128, 2048, 3, 8, 8), (128, 2048, 1, 24, 6)]
-# name -> (D, S, B, H, Hk)
-POINTS = {"d64-16k-causal": (64, 16384, 1, 32, 32), "gqa-d128-32k-causal": (128, 32768, 1, 32, 8),
-          "d128-16k-causal": (128, 16384, 1, 16, 16), "gqa-d128-8k-causal": (128, 8192, 2, 32, 8)}
+# name -> (D, S, B, H, Hk, causal)
+POINTS = {"d64-16k-causal": (64, 16384, 1, 32, 32, True), "gqa-d128-32k-causal": (128, 32768, 1, 32, 8, True),
+          "d128-16k-causal": (128, 16384, 1, 16, 16, True), "gqa-d128-8k-causal": (128, 8192, 2, 32, 8, True)}
 
 
 def fwd(q, k, v):
@@ -77,11 +76,6 @@ def tail_fwd(G, on, q, k, v):
         G.TAIL_SPLIT = True
 
 
-def cudnn(sdpa_kernel, SDPBackend, qt, kt, vt, gqa):
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -91,30 +85,17 @@ def main():
     ap.add_argument("--budget-s", type=float, default=1e9)
     args = ap.parse_args()
     t0 = time.time()
-    import triton
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     from hf_flashattn.kernels import v3_gluon as G
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                cudnn=torch.backends.cudnn.version(), commit=os.environ.get("COMMIT", "unknown"), rounds=args.rounds,
-                iters=args.iters, date=time.strftime("%Y-%m-%d"))
+    meta = run_meta(rounds=args.rounds, iters=args.iters)
     checks = check()
     bad = [c for c in checks if not c["ok"]]
     print(f"check: {len(checks) - len(bad)}/{len(checks)}", flush=True)
     results = []
-    for p in args.points.split(","):
-        if time.time() - t0 > args.budget_s:
-            print(f"budget: {p} and later skipped", flush=True)
-            break
-        D, S, B, H, Hk = POINTS[p]
-        q = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(B, S, Hk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        flops = 4 * B * H * S * S * D / 2
-
+    for p, (D, S, B, H, Hk, _), (q, k, v), (qt, kt, vt), flops in forward_points(args.points, POINTS, t0,
+                                                                                  args.budget_s):
         variants = {"tail": functools.partial(tail_fwd, G, True, q, k, v),
                     "no-tail": functools.partial(tail_fwd, G, False, q, k, v),
-                    "sdpa-cudnn": functools.partial(cudnn, sdpa_kernel, SDPBackend, qt, kt, vt, H != Hk)}
+                    "sdpa-cudnn": functools.partial(sdpa_forward, "cudnn", qt, kt, vt, True, H != Hk)}
         a, b = variants["tail"](), variants["no-tail"]()
         G.TAIL_SPLIT = True
         st = [s for key, s in G._SETUPS.items() if key[0] == q.shape and key[-1] is True and not s.empty]
@@ -126,8 +107,7 @@ def main():
         print(p, json.dumps({n: (round(r["tflops"]), round(r["median_ratio"], 4), round(r["of_cudnn"], 3))
                              for n, r in row["variants"].items()}), "tail", row["tail"], "bitwise", row["bitwise"],
               flush=True)
-        del q, k, v, qt, kt, vt
-        torch.cuda.empty_cache()
+        del q, k, v, qt, kt, vt, variants   # the point's tensors, freed before the next point's (forward_points)
     save_json(args.out, "probe_tail", meta, t0, checks=checks, results=results)
     lines = [f"# Gluon forward: the schedule's tail — {meta['device']}, torch {meta['torch']}, "
              f"triton {meta['triton']}, cuDNN {meta['cudnn']}, commit {meta['commit']}", "",

@@ -22,13 +22,13 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fwd_rule import forward_rule  # noqa: E402
-from rounds import forward_points, median_speedup, save_json, save_md, time_forwards  # noqa: E402
+from rounds import (forward_points, median_speedup, run_meta, save_json, save_md, sdpa_forward,  # noqa: E402
+                    time_forwards)
 
 # name -> (D, S, B, H, Hk, causal): 16k tokens a batch, H = 2048 / D (bench.py's grid), GQA 32/8
 POINTS = {"d64-1k-causal": (64, 1024, 16, 32, 32, True), "d64-1k": (64, 1024, 16, 32, 32, False),
@@ -107,28 +107,19 @@ def main():
     ap.add_argument("--v2-fold-ab", action="store_true", help="also v2 without the scale folded into the exponent")
     args = ap.parse_args()
     t0 = time.time()
-    import triton
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     from hf_flashattn.kernels import _common as C
     groups = [int(x) for x in args.groups.split(",")]
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                cudnn=torch.backends.cudnn.version(), commit=os.environ.get("COMMIT", "unknown"), rounds=args.rounds,
-                iters=args.iters, date=time.strftime("%Y-%m-%d"), groups=groups, default_group=dict(C.GROUP_TILES))
+    meta = run_meta(rounds=args.rounds, iters=args.iters, groups=groups, default_group=dict(C.GROUP_TILES))
     default = dict(C.GROUP_TILES)
     checks = [] if args.no_check else check(C, groups)
     bad = [c for c in checks if not c["ok"]]
     print(f"check: {len(checks) - len(bad)}/{len(checks)} ({time.time() - t0:.0f}s)", flush=True)
 
-    def sdpa(backend, qt, kt, vt, causal, gqa):
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=gqa)
-
     results = []
     for p, (D, S, B, H, Hk, causal), (q, k, v), (qt, kt, vt), flops in forward_points(args.points, POINTS, t0,
                                                                                        args.budget_s):
-        variants = {"sdpa-cudnn": functools.partial(sdpa, SDPBackend.CUDNN_ATTENTION, qt, kt, vt, causal, H != Hk),
-                    "sdpa-flash": functools.partial(sdpa, SDPBackend.FLASH_ATTENTION, qt, kt, vt, causal, H != Hk)}
+        variants = {f"sdpa-{b}": functools.partial(sdpa_forward, b, qt, kt, vt, causal, H != Hk)
+                    for b in ("cudnn", "flash")}
         impls = impls_for(D, S, causal)
         for version in impls:
             for gt in groups:

@@ -60,6 +60,24 @@ def time_forwards(variants: dict, rounds: int, iters: int, flops: float, ref: st
 
 
 
+def run_meta(**extra) -> dict:
+    """A probe's JSON header: the card, the stack (torch, triton, cuDNN), the commit ($COMMIT), the date, then the
+    probe's own fields (its rounds, calls a timing, ...)."""
+    import torch
+    import triton
+    return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                cudnn=torch.backends.cudnn.version(), commit=os.environ.get("COMMIT", "unknown"),
+                date=time.strftime("%Y-%m-%d"), **extra)
+
+
+def sdpa_forward(backend: str, qt, kt, vt, causal: bool, gqa: bool):
+    """SDPA's forward on (B, H, S, D) views with one backend, "cudnn" or "flash" (the probes' baselines)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION if backend == "cudnn" else SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=gqa)
+
+
 def forward_points(names: str, points: dict, t0: float, budget_s: float):
     """The forward probes' grid points in turn (`names`: comma-separated keys of `points`, name -> (D, S, B, H, Hk,
     causal)) until `budget_s` seconds after t0: per point (name, (D, S, B, H, Hk, causal), (q, k, v) random bf16 on the

@@ -40,6 +40,7 @@
 #             and reference check, then GROUP_TILES values A/B in rounds beside SDPA-cuDNN and SDPA-flash)
 #   plan-ab   benchmarks/probe_plan_ab.py $PLAN_AB_ARGS (the Gluon forward's default plans against variants, e.g.
 #             ping-pong: bitwise and reference check, then A/B rounds beside SDPA-cuDNN)
+#   plan-ab2  the same with $PLAN_AB2_ARGS (a second set of points and variants in the same call)
 #   persistent benchmarks/probe_persistent.py (the Gluon forward and backward persistent against one program a unit:
 #             check with bitwise equality, then the forward and fwd+bwd grid beside v3.py's kernel and SDPA-cuDNN;
 #             PERSISTENT_ARGS=--quick: a few cases and four points)
@@ -117,6 +118,8 @@ for spec in "$@"; do
     tail) cmd=(python3 benchmarks/probe_tail.py --out "$dir" --budget-s "$budget" ${TAIL_ARGS:-}) ;;
     # shellcheck disable=SC2206
     plan-ab) cmd=(python3 benchmarks/probe_plan_ab.py --out "$dir" --budget-s "$budget" ${PLAN_AB_ARGS:-}) ;;
+    # shellcheck disable=SC2206
+    plan-ab2) cmd=(python3 benchmarks/probe_plan_ab.py --out "$dir" --budget-s "$budget" ${PLAN_AB2_ARGS:-}) ;;
     tile-order) cmd=(python3 benchmarks/probe_tile_order.py --out "$dir" --budget-s "$budget" ${TILE_ORDER_ARGS:-}) ;;
     # shellcheck disable=SC2206
     persistent) cmd=(python3 benchmarks/probe_persistent.py --out "$dir" --budget-s "$budget" ${PERSISTENT_ARGS:-}) ;;

@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fwd_rule import forward_rule  # noqa: E402
-from rounds import forward_points, run_meta, save_json, save_md, sdpa_forward, time_forwards  # noqa: E402
+from rounds import (forward_points, median_speedup, run_meta, save_json, save_md, sdpa_forward,  # noqa: E402
+                    time_forwards)
 
 
 
@@ -41,12 +42,16 @@ def variant_plan(G, name, D):
     p = list(G._PLANS[D]) + [G.PINGPONG, G.Q_SLOTS][len(G._PLANS[D]) - 5:]
     if name in ("pingpong", "no-pingpong"):
         p[5] = name == "pingpong"
-    elif name.startswith("v3py:"):   # v3py:D:BMxBN:WARPS:STAGES: v3.py's kernel with that plan (host descriptors)
+    elif name == "v2":   # v2's kernel with the config its autotuner picks (what version="v2" runs)
+        return ("v2",)
+    elif name.startswith(("v3py:", "v2:")):
+        # v3py:D:BMxBN:WARPS:STAGES[:MAXNREG]: v3.py's kernel with that plan (host descriptors); v2:...: v2's kernel
+        # with that config forced; MAXNREG: ptxas' register cap (more programs an SM)
         f = name.split(":")
         if int(f[1]) != D:
             return None
         bm, bn = (int(x) for x in f[2].split("x"))
-        return ("v3py", bm, bn, int(f[3]), int(f[4]))
+        return (f[0], bm, bn, int(f[3]), int(f[4]), int(f[5]) if len(f) > 5 else None)
     elif ":" in name:
         f = name.split(":")
         if int(f[0]) != D:
@@ -65,15 +70,42 @@ def runner(G, pl, q, k, v, Sq, Sk, scale, win, cu=None):
         from hf_flashattn.kernels import v3
         return functools.partial(v3.forward, q, k, v, cu, cu, Sq, Sk, scale, win, 0.0,
                                  _plan=(tuple(pl[1:]), True, False))
+    if pl[0] == "v2":
+        return functools.partial(v2_forward, pl[1:], q, k, v, cu, Sq, Sk, scale, win)
     if cu is None:
         return functools.partial(G.forward, q, k, v, Sq, Sk, scale, win, _plan=pl)
     return functools.partial(G.forward, q, k, v, Sq, Sk, scale, win, cu_seqlens_q=cu, cu_seqlens_k=cu, _plan=pl)
 
 
+def v2_forward(cfg, q, k, v, cu, Sq, Sk, scale, win):
+    """v2's forward with config cfg = (BLOCK_M, BLOCK_N, warps, stages, maxnreg) forced, or () for its autotuner's
+    pick."""
+    import triton
+
+    from hf_flashattn.kernels import v2
+    L = v2._fwd_launch
+    if cfg:
+        bm, bn, w, st, cap = cfg
+        L.force = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "D_CLASS": 0}, num_warps=w, num_stages=st, maxnreg=cap)
+    try:
+        return v2.forward(q, k, v, cu, cu, Sq, Sk, scale, win, 0.0)
+    finally:
+        L.force = None
+
+
+def v2_picks():
+    """The configs v2's autotuner has picked so far, as text (the probe's record of what `v2` ran)."""
+    from hf_flashattn.kernels import v2
+    t = v2._fwd_launch.tuned
+    return {str(k): str(c) for k, c in getattr(t, "cache", {}).items()} if t is not None else {}
+
+
 def same_tiles(a, b):
-    """Whether plans a and b sum the same products in the same order (same kernel, row and key tiles): bitwise
-    equal."""
-    n = 3 if "v3py" in (a[0], b[0]) else 2
+    """Whether plans a and b sum the same products in the same order (same kernel, row and key tiles, warps):
+    bitwise equal. v2's autotuned pick (`v2`) is taken as another tiling."""
+    if a == ("v2",) or b == ("v2",):
+        return False
+    n = 4 if {a[0], b[0]} & {"v3py", "v2"} else 2
     return a[:n] == b[:n]
 
 # (D, Sq, Sk, B, H, Hk, window, packed): check shapes
@@ -96,7 +128,10 @@ POINTS = {"d128-4k": (128, 4096, 4, 16, 16, False), "d128-16k": (128, 16384, 1, 
           "d256-16k": (256, 16384, 1, 8, 8, False), "d256-16k-causal": (256, 16384, 1, 8, 8, True),
           "d256-1k": (256, 1024, 16, 8, 8, False), "d256-1k-causal": (256, 1024, 16, 8, 8, True),
           "gqa-8k": (128, 8192, 2, 32, 8, False), "gqa-8k-causal": (128, 8192, 2, 32, 8, True),
-          "gqa-32k-causal": (128, 32768, 1, 32, 8, True)}
+          "gqa-32k-causal": (128, 32768, 1, 32, 8, True),
+          "d64-512": (64, 512, 32, 32, 32, False), "d64-512-causal": (64, 512, 32, 32, 32, True),
+          "d128-512": (128, 512, 32, 16, 16, False), "d128-512-causal": (128, 512, 32, 16, 16, True),
+          "d256-512": (256, 512, 32, 8, 8, False), "d256-512-causal": (256, 512, 32, 8, 8, True)}
 
 
 def packed(B, S, H, Hk, D, dtype, g):
@@ -163,6 +198,7 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--flash", action="store_true", help="time SDPA's flash backend too (v2's bar), its ratio added")
     args = ap.parse_args()
     t0 = time.time()
     from hf_flashattn.kernels import v3_gluon as G
@@ -178,6 +214,8 @@ def main():
         plans = {n: variant_plan(G, n, D) for n in names}
         variants = {n: runner(G, pl, q, k, v, S, S, D ** -0.5, win) for n, pl in plans.items() if pl is not None}
         variants["sdpa-cudnn"] = functools.partial(sdpa_forward, "cudnn", qt, kt, vt, causal, H != Hk)
+        if args.flash:
+            variants["sdpa-flash"] = functools.partial(sdpa_forward, "flash", qt, kt, vt, causal, H != Hk)
         # what version="v3" runs here (v3.py's kernel where `plan` says None, a Gluon plan other than _PLANS[D] at
         # d128 under a mask below MASKED_SHORT_KEYS): timed too, through flash_attn_func
         variants["v3py" if G.plan(D, S, causal) is None else "v3"] = functools.partial(v3py, q, k, v, causal)
@@ -189,8 +227,13 @@ def main():
                             if same_tiles(plans[n], plans[names[0]])})
         del outs
         row["variants"] = time_forwards(variants, args.rounds, args.iters, flops)
+        if args.flash:
+            for n, r in row["variants"].items():
+                r["of_flash"] = median_speedup(row["variants"], "sdpa-flash", n, "ms")
+        row["v2_picks"] = v2_picks()
         results.append(row)
         print(p, json.dumps({n: (round(r["tflops"]), round(r["median_ratio"], 4), round(r["of_cudnn"], 3))
+                             + ((round(r["of_flash"], 3),) if args.flash else ())
                              for n, r in row["variants"].items()}), "bitwise", row["bitwise"], flush=True)
         del q, k, v, qt, kt, vt, variants   # the point's tensors, freed before the next point's (forward_points)
     save_json(args.out, "probe_plan_ab", meta, t0, checks=checks, results=results)
@@ -202,11 +245,13 @@ def main():
              f"Check (variants with `{names[0]}`'s tiles against it bitwise; it and variants with other tiles against "
              f"a float32 reference with flash-attn's rule, dense and packed; bf16, fp16 on three shapes): "
              f"{len(checks) - len(bad)}/{len(checks)}", "",
-             "| point | variant | bitwise | median ms | TFLOP/s | ratio | ÷ cuDNN |", "|---|---|---|---|---|---|---|"]
+             "| point | variant | bitwise | median ms | TFLOP/s | ratio | ÷ cuDNN |" + (" ÷ flash |" if args.flash else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if args.flash else "")]
     for row in results:
         for name, r in row["variants"].items():
             lines.append(f"| {row['point']} | {name} | {row['bitwise'].get(name, '')} | {r['median_ms']:.3f} | "
-                         f"{r['tflops']:.0f} | {r['median_ratio']:.3f} | {r['of_cudnn']:.3f} |")
+                         f"{r['tflops']:.0f} | {r['median_ratio']:.3f} | {r['of_cudnn']:.3f} |"
+                         + (f" {r['of_flash']:.3f} |" if args.flash else ""))
     save_md(args.out, "probe_plan_ab", lines)
 
 

@@ -213,7 +213,8 @@ class Launcher:
         if self.force is not None:
             cfg = self.force
             kw = dict(self.interp_meta, **cfg.kwargs) if self.interpret else dict(cfg.kwargs)
-            opts = {} if self.interpret else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            opts = {} if self.interpret else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                                  **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
             self._hook(args, meta, kw)
             self.last = self.kernel[grid_fn(kw)](*args, **meta, **kw, **opts)
             return self.last

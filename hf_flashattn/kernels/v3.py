@@ -245,9 +245,11 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     qk_scale, cap_scale = C.score_scales(softmax_scale, softcap)
     stride_l = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
     BLOCK_D = max(triton.next_power_of_2(D), 16)
-    (bm, bn, warps, stages), host, ws = _plan or plan(D, max_seqlen_k)
+    (bm, bn, warps, stages, *cap), host, ws = _plan or plan(D, max_seqlen_k)
+    # a 5th element of the tiles (benchmarks' plans only): ptxas' register cap, for more programs an SM
+    opts = dict(maxnreg=cap[0]) if cap and cap[0] else {}
     if is_interpreting():
-        bm, bn, warps, stages = 32, 16, 4, 1
+        bm, bn, warps, stages, opts = 32, 16, 4, 1, {}
     # triton 3.6's warp-specialisation pass asserts (TaskIdPropagation, "PassManager::run failed") on the
     # head-dim-64 tiles (benchmarks/results/2026-11-26-v3-h100-correctness-ws.md): those run pipelined only.
     ws = ws and os.environ.get("HF_FLASHATTN_V3_WS", "1") != "0" and not is_interpreting() and BLOCK_D > 64
@@ -268,13 +270,13 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     if varlen:
         align = (align, (cu_seqlens_q.data_ptr() | cu_seqlens_k.data_ptr()) & 15)
     key = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype, align, varlen, softcap > 0, bm, bn, warps,
-           stages, ws, host, fold, (max_seqlen_q | max_seqlen_k | left | right) >> 31)
+           stages, ws, host, fold, (max_seqlen_q | max_seqlen_k | left | right) >> 31, tuple(opts.items()))
     _fwd_launch.keyed(key, grid, q_arg, k_arg, v_arg, o_arg, out, lse, cu_seqlens_q, cu_seqlens_k,
                       *C.seq_layout(q, varlen), *C.seq_layout(k, varlen), *C.seq_layout(v, varlen),
                       *C.seq_layout(out, varlen), *stride_l,
                       max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale, H // Hk, C.group_tiles("v3"),
                       HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_N=bn, IS_VARLEN=varlen, SOFTCAP=softcap > 0,
-                      WS=ws, HOST=host, FOLD=fold, num_warps=warps, num_stages=stages)
+                      WS=ws, HOST=host, FOLD=fold, num_warps=warps, num_stages=stages, **opts)
     return out, lse
 
 

@@ -45,13 +45,17 @@ def signature(fn, ptr_dtype="bf16"):
     return sig
 
 
-def compile_one(fn, constexprs, num_warps, num_stages):
+def compile_one(fn, constexprs, num_warps, num_stages, aligned=True, maxnreg=None):
     sig = signature(fn)
     for k, v in constexprs.items():
         sig[k] = "constexpr"
-    src = ASTSource(fn, sig, constexprs=constexprs)
+    # pointers and strides 16-divisible, as Triton specialises them for (B, S, H, D) tensors with H*D a multiple of 16
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in sig
+             if sig[n].startswith("*") or n.startswith("stride")} if aligned else {}
+    src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
     target = GPUTarget("cuda", 90, 32)
-    k = triton.compile(src, target=target, options=dict(num_warps=num_warps, num_stages=num_stages))
+    k = triton.compile(src, target=target, options=dict(num_warps=num_warps, num_stages=num_stages,
+                                                         **({"maxnreg": maxnreg} if maxnreg else {})))
     # the bundled ptxas may be older than the PTX ISA version Triton writes; sm_90a needs nothing newer
     ptx = re.sub(r"^\.version \d+\.\d+", ".version 8.7", k.asm["ptx"], flags=re.M)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:

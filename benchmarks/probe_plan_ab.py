@@ -3,8 +3,10 @@ variants of it, with SDPA's cuDNN backend in the same rounds. Variant `pingpong`
 barrier between the consumer warpgroups (`_turn_wait`: each issues its products only after the other has issued its
 own), the lever left where ptxas waits for P·V before the exponentials (benchmarks/NOTES.md, eighteenth session).
 Variant `D:BMxBN:STAGES:REGS[:PINGPONG[:Q_SLOTS[:PER_SM]]]`: another plan at head dim D (other tiles: e.g. one
-consumer, two programs an SM, `64:64x128:3:232`), not run at other head dims; `v3py:D:BMxBN:WARPS:STAGES`: v3.py's
-kernel with that plan (host descriptors).
+consumer, two programs an SM, `64:64x128:3:232`), not run at other head dims; `v3py:D:BMxBN:WARPS:STAGES[:MAXNREG]`:
+v3.py's kernel with that plan (host descriptors); `v2`: v2's kernel, its autotuner's pick; `v2:D:BMxBN:WARPS:STAGES[:
+MAXNREG]`: v2's kernel with that config forced; any name + `+left`: it with masked scores testing the window's left
+edge too (`_common.SKIP_LEFT` off). --flash: SDPA's flash backend timed too (v2's bar).
 
     python benchmarks/probe_plan_ab.py --out DIR [--rounds 7] [--points d128-4k,...] [--variants base,pingpong]
 
@@ -39,6 +41,8 @@ def variant_plan(G, name, D):
     """The plan tuple of variant `name` at head dim D: `base` (`_PLANS[D]`), `pingpong` / `no-pingpong` (it with
     ping-pong on / off), or an explicit plan `D:BMxBN:STAGES:REGS[:PINGPONG[:Q_SLOTS[:PER_SM]]]` (4 producer warps;
     at other head dims: None, the variant is not run there)."""
+    if name.endswith("+left"):   # the same plan, with SKIP_LEFT off (see `variant_runner`)
+        return variant_plan(G, name[:-len("+left")], D)
     p = list(G._PLANS[D]) + [G.PINGPONG, G.Q_SLOTS][len(G._PLANS[D]) - 5:]
     if name in ("pingpong", "no-pingpong"):
         p[5] = name == "pingpong"
@@ -62,6 +66,23 @@ def variant_plan(G, name, D):
     elif name != "base":
         raise SystemExit(f"unknown variant {name}")
     return tuple(p)
+
+
+def variant_runner(G, name, pl, *a):
+    """`runner` of variant `name`'s plan pl; a name ending in `+left`: with `_common.SKIP_LEFT` off during its calls
+    (masked scores test the window's left edge too, as the kernels before the twentieth session; bitwise equal)."""
+    f = runner(G, pl, *a)
+    if not name.endswith("+left"):
+        return f
+
+    def with_left():
+        from hf_flashattn.kernels import _common as C
+        C.SKIP_LEFT = False
+        try:
+            return f()
+        finally:
+            C.SKIP_LEFT = True
+    return with_left
 
 
 def runner(G, pl, q, k, v, Sq, Sk, scale, win, cu=None):
@@ -161,7 +182,7 @@ def check(G, names):
             plans = {n: pl for n, pl in plans.items() if pl is not None}
             if names[0] not in plans:   # the baseline is a plan of another head dim
                 continue
-            res = {n: runner(G, pl, q, k, v, *lens, scale, win, cu)() for n, pl in plans.items()}
+            res = {n: variant_runner(G, n, pl, q, k, v, *lens, scale, win, cu)() for n, pl in plans.items()}
             base = res[names[0]]
             causal = win == (-1, 0)
             kw = dict(causal=causal) if causal or win == (-1, -1) else dict(window_size=win)
@@ -212,7 +233,8 @@ def main():
                                                                                        args.budget_s):
         win = (-1, 0) if causal else (-1, -1)
         plans = {n: variant_plan(G, n, D) for n in names}
-        variants = {n: runner(G, pl, q, k, v, S, S, D ** -0.5, win) for n, pl in plans.items() if pl is not None}
+        variants = {n: variant_runner(G, n, pl, q, k, v, S, S, D ** -0.5, win) for n, pl in plans.items()
+                    if pl is not None}
         variants["sdpa-cudnn"] = functools.partial(sdpa_forward, "cudnn", qt, kt, vt, causal, H != Hk)
         if args.flash:
             variants["sdpa-flash"] = functools.partial(sdpa_forward, "flash", qt, kt, vt, causal, H != Hk)
@@ -245,7 +267,8 @@ def main():
              f"Check (variants with `{names[0]}`'s tiles against it bitwise; it and variants with other tiles against "
              f"a float32 reference with flash-attn's rule, dense and packed; bf16, fp16 on three shapes): "
              f"{len(checks) - len(bad)}/{len(checks)}", "",
-             "| point | variant | bitwise | median ms | TFLOP/s | ratio | ÷ cuDNN |" + (" ÷ flash |" if args.flash else ""),
+             "| point | variant | bitwise | median ms | TFLOP/s | ratio | ÷ cuDNN |"
+             + (" ÷ flash |" if args.flash else ""),
              "|---|---|---|---|---|---|---|" + ("---|" if args.flash else "")]
     for row in results:
         for name, r in row["variants"].items():

@@ -101,6 +101,34 @@ def test_varlen(version, mask):
     _check(version, q, k, v, do, torch.float32, cu=(cu_q, cu_k), **mask)
 
 
+@pytest.mark.parametrize("version", ["v2", "v3"])
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[4]], ids=lambda s: "x".join(map(str, s)))
+def test_right_only_window(version, shape):
+    """A window with a right edge and no left one (masked scores skip the lower bound, `_common.visible`'s LEFT):
+    against the reference, q_len > k_len (empty rows) and the awkward 113 x 203 (fp16: v3 takes no float32)."""
+    q, k, v, do = _inputs(shape, torch.float16, seed=8)
+    _check(version, q, k, v, do, torch.float16, window_size=(-1, 7))
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+@pytest.mark.parametrize("mask", [dict(causal=True), dict(window_size=(-1, 7)), dict(window_size=(6, 0))],
+                         ids=["causal", "right-only", "left-edge"])
+def test_skip_left_is_bitwise(version, mask, monkeypatch):
+    """The masked scores' lower-bound test, skipped where the window has no left edge (`_common.SKIP_LEFT`), gives the
+    same bits as testing it (dense and packed)."""
+    from hf_flashattn.kernels import _common as C
+    q, k, v, _ = _inputs((1, 45, 70, 4, 2, 32), torch.float16, seed=9)
+    cu = torch.tensor([0, 20, 45], dtype=torch.int32)
+    runs = []
+    for skip in (True, False):
+        monkeypatch.setattr(C, "SKIP_LEFT", skip)
+        runs.append((fa.flash_attn_func(q, k, v, version=version, **mask),
+                     fa.flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 25, 25, version=version, **mask)))
+    assert runs[0][0].abs().sum() > 0
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_varlen_matches_dense_per_sequence(version):
     """Packing must not leak attention across sequences: each packed sequence equals its dense run."""

@@ -78,12 +78,28 @@ def grouped_tile(seqlen_k, group_tiles, HEAD_DIM: tl.constexpr):
     return n_m - 1 - mi, bh % n_h, bh // n_h
 
 
+# Masked scores skip the window's lower bound where the window has no left edge (`visible`'s LEFT; causal masks
+# and key tails). False: every masked score tests both bounds (the kernels before the twentieth session; benchmarks
+# compare the two).
+SKIP_LEFT = True
+
+
+def left_edge(window) -> bool:
+    """`visible`'s LEFT for a window (left, right) as the public API takes it: do masked scores test a left edge."""
+    return window[0] >= 0 or not SKIP_LEFT
+
+
 @triton.jit
-def visible(rows, cols, diag, left, right, S_cols):
-    """Bool tile: column cols[None, :] is visible from row rows[:, None]."""
-    r = rows[:, None] + diag
+def visible(rows, cols, diag, left, right, S_cols, LEFT: tl.constexpr = True):
+    """Bool tile: column cols[None, :] is visible from row rows[:, None]: r - left <= c <= min(r + right, S_cols - 1)
+    with r = row + diag, the bounds worked out per row (one or two compares a score). LEFT False: the caller knows the
+    window has no left edge (left is `unbounded`, r - left below every column), the lower bound is skipped."""
+    r = rows + diag
     c = cols[None, :]
-    return (c >= r - left) & (c <= r + right) & (c < S_cols)
+    keep = c <= tl.minimum(r + right, S_cols - 1)[:, None]
+    if LEFT:
+        keep = keep & (c >= (r - left)[:, None])
+    return keep
 
 
 @triton.jit
@@ -356,22 +372,23 @@ def softmax_step(s, m_i, l_i):
 
 @triton.jit
 def softmax_tile(qk, m_i, l_i, descale, qk_scale, cap_scale, offs_m, cols, Sk, diag, left, right,
-                 MASKED: tl.constexpr, SOFTCAP: tl.constexpr, FOLD: tl.constexpr, DESCALE: tl.constexpr):
+                 MASKED: tl.constexpr, SOFTCAP: tl.constexpr, FOLD: tl.constexpr, DESCALE: tl.constexpr,
+                 LEFT: tl.constexpr = True):
     """The online-softmax step of one key tile from raw q·k (float32, in units of `descale` when DESCALE: FP8's
     block scales): (p, alpha, m_new, l_new) as softmax_step. FOLD (no softcap; the caller guarantees the scale
     c > 0): softmax_step on s = qk · c with c folded in: the row max taken on qk (max(qk) · c = max(qk · c):
     rounding is monotonic) and the exponent qk · c - m one fused multiply-add, float32 operations fewer per
-    score than scaling the tile first."""
+    score than scaling the tile first. LEFT: as `visible`'s (False: the window has no left edge)."""
     if SOFTCAP or not FOLD:
         if DESCALE:
             qk = qk * descale
         s, _ = scores_from_qk(qk, qk_scale, cap_scale, SOFTCAP)
         if MASKED:
-            s = tl.where(visible(offs_m, cols, diag, left, right, Sk), s, float("-inf"))
+            s = tl.where(visible(offs_m, cols, diag, left, right, Sk, LEFT), s, float("-inf"))
         p, alpha, m_new, l_i = softmax_step(s, m_i, l_i)
     else:
         if MASKED:
-            qk = tl.where(visible(offs_m, cols, diag, left, right, Sk), qk, float("-inf"))
+            qk = tl.where(visible(offs_m, cols, diag, left, right, Sk, LEFT), qk, float("-inf"))
         if DESCALE:
             c = descale * qk_scale
         else:

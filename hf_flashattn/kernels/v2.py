@@ -26,7 +26,8 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, start, en
                offs_m, offs_n, offs_d, Sk, diag, left, right, qk_scale, cap_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-               KMASK_base=None, HAS_KMASK: tl.constexpr = False, FOLD: tl.constexpr = False):
+               KMASK_base=None, HAS_KMASK: tl.constexpr = False, FOLD: tl.constexpr = False,
+               LEFT: tl.constexpr = True):
     # KMASK_base (decode only): a per-key padding mask (nonzero = attend), applied on top of the window
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
@@ -35,28 +36,28 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, start, en
         # -- load k, v (the d-padding and, on the edge blocks, the key tail are masked) --
         k, v = load_rows_pair(k_ptrs, v_ptrs, cols, Sk, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         acc, l_i, m_i = kv_block(acc, l_i, m_i, q, k, v, offs_m, cols, Sk, diag, left, right, qk_scale, cap_scale,
-                                 MASKED, SOFTCAP, DOT_PREC, KMASK_base, HAS_KMASK, FOLD)
+                                 MASKED, SOFTCAP, DOT_PREC, KMASK_base, HAS_KMASK, FOLD, LEFT)
     return acc, l_i, m_i
 
 
 @triton.jit
 def kv_block(acc, l_i, m_i, q, k, v, offs_m, cols, Sk, diag, left, right, qk_scale, cap_scale, MASKED: tl.constexpr,
              SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, KMASK_base, HAS_KMASK: tl.constexpr,
-             FOLD: tl.constexpr = False):
+             FOLD: tl.constexpr = False, LEFT: tl.constexpr = True):
     """One key block of `_fwd_inner`'s loop once k and v are loaded (columns `cols`): the scores in log2 units, the
     mask (MASKED: the window and the key tail; HAS_KMASK: the per-key padding mask), the online-softmax update of m_i
     and l_i (a row that has seen nothing yet keeps m = -inf and is shifted by 0) and of the accumulator. FOLD (no
     softcap, no per-key mask, a positive scale: the caller's condition): the scale folded into the exponent
-    (`softmax_tile`), as v3's kernels. Also the decode kernel's loop over descriptor-loaded blocks
-    (decode._decode_inner_tma)."""
+    (`softmax_tile`), as v3's kernels. LEFT False: the window has no left edge (`visible`'s). Also the decode
+    kernel's loop over descriptor-loaded blocks (decode._decode_inner_tma)."""
     if FOLD:
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         p, alpha, m_new, l_i = softmax_tile(qk, m_i, l_i, 1.0, qk_scale, cap_scale, offs_m, cols, Sk, diag, left,
-                                            right, MASKED, SOFTCAP, True, False)
+                                            right, MASKED, SOFTCAP, True, False, LEFT)
     else:
         s, _ = log2_scores(q, k, qk_scale, cap_scale, SOFTCAP, DOT_PREC)
         if MASKED:
-            s = tl.where(visible(offs_m, cols, diag, left, right, Sk), s, float("-inf"))
+            s = tl.where(visible(offs_m, cols, diag, left, right, Sk, LEFT), s, float("-inf"))
         if HAS_KMASK:
             keep = tl.load(KMASK_base + cols, mask=cols < Sk, other=0)
             s = tl.where(keep[None, :] != 0, s, float("-inf"))
@@ -77,7 +78,8 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, SEQ_BUCKET, MASK_KIND,
                 group, group_tiles, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
-                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr, FOLD: tl.constexpr = False):
+                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr, FOLD: tl.constexpr = False,
+                LEFT: tl.constexpr = True):
     # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program computes the BLOCK_M rows of
     # O and lse of one (query block, head, sequence), walking the visible key blocks; programs take their tiles in
     # `grouped_tile`'s order.
@@ -110,15 +112,15 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, full_lo,
                                offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
                                cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC,
-                               FOLD=FOLD)
+                               FOLD=FOLD, LEFT=LEFT)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, full_lo, full_hi,
                                offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
                                cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, SOFTCAP, DOT_PREC,
-                               FOLD=FOLD)
+                               FOLD=FOLD, LEFT=LEFT)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, full_hi, hi,
                                offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
                                cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC,
-                               FOLD=FOLD)
+                               FOLD=FOLD, LEFT=LEFT)
     # epilogue: normalise once; rows that saw no key get O = 0 and lse = +inf (as flash-attn)
     acc, lse = normalise_rows(acc, l_i, m_i, float("inf"))
     tl.store(LSE + b * stride_lb + h64 * stride_lh + q_start + offs_m, lse, mask=row_ok)
@@ -129,15 +131,21 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
 
 # ----------------------------------------------------------------------------------------------
 # launch configuration: data, with a named prune function (GPU); fixed small tiles on the interpreter
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), best guess first. Few on purpose: each costs a compile.
-_FWD_CONFIGS = {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-                128: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]), best guess first. Few on purpose: each costs a compile.
+# maxnreg: ptxas' register cap, so that more programs share an SM (Triton leaves ptxas free to take 255 registers
+# a thread). Measured on the H100 against the autotuner's pick without caps (results/2026-11-27-h100-plan-ab-v2-
+# caps.md, same process): d64 64 x 64 at 128 registers (four programs an SM, no spills) 6-9% faster at 512-1k;
+# d128 128 x 64 / 8 warps at 128 (two programs an SM, 312 bytes of spills) 5-6% faster at 512-1k unmasked, 5-7%
+# slower causal; d128 64 x 32 at 168 (three programs an SM) 6% faster at 512 causal.
+_FWD_CONFIGS = {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3, 128)],
+                128: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2, 128), (64, 32, 4, 3, 168)],
                 256: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2)]}
 
 
 def _fwd_configs():
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "D_CLASS": d}, num_warps=w, num_stages=s)
-            for d, cfgs in _FWD_CONFIGS.items() for bm, bn, w, s in cfgs]
+    return [triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1], "D_CLASS": d}, num_warps=c[2], num_stages=c[3],
+                          maxnreg=c[4] if len(c) > 4 else None)
+            for d, cfgs in _FWD_CONFIGS.items() for c in cfgs]
 
 
 def prune_by_head_dim(configs, named_args, **kwargs):
@@ -195,9 +203,10 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
             C.seq_bucket(max_seqlen_q), C.mask_kind(window_size), H // Hk, C.group_tiles("v2"))
     fold = FOLD and softcap == 0 and softmax_scale > 0
     meta = dict(HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), IS_VARLEN=varlen,
-                SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype), FOLD=fold)
+                SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype), FOLD=fold, LEFT=C.left_edge(window_size))
     _fwd_launch(lambda m: (C.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch), args, meta,
-                site_key=_site_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, left, right, fold))
+                site_key=_site_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, left, right, fold,
+                                   meta["LEFT"]))
     return out, lse
 
 

@@ -50,11 +50,12 @@ def _load_k(k_desc, start_n, b, k_start, kvh, Sk, BLOCK_N: tl.constexpr, BLOCK_D
 
 @triton.jit
 def _tile(acc, l_i, m_i, qk, v, offs_m, cols, Sk, diag, left, right, qk_scale, cap_scale,
-          MASKED: tl.constexpr, SOFTCAP: tl.constexpr, FOLD: tl.constexpr):
+          MASKED: tl.constexpr, SOFTCAP: tl.constexpr, FOLD: tl.constexpr, LEFT: tl.constexpr):
     """The online-softmax update with one key tile: qk = q·kᵀ (raw, float32), v the tile's values (FOLD: the
-    scale folded into the exponent; qk_scale > 0 is the caller's condition for it)."""
+    scale folded into the exponent; qk_scale > 0 is the caller's condition for it; LEFT False: the window has no
+    left edge, the mask's lower bound skipped)."""
     p, alpha, m_new, l_i = softmax_tile(qk, m_i, l_i, 1.0, qk_scale, cap_scale, offs_m, cols, Sk, diag, left, right,
-                                        MASKED, SOFTCAP, FOLD, False)
+                                        MASKED, SOFTCAP, FOLD, False, LEFT)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_new
@@ -64,14 +65,14 @@ def _tile(acc, l_i, m_i, qk, v, offs_m, cols, Sk, diag, left, right, qk_scale, c
 def _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, start, end, offs_m, offs_n, Sk, diag, left, right,
                    qk_scale, cap_scale, b, k_start, kvh, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    MASKED: tl.constexpr, SOFTCAP: tl.constexpr, FOLD: tl.constexpr, HOST: tl.constexpr,
-                   IS_VARLEN: tl.constexpr, WS: tl.constexpr):
+                   IS_VARLEN: tl.constexpr, WS: tl.constexpr, LEFT: tl.constexpr):
     for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WS):
         # K and V tiles through the descriptors (rows past the sequence read as 0)
         k = _load_k(k_desc, start_n, b, k_start, kvh, Sk, BLOCK_N, BLOCK_D, HOST, IS_VARLEN, MASKED)
         v = _load_k(v_desc, start_n, b, k_start, kvh, Sk, BLOCK_N, BLOCK_D, HOST, IS_VARLEN, MASKED)
         qk = tl.dot(q, tl.trans(k))
         acc, l_i, m_i = _tile(acc, l_i, m_i, qk, v, offs_m, start_n + offs_n, Sk, diag, left, right, qk_scale,
-                              cap_scale, MASKED, SOFTCAP, FOLD)
+                              cap_scale, MASKED, SOFTCAP, FOLD, LEFT)
     return acc, l_i, m_i
 
 
@@ -85,7 +86,7 @@ def _fwd_kernel_tma(Q, K, V, O, O_PTR, LSE, CU_Q, CU_K,
                     seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, group, group_tiles,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     IS_VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, WS: tl.constexpr, HOST: tl.constexpr = False,
-                    FOLD: tl.constexpr = False):
+                    FOLD: tl.constexpr = False, LEFT: tl.constexpr = True):
     # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program: BLOCK_M rows of O and lse, in the order of
     # `grouped_tile` (group_tiles 1: each head's tiles in a row, heaviest first).
     # HOST: Q, K, V, O are the caller's tensor descriptors over (B, S, H, D), or over the packed (total, H, D)
@@ -126,13 +127,13 @@ def _fwd_kernel_tma(Q, K, V, O, O_PTR, LSE, CU_Q, CU_K,
     # masked left window edge; the band every row sees (pipelined, warp-specialised); masked diagonal/tail
     acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, lo, full_lo, offs_m, offs_n, Sk, diag,
                                    window_left, window_right, qk_scale, cap_scale, bk, k_start, kh, BLOCK_N, BLOCK_D,
-                                   True, SOFTCAP, FOLD, HOST, IS_VARLEN, False)
+                                   True, SOFTCAP, FOLD, HOST, IS_VARLEN, False, LEFT)
     acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, full_lo, full_hi, offs_m, offs_n, Sk, diag,
                                    window_left, window_right, qk_scale, cap_scale, bk, k_start, kh, BLOCK_N, BLOCK_D,
-                                   False, SOFTCAP, FOLD, HOST, IS_VARLEN, WS)
+                                   False, SOFTCAP, FOLD, HOST, IS_VARLEN, WS, LEFT)
     acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, full_hi, hi, offs_m, offs_n, Sk, diag,
                                    window_left, window_right, qk_scale, cap_scale, bk, k_start, kh, BLOCK_N, BLOCK_D,
-                                   True, SOFTCAP, FOLD, HOST, IS_VARLEN, False)
+                                   True, SOFTCAP, FOLD, HOST, IS_VARLEN, False, LEFT)
     # epilogue, as v2
     acc, lse = normalise_rows(acc, l_i, m_i, float("inf"))
     tl.store(LSE + b * stride_lb + h64 * stride_lh + q_start + offs_m, lse, mask=offs_m < Sq)
@@ -270,13 +271,15 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     if varlen:
         align = (align, (cu_seqlens_q.data_ptr() | cu_seqlens_k.data_ptr()) & 15)
     key = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype, align, varlen, softcap > 0, bm, bn, warps,
-           stages, ws, host, fold, (max_seqlen_q | max_seqlen_k | left | right) >> 31, tuple(opts.items()))
+           stages, ws, host, fold, (max_seqlen_q | max_seqlen_k | left | right) >> 31, tuple(opts.items()),
+           C.left_edge(window_size))
     _fwd_launch.keyed(key, grid, q_arg, k_arg, v_arg, o_arg, out, lse, cu_seqlens_q, cu_seqlens_k,
                       *C.seq_layout(q, varlen), *C.seq_layout(k, varlen), *C.seq_layout(v, varlen),
                       *C.seq_layout(out, varlen), *stride_l,
                       max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale, H // Hk, C.group_tiles("v3"),
                       HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_N=bn, IS_VARLEN=varlen, SOFTCAP=softcap > 0,
-                      WS=ws, HOST=host, FOLD=fold, num_warps=warps, num_stages=stages, **opts)
+                      WS=ws, HOST=host, FOLD=fold, LEFT=C.left_edge(window_size), num_warps=warps, num_stages=stages,
+                      **opts)
     return out, lse
 
 

@@ -1,0 +1,135 @@
+"""A/B of v2's backward with its inner-loop tiles through tensor descriptors (TMA: `v2_bwd.TMA`) against pointer
+loads, fwd+bwd through flash_attn_func(version="v2"), at the short lengths where issue 2's bar is missed (512-1k),
+beside SDPA's flash backend, in rounds in one process (rounds.py).
+
+    python benchmarks/probe_bwd_tma.py --out DIR [--rounds 7] [--points d256-1k,...]
+
+Check first: on awkward shapes (113 x 203 GQA causal d80, a window, packed sequences, bf16 and fp16) and at every timed
+point, the TMA variant's output and gradients bitwise equal to the pointer-load backward's (the same tiles and products,
+the loads only differ). Writes probe_bwd_tma.json and probe_bwd_tma.md.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from rounds import forward_points, run_meta, save_json, save_md, time_forwards  # noqa: E402
+
+# name -> (D, S, B, H, Hk, causal): bench.py's shapes (16k tokens, 2048 / D heads)
+POINTS = {f"d{D}-{'512' if S == 512 else '1k'}{'-causal' if c else ''}": (D, S, 16384 // S, 2048 // D, 2048 // D, c)
+          for D in (64, 128, 256) for S in (512, 1024) for c in (False, True)}
+CHECK = [(80, 113, 203, 2, 8, 2, dict(causal=True)), (128, 300, 300, 1, 4, 4, dict(window_size=(64, 16))),
+         (256, 257, 257, 2, 4, 1, dict(causal=False)), (64, 200, 200, 3, 4, 2, dict(causal=True, packed=True))]
+
+
+def fwd_bwd(q, k, v, do, tma, cu=None, mx=None, **kw):
+    """out and (dq, dk, dv) of v2's forward and backward, the backward's loads through descriptors when tma."""
+    from hf_flashattn import flash_attn_func, flash_attn_varlen_func
+    from hf_flashattn.kernels import v2_bwd
+    old, v2_bwd.TMA = v2_bwd.TMA, tma
+    try:
+        if cu is None:
+            out = flash_attn_func(q, k, v, version="v2", **kw)
+        else:
+            out = flash_attn_varlen_func(q, k, v, cu, cu, mx, mx, version="v2", **kw)
+        return (out, *torch.autograd.grad(out, (q, k, v), do))
+    finally:
+        v2_bwd.TMA = old
+
+
+def sdpa_fwd_bwd(q, k, v, do, causal):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
+    return (out, *torch.autograd.grad(out, (q, k, v), do.transpose(1, 2)))
+
+
+def same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def check():
+    rows = []
+    for dtype in (torch.bfloat16, torch.float16):
+        for D, Sq, Sk, B, H, Hk, kw in CHECK:
+            kw = dict(kw)
+            packed = kw.pop("packed", False)
+            g = torch.Generator(device="cuda").manual_seed(D + Sq)
+            mk = lambda *s: torch.randn(*s, device="cuda", dtype=dtype, generator=g).requires_grad_()  # noqa: E731
+            if packed:
+                lens = [Sq - 37 * i for i in range(B)]
+                cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device="cuda", dtype=torch.int32)
+                T = int(cu[-1])
+                q, k, v = mk(T, H, D), mk(T, Hk, D), mk(T, Hk, D)
+                args = dict(cu=cu, mx=max(lens))
+            else:
+                q, k, v = mk(B, Sq, H, D), mk(B, Sk, Hk, D), mk(B, Sk, Hk, D)
+                args = {}
+            do = torch.randn_like(q)
+            ok = same(fwd_bwd(q, k, v, do, False, **args, **kw), fwd_bwd(q, k, v, do, True, **args, **kw))
+            rows.append(dict(dtype=str(dtype).split(".")[-1], shape=[D, Sq, Sk, B, H, Hk], packed=packed,
+                             mask={k_: list(v_) if isinstance(v_, tuple) else v_ for k_, v_ in kw.items()},
+                             bitwise=ok))
+            if not ok:
+                print("FAIL", json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--points", default=",".join(POINTS))
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--budget-s", type=float, default=1e9)
+    args = ap.parse_args()
+    t0 = time.time()
+    meta = run_meta(rounds=args.rounds, iters=args.iters)
+    checks = check()
+    print(f"check: {sum(c['bitwise'] for c in checks)}/{len(checks)} bitwise ({time.time() - t0:.0f}s)", flush=True)
+    results = []
+    for p, (D, S, B, H, Hk, causal), (q, k, v), _, flops in forward_points(args.points, POINTS, t0, args.budget_s):
+        for t in (q, k, v):
+            t.requires_grad_()
+        do = torch.randn_like(q)
+        variants = {"v2": functools.partial(fwd_bwd, q, k, v, do, False, causal=causal),
+                    "v2-tma": functools.partial(fwd_bwd, q, k, v, do, True, causal=causal),
+                    "sdpa-flash": functools.partial(sdpa_fwd_bwd, q, k, v, do, causal)}
+        row = dict(point=p, D=D, S=S, B=B, H=H, Hk=Hk, causal=causal,
+                   bitwise=same(variants["v2"](), variants["v2-tma"]()))
+        # fwd+bwd: the forward's FLOPs and 2.5 times them for the backward
+        row["variants"] = time_forwards(variants, args.rounds, args.iters, 3.5 * flops, ref="sdpa-flash")
+        results.append(row)
+        print(p, json.dumps({n: (round(r["tflops"]), round(r["median_ratio"], 4), round(r["of_cudnn"], 3))
+                             for n, r in row["variants"].items()}), "bitwise", row["bitwise"], flush=True)
+        del q, k, v, do, variants
+    save_json(args.out, "probe_bwd_tma", meta, t0, checks=checks, results=results)
+    lines = [f"# v2 backward: descriptor (TMA) loads A/B — {meta['device']}, torch {meta['torch']}, triton "
+             f"{meta['triton']}, commit {meta['commit']}", "",
+             f"date {meta['date']}; bf16 fwd+bwd through flash_attn_func(version='v2'), {args.iters} calls a timing, "
+             f"{args.rounds} rounds, v2 (pointer loads), v2-tma (`v2_bwd.TMA` on) and SDPA-flash in turns; ratio: to "
+             "`v2` in the same round (median); ÷ flash: SDPA-flash's time over the variant's (median over rounds); "
+             "TFLOP/s: 3.5x the forward's FLOPs", "",
+             f"Check (v2-tma's output and gradients bitwise equal to v2's, bf16 and fp16, dense and packed): "
+             f"{sum(c['bitwise'] for c in checks)}/{len(checks)}", "",
+             "| point | variant | bitwise | median ms | TFLOP/s | ratio | ÷ flash |", "|---|---|---|---|---|---|---|"]
+    for row in results:
+        for name, r in row["variants"].items():
+            bw = row["bitwise"] if name == "v2-tma" else ""
+            lines.append(f"| {row['point']} | {name} | {bw} | {r['median_ms']:.3f} | {r['tflops']:.0f} | "
+                         f"{r['median_ratio']:.3f} | {r['of_cudnn']:.3f} |")
+    save_md(args.out, "probe_bwd_tma", lines)
+
+
+if __name__ == "__main__":
+    main()

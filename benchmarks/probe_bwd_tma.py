@@ -10,7 +10,6 @@ the loads only differ). Writes probe_bwd_tma.json and probe_bwd_tma.md.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -22,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from rounds import forward_points, run_meta, save_json, save_md, time_forwards  # noqa: E402
+from rounds import forward_points, probe_parser, run_meta, save_json, save_md, time_forwards  # noqa: E402
 
 # name -> (D, S, B, H, Hk, causal): bench.py's shapes (16k tokens, 2048 / D heads)
 POINTS = {f"d{D}-{'512' if S == 512 else '1k'}{'-causal' if c else ''}": (D, S, 16384 // S, 2048 // D, 2048 // D, c)
@@ -86,12 +85,7 @@ def check():
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=".")
-    ap.add_argument("--points", default=",".join(POINTS))
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--budget-s", type=float, default=1e9)
+    ap = probe_parser(POINTS)
     args = ap.parse_args()
     t0 = time.time()
     meta = run_meta(rounds=args.rounds, iters=args.iters)

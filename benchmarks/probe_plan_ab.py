@@ -19,7 +19,6 @@ the baseline in the same round, median over rounds. Writes probe_plan_ab.json an
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -32,8 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fwd_rule import forward_rule  # noqa: E402
-from rounds import (forward_points, median_speedup, run_meta, save_json, save_md, sdpa_forward,  # noqa: E402
-                    time_forwards)
+from rounds import (forward_points, median_speedup, probe_parser, run_meta, save_json, save_md,  # noqa: E402
+                    sdpa_forward, time_forwards)
 
 
 
@@ -211,13 +210,8 @@ def v3py(q, k, v, causal):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=".")
-    ap.add_argument("--points", default=",".join(POINTS))
+    ap = probe_parser(POINTS)
     ap.add_argument("--variants", default="base,pingpong")
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--flash", action="store_true", help="time SDPA's flash backend too (v2's bar), its ratio added")
     args = ap.parse_args()

@@ -11,7 +11,6 @@ probe_tail.json and probe_tail.md.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -24,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fwd_rule import forward_rule  # noqa: E402
-from rounds import forward_points, run_meta, save_json, save_md, sdpa_forward, time_forwards  # noqa: E402
+from rounds import (forward_points, probe_parser, run_meta, save_json, save_md, sdpa_forward,  # noqa: E402
+                    time_forwards)
 
 # (D, S, B, H, Hk): square causal shapes whose schedule gets a tail on 132 SMs
 CHECK = [(64, 2048, 1, 32, 8), (64, 3000, 1, 24, 24), (64, 2048, 3, 8, 2), (128, 3000, 1, 16, 4),
@@ -77,12 +77,7 @@ def tail_fwd(G, on, q, k, v):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=".")
-    ap.add_argument("--points", default=",".join(POINTS))
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--budget-s", type=float, default=1e9)
+    ap = probe_parser(POINTS)
     args = ap.parse_args()
     t0 = time.time()
     from hf_flashattn.kernels import v3_gluon as G

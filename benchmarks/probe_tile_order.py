@@ -14,7 +14,6 @@ per-round ratios) and ÷ cuDNN. --v2-fold-ab adds v2 at the last order without t
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -27,8 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fwd_rule import forward_rule  # noqa: E402
-from rounds import (forward_points, median_speedup, run_meta, save_json, save_md, sdpa_forward,  # noqa: E402
-                    time_forwards)
+from rounds import (forward_points, median_speedup, probe_parser, run_meta, save_json, save_md,  # noqa: E402
+                    sdpa_forward, time_forwards)
 
 # name -> (D, S, B, H, Hk, causal): 16k tokens a batch, H = 2048 / D (bench.py's grid), GQA 32/8
 POINTS = {"d64-1k-causal": (64, 1024, 16, 32, 32, True), "d64-1k": (64, 1024, 16, 32, 32, False),
@@ -96,13 +95,8 @@ def check(C, groups):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=".")
-    ap.add_argument("--points", default=",".join(POINTS))
+    ap = probe_parser(POINTS)
     ap.add_argument("--groups", default="1,1024")
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--v2-fold-ab", action="store_true", help="also v2 without the scale folded into the exponent")
     args = ap.parse_args()

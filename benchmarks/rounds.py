@@ -60,6 +60,19 @@ def time_forwards(variants: dict, rounds: int, iters: int, flops: float, ref: st
 
 
 
+def probe_parser(points: dict, iters: int = 10):
+    """The rounds-based probes' common command line: --out, --points (default: every key of `points`), --rounds,
+    --iters (calls a timing), --budget-s; a probe adds its own arguments to the parser returned."""
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--points", default=",".join(points))
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--iters", type=int, default=iters)
+    ap.add_argument("--budget-s", type=float, default=1e9)
+    return ap
+
+
 def run_meta(**extra) -> dict:
     """A probe's JSON header: the card, the stack (torch, triton, cuDNN), the commit ($COMMIT), the date, then the
     probe's own fields (its rounds, calls a timing, ...)."""

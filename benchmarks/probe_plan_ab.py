@@ -5,8 +5,9 @@ own), the lever left where ptxas waits for P·V before the exponentials (benchma
 Variant `D:BMxBN:STAGES:REGS[:PINGPONG[:Q_SLOTS[:PER_SM]]]`: another plan at head dim D (other tiles: e.g. one
 consumer, two programs an SM, `64:64x128:3:232`), not run at other head dims; `v3py:D:BMxBN:WARPS:STAGES[:MAXNREG]`:
 v3.py's kernel with that plan (host descriptors); `v2`: v2's kernel, its autotuner's pick; `v2:D:BMxBN:WARPS:STAGES[:
-MAXNREG]`: v2's kernel with that config forced; any name + `+left`: it with masked scores testing the window's left
-edge too (`_common.SKIP_LEFT` off). --flash: SDPA's flash backend timed too (v2's bar).
+MAXNREG]`: v2's kernel with that config forced; a name + `+left`: it with masked scores testing the window's left
+edge too (`_common.SKIP_LEFT` off); + `+oneloop`: v3.py's and v2's forwards with every key block in one loop
+(`v3.ONE_LOOP`, `v2.ONE_LOOP` on); both may follow a name. --flash: SDPA's flash backend timed too (v2's bar).
 
     python benchmarks/probe_plan_ab.py --out DIR [--rounds 7] [--points d128-4k,...] [--variants base,pingpong]
 
@@ -40,8 +41,8 @@ def variant_plan(G, name, D):
     """The plan tuple of variant `name` at head dim D: `base` (`_PLANS[D]`), `pingpong` / `no-pingpong` (it with
     ping-pong on / off), or an explicit plan `D:BMxBN:STAGES:REGS[:PINGPONG[:Q_SLOTS[:PER_SM]]]` (4 producer warps;
     at other head dims: None, the variant is not run there)."""
-    if name.endswith("+left"):   # the same plan, with SKIP_LEFT off (see `variant_runner`)
-        return variant_plan(G, name[:-len("+left")], D)
+    if "+" in name:   # the same plan, with module switches flipped during its calls (see `variant_runner`)
+        return variant_plan(G, name.split("+")[0], D)
     p = list(G._PLANS[D]) + [G.PINGPONG, G.Q_SLOTS][len(G._PLANS[D]) - 5:]
     if name in ("pingpong", "no-pingpong"):
         p[5] = name == "pingpong"
@@ -68,20 +69,31 @@ def variant_plan(G, name, D):
 
 
 def variant_runner(G, name, pl, *a):
-    """`runner` of variant `name`'s plan pl; a name ending in `+left`: with `_common.SKIP_LEFT` off during its calls
-    (masked scores test the window's left edge too, as the kernels before the twentieth session; bitwise equal)."""
+    """`runner` of variant `name`'s plan pl, with the switches its `+` suffixes name flipped during its calls: `+left`
+    `_common.SKIP_LEFT` off (masked scores test the window's left edge too, as the kernels before the twentieth
+    session), `+oneloop` `v3.ONE_LOOP` and `v2.ONE_LOOP` on (one pipelined loop a tile). Both give the same bits."""
     f = runner(G, pl, *a)
-    if not name.endswith("+left"):
+    flags = name.split("+")[1:]
+    if not flags:
         return f
+    from hf_flashattn.kernels import _common as C
+    from hf_flashattn.kernels import v2, v3
+    switches = {"left": [(C, "SKIP_LEFT", False)], "oneloop": [(v3, "ONE_LOOP", True), (v2, "ONE_LOOP", True)]}
+    unknown = [x for x in flags if x not in switches]
+    if unknown:
+        raise SystemExit(f"unknown variant suffix {unknown} in {name}")
 
-    def with_left():
-        from hf_flashattn.kernels import _common as C
-        C.SKIP_LEFT = False
+    def flipped():
+        sets = [s for x in flags for s in switches[x]]
+        old = [getattr(m, attr) for m, attr, _ in sets]
+        for m, attr, value in sets:
+            setattr(m, attr, value)
         try:
             return f()
         finally:
-            C.SKIP_LEFT = True
-    return with_left
+            for (m, attr, _), o in zip(sets, old):
+                setattr(m, attr, o)
+    return flipped
 
 
 def runner(G, pl, q, k, v, Sq, Sk, scale, win, cu=None):

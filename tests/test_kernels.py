@@ -129,6 +129,71 @@ def test_skip_left_is_bitwise(version, mask, monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("shape,mask", [((1, 113, 203, 4, 1, 40), dict(causal=True)),
+                                        ((2, 70, 70, 4, 2, 32), dict(causal=False)),
+                                        ((1, 64, 96, 4, 4, 16), dict(window_size=(20, 5))),
+                                        ((1, 90, 50, 2, 2, 64), dict(causal=True)),
+                                        ((1, 77, 77, 2, 2, 64), dict(window_size=(-1, 7))),
+                                        ((1, 1, 97, 2, 1, 16), dict(causal=True))],
+                         ids=["113x203-causal-mqa-d40", "70x70-gqa", "window", "q-longer-causal", "right-only",
+                              "one-row"])
+def test_v3_one_loop(shape, mask, monkeypatch):
+    """v3.py's kernel with every key block in one pipelined loop (`v3.ONE_LOOP`, the mask in a branch on the block's
+    position): within the rule against the reference, and bitwise equal to the three loops (the same products and
+    masks in the same order); packed sequences keep the three loops, with the same result."""
+    from hf_flashattn.kernels import v3
+    q, k, v, _ = _inputs(shape, torch.float16, seed=15)
+    runs = []
+    for one in (False, True):
+        monkeypatch.setattr(v3, "ONE_LOOP", one)
+        runs.append(fa.flash_attn_func(q, k, v, return_attn_probs=True, version="v3", **mask)[:2])
+    (base, base_lse), (out, lse) = runs
+    ref = ref_grads(q, k, v, torch.zeros_like(q), **mask)
+    low = ref_grads(q, k, v, torch.zeros_like(q), compute_dtype=None, **mask)
+    assert_close_rule("out", out, ref[0], low[0], 2, torch.float16)
+    fin = torch.isfinite(ref[1])
+    assert torch.equal(torch.isinf(lse) & (lse > 0), ~fin)
+    assert torch.equal(out, base) and torch.equal(lse, base_lse)
+    cu = torch.tensor([0, shape[1] // 2, shape[1]], dtype=torch.int32)
+    if shape[1] == shape[2] and shape[1] > 1:
+        packed = fa.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, shape[1], shape[1], version="v3", **mask)
+        monkeypatch.setattr(v3, "ONE_LOOP", False)
+        assert torch.equal(packed, fa.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, shape[1], shape[1],
+                                                             version="v3", **mask))
+
+
+@pytest.mark.parametrize("shape,mask", [((1, 113, 203, 4, 1, 40), dict(causal=True)),
+                                        ((2, 70, 70, 4, 2, 32), dict(causal=False)),
+                                        ((1, 64, 96, 4, 4, 16), dict(window_size=(20, 5))),
+                                        ((1, 90, 50, 2, 2, 64), dict(causal=True)),
+                                        ((1, 77, 77, 2, 2, 64), dict(window_size=(-1, 7))),
+                                        ((1, 1, 97, 2, 1, 16), dict(causal=True))],
+                         ids=["113x203-causal-mqa-d40", "70x70-gqa", "window", "q-longer-causal", "right-only",
+                              "one-row"])
+def test_v2_one_loop(shape, mask, monkeypatch):
+    """v2's forward with every key block in one loop (`v2.ONE_LOOP`: the mask in a branch on the block's position, the
+    block across the key tail after the loop): within the rule against the reference, bitwise equal to the three
+    loops, dense and packed (ragged lengths: a tail block in most sequences)."""
+    from hf_flashattn.kernels import v2
+    q, k, v, _ = _inputs(shape, torch.float32, seed=16)
+    B, Sq, Sk = shape[:3]
+    lq, lk = [Sq // 3, Sq - Sq // 3], [Sk // 2 + 1, Sk - Sk // 2 - 1]
+    cu_q = torch.tensor([0, lq[0], Sq], dtype=torch.int32)
+    cu_k = torch.tensor([0, lk[0], Sk], dtype=torch.int32)
+    runs = []
+    for one in (False, True):
+        monkeypatch.setattr(v2, "ONE_LOOP", one)
+        dense = fa.flash_attn_func(q, k, v, return_attn_probs=True, version="v2", **mask)[:2]
+        packed = fa.flash_attn_varlen_func(q[0], k[0], v[0], cu_q, cu_k, max(lq), max(lk), return_attn_probs=True,
+                                           version="v2", **mask)[:2]
+        runs.append((*dense, *packed))
+    ref = ref_grads(q, k, v, torch.zeros_like(q), **mask)
+    low = ref_grads(q, k, v, torch.zeros_like(q), compute_dtype=torch.float32, **mask)
+    assert_close_rule("out", runs[1][0], ref[0], low[0], 2, torch.float32)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_varlen_matches_dense_per_sequence(version):
     """Packing must not leak attention across sequences: each packed sequence equals its dense run."""

@@ -41,6 +41,37 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, start, en
 
 
 @triton.jit
+def _fwd_loop(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, hi, full_lo, full_hi, offs_m, offs_n, offs_d,
+              Sk, diag, left, right, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+              DOT_PREC: tl.constexpr, LEFT: tl.constexpr):
+    """Every key block of the tile, [lo, hi), in one pipelined loop (the scale folded, no softcap: the kernel's
+    ONE_LOOP), so that a tile sets up one software pipeline instead of three (`_fwd_inner`'s): the scores of the
+    blocks outside the band [full_lo, full_hi) masked in a branch on the block's position; the block that crosses the
+    key tail Sk (at most one) after the loop, its loads masked, so that the loop's loads need no mask."""
+    body_hi = tl.maximum(tl.minimum(hi, (Sk // BLOCK_N) * BLOCK_N), lo)
+    for start_n in range(lo, body_hi, BLOCK_N):
+        cols = start_n + offs_n
+        k_ptrs = K_base + cols[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = V_base + cols[:, None] * stride_vn + offs_d[None, :]
+        k, v = load_rows_pair(k_ptrs, v_ptrs, cols, Sk, offs_d, HEAD_DIM, BLOCK_D, False)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if (start_n < full_lo) | (start_n >= full_hi):
+            qk = tl.where(visible(offs_m, cols, diag, left, right, Sk, LEFT), qk, float("-inf"))
+        p, alpha, m_i, l_i = softmax_tile(qk, m_i, l_i, 1.0, qk_scale, 1.0, offs_m, cols, Sk, diag, left, right, False,
+                                          False, True, False, LEFT)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    if body_hi < hi:
+        cols = body_hi + offs_n
+        k, v = load_rows_pair(K_base + cols[:, None] * stride_kn + offs_d[None, :],
+                              V_base + cols[:, None] * stride_vn + offs_d[None, :], cols, Sk, offs_d, HEAD_DIM,
+                              BLOCK_D, True)
+        acc, l_i, m_i = kv_block(acc, l_i, m_i, q, k, v, offs_m, cols, Sk, diag, left, right, qk_scale, 1.0, True,
+                                 False, DOT_PREC, None, False, True, LEFT)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def kv_block(acc, l_i, m_i, q, k, v, offs_m, cols, Sk, diag, left, right, qk_scale, cap_scale, MASKED: tl.constexpr,
              SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, KMASK_base, HAS_KMASK: tl.constexpr,
              FOLD: tl.constexpr = False, LEFT: tl.constexpr = True):
@@ -79,7 +110,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 group, group_tiles, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                 SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr, FOLD: tl.constexpr = False,
-                LEFT: tl.constexpr = True):
+                LEFT: tl.constexpr = True, ONE_LOOP: tl.constexpr = False):
     # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program computes the BLOCK_M rows of
     # O and lse of one (query block, head, sequence), walking the visible key blocks; programs take their tiles in
     # `grouped_tile`'s order.
@@ -107,20 +138,25 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     diag = Sk - Sq
     lo, full_lo, full_hi, hi = tile_range(m0, BLOCK_M, diag, window_left, window_right, Sk, BLOCK_N)
-    # left edge of a sliding window (masked), the band every row sees (unmasked), the diagonal /
-    # right edge and the key tail (masked)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, full_lo,
-                               offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
-                               cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC,
-                               FOLD=FOLD, LEFT=LEFT)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, full_lo, full_hi,
-                               offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
-                               cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, SOFTCAP, DOT_PREC,
-                               FOLD=FOLD, LEFT=LEFT)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, full_hi, hi,
-                               offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
-                               cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC,
-                               FOLD=FOLD, LEFT=LEFT)
+    if ONE_LOOP:   # the scale folded, no softcap: every block in one loop (`_fwd_loop`)
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, hi, full_lo, full_hi,
+                                  offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, HEAD_DIM,
+                                  BLOCK_D, BLOCK_N, DOT_PREC, LEFT)
+    else:
+        # left edge of a sliding window (masked), the band every row sees (unmasked), the diagonal /
+        # right edge and the key tail (masked)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, full_lo,
+                                   offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
+                                   cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC,
+                                   FOLD=FOLD, LEFT=LEFT)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, full_lo, full_hi,
+                                   offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
+                                   cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, SOFTCAP, DOT_PREC,
+                                   FOLD=FOLD, LEFT=LEFT)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, full_hi, hi,
+                                   offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
+                                   cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC,
+                                   FOLD=FOLD, LEFT=LEFT)
     # epilogue: normalise once; rows that saw no key get O = 0 and lse = +inf (as flash-attn)
     acc, lse = normalise_rows(acc, l_i, m_i, float("inf"))
     tl.store(LSE + b * stride_lb + h64 * stride_lh + q_start + offs_m, lse, mask=row_ok)
@@ -165,6 +201,13 @@ _fwd_launch = C.Launcher(_fwd_kernel, _fwd_configs(), prune_by_head_dim,
 # order-fold.md, rounds in one process): 1.01-1.03x at most points, 1.10x at d64 8k causal, 0.98x at d256 1k causal.
 FOLD = True
 
+# Every key block in one pipelined loop (`_fwd_loop`, with FOLD) instead of three (`_fwd_inner`'s left edge, band,
+# diagonal/tail), each of which sets up its software pipeline per tile even when it runs no block; the loads are then
+# masked at the key tail on every block. Off until measured on a GPU (benchmarks/probe_plan_ab.py's `v2+oneloop`;
+# correct on the CPU, bitwise equal to the three loops: tests/test_kernels.py). SASS in benchmarks/NOTES.md
+# (twentieth session).
+ONE_LOOP = False
+
 
 def use_split_kv(q, k, varlen: bool) -> bool:
     """Decode-like shapes (a few queries, many keys) go to the split-KV kernel of decode.py: the same
@@ -203,10 +246,11 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
             C.seq_bucket(max_seqlen_q), C.mask_kind(window_size), H // Hk, C.group_tiles("v2"))
     fold = FOLD and softcap == 0 and softmax_scale > 0
     meta = dict(HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), IS_VARLEN=varlen,
-                SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype), FOLD=fold, LEFT=C.left_edge(window_size))
+                SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype), FOLD=fold, LEFT=C.left_edge(window_size),
+                ONE_LOOP=ONE_LOOP and fold)
     _fwd_launch(lambda m: (C.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch), args, meta,
                 site_key=_site_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, left, right, fold,
-                                   meta["LEFT"]))
+                                   meta["LEFT"], meta["ONE_LOOP"]))
     return out, lse
 
 

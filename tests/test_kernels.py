@@ -148,6 +148,15 @@ def test_v3_one_loop(shape, mask, monkeypatch):
         monkeypatch.setattr(v3, "ONE_LOOP", one)
         runs.append(fa.flash_attn_func(q, k, v, return_attn_probs=True, version="v3", **mask)[:2])
     (base, base_lse), (out, lse) = runs
+    # descriptors made in-kernel (the host's need 16-byte aligned strides): the same bits
+    window = mask.get("window_size", (-1, 0 if mask.get("causal") else -1))
+    args = (None, None, shape[1], shape[2], shape[-1] ** -0.5, window, 0.0)
+    inkernel = []
+    for one in (False, True):
+        monkeypatch.setattr(v3, "ONE_LOOP", one)
+        inkernel.append(v3.forward(q, k, v, *args, _plan=((32, 16, 4, 1), False, False)))
+    assert torch.equal(inkernel[0][0], inkernel[1][0]) and torch.equal(inkernel[0][1], inkernel[1][1])
+    assert torch.equal(inkernel[1][0], out)
     ref = ref_grads(q, k, v, torch.zeros_like(q), **mask)
     low = ref_grads(q, k, v, torch.zeros_like(q), compute_dtype=None, **mask)
     assert_close_rule("out", out, ref[0], low[0], 2, torch.float16)

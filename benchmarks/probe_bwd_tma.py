@@ -1,12 +1,14 @@
-"""A/B of v2's backward with its inner-loop tiles through tensor descriptors (TMA: `v2_bwd.TMA`) against pointer
-loads, fwd+bwd through flash_attn_func(version="v2"), at the short lengths where issue 2's bar is missed (512-1k),
-beside SDPA's flash backend, in rounds in one process (rounds.py).
+"""A/B of v2's fwd+bwd variants through flash_attn_func(version="v2") against v2 as it is, at the short lengths where
+issue 2's bar is missed (512-1k), beside SDPA's flash backend, in rounds in one process (rounds.py). Variants (module
+switches flipped during their calls): `v2-tma`, the backward's inner-loop tiles through tensor descriptors
+(`v2_bwd.TMA`); `v2-oneloop`, the forward's and the dQ pass's key blocks in one loop (`v2.ONE_LOOP`,
+`v2_bwd.ONE_LOOP`); `v2-tma-oneloop`, both.
 
-    python benchmarks/probe_bwd_tma.py --out DIR [--rounds 7] [--points d256-1k,...]
+    python benchmarks/probe_bwd_tma.py --out DIR [--rounds 7] [--points d256-1k,...] [--variants v2-tma,v2-oneloop]
 
 Check first: on awkward shapes (113 x 203 GQA causal d80, a window, packed sequences, bf16 and fp16) and at every timed
-point, the TMA variant's output and gradients bitwise equal to the pointer-load backward's (the same tiles and products,
-the loads only differ). Writes probe_bwd_tma.json and probe_bwd_tma.md.
+point, each variant's output and gradients bitwise equal to v2's (the same tiles and products, the loads or the loops
+only differ). Writes probe_bwd_tma.json and probe_bwd_tma.md.
 """
 from __future__ import annotations
 
@@ -30,11 +32,23 @@ CHECK = [(80, 113, 203, 2, 8, 2, dict(causal=True)), (128, 300, 300, 1, 4, 4, di
          (256, 257, 257, 2, 4, 1, dict(causal=False)), (64, 200, 200, 3, 4, 2, dict(causal=True, packed=True))]
 
 
-def fwd_bwd(q, k, v, do, tma, cu=None, mx=None, **kw):
-    """out and (dq, dk, dv) of v2's forward and backward, the backward's loads through descriptors when tma."""
+def switches(variant: str):
+    """(module, attribute, value) of the switches a variant name turns on (`v2`: none)."""
+    from hf_flashattn.kernels import v2, v2_bwd
+    parts = variant.split("-")[1:]
+    known = {"tma": [(v2_bwd, "TMA", True)], "oneloop": [(v2, "ONE_LOOP", True), (v2_bwd, "ONE_LOOP", True)]}
+    if not variant.startswith("v2") or not all(x in known for x in parts):
+        raise SystemExit(f"unknown variant {variant}")
+    return [s for x in parts for s in known[x]]
+
+
+def fwd_bwd(q, k, v, do, variant, cu=None, mx=None, **kw):
+    """out and (dq, dk, dv) of v2's forward and backward with the variant's switches on."""
     from hf_flashattn import flash_attn_func, flash_attn_varlen_func
-    from hf_flashattn.kernels import v2_bwd
-    old, v2_bwd.TMA = v2_bwd.TMA, tma
+    sets = switches(variant)
+    old = [getattr(m, a) for m, a, _ in sets]
+    for m, a, value in sets:
+        setattr(m, a, value)
     try:
         if cu is None:
             out = flash_attn_func(q, k, v, version="v2", **kw)
@@ -42,7 +56,8 @@ def fwd_bwd(q, k, v, do, tma, cu=None, mx=None, **kw):
             out = flash_attn_varlen_func(q, k, v, cu, cu, mx, mx, version="v2", **kw)
         return (out, *torch.autograd.grad(out, (q, k, v), do))
     finally:
-        v2_bwd.TMA = old
+        for (m, a, _), o in zip(sets, old):
+            setattr(m, a, o)
 
 
 def sdpa_fwd_bwd(q, k, v, do, causal):
@@ -57,7 +72,7 @@ def same(a, b):
     return all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def check():
+def check(names):
     rows = []
     for dtype in (torch.bfloat16, torch.float16):
         for D, Sq, Sk, B, H, Hk, kw in CHECK:
@@ -75,33 +90,39 @@ def check():
                 q, k, v = mk(B, Sq, H, D), mk(B, Sk, Hk, D), mk(B, Sk, Hk, D)
                 args = {}
             do = torch.randn_like(q)
-            ok = same(fwd_bwd(q, k, v, do, False, **args, **kw), fwd_bwd(q, k, v, do, True, **args, **kw))
-            rows.append(dict(dtype=str(dtype).split(".")[-1], shape=[D, Sq, Sk, B, H, Hk], packed=packed,
-                             mask={k_: list(v_) if isinstance(v_, tuple) else v_ for k_, v_ in kw.items()},
-                             bitwise=ok))
-            if not ok:
-                print("FAIL", json.dumps(rows[-1]), flush=True)
+            base = fwd_bwd(q, k, v, do, "v2", **args, **kw)
+            for name in names:
+                rows.append(dict(variant=name, dtype=str(dtype).split(".")[-1], shape=[D, Sq, Sk, B, H, Hk],
+                                 packed=packed, bitwise=same(base, fwd_bwd(q, k, v, do, name, **args, **kw)),
+                                 mask={k_: list(v_) if isinstance(v_, tuple) else v_ for k_, v_ in kw.items()}))
+                if not rows[-1]["bitwise"]:
+                    print("FAIL", json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def main():
     ap = probe_parser(POINTS)
-    ap.add_argument("--no-check", action="store_true", help="skip the awkward shapes (the timed points are still compared)")
+    ap.add_argument("--variants", default="v2-tma")
+    ap.add_argument("--no-check", action="store_true", help="skip the awkward shapes (the points are still compared)")
     args = ap.parse_args()
     t0 = time.time()
-    meta = run_meta(rounds=args.rounds, iters=args.iters)
-    checks = [] if args.no_check else check()
+    names = args.variants.split(",")
+    for name in names:
+        switches(name)
+    meta = run_meta(rounds=args.rounds, iters=args.iters, variants=names)
+    checks = [] if args.no_check else check(names)
     print(f"check: {sum(c['bitwise'] for c in checks)}/{len(checks)} bitwise ({time.time() - t0:.0f}s)", flush=True)
     results = []
     for p, (D, S, B, H, Hk, causal), (q, k, v), _, flops in forward_points(args.points, POINTS, t0, args.budget_s):
         for t in (q, k, v):
             t.requires_grad_()
         do = torch.randn_like(q)
-        variants = {"v2": functools.partial(fwd_bwd, q, k, v, do, False, causal=causal),
-                    "v2-tma": functools.partial(fwd_bwd, q, k, v, do, True, causal=causal),
-                    "sdpa-flash": functools.partial(sdpa_fwd_bwd, q, k, v, do, causal)}
+        variants = {n: functools.partial(fwd_bwd, q, k, v, do, n, causal=causal) for n in ["v2"] + names}
+        variants["sdpa-flash"] = functools.partial(sdpa_fwd_bwd, q, k, v, do, causal)
+        base = variants["v2"]()
         row = dict(point=p, D=D, S=S, B=B, H=H, Hk=Hk, causal=causal,
-                   bitwise=same(variants["v2"](), variants["v2-tma"]()))
+                   bitwise={n: same(base, variants[n]()) for n in names})
+        del base
         # fwd+bwd: the forward's FLOPs and 2.5 times them for the backward
         row["variants"] = time_forwards(variants, args.rounds, args.iters, 3.5 * flops, ref="sdpa-flash")
         results.append(row)
@@ -109,18 +130,18 @@ def main():
                              for n, r in row["variants"].items()}), "bitwise", row["bitwise"], flush=True)
         del q, k, v, do, variants
     save_json(args.out, "probe_bwd_tma", meta, t0, checks=checks, results=results)
-    lines = [f"# v2 backward: descriptor (TMA) loads A/B — {meta['device']}, torch {meta['torch']}, triton "
+    lines = [f"# v2 fwd+bwd variants A/B — {meta['device']}, torch {meta['torch']}, triton "
              f"{meta['triton']}, commit {meta['commit']}", "",
              f"date {meta['date']}; bf16 fwd+bwd through flash_attn_func(version='v2'), {args.iters} calls a timing, "
-             f"{args.rounds} rounds, v2 (pointer loads), v2-tma (`v2_bwd.TMA` on) and SDPA-flash in turns; ratio: to "
-             "`v2` in the same round (median); ÷ flash: SDPA-flash's time over the variant's (median over rounds); "
-             "TFLOP/s: 3.5x the forward's FLOPs", "",
-             f"Check (v2-tma's output and gradients bitwise equal to v2's, bf16 and fp16, dense and packed): "
+             f"{args.rounds} rounds, v2, {', '.join(names)} (see the probe's docstring) and SDPA-flash in turns; "
+             "ratio: to `v2` in the same round (median); ÷ flash: SDPA-flash's time over the variant's (median over "
+             "rounds); TFLOP/s: 3.5x the forward's FLOPs", "",
+             f"Check (each variant's output and gradients bitwise equal to v2's, bf16 and fp16, dense and packed): "
              f"{sum(c['bitwise'] for c in checks)}/{len(checks)}", "",
              "| point | variant | bitwise | median ms | TFLOP/s | ratio | ÷ flash |", "|---|---|---|---|---|---|---|"]
     for row in results:
         for name, r in row["variants"].items():
-            bw = row["bitwise"] if name == "v2-tma" else ""
+            bw = row["bitwise"].get(name, "")
             lines.append(f"| {row['point']} | {name} | {bw} | {r['median_ms']:.3f} | {r['tflops']:.0f} | "
                          f"{r['median_ratio']:.3f} | {r['of_cudnn']:.3f} |")
     save_md(args.out, "probe_bwd_tma", lines)

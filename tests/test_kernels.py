@@ -176,29 +176,29 @@ def test_v3_one_loop(shape, mask, monkeypatch):
                                         ((1, 64, 96, 4, 4, 16), dict(window_size=(20, 5))),
                                         ((1, 90, 50, 2, 2, 64), dict(causal=True)),
                                         ((1, 77, 77, 2, 2, 64), dict(window_size=(-1, 7))),
+                                        ((1, 45, 45, 2, 1, 32), dict(window_size=(9, 3), softcap=5.0)),
                                         ((1, 1, 97, 2, 1, 16), dict(causal=True))],
                          ids=["113x203-causal-mqa-d40", "70x70-gqa", "window", "q-longer-causal", "right-only",
-                              "one-row"])
+                              "window-softcap", "one-row"])
 def test_v2_one_loop(shape, mask, monkeypatch):
-    """v2's forward with every key block in one loop (`v2.ONE_LOOP`: the mask in a branch on the block's position, the
-    block across the key tail after the loop): within the rule against the reference, bitwise equal to the three
-    loops, dense and packed (ragged lengths: a tail block in most sequences)."""
-    from hf_flashattn.kernels import v2
-    q, k, v, _ = _inputs(shape, torch.float32, seed=16)
+    """v2's forward and dQ pass with every key block in one loop (`v2.ONE_LOOP`, `v2_bwd.ONE_LOOP`: the mask in a
+    branch on the block's position, the block across the key tail after the loop; the forward keeps three loops under
+    softcap): within the rule against the reference, output, lse and gradients bitwise equal to the three loops, dense
+    and packed (ragged lengths: a tail block in most sequences)."""
+    from hf_flashattn.kernels import v2, v2_bwd
+    q, k, v, do = _inputs(shape, torch.float32, seed=16)
     B, Sq, Sk = shape[:3]
     lq, lk = [Sq // 3, Sq - Sq // 3], [Sk // 2 + 1, Sk - Sk // 2 - 1]
-    cu_q = torch.tensor([0, lq[0], Sq], dtype=torch.int32)
-    cu_k = torch.tensor([0, lk[0], Sk], dtype=torch.int32)
+    cu = (torch.tensor([0, lq[0], Sq], dtype=torch.int32), torch.tensor([0, lk[0], Sk], dtype=torch.int32))
     runs = []
     for one in (False, True):
         monkeypatch.setattr(v2, "ONE_LOOP", one)
-        dense = fa.flash_attn_func(q, k, v, return_attn_probs=True, version="v2", **mask)[:2]
-        packed = fa.flash_attn_varlen_func(q[0], k[0], v[0], cu_q, cu_k, max(lq), max(lk), return_attn_probs=True,
-                                           version="v2", **mask)[:2]
-        runs.append((*dense, *packed))
-    ref = ref_grads(q, k, v, torch.zeros_like(q), **mask)
-    low = ref_grads(q, k, v, torch.zeros_like(q), compute_dtype=torch.float32, **mask)
-    assert_close_rule("out", runs[1][0], ref[0], low[0], 2, torch.float32)
+        monkeypatch.setattr(v2_bwd, "ONE_LOOP", one)
+        runs.append((*_kernel("v2", q, k, v, do, **mask), *_kernel_varlen("v2", q[0], k[0], v[0], do[0], cu, **mask)))
+    ref = ref_grads(q, k, v, do, **_ref_kw(mask))
+    low = ref_grads(q, k, v, do, compute_dtype=torch.float32, **_ref_kw(mask))
+    for name, i, f in (("out", 0, 2), ("dq", 2, 3)):
+        assert_close_rule(name, runs[1][i], ref[i], low[i], f, torch.float32)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 

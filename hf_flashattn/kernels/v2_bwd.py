@@ -274,21 +274,51 @@ def _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, start
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
               SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr, IS_VARLEN: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
-        cols = start_n + offs_n
         # keys past Sk are masked out of P on the masked blocks
         k, v = load_tile_pair(K_DESC, V_DESC, K_base, V_base, stride_kn, stride_vn, start_n, offs_n, Sk, offs_d, bq,
                               k_start, kvh32, HEAD_DIM, BLOCK_N, BLOCK_D, MASKED, TMA, IS_VARLEN)
-        # -- recompute P --
-        s, t = log2_scores(q, k, qk_scale, cap_scale, SOFTCAP, DOT_PREC)
-        p = tl.exp2(s - lse[:, None])
-        if MASKED:
-            p = tl.where(visible(offs_m, cols, diag, left, right, Sk), p, 0.0)
-        # -- dS = P ∘ (dO Vᵀ - Delta), dQ += dS K --
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        if SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+        dq = _dq_block(dq, q, do, lse, delta, k, v, start_n + offs_n, offs_m, Sk, diag, left, right, qk_scale,
+                       cap_scale, MASKED, SOFTCAP, DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _dq_block(dq, q, do, lse, delta, k, v, cols, offs_m, Sk, diag, left, right, qk_scale, cap_scale,
+              MASKED, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dQ += dS K for one key block (columns cols) once k and v are loaded; MASKED (a constexpr, or a runtime flag in
+    `_dq_loop`): P masked by the window and the key tail."""
+    # -- recompute P --
+    s, t = log2_scores(q, k, qk_scale, cap_scale, SOFTCAP, DOT_PREC)
+    p = tl.exp2(s - lse[:, None])
+    if MASKED:
+        p = tl.where(visible(offs_m, cols, diag, left, right, Sk), p, 0.0)
+    # -- dS = P ∘ (dO Vᵀ - Delta), dQ += dS K --
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _dq_loop(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, lo, hi, full_lo, full_hi, offs_m, offs_n,
+             offs_d, Sk, diag, left, right, qk_scale, cap_scale, K_DESC, V_DESC, bq, k_start, kvh32,
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
+             DOT_PREC: tl.constexpr, TMA: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """The dQ pass's key blocks [lo, hi) in one pipelined loop (the kernel's ONE_LOOP; v2.py's `_fwd_loop`): P of the
+    blocks outside the band [full_lo, full_hi) masked in a branch on the block's position, the block across the key
+    tail (at most one) after the loop with masked loads."""
+    body_hi = tl.maximum(tl.minimum(hi, (Sk // BLOCK_N) * BLOCK_N), lo)
+    for start_n in range(lo, body_hi, BLOCK_N):
+        k, v = load_tile_pair(K_DESC, V_DESC, K_base, V_base, stride_kn, stride_vn, start_n, offs_n, Sk, offs_d, bq,
+                              k_start, kvh32, HEAD_DIM, BLOCK_N, BLOCK_D, False, TMA, IS_VARLEN)
+        dq = _dq_block(dq, q, do, lse, delta, k, v, start_n + offs_n, offs_m, Sk, diag, left, right, qk_scale,
+                       cap_scale, (start_n < full_lo) | (start_n >= full_hi), SOFTCAP, DOT_PREC)
+    if body_hi < hi:
+        k, v = load_tile_pair(K_DESC, V_DESC, K_base, V_base, stride_kn, stride_vn, body_hi, offs_n, Sk, offs_d, bq,
+                              k_start, kvh32, HEAD_DIM, BLOCK_N, BLOCK_D, True, TMA, IS_VARLEN)
+        dq = _dq_block(dq, q, do, lse, delta, k, v, body_hi + offs_n, offs_m, Sk, diag, left, right, qk_scale,
+                       cap_scale, True, SOFTCAP, DOT_PREC)
     return dq
 
 
@@ -304,7 +334,8 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, K_DESC, V_DESC, CU_Q, CU_K,
                seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, ds_scale, SEQ_BUCKET, MASK_KIND,
                group, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
-               SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr, TMA: tl.constexpr = False):
+               SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr, TMA: tl.constexpr = False,
+               ONE_LOOP: tl.constexpr = False):
     # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program computes BLOCK_M rows of dQ.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
@@ -334,15 +365,20 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, K_DESC, V_DESC, CU_Q, CU_K,
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     diag = Sk - Sq
     lo, full_lo, full_hi, hi = tile_range(m0, BLOCK_M, diag, window_left, window_right, Sk, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, lo, full_lo, offs_m, offs_n,
-                   offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale, K_DESC, V_DESC, bq, k_start,
-                   kvh32, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC, TMA, IS_VARLEN)
-    dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, full_lo, full_hi, offs_m, offs_n,
-                   offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale, K_DESC, V_DESC, bq, k_start,
-                   kvh32, HEAD_DIM, BLOCK_D, BLOCK_N, False, SOFTCAP, DOT_PREC, TMA, IS_VARLEN)
-    dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, full_hi, hi, offs_m, offs_n,
-                   offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale, K_DESC, V_DESC, bq, k_start,
-                   kvh32, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC, TMA, IS_VARLEN)
+    if ONE_LOOP:
+        dq = _dq_loop(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, lo, hi, full_lo, full_hi, offs_m,
+                      offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale, K_DESC, V_DESC, bq,
+                      k_start, kvh32, HEAD_DIM, BLOCK_D, BLOCK_N, SOFTCAP, DOT_PREC, TMA, IS_VARLEN)
+    else:
+        dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, lo, full_lo, offs_m, offs_n,
+                       offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale, K_DESC, V_DESC, bq, k_start,
+                       kvh32, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC, TMA, IS_VARLEN)
+        dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, full_lo, full_hi, offs_m, offs_n,
+                       offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale, K_DESC, V_DESC, bq, k_start,
+                       kvh32, HEAD_DIM, BLOCK_D, BLOCK_N, False, SOFTCAP, DOT_PREC, TMA, IS_VARLEN)
+        dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, full_hi, hi, offs_m, offs_n,
+                       offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale, K_DESC, V_DESC, bq, k_start,
+                       kvh32, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC, TMA, IS_VARLEN)
     dq = dq * ds_scale
     tl.store(DQ + b * stride_dqb + h64 * stride_dqh + (q_start + offs_m[:, None]) * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=qmask)
@@ -408,6 +444,9 @@ _dq_launch = C.Launcher(_dq_kernel, _configs(_DQ_CONFIGS), prune_by_head_dim, _K
 # call; results/2026-11-26-h200-bench-2.md), so no default takes it. TMA_BELOW bounds it when on.
 TMA = {"0": False, "1": True}.get(env_get("HF_FLASHATTN_BWD_TMA", ""))
 TMA_BELOW = 4096
+# The dQ pass's key blocks in one loop (`_dq_loop`) instead of three, as v2's forward (`v2.ONE_LOOP`): off until
+# measured on a GPU (benchmarks/probe_bwd_tma.py's `v2-oneloop`; bitwise equal on the CPU, tests/test_kernels.py).
+ONE_LOOP = False
 
 
 def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
@@ -468,7 +507,8 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     _dq_launch(lambda m: (C.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch),
                (q, k, v, do, lse, delta, dq, descs[2], descs[3], cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1],
                 *lay[2], *lay[3],
-             *C.seq_layout(dq, varlen), *stride_l, *common), meta, site_key=site + (tma,))
+             *C.seq_layout(dq, varlen), *stride_l, *common), dict(meta, ONE_LOOP=ONE_LOOP),
+               site_key=site + (tma, ONE_LOOP))
     return dq, dk, dv
 
 

@@ -76,6 +76,7 @@ def main():
     ap.add_argument("--kernels", default="dkdv,dq")
     ap.add_argument("--dkdv", default=None, help="python literal: list of (BM, BN, warps, stages[, split])")
     ap.add_argument("--dq", default=None, help="python literal: list of (BM, BN, warps, stages)")
+    ap.add_argument("--one-loop", action="store_true", help="the passes' blocks in one loop (v2_bwd.ONE_LOOP)")
     args = ap.parse_args()
     import ast
     over = {k: ast.literal_eval(getattr(args, k)) for k in ("dkdv", "dq") if getattr(args, k)}
@@ -90,7 +91,7 @@ def main():
                 split = bool(c[4:5] and c[4])
                 kv_b = bool(c[5:6] and c[5])
                 ce = dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=bm, BLOCK_N=bn, IS_VARLEN=False, SOFTCAP=False,
-                          DOT_PREC="tf32", D_CLASS=cls, **extra)
+                          DOT_PREC="tf32", D_CLASS=cls, ONE_LOOP=args.one_loop, **extra)
                 if kname == "dkdv":
                     ce["SPLIT"] = split
                     ce["KV_B"] = kv_b

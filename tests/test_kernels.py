@@ -294,6 +294,28 @@ def test_v2_kv_b_orientation_backward(shape, mask, split, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("split,kv_b,atomic", [(True, False, False), (False, True, False), (True, True, False),
+                                               (False, True, True)], ids=["split", "kv_b", "split-kv_b", "kv_b-atomic"])
+def test_v2_one_loop_dkdv_variants(split, kv_b, atomic, monkeypatch):
+    """The dK/dV pass in one loop (`v2_bwd.ONE_LOOP`) in its other forms (split programs, queries x keys, atomic dQ),
+    dense and packed with ragged lengths (a query tail block): bitwise equal to the three loops, within the rule."""
+    from hf_flashattn.kernels import v2_bwd
+    if atomic:
+        monkeypatch.setenv("HF_FLASHATTN_BWD_DQ", "atomic")
+    launch = v2_bwd._dkdv_atomic_launch if atomic else v2_bwd._dkdv_launch
+    monkeypatch.setattr(launch, "force", v2_bwd._config(0, 16, 32, 4, 1, split, kv_b))
+    q, k, v, do = _inputs((1, 45, 61, 4, 2, 24), torch.float32, seed=17)
+    cu = (torch.tensor([0, 19, 45], dtype=torch.int32), torch.tensor([0, 30, 61], dtype=torch.int32))
+    runs = []
+    for one in (False, True):
+        monkeypatch.setattr(v2_bwd, "ONE_LOOP", one)
+        runs.append((*_kernel("v2", q, k, v, do, causal=True), *_kernel("v2", q, k, v, do, window_size=(9, 3)),
+                     *_kernel_varlen("v2", q[0], k[0], v[0], do[0], cu, causal=True)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    _check("v2", q, k, v, do, torch.float32, causal=True)
+
+
 def test_v2_kv_b_atomic_dq(monkeypatch):
     from hf_flashattn.kernels import v2_bwd
     monkeypatch.setenv("HF_FLASHATTN_BWD_DQ", "atomic")

@@ -71,11 +71,44 @@ def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_q
         if KV_B:
             dk, dv = _dkdv_step_kv_b(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_q, offs_n, offs_d,
                                      Sq, diag_t, left_t, right_t, qk_scale, cap_scale, ds_scale, HEAD_DIM, MASKED,
-                                     SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV)
+                                     SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, MASKED)
         else:
             dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_q, offs_n, offs_d,
                                 Sq, diag_t, left_t, right_t, qk_scale, cap_scale, ds_scale, HEAD_DIM, MASKED,
-                                SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV)
+                                SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, MASKED)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_loop(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom, stride_dqm,
+               lo, hi, full_lo, full_hi, offs_n, offs_m, offs_d, Sq, diag_t, left_t, right_t, qk_scale, cap_scale,
+               ds_scale, Q_DESC, DO_DESC, bq, q_start, h32,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, SOFTCAP: tl.constexpr,
+               DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr,
+               KV_B: tl.constexpr, TMA: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """`_dkdv_inner` over every query block [lo, hi) in one pipelined loop (the kernel's ONE_LOOP; v2.py's
+    `_fwd_loop`): P of the blocks outside the band [full_lo, full_hi) masked in a branch on the block's position, the
+    block across the query tail Sq (at most one) after the loop with masked loads."""
+    body_hi = tl.maximum(tl.minimum(hi, (Sq // BLOCK_M) * BLOCK_M), lo)
+    for start_m in range(lo, body_hi, BLOCK_M):
+        rows_q = start_m + offs_m
+        q, do = load_tile_pair(Q_DESC, DO_DESC, Q_base, DO_base, stride_qm, stride_dom, start_m, offs_m, Sq, offs_d,
+                               bq, q_start, h32, HEAD_DIM, BLOCK_M, BLOCK_D, False, TMA, IS_VARLEN)
+        lse = tl.load(L_base + rows_q)
+        mask_p = (start_m < full_lo) | (start_m >= full_hi)
+        if KV_B:
+            dk, dv = _dkdv_step_kv_b(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_q, offs_n, offs_d,
+                                     Sq, diag_t, left_t, right_t, qk_scale, cap_scale, ds_scale, HEAD_DIM, False,
+                                     SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, mask_p)
+        else:
+            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_q, offs_n, offs_d,
+                                Sq, diag_t, left_t, right_t, qk_scale, cap_scale, ds_scale, HEAD_DIM, False,
+                                SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, mask_p)
+    if body_hi < hi:
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom,
+                             stride_dqm, body_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, left_t, right_t, qk_scale,
+                             cap_scale, ds_scale, Q_DESC, DO_DESC, bq, q_start, h32, HEAD_DIM, BLOCK_D, BLOCK_M, True,
+                             SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, KV_B, TMA, IS_VARLEN)
     return dk, dv
 
 
@@ -100,12 +133,13 @@ def _add_dq(dq, DQ_base, stride_dqm, rows_q, offs_d, Sq, HEAD_DIM: tl.constexpr)
 def _dkdv_step(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_q, offs_n, offs_d, Sq, diag_t, left_t,
                right_t, qk_scale, cap_scale, ds_scale, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, DO_DK: tl.constexpr,
-               DO_DV: tl.constexpr):
-    """One query block against the key block, keys x queries (K and V the first operands)."""
+               DO_DV: tl.constexpr, MASK_P):
+    """One query block against the key block, keys x queries (K and V the first operands). MASKED: the query tail
+    (loads); MASK_P (MASKED, or a runtime flag in `_dkdv_loop`): P masked by the window."""
     # -- recompute Pᵀ = exp2(Sᵀ - lse) --
     sT, t = log2_scores(k, q, qk_scale, cap_scale, SOFTCAP, DOT_PREC)
     pT = tl.exp2(sT - lse[None, :] * 1.4426950408889634)
-    if MASKED:
+    if MASK_P:
         pT = tl.where(visible(offs_n, rows_q, diag_t, left_t, right_t, Sq), pT, 0.0)
     if DO_DV:
         # -- dV += Pᵀ dO --
@@ -129,12 +163,12 @@ def _dkdv_step(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_q, of
 def _dkdv_step_kv_b(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_q, offs_n, offs_d, Sq, diag_t,
                     left_t, right_t, qk_scale, cap_scale, ds_scale, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
                     SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, DO_DK: tl.constexpr,
-                    DO_DV: tl.constexpr):
+                    DO_DV: tl.constexpr, MASK_P):
     """The same step, queries x keys: S = Q Kᵀ and dP = dO Vᵀ take K and V as second operands; dV and dK take
     Pᵀ and dSᵀ. Rows past Sq have lse = +inf (P = 0); the window is the untransposed band."""
     s, t = log2_scores(q, k, qk_scale, cap_scale, SOFTCAP, DOT_PREC)
     p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
-    if MASKED:
+    if MASK_P:
         p = tl.where(visible(rows_q, offs_n, -diag_t, right_t, left_t, 2147483647), p, 0.0)
     if DO_DV:
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PREC)
@@ -159,9 +193,10 @@ def _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, str
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                 DO_DK: tl.constexpr, DO_DV: tl.constexpr, KV_B: tl.constexpr, TMA: tl.constexpr,
-                IS_VARLEN: tl.constexpr):
+                IS_VARLEN: tl.constexpr, ONE_LOOP: tl.constexpr = False):
     """dK and/or dV of one key block of one kv head, summed over the GROUP query heads that read it:
-    the masked blocks before the band's full part, the full part unmasked, the masked blocks after."""
+    the masked blocks before the band's full part, the full part unmasked, the masked blocks after (ONE_LOOP: in one
+    loop, `_dkdv_loop`)."""
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     bq = b.to(tl.int32)   # descriptor coordinates are int32
@@ -176,23 +211,30 @@ def _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, str
             DQ_base = DQ_ACC + b * stride_dqb + h * stride_dqh + q_start * stride_dqm
         else:
             DQ_base = DQ_ACC
-        # key j is seen by queries i with j - diag - right <= i <= j - diag + left: the same band,
-        # transposed (diag -> -diag, left <-> right)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom,
-                             stride_dqm, lo, full_lo, offs_n, offs_m, offs_d, Sq, diag_t, window_right,
-                             window_left, qk_scale, cap_scale, ds_scale, Q_DESC, DO_DESC, bq, q_start, h32, HEAD_DIM,
-                             BLOCK_D, BLOCK_M, True, SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, KV_B, TMA,
-                             IS_VARLEN)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom,
-                             stride_dqm, full_lo, full_hi, offs_n, offs_m, offs_d, Sq, diag_t, window_right,
-                             window_left, qk_scale, cap_scale, ds_scale, Q_DESC, DO_DESC, bq, q_start, h32, HEAD_DIM,
-                             BLOCK_D, BLOCK_M, False, SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, KV_B, TMA,
-                             IS_VARLEN)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom,
-                             stride_dqm, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_right,
-                             window_left, qk_scale, cap_scale, ds_scale, Q_DESC, DO_DESC, bq, q_start, h32, HEAD_DIM,
-                             BLOCK_D, BLOCK_M, True, SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, KV_B, TMA,
-                             IS_VARLEN)
+        if ONE_LOOP:
+            dk, dv = _dkdv_loop(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom,
+                                stride_dqm, lo, hi, full_lo, full_hi, offs_n, offs_m, offs_d, Sq, diag_t, window_right,
+                                window_left, qk_scale, cap_scale, ds_scale, Q_DESC, DO_DESC, bq, q_start, h32,
+                                HEAD_DIM, BLOCK_D, BLOCK_M, SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, KV_B, TMA,
+                                IS_VARLEN)
+        else:
+            # key j is seen by queries i with j - diag - right <= i <= j - diag + left: the same band,
+            # transposed (diag -> -diag, left <-> right)
+            dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom,
+                                 stride_dqm, lo, full_lo, offs_n, offs_m, offs_d, Sq, diag_t, window_right,
+                                 window_left, qk_scale, cap_scale, ds_scale, Q_DESC, DO_DESC, bq, q_start, h32,
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, True, SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, KV_B,
+                                 TMA, IS_VARLEN)
+            dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom,
+                                 stride_dqm, full_lo, full_hi, offs_n, offs_m, offs_d, Sq, diag_t, window_right,
+                                 window_left, qk_scale, cap_scale, ds_scale, Q_DESC, DO_DESC, bq, q_start, h32,
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, False, SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, KV_B,
+                                 TMA, IS_VARLEN)
+            dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom,
+                                 stride_dqm, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_right,
+                                 window_left, qk_scale, cap_scale, ds_scale, Q_DESC, DO_DESC, bq, q_start, h32,
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, True, SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, KV_B,
+                                 TMA, IS_VARLEN)
     # dS was taken w.r.t. the log2-unit score; ds_scale brings it back to q·k units
     return dk * ds_scale, dv
 
@@ -212,7 +254,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_DESC, DO_DESC, CU_Q,
                  group, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                  SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                 SPLIT: tl.constexpr = False, KV_B: tl.constexpr = False, TMA: tl.constexpr = False):
+                 SPLIT: tl.constexpr = False, KV_B: tl.constexpr = False, TMA: tl.constexpr = False,
+                 ONE_LOOP: tl.constexpr = False):
     # Grid: (cdiv(max_seqlen_k, BLOCK_N) (x2 if SPLIT), nheads_k, batch). One program computes BLOCK_N rows
     # of dK and dV for one kv head, summing over the GROUP query heads that read it. SPLIT: two programs
     # per key block, one for dV (2 matmuls) and one for dK (3 matmuls; QKᵀ is recomputed): one float32
@@ -247,7 +290,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_DESC, DO_DESC, CU_Q,
                                 stride_lh, lo, full_lo, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left,
                                 window_right, qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC,
                                 HEAD_DIM, BLOCK_D, BLOCK_M,
-                                BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, False, True, KV_B, TMA, IS_VARLEN)
+                                BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, False, True, KV_B, TMA, IS_VARLEN, ONE_LOOP)
             tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
         else:
             dk, _ = _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
@@ -255,7 +298,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_DESC, DO_DESC, CU_Q,
                                 stride_lh, lo, full_lo, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left,
                                 window_right, qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC,
                                 HEAD_DIM, BLOCK_D, BLOCK_M,
-                                BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, True, False, KV_B, TMA, IS_VARLEN)
+                                BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, True, False, KV_B, TMA, IS_VARLEN, ONE_LOOP)
             tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
     else:
         dk, dv = _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
@@ -263,7 +306,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_DESC, DO_DESC, CU_Q,
                              stride_lh, lo, full_lo, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left,
                              window_right, qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC,
                              HEAD_DIM, BLOCK_D, BLOCK_M,
-                             BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, True, True, KV_B, TMA, IS_VARLEN)
+                             BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, True, True, KV_B, TMA, IS_VARLEN, ONE_LOOP)
         tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -444,8 +487,9 @@ _dq_launch = C.Launcher(_dq_kernel, _configs(_DQ_CONFIGS), prune_by_head_dim, _K
 # call; results/2026-11-26-h200-bench-2.md), so no default takes it. TMA_BELOW bounds it when on.
 TMA = {"0": False, "1": True}.get(env_get("HF_FLASHATTN_BWD_TMA", ""))
 TMA_BELOW = 4096
-# The dQ pass's key blocks in one loop (`_dq_loop`) instead of three, as v2's forward (`v2.ONE_LOOP`): off until
-# measured on a GPU (benchmarks/probe_bwd_tma.py's `v2-oneloop`; bitwise equal on the CPU, tests/test_kernels.py).
+# The dQ pass's key blocks (`_dq_loop`) and the dK/dV pass's query blocks (`_dkdv_loop`) in one loop each instead of
+# three, as v2's forward (`v2.ONE_LOOP`): off until measured on a GPU (benchmarks/probe_bwd_tma.py's `v2-oneloop`;
+# bitwise equal on the CPU, tests/test_kernels.py).
 ONE_LOOP = False
 
 
@@ -500,7 +544,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
            (q, k, v, do, lse, delta, dk, dv, dq_acc, descs[0], descs[1], cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1],
             *lay[2], *lay[3],
             *C.seq_layout(dk, varlen), *C.seq_layout(dv, varlen), *dq_strides, *stride_l, *common),
-           dict(meta, ATOMIC_DQ=atomic_dq), site_key=site + (tma,))
+           dict(meta, ATOMIC_DQ=atomic_dq, ONE_LOOP=ONE_LOOP), site_key=site + (tma, ONE_LOOP))
     if atomic_dq:
         return dq_acc.to(q.dtype), dk, dv
     dq = new(q.shape, dtype=q.dtype, device=q.device)

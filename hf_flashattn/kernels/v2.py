@@ -205,8 +205,8 @@ FOLD = True
 # diagonal/tail), each of which sets up its software pipeline per tile even when it runs no block; the loads are then
 # masked at the key tail on every block. Off until measured on a GPU (benchmarks/probe_plan_ab.py's `v2+oneloop`;
 # correct on the CPU, bitwise equal to the three loops: tests/test_kernels.py). SASS in benchmarks/NOTES.md
-# (twentieth session).
-ONE_LOOP = False
+# (twentieth session). HF_FLASHATTN_ONE_LOOP=1 at import turns it on (v3.ONE_LOOP's note).
+ONE_LOOP = env_get("HF_FLASHATTN_ONE_LOOP", "0") == "1"
 
 
 def use_split_kv(q, k, varlen: bool) -> bool:

@@ -489,8 +489,8 @@ TMA = {"0": False, "1": True}.get(env_get("HF_FLASHATTN_BWD_TMA", ""))
 TMA_BELOW = 4096
 # The dQ pass's key blocks (`_dq_loop`) and the dK/dV pass's query blocks (`_dkdv_loop`) in one loop each instead of
 # three, as v2's forward (`v2.ONE_LOOP`): off until measured on a GPU (benchmarks/probe_bwd_tma.py's `v2-oneloop`;
-# bitwise equal on the CPU, tests/test_kernels.py).
-ONE_LOOP = False
+# bitwise equal on the CPU, tests/test_kernels.py). HF_FLASHATTN_ONE_LOOP=1 at import turns it on (v3.ONE_LOOP's note).
+ONE_LOOP = env_get("HF_FLASHATTN_ONE_LOOP", "0") == "1"
 
 
 def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,

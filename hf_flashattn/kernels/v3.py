@@ -332,8 +332,9 @@ _fwd_launch = C.FastLaunch(_fwd_kernel_tma)
 # (the branch around the mask), a masked one 376 -> 380; ~143 instructions and ~16 barriers a tile fewer per loop left
 # out. Predicted from those counts: ~8% fewer instructions a tile at d64 1k causal, ~4% unmasked, ~1% at 4k.
 # Off until measured on a GPU (benchmarks/probe_plan_ab.py's `+oneloop` variants; correct on the CPU, bitwise equal
-# to the three loops: tests/test_kernels.py).
-ONE_LOOP = False
+# to the three loops: tests/test_kernels.py). HF_FLASHATTN_ONE_LOOP=1 at import turns it on (with v2's and its
+# backward's), so that the GPU grids can run with it.
+ONE_LOOP = env_get("HF_FLASHATTN_ONE_LOOP", "0") == "1"
 
 
 def _gluon_bwd_plan(q, k, v, softmax_scale, softcap, deterministic, max_seqlen_k=None, window_size=(-1, -1)):

@@ -140,7 +140,7 @@ def test_skip_left_is_bitwise(version, mask, monkeypatch):
 def test_v3_one_loop(shape, mask, monkeypatch):
     """v3.py's kernel with every key block in one pipelined loop (`v3.ONE_LOOP`, the mask in a branch on the block's
     position): within the rule against the reference, and bitwise equal to the three loops (the same products and
-    masks in the same order); packed sequences keep the three loops, with the same result."""
+    masks in the same order), dense and packed (ragged lengths: the key-tail block after the loop)."""
     from hf_flashattn.kernels import v3
     q, k, v, _ = _inputs(shape, torch.float16, seed=15)
     runs = []
@@ -163,12 +163,14 @@ def test_v3_one_loop(shape, mask, monkeypatch):
     fin = torch.isfinite(ref[1])
     assert torch.equal(torch.isinf(lse) & (lse > 0), ~fin)
     assert torch.equal(out, base) and torch.equal(lse, base_lse)
-    cu = torch.tensor([0, shape[1] // 2, shape[1]], dtype=torch.int32)
-    if shape[1] == shape[2] and shape[1] > 1:
-        packed = fa.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, shape[1], shape[1], version="v3", **mask)
-        monkeypatch.setattr(v3, "ONE_LOOP", False)
-        assert torch.equal(packed, fa.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, shape[1], shape[1],
-                                                             version="v3", **mask))
+    Sq, Sk = shape[1], shape[2]
+    cu = (torch.tensor([0, Sq // 3, Sq], dtype=torch.int32), torch.tensor([0, Sk // 2 + 1, Sk], dtype=torch.int32))
+    packed = []
+    for one in (False, True):
+        monkeypatch.setattr(v3, "ONE_LOOP", one)
+        packed.append(fa.flash_attn_varlen_func(q[0], k[0], v[0], *cu, *(int((c[1:] - c[:-1]).max()) for c in cu),
+                                                return_attn_probs=True, version="v3", **mask)[:2])
+    assert torch.equal(packed[0][0], packed[1][0]) and torch.equal(packed[0][1], packed[1][1])
 
 
 @pytest.mark.parametrize("shape,mask", [((1, 113, 203, 4, 1, 40), dict(causal=True)),

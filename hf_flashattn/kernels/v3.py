@@ -100,20 +100,32 @@ def _fwd_three_loops(acc, l_i, m_i, q, k_desc, v_desc, lo, full_lo, full_hi, hi,
 @triton.jit
 def _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, lo, hi, full_lo, full_hi, offs_m, offs_n, Sk, diag, left, right,
                   qk_scale, b, k_start, kvh, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HOST: tl.constexpr,
-                  LEFT: tl.constexpr):
-    """Every key block of the tile, [lo, hi), in one pipelined loop (dense, the scale folded, no softcap: the kernel's
-    ONE_LOOP): the blocks outside the band [full_lo, full_hi) take the mask in a branch on the block's position, so
-    that a tile sets up one software pipeline (its mbarriers, prologue copies and their teardown, ~200 instructions
-    and ~13 CTA barriers in SASS, paid even by a loop that runs no block) instead of three."""
-    for start_n in tl.range(lo, hi, BLOCK_N):
-        k = _load_k(k_desc, start_n, b, k_start, kvh, Sk, BLOCK_N, BLOCK_D, HOST, False, False)
-        v = _load_k(v_desc, start_n, b, k_start, kvh, Sk, BLOCK_N, BLOCK_D, HOST, False, False)
+                  IS_VARLEN: tl.constexpr, LEFT: tl.constexpr):
+    """Every key block of the tile, [lo, hi), in one pipelined loop (the scale folded, no softcap, no warp
+    specialisation: the kernel's ONE_LOOP): the blocks outside the band [full_lo, full_hi) take the mask in a branch on
+    the block's position, so that a tile sets up one software pipeline (its mbarriers, prologue copies and their
+    teardown, ~143 instructions and ~16 CTA barriers in SASS, paid even by a loop that runs no block) instead of three.
+    Packed (IS_VARLEN), the block across the key tail (at most one) comes after the loop, its rows past Sk zeroed
+    (`desc_rows`); dense, the descriptor reads them as zeros."""
+    if IS_VARLEN:
+        body_hi = tl.maximum(tl.minimum(hi, (Sk // BLOCK_N) * BLOCK_N), lo)
+    else:
+        body_hi = hi
+    for start_n in tl.range(lo, body_hi, BLOCK_N):
+        k = _load_k(k_desc, start_n, b, k_start, kvh, Sk, BLOCK_N, BLOCK_D, HOST, IS_VARLEN, False)
+        v = _load_k(v_desc, start_n, b, k_start, kvh, Sk, BLOCK_N, BLOCK_D, HOST, IS_VARLEN, False)
         qk = tl.dot(q, tl.trans(k))
         cols = start_n + offs_n
         if (start_n < full_lo) | (start_n >= full_hi):
             qk = tl.where(visible(offs_m, cols, diag, left, right, Sk, LEFT), qk, float("-inf"))
         acc, l_i, m_i = _tile(acc, l_i, m_i, qk, v, offs_m, cols, Sk, diag, left, right, qk_scale, 1.0, False, False,
                               True, LEFT)
+    if IS_VARLEN:
+        if body_hi < hi:
+            k = _load_k(k_desc, body_hi, b, k_start, kvh, Sk, BLOCK_N, BLOCK_D, HOST, IS_VARLEN, True)
+            v = _load_k(v_desc, body_hi, b, k_start, kvh, Sk, BLOCK_N, BLOCK_D, HOST, IS_VARLEN, True)
+            acc, l_i, m_i = _tile(acc, l_i, m_i, tl.dot(q, tl.trans(k)), v, offs_m, body_hi + offs_n, Sk, diag, left,
+                                  right, qk_scale, 1.0, True, False, True, LEFT)
     return acc, l_i, m_i
 
 
@@ -165,10 +177,10 @@ def _fwd_kernel_tma(Q, K, V, O, O_PTR, LSE, CU_Q, CU_K,
     lo, full_lo, full_hi, hi = tile_range(m0, BLOCK_M, diag, window_left, window_right, Sk, BLOCK_N)
     bk = b32
     kh = h // group
-    if ONE_LOOP:   # dense, folded, no softcap, no warp specialisation: one loop (`_fwd_loop_tma`)
+    if ONE_LOOP:   # folded, no softcap, no warp specialisation: one loop (`_fwd_loop_tma`)
         acc, l_i, m_i = _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, lo, hi, full_lo, full_hi, offs_m, offs_n, Sk,
                                       diag, window_left, window_right, qk_scale, bk, k_start, kh, BLOCK_N, BLOCK_D,
-                                      HOST, LEFT)
+                                      HOST, IS_VARLEN, LEFT)
     else:
         acc, l_i, m_i = _fwd_three_loops(acc, l_i, m_i, q, k_desc, v_desc, lo, full_lo, full_hi, hi, offs_m, offs_n,
                                          Sk, diag, window_left, window_right, qk_scale, cap_scale, bk, k_start, kh,
@@ -296,7 +308,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     # descriptors over the whole tensors: every stride 16-byte aligned (a batch stride too), no empty key dim
     host = host and C.descriptors_ok(q, k, v)
     fold = softcap == 0 and softmax_scale > 0 and (_fold is None or _fold)
-    one_loop = ONE_LOOP and fold and not varlen and not ws
+    one_loop = ONE_LOOP and fold and not ws
     q_arg, k_arg, v_arg, o_arg = q, k, v, out
     if host:   # (B, S, H, D) or packed (total, H, D): a tile is BLOCK rows of one head
         q_arg, o_arg = (C.host_descriptor(t, bm, BLOCK_D, varlen, tma=True) for t in (q, out))
@@ -325,7 +337,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
 
 _fwd_launch = C.FastLaunch(_fwd_kernel_tma)
 
-# The kernel's key blocks in one pipelined loop (`_fwd_loop_tma`; dense, the scale folded, no warp specialisation)
+# The kernel's key blocks in one pipelined loop (`_fwd_loop_tma`; the scale folded, no warp specialisation)
 # instead of three (left edge, band, diagonal/tail), each of which sets up and tears down its software pipeline per
 # tile even when it runs no block. SASS at d64 (64 x 64, 4 warps, 3 stages, Triton 3.6, sm_90a): the kernel 2,096 ->
 # 1,136 instructions, CTA barriers 55 -> 23, registers 128 -> 109; an unmasked block 298 -> 301 instructions a warp

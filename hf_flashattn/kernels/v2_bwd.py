@@ -60,22 +60,38 @@ def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_q
     # KV_B: the other orientation (queries x keys), in which K and V are the second operand of every product
     # they enter (shared memory for wgmma) and Pᵀ, dSᵀ are transposed in registers instead
     for start_m in range(start, end, BLOCK_M):
-        rows_q = start_m + offs_m
-        # -- load q, dO, lse, Delta (rows past Sq have lse = +inf, so P = 0 there) --
-        q, do = load_tile_pair(Q_DESC, DO_DESC, Q_base, DO_base, stride_qm, stride_dom, start_m, offs_m, Sq, offs_d,
-                               bq, q_start, h32, HEAD_DIM, BLOCK_M, BLOCK_D, MASKED, TMA, IS_VARLEN)
-        if MASKED:
-            lse = tl.load(L_base + rows_q, mask=rows_q < Sq, other=float("inf"))
-        else:
-            lse = tl.load(L_base + rows_q)
-        if KV_B:
-            dk, dv = _dkdv_step_kv_b(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_q, offs_n, offs_d,
-                                     Sq, diag_t, left_t, right_t, qk_scale, cap_scale, ds_scale, HEAD_DIM, MASKED,
-                                     SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, MASKED)
-        else:
-            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_q, offs_n, offs_d,
-                                Sq, diag_t, left_t, right_t, qk_scale, cap_scale, ds_scale, HEAD_DIM, MASKED,
-                                SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, MASKED)
+        dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom, stride_dqm,
+                             start_m, offs_n, offs_m, offs_d, Sq, diag_t, left_t, right_t, qk_scale, cap_scale,
+                             ds_scale, Q_DESC, DO_DESC, bq, q_start, h32, HEAD_DIM, BLOCK_D, BLOCK_M, MASKED, SOFTCAP,
+                             DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, KV_B, TMA, IS_VARLEN, MASKED)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_block(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom, stride_dqm, start_m,
+                offs_n, offs_m, offs_d, Sq, diag_t, left_t, right_t, qk_scale, cap_scale, ds_scale, Q_DESC, DO_DESC,
+                bq, q_start, h32, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                MASKED: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                DO_DK: tl.constexpr, DO_DV: tl.constexpr, KV_B: tl.constexpr, TMA: tl.constexpr,
+                IS_VARLEN: tl.constexpr, MASK_P):
+    """One query block [start_m, start_m + BLOCK_M) of `_dkdv_inner` / `_dkdv_loop`: q, dO and lse loaded (MASKED:
+    the query tail, rows past Sq with lse = +inf so that P = 0 there), then the step in the program's orientation
+    (MASK_P: P masked by the window)."""
+    rows_q = start_m + offs_m
+    q, do = load_tile_pair(Q_DESC, DO_DESC, Q_base, DO_base, stride_qm, stride_dom, start_m, offs_m, Sq, offs_d,
+                           bq, q_start, h32, HEAD_DIM, BLOCK_M, BLOCK_D, MASKED, TMA, IS_VARLEN)
+    if MASKED:
+        lse = tl.load(L_base + rows_q, mask=rows_q < Sq, other=float("inf"))
+    else:
+        lse = tl.load(L_base + rows_q)
+    if KV_B:
+        dk, dv = _dkdv_step_kv_b(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_q, offs_n, offs_d,
+                                 Sq, diag_t, left_t, right_t, qk_scale, cap_scale, ds_scale, HEAD_DIM, MASKED,
+                                 SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, MASK_P)
+    else:
+        dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_q, offs_n, offs_d,
+                            Sq, diag_t, left_t, right_t, qk_scale, cap_scale, ds_scale, HEAD_DIM, MASKED,
+                            SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, MASK_P)
     return dk, dv
 
 
@@ -91,19 +107,11 @@ def _dkdv_loop(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm
     block across the query tail Sq (at most one) after the loop with masked loads."""
     body_hi = tl.maximum(tl.minimum(hi, (Sq // BLOCK_M) * BLOCK_M), lo)
     for start_m in range(lo, body_hi, BLOCK_M):
-        rows_q = start_m + offs_m
-        q, do = load_tile_pair(Q_DESC, DO_DESC, Q_base, DO_base, stride_qm, stride_dom, start_m, offs_m, Sq, offs_d,
-                               bq, q_start, h32, HEAD_DIM, BLOCK_M, BLOCK_D, False, TMA, IS_VARLEN)
-        lse = tl.load(L_base + rows_q)
-        mask_p = (start_m < full_lo) | (start_m >= full_hi)
-        if KV_B:
-            dk, dv = _dkdv_step_kv_b(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_q, offs_n, offs_d,
-                                     Sq, diag_t, left_t, right_t, qk_scale, cap_scale, ds_scale, HEAD_DIM, False,
-                                     SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, mask_p)
-        else:
-            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_q, offs_n, offs_d,
-                                Sq, diag_t, left_t, right_t, qk_scale, cap_scale, ds_scale, HEAD_DIM, False,
-                                SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, mask_p)
+        dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom, stride_dqm,
+                             start_m, offs_n, offs_m, offs_d, Sq, diag_t, left_t, right_t, qk_scale, cap_scale,
+                             ds_scale, Q_DESC, DO_DESC, bq, q_start, h32, HEAD_DIM, BLOCK_D, BLOCK_M, False, SOFTCAP,
+                             DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, KV_B, TMA, IS_VARLEN,
+                             (start_m < full_lo) | (start_m >= full_hi))
     if body_hi < hi:
         dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom,
                              stride_dqm, body_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, left_t, right_t, qk_scale,

@@ -32,8 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fwd_rule import forward_rule  # noqa: E402
-from rounds import (forward_points, median_speedup, probe_parser, run_meta, save_json, save_md,  # noqa: E402
-                    sdpa_forward, time_forwards)
+from rounds import (forward_points, probe_parser, run_meta, save_json, save_md, sdpa_forward,  # noqa: E402
+                    time_forwards)
 
 
 
@@ -222,9 +222,8 @@ def v3py(q, k, v, causal):
 
 
 def main():
-    ap = probe_parser(POINTS)
+    ap = probe_parser(POINTS, no_check=True)
     ap.add_argument("--variants", default="base,pingpong")
-    ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--flash", action="store_true", help="time SDPA's flash backend too (v2's bar), its ratio added")
     args = ap.parse_args()
     t0 = time.time()
@@ -255,9 +254,6 @@ def main():
                             if same_tiles(plans[n], plans[names[0]])})
         del outs
         row["variants"] = time_forwards(variants, args.rounds, args.iters, flops)
-        if args.flash:
-            for n, r in row["variants"].items():
-                r["of_flash"] = median_speedup(row["variants"], "sdpa-flash", n, "ms")
         row["v2_picks"] = v2_picks()
         results.append(row)
         print(p, json.dumps({n: (round(r["tflops"]), round(r["median_ratio"], 4), round(r["of_cudnn"], 3))

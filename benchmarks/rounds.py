@@ -45,24 +45,31 @@ def timed_ms(f, iters: int) -> float:
     return a.elapsed_time(b) / iters
 
 
-def time_forwards(variants: dict, rounds: int, iters: int, flops: float, ref: str = "sdpa-cudnn") -> dict:
-    """Forward calls (name -> f) timed in `rounds` interleaved rounds of `iters` calls (`timed_ms`): per name the
-    records of `interleaved_rounds` (unit "ms"), its TFLOP/s at the median time and "of_cudnn", the median over rounds
-    of ref's time over its own."""
+# the SDPA baselines a probe may time beside its variants, and the key of each one's ratio in `time_forwards`' records
+BASELINES = {"sdpa-cudnn": "of_cudnn", "sdpa-flash": "of_flash"}
+
+
+def time_forwards(variants: dict, rounds: int, iters: int, flops: float) -> dict:
+    """Calls (name -> f) timed in `rounds` interleaved rounds of `iters` calls (`timed_ms`): per name the records of
+    `interleaved_rounds` (unit "ms"), its TFLOP/s at the median time (`flops` a call) and, for each SDPA baseline among
+    the variants (`BASELINES`), "of_cudnn" / "of_flash": the median over rounds of the baseline's time over its own."""
     import functools
     records = {name: {} for name in variants}
     interleaved_rounds(records, {name: functools.partial(timed_ms, f, iters) for name, f in variants.items()}, rounds,
                        "ms", 4)
     for name, r in records.items():
         r["tflops"] = flops / r["median_ms"] / 1e9
-        r["of_cudnn"] = median_speedup(records, ref, name, "ms")
+        for base, key in BASELINES.items():
+            if base in records:
+                r[key] = median_speedup(records, base, name, "ms")
     return records
 
 
 
-def probe_parser(points: dict, iters: int = 10):
+def probe_parser(points: dict, iters: int = 10, no_check: bool = False):
     """The rounds-based probes' common command line: --out, --points (default: every key of `points`), --rounds,
-    --iters (calls a timing), --budget-s; a probe adds its own arguments to the parser returned."""
+    --iters (calls a timing), --budget-s, and with no_check --no-check (skip the probe's check on awkward shapes); a
+    probe adds its own arguments to the parser returned."""
     import argparse
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -70,6 +77,8 @@ def probe_parser(points: dict, iters: int = 10):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--iters", type=int, default=iters)
     ap.add_argument("--budget-s", type=float, default=1e9)
+    if no_check:
+        ap.add_argument("--no-check", action="store_true", help="skip the check on awkward shapes")
     return ap
 
 

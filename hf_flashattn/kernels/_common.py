@@ -37,6 +37,13 @@ def tile_range(t0, T_BLOCK: tl.constexpr, diag, left, right, S, L_BLOCK: tl.cons
     return lo, full_lo, full_hi, hi
 
 
+@triton.jit
+def body_end(lo, hi, S, BLOCK: tl.constexpr):
+    """End of the blocks of [lo, hi) (lo a multiple of BLOCK) that lie wholly below S: the one-loop kernels' loop runs
+    [lo, body_end) with unmasked loads, and the block [body_end, hi), when not empty, is the one across the tail S."""
+    return tl.maximum(tl.minimum(hi, (S // BLOCK) * BLOCK), lo)
+
+
 # `grouped_tile`: K/V elements (both, one head) a group of heads may hold in L2 together (~24 MB in 16-bit)
 GROUP_L2_ELEMS = tl.constexpr(6 << 20)
 # `grouped_tile`'s tiles a group on the GPU, per kernel (1: each head's tiles in a row, heaviest first, the order

@@ -17,8 +17,8 @@ import triton.language as tl
 
 from .._runtime import env_get
 from . import _common as C
-from ._common import (grouped_tile, load_rows_pair, log2_scores, normalise_rows, seq_bounds, softmax_step, softmax_tile,
-                      tile_range, visible)
+from ._common import (body_end, grouped_tile, load_rows_pair, log2_scores, normalise_rows, seq_bounds, softmax_step,
+                      softmax_tile, tile_range, visible)
 
 
 @triton.jit
@@ -48,7 +48,7 @@ def _fwd_loop(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, hi, fu
     ONE_LOOP), so that a tile sets up one software pipeline instead of three (`_fwd_inner`'s): the scores of the
     blocks outside the band [full_lo, full_hi) masked in a branch on the block's position; the block that crosses the
     key tail Sk (at most one) after the loop, its loads masked, so that the loop's loads need no mask."""
-    body_hi = tl.maximum(tl.minimum(hi, (Sk // BLOCK_N) * BLOCK_N), lo)
+    body_hi = body_end(lo, hi, Sk, BLOCK_N)
     for start_n in range(lo, body_hi, BLOCK_N):
         cols = start_n + offs_n
         k_ptrs = K_base + cols[:, None] * stride_kn + offs_d[None, :]

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .._runtime import env_get, is_interpreting
 from . import _common as C
-from ._common import load_tile_pair, log2_scores, seq_bounds, tile_range, visible
+from ._common import body_end, load_tile_pair, log2_scores, seq_bounds, tile_range, visible
 from .v2 import _site_key, prune_by_head_dim
 
 
@@ -105,7 +105,7 @@ def _dkdv_loop(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm
     """`_dkdv_inner` over every query block [lo, hi) in one pipelined loop (the kernel's ONE_LOOP; v2.py's
     `_fwd_loop`): P of the blocks outside the band [full_lo, full_hi) masked in a branch on the block's position, the
     block across the query tail Sq (at most one) after the loop with masked loads."""
-    body_hi = tl.maximum(tl.minimum(hi, (Sq // BLOCK_M) * BLOCK_M), lo)
+    body_hi = body_end(lo, hi, Sq, BLOCK_M)
     for start_m in range(lo, body_hi, BLOCK_M):
         dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom, stride_dqm,
                              start_m, offs_n, offs_m, offs_d, Sq, diag_t, left_t, right_t, qk_scale, cap_scale,
@@ -359,7 +359,7 @@ def _dq_loop(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, lo, hi
     """The dQ pass's key blocks [lo, hi) in one pipelined loop (the kernel's ONE_LOOP; v2.py's `_fwd_loop`): P of the
     blocks outside the band [full_lo, full_hi) masked in a branch on the block's position, the block across the key
     tail (at most one) after the loop with masked loads."""
-    body_hi = tl.maximum(tl.minimum(hi, (Sk // BLOCK_N) * BLOCK_N), lo)
+    body_hi = body_end(lo, hi, Sk, BLOCK_N)
     for start_n in range(lo, body_hi, BLOCK_N):
         k, v = load_tile_pair(K_DESC, V_DESC, K_base, V_base, stride_kn, stride_vn, start_n, offs_n, Sk, offs_d, bq,
                               k_start, kvh32, HEAD_DIM, BLOCK_N, BLOCK_D, False, TMA, IS_VARLEN)

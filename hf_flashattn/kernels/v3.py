@@ -33,7 +33,8 @@ import triton.language as tl
 
 from .._runtime import env_get, is_hopper, is_interpreting
 from . import _common as C
-from ._common import desc_rows, grouped_tile, normalise_rows, seq_bounds, softmax_tile, tile_range, visible
+from ._common import (body_end, desc_rows, grouped_tile, normalise_rows, seq_bounds, softmax_tile, tile_range,
+                      visible)
 
 
 @triton.jit
@@ -108,7 +109,7 @@ def _fwd_loop_tma(acc, l_i, m_i, q, k_desc, v_desc, lo, hi, full_lo, full_hi, of
     Packed (IS_VARLEN), the block across the key tail (at most one) comes after the loop, its rows past Sk zeroed
     (`desc_rows`); dense, the descriptor reads them as zeros."""
     if IS_VARLEN:
-        body_hi = tl.maximum(tl.minimum(hi, (Sk // BLOCK_N) * BLOCK_N), lo)
+        body_hi = body_end(lo, hi, Sk, BLOCK_N)
     else:
         body_hi = hi
     for start_n in tl.range(lo, body_hi, BLOCK_N):

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from rounds import forward_points, probe_parser, run_meta, save_json, save_md, time_forwards  # noqa: E402
+from rounds import forward_points, probe_parser, run_meta, save_json, save_md, switched, time_forwards  # noqa: E402
 
 # name -> (D, S, B, H, Hk, causal): bench.py's shapes (16k tokens, 2048 / D heads)
 POINTS = {f"d{D}-{'512' if S == 512 else '1k'}{'-causal' if c else ''}": (D, S, 16384 // S, 2048 // D, 2048 // D, c)
@@ -45,19 +45,12 @@ def switches(variant: str):
 def fwd_bwd(q, k, v, do, variant, cu=None, mx=None, **kw):
     """out and (dq, dk, dv) of v2's forward and backward with the variant's switches on."""
     from hf_flashattn import flash_attn_func, flash_attn_varlen_func
-    sets = switches(variant)
-    old = [getattr(m, a) for m, a, _ in sets]
-    for m, a, value in sets:
-        setattr(m, a, value)
-    try:
+    with switched(*switches(variant)):
         if cu is None:
             out = flash_attn_func(q, k, v, version="v2", **kw)
         else:
             out = flash_attn_varlen_func(q, k, v, cu, cu, mx, mx, version="v2", **kw)
         return (out, *torch.autograd.grad(out, (q, k, v), do))
-    finally:
-        for (m, a, _), o in zip(sets, old):
-            setattr(m, a, o)
 
 
 def sdpa_fwd_bwd(q, k, v, do, causal):

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fwd_rule import forward_rule  # noqa: E402
 from rounds import (forward_points, probe_parser, run_meta, save_json, save_md, sdpa_forward,  # noqa: E402
-                    time_forwards)
+                    switched, time_forwards)
 
 
 
@@ -84,15 +84,8 @@ def variant_runner(G, name, pl, *a):
         raise SystemExit(f"unknown variant suffix {unknown} in {name}")
 
     def flipped():
-        sets = [s for x in flags for s in switches[x]]
-        old = [getattr(m, attr) for m, attr, _ in sets]
-        for m, attr, value in sets:
-            setattr(m, attr, value)
-        try:
+        with switched(*(s for x in flags for s in switches[x])):
             return f()
-        finally:
-            for (m, attr, _), o in zip(sets, old):
-                setattr(m, attr, o)
     return flipped
 
 

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fwd_rule import forward_rule  # noqa: E402
 from rounds import (forward_points, probe_parser, run_meta, save_json, save_md, sdpa_forward,  # noqa: E402
-                    time_forwards)
+                    switched, time_forwards)
 
 # (D, S, B, H, Hk): square causal shapes whose schedule gets a tail on 132 SMs
 CHECK = [(64, 2048, 1, 32, 8), (64, 3000, 1, 24, 24), (64, 2048, 3, 8, 2), (128, 3000, 1, 16, 4),
@@ -69,11 +69,8 @@ def check():
 
 
 def tail_fwd(G, on, q, k, v):
-    G.TAIL_SPLIT = on
-    try:
+    with switched((G, "TAIL_SPLIT", on)):
         return fwd(q, k, v)
-    finally:
-        G.TAIL_SPLIT = True
 
 
 def main():

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fwd_rule import forward_rule  # noqa: E402
 from rounds import (forward_points, median_speedup, probe_parser, run_meta, save_json, save_md,  # noqa: E402
-                    sdpa_forward, time_forwards)
+                    sdpa_forward, switched, time_forwards)
 
 # name -> (D, S, B, H, Hk, causal): 16k tokens a batch, H = 2048 / D (bench.py's grid), GQA 32/8
 POINTS = {"d64-1k-causal": (64, 1024, 16, 32, 32, True), "d64-1k": (64, 1024, 16, 32, 32, False),
@@ -50,11 +50,8 @@ def with_group(C, g, f):
 def with_fold(fold, f):
     """f run with v2's forward folding the scale into the exponent or not (`v2.FOLD`), then the default back."""
     from hf_flashattn.kernels import v2
-    default, v2.FOLD = v2.FOLD, fold
-    try:
+    with switched((v2, "FOLD", fold)):
         return f()
-    finally:
-        v2.FOLD = default
 
 
 def impls_for(D, S, causal):

@@ -3,6 +3,7 @@ order, and reads each as its ratio to the first variant's time in that round, so
 the host hits every variant alike; the medians over rounds are the result."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -24,6 +25,20 @@ def interleaved_rounds(records: dict, timers: dict, rounds: int, unit: str, digi
         r = records[name]
         r[f"median_{unit}"] = statistics.median(r[unit])
         r["median_ratio"] = statistics.median(r["ratio"])
+
+
+@contextlib.contextmanager
+def switched(*sets):
+    """Module switches flipped for the block (the probes' variants): each (module, attribute, value) set on entry, the
+    old values put back on exit."""
+    old = [getattr(m, a) for m, a, _ in sets]
+    for m, a, value in sets:
+        setattr(m, a, value)
+    try:
+        yield
+    finally:
+        for (m, a, _), o in zip(sets, old):
+            setattr(m, a, o)
 
 
 def median_speedup(records: dict, ref: str, name: str, unit: str) -> float:

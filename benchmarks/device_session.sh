@@ -43,6 +43,8 @@
 #   plan-ab2  the same with $PLAN_AB2_ARGS (a second set of points and variants in the same call)
 #   bwd-tma   benchmarks/probe_bwd_tma.py $BWD_TMA_ARGS (v2's backward with descriptor loads against pointer loads:
 #             bitwise check, then fwd+bwd rounds at 512-1k beside SDPA-flash)
+#   one-loop  benchmarks/probe_one_loop.py $ONE_LOOP_ARGS (the one-loop kernels against the three loops, config by
+#             config, bitwise: v3.py's plans, v2's forward and backward configs forced)
 #   persistent benchmarks/probe_persistent.py (the Gluon forward and backward persistent against one program a unit:
 #             check with bitwise equality, then the forward and fwd+bwd grid beside v3.py's kernel and SDPA-cuDNN;
 #             PERSISTENT_ARGS=--quick: a few cases and four points)
@@ -124,6 +126,8 @@ for spec in "$@"; do
     plan-ab2) cmd=(python3 benchmarks/probe_plan_ab.py --out "$dir" --budget-s "$budget" ${PLAN_AB2_ARGS:-}) ;;
     # shellcheck disable=SC2206
     bwd-tma) cmd=(python3 benchmarks/probe_bwd_tma.py --out "$dir" --budget-s "$budget" ${BWD_TMA_ARGS:-}) ;;
+    # shellcheck disable=SC2206
+    one-loop) cmd=(python3 benchmarks/probe_one_loop.py --out "$dir" --budget-s "$budget" ${ONE_LOOP_ARGS:-}) ;;
     tile-order) cmd=(python3 benchmarks/probe_tile_order.py --out "$dir" --budget-s "$budget" ${TILE_ORDER_ARGS:-}) ;;
     # shellcheck disable=SC2206
     persistent) cmd=(python3 benchmarks/probe_persistent.py --out "$dir" --budget-s "$budget" ${PERSISTENT_ARGS:-}) ;;

@@ -203,10 +203,12 @@ FOLD = True
 
 # Every key block in one pipelined loop (`_fwd_loop`, with FOLD) instead of three (`_fwd_inner`'s left edge, band,
 # diagonal/tail), each of which sets up its software pipeline per tile even when it runs no block; the loads are then
-# masked at the key tail on every block. Off until measured on a GPU (benchmarks/probe_plan_ab.py's `v2+oneloop`;
-# correct on the CPU, bitwise equal to the three loops: tests/test_kernels.py). SASS in benchmarks/NOTES.md
-# (twentieth session). HF_FLASHATTN_ONE_LOOP=1 at import turns it on (v3.ONE_LOOP's note).
-ONE_LOOP = env_get("HF_FLASHATTN_ONE_LOOP", "0") == "1"
+# masked at the key tail on every block. SASS in benchmarks/NOTES.md (twentieth session). On the H100
+# (results/2026-11-27-h100-plan-ab2-one-loop.md, rounds in one process, autotuned picks): 1.2-8.5% faster at d64-d256
+# 512-1k, most under a causal mask; bitwise equal to the three loops, config by config
+# (results/2026-11-27-h100-probe-one-loop.md). HF_FLASHATTN_ONE_LOOP=0 at import turns it off (and v2_bwd's), =1 turns
+# v3.py's on too.
+ONE_LOOP = env_get("HF_FLASHATTN_ONE_LOOP", "1") == "1"
 
 
 def use_split_kv(q, k, varlen: bool) -> bool:

@@ -496,9 +496,11 @@ _dq_launch = C.Launcher(_dq_kernel, _configs(_DQ_CONFIGS), prune_by_head_dim, _K
 TMA = {"0": False, "1": True}.get(env_get("HF_FLASHATTN_BWD_TMA", ""))
 TMA_BELOW = 4096
 # The dQ pass's key blocks (`_dq_loop`) and the dK/dV pass's query blocks (`_dkdv_loop`) in one loop each instead of
-# three, as v2's forward (`v2.ONE_LOOP`): off until measured on a GPU (benchmarks/probe_bwd_tma.py's `v2-oneloop`;
-# bitwise equal on the CPU, tests/test_kernels.py). HF_FLASHATTN_ONE_LOOP=1 at import turns it on (v3.ONE_LOOP's note).
-ONE_LOOP = env_get("HF_FLASHATTN_ONE_LOOP", "0") == "1"
+# three, as v2's forward (`v2.ONE_LOOP`). On the H100 (results/2026-11-27-h100-bwd-one-loop.md, fwd+bwd with v2's
+# forward one-loop too, rounds in one process): 3.4-10.9% faster at d64-d256 512-1k; bitwise equal to the three loops
+# (there, and config by config in results/2026-11-27-h100-probe-one-loop.md). HF_FLASHATTN_ONE_LOOP=0 at import
+# turns it off (v2.ONE_LOOP's note).
+ONE_LOOP = env_get("HF_FLASHATTN_ONE_LOOP", "1") == "1"
 
 
 def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,

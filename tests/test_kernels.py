@@ -173,6 +173,15 @@ def test_v3_one_loop(shape, mask, monkeypatch):
     assert torch.equal(packed[0][0], packed[1][0]) and torch.equal(packed[0][1], packed[1][1])
 
 
+def test_v3_one_loop_kept_off_where_the_gpu_got_it_wrong(monkeypatch):
+    """v3.ONE_LOOP on: the plans the H100 computed wrongly with one loop (host descriptors, 64-key blocks, head-dim
+    tile <= 64) keep the three loops; others take it (results/2026-11-27-h100-probe-one-loop.md)."""
+    from hf_flashattn.kernels import v3
+    assert not v3.one_loop_ok(True, 64, 64) and not v3.one_loop_ok(True, 64, 32)
+    assert v3.one_loop_ok(False, 64, 64) and v3.one_loop_ok(True, 32, 64) and v3.one_loop_ok(True, 128, 64)
+    assert v3.one_loop_ok(True, 64, 128) and v3.one_loop_ok(True, 32, 256)
+
+
 @pytest.mark.parametrize("shape,mask", [((1, 113, 203, 4, 1, 40), dict(causal=True)),
                                         ((2, 70, 70, 4, 2, 32), dict(causal=False)),
                                         ((1, 64, 96, 4, 4, 16), dict(window_size=(20, 5))),

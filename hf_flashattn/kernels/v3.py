@@ -309,7 +309,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     # descriptors over the whole tensors: every stride 16-byte aligned (a batch stride too), no empty key dim
     host = host and C.descriptors_ok(q, k, v)
     fold = softcap == 0 and softmax_scale > 0 and (_fold is None or _fold)
-    one_loop = ONE_LOOP and fold and not ws
+    one_loop = ONE_LOOP and fold and not ws and one_loop_ok(host, bn, BLOCK_D)
     q_arg, k_arg, v_arg, o_arg = q, k, v, out
     if host:   # (B, S, H, D) or packed (total, H, D): a tile is BLOCK rows of one head
         q_arg, o_arg = (C.host_descriptor(t, bm, BLOCK_D, varlen, tma=True) for t in (q, out))
@@ -338,15 +338,27 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
 
 _fwd_launch = C.FastLaunch(_fwd_kernel_tma)
 
+
+def one_loop_ok(host: bool, block_n: int, block_d: int) -> bool:
+    """Whether a plan may take the one-loop kernel (`ONE_LOOP`): not with host descriptors, 64-key blocks and a
+    head-dim tile of 64 or less, where the H100 gave wrong results (the note at `ONE_LOOP`)."""
+    return not (host and block_n == 64 and block_d <= 64)
+
 # The kernel's key blocks in one pipelined loop (`_fwd_loop_tma`; the scale folded, no warp specialisation)
 # instead of three (left edge, band, diagonal/tail), each of which sets up and tears down its software pipeline per
 # tile even when it runs no block. SASS at d64 (64 x 64, 4 warps, 3 stages, Triton 3.6, sm_90a): the kernel 2,096 ->
 # 1,136 instructions, CTA barriers 55 -> 23, registers 128 -> 109; an unmasked block 298 -> 301 instructions a warp
 # (the branch around the mask), a masked one 376 -> 380; ~143 instructions and ~16 barriers a tile fewer per loop left
 # out. Predicted from those counts: ~8% fewer instructions a tile at d64 1k causal, ~4% unmasked, ~1% at 4k.
-# Off until measured on a GPU (benchmarks/probe_plan_ab.py's `+oneloop` variants; correct on the CPU, bitwise equal
-# to the three loops: tests/test_kernels.py). HF_FLASHATTN_ONE_LOOP=1 at import turns it on (with v2's and its
-# backward's), so that the GPU grids can run with it.
+# Measured on the H100 (twenty-first session): **wrong at head dim 64 with 64-key blocks and host descriptors** (the
+# default d64 plan): every tile of more than one key block differs, max error 0.46-0.96 against the reference, the same
+# at 64 x 64 / 3 or 2 stages and 128 x 64 / 8 warps; bitwise equal to the three loops with 32- or 128-key blocks, with
+# in-kernel descriptors, at d128 / d256 and packed (results/2026-11-27-h100-probe-one-loop.md). The interpreter gives
+# the same bits as the three loops there, and the TTGIR / PTX read correct (the QK wait before the branch, the P·V
+# wait at the next block's), so it is taken as a Triton 3.6 / ptxas fault; `one_loop_ok` keeps those plans on three
+# loops. Timed at that plan (its results wrong), it read 0.9% / 3.4% faster at d64 1k unmasked / causal, 1.1% slower / 0.7%
+# faster at 4k (results/2026-11-27-h100-plan-ab-one-loop.md): off.
+# HF_FLASHATTN_ONE_LOOP=1 at import turns it on (with v2's and its backward's, which are on by default).
 ONE_LOOP = env_get("HF_FLASHATTN_ONE_LOOP", "0") == "1"
 
 

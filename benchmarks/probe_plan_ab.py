@@ -4,7 +4,7 @@ barrier between the consumer warpgroups (`_turn_wait`: each issues its products 
 own), the lever left where ptxas waits for P·V before the exponentials (benchmarks/NOTES.md, eighteenth session).
 Variant `D:BMxBN:STAGES:REGS[:PINGPONG[:Q_SLOTS[:PER_SM]]]`: another plan at head dim D (other tiles: e.g. one
 consumer, two programs an SM, `64:64x128:3:232`), not run at other head dims; `v3py:D:BMxBN:WARPS:STAGES[:MAXNREG]`:
-v3.py's kernel with that plan (host descriptors); `v2`: v2's kernel, its autotuner's pick; `v2:D:BMxBN:WARPS:STAGES[:
+v3.py's kernel with that plan (host descriptors; `v3pyk:...` with descriptors made in-kernel); `v2`: v2's kernel, its autotuner's pick; `v2:D:BMxBN:WARPS:STAGES[:
 MAXNREG]`: v2's kernel with that config forced; a name + `+left`: it with masked scores testing the window's left
 edge too (`_common.SKIP_LEFT` off); + `+oneloop`: v3.py's and v2's forwards with every key block in one loop
 (`v3.ONE_LOOP`, `v2.ONE_LOOP` on); both may follow a name. --flash: SDPA's flash backend timed too (v2's bar).
@@ -48,7 +48,7 @@ def variant_plan(G, name, D):
         p[5] = name == "pingpong"
     elif name == "v2":   # v2's kernel with the config its autotuner picks (what version="v2" runs)
         return ("v2",)
-    elif name.startswith(("v3py:", "v2:")):
+    elif name.startswith(("v3py:", "v3pyk:", "v2:")):
         # v3py:D:BMxBN:WARPS:STAGES[:MAXNREG]: v3.py's kernel with that plan (host descriptors); v2:...: v2's kernel
         # with that config forced; MAXNREG: ptxas' register cap (more programs an SM)
         f = name.split(":")
@@ -91,10 +91,10 @@ def variant_runner(G, name, pl, *a):
 
 def runner(G, pl, q, k, v, Sq, Sk, scale, win, cu=None):
     """The forward of plan `pl` (`variant_plan`) on these inputs: the Gluon kernel, or v3.py's for a v3py plan."""
-    if pl[0] == "v3py":
+    if pl[0] in ("v3py", "v3pyk"):
         from hf_flashattn.kernels import v3
         return functools.partial(v3.forward, q, k, v, cu, cu, Sq, Sk, scale, win, 0.0,
-                                 _plan=(tuple(pl[1:]), True, False))
+                                 _plan=(tuple(pl[1:]), pl[0] == "v3py", False))
     if pl[0] == "v2":
         return functools.partial(v2_forward, pl[1:], q, k, v, cu, Sq, Sk, scale, win)
     if cu is None:
@@ -130,8 +130,9 @@ def same_tiles(a, b):
     bitwise equal. v2's autotuned pick (`v2`) is taken as another tiling."""
     if a == ("v2",) or b == ("v2",):
         return False
-    n = 4 if {a[0], b[0]} & {"v3py", "v2"} else 2
-    return a[:n] == b[:n]
+    kernel = {"v3pyk": "v3py"}   # the same kernel and products, the descriptors made elsewhere
+    n = 4 if {a[0], b[0]} & {"v3py", "v3pyk", "v2"} else 2
+    return (kernel.get(a[0], a[0]),) + tuple(a[1:n]) == (kernel.get(b[0], b[0]),) + tuple(b[1:n])
 
 # (D, Sq, Sk, B, H, Hk, window, packed): check shapes
 CHECK = [(128, 1000, 1000, 2, 8, 2, (-1, 0), False), (128, 777, 1503, 1, 16, 16, (-1, -1), False),

@@ -3,7 +3,8 @@ issue 2's bar is missed (512-1k), beside SDPA's flash backend, in rounds in one 
 switches flipped during their calls): `v2-tma`, the backward's inner-loop tiles through tensor descriptors
 (`v2_bwd.TMA`); `v2-oneloop`, the forward's and the dQ pass's key blocks in one loop (`v2.ONE_LOOP`,
 `v2_bwd.ONE_LOOP`; on by default since the twenty-first session); `v2-threeloop`, both off (three loops a tile, as
-before); `v2-bwd3`, the backward's off only; `v2-tma-oneloop`, TMA and one loop.
+before); `v2-bwd3`, the backward's off only; `v2-bwdleft`, the backward's masked blocks testing every window bound
+(`v2_bwd.SKIP_LEFT` off, as before the twenty-first session); `v2-tma-oneloop`, TMA and one loop.
 
     python benchmarks/probe_bwd_tma.py --out DIR [--rounds 7] [--points d256-1k,...] [--variants v2-tma,v2-oneloop]
 
@@ -39,7 +40,7 @@ def switches(variant: str):
     parts = variant.split("-")[1:]
     known = {"tma": [(v2_bwd, "TMA", True)], "oneloop": [(v2, "ONE_LOOP", True), (v2_bwd, "ONE_LOOP", True)],
              "threeloop": [(v2, "ONE_LOOP", False), (v2_bwd, "ONE_LOOP", False)],
-             "bwd3": [(v2_bwd, "ONE_LOOP", False)]}
+             "bwd3": [(v2_bwd, "ONE_LOOP", False)], "bwdleft": [(v2_bwd, "SKIP_LEFT", False)]}
     if not variant.startswith("v2") or not all(x in known for x in parts):
         raise SystemExit(f"unknown variant {variant}")
     return [s for x in parts for s in known[x]]

@@ -327,6 +327,32 @@ def test_v2_one_loop_dkdv_variants(split, kv_b, atomic, monkeypatch):
     _check("v2", q, k, v, do, torch.float32, causal=True)
 
 
+@pytest.mark.parametrize("kv_b", [False, True], ids=["keys-x-queries", "queries-x-keys"])
+@pytest.mark.parametrize("mask", [dict(causal=True), dict(window_size=(-1, 7)), dict(window_size=(6, 0))],
+                         ids=["causal", "right-only", "left-edge"])
+def test_v2_bwd_skip_left_is_bitwise(kv_b, mask, monkeypatch):
+    """The backward's masked blocks without the bound a window without a left edge cannot fail (`v2_bwd`'s LEFT: the
+    dQ pass and the queries x keys dK/dV tiles skip the lower bound, the keys x queries tiles the upper one, whose
+    rows past Sq have P = 0 through lse = +inf): the same bits as testing every bound, q_len < k_len and > k_len,
+    dense and packed (query tails), both dK/dV orientations; within the rule against the reference."""
+    from hf_flashattn.kernels import _common as C
+    from hf_flashattn.kernels import v2_bwd
+    monkeypatch.setattr(v2_bwd._dkdv_launch, "force", v2_bwd._config(0, 16, 32, 4, 1, False, kv_b))
+    q, k, v, do = _inputs((1, 45, 61, 4, 2, 24), torch.float32, seed=19)
+    q2, k2, v2_, do2 = _inputs((1, 61, 45, 4, 2, 24), torch.float32, seed=20)
+    cu = (torch.tensor([0, 19, 45], dtype=torch.int32), torch.tensor([0, 30, 61], dtype=torch.int32))
+    runs = []
+    for skip in (True, False):
+        monkeypatch.setattr(C, "SKIP_LEFT", skip)
+        runs.append((*_kernel("v2", q, k, v, do, **mask), *_kernel("v2", q2, k2, v2_, do2, **mask),
+                     *_kernel_varlen("v2", q[0], k[0], v[0], do[0], cu, **mask)))
+    assert all(t.abs().sum() > 0 for t in runs[0][-3:])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    monkeypatch.setattr(C, "SKIP_LEFT", True)
+    _check("v2", q2, k2, v2_, do2, torch.float32, **mask)
+
+
 def test_v2_kv_b_atomic_dq(monkeypatch):
     from hf_flashattn.kernels import v2_bwd
     monkeypatch.setenv("HF_FLASHATTN_BWD_DQ", "atomic")

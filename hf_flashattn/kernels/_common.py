@@ -97,15 +97,20 @@ def left_edge(window) -> bool:
 
 
 @triton.jit
-def visible(rows, cols, diag, left, right, S_cols, LEFT: tl.constexpr = True):
+def visible(rows, cols, diag, left, right, S_cols, LEFT: tl.constexpr = True, RIGHT: tl.constexpr = True):
     """Bool tile: column cols[None, :] is visible from row rows[:, None]: r - left <= c <= min(r + right, S_cols - 1)
     with r = row + diag, the bounds worked out per row (one or two compares a score). LEFT False: the caller knows the
-    window has no left edge (left is `unbounded`, r - left below every column), the lower bound is skipped."""
+    window has no left edge (left is `unbounded`, r - left below every column), the lower bound is skipped. RIGHT
+    False: the caller knows right is unbounded and the columns past S_cols are harmless (the dK/dV pass's transposed
+    tiles, whose query rows past Sq have P = 0), the upper bound is skipped (one of LEFT, RIGHT must be True)."""
     r = rows + diag
     c = cols[None, :]
-    keep = c <= tl.minimum(r + right, S_cols - 1)[:, None]
-    if LEFT:
-        keep = keep & (c >= (r - left)[:, None])
+    if RIGHT:
+        keep = c <= tl.minimum(r + right, S_cols - 1)[:, None]
+        if LEFT:
+            keep = keep & (c >= (r - left)[:, None])
+    else:
+        keep = c >= (r - left)[:, None]
     return keep
 
 

@@ -54,7 +54,7 @@ def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_q
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                 SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                 DO_DK: tl.constexpr, DO_DV: tl.constexpr, KV_B: tl.constexpr, TMA: tl.constexpr,
-                IS_VARLEN: tl.constexpr):
+                IS_VARLEN: tl.constexpr, LEFT: tl.constexpr = True):
     # Rows of this tile are keys (offs_n), columns are queries: everything is transposed.
     # DO_DK / DO_DV: which accumulators this program owns (both, or one of them in the split variant)
     # KV_B: the other orientation (queries x keys), in which K and V are the second operand of every product
@@ -63,7 +63,7 @@ def _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_q
         dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom, stride_dqm,
                              start_m, offs_n, offs_m, offs_d, Sq, diag_t, left_t, right_t, qk_scale, cap_scale,
                              ds_scale, Q_DESC, DO_DESC, bq, q_start, h32, HEAD_DIM, BLOCK_D, BLOCK_M, MASKED, SOFTCAP,
-                             DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, KV_B, TMA, IS_VARLEN, MASKED)
+                             DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, KV_B, TMA, IS_VARLEN, MASKED, LEFT)
     return dk, dv
 
 
@@ -73,7 +73,7 @@ def _dkdv_block(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_q
                 bq, q_start, h32, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                 MASKED: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                 DO_DK: tl.constexpr, DO_DV: tl.constexpr, KV_B: tl.constexpr, TMA: tl.constexpr,
-                IS_VARLEN: tl.constexpr, MASK_P):
+                IS_VARLEN: tl.constexpr, MASK_P, LEFT: tl.constexpr = True):
     """One query block [start_m, start_m + BLOCK_M) of `_dkdv_inner` / `_dkdv_loop`: q, dO and lse loaded (MASKED:
     the query tail, rows past Sq with lse = +inf so that P = 0 there), then the step in the program's orientation
     (MASK_P: P masked by the window)."""
@@ -87,11 +87,11 @@ def _dkdv_block(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_q
     if KV_B:
         dk, dv = _dkdv_step_kv_b(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_q, offs_n, offs_d,
                                  Sq, diag_t, left_t, right_t, qk_scale, cap_scale, ds_scale, HEAD_DIM, MASKED,
-                                 SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, MASK_P)
+                                 SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, MASK_P, LEFT)
     else:
         dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_q, offs_n, offs_d,
                             Sq, diag_t, left_t, right_t, qk_scale, cap_scale, ds_scale, HEAD_DIM, MASKED,
-                            SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, MASK_P)
+                            SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, MASK_P, LEFT)
     return dk, dv
 
 
@@ -101,7 +101,7 @@ def _dkdv_loop(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm
                ds_scale, Q_DESC, DO_DESC, bq, q_start, h32,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, SOFTCAP: tl.constexpr,
                DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr,
-               KV_B: tl.constexpr, TMA: tl.constexpr, IS_VARLEN: tl.constexpr):
+               KV_B: tl.constexpr, TMA: tl.constexpr, IS_VARLEN: tl.constexpr, LEFT: tl.constexpr = True):
     """`_dkdv_inner` over every query block [lo, hi) in one pipelined loop (the kernel's ONE_LOOP; v2.py's
     `_fwd_loop`): P of the blocks outside the band [full_lo, full_hi) masked in a branch on the block's position, the
     block across the query tail Sq (at most one) after the loop with masked loads."""
@@ -111,12 +111,12 @@ def _dkdv_loop(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm
                              start_m, offs_n, offs_m, offs_d, Sq, diag_t, left_t, right_t, qk_scale, cap_scale,
                              ds_scale, Q_DESC, DO_DESC, bq, q_start, h32, HEAD_DIM, BLOCK_D, BLOCK_M, False, SOFTCAP,
                              DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, KV_B, TMA, IS_VARLEN,
-                             (start_m < full_lo) | (start_m >= full_hi))
+                             (start_m < full_lo) | (start_m >= full_hi), LEFT)
     if body_hi < hi:
         dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom,
                              stride_dqm, body_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, left_t, right_t, qk_scale,
                              cap_scale, ds_scale, Q_DESC, DO_DESC, bq, q_start, h32, HEAD_DIM, BLOCK_D, BLOCK_M, True,
-                             SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, KV_B, TMA, IS_VARLEN)
+                             SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, KV_B, TMA, IS_VARLEN, LEFT)
     return dk, dv
 
 
@@ -141,14 +141,16 @@ def _add_dq(dq, DQ_base, stride_dqm, rows_q, offs_d, Sq, HEAD_DIM: tl.constexpr)
 def _dkdv_step(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_q, offs_n, offs_d, Sq, diag_t, left_t,
                right_t, qk_scale, cap_scale, ds_scale, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, DO_DK: tl.constexpr,
-               DO_DV: tl.constexpr, MASK_P):
+               DO_DV: tl.constexpr, MASK_P, LEFT: tl.constexpr = True):
     """One query block against the key block, keys x queries (K and V the first operands). MASKED: the query tail
     (loads); MASK_P (MASKED, or a runtime flag in `_dkdv_loop`): P masked by the window."""
     # -- recompute Pᵀ = exp2(Sᵀ - lse) --
     sT, t = log2_scores(k, q, qk_scale, cap_scale, SOFTCAP, DOT_PREC)
     pT = tl.exp2(sT - lse[None, :] * 1.4426950408889634)
     if MASK_P:
-        pT = tl.where(visible(offs_n, rows_q, diag_t, left_t, right_t, Sq), pT, 0.0)
+        # transposed: the window's left edge is the upper bound here; without one (LEFT False) the bound left is
+        # Sq - 1, which the rows past Sq meet through lse = +inf (P = 0), so no upper bound is tested
+        pT = tl.where(visible(offs_n, rows_q, diag_t, left_t, right_t, Sq, True, LEFT), pT, 0.0)
     if DO_DV:
         # -- dV += Pᵀ dO --
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
@@ -171,13 +173,13 @@ def _dkdv_step(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_q, of
 def _dkdv_step_kv_b(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_q, offs_n, offs_d, Sq, diag_t,
                     left_t, right_t, qk_scale, cap_scale, ds_scale, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
                     SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, DO_DK: tl.constexpr,
-                    DO_DV: tl.constexpr, MASK_P):
+                    DO_DV: tl.constexpr, MASK_P, LEFT: tl.constexpr = True):
     """The same step, queries x keys: S = Q Kᵀ and dP = dO Vᵀ take K and V as second operands; dV and dK take
     Pᵀ and dSᵀ. Rows past Sq have lse = +inf (P = 0); the window is the untransposed band."""
     s, t = log2_scores(q, k, qk_scale, cap_scale, SOFTCAP, DOT_PREC)
     p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
     if MASK_P:
-        p = tl.where(visible(rows_q, offs_n, -diag_t, right_t, left_t, 2147483647), p, 0.0)
+        p = tl.where(visible(rows_q, offs_n, -diag_t, right_t, left_t, 2147483647, LEFT), p, 0.0)
     if DO_DV:
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PREC)
     if DO_DK:
@@ -201,7 +203,7 @@ def _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, str
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                 DO_DK: tl.constexpr, DO_DV: tl.constexpr, KV_B: tl.constexpr, TMA: tl.constexpr,
-                IS_VARLEN: tl.constexpr, ONE_LOOP: tl.constexpr = False):
+                IS_VARLEN: tl.constexpr, ONE_LOOP: tl.constexpr = False, LEFT: tl.constexpr = True):
     """dK and/or dV of one key block of one kv head, summed over the GROUP query heads that read it:
     the masked blocks before the band's full part, the full part unmasked, the masked blocks after (ONE_LOOP: in one
     loop, `_dkdv_loop`)."""
@@ -224,7 +226,7 @@ def _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, str
                                 stride_dqm, lo, hi, full_lo, full_hi, offs_n, offs_m, offs_d, Sq, diag_t, window_right,
                                 window_left, qk_scale, cap_scale, ds_scale, Q_DESC, DO_DESC, bq, q_start, h32,
                                 HEAD_DIM, BLOCK_D, BLOCK_M, SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, KV_B, TMA,
-                                IS_VARLEN)
+                                IS_VARLEN, LEFT)
         else:
             # key j is seen by queries i with j - diag - right <= i <= j - diag + left: the same band,
             # transposed (diag -> -diag, left <-> right)
@@ -232,7 +234,7 @@ def _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, str
                                  stride_dqm, lo, full_lo, offs_n, offs_m, offs_d, Sq, diag_t, window_right,
                                  window_left, qk_scale, cap_scale, ds_scale, Q_DESC, DO_DESC, bq, q_start, h32,
                                  HEAD_DIM, BLOCK_D, BLOCK_M, True, SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, KV_B,
-                                 TMA, IS_VARLEN)
+                                 TMA, IS_VARLEN, LEFT)
             dk, dv = _dkdv_inner(dk, dv, k, v, Q_base, DO_base, L_base, D_base, DQ_base, stride_qm, stride_dom,
                                  stride_dqm, full_lo, full_hi, offs_n, offs_m, offs_d, Sq, diag_t, window_right,
                                  window_left, qk_scale, cap_scale, ds_scale, Q_DESC, DO_DESC, bq, q_start, h32,
@@ -242,7 +244,7 @@ def _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, str
                                  stride_dqm, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_right,
                                  window_left, qk_scale, cap_scale, ds_scale, Q_DESC, DO_DESC, bq, q_start, h32,
                                  HEAD_DIM, BLOCK_D, BLOCK_M, True, SOFTCAP, DOT_PREC, ATOMIC_DQ, DO_DK, DO_DV, KV_B,
-                                 TMA, IS_VARLEN)
+                                 TMA, IS_VARLEN, LEFT)
     # dS was taken w.r.t. the log2-unit score; ds_scale brings it back to q·k units
     return dk * ds_scale, dv
 
@@ -263,7 +265,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_DESC, DO_DESC, CU_Q,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                  SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                  SPLIT: tl.constexpr = False, KV_B: tl.constexpr = False, TMA: tl.constexpr = False,
-                 ONE_LOOP: tl.constexpr = False):
+                 ONE_LOOP: tl.constexpr = False, LEFT: tl.constexpr = True):
     # Grid: (cdiv(max_seqlen_k, BLOCK_N) (x2 if SPLIT), nheads_k, batch). One program computes BLOCK_N rows
     # of dK and dV for one kv head, summing over the GROUP query heads that read it. SPLIT: two programs
     # per key block, one for dV (2 matmuls) and one for dK (3 matmuls; QKᵀ is recomputed): one float32
@@ -298,7 +300,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_DESC, DO_DESC, CU_Q,
                                 stride_lh, lo, full_lo, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left,
                                 window_right, qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC,
                                 HEAD_DIM, BLOCK_D, BLOCK_M,
-                                BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, False, True, KV_B, TMA, IS_VARLEN, ONE_LOOP)
+                                BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, False, True, KV_B, TMA, IS_VARLEN, ONE_LOOP, LEFT)
             tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
         else:
             dk, _ = _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
@@ -306,7 +308,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_DESC, DO_DESC, CU_Q,
                                 stride_lh, lo, full_lo, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left,
                                 window_right, qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC,
                                 HEAD_DIM, BLOCK_D, BLOCK_M,
-                                BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, True, False, KV_B, TMA, IS_VARLEN, ONE_LOOP)
+                                BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, True, False, KV_B, TMA, IS_VARLEN, ONE_LOOP, LEFT)
             tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
     else:
         dk, dv = _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
@@ -314,7 +316,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_DESC, DO_DESC, CU_Q,
                              stride_lh, lo, full_lo, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left,
                              window_right, qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC,
                              HEAD_DIM, BLOCK_D, BLOCK_M,
-                             BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, True, True, KV_B, TMA, IS_VARLEN, ONE_LOOP)
+                             BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, True, True, KV_B, TMA, IS_VARLEN, ONE_LOOP, LEFT)
         tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -323,26 +325,27 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_DESC, DO_DESC, CU_Q,
 def _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, start, end, offs_m, offs_n, offs_d,
               Sk, diag, left, right, qk_scale, cap_scale, K_DESC, V_DESC, bq, k_start, kvh32,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr, IS_VARLEN: tl.constexpr):
+              SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr, IS_VARLEN: tl.constexpr,
+              LEFT: tl.constexpr = True):
     for start_n in range(start, end, BLOCK_N):
         # keys past Sk are masked out of P on the masked blocks
         k, v = load_tile_pair(K_DESC, V_DESC, K_base, V_base, stride_kn, stride_vn, start_n, offs_n, Sk, offs_d, bq,
                               k_start, kvh32, HEAD_DIM, BLOCK_N, BLOCK_D, MASKED, TMA, IS_VARLEN)
         dq = _dq_block(dq, q, do, lse, delta, k, v, start_n + offs_n, offs_m, Sk, diag, left, right, qk_scale,
-                       cap_scale, MASKED, SOFTCAP, DOT_PREC)
+                       cap_scale, MASKED, SOFTCAP, DOT_PREC, LEFT)
     return dq
 
 
 @triton.jit
 def _dq_block(dq, q, do, lse, delta, k, v, cols, offs_m, Sk, diag, left, right, qk_scale, cap_scale,
-              MASKED, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+              MASKED, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, LEFT: tl.constexpr = True):
     """dQ += dS K for one key block (columns cols) once k and v are loaded; MASKED (a constexpr, or a runtime flag in
     `_dq_loop`): P masked by the window and the key tail."""
     # -- recompute P --
     s, t = log2_scores(q, k, qk_scale, cap_scale, SOFTCAP, DOT_PREC)
     p = tl.exp2(s - lse[:, None])
     if MASKED:
-        p = tl.where(visible(offs_m, cols, diag, left, right, Sk), p, 0.0)
+        p = tl.where(visible(offs_m, cols, diag, left, right, Sk, LEFT), p, 0.0)
     # -- dS = P ∘ (dO Vᵀ - Delta), dQ += dS K --
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
@@ -355,7 +358,7 @@ def _dq_block(dq, q, do, lse, delta, k, v, cols, offs_m, Sk, diag, left, right, 
 def _dq_loop(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, lo, hi, full_lo, full_hi, offs_m, offs_n,
              offs_d, Sk, diag, left, right, qk_scale, cap_scale, K_DESC, V_DESC, bq, k_start, kvh32,
              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
-             DOT_PREC: tl.constexpr, TMA: tl.constexpr, IS_VARLEN: tl.constexpr):
+             DOT_PREC: tl.constexpr, TMA: tl.constexpr, IS_VARLEN: tl.constexpr, LEFT: tl.constexpr = True):
     """The dQ pass's key blocks [lo, hi) in one pipelined loop (the kernel's ONE_LOOP; v2.py's `_fwd_loop`): P of the
     blocks outside the band [full_lo, full_hi) masked in a branch on the block's position, the block across the key
     tail (at most one) after the loop with masked loads."""
@@ -364,12 +367,12 @@ def _dq_loop(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, lo, hi
         k, v = load_tile_pair(K_DESC, V_DESC, K_base, V_base, stride_kn, stride_vn, start_n, offs_n, Sk, offs_d, bq,
                               k_start, kvh32, HEAD_DIM, BLOCK_N, BLOCK_D, False, TMA, IS_VARLEN)
         dq = _dq_block(dq, q, do, lse, delta, k, v, start_n + offs_n, offs_m, Sk, diag, left, right, qk_scale,
-                       cap_scale, (start_n < full_lo) | (start_n >= full_hi), SOFTCAP, DOT_PREC)
+                       cap_scale, (start_n < full_lo) | (start_n >= full_hi), SOFTCAP, DOT_PREC, LEFT)
     if body_hi < hi:
         k, v = load_tile_pair(K_DESC, V_DESC, K_base, V_base, stride_kn, stride_vn, body_hi, offs_n, Sk, offs_d, bq,
                               k_start, kvh32, HEAD_DIM, BLOCK_N, BLOCK_D, True, TMA, IS_VARLEN)
         dq = _dq_block(dq, q, do, lse, delta, k, v, body_hi + offs_n, offs_m, Sk, diag, left, right, qk_scale,
-                       cap_scale, True, SOFTCAP, DOT_PREC)
+                       cap_scale, True, SOFTCAP, DOT_PREC, LEFT)
     return dq
 
 
@@ -386,7 +389,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, K_DESC, V_DESC, CU_Q, CU_K,
                group, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr, TMA: tl.constexpr = False,
-               ONE_LOOP: tl.constexpr = False):
+               ONE_LOOP: tl.constexpr = False, LEFT: tl.constexpr = True):
     # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program computes BLOCK_M rows of dQ.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
@@ -419,17 +422,17 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, K_DESC, V_DESC, CU_Q, CU_K,
     if ONE_LOOP:
         dq = _dq_loop(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, lo, hi, full_lo, full_hi, offs_m,
                       offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale, K_DESC, V_DESC, bq,
-                      k_start, kvh32, HEAD_DIM, BLOCK_D, BLOCK_N, SOFTCAP, DOT_PREC, TMA, IS_VARLEN)
+                      k_start, kvh32, HEAD_DIM, BLOCK_D, BLOCK_N, SOFTCAP, DOT_PREC, TMA, IS_VARLEN, LEFT)
     else:
         dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, lo, full_lo, offs_m, offs_n,
                        offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale, K_DESC, V_DESC, bq, k_start,
-                       kvh32, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC, TMA, IS_VARLEN)
+                       kvh32, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC, TMA, IS_VARLEN, LEFT)
         dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, full_lo, full_hi, offs_m, offs_n,
                        offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale, K_DESC, V_DESC, bq, k_start,
-                       kvh32, HEAD_DIM, BLOCK_D, BLOCK_N, False, SOFTCAP, DOT_PREC, TMA, IS_VARLEN)
+                       kvh32, HEAD_DIM, BLOCK_D, BLOCK_N, False, SOFTCAP, DOT_PREC, TMA, IS_VARLEN, LEFT)
         dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, full_hi, hi, offs_m, offs_n,
                        offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale, K_DESC, V_DESC, bq, k_start,
-                       kvh32, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC, TMA, IS_VARLEN)
+                       kvh32, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC, TMA, IS_VARLEN, LEFT)
     dq = dq * ds_scale
     tl.store(DQ + b * stride_dqb + h64 * stride_dqh + (q_start + offs_m[:, None]) * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=qmask)
@@ -501,6 +504,11 @@ TMA_BELOW = 4096
 # (there, and config by config in results/2026-11-27-h100-probe-one-loop.md). HF_FLASHATTN_ONE_LOOP=0 at import
 # turns it off (v2.ONE_LOOP's note).
 ONE_LOOP = env_get("HF_FLASHATTN_ONE_LOOP", "1") == "1"
+# The masked blocks skip the window bound that cannot fail when the window has no left edge (`visible`'s LEFT / RIGHT:
+# the dQ pass and the queries x keys dK/dV tiles the lower bound, the keys x queries tiles the upper one), as the
+# forward does since the twentieth session (`_common.SKIP_LEFT`, which turns both off). False: every bound tested in
+# the backward only (benchmarks/probe_bwd_tma.py's `bwdleft`). Bitwise equal either way (tests/test_kernels.py).
+SKIP_LEFT = True
 
 
 def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
@@ -540,7 +548,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     common = (max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale, ds_scale,
               C.seq_bucket(max(max_seqlen_q, max_seqlen_k)), C.mask_kind(window_size), H // Hk)
     meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, IS_VARLEN=varlen, SOFTCAP=softcap > 0,
-                DOT_PREC=C.dot_precision(q.dtype))
+                DOT_PREC=C.dot_precision(q.dtype), LEFT=C.left_edge(window_size) or not SKIP_LEFT)
     lay = [C.seq_layout(t, varlen) for t in (q, k, v, do)]
     tma = bool(TMA) and max(max_seqlen_q, max_seqlen_k) < TMA_BELOW and q.dtype in (torch.float16, torch.bfloat16) \
         and C.descriptors_ok(q, k, v, do)
@@ -554,7 +562,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
            (q, k, v, do, lse, delta, dk, dv, dq_acc, descs[0], descs[1], cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1],
             *lay[2], *lay[3],
             *C.seq_layout(dk, varlen), *C.seq_layout(dv, varlen), *dq_strides, *stride_l, *common),
-           dict(meta, ATOMIC_DQ=atomic_dq, ONE_LOOP=ONE_LOOP), site_key=site + (tma, ONE_LOOP))
+           dict(meta, ATOMIC_DQ=atomic_dq, ONE_LOOP=ONE_LOOP), site_key=site + (tma, ONE_LOOP, meta["LEFT"]))
     if atomic_dq:
         return dq_acc.to(q.dtype), dk, dv
     dq = new(q.shape, dtype=q.dtype, device=q.device)
@@ -562,7 +570,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                (q, k, v, do, lse, delta, dq, descs[2], descs[3], cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1],
                 *lay[2], *lay[3],
              *C.seq_layout(dq, varlen), *stride_l, *common), dict(meta, ONE_LOOP=ONE_LOOP),
-               site_key=site + (tma, ONE_LOOP))
+               site_key=site + (tma, ONE_LOOP, meta["LEFT"]))
     return dq, dk, dv
 
 

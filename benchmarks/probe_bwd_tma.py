@@ -4,7 +4,8 @@ switches flipped during their calls): `v2-tma`, the backward's inner-loop tiles 
 (`v2_bwd.TMA`); `v2-oneloop`, the forward's and the dQ pass's key blocks in one loop (`v2.ONE_LOOP`,
 `v2_bwd.ONE_LOOP`; on by default since the twenty-first session); `v2-threeloop`, both off (three loops a tile, as
 before); `v2-bwd3`, the backward's off only; `v2-bwdleft`, the backward's masked blocks testing every window bound
-(`v2_bwd.SKIP_LEFT` off, as before the twenty-first session); `v2-tma-oneloop`, TMA and one loop.
+(`v2_bwd.SKIP_LEFT` off, as before the twenty-first session); `v2-atomic`, FA2's single pass (dQ by float32
+atomics from the dK/dV programs, split ones included; `v2.BWD_DQ`, not bitwise equal); `v2-tma-oneloop`, TMA and one loop.
 
     python benchmarks/probe_bwd_tma.py --out DIR [--rounds 7] [--points d256-1k,...] [--variants v2-tma,v2-oneloop]
 
@@ -40,7 +41,8 @@ def switches(variant: str):
     parts = variant.split("-")[1:]
     known = {"tma": [(v2_bwd, "TMA", True)], "oneloop": [(v2, "ONE_LOOP", True), (v2_bwd, "ONE_LOOP", True)],
              "threeloop": [(v2, "ONE_LOOP", False), (v2_bwd, "ONE_LOOP", False)],
-             "bwd3": [(v2_bwd, "ONE_LOOP", False)], "bwdleft": [(v2_bwd, "SKIP_LEFT", False)]}
+             "bwd3": [(v2_bwd, "ONE_LOOP", False)], "bwdleft": [(v2_bwd, "SKIP_LEFT", False)],
+             "atomic": [(v2, "BWD_DQ", "atomic")]}
     if not variant.startswith("v2") or not all(x in known for x in parts):
         raise SystemExit(f"unknown variant {variant}")
     return [s for x in parts for s in known[x]]
@@ -116,14 +118,20 @@ def main():
         variants = {n: functools.partial(fwd_bwd, q, k, v, do, n, causal=causal) for n in ["v2"] + names}
         variants["sdpa-flash"] = functools.partial(sdpa_fwd_bwd, q, k, v, do, causal)
         base = variants["v2"]()
+        runs = {n: variants[n]() for n in names}
+        # and the largest difference of out, dq, dk, dv from v2's, relative to the largest magnitude of each (variants
+        # that sum in another order, `atomic`)
         row = dict(point=p, D=D, S=S, B=B, H=H, Hk=Hk, causal=causal,
-                   bitwise={n: same(base, variants[n]()) for n in names})
-        del base
+                   bitwise={n: same(base, r) for n, r in runs.items()},
+                   rel_diff={n: max(float((a.float() - b.float()).abs().max() / b.float().abs().max())
+                                    for a, b in zip(r, base)) for n, r in runs.items()})
+        del base, runs
         # fwd+bwd: the forward's FLOPs and 2.5 times them for the backward
         row["variants"] = time_forwards(variants, args.rounds, args.iters, 3.5 * flops)
         results.append(row)
         print(p, json.dumps({n: (round(r["tflops"]), round(r["median_ratio"], 4), round(r["of_flash"], 3))
-                             for n, r in row["variants"].items()}), "bitwise", row["bitwise"], flush=True)
+                             for n, r in row["variants"].items()}), "bitwise", row["bitwise"], "rel_diff",
+              row["rel_diff"], flush=True)
         del q, k, v, do, variants
     save_json(args.out, "probe_bwd_tma", meta, t0, checks=checks, results=results)
     lines = [f"# v2 fwd+bwd variants A/B — {meta['device']}, torch {meta['torch']}, triton "

@@ -306,7 +306,8 @@ def test_v2_kv_b_orientation_backward(shape, mask, split, monkeypatch):
 
 
 @pytest.mark.parametrize("split,kv_b,atomic", [(True, False, False), (False, True, False), (True, True, False),
-                                               (False, True, True)], ids=["split", "kv_b", "split-kv_b", "kv_b-atomic"])
+                                               (False, True, True), (True, False, True), (True, True, True)],
+                         ids=["split", "kv_b", "split-kv_b", "kv_b-atomic", "split-atomic", "split-kv_b-atomic"])
 def test_v2_one_loop_dkdv_variants(split, kv_b, atomic, monkeypatch):
     """The dK/dV pass in one loop (`v2_bwd.ONE_LOOP`) in its other forms (split programs, queries x keys, atomic dQ),
     dense and packed with ragged lengths (a query tail block): bitwise equal to the three loops, within the rule."""

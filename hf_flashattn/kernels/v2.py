@@ -268,11 +268,15 @@ def _site_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, l
             (max_seqlen_q | max_seqlen_k | left | right) >> 31) + more
 
 
+# "atomic": as HF_FLASHATTN_BWD_DQ=atomic (benchmarks/probe_bwd_tma.py's `atomic` variant sets it); None: the variable
+BWD_DQ = None
+
+
 def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
              window_size, softcap, deterministic):
     from .v2_bwd import backward as _bwd
     # HF_FLASHATTN_BWD_DQ=atomic: FA2's single-pass backward with float32 atomics for dQ (fewer matmuls,
     # not bitwise reproducible); never with deterministic=True. Opt-in until measured on the GPU.
-    atomic = not deterministic and os.environ.get("HF_FLASHATTN_BWD_DQ", "") == "atomic"
+    atomic = not deterministic and (BWD_DQ or os.environ.get("HF_FLASHATTN_BWD_DQ", "")) == "atomic"
     return _bwd(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                 softmax_scale, window_size, softcap, atomic_dq=atomic)

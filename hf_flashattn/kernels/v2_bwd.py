@@ -162,7 +162,7 @@ def _dkdv_step(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_q, of
         if SOFTCAP:
             dsT = dsT * (1.0 - t * t)
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
-    if ATOMIC_DQ:
+    if ATOMIC_DQ and DO_DK:   # the split variant's dK program (the dV program has no dS)
         # -- dQ += dS K --
         dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PREC)
         _add_dq(dq * ds_scale, DQ_base, stride_dqm, rows_q, offs_d, Sq, HEAD_DIM)
@@ -189,7 +189,7 @@ def _dkdv_step_kv_b(dk, dv, k, v, q, do, lse, D_base, DQ_base, stride_dqm, rows_
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PREC)
-    if ATOMIC_DQ:
+    if ATOMIC_DQ and DO_DK:
         dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
         _add_dq(dq * ds_scale, DQ_base, stride_dqm, rows_q, offs_d, Sq, HEAD_DIM)
     return dk, dv
@@ -463,9 +463,10 @@ def _config(d_class, bm, bn, w, s, split=False, kv_b=False):
     return triton.Config(kw, num_warps=w, num_stages=s)
 
 
-def _configs(table, allow_split=True):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages[, split[, kv_b]]) tuples per head-dim class -> triton.Configs."""
-    return [_config(d, *c) for d, cfgs in table.items() for c in cfgs if allow_split or not c[4:5] == (True,)]
+def _configs(table):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages[, split[, kv_b]]) tuples per head-dim class -> triton.Configs (the
+    atomic-dQ launch takes the split ones too: the dK program adds dQ, the dV program has no dS)."""
+    return [_config(d, *c) for d, cfgs in table.items() for c in cfgs]
 
 
 def dkdv_grid(max_seqlen_k, Hk, batch):
@@ -485,7 +486,7 @@ _KEY = ["BLOCK_D", "IS_VARLEN", "SOFTCAP", "DOT_PREC", "SEQ_BUCKET", "MASK_KIND"
 _INTERP = {"BLOCK_M": 16, "BLOCK_N": 32, "D_CLASS": 0}
 _dkdv_launch = C.Launcher(_dkdv_kernel, _configs(_DKDV_CONFIGS), prune_by_head_dim, _KEY, _INTERP,
                           pre_hook=_size_descriptors)
-_dkdv_atomic_launch = C.Launcher(_dkdv_kernel, _configs(_DKDV_CONFIGS, allow_split=False), prune_by_head_dim,
+_dkdv_atomic_launch = C.Launcher(_dkdv_kernel, _configs(_DKDV_CONFIGS), prune_by_head_dim,
                                  _KEY, _INTERP, reset_to_zero=["DQ_ACC"], pre_hook=_size_descriptors)
 _dq_launch = C.Launcher(_dq_kernel, _configs(_DQ_CONFIGS), prune_by_head_dim, _KEY, _INTERP,
                         pre_hook=_size_descriptors)

@@ -69,25 +69,35 @@ def diff(a, b):
     return False, float(d.max()), tiles[:8]
 
 
+def shapes(D, deadline):
+    """Each of SHAPES as (shape record, q, k, v, cu, max query length, max key length), until the deadline."""
+    for B, Sq, Sk, H, Hk, win, packed in SHAPES:
+        if time.time() > deadline:
+            return
+        q, k, v, cu = inputs(D, B, Sq, Sk, H, Hk, packed)
+        mq = Sq if cu is None else int((cu[1:] - cu[:-1]).max())
+        yield [B, Sq, Sk, H, Hk, list(win), packed], win, q, k, v, cu, mq, mq if packed else Sk
+
+
+def record_forward(rec, kernel, D, config, shape, runs):
+    """The three loops' (out, lse) against one loop's, as a row of `rec`."""
+    sync()
+    ok, err, tiles = diff(runs[0][0], runs[1][0])
+    rec.append(dict(kernel=kernel, D=D, config=config, shape=shape, bitwise=ok and torch.equal(runs[0][1], runs[1][1]),
+                    err=err, tiles=tiles))
+    print(rec[-1], flush=True)
+
+
 def v3_cases(rec, deadline):
     from hf_flashattn.kernels import v3
     for D, plans in V3_PLANS.items():
         for plan, host in plans:
-            for B, Sq, Sk, H, Hk, win, packed in SHAPES:
-                if time.time() > deadline:
-                    return
-                q, k, v, cu = inputs(D, B, Sq, Sk, H, Hk, packed)
-                mq = Sq if cu is None else int((cu[1:] - cu[:-1]).max())
+            for shape, win, q, k, v, cu, mq, mk in shapes(D, deadline):
                 runs = []
                 for one in (False, True):
                     with switched((v3, "ONE_LOOP", one)):
-                        runs.append(v3.forward(q, k, v, cu, cu, mq, mq if packed else Sk, D ** -0.5, win, 0.0,
-                                               _plan=(plan, host, False)))
-                sync()
-                ok, err, tiles = diff(runs[0][0], runs[1][0])
-                rec.append(dict(kernel="v3py", D=D, config=f"{plan} host={host}", shape=[B, Sq, Sk, H, Hk, list(win),
-                                packed], bitwise=ok and torch.equal(runs[0][1], runs[1][1]), err=err, tiles=tiles))
-                print(rec[-1], flush=True)
+                        runs.append(v3.forward(q, k, v, cu, cu, mq, mk, D ** -0.5, win, 0.0, _plan=(plan, host, False)))
+                record_forward(rec, "v3py", D, f"{plan} host={host}", shape, runs)
 
 
 def v2_fwd_cases(rec, deadline):
@@ -99,24 +109,16 @@ def v2_fwd_cases(rec, deadline):
         for c in v2._FWD_CONFIGS[cls]:
             cfg = triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1], "D_CLASS": cls}, num_warps=c[2], num_stages=c[3],
                                 maxnreg=c[4] if len(c) > 4 else None)
-            for B, Sq, Sk, H, Hk, win, packed in SHAPES:
-                if time.time() > deadline:
-                    return
-                q, k, v, cu = inputs(D, B, Sq, Sk, H, Hk, packed)
-                mq = Sq if cu is None else int((cu[1:] - cu[:-1]).max())
+            for shape, win, q, k, v, cu, mq, mk in shapes(D, deadline):
                 runs = []
                 v2._fwd_launch.force = cfg
                 try:
                     for one in (False, True):
                         with switched((v2, "ONE_LOOP", one)):
-                            runs.append(v2.forward(q, k, v, cu, cu, mq, mq if packed else Sk, D ** -0.5, win, 0.0))
+                            runs.append(v2.forward(q, k, v, cu, cu, mq, mk, D ** -0.5, win, 0.0))
                 finally:
                     v2._fwd_launch.force = None
-                sync()
-                ok, err, tiles = diff(runs[0][0], runs[1][0])
-                rec.append(dict(kernel="v2-fwd", D=D, config=str(c), shape=[B, Sq, Sk, H, Hk, list(win), packed],
-                                bitwise=ok and torch.equal(runs[0][1], runs[1][1]), err=err, tiles=tiles))
-                print(rec[-1], flush=True)
+                record_forward(rec, "v2-fwd", D, str(c), shape, runs)
 
 
 def v2_bwd_cases(rec, deadline):
@@ -127,27 +129,23 @@ def v2_bwd_cases(rec, deadline):
         for i in range(n):
             dk_c = v2_bwd._DKDV_CONFIGS[cls][min(i, len(v2_bwd._DKDV_CONFIGS[cls]) - 1)]
             dq_c = v2_bwd._DQ_CONFIGS[cls][min(i, len(v2_bwd._DQ_CONFIGS[cls]) - 1)]
-            for B, Sq, Sk, H, Hk, win, packed in SHAPES:
-                if time.time() > deadline:
-                    return
-                q, k, v, cu = inputs(D, B, Sq, Sk, H, Hk, packed)
+            for shape, win, q, k, v, cu, mq, mk in shapes(D, deadline):
                 do = torch.randn_like(q)
-                mq = Sq if cu is None else int((cu[1:] - cu[:-1]).max())
-                out, lse = v2.forward(q, k, v, cu, cu, mq, mq if packed else Sk, D ** -0.5, win, 0.0)
+                out, lse = v2.forward(q, k, v, cu, cu, mq, mk, D ** -0.5, win, 0.0)
                 runs = []
                 v2_bwd._dkdv_launch.force = v2_bwd._config(cls, *dk_c)
                 v2_bwd._dq_launch.force = v2_bwd._config(cls, *dq_c)
                 try:
                     for one in (False, True):
                         with switched((v2_bwd, "ONE_LOOP", one)):
-                            runs.append(v2.backward(do, q, k, v, out, lse, cu, cu, mq, mq if packed else Sk,
-                                                    D ** -0.5, win, 0.0, False))
+                            runs.append(v2.backward(do, q, k, v, out, lse, cu, cu, mq, mk, D ** -0.5, win, 0.0,
+                                                    False))
                 finally:
                     v2_bwd._dkdv_launch.force = v2_bwd._dq_launch.force = None
                 sync()
                 res = [diff(a, b) for a, b in zip(runs[0][:3], runs[1][:3])]
-                rec.append(dict(kernel="v2-bwd", D=D, config=f"dkdv {dk_c} dq {dq_c}",
-                                shape=[B, Sq, Sk, H, Hk, list(win), packed], bitwise=all(r[0] for r in res),
+                rec.append(dict(kernel="v2-bwd", D=D, config=f"dkdv {dk_c} dq {dq_c}", shape=shape,
+                                bitwise=all(r[0] for r in res),
                                 err=max(r[1] for r in res), tiles={n: r[2] for n, r in zip("qkv", res) if not r[0]}))
                 print(rec[-1], flush=True)
 
@@ -172,9 +170,11 @@ def main():
     meta = run_meta(script="probe_one_loop.py", parts=parts) if DEV == "cuda" else dict(device="cpu", commit="")
     save_json(a.out, "probe_one_loop", meta, t0, cases=rec)
     bad = [r for r in rec if not r["bitwise"]]
-    lines = [f"# One loop a tile against three, bitwise — {meta.get('device', '')}, commit {meta.get('commit', '')}", "",
+    lines = [f"# One loop a tile against three, bitwise — {meta.get('device', '')}, commit {meta.get('commit', '')}",
+             "",
              f"{len(rec) - len(bad)}/{len(rec)} cases bitwise equal (bf16; shapes (B, Sq, Sk, H, Hk, window, packed))",
-             "", "| kernel | D | config | shape | bitwise | max diff | differing 64-row tiles |", "|---|---|---|---|---|---|---|"]
+             "", "| kernel | D | config | shape | bitwise | max diff | differing 64-row tiles |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['kernel']} | {r['D']} | {r['config']} | {r['shape']} | {r['bitwise']} | {r['err']:.3g} | "
               f"{r['tiles']} |" for r in rec]
     save_md(a.out, "probe_one_loop", lines)

@@ -353,10 +353,12 @@ def one_loop_ok(host: bool, block_n: int, block_d: int) -> bool:
 # Measured on the H100 (twenty-first session): **wrong at head dim 64 with 64-key blocks and host descriptors** (the
 # default d64 plan): every tile of more than one key block differs, max error 0.46-0.96 against the reference, the same
 # at 64 x 64 / 3 or 2 stages and 128 x 64 / 8 warps; bitwise equal to the three loops with 32- or 128-key blocks, with
-# in-kernel descriptors, at d128 / d256 and packed (results/2026-11-27-h100-probe-one-loop.md). The interpreter gives
-# the same bits as the three loops there, and the TTGIR / PTX read correct (the QK wait before the branch, the P·V
-# wait at the next block's), so it is taken as a Triton 3.6 / ptxas fault; `one_loop_ok` keeps those plans on three
-# loops. Timed at that plan (its results wrong), it read 0.9% / 3.4% faster at d64 1k unmasked / causal, 1.1% slower / 0.7%
+# in-kernel descriptors, at d128 / d256 and packed (results/2026-11-27-h100-probe-one-loop.md). The cause is in the
+# SASS (Triton 3.6's ptxas 12.8; 12.9's does the same on that PTX): Q's register fragment is loaded once before the
+# loop (LDSM into R88-R103) and the loop's P fragment for the P·V wgmma is packed into the same registers (F2FP ...
+# R100), so the next block's QK reads P as Q. The PTX keeps them in distinct virtual registers; with 64-key blocks and
+# D = 64 the two fragments have the same shape, and the one loop's latch block (exp2, P·V) is laid out before its
+# header. A ptxas fault, then; `one_loop_ok` keeps those plans on three loops. Timed at that plan (its results wrong), it read 0.9% / 3.4% faster at d64 1k unmasked / causal, 1.1% slower / 0.7%
 # faster at 4k (results/2026-11-27-h100-plan-ab-one-loop.md): off.
 # HF_FLASHATTN_ONE_LOOP=1 at import turns it on (with v2's and its backward's, which are on by default).
 ONE_LOOP = env_get("HF_FLASHATTN_ONE_LOOP", "0") == "1"

@@ -140,7 +140,8 @@ def _fwd_kernel_tma(Q, K, V, O, O_PTR, LSE, CU_Q, CU_K,
                     seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, group, group_tiles,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     IS_VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, WS: tl.constexpr, HOST: tl.constexpr = False,
-                    FOLD: tl.constexpr = False, LEFT: tl.constexpr = True, ONE_LOOP: tl.constexpr = False):
+                    FOLD: tl.constexpr = False, LEFT: tl.constexpr = True, ONE_LOOP: tl.constexpr = False,
+                    Q2D: tl.constexpr = False):
     # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program: BLOCK_M rows of O and lse, in the order of
     # `grouped_tile` (group_tiles 1: each head's tiles in a row, heaviest first).
     # HOST: Q, K, V, O are the caller's tensor descriptors over (B, S, H, D), or over the packed (total, H, D)
@@ -158,7 +159,10 @@ def _fwd_kernel_tma(Q, K, V, O, O_PTR, LSE, CU_Q, CU_K,
         k_desc = K
         v_desc = V
         # packed: rows past Sq are the next sequence's; they only reach rows that are not stored
-        q = desc_rows(Q, b32, q_start, m0, h, Sq, BLOCK_M, BLOCK_D, IS_VARLEN, False)
+        if Q2D:   # Q's descriptor over the dense (B·S, H·D) view (`Q2D`): its tile without a reshape
+            q = Q.load([b32 * seqlen_q + m0, h * HEAD_DIM])
+        else:
+            q = desc_rows(Q, b32, q_start, m0, h, Sq, BLOCK_M, BLOCK_D, IS_VARLEN, False)
     else:
         q = tl.make_tensor_descriptor(Q + b * stride_qb + h64 * stride_qh + q_start * stride_qm,
                                       shape=[Sq, HEAD_DIM], strides=[stride_qm, 1],
@@ -309,10 +313,16 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     # descriptors over the whole tensors: every stride 16-byte aligned (a batch stride too), no empty key dim
     host = host and C.descriptors_ok(q, k, v)
     fold = softcap == 0 and softmax_scale > 0 and (_fold is None or _fold)
-    one_loop = ONE_LOOP and fold and not ws and one_loop_ok(host, bn, BLOCK_D)
+    one = ONE_LOOP and fold and not ws
+    # Q through a 2-D descriptor over the (B·S, H·D) view (`Q2D`): dense, contiguous, D a power of two
+    q2d = Q2D and one and host and not varlen and D == BLOCK_D and q.is_contiguous()
+    one_loop = one and one_loop_ok(host and not q2d, bn, BLOCK_D)
     q_arg, k_arg, v_arg, o_arg = q, k, v, out
     if host:   # (B, S, H, D) or packed (total, H, D): a tile is BLOCK rows of one head
         q_arg, o_arg = (C.host_descriptor(t, bm, BLOCK_D, varlen, tma=True) for t in (q, out))
+        if q2d:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+            q_arg = C.Tma(TensorDescriptor, q.view(-1, H * D), (bm, BLOCK_D))
         k_arg, v_arg = (C.host_descriptor(t, bn, BLOCK_D, varlen, tma=True) for t in (k, v))
     else:
         _set_allocator()
@@ -325,14 +335,14 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
         align = (align, (cu_seqlens_q.data_ptr() | cu_seqlens_k.data_ptr()) & 15)
     key = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype, align, varlen, softcap > 0, bm, bn, warps,
            stages, ws, host, fold, (max_seqlen_q | max_seqlen_k | left | right) >> 31, tuple(opts.items()),
-           C.left_edge(window_size), one_loop)
+           C.left_edge(window_size), one_loop, q2d)
     _fwd_launch.keyed(key, grid, q_arg, k_arg, v_arg, o_arg, out, lse, cu_seqlens_q, cu_seqlens_k,
                       *C.seq_layout(q, varlen), *C.seq_layout(k, varlen), *C.seq_layout(v, varlen),
                       *C.seq_layout(out, varlen), *stride_l,
                       max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale, H // Hk, C.group_tiles("v3"),
                       HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_N=bn, IS_VARLEN=varlen, SOFTCAP=softcap > 0,
-                      WS=ws, HOST=host, FOLD=fold, LEFT=C.left_edge(window_size), ONE_LOOP=one_loop, num_warps=warps,
-                      num_stages=stages, **opts)
+                      WS=ws, HOST=host, FOLD=fold, LEFT=C.left_edge(window_size), ONE_LOOP=one_loop, Q2D=q2d,
+                      num_warps=warps, num_stages=stages, **opts)
     return out, lse
 
 
@@ -358,10 +368,18 @@ def one_loop_ok(host: bool, block_n: int, block_d: int) -> bool:
 # loop (LDSM into R88-R103) and the loop's P fragment for the P·V wgmma is packed into the same registers (F2FP ...
 # R100), so the next block's QK reads P as Q. The PTX keeps them in distinct virtual registers; with 64-key blocks and
 # D = 64 the two fragments have the same shape, and the one loop's latch block (exp2, P·V) is laid out before its
-# header. A ptxas fault, then; `one_loop_ok` keeps those plans on three loops. Timed at that plan (its results wrong), it read 0.9% / 3.4% faster at d64 1k unmasked / causal, 1.1% slower / 0.7%
-# faster at 4k (results/2026-11-27-h100-plan-ab-one-loop.md): off.
+# header. A ptxas fault, then; `one_loop_ok` keeps those plans on three loops. Timed at that plan (its results
+# wrong), it read 0.9% / 3.4% faster at d64 1k unmasked / causal, 1.1% slower / 0.7% faster at 4k
+# (results/2026-11-27-h100-plan-ab-one-loop.md): off.
 # HF_FLASHATTN_ONE_LOOP=1 at import turns it on (with v2's and its backward's, which are on by default).
 ONE_LOOP = env_get("HF_FLASHATTN_ONE_LOOP", "0") == "1"
+# With ONE_LOOP: Q through a 2-D host descriptor over the dense (B·S, H·D) view (contiguous q, D a power of two), its
+# tile loaded without the reshape that the 4-D descriptor's [1, BM, 1, D] block needs. Triton then keeps Q in shared
+# memory as the QK wgmma's A operand, as it does with in-kernel descriptors (correct on the H100 in the one loop, SASS
+# `HGMMA ... gdesc` for QK), so ptxas has no Q fragment in registers to pack P into; `one_loop_ok` then admits the
+# 64-key d64 plans. Prepared in the twenty-first session, **not yet run on a GPU**: off (benchmarks/NOTES.md, next
+# list).
+Q2D = False
 
 
 def _gluon_bwd_plan(q, k, v, softmax_scale, softcap, deterministic, max_seqlen_k=None, window_size=(-1, -1)):

@@ -102,14 +102,11 @@ def v3_cases(rec, deadline):
 
 
 def v2_fwd_cases(rec, deadline):
-    import triton
-
     from hf_flashattn.kernels import v2
     for D in (64, 80, 128, 256):
         cls = 64 if D <= 64 else 128 if D <= 128 else 256
         for c in v2._FWD_CONFIGS[cls]:
-            cfg = triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1], "D_CLASS": cls}, num_warps=c[2], num_stages=c[3],
-                                maxnreg=c[4] if len(c) > 4 else None)
+            cfg = v2._fwd_config(cls, *c)
             for shape, win, q, k, v, cu, mq, mk in shapes(D, deadline):
                 runs = []
                 v2._fwd_launch.force = cfg

@@ -107,13 +107,10 @@ def runner(G, pl, q, k, v, Sq, Sk, scale, win, cu=None):
 def v2_forward(cfg, q, k, v, cu, Sq, Sk, scale, win):
     """v2's forward with config cfg = (BLOCK_M, BLOCK_N, warps, stages, maxnreg) forced, or () for its autotuner's
     pick."""
-    import triton
-
     from hf_flashattn.kernels import v2
     L = v2._fwd_launch
     if cfg:
-        bm, bn, w, st, cap = cfg
-        L.force = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "D_CLASS": 0}, num_warps=w, num_stages=st, maxnreg=cap)
+        L.force = v2._fwd_config(0, *cfg)
     try:
         return v2.forward(q, k, v, cu, cu, Sq, Sk, scale, win, 0.0)
     finally:

@@ -178,10 +178,14 @@ _FWD_CONFIGS = {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3, 128)],
                 256: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2)]}
 
 
+def _fwd_config(d_class, bm, bn, w, s, maxnreg=None):
+    """One forward config: (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) of head-dim class d_class (also what
+    the benchmarks force, `_fwd_launch.force`)."""
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "D_CLASS": d_class}, num_warps=w, num_stages=s, maxnreg=maxnreg)
+
+
 def _fwd_configs():
-    return [triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1], "D_CLASS": d}, num_warps=c[2], num_stages=c[3],
-                          maxnreg=c[4] if len(c) > 4 else None)
-            for d, cfgs in _FWD_CONFIGS.items() for c in cfgs]
+    return [_fwd_config(d, *c) for d, cfgs in _FWD_CONFIGS.items() for c in cfgs]
 
 
 def prune_by_head_dim(configs, named_args, **kwargs):

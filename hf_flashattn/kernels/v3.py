@@ -349,10 +349,11 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
 _fwd_launch = C.FastLaunch(_fwd_kernel_tma)
 
 
-def one_loop_ok(host: bool, block_n: int, block_d: int) -> bool:
-    """Whether a plan may take the one-loop kernel (`ONE_LOOP`): not with host descriptors, 64-key blocks and a
-    head-dim tile of 64 or less, where the H100 gave wrong results (the note at `ONE_LOOP`)."""
-    return not (host and block_n == 64 and block_d <= 64)
+def one_loop_ok(q_reshaped: bool, block_n: int, block_d: int) -> bool:
+    """Whether a plan may take the one-loop kernel (`ONE_LOOP`): not with Q's tile reshaped after its load (host
+    descriptors over (B, S, H, D) without `Q2D`, which put Q in registers), 64-key blocks and a head-dim tile of 64 or
+    less, where the H100 gave wrong results (the note at `ONE_LOOP`)."""
+    return not (q_reshaped and block_n == 64 and block_d <= 64)
 
 # The kernel's key blocks in one pipelined loop (`_fwd_loop_tma`; the scale folded, no warp specialisation)
 # instead of three (left edge, band, diagonal/tail), each of which sets up and tears down its software pipeline per

@@ -7,8 +7,10 @@ consumer, two programs an SM, `64:64x128:3:232`), not run at other head dims; `v
 v3.py's kernel with that plan (host descriptors; `v3pyk:...` with descriptors made in-kernel); `v2`: v2's kernel, its autotuner's pick; `v2:D:BMxBN:WARPS:STAGES[:
 MAXNREG]`: v2's kernel with that config forced; a name + `+left`: it with masked scores testing the window's left
 edge too (`_common.SKIP_LEFT` off); + `+oneloop`: v3.py's and v2's forwards with every key block in one loop
-(`v3.ONE_LOOP`, `v2.ONE_LOOP` on); `+q2d`: v3.py's Q through a 2-D descriptor (`v3.Q2D`, with `+oneloop` only); any
-may follow a name. --flash: SDPA's flash backend timed too (v2's bar).
+(`v3.ONE_LOOP`, `v2.ONE_LOOP` on); `+q2d`: v3.py's Q through a 2-D descriptor (`v3.Q2D`, with `+oneloop` only);
+`+persistN` (N = 2, 3, 4; `+persist` one): v2's persistent forward with N programs an SM (`v2.PERSIST`), `+nopf`
+without the next tile's Q prefetched (`v2.PREFETCH` off); any may follow a name. --flash: SDPA's flash backend
+timed too (v2's bar).
 
     python benchmarks/probe_plan_ab.py --out DIR [--rounds 7] [--points d128-4k,...] [--variants base,pingpong]
 
@@ -80,7 +82,8 @@ def variant_runner(G, name, pl, *a):
     from hf_flashattn.kernels import _common as C
     from hf_flashattn.kernels import v2, v3
     switches = {"left": [(C, "SKIP_LEFT", False)], "oneloop": [(v3, "ONE_LOOP", True), (v2, "ONE_LOOP", True)],
-                "q2d": [(v3, "Q2D", True)]}
+                "q2d": [(v3, "Q2D", True)], "persist": [(v2, "PERSIST", 1)], "persist2": [(v2, "PERSIST", 2)],
+                "persist3": [(v2, "PERSIST", 3)], "persist4": [(v2, "PERSIST", 4)], "nopf": [(v2, "PREFETCH", False)]}
     unknown = [x for x in flags if x not in switches]
     if unknown:
         raise SystemExit(f"unknown variant suffix {unknown} in {name}")

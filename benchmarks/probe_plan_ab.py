@@ -7,10 +7,8 @@ consumer, two programs an SM, `64:64x128:3:232`), not run at other head dims; `v
 v3.py's kernel with that plan (host descriptors; `v3pyk:...` with descriptors made in-kernel); `v2`: v2's kernel, its autotuner's pick; `v2:D:BMxBN:WARPS:STAGES[:
 MAXNREG]`: v2's kernel with that config forced; a name + `+left`: it with masked scores testing the window's left
 edge too (`_common.SKIP_LEFT` off); + `+oneloop`: v3.py's and v2's forwards with every key block in one loop
-(`v3.ONE_LOOP`, `v2.ONE_LOOP` on); `+q2d`: v3.py's Q through a 2-D descriptor (`v3.Q2D`, with `+oneloop` only);
-`+persistN` (N = 2, 3, 4; `+persist` one): v2's persistent forward with N programs an SM (`v2.PERSIST`), `+nopf`
-without the next tile's Q prefetched (`v2.PREFETCH` off); any may follow a name. --flash: SDPA's flash backend
-timed too (v2's bar).
+(`v3.ONE_LOOP`, `v2.ONE_LOOP` on); `+q2d`: v3.py's Q through a 2-D descriptor (`v3.Q2D`, with `+oneloop` only); any
+may follow a name. --flash: SDPA's flash backend timed too (v2's bar).
 
     python benchmarks/probe_plan_ab.py --out DIR [--rounds 7] [--points d128-4k,...] [--variants base,pingpong]
 
@@ -82,8 +80,7 @@ def variant_runner(G, name, pl, *a):
     from hf_flashattn.kernels import _common as C
     from hf_flashattn.kernels import v2, v3
     switches = {"left": [(C, "SKIP_LEFT", False)], "oneloop": [(v3, "ONE_LOOP", True), (v2, "ONE_LOOP", True)],
-                "q2d": [(v3, "Q2D", True)], "persist": [(v2, "PERSIST", 1)], "persist2": [(v2, "PERSIST", 2)],
-                "persist3": [(v2, "PERSIST", 3)], "persist4": [(v2, "PERSIST", 4)], "nopf": [(v2, "PREFETCH", False)]}
+                "q2d": [(v3, "Q2D", True)]}
     unknown = [x for x in flags if x not in switches]
     if unknown:
         raise SystemExit(f"unknown variant suffix {unknown} in {name}")
@@ -244,10 +241,11 @@ def main():
         variants["v3py" if G.plan(D, S, causal) is None else "v3"] = functools.partial(v3py, q, k, v, causal)
         run = [n for n in names if plans[n] is not None]
         outs = {n: variants[n]() for n in run}
+        base = run[0]   # the first variant run at this head dim (a variant of another head dim's is not)
         row = dict(point=p, D=D, S=S, B=B, H=H, Hk=Hk, causal=causal,
-                   bitwise={n: bool(torch.equal(outs[n][0], outs[names[0]][0])
-                                    and torch.equal(outs[n][1], outs[names[0]][1])) for n in run[1:]
-                            if same_tiles(plans[n], plans[names[0]])})
+                   bitwise={n: bool(torch.equal(outs[n][0], outs[base][0])
+                                    and torch.equal(outs[n][1], outs[base][1])) for n in run[1:]
+                            if same_tiles(plans[n], plans[base])})
         del outs
         row["variants"] = time_forwards(variants, args.rounds, args.iters, flops)
         row["v2_picks"] = v2_picks()

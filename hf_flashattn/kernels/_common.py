@@ -72,14 +72,8 @@ def grouped_tile(seqlen_k, group_tiles, HEAD_DIM: tl.constexpr):
     together (GROUP_L2_ELEMS), at least 1 (then: one head's tiles in a row, heaviest first)."""
     n_m = tl.num_programs(0)
     n_h = tl.num_programs(1)
+    n_bh = n_h * tl.num_programs(2)
     lin = tl.program_id(0) + n_m * (tl.program_id(1) + n_h * tl.program_id(2))
-    return tile_at(lin, n_m, n_h, n_h * tl.num_programs(2), seqlen_k, group_tiles, HEAD_DIM)
-
-
-@triton.jit
-def tile_at(lin, n_m, n_h, n_bh, seqlen_k, group_tiles, HEAD_DIM: tl.constexpr):
-    """`grouped_tile`'s (pid_m, h, b) of the lin-th tile in launch order of n_m row tiles x n_h heads (n_bh (batch,
-    head) pairs): also what a persistent program's loop over tiles walks (v2's PERSIST)."""
     g = tl.minimum((GROUP_L2_ELEMS // (2 * HEAD_DIM)) // tl.maximum(seqlen_k, 1), group_tiles // n_m)
     g = tl.maximum(g, 1)
     grp = lin // (g * n_m)

@@ -18,7 +18,7 @@ import triton.language as tl
 from .._runtime import env_get
 from . import _common as C
 from ._common import (body_end, grouped_tile, load_rows_pair, log2_scores, normalise_rows, seq_bounds, softmax_step,
-                      softmax_tile, tile_at, tile_range, visible)
+                      softmax_tile, tile_range, visible)
 
 
 @triton.jit
@@ -98,43 +98,46 @@ def kv_block(acc, l_i, m_i, q, k, v, offs_m, cols, Sk, diag, left, right, qk_sca
     return acc, l_i, m_new
 
 
-@triton.jit
-def _q_tile(Q, CU_Q, CU_K, stride_qb, stride_qm, stride_qh, pid_m, h, b, seqlen_q, seqlen_k, ok,
-            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """Q's rows of tile (pid_m, h, b), zero past the sequence, the head dim and where ok is False."""
-    q_start, _, Sq, _ = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    Q_base = Q + b * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qm
-    return tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
-                   mask=(offs_m < tl.where(ok, Sq, 0))[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-
-
-@triton.jit
-def _attend(q, K, V, CU_Q, CU_K, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, pid_m, h, b,
-            seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, group, HEAD_DIM: tl.constexpr,
-            BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
-            SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, FOLD: tl.constexpr, LEFT: tl.constexpr,
-            ONE_LOOP: tl.constexpr):
-    """(acc, l_i, m_i) of tile (pid_m, h, b) with its Q rows q: every visible key block (none for a tile past its
-    sequence's end, a packed batch's)."""
-    _, k_start, Sq, Sk = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "SEQ_BUCKET",
+                             "MASK_KIND", "group", "group_tiles"])
+def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
+                stride_qb, stride_qm, stride_qh,
+                stride_kb, stride_kn, stride_kh,
+                stride_vb, stride_vn, stride_vh,
+                stride_ob, stride_om, stride_oh,
+                stride_lb, stride_lh,
+                seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, SEQ_BUCKET, MASK_KIND,
+                group, group_tiles, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
+                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr, FOLD: tl.constexpr = False,
+                LEFT: tl.constexpr = True, ONE_LOOP: tl.constexpr = False):
+    # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program computes the BLOCK_M rows of
+    # O and lse of one (query block, head, sequence), walking the visible key blocks; programs take their tiles in
+    # `grouped_tile`'s order.
+    tl.static_assert(BLOCK_D >= HEAD_DIM)
+    pid_m, h, b = grouped_tile(seqlen_k, group_tiles, HEAD_DIM)   # heaviest (last, under causal) blocks first
+    b = b.to(tl.int64)
+    q_start, k_start, Sq, Sk = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
     m0 = pid_m * BLOCK_M
+    if m0 >= Sq:
+        return
     kvh = (h // group).to(tl.int64)
+    h64 = h.to(tl.int64)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    Q_base = Q + b * stride_qb + h64 * stride_qh + q_start * stride_qm
     K_base = K + b * stride_kb + kvh * stride_kh + k_start * stride_kn
     V_base = V + b * stride_vb + kvh * stride_vh + k_start * stride_vn
+    row_ok = offs_m < Sq
+    q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     diag = Sk - Sq
     lo, full_lo, full_hi, hi = tile_range(m0, BLOCK_M, diag, window_left, window_right, Sk, BLOCK_N)
-    empty = m0 >= Sq   # (a persistent program's tile past its packed sequence's end: no block)
-    full_lo = tl.where(empty, lo, full_lo)
-    full_hi = tl.where(empty, lo, full_hi)
-    hi = tl.where(empty, lo, hi)
     if ONE_LOOP:   # the scale folded, no softcap: every block in one loop (`_fwd_loop`)
         acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, hi, full_lo, full_hi,
                                   offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, HEAD_DIM,
@@ -154,86 +157,12 @@ def _attend(q, K, V, CU_Q, CU_K, stride_kb, stride_kn, stride_kh, stride_vb, str
                                    offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
                                    cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC,
                                    FOLD=FOLD, LEFT=LEFT)
-    return acc, l_i, m_i
-
-
-@triton.jit
-def _store_tile(acc, l_i, m_i, O, LSE, CU_Q, CU_K, stride_ob, stride_om, stride_oh, stride_lb, stride_lh, pid_m, h, b,
-                seqlen_q, seqlen_k, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                IS_VARLEN: tl.constexpr):
-    """The epilogue: normalise once; rows that saw no key get O = 0 and lse = +inf (as flash-attn)."""
-    q_start, _, Sq, _ = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < Sq
-    h64 = h.to(tl.int64)
+    # epilogue: normalise once; rows that saw no key get O = 0 and lse = +inf (as flash-attn)
     acc, lse = normalise_rows(acc, l_i, m_i, float("inf"))
     tl.store(LSE + b * stride_lb + h64 * stride_lh + q_start + offs_m, lse, mask=row_ok)
     O_base = O + b * stride_ob + h64 * stride_oh + q_start * stride_om
     tl.store(O_base + offs_m[:, None] * stride_om + offs_d[None, :], acc.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
-
-
-@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "SEQ_BUCKET",
-                             "MASK_KIND", "group", "group_tiles", "n_heads", "n_batch"])
-def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
-                stride_qb, stride_qm, stride_qh,
-                stride_kb, stride_kn, stride_kh,
-                stride_vb, stride_vn, stride_vh,
-                stride_ob, stride_om, stride_oh,
-                stride_lb, stride_lh,
-                seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, SEQ_BUCKET, MASK_KIND,
-                group, group_tiles, n_heads, n_batch, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
-                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr, FOLD: tl.constexpr = False,
-                LEFT: tl.constexpr = True, ONE_LOOP: tl.constexpr = False, PERSIST: tl.constexpr = False,
-                PREFETCH: tl.constexpr = False):
-    # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program computes the BLOCK_M rows of
-    # O and lse of one (query block, head, sequence), walking the visible key blocks; programs take their tiles in
-    # `grouped_tile`'s order. PERSIST: a grid of (programs,), each taking the tiles of that order in turn, a stride of
-    # programs apart; PREFETCH: the next tile's Q loaded before this tile's epilogue (n_heads, n_batch: the tiles'
-    # grid).
-    tl.static_assert(BLOCK_D >= HEAD_DIM)
-    if PERSIST:
-        n_m = tl.cdiv(seqlen_q, BLOCK_M)
-        n_bh = n_heads * n_batch
-        total = n_m * n_bh
-        nprog = tl.num_programs(0)
-        pm0, h0, b0 = tile_at(tl.program_id(0), n_m, n_heads, n_bh, seqlen_k, group_tiles, HEAD_DIM)
-        q = _q_tile(Q, CU_Q, CU_K, stride_qb, stride_qm, stride_qh, pm0, h0, b0.to(tl.int64), seqlen_q, seqlen_k,
-                    True, HEAD_DIM, BLOCK_D, BLOCK_M, IS_VARLEN)
-        for lin in range(tl.program_id(0), total, nprog):
-            pid_m, h, b32 = tile_at(lin, n_m, n_heads, n_bh, seqlen_k, group_tiles, HEAD_DIM)
-            b = b32.to(tl.int64)
-            if not PREFETCH:
-                q = _q_tile(Q, CU_Q, CU_K, stride_qb, stride_qm, stride_qh, pid_m, h, b, seqlen_q, seqlen_k, True,
-                            HEAD_DIM, BLOCK_D, BLOCK_M, IS_VARLEN)
-            acc, l_i, m_i = _attend(q, K, V, CU_Q, CU_K, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
-                                    stride_vh, pid_m, h, b, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
-                                    cap_scale, group, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IS_VARLEN, SOFTCAP,
-                                    DOT_PREC, FOLD, LEFT, ONE_LOOP)
-            if PREFETCH:   # the next tile's Q (the last one's: none) asked for before this tile's epilogue
-                nxt = lin + nprog
-                pm2, h2, b2 = tile_at(tl.minimum(nxt, total - 1), n_m, n_heads, n_bh, seqlen_k, group_tiles,
-                                      HEAD_DIM)
-                q = _q_tile(Q, CU_Q, CU_K, stride_qb, stride_qm, stride_qh, pm2, h2, b2.to(tl.int64), seqlen_q,
-                            seqlen_k, nxt < total, HEAD_DIM, BLOCK_D, BLOCK_M, IS_VARLEN)
-            _store_tile(acc, l_i, m_i, O, LSE, CU_Q, CU_K, stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-                        pid_m, h, b, seqlen_q, seqlen_k, HEAD_DIM, BLOCK_D, BLOCK_M, IS_VARLEN)
-    else:
-        pid_m, h, b = grouped_tile(seqlen_k, group_tiles, HEAD_DIM)   # heaviest (last, under causal) blocks first
-        b = b.to(tl.int64)
-        _, _, Sq, _ = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
-        if pid_m * BLOCK_M >= Sq:
-            return
-        q = _q_tile(Q, CU_Q, CU_K, stride_qb, stride_qm, stride_qh, pid_m, h, b, seqlen_q, seqlen_k, True,
-                    HEAD_DIM, BLOCK_D, BLOCK_M, IS_VARLEN)
-        acc, l_i, m_i = _attend(q, K, V, CU_Q, CU_K, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-                                pid_m, h, b, seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale,
-                                group, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IS_VARLEN, SOFTCAP, DOT_PREC, FOLD,
-                                LEFT, ONE_LOOP)
-        _store_tile(acc, l_i, m_i, O, LSE, CU_Q, CU_K, stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
-                    pid_m, h, b, seqlen_q, seqlen_k, HEAD_DIM, BLOCK_D, BLOCK_M, IS_VARLEN)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,13 +214,6 @@ FOLD = True
 # v3.py's on too.
 ONE_LOOP = env_get("HF_FLASHATTN_ONE_LOOP", "1") == "1"
 
-# A persistent forward: PERSIST programs an SM (0: one program a tile), each walking `grouped_tile`'s order a grid
-# apart; PREFETCH: a tile's epilogue runs after the next tile's Q load is issued, so that the Q load's latency (64 KB
-# a tile at d256) is under the epilogue instead of before the tile's first product. Measured in
-# benchmarks/NOTES.md (twenty-second session); off unless set.
-PERSIST = int(env_get("HF_FLASHATTN_V2_PERSIST", "0"))
-PREFETCH = True
-
 
 def use_split_kv(q, k, varlen: bool) -> bool:
     """Decode-like shapes (a few queries, many keys) go to the split-KV kernel of decode.py: the same
@@ -327,19 +249,14 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
             *C.seq_layout(q, varlen), *C.seq_layout(k, varlen), *C.seq_layout(v, varlen),
             *C.seq_layout(out, varlen), *stride_l,
             max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale,
-            C.seq_bucket(max_seqlen_q), C.mask_kind(window_size), H // Hk, C.group_tiles("v2"), H, batch)
+            C.seq_bucket(max_seqlen_q), C.mask_kind(window_size), H // Hk, C.group_tiles("v2"))
     fold = FOLD and softcap == 0 and softmax_scale > 0
     meta = dict(HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), IS_VARLEN=varlen,
                 SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype), FOLD=fold, LEFT=C.left_edge(window_size),
-                ONE_LOOP=ONE_LOOP and fold, PERSIST=PERSIST > 0, PREFETCH=PERSIST > 0 and PREFETCH)
-    if PERSIST:
-        slots = C.num_sms(q.device) * PERSIST
-        grid = lambda m: (min(C.cdiv(max_seqlen_q, m["BLOCK_M"]) * H * batch, slots),)  # noqa: E731
-    else:
-        grid = lambda m: (C.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch)  # noqa: E731
-    _fwd_launch(grid, args, meta,
+                ONE_LOOP=ONE_LOOP and fold)
+    _fwd_launch(lambda m: (C.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch), args, meta,
                 site_key=_site_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, left, right, fold,
-                                   meta["LEFT"], meta["ONE_LOOP"], PERSIST, meta["PREFETCH"]))
+                                   meta["LEFT"], meta["ONE_LOOP"]))
     return out, lse
 
 

@@ -378,8 +378,9 @@ ONE_LOOP = env_get("HF_FLASHATTN_ONE_LOOP", "0") == "1"
 # tile loaded without the reshape that the 4-D descriptor's [1, BM, 1, D] block needs. Triton then keeps Q in shared
 # memory as the QK wgmma's A operand, as it does with in-kernel descriptors (correct on the H100 in the one loop, SASS
 # `HGMMA ... gdesc` for QK), so ptxas has no Q fragment in registers to pack P into; `one_loop_ok` then admits the
-# 64-key d64 plans. Prepared in the twenty-first session, **not yet run on a GPU**: off (benchmarks/NOTES.md, next
-# list).
+# 64-key d64 plans. On the H100 (twenty-second session): correct, bitwise equal to the three loops at every plan and
+# shape of probe_one_loop (60/60, results/2026-11-27-h100-probe-one-loop-q2d.md), but 6.7-9.5% slower than the three
+# loops at d64 1k / 4k, unmasked and causal (results/2026-11-27-h100-plan-ab-d64-q2d.md, 10 rounds): off.
 Q2D = False
 
 

@@ -147,8 +147,8 @@ def test_plan_rule():
     assert G.plan(128, 1024, False) == G._PLANS[128]           # d128 without a mask: everywhere
     assert G.plan(128, 1024, True) == G._PLAN_128_SHORT_MASKED   # d128 masked below 2048 keys: one consumer
     assert G.plan(128, 2048, True) == G._PLANS[128]
-    assert G.plan(64, 8192, False) == G._PLANS[64]             # d64: unmasked from 8192 keys (plan-ab-d64-q2d),
-    assert G.plan(64, 8191, False) is None and G.plan(64, 16383, True) is None
+    assert G.plan(64, 4096, False) == G._PLANS[64]             # d64: unmasked from 4096 keys,
+    assert G.plan(64, 4095, False) is None and G.plan(64, 16383, True) is None
     assert G.plan(64, 16384, True) == G._PLANS[64]             # masked from 16384 (probe-packed-fwd)
     assert G.plan(64, 16, True, force=True) == G._PLANS[64]
     assert G._PLANS[64][6] == 2 and G._PLANS[128][6] == 2      # two Q slots (d64: sixteenth session)

@@ -648,15 +648,16 @@ _PLAN_128_SHORT_MASKED = (64, 64, 4, 2, 232)   # d128 under a mask below MASKED_
 MASKED_SHORT_KEYS = 2048
 # (d64 without a mask at 2k-4k keys measured 446 TFLOP/s with two Q slots against 428-432 with one and 434-436 for
 # v3.py's kernel, results/2026-11-27-h100-sweep-gluon-2k.md; 435 / 433 / 437 at 2k / 4k / 8k against v3.py's 436 /
-# 485 / 439 in the next process, results/2026-11-27-h100-sweep-gluon-d64-qslots.md; at 4k in rounds in one process
-# v3.py's 64 x 64 plan 1.236 ms against 1.270 (results/2026-11-27-h100-plan-ab-d64-one-loop-plans.md) and 1.236
-# against 1.277 (twenty-second session, results/2026-11-27-h100-plan-ab-d64-q2d.md), 1.02-1.03x cuDNN against
-# 0.99-1.00: v3.py's kernel keeps d64 below 8192 keys unmasked (D64_UNMASKED_FROM_KEYS; 4096 before the twenty-second
-# session), 16384 masked)
+# 485 / 439 in the next process, results/2026-11-27-h100-sweep-gluon-d64-qslots.md. At 4k the probes' 10-call rounds
+# favour v3.py's 64 x 64 plan, 1.236 ms against 1.270-1.277 (results/2026-11-27-h100-plan-ab-d64-{one-loop-plans,
+# q2d}.md), but bench.py's grid (do_bench, the bar's method) does not: 444 / 458 TFLOP/s with Gluon in two processes
+# (bench-eighteenth, bench-v3-d64-twentieth) against 428 with v3.py's kernel (bench-v3-twenty-second-d64-d128), cuDNN
+# 454-459 in all three; the twenty-second session's A/B in that method: results/2026-11-27-h100-bench-d64-gluon-ab*.
+# v3.py's kernel keeps d64 below 4096 keys unmasked (D64_UNMASKED_FROM_KEYS), 16384 masked)
 # d64 under a mask: the 192-row diagonal tiles cost less as the sequence grows; against v3.py's kernel (causal, 32/8
 # heads, results/2026-11-26-h100-probe-packed-fwd.md) 0.89-0.91x at 8k keys, 1.01-1.07x at 16k, 1.06-1.15x at 32k
 D64_MASKED_FROM_KEYS = 16384
-D64_UNMASKED_FROM_KEYS = 8192
+D64_UNMASKED_FROM_KEYS = 4096
 
 
 def plan(D: int, max_seqlen_k: int, masked: bool, force: bool = False):

@@ -84,21 +84,26 @@ def _resolve_version(version: str, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
 
 V3_FROM_KEYS = 2048
+# ... and from fewer keys at the head dims the Gluon kernels cover. Measured on the H100 with bench.py, v2 and v3 in
+# one process, 5 rounds (results/2026-11-27-h100-bench-v2-v3-short.md; twenty-second session): at 1k keys v3 is
+# 1.01-1.18x v2 at d64 and 1.25-1.51x at d128 / d256, fwd and fwd+bwd, both masks; at 512 keys 1.01-1.48x at d128 /
+# d256 but 0.88-1.08x at d64; at 128 keys 0.78-1.43x.
+V3_FROM_KEYS_BY_DIM = {64: 1024, 128: 512, 256: 512}
 
 
 def _v3_by_default(q, k, v, max_seqlen_k=None) -> bool:
     """What version="auto" runs on a Hopper GPU: v3 for the inputs its descriptors can load (`v3.supports`) from
-    V3_FROM_KEYS keys (packed: the longest sequence's, max_seqlen_k), v2 below that, for decode-like shapes (a
-    few queries over many keys: v2's split-KV kernel) and off Hopper. Measured on the H200
-    (results/2026-11-26-h200-bench*.md, two runs): from 2k keys v3's forward is 1.05-1.23x v2's at every point
-    (fwd+bwd 0.98-1.10x: the backward is v2's); at 512-1k, where a call is short enough for the host's launch work
-    to show (v3 makes four tensor descriptors a call), it ranges 0.62-1.65x between points and runs."""
+    V3_FROM_KEYS_BY_DIM[head dim] keys (other head dims: V3_FROM_KEYS; packed: the longest sequence's, max_seqlen_k),
+    v2 below that, for decode-like shapes (a few queries over many keys: v2's split-KV kernel) and off Hopper. The
+    2048 of other head dims is the H200's first measurement (results/2026-11-26-h200-bench*.md, two runs: from 2k keys
+    v3's forward 1.05-1.23x v2's; at 512-1k, where the host's launch work showed, 0.62-1.65x)."""
     if not is_hopper(q.device):
         return False
     from .kernels import v2, v3
-    if q.dim() == 4 and (k.shape[1] < V3_FROM_KEYS or v2.splits_keys(q.shape[1], k.shape[1])):
+    least = V3_FROM_KEYS_BY_DIM.get(q.shape[-1], V3_FROM_KEYS)
+    if q.dim() == 4 and (k.shape[1] < least or v2.splits_keys(q.shape[1], k.shape[1])):
         return False
-    if q.dim() == 3 and (k.shape[0] if max_seqlen_k is None else max_seqlen_k) < V3_FROM_KEYS:
+    if q.dim() == 3 and (k.shape[0] if max_seqlen_k is None else max_seqlen_k) < least:
         return False
     return v3.supports(q, k, v) is None
 

@@ -70,8 +70,8 @@ def test_version_selection_and_unimplemented_versions():
 
 def test_auto_runs_v3_on_hopper_from_2048_keys(monkeypatch):
     """version="auto" on a Hopper GPU (pretended here): v3 for inputs its descriptors can load from 2048 keys
-    (packed: in all), v2 for shorter inputs, decode-like shapes (v2's split-KV kernel), float32, misaligned
-    inputs, and off Hopper."""
+    (packed: in all; at head dims 64 / 128 / 256 from 1024 / 512 / 512), v2 for shorter inputs, decode-like shapes
+    (v2's split-KV kernel), float32, misaligned inputs, and off Hopper."""
     from hf_flashattn import interface as I
     mk = lambda *s, dtype=torch.float16: torch.zeros(*s, dtype=dtype)  # noqa: E731
     monkeypatch.setattr(I, "is_hopper", lambda device: True)
@@ -89,6 +89,13 @@ def test_auto_runs_v3_on_hopper_from_2048_keys(monkeypatch):
     assert I._resolve_version("auto", q, odd, odd) == "v2"
     with fa.use_version("v2"):
         assert I._resolve_version("auto", q, k, k) == "v2"
+    for d, least in ((64, 1024), (128, 512), (256, 512), (80, 2048)):   # the Gluon head dims from fewer keys
+        at = [mk(2, least, 4, d), mk(2, least, 2, d), mk(2, least, 2, d)]
+        below = [mk(2, least - 1, 4, d), mk(2, least - 1, 2, d), mk(2, least - 1, 2, d)]
+        assert I._resolve_version("auto", *at) == "v3" and I._resolve_version("auto", *below) == "v2", d
+        flat = [x.flatten(0, 1) for x in at]
+        assert I._resolve_version("auto", *flat, max_seqlen_k=least) == "v3"
+        assert I._resolve_version("auto", *flat, max_seqlen_k=least - 1) == "v2"
     monkeypatch.setattr(I, "is_hopper", lambda device: False)
     assert I._resolve_version("auto", q, k, k) == "v2"
 

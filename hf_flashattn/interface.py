@@ -86,7 +86,7 @@ def _resolve_version(version: str, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 V3_FROM_KEYS = 2048
 # ... and from fewer keys at the head dims the Gluon kernels cover. Measured on the H100 with bench.py, v2 and v3 in
 # one process, 5 rounds (results/2026-11-27-h100-bench-v2-v3-short.md; twenty-second session): at 1k keys v3 is
-# 1.01-1.18x v2 at d64 and 1.25-1.51x at d128 / d256, fwd and fwd+bwd, both masks; at 512 keys 1.01-1.48x at d128 /
+# 1.01-1.15x v2 at d64 and 1.26-1.49x at d128 / d256, fwd and fwd+bwd, both masks; at 512 keys 1.01-1.47x at d128 /
 # d256 but 0.88-1.08x at d64; at 128 keys 0.78-1.43x.
 V3_FROM_KEYS_BY_DIM = {64: 1024, 128: 512, 256: 512}
 

@@ -89,18 +89,37 @@ V3_FROM_KEYS = 2048
 # 1.01-1.15x v2 at d64 and 1.26-1.49x at d128 / d256, fwd and fwd+bwd, both masks; at 512 keys 1.01-1.47x at d128 /
 # d256 but 0.88-1.08x at d64; at 128 keys 0.78-1.43x.
 V3_FROM_KEYS_BY_DIM = {64: 1024, 128: 512, 256: 512}
+# Head dims padded to a power of two run v3.py's forward and v2's backward under v3 (no Gluon plan). Measured the same
+# way, 3 rounds (results/2026-11-27-h100-bench-v2-v3-other-dims.md): d80 / d96 at 1k v3 1.04-1.10x v2 forward and
+# 1.00-1.02x fwd+bwd, at 2k 1.08-1.19x and 0.95-1.01x: from 1024 keys between 64 and 128 (V3_FROM_KEYS_PADDED_128);
+# d192 at 1k-2k 0.85-0.95x forward, 0.96-0.99x fwd+bwd (v3.py's d256 plan on a 256-wide tile): never between 128 and
+# 256. Other head dims (below 64) keep V3_FROM_KEYS.
+V3_FROM_KEYS_PADDED_128 = 1024
+
+
+def _v3_least_keys(d: int) -> int | None:
+    """The keys from which version="auto" runs v3 on Hopper at head dim d (None: never; `_v3_by_default`)."""
+    if d in V3_FROM_KEYS_BY_DIM:
+        return V3_FROM_KEYS_BY_DIM[d]
+    if 64 < d < 128:
+        return V3_FROM_KEYS_PADDED_128
+    if 128 < d < 256:
+        return None
+    return V3_FROM_KEYS
 
 
 def _v3_by_default(q, k, v, max_seqlen_k=None) -> bool:
     """What version="auto" runs on a Hopper GPU: v3 for the inputs its descriptors can load (`v3.supports`) from
-    V3_FROM_KEYS_BY_DIM[head dim] keys (other head dims: V3_FROM_KEYS; packed: the longest sequence's, max_seqlen_k),
-    v2 below that, for decode-like shapes (a few queries over many keys: v2's split-KV kernel) and off Hopper. The
-    2048 of other head dims is the H200's first measurement (results/2026-11-26-h200-bench*.md, two runs: from 2k keys
-    v3's forward 1.05-1.23x v2's; at 512-1k, where the host's launch work showed, 0.62-1.65x)."""
+    `_v3_least_keys(head dim)` keys (packed: the longest sequence's, max_seqlen_k), v2 below that, at head dims
+    between 128 and 256, for decode-like shapes (a few queries over many keys: v2's split-KV kernel) and off Hopper.
+    V3_FROM_KEYS (2048, the head dims below 64) is the H200's first measurement (results/2026-11-26-h200-bench*.md, two
+    runs: from 2k keys v3's forward 1.05-1.23x v2's; at 512-1k, where the host's launch work showed, 0.62-1.65x)."""
     if not is_hopper(q.device):
         return False
+    least = _v3_least_keys(q.shape[-1])
+    if least is None:
+        return False
     from .kernels import v2, v3
-    least = V3_FROM_KEYS_BY_DIM.get(q.shape[-1], V3_FROM_KEYS)
     if q.dim() == 4 and (k.shape[1] < least or v2.splits_keys(q.shape[1], k.shape[1])):
         return False
     if q.dim() == 3 and (k.shape[0] if max_seqlen_k is None else max_seqlen_k) < least:

@@ -70,8 +70,9 @@ def test_version_selection_and_unimplemented_versions():
 
 def test_auto_runs_v3_on_hopper_from_2048_keys(monkeypatch):
     """version="auto" on a Hopper GPU (pretended here): v3 for inputs its descriptors can load from 2048 keys
-    (packed: in all; at head dims 64 / 128 / 256 from 1024 / 512 / 512), v2 for shorter inputs, decode-like shapes
-    (v2's split-KV kernel), float32, misaligned inputs, and off Hopper."""
+    (packed: in all; at head dims 64 / 128 / 256 from 1024 / 512 / 512, between 64 and 128 from 1024, between 128 and
+    256 never), v2 for shorter inputs, decode-like shapes (v2's split-KV kernel), float32, misaligned inputs, and off
+    Hopper."""
     from hf_flashattn import interface as I
     mk = lambda *s, dtype=torch.float16: torch.zeros(*s, dtype=dtype)  # noqa: E731
     monkeypatch.setattr(I, "is_hopper", lambda device: True)
@@ -89,13 +90,15 @@ def test_auto_runs_v3_on_hopper_from_2048_keys(monkeypatch):
     assert I._resolve_version("auto", q, odd, odd) == "v2"
     with fa.use_version("v2"):
         assert I._resolve_version("auto", q, k, k) == "v2"
-    for d, least in ((64, 1024), (128, 512), (256, 512), (80, 2048)):   # the Gluon head dims from fewer keys
+    for d, least in ((64, 1024), (128, 512), (256, 512), (80, 1024), (40, 2048)):   # per head dim (_v3_least_keys)
         at = [mk(2, least, 4, d), mk(2, least, 2, d), mk(2, least, 2, d)]
         below = [mk(2, least - 1, 4, d), mk(2, least - 1, 2, d), mk(2, least - 1, 2, d)]
         assert I._resolve_version("auto", *at) == "v3" and I._resolve_version("auto", *below) == "v2", d
         flat = [x.flatten(0, 1) for x in at]
         assert I._resolve_version("auto", *flat, max_seqlen_k=least) == "v3"
         assert I._resolve_version("auto", *flat, max_seqlen_k=least - 1) == "v2"
+    d192 = [mk(1, 8192, 4, 192), mk(1, 8192, 2, 192), mk(1, 8192, 2, 192)]
+    assert I._resolve_version("auto", *d192) == "v2"                             # between 128 and 256: v2 always
     monkeypatch.setattr(I, "is_hopper", lambda device: False)
     assert I._resolve_version("auto", q, k, k) == "v2"
 

@@ -68,7 +68,7 @@ def test_version_selection_and_unimplemented_versions():
     assert fa.get_default_version() == "auto"
 
 
-def test_auto_runs_v3_on_hopper_from_2048_keys(monkeypatch):
+def test_auto_runs_v3_on_hopper_by_keys_and_head_dim(monkeypatch):
     """version="auto" on a Hopper GPU (pretended here): v3 for inputs its descriptors can load from 2048 keys
     (packed: in all; at head dims 64 / 128 / 256 from 1024 / 512 / 512, between 64 and 128 from 1024, between 128 and
     256 never), v2 for shorter inputs, decode-like shapes (v2's split-KV kernel), float32, misaligned inputs, and off

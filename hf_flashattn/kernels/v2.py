@@ -54,13 +54,9 @@ def _fwd_loop(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, hi, fu
         k_ptrs = K_base + cols[:, None] * stride_kn + offs_d[None, :]
         v_ptrs = V_base + cols[:, None] * stride_vn + offs_d[None, :]
         k, v = load_rows_pair(k_ptrs, v_ptrs, cols, Sk, offs_d, HEAD_DIM, BLOCK_D, False)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        if (start_n < full_lo) | (start_n >= full_hi):
-            qk = tl.where(visible(offs_m, cols, diag, left, right, Sk, LEFT), qk, float("-inf"))
-        p, alpha, m_i, l_i = softmax_tile(qk, m_i, l_i, 1.0, qk_scale, 1.0, offs_m, cols, Sk, diag, left, right, False,
-                                          False, True, False, LEFT)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        acc, l_i, m_i = kv_block(acc, l_i, m_i, q, k, v, offs_m, cols, Sk, diag, left, right, qk_scale, 1.0, False,
+                                 False, DOT_PREC, None, False, True, LEFT, (start_n < full_lo) | (start_n >= full_hi),
+                                 True)
     if body_hi < hi:
         cols = body_hi + offs_n
         k, v = load_rows_pair(K_base + cols[:, None] * stride_kn + offs_d[None, :],
@@ -74,15 +70,19 @@ def _fwd_loop(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, hi, fu
 @triton.jit
 def kv_block(acc, l_i, m_i, q, k, v, offs_m, cols, Sk, diag, left, right, qk_scale, cap_scale, MASKED: tl.constexpr,
              SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, KMASK_base, HAS_KMASK: tl.constexpr,
-             FOLD: tl.constexpr = False, LEFT: tl.constexpr = True):
+             FOLD: tl.constexpr = False, LEFT: tl.constexpr = True, edge=False, EDGE: tl.constexpr = False):
     """One key block of `_fwd_inner`'s loop once k and v are loaded (columns `cols`): the scores in log2 units, the
     mask (MASKED: the window and the key tail; HAS_KMASK: the per-key padding mask), the online-softmax update of m_i
     and l_i (a row that has seen nothing yet keeps m = -inf and is shifted by 0) and of the accumulator. FOLD (no
     softcap, no per-key mask, a positive scale: the caller's condition): the scale folded into the exponent
-    (`softmax_tile`), as v3's kernels. LEFT False: the window has no left edge (`visible`'s). Also the decode
-    kernel's loop over descriptor-loaded blocks (decode._decode_inner_tma)."""
+    (`softmax_tile`), as v3's kernels; with EDGE (and MASKED False) the mask is taken in a branch when the run-time
+    `edge` is true (`_fwd_loop`'s blocks off the band). LEFT False: the window has no left edge (`visible`'s). Also the
+    decode kernel's loop over descriptor-loaded blocks (decode._decode_inner_tma)."""
     if FOLD:
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if EDGE:
+            if edge:
+                qk = tl.where(visible(offs_m, cols, diag, left, right, Sk, LEFT), qk, float("-inf"))
         p, alpha, m_new, l_i = softmax_tile(qk, m_i, l_i, 1.0, qk_scale, cap_scale, offs_m, cols, Sk, diag, left,
                                             right, MASKED, SOFTCAP, True, False, LEFT)
     else:

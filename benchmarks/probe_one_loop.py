@@ -38,7 +38,6 @@ V3_PLANS = {64: [((64, 64, 4, 3), True), ((64, 64, 4, 3), False), ((64, 64, 4, 2
 
 
 DEV, DTYPE = "cuda", torch.bfloat16
-Q2D = False   # --q2d
 
 
 def inputs(D, B, Sq, Sk, H, Hk, packed, seed=0):
@@ -96,7 +95,7 @@ def v3_cases(rec, deadline):
             for shape, win, q, k, v, cu, mq, mk in shapes(D, deadline):
                 runs = []
                 for one in (False, True):
-                    with switched((v3, "ONE_LOOP", one), (v3, "Q2D", one and Q2D)):
+                    with switched((v3, "ONE_LOOP", one)):
                         runs.append(v3.forward(q, k, v, cu, cu, mq, mk, D ** -0.5, win, 0.0, _plan=(plan, host, False)))
                 record_forward(rec, "v3py", D, f"{plan} host={host}", shape, runs)
 
@@ -154,10 +153,7 @@ def main():
     ap.add_argument("--budget-s", type=float, default=200)
     ap.add_argument("--parts", default="v3,v2,v2bwd")
     ap.add_argument("--smoke", action="store_true", help="CPU (Triton's interpreter), fp16, two tiny shapes")
-    ap.add_argument("--q2d", action="store_true", help="v3.py's one loop with Q through a 2-D descriptor (v3.Q2D)")
     a = ap.parse_args()
-    global Q2D
-    Q2D = a.q2d
     if a.smoke:
         global DEV, DTYPE, SHAPES
         DEV, DTYPE = "cpu", torch.float16

@@ -4,11 +4,11 @@ barrier between the consumer warpgroups (`_turn_wait`: each issues its products 
 own), the lever left where ptxas waits for P·V before the exponentials (benchmarks/NOTES.md, eighteenth session).
 Variant `D:BMxBN:STAGES:REGS[:PINGPONG[:Q_SLOTS[:PER_SM]]]`: another plan at head dim D (other tiles: e.g. one
 consumer, two programs an SM, `64:64x128:3:232`), not run at other head dims; `v3py:D:BMxBN:WARPS:STAGES[:MAXNREG]`:
-v3.py's kernel with that plan (host descriptors; `v3pyk:...` with descriptors made in-kernel); `v2`: v2's kernel, its autotuner's pick; `v2:D:BMxBN:WARPS:STAGES[:
-MAXNREG]`: v2's kernel with that config forced; a name + `+left`: it with masked scores testing the window's left
-edge too (`_common.SKIP_LEFT` off); + `+oneloop`: v3.py's and v2's forwards with every key block in one loop
-(`v3.ONE_LOOP`, `v2.ONE_LOOP` on); `+q2d`: v3.py's Q through a 2-D descriptor (`v3.Q2D`, with `+oneloop` only); any
-may follow a name. --flash: SDPA's flash backend timed too (v2's bar).
+v3.py's kernel with that plan (host descriptors; `v3pyk:...` with descriptors made in-kernel); `v2`: v2's kernel,
+its autotuner's pick; `v2:D:BMxBN:WARPS:STAGES[:MAXNREG]`: v2's kernel with that config forced; a name + `+left`: it
+with masked scores testing the window's left edge too (`_common.SKIP_LEFT` off); + `+oneloop`: v3.py's and v2's
+forwards with every key block in one loop (`v3.ONE_LOOP`, `v2.ONE_LOOP` on); either may follow a name. --flash:
+SDPA's flash backend timed too (v2's bar).
 
     python benchmarks/probe_plan_ab.py --out DIR [--rounds 7] [--points d128-4k,...] [--variants base,pingpong]
 
@@ -79,8 +79,7 @@ def variant_runner(G, name, pl, *a):
         return f
     from hf_flashattn.kernels import _common as C
     from hf_flashattn.kernels import v2, v3
-    switches = {"left": [(C, "SKIP_LEFT", False)], "oneloop": [(v3, "ONE_LOOP", True), (v2, "ONE_LOOP", True)],
-                "q2d": [(v3, "Q2D", True)]}
+    switches = {"left": [(C, "SKIP_LEFT", False)], "oneloop": [(v3, "ONE_LOOP", True), (v2, "ONE_LOOP", True)]}
     unknown = [x for x in flags if x not in switches]
     if unknown:
         raise SystemExit(f"unknown variant suffix {unknown} in {name}")

@@ -140,8 +140,7 @@ def _fwd_kernel_tma(Q, K, V, O, O_PTR, LSE, CU_Q, CU_K,
                     seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, group, group_tiles,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     IS_VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, WS: tl.constexpr, HOST: tl.constexpr = False,
-                    FOLD: tl.constexpr = False, LEFT: tl.constexpr = True, ONE_LOOP: tl.constexpr = False,
-                    Q2D: tl.constexpr = False):
+                    FOLD: tl.constexpr = False, LEFT: tl.constexpr = True, ONE_LOOP: tl.constexpr = False):
     # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program: BLOCK_M rows of O and lse, in the order of
     # `grouped_tile` (group_tiles 1: each head's tiles in a row, heaviest first).
     # HOST: Q, K, V, O are the caller's tensor descriptors over (B, S, H, D), or over the packed (total, H, D)
@@ -159,10 +158,7 @@ def _fwd_kernel_tma(Q, K, V, O, O_PTR, LSE, CU_Q, CU_K,
         k_desc = K
         v_desc = V
         # packed: rows past Sq are the next sequence's; they only reach rows that are not stored
-        if Q2D:   # Q's descriptor over the dense (B·S, H·D) view (`Q2D`): its tile without a reshape
-            q = Q.load([b32 * seqlen_q + m0, h * HEAD_DIM])
-        else:
-            q = desc_rows(Q, b32, q_start, m0, h, Sq, BLOCK_M, BLOCK_D, IS_VARLEN, False)
+        q = desc_rows(Q, b32, q_start, m0, h, Sq, BLOCK_M, BLOCK_D, IS_VARLEN, False)
     else:
         q = tl.make_tensor_descriptor(Q + b * stride_qb + h64 * stride_qh + q_start * stride_qm,
                                       shape=[Sq, HEAD_DIM], strides=[stride_qm, 1],
@@ -313,16 +309,10 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     # descriptors over the whole tensors: every stride 16-byte aligned (a batch stride too), no empty key dim
     host = host and C.descriptors_ok(q, k, v)
     fold = softcap == 0 and softmax_scale > 0 and (_fold is None or _fold)
-    one = ONE_LOOP and fold and not ws
-    # Q through a 2-D descriptor over the (B·S, H·D) view (`Q2D`): dense, contiguous, D a power of two
-    q2d = Q2D and one and host and not varlen and D == BLOCK_D and q.is_contiguous()
-    one_loop = one and one_loop_ok(host and not q2d, bn, BLOCK_D)
+    one_loop = ONE_LOOP and fold and not ws and one_loop_ok(host, bn, BLOCK_D)
     q_arg, k_arg, v_arg, o_arg = q, k, v, out
     if host:   # (B, S, H, D) or packed (total, H, D): a tile is BLOCK rows of one head
         q_arg, o_arg = (C.host_descriptor(t, bm, BLOCK_D, varlen, tma=True) for t in (q, out))
-        if q2d:
-            from triton.tools.tensor_descriptor import TensorDescriptor
-            q_arg = C.Tma(TensorDescriptor, q.view(-1, H * D), (bm, BLOCK_D))
         k_arg, v_arg = (C.host_descriptor(t, bn, BLOCK_D, varlen, tma=True) for t in (k, v))
     else:
         _set_allocator()
@@ -335,13 +325,13 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
         align = (align, (cu_seqlens_q.data_ptr() | cu_seqlens_k.data_ptr()) & 15)
     key = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype, align, varlen, softcap > 0, bm, bn, warps,
            stages, ws, host, fold, (max_seqlen_q | max_seqlen_k | left | right) >> 31, tuple(opts.items()),
-           C.left_edge(window_size), one_loop, q2d)
+           C.left_edge(window_size), one_loop)
     _fwd_launch.keyed(key, grid, q_arg, k_arg, v_arg, o_arg, out, lse, cu_seqlens_q, cu_seqlens_k,
                       *C.seq_layout(q, varlen), *C.seq_layout(k, varlen), *C.seq_layout(v, varlen),
                       *C.seq_layout(out, varlen), *stride_l,
                       max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale, H // Hk, C.group_tiles("v3"),
                       HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm, BLOCK_N=bn, IS_VARLEN=varlen, SOFTCAP=softcap > 0,
-                      WS=ws, HOST=host, FOLD=fold, LEFT=C.left_edge(window_size), ONE_LOOP=one_loop, Q2D=q2d,
+                      WS=ws, HOST=host, FOLD=fold, LEFT=C.left_edge(window_size), ONE_LOOP=one_loop,
                       num_warps=warps, num_stages=stages, **opts)
     return out, lse
 
@@ -351,9 +341,10 @@ _fwd_launch = C.FastLaunch(_fwd_kernel_tma)
 
 def one_loop_ok(q_reshaped: bool, block_n: int, block_d: int) -> bool:
     """Whether a plan may take the one-loop kernel (`ONE_LOOP`): not with Q's tile reshaped after its load (host
-    descriptors over (B, S, H, D) without `Q2D`, which put Q in registers), 64-key blocks and a head-dim tile of 64 or
-    less, where the H100 gave wrong results (the note at `ONE_LOOP`)."""
+    descriptors over (B, S, H, D), which put Q in registers), 64-key blocks and a head-dim tile of 64 or less, where
+    the H100 gave wrong results (the note at `ONE_LOOP`)."""
     return not (q_reshaped and block_n == 64 and block_d <= 64)
+
 
 # The kernel's key blocks in one pipelined loop (`_fwd_loop_tma`; the scale folded, no warp specialisation)
 # instead of three (left edge, band, diagonal/tail), each of which sets up and tears down its software pipeline per
@@ -372,16 +363,11 @@ def one_loop_ok(q_reshaped: bool, block_n: int, block_d: int) -> bool:
 # header. A ptxas fault, then; `one_loop_ok` keeps those plans on three loops. Timed at that plan (its results
 # wrong), it read 0.9% / 3.4% faster at d64 1k unmasked / causal, 1.1% slower / 0.7% faster at 4k
 # (results/2026-11-27-h100-plan-ab-one-loop.md): off.
+# The workaround tried for those plans, Q through a 2-D host descriptor over the (B·S, H·D) view so that Q stays in
+# shared memory (twenty-second session), was correct (results/2026-11-27-h100-probe-one-loop-q2d.md) but 6.7-9.5%
+# slower than the three loops at d64 1k / 4k (results/2026-11-27-h100-plan-ab-d64-q2d.md): removed.
 # HF_FLASHATTN_ONE_LOOP=1 at import turns it on (with v2's and its backward's, which are on by default).
 ONE_LOOP = env_get("HF_FLASHATTN_ONE_LOOP", "0") == "1"
-# With ONE_LOOP: Q through a 2-D host descriptor over the dense (B·S, H·D) view (contiguous q, D a power of two), its
-# tile loaded without the reshape that the 4-D descriptor's [1, BM, 1, D] block needs. Triton then keeps Q in shared
-# memory as the QK wgmma's A operand, as it does with in-kernel descriptors (correct on the H100 in the one loop, SASS
-# `HGMMA ... gdesc` for QK), so ptxas has no Q fragment in registers to pack P into; `one_loop_ok` then admits the
-# 64-key d64 plans. On the H100 (twenty-second session): correct, bitwise equal to the three loops at every plan and
-# shape of probe_one_loop (60/60, results/2026-11-27-h100-probe-one-loop-q2d.md), but 6.7-9.5% slower than the three
-# loops at d64 1k / 4k, unmasked and causal (results/2026-11-27-h100-plan-ab-d64-q2d.md, 10 rounds): off.
-Q2D = False
 
 
 def _gluon_bwd_plan(q, k, v, softmax_scale, softcap, deterministic, max_seqlen_k=None, window_size=(-1, -1)):

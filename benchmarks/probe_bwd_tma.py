@@ -5,7 +5,10 @@ switches flipped during their calls): `v2-tma`, the backward's inner-loop tiles 
 `v2_bwd.ONE_LOOP`; on by default since the twenty-first session); `v2-threeloop`, both off (three loops a tile, as
 before); `v2-bwd3`, the backward's off only; `v2-bwdleft`, the backward's masked blocks testing every window bound
 (`v2_bwd.SKIP_LEFT` off, as before the twenty-first session); `v2-atomic`, FA2's single pass (dQ by float32
-atomics from the dK/dV programs, split ones included; `v2.BWD_DQ`, not bitwise equal); `v2-tma-oneloop`, TMA and one loop.
+atomics from the dK/dV programs, split ones included; `v2.BWD_DQ`, not bitwise equal); `v2-tma-oneloop`, TMA and one loop;
+`v2-order1`, the backward's programs in their grids' own order (`_common.GROUP_TILES["v2_bwd"]` = 1, the order before
+the twenty-third session: each (sequence, head) pair's tiles in a row); `v2-nomerge`, the two passes as two launches
+at every head dim (`v2_bwd.MERGE`), `v2-merge`, as one launch at every head dim; `v2-order1-nomerge`, both as before.
 
     python benchmarks/probe_bwd_tma.py --out DIR [--rounds 7] [--points d256-1k,...] [--variants v2-tma,v2-oneloop]
 
@@ -29,17 +32,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from rounds import forward_points, probe_parser, run_meta, save_json, save_md, switched, time_forwards  # noqa: E402
 
 # name -> (D, S, B, H, Hk, causal): bench.py's shapes (16k tokens, 2048 / D heads)
-POINTS = {f"d{D}-{'512' if S == 512 else '1k'}{'-causal' if c else ''}": (D, S, 16384 // S, 2048 // D, 2048 // D, c)
-          for D in (64, 128, 256) for S in (512, 1024) for c in (False, True)}
+POINTS = {f"d{D}-{S // 1024}k{'-causal' if c else ''}" if S >= 1024 else f"d{D}-{S}{'-causal' if c else ''}":
+          (D, S, 16384 // S if S <= 16384 else 1, 2048 // D, 2048 // D, c)
+          for D in (64, 128, 256) for S in (512, 1024, 4096, 16384) for c in (False, True)}
 CHECK = [(80, 113, 203, 2, 8, 2, dict(causal=True)), (128, 300, 300, 1, 4, 4, dict(window_size=(64, 16))),
          (256, 257, 257, 2, 4, 1, dict(causal=False)), (64, 200, 200, 3, 4, 2, dict(causal=True, packed=True))]
 
 
 def switches(variant: str):
     """(module, attribute, value) of the switches a variant name turns on (`v2`: none)."""
+    from hf_flashattn.kernels import _common as C
     from hf_flashattn.kernels import v2, v2_bwd
     parts = variant.split("-")[1:]
-    known = {"tma": [(v2_bwd, "TMA", True)], "oneloop": [(v2, "ONE_LOOP", True), (v2_bwd, "ONE_LOOP", True)],
+    known = {"order1": [(C, "GROUP_TILES", dict(C.GROUP_TILES, v2_bwd=1))],
+             "nomerge": [(v2_bwd, "MERGE", dict.fromkeys(v2_bwd.MERGE, False))],
+             "merge": [(v2_bwd, "MERGE", dict.fromkeys(v2_bwd.MERGE, True))],
+             "tma": [(v2_bwd, "TMA", True)], "oneloop": [(v2, "ONE_LOOP", True), (v2_bwd, "ONE_LOOP", True)],
              "threeloop": [(v2, "ONE_LOOP", False), (v2_bwd, "ONE_LOOP", False)],
              "bwd3": [(v2_bwd, "ONE_LOOP", False)], "bwdleft": [(v2_bwd, "SKIP_LEFT", False)],
              "atomic": [(v2, "BWD_DQ", "atomic")]}

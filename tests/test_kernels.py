@@ -307,6 +307,32 @@ def test_v2_kv_b_orientation_backward(shape, mask, split, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("split,kv_b", [(False, False), (True, False), (False, True)], ids=["fused", "split", "kv_b"])
+def test_v2_merged_backward(split, kv_b, monkeypatch):
+    """Both backward passes in one launch (`v2_bwd.MERGE`, `_bwd_kernel`: the dK/dV programs first, then the dQ
+    programs): dense (causal, window with softcap, GQA, q_len != k_len) and packed with ragged lengths, bitwise equal
+    to the two launches with the same tiles, and within the rule; the one-loop and three-loop forms both."""
+    from hf_flashattn.kernels import v2_bwd
+    monkeypatch.setattr(v2_bwd._dkdv_launch, "force", v2_bwd._config(0, 16, 32, 4, 1, split, kv_b))
+    monkeypatch.setattr(v2_bwd._merged_launch, "force",
+                        v2_bwd._merged_config(0, (16, 32, 4, 1, split, kv_b), (16, 32, 4, 1)))
+    q, k, v, do = _inputs((2, 45, 61, 4, 2, 24), torch.float32, seed=19)
+    cu = (torch.tensor([0, 19, 45], dtype=torch.int32), torch.tensor([0, 30, 61], dtype=torch.int32))
+    for one in (True, False):
+        monkeypatch.setattr(v2_bwd, "ONE_LOOP", one)
+        runs = []
+        for merge in (False, True):
+            monkeypatch.setattr(v2_bwd, "MERGE", dict.fromkeys(v2_bwd.MERGE, merge))
+            runs.append((*_kernel("v2", q, k, v, do, causal=True),
+                         *_kernel("v2", q, k, v, do, window_size=(9, 3), softcap=4.0),
+                         *_kernel("v2", q[:, :29], k, v, do[:, :29]),
+                         *_kernel_varlen("v2", q[0], k[0], v[0], do[0], cu, causal=True)))
+        for a, b in zip(*runs):
+            assert torch.equal(a, b)
+    _check("v2", q, k, v, do, torch.float32, causal=True)
+    _check("v2", q[:, :29], k, v, do[:, :29], torch.float32, window_size=(9, 3), softcap=4.0)
+
+
 @pytest.mark.parametrize("split,kv_b,atomic", [(True, False, False), (False, True, False), (True, True, False),
                                                (False, True, True), (True, False, True), (True, True, True)],
                          ids=["split", "kv_b", "split-kv_b", "kv_b-atomic", "split-atomic", "split-kv_b-atomic"])
@@ -463,6 +489,35 @@ def test_grouped_tile_order(version, group_tiles, shape, monkeypatch):
     fin = torch.isfinite(ref[1])
     assert torch.equal(torch.isinf(lse) & (lse > 0), ~fin)
     assert_close_rule("lse", lse[fin], ref[1][fin], low[1].float()[fin], 2, torch.float32)
+
+
+# The same order for v2's backward passes (`grouped_rank`): the dK/dV programs walk (sequence, kv head) pairs in groups,
+# key blocks first-to-last, the dQ programs (sequence, head) pairs, query blocks last-to-first. Every dK/dV/dQ tile must
+# be computed once, by the program the order gives it, and its arithmetic does not depend on which program that is:
+# the gradients are within the rule and bitwise equal to those of one pair's tiles in a row (group_tiles 1). The
+# split dK/dV variant (two programs a key block) is forced for one of the runs.
+@pytest.mark.parametrize("group_tiles", [4, 12])
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
+@pytest.mark.parametrize("shape", [(1, 20, 20, 5, 5, 16), (1, 40, 70, 3, 1, 16), (2, 70, 70, 3, 3, 16)],
+                         ids=["1tile-5pairs", "2x3tiles-3pairs-mqa", "3tiles-2seqs"])
+def test_grouped_bwd_order(group_tiles, split, shape, monkeypatch):
+    from hf_flashattn.kernels import _common as C
+    from hf_flashattn.kernels import v2_bwd
+    if split:
+        monkeypatch.setattr(v2_bwd._dkdv_launch, "force", v2_bwd._config(0, 16, 32, 4, 1, True))
+    q, k, v, do = _inputs(shape, torch.float16, seed=15)
+    grads = {}
+    for g in (1, group_tiles):
+        monkeypatch.setattr(C, "group_tiles", lambda kernel, g=g: g if kernel == "v2_bwd" else 4)
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = fa.flash_attn_func(*leaves, causal=True, version="v2")
+        grads[g] = torch.autograd.grad(out, leaves, do)
+    ref = ref_grads(q, k, v, do, causal=True)
+    low = ref_grads(q, k, v, do, compute_dtype=None, causal=True)
+    for name, got, r, lo in zip(("dq", "dk", "dv"), grads[group_tiles], ref[2:], low[2:]):
+        assert_close_rule(name, got, r, lo, 3, torch.float16)
+    for a, b in zip(grads[1], grads[group_tiles]):
+        assert torch.equal(a, b)
 
 
 # v2's forward with the scale folded into the exponent (the default where there is no softcap and the scale is

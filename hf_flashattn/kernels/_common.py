@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import is_interpreting
+from .._runtime import env_get, is_interpreting
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
 LN2 = 0.6931471805599453    # ln(2):   log(x) = log2(x) * ln(2)
@@ -53,7 +53,9 @@ GROUP_L2_ELEMS = tl.constexpr(6 << 20)
 # 1.024-1.031), unmasked within noise, d64 512 causal 0.97-0.98; v3.py's kernel (d64 below the Gluon kernel's range)
 # within -1.9..+0.9% at 512-4k and 2-6% slower at 8k causal: kept at 1.
 # On the interpreter 4, so that the CPU tests run several groups, a partial last one included.
-GROUP_TILES = {"v2": 1024, "v3": 1}
+# "v2_bwd": v2's backward passes (`grouped_rank`); HF_FLASHATTN_BWD_GROUP_TILES (read at import) sets it, 1 being the
+# order before the twenty-third session.
+GROUP_TILES = {"v2": 1024, "v3": 1, "v2_bwd": int(env_get("HF_FLASHATTN_BWD_GROUP_TILES", "1024"))}
 
 
 def group_tiles(kernel: str) -> int:
@@ -72,9 +74,20 @@ def grouped_tile(seqlen_k, group_tiles, HEAD_DIM: tl.constexpr):
     together (GROUP_L2_ELEMS), at least 1 (then: one head's tiles in a row, heaviest first)."""
     n_m = tl.num_programs(0)
     n_h = tl.num_programs(1)
-    n_bh = n_h * tl.num_programs(2)
     lin = tl.program_id(0) + n_m * (tl.program_id(1) + n_h * tl.program_id(2))
-    g = tl.minimum((GROUP_L2_ELEMS // (2 * HEAD_DIM)) // tl.maximum(seqlen_k, 1), group_tiles // n_m)
+    mi, bh = grouped_rank(lin, n_m, n_h, n_h * tl.num_programs(2),
+                          (GROUP_L2_ELEMS // (2 * HEAD_DIM)) // tl.maximum(seqlen_k, 1), group_tiles)
+    return n_m - 1 - mi, bh % n_h, bh // n_h
+
+
+@triton.jit
+def grouped_rank(lin, n_m, n_h, n_bh, l2_pairs, group_tiles):
+    """(rank, pair) of the lin-th program (in launch order) of a launch of n_m tiles x n_bh (batch, head) pairs, in
+    `grouped_tile`'s order: rank 0 .. n_m - 1 the tile's place in its pair's list, heaviest first (the caller maps it
+    to a tile); pair = head + n_h * batch. Groups of g = min(l2_pairs, group_tiles // n_m) pairs (at least 1; g = 1:
+    one pair's tiles in a row, i.e. a grid (n_m, n_h, n_b)'s own order); l2_pairs: how many pairs keep the tensors the
+    tiles stream in L2 together."""
+    g = tl.minimum(l2_pairs, group_tiles // n_m)
     g = tl.maximum(g, 1)
     grp = lin // (g * n_m)
     r = lin - grp * (g * n_m)
@@ -82,7 +95,7 @@ def grouped_tile(seqlen_k, group_tiles, HEAD_DIM: tl.constexpr):
     size = tl.minimum(g, n_bh - first)
     mi = r // size
     bh = first + r - mi * size
-    return n_m - 1 - mi, bh % n_h, bh // n_h
+    return mi, bh
 
 
 # Masked scores skip the window's lower bound where the window has no left edge (`visible`'s LEFT; causal masks

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .._runtime import env_get, is_interpreting
 from . import _common as C
-from ._common import body_end, load_tile_pair, log2_scores, seq_bounds, tile_range, visible
+from ._common import body_end, grouped_rank, load_tile_pair, log2_scores, seq_bounds, tile_range, visible
 from .v2 import _site_key, prune_by_head_dim
 
 
@@ -249,8 +249,74 @@ def _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, str
     return dk * ds_scale, dv
 
 
+@triton.jit
+def _dkdv_program(lin, n_m, n_h, n_bh, Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_DESC, DO_DESC, CU_Q, CU_K,
+                  stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+                  stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn,
+                  stride_dvh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
+                  seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, ds_scale, group, l2_pairs,
+                  group_tiles, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+                  ATOMIC_DQ: tl.constexpr, SPLIT: tl.constexpr, KV_B: tl.constexpr, TMA: tl.constexpr,
+                  ONE_LOOP: tl.constexpr, LEFT: tl.constexpr):
+    """The lin-th program of a dK/dV launch of n_m tiles (key blocks, x2 if SPLIT) x n_h kv heads x n_bh / n_h
+    sequences: BLOCK_N rows of dK and dV for one kv head, summed over the GROUP query heads that read it. SPLIT: two
+    programs per key block, one for dV (2 matmuls) and one for dK (3 matmuls; QKᵀ is recomputed): one float32
+    accumulator each instead of two, for large head dims whose registers would otherwise spill. Programs take their
+    tiles in `grouped_rank`'s order: the (sequence, kv head) pairs in groups, within a group the key blocks from the
+    first (seen by the most queries under a causal mask), each pair's in turn."""
+    pid0, pair = grouped_rank(lin, n_m, n_h, n_bh, l2_pairs, group_tiles)
+    if SPLIT:
+        pid_n = pid0 // 2
+    else:
+        pid_n = pid0
+    kvh = (pair % n_h).to(tl.int64)
+    b = (pair // n_h).to(tl.int64)
+    q_start, k_start, Sq, Sk = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
+    n0 = pid_n * BLOCK_N
+    if n0 < Sk:
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        kv_mask = (offs_n[:, None] < Sk) & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(K + b * stride_kb + kvh * stride_kh + (k_start + offs_n[:, None]) * stride_kn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + b * stride_vb + kvh * stride_vh + (k_start + offs_n[:, None]) * stride_vn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        diag_t = Sq - Sk
+        lo, full_lo, full_hi, hi = tile_range(n0, BLOCK_N, diag_t, window_right, window_left, Sq, BLOCK_M)
+        dk_ptrs = DK + b * stride_dkb + kvh * stride_dkh + (k_start + offs_n[:, None]) * stride_dkn + offs_d[None, :]
+        dv_ptrs = DV + b * stride_dvb + kvh * stride_dvh + (k_start + offs_n[:, None]) * stride_dvn + offs_d[None, :]
+        if SPLIT:
+            if pid0 % 2 == 0:
+                _, dv = _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
+                                    stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb,
+                                    stride_lh, lo, full_lo, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t,
+                                    window_left, window_right, qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC,
+                                    HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, False, True,
+                                    KV_B, TMA, IS_VARLEN, ONE_LOOP, LEFT)
+                tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+            else:
+                dk, _ = _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
+                                    stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb,
+                                    stride_lh, lo, full_lo, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t,
+                                    window_left, window_right, qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC,
+                                    HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, True, False,
+                                    KV_B, TMA, IS_VARLEN, ONE_LOOP, LEFT)
+                tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+        else:
+            dk, dv = _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
+                                 stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb,
+                                 stride_lh, lo, full_lo, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left,
+                                 window_right, qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC, HEAD_DIM, BLOCK_D,
+                                 BLOCK_M, BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, True, True, KV_B, TMA, IS_VARLEN,
+                                 ONE_LOOP, LEFT)
+            tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+            tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "SEQ_BUCKET",
-                             "MASK_KIND", "group"])
+                             "MASK_KIND", "group", "l2_pairs", "group_tiles"])
 def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_DESC, DO_DESC, CU_Q, CU_K,
                  stride_qb, stride_qm, stride_qh,
                  stride_kb, stride_kn, stride_kh,
@@ -261,64 +327,22 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_DESC, DO_DESC, CU_Q,
                  stride_dqb, stride_dqm, stride_dqh,
                  stride_lb, stride_lh,
                  seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, ds_scale, SEQ_BUCKET, MASK_KIND,
-                 group, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 group, l2_pairs, group_tiles, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                  SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                  SPLIT: tl.constexpr = False, KV_B: tl.constexpr = False, TMA: tl.constexpr = False,
                  ONE_LOOP: tl.constexpr = False, LEFT: tl.constexpr = True):
-    # Grid: (cdiv(max_seqlen_k, BLOCK_N) (x2 if SPLIT), nheads_k, batch). One program computes BLOCK_N rows
-    # of dK and dV for one kv head, summing over the GROUP query heads that read it. SPLIT: two programs
-    # per key block, one for dV (2 matmuls) and one for dK (3 matmuls; QKᵀ is recomputed): one float32
-    # accumulator each instead of two, for large head dims whose registers would otherwise spill.
-    pid0 = tl.program_id(0)
-    if SPLIT:
-        pid_n = pid0 // 2
-    else:
-        pid_n = pid0
-    kvh = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    q_start, k_start, Sq, Sk = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
-    n0 = pid_n * BLOCK_N
-    if n0 >= Sk:
-        return
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    kv_mask = (offs_n[:, None] < Sk) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K + b * stride_kb + kvh * stride_kh + (k_start + offs_n[:, None]) * stride_kn + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + kvh * stride_vh + (k_start + offs_n[:, None]) * stride_vn + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    diag_t = Sq - Sk
-    lo, full_lo, full_hi, hi = tile_range(n0, BLOCK_N, diag_t, window_right, window_left, Sq, BLOCK_M)
-    dk_ptrs = DK + b * stride_dkb + kvh * stride_dkh + (k_start + offs_n[:, None]) * stride_dkn + offs_d[None, :]
-    dv_ptrs = DV + b * stride_dvb + kvh * stride_dvh + (k_start + offs_n[:, None]) * stride_dvn + offs_d[None, :]
-    if SPLIT:
-        if pid0 % 2 == 0:
-            _, dv = _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
-                                stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb,
-                                stride_lh, lo, full_lo, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left,
-                                window_right, qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC,
-                                HEAD_DIM, BLOCK_D, BLOCK_M,
-                                BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, False, True, KV_B, TMA, IS_VARLEN, ONE_LOOP, LEFT)
-            tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
-        else:
-            dk, _ = _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
-                                stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb,
-                                stride_lh, lo, full_lo, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left,
-                                window_right, qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC,
-                                HEAD_DIM, BLOCK_D, BLOCK_M,
-                                BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, True, False, KV_B, TMA, IS_VARLEN, ONE_LOOP, LEFT)
-            tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    else:
-        dk, dv = _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
-                             stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb,
-                             stride_lh, lo, full_lo, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left,
-                             window_right, qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC,
-                             HEAD_DIM, BLOCK_D, BLOCK_M,
-                             BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, True, True, KV_B, TMA, IS_VARLEN, ONE_LOOP, LEFT)
-        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    # Grid: (cdiv(max_seqlen_k, BLOCK_N) (x2 if SPLIT), nheads_k, batch); `_dkdv_program`.
+    n_m = tl.num_programs(0)
+    n_h = tl.num_programs(1)
+    lin = tl.program_id(0) + n_m * (tl.program_id(1) + n_h * tl.program_id(2))
+    _dkdv_program(lin, n_m, n_h, n_h * tl.num_programs(2), Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_DESC, DO_DESC,
+                  CU_Q, CU_K, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
+                  stride_vh, stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh, stride_dvb,
+                  stride_dvn, stride_dvh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, seqlen_q, seqlen_k,
+                  window_left, window_right, qk_scale, cap_scale, ds_scale, group, l2_pairs, group_tiles, HEAD_DIM,
+                  BLOCK_D, BLOCK_M, BLOCK_N, IS_VARLEN, SOFTCAP, DOT_PREC, ATOMIC_DQ, SPLIT, KV_B, TMA, ONE_LOOP,
+                  LEFT)
 
 
 @triton.jit
@@ -376,8 +400,66 @@ def _dq_loop(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, lo, hi
     return dq
 
 
+@triton.jit
+def _dq_program(lin, n_m, n_h, n_bh, Q, K, V, DO, LSE, DELTA, DQ, K_DESC, V_DESC, CU_Q, CU_K,
+                stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+                stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
+                seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, ds_scale, group, l2_pairs,
+                group_tiles, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+                TMA: tl.constexpr, ONE_LOOP: tl.constexpr, LEFT: tl.constexpr):
+    """The lin-th program of a dQ launch of n_m query blocks x n_h heads x n_bh / n_h sequences: BLOCK_M rows of dQ.
+    Programs take their tiles in `grouped_rank`'s order, the last query block (the heaviest under a causal mask)
+    first."""
+    rank, pair = grouped_rank(lin, n_m, n_h, n_bh, l2_pairs, group_tiles)
+    pid_m = n_m - 1 - rank
+    h = pair % n_h
+    bq = pair // n_h
+    b = bq.to(tl.int64)
+    q_start, k_start, Sq, Sk = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 < Sq:
+        kvh = (h // group).to(tl.int64)
+        kvh32 = h // group
+        h64 = h.to(tl.int64)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < Sq
+        qmask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        q = tl.load(Q + b * stride_qb + h64 * stride_qh + (q_start + offs_m[:, None]) * stride_qm + offs_d[None, :],
+                    mask=qmask, other=0.0)
+        do = tl.load(DO + b * stride_dob + h64 * stride_doh + (q_start + offs_m[:, None]) * stride_dom
+                     + offs_d[None, :], mask=qmask, other=0.0)
+        lse = tl.load(LSE + b * stride_lb + h64 * stride_lh + q_start + offs_m, mask=row_ok, other=float("inf"))
+        lse = lse * 1.4426950408889634     # natural log -> log2 units
+        delta = tl.load(DELTA + b * stride_lb + h64 * stride_lh + q_start + offs_m, mask=row_ok, other=0.0)
+        K_base = K + b * stride_kb + kvh * stride_kh + k_start * stride_kn
+        V_base = V + b * stride_vb + kvh * stride_vh + k_start * stride_vn
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        diag = Sk - Sq
+        lo, full_lo, full_hi, hi = tile_range(m0, BLOCK_M, diag, window_left, window_right, Sk, BLOCK_N)
+        if ONE_LOOP:
+            dq = _dq_loop(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, lo, hi, full_lo, full_hi, offs_m,
+                          offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale, K_DESC, V_DESC, bq,
+                          k_start, kvh32, HEAD_DIM, BLOCK_D, BLOCK_N, SOFTCAP, DOT_PREC, TMA, IS_VARLEN, LEFT)
+        else:
+            dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, lo, full_lo, offs_m, offs_n,
+                           offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale, K_DESC, V_DESC, bq,
+                           k_start, kvh32, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC, TMA, IS_VARLEN, LEFT)
+            dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, full_lo, full_hi, offs_m,
+                           offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale, K_DESC, V_DESC, bq,
+                           k_start, kvh32, HEAD_DIM, BLOCK_D, BLOCK_N, False, SOFTCAP, DOT_PREC, TMA, IS_VARLEN, LEFT)
+            dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, full_hi, hi, offs_m, offs_n,
+                           offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale, K_DESC, V_DESC, bq,
+                           k_start, kvh32, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC, TMA, IS_VARLEN, LEFT)
+        dq = dq * ds_scale
+        tl.store(DQ + b * stride_dqb + h64 * stride_dqh + (q_start + offs_m[:, None]) * stride_dqm + offs_d[None, :],
+                 dq.to(DQ.dtype.element_ty), mask=qmask)
+
+
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "SEQ_BUCKET",
-                             "MASK_KIND", "group"])
+                             "MASK_KIND", "group", "l2_pairs", "group_tiles"])
 def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, K_DESC, V_DESC, CU_Q, CU_K,
                stride_qb, stride_qm, stride_qh,
                stride_kb, stride_kn, stride_kh,
@@ -386,56 +468,64 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, K_DESC, V_DESC, CU_Q, CU_K,
                stride_dqb, stride_dqm, stride_dqh,
                stride_lb, stride_lh,
                seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, ds_scale, SEQ_BUCKET, MASK_KIND,
-               group, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               group, l2_pairs, group_tiles, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr, TMA: tl.constexpr = False,
                ONE_LOOP: tl.constexpr = False, LEFT: tl.constexpr = True):
-    # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program computes BLOCK_M rows of dQ.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    q_start, k_start, Sq, Sk = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
-    m0 = pid_m * BLOCK_M
-    if m0 >= Sq:
-        return
-    kvh = (h // group).to(tl.int64)
-    kvh32 = h // group
-    bq = tl.program_id(2)
-    h64 = h.to(tl.int64)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < Sq
-    qmask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h64 * stride_qh + (q_start + offs_m[:, None]) * stride_qm + offs_d[None, :],
-                mask=qmask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h64 * stride_doh + (q_start + offs_m[:, None]) * stride_dom
-                 + offs_d[None, :], mask=qmask, other=0.0)
-    lse = tl.load(LSE + b * stride_lb + h64 * stride_lh + q_start + offs_m, mask=row_ok, other=float("inf"))
-    lse = lse * 1.4426950408889634     # natural log -> log2 units
-    delta = tl.load(DELTA + b * stride_lb + h64 * stride_lh + q_start + offs_m, mask=row_ok, other=0.0)
-    K_base = K + b * stride_kb + kvh * stride_kh + k_start * stride_kn
-    V_base = V + b * stride_vb + kvh * stride_vh + k_start * stride_vn
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    diag = Sk - Sq
-    lo, full_lo, full_hi, hi = tile_range(m0, BLOCK_M, diag, window_left, window_right, Sk, BLOCK_N)
-    if ONE_LOOP:
-        dq = _dq_loop(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, lo, hi, full_lo, full_hi, offs_m,
-                      offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale, K_DESC, V_DESC, bq,
-                      k_start, kvh32, HEAD_DIM, BLOCK_D, BLOCK_N, SOFTCAP, DOT_PREC, TMA, IS_VARLEN, LEFT)
+    # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch); `_dq_program`.
+    n_m = tl.num_programs(0)
+    n_h = tl.num_programs(1)
+    lin = tl.program_id(0) + n_m * (tl.program_id(1) + n_h * tl.program_id(2))
+    _dq_program(lin, n_m, n_h, n_h * tl.num_programs(2), Q, K, V, DO, LSE, DELTA, DQ, K_DESC, V_DESC, CU_Q, CU_K,
+                stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+                stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
+                seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, ds_scale, group, l2_pairs,
+                group_tiles, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IS_VARLEN, SOFTCAP, DOT_PREC, TMA, ONE_LOOP, LEFT)
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "SEQ_BUCKET",
+                             "MASK_KIND", "group", "l2_kv", "l2_q", "group_tiles", "batch", "nheads_k"])
+def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K,
+                stride_qb, stride_qm, stride_qh,
+                stride_kb, stride_kn, stride_kh,
+                stride_vb, stride_vn, stride_vh,
+                stride_dob, stride_dom, stride_doh,
+                stride_dkb, stride_dkn, stride_dkh,
+                stride_dvb, stride_dvn, stride_dvh,
+                stride_dqb, stride_dqm, stride_dqh,
+                stride_lb, stride_lh,
+                seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, ds_scale, SEQ_BUCKET, MASK_KIND,
+                group, l2_kv, l2_q, group_tiles, batch, nheads_k, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQ_BLOCK_M: tl.constexpr, DQ_BLOCK_N: tl.constexpr,
+                IS_VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr,
+                SPLIT: tl.constexpr = False, KV_B: tl.constexpr = False, ONE_LOOP: tl.constexpr = False,
+                LEFT: tl.constexpr = True):
+    # Both passes in one launch (`MERGE`). Grid: (n_kv + n_q,): the programs of `_dkdv_kernel`'s launch (BLOCK_M x
+    # BLOCK_N tiles, in its order) first, then those of `_dq_kernel`'s (DQ_BLOCK_M x DQ_BLOCK_N): the two passes read
+    # the same inputs and write different outputs, so dQ programs start on the SMs that the dK/dV programs' last wave
+    # leaves idle instead of after it. Each program's arithmetic is its pass's: the gradients are bitwise those of
+    # the two launches.
+    n_kv_m = tl.cdiv(seqlen_k, BLOCK_N)
+    if SPLIT:
+        n_kv_m = n_kv_m * 2
+    n_kv = n_kv_m * nheads_k * batch
+    lin = tl.program_id(0)
+    if lin < n_kv:
+        _dkdv_program(lin, n_kv_m, nheads_k, nheads_k * batch, Q, K, V, DO, LSE, DELTA, DK, DV, DQ, Q, DO, CU_Q, CU_K,
+                      stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
+                      stride_vh, stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh, stride_dvb,
+                      stride_dvn, stride_dvh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, seqlen_q,
+                      seqlen_k, window_left, window_right, qk_scale, cap_scale, ds_scale, group, l2_kv, group_tiles,
+                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IS_VARLEN, SOFTCAP, DOT_PREC, False, SPLIT, KV_B, False,
+                      ONE_LOOP, LEFT)
     else:
-        dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, lo, full_lo, offs_m, offs_n,
-                       offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale, K_DESC, V_DESC, bq, k_start,
-                       kvh32, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC, TMA, IS_VARLEN, LEFT)
-        dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, full_lo, full_hi, offs_m, offs_n,
-                       offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale, K_DESC, V_DESC, bq, k_start,
-                       kvh32, HEAD_DIM, BLOCK_D, BLOCK_N, False, SOFTCAP, DOT_PREC, TMA, IS_VARLEN, LEFT)
-        dq = _dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_vn, full_hi, hi, offs_m, offs_n,
-                       offs_d, Sk, diag, window_left, window_right, qk_scale, cap_scale, K_DESC, V_DESC, bq, k_start,
-                       kvh32, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC, TMA, IS_VARLEN, LEFT)
-    dq = dq * ds_scale
-    tl.store(DQ + b * stride_dqb + h64 * stride_dqh + (q_start + offs_m[:, None]) * stride_dqm + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=qmask)
+        nheads = nheads_k * group
+        _dq_program(lin - n_kv, tl.cdiv(seqlen_q, DQ_BLOCK_M), nheads, nheads * batch, Q, K, V, DO, LSE, DELTA, DQ,
+                    K, V, CU_Q, CU_K, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb,
+                    stride_vn, stride_vh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
+                    stride_lb, stride_lh, seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale,
+                    ds_scale, group, l2_q, group_tiles, HEAD_DIM, BLOCK_D, DQ_BLOCK_M, DQ_BLOCK_N, IS_VARLEN,
+                    SOFTCAP, DOT_PREC, False, ONE_LOOP, LEFT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,6 +542,21 @@ _DKDV_CONFIGS = {64: [(64, 64, 4, 3, False, True), (32, 128, 4, 3), (32, 128, 4,
 _DQ_CONFIGS = {64: [(64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)],
                128: [(128, 64, 8, 3), (64, 32, 4, 3), (128, 64, 8, 2)],
                256: [(128, 32, 8, 2), (64, 16, 4, 2), (64, 64, 8, 2)]}
+
+
+# The merged launch's (dK/dV config, dQ config) pairs: one kernel has one warp count and one stage count, so each
+# pair joins configs of _DKDV_CONFIGS and _DQ_CONFIGS that share them, the winners first.
+_MERGED_CONFIGS = {64: [((64, 64, 4, 3, False, True), (64, 64, 4, 3)), ((32, 128, 4, 3), (64, 32, 4, 3))],
+                   128: [((32, 64, 4, 3), (64, 32, 4, 3)), ((32, 128, 8, 2), (128, 64, 8, 2))],
+                   256: [((32, 128, 8, 2, True), (128, 32, 8, 2)), ((16, 64, 4, 2, True), (64, 16, 4, 2)),
+                         ((64, 64, 8, 2), (64, 64, 8, 2))]}
+
+
+def _merged_config(d_class, kv, dq):
+    c = _config(d_class, *kv)
+    assert (c.num_warps, c.num_stages) == (dq[2], dq[3]), (kv, dq)
+    c.kwargs.update(DQ_BLOCK_M=dq[0], DQ_BLOCK_N=dq[1])
+    return c
 
 
 def _config(d_class, bm, bn, w, s, split=False, kv_b=False):
@@ -490,6 +595,9 @@ _dkdv_atomic_launch = C.Launcher(_dkdv_kernel, _configs(_DKDV_CONFIGS), prune_by
                                  _KEY, _INTERP, reset_to_zero=["DQ_ACC"], pre_hook=_size_descriptors)
 _dq_launch = C.Launcher(_dq_kernel, _configs(_DQ_CONFIGS), prune_by_head_dim, _KEY, _INTERP,
                         pre_hook=_size_descriptors)
+_merged_launch = C.Launcher(_bwd_kernel, [_merged_config(d, kv, dq) for d, pairs in _MERGED_CONFIGS.items()
+                                          for kv, dq in pairs], prune_by_head_dim, _KEY[:-1],
+                            dict(_INTERP, DQ_BLOCK_M=_INTERP["BLOCK_M"], DQ_BLOCK_N=_INTERP["BLOCK_N"]))
 
 # Tile loads of the backward's inner loops (Q and dO in the dK/dV pass, K and V in the dQ pass) through tensor
 # descriptors made on the host over the whole tensors (TMA on Hopper): off by default (None), on where the tensors
@@ -510,6 +618,11 @@ ONE_LOOP = env_get("HF_FLASHATTN_ONE_LOOP", "1") == "1"
 # forward does since the twentieth session (`_common.SKIP_LEFT`, which turns both off). False: every bound tested in
 # the backward only (benchmarks/probe_bwd_tma.py's `bwdleft`). Bitwise equal either way (tests/test_kernels.py).
 SKIP_LEFT = True
+# Head-dim classes whose two passes run as one launch (`_bwd_kernel`; not with TMA or atomic dQ): the dQ programs fill
+# the SMs the dK/dV pass's last wave leaves idle. Predicted from a list-scheduling model of d256's tiles (one program
+# an SM, a tile's cost its matmuls): 2% of the backward unmasked, 1-3% more under a causal mask at 512-4k.
+# HF_FLASHATTN_BWD_MERGE (read at import): the classes as a comma list ("" none, "64,128,256" all).
+MERGE = {c: str(c) in env_get("HF_FLASHATTN_BWD_MERGE", "256").split(",") for c in (64, 128, 256)}
 
 
 def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
@@ -548,6 +661,12 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     ds_scale = qk_scale * cap_scale / C.LOG2E
     common = (max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale, ds_scale,
               C.seq_bucket(max(max_seqlen_q, max_seqlen_k)), C.mask_kind(window_size), H // Hk)
+    # `grouped_rank`'s L2 bound, pairs (sequence, head) a group: the dK/dV programs of a kv head stream the Q and dO of
+    # its group's heads, the dQ programs of a head its K and V
+    l2 = C.GROUP_L2_ELEMS.value
+    tiles = C.group_tiles("v2_bwd")
+    order_dkdv = (max(1, l2 // (2 * D * (H // Hk) * max(max_seqlen_q, 1))), tiles)
+    order_dq = (max(1, l2 // (2 * D * max(max_seqlen_k, 1))), tiles)
     meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, IS_VARLEN=varlen, SOFTCAP=softcap > 0,
                 DOT_PREC=C.dot_precision(q.dtype), LEFT=C.left_edge(window_size) or not SKIP_LEFT)
     lay = [C.seq_layout(t, varlen) for t in (q, k, v, do)]
@@ -558,11 +677,21 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     meta["TMA"] = tma
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else None
     dq_strides = C.seq_layout(dq_acc, varlen) if atomic_dq else (0, 0, 0)
+    if MERGE[64 if D <= 64 else 128 if D <= 128 else 256] and not atomic_dq and not tma:
+        dq = new(q.shape, dtype=q.dtype, device=q.device)
+        _merged_launch(lambda m: (C.cdiv(max_seqlen_k, m["BLOCK_N"]) * (2 if m.get("SPLIT", False) else 1) * Hk * batch
+                                  + C.cdiv(max_seqlen_q, m["DQ_BLOCK_M"]) * H * batch,),
+                       (q, k, v, do, lse, delta, dk, dv, dq, cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1], *lay[2],
+                        *lay[3], *C.seq_layout(dk, varlen), *C.seq_layout(dv, varlen), *C.seq_layout(dq, varlen),
+                        *stride_l, *common, order_dkdv[0], *order_dq, batch, Hk),
+                       dict({n: x for n, x in meta.items() if n != "TMA"}, ONE_LOOP=ONE_LOOP),
+                       site_key=site + ("merged", ONE_LOOP, meta["LEFT"]))
+        return dq, dk, dv
     launch = _dkdv_atomic_launch if atomic_dq else _dkdv_launch
     launch(dkdv_grid(max_seqlen_k, Hk, batch),
            (q, k, v, do, lse, delta, dk, dv, dq_acc, descs[0], descs[1], cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1],
             *lay[2], *lay[3],
-            *C.seq_layout(dk, varlen), *C.seq_layout(dv, varlen), *dq_strides, *stride_l, *common),
+            *C.seq_layout(dk, varlen), *C.seq_layout(dv, varlen), *dq_strides, *stride_l, *common, *order_dkdv),
            dict(meta, ATOMIC_DQ=atomic_dq, ONE_LOOP=ONE_LOOP), site_key=site + (tma, ONE_LOOP, meta["LEFT"]))
     if atomic_dq:
         return dq_acc.to(q.dtype), dk, dv
@@ -570,7 +699,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     _dq_launch(lambda m: (C.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch),
                (q, k, v, do, lse, delta, dq, descs[2], descs[3], cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1],
                 *lay[2], *lay[3],
-             *C.seq_layout(dq, varlen), *stride_l, *common), dict(meta, ONE_LOOP=ONE_LOOP),
+             *C.seq_layout(dq, varlen), *stride_l, *common, *order_dq), dict(meta, ONE_LOOP=ONE_LOOP),
                site_key=site + (tma, ONE_LOOP, meta["LEFT"]))
     return dq, dk, dv
 

@@ -618,6 +618,14 @@ ONE_LOOP = env_get("HF_FLASHATTN_ONE_LOOP", "1") == "1"
 # forward does since the twentieth session (`_common.SKIP_LEFT`, which turns both off). False: every bound tested in
 # the backward only (benchmarks/probe_bwd_tma.py's `bwdleft`). Bitwise equal either way (tests/test_kernels.py).
 SKIP_LEFT = True
+# Where the passes take `grouped_rank`'s groups (GROUP_TILES["v2_bwd"] tiles a group) rather than their grids' own
+# order (each pair's tiles in a row): under a mask (causal or a window, whose tiles differ in cost) from
+# GROUP_FROM_KEYS keys. A list-scheduling model of d256's tiles predicts 6-8% of the backward under a causal mask at
+# 512-4k, nothing without one. Measured on the H100 (results/2026-11-27-h100-probe-bwd-order-*.md, fwd+bwd, rounds
+# in one process, bitwise equal): causal d64 4k / 16k 1.06-1.08 / 1.05x, d128 4k 1.01-1.02x, d256 1k-16k 1.00-1.02x;
+# but d64 / d128 512-1k 0.97-0.98x causal or not, and unmasked d256 512 / 4k 0.98x, d64 16k 0.99x.
+GROUP_FROM_KEYS = 4096
+GROUP_UNMASKED = False
 # Head-dim classes whose two passes run as one launch (`_bwd_kernel`; not with TMA or atomic dQ): the dQ programs fill
 # the SMs the dK/dV pass's last wave leaves idle. Predicted from a list-scheduling model of d256's tiles (one program
 # an SM, a tile's cost its matmuls): 2% of the backward unmasked, 1-3% more under a causal mask at 512-4k.
@@ -664,7 +672,8 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     # `grouped_rank`'s L2 bound, pairs (sequence, head) a group: the dK/dV programs of a kv head stream the Q and dO of
     # its group's heads, the dQ programs of a head its K and V
     l2 = C.GROUP_L2_ELEMS.value
-    tiles = C.group_tiles("v2_bwd")
+    tiles = C.group_tiles("v2_bwd") if (C.mask_kind(window_size) or GROUP_UNMASKED) \
+        and max_seqlen_k >= GROUP_FROM_KEYS else 1
     order_dkdv = (max(1, l2 // (2 * D * (H // Hk) * max(max_seqlen_q, 1))), tiles)
     order_dq = (max(1, l2 // (2 * D * max(max_seqlen_k, 1))), tiles)
     meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, IS_VARLEN=varlen, SOFTCAP=softcap > 0,

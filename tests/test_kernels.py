@@ -307,6 +307,25 @@ def test_v2_kv_b_orientation_backward(shape, mask, split, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("keys, mask, grouped", [(40, dict(causal=True), True), (40, dict(causal=False), False),
+                                                 (24, dict(causal=True), False), (40, dict(window_size=(8, 0)), True)],
+                         ids=["causal", "unmasked", "short", "window"])
+def test_v2_bwd_group_rule(keys, mask, grouped, monkeypatch):
+    """`v2_bwd.GROUP_RULE` picks the backward's launch order per head-dim class: (from keys, below keys, only under a
+    mask). With d64's rule at (32, 2^62, True), a masked 40-key call takes grouped_rank's groups (group_tiles, 4 on the
+    interpreter), an unmasked or 24-key one the grids' own order (1)."""
+    from hf_flashattn.kernels import v2_bwd
+    monkeypatch.setattr(v2_bwd, "GROUP_RULE", {**v2_bwd.GROUP_RULE, 64: (32, 1 << 62, True)})
+    seen = []
+    for name in ("_dkdv_launch", "_dq_launch"):
+        real = getattr(v2_bwd, name)
+        monkeypatch.setattr(v2_bwd, name, lambda grid, args, meta, site_key=None, real=real:
+                            (seen.append(args[-1]), real(grid, args, meta, site_key=site_key))[1])
+    q, k, v, do = _inputs((1, 30, keys, 2, 1, 16), torch.float32, seed=21)
+    _kernel("v2", q, k, v, do, **mask)
+    assert seen == [4, 4] if grouped else seen == [1, 1]
+
+
 @pytest.mark.parametrize("split,kv_b", [(False, False), (True, False), (False, True)], ids=["fused", "split", "kv_b"])
 def test_v2_merged_backward(split, kv_b, monkeypatch):
     """Both backward passes in one launch (`v2_bwd.MERGE`, `_bwd_kernel`: the dK/dV programs first, then the dQ
@@ -505,7 +524,7 @@ def test_grouped_bwd_order(group_tiles, split, shape, monkeypatch):
     from hf_flashattn.kernels import v2_bwd
     if split:
         monkeypatch.setattr(v2_bwd._dkdv_launch, "force", v2_bwd._config(0, 16, 32, 4, 1, True))
-    monkeypatch.setattr(v2_bwd, "GROUP_FROM_KEYS", 0)
+    monkeypatch.setattr(v2_bwd, "GROUP_RULE", dict.fromkeys(v2_bwd.GROUP_RULE, (0, 1 << 62, True)))
     q, k, v, do = _inputs(shape, torch.float16, seed=15)
     grads = {}
     for g in (1, group_tiles):

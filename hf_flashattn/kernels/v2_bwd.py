@@ -619,13 +619,13 @@ ONE_LOOP = env_get("HF_FLASHATTN_ONE_LOOP", "1") == "1"
 # the backward only (benchmarks/probe_bwd_tma.py's `bwdleft`). Bitwise equal either way (tests/test_kernels.py).
 SKIP_LEFT = True
 # Where the passes take `grouped_rank`'s groups (GROUP_TILES["v2_bwd"] tiles a group) rather than their grids' own
-# order (each pair's tiles in a row): under a mask (causal or a window, whose tiles differ in cost) from
-# GROUP_FROM_KEYS keys. A list-scheduling model of d256's tiles predicts 6-8% of the backward under a causal mask at
-# 512-4k, nothing without one. Measured on the H100 (results/2026-11-27-h100-probe-bwd-order-*.md, fwd+bwd, rounds
-# in one process, bitwise equal): causal d64 4k / 16k 1.06-1.08 / 1.05x, d128 4k 1.01-1.02x, d256 1k-16k 1.00-1.02x;
-# but d64 / d128 512-1k 0.97-0.98x causal or not, and unmasked d256 512 / 4k 0.98x, d64 16k 0.99x.
-GROUP_FROM_KEYS = 4096
-GROUP_UNMASKED = False
+# order (each pair's tiles in a row), per head-dim class: (from keys, below keys, only under a mask). A list-scheduling
+# model of d256's tiles predicted 6-8% of the backward under a causal mask at 512-4k and nothing without one. Measured
+# on the H100 (results/2026-11-27-h100-probe-bwd-order-{1,2,3,4}.md, fwd+bwd in rounds in one process, bitwise equal),
+# grouped over the grids' order: d64 causal 4k 1.06-1.08x, 16k 1.05x; d128 causal 4k 1.01-1.02x; but d64 / d128 at
+# 512-1k 0.97-0.98x with or without a mask, d64 16k unmasked 0.99x. d256 (merged launch): 1k 1.04x unmasked (twice),
+# 1.03x causal, 512 and 4k-16k 0.98-1.01x. Hence: d64 / d128 under a mask from 4k keys, d256 at 1k-2k keys.
+GROUP_RULE = {64: (4096, 1 << 62, True), 128: (4096, 1 << 62, True), 256: (1024, 4096, False)}
 # Head-dim classes whose two passes run as one launch (`_bwd_kernel`; not with TMA or atomic dQ): the dQ programs fill
 # the SMs the dK/dV pass's last wave leaves idle. Predicted from a list-scheduling model of d256's tiles (one program
 # an SM, a tile's cost its matmuls): 2% of the backward unmasked, 1-3% more under a causal mask at 512-4k.
@@ -653,6 +653,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if do.stride(-1) != 1:
         do = do.contiguous()
     BLOCK_D = max(triton.next_power_of_2(D), 16)
+    d_class = 64 if D <= 64 else 128 if D <= 128 else 256
     stride_l = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
     delta = torch.empty_like(lse)
     pre_bm = 64 if not is_interpreting() else 32
@@ -672,8 +673,9 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     # `grouped_rank`'s L2 bound, pairs (sequence, head) a group: the dK/dV programs of a kv head stream the Q and dO of
     # its group's heads, the dQ programs of a head its K and V
     l2 = C.GROUP_L2_ELEMS.value
-    tiles = C.group_tiles("v2_bwd") if (C.mask_kind(window_size) or GROUP_UNMASKED) \
-        and max_seqlen_k >= GROUP_FROM_KEYS else 1
+    from_keys, below_keys, masked_only = GROUP_RULE[d_class]
+    grouped = from_keys <= max_seqlen_k < below_keys and (C.mask_kind(window_size) > 0 or not masked_only)
+    tiles = C.group_tiles("v2_bwd") if grouped else 1
     order_dkdv = (max(1, l2 // (2 * D * (H // Hk) * max(max_seqlen_q, 1))), tiles)
     order_dq = (max(1, l2 // (2 * D * max(max_seqlen_k, 1))), tiles)
     meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, IS_VARLEN=varlen, SOFTCAP=softcap > 0,
@@ -686,7 +688,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     meta["TMA"] = tma
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else None
     dq_strides = C.seq_layout(dq_acc, varlen) if atomic_dq else (0, 0, 0)
-    if MERGE[64 if D <= 64 else 128 if D <= 128 else 256] and not atomic_dq and not tma:
+    if MERGE[d_class] and not atomic_dq and not tma:
         dq = new(q.shape, dtype=q.dtype, device=q.device)
         _merged_launch(lambda m: (C.cdiv(max_seqlen_k, m["BLOCK_N"]) * (2 if m.get("SPLIT", False) else 1) * Hk * batch
                                   + C.cdiv(max_seqlen_q, m["DQ_BLOCK_M"]) * H * batch,),

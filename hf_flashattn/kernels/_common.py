@@ -75,16 +75,16 @@ def grouped_tile(seqlen_k, group_tiles, HEAD_DIM: tl.constexpr):
     n_m = tl.num_programs(0)
     n_h = tl.num_programs(1)
     lin = tl.program_id(0) + n_m * (tl.program_id(1) + n_h * tl.program_id(2))
-    mi, bh = grouped_rank(lin, n_m, n_h, n_h * tl.num_programs(2),
+    mi, bh = grouped_rank(lin, n_m, n_h * tl.num_programs(2),
                           (GROUP_L2_ELEMS // (2 * HEAD_DIM)) // tl.maximum(seqlen_k, 1), group_tiles)
     return n_m - 1 - mi, bh % n_h, bh // n_h
 
 
 @triton.jit
-def grouped_rank(lin, n_m, n_h, n_bh, l2_pairs, group_tiles):
+def grouped_rank(lin, n_m, n_bh, l2_pairs, group_tiles):
     """(rank, pair) of the lin-th program (in launch order) of a launch of n_m tiles x n_bh (batch, head) pairs, in
     `grouped_tile`'s order: rank 0 .. n_m - 1 the tile's place in its pair's list, heaviest first (the caller maps it
-    to a tile); pair = head + n_h * batch. Groups of g = min(l2_pairs, group_tiles // n_m) pairs (at least 1; g = 1:
+    to a tile); pair = head + heads * batch. Groups of g = min(l2_pairs, group_tiles // n_m) pairs (at least 1; g = 1:
     one pair's tiles in a row, i.e. a grid (n_m, n_h, n_b)'s own order); l2_pairs: how many pairs keep the tensors the
     tiles stream in L2 together."""
     g = tl.minimum(l2_pairs, group_tiles // n_m)

@@ -265,7 +265,7 @@ def _dkdv_program(lin, n_m, n_h, n_bh, Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, 
     accumulator each instead of two, for large head dims whose registers would otherwise spill. Programs take their
     tiles in `grouped_rank`'s order: the (sequence, kv head) pairs in groups, within a group the key blocks from the
     first (seen by the most queries under a causal mask), each pair's in turn."""
-    pid0, pair = grouped_rank(lin, n_m, n_h, n_bh, l2_pairs, group_tiles)
+    pid0, pair = grouped_rank(lin, n_m, n_bh, l2_pairs, group_tiles)
     if SPLIT:
         pid_n = pid0 // 2
     else:
@@ -411,7 +411,7 @@ def _dq_program(lin, n_m, n_h, n_bh, Q, K, V, DO, LSE, DELTA, DQ, K_DESC, V_DESC
     """The lin-th program of a dQ launch of n_m query blocks x n_h heads x n_bh / n_h sequences: BLOCK_M rows of dQ.
     Programs take their tiles in `grouped_rank`'s order, the last query block (the heaviest under a causal mask)
     first."""
-    rank, pair = grouped_rank(lin, n_m, n_h, n_bh, l2_pairs, group_tiles)
+    rank, pair = grouped_rank(lin, n_m, n_bh, l2_pairs, group_tiles)
     pid_m = n_m - 1 - rank
     h = pair % n_h
     bq = pair // n_h

@@ -630,8 +630,9 @@ GROUP_RULE = {64: (4096, 1 << 62, True), 128: (4096, 1 << 62, True), 256: (1024,
 # the SMs the dK/dV pass's last wave leaves idle. Predicted from a list-scheduling model of d256's tiles (one program
 # an SM, a tile's cost its matmuls): 2% of the backward unmasked, 1-3% more under a causal mask at 512-4k. Measured on
 # the H100 (results/2026-11-27-h100-probe-bwd-order-{1,2,3}.md, fwd+bwd in rounds in one process): d256 1.6% at 512,
-# 2-6% at 1k-16k; d128 0-4% at 512-4k but 1-2% slower at 16k; d64 6-15% slower (its best dQ tile cannot share a kernel
-# with the dK/dV pass's best): d256 only.
+# 2-6% at 1k-16k; d128 0-4% at 512-4k but 1-2% slower at 16k; d64 6-15% slower (one kernel has the larger register
+# count of its two programs: d64's dQ programs, 161 registers alone, three an SM, get the dK/dV programs' 255, two an
+# SM): d256 only.
 # HF_FLASHATTN_BWD_MERGE (read at import): the classes as a comma list ("" none, "64,128,256" all).
 MERGE = {c: str(c) in env_get("HF_FLASHATTN_BWD_MERGE", "256").split(",") for c in (64, 128, 256)}
 

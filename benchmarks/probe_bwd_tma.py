@@ -9,7 +9,8 @@ atomics from the dK/dV programs, split ones included; `v2.BWD_DQ`, not bitwise e
 `v2-order1`, the backward's programs in their grids' own order (`_common.GROUP_TILES["v2_bwd"]` = 1, the order before
 the twenty-third session: each (sequence, head) pair's tiles in a row); `v2-nomerge`, the two passes as two launches
 at every head dim (`v2_bwd.MERGE`), `v2-merge`, as one launch at every head dim; `v2-order1-nomerge`, both as before; `v2-groupall`, the groups at every length and
-mask (`v2_bwd.GROUP_RULE`; the session's first version).
+mask (`v2_bwd.GROUP_RULE`; the session's first version); `-g32` ... `-g256`, GROUP_TILES["v2_bwd"] = 32 ... 256 (smaller
+groups: g = min(L2 bound, GROUP_TILES // tiles a pair)).
 
     python benchmarks/probe_bwd_tma.py --out DIR [--rounds 7] [--points d256-1k,...] [--variants v2-tma,v2-oneloop]
 
@@ -47,6 +48,7 @@ def switches(variant: str):
     parts = variant.split("-")[1:]
     known = {"order1": [(C, "GROUP_TILES", dict(C.GROUP_TILES, v2_bwd=1))],
              "groupall": [(v2_bwd, "GROUP_RULE", dict.fromkeys(v2_bwd.GROUP_RULE, (0, 1 << 62, False)))],
+             **{f"g{t}": [(C, "GROUP_TILES", dict(C.GROUP_TILES, v2_bwd=t))] for t in (32, 64, 128, 256)},
              "nomerge": [(v2_bwd, "MERGE", dict.fromkeys(v2_bwd.MERGE, False))],
              "merge": [(v2_bwd, "MERGE", dict.fromkeys(v2_bwd.MERGE, True))],
              "tma": [(v2_bwd, "TMA", True)], "oneloop": [(v2, "ONE_LOOP", True), (v2_bwd, "ONE_LOOP", True)],

@@ -1,16 +1,16 @@
-"""A/B of v2's fwd+bwd variants through flash_attn_func(version="v2") against v2 as it is, at the short lengths where issue
-2's bar is missed (512-1k), beside SDPA's flash backend, in rounds in one process (rounds.py). Variants (module switches
-flipped during their calls): `v2-tma`, the backward's inner-loop tiles through tensor descriptors (`v2_bwd.TMA`);
-`v2-oneloop`, the forward's and the dQ pass's key blocks in one loop (`v2.ONE_LOOP`, `v2_bwd.ONE_LOOP`; on by default
-since the twenty-first session); `v2-threeloop`, both off (three loops a tile, as before); `v2-bwd3`, the backward's off
-only; `v2-bwdleft`, the backward's masked blocks testing every window bound (`v2_bwd.SKIP_LEFT` off, as before the
-twenty-first session); `v2-atomic`, FA2's single pass (dQ by float32 atomics from the dK/dV programs, split ones
-included; `v2.BWD_DQ`, not bitwise equal); `v2-tma-oneloop`, TMA and one loop; `v2-order1`, the backward's programs in
-their grids' own order (`_common.GROUP_TILES["v2_bwd"]` = 1, the order before the twenty-third session: each (sequence,
-head) pair's tiles in a row); `v2-nomerge`, the two passes as two launches at every head dim (`v2_bwd.MERGE`),
-`v2-merge`, as one launch at every head dim; `v2-order1-nomerge`, both as before; `v2-groupall`, the groups at every
-length and mask (`v2_bwd.GROUP_RULE`; the session's first version); `-g32` ... `-g256`, GROUP_TILES["v2_bwd"] = 32 ...
-256 (smaller groups: g = min(L2 bound, GROUP_TILES // tiles a pair)).
+"""A/B of v2's fwd+bwd variants through flash_attn_func(version="v2") against v2 as it is, at the short lengths where
+issue 2's bar is missed (512-1k), beside SDPA's flash backend, in rounds in one process (rounds.py). Variants (module
+switches flipped during their calls): `v2-tma`, the backward's inner-loop tiles through tensor descriptors
+(`v2_bwd.TMA`); `v2-oneloop`, the forward's and the dQ pass's key blocks in one loop (`v2.ONE_LOOP`, `v2_bwd.ONE_LOOP`;
+on by default since the twenty-first session); `v2-threeloop`, both off (three loops a tile, as before); `v2-bwd3`, the
+backward's off only; `v2-bwdleft`, the backward's masked blocks testing every window bound (`v2_bwd.SKIP_LEFT` off, as
+before the twenty-first session); `v2-atomic`, FA2's single pass (dQ by float32 atomics from the dK/dV programs, split
+ones included; `v2.BWD_DQ`, not bitwise equal); `v2-tma-oneloop`, TMA and one loop; `v2-order1`, the backward's programs
+in their grids' own order (`_common.GROUP_TILES["v2_bwd"]` = 1, the order before the twenty-third session: each
+(sequence, head) pair's tiles in a row); `v2-nomerge`, the two passes as two launches at every head dim
+(`v2_bwd.MERGE`), `v2-merge`, as one launch at every head dim; `v2-order1-nomerge`, both as before; `v2-groupall`, the
+groups at every length and mask (`v2_bwd.GROUP_RULE`; the session's first version); `-g32` ... `-g256`,
+GROUP_TILES["v2_bwd"] = 32 ... 256 (smaller groups: g = min(L2 bound, GROUP_TILES // tiles a pair)).
 
     python benchmarks/probe_bwd_tma.py --out DIR [--rounds 7] [--points d256-1k,...] [--variants v2-tma,v2-oneloop]
 

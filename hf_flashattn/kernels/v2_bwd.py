@@ -621,10 +621,11 @@ SKIP_LEFT = True
 # Where the passes take `grouped_rank`'s groups (GROUP_TILES["v2_bwd"] tiles a group) rather than their grids' own
 # order (each pair's tiles in a row), per head-dim class: (from keys, below keys, only under a mask). A list-scheduling
 # model of d256's tiles predicted 6-8% of the backward under a causal mask at 512-4k and nothing without one. Measured
-# on the H100 (results/2026-11-27-h100-probe-bwd-order-{1,2,3,4}.md, fwd+bwd in rounds in one process, bitwise equal),
-# grouped over the grids' order: d64 causal 4k 1.06-1.08x, 16k 1.05x; d128 causal 4k 1.01-1.02x; but d64 / d128 at
-# 512-1k 0.97-0.98x with or without a mask, d64 16k unmasked 0.99x. d256 (merged launch): 1k 1.04x unmasked (twice),
-# 1.03x causal, 512 and 4k-16k 0.98-1.01x. Hence: d64 / d128 under a mask from 4k keys, d256 at 1k-2k keys.
+# on the H100 (results/2026-11-27-h100-probe-bwd-order-{1,2,3,4,5}.md, fwd+bwd in rounds in one process, bitwise equal),
+# grouped over the grids' order: d64 causal 4k 1.05-1.08x, 16k 1.05x; d128 causal 4k 1.01-1.02x; but d64 / d128 at
+# 512-1k 0.97-0.98x with or without a mask (within that method's noise there: up to 6% between identical variants,
+# probe-bwd-order-5), d64 16k unmasked 0.99x. d256 (merged launch): 1k 1.025-1.04x unmasked (three probes), 1.03x
+# causal, 512 and 4k-16k 0.98-1.01x. Hence: d64 / d128 under a mask from 4k keys, d256 at 1k-2k keys.
 GROUP_RULE = {64: (4096, 1 << 62, True), 128: (4096, 1 << 62, True), 256: (1024, 4096, False)}
 # Head-dim classes whose two passes run as one launch (`_bwd_kernel`; not with TMA or atomic dQ): the dQ programs fill
 # the SMs the dK/dV pass's last wave leaves idle. Predicted from a list-scheduling model of d256's tiles (one program

@@ -24,6 +24,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from hf_flashattn.kernels import _common as C  # noqa: E402
 from hf_flashattn.kernels import v2_bwd  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -81,7 +82,7 @@ def main():
     import ast
     over = {k: ast.literal_eval(getattr(args, k)) for k in ("dkdv", "dq") if getattr(args, k)}
     for d in map(int, args.dims.split(",")):
-        cls = 64 if d <= 64 else 128 if d <= 128 else 256
+        cls = C.head_dim_class(d)
         for kname, fn, table, extra in (("dkdv", v2_bwd._dkdv_kernel, v2_bwd._DKDV_CONFIGS, {"ATOMIC_DQ": False}),
                                         ("dq", v2_bwd._dq_kernel, v2_bwd._DQ_CONFIGS, {})):
             if kname not in args.kernels.split(","):

@@ -101,9 +101,10 @@ def v3_cases(rec, deadline):
 
 
 def v2_fwd_cases(rec, deadline):
+    from hf_flashattn.kernels import _common as C
     from hf_flashattn.kernels import v2
     for D in (64, 80, 128, 256):
-        cls = 64 if D <= 64 else 128 if D <= 128 else 256
+        cls = C.head_dim_class(D)
         for c in v2._FWD_CONFIGS[cls]:
             cfg = v2._fwd_config(cls, *c)
             for shape, win, q, k, v, cu, mq, mk in shapes(D, deadline):
@@ -119,9 +120,10 @@ def v2_fwd_cases(rec, deadline):
 
 
 def v2_bwd_cases(rec, deadline):
+    from hf_flashattn.kernels import _common as C
     from hf_flashattn.kernels import v2, v2_bwd
     for D in (64, 80, 128, 256):
-        cls = 64 if D <= 64 else 128 if D <= 128 else 256
+        cls = C.head_dim_class(D)
         n = max(len(v2_bwd._DKDV_CONFIGS[cls]), len(v2_bwd._DQ_CONFIGS[cls]))
         for i in range(n):
             dk_c = v2_bwd._DKDV_CONFIGS[cls][min(i, len(v2_bwd._DKDV_CONFIGS[cls]) - 1)]

@@ -52,8 +52,9 @@ FWD = {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), 
 
 
 def cfg(c, d):
+    from hf_flashattn.kernels import _common as C
     from hf_flashattn.kernels import v2_bwd
-    return v2_bwd._config(64 if d <= 64 else 128 if d <= 128 else 256, *c)
+    return v2_bwd._config(C.head_dim_class(d), *c)
 
 
 def inputs(B, H, Hk, S, D, grad=False):

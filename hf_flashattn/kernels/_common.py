@@ -196,6 +196,12 @@ def contiguous_strides(shape) -> tuple:
     return tuple(reversed(out))
 
 
+def head_dim_class(d: int) -> int:
+    """The head-dim class a head dim (or its padded tile) belongs to: 64 (<= 64), 128 (<= 128) or 256 (<= 256); the
+    kernels' config tables, plans and dispatch rules are kept per class."""
+    return 64 if d <= 64 else 128 if d <= 128 else 256
+
+
 def mask_kind(window) -> int:
     """0: no mask, 1: causal, 2: other window. Only an autotuning key (the kernels see the window)."""
     left, right = window

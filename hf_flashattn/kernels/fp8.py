@@ -257,7 +257,7 @@ def forward(q8, k8, v8, q_descale, k_descale, v_descale, softmax_scale, window_s
     left, right = C.window_args(window_size, Sq, Sk)
     qk_scale, cap_scale = C.score_scales(softmax_scale, softcap)
     BLOCK_D = max(triton.next_power_of_2(D), 32)
-    plan_cfg, plan_tma = _PLANS[(64 if BLOCK_D <= 64 else 128 if BLOCK_D <= 128 else 256, window_size[1] == 0)]
+    plan_cfg, plan_tma = _PLANS[(C.head_dim_class(BLOCK_D), window_size[1] == 0)]
     if is_interpreting():
         bm, bn, meta = 32, 16, {}
     else:

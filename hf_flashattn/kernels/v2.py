@@ -190,8 +190,7 @@ def _fwd_configs():
 
 def prune_by_head_dim(configs, named_args, **kwargs):
     """Keep the configs written for this head-dim class (<= 64, <= 128, <= 256)."""
-    d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    cls = 64 if d <= 64 else 128 if d <= 128 else 256
+    cls = C.head_dim_class(kwargs.get("BLOCK_D", named_args.get("BLOCK_D")))
     return [c for c in configs if c.kwargs["D_CLASS"] == cls]
 
 

@@ -15,6 +15,8 @@ chain rule: d score / d(qk) = softmax_scale, times (1 - tanh²) under softcap.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -658,7 +660,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if do.stride(-1) != 1:
         do = do.contiguous()
     BLOCK_D = max(triton.next_power_of_2(D), 16)
-    d_class = 64 if D <= 64 else 128 if D <= 128 else 256
+    d_class = C.head_dim_class(D)
     stride_l = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
     delta = torch.empty_like(lse)
     pre_bm = 64 if not is_interpreting() else 32
@@ -695,7 +697,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     dq_strides = C.seq_layout(dq_acc, varlen) if atomic_dq else (0, 0, 0)
     if MERGE[d_class] and not atomic_dq and not tma:
         dq = new(q.shape, dtype=q.dtype, device=q.device)
-        _merged_launch(lambda m: (C.cdiv(max_seqlen_k, m["BLOCK_N"]) * (2 if m.get("SPLIT", False) else 1) * Hk * batch
+        _merged_launch(lambda m: (math.prod(dkdv_grid(max_seqlen_k, Hk, batch)(m))
                                   + C.cdiv(max_seqlen_q, m["DQ_BLOCK_M"]) * H * batch,),
                        (q, k, v, do, lse, delta, dk, dv, dq, cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1], *lay[2],
                         *lay[3], *C.seq_layout(dk, varlen), *C.seq_layout(dv, varlen), *C.seq_layout(dq, varlen),

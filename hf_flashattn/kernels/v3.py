@@ -268,8 +268,7 @@ def _route(q, k, v, cu_seqlens_q, max_seqlen_k, softmax_scale, window_size, soft
 
 def plan(D: int, max_seqlen_k: int):
     """The launch plan (see `_PLANS`) for head dim D and the longest key sequence."""
-    cls = 64 if D <= 64 else 128 if D <= 128 else 256
-    return (_PLANS_SHORT if max_seqlen_k < SHORT_KEYS else _PLANS)[cls]
+    return (_PLANS_SHORT if max_seqlen_k < SHORT_KEYS else _PLANS)[C.head_dim_class(D)]
 
 
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, softcap,

@@ -7,7 +7,9 @@ consumer, two programs an SM, `64:64x128:3:232`), not run at other head dims; `v
 v3.py's kernel with that plan (host descriptors; `v3pyk:...` with descriptors made in-kernel); `v2`: v2's kernel,
 its autotuner's pick; `v2:D:BMxBN:WARPS:STAGES[:MAXNREG]`: v2's kernel with that config forced; a name + `+left`: it
 with masked scores testing the window's left edge too (`_common.SKIP_LEFT` off); + `+oneloop`: v3.py's and v2's
-forwards with every key block in one loop (`v3.ONE_LOOP`, `v2.ONE_LOOP` on); either may follow a name. --flash:
+forwards with every key block in one loop (`v3.ONE_LOOP`, `v2.ONE_LOOP` on); + `+stLO_HI_NS_RAMP`: v2's programs of
+launch order [LO, HI) x SMs started NS + RAMP x (place in the range) nanoseconds late (`v2.STAGGER`, a diagnostic of
+programs running in step); any may follow a name. --flash:
 SDPA's flash backend timed too (v2's bar).
 
     python benchmarks/probe_plan_ab.py --out DIR [--rounds 7] [--points d128-4k,...] [--variants base,pingpong]
@@ -80,6 +82,10 @@ def variant_runner(G, name, pl, *a):
     from hf_flashattn.kernels import _common as C
     from hf_flashattn.kernels import v2, v3
     switches = {"left": [(C, "SKIP_LEFT", False)], "oneloop": [(v3, "ONE_LOOP", True), (v2, "ONE_LOOP", True)]}
+    for x in flags:   # +stLO_HI_NS_RAMP: v2.STAGGER = (LO, HI, NS, RAMP), programs of the first waves started late
+        if x.startswith("st"):
+            lo, hi, ns, ramp = (float(y) for y in x[2:].split("_"))
+            switches[x] = [(v2, "STAGGER", (lo, hi, ns, ramp))]
     unknown = [x for x in flags if x not in switches]
     if unknown:
         raise SystemExit(f"unknown variant suffix {unknown} in {name}")
@@ -125,9 +131,10 @@ def v2_picks():
 
 def same_tiles(a, b):
     """Whether plans a and b sum the same products in the same order (same kernel, row and key tiles, warps):
-    bitwise equal. v2's autotuned pick (`v2`) is taken as another tiling."""
-    if a == ("v2",) or b == ("v2",):
-        return False
+    bitwise equal. v2's autotuned pick (`v2`) is taken as another tiling than any forced one, and as the same as
+    itself."""
+    if a == ("v2",) or b == ("v2",):   # two runs of the autotuned pick (a variant's switches do not change it)
+        return a == b
     kernel = {"v3pyk": "v3py"}   # the same kernel and products, the descriptors made elsewhere
     n = 4 if {a[0], b[0]} & {"v3py", "v3pyk", "v2"} else 2
     return (kernel.get(a[0], a[0]),) + tuple(a[1:n]) == (kernel.get(b[0], b[0]),) + tuple(b[1:n])

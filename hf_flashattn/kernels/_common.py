@@ -98,6 +98,27 @@ def grouped_rank(lin, n_m, n_bh, l2_pairs, group_tiles):
     return mi, bh
 
 
+@triton.jit
+def _timer_after_nap(dep):
+    # a short nap (the warp off the issue slots), then the global nanosecond timer; `dep` orders the calls
+    return tl.inline_asm_elementwise("nanosleep.u32 256;\n\tmov.u64 $0, %globaltimer;", "=l,l", [dep],
+                                     dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def stagger(lin, lo, hi, ns, ramp):
+    """Delay the programs lin in [lo, hi) (launch order) by ns + ramp * (lin - lo) / (hi - lo) nanoseconds, napping
+    off the issue slots: a diagnostic of whether co-resident programs of equal tiles running in step (each one's loads
+    and stores at the same time as the others', its products too) cost time (benchmarks/NOTES.md, twenty-fourth
+    session). Only in kernels compiled for the GPU (inline PTX)."""
+    if (lin >= lo) & (lin < hi):
+        wait = ns + (ramp * (lin - lo).to(tl.int64)) // tl.maximum(hi - lo, 1)
+        t0 = _timer_after_nap(lin.to(tl.int64))
+        t = t0
+        while t - t0 < wait:
+            t = _timer_after_nap(t)
+
+
 # Masked scores skip the window's lower bound where the window has no left edge (`visible`'s LEFT; causal masks
 # and key tails). False: every masked score tests both bounds (the kernels before the twentieth session; benchmarks
 # compare the two).

@@ -99,7 +99,8 @@ def kv_block(acc, l_i, m_i, q, k, v, offs_m, cols, Sk, diag, left, right, qk_sca
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "SEQ_BUCKET",
-                             "MASK_KIND", "group", "group_tiles"])
+                             "MASK_KIND", "group", "group_tiles", "stagger_lo", "stagger_hi", "stagger_ns",
+                             "stagger_ramp"])
 def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 stride_qb, stride_qm, stride_qh,
                 stride_kb, stride_kn, stride_kh,
@@ -107,14 +108,18 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 stride_ob, stride_om, stride_oh,
                 stride_lb, stride_lh,
                 seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, SEQ_BUCKET, MASK_KIND,
-                group, group_tiles, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                group, group_tiles, stagger_lo, stagger_hi, stagger_ns, stagger_ramp,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                 SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr, FOLD: tl.constexpr = False,
-                LEFT: tl.constexpr = True, ONE_LOOP: tl.constexpr = False):
+                LEFT: tl.constexpr = True, ONE_LOOP: tl.constexpr = False, STAGGER: tl.constexpr = False):
     # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program computes the BLOCK_M rows of
     # O and lse of one (query block, head, sequence), walking the visible key blocks; programs take their tiles in
     # `grouped_tile`'s order.
     tl.static_assert(BLOCK_D >= HEAD_DIM)
+    if STAGGER:   # a diagnostic (`STAGGER` below): some programs of the launch start late
+        C.stagger(tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2)),
+                  stagger_lo, stagger_hi, stagger_ns, stagger_ramp)
     pid_m, h, b = grouped_tile(seqlen_k, group_tiles, HEAD_DIM)   # heaviest (last, under causal) blocks first
     b = b.to(tl.int64)
     q_start, k_start, Sq, Sk = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
@@ -214,6 +219,16 @@ FOLD = True
 ONE_LOOP = env_get("HF_FLASHATTN_ONE_LOOP", "1") == "1"
 
 
+# A diagnostic, off (None): (lo, hi, ns, ramp) delays the programs of launch order [lo * SMs, hi * SMs) by ns +
+# ramp * (their place in that range) nanoseconds (`_common.stagger`), e.g. (1, 2, 7000, 0): the second program of each
+# SM, if the first wave fills the SMs one program each before the second. The question it answers: whether the
+# co-resident programs of equal tiles (unmasked short sequences) run in step, their loads at the same time, their
+# products too. benchmarks/probe_plan_ab.py's `+st...` variants set it; HF_FLASHATTN_V2_STAGGER="LO,HI,NS,RAMP" at import
+# (benchmarks/bench.py's runs).
+_stagger_env = env_get("HF_FLASHATTN_V2_STAGGER", "")
+STAGGER = tuple(float(x) for x in _stagger_env.split(",")) if _stagger_env else None
+
+
 def use_split_kv(q, k, varlen: bool) -> bool:
     """Decode-like shapes (a few queries, many keys) go to the split-KV kernel of decode.py: the same
     exact result (out and lse, so the backward is unchanged), but the key range is spread over many
@@ -248,15 +263,25 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
             *C.seq_layout(q, varlen), *C.seq_layout(k, varlen), *C.seq_layout(v, varlen),
             *C.seq_layout(out, varlen), *stride_l,
             max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale,
-            C.seq_bucket(max_seqlen_q), C.mask_kind(window_size), H // Hk, C.group_tiles("v2"))
+            C.seq_bucket(max_seqlen_q), C.mask_kind(window_size), H // Hk, C.group_tiles("v2"),
+            *_stagger_args(q.device))
     fold = FOLD and softcap == 0 and softmax_scale > 0
     meta = dict(HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), IS_VARLEN=varlen,
                 SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype), FOLD=fold, LEFT=C.left_edge(window_size),
-                ONE_LOOP=ONE_LOOP and fold)
+                ONE_LOOP=ONE_LOOP and fold, STAGGER=STAGGER is not None and not C._INTERPRETING)
     _fwd_launch(lambda m: (C.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch), args, meta,
                 site_key=_site_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, left, right, fold,
-                                   meta["LEFT"], meta["ONE_LOOP"]))
+                                   meta["LEFT"], meta["ONE_LOOP"], meta["STAGGER"]))
     return out, lse
+
+
+def _stagger_args(device):
+    """The kernel's stagger_lo, stagger_hi, stagger_ns, stagger_ramp from `STAGGER` (zeros when off)."""
+    if STAGGER is None:
+        return 0, 0, 0, 0
+    lo, hi, ns, ramp = STAGGER
+    n = C.num_sms(device)
+    return int(lo * n), int(hi * n), int(ns), int(ramp)
 
 
 def _site_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, left, right, *more):

@@ -8,8 +8,8 @@ v3.py's kernel with that plan (host descriptors; `v3pyk:...` with descriptors ma
 its autotuner's pick; `v2:D:BMxBN:WARPS:STAGES[:MAXNREG]`: v2's kernel with that config forced; a name + `+left`: it
 with masked scores testing the window's left edge too (`_common.SKIP_LEFT` off); + `+oneloop`: v3.py's and v2's
 forwards with every key block in one loop (`v3.ONE_LOOP`, `v2.ONE_LOOP` on); + `+stLO_HI_NS_RAMP`: v2's programs of
-launch order [LO, HI) x SMs started NS + RAMP x (place in the range) nanoseconds late (`v2.STAGGER`, a diagnostic of
-programs running in step); any may follow a name. --flash:
+launch order [LO, HI) x SMs started NS + RAMP x (place in the range) nanoseconds late (`v2.STAGGER`), `+nost`: none
+(v2.STAGGER "off"; without either, v2's rule); any may follow a name. --flash:
 SDPA's flash backend timed too (v2's bar).
 
     python benchmarks/probe_plan_ab.py --out DIR [--rounds 7] [--points d128-4k,...] [--variants base,pingpong]
@@ -46,7 +46,9 @@ def variant_plan(G, name, D):
     at other head dims: None, the variant is not run there)."""
     if "+" in name:   # the same plan, with module switches flipped during its calls (see `variant_runner`)
         return variant_plan(G, name.split("+")[0], D)
-    p = list(G._PLANS[D]) + [G.PINGPONG, G.Q_SLOTS][len(G._PLANS[D]) - 5:]
+    if name in ("base", "pingpong", "no-pingpong") and D not in G._PLANS:
+        return None
+    p = list(G._PLANS.get(D, ())) + [G.PINGPONG, G.Q_SLOTS][len(G._PLANS.get(D, ())) - 5:]
     if name in ("pingpong", "no-pingpong"):
         p[5] = name == "pingpong"
     elif name == "v2":   # v2's kernel with the config its autotuner picks (what version="v2" runs)
@@ -82,6 +84,7 @@ def variant_runner(G, name, pl, *a):
     from hf_flashattn.kernels import _common as C
     from hf_flashattn.kernels import v2, v3
     switches = {"left": [(C, "SKIP_LEFT", False)], "oneloop": [(v3, "ONE_LOOP", True), (v2, "ONE_LOOP", True)]}
+    switches["nost"] = [(v2, "STAGGER", "off")]
     for x in flags:   # +stLO_HI_NS_RAMP: v2.STAGGER = (LO, HI, NS, RAMP), programs of the first waves started late
         if x.startswith("st"):
             lo, hi, ns, ramp = (float(y) for y in x[2:].split("_"))
@@ -164,7 +167,8 @@ POINTS = {"d128-4k": (128, 4096, 4, 16, 16, False), "d128-16k": (128, 16384, 1, 
           "d128-512": (128, 512, 32, 16, 16, False), "d128-512-causal": (128, 512, 32, 16, 16, True),
           "d256-512": (256, 512, 32, 8, 8, False), "d256-512-causal": (256, 512, 32, 8, 8, True),
           "d256-256": (256, 256, 64, 8, 8, False), "d256-2k": (256, 2048, 8, 8, 8, False),
-          "d192-512": (192, 512, 32, 10, 10, False)}
+          "d192-512": (192, 512, 32, 10, 10, False), "d256-512-gqa": (256, 512, 32, 8, 2, False),
+          "d256-768": (256, 768, 21, 8, 8, False)}
 
 
 def packed(B, S, H, Hk, D, dtype, g):

@@ -692,3 +692,85 @@ def test_v2_dense_backward_writes_every_gradient_row(monkeypatch, shape, kw):
     monkeypatch.setattr(v2_bwd, "torch", _NaNEmpty())
     q, k, v, do = _inputs(shape, torch.float32, seed=5)
     _check("v2", q, k, v, do, torch.float32, **kw)
+
+
+_STAGGER_ON = dict(varlen=False, mask=0, one_loop=True, d=256, pairs=32 * 8, seqlen_q=512, seqlen_k=512)
+
+
+@pytest.mark.parametrize("change,on", [
+    ({}, True), ({"d": 192}, True), ({"seqlen_k": 256, "seqlen_q": 256, "pairs": 64 * 8}, True),
+    ({"seqlen_k": 1024}, True),
+    ({"d": 128}, False), ({"d": 64}, False), ({"mask": 1}, False), ({"mask": 2}, False), ({"varlen": True}, False),
+    ({"one_loop": False}, False), ({"seqlen_k": 2048}, False), ({"seqlen_k": 128}, False),
+    ({"pairs": 8}, False), ({"hopper": False}, False)])
+def test_v2_stagger_rule(change, on, monkeypatch):
+    """`v2.STAGGER`'s rule (`_stagger_args`): the second wave's starts spread over a ramp of STAGGER_NS_PER_KEY ns a
+    key only on Hopper, dense, unmasked, one-loop, head-dim class 256, keys in STAGGER_KEYS and at least
+    STAGGER_MIN_WAVES waves of 128-row tiles; (0, 0, 0, 0) (no delay, STAGGER constexpr off) anywhere else."""
+    from hf_flashattn.kernels import _common as C
+    from hf_flashattn.kernels import v2
+    kw = dict(_STAGGER_ON, **{k: v for k, v in change.items() if k != "hopper"})
+    monkeypatch.setattr(C, "_INTERPRETING", False)
+    monkeypatch.setattr(C, "num_sms", lambda device: 132)
+    monkeypatch.setattr(v2, "is_hopper", lambda device: change.get("hopper", True))
+    got = v2._stagger_args(torch.device("cuda", 0), *kw.values())
+    assert got == ((132, 264, 0, v2.STAGGER_NS_PER_KEY * kw["seqlen_k"]) if on else (0, 0, 0, 0))
+
+
+def test_v2_stagger_switch(monkeypatch):
+    """STAGGER "off" turns the rule off; a tuple (lo, hi, ns, ramp) is taken in units of SMs wherever the rule would
+    not apply; on Triton's interpreter or a CPU tensor nothing is delayed (inline PTX only compiles for the GPU)."""
+    from hf_flashattn.kernels import _common as C
+    from hf_flashattn.kernels import v2
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(C, "_INTERPRETING", False)
+    monkeypatch.setattr(C, "num_sms", lambda device: 100)
+    monkeypatch.setattr(v2, "is_hopper", lambda device: True)
+    monkeypatch.setattr(v2, "STAGGER", "off")
+    assert v2._stagger_args(cuda, *_STAGGER_ON.values()) == (0, 0, 0, 0)
+    monkeypatch.setattr(v2, "STAGGER", (0.5, 2.0, 7000.0, 100.0))
+    assert v2._stagger_args(cuda, True, 1, False, 64, 1, 16, 16) == (50, 200, 7000, 100)
+    assert v2._stagger_args(torch.device("cpu"), *_STAGGER_ON.values()) == (0, 0, 0, 0)
+    monkeypatch.setattr(C, "_INTERPRETING", True)
+    monkeypatch.setattr(v2, "STAGGER", None)
+    assert v2._stagger_args(cuda, *_STAGGER_ON.values()) == (0, 0, 0, 0)
+
+
+_COMPILE_V2 = r"""
+import json, sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from hf_flashattn.kernels import v2
+fn = v2._fwd_kernel
+sig = {}
+for i, name in enumerate(fn.arg_names):
+    if fn.params[i].is_constexpr:
+        sig[name] = "constexpr"
+    else:
+        sig[name] = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32", "CU_Q": "*i32",
+                     "CU_K": "*i32", "qk_scale": "fp32", "cap_scale": "fp32"}.get(name, "i32")
+cx = dict(HEAD_DIM=256, BLOCK_D=256, BLOCK_M=128, BLOCK_N=64, IS_VARLEN=False, SOFTCAP=False, DOT_PREC="tf32",
+          D_CLASS=256, FOLD=True, LEFT=False, ONE_LOOP=True, STAGGER=json.loads(sys.argv[1]))
+src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in cx.items()})
+print(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=2)).asm["ptx"])
+"""
+
+
+def test_v2_stagger_compiles_for_hopper():
+    """v2's forward with STAGGER compiles for sm_90a as the rule launches it (d256, 128 x 64, 8 warps): its PTX naps
+    (`nanosleep`) and reads the global timer; without STAGGER it does neither. Compiled in a fresh process (this one
+    runs Triton's interpreter)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    ptx = {}
+    for on in (True, False):
+        r = subprocess.run([sys.executable, "-c", _COMPILE_V2, json.dumps(on)], capture_output=True, text=True,
+                           env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        ptx[on] = r.stdout
+    assert "nanosleep.u32" in ptx[True] and "%globaltimer" in ptx[True]
+    assert "nanosleep" not in ptx[False] and "globaltimer" not in ptx[False]
+    assert ptx[True].count("wgmma.mma_async") == ptx[False].count("wgmma.mma_async") > 0

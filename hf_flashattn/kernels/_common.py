@@ -108,9 +108,8 @@ def _timer_after_nap(dep):
 @triton.jit
 def stagger(lin, lo, hi, ns, ramp):
     """Delay the programs lin in [lo, hi) (launch order) by ns + ramp * (lin - lo) / (hi - lo) nanoseconds, napping
-    off the issue slots: a diagnostic of whether co-resident programs of equal tiles running in step (each one's loads
-    and stores at the same time as the others', its products too) cost time (benchmarks/NOTES.md, twenty-fourth
-    session). Only in kernels compiled for the GPU (inline PTX)."""
+    off the issue slots, so that SMs running tiles of equal time do not run in step (v2's forward, `v2.STAGGER`).
+    Only in kernels compiled for the GPU (inline PTX)."""
     if (lin >= lo) & (lin < hi):
         wait = ns + (ramp * (lin - lo).to(tl.int64)) // tl.maximum(hi - lo, 1)
         t0 = _timer_after_nap(lin.to(tl.int64))

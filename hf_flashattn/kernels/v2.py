@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import env_get
+from .._runtime import env_get, is_hopper
 from . import _common as C
 from ._common import (body_end, grouped_tile, load_rows_pair, log2_scores, normalise_rows, seq_bounds, softmax_step,
                       softmax_tile, tile_range, visible)
@@ -117,7 +117,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     # O and lse of one (query block, head, sequence), walking the visible key blocks; programs take their tiles in
     # `grouped_tile`'s order.
     tl.static_assert(BLOCK_D >= HEAD_DIM)
-    if STAGGER:   # a diagnostic (`STAGGER` below): some programs of the launch start late
+    if STAGGER:   # the second wave's starts spread (`STAGGER` below)
         C.stagger(tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2)),
                   stagger_lo, stagger_hi, stagger_ns, stagger_ramp)
     pid_m, h, b = grouped_tile(seqlen_k, group_tiles, HEAD_DIM)   # heaviest (last, under causal) blocks first
@@ -219,14 +219,23 @@ FOLD = True
 ONE_LOOP = env_get("HF_FLASHATTN_ONE_LOOP", "1") == "1"
 
 
-# A diagnostic, off (None): (lo, hi, ns, ramp) delays the programs of launch order [lo * SMs, hi * SMs) by ns +
-# ramp * (their place in that range) nanoseconds (`_common.stagger`), e.g. (1, 2, 7000, 0): the second program of each
-# SM, if the first wave fills the SMs one program each before the second. The question it answers: whether the
-# co-resident programs of equal tiles (unmasked short sequences) run in step, their loads at the same time, their
-# products too. benchmarks/probe_plan_ab.py's `+st...` variants set it; HF_FLASHATTN_V2_STAGGER="LO,HI,NS,RAMP" at import
-# (benchmarks/bench.py's runs).
+# The second wave's starts spread over half a tile's time (`_stagger_args`, `_common.stagger`): where every tile takes
+# the same time and one program fills an SM (head-dim class 256, no mask, dense), the SMs run in step, every one
+# loading its Q tile and storing its O tile at the same moments as the others, and HBM is contended there while the
+# tensor cores idle. Delaying the programs of the second wave by 0 .. half a tile's time, in launch order, puts the
+# SMs out of step for the rest of the launch, at the price of that idle start. On the H100 (rounds in one process,
+# bitwise equal results; benchmarks/NOTES.md, twenty-fourth session): 0.95x the time at 512 keys (four probes), 0.95x
+# at 1k, 0.97x at 256, nothing at 2k; slower under a causal mask (its tiles differ and are out of step already) and at
+# d128 (two or three programs an SM). The ramp, in nanoseconds a key of the tile's key range, and the keys where it
+# applies:
+STAGGER_NS_PER_KEY = 27
+STAGGER_KEYS = (256, 1024)
+STAGGER_MIN_WAVES = 4   # so that the idle start is a small part of the launch (the grid's points have 7.8 waves)
+# None: that rule. "off", or HF_FLASHATTN_V2_STAGGER=0 at import: never. A tuple (lo, hi, ns, ramp) (a diagnostic, the
+# benchmarks' variants, or HF_FLASHATTN_V2_STAGGER="LO,HI,NS,RAMP"): the programs of launch order [lo * SMs, hi * SMs)
+# of every launch delayed by ns + ramp * (their place in that range) nanoseconds.
 _stagger_env = env_get("HF_FLASHATTN_V2_STAGGER", "")
-STAGGER = tuple(float(x) for x in _stagger_env.split(",")) if _stagger_env else None
+STAGGER = "off" if _stagger_env == "0" else tuple(float(x) for x in _stagger_env.split(",")) if _stagger_env else None
 
 
 def use_split_kv(q, k, varlen: bool) -> bool:
@@ -263,25 +272,36 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
             *C.seq_layout(q, varlen), *C.seq_layout(k, varlen), *C.seq_layout(v, varlen),
             *C.seq_layout(out, varlen), *stride_l,
             max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale,
-            C.seq_bucket(max_seqlen_q), C.mask_kind(window_size), H // Hk, C.group_tiles("v2"),
-            *_stagger_args(q.device))
+            C.seq_bucket(max_seqlen_q), C.mask_kind(window_size), H // Hk, C.group_tiles("v2"))
     fold = FOLD and softcap == 0 and softmax_scale > 0
+    stagger = _stagger_args(q.device, varlen, C.mask_kind(window_size), ONE_LOOP and fold, D, H * batch,
+                            max_seqlen_q, max_seqlen_k)
     meta = dict(HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), IS_VARLEN=varlen,
                 SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype), FOLD=fold, LEFT=C.left_edge(window_size),
-                ONE_LOOP=ONE_LOOP and fold, STAGGER=STAGGER is not None and not C._INTERPRETING)
-    _fwd_launch(lambda m: (C.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch), args, meta,
+                ONE_LOOP=ONE_LOOP and fold, STAGGER=stagger[1] > stagger[0])
+    _fwd_launch(lambda m: (C.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch), args + stagger, meta,
                 site_key=_site_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, left, right, fold,
                                    meta["LEFT"], meta["ONE_LOOP"], meta["STAGGER"]))
     return out, lse
 
 
-def _stagger_args(device):
-    """The kernel's stagger_lo, stagger_hi, stagger_ns, stagger_ramp from `STAGGER` (zeros when off)."""
-    if STAGGER is None:
+def _stagger_args(device, varlen: bool, mask: int, one_loop: bool, d: int, pairs: int, seqlen_q: int,
+                  seqlen_k: int) -> tuple:
+    """The kernel's (stagger_lo, stagger_hi, stagger_ns, stagger_ramp): `STAGGER`'s rule or its override; (0, 0, 0, 0)
+    where no program is delayed. The rule: Hopper, dense, no mask, the one-loop kernel (no softcap), head-dim class
+    256 (one program an SM in every config, so the second wave is the launch's programs [SMs, 2 * SMs)), keys in
+    STAGGER_KEYS, at least STAGGER_MIN_WAVES waves of 128-row tiles (pairs: heads x sequences)."""
+    if STAGGER == "off" or C._INTERPRETING or device.type != "cuda":
         return 0, 0, 0, 0
-    lo, hi, ns, ramp = STAGGER
     n = C.num_sms(device)
-    return int(lo * n), int(hi * n), int(ns), int(ramp)
+    if STAGGER is not None:
+        lo, hi, ns, ramp = STAGGER
+        return int(lo * n), int(hi * n), int(ns), int(ramp)
+    if (varlen or mask != 0 or not one_loop or C.head_dim_class(d) != 256
+            or not STAGGER_KEYS[0] <= seqlen_k <= STAGGER_KEYS[1]
+            or C.cdiv(seqlen_q, 128) * pairs < STAGGER_MIN_WAVES * n or not is_hopper(device)):
+        return 0, 0, 0, 0
+    return n, 2 * n, 0, STAGGER_NS_PER_KEY * seqlen_k
 
 
 def _site_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, left, right, *more):

@@ -694,7 +694,7 @@ def test_v2_dense_backward_writes_every_gradient_row(monkeypatch, shape, kw):
     _check("v2", q, k, v, do, torch.float32, **kw)
 
 
-_STAGGER_ON = dict(varlen=False, mask=0, one_loop=True, d=256, pairs=32 * 8, seqlen_q=512, seqlen_k=512)
+_STAGGER_ON = dict(varlen=False, mask=0, one_loop=True, d=256, pairs=32 * 8, seqlen_q=512, seqlen_k=512, group=1)
 
 
 @pytest.mark.parametrize("change,on", [
@@ -702,10 +702,10 @@ _STAGGER_ON = dict(varlen=False, mask=0, one_loop=True, d=256, pairs=32 * 8, seq
     ({"seqlen_k": 1024}, True),
     ({"d": 128}, False), ({"d": 64}, False), ({"mask": 1}, False), ({"mask": 2}, False), ({"varlen": True}, False),
     ({"one_loop": False}, False), ({"seqlen_k": 2048}, False), ({"seqlen_k": 128}, False),
-    ({"pairs": 8}, False), ({"hopper": False}, False)])
+    ({"pairs": 8}, False), ({"group": 4}, False), ({"hopper": False}, False)])
 def test_v2_stagger_rule(change, on, monkeypatch):
     """`v2.STAGGER`'s rule (`_stagger_args`): the second wave's starts spread over a ramp of STAGGER_NS_PER_KEY ns a
-    key only on Hopper, dense, unmasked, one-loop, head-dim class 256, keys in STAGGER_KEYS and at least
+    key only on Hopper, dense, unmasked, one-loop, without GQA, head-dim class 256, keys in STAGGER_KEYS and at least
     STAGGER_MIN_WAVES waves of 128-row tiles; (0, 0, 0, 0) (no delay, STAGGER constexpr off) anywhere else."""
     from hf_flashattn.kernels import _common as C
     from hf_flashattn.kernels import v2

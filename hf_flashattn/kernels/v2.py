@@ -225,9 +225,9 @@ ONE_LOOP = env_get("HF_FLASHATTN_ONE_LOOP", "1") == "1"
 # tensor cores idle. Delaying the programs of the second wave by 0 .. half a tile's time, in launch order, puts the
 # SMs out of step for the rest of the launch, at the price of that idle start. On the H100 (rounds in one process,
 # bitwise equal results; benchmarks/NOTES.md, twenty-fourth session): 0.95x the time at 512 keys (four probes), 0.95x
-# at 1k, 0.97x at 256, nothing at 2k; slower under a causal mask (its tiles differ and are out of step already) and at
-# d128 (two or three programs an SM). The ramp, in nanoseconds a key of the tile's key range, and the keys where it
-# applies:
+# at 768 and 1k, 0.97x at 256, 0.97x at d192 512, nothing at 2k; slower under a causal mask (its tiles differ and are
+# out of step already), with GQA 8/2 (less HBM traffic to contend for) and at d128 (two or three programs an SM). The
+# ramp, in nanoseconds a key of the tile's key range, and the keys where it applies:
 STAGGER_NS_PER_KEY = 27
 STAGGER_KEYS = (256, 1024)
 STAGGER_MIN_WAVES = 4   # so that the idle start is a small part of the launch (the grid's points have 7.8 waves)
@@ -275,7 +275,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
             C.seq_bucket(max_seqlen_q), C.mask_kind(window_size), H // Hk, C.group_tiles("v2"))
     fold = FOLD and softcap == 0 and softmax_scale > 0
     stagger = _stagger_args(q.device, varlen, C.mask_kind(window_size), ONE_LOOP and fold, D, H * batch,
-                            max_seqlen_q, max_seqlen_k)
+                            max_seqlen_q, max_seqlen_k, H // Hk)
     meta = dict(HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), IS_VARLEN=varlen,
                 SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype), FOLD=fold, LEFT=C.left_edge(window_size),
                 ONE_LOOP=ONE_LOOP and fold, STAGGER=stagger[1] > stagger[0])
@@ -286,18 +286,19 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
 
 
 def _stagger_args(device, varlen: bool, mask: int, one_loop: bool, d: int, pairs: int, seqlen_q: int,
-                  seqlen_k: int) -> tuple:
+                  seqlen_k: int, group: int = 1) -> tuple:
     """The kernel's (stagger_lo, stagger_hi, stagger_ns, stagger_ramp): `STAGGER`'s rule or its override; (0, 0, 0, 0)
     where no program is delayed. The rule: Hopper, dense, no mask, the one-loop kernel (no softcap), head-dim class
     256 (one program an SM in every config, so the second wave is the launch's programs [SMs, 2 * SMs)), keys in
-    STAGGER_KEYS, at least STAGGER_MIN_WAVES waves of 128-row tiles (pairs: heads x sequences)."""
+    STAGGER_KEYS, at least STAGGER_MIN_WAVES waves of 128-row tiles (pairs: heads x sequences), one query head a key
+    head (group 1: with GQA 8/2 at 512 keys it measured 1.3% slower, its keys and values a quarter of the traffic)."""
     if STAGGER == "off" or C._INTERPRETING or device.type != "cuda":
         return 0, 0, 0, 0
     n = C.num_sms(device)
     if STAGGER is not None:
         lo, hi, ns, ramp = STAGGER
         return int(lo * n), int(hi * n), int(ns), int(ramp)
-    if (varlen or mask != 0 or not one_loop or C.head_dim_class(d) != 256
+    if (varlen or mask != 0 or not one_loop or group != 1 or C.head_dim_class(d) != 256
             or not STAGGER_KEYS[0] <= seqlen_k <= STAGGER_KEYS[1]
             or C.cdiv(seqlen_q, 128) * pairs < STAGGER_MIN_WAVES * n or not is_hopper(device)):
         return 0, 0, 0, 0

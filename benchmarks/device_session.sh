@@ -150,6 +150,8 @@ for spec in "$@"; do
                fp8) sel="-k regex:_fp8_fwd_kernel -s 2 -c 1" ;;
                dkdv) sel="-k regex:_dkdv_kernel -s 2 -c 1" ;;
                gluon-fwd) sel="-k regex:_fwd_kernel_ws -s 2 -c 1" ;;
+               v2-fwd128|v2-fwd256c) sel="-k regex:^_fwd_kernel$ -s 2 -c 1" ;;
+               flash-fwd128) sel="-k regex:flash_fwd -s 2 -c 1" ;;
                *) sel="--profile-from-start off -s 2 -c 2" ;;   # cudnn-fwd: its launches inside the range
              esac
              src=$([ "${NCU_SOURCE:-0}" = 1 ] && echo "--import-source yes")

@@ -6,7 +6,8 @@
 Targets: fp8 (the FP8 forward, d128, 16k, not causal, its default tile), dkdv (v2's dK/dV pass, d64, 16k, causal,
 the 1B recipe's head dim, its default tile), gluon-fwd (v3's Gluon forward, d128, 4k, B = 4, H = 16, not causal: the
 grid's point), cudnn-fwd (SDPA's cuDNN forward on the same inputs, its launches alone inside a profiler range: run ncu
-with --profile-from-start off). device_session.sh's phase `ncu` runs $NCU_TARGETS (default fp8 dkdv) and writes the
+with --profile-from-start off), v2-fwd128 / v2-fwd256c / flash-fwd128 (v2's forward at the grid's d128 512 unmasked
+point with the autotuner's pick there, at d256 512 causal, and SDPA-flash at d128 512). device_session.sh's phase `ncu` runs $NCU_TARGETS (default fp8 dkdv) and writes the
 details pages as text.
 """
 from __future__ import annotations
@@ -55,8 +56,27 @@ def main(target):
                     torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
                 torch.cuda.synchronize()
                 torch.cuda.cudart().cudaProfilerStop()
+    elif target in ("v2-fwd128", "v2-fwd256c", "flash-fwd128"):
+        # issue 2's 512-token forwards: d128 unmasked (the autotuner's pick there, 64 x 32 at 168 registers, forced)
+        # and d256 causal (its default config is the pick), and SDPA-flash on the d128 point
+        D, causal = (256, True) if target == "v2-fwd256c" else (128, False)
+        B, S, H = 32, 512, 2048 // D
+        q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        if target == "flash-fwd128":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                for _ in range(4):
+                    torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
+        else:
+            from hf_flashattn.kernels import v2
+            if D == 128:
+                v2._fwd_launch.force = v2._fwd_config(0, 64, 32, 4, 3, 168)
+            for _ in range(4):
+                fa.flash_attn_func(q, k, v, causal=causal, version="v2")
     else:
-        raise SystemExit(f"unknown target {target!r}: fp8, dkdv, gluon-fwd or cudnn-fwd")
+        raise SystemExit(f"unknown target {target!r}: fp8, dkdv, gluon-fwd, cudnn-fwd, v2-fwd128, v2-fwd256c or "
+                         "flash-fwd128")
     torch.cuda.synchronize()
 
 

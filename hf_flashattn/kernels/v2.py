@@ -226,8 +226,9 @@ ONE_LOOP = env_get("HF_FLASHATTN_ONE_LOOP", "1") == "1"
 # SMs out of step for the rest of the launch, at the price of that idle start. On the H100 (rounds in one process,
 # bitwise equal results; benchmarks/NOTES.md, twenty-fourth session): 0.95x the time at 512 keys (four probes), 0.95x
 # at 768 and 1k, 0.97x at 256, 0.97x at d192 512, nothing at 2k; slower under a causal mask (its tiles differ and are
-# out of step already), with GQA 8/2 (less HBM traffic to contend for) and at d128 (two or three programs an SM). The
-# ramp, in nanoseconds a key of the tile's key range, and the keys where it applies:
+# out of step already), with GQA 8/2 (less HBM traffic to contend for) and at d128 (two or three programs an SM). On an
+# H200: 0.97x at 512-1k, 0.98x at 256 (results/2026-11-27-h200-probe-stagger-rule.md). The ramp, in nanoseconds a key
+# of the tile's key range, and the keys where it applies:
 STAGGER_NS_PER_KEY = 27
 STAGGER_KEYS = (256, 1024)
 STAGGER_MIN_WAVES = 4   # so that the idle start is a small part of the launch (the grid's points have 7.8 waves)

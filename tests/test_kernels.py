@@ -736,6 +736,21 @@ def test_v2_stagger_switch(monkeypatch):
     assert v2._stagger_args(cuda, *_STAGGER_ON.values()) == (0, 0, 0, 0)
 
 
+@pytest.mark.parametrize("text,want", [("", None), (" ", None), ("0", "off"), ("1,2,0,14000", (1.0, 2.0, 0.0, 14000.0)),
+                                       ("0.5, 1, 7000, 0", (0.5, 1.0, 7000.0, 0.0)), ("1,2", ValueError),
+                                       ("abc", ValueError), ("1,2,3,4,5", ValueError), ("2,1,0,0", ValueError),
+                                       ("1,2,-5,0", ValueError)])
+def test_v2_stagger_env(text, want):
+    """HF_FLASHATTN_V2_STAGGER's parse (`v2.parse_stagger`): unset -> the rule, 0 -> off, four numbers -> the override;
+    anything else a ValueError naming the variable and the accepted forms, not an unpack error at the first call."""
+    from hf_flashattn.kernels import v2
+    if want is ValueError:
+        with pytest.raises(ValueError, match=r"HF_FLASHATTN_V2_STAGGER=.*set it to 0.*LO,HI,NS,RAMP"):
+            v2.parse_stagger(text)
+    else:
+        assert v2.parse_stagger(text) == want
+
+
 _COMPILE_V2 = r"""
 import json, sys, triton
 from triton.backends.compiler import GPUTarget

@@ -235,8 +235,29 @@ STAGGER_MIN_WAVES = 4   # so that the idle start is a small part of the launch (
 # None: that rule. "off", or HF_FLASHATTN_V2_STAGGER=0 at import: never. A tuple (lo, hi, ns, ramp) (a diagnostic, the
 # benchmarks' variants, or HF_FLASHATTN_V2_STAGGER="LO,HI,NS,RAMP"): the programs of launch order [lo * SMs, hi * SMs)
 # of every launch delayed by ns + ramp * (their place in that range) nanoseconds.
-_stagger_env = env_get("HF_FLASHATTN_V2_STAGGER", "")
-STAGGER = "off" if _stagger_env == "0" else tuple(float(x) for x in _stagger_env.split(",")) if _stagger_env else None
+
+
+def parse_stagger(text: str):
+    """HF_FLASHATTN_V2_STAGGER's value as `STAGGER`: "" -> None (the rule), "0" -> "off", "LO,HI,NS,RAMP" -> a tuple of
+    four non-negative numbers with LO <= HI; anything else a ValueError naming the variable, the value and the fix."""
+    text = text.strip()
+    if not text:
+        return None
+    if text == "0":
+        return "off"
+    try:
+        value = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        value = ()
+    if len(value) != 4 or min(value) < 0 or value[0] > value[1]:
+        raise ValueError(f"HF_FLASHATTN_V2_STAGGER={text!r} is not understood: set it to 0 (no delay), leave it "
+                         "unset (the rule), or give LO,HI,NS,RAMP (four non-negative numbers, LO <= HI: the programs "
+                         "of launch order [LO x SMs, HI x SMs) delayed NS + RAMP x their place in that range "
+                         "nanoseconds)")
+    return value
+
+
+STAGGER = parse_stagger(env_get("HF_FLASHATTN_V2_STAGGER", ""))
 
 
 def use_split_kv(q, k, varlen: bool) -> bool:

@@ -713,7 +713,7 @@ def test_v2_stagger_rule(change, on, monkeypatch):
     monkeypatch.setattr(C, "_INTERPRETING", False)
     monkeypatch.setattr(C, "num_sms", lambda device: 132)
     monkeypatch.setattr(v2, "is_hopper", lambda device: change.get("hopper", True))
-    got = v2._stagger_args(torch.device("cuda", 0), *kw.values())
+    got = v2._stagger_args(torch.device("cuda", 0), **kw)
     assert got == ((132, 264, 0, v2.STAGGER_NS_PER_KEY * kw["seqlen_k"]) if on else (0, 0, 0, 0))
 
 
@@ -727,13 +727,13 @@ def test_v2_stagger_switch(monkeypatch):
     monkeypatch.setattr(C, "num_sms", lambda device: 100)
     monkeypatch.setattr(v2, "is_hopper", lambda device: True)
     monkeypatch.setattr(v2, "STAGGER", "off")
-    assert v2._stagger_args(cuda, *_STAGGER_ON.values()) == (0, 0, 0, 0)
+    assert v2._stagger_args(cuda, **_STAGGER_ON) == (0, 0, 0, 0)
     monkeypatch.setattr(v2, "STAGGER", (0.5, 2.0, 7000.0, 100.0))
     assert v2._stagger_args(cuda, True, 1, False, 64, 1, 16, 16) == (50, 200, 7000, 100)
-    assert v2._stagger_args(torch.device("cpu"), *_STAGGER_ON.values()) == (0, 0, 0, 0)
+    assert v2._stagger_args(torch.device("cpu"), **_STAGGER_ON) == (0, 0, 0, 0)
     monkeypatch.setattr(C, "_INTERPRETING", True)
     monkeypatch.setattr(v2, "STAGGER", None)
-    assert v2._stagger_args(cuda, *_STAGGER_ON.values()) == (0, 0, 0, 0)
+    assert v2._stagger_args(cuda, **_STAGGER_ON) == (0, 0, 0, 0)
 
 
 @pytest.mark.parametrize("text,want", [("", None), (" ", None), ("0", "off"), ("1,2,0,14000", (1.0, 2.0, 0.0, 14000.0)),

@@ -64,6 +64,12 @@ def group_tiles(kernel: str) -> int:
 
 
 @triton.jit
+def launch_index():
+    """This program's place in its launch's order (a 3-D grid read x fastest, as the hardware starts them)."""
+    return tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))
+
+
+@triton.jit
 def grouped_tile(seqlen_k, group_tiles, HEAD_DIM: tl.constexpr):
     """(pid_m, h, b) of this program of a grid (n_m, H, B) of query tiles. Programs start in launch order (x fastest);
     read in that order, the (batch, head) pairs come in groups of g, and within a group the row tiles from the last
@@ -74,8 +80,7 @@ def grouped_tile(seqlen_k, group_tiles, HEAD_DIM: tl.constexpr):
     together (GROUP_L2_ELEMS), at least 1 (then: one head's tiles in a row, heaviest first)."""
     n_m = tl.num_programs(0)
     n_h = tl.num_programs(1)
-    lin = tl.program_id(0) + n_m * (tl.program_id(1) + n_h * tl.program_id(2))
-    mi, bh = grouped_rank(lin, n_m, n_h * tl.num_programs(2),
+    mi, bh = grouped_rank(launch_index(), n_m, n_h * tl.num_programs(2),
                           (GROUP_L2_ELEMS // (2 * HEAD_DIM)) // tl.maximum(seqlen_k, 1), group_tiles)
     return n_m - 1 - mi, bh % n_h, bh // n_h
 

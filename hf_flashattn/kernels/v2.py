@@ -118,8 +118,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     # `grouped_tile`'s order.
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     if STAGGER:   # the second wave's starts spread (`STAGGER` below)
-        C.stagger(tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2)),
-                  stagger_lo, stagger_hi, stagger_ns, stagger_ramp)
+        C.stagger(C.launch_index(), stagger_lo, stagger_hi, stagger_ns, stagger_ramp)
     pid_m, h, b = grouped_tile(seqlen_k, group_tiles, HEAD_DIM)   # heaviest (last, under causal) blocks first
     b = b.to(tl.int64)
     q_start, k_start, Sq, Sk = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
@@ -290,14 +289,15 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     left, right = C.window_args(window_size, max_seqlen_q, max_seqlen_k)
     qk_scale, cap_scale = C.score_scales(softmax_scale, softcap)
     stride_l = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+    mask = C.mask_kind(window_size)
     args = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
             *C.seq_layout(q, varlen), *C.seq_layout(k, varlen), *C.seq_layout(v, varlen),
             *C.seq_layout(out, varlen), *stride_l,
             max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale,
-            C.seq_bucket(max_seqlen_q), C.mask_kind(window_size), H // Hk, C.group_tiles("v2"))
+            C.seq_bucket(max_seqlen_q), mask, H // Hk, C.group_tiles("v2"))
     fold = FOLD and softcap == 0 and softmax_scale > 0
-    stagger = _stagger_args(q.device, varlen, C.mask_kind(window_size), ONE_LOOP and fold, D, H * batch,
-                            max_seqlen_q, max_seqlen_k, H // Hk)
+    stagger = _stagger_args(q.device, varlen, mask, ONE_LOOP and fold, D, H * batch, max_seqlen_q, max_seqlen_k,
+                            H // Hk)
     meta = dict(HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), IS_VARLEN=varlen,
                 SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype), FOLD=fold, LEFT=C.left_edge(window_size),
                 ONE_LOOP=ONE_LOOP and fold, STAGGER=stagger[1] > stagger[0])
@@ -316,13 +316,15 @@ def _stagger_args(device, varlen: bool, mask: int, one_loop: bool, d: int, pairs
     head (group 1: with GQA 8/2 at 512 keys it measured 1.3% slower, its keys and values a quarter of the traffic)."""
     if STAGGER == "off" or C._INTERPRETING or device.type != "cuda":
         return 0, 0, 0, 0
-    n = C.num_sms(device)
     if STAGGER is not None:
+        n = C.num_sms(device)
         lo, hi, ns, ramp = STAGGER
         return int(lo * n), int(hi * n), int(ns), int(ramp)
     if (varlen or mask != 0 or not one_loop or group != 1 or C.head_dim_class(d) != 256
-            or not STAGGER_KEYS[0] <= seqlen_k <= STAGGER_KEYS[1]
-            or C.cdiv(seqlen_q, 128) * pairs < STAGGER_MIN_WAVES * n or not is_hopper(device)):
+            or not STAGGER_KEYS[0] <= seqlen_k <= STAGGER_KEYS[1]):   # most calls leave here
+        return 0, 0, 0, 0
+    n = C.num_sms(device)
+    if C.cdiv(seqlen_q, 128) * pairs < STAGGER_MIN_WAVES * n or not is_hopper(device):
         return 0, 0, 0, 0
     return n, 2 * n, 0, STAGGER_NS_PER_KEY * seqlen_k
 

@@ -337,7 +337,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_DESC, DO_DESC, CU_Q,
     # Grid: (cdiv(max_seqlen_k, BLOCK_N) (x2 if SPLIT), nheads_k, batch); `_dkdv_program`.
     n_m = tl.num_programs(0)
     n_h = tl.num_programs(1)
-    lin = tl.program_id(0) + n_m * (tl.program_id(1) + n_h * tl.program_id(2))
+    lin = C.launch_index()
     _dkdv_program(lin, n_m, n_h, n_h * tl.num_programs(2), Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_DESC, DO_DESC,
                   CU_Q, CU_K, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
                   stride_vh, stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh, stride_dvb,
@@ -477,7 +477,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, K_DESC, V_DESC, CU_Q, CU_K,
     # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch); `_dq_program`.
     n_m = tl.num_programs(0)
     n_h = tl.num_programs(1)
-    lin = tl.program_id(0) + n_m * (tl.program_id(1) + n_h * tl.program_id(2))
+    lin = C.launch_index()
     _dq_program(lin, n_m, n_h, n_h * tl.num_programs(2), Q, K, V, DO, LSE, DELTA, DQ, K_DESC, V_DESC, CU_Q, CU_K,
                 stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
                 stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,

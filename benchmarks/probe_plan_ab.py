@@ -9,9 +9,7 @@ its autotuner's pick; `v2:D:BMxBN:WARPS:STAGES[:MAXNREG]`: v2's kernel with that
 with masked scores testing the window's left edge too (`_common.SKIP_LEFT` off); + `+oneloop`: v3.py's and v2's
 forwards with every key block in one loop (`v3.ONE_LOOP`, `v2.ONE_LOOP` on); + `+stLO_HI_NS_RAMP`: v2's programs of
 launch order [LO, HI) x SMs started NS + RAMP x (place in the range) nanoseconds late (`v2.STAGGER`), `+nost`: none
-(v2.STAGGER "off"; without either, v2's rule); `+pfN`: each v2 program asks L2 for the Q rows and first key
-block of the tile N x SMs programs later in launch order (`v2.PREFETCH`), `+pfself`: of its own tile; any may follow
-a name. --flash:
+(v2.STAGGER "off"; without either, v2's rule); any may follow a name. --flash:
 SDPA's flash backend timed too (v2's bar).
 
     python benchmarks/probe_plan_ab.py --out DIR [--rounds 7] [--points d128-4k,...] [--variants base,pingpong]
@@ -91,8 +89,6 @@ def variant_runner(G, name, pl, *a):
         if x.startswith("st"):
             lo, hi, ns, ramp = (float(y) for y in x[2:].split("_"))
             switches[x] = [(v2, "STAGGER", (lo, hi, ns, ramp))]
-        elif x.startswith("pf"):   # +pfN: v2.PREFETCH = N (the tile N x SMs programs later), +pfself: 0 (its own)
-            switches[x] = [(v2, "PREFETCH", 0.0 if x == "pfself" else float(x[2:]))]
     unknown = [x for x in flags if x not in switches]
     if unknown:
         raise SystemExit(f"unknown variant suffix {unknown} in {name}")

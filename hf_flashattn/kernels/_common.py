@@ -71,22 +71,16 @@ def launch_index():
 
 @triton.jit
 def grouped_tile(seqlen_k, group_tiles, HEAD_DIM: tl.constexpr):
-    """(pid_m, h, b) of this program of a grid (n_m, H, B) of query tiles: `grouped_tile_at` of its launch index."""
-    return grouped_tile_at(launch_index(), seqlen_k, group_tiles, HEAD_DIM)
-
-
-@triton.jit
-def grouped_tile_at(lin, seqlen_k, group_tiles, HEAD_DIM: tl.constexpr):
-    """(pid_m, h, b) of the lin-th program of this grid (n_m, H, B) of query tiles. Programs start in launch order (x
-    fastest); read in that order, the (batch, head) pairs come in groups of g, and within a group the row tiles from
-    the last (the heaviest under a causal mask) to the first, each tile of the g heads in turn: the longest tiles of
-    every group start first, the shortest end it, so the launch's last wave holds the shortest tiles (at d64 1k
-    causal a static model gives 142 against 150 time units for one head's tiles in a row, 139.6 the ideal). g: about
+    """(pid_m, h, b) of this program of a grid (n_m, H, B) of query tiles. Programs start in launch order (x fastest);
+    read in that order, the (batch, head) pairs come in groups of g, and within a group the row tiles from the last
+    (the heaviest under a causal mask) to the first, each tile of the g heads in turn: the longest tiles of every
+    group start first, the shortest end it, so the launch's last wave holds the shortest tiles (at d64 1k causal a
+    static model gives 142 against 150 time units for one head's tiles in a row, 139.6 the ideal). g: about
     group_tiles tiles a group (a few waves of programs), at most as many heads as keep their keys and values in L2
     together (GROUP_L2_ELEMS), at least 1 (then: one head's tiles in a row, heaviest first)."""
     n_m = tl.num_programs(0)
     n_h = tl.num_programs(1)
-    mi, bh = grouped_rank(lin, n_m, n_h * tl.num_programs(2),
+    mi, bh = grouped_rank(launch_index(), n_m, n_h * tl.num_programs(2),
                           (GROUP_L2_ELEMS // (2 * HEAD_DIM)) // tl.maximum(seqlen_k, 1), group_tiles)
     return n_m - 1 - mi, bh % n_h, bh // n_h
 
@@ -107,15 +101,6 @@ def grouped_rank(lin, n_m, n_bh, l2_pairs, group_tiles):
     mi = r // size
     bh = first + r - mi * size
     return mi, bh
-
-
-@triton.jit
-def prefetch_l2(ptrs):
-    """Ask L2 for the 128-byte lines at ptrs (a tensor of addresses, each a valid one: the caller clamps), without
-    waiting and without registers for the data (`prefetch.global.L2`): a later load of those lines finds them in L2
-    instead of HBM. Only in kernels compiled for the GPU (inline PTX). Returns a dummy to be ignored."""
-    return tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                                     is_pure=False, pack=1)
 
 
 @triton.jit

@@ -17,8 +17,8 @@ import triton.language as tl
 
 from .._runtime import env_get, is_hopper
 from . import _common as C
-from ._common import (body_end, grouped_tile, grouped_tile_at, load_rows_pair, log2_scores, normalise_rows,
-                      seq_bounds, softmax_step, softmax_tile, tile_range, visible)
+from ._common import (body_end, grouped_tile, load_rows_pair, log2_scores, normalise_rows, seq_bounds, softmax_step,
+                      softmax_tile, tile_range, visible)
 
 
 @triton.jit
@@ -100,7 +100,7 @@ def kv_block(acc, l_i, m_i, q, k, v, offs_m, cols, Sk, diag, left, right, qk_sca
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "SEQ_BUCKET",
                              "MASK_KIND", "group", "group_tiles", "stagger_lo", "stagger_hi", "stagger_ns",
-                             "stagger_ramp", "prefetch_ahead"])
+                             "stagger_ramp"])
 def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 stride_qb, stride_qm, stride_qh,
                 stride_kb, stride_kn, stride_kh,
@@ -108,12 +108,11 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 stride_ob, stride_om, stride_oh,
                 stride_lb, stride_lh,
                 seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, SEQ_BUCKET, MASK_KIND,
-                group, group_tiles, stagger_lo, stagger_hi, stagger_ns, stagger_ramp, prefetch_ahead,
+                group, group_tiles, stagger_lo, stagger_hi, stagger_ns, stagger_ramp,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                 SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr, FOLD: tl.constexpr = False,
-                LEFT: tl.constexpr = True, ONE_LOOP: tl.constexpr = False, STAGGER: tl.constexpr = False,
-                PREFETCH: tl.constexpr = False):
+                LEFT: tl.constexpr = True, ONE_LOOP: tl.constexpr = False, STAGGER: tl.constexpr = False):
     # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program computes the BLOCK_M rows of
     # O and lse of one (query block, head, sequence), walking the visible key blocks; programs take their tiles in
     # `grouped_tile`'s order.
@@ -137,10 +136,6 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     row_ok = offs_m < Sq
     q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
                 mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    if PREFETCH:   # dense only: the tile prefetch_ahead programs later in launch order, its Q and first keys to L2
-        _prefetch_tile(C.launch_index() + prefetch_ahead, Q, K, V, stride_qb, stride_qm, stride_qh, stride_kb,
-                       stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, seqlen_q, seqlen_k, window_left,
-                       window_right, group, group_tiles, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -172,29 +167,6 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     O_base = O + b * stride_ob + h64 * stride_oh + q_start * stride_om
     tl.store(O_base + offs_m[:, None] * stride_om + offs_d[None, :], acc.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
-
-
-@triton.jit
-def _prefetch_tile(lin, Q, K, V, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb,
-                   stride_vn, stride_vh, Sq, Sk, left, right, group, group_tiles, HEAD_DIM: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Ask L2 for the Q rows and the first key and value block of the lin-th program's tile (launch order, a dense
-    launch: every sequence Sq x Sk), one `prefetch.global.L2` a 128-byte line, addresses clamped into the tensors;
-    nothing when lin is past the launch. The program that takes that tile (on whichever SM) then loads them from L2,
-    not HBM."""
-    if lin < tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2):
-        pid_m, h, b = grouped_tile_at(lin, Sk, group_tiles, HEAD_DIM)
-        b = b.to(tl.int64)
-        m0 = pid_m * BLOCK_M
-        LINE: tl.constexpr = 64 if BLOCK_D > 64 else BLOCK_D   # elements a line (16-bit ones; fp32 gets half the lines)
-        cols = tl.minimum(tl.arange(0, BLOCK_D // LINE) * LINE, HEAD_DIM - 1)
-        rows = tl.minimum(m0 + tl.arange(0, BLOCK_M), Sq - 1)
-        C.prefetch_l2(Q + b * stride_qb + h.to(tl.int64) * stride_qh + rows[:, None] * stride_qm + cols[None, :])
-        lo = tile_range(m0, BLOCK_M, Sk - Sq, left, right, Sk, BLOCK_N)[0]
-        keys = tl.minimum(lo + tl.arange(0, BLOCK_N), Sk - 1)
-        kvh = (h // group).to(tl.int64)
-        C.prefetch_l2(K + b * stride_kb + kvh * stride_kh + keys[:, None] * stride_kn + cols[None, :])
-        C.prefetch_l2(V + b * stride_vb + kvh * stride_vh + keys[:, None] * stride_vn + cols[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,33 +259,6 @@ def parse_stagger(text: str):
 STAGGER = parse_stagger(env_get("HF_FLASHATTN_V2_STAGGER", ""))
 
 
-# Each program of a dense forward asks L2 for the Q rows and first key block of the tile `PREFETCH` x SMs programs
-# later in launch order (`_prefetch_tile`): that tile's program, starting a wave later, then waits for L2 instead of
-# HBM before its first product (the tile's start, which nothing else on a one-program SM hides). None or "off": never
-# (the default until measured); a number N >= 0 (a diagnostic, the benchmarks' variants, or HF_FLASHATTN_V2_PREFETCH):
-# N x SMs programs ahead; 0: the program's own tile (its first keys requested while its Q load is in flight).
-def parse_prefetch(text: str):
-    """HF_FLASHATTN_V2_PREFETCH's value as `PREFETCH`: "" -> None (never), "0" or "off" -> "off", a positive number ->
-    it; anything else a ValueError naming the variable, the value and the fix."""
-    text = text.strip()
-    if not text:
-        return None
-    if text in ("0", "off"):
-        return "off"
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < float("inf"):
-        raise ValueError(f"HF_FLASHATTN_V2_PREFETCH={text!r} is not understood: set it to 0 or leave it unset (no "
-                         "prefetch), or give a positive number N (each program prefetches the tile N x SMs programs "
-                         "later in launch order)")
-    return value
-
-
-PREFETCH = parse_prefetch(env_get("HF_FLASHATTN_V2_PREFETCH", ""))
-
-
 def use_split_kv(q, k, varlen: bool) -> bool:
     """Decode-like shapes (a few queries, many keys) go to the split-KV kernel of decode.py: the same
     exact result (out and lse, so the backward is unchanged), but the key range is spread over many
@@ -353,13 +298,12 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     fold = FOLD and softcap == 0 and softmax_scale > 0
     stagger = _stagger_args(q.device, varlen, mask, ONE_LOOP and fold, D, H * batch, max_seqlen_q, max_seqlen_k,
                             H // Hk)
-    prefetch, ahead = _prefetch_ahead(q.device, varlen, max_seqlen_k)
     meta = dict(HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), IS_VARLEN=varlen,
                 SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype), FOLD=fold, LEFT=C.left_edge(window_size),
-                ONE_LOOP=ONE_LOOP and fold, STAGGER=stagger[1] > stagger[0], PREFETCH=prefetch)
-    _fwd_launch(lambda m: (C.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch), args + stagger + (ahead,), meta,
+                ONE_LOOP=ONE_LOOP and fold, STAGGER=stagger[1] > stagger[0])
+    _fwd_launch(lambda m: (C.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch), args + stagger, meta,
                 site_key=_site_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, left, right, fold,
-                                   meta["LEFT"], meta["ONE_LOOP"], meta["STAGGER"], meta["PREFETCH"]))
+                                   meta["LEFT"], meta["ONE_LOOP"], meta["STAGGER"]))
     return out, lse
 
 
@@ -383,14 +327,6 @@ def _stagger_args(device, varlen: bool, mask: int, one_loop: bool, d: int, pairs
     if C.cdiv(seqlen_q, 128) * pairs < STAGGER_MIN_WAVES * n or not is_hopper(device):
         return 0, 0, 0, 0
     return n, 2 * n, 0, STAGGER_NS_PER_KEY * seqlen_k
-
-
-def _prefetch_ahead(device, varlen: bool, seqlen_k: int):
-    """The kernel's (PREFETCH, prefetch_ahead): (True, `PREFETCH` x SMs programs) on a GPU for a dense launch with keys
-    where `PREFETCH` is a number, else (False, 0)."""
-    if PREFETCH is None or PREFETCH == "off" or varlen or seqlen_k < 1 or C._INTERPRETING or device.type != "cuda":
-        return False, 0
-    return True, int(PREFETCH * C.num_sms(device))
 
 
 def _site_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, left, right, *more):

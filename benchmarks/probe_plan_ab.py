@@ -9,8 +9,7 @@ its autotuner's pick; `v2:D:BMxBN:WARPS:STAGES[:MAXNREG]`: v2's kernel with that
 with masked scores testing the window's left edge too (`_common.SKIP_LEFT` off); + `+oneloop`: v3.py's and v2's
 forwards with every key block in one loop (`v3.ONE_LOOP`, `v2.ONE_LOOP` on); + `+stLO_HI_NS_RAMP`: v2's programs of
 launch order [LO, HI) x SMs started NS + RAMP x (place in the range) nanoseconds late (`v2.STAGGER`), `+nost`: none
-(v2.STAGGER "off"; without either, v2's rule); `+lazy`: v2's one-loop forward with the lazy rescale (`v2.LAZY`,
-checked against the reference rather than bitwise); any may follow a name. --flash:
+(v2.STAGGER "off"; without either, v2's rule); any may follow a name. --flash:
 SDPA's flash backend timed too (v2's bar).
 
     python benchmarks/probe_plan_ab.py --out DIR [--rounds 7] [--points d128-4k,...] [--variants base,pingpong]
@@ -86,7 +85,6 @@ def variant_runner(G, name, pl, *a):
     from hf_flashattn.kernels import v2, v3
     switches = {"left": [(C, "SKIP_LEFT", False)], "oneloop": [(v3, "ONE_LOOP", True), (v2, "ONE_LOOP", True)]}
     switches["nost"] = [(v2, "STAGGER", "off")]
-    switches["lazy"] = [(v2, "LAZY", True)]
     for x in flags:   # +stLO_HI_NS_RAMP: v2.STAGGER = (LO, HI, NS, RAMP), programs of the first waves started late
         if x.startswith("st"):
             lo, hi, ns, ramp = (float(y) for y in x[2:].split("_"))
@@ -207,16 +205,15 @@ def check(G, names):
             if pk:
                 kw.update(cu_seqlens_q=cu, cu_seqlens_k=cu)
             # the rule on the baseline and on every variant with other tiles (those are not bitwise equal to it)
-            # (`+lazy` changes the arithmetic: rule-checked, not bitwise)
-            exact = {n: same_tiles(plans[n], plans[names[0]]) and "+lazy" not in n for n in plans}
-            rules = {n: forward_rule(*res[n], q, k, v, **kw) for n in plans if n == names[0] or not exact[n]}
+            rules = {n: forward_rule(*res[n], q, k, v, **kw) for n in plans
+                     if n == names[0] or not same_tiles(plans[n], plans[names[0]])}
             rule = rules[names[0]]
             ok_ref = all(r["ok"] for r in rules.values())
             row = dict(dtype=str(dtype).split(".")[-1], shape=[D, Sq, Sk, B, H, Hk, list(win), pk], err=rule["err"],
                        torch_err=rule["torch_err"], lse_err=rule["lse_err"], ok_ref=ok_ref,
                        variant_err={n: r["err"] for n, r in rules.items() if n != names[0]},
                        bitwise={n: bool(torch.equal(res[n][0], base[0]) and torch.equal(res[n][1], base[1]))
-                                for n in plans if n != names[0] and exact[n]})
+                                for n in plans if n != names[0] and same_tiles(plans[n], plans[names[0]])})
             row["ok"] = bool(ok_ref and all(row["bitwise"].values()))
             rows.append(row)
             if not row["ok"]:

@@ -43,7 +43,7 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, start, en
 @triton.jit
 def _fwd_loop(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, hi, full_lo, full_hi, offs_m, offs_n, offs_d,
               Sk, diag, left, right, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-              DOT_PREC: tl.constexpr, LEFT: tl.constexpr, LAZY: tl.constexpr = False):
+              DOT_PREC: tl.constexpr, LEFT: tl.constexpr):
     """Every key block of the tile, [lo, hi), in one pipelined loop (the scale folded, no softcap: the kernel's
     ONE_LOOP), so that a tile sets up one software pipeline instead of three (`_fwd_inner`'s): the scores of the
     blocks outside the band [full_lo, full_hi) masked in a branch on the block's position; the block that crosses the
@@ -54,59 +54,17 @@ def _fwd_loop(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, hi, fu
         k_ptrs = K_base + cols[:, None] * stride_kn + offs_d[None, :]
         v_ptrs = V_base + cols[:, None] * stride_vn + offs_d[None, :]
         k, v = load_rows_pair(k_ptrs, v_ptrs, cols, Sk, offs_d, HEAD_DIM, BLOCK_D, False)
-        if LAZY:
-            acc, l_i, m_i = _kv_block_lazy(acc, l_i, m_i, q, k, v, offs_m, cols, Sk, diag, left, right, qk_scale,
-                                           False, DOT_PREC, LEFT, (start_n < full_lo) | (start_n >= full_hi), True)
-        else:
-            acc, l_i, m_i = kv_block(acc, l_i, m_i, q, k, v, offs_m, cols, Sk, diag, left, right, qk_scale, 1.0,
-                                     False, False, DOT_PREC, None, False, True, LEFT,
-                                     (start_n < full_lo) | (start_n >= full_hi), True)
+        acc, l_i, m_i = kv_block(acc, l_i, m_i, q, k, v, offs_m, cols, Sk, diag, left, right, qk_scale, 1.0, False,
+                                 False, DOT_PREC, None, False, True, LEFT, (start_n < full_lo) | (start_n >= full_hi),
+                                 True)
     if body_hi < hi:
         cols = body_hi + offs_n
         k, v = load_rows_pair(K_base + cols[:, None] * stride_kn + offs_d[None, :],
                               V_base + cols[:, None] * stride_vn + offs_d[None, :], cols, Sk, offs_d, HEAD_DIM,
                               BLOCK_D, True)
-        if LAZY:
-            acc, l_i, m_i = _kv_block_lazy(acc, l_i, m_i, q, k, v, offs_m, cols, Sk, diag, left, right, qk_scale,
-                                           True, DOT_PREC, LEFT, False, False)
-        else:
-            acc, l_i, m_i = kv_block(acc, l_i, m_i, q, k, v, offs_m, cols, Sk, diag, left, right, qk_scale, 1.0,
-                                     True, False, DOT_PREC, None, False, True, LEFT)
+        acc, l_i, m_i = kv_block(acc, l_i, m_i, q, k, v, offs_m, cols, Sk, diag, left, right, qk_scale, 1.0, True,
+                                 False, DOT_PREC, None, False, True, LEFT)
     return acc, l_i, m_i
-
-
-# `_kv_block_lazy`: a row's running max moves only when a block raises it by more than 2^LAZY_LOG2 (FlashAttention-4's
-# lazy rescale); until then p <= 2^LAZY_LOG2 and neither l nor the accumulator is rescaled
-LAZY_LOG2 = tl.constexpr(8.0)
-
-
-@triton.jit
-def _kv_block_lazy(acc, l_i, m_i, q, k, v, offs_m, cols, Sk, diag, left, right, qk_scale, MASKED: tl.constexpr,
-                   DOT_PREC: tl.constexpr, LEFT: tl.constexpr, edge, EDGE: tl.constexpr):
-    """`kv_block` with FOLD and the lazy rescale: when no row of the tile has a block max above its running max + 8
-    (log2 units; a program-wide vote), every row keeps its max and the block's p (at most 2^8) is added to l and the
-    accumulator unscaled; otherwise the usual step (alpha applied to every row). Exact in exact arithmetic: l and the
-    accumulator share each row's reference max, the epilogue divides one by the other."""
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-    if EDGE:
-        if edge:
-            qk = tl.where(visible(offs_m, cols, diag, left, right, Sk, LEFT), qk, float("-inf"))
-    if MASKED:
-        qk = tl.where(visible(offs_m, cols, diag, left, right, Sk, LEFT), qk, float("-inf"))
-    m_blk = tl.max(qk, 1) * qk_scale
-    if tl.max((m_blk > m_i + LAZY_LOG2).to(tl.int32), 0) > 0:
-        m_new = tl.maximum(m_i, m_blk)
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(qk * qk_scale - m_shift[:, None])
-        alpha = tl.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-    else:
-        m_new = m_i
-        p = tl.exp2(qk * qk_scale - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
-        l_i = l_i + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-    return acc, l_i, m_new
 
 
 @triton.jit
@@ -154,8 +112,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                 SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr, FOLD: tl.constexpr = False,
-                LEFT: tl.constexpr = True, ONE_LOOP: tl.constexpr = False, STAGGER: tl.constexpr = False,
-                LAZY: tl.constexpr = False):
+                LEFT: tl.constexpr = True, ONE_LOOP: tl.constexpr = False, STAGGER: tl.constexpr = False):
     # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program computes the BLOCK_M rows of
     # O and lse of one (query block, head, sequence), walking the visible key blocks; programs take their tiles in
     # `grouped_tile`'s order.
@@ -188,7 +145,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     if ONE_LOOP:   # the scale folded, no softcap: every block in one loop (`_fwd_loop`)
         acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, hi, full_lo, full_hi,
                                   offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, HEAD_DIM,
-                                  BLOCK_D, BLOCK_N, DOT_PREC, LEFT, LAZY)
+                                  BLOCK_D, BLOCK_N, DOT_PREC, LEFT)
     else:
         # left edge of a sliding window (masked), the band every row sees (unmasked), the diagonal /
         # right edge and the key tail (masked)
@@ -301,9 +258,6 @@ def parse_stagger(text: str):
 
 STAGGER = parse_stagger(env_get("HF_FLASHATTN_V2_STAGGER", ""))
 
-# The one-loop forward's lazy rescale (`_kv_block_lazy`): a diagnostic, off until measured.
-LAZY = False
-
 
 def use_split_kv(q, k, varlen: bool) -> bool:
     """Decode-like shapes (a few queries, many keys) go to the split-KV kernel of decode.py: the same
@@ -346,10 +300,10 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
                             H // Hk)
     meta = dict(HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), IS_VARLEN=varlen,
                 SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype), FOLD=fold, LEFT=C.left_edge(window_size),
-                ONE_LOOP=ONE_LOOP and fold, STAGGER=stagger[1] > stagger[0], LAZY=bool(LAZY) and ONE_LOOP and fold)
+                ONE_LOOP=ONE_LOOP and fold, STAGGER=stagger[1] > stagger[0])
     _fwd_launch(lambda m: (C.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch), args + stagger, meta,
                 site_key=_site_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, left, right, fold,
-                                   meta["LEFT"], meta["ONE_LOOP"], meta["STAGGER"], meta["LAZY"]))
+                                   meta["LEFT"], meta["ONE_LOOP"], meta["STAGGER"]))
     return out, lse
 
 

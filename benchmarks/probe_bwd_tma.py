@@ -10,7 +10,9 @@ in their grids' own order (`_common.GROUP_TILES["v2_bwd"]` = 1, the order before
 (sequence, head) pair's tiles in a row); `v2-nomerge`, the two passes as two launches at every head dim
 (`v2_bwd.MERGE`), `v2-merge`, as one launch at every head dim; `v2-order1-nomerge`, both as before; `v2-groupall`, the
 groups at every length and mask (`v2_bwd.GROUP_RULE`; the session's first version); `-g32` ... `-g256`,
-GROUP_TILES["v2_bwd"] = 32 ... 256 (smaller groups: g = min(L2 bound, GROUP_TILES // tiles a pair)).
+GROUP_TILES["v2_bwd"] = 32 ... 256 (smaller groups: g = min(L2 bound, GROUP_TILES // tiles a pair)); `v2-prep`, Delta
+by the preprocess launch before the dK/dV pass, the dQ pass last (`v2_bwd.DELTA_IN_DQ` off, as before the twenty-fifth
+session).
 
     python benchmarks/probe_bwd_tma.py --out DIR [--rounds 7] [--points d256-1k,...] [--variants v2-tma,v2-oneloop]
 
@@ -54,7 +56,7 @@ def switches(variant: str):
              "tma": [(v2_bwd, "TMA", True)], "oneloop": [(v2, "ONE_LOOP", True), (v2_bwd, "ONE_LOOP", True)],
              "threeloop": [(v2, "ONE_LOOP", False), (v2_bwd, "ONE_LOOP", False)],
              "bwd3": [(v2_bwd, "ONE_LOOP", False)], "bwdleft": [(v2_bwd, "SKIP_LEFT", False)],
-             "atomic": [(v2, "BWD_DQ", "atomic")]}
+             "atomic": [(v2, "BWD_DQ", "atomic")], "prep": [(v2_bwd, "DELTA_IN_DQ", False)]}
     if not variant.startswith("v2") or not all(x in known for x in parts):
         raise SystemExit(f"unknown variant {variant}")
     return [s for x in parts for s in known[x]]

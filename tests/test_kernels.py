@@ -352,6 +352,37 @@ def test_v2_merged_backward(split, kv_b, monkeypatch):
     _check("v2", q[:, :29], k, v, do[:, :29], torch.float32, window_size=(9, 3), softcap=4.0)
 
 
+def test_v2_delta_in_dq_pass(monkeypatch):
+    """The two-launch backward with Delta computed by the dQ pass (`v2_bwd.DELTA_IN_DQ`: dQ first, storing Delta for the
+    dK/dV pass; no preprocess launch): the dQ pass launched before the dK/dV pass and the preprocess not at all, and the
+    gradients bitwise equal to the preprocess path (dense causal, window with softcap, GQA, q_len != k_len, packed with
+    ragged lengths), within the rule. Delta left unwritten (torch.empty) would make dK wrong."""
+    from hf_flashattn.kernels import v2_bwd
+    order = []
+    for name in ("_dkdv_launch", "_dq_launch"):
+        real = getattr(v2_bwd, name)
+        monkeypatch.setattr(v2_bwd, name, lambda grid, args, meta, site_key=None, real=real, name=name:
+                            (order.append(name), real(grid, args, meta, site_key=site_key))[1])
+    real_pre = v2_bwd._preprocess_launch.keyed
+    monkeypatch.setattr(v2_bwd._preprocess_launch, "keyed", lambda *a, **kw: (order.append("pre"), real_pre(*a, **kw)))
+    q, k, v, do = _inputs((2, 45, 61, 4, 2, 24), torch.float32, seed=23)
+    cu = (torch.tensor([0, 19, 45], dtype=torch.int32), torch.tensor([0, 30, 61], dtype=torch.int32))
+    runs = []
+    for here in (False, True):
+        monkeypatch.setattr(v2_bwd, "DELTA_IN_DQ", here)
+        order.clear()
+        runs.append((*_kernel("v2", q, k, v, do, causal=True),
+                     *_kernel("v2", q, k, v, do, window_size=(9, 3), softcap=4.0),
+                     *_kernel("v2", q[:, :29], k, v, do[:, :29]),
+                     *_kernel_varlen("v2", q[0], k[0], v[0], do[0], cu, causal=True)))
+        want = ["_dq_launch", "_dkdv_launch"] if here else ["pre", "_dkdv_launch", "_dq_launch"]
+        assert order == want * 4
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    _check("v2", q, k, v, do, torch.float32, causal=True)
+    _check("v2", q[:, :29], k, v, do[:, :29], torch.float32, window_size=(9, 3), softcap=4.0)
+
+
 @pytest.mark.parametrize("split,kv_b,atomic", [(True, False, False), (False, True, False), (True, True, False),
                                                (False, True, True), (True, False, True), (True, True, True)],
                          ids=["split", "kv_b", "split-kv_b", "kv_b-atomic", "split-atomic", "split-kv_b-atomic"])

@@ -409,10 +409,12 @@ def _dq_program(lin, n_m, n_h, n_bh, Q, K, V, DO, LSE, DELTA, DQ, K_DESC, V_DESC
                 seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, ds_scale, group, l2_pairs,
                 group_tiles, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-                TMA: tl.constexpr, ONE_LOOP: tl.constexpr, LEFT: tl.constexpr):
+                TMA: tl.constexpr, ONE_LOOP: tl.constexpr, LEFT: tl.constexpr, O=None, stride_ob=0, stride_om=0,
+                stride_oh=0, DELTA_HERE: tl.constexpr = False):
     """The lin-th program of a dQ launch of n_m query blocks x n_h heads x n_bh / n_h sequences: BLOCK_M rows of dQ.
     Programs take their tiles in `grouped_rank`'s order, the last query block (the heaviest under a causal mask)
-    first."""
+    first. DELTA_HERE: Delta = rowsum(dO ∘ O) of the rows computed here from O's tile and stored to DELTA (the
+    preprocess launch's work, for a dK/dV pass that runs after this one: `DELTA_IN_DQ`), instead of read from it."""
     rank, pair = grouped_rank(lin, n_m, n_bh, l2_pairs, group_tiles)
     pid_m = n_m - 1 - rank
     h = pair % n_h
@@ -435,7 +437,13 @@ def _dq_program(lin, n_m, n_h, n_bh, Q, K, V, DO, LSE, DELTA, DQ, K_DESC, V_DESC
                      + offs_d[None, :], mask=qmask, other=0.0)
         lse = tl.load(LSE + b * stride_lb + h64 * stride_lh + q_start + offs_m, mask=row_ok, other=float("inf"))
         lse = lse * 1.4426950408889634     # natural log -> log2 units
-        delta = tl.load(DELTA + b * stride_lb + h64 * stride_lh + q_start + offs_m, mask=row_ok, other=0.0)
+        if DELTA_HERE:
+            o = tl.load(O + b * stride_ob + h64 * stride_oh + (q_start + offs_m[:, None]) * stride_om
+                        + offs_d[None, :], mask=qmask, other=0.0)
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+            tl.store(DELTA + b * stride_lb + h64 * stride_lh + q_start + offs_m, delta, mask=row_ok)
+        else:
+            delta = tl.load(DELTA + b * stride_lb + h64 * stride_lh + q_start + offs_m, mask=row_ok, other=0.0)
         K_base = K + b * stride_kb + kvh * stride_kh + k_start * stride_kn
         V_base = V + b * stride_vb + kvh * stride_vh + k_start * stride_vn
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -462,18 +470,19 @@ def _dq_program(lin, n_m, n_h, n_bh, Q, K, V, DO, LSE, DELTA, DQ, K_DESC, V_DESC
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "SEQ_BUCKET",
                              "MASK_KIND", "group", "l2_pairs", "group_tiles"])
-def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, K_DESC, V_DESC, CU_Q, CU_K,
+def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, K_DESC, V_DESC, CU_Q, CU_K, O,
                stride_qb, stride_qm, stride_qh,
                stride_kb, stride_kn, stride_kh,
                stride_vb, stride_vn, stride_vh,
                stride_dob, stride_dom, stride_doh,
                stride_dqb, stride_dqm, stride_dqh,
+               stride_ob, stride_om, stride_oh,
                stride_lb, stride_lh,
                seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, ds_scale, SEQ_BUCKET, MASK_KIND,
                group, l2_pairs, group_tiles, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr, TMA: tl.constexpr = False,
-               ONE_LOOP: tl.constexpr = False, LEFT: tl.constexpr = True):
+               ONE_LOOP: tl.constexpr = False, LEFT: tl.constexpr = True, DELTA_HERE: tl.constexpr = False):
     # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch); `_dq_program`.
     n_m = tl.num_programs(0)
     n_h = tl.num_programs(1)
@@ -482,7 +491,8 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, K_DESC, V_DESC, CU_Q, CU_K,
                 stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
                 stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
                 seqlen_q, seqlen_k, window_left, window_right, qk_scale, cap_scale, ds_scale, group, l2_pairs,
-                group_tiles, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IS_VARLEN, SOFTCAP, DOT_PREC, TMA, ONE_LOOP, LEFT)
+                group_tiles, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IS_VARLEN, SOFTCAP, DOT_PREC, TMA, ONE_LOOP, LEFT,
+                O, stride_ob, stride_om, stride_oh, DELTA_HERE)
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "SEQ_BUCKET",
@@ -638,6 +648,11 @@ GROUP_RULE = {64: (4096, 1 << 62, True), 128: (4096, 1 << 62, True), 256: (1024,
 # SM): d256 only.
 # HF_FLASHATTN_BWD_MERGE (read at import): the classes as a comma list ("" none, "64,128,256" all).
 MERGE = {c: str(c) in env_get("HF_FLASHATTN_BWD_MERGE", "256").split(",") for c in (64, 128, 256)}
+# Where the passes are two launches (not `MERGE`, not atomic dQ): the dQ pass runs first and computes Delta =
+# rowsum(dO ∘ O) of its rows itself (`_dq_program`'s DELTA_HERE: O's tile one more load a program, dO's already
+# there), storing it for the dK/dV pass that follows, instead of a preprocess launch reading O and dO once more.
+# False: the preprocess launch, then dK/dV, then dQ (the order before the twenty-fifth session; benchmarks compare).
+DELTA_IN_DQ = True
 
 
 def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
@@ -668,9 +683,16 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     # the direct launches' key (`v2._site_key`): dO and lse are given (strides, alignment); out is the forward's
     site = _site_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, left, right, do.stride(),
                      do.data_ptr() & 15, out.stride(), lse.stride(), softcap > 0, atomic_dq)
-    _preprocess_launch.keyed(site, (C.cdiv(max_seqlen_q, pre_bm), H, batch),
-                             out, do, delta, cu_seqlens_q, *C.seq_layout(out, varlen), *C.seq_layout(do, varlen),
-                             *stride_l, max_seqlen_q, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_bm, IS_VARLEN=varlen)
+    tma = bool(TMA) and max(max_seqlen_q, max_seqlen_k) < TMA_BELOW and q.dtype in (torch.float16, torch.bfloat16) \
+        and C.descriptors_ok(q, k, v, do)
+    merged = MERGE[d_class] and not atomic_dq and not tma
+    # the two launches' dQ pass first, computing Delta itself (`DELTA_IN_DQ`); else the preprocess launch
+    delta_in_dq = DELTA_IN_DQ and not merged and not atomic_dq
+    if not delta_in_dq:
+        _preprocess_launch.keyed(site, (C.cdiv(max_seqlen_q, pre_bm), H, batch),
+                                 out, do, delta, cu_seqlens_q, *C.seq_layout(out, varlen), *C.seq_layout(do, varlen),
+                                 *stride_l, max_seqlen_q, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_bm,
+                                 IS_VARLEN=varlen)
     qk_scale, cap_scale = C.score_scales(softmax_scale, softcap)
     # d(score in log2 units)/d(qk) = qk_scale * cap_scale (with softcap, times 1 - tanh², in-kernel);
     # the kernels' dS is w.r.t. the natural-log score, i.e. dS_log2 / log2(e).
@@ -688,14 +710,12 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     meta = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, IS_VARLEN=varlen, SOFTCAP=softcap > 0,
                 DOT_PREC=C.dot_precision(q.dtype), LEFT=C.left_edge(window_size) or not SKIP_LEFT)
     lay = [C.seq_layout(t, varlen) for t in (q, k, v, do)]
-    tma = bool(TMA) and max(max_seqlen_q, max_seqlen_k) < TMA_BELOW and q.dtype in (torch.float16, torch.bfloat16) \
-        and C.descriptors_ok(q, k, v, do)
     # placeholders when not TMA (pointer arguments the kernels do not read); the blocks are sized per launch
     descs = [C.host_descriptor(t, 16, BLOCK_D, varlen) if tma else t for t in (q, do, k, v)]
     meta["TMA"] = tma
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else None
     dq_strides = C.seq_layout(dq_acc, varlen) if atomic_dq else (0, 0, 0)
-    if MERGE[d_class] and not atomic_dq and not tma:
+    if merged:
         dq = new(q.shape, dtype=q.dtype, device=q.device)
         _merged_launch(lambda m: (math.prod(dkdv_grid(max_seqlen_k, Hk, batch)(m))
                                   + C.cdiv(max_seqlen_q, m["DQ_BLOCK_M"]) * H * batch,),
@@ -705,6 +725,18 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                        dict({n: x for n, x in meta.items() if n != "TMA"}, ONE_LOOP=ONE_LOOP),
                        site_key=site + ("merged", ONE_LOOP, meta["LEFT"]))
         return dq, dk, dv
+    dq = None
+
+    def dq_pass():
+        out_dq = new(q.shape, dtype=q.dtype, device=q.device)
+        _dq_launch(lambda m: (C.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch),
+                   (q, k, v, do, lse, delta, out_dq, descs[2], descs[3], cu_seqlens_q, cu_seqlens_k, out, *lay[0],
+                    *lay[1], *lay[2], *lay[3], *C.seq_layout(out_dq, varlen), *C.seq_layout(out, varlen), *stride_l,
+                    *common, *order_dq), dict(meta, ONE_LOOP=ONE_LOOP, DELTA_HERE=delta_in_dq),
+                   site_key=site + (tma, ONE_LOOP, meta["LEFT"], delta_in_dq))
+        return out_dq
+    if delta_in_dq:   # Delta is the dQ pass's output too, read by the dK/dV pass
+        dq = dq_pass()
     launch = _dkdv_atomic_launch if atomic_dq else _dkdv_launch
     launch(dkdv_grid(max_seqlen_k, Hk, batch),
            (q, k, v, do, lse, delta, dk, dv, dq_acc, descs[0], descs[1], cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1],
@@ -713,12 +745,8 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
            dict(meta, ATOMIC_DQ=atomic_dq, ONE_LOOP=ONE_LOOP), site_key=site + (tma, ONE_LOOP, meta["LEFT"]))
     if atomic_dq:
         return dq_acc.to(q.dtype), dk, dv
-    dq = new(q.shape, dtype=q.dtype, device=q.device)
-    _dq_launch(lambda m: (C.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch),
-               (q, k, v, do, lse, delta, dq, descs[2], descs[3], cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1],
-                *lay[2], *lay[3],
-             *C.seq_layout(dq, varlen), *stride_l, *common, *order_dq), dict(meta, ONE_LOOP=ONE_LOOP),
-               site_key=site + (tma, ONE_LOOP, meta["LEFT"]))
+    if dq is None:
+        dq = dq_pass()
     return dq, dk, dv
 
 

@@ -1,13 +1,15 @@
 """FlashAttention-2 backward in Triton (arXiv 2307.08691, Algorithm 2), deterministic.
 
-Three launches (two at head dim 256, where `_bwd_kernel` runs the dK/dV and dQ programs in one launch: `MERGE`):
-  1. preprocess: Delta_i = rowsum(dO_i ∘ O_i)                                  (like lse's layout)
-  2. dK/dV: one program per (key block, kv head, sequence). It loops over the GROUP query heads
+Two passes, and Delta_i = rowsum(dO_i ∘ O_i) (like lse's layout):
+  dQ: one program per (query block, head, sequence), looping over the visible key blocks:
+     dQ += dS K. Below head dim 256 it runs first and computes Delta of its rows itself, storing it for the
+     dK/dV pass (`DELTA_IN_DQ`): two launches.
+  dK/dV: one program per (key block, kv head, sequence). It loops over the GROUP query heads
      that share the kv head (GQA/MQA accumulate in registers: no repeated K/V, no atomics) and over
      the visible query blocks, recomputing P = exp2(S - lse) and accumulating
      dV += Pᵀ dO,  dS = P ∘ (dP - Delta) with dP = dO Vᵀ,  dK += dSᵀ Q.
-  3. dQ: one program per (query block, head, sequence), looping over the visible key blocks:
-     dQ += dS K.
+At head dim 256 (`MERGE`: `_bwd_kernel` runs the dK/dV programs, then the dQ programs, in one launch) and with
+atomic dQ, a preprocess launch computes Delta first.
 No program writes what another writes, so results are bitwise reproducible run to run (the price:
 QKᵀ and dO Vᵀ are recomputed in the dQ pass, 7 matmuls instead of 5).
 Scores are in log2 units (see _common.score_scales); dS is converted back to natural units by the

@@ -727,8 +727,6 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                        dict({n: x for n, x in meta.items() if n != "TMA"}, ONE_LOOP=ONE_LOOP),
                        site_key=site + ("merged", ONE_LOOP, meta["LEFT"]))
         return dq, dk, dv
-    dq = None
-
     def dq_pass():
         out_dq = new(q.shape, dtype=q.dtype, device=q.device)
         _dq_launch(lambda m: (C.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch),
@@ -737,8 +735,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                     *common, *order_dq), dict(meta, ONE_LOOP=ONE_LOOP, DELTA_HERE=delta_in_dq),
                    site_key=site + (tma, ONE_LOOP, meta["LEFT"], delta_in_dq))
         return out_dq
-    if delta_in_dq:   # Delta is the dQ pass's output too, read by the dK/dV pass
-        dq = dq_pass()
+    dq = dq_pass() if delta_in_dq else None   # Delta is then the dQ pass's output too, read by the dK/dV pass
     launch = _dkdv_atomic_launch if atomic_dq else _dkdv_launch
     launch(dkdv_grid(max_seqlen_k, Hk, batch),
            (q, k, v, do, lse, delta, dk, dv, dq_acc, descs[0], descs[1], cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1],
@@ -747,9 +744,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
            dict(meta, ATOMIC_DQ=atomic_dq, ONE_LOOP=ONE_LOOP), site_key=site + (tma, ONE_LOOP, meta["LEFT"]))
     if atomic_dq:
         return dq_acc.to(q.dtype), dk, dv
-    if dq is None:
-        dq = dq_pass()
-    return dq, dk, dv
+    return (dq if dq is not None else dq_pass()), dk, dv
 
 
 _preprocess_launch = C.FastLaunch(_preprocess_kernel)

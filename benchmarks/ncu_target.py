@@ -7,8 +7,8 @@ Targets: fp8 (the FP8 forward, d128, 16k, not causal, its default tile), dkdv (v
 the 1B recipe's head dim, its default tile), gluon-fwd (v3's Gluon forward, d128, 4k, B = 4, H = 16, not causal: the
 grid's point), cudnn-fwd (SDPA's cuDNN forward on the same inputs, its launches alone inside a profiler range: run ncu
 with --profile-from-start off), v2-fwd128 / v2-fwd256c / flash-fwd128 (v2's forward at the grid's d128 512 unmasked
-point with the autotuner's pick there, at d256 512 causal, and SDPA-flash at d128 512). device_session.sh's phase `ncu` runs $NCU_TARGETS (default fp8 dkdv) and writes the
-details pages as text.
+point with the autotuner's pick there, at d256 512 causal, and SDPA-flash at d128 512). device_session.sh's phase
+`ncu` runs $NCU_TARGETS (default fp8 dkdv) and writes the details pages as text.
 """
 from __future__ import annotations
 

@@ -44,11 +44,23 @@ def _preprocess_kernel(O, DO, DELTA, CU_Q,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(O + b * stride_ob + h * stride_oh + (q_start + offs_m[:, None]) * stride_om + offs_d[None, :],
-                mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + b * stride_dob + h * stride_doh + (q_start + offs_m[:, None]) * stride_dom
-                 + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + b * stride_lb + h * stride_lh + q_start + offs_m, tl.sum(o * do, 1), mask=offs_m < Sq)
+                 + offs_d[None, :], mask=mask, other=0.0)
+    _write_delta(O, do, DELTA, b, h, q_start, offs_m, offs_d, mask, offs_m < Sq, stride_ob, stride_om, stride_oh,
+                 stride_lb, stride_lh)
+
+
+@triton.jit
+def _write_delta(O, do, DELTA, b, h, q_start, offs_m, offs_d, mask, row_ok, stride_ob, stride_om, stride_oh,
+                 stride_lb, stride_lh):
+    """Delta = rowsum(dO ∘ O) in float32 of the rows offs_m of head h of sequence b (O's tile loaded here under mask,
+    dO's given), stored to DELTA (lse's layout) where row_ok, and returned: the preprocess kernel's work and, with
+    `DELTA_IN_DQ`, the dQ program's, the same arithmetic in both."""
+    o = tl.load(O + b * stride_ob + h * stride_oh + (q_start + offs_m[:, None]) * stride_om + offs_d[None, :],
+                mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + b * stride_lb + h * stride_lh + q_start + offs_m, delta, mask=row_ok)
+    return delta
 
 
 @triton.jit
@@ -440,10 +452,8 @@ def _dq_program(lin, n_m, n_h, n_bh, Q, K, V, DO, LSE, DELTA, DQ, K_DESC, V_DESC
         lse = tl.load(LSE + b * stride_lb + h64 * stride_lh + q_start + offs_m, mask=row_ok, other=float("inf"))
         lse = lse * 1.4426950408889634     # natural log -> log2 units
         if DELTA_HERE:
-            o = tl.load(O + b * stride_ob + h64 * stride_oh + (q_start + offs_m[:, None]) * stride_om
-                        + offs_d[None, :], mask=qmask, other=0.0)
-            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-            tl.store(DELTA + b * stride_lb + h64 * stride_lh + q_start + offs_m, delta, mask=row_ok)
+            delta = _write_delta(O, do, DELTA, b, h64, q_start, offs_m, offs_d, qmask, row_ok, stride_ob, stride_om,
+                                 stride_oh, stride_lb, stride_lh)
         else:
             delta = tl.load(DELTA + b * stride_lb + h64 * stride_lh + q_start + offs_m, mask=row_ok, other=0.0)
         K_base = K + b * stride_kb + kvh * stride_kh + k_start * stride_kn
@@ -744,7 +754,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
            dict(meta, ATOMIC_DQ=atomic_dq, ONE_LOOP=ONE_LOOP), site_key=site + (tma, ONE_LOOP, meta["LEFT"]))
     if atomic_dq:
         return dq_acc.to(q.dtype), dk, dv
-    return (dq if dq is not None else dq_pass()), dk, dv
+    return (dq if delta_in_dq else dq_pass()), dk, dv
 
 
 _preprocess_launch = C.FastLaunch(_preprocess_kernel)

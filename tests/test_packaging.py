@@ -21,6 +21,10 @@ def test_wheel_maps_patches_under_the_package(tmp_path):
     assert "hf_flashattn/kernels/v2.py" in names
     top = {n.split("/")[0] for n in names}
     assert "patches" not in top and "tests" not in top and "benchmarks" not in top, sorted(top)
+    # the licence as an SPDX expression with its text (setuptools >= 77; the table form is deprecated)
+    meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "License-Expression: Apache-2.0" in meta.splitlines(), meta[:600]
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names
 
 
 def test_installed_package_has_no_top_level_patches(tmp_path):

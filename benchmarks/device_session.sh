@@ -78,6 +78,8 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$RES/pip.log" 2
   echo "date $(date -u +%FT%TZ) commit ${COMMIT:-unknown}"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton, transformers, accelerate, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'triton', triton.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'peft', peft.__version__)"
+  python3 -c "import importlib.metadata as m; print('setuptools', m.version('setuptools'), '| hf-flashattn installed', m.version('hf-flashattn'))"
+  cat "$RES/pip.log"
 } > "$RES/env.txt" 2>&1
 cat "$RES/env.txt" | tee "$OUT/session.log"
 

@@ -3,7 +3,8 @@
 
     python benchmarks/check_batched_dot_sm90.py [--dim 256] [--block-n 64] [--warps 8]
 
-Prints, per form, whether the TTGIR holds a `warp_group_dot` (wgmma) and whether the PTX holds wgmma or `mma.sync`.
+Prints, per form, how many wgmma and `mma.sync` instructions its PTX holds, with ptxas' registers
+(`compile_sm90.compile_one`).
 The question behind it (NOTES, twenty-sixth session, item 3): a causal 128-row tile could skip the diagonal square's
 quarter that no row sees only if its two halves were separate products.
 """
@@ -11,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "0")  # compile, do not interpret
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compile_sm90 import compile_one  # noqa: E402  (sets TRITON_INTERPRET=0: compile, do not interpret)
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 
 @triton.jit
@@ -50,11 +51,8 @@ def main() -> None:
     a = ap.parse_args()
     print(f"triton {triton.__version__}, sm_90a, D={a.dim}, BN={a.block_n}, {a.warps} warps")
     for fn in (_one_tile, _two_halves):
-        sig = {"Q": "*bf16", "K": "*bf16", "S": "*fp32", "D": "constexpr", "BN": "constexpr"}
-        src = ASTSource(fn=fn, signature=sig, constexprs={"D": a.dim, "BN": a.block_n})
-        c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": a.warps})
-        print(f"{fn.__name__:>11}: warp_group_dot {'warp_group_dot' in c.asm['ttgir']}, "
-              f"wgmma {'wgmma' in c.asm['ptx']}, mma.sync {'mma.sync' in c.asm['ptx']}")
+        r = compile_one(fn, {"D": a.dim, "BN": a.block_n}, a.warps, 1)
+        print(f"{fn.__name__:>11}: wgmma {r['wgmma']}, mma.sync {r['mma_sync']}, {r['regs']} registers")
 
 
 if __name__ == "__main__":

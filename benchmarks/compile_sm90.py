@@ -68,7 +68,7 @@ def compile_one(fn, constexprs, num_warps, num_stages, aligned=True, maxnreg=Non
     stack = re.search(r"(\d+) bytes stack frame", out)
     wgmma = len(re.findall(r"wgmma.mma_async", ptx))
     return dict(regs=regs, spill_st=int(spill.group(1)), spill_ld=int(spill.group(2)), stack=int(stack.group(1)),
-                wgmma=wgmma, smem=k.metadata.shared)
+                wgmma=wgmma, mma_sync=len(re.findall(r"mma.sync", ptx)), smem=k.metadata.shared)
 
 
 def main():

@@ -1,4 +1,5 @@
-"""Shared helpers for the kernel tests: the flash-attn error rule, reference gradients, ptxas spill counts."""
+"""Shared helpers for the kernel tests: the grid's shapes and masks, a kernel's outputs and gradients and their check
+against the reference by the flash-attn error rule, reference gradients, ptxas spill counts."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,7 @@ import tempfile
 
 import torch
 
+import hf_flashattn as fa
 from hf_flashattn.reference import attention_ref, attention_varlen_ref
 
 # Kernel versions under test; the CPU grid can be narrowed with HF_FLASHATTN_TEST_VERSIONS=v2.
@@ -70,3 +72,63 @@ def ptxas_spills(ptx: str):
     finally:
         os.unlink(f.name)
     return out.returncode, out.stderr, [int(n) for n in re.findall(r"(\d+) bytes spill stores", out.stderr)]
+
+
+# (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim)
+SHAPES = [
+    (2, 13, 29, 4, 2, 16),     # q_len < k_len, GQA
+    (2, 29, 13, 4, 2, 40),     # q_len > k_len (causal leaves rows empty), headdim 40
+    (1, 77, 77, 2, 2, 64),     # ragged square, MHA
+    (1, 1, 97, 4, 1, 80),      # decode-like: one query, long keys, MQA, headdim 80
+    (1, 113, 203, 2, 1, 32),   # the awkward 113 x 203, MQA
+    (1, 17, 33, 32, 8, 16),    # GQA 32/8
+]
+MASKS = [dict(causal=False), dict(causal=True), dict(window_size=(8, 0)), dict(window_size=(5, 3), softcap=5.0)]
+
+
+def kernel_inputs(shape, dtype, seed=0):
+    B, Sq, Sk, H, Hk, D = shape
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    return mk(B, Sq, H, D), mk(B, Sk, Hk, D), mk(B, Sk, Hk, D), mk(B, Sq, H, D)
+
+
+def run_kernel(version, q, k, v, do, **kw):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, lse, none = fa.flash_attn_func(q, k, v, return_attn_probs=True, version=version, **kw)
+    assert none is None
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    return (out, lse, *grads)
+
+
+def check_kernel(version, q, k, v, do, dtype, cu=None, **kw):
+    if cu is None:
+        got = run_kernel(version, q, k, v, do, **kw)
+    else:
+        got = run_kernel_varlen(version, q, k, v, do, cu, **kw)
+    ref = ref_grads(q, k, v, do, cu=cu, **ref_kwargs(kw))
+    low = ref_grads(q, k, v, do, cu=cu, compute_dtype=None if dtype != torch.float32 else torch.float32,
+                    **ref_kwargs(kw))
+    assert got[0].dtype == dtype and got[0].shape == q.shape
+    assert got[1].dtype == torch.float32
+    # lse: +inf exactly where the reference row sees no key; close elsewhere
+    fin = torch.isfinite(ref[1])
+    assert torch.equal(torch.isinf(got[1]) & (got[1] > 0), ~fin), "lse=+inf rows differ from the reference"
+    if fin.any():
+        assert_close_rule("lse", got[1][fin], ref[1][fin], low[1].float()[fin], 2, torch.float32)
+    for name, i, f in (("out", 0, 2), ("dq", 2, 3), ("dk", 3, 3), ("dv", 4, 3)):
+        assert_close_rule(name, got[i], ref[i], low[i], f, dtype)
+
+
+def ref_kwargs(kw):
+    return {k: v for k, v in kw.items() if k in ("causal", "window_size", "softcap", "softmax_scale")}
+
+
+def run_kernel_varlen(version, q, k, v, do, cu, **kw):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    lq = (cu[0][1:] - cu[0][:-1]).max()
+    lk = (cu[1][1:] - cu[1][:-1]).max()
+    out, lse, _ = fa.flash_attn_varlen_func(q, k, v, cu[0], cu[1], lq, int(lk), return_attn_probs=True,
+                                            version=version, **kw)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    return (out, lse, *grads)

@@ -12,6 +12,10 @@ import hf_flashattn as fa
 from _attn_testing import (MASKS, SHAPES, VERSIONS, assert_close_rule, check_kernel, kernel_inputs, ref_grads,
                            ref_kwargs, run_kernel, run_kernel_varlen)
 
+# SHAPES (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim) and MASKS: `_attn_testing`'s, shared with
+# test_kernels_v2_bwd.py (v2's backward variants)
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("mask", MASKS, ids=lambda m: "-".join(f"{k}={v}" for k, v in m.items()))

@@ -198,25 +198,30 @@ def best_of_rounds(rounds):
 
 
 def peak_memory(impls, names, seqlens, H=16, D=128):
+    """Peak memory of one fwd+bwd above what is allocated before it (the inputs and dO), batch 1, causal. A first call
+    of the same shapes runs before the measured one, so that a compile or an autotuning pass (Triton's do_bench takes
+    a 256 MB buffer to flush L2) is not counted; nothing of a previous call is alive while a call is measured."""
     rows = []
     for name in names:
         fn = impls[name]
         for S in seqlens:
             ours = name.startswith("ours")
             shp = (1, S, H, D) if ours else (1, H, S, D)
-            torch.cuda.empty_cache()
             q, k, v = (torch.randn(shp, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
             do = torch.randn(shp, device="cuda", dtype=torch.bfloat16)
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
+            extra = None
             try:
-                o = fn(q, k, v, True)
-                torch.autograd.grad(o, (q, k, v), do)
-                torch.cuda.synchronize()
-                extra = (torch.cuda.max_memory_allocated() - base) / 2**20
+                for measured in (False, True):
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                    grads = torch.autograd.grad(fn(q, k, v, True), (q, k, v), do)
+                    torch.cuda.synchronize()
+                    if measured:
+                        extra = (torch.cuda.max_memory_allocated() - base) / 2**20
+                    del grads
             except Exception as e:
-                extra = None
                 print(f"peak memory {name} S={S}: {type(e).__name__}")
             rows.append(dict(impl=name, S=S, H=H, D=D, extra_peak_mib=extra, inputs_mib=4 * q.numel() * 2 / 2**20))
             del q, k, v, do

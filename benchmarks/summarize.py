@@ -4,6 +4,7 @@
     python benchmarks/summarize.py models RESULT.json META
     python benchmarks/summarize.py patches RESULT.json META
     python benchmarks/summarize.py ratios BENCH.json [BENCH.json ...]
+    python benchmarks/summarize.py memory BENCH.json              # bench.py's peak-memory table, with its header
 """
 from __future__ import annotations
 
@@ -126,9 +127,32 @@ def ratios(paths):
     return "\n".join(out) + "\n"
 
 
+def memory(path):
+    d = json.load(open(path))
+    m, mem = d["meta"], d["peak_memory"]
+    lengths = sorted({r["S"] for r in mem})
+    one = mem[0]
+    out = [f"# Peak memory of fwd+bwd: {path.split('/')[-1]}", "",
+           f"card {m['gpu']}, torch {m['torch']}, triton {m['triton']}, CUDA {m['cuda']}, cuDNN {m['cudnn']}, "
+           f"commit {m['commit']}, date {m['date']}", "",
+           f"bf16, batch 1, {one['H']} heads, head dim {one['D']}, causal; MiB allocated above the inputs and dO at the "
+           "call's peak (a first call of the same shapes before the measured one). Inputs: q, k, v and dO, "
+           f"{one['inputs_mib'] / one['S'] * 1024:.0f} MiB a 1k tokens.", "",
+           "| impl | " + " | ".join(str(S) for S in lengths) + " | MiB a 1k tokens at the longest |",
+           "|---|" + "---|" * (len(lengths) + 1)]
+    for name in dict.fromkeys(r["impl"] for r in mem):
+        cells = {r["S"]: r["extra_peak_mib"] for r in mem if r["impl"] == name}
+        last = cells[lengths[-1]]
+        out.append(f"| {name} | " + " | ".join("OOM" if cells[S] is None else f"{cells[S]:.0f}" for S in lengths)
+                   + f" | {'–' if last is None else f'{last / lengths[-1] * 1024:.1f}'} |")
+    return "\n".join(out) + "\n"
+
+
 if __name__ == "__main__":
     what = sys.argv[1]
     if what == "ratios":
         print(ratios(sys.argv[2:]), end="")
+    elif what == "memory":
+        print(memory(sys.argv[2]), end="")
     else:
         print({"correctness": correctness, "models": models, "patches": patches}[what](sys.argv[2], sys.argv[3]), end="")

@@ -28,6 +28,10 @@ SHAPES = [(2, 113, 203, 8, 2, 80), (1, 1023, 1024, 4, 4, 64), (1, 1024, 1023, 8,
           (1, 200, 257, 4, 1, 192), (1, 2048, 2048, 16, 16, 128),
           (1, 777, 4500, 8, 2, 128)]   # keys >= 4096: v3's long-sequence plan at d128
 MASKS = [dict(causal=False), dict(causal=True), dict(window_size=(128, 0)), dict(window_size=(64, 32), softcap=30.0)]
+# q, k, v as views of one stacked tensor (flash_attn_qkvpacked_func and kin): (shape, varlen, stacked); qkv needs
+# seqlen_q = seqlen_k and nheads = nheads_k
+STACKED = [((2, 1024, 1024, 16, 16, 128), False, "qkv"), ((2, 113, 203, 8, 2, 80), False, "kv"),
+           ((3, 700, 700, 8, 8, 128), True, "qkv"), ((3, 700, 700, 8, 2, 64), True, "kv")]
 
 
 def _ref(q, k, v, do, cu, dtype, kw):
@@ -39,7 +43,27 @@ def _ref(q, k, v, do, cu, dtype, kw):
     return (out, lse, *torch.autograd.grad(out, leaves, do.to(dtype)))
 
 
-def run_case(version, dtype, shape, kw, varlen=False):
+def _stacked_call(stacked, q, k, v, cu, version, kw):
+    """(out, lse, dq, dk, dv-producing closure): q, k and v as views of one stacked tensor (stacked="qkv", through
+    flash_attn[_varlen]_qkvpacked_func) or k and v (stacked="kv", the kvpacked functions); the gradients are taken
+    with respect to the stacked leaf and split back."""
+    dim = -3   # (B, S, 3, H, D) dense, (total, 3, H, D) packed
+    m = None if cu is None else int((cu[1:] - cu[:-1]).max())
+    if stacked == "qkv":
+        leaf = torch.stack([q, k, v], dim=dim).requires_grad_()
+        out, lse, _ = (fa.flash_attn_qkvpacked_func(leaf, return_attn_probs=True, version=version, **kw) if cu is None
+                       else fa.flash_attn_varlen_qkvpacked_func(leaf, cu, m, return_attn_probs=True, version=version,
+                                                                **kw))
+        return out, lse, lambda do: torch.autograd.grad(out, (leaf,), do)[0].unbind(dim)
+    qq, leaf = q.clone().requires_grad_(), torch.stack([k, v], dim=dim).requires_grad_()
+    out, lse, _ = (fa.flash_attn_kvpacked_func(qq, leaf, return_attn_probs=True, version=version, **kw) if cu is None
+                   else fa.flash_attn_varlen_kvpacked_func(qq, leaf, cu, cu, m, m, return_attn_probs=True,
+                                                           version=version, **kw))
+    return out, lse, lambda do: (lambda g: (g[0], *g[1].unbind(dim)))(torch.autograd.grad(out, (qq, leaf), do))
+
+
+def run_case(version, dtype, shape, kw, varlen=False, stacked=None):
+    """stacked: None (separate q, k, v), "qkv" or "kv" (the packed-argument functions, `_stacked_call`)."""
     B, Sq, Sk, H, Hk, D = shape
     dev = "cuda"
     cu = None
@@ -53,15 +77,17 @@ def run_case(version, dtype, shape, kw, varlen=False):
         k, v = (torch.randn(B, Sk, Hk, D, device=dev, dtype=dtype) for _ in range(2))
     do = torch.randn_like(q)
     qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-    if varlen:
+    if stacked:
+        out, lse, grads = _stacked_call(stacked, q, k, v, cu, version, kw)
+    elif varlen:
         m = int((cu[1:] - cu[:-1]).max())
         out, lse, _ = fa.flash_attn_varlen_func(qq, kk, vv, cu, cu, m, m, return_attn_probs=True, version=version, **kw)
     else:
         out, lse, _ = fa.flash_attn_func(qq, kk, vv, return_attn_probs=True, version=version, **kw)
-    got = (out, lse, *torch.autograd.grad(out, (qq, kk, vv), do))
+    got = (out, lse, *(grads(do) if stacked else torch.autograd.grad(out, (qq, kk, vv), do)))
     ref = _ref(q, k, v, do, cu, torch.float32, kw)
     low = _ref(q, k, v, do, cu, dtype, kw)
-    row = dict(version=version, dtype=str(dtype).split(".")[-1], shape=list(shape), varlen=varlen,
+    row = dict(version=version, dtype=str(dtype).split(".")[-1], shape=list(shape), varlen=varlen, stacked=stacked,
                **{k_: (list(v_) if isinstance(v_, tuple) else v_) for k_, v_ in kw.items()}, ok=True)
     for name, i, f in (("out", 0, 2), ("dq", 2, 3), ("dk", 3, 3), ("dv", 4, 3)):
         err = (got[i].float() - ref[i]).abs().max().item()
@@ -104,6 +130,8 @@ def main():
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--dtypes", default="bf16,fp16", help="a subset, e.g. fp16 to finish a grid a budget cut short")
     ap.add_argument("--packed-only", action="store_true", help="only the packed (varlen) cases")
+    ap.add_argument("--stacked-only", action="store_true",
+                    help="only the cases whose q, k, v (or k, v) are views of one stacked tensor (qkvpacked/kvpacked)")
     ap.add_argument("--single-pass-from-keys", type=int, default=None,
                     help="v3_gluon_bwd.SINGLE_PASS_FROM_KEYS for the run (0: v3's single-pass backward on every shape "
                          "at d64/d128, which by default takes it only from 2048 visible keys)")
@@ -129,21 +157,29 @@ def main():
             cases.append((version, dtype, (2, 4200, 4200, 4, 2, 128), MASKS[1], True))   # packed, long plan
             cases.append((version, dtype, (3, 300, 300, 4, 1, 256), MASKS[0], True))
             cases.append((version, dtype, (3, 300, 300, 8, 8, 64), MASKS[3], True))
+            for shape, varlen, stacked in STACKED:
+                for kw in MASKS[:2]:
+                    cases.append((version, dtype, shape, kw, varlen, stacked))
+    cases = [c + (None,) * (6 - len(c)) for c in cases]
     if args.packed_only:
         cases = [c for c in cases if c[4]]
-    for version, dtype, shape, kw, varlen in cases:
+    if args.stacked_only:
+        cases = [c for c in cases if c[5]]
+    for version, dtype, shape, kw, varlen, stacked in cases:
         if time.time() - t0 > args.budget_s:
             print(f"time budget of {args.budget_s}s reached: {len(cases) - len(rows)} cases not run")
             break
         try:
-            r = run_case(version, dtype, shape, kw, varlen)
+            r = run_case(version, dtype, shape, kw, varlen, stacked)
         except Exception as e:  # a compile or launch failure is a failed case, and the grid goes on
-            r = dict(version=version, dtype=str(dtype).split(".")[-1], shape=list(shape), varlen=varlen, **kw,
+            r = dict(version=version, dtype=str(dtype).split(".")[-1], shape=list(shape), varlen=varlen, stacked=stacked,
+                     **kw,
                      ok=False, error=f"{type(e).__name__}: {str(e)[:400]}")
             print("FAIL " + json.dumps(r, default=str), flush=True)
             torch.cuda.empty_cache()
         else:
-            print(("PASS " if r["ok"] else "FAIL ") + json.dumps({k: r[k] for k in ("version", "dtype", "shape", "varlen")}
+            print(("PASS " if r["ok"] else "FAIL ") + json.dumps({k: r[k] for k in ("version", "dtype", "shape", "varlen",
+                                                                           "stacked")}
                   | {k: r[k] for k in r if k in ("causal", "window_size", "softcap")}
                   | {n: "%.2e/%.2e" % (r[n]["err"], r[n]["bound"]) for n in ("out", "dq", "dk", "dv")}), flush=True)
         rows.append(r)

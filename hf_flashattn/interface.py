@@ -328,6 +328,85 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return (out, lse, None) if return_attn_probs else out
 
 
+def _unpack(t, name: str, layout: str, dim: int, parts: int, fix: str):
+    """The views of a packed tensor along `dim` (no copy): qkv -> q, k, v; kv -> k, v. Checks what the views' own
+    checks would report under other names: a tensor, its layout, a dtype the kernels take, the last dim contiguous."""
+    if not torch.compiler.is_compiling():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}.")
+        if t.dim() != len(layout.split(",")) or t.shape[dim] != parts:
+            raise ValueError(f"{name} must have shape {layout}, got {tuple(t.shape)}. {fix}")
+        if t.dtype not in V.SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported dtypes are float16, bfloat16 and float32 (cast "
+                            f"with {name}.to(torch.bfloat16)).")
+        if t.numel() > 0 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last (headdim) dimension; got strides "
+                             f"{tuple(t.stride())}. Call {name}.contiguous() first.")
+    return t.unbind(dim)
+
+
+_PACKED_NOTE = """
+    The views of the packed tensor go to the kernels without a copy. The backward computes dQ, dK and dV
+    separately and autograd stacks them into the packed tensor's gradient (one copy; flash-attn's packed
+    backward writes them in place)."""
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                              version="auto"):
+    """flash_attn_func on q, k, v stacked in one tensor, qkv (batch, seqlen, 3, nheads, headdim): q = qkv[:, :, 0],
+    k = qkv[:, :, 1], v = qkv[:, :, 2]. The other arguments and the returns are flash_attn_func's. For GQA/MQA use
+    flash_attn_kvpacked_func or flash_attn_func."""
+    q, k, v = _unpack(qkv, "qkv", "(batch, seqlen, 3, nheads, headdim)", 2, 3,
+                      "Stack them with torch.stack([q, k, v], dim=2), or call flash_attn_func(q, k, v).")
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, version=version)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                             version="auto"):
+    """flash_attn_func with k and v stacked in one tensor, kv (batch, seqlen_k, 2, nheads_k, headdim): k = kv[:, :, 0],
+    v = kv[:, :, 1]. q is (batch, seqlen_q, nheads, headdim), nheads a multiple of nheads_k. The other arguments and
+    the returns are flash_attn_func's."""
+    k, v = _unpack(kv, "kv", "(batch, seqlen_k, 2, nheads_k, headdim)", 2, 2,
+                   "Stack them with torch.stack([k, v], dim=2), or call flash_attn_func(q, k, v).")
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, version=version)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False, *, version="auto"):
+    """flash_attn_varlen_func on packed sequences whose q, k, v are stacked in one tensor, qkv (total_tokens, 3,
+    nheads, headdim); cu_seqlens and max_seqlen serve queries and keys alike. The other arguments and the returns are
+    flash_attn_varlen_func's."""
+    q, k, v = _unpack(qkv, "qkv", "(total_tokens, 3, nheads, headdim)", 1, 3,
+                      "Stack them with torch.stack([q, k, v], dim=1), or call flash_attn_varlen_func(q, k, v, ...).")
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
+                                  causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                                  version=version)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                                    version="auto"):
+    """flash_attn_varlen_func with k and v stacked in one tensor, kv (total_k, 2, nheads_k, headdim). The other
+    arguments and the returns are flash_attn_varlen_func's."""
+    k, v = _unpack(kv, "kv", "(total_k, 2, nheads_k, headdim)", 1, 2,
+                   "Stack them with torch.stack([k, v], dim=1), or call flash_attn_varlen_func(q, k, v, ...).")
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs, version=version)
+
+
+for _packed in (flash_attn_qkvpacked_func, flash_attn_kvpacked_func, flash_attn_varlen_qkvpacked_func,
+                flash_attn_varlen_kvpacked_func):
+    if _packed.__doc__:  # None under python -OO
+        _packed.__doc__ += "\n" + _PACKED_NOTE
+
+
 def _decode_masked_impl(q, k, v, key_mask, softmax_scale, window_left, window_right, softcap):
     from .kernels import decode
     _kernels("v2")  # the split-KV decode kernel is v2's inner loop (and version bookkeeping sees it)

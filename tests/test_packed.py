@@ -1,0 +1,129 @@
+"""flash-attn's packed variants: flash_attn_qkvpacked_func, flash_attn_kvpacked_func and their varlen forms.
+
+Each is flash_attn_func / flash_attn_varlen_func on views of the packed tensor, so the spec is that call: outputs, lse
+and gradients bitwise equal to it (fp32 through the interpreter), the views taken without a copy, flash-attn's
+signatures, and errors that name the packed argument.
+"""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import hf_flashattn as fa
+from hf_flashattn import interface
+
+COMMON = ["dropout_p", "softmax_scale", "causal", "window_size", "softcap", "alibi_slopes", "deterministic",
+          "return_attn_probs", "version"]
+
+
+@pytest.mark.parametrize("fn, first", [
+    (fa.flash_attn_qkvpacked_func, ["qkv"]),
+    (fa.flash_attn_kvpacked_func, ["q", "kv"]),
+    (fa.flash_attn_varlen_qkvpacked_func, ["qkv", "cu_seqlens", "max_seqlen"]),
+    (fa.flash_attn_varlen_kvpacked_func, ["q", "kv", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"]),
+])
+def test_signature_matches_flash_attn(fn, first):
+    params = inspect.signature(fn).parameters
+    assert list(params) == first + COMMON
+    assert params["version"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert params["window_size"].default == (-1, -1) and params["causal"].default is False
+    assert "without a copy" in fn.__doc__
+
+
+def _grads(out, lse, leaves, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    do = torch.randn(out.shape, generator=g)
+    return torch.autograd.grad((out * do).sum() + lse.sum(), leaves)
+
+
+def _check(packed_call, plain_call, packed_leaf, plain_leaves, dim):
+    out, lse, _ = packed_call()
+    ref, ref_lse, _ = plain_call()
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+    (grad,) = _grads(out, lse, [packed_leaf])
+    ref_grads = _grads(ref, ref_lse, plain_leaves)
+    assert torch.equal(grad, torch.stack(ref_grads, dim=dim))
+
+
+def _leaf(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).requires_grad_()
+
+
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(window_size=(5, 2), softcap=4.0)], ids=["causal", "window"])
+def test_qkvpacked_equals_flash_attn_func(kw):
+    qkv = _leaf(2, 29, 3, 4, 40, seed=0)
+    parts = [qkv.detach()[:, :, i].clone().requires_grad_() for i in range(3)]
+    _check(lambda: fa.flash_attn_qkvpacked_func(qkv, return_attn_probs=True, **kw),
+           lambda: fa.flash_attn_func(*parts, return_attn_probs=True, **kw), qkv, parts, dim=2)
+
+
+def test_kvpacked_equals_flash_attn_func_with_gqa_and_fewer_queries():
+    q, kv = _leaf(2, 13, 4, 32, seed=1), _leaf(2, 29, 2, 2, 32, seed=2)   # 4 query heads on 2 key/value heads
+    k, v = (kv.detach()[:, :, i].clone().requires_grad_() for i in range(2))
+    out, lse, _ = fa.flash_attn_kvpacked_func(q, kv, causal=True, return_attn_probs=True)
+    ref, ref_lse, _ = fa.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+    dq, dkv = _grads(out, lse, [q, kv])
+    ref_dq, dk, dv = _grads(ref, ref_lse, [q, k, v])
+    assert torch.equal(dq, ref_dq) and torch.equal(dkv, torch.stack([dk, dv], dim=2))
+
+
+def test_varlen_qkvpacked_equals_flash_attn_varlen_func():
+    cu = torch.tensor([0, 5, 18, 29], dtype=torch.int32)
+    qkv = _leaf(29, 3, 2, 24, seed=4)
+    parts = [qkv.detach()[:, i].clone().requires_grad_() for i in range(3)]
+    _check(lambda: fa.flash_attn_varlen_qkvpacked_func(qkv, cu, 13, causal=True, return_attn_probs=True),
+           lambda: fa.flash_attn_varlen_func(*parts, cu, cu, 13, 13, causal=True, return_attn_probs=True),
+           qkv, parts, dim=1)
+
+
+def test_varlen_kvpacked_equals_flash_attn_varlen_func_with_mqa():
+    cu_q, cu_k = torch.tensor([0, 1, 9], dtype=torch.int32), torch.tensor([0, 17, 23], dtype=torch.int32)
+    q, kv = _leaf(9, 4, 16, seed=5), _leaf(23, 2, 1, 16, seed=6)        # MQA: one key/value head
+    k, v = (kv.detach()[:, i].clone().requires_grad_() for i in range(2))
+    out, lse, _ = fa.flash_attn_varlen_kvpacked_func(q, kv, cu_q, cu_k, 8, 17, window_size=(6, 0),
+                                                     return_attn_probs=True)
+    ref, ref_lse, _ = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 8, 17, window_size=(6, 0),
+                                                return_attn_probs=True)
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+    dq, dkv = _grads(out, lse, [q, kv])
+    ref_dq, dk, dv = _grads(ref, ref_lse, [q, k, v])
+    assert torch.equal(dq, ref_dq) and torch.equal(dkv, torch.stack([dk, dv], dim=1))
+
+
+def test_views_reach_the_kernels_without_a_copy_and_options_pass_through(monkeypatch):
+    seen = {}
+
+    def recording(q, k, v, *args, **kwargs):
+        seen.update(ptrs=[t.data_ptr() for t in (q, k, v)], args=args, kwargs=kwargs)
+        return q
+
+    monkeypatch.setattr(interface, "flash_attn_func", recording)
+    qkv = torch.randn(1, 6, 3, 2, 16)
+    fa.flash_attn_qkvpacked_func(qkv, 0.0, 0.5, True, (3, 0), 2.0, None, True, True, version="v1")
+    step = qkv.stride(2) * qkv.element_size()
+    assert seen["ptrs"] == [qkv.data_ptr() + i * step for i in range(3)]
+    assert seen["args"] == (0.0, 0.5, True, (3, 0), 2.0, None, True, True) and seen["kwargs"] == {"version": "v1"}
+
+
+@pytest.mark.parametrize("call, exc, pattern", [
+    (lambda: fa.flash_attn_qkvpacked_func(torch.randn(1, 6, 2, 2, 16)), ValueError,
+     r"qkv must have shape \(batch, seqlen, 3, nheads, headdim\), got \(1, 6, 2, 2, 16\)\. Stack them with "
+     r"torch\.stack\(\[q, k, v\], dim=2\)"),
+    (lambda: fa.flash_attn_qkvpacked_func(torch.randn(6, 3, 2, 16)), ValueError, r"qkv must have shape \(batch, "),
+    (lambda: fa.flash_attn_kvpacked_func(torch.randn(1, 6, 2, 16), torch.randn(1, 6, 3, 2, 16)), ValueError,
+     r"kv must have shape \(batch, seqlen_k, 2, nheads_k, headdim\), got \(1, 6, 3, 2, 16\)"),
+    (lambda: fa.flash_attn_varlen_qkvpacked_func(torch.randn(6, 3, 2, 32)[..., ::2], torch.tensor([0, 6]), 6),
+     ValueError, r"qkv must be contiguous in its last \(headdim\) dimension.*qkv\.contiguous\(\)"),
+    (lambda: fa.flash_attn_varlen_kvpacked_func(torch.randn(6, 2, 16), torch.randn(6, 2, 2, 16).double(),
+                                                torch.tensor([0, 6]), torch.tensor([0, 6]), 6, 6),
+     TypeError, r"kv has dtype torch\.float64.*kv\.to\(torch\.bfloat16\)"),
+    (lambda: fa.flash_attn_qkvpacked_func([[1.0]]), TypeError, r"qkv must be a torch\.Tensor"),
+    (lambda: fa.flash_attn_qkvpacked_func(torch.randn(1, 6, 3, 2, 16), dropout_p=0.1), NotImplementedError,
+     r"dropout_p=0.1"),
+])
+def test_bad_packed_input_names_the_packed_argument(call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call()

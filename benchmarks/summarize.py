@@ -16,9 +16,10 @@ def _env_meta(path):
     """The env.txt that benchmarks/device_session.sh writes at the start of a device call."""
     lines = open(path).read().splitlines()
     date, commit = lines[0].split()[1], lines[0].split()[3]
-    words = lines[-1].split()
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("torch "))   # lines after it: setuptools, pip's log
+    words = lines[at].split()
     v = dict(zip(words[::2], words[1::2]))
-    gpus = [ln.split(",")[0] for ln in lines[1:-1]]
+    gpus = [ln.split(",")[0] for ln in lines[1:at]]
     gpu = gpus[0] + (f" x{len(gpus)}" if len(gpus) > 1 else "")
     return dict(gpu=gpu, torch=v["torch"], triton=v["triton"], cuda=v["cuda"], commit=commit, date=date[:10])
 
@@ -38,7 +39,7 @@ def correctness(path, meta):
            "| version | dtype | (B, Sq, Sk, H, Hk, D) | varlen | mask | out err / bound | dq | dk | dv | ok |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        mask = ", ".join(f"{k}={r[k]}" for k in ("causal", "window_size", "softcap") if k in r)
+        mask = ", ".join(f"{k}={r[k]}" for k in ("causal", "window_size", "softcap", "stacked") if r.get(k) is not None)
         if "error" in r:  # the case did not run (compile or launch failure)
             out.append(f"| {r['version']} | {r['dtype']} | {tuple(r['shape'])} | {r['varlen']} | {mask} | "
                        f"error: {r['error'][:70]} | | | | NO |")

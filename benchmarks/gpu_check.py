@@ -44,22 +44,29 @@ def _ref(q, k, v, do, cu, dtype, kw):
 
 
 def _stacked_call(stacked, q, k, v, cu, version, kw):
-    """(out, lse, dq, dk, dv-producing closure): q, k and v as views of one stacked tensor (stacked="qkv", through
-    flash_attn[_varlen]_qkvpacked_func) or k and v (stacked="kv", the kvpacked functions); the gradients are taken
-    with respect to the stacked leaf and split back."""
+    """(out, lse, grads): q, k and v as views of one stacked tensor (stacked="qkv", through
+    flash_attn[_varlen]_qkvpacked_func) or k and v (stacked="kv", the kvpacked functions); grads(do) is (dq, dk, dv),
+    taken with respect to the stacked leaf and split back."""
     dim = -3   # (B, S, 3, H, D) dense, (total, 3, H, D) packed
+    opts = dict(return_attn_probs=True, version=version, **kw)
     m = None if cu is None else int((cu[1:] - cu[:-1]).max())
     if stacked == "qkv":
-        leaf = torch.stack([q, k, v], dim=dim).requires_grad_()
-        out, lse, _ = (fa.flash_attn_qkvpacked_func(leaf, return_attn_probs=True, version=version, **kw) if cu is None
-                       else fa.flash_attn_varlen_qkvpacked_func(leaf, cu, m, return_attn_probs=True, version=version,
-                                                                **kw))
-        return out, lse, lambda do: torch.autograd.grad(out, (leaf,), do)[0].unbind(dim)
-    qq, leaf = q.clone().requires_grad_(), torch.stack([k, v], dim=dim).requires_grad_()
-    out, lse, _ = (fa.flash_attn_kvpacked_func(qq, leaf, return_attn_probs=True, version=version, **kw) if cu is None
-                   else fa.flash_attn_varlen_kvpacked_func(qq, leaf, cu, cu, m, m, return_attn_probs=True,
-                                                           version=version, **kw))
-    return out, lse, lambda do: (lambda g: (g[0], *g[1].unbind(dim)))(torch.autograd.grad(out, (qq, leaf), do))
+        leaves = [torch.stack([q, k, v], dim=dim).requires_grad_()]
+        if cu is None:
+            out, lse, _ = fa.flash_attn_qkvpacked_func(*leaves, **opts)
+        else:
+            out, lse, _ = fa.flash_attn_varlen_qkvpacked_func(*leaves, cu, m, **opts)
+    else:
+        leaves = [q.clone().requires_grad_(), torch.stack([k, v], dim=dim).requires_grad_()]
+        if cu is None:
+            out, lse, _ = fa.flash_attn_kvpacked_func(*leaves, **opts)
+        else:
+            out, lse, _ = fa.flash_attn_varlen_kvpacked_func(*leaves, cu, cu, m, m, **opts)
+
+    def grads(do):
+        *dq, stacked_grad = torch.autograd.grad(out, leaves, do)
+        return (*dq, *stacked_grad.unbind(dim))
+    return out, lse, grads
 
 
 def run_case(version, dtype, shape, kw, varlen=False, stacked=None):
@@ -173,8 +180,7 @@ def main():
             r = run_case(version, dtype, shape, kw, varlen, stacked)
         except Exception as e:  # a compile or launch failure is a failed case, and the grid goes on
             r = dict(version=version, dtype=str(dtype).split(".")[-1], shape=list(shape), varlen=varlen, stacked=stacked,
-                     **kw,
-                     ok=False, error=f"{type(e).__name__}: {str(e)[:400]}")
+                     **kw, ok=False, error=f"{type(e).__name__}: {str(e)[:400]}")
             print("FAIL " + json.dumps(r, default=str), flush=True)
             torch.cuda.empty_cache()
         else:

@@ -12,6 +12,18 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEADDIM = 256
 
 
+def _check_dtype(t, name: str):
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported dtypes are float16, bfloat16 and float32 "
+                        f"(cast with {name}.to(torch.bfloat16)).")
+
+
+def _check_last_dim(t, name: str):
+    if t.numel() > 0 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last (headdim) dimension; got strides "
+                         f"{tuple(t.stride())}. Call {name}.contiguous() first.")
+
+
 def _validate_tensors(q, k, v, varlen: bool, check_batch: bool = True, names=("q", "k", "v")):
     """names: the caller's names of its three tensors, for the messages (flash_attn_with_kvcache: k_cache and
     v_cache)."""
@@ -23,17 +35,13 @@ def _validate_tensors(q, k, v, varlen: bool, check_batch: bool = True, names=("q
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
         if t.dim() != want:
             raise ValueError(f"{name} must have {want} dimensions {layout}, got shape {tuple(t.shape)}.")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported dtypes are float16, bfloat16 and float32 "
-                            f"(cast with {name}.to(torch.bfloat16)).")
+        _check_dtype(t, name)
         if t.dtype != q.dtype:
             raise TypeError(f"{qn}, {kn} and {vn} must share a dtype; got {qn} {q.dtype} and {name} {t.dtype}.")
         if t.device != q.device:
             raise ValueError(f"{qn}, {kn} and {vn} must be on one device; got {qn} on {q.device} and {name} on "
                              f"{t.device}.")
-        if t.numel() > 0 and t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last (headdim) dimension; got strides "
-                             f"{tuple(t.stride())}. Call {name}.contiguous() first.")
+        _check_last_dim(t, name)
     if q.device.type == "cpu" and not is_interpreting():
         raise ValueError("q is on the CPU but the Triton kernels are compiled for the GPU. Move the tensors to "
                          "CUDA, or set TRITON_INTERPRET=1 before importing hf_flashattn to run on the CPU.")

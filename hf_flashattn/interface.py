@@ -336,12 +336,8 @@ def _unpack(t, name: str, layout: str, dim: int, parts: int, fix: str):
             raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}.")
         if t.dim() != len(layout.split(",")) or t.shape[dim] != parts:
             raise ValueError(f"{name} must have shape {layout}, got {tuple(t.shape)}. {fix}")
-        if t.dtype not in V.SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported dtypes are float16, bfloat16 and float32 (cast "
-                            f"with {name}.to(torch.bfloat16)).")
-        if t.numel() > 0 and t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last (headdim) dimension; got strides "
-                             f"{tuple(t.stride())}. Call {name}.contiguous() first.")
+        V._check_dtype(t, name)
+        V._check_last_dim(t, name)
     return t.unbind(dim)
 
 

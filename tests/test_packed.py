@@ -38,59 +38,59 @@ def _grads(out, lse, leaves, seed=3):
     return torch.autograd.grad((out * do).sum() + lse.sum(), leaves)
 
 
-def _check(packed_call, plain_call, packed_leaf, plain_leaves, dim):
+def _check(packed_call, plain_call, packed_leaves, plain_leaves, dim):
+    """Outputs and lse bitwise equal; the packed leaves' gradients bitwise the plain call's, the stacked leaf's being
+    the plain gradients of what it stacks (the last len(plain_leaves) - len(packed_leaves) + 1 of them)."""
     out, lse, _ = packed_call()
     ref, ref_lse, _ = plain_call()
     assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
-    (grad,) = _grads(out, lse, [packed_leaf])
+    *grads, stacked = _grads(out, lse, packed_leaves)
     ref_grads = _grads(ref, ref_lse, plain_leaves)
-    assert torch.equal(grad, torch.stack(ref_grads, dim=dim))
+    n = len(grads)
+    assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads[:n]))
+    assert torch.equal(stacked, torch.stack(ref_grads[n:], dim=dim))
 
 
 def _leaf(*shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).requires_grad_()
 
 
+def _parts(packed, dim):
+    return [t.clone().requires_grad_() for t in packed.detach().unbind(dim)]
+
+
 @pytest.mark.parametrize("kw", [dict(causal=True), dict(window_size=(5, 2), softcap=4.0)], ids=["causal", "window"])
 def test_qkvpacked_equals_flash_attn_func(kw):
     qkv = _leaf(2, 29, 3, 4, 40, seed=0)
-    parts = [qkv.detach()[:, :, i].clone().requires_grad_() for i in range(3)]
+    parts = _parts(qkv, 2)
     _check(lambda: fa.flash_attn_qkvpacked_func(qkv, return_attn_probs=True, **kw),
-           lambda: fa.flash_attn_func(*parts, return_attn_probs=True, **kw), qkv, parts, dim=2)
+           lambda: fa.flash_attn_func(*parts, return_attn_probs=True, **kw), [qkv], parts, dim=2)
 
 
 def test_kvpacked_equals_flash_attn_func_with_gqa_and_fewer_queries():
     q, kv = _leaf(2, 13, 4, 32, seed=1), _leaf(2, 29, 2, 2, 32, seed=2)   # 4 query heads on 2 key/value heads
-    k, v = (kv.detach()[:, :, i].clone().requires_grad_() for i in range(2))
-    out, lse, _ = fa.flash_attn_kvpacked_func(q, kv, causal=True, return_attn_probs=True)
-    ref, ref_lse, _ = fa.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
-    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
-    dq, dkv = _grads(out, lse, [q, kv])
-    ref_dq, dk, dv = _grads(ref, ref_lse, [q, k, v])
-    assert torch.equal(dq, ref_dq) and torch.equal(dkv, torch.stack([dk, dv], dim=2))
+    k, v = _parts(kv, 2)
+    _check(lambda: fa.flash_attn_kvpacked_func(q, kv, causal=True, return_attn_probs=True),
+           lambda: fa.flash_attn_func(q, k, v, causal=True, return_attn_probs=True), [q, kv], [q, k, v], dim=2)
 
 
 def test_varlen_qkvpacked_equals_flash_attn_varlen_func():
     cu = torch.tensor([0, 5, 18, 29], dtype=torch.int32)
     qkv = _leaf(29, 3, 2, 24, seed=4)
-    parts = [qkv.detach()[:, i].clone().requires_grad_() for i in range(3)]
+    parts = _parts(qkv, 1)
     _check(lambda: fa.flash_attn_varlen_qkvpacked_func(qkv, cu, 13, causal=True, return_attn_probs=True),
            lambda: fa.flash_attn_varlen_func(*parts, cu, cu, 13, 13, causal=True, return_attn_probs=True),
-           qkv, parts, dim=1)
+           [qkv], parts, dim=1)
 
 
 def test_varlen_kvpacked_equals_flash_attn_varlen_func_with_mqa():
     cu_q, cu_k = torch.tensor([0, 1, 9], dtype=torch.int32), torch.tensor([0, 17, 23], dtype=torch.int32)
     q, kv = _leaf(9, 4, 16, seed=5), _leaf(23, 2, 1, 16, seed=6)        # MQA: one key/value head
-    k, v = (kv.detach()[:, i].clone().requires_grad_() for i in range(2))
-    out, lse, _ = fa.flash_attn_varlen_kvpacked_func(q, kv, cu_q, cu_k, 8, 17, window_size=(6, 0),
-                                                     return_attn_probs=True)
-    ref, ref_lse, _ = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 8, 17, window_size=(6, 0),
-                                                return_attn_probs=True)
-    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
-    dq, dkv = _grads(out, lse, [q, kv])
-    ref_dq, dk, dv = _grads(ref, ref_lse, [q, k, v])
-    assert torch.equal(dq, ref_dq) and torch.equal(dkv, torch.stack([dk, dv], dim=1))
+    k, v = _parts(kv, 1)
+    _check(lambda: fa.flash_attn_varlen_kvpacked_func(q, kv, cu_q, cu_k, 8, 17, window_size=(6, 0),
+                                                      return_attn_probs=True),
+           lambda: fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 8, 17, window_size=(6, 0), return_attn_probs=True),
+           [q, kv], [q, k, v], dim=1)
 
 
 def test_views_reach_the_kernels_without_a_copy_and_options_pass_through(monkeypatch):

@@ -26,7 +26,37 @@ def _choose_mode() -> bool:
     return True
 
 
+def _release(version: str) -> tuple:
+    """(major, minor) of a version string ("3.6.0+git..." -> (3, 6)); (0, 0) where it cannot be read."""
+    parts = version.split(".")
+    try:
+        return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) if len(parts) > 1 else 0)
+    except ValueError:
+        return 0, 0
+
+
+def interpreter_problem(triton_version: str, numpy_version: str):
+    """Why Triton's interpreter cannot run the kernels with these versions, with the fix, or None. Triton 3.6's
+    interpreter turns a scalar into a one-element array and a `range()` bound into an int with int(array), which
+    NumPy 2.4 rejects ("only 0-dimensional arrays can be converted to Python scalars"): every kernel with a loop over
+    key blocks fails. Triton 3.7 fixed it; NumPy 2.3 still accepts it."""
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"hf_flashattn: Triton {triton_version}'s interpreter cannot run these kernels with NumPy "
+                f"{numpy_version} (it converts one-element arrays to Python ints, which NumPy 2.4 rejects). Install "
+                "'numpy<2.4' or 'triton>=3.7' for the CPU interpreter; on a GPU the kernels are compiled and this "
+                "does not apply.")
+    return None
+
+
 INTERPRET: bool = _choose_mode()
+if INTERPRET:
+    import triton
+    try:
+        import numpy
+    except ImportError:   # Triton's interpreter itself needs NumPy and will say so
+        numpy = None
+    if numpy is not None and interpreter_problem(triton.__version__, numpy.__version__):
+        logger.warning(interpreter_problem(triton.__version__, numpy.__version__))
 
 
 def is_interpreting() -> bool:

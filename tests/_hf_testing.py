@@ -61,6 +61,13 @@ def pair(family_or_config):
     return eager, build(make(), NAME, eager.state_dict())
 
 
+def cache_kwargs(model, cache) -> dict:
+    """The cache as the keyword the model's forward takes: `cache` from Transformers 5.24 (which deprecates
+    `past_key_values`, to be removed in 5.40), `past_key_values` before (5.17)."""
+    import inspect
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
 def left_padded(lengths, seed=1):
     return _attn_testing.left_padded(lengths, TINY["vocab_size"], PAD, DEVICE, seed)
 

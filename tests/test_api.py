@@ -213,3 +213,20 @@ def test_varlen_accepts_0d_tensor_max_seqlen():
     a = fa.flash_attn_varlen_func(q, q, q, cu, cu, torch.tensor(5, dtype=torch.int32), 5, causal=True)
     b = fa.flash_attn_varlen_func(q, q, q, cu, cu, 5, 5, causal=True)
     assert torch.equal(a, b)
+
+
+def test_interpreter_problem_names_the_versions_and_the_fix():
+    """Triton 3.6's interpreter with NumPy 2.4 fails on every loop of a kernel (measured: 3.6.0 with NumPy 2.4.6
+    fails, with 2.3.5 runs; 3.7.1 with 2.4.6 runs); import warns with the fix there and only there."""
+    import numpy
+    import triton
+
+    from hf_flashattn._runtime import _release, interpreter_problem, is_interpreting
+    msg = interpreter_problem("3.6.0", "2.4.6")
+    assert msg is not None and "3.6.0" in msg and "2.4.6" in msg and "numpy<2.4" in msg and "triton>=3.7" in msg
+    assert interpreter_problem("3.6.1+git1234", "2.5.0rc1") is not None
+    for ok in (("3.7.1", "2.4.6"), ("3.6.0", "2.3.5"), ("3.9.0", "2.4.6"), ("4.0.0", "3.0.0")):
+        assert interpreter_problem(*ok) is None, ok
+    assert _release("3.10.2") == (3, 10) and _release("2.4.0rc1") == (2, 4) and _release("dev") == (0, 0)
+    if is_interpreting():   # the kernels run in this process through the interpreter: the versions must allow it
+        assert interpreter_problem(triton.__version__, numpy.__version__) is None

@@ -15,7 +15,7 @@ import hf_flashattn  # noqa: F401 (before transformers: sets TRITON_INTERPRET on
 from hf_flashattn.kernels import decode as decode_kernels
 from hf_flashattn.integrations import transformers as integration
 from _hf_testing import (CONFIGS, DEVICE, FAMILIES, GRAD_TOL, NAME, PACKED_LENGTHS, PAD, PADDED_LENGTHS, TINY, TOL,
-                         WINDOW, build, check_matches_eager, left_padded, pair, qwen2_moe_config, report)
+                         WINDOW, build, cache_kwargs, check_matches_eager, left_padded, pair, qwen2_moe_config, report)
 
 from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, StaticCache
 from transformers.modeling_utils import AttentionInterface
@@ -276,9 +276,9 @@ def test_static_cache_decode_step_compiles_fullgraph(padded):
     for compiled in (False, True):
         cache = StaticCache(config=config, max_cache_len=24)
         with torch.no_grad():
-            tok = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits[:, -1:].argmax(-1)
+            tok = model(input_ids=ids, attention_mask=mask, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
             fwd = torch.compile(model.forward, fullgraph=True, backend="aot_eager") if compiled else model.forward
-            logits.append(fwd(input_ids=tok, attention_mask=step_mask, past_key_values=cache,
+            logits.append(fwd(input_ids=tok, attention_mask=step_mask, **cache_kwargs(model, cache),
                               cache_position=torch.tensor([ids.shape[1]], device=DEVICE)).logits)
     torch._dynamo.reset()
     assert torch.isfinite(logits[0]).all()

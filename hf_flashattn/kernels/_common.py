@@ -80,8 +80,11 @@ def grouped_tile(seqlen_k, group_tiles, HEAD_DIM: tl.constexpr):
     together (GROUP_L2_ELEMS), at least 1 (then: one head's tiles in a row, heaviest first)."""
     n_m = tl.num_programs(0)
     n_h = tl.num_programs(1)
-    mi, bh = grouped_rank(launch_index(), n_m, n_h * tl.num_programs(2),
-                          (GROUP_L2_ELEMS // (2 * HEAD_DIM)) // tl.maximum(seqlen_k, 1), group_tiles)
+    # the constant as a tensor first: on Triton 3.7-3.8's interpreter a global constexpr divided by a tensor gives a
+    # constexpr wrapping a tensor, which tl.minimum then rejects
+    l2_elems = tl.full([], GROUP_L2_ELEMS // (2 * HEAD_DIM), tl.int32)
+    mi, bh = grouped_rank(launch_index(), n_m, n_h * tl.num_programs(2), l2_elems // tl.maximum(seqlen_k, 1),
+                          group_tiles)
     return n_m - 1 - mi, bh % n_h, bh // n_h
 
 

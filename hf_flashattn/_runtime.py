@@ -55,8 +55,9 @@ if INTERPRET:
         import numpy
     except ImportError:   # Triton's interpreter itself needs NumPy and will say so
         numpy = None
-    if numpy is not None and interpreter_problem(triton.__version__, numpy.__version__):
-        logger.warning(interpreter_problem(triton.__version__, numpy.__version__))
+    _problem = interpreter_problem(triton.__version__, numpy.__version__) if numpy is not None else None
+    if _problem:
+        logger.warning(_problem)
 
 
 def is_interpreting() -> bool:

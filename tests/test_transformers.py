@@ -274,11 +274,11 @@ def test_static_cache_decode_step_compiles_fullgraph(padded):
     step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     logits = []
     for compiled in (False, True):
-        cache = StaticCache(config=config, max_cache_len=24)
+        cache = cache_kwargs(model, StaticCache(config=config, max_cache_len=24))
         with torch.no_grad():
-            tok = model(input_ids=ids, attention_mask=mask, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
+            tok = model(input_ids=ids, attention_mask=mask, **cache).logits[:, -1:].argmax(-1)
             fwd = torch.compile(model.forward, fullgraph=True, backend="aot_eager") if compiled else model.forward
-            logits.append(fwd(input_ids=tok, attention_mask=step_mask, **cache_kwargs(model, cache),
+            logits.append(fwd(input_ids=tok, attention_mask=step_mask, **cache,
                               cache_position=torch.tensor([ids.shape[1]], device=DEVICE)).logits)
     torch._dynamo.reset()
     assert torch.isfinite(logits[0]).all()

@@ -1,0 +1,212 @@
+"""Probe: a forward program that owns two 64-row query tiles of one head as two separate products in Triton's language
+(one warpgroup, four warps), against v2's kernel, at issue 2's d128 512 unmasked cell. Dense, unmasked, no softcap,
+lengths a multiple of the tiles: a probe of the idea, not a kernel of the package.
+
+Why: v2's pick there (64 x 32 tiles, three programs an SM) is latency-bound with no unit saturated
+(benchmarks/NOTES.md, twenty-fourth to twenty-ninth sessions). One program with two independent score / softmax / P.V
+chains over the same K and V block gives the scheduler (ptxas, and Triton's wgmma waits) work of the other half to
+issue while one half's exponentials wait, the way FA3's intra-warpgroup overlap does by hand; it also reads each K and
+V block from L2 once for 128 rows (v2's 64-row tiles read it twice). The one-tensor form of the same 128 rows (a
+128 x 32 tile with four warps, one product for both halves) measured 1.046x slower than the pick (twenty-fifth
+session): what differs here is only that the halves are separate products and separate softmaxes.
+
+    python benchmarks/probe_two_halves.py --out DIR [--rounds 7] [--variants ...] [--points d128-512]
+    python benchmarks/probe_two_halves.py --compile     # sm_90a registers / spills / wgmma waits, no GPU needed
+
+Variants: `v2` (the autotuner's pick, what version="v2" runs), `v2:BMxBN:WARPS:STAGES[:MAXNREG]` (a v2 config forced),
+`halves:BN:STAGES[:MAXNREG[:ORDER]]` (this probe's kernel; ORDER 0: both halves' scores first, then each half's softmax
+and P.V; 1: one half after the other). First checked against a float32 reference with flash-attn's rule, then timed in
+interleaved rounds with SDPA's flash and cuDNN backends (`rounds.time_forwards`).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+HALF = tl.constexpr(64)   # rows a half (one warpgroup's wgmma M)
+
+
+@triton.jit
+def _half_step(acc, l_i, m_i, qk, v, c):
+    """One half's online-softmax step on raw scores qk (the scale c folded into the exponent) and its P.V."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * c)
+    p = tl.exp2(qk * c - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _halves_kernel(Q, K, V, O, LSE, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+                   stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh, stride_lb, stride_lh, seqlen, qk_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, ORDER: tl.constexpr):
+    # grid (seqlen / 128, H, B): program (t, h, b) computes rows [128 t, 128 t + 128) of head h, sequence b, as two halves
+    t = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    rows0 = t * (2 * HALF) + tl.arange(0, HALF)
+    rows1 = rows0 + HALF
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    Q_base = Q + b * stride_qb + h * stride_qh
+    K_base = K + b * stride_kb + h * stride_kh
+    V_base = V + b * stride_vb + h * stride_vh
+    q0 = tl.load(Q_base + rows0[:, None] * stride_qm + offs_d[None, :])
+    q1 = tl.load(Q_base + rows1[:, None] * stride_qm + offs_d[None, :])
+    m0 = tl.full([HALF], float("-inf"), dtype=tl.float32)
+    m1 = tl.full([HALF], float("-inf"), dtype=tl.float32)
+    l0 = tl.zeros([HALF], dtype=tl.float32)
+    l1 = tl.zeros([HALF], dtype=tl.float32)
+    acc0 = tl.zeros([HALF, HEAD_DIM], dtype=tl.float32)
+    acc1 = tl.zeros([HALF, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, seqlen, BLOCK_N):
+        cols = start_n + offs_n
+        k = tl.load(K_base + cols[:, None] * stride_kn + offs_d[None, :])
+        v = tl.load(V_base + cols[:, None] * stride_vn + offs_d[None, :])
+        if ORDER == 0:   # both halves' scores issued first, then each half's softmax and P.V
+            qk0 = tl.dot(q0, tl.trans(k))
+            qk1 = tl.dot(q1, tl.trans(k))
+            acc0, l0, m0 = _half_step(acc0, l0, m0, qk0, v, qk_scale)
+            acc1, l1, m1 = _half_step(acc1, l1, m1, qk1, v, qk_scale)
+        else:            # one half after the other
+            acc0, l0, m0 = _half_step(acc0, l0, m0, tl.dot(q0, tl.trans(k)), v, qk_scale)
+            acc1, l1, m1 = _half_step(acc1, l1, m1, tl.dot(q1, tl.trans(k)), v, qk_scale)
+    O_base = O + b * stride_ob + h * stride_oh
+    L_base = LSE + b * stride_lb + h * stride_lh
+    tl.store(O_base + rows0[:, None] * stride_om + offs_d[None, :], (acc0 / l0[:, None]).to(O.dtype.element_ty))
+    tl.store(O_base + rows1[:, None] * stride_om + offs_d[None, :], (acc1 / l1[:, None]).to(O.dtype.element_ty))
+    tl.store(L_base + rows0, (m0 + tl.log2(l0)) * 0.6931471805599453)
+    tl.store(L_base + rows1, (m1 + tl.log2(l1)) * 0.6931471805599453)
+
+
+def halves_forward(q, k, v, block_n=32, stages=3, maxnreg=None, order=0):
+    """(out, lse) of dense (B, S, H, D) q, k, v without a mask: S a multiple of 128 and of block_n, one key head a
+    query head, D a power of two (the probe's restrictions, checked)."""
+    import torch
+    B, S, H, D = q.shape
+    if S % (2 * HALF.value) or S % block_n or k.shape != q.shape or v.shape != q.shape or D & (D - 1):
+        raise ValueError(f"probe restriction: shapes {tuple(q.shape)} {tuple(k.shape)}")
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, S), device=q.device, dtype=torch.float32)
+    scale = D ** -0.5 * 1.4426950408889634
+    _halves_kernel[(S // (2 * HALF.value), H, B)](
+        q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), lse.stride(0),
+        lse.stride(1), S, scale, HEAD_DIM=D, BLOCK_N=block_n, ORDER=order, num_warps=4, num_stages=stages,
+        **({"maxnreg": maxnreg} if maxnreg else {}))
+    return out, lse
+
+
+def parse_variant(name):
+    f = name.split(":")
+    if f[0] == "halves":
+        return dict(block_n=int(f[1]), stages=int(f[2]), maxnreg=int(f[3]) if len(f) > 3 and int(f[3]) else None,
+                    order=int(f[4]) if len(f) > 4 else 0)
+    raise SystemExit(f"unknown variant {name}")
+
+
+def compile_report(variants):
+    """sm_90a compile of each `halves` variant with the local Triton and its bundled ptxas (no GPU)."""
+    import re
+    os.environ["TRITON_INTERPRET"] = "0"
+    from compile_sm90 import compile_one
+    for name in variants:
+        if not name.startswith("halves"):
+            continue
+        p = parse_variant(name)
+        ce = dict(HEAD_DIM=128, BLOCK_N=p["block_n"], ORDER=p["order"])
+        r = compile_one(_halves_kernel, ce, 4, p["stages"], maxnreg=p["maxnreg"])
+        print(f"{name}: regs {r['regs']} spill st/ld {r['spill_st']}/{r['spill_ld']} smem {r['smem']} "
+              f"wgmma {r['wgmma']} mma.sync {r['mma_sync']}", flush=True)
+    _ = re
+
+
+POINTS = {"d128-512": (128, 512, 32, 16, 16, False), "d128-1k": (128, 1024, 16, 16, 16, False),
+          "d64-512": (64, 512, 32, 32, 32, False)}
+
+
+def main():
+    from rounds import probe_parser
+    ap = probe_parser(POINTS)
+    ap.add_argument("--variants", default="v2,v2:64x32:4:3:168,halves:32:3,halves:32:3:0:1,halves:64:2,"
+                                          "halves:32:2,halves:64:3:232")
+    ap.add_argument("--compile", action="store_true")
+    args = ap.parse_args()
+    variants = args.variants.split(",")
+    if args.compile:
+        compile_report(variants)
+        return
+    import functools
+
+    import torch
+
+    from fwd_rule import forward_rule
+    from hf_flashattn import flash_attn_func
+    from hf_flashattn.kernels import v2
+    from rounds import forward_points, run_meta, save_json, save_md, sdpa_forward, time_forwards
+
+    t0 = time.time()
+    meta = run_meta(rounds=args.rounds, iters=args.iters, variants=variants)
+
+    def runner(name, q, k, v):
+        if name.startswith("halves"):
+            return functools.partial(halves_forward, q, k, v, **parse_variant(name))
+        cfg = None
+        if name.startswith("v2:"):
+            f = name.split(":")
+            bm, bn = (int(x) for x in f[1].split("x"))
+            cfg = v2._fwd_config(128 if q.shape[-1] > 64 else 64, bm, bn, int(f[2]), int(f[3]),
+                                 int(f[4]) if len(f) > 4 else None)
+
+        def call():
+            v2._fwd_launch.force = cfg
+            try:
+                return flash_attn_func(q, k, v, return_attn_probs=True, version="v2")[:2]
+            finally:
+                v2._fwd_launch.force = None
+        return call
+
+    results, checks = {}, []
+    # the check: each variant on a small and the timed shapes against a float32 reference (flash-attn's rule)
+    for shape in ((2, 256, 4, 128), (1, 512, 2, 64)):
+        q, k, v = (torch.randn(*shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        for name in variants:
+            out, lse = runner(name, q, k, v)()
+            r = forward_rule(out, lse, q, k, v)
+            checks.append(dict(variant=name, shape=list(shape), **r))
+            print(name, shape, r, flush=True)
+    for p, (D, S, B, H, Hk, causal), (q, k, v), (qt, kt, vt), flops in forward_points(args.points, POINTS, t0,
+                                                                                      args.budget_s):
+        calls = {"sdpa-flash": functools.partial(sdpa_forward, "flash", qt, kt, vt, causal, False),
+                 "sdpa-cudnn": functools.partial(sdpa_forward, "cudnn", qt, kt, vt, causal, False)}
+        for name in variants:
+            calls[name] = runner(name, q, k, v)
+        results[p] = time_forwards(calls, args.rounds, args.iters, flops)
+        print(p, {n: (round(r["median_ms"] * 1e3, 1), round(r["of_flash"], 3)) for n, r in results[p].items()},
+              flush=True)
+    save_json(args.out, "probe_two_halves", meta, t0, checks=checks, results=results)
+    lines = [f"# Two 64-row halves a program (probe), {meta['device']}, torch {meta['torch']}, triton "
+             f"{meta['triton']}, commit {meta['commit']}, {meta['date']}", "",
+             f"{args.rounds} interleaved rounds of {args.iters} calls; ratios are medians over rounds of SDPA-flash's "
+             "time over the variant's (above 1: faster than flash).", "",
+             "| point | variant | us | TFLOP/s | / flash | / cuDNN |", "|---|---|---|---|---|---|"]
+    for p, recs in results.items():
+        for n, r in recs.items():
+            lines.append(f"| {p} | {n} | {r['median_ms'] * 1e3:.1f} | {r['tflops']:.0f} | {r['of_flash']:.3f} | "
+                         f"{r['of_cudnn']:.3f} |")
+    bad = [c for c in checks if not c["ok"]]
+    lines += ["", f"Check: {len(checks) - len(bad)}/{len(checks)} within flash-attn's rule" +
+              (": FAILED " + ", ".join(f"{c['variant']} {c['shape']}" for c in bad) if bad else ".")]
+    save_md(args.out, "probe_two_halves", lines)
+
+
+if __name__ == "__main__":
+    main()

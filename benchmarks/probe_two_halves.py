@@ -13,10 +13,12 @@ session): what differs here is only that the halves are separate products and se
     python benchmarks/probe_two_halves.py --out DIR [--rounds 7] [--variants ...] [--points d128-512]
     python benchmarks/probe_two_halves.py --compile     # sm_90a registers / spills / wgmma waits, no GPU needed
 
-Variants: `v2` (the autotuner's pick, what version="v2" runs), `v2:BMxBN:WARPS:STAGES[:MAXNREG]` (a v2 config forced),
+Variants: `v2` (the autotuner's pick, what version="v2" runs), `v2:BMxBN:WARPS:STAGES[:MAXNREG[:H]]` (a v2 config
+forced; MAXNREG 0: none; H 1: v2's HALVES, the package's form of this probe's kernel),
 `halves:BN:STAGES[:MAXNREG[:ORDER]]` (this probe's kernel; ORDER 0: both halves' scores first, then each half's softmax
 and P.V; 1: one half after the other). First checked against a float32 reference with flash-attn's rule, then timed in
-interleaved rounds with SDPA's flash and cuDNN backends (`rounds.time_forwards`).
+interleaved rounds with SDPA's flash and cuDNN backends (`rounds.time_forwards`). The `v2` variants are also checked
+on awkward cases (causal with q_len != k_len, a window, head dim 80, GQA and MQA, packed sequences; bf16 and fp16).
 """
 from __future__ import annotations
 
@@ -46,9 +48,10 @@ def _half_step(acc, l_i, m_i, qk, v, c):
 
 @triton.jit
 def _halves_kernel(Q, K, V, O, LSE, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
-                   stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh, stride_lb, stride_lh, seqlen, qk_scale,
-                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, ORDER: tl.constexpr):
-    # grid (seqlen / 128, H, B): program (t, h, b) computes rows [128 t, 128 t + 128) of head h, sequence b, as two halves
+                   stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh, stride_lb, stride_lh, seqlen,
+                   qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, ORDER: tl.constexpr):
+    # grid (seqlen / 128, H, B): program (t, h, b) computes rows [128 t, 128 t + 128) of head h, sequence b, as two
+    # halves
     t = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -130,7 +133,9 @@ def compile_report(variants):
 
 
 POINTS = {"d128-512": (128, 512, 32, 16, 16, False), "d128-1k": (128, 1024, 16, 16, 16, False),
-          "d64-512": (64, 512, 32, 32, 32, False)}
+          "d64-512": (64, 512, 32, 32, 32, False), "d128-512-causal": (128, 512, 32, 16, 16, True),
+          "d64-1k": (64, 1024, 16, 32, 32, False), "d128-4k": (128, 4096, 4, 16, 16, False),
+          "d128-4k-causal": (128, 4096, 4, 16, 16, True)}
 
 
 def main():
@@ -149,7 +154,7 @@ def main():
     import torch
 
     from fwd_rule import forward_rule
-    from hf_flashattn import flash_attn_func
+    from hf_flashattn import flash_attn_func, flash_attn_varlen_func
     from hf_flashattn.kernels import v2
     from rounds import forward_points, run_meta, save_json, save_md, sdpa_forward, time_forwards
 
@@ -164,12 +169,14 @@ def main():
             f = name.split(":")
             bm, bn = (int(x) for x in f[1].split("x"))
             cfg = v2._fwd_config(128 if q.shape[-1] > 64 else 64, bm, bn, int(f[2]), int(f[3]),
-                                 int(f[4]) if len(f) > 4 else None)
+                                 int(f[4]) if len(f) > 4 and int(f[4]) else None, len(f) > 5 and f[5] == "1")
 
-        def call():
+        def call(**kw):
             v2._fwd_launch.force = cfg
             try:
-                return flash_attn_func(q, k, v, return_attn_probs=True, version="v2")[:2]
+                if "cu_seqlens_q" in kw:
+                    return flash_attn_varlen_func(q, k, v, return_attn_probs=True, version="v2", **kw)[:2]
+                return flash_attn_func(q, k, v, return_attn_probs=True, version="v2", **kw)[:2]
             finally:
                 v2._fwd_launch.force = None
         return call
@@ -183,6 +190,32 @@ def main():
             r = forward_rule(out, lse, q, k, v)
             checks.append(dict(variant=name, shape=list(shape), **r))
             print(name, shape, r, flush=True)
+    # v2's variants on awkward cases: (B, Sq, Sk, H, Hk, D), mask; packed: three sequences of ragged lengths
+    awkward = [((2, 113, 203, 8, 2, 128), dict(causal=True)), ((1, 250, 130, 4, 4, 128), {}),
+               ((1, 300, 300, 4, 4, 128), dict(window_size=(64, 0))), ((2, 77, 77, 4, 1, 80), {}),
+               ((1, 200, 200, 6, 3, 64), dict(window_size=(-1, 16))), ((1, 129, 129, 4, 4, 40), dict(causal=True)),
+               ((1, 400, 400, 4, 2, 128), dict(causal=True, packed=(0, 100, 257, 400))),
+               ((1, 300, 300, 4, 4, 64), dict(packed=(0, 37, 300)))]
+    for (B, Sq, Sk, H, Hk, D), mask in awkward:
+        for dtype in (torch.bfloat16, torch.float16):
+            q = torch.randn(B, Sq, H, D, device="cuda", dtype=dtype)
+            k, v = (torch.randn(B, Sk, Hk, D, device="cuda", dtype=dtype) for _ in range(2))
+            kw = dict(mask)
+            if "packed" in kw:
+                cu = torch.tensor(kw.pop("packed"), device="cuda", dtype=torch.int32)
+                q, k, v = q[0], k[0], v[0]
+                kw.update(cu_seqlens_q=cu, cu_seqlens_k=cu)
+                n = int((cu[1:] - cu[:-1]).max())
+                call_kw = dict(kw, max_seqlen_q=n, max_seqlen_k=n)
+            else:
+                call_kw = kw
+            for name in variants:
+                if not name.startswith("v2"):
+                    continue
+                out, lse = runner(name, q, k, v)(**call_kw)
+                r = forward_rule(out, lse, q, k, v, **kw)
+                checks.append(dict(variant=name, shape=[B, Sq, Sk, H, Hk, D], mask=str(mask), dtype=str(dtype), **r))
+                print(name, (B, Sq, Sk, H, Hk, D), mask, dtype, r, flush=True)
     for p, (D, S, B, H, Hk, causal), (q, k, v), (qt, kt, vt), flops in forward_points(args.points, POINTS, t0,
                                                                                       args.budget_s):
         calls = {"sdpa-flash": functools.partial(sdpa_forward, "flash", qt, kt, vt, causal, False),
@@ -203,8 +236,10 @@ def main():
             lines.append(f"| {p} | {n} | {r['median_ms'] * 1e3:.1f} | {r['tflops']:.0f} | {r['of_flash']:.3f} | "
                          f"{r['of_cudnn']:.3f} |")
     bad = [c for c in checks if not c["ok"]]
-    lines += ["", f"Check: {len(checks) - len(bad)}/{len(checks)} within flash-attn's rule" +
-              (": FAILED " + ", ".join(f"{c['variant']} {c['shape']}" for c in bad) if bad else ".")]
+    lines += ["", f"Check: {len(checks) - len(bad)}/{len(checks)} within flash-attn's rule (each variant on dense "
+              "unmasked shapes; v2's also on the awkward cases, bf16 and fp16)" +
+              (": FAILED " + ", ".join(f"{c['variant']} {c['shape']} {c.get('mask', '')} {c.get('dtype', '')}"
+                                       for c in bad) if bad else ".")]
     save_md(args.out, "probe_two_halves", lines)
 
 

@@ -281,6 +281,48 @@ def test_grouped_tile_order(version, group_tiles, shape, monkeypatch):
     assert_close_rule("lse", lse[fin], ref[1][fin], low[1].float()[fin], 2, torch.float32)
 
 
+@pytest.mark.parametrize("shape,mask", [((1, 113, 203, 4, 1, 40), dict(causal=True)),
+                                        ((2, 70, 70, 4, 2, 32), dict(causal=False)),
+                                        ((1, 64, 96, 4, 4, 16), dict(window_size=(20, 5))),
+                                        ((1, 90, 50, 2, 2, 64), dict(causal=True)),
+                                        ((1, 77, 77, 2, 2, 64), dict(window_size=(-1, 7))),
+                                        ((1, 50, 81, 3, 3, 80), dict(window_size=(4, 0))),
+                                        ((1, 1, 97, 2, 1, 16), dict(causal=True))],
+                         ids=["113x203-causal-mqa-d40", "70x70-gqa", "window", "q-longer-causal", "right-only",
+                              "narrow-left-window-d80", "one-row"])
+def test_v2_halves(shape, mask, monkeypatch):
+    """v2's forward with a program owning two row tiles (`HALVES`, forced: 32 rows as two of 16): within the rule
+    against the reference, and bitwise equal to the plain kernel on 16-row tiles, dense and packed (a half's rows that
+    see nothing of a block the other half needs add exactly nothing; a half past the sequence's end writes nothing)."""
+    from hf_flashattn.kernels import v2
+    q, k, v, do = kernel_inputs(shape, torch.float16, seed=17)
+    B, Sq, Sk = shape[:3]
+    lq, lk = [Sq // 3, Sq - Sq // 3], [Sk // 2 + 1, Sk - Sk // 2 - 1]
+    cu = (torch.tensor([0, lq[0], Sq], dtype=torch.int32), torch.tensor([0, lk[0], Sk], dtype=torch.int32))
+    runs = []
+    for cfg in (v2._fwd_config(0, 16, 16, 4, 1), v2._fwd_config(0, 32, 16, 4, 1, None, True)):
+        monkeypatch.setattr(v2._fwd_launch, "force", cfg)
+        runs.append([fa.flash_attn_func(q, k, v, return_attn_probs=True, version="v2", **mask)[:2],
+                     fa.flash_attn_varlen_func(q[0], k[0], v[0], *cu, max(lq), max(lk), return_attn_probs=True,
+                                               version="v2", **mask)[:2]])
+    ref = ref_grads(q, k, v, do, **ref_kwargs(mask))
+    low = ref_grads(q, k, v, do, compute_dtype=torch.float16, **ref_kwargs(mask))
+    assert_close_rule("out", runs[1][0][0], ref[0], low[0], 2, torch.float16)
+    for (a_out, a_lse), (b_out, b_lse) in zip(*runs):
+        assert torch.equal(a_out, b_out) and torch.equal(a_lse, b_lse)
+
+
+def test_v2_halves_need_one_loop():
+    """The HALVES configs are offered only to the one-loop kernel (softcap or an unfolded scale runs three loops)."""
+    from hf_flashattn.kernels import v2
+    cfgs = v2._fwd_configs()
+    on = v2.prune_fwd(cfgs, {}, BLOCK_D=128, ONE_LOOP=True)
+    off = v2.prune_fwd(cfgs, {}, BLOCK_D=128, ONE_LOOP=False)
+    assert any(c.kwargs.get("HALVES") for c in on)
+    assert off and not any(c.kwargs.get("HALVES") for c in off)
+    assert len(on) - len(off) == sum(1 for c in v2._FWD_CONFIGS[128] if c[5:6] == (True,))
+
+
 # v2's forward with the scale folded into the exponent (the default where there is no softcap and the scale is
 # positive) and without (the scores scaled first): both within the rule, over masks with a masked edge and a tail.
 @pytest.mark.parametrize("fold", [True, False], ids=["fold", "no-fold"])

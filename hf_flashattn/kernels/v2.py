@@ -79,12 +79,9 @@ def kv_block(acc, l_i, m_i, q, k, v, offs_m, cols, Sk, diag, left, right, qk_sca
     `edge` is true (`_fwd_loop`'s blocks off the band). LEFT False: the window has no left edge (`visible`'s). Also the
     decode kernel's loop over descriptor-loaded blocks (decode._decode_inner_tma)."""
     if FOLD:
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        if EDGE:
-            if edge:
-                qk = tl.where(visible(offs_m, cols, diag, left, right, Sk, LEFT), qk, float("-inf"))
-        p, alpha, m_new, l_i = softmax_tile(qk, m_i, l_i, 1.0, qk_scale, cap_scale, offs_m, cols, Sk, diag, left,
-                                            right, MASKED, SOFTCAP, True, False, LEFT)
+        acc, l_i, m_new = fold_update(acc, l_i, m_i, tl.dot(q, tl.trans(k), input_precision=DOT_PREC), v, offs_m,
+                                      cols, Sk, diag, left, right, qk_scale, cap_scale, MASKED, SOFTCAP, DOT_PREC,
+                                      LEFT, edge, EDGE)
     else:
         s, _ = log2_scores(q, k, qk_scale, cap_scale, SOFTCAP, DOT_PREC)
         if MASKED:
@@ -93,9 +90,67 @@ def kv_block(acc, l_i, m_i, q, k, v, offs_m, cols, Sk, diag, left, right, qk_sca
             keep = tl.load(KMASK_base + cols, mask=cols < Sk, other=0)
             s = tl.where(keep[None, :] != 0, s, float("-inf"))
         p, alpha, m_new, l_i = softmax_step(s, m_i, l_i)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def fold_update(acc, l_i, m_i, qk, v, offs_m, cols, Sk, diag, left, right, qk_scale, cap_scale, MASKED: tl.constexpr,
+                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, LEFT: tl.constexpr, edge, EDGE: tl.constexpr):
+    """`kv_block`'s FOLD step once the raw scores qk = q·kᵀ of the block are computed: the mask (MASKED always; EDGE:
+    in a branch when the run-time `edge` is true), the online-softmax update with the scale folded into the exponent,
+    and P·V into the accumulator."""
+    if EDGE:
+        if edge:
+            qk = tl.where(visible(offs_m, cols, diag, left, right, Sk, LEFT), qk, float("-inf"))
+    p, alpha, m_new, l_i = softmax_tile(qk, m_i, l_i, 1.0, qk_scale, cap_scale, offs_m, cols, Sk, diag, left,
+                                        right, MASKED, SOFTCAP, True, False, LEFT)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_loop_halves(acc0, l0, m0, q0, rows0, acc1, l1, m1, q1, rows1, K_base, V_base, stride_kn, stride_vn, lo, hi,
+                     full_lo, full_hi, offs_n, offs_d, Sk, diag, left, right, qk_scale, HEAD_DIM: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, LEFT: tl.constexpr):
+    """`_fwd_loop` for a program that owns two row tiles (the kernel's HALVES): each key and value block loaded once,
+    both halves' scores computed first, then each half's softmax and P·V. Two independent chains a warpgroup: Triton
+    issues a half's P·V asynchronously, and it runs on the tensor cores under the other half's exponentials. The block
+    range is the two halves' together (`tile_range` of the whole tile): a row of one half that sees nothing of a block
+    the other half needs gets p = 0 there (alpha 1, or 0 while the row has seen nothing)."""
+    body_hi = body_end(lo, hi, Sk, BLOCK_N)
+    for start_n in range(lo, body_hi, BLOCK_N):
+        cols = start_n + offs_n
+        k, v = load_rows_pair(K_base + cols[:, None] * stride_kn + offs_d[None, :],
+                              V_base + cols[:, None] * stride_vn + offs_d[None, :], cols, Sk, offs_d, HEAD_DIM,
+                              BLOCK_D, False)
+        acc0, l0, m0, acc1, l1, m1 = _halves_block(acc0, l0, m0, q0, rows0, acc1, l1, m1, q1, rows1, k, v, cols, Sk,
+                                                   diag, left, right, qk_scale, DOT_PREC, LEFT, False,
+                                                   (start_n < full_lo) | (start_n >= full_hi), True)
+    if body_hi < hi:
+        cols = body_hi + offs_n
+        k, v = load_rows_pair(K_base + cols[:, None] * stride_kn + offs_d[None, :],
+                              V_base + cols[:, None] * stride_vn + offs_d[None, :], cols, Sk, offs_d, HEAD_DIM,
+                              BLOCK_D, True)
+        acc0, l0, m0, acc1, l1, m1 = _halves_block(acc0, l0, m0, q0, rows0, acc1, l1, m1, q1, rows1, k, v, cols, Sk,
+                                                   diag, left, right, qk_scale, DOT_PREC, LEFT, True, False, False)
+    return acc0, l0, m0, acc1, l1, m1
+
+
+@triton.jit
+def _halves_block(acc0, l0, m0, q0, rows0, acc1, l1, m1, q1, rows1, k, v, cols, Sk, diag, left, right, qk_scale,
+                  DOT_PREC: tl.constexpr, LEFT: tl.constexpr, MASKED: tl.constexpr, edge, EDGE: tl.constexpr):
+    """One key block of `_fwd_loop_halves`: both halves' scores, then each half's `fold_update`."""
+    kt = tl.trans(k)
+    qk0 = tl.dot(q0, kt, input_precision=DOT_PREC)
+    qk1 = tl.dot(q1, kt, input_precision=DOT_PREC)
+    acc0, l0, m0 = fold_update(acc0, l0, m0, qk0, v, rows0, cols, Sk, diag, left, right, qk_scale, 1.0, MASKED, False,
+                               DOT_PREC, LEFT, edge, EDGE)
+    acc1, l1, m1 = fold_update(acc1, l1, m1, qk1, v, rows1, cols, Sk, diag, left, right, qk_scale, 1.0, MASKED, False,
+                               DOT_PREC, LEFT, edge, EDGE)
+    return acc0, l0, m0, acc1, l1, m1
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "SEQ_BUCKET",
@@ -112,10 +167,12 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                 SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr, FOLD: tl.constexpr = False,
-                LEFT: tl.constexpr = True, ONE_LOOP: tl.constexpr = False, STAGGER: tl.constexpr = False):
+                LEFT: tl.constexpr = True, ONE_LOOP: tl.constexpr = False, STAGGER: tl.constexpr = False,
+                HALVES: tl.constexpr = False):
     # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program computes the BLOCK_M rows of
     # O and lse of one (query block, head, sequence), walking the visible key blocks; programs take their tiles in
-    # `grouped_tile`'s order.
+    # `grouped_tile`'s order. HALVES (with ONE_LOOP): the BLOCK_M rows as two tiles of BLOCK_M / 2, separate products
+    # and softmaxes over each key block loaded once (`_fwd_loop_halves`).
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     if STAGGER:   # the second wave's starts spread (`STAGGER` below)
         C.stagger(C.launch_index(), stagger_lo, stagger_hi, stagger_ns, stagger_ramp)
@@ -127,45 +184,76 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
         return
     kvh = (h // group).to(tl.int64)
     h64 = h.to(tl.int64)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     Q_base = Q + b * stride_qb + h64 * stride_qh + q_start * stride_qm
     K_base = K + b * stride_kb + kvh * stride_kh + k_start * stride_kn
     V_base = V + b * stride_vb + kvh * stride_vh + k_start * stride_vn
-    row_ok = offs_m < Sq
-    q = tl.load(Q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    O_base = O + b * stride_ob + h64 * stride_oh + q_start * stride_om
+    LSE_base = LSE + b * stride_lb + h64 * stride_lh + q_start
     diag = Sk - Sq
     lo, full_lo, full_hi, hi = tile_range(m0, BLOCK_M, diag, window_left, window_right, Sk, BLOCK_N)
-    if ONE_LOOP:   # the scale folded, no softcap: every block in one loop (`_fwd_loop`)
-        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, hi, full_lo, full_hi,
-                                  offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, HEAD_DIM,
-                                  BLOCK_D, BLOCK_N, DOT_PREC, LEFT)
+    if HALVES:
+        tl.static_assert(ONE_LOOP, "HALVES needs the one-loop kernel (`prune_fwd`)")
+        rows0 = m0 + tl.arange(0, BLOCK_M // 2)
+        rows1 = rows0 + BLOCK_M // 2
+        q0 = _load_rows(Q_base, rows0, Sq, stride_qm, offs_d, HEAD_DIM)
+        q1 = _load_rows(Q_base, rows1, Sq, stride_qm, offs_d, HEAD_DIM)
+        m0_i = tl.full([BLOCK_M // 2], float("-inf"), dtype=tl.float32)
+        l0_i = tl.zeros([BLOCK_M // 2], dtype=tl.float32)
+        acc0 = tl.zeros([BLOCK_M // 2, BLOCK_D], dtype=tl.float32)
+        m1_i = tl.full([BLOCK_M // 2], float("-inf"), dtype=tl.float32)
+        l1_i = tl.zeros([BLOCK_M // 2], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_M // 2, BLOCK_D], dtype=tl.float32)
+        acc0, l0_i, m0_i, acc1, l1_i, m1_i = _fwd_loop_halves(
+            acc0, l0_i, m0_i, q0, rows0, acc1, l1_i, m1_i, q1, rows1, K_base, V_base, stride_kn, stride_vn, lo, hi,
+            full_lo, full_hi, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, HEAD_DIM, BLOCK_D,
+            BLOCK_N, DOT_PREC, LEFT)
+        _store_rows(O_base, LSE_base, acc0, l0_i, m0_i, rows0, Sq, stride_om, offs_d, HEAD_DIM)
+        _store_rows(O_base, LSE_base, acc1, l1_i, m1_i, rows1, Sq, stride_om, offs_d, HEAD_DIM)
     else:
-        # left edge of a sliding window (masked), the band every row sees (unmasked), the diagonal /
-        # right edge and the key tail (masked)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, full_lo,
-                                   offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
-                                   cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC,
-                                   FOLD=FOLD, LEFT=LEFT)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, full_lo, full_hi,
-                                   offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
-                                   cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, SOFTCAP, DOT_PREC,
-                                   FOLD=FOLD, LEFT=LEFT)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, full_hi, hi,
-                                   offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
-                                   cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC,
-                                   FOLD=FOLD, LEFT=LEFT)
-    # epilogue: normalise once; rows that saw no key get O = 0 and lse = +inf (as flash-attn)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        q = _load_rows(Q_base, offs_m, Sq, stride_qm, offs_d, HEAD_DIM)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        if ONE_LOOP:   # the scale folded, no softcap: every block in one loop (`_fwd_loop`)
+            acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, hi, full_lo,
+                                      full_hi, offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
+                                      HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, LEFT)
+        else:
+            # left edge of a sliding window (masked), the band every row sees (unmasked), the diagonal /
+            # right edge and the key tail (masked)
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, full_lo,
+                                       offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
+                                       cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC,
+                                       FOLD=FOLD, LEFT=LEFT)
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, full_lo, full_hi,
+                                       offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
+                                       cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, SOFTCAP, DOT_PREC,
+                                       FOLD=FOLD, LEFT=LEFT)
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, full_hi, hi,
+                                       offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
+                                       cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC,
+                                       FOLD=FOLD, LEFT=LEFT)
+        _store_rows(O_base, LSE_base, acc, l_i, m_i, offs_m, Sq, stride_om, offs_d, HEAD_DIM)
+
+
+@triton.jit
+def _load_rows(Q_base, rows, Sq, stride_qm, offs_d, HEAD_DIM: tl.constexpr):
+    """The query rows `rows` (those from Sq on, and the head dim's padding, read as 0)."""
+    return tl.load(Q_base + rows[:, None] * stride_qm + offs_d[None, :],
+                   mask=(rows < Sq)[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _store_rows(O_base, LSE_base, acc, l_i, m_i, rows, Sq, stride_om, offs_d, HEAD_DIM: tl.constexpr):
+    """The forward's epilogue for rows `rows`: normalise once; rows that saw no key get O = 0 and lse = +inf (as
+    flash-attn); rows from Sq on are not written."""
+    row_ok = rows < Sq
     acc, lse = normalise_rows(acc, l_i, m_i, float("inf"))
-    tl.store(LSE + b * stride_lb + h64 * stride_lh + q_start + offs_m, lse, mask=row_ok)
-    O_base = O + b * stride_ob + h64 * stride_oh + q_start * stride_om
-    tl.store(O_base + offs_m[:, None] * stride_om + offs_d[None, :], acc.to(O.dtype.element_ty),
+    tl.store(LSE_base + rows, lse, mask=row_ok)
+    tl.store(O_base + rows[:, None] * stride_om + offs_d[None, :], acc.to(O_base.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
@@ -177,15 +265,24 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
 # caps.md, same process): d64 64 x 64 at 128 registers (four programs an SM, no spills) 6-9% faster at 512-1k;
 # d128 128 x 64 / 8 warps at 128 (two programs an SM, 312 bytes of spills) 5-6% faster at 512-1k unmasked, 5-7%
 # slower causal; d128 64 x 32 at 168 (three programs an SM) 6% faster at 512 causal.
-_FWD_CONFIGS = {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3, 128)],
-                128: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2, 128), (64, 32, 4, 3, 168)],
+# HALVES (a 6th element True): a four-warp program owns two 64-row tiles, separate products over each key block loaded
+# once (`_fwd_loop_halves`). First measured as benchmarks/probe_two_halves.py's kernel (dense, unmasked): d128 at 512
+# and 1k 1.15x / 1.20x faster than the pick among the other configs, 128 x 64 / two stages the best
+# (results/2026-11-28-h100-probe-two-halves.md).
+_FWD_CONFIGS = {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3, 128), (128, 64, 4, 3, None, True)],
+                128: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2, 128), (64, 32, 4, 3, 168),
+                      (128, 64, 4, 2, None, True), (128, 32, 4, 3, None, True)],
                 256: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2)]}
 
 
-def _fwd_config(d_class, bm, bn, w, s, maxnreg=None):
-    """One forward config: (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) of head-dim class d_class (also what
-    the benchmarks force, `_fwd_launch.force`)."""
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "D_CLASS": d_class}, num_warps=w, num_stages=s, maxnreg=maxnreg)
+def _fwd_config(d_class, bm, bn, w, s, maxnreg=None, halves=False):
+    """One forward config: (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg[, halves]]) of head-dim class d_class
+    (also what the benchmarks force, `_fwd_launch.force`); halves: the kernel's HALVES (BLOCK_M rows a program as two
+    tiles of BLOCK_M / 2)."""
+    kw = {"BLOCK_M": bm, "BLOCK_N": bn, "D_CLASS": d_class}
+    if halves:
+        kw["HALVES"] = True
+    return triton.Config(kw, num_warps=w, num_stages=s, maxnreg=maxnreg)
 
 
 def _fwd_configs():
@@ -198,7 +295,14 @@ def prune_by_head_dim(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["D_CLASS"] == cls]
 
 
-_fwd_launch = C.Launcher(_fwd_kernel, _fwd_configs(), prune_by_head_dim,
+def prune_fwd(configs, named_args, **kwargs):
+    """The forward's configs of this head-dim class; the HALVES configs only where the kernel runs one loop (they
+    are written for it: the scale folded, no softcap)."""
+    keep = prune_by_head_dim(configs, named_args, **kwargs)
+    return [c for c in keep if kwargs.get("ONE_LOOP") or not c.kwargs.get("HALVES")]
+
+
+_fwd_launch = C.Launcher(_fwd_kernel, _fwd_configs(), prune_fwd,
                          key=["BLOCK_D", "IS_VARLEN", "SOFTCAP", "DOT_PREC", "SEQ_BUCKET", "MASK_KIND"],
                          interp_meta={"BLOCK_M": 32, "BLOCK_N": 16, "D_CLASS": 0})
 

@@ -312,15 +312,17 @@ def test_v2_halves(shape, mask, monkeypatch):
         assert torch.equal(a_out, b_out) and torch.equal(a_lse, b_lse)
 
 
-def test_v2_halves_need_one_loop():
-    """The HALVES configs are offered only to the one-loop kernel (softcap or an unfolded scale runs three loops)."""
+def test_v2_halves_need_the_folded_scale():
+    """The HALVES configs are offered only where the scale is folded into the exponent without softcap (what their
+    block update is written for); the other configs everywhere."""
     from hf_flashattn.kernels import v2
     cfgs = v2._fwd_configs()
-    on = v2.prune_fwd(cfgs, {}, BLOCK_D=128, ONE_LOOP=True)
-    off = v2.prune_fwd(cfgs, {}, BLOCK_D=128, ONE_LOOP=False)
-    assert any(c.kwargs.get("HALVES") for c in on)
-    assert off and not any(c.kwargs.get("HALVES") for c in off)
-    assert len(on) - len(off) == sum(1 for c in v2._FWD_CONFIGS[128] if c[5:6] == (True,))
+    n_halves = sum(1 for c in v2._FWD_CONFIGS[128] if c[5:6] == (True,))
+    on = v2.prune_fwd(cfgs, {}, BLOCK_D=128, FOLD=True, SOFTCAP=False)
+    assert n_halves and sum(1 for c in on if c.kwargs.get("HALVES")) == n_halves
+    for off in (v2.prune_fwd(cfgs, {}, BLOCK_D=128, FOLD=False, SOFTCAP=False),
+                v2.prune_fwd(cfgs, {}, BLOCK_D=128, FOLD=True, SOFTCAP=True)):
+        assert len(off) == len(on) - n_halves and not any(c.kwargs.get("HALVES") for c in off)
 
 
 # v2's forward with the scale folded into the exponent (the default where there is no softcap and the scale is

@@ -112,44 +112,38 @@ def fold_update(acc, l_i, m_i, qk, v, offs_m, cols, Sk, diag, left, right, qk_sc
 
 
 @triton.jit
-def _fwd_loop_halves(acc0, l0, m0, q0, rows0, acc1, l1, m1, q1, rows1, K_base, V_base, stride_kn, stride_vn, lo, hi,
-                     full_lo, full_hi, offs_n, offs_d, Sk, diag, left, right, qk_scale, HEAD_DIM: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, LEFT: tl.constexpr):
-    """`_fwd_loop` for a program that owns two row tiles (the kernel's HALVES): each key and value block loaded once,
-    both halves' scores computed first, then each half's softmax and P·V. Two independent chains a warpgroup: Triton
-    issues a half's P·V asynchronously, and it runs on the tensor cores under the other half's exponentials. The block
-    range is the two halves' together (`tile_range` of the whole tile): a row of one half that sees nothing of a block
-    the other half needs gets p = 0 there (alpha 1, or 0 while the row has seen nothing)."""
-    body_hi = body_end(lo, hi, Sk, BLOCK_N)
-    for start_n in range(lo, body_hi, BLOCK_N):
+def _halves_range(acc0, l0, m0, q0, rows0, acc1, l1, m1, q1, rows1, K_base, V_base, stride_kn, stride_vn, start, end,
+                  offs_n, offs_d, Sk, diag, left, right, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, LEFT: tl.constexpr):
+    """The key blocks [start, end) of a program that owns two row tiles (the kernel's HALVES), as `_fwd_inner`'s loop:
+    each key and value block loaded once, both halves' scores computed first, then each half's softmax and P·V. Two
+    independent chains a warpgroup: Triton issues a half's P·V asynchronously, and it runs on the tensor cores under
+    the other half's exponentials. The loop body has no branch (MASKED is a compile-time choice, as in the three-loop
+    kernel): a branch in it makes Triton wait for every product before it, which takes the overlap away (a one-loop
+    form with the mask in a branch measured 1.2-1.4x slower, results/2026-11-28-h100-probe-two-halves-2.md). A row of
+    one half that sees nothing of a block the other half needs gets p = 0 there (alpha 1, or 0 while the row has seen
+    nothing)."""
+    for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         k, v = load_rows_pair(K_base + cols[:, None] * stride_kn + offs_d[None, :],
                               V_base + cols[:, None] * stride_vn + offs_d[None, :], cols, Sk, offs_d, HEAD_DIM,
-                              BLOCK_D, False)
+                              BLOCK_D, MASKED)
         acc0, l0, m0, acc1, l1, m1 = _halves_block(acc0, l0, m0, q0, rows0, acc1, l1, m1, q1, rows1, k, v, cols, Sk,
-                                                   diag, left, right, qk_scale, DOT_PREC, LEFT, False,
-                                                   (start_n < full_lo) | (start_n >= full_hi), True)
-    if body_hi < hi:
-        cols = body_hi + offs_n
-        k, v = load_rows_pair(K_base + cols[:, None] * stride_kn + offs_d[None, :],
-                              V_base + cols[:, None] * stride_vn + offs_d[None, :], cols, Sk, offs_d, HEAD_DIM,
-                              BLOCK_D, True)
-        acc0, l0, m0, acc1, l1, m1 = _halves_block(acc0, l0, m0, q0, rows0, acc1, l1, m1, q1, rows1, k, v, cols, Sk,
-                                                   diag, left, right, qk_scale, DOT_PREC, LEFT, True, False, False)
+                                                   diag, left, right, qk_scale, DOT_PREC, LEFT, MASKED)
     return acc0, l0, m0, acc1, l1, m1
 
 
 @triton.jit
 def _halves_block(acc0, l0, m0, q0, rows0, acc1, l1, m1, q1, rows1, k, v, cols, Sk, diag, left, right, qk_scale,
-                  DOT_PREC: tl.constexpr, LEFT: tl.constexpr, MASKED: tl.constexpr, edge, EDGE: tl.constexpr):
-    """One key block of `_fwd_loop_halves`: both halves' scores, then each half's `fold_update`."""
+                  DOT_PREC: tl.constexpr, LEFT: tl.constexpr, MASKED: tl.constexpr):
+    """One key block of `_halves_range`: both halves' scores, then each half's `fold_update`."""
     kt = tl.trans(k)
     qk0 = tl.dot(q0, kt, input_precision=DOT_PREC)
     qk1 = tl.dot(q1, kt, input_precision=DOT_PREC)
     acc0, l0, m0 = fold_update(acc0, l0, m0, qk0, v, rows0, cols, Sk, diag, left, right, qk_scale, 1.0, MASKED, False,
-                               DOT_PREC, LEFT, edge, EDGE)
+                               DOT_PREC, LEFT, False, False)
     acc1, l1, m1 = fold_update(acc1, l1, m1, qk1, v, rows1, cols, Sk, diag, left, right, qk_scale, 1.0, MASKED, False,
-                               DOT_PREC, LEFT, edge, EDGE)
+                               DOT_PREC, LEFT, False, False)
     return acc0, l0, m0, acc1, l1, m1
 
 
@@ -171,8 +165,8 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 HALVES: tl.constexpr = False):
     # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program computes the BLOCK_M rows of
     # O and lse of one (query block, head, sequence), walking the visible key blocks; programs take their tiles in
-    # `grouped_tile`'s order. HALVES (with ONE_LOOP): the BLOCK_M rows as two tiles of BLOCK_M / 2, separate products
-    # and softmaxes over each key block loaded once (`_fwd_loop_halves`).
+    # `grouped_tile`'s order. HALVES (with FOLD, without softcap): the BLOCK_M rows as two tiles of BLOCK_M / 2, separate
+    # products and softmaxes over each key block loaded once (`_halves_range`).
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     if STAGGER:   # the second wave's starts spread (`STAGGER` below)
         C.stagger(C.launch_index(), stagger_lo, stagger_hi, stagger_ns, stagger_ramp)
@@ -194,7 +188,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     diag = Sk - Sq
     lo, full_lo, full_hi, hi = tile_range(m0, BLOCK_M, diag, window_left, window_right, Sk, BLOCK_N)
     if HALVES:
-        tl.static_assert(ONE_LOOP, "HALVES needs the one-loop kernel (`prune_fwd`)")
+        tl.static_assert(FOLD and not SOFTCAP, "HALVES is written for the folded scale without softcap (`prune_fwd`)")
         rows0 = m0 + tl.arange(0, BLOCK_M // 2)
         rows1 = rows0 + BLOCK_M // 2
         q0 = _load_rows(Q_base, rows0, Sq, stride_qm, offs_d, HEAD_DIM)
@@ -205,10 +199,19 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
         m1_i = tl.full([BLOCK_M // 2], float("-inf"), dtype=tl.float32)
         l1_i = tl.zeros([BLOCK_M // 2], dtype=tl.float32)
         acc1 = tl.zeros([BLOCK_M // 2, BLOCK_D], dtype=tl.float32)
-        acc0, l0_i, m0_i, acc1, l1_i, m1_i = _fwd_loop_halves(
-            acc0, l0_i, m0_i, q0, rows0, acc1, l1_i, m1_i, q1, rows1, K_base, V_base, stride_kn, stride_vn, lo, hi,
-            full_lo, full_hi, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, HEAD_DIM, BLOCK_D,
-            BLOCK_N, DOT_PREC, LEFT)
+        # the window's left edge (masked), the band both halves see whole, the diagonal / right edge and the key tail
+        acc0, l0_i, m0_i, acc1, l1_i, m1_i = _halves_range(
+            acc0, l0_i, m0_i, q0, rows0, acc1, l1_i, m1_i, q1, rows1, K_base, V_base, stride_kn, stride_vn, lo,
+            full_lo, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True,
+            DOT_PREC, LEFT)
+        acc0, l0_i, m0_i, acc1, l1_i, m1_i = _halves_range(
+            acc0, l0_i, m0_i, q0, rows0, acc1, l1_i, m1_i, q1, rows1, K_base, V_base, stride_kn, stride_vn, full_lo,
+            full_hi, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False,
+            DOT_PREC, LEFT)
+        acc0, l0_i, m0_i, acc1, l1_i, m1_i = _halves_range(
+            acc0, l0_i, m0_i, q0, rows0, acc1, l1_i, m1_i, q1, rows1, K_base, V_base, stride_kn, stride_vn, full_hi,
+            hi, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True,
+            DOT_PREC, LEFT)
         _store_rows(O_base, LSE_base, acc0, l0_i, m0_i, rows0, Sq, stride_om, offs_d, HEAD_DIM)
         _store_rows(O_base, LSE_base, acc1, l1_i, m1_i, rows1, Sq, stride_om, offs_d, HEAD_DIM)
     else:
@@ -266,7 +269,7 @@ def _store_rows(O_base, LSE_base, acc, l_i, m_i, rows, Sq, stride_om, offs_d, HE
 # d128 128 x 64 / 8 warps at 128 (two programs an SM, 312 bytes of spills) 5-6% faster at 512-1k unmasked, 5-7%
 # slower causal; d128 64 x 32 at 168 (three programs an SM) 6% faster at 512 causal.
 # HALVES (a 6th element True): a four-warp program owns two 64-row tiles, separate products over each key block loaded
-# once (`_fwd_loop_halves`). First measured as benchmarks/probe_two_halves.py's kernel (dense, unmasked): d128 at 512
+# once (`_halves_range`). First measured as benchmarks/probe_two_halves.py's kernel (dense, unmasked): d128 at 512
 # and 1k 1.15x / 1.20x faster than the pick among the other configs, 128 x 64 / two stages the best
 # (results/2026-11-28-h100-probe-two-halves.md).
 _FWD_CONFIGS = {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3, 128), (128, 64, 4, 3, None, True)],
@@ -296,10 +299,10 @@ def prune_by_head_dim(configs, named_args, **kwargs):
 
 
 def prune_fwd(configs, named_args, **kwargs):
-    """The forward's configs of this head-dim class; the HALVES configs only where the kernel runs one loop (they
-    are written for it: the scale folded, no softcap)."""
+    """The forward's configs of this head-dim class; the HALVES configs only where the scale is folded into the
+    exponent and there is no softcap (what `_halves_block` is written for)."""
     keep = prune_by_head_dim(configs, named_args, **kwargs)
-    return [c for c in keep if kwargs.get("ONE_LOOP") or not c.kwargs.get("HALVES")]
+    return [c for c in keep if (kwargs.get("FOLD") and not kwargs.get("SOFTCAP")) or not c.kwargs.get("HALVES")]
 
 
 _fwd_launch = C.Launcher(_fwd_kernel, _fwd_configs(), prune_fwd,

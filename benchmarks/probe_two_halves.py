@@ -15,8 +15,9 @@ session): what differs here is only that the halves are separate products and se
 
 Variants: `v2` (the autotuner's pick, what version="v2" runs), `v2:BMxBN:WARPS:STAGES[:MAXNREG[:H]]` (a v2 config
 forced; MAXNREG 0: none; H 1: v2's HALVES, the package's form of this probe's kernel),
-`halves:BN:STAGES[:MAXNREG[:ORDER]]` (this probe's kernel; ORDER 0: both halves' scores first, then each half's softmax
-and P.V; 1: one half after the other). First checked against a float32 reference with flash-attn's rule, then timed in
+`halves:BN:STAGES[:MAXNREG[:ORDER[:LOOPS]]]` (this probe's kernel; ORDER 0: both halves' scores first, then each half's
+softmax and P.V; 1: one half after the other; LOOPS 3: the keys as three loops, two of them empty, as v2's HALVES).
+A name + `+g1`: v2's tile order with one head's tiles in a row (`_common.GROUP_TILES["v2"] = 1`). First checked against a float32 reference with flash-attn's rule, then timed in
 interleaved rounds with SDPA's flash and cuDNN backends (`rounds.time_forwards`). The `v2` variants are also checked
 on awkward cases (causal with q_len != k_len, a window, head dim 80, GQA and MQA, packed sequences; bf16 and fp16).
 """
@@ -47,9 +48,28 @@ def _half_step(acc, l_i, m_i, qk, v, c):
 
 
 @triton.jit
+def _probe_range(acc0, l0, m0, q0, acc1, l1, m1, q1, K_base, V_base, stride_kn, stride_vn, start, end, offs_n, offs_d,
+                 qk_scale, BLOCK_N: tl.constexpr, ORDER: tl.constexpr):
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        k = tl.load(K_base + cols[:, None] * stride_kn + offs_d[None, :])
+        v = tl.load(V_base + cols[:, None] * stride_vn + offs_d[None, :])
+        if ORDER == 0:   # both halves' scores issued first, then each half's softmax and P.V
+            qk0 = tl.dot(q0, tl.trans(k))
+            qk1 = tl.dot(q1, tl.trans(k))
+            acc0, l0, m0 = _half_step(acc0, l0, m0, qk0, v, qk_scale)
+            acc1, l1, m1 = _half_step(acc1, l1, m1, qk1, v, qk_scale)
+        else:            # one half after the other
+            acc0, l0, m0 = _half_step(acc0, l0, m0, tl.dot(q0, tl.trans(k)), v, qk_scale)
+            acc1, l1, m1 = _half_step(acc1, l1, m1, tl.dot(q1, tl.trans(k)), v, qk_scale)
+    return acc0, l0, m0, acc1, l1, m1
+
+
+@triton.jit
 def _halves_kernel(Q, K, V, O, LSE, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                    stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh, stride_lb, stride_lh, seqlen,
-                   qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, ORDER: tl.constexpr):
+                   qk_scale, edge, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, ORDER: tl.constexpr,
+                   LOOPS: tl.constexpr = 1):
     # grid (seqlen / 128, H, B): program (t, h, b) computes rows [128 t, 128 t + 128) of head h, sequence b, as two
     # halves
     t = tl.program_id(0)
@@ -70,18 +90,19 @@ def _halves_kernel(Q, K, V, O, LSE, stride_qb, stride_qm, stride_qh, stride_kb, 
     l1 = tl.zeros([HALF], dtype=tl.float32)
     acc0 = tl.zeros([HALF, HEAD_DIM], dtype=tl.float32)
     acc1 = tl.zeros([HALF, HEAD_DIM], dtype=tl.float32)
-    for start_n in range(0, seqlen, BLOCK_N):
-        cols = start_n + offs_n
-        k = tl.load(K_base + cols[:, None] * stride_kn + offs_d[None, :])
-        v = tl.load(V_base + cols[:, None] * stride_vn + offs_d[None, :])
-        if ORDER == 0:   # both halves' scores issued first, then each half's softmax and P.V
-            qk0 = tl.dot(q0, tl.trans(k))
-            qk1 = tl.dot(q1, tl.trans(k))
-            acc0, l0, m0 = _half_step(acc0, l0, m0, qk0, v, qk_scale)
-            acc1, l1, m1 = _half_step(acc1, l1, m1, qk1, v, qk_scale)
-        else:            # one half after the other
-            acc0, l0, m0 = _half_step(acc0, l0, m0, tl.dot(q0, tl.trans(k)), v, qk_scale)
-            acc1, l1, m1 = _half_step(acc1, l1, m1, tl.dot(q1, tl.trans(k)), v, qk_scale)
+    if LOOPS == 3:   # as v2's HALVES: three loops, [0, edge), [edge, seqlen - edge), [seqlen - edge, seqlen) (edge
+        # a run-time 0: the two edge loops empty, but compiled)
+        acc0, l0, m0, acc1, l1, m1 = _probe_range(acc0, l0, m0, q0, acc1, l1, m1, q1, K_base, V_base, stride_kn,
+                                                  stride_vn, 0, edge, offs_n, offs_d, qk_scale, BLOCK_N, ORDER)
+        acc0, l0, m0, acc1, l1, m1 = _probe_range(acc0, l0, m0, q0, acc1, l1, m1, q1, K_base, V_base, stride_kn,
+                                                  stride_vn, edge, seqlen - edge, offs_n, offs_d, qk_scale, BLOCK_N,
+                                                  ORDER)
+        acc0, l0, m0, acc1, l1, m1 = _probe_range(acc0, l0, m0, q0, acc1, l1, m1, q1, K_base, V_base, stride_kn,
+                                                  stride_vn, seqlen - edge, seqlen, offs_n, offs_d, qk_scale, BLOCK_N,
+                                                  ORDER)
+    else:
+        acc0, l0, m0, acc1, l1, m1 = _probe_range(acc0, l0, m0, q0, acc1, l1, m1, q1, K_base, V_base, stride_kn,
+                                                  stride_vn, 0, seqlen, offs_n, offs_d, qk_scale, BLOCK_N, ORDER)
     O_base = O + b * stride_ob + h * stride_oh
     L_base = LSE + b * stride_lb + h * stride_lh
     tl.store(O_base + rows0[:, None] * stride_om + offs_d[None, :], (acc0 / l0[:, None]).to(O.dtype.element_ty))
@@ -90,7 +111,7 @@ def _halves_kernel(Q, K, V, O, LSE, stride_qb, stride_qm, stride_qh, stride_kb, 
     tl.store(L_base + rows1, (m1 + tl.log2(l1)) * 0.6931471805599453)
 
 
-def halves_forward(q, k, v, block_n=32, stages=3, maxnreg=None, order=0):
+def halves_forward(q, k, v, block_n=32, stages=3, maxnreg=None, order=0, loops=1):
     """(out, lse) of dense (B, S, H, D) q, k, v without a mask: S a multiple of 128 and of block_n, one key head a
     query head, D a power of two (the probe's restrictions, checked)."""
     import torch
@@ -103,8 +124,8 @@ def halves_forward(q, k, v, block_n=32, stages=3, maxnreg=None, order=0):
     _halves_kernel[(S // (2 * HALF.value), H, B)](
         q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), lse.stride(0),
-        lse.stride(1), S, scale, HEAD_DIM=D, BLOCK_N=block_n, ORDER=order, num_warps=4, num_stages=stages,
-        **({"maxnreg": maxnreg} if maxnreg else {}))
+        lse.stride(1), S, scale, 0, HEAD_DIM=D, BLOCK_N=block_n, ORDER=order, LOOPS=loops, num_warps=4,
+        num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}))
     return out, lse
 
 
@@ -112,7 +133,7 @@ def parse_variant(name):
     f = name.split(":")
     if f[0] == "halves":
         return dict(block_n=int(f[1]), stages=int(f[2]), maxnreg=int(f[3]) if len(f) > 3 and int(f[3]) else None,
-                    order=int(f[4]) if len(f) > 4 else 0)
+                    order=int(f[4]) if len(f) > 4 else 0, loops=int(f[5]) if len(f) > 5 else 1)
     raise SystemExit(f"unknown variant {name}")
 
 
@@ -162,6 +183,18 @@ def main():
     meta = run_meta(rounds=args.rounds, iters=args.iters, variants=variants)
 
     def runner(name, q, k, v):
+        if name.endswith("+g1"):
+            from hf_flashattn.kernels import _common
+            f = runner(name[:-3], q, k, v)
+
+            def grouped_1(**kw):
+                old = _common.GROUP_TILES["v2"]
+                _common.GROUP_TILES["v2"] = 1
+                try:
+                    return f(**kw)
+                finally:
+                    _common.GROUP_TILES["v2"] = old
+            return grouped_1
         if name.startswith("halves"):
             return functools.partial(halves_forward, q, k, v, **parse_variant(name))
         cfg = None
@@ -210,7 +243,7 @@ def main():
             else:
                 call_kw = kw
             for name in variants:
-                if not name.startswith("v2"):
+                if not name.startswith("v2") or name.endswith("+g1"):
                     continue
                 out, lse = runner(name, q, k, v)(**call_kw)
                 r = forward_rule(out, lse, q, k, v, **kw)

@@ -162,11 +162,12 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                 SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr, FOLD: tl.constexpr = False,
                 LEFT: tl.constexpr = True, ONE_LOOP: tl.constexpr = False, STAGGER: tl.constexpr = False,
-                HALVES: tl.constexpr = False):
+                HALVES: tl.constexpr = False, NO_MASK: tl.constexpr = False):
     # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program computes the BLOCK_M rows of
     # O and lse of one (query block, head, sequence), walking the visible key blocks; programs take their tiles in
     # `grouped_tile`'s order. HALVES (with FOLD, without softcap): the BLOCK_M rows as two tiles of BLOCK_M / 2, separate
-    # products and softmaxes over each key block loaded once (`_halves_range`).
+    # products and softmaxes over each key block loaded once (`_halves_range`). NO_MASK: no causal mask and no window
+    # (every tile's blocks are the band and at most one block across the key tail).
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     if STAGGER:   # the second wave's starts spread (`STAGGER` below)
         C.stagger(C.launch_index(), stagger_lo, stagger_hi, stagger_ns, stagger_ramp)
@@ -199,19 +200,30 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
         m1_i = tl.full([BLOCK_M // 2], float("-inf"), dtype=tl.float32)
         l1_i = tl.zeros([BLOCK_M // 2], dtype=tl.float32)
         acc1 = tl.zeros([BLOCK_M // 2, BLOCK_D], dtype=tl.float32)
-        # the window's left edge (masked), the band both halves see whole, the diagonal / right edge and the key tail
-        acc0, l0_i, m0_i, acc1, l1_i, m1_i = _halves_range(
-            acc0, l0_i, m0_i, q0, rows0, acc1, l1_i, m1_i, q1, rows1, K_base, V_base, stride_kn, stride_vn, lo,
-            full_lo, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True,
-            DOT_PREC, LEFT)
+        if not NO_MASK:   # the window's left edge (masked)
+            acc0, l0_i, m0_i, acc1, l1_i, m1_i = _halves_range(
+                acc0, l0_i, m0_i, q0, rows0, acc1, l1_i, m1_i, q1, rows1, K_base, V_base, stride_kn, stride_vn, lo,
+                full_lo, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
+                True, DOT_PREC, LEFT)
+        # the band both halves see whole (without a mask: every block below the key tail)
         acc0, l0_i, m0_i, acc1, l1_i, m1_i = _halves_range(
             acc0, l0_i, m0_i, q0, rows0, acc1, l1_i, m1_i, q1, rows1, K_base, V_base, stride_kn, stride_vn, full_lo,
             full_hi, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False,
             DOT_PREC, LEFT)
-        acc0, l0_i, m0_i, acc1, l1_i, m1_i = _halves_range(
-            acc0, l0_i, m0_i, q0, rows0, acc1, l1_i, m1_i, q1, rows1, K_base, V_base, stride_kn, stride_vn, full_hi,
-            hi, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True,
-            DOT_PREC, LEFT)
+        if NO_MASK:   # the block across the key tail, if any: one block, not a loop
+            if full_hi < hi:
+                cols = full_hi + offs_n
+                k, v = load_rows_pair(K_base + cols[:, None] * stride_kn + offs_d[None, :],
+                                      V_base + cols[:, None] * stride_vn + offs_d[None, :], cols, Sk, offs_d, HEAD_DIM,
+                                      BLOCK_D, True)
+                acc0, l0_i, m0_i, acc1, l1_i, m1_i = _halves_block(
+                    acc0, l0_i, m0_i, q0, rows0, acc1, l1_i, m1_i, q1, rows1, k, v, cols, Sk, diag, window_left,
+                    window_right, qk_scale, DOT_PREC, LEFT, True)
+        else:   # the diagonal / right edge and the key tail (masked)
+            acc0, l0_i, m0_i, acc1, l1_i, m1_i = _halves_range(
+                acc0, l0_i, m0_i, q0, rows0, acc1, l1_i, m1_i, q1, rows1, K_base, V_base, stride_kn, stride_vn,
+                full_hi, hi, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
+                True, DOT_PREC, LEFT)
         _store_rows(O_base, LSE_base, acc0, l0_i, m0_i, rows0, Sq, stride_om, offs_d, HEAD_DIM)
         _store_rows(O_base, LSE_base, acc1, l1_i, m1_i, rows1, Sq, stride_om, offs_d, HEAD_DIM)
     else:
@@ -407,10 +419,10 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
                             H // Hk)
     meta = dict(HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), IS_VARLEN=varlen,
                 SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype), FOLD=fold, LEFT=C.left_edge(window_size),
-                ONE_LOOP=ONE_LOOP and fold, STAGGER=stagger[1] > stagger[0])
+                ONE_LOOP=ONE_LOOP and fold, STAGGER=stagger[1] > stagger[0], NO_MASK=mask == 0)
     _fwd_launch(lambda m: (C.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch), args + stagger, meta,
                 site_key=_site_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, left, right, fold,
-                                   meta["LEFT"], meta["ONE_LOOP"], meta["STAGGER"]))
+                                   meta["LEFT"], meta["ONE_LOOP"], meta["STAGGER"], meta["NO_MASK"]))
     return out, lse
 
 

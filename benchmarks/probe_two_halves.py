@@ -15,8 +15,9 @@ session): what differs here is only that the halves are separate products and se
 
 Variants: `v2` (the autotuner's pick, what version="v2" runs), `v2:BMxBN:WARPS:STAGES[:MAXNREG[:H]]` (a v2 config
 forced; MAXNREG 0: none; H 1: v2's HALVES, the package's form of this probe's kernel),
-`halves:BN:STAGES[:MAXNREG[:ORDER[:LOOPS]]]` (this probe's kernel; ORDER 0: both halves' scores first, then each half's
-softmax and P.V; 1: one half after the other; LOOPS 3: the keys as three loops, two of them empty, as v2's HALVES).
+`halves:BN:STAGES[:MAXNREG[:ORDER[:LOOPS[:FEAT]]]]` (this probe's kernel; ORDER 0: both halves' scores first, then each half's
+softmax and P.V; 1: one half after the other; LOOPS 3: the keys as three loops, two of them empty, as v2's HALVES;
+FEAT: parts of v2's kernel in the probe's, bits, see the kernel).
 A name + `+g1`: v2's tile order with one head's tiles in a row (`_common.GROUP_TILES["v2"] = 1`). First checked against a float32 reference with flash-attn's rule, then timed in
 interleaved rounds with SDPA's flash and cuDNN backends (`rounds.time_forwards`). The `v2` variants are also checked
 on awkward cases (causal with q_len != k_len, a window, head dim 80, GQA and MQA, packed sequences; bf16 and fp16).
@@ -32,6 +33,9 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from hf_flashattn.kernels._common import grouped_tile  # noqa: E402
+from hf_flashattn.kernels.v2 import _halves_range, _load_rows, _store_rows  # noqa: E402
 
 HALF = tl.constexpr(64)   # rows a half (one warpgroup's wgmma M)
 
@@ -69,12 +73,20 @@ def _probe_range(acc0, l0, m0, q0, acc1, l1, m1, q1, K_base, V_base, stride_kn, 
 def _halves_kernel(Q, K, V, O, LSE, stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                    stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh, stride_lb, stride_lh, seqlen,
                    qk_scale, edge, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, ORDER: tl.constexpr,
-                   LOOPS: tl.constexpr = 1):
+                   LOOPS: tl.constexpr = 1, FEAT: tl.constexpr = 0):
+    # FEAT (a bisection toward v2's HALVES kernel; bits): 1 the key loop is v2's `_halves_range`; 2 Q loaded and O,
+    # lse stored by v2's `_load_rows` / `_store_rows` (row masks, the normalisation's empty-row guard); 4 the tile from
+    # v2's `grouped_tile` order
     # grid (seqlen / 128, H, B): program (t, h, b) computes rows [128 t, 128 t + 128) of head h, sequence b, as two
     # halves
-    t = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
+    if FEAT & 4:
+        t, h, b = grouped_tile(seqlen, 1024, HEAD_DIM)
+        h = h.to(tl.int64)
+        b = b.to(tl.int64)
+    else:
+        t = tl.program_id(0)
+        h = tl.program_id(1).to(tl.int64)
+        b = tl.program_id(2).to(tl.int64)
     rows0 = t * (2 * HALF) + tl.arange(0, HALF)
     rows1 = rows0 + HALF
     offs_n = tl.arange(0, BLOCK_N)
@@ -82,8 +94,12 @@ def _halves_kernel(Q, K, V, O, LSE, stride_qb, stride_qm, stride_qh, stride_kb, 
     Q_base = Q + b * stride_qb + h * stride_qh
     K_base = K + b * stride_kb + h * stride_kh
     V_base = V + b * stride_vb + h * stride_vh
-    q0 = tl.load(Q_base + rows0[:, None] * stride_qm + offs_d[None, :])
-    q1 = tl.load(Q_base + rows1[:, None] * stride_qm + offs_d[None, :])
+    if FEAT & 2:
+        q0 = _load_rows(Q_base, rows0, seqlen, stride_qm, offs_d, HEAD_DIM)
+        q1 = _load_rows(Q_base, rows1, seqlen, stride_qm, offs_d, HEAD_DIM)
+    else:
+        q0 = tl.load(Q_base + rows0[:, None] * stride_qm + offs_d[None, :])
+        q1 = tl.load(Q_base + rows1[:, None] * stride_qm + offs_d[None, :])
     m0 = tl.full([HALF], float("-inf"), dtype=tl.float32)
     m1 = tl.full([HALF], float("-inf"), dtype=tl.float32)
     l0 = tl.zeros([HALF], dtype=tl.float32)
@@ -100,18 +116,26 @@ def _halves_kernel(Q, K, V, O, LSE, stride_qb, stride_qm, stride_qh, stride_kb, 
         acc0, l0, m0, acc1, l1, m1 = _probe_range(acc0, l0, m0, q0, acc1, l1, m1, q1, K_base, V_base, stride_kn,
                                                   stride_vn, seqlen - edge, seqlen, offs_n, offs_d, qk_scale, BLOCK_N,
                                                   ORDER)
+    elif FEAT & 1:
+        acc0, l0, m0, acc1, l1, m1 = _halves_range(acc0, l0, m0, q0, rows0, acc1, l1, m1, q1, rows1, K_base, V_base,
+                                                   stride_kn, stride_vn, 0, seqlen, offs_n, offs_d, seqlen, 0, seqlen,
+                                                   seqlen, qk_scale, HEAD_DIM, HEAD_DIM, BLOCK_N, False, "tf32", True)
     else:
         acc0, l0, m0, acc1, l1, m1 = _probe_range(acc0, l0, m0, q0, acc1, l1, m1, q1, K_base, V_base, stride_kn,
                                                   stride_vn, 0, seqlen, offs_n, offs_d, qk_scale, BLOCK_N, ORDER)
     O_base = O + b * stride_ob + h * stride_oh
     L_base = LSE + b * stride_lb + h * stride_lh
+    if FEAT & 2:
+        _store_rows(O_base, L_base, acc0, l0, m0, rows0, seqlen, stride_om, offs_d, HEAD_DIM)
+        _store_rows(O_base, L_base, acc1, l1, m1, rows1, seqlen, stride_om, offs_d, HEAD_DIM)
+        return
     tl.store(O_base + rows0[:, None] * stride_om + offs_d[None, :], (acc0 / l0[:, None]).to(O.dtype.element_ty))
     tl.store(O_base + rows1[:, None] * stride_om + offs_d[None, :], (acc1 / l1[:, None]).to(O.dtype.element_ty))
     tl.store(L_base + rows0, (m0 + tl.log2(l0)) * 0.6931471805599453)
     tl.store(L_base + rows1, (m1 + tl.log2(l1)) * 0.6931471805599453)
 
 
-def halves_forward(q, k, v, block_n=32, stages=3, maxnreg=None, order=0, loops=1):
+def halves_forward(q, k, v, block_n=32, stages=3, maxnreg=None, order=0, loops=1, feat=0):
     """(out, lse) of dense (B, S, H, D) q, k, v without a mask: S a multiple of 128 and of block_n, one key head a
     query head, D a power of two (the probe's restrictions, checked)."""
     import torch
@@ -124,7 +148,7 @@ def halves_forward(q, k, v, block_n=32, stages=3, maxnreg=None, order=0, loops=1
     _halves_kernel[(S // (2 * HALF.value), H, B)](
         q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), lse.stride(0),
-        lse.stride(1), S, scale, 0, HEAD_DIM=D, BLOCK_N=block_n, ORDER=order, LOOPS=loops, num_warps=4,
+        lse.stride(1), S, scale, 0, HEAD_DIM=D, BLOCK_N=block_n, ORDER=order, LOOPS=loops, FEAT=feat, num_warps=4,
         num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}))
     return out, lse
 
@@ -133,7 +157,8 @@ def parse_variant(name):
     f = name.split(":")
     if f[0] == "halves":
         return dict(block_n=int(f[1]), stages=int(f[2]), maxnreg=int(f[3]) if len(f) > 3 and int(f[3]) else None,
-                    order=int(f[4]) if len(f) > 4 else 0, loops=int(f[5]) if len(f) > 5 else 1)
+                    order=int(f[4]) if len(f) > 4 else 0, loops=int(f[5]) if len(f) > 5 else 1,
+                    feat=int(f[6]) if len(f) > 6 else 0)
     raise SystemExit(f"unknown variant {name}")
 
 

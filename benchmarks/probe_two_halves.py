@@ -15,12 +15,13 @@ session): what differs here is only that the halves are separate products and se
 
 Variants: `v2` (the autotuner's pick, what version="v2" runs), `v2:BMxBN:WARPS:STAGES[:MAXNREG[:H]]` (a v2 config
 forced; MAXNREG 0: none; H 1: v2's HALVES, the package's form of this probe's kernel),
-`halves:BN:STAGES[:MAXNREG[:ORDER[:LOOPS[:FEAT]]]]` (this probe's kernel; ORDER 0: both halves' scores first, then each half's
-softmax and P.V; 1: one half after the other; LOOPS 3: the keys as three loops, two of them empty, as v2's HALVES;
-FEAT: parts of v2's kernel in the probe's, bits, see the kernel).
-A name + `+g1`: v2's tile order with one head's tiles in a row (`_common.GROUP_TILES["v2"] = 1`). First checked against a float32 reference with flash-attn's rule, then timed in
-interleaved rounds with SDPA's flash and cuDNN backends (`rounds.time_forwards`). The `v2` variants are also checked
-on awkward cases (causal with q_len != k_len, a window, head dim 80, GQA and MQA, packed sequences; bf16 and fp16).
+`halves:BN:STAGES[:MAXNREG[:ORDER[:LOOPS[:FEAT]]]]` (this probe's kernel; ORDER 0: both halves' scores first, then
+each half's softmax and P.V; 1: one half after the other; LOOPS 3: the keys as three loops, two of them empty, as v2's
+HALVES; FEAT: parts of v2's kernel in the probe's, bits, see the kernel). A name + `+g1`: v2's tile order with one
+head's tiles in a row (`_common.GROUP_TILES["v2"] = 1`). First checked against a float32 reference with flash-attn's
+rule, then timed in interleaved rounds with SDPA's flash and cuDNN backends (`rounds.time_forwards`). The `v2`
+variants are also checked on awkward cases (causal with q_len != k_len, a window, head dim 80, GQA and MQA, packed
+sequences; bf16 and fp16).
 """
 from __future__ import annotations
 
@@ -95,8 +96,8 @@ def _halves_kernel(Q, K, V, O, LSE, stride_qb, stride_qm, stride_qh, stride_kb, 
     K_base = K + b * stride_kb + h * stride_kh
     V_base = V + b * stride_vb + h * stride_vh
     if FEAT & 2:
-        q0 = _load_rows(Q_base, rows0, seqlen, stride_qm, offs_d, HEAD_DIM)
-        q1 = _load_rows(Q_base, rows1, seqlen, stride_qm, offs_d, HEAD_DIM)
+        q0 = _load_rows(Q_base, rows0, seqlen, stride_qm, offs_d, HEAD_DIM, HEAD_DIM)
+        q1 = _load_rows(Q_base, rows1, seqlen, stride_qm, offs_d, HEAD_DIM, HEAD_DIM)
     else:
         q0 = tl.load(Q_base + rows0[:, None] * stride_qm + offs_d[None, :])
         q1 = tl.load(Q_base + rows1[:, None] * stride_qm + offs_d[None, :])
@@ -126,8 +127,8 @@ def _halves_kernel(Q, K, V, O, LSE, stride_qb, stride_qm, stride_qh, stride_kb, 
     O_base = O + b * stride_ob + h * stride_oh
     L_base = LSE + b * stride_lb + h * stride_lh
     if FEAT & 2:
-        _store_rows(O_base, L_base, acc0, l0, m0, rows0, seqlen, stride_om, offs_d, HEAD_DIM)
-        _store_rows(O_base, L_base, acc1, l1, m1, rows1, seqlen, stride_om, offs_d, HEAD_DIM)
+        _store_rows(O_base, L_base, acc0, l0, m0, rows0, seqlen, stride_om, offs_d, HEAD_DIM, HEAD_DIM)
+        _store_rows(O_base, L_base, acc1, l1, m1, rows1, seqlen, stride_om, offs_d, HEAD_DIM, HEAD_DIM)
         return
     tl.store(O_base + rows0[:, None] * stride_om + offs_d[None, :], (acc0 / l0[:, None]).to(O.dtype.element_ty))
     tl.store(O_base + rows1[:, None] * stride_om + offs_d[None, :], (acc1 / l1[:, None]).to(O.dtype.element_ty))

@@ -97,15 +97,25 @@ def kv_block(acc, l_i, m_i, q, k, v, offs_m, cols, Sk, diag, left, right, qk_sca
 
 @triton.jit
 def fold_update(acc, l_i, m_i, qk, v, offs_m, cols, Sk, diag, left, right, qk_scale, cap_scale, MASKED: tl.constexpr,
-                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, LEFT: tl.constexpr, edge, EDGE: tl.constexpr):
+                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, LEFT: tl.constexpr, edge, EDGE: tl.constexpr,
+                SEEN: tl.constexpr = False):
     """`kv_block`'s FOLD step once the raw scores qk = q·kᵀ of the block are computed: the mask (MASKED always; EDGE:
     in a branch when the run-time `edge` is true), the online-softmax update with the scale folded into the exponent,
-    and P·V into the accumulator."""
-    if EDGE:
-        if edge:
-            qk = tl.where(visible(offs_m, cols, diag, left, right, Sk, LEFT), qk, float("-inf"))
-    p, alpha, m_new, l_i = softmax_tile(qk, m_i, l_i, 1.0, qk_scale, cap_scale, offs_m, cols, Sk, diag, left,
-                                        right, MASKED, SOFTCAP, True, False, LEFT)
+    and P·V into the accumulator. SEEN (no window, no softcap): every row sees a key of the block (its running max is
+    finite after it), so the update needs no guard for a row that has seen nothing."""
+    if SEEN:
+        if MASKED:   # the key tail only
+            qk = tl.where(cols[None, :] < Sk, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+    else:
+        if EDGE:
+            if edge:
+                qk = tl.where(visible(offs_m, cols, diag, left, right, Sk, LEFT), qk, float("-inf"))
+        p, alpha, m_new, l_i = softmax_tile(qk, m_i, l_i, 1.0, qk_scale, cap_scale, offs_m, cols, Sk, diag, left,
+                                            right, MASKED, SOFTCAP, True, False, LEFT)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
     return acc, l_i, m_new
@@ -114,7 +124,8 @@ def fold_update(acc, l_i, m_i, qk, v, offs_m, cols, Sk, diag, left, right, qk_sc
 @triton.jit
 def _halves_range(acc0, l0, m0, q0, rows0, acc1, l1, m1, q1, rows1, K_base, V_base, stride_kn, stride_vn, start, end,
                   offs_n, offs_d, Sk, diag, left, right, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, LEFT: tl.constexpr):
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, LEFT: tl.constexpr,
+                  SEEN: tl.constexpr = False):
     """The key blocks [start, end) of a program that owns two row tiles (the kernel's HALVES), as `_fwd_inner`'s loop:
     each key and value block loaded once, both halves' scores computed first, then each half's softmax and P·V. Two
     independent chains a warpgroup: Triton issues a half's P·V asynchronously, and it runs on the tensor cores under
@@ -129,21 +140,21 @@ def _halves_range(acc0, l0, m0, q0, rows0, acc1, l1, m1, q1, rows1, K_base, V_ba
                               V_base + cols[:, None] * stride_vn + offs_d[None, :], cols, Sk, offs_d, HEAD_DIM,
                               BLOCK_D, MASKED)
         acc0, l0, m0, acc1, l1, m1 = _halves_block(acc0, l0, m0, q0, rows0, acc1, l1, m1, q1, rows1, k, v, cols, Sk,
-                                                   diag, left, right, qk_scale, DOT_PREC, LEFT, MASKED)
+                                                   diag, left, right, qk_scale, DOT_PREC, LEFT, MASKED, SEEN)
     return acc0, l0, m0, acc1, l1, m1
 
 
 @triton.jit
 def _halves_block(acc0, l0, m0, q0, rows0, acc1, l1, m1, q1, rows1, k, v, cols, Sk, diag, left, right, qk_scale,
-                  DOT_PREC: tl.constexpr, LEFT: tl.constexpr, MASKED: tl.constexpr):
+                  DOT_PREC: tl.constexpr, LEFT: tl.constexpr, MASKED: tl.constexpr, SEEN: tl.constexpr = False):
     """One key block of `_halves_range`: both halves' scores, then each half's `fold_update`."""
     kt = tl.trans(k)
     qk0 = tl.dot(q0, kt, input_precision=DOT_PREC)
     qk1 = tl.dot(q1, kt, input_precision=DOT_PREC)
     acc0, l0, m0 = fold_update(acc0, l0, m0, qk0, v, rows0, cols, Sk, diag, left, right, qk_scale, 1.0, MASKED, False,
-                               DOT_PREC, LEFT, False, False)
+                               DOT_PREC, LEFT, False, False, SEEN)
     acc1, l1, m1 = fold_update(acc1, l1, m1, qk1, v, rows1, cols, Sk, diag, left, right, qk_scale, 1.0, MASKED, False,
-                               DOT_PREC, LEFT, False, False)
+                               DOT_PREC, LEFT, False, False, SEEN)
     return acc0, l0, m0, acc1, l1, m1
 
 
@@ -162,16 +173,24 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                 SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr, FOLD: tl.constexpr = False,
                 LEFT: tl.constexpr = True, ONE_LOOP: tl.constexpr = False, STAGGER: tl.constexpr = False,
-                HALVES: tl.constexpr = False, NO_MASK: tl.constexpr = False):
-    # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program computes the BLOCK_M rows of
-    # O and lse of one (query block, head, sequence), walking the visible key blocks; programs take their tiles in
-    # `grouped_tile`'s order. HALVES (with FOLD, without softcap): the BLOCK_M rows as two tiles of BLOCK_M / 2, separate
-    # products and softmaxes over each key block loaded once (`_halves_range`). NO_MASK: no causal mask and no window
-    # (every tile's blocks are the band and at most one block across the key tail).
+                HALVES: tl.constexpr = False, NO_MASK: tl.constexpr = False, EVEN: tl.constexpr = False):
+    # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program computes the BLOCK_M rows of O and lse of one
+    # (query block, head, sequence), walking the visible key blocks; programs take their tiles in `grouped_tile`'s
+    # order. HALVES (with FOLD, without softcap): the BLOCK_M rows as two tiles of BLOCK_M / 2, separate products and
+    # softmaxes over each key block loaded once (`_halves_range`). NO_MASK: no causal mask and no window (every tile's
+    # blocks are the band and at most one block across the key tail): HALVES then takes its tiles in the grid's own
+    # order (equal tiles: `grouped_tile`'s heaviest-first order buys nothing, and its start cost and head groups
+    # measured 5% at d128 512, results/2026-11-28-h100-probe-two-halves-bisect.md). EVEN (dense, seqlen_q a multiple of
+    # 128, seqlen_k >= 1): HALVES' row loads and stores need no row mask (and with NO_MASK every row sees a key).
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     if STAGGER:   # the second wave's starts spread (`STAGGER` below)
         C.stagger(C.launch_index(), stagger_lo, stagger_hi, stagger_ns, stagger_ramp)
-    pid_m, h, b = grouped_tile(seqlen_k, group_tiles, HEAD_DIM)   # heaviest (last, under causal) blocks first
+    if HALVES and NO_MASK:
+        pid_m = tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.program_id(2)
+    else:
+        pid_m, h, b = grouped_tile(seqlen_k, group_tiles, HEAD_DIM)   # heaviest (last, under causal) blocks first
     b = b.to(tl.int64)
     q_start, k_start, Sq, Sk = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
     m0 = pid_m * BLOCK_M
@@ -192,8 +211,8 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
         tl.static_assert(FOLD and not SOFTCAP, "HALVES is written for the folded scale without softcap (`prune_fwd`)")
         rows0 = m0 + tl.arange(0, BLOCK_M // 2)
         rows1 = rows0 + BLOCK_M // 2
-        q0 = _load_rows(Q_base, rows0, Sq, stride_qm, offs_d, HEAD_DIM)
-        q1 = _load_rows(Q_base, rows1, Sq, stride_qm, offs_d, HEAD_DIM)
+        q0 = _load_rows(Q_base, rows0, Sq, stride_qm, offs_d, HEAD_DIM, BLOCK_D, EVEN)
+        q1 = _load_rows(Q_base, rows1, Sq, stride_qm, offs_d, HEAD_DIM, BLOCK_D, EVEN)
         m0_i = tl.full([BLOCK_M // 2], float("-inf"), dtype=tl.float32)
         l0_i = tl.zeros([BLOCK_M // 2], dtype=tl.float32)
         acc0 = tl.zeros([BLOCK_M // 2, BLOCK_D], dtype=tl.float32)
@@ -209,7 +228,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
         acc0, l0_i, m0_i, acc1, l1_i, m1_i = _halves_range(
             acc0, l0_i, m0_i, q0, rows0, acc1, l1_i, m1_i, q1, rows1, K_base, V_base, stride_kn, stride_vn, full_lo,
             full_hi, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False,
-            DOT_PREC, LEFT)
+            DOT_PREC, LEFT, NO_MASK)
         if NO_MASK:   # the block across the key tail, if any: one block, not a loop
             if full_hi < hi:
                 cols = full_hi + offs_n
@@ -218,17 +237,20 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                                       BLOCK_D, True)
                 acc0, l0_i, m0_i, acc1, l1_i, m1_i = _halves_block(
                     acc0, l0_i, m0_i, q0, rows0, acc1, l1_i, m1_i, q1, rows1, k, v, cols, Sk, diag, window_left,
-                    window_right, qk_scale, DOT_PREC, LEFT, True)
+                    window_right, qk_scale, DOT_PREC, LEFT, True, True)
         else:   # the diagonal / right edge and the key tail (masked)
             acc0, l0_i, m0_i, acc1, l1_i, m1_i = _halves_range(
                 acc0, l0_i, m0_i, q0, rows0, acc1, l1_i, m1_i, q1, rows1, K_base, V_base, stride_kn, stride_vn,
                 full_hi, hi, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
                 True, DOT_PREC, LEFT)
-        _store_rows(O_base, LSE_base, acc0, l0_i, m0_i, rows0, Sq, stride_om, offs_d, HEAD_DIM)
-        _store_rows(O_base, LSE_base, acc1, l1_i, m1_i, rows1, Sq, stride_om, offs_d, HEAD_DIM)
+        # every row has seen a key where there is no mask and every sequence has keys (EVEN's seqlen_k >= 1)
+        _store_rows(O_base, LSE_base, acc0, l0_i, m0_i, rows0, Sq, stride_om, offs_d, HEAD_DIM, BLOCK_D, EVEN,
+                    EVEN and NO_MASK)
+        _store_rows(O_base, LSE_base, acc1, l1_i, m1_i, rows1, Sq, stride_om, offs_d, HEAD_DIM, BLOCK_D, EVEN,
+                    EVEN and NO_MASK)
     else:
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q_base, offs_m, Sq, stride_qm, offs_d, HEAD_DIM)
+        q = _load_rows(Q_base, offs_m, Sq, stride_qm, offs_d, HEAD_DIM, BLOCK_D)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -251,25 +273,48 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                                        offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
                                        cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC,
                                        FOLD=FOLD, LEFT=LEFT)
-        _store_rows(O_base, LSE_base, acc, l_i, m_i, offs_m, Sq, stride_om, offs_d, HEAD_DIM)
+        _store_rows(O_base, LSE_base, acc, l_i, m_i, offs_m, Sq, stride_om, offs_d, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
-def _load_rows(Q_base, rows, Sq, stride_qm, offs_d, HEAD_DIM: tl.constexpr):
-    """The query rows `rows` (those from Sq on, and the head dim's padding, read as 0)."""
-    return tl.load(Q_base + rows[:, None] * stride_qm + offs_d[None, :],
-                   mask=(rows < Sq)[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+def _load_rows(Q_base, rows, Sq, stride_qm, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               EVEN: tl.constexpr = False):
+    """The query rows `rows` (those from Sq on, and the head dim's padding, read as 0; EVEN: every row exists)."""
+    if EVEN:
+        ptrs = Q_base + rows[:, None] * stride_qm + offs_d[None, :]
+        if BLOCK_D == HEAD_DIM:
+            q = tl.load(ptrs)
+        else:
+            q = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        q = tl.load(Q_base + rows[:, None] * stride_qm + offs_d[None, :],
+                    mask=(rows < Sq)[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    return q
 
 
 @triton.jit
-def _store_rows(O_base, LSE_base, acc, l_i, m_i, rows, Sq, stride_om, offs_d, HEAD_DIM: tl.constexpr):
+def _store_rows(O_base, LSE_base, acc, l_i, m_i, rows, Sq, stride_om, offs_d, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, EVEN: tl.constexpr = False, SEEN: tl.constexpr = False):
     """The forward's epilogue for rows `rows`: normalise once; rows that saw no key get O = 0 and lse = +inf (as
-    flash-attn); rows from Sq on are not written."""
-    row_ok = rows < Sq
-    acc, lse = normalise_rows(acc, l_i, m_i, float("inf"))
-    tl.store(LSE_base + rows, lse, mask=row_ok)
-    tl.store(O_base + rows[:, None] * stride_om + offs_d[None, :], acc.to(O_base.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    flash-attn; SEEN: every row has seen a key, no guard); rows from Sq on are not written (EVEN: every row exists)."""
+    if EVEN:
+        if SEEN:
+            acc = acc / l_i[:, None]
+            lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+        else:
+            acc, lse = normalise_rows(acc, l_i, m_i, float("inf"))
+        tl.store(LSE_base + rows, lse)
+        ptrs = O_base + rows[:, None] * stride_om + offs_d[None, :]
+        if BLOCK_D == HEAD_DIM:
+            tl.store(ptrs, acc.to(O_base.dtype.element_ty))
+        else:
+            tl.store(ptrs, acc.to(O_base.dtype.element_ty), mask=offs_d[None, :] < HEAD_DIM)
+    else:   # (SEEN is only passed with EVEN)
+        row_ok = rows < Sq
+        acc, lse = normalise_rows(acc, l_i, m_i, float("inf"))
+        tl.store(LSE_base + rows, lse, mask=row_ok)
+        tl.store(O_base + rows[:, None] * stride_om + offs_d[None, :], acc.to(O_base.dtype.element_ty),
+                 mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,10 +464,11 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
                             H // Hk)
     meta = dict(HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), IS_VARLEN=varlen,
                 SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype), FOLD=fold, LEFT=C.left_edge(window_size),
-                ONE_LOOP=ONE_LOOP and fold, STAGGER=stagger[1] > stagger[0], NO_MASK=mask == 0)
+                ONE_LOOP=ONE_LOOP and fold, STAGGER=stagger[1] > stagger[0], NO_MASK=mask == 0,
+                EVEN=not varlen and max_seqlen_q % 128 == 0 and max_seqlen_k > 0)
     _fwd_launch(lambda m: (C.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch), args + stagger, meta,
                 site_key=_site_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, left, right, fold,
-                                   meta["LEFT"], meta["ONE_LOOP"], meta["STAGGER"], meta["NO_MASK"]))
+                                   meta["LEFT"], meta["ONE_LOOP"], meta["STAGGER"], meta["NO_MASK"], meta["EVEN"]))
     return out, lse
 
 

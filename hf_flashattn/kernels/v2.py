@@ -326,9 +326,11 @@ def _store_rows(O_base, LSE_base, acc, l_i, m_i, rows, Sq, stride_om, offs_d, HE
 # d128 128 x 64 / 8 warps at 128 (two programs an SM, 312 bytes of spills) 5-6% faster at 512-1k unmasked, 5-7%
 # slower causal; d128 64 x 32 at 168 (three programs an SM) 6% faster at 512 causal.
 # HALVES (a 6th element True): a four-warp program owns two 64-row tiles, separate products over each key block loaded
-# once (`_halves_range`). First measured as benchmarks/probe_two_halves.py's kernel (dense, unmasked): d128 at 512
-# and 1k 1.15x / 1.20x faster than the pick among the other configs, 128 x 64 / two stages the best
-# (results/2026-11-28-h100-probe-two-halves.md).
+# once (`_halves_range`); d64 and d128 only (at d256 two 64 x 256 float32 accumulators alone fill a warpgroup's
+# registers). On the H100 the grid's 512-1k forwards with them (results/2026-11-28-h100-bench-v2-short-halves.md,
+# against -twenty-fifth-short.md): d128 unmasked 1.11 / 1.21x -> 1.19 / 1.31x SDPA-flash at 512 / 1k, d64 unmasked
+# 1.30 / 1.34x -> 1.35 / 1.47x, the causal forwards within noise. How it got there: benchmarks/NOTES.md, thirtieth
+# session.
 _FWD_CONFIGS = {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3, 128), (128, 64, 4, 3, None, True)],
                 128: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2, 128), (64, 32, 4, 3, 168),
                       (128, 64, 4, 2, None, True), (128, 32, 4, 3, None, True)],

@@ -131,9 +131,9 @@ def _halves_range(acc0, l0, m0, q0, rows0, acc1, l1, m1, q1, rows1, K_base, V_ba
     independent chains a warpgroup: Triton issues a half's P·V asynchronously, and it runs on the tensor cores under
     the other half's exponentials. The loop body has no branch (MASKED is a compile-time choice, as in the three-loop
     kernel): a branch in it makes Triton wait for every product before it, which takes the overlap away (a one-loop
-    form with the mask in a branch measured 1.2-1.4x slower, results/2026-11-28-h100-probe-two-halves-2.md). A row of
-    one half that sees nothing of a block the other half needs gets p = 0 there (alpha 1, or 0 while the row has seen
-    nothing)."""
+    form with the mask in a branch ran d128 512 at 0.88x SDPA-flash, the branch-free loops at 1.03x and the probe's
+    kernel at 1.28x: results/2026-11-28-h100-probe-two-halves-{2,3}.md). A row of one half that sees nothing of a
+    block the other half needs gets p = 0 there (alpha 1, or 0 while the row has seen nothing)."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         k, v = load_rows_pair(K_base + cols[:, None] * stride_kn + offs_d[None, :],

@@ -432,12 +432,13 @@ def softmax_step(s, m_i, l_i):
 @triton.jit
 def softmax_tile(qk, m_i, l_i, descale, qk_scale, cap_scale, offs_m, cols, Sk, diag, left, right,
                  MASKED: tl.constexpr, SOFTCAP: tl.constexpr, FOLD: tl.constexpr, DESCALE: tl.constexpr,
-                 LEFT: tl.constexpr = True):
+                 LEFT: tl.constexpr = True, SEEN: tl.constexpr = False):
     """The online-softmax step of one key tile from raw q·k (float32, in units of `descale` when DESCALE: FP8's
     block scales): (p, alpha, m_new, l_new) as softmax_step. FOLD (no softcap; the caller guarantees the scale
     c > 0): softmax_step on s = qk · c with c folded in: the row max taken on qk (max(qk) · c = max(qk · c):
     rounding is monotonic) and the exponent qk · c - m one fused multiply-add, float32 operations fewer per
-    score than scaling the tile first. LEFT: as `visible`'s (False: the window has no left edge)."""
+    score than scaling the tile first. LEFT: as `visible`'s (False: the window has no left edge). SEEN (with FOLD):
+    every row sees a key of this tile, so its new max is finite and needs no guard for a row that has seen nothing."""
     if SOFTCAP or not FOLD:
         if DESCALE:
             qk = qk * descale
@@ -453,7 +454,10 @@ def softmax_tile(qk, m_i, l_i, descale, qk_scale, cap_scale, offs_m, cols, Sk, d
         else:
             c = qk_scale
         m_new = tl.maximum(m_i, tl.max(qk, 1) * c)
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if SEEN:
+            m_shift = m_new
+        else:
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(qk * c - m_shift[:, None])
         alpha = tl.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)

@@ -104,12 +104,10 @@ def fold_update(acc, l_i, m_i, qk, v, offs_m, cols, Sk, diag, left, right, qk_sc
     and P·V into the accumulator. SEEN (no window, no softcap): every row sees a key of the block (its running max is
     finite after it), so the update needs no guard for a row that has seen nothing."""
     if SEEN:
-        if MASKED:   # the key tail only
+        if MASKED:   # the key tail only: the window's bounds cannot cut a row here
             qk = tl.where(cols[None, :] < Sk, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = softmax_tile(qk, m_i, l_i, 1.0, qk_scale, cap_scale, offs_m, cols, Sk, diag, left,
+                                            right, False, SOFTCAP, True, False, LEFT, True)
     else:
         if EDGE:
             if edge:

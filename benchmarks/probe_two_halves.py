@@ -165,18 +165,16 @@ def parse_variant(name):
 
 def compile_report(variants):
     """sm_90a compile of each `halves` variant with the local Triton and its bundled ptxas (no GPU)."""
-    import re
     os.environ["TRITON_INTERPRET"] = "0"
     from compile_sm90 import compile_one
     for name in variants:
         if not name.startswith("halves"):
             continue
         p = parse_variant(name)
-        ce = dict(HEAD_DIM=128, BLOCK_N=p["block_n"], ORDER=p["order"])
+        ce = dict(HEAD_DIM=128, BLOCK_N=p["block_n"], ORDER=p["order"], LOOPS=p["loops"], FEAT=p["feat"])
         r = compile_one(_halves_kernel, ce, 4, p["stages"], maxnreg=p["maxnreg"])
         print(f"{name}: regs {r['regs']} spill st/ld {r['spill_st']}/{r['spill_ld']} smem {r['smem']} "
               f"wgmma {r['wgmma']} mma.sync {r['mma_sync']}", flush=True)
-    _ = re
 
 
 POINTS = {"d128-512": (128, 512, 32, 16, 16, False), "d128-1k": (128, 1024, 16, 16, 16, False),

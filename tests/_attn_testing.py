@@ -124,11 +124,20 @@ def ref_kwargs(kw):
     return {k: v for k, v in kw.items() if k in ("causal", "window_size", "softcap", "softmax_scale")}
 
 
+def two_sequences(Sq: int, Sk: int):
+    """cu_seqlens (q, k) cutting Sq queries and Sk keys into two packed sequences of ragged lengths (Sq // 3 queries
+    and Sk // 2 + 1 keys first), the kernel tests' packed case."""
+    return (torch.tensor([0, Sq // 3, Sq], dtype=torch.int32), torch.tensor([0, Sk // 2 + 1, Sk], dtype=torch.int32))
+
+
+def max_lengths(cu):
+    """(max_seqlen_q, max_seqlen_k) of cu_seqlens (q, k)."""
+    return tuple(int((c[1:] - c[:-1]).max()) for c in cu)
+
+
 def run_kernel_varlen(version, q, k, v, do, cu, **kw):
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    lq = (cu[0][1:] - cu[0][:-1]).max()
-    lk = (cu[1][1:] - cu[1][:-1]).max()
-    out, lse, _ = fa.flash_attn_varlen_func(q, k, v, cu[0], cu[1], lq, int(lk), return_attn_probs=True,
+    out, lse, _ = fa.flash_attn_varlen_func(q, k, v, cu[0], cu[1], *max_lengths(cu), return_attn_probs=True,
                                             version=version, **kw)
     grads = torch.autograd.grad(out, (q, k, v), do)
     return (out, lse, *grads)

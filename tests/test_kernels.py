@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import hf_flashattn as fa
-from _attn_testing import (MASKS, SHAPES, VERSIONS, assert_close_rule, check_kernel, kernel_inputs, ref_grads,
-                           ref_kwargs, run_kernel, run_kernel_varlen)
+from _attn_testing import (MASKS, SHAPES, VERSIONS, assert_close_rule, check_kernel, kernel_inputs, max_lengths,
+                           ref_grads, ref_kwargs, run_kernel, run_kernel_varlen, two_sequences)
 
 # SHAPES (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim) and MASKS: `_attn_testing`'s, shared with
 # test_kernels_v2_bwd.py (v2's backward variants)
@@ -108,13 +108,12 @@ def test_v3_one_loop(shape, mask, monkeypatch):
     fin = torch.isfinite(ref[1])
     assert torch.equal(torch.isinf(lse) & (lse > 0), ~fin)
     assert torch.equal(out, base) and torch.equal(lse, base_lse)
-    Sq, Sk = shape[1], shape[2]
-    cu = (torch.tensor([0, Sq // 3, Sq], dtype=torch.int32), torch.tensor([0, Sk // 2 + 1, Sk], dtype=torch.int32))
+    cu = two_sequences(shape[1], shape[2])
     packed = []
     for one in (False, True):
         monkeypatch.setattr(v3, "ONE_LOOP", one)
-        packed.append(fa.flash_attn_varlen_func(q[0], k[0], v[0], *cu, *(int((c[1:] - c[:-1]).max()) for c in cu),
-                                                return_attn_probs=True, version="v3", **mask)[:2])
+        packed.append(fa.flash_attn_varlen_func(q[0], k[0], v[0], *cu, *max_lengths(cu), return_attn_probs=True,
+                                                version="v3", **mask)[:2])
     assert torch.equal(packed[0][0], packed[1][0]) and torch.equal(packed[0][1], packed[1][1])
 
 
@@ -145,9 +144,7 @@ def test_v2_one_loop(shape, mask, monkeypatch):
     and packed (ragged lengths: a tail block in most sequences)."""
     from hf_flashattn.kernels import v2, v2_bwd
     q, k, v, do = kernel_inputs(shape, torch.float32, seed=16)
-    B, Sq, Sk = shape[:3]
-    lq, lk = [Sq // 3, Sq - Sq // 3], [Sk // 2 + 1, Sk - Sk // 2 - 1]
-    cu = (torch.tensor([0, lq[0], Sq], dtype=torch.int32), torch.tensor([0, lk[0], Sk], dtype=torch.int32))
+    cu = two_sequences(shape[1], shape[2])
     runs = []
     for one in (False, True):
         monkeypatch.setattr(v2, "ONE_LOOP", one)
@@ -303,14 +300,12 @@ def test_v2_halves(shape, mask, monkeypatch):
     that see nothing still get O = 0 and lse = +inf."""
     from hf_flashattn.kernels import v2
     q, k, v, do = kernel_inputs(shape, torch.float16, seed=17)
-    B, Sq, Sk = shape[:3]
-    lq, lk = [Sq // 3, Sq - Sq // 3], [Sk // 2 + 1, Sk - Sk // 2 - 1]
-    cu = (torch.tensor([0, lq[0], Sq], dtype=torch.int32), torch.tensor([0, lk[0], Sk], dtype=torch.int32))
+    cu = two_sequences(shape[1], shape[2])
     runs = []
     for cfg in (v2._fwd_config(0, 16, 16, 4, 1), v2._fwd_config(0, 32, 16, 4, 1, None, True)):
         monkeypatch.setattr(v2._fwd_launch, "force", cfg)
         runs.append([fa.flash_attn_func(q, k, v, return_attn_probs=True, version="v2", **mask)[:2],
-                     fa.flash_attn_varlen_func(q[0], k[0], v[0], *cu, max(lq), max(lk), return_attn_probs=True,
+                     fa.flash_attn_varlen_func(q[0], k[0], v[0], *cu, *max_lengths(cu), return_attn_probs=True,
                                                version="v2", **mask)[:2]])
     ref = ref_grads(q, k, v, do, **ref_kwargs(mask))
     low = ref_grads(q, k, v, do, compute_dtype=torch.float16, **ref_kwargs(mask))

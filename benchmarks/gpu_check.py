@@ -2,6 +2,8 @@
 
     python benchmarks/gpu_check.py --out DIR [--versions v2,v1]
 
+Version "v2-halves": v2 with its forward forced to the HALVES config of the head-dim class (the cases it applies to).
+
 Rule: |kernel - ref32| <= 2 x |torch_lowprec - ref32| + floor for out (max-abs), 3x for gradients
 (the backward adds two matmuls and the rounding of dS to 16 bits, so its error is larger by
 construction; flash-attn's own tests allow the same). The low-precision path is the reference
@@ -69,8 +71,28 @@ def _stacked_call(stacked, q, k, v, cu, version, kw):
     return out, lse, grads
 
 
+def halves_config(shape, kw):
+    """version "v2-halves": v2 with its forward forced to the first HALVES config of the head-dim class (what the
+    autotuner may pick, which this grid, run without tuning, never reaches); None where HALVES is not offered (head
+    dims over 128, softcap: `v2.prune_fwd`)."""
+    from hf_flashattn.kernels import _common, v2
+    cls = _common.head_dim_class(shape[-1])
+    if cls not in (64, 128) or kw.get("softcap") or not v2.FOLD:
+        return None
+    return v2._fwd_config(cls, *next(c for c in v2._FWD_CONFIGS[cls] if len(c) > 5 and c[5]))
+
+
 def run_case(version, dtype, shape, kw, varlen=False, stacked=None):
     """stacked: None (separate q, k, v), "qkv" or "kv" (the packed-argument functions, `_stacked_call`)."""
+    if version == "v2-halves":
+        from hf_flashattn.kernels import v2
+        v2._fwd_launch.force = halves_config(shape, kw)
+        try:
+            row = run_case("v2", dtype, shape, kw, varlen, stacked)
+        finally:
+            v2._fwd_launch.force = None
+        row["version"] = version
+        return row
     B, Sq, Sk, H, Hk, D = shape
     dev = "cuda"
     cu = None
@@ -168,6 +190,7 @@ def main():
                 for kw in MASKS[:2]:
                     cases.append((version, dtype, shape, kw, varlen, stacked))
     cases = [c + (None,) * (6 - len(c)) for c in cases]
+    cases = [c for c in cases if c[0] != "v2-halves" or halves_config(c[2], c[3]) is not None]
     if args.packed_only:
         cases = [c for c in cases if c[4]]
     if args.stacked_only:

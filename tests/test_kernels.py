@@ -287,17 +287,19 @@ def test_grouped_tile_order(version, group_tiles, shape, monkeypatch):
                                         ((1, 1, 97, 2, 1, 16), dict(causal=True)),
                                         ((2, 128, 77, 2, 1, 40), dict(causal=False)),
                                         ((1, 128, 64, 2, 2, 32), dict(causal=False)),
-                                        ((1, 256, 100, 2, 2, 16), dict(causal=True))],
+                                        ((1, 256, 100, 2, 2, 16), dict(causal=True)),
+                                        ((1, 128, 192, 4, 1, 16), dict(causal=False))],
                          ids=["113x203-causal-mqa-d40", "70x70-gqa", "window", "q-longer-causal", "right-only",
                               "narrow-left-window-d80", "one-row", "even-unmasked-tail-d40", "even-unmasked",
-                              "even-q-longer-causal"])
+                              "even-q-longer-causal", "even-unmasked-no-tail-mqa"])
 def test_v2_halves(shape, mask, monkeypatch):
     """v2's forward with a program owning two row tiles (`HALVES`, forced: 32 rows as two of 16): within the rule
     against the reference, and bitwise equal to the plain kernel on 16-row tiles, dense and packed (a half's rows that
     see nothing of a block the other half needs add exactly nothing; a half past the sequence's end writes nothing).
-    The "even" shapes (seqlen_q a multiple of 128) take the row loads and stores without masks, and without a mask the
-    update and normalisation without the empty-row guard; under a causal mask with more queries than keys the rows
-    that see nothing still get O = 0 and lse = +inf."""
+    The "even" shapes (dense, seqlen_q a multiple of 128, seqlen_k of 64) take the row loads and stores without masks,
+    and without a mask the update and normalisation without the empty-row guard and no key-tail block (128 x 77 is
+    not even: its tail block runs); under a causal mask with more queries than keys the rows that see nothing still
+    get O = 0 and lse = +inf."""
     from hf_flashattn.kernels import v2
     q, k, v, do = kernel_inputs(shape, torch.float16, seed=17)
     cu = two_sequences(shape[1], shape[2])

@@ -179,8 +179,11 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     # blocks are the band and at most one block across the key tail): HALVES then takes its tiles in the grid's own
     # order (equal tiles: `grouped_tile`'s heaviest-first order buys nothing, and its start cost and head groups
     # measured 5% at d128 512, results/2026-11-28-h100-probe-two-halves-bisect.md). EVEN (dense, seqlen_q a multiple of
-    # 128, seqlen_k >= 1): HALVES' row loads and stores need no row mask (and with NO_MASK every row sees a key).
+    # 128, seqlen_k a positive multiple of 64): HALVES' row loads and stores need no row mask, and with NO_MASK every
+    # row sees a key and there is no key-tail block (compiled in, that block changed ptxas' code for the band loop: the
+    # loop's addresses left the uniform datapath, and 128 x 64 spilled 40 bytes; sm_90a, Triton 3.6).
     tl.static_assert(BLOCK_D >= HEAD_DIM)
+    tl.static_assert(not (HALVES and EVEN) or 64 % BLOCK_N == 0, "EVEN's seqlen_k is a multiple of 64, not BLOCK_N")
     if STAGGER:   # the second wave's starts spread (`STAGGER` below)
         C.stagger(C.launch_index(), stagger_lo, stagger_hi, stagger_ns, stagger_ramp)
     if HALVES and NO_MASK:
@@ -192,8 +195,11 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     b = b.to(tl.int64)
     q_start, k_start, Sq, Sk = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
     m0 = pid_m * BLOCK_M
-    if m0 >= Sq:
-        return
+    # a packed batch's grid covers its longest sequence; a dense call's tiles all lie in the sequence (HALVES leaves the
+    # test out there: its early return had ptxas spill 48 bytes around the band loop of 128 x 64, none without it)
+    if IS_VARLEN or not HALVES:
+        if m0 >= Sq:
+            return
     kvh = (h // group).to(tl.int64)
     h64 = h.to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
@@ -227,7 +233,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
             acc0, l0_i, m0_i, q0, rows0, acc1, l1_i, m1_i, q1, rows1, K_base, V_base, stride_kn, stride_vn, full_lo,
             full_hi, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False,
             DOT_PREC, LEFT, NO_MASK)
-        if NO_MASK:   # the block across the key tail, if any: one block, not a loop
+        if NO_MASK and not EVEN:   # the block across the key tail, if any: one block, not a loop (EVEN: none)
             if full_hi < hi:
                 cols = full_hi + offs_n
                 k, v = load_rows_pair(K_base + cols[:, None] * stride_kn + offs_d[None, :],
@@ -236,7 +242,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 acc0, l0_i, m0_i, acc1, l1_i, m1_i = _halves_block(
                     acc0, l0_i, m0_i, q0, rows0, acc1, l1_i, m1_i, q1, rows1, k, v, cols, Sk, diag, window_left,
                     window_right, qk_scale, DOT_PREC, LEFT, True, True)
-        else:   # the diagonal / right edge and the key tail (masked)
+        elif not NO_MASK:   # the diagonal / right edge and the key tail (masked)
             acc0, l0_i, m0_i, acc1, l1_i, m1_i = _halves_range(
                 acc0, l0_i, m0_i, q0, rows0, acc1, l1_i, m1_i, q1, rows1, K_base, V_base, stride_kn, stride_vn,
                 full_hi, hi, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
@@ -465,7 +471,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     meta = dict(HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), IS_VARLEN=varlen,
                 SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype), FOLD=fold, LEFT=C.left_edge(window_size),
                 ONE_LOOP=ONE_LOOP and fold, STAGGER=stagger[1] > stagger[0], NO_MASK=mask == 0,
-                EVEN=not varlen and max_seqlen_q % 128 == 0 and max_seqlen_k > 0)
+                EVEN=not varlen and max_seqlen_q % 128 == 0 and max_seqlen_k > 0 and max_seqlen_k % 64 == 0)
     _fwd_launch(lambda m: (C.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch), args + stagger, meta,
                 site_key=_site_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, left, right, fold,
                                    meta["LEFT"], meta["ONE_LOOP"], meta["STAGGER"], meta["NO_MASK"], meta["EVEN"]))

@@ -334,7 +334,8 @@ def _store_rows(O_base, LSE_base, acc, l_i, m_i, rows, Sq, stride_om, offs_d, HE
 # registers). On the H100 the grid's 512-1k forwards with them (results/2026-11-28-h100-bench-v2-short-halves.md,
 # against -twenty-fifth-short.md): d128 unmasked 1.11 / 1.21x -> 1.19 / 1.31x SDPA-flash at 512 / 1k, d64 unmasked
 # 1.30 / 1.34x -> 1.35 / 1.47x, the causal forwards within noise. How it got there: benchmarks/NOTES.md, thirtieth
-# session.
+# session. Without the key-tail block and the early-exit test on EVEN calls (thirty-first session), on the H200: d128
+# unmasked 1.20 -> 1.28x at 512, 1.33 -> 1.44x at 1k (results/2026-11-28-h200-bench-v2-{short,512-even,1k-4k-even}.md).
 _FWD_CONFIGS = {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3, 128), (128, 64, 4, 3, None, True)],
                 128: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2, 128), (64, 32, 4, 3, 168),
                       (128, 64, 4, 2, None, True), (128, 32, 4, 3, None, True)],

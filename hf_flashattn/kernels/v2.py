@@ -233,7 +233,12 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
             acc0, l0_i, m0_i, q0, rows0, acc1, l1_i, m1_i, q1, rows1, K_base, V_base, stride_kn, stride_vn, full_lo,
             full_hi, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False,
             DOT_PREC, LEFT, NO_MASK)
-        if NO_MASK and not EVEN:   # the block across the key tail, if any: one block, not a loop (EVEN: none)
+        if not NO_MASK:   # the diagonal / right edge and the key tail (masked)
+            acc0, l0_i, m0_i, acc1, l1_i, m1_i = _halves_range(
+                acc0, l0_i, m0_i, q0, rows0, acc1, l1_i, m1_i, q1, rows1, K_base, V_base, stride_kn, stride_vn,
+                full_hi, hi, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
+                True, DOT_PREC, LEFT)
+        elif not EVEN:   # the block across the key tail, if any: one block, not a loop (EVEN: none)
             if full_hi < hi:
                 cols = full_hi + offs_n
                 k, v = load_rows_pair(K_base + cols[:, None] * stride_kn + offs_d[None, :],
@@ -242,11 +247,6 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 acc0, l0_i, m0_i, acc1, l1_i, m1_i = _halves_block(
                     acc0, l0_i, m0_i, q0, rows0, acc1, l1_i, m1_i, q1, rows1, k, v, cols, Sk, diag, window_left,
                     window_right, qk_scale, DOT_PREC, LEFT, True, True)
-        elif not NO_MASK:   # the diagonal / right edge and the key tail (masked)
-            acc0, l0_i, m0_i, acc1, l1_i, m1_i = _halves_range(
-                acc0, l0_i, m0_i, q0, rows0, acc1, l1_i, m1_i, q1, rows1, K_base, V_base, stride_kn, stride_vn,
-                full_hi, hi, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
-                True, DOT_PREC, LEFT)
         # every row has seen a key where there is no mask and every sequence has keys (EVEN's seqlen_k >= 1)
         _store_rows(O_base, LSE_base, acc0, l0_i, m0_i, rows0, Sq, stride_om, offs_d, HEAD_DIM, BLOCK_D, EVEN,
                     EVEN and NO_MASK)

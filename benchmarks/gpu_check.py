@@ -72,14 +72,12 @@ def _stacked_call(stacked, q, k, v, cu, version, kw):
 
 
 def halves_config(shape, kw):
-    """version "v2-halves": v2 with its forward forced to the first HALVES config of the head-dim class (what the
-    autotuner may pick, which this grid, run without tuning, never reaches); None where HALVES is not offered (head
-    dims over 128, softcap: `v2.prune_fwd`)."""
-    from hf_flashattn.kernels import _common, v2
-    cls = _common.head_dim_class(shape[-1])
-    if cls not in (64, 128) or kw.get("softcap") or not v2.FOLD:
-        return None
-    return v2._fwd_config(cls, *next(c for c in v2._FWD_CONFIGS[cls] if len(c) > 5 and c[5]))
+    """version "v2-halves": v2 with its forward forced to the first HALVES config that the autotuner would be offered
+    for this case (`v2.prune_fwd`), which this grid, run without tuning, never reaches; None where none is (head dims
+    over 128, softcap)."""
+    from hf_flashattn.kernels import v2
+    offered = v2.prune_fwd(v2._fwd_configs(), {}, BLOCK_D=shape[-1], FOLD=v2.FOLD, SOFTCAP=bool(kw.get("softcap")))
+    return next((c for c in offered if c.kwargs.get("HALVES")), None)
 
 
 def run_case(version, dtype, shape, kw, varlen=False, stacked=None):

@@ -28,10 +28,10 @@ def _choose_mode() -> bool:
 
 def _release(version: str) -> tuple:
     """(major, minor) of a version string ("3.6.0+git..." -> (3, 6)); (0, 0) where it cannot be read."""
-    parts = version.split(".")
+    from packaging.version import InvalidVersion, Version
     try:
-        return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) if len(parts) > 1 else 0)
-    except ValueError:
+        return (Version(version).release + (0,))[:2]
+    except InvalidVersion:
         return 0, 0
 
 

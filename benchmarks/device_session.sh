@@ -16,7 +16,8 @@
 #   decode-check   benchmarks/gpu_decode_check.py (decode paths and the direct kernel launch against the reference)
 #   profile   benchmarks/profile_decode.py (host-side profile of Transformers decode steps)
 #   sweep     benchmarks/sweep_decode.py (launch parameters of the split-KV decode kernel)
-#   sweep-bwd benchmarks/sweep_bwd.py (tile configs of v2's backward passes and forward, forced one by one)
+#   sweep-bwd benchmarks/sweep_bwd.py (tile configs of v2's backward passes and forward, forced one by one; SWEEP_DIMS,
+#             SWEEP_SEQLENS, SWEEP_KINDS)
 #   sweep-v3  benchmarks/sweep_v3.py $SWEEP_ARGS (v3 forward launch plans: tiles, host/in-kernel descriptors, WS, fold;
 #             SWEEP_DIMS, SWEEP_SEQLENS)
 #   gluon     benchmarks/sweep_gluon.py $GLUON_ARGS (the Gluon v3 forward: correctness grid, then its plans beside
@@ -106,7 +107,7 @@ for spec in "$@"; do
     profile) cmd=(python3 benchmarks/profile_decode.py --out "$dir") ;;
     sweep) cmd=(python3 benchmarks/sweep_decode.py --out "$dir") ;;
     sweep-bwd) cmd=(python3 benchmarks/sweep_bwd.py --out "$dir" --budget-s "$budget" --dims "${SWEEP_DIMS:-64,128,256}"
-                   --seqlens "${SWEEP_SEQLENS:-1024,4096,16384}") ;;
+                   --seqlens "${SWEEP_SEQLENS:-1024,4096,16384}" --kinds "${SWEEP_KINDS:-merged,dkdv,dq,fwd}") ;;
     # shellcheck disable=SC2206
     sweep-v3) cmd=(python3 benchmarks/sweep_v3.py --out "$dir" --budget-s "$budget" --dims "${SWEEP_DIMS:-128,256,64}"
                   --seqlens "${SWEEP_SEQLENS:-4096,16384,1024}" ${SWEEP_ARGS:-}) ;;

@@ -1,6 +1,6 @@
-"""Sweep of the v2 kernels' tile configs on one GPU: the backward's dK/dV and dQ passes (and the
-forward at the small-sequence points), each config forced in turn, beside SDPA-cuDNN and SDPA-flash
-measured in the same process. Registers and spills are read from the loaded kernels.
+"""Sweep of the v2 kernels' tile configs on one GPU: the backward's dK/dV and dQ passes as two launches, the merged
+launch's pairs (`v2_bwd.MERGE`), and the forward at the small-sequence points, each config forced in turn, beside
+SDPA-cuDNN and SDPA-flash measured in the same process. Registers and spills are read from the loaded kernels.
 
     python benchmarks/sweep_bwd.py --out DIR [--dims 64,128,256] [--budget-s 400]
 
@@ -41,10 +41,19 @@ DKDV = {64: [(64, 64, 4, 3, False, True), (32, 128, 4, 3), (32, 128, 8, 3), (64,
               (64, 128, 8, 2, True, True),
               # fewer spills with one loop a tile in a local sm_90a compile (twenty-first session): 96-192 bytes against
               # the first's 432 ((32, 64, 8, 2, True) above: 112)
-              (16, 64, 8, 2, True), (16, 128, 8, 2, True), (32, 128, 8, 1, True), (16, 64, 8, 3, True)]}
+              (16, 64, 8, 2, True), (16, 128, 8, 2, True), (32, 128, 8, 1, True), (16, 64, 8, 3, True),
+              (64, 128, 8, 1, True)]}
 DQ = {64: [(64, 64, 4, 3), (128, 32, 8, 3), (128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3), (128, 64, 8, 3)],
       128: [(128, 64, 8, 3), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
       256: [(128, 32, 8, 2), (64, 32, 8, 2), (64, 16, 4, 2), (32, 32, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)]}
+# the merged launch (`v2_bwd.MERGE`, d256 by default): (dK/dV config, dQ config) pairs sharing warps and stages, the
+# package's default first; the others compiled locally for sm_90a (Triton 3.6) within the shared-memory limit
+MERGED = {256: [((32, 128, 8, 2, True), (128, 32, 8, 2)), ((16, 64, 4, 2, True), (64, 16, 4, 2)),
+                ((16, 128, 8, 2, True), (128, 32, 8, 2)), ((32, 64, 8, 2, True), (128, 32, 8, 2)),
+                ((16, 64, 8, 2, True), (128, 32, 8, 2)), ((64, 128, 8, 1, True), (128, 32, 8, 1)),
+                ((32, 128, 8, 1, True), (128, 32, 8, 1)), ((32, 128, 8, 2, True), (64, 64, 8, 2)),
+                ((32, 128, 8, 2, True), (64, 32, 8, 2)), ((64, 64, 8, 2, True, True), (128, 32, 8, 2)),
+                ((64, 64, 8, 2, True), (128, 32, 8, 2))]}
 FWD = {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4)],
        128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4),
              (128, 32, 4, 4)],
@@ -54,7 +63,21 @@ FWD = {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), 
 def cfg(c, d):
     from hf_flashattn.kernels import _common as C
     from hf_flashattn.kernels import v2_bwd
+    if isinstance(c[0], tuple):   # a merged pair
+        return v2_bwd._merged_config(C.head_dim_class(d), *c)
     return v2_bwd._config(C.head_dim_class(d), *c)
+
+
+def _merge(kind, d):
+    """Sets `v2_bwd.MERGE` for the timing of one kind (dK/dV and dQ configs are forced on the two launches, the
+    merged pairs on the one) and returns the value to restore."""
+    from hf_flashattn.kernels import _common as C
+    from hf_flashattn.kernels import v2_bwd
+    cls = C.head_dim_class(d)
+    old = v2_bwd.MERGE[cls]
+    if kind != "fwd":
+        v2_bwd.MERGE[cls] = kind == "merged"
+    return old
 
 
 def inputs(B, H, Hk, S, D, grad=False):
@@ -64,11 +87,14 @@ def inputs(B, H, Hk, S, D, grad=False):
 
 def run_once(kind, c, D, S=256, H=4, Hk=4, B=1, causal=False):
     """One forced launch (compiles on first use); returns the CompiledKernel's registers and spills."""
+    from hf_flashattn.kernels import _common as C
     from hf_flashattn.kernels import v2, v2_bwd
     q, k, v, do = inputs(B, H, Hk, S, D)
     out, lse = v2.forward(q, k, v, None, None, S, S, D ** -0.5, (-1, 0) if causal else (-1, -1), 0.0)
-    launcher = {"fwd": v2._fwd_launch, "dkdv": v2_bwd._dkdv_launch, "dq": v2_bwd._dq_launch}[kind]
+    launcher = {"fwd": v2._fwd_launch, "dkdv": v2_bwd._dkdv_launch, "dq": v2_bwd._dq_launch,
+                "merged": v2_bwd._merged_launch}[kind]
     launcher.force = cfg(c, D)
+    old = _merge(kind, D)
     try:
         if kind == "fwd":
             v2.forward(q, k, v, None, None, S, S, D ** -0.5, (-1, 0) if causal else (-1, -1), 0.0)
@@ -79,6 +105,7 @@ def run_once(kind, c, D, S=256, H=4, Hk=4, B=1, causal=False):
         return dict(n_regs=getattr(ck, "n_regs", None), n_spills=getattr(ck, "n_spills", None))
     finally:
         launcher.force = None
+        v2_bwd.MERGE[C.head_dim_class(D)] = old
 
 
 def _worker(job):
@@ -97,15 +124,20 @@ def main():
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--workers", type=int, default=12)
     ap.add_argument("--seqlens", default="1024,4096,16384")
+    ap.add_argument("--kinds", default="merged,dkdv,dq,fwd", help="which tables to compile and time")
     args = ap.parse_args()
     os.environ["HF_FLASHATTN_AUTOTUNE"] = "0"
     t0 = time.time()
     import hf_flashattn  # noqa: F401
+    from hf_flashattn.kernels import _common as C
     from hf_flashattn.kernels import v2, v2_bwd
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
     dims = [int(d) for d in args.dims.split(",")]
-    jobs = [(kind, c, D) for D in dims for kind, table in (("dkdv", DKDV), ("dq", DQ), ("fwd", FWD)) for c in table[D]]
+    kinds = args.kinds.split(",")
+    tables = [(kind, table) for kind, table in (("merged", MERGED), ("dkdv", DKDV), ("dq", DQ), ("fwd", FWD))
+              if kind in kinds]
+    jobs = [(kind, c, D) for D in dims for kind, table in tables for c in table.get(D, [])]
     info = {}
     with cf.ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as ex:
         for job, r in ex.map(_worker, jobs):
@@ -143,20 +175,25 @@ def main():
         # the first config of each list is the current default (what the autotune-off path runs): it holds
         # the other pass fixed while each candidate of one pass is timed
         dk0, dq0 = cfg(DKDV[D][0], D), cfg(DQ[D][0], D)
-        for kind, table in (("dkdv", DKDV), ("dq", DQ), ("fwd", FWD)):
+        for kind, table in tables:
             if kind == "fwd" and S > 4096:
                 continue
-            for c in table[D]:
+            for c in table.get(D, []):
                 r = dict(base, impl="ours", kind=kind, cfg=list(c), **info.get((kind, tuple(c), D), {}))
                 if "error" in r:
                     rows.append(r)
                     continue
+                old = _merge(kind, D)
                 try:
                     if kind == "fwd":
                         v2._fwd_launch.force = cfg(c, D)
                         ms = triton.testing.do_bench(lambda: v2.forward(q, k, v, None, None, S, S, D ** -0.5, win, 0.0),
                                                      return_mode="median")
                         r.update(ms=ms, tflops=fl / ms / 1e9)
+                    elif kind == "merged":
+                        v2_bwd._merged_launch.force = cfg(c, D)
+                        ms = triton.testing.do_bench(bwd, return_mode="median")
+                        r.update(ms=ms, bwd_tflops=2.5 * fl / ms / 1e9)
                     else:
                         v2_bwd._dkdv_launch.force = cfg(c, D) if kind == "dkdv" else dk0
                         v2_bwd._dq_launch.force = cfg(c, D) if kind == "dq" else dq0
@@ -166,6 +203,8 @@ def main():
                     r.update(error=f"{type(e).__name__}: {str(e)[:200]}")
                 finally:
                     v2._fwd_launch.force = v2_bwd._dkdv_launch.force = v2_bwd._dq_launch.force = None
+                    v2_bwd._merged_launch.force = None
+                    v2_bwd.MERGE[C.head_dim_class(D)] = old
                 rows.append(r)
                 print(json.dumps(r), flush=True)
         with open(os.path.join(args.out, "sweep_bwd.json"), "w") as f:

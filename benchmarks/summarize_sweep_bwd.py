@@ -1,5 +1,6 @@
 """Markdown summary of benchmarks/sweep_bwd.py's JSON: per grid point, SDPA's backward beside each forced
-config of one pass (the other pass at its default), with registers and spills; and the best combination.
+config of one pass (the other pass at its default), with registers and spills; and the best combination; the merged
+launch's pairs (`v2_bwd.MERGE`) where the sweep timed them.
 
     python benchmarks/summarize_sweep_bwd.py sweep_bwd.json > sweep_bwd.md
 """
@@ -41,6 +42,11 @@ def main(path):
             out.append(f"- best combination (dK/dV {tuple(bk['cfg'])}, dQ {tuple(bq['cfg'])}), estimated from the two "
                        f"passes' differences: {2.5 * fl / best / 1e9:.0f} TFLOP/s against the default's "
                        f"{2.5 * fl / t0 / 1e9:.0f}")
+        mg = [r for r in rs if r.get("kind") == "merged" and r.get("ms")]
+        if mg:
+            bm = min(mg, key=lambda r: r["ms"])
+            out.append(f"- merged launch: best pair {tuple(map(tuple, bm['cfg']))} {bm['bwd_tflops']:.0f} TFLOP/s, the "
+                       f"default pair (first) {mg[0]['bwd_tflops']:.0f}")
         out.append("")
     print("\n".join(out))
 

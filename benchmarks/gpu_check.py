@@ -157,6 +157,7 @@ def main():
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--dtypes", default="bf16,fp16", help="a subset, e.g. fp16 to finish a grid a budget cut short")
     ap.add_argument("--packed-only", action="store_true", help="only the packed (varlen) cases")
+    ap.add_argument("--head-dims", default=None, help="only the cases of these head dims, e.g. 192,256")
     ap.add_argument("--stacked-only", action="store_true",
                     help="only the cases whose q, k, v (or k, v) are views of one stacked tensor (qkvpacked/kvpacked)")
     ap.add_argument("--single-pass-from-keys", type=int, default=None,
@@ -191,6 +192,8 @@ def main():
     cases = [c for c in cases if c[0] != "v2-halves" or halves_config(c[2], c[3]) is not None]
     if args.packed_only:
         cases = [c for c in cases if c[4]]
+    if args.head_dims:
+        cases = [c for c in cases if c[2][-1] in {int(d) for d in args.head_dims.split(",")}]
     if args.stacked_only:
         cases = [c for c in cases if c[5]]
     for version, dtype, shape, kw, varlen, stacked in cases:

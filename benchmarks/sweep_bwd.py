@@ -48,7 +48,10 @@ DQ = {64: [(64, 64, 4, 3), (128, 32, 8, 3), (128, 32, 4, 3), (128, 64, 8, 2), (6
       256: [(128, 32, 8, 2), (64, 32, 8, 2), (64, 16, 4, 2), (32, 32, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)]}
 # the merged launch (`v2_bwd.MERGE`, d256 by default): (dK/dV config, dQ config) pairs sharing warps and stages, the
 # package's default first; the others compiled locally for sm_90a (Triton 3.6) within the shared-memory limit
-MERGED = {256: [((32, 128, 8, 2, True), (128, 32, 8, 2)), ((16, 64, 4, 2, True), (64, 16, 4, 2)),
+# (a seventh field: the split dV programs' query-tile height, `DV_BLOCK_M`)
+MERGED = {256: [((32, 128, 8, 2, True, False, 64), (128, 32, 8, 2)), ((32, 128, 8, 2, True), (128, 32, 8, 2)),
+                ((32, 128, 8, 2, True, False, 64), (64, 64, 8, 2)), ((16, 128, 8, 2, True, False, 64), (128, 32, 8, 2)),
+                ((16, 64, 4, 2, True), (64, 16, 4, 2)),
                 ((16, 128, 8, 2, True), (128, 32, 8, 2)), ((32, 64, 8, 2, True), (128, 32, 8, 2)),
                 ((16, 64, 8, 2, True), (128, 32, 8, 2)), ((64, 128, 8, 1, True), (128, 32, 8, 1)),
                 ((32, 128, 8, 1, True), (128, 32, 8, 1)), ((32, 128, 8, 2, True), (64, 64, 8, 2)),

@@ -40,6 +40,37 @@ def test_v2_split_dkdv_backward(shape, mask, monkeypatch):
     torch.testing.assert_close(split[4], fused[4], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("merge", [False, True], ids=["two-launches", "merged"])
+@pytest.mark.parametrize("shape, mask", [((1, 70, 90, 4, 2, 16), MASKS[1]), (SHAPES[1], MASKS[3]),
+                                         (SHAPES[4], MASKS[2]), ((1, 90, 70, 2, 1, 16), dict(window_size=(40, 20)))],
+                         ids=["gqa-causal", "window-softcap", "mqa-window", "wide-window"])
+def test_v2_split_dv_block_m(shape, mask, merge, monkeypatch):
+    """Split dK/dV programs with the dV programs on taller query tiles than the dK programs (`DV_BLOCK_M`; the dV
+    program holds K but not V): the same rule; dK bitwise that of the split with one tile height (the dK programs are
+    untouched), dV within float32 rounding of it (its sums over query tiles are grouped differently); dense and
+    packed, in the two launches and the merged one."""
+    from hf_flashattn.kernels import v2_bwd
+    monkeypatch.setattr(v2_bwd, "MERGE", dict.fromkeys(v2_bwd.MERGE, merge))
+    q, k, v, do = kernel_inputs(shape, torch.float32, seed=23)
+    runs = []
+    for dv_bm in (0, 32):
+        monkeypatch.setattr(v2_bwd._dkdv_launch, "force", v2_bwd._config(0, 16, 32, 4, 1, True, False, dv_bm))
+        monkeypatch.setattr(v2_bwd._merged_launch, "force",
+                            v2_bwd._merged_config(0, (16, 32, 4, 1, True, False, dv_bm), (16, 32, 4, 1)))
+        runs.append(run_kernel("v2", q, k, v, do, **mask))
+    assert v2_bwd._merged_launch.force.kwargs["DV_BLOCK_M"] == 32
+    check_kernel("v2", q, k, v, do, torch.float32, **mask)
+    torch.testing.assert_close(runs[1][2], runs[0][2], rtol=0, atol=0)   # dq
+    torch.testing.assert_close(runs[1][3], runs[0][3], rtol=0, atol=0)   # dk
+    torch.testing.assert_close(runs[1][4], runs[0][4], rtol=1e-5, atol=1e-5)
+    assert not torch.equal(runs[1][4], runs[0][4]), "dV did not take the taller tiles"
+    lens = [min(shape[1], shape[2]) - 3, 3]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    n = int(cu[-1])
+    qp, kp, vp, dop = (x[0, :n].contiguous() for x in (q, k, v, do))
+    check_kernel("v2", qp, kp, vp, dop, torch.float32, cu=(cu, cu), **mask)
+
+
 @pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
 @pytest.mark.parametrize("shape, mask", [(SHAPES[0], MASKS[1]), (SHAPES[1], MASKS[3]), (SHAPES[5], MASKS[0]),
                                          (SHAPES[4], MASKS[2])], ids=["gqa-causal", "window-softcap", "gqa32/8",

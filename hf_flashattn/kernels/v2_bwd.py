@@ -274,11 +274,13 @@ def _dkdv_program(lin, n_m, n_h, n_bh, Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, 
                   group_tiles, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
                   ATOMIC_DQ: tl.constexpr, SPLIT: tl.constexpr, KV_B: tl.constexpr, TMA: tl.constexpr,
-                  ONE_LOOP: tl.constexpr, LEFT: tl.constexpr):
+                  ONE_LOOP: tl.constexpr, LEFT: tl.constexpr, DV_BLOCK_M: tl.constexpr = 0):
     """The lin-th program of a dK/dV launch of n_m tiles (key blocks, x2 if SPLIT) x n_h kv heads x n_bh / n_h
     sequences: BLOCK_N rows of dK and dV for one kv head, summed over the GROUP query heads that read it. SPLIT: two
     programs per key block, one for dV (2 matmuls) and one for dK (3 matmuls; QKᵀ is recomputed): one float32
-    accumulator each instead of two, for large head dims whose registers would otherwise spill. Programs take their
+    accumulator each instead of two, for large head dims whose registers would otherwise spill. DV_BLOCK_M (SPLIT; 0:
+    BLOCK_M): the dV programs' query-tile height, which may differ from the dK programs' (a dV program holds K but not
+    V in shared memory, so a taller query tile fits there with the same stages). Programs take their
     tiles in `grouped_rank`'s order: the (sequence, kv head) pairs in groups, within a group the key blocks from the
     first (seen by the most queries under a causal mask), each pair's in turn."""
     pid0, pair = grouped_rank(lin, n_m, n_bh, l2_pairs, group_tiles)
@@ -292,43 +294,86 @@ def _dkdv_program(lin, n_m, n_h, n_bh, Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, 
     n0 = pid_n * BLOCK_N
     if n0 < Sk:
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         kv_mask = (offs_n[:, None] < Sk) & (offs_d[None, :] < HEAD_DIM)
         k = tl.load(K + b * stride_kb + kvh * stride_kh + (k_start + offs_n[:, None]) * stride_kn + offs_d[None, :],
                     mask=kv_mask, other=0.0)
-        v = tl.load(V + b * stride_vb + kvh * stride_vh + (k_start + offs_n[:, None]) * stride_vn + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
         diag_t = Sq - Sk
-        lo, full_lo, full_hi, hi = tile_range(n0, BLOCK_N, diag_t, window_right, window_left, Sq, BLOCK_M)
         dk_ptrs = DK + b * stride_dkb + kvh * stride_dkh + (k_start + offs_n[:, None]) * stride_dkn + offs_d[None, :]
         dv_ptrs = DV + b * stride_dvb + kvh * stride_dvh + (k_start + offs_n[:, None]) * stride_dvn + offs_d[None, :]
         if SPLIT:
             if pid0 % 2 == 0:
-                _, dv = _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
-                                    stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb,
-                                    stride_lh, lo, full_lo, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t,
-                                    window_left, window_right, qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC,
-                                    HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, False, True,
-                                    KV_B, TMA, IS_VARLEN, ONE_LOOP, LEFT)
+                # the dV program: V is not read (K stands in for it in the call)
+                if DV_BLOCK_M > 0:
+                    dv = _dkdv_dv_only(k, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
+                                       stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
+                                       stride_lb, stride_lh, n0, offs_n, offs_d, Sq, diag_t, window_left, window_right,
+                                       qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC, HEAD_DIM, BLOCK_D,
+                                       DV_BLOCK_M, BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, KV_B, TMA, IS_VARLEN,
+                                       ONE_LOOP, LEFT)
+                else:
+                    dv = _dkdv_dv_only(k, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
+                                       stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
+                                       stride_lb, stride_lh, n0, offs_n, offs_d, Sq, diag_t, window_left, window_right,
+                                       qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC, HEAD_DIM, BLOCK_D,
+                                       BLOCK_M, BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, KV_B, TMA, IS_VARLEN,
+                                       ONE_LOOP, LEFT)
                 tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
             else:
-                dk, _ = _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
-                                    stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb,
-                                    stride_lh, lo, full_lo, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t,
-                                    window_left, window_right, qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC,
-                                    HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, True, False,
-                                    KV_B, TMA, IS_VARLEN, ONE_LOOP, LEFT)
-                tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+                _dkdv_with_v(k, V, Q, DO, LSE, DELTA, DQ_ACC, DK, DV, dk_ptrs, dv_ptrs, kv_mask, b, kvh, k_start,
+                             q_start, stride_vb, stride_vn, stride_vh, stride_qb, stride_qm, stride_qh, stride_dob,
+                             stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, n0,
+                             offs_n, offs_d, Sq, diag_t, window_left, window_right, qk_scale, cap_scale, ds_scale,
+                             group, Q_DESC, DO_DESC, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ,
+                             False, KV_B, TMA, IS_VARLEN, ONE_LOOP, LEFT)
         else:
-            dk, dv = _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
-                                 stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb,
-                                 stride_lh, lo, full_lo, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left,
-                                 window_right, qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC, HEAD_DIM, BLOCK_D,
-                                 BLOCK_M, BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, True, True, KV_B, TMA, IS_VARLEN,
-                                 ONE_LOOP, LEFT)
-            tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
-            tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+            _dkdv_with_v(k, V, Q, DO, LSE, DELTA, DQ_ACC, DK, DV, dk_ptrs, dv_ptrs, kv_mask, b, kvh, k_start, q_start,
+                         stride_vb, stride_vn, stride_vh, stride_qb, stride_qm, stride_qh, stride_dob, stride_dom,
+                         stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, n0, offs_n, offs_d, Sq,
+                         diag_t, window_left, window_right, qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC,
+                         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, True, KV_B, TMA, IS_VARLEN,
+                         ONE_LOOP, LEFT)
+
+
+@triton.jit
+def _dkdv_with_v(k, V, Q, DO, LSE, DELTA, DQ_ACC, DK, DV, dk_ptrs, dv_ptrs, kv_mask, b, kvh, k_start, q_start,
+                 stride_vb, stride_vn, stride_vh, stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh,
+                 stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, n0, offs_n, offs_d, Sq, diag_t, window_left,
+                 window_right, qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC, HEAD_DIM: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
+                 DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, DO_DV: tl.constexpr, KV_B: tl.constexpr,
+                 TMA: tl.constexpr, IS_VARLEN: tl.constexpr, ONE_LOOP: tl.constexpr, LEFT: tl.constexpr):
+    """The programs that read V: a split dK program (DO_DV False), or one that owns both accumulators."""
+    v = tl.load(V + b * stride_vb + kvh * stride_vh + (k_start + offs_n[:, None]) * stride_vn + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    offs_m = tl.arange(0, BLOCK_M)
+    lo, full_lo, full_hi, hi = tile_range(n0, BLOCK_N, diag_t, window_right, window_left, Sq, BLOCK_M)
+    dk, dv = _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh, stride_dob,
+                         stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, lo, full_lo,
+                         full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left, window_right, qk_scale,
+                         cap_scale, ds_scale, group, Q_DESC, DO_DESC, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP,
+                         DOT_PREC, ATOMIC_DQ, True, DO_DV, KV_B, TMA, IS_VARLEN, ONE_LOOP, LEFT)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    if DO_DV:
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dkdv_dv_only(k, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh, stride_dob,
+                  stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, n0, offs_n, offs_d,
+                  Sq, diag_t, window_left, window_right, qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, KV_B: tl.constexpr,
+                  TMA: tl.constexpr, IS_VARLEN: tl.constexpr, ONE_LOOP: tl.constexpr, LEFT: tl.constexpr):
+    """dV of a split dV program over query tiles of BLOCK_M rows (`_dkdv_program`'s DV_BLOCK_M or BLOCK_M)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    lo, full_lo, full_hi, hi = tile_range(n0, BLOCK_N, diag_t, window_right, window_left, Sq, BLOCK_M)
+    _, dv = _dkdv_heads(k, k, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh, stride_dob,
+                        stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, lo, full_lo,
+                        full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left, window_right, qk_scale, cap_scale,
+                        ds_scale, group, Q_DESC, DO_DESC, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, DOT_PREC,
+                        ATOMIC_DQ, False, True, KV_B, TMA, IS_VARLEN, ONE_LOOP, LEFT)
+    return dv
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "SEQ_BUCKET",
@@ -347,7 +392,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_DESC, DO_DESC, CU_Q,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                  SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                  SPLIT: tl.constexpr = False, KV_B: tl.constexpr = False, TMA: tl.constexpr = False,
-                 ONE_LOOP: tl.constexpr = False, LEFT: tl.constexpr = True):
+                 ONE_LOOP: tl.constexpr = False, LEFT: tl.constexpr = True, DV_BLOCK_M: tl.constexpr = 0):
     # Grid: (cdiv(max_seqlen_k, BLOCK_N) (x2 if SPLIT), nheads_k, batch); `_dkdv_program`.
     n_m = tl.num_programs(0)
     n_h = tl.num_programs(1)
@@ -358,7 +403,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, Q_DESC, DO_DESC, CU_Q,
                   stride_dvn, stride_dvh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, seqlen_q, seqlen_k,
                   window_left, window_right, qk_scale, cap_scale, ds_scale, group, l2_pairs, group_tiles, HEAD_DIM,
                   BLOCK_D, BLOCK_M, BLOCK_N, IS_VARLEN, SOFTCAP, DOT_PREC, ATOMIC_DQ, SPLIT, KV_B, TMA, ONE_LOOP,
-                  LEFT)
+                  LEFT, DV_BLOCK_M)
 
 
 @triton.jit
@@ -523,7 +568,7 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQ_BLOCK_M: tl.constexpr, DQ_BLOCK_N: tl.constexpr,
                 IS_VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr,
                 SPLIT: tl.constexpr = False, KV_B: tl.constexpr = False, ONE_LOOP: tl.constexpr = False,
-                LEFT: tl.constexpr = True):
+                LEFT: tl.constexpr = True, DV_BLOCK_M: tl.constexpr = 0):
     # Both passes in one launch (`MERGE`). Grid: (n_kv + n_q,): the programs of `_dkdv_kernel`'s launch (BLOCK_M x
     # BLOCK_N tiles, in its order) first, then those of `_dq_kernel`'s (DQ_BLOCK_M x DQ_BLOCK_N): the two passes read
     # the same inputs and write different outputs, so dQ programs start on the SMs that the dK/dV programs' last wave
@@ -541,7 +586,7 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K,
                       stride_dvn, stride_dvh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, seqlen_q,
                       seqlen_k, window_left, window_right, qk_scale, cap_scale, ds_scale, group, l2_kv, group_tiles,
                       HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IS_VARLEN, SOFTCAP, DOT_PREC, False, SPLIT, KV_B, False,
-                      ONE_LOOP, LEFT)
+                      ONE_LOOP, LEFT, DV_BLOCK_M)
     else:
         nheads = nheads_k * group
         _dq_program(lin - n_kv, tl.cdiv(seqlen_q, DQ_BLOCK_M), nheads, nheads * batch, Q, K, V, DO, LSE, DELTA, DQ,
@@ -572,8 +617,8 @@ _DQ_CONFIGS = {64: [(64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)],
 # pair joins configs of _DKDV_CONFIGS and _DQ_CONFIGS that share them, the winners first.
 _MERGED_CONFIGS = {64: [((64, 64, 4, 3, False, True), (64, 64, 4, 3)), ((32, 128, 4, 3), (64, 32, 4, 3))],
                    128: [((32, 64, 4, 3), (64, 32, 4, 3)), ((32, 128, 8, 2), (128, 64, 8, 2))],
-                   256: [((32, 128, 8, 2, True), (128, 32, 8, 2)), ((16, 64, 4, 2, True), (64, 16, 4, 2)),
-                         ((64, 64, 8, 2), (64, 64, 8, 2))]}
+                   256: [((32, 128, 8, 2, True, False, 64), (128, 32, 8, 2)), ((32, 128, 8, 2, True), (128, 32, 8, 2)),
+                         ((16, 64, 4, 2, True), (64, 16, 4, 2)), ((64, 64, 8, 2), (64, 64, 8, 2))]}
 
 
 def _merged_config(d_class, kv, dq):
@@ -583,12 +628,15 @@ def _merged_config(d_class, kv, dq):
     return c
 
 
-def _config(d_class, bm, bn, w, s, split=False, kv_b=False):
+def _config(d_class, bm, bn, w, s, split=False, kv_b=False, dv_bm=0):
     kw = {"BLOCK_M": bm, "BLOCK_N": bn, "D_CLASS": d_class}
     if split:
         kw["SPLIT"] = True
     if kv_b:
         kw["KV_B"] = True
+    if dv_bm:
+        assert split, "DV_BLOCK_M is the split dV programs' query tile"
+        kw["DV_BLOCK_M"] = dv_bm
     return triton.Config(kw, num_warps=w, num_stages=s)
 
 

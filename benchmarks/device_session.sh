@@ -107,7 +107,7 @@ for spec in "$@"; do
     profile) cmd=(python3 benchmarks/profile_decode.py --out "$dir") ;;
     sweep) cmd=(python3 benchmarks/sweep_decode.py --out "$dir") ;;
     sweep-bwd) cmd=(python3 benchmarks/sweep_bwd.py --out "$dir" --budget-s "$budget" --dims "${SWEEP_DIMS:-64,128,256}"
-                   --seqlens "${SWEEP_SEQLENS:-1024,4096,16384}" --kinds "${SWEEP_KINDS:-merged,dkdv,dq,fwd}") ;;
+                   --seqlens "${SWEEP_SEQLENS:-1024,4096,16384}" --kinds "${SWEEP_KINDS:-merged,dkdv,dq,fwd}" ${SWEEP_ARGS:-}) ;;
     # shellcheck disable=SC2206
     sweep-v3) cmd=(python3 benchmarks/sweep_v3.py --out "$dir" --budget-s "$budget" --dims "${SWEEP_DIMS:-128,256,64}"
                   --seqlens "${SWEEP_SEQLENS:-4096,16384,1024}" ${SWEEP_ARGS:-}) ;;

@@ -75,7 +75,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dims", default="64,128,256")
     ap.add_argument("--kernels", default="dkdv,dq")
-    ap.add_argument("--dkdv", default=None, help="python literal: list of (BM, BN, warps, stages[, split])")
+    ap.add_argument("--dkdv", default=None,
+                    help="python literal: list of (BM, BN, warps, stages[, split[, kv_b[, dv_block_m]]])")
     ap.add_argument("--dq", default=None, help="python literal: list of (BM, BN, warps, stages)")
     ap.add_argument("--one-loop", action="store_true", help="the passes' blocks in one loop (v2_bwd.ONE_LOOP)")
     args = ap.parse_args()
@@ -91,16 +92,19 @@ def main():
                 bm, bn, w, s = c[:4]
                 split = bool(c[4:5] and c[4])
                 kv_b = bool(c[5:6] and c[5])
+                dv_bm = c[6] if len(c) > 6 and kname == "dkdv" else 0
                 ce = dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=bm, BLOCK_N=bn, IS_VARLEN=False, SOFTCAP=False,
                           DOT_PREC="tf32", D_CLASS=cls, ONE_LOOP=args.one_loop, **extra)
                 if kname == "dkdv":
                     ce["SPLIT"] = split
                     ce["KV_B"] = kv_b
+                    ce["DV_BLOCK_M"] = dv_bm
                 try:
                     r = compile_one(fn, ce, w, s)
-                    print(f"{kname:5s} d{d:<4d} BM{bm:<4d} BN{bn:<4d} w{w} s{s} split={int(split)}{' kv_b' if kname == 'dkdv' and kv_b else ''}: regs {r['regs']:3d} "
-                          f"spill st/ld {r['spill_st']}/{r['spill_ld']} stack {r['stack']} smem {r['smem']} "
-                          f"wgmma {r['wgmma']}", flush=True)
+                    extra = (" kv_b" if kname == "dkdv" and kv_b else "") + (f" dv_bm {dv_bm}" if dv_bm else "")
+                    print(f"{kname:5s} d{d:<4d} BM{bm:<4d} BN{bn:<4d} w{w} s{s} split={int(split)}{extra}: "
+                          f"regs {r['regs']:3d} spill st/ld {r['spill_st']}/{r['spill_ld']} stack {r['stack']} "
+                          f"smem {r['smem']} wgmma {r['wgmma']}", flush=True)
                 except Exception as e:  # noqa: BLE001
                     print(f"{kname:5s} d{d} {c}: {type(e).__name__}: {str(e)[:300]}", flush=True)
 

@@ -294,11 +294,18 @@ def _dkdv_program(lin, n_m, n_h, n_bh, Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, 
     n0 = pid_n * BLOCK_N
     if n0 < Sk:
         offs_n = n0 + tl.arange(0, BLOCK_N)
+        if not SPLIT:
+            offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         kv_mask = (offs_n[:, None] < Sk) & (offs_d[None, :] < HEAD_DIM)
         k = tl.load(K + b * stride_kb + kvh * stride_kh + (k_start + offs_n[:, None]) * stride_kn + offs_d[None, :],
                     mask=kv_mask, other=0.0)
+        if not SPLIT:
+            v = tl.load(V + b * stride_vb + kvh * stride_vh + (k_start + offs_n[:, None]) * stride_vn
+                        + offs_d[None, :], mask=kv_mask, other=0.0)
         diag_t = Sq - Sk
+        if not SPLIT:
+            lo, full_lo, full_hi, hi = tile_range(n0, BLOCK_N, diag_t, window_right, window_left, Sq, BLOCK_M)
         dk_ptrs = DK + b * stride_dkb + kvh * stride_dkh + (k_start + offs_n[:, None]) * stride_dkn + offs_d[None, :]
         dv_ptrs = DV + b * stride_dvb + kvh * stride_dvh + (k_start + offs_n[:, None]) * stride_dvn + offs_d[None, :]
         if SPLIT:
@@ -320,6 +327,7 @@ def _dkdv_program(lin, n_m, n_h, n_bh, Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, 
                                        ONE_LOOP, LEFT)
                 tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
             else:
+                # the dK program
                 _dkdv_with_v(k, V, Q, DO, LSE, DELTA, DQ_ACC, DK, DV, dk_ptrs, dv_ptrs, kv_mask, b, kvh, k_start,
                              q_start, stride_vb, stride_vn, stride_vh, stride_qb, stride_qm, stride_qh, stride_dob,
                              stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, n0,
@@ -327,12 +335,14 @@ def _dkdv_program(lin, n_m, n_h, n_bh, Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, 
                              group, Q_DESC, DO_DESC, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ,
                              False, KV_B, TMA, IS_VARLEN, ONE_LOOP, LEFT)
         else:
-            _dkdv_with_v(k, V, Q, DO, LSE, DELTA, DQ_ACC, DK, DV, dk_ptrs, dv_ptrs, kv_mask, b, kvh, k_start, q_start,
-                         stride_vb, stride_vn, stride_vh, stride_qb, stride_qm, stride_qh, stride_dob, stride_dom,
-                         stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, n0, offs_n, offs_d, Sq,
-                         diag_t, window_left, window_right, qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC,
-                         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, True, KV_B, TMA, IS_VARLEN,
-                         ONE_LOOP, LEFT)
+            dk, dv = _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
+                                 stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb,
+                                 stride_lh, lo, full_lo, full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left,
+                                 window_right, qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC, HEAD_DIM, BLOCK_D,
+                                 BLOCK_M, BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, True, True, KV_B, TMA, IS_VARLEN,
+                                 ONE_LOOP, LEFT)
+            tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+            tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -343,7 +353,7 @@ def _dkdv_with_v(k, V, Q, DO, LSE, DELTA, DQ_ACC, DK, DV, dk_ptrs, dv_ptrs, kv_m
                  BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
                  DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, DO_DV: tl.constexpr, KV_B: tl.constexpr,
                  TMA: tl.constexpr, IS_VARLEN: tl.constexpr, ONE_LOOP: tl.constexpr, LEFT: tl.constexpr):
-    """The programs that read V: a split dK program (DO_DV False), or one that owns both accumulators."""
+    """A split dK program (DO_DV False): V loaded here, as the dV program of the pair does not read it."""
     v = tl.load(V + b * stride_vb + kvh * stride_vh + (k_start + offs_n[:, None]) * stride_vn + offs_d[None, :],
                 mask=kv_mask, other=0.0)
     offs_m = tl.arange(0, BLOCK_M)
@@ -614,7 +624,13 @@ _DQ_CONFIGS = {64: [(64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)],
 
 
 # The merged launch's (dK/dV config, dQ config) pairs: one kernel has one warp count and one stage count, so each
-# pair joins configs of _DKDV_CONFIGS and _DQ_CONFIGS that share them, the winners first.
+# pair joins configs of _DKDV_CONFIGS and _DQ_CONFIGS that share them, the winners first. A dK/dV config's seventh
+# field is the split dV programs' query-tile height (`DV_BLOCK_M`): at d256 a dV program holds K but not V, so 64-row
+# query tiles fit two stages beside it (196,864 B of shared memory, as the 32-row dK programs), and its Sᵀ = K Qᵀ
+# product reads K from shared memory once every 64 queries instead of 32. On the H200 (results/2026-11-28-h200-sweep-
+# bwd-d256-dvbm.md, the backward alone, the pair against the same pair without it): 4k 1.05x / 1.02x (unmasked /
+# causal), 16k 1.02x / 1.06x; the sweep's other pairs are 8-21% slower than these two
+# (2026-11-28-h200-sweep-bwd-d256.md); the d192 / d256 cases of gpu_check pass with it (-correctness-v2-d256-dvbm).
 _MERGED_CONFIGS = {64: [((64, 64, 4, 3, False, True), (64, 64, 4, 3)), ((32, 128, 4, 3), (64, 32, 4, 3))],
                    128: [((32, 64, 4, 3), (64, 32, 4, 3)), ((32, 128, 8, 2), (128, 64, 8, 2))],
                    256: [((32, 128, 8, 2, True, False, 64), (128, 32, 8, 2)), ((32, 128, 8, 2, True), (128, 32, 8, 2)),

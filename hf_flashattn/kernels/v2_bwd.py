@@ -310,21 +310,14 @@ def _dkdv_program(lin, n_m, n_h, n_bh, Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, 
         dv_ptrs = DV + b * stride_dvb + kvh * stride_dvh + (k_start + offs_n[:, None]) * stride_dvn + offs_d[None, :]
         if SPLIT:
             if pid0 % 2 == 0:
-                # the dV program: V is not read (K stands in for it in the call)
-                if DV_BLOCK_M > 0:
-                    dv = _dkdv_dv_only(k, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
-                                       stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
-                                       stride_lb, stride_lh, n0, offs_n, offs_d, Sq, diag_t, window_left, window_right,
-                                       qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC, HEAD_DIM, BLOCK_D,
-                                       DV_BLOCK_M, BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, KV_B, TMA, IS_VARLEN,
-                                       ONE_LOOP, LEFT)
-                else:
-                    dv = _dkdv_dv_only(k, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
-                                       stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
-                                       stride_lb, stride_lh, n0, offs_n, offs_d, Sq, diag_t, window_left, window_right,
-                                       qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC, HEAD_DIM, BLOCK_D,
-                                       BLOCK_M, BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, KV_B, TMA, IS_VARLEN,
-                                       ONE_LOOP, LEFT)
+                # the dV program: V is not read (K stands in for it in the call); its query tiles are DV_BLOCK_M rows
+                # high, or BLOCK_M where DV_BLOCK_M is 0 (constexpr arithmetic)
+                dv = _dkdv_dv_only(k, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
+                                   stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb,
+                                   stride_lh, n0, offs_n, offs_d, Sq, diag_t, window_left, window_right, qk_scale,
+                                   cap_scale, ds_scale, group, Q_DESC, DO_DESC, HEAD_DIM, BLOCK_D,
+                                   DV_BLOCK_M + (DV_BLOCK_M == 0) * BLOCK_M, BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ,
+                                   KV_B, TMA, IS_VARLEN, ONE_LOOP, LEFT)
                 tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
             else:
                 # the dK program

@@ -321,12 +321,13 @@ def _dkdv_program(lin, n_m, n_h, n_bh, Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, 
                 tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
             else:
                 # the dK program
-                _dkdv_with_v(k, V, Q, DO, LSE, DELTA, DQ_ACC, DK, DV, dk_ptrs, dv_ptrs, kv_mask, b, kvh, k_start,
-                             q_start, stride_vb, stride_vn, stride_vh, stride_qb, stride_qm, stride_qh, stride_dob,
-                             stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, n0,
-                             offs_n, offs_d, Sq, diag_t, window_left, window_right, qk_scale, cap_scale, ds_scale,
-                             group, Q_DESC, DO_DESC, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ,
-                             False, KV_B, TMA, IS_VARLEN, ONE_LOOP, LEFT)
+                dk = _dkdv_dk_only(k, V, Q, DO, LSE, DELTA, DQ_ACC, kv_mask, b, kvh, k_start, q_start, stride_vb,
+                                   stride_vn, stride_vh, stride_qb, stride_qm, stride_qh, stride_dob, stride_dom,
+                                   stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, n0, offs_n,
+                                   offs_d, Sq, diag_t, window_left, window_right, qk_scale, cap_scale, ds_scale, group,
+                                   Q_DESC, DO_DESC, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ,
+                                   KV_B, TMA, IS_VARLEN, ONE_LOOP, LEFT)
+                tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
         else:
             dk, dv = _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
                                  stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb,
@@ -339,26 +340,24 @@ def _dkdv_program(lin, n_m, n_h, n_bh, Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, 
 
 
 @triton.jit
-def _dkdv_with_v(k, V, Q, DO, LSE, DELTA, DQ_ACC, DK, DV, dk_ptrs, dv_ptrs, kv_mask, b, kvh, k_start, q_start,
-                 stride_vb, stride_vn, stride_vh, stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh,
-                 stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, n0, offs_n, offs_d, Sq, diag_t, window_left,
-                 window_right, qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC, HEAD_DIM: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
-                 DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, DO_DV: tl.constexpr, KV_B: tl.constexpr,
-                 TMA: tl.constexpr, IS_VARLEN: tl.constexpr, ONE_LOOP: tl.constexpr, LEFT: tl.constexpr):
-    """A split dK program (DO_DV False): V loaded here, as the dV program of the pair does not read it."""
+def _dkdv_dk_only(k, V, Q, DO, LSE, DELTA, DQ_ACC, kv_mask, b, kvh, k_start, q_start, stride_vb, stride_vn, stride_vh,
+                  stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm,
+                  stride_dqh, stride_lb, stride_lh, n0, offs_n, offs_d, Sq, diag_t, window_left, window_right,
+                  qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+                  ATOMIC_DQ: tl.constexpr, KV_B: tl.constexpr, TMA: tl.constexpr, IS_VARLEN: tl.constexpr,
+                  ONE_LOOP: tl.constexpr, LEFT: tl.constexpr):
+    """dK of a split dK program, V loaded here (the dV program of the pair does not read it)."""
     v = tl.load(V + b * stride_vb + kvh * stride_vh + (k_start + offs_n[:, None]) * stride_vn + offs_d[None, :],
                 mask=kv_mask, other=0.0)
     offs_m = tl.arange(0, BLOCK_M)
     lo, full_lo, full_hi, hi = tile_range(n0, BLOCK_N, diag_t, window_right, window_left, Sq, BLOCK_M)
-    dk, dv = _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh, stride_dob,
-                         stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, lo, full_lo,
-                         full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left, window_right, qk_scale,
-                         cap_scale, ds_scale, group, Q_DESC, DO_DESC, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP,
-                         DOT_PREC, ATOMIC_DQ, True, DO_DV, KV_B, TMA, IS_VARLEN, ONE_LOOP, LEFT)
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    if DO_DV:
-        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    dk, _ = _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh, stride_dob,
+                        stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, lo, full_lo,
+                        full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left, window_right, qk_scale, cap_scale,
+                        ds_scale, group, Q_DESC, DO_DESC, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, DOT_PREC,
+                        ATOMIC_DQ, True, False, KV_B, TMA, IS_VARLEN, ONE_LOOP, LEFT)
+    return dk
 
 
 @triton.jit

@@ -71,6 +71,17 @@ def test_v2_split_dv_block_m(shape, mask, merge, monkeypatch):
     check_kernel("v2", qp, kp, vp, dop, torch.float32, cu=(cu, cu), **mask)
 
 
+def test_v2_split_dv_block_m_refused_with_descriptor_loads(monkeypatch):
+    """Descriptor loads (`v2_bwd.TMA`) size Q's and dO's blocks to BLOCK_M rows, so a config with another dV tile height
+    is refused at compile time by name instead of loading tiles of the wrong height."""
+    from hf_flashattn.kernels import v2_bwd
+    monkeypatch.setattr(v2_bwd, "TMA", True)
+    monkeypatch.setattr(v2_bwd._dkdv_launch, "force", v2_bwd._config(0, 16, 32, 4, 1, True, False, 32))
+    q, k, v, do = kernel_inputs((1, 40, 40, 2, 2, 16), torch.float16, seed=3)
+    with pytest.raises(Exception, match="DV_BLOCK_M != BLOCK_M is not supported with descriptor loads"):
+        run_kernel("v2", q, k, v, do, causal=True)
+
+
 @pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
 @pytest.mark.parametrize("shape, mask", [(SHAPES[0], MASKS[1]), (SHAPES[1], MASKS[3]), (SHAPES[5], MASKS[0]),
                                          (SHAPES[4], MASKS[2])], ids=["gqa-causal", "window-softcap", "gqa32/8",

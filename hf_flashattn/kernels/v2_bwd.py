@@ -283,6 +283,9 @@ def _dkdv_program(lin, n_m, n_h, n_bh, Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, 
     V in shared memory, so a taller query tile fits there with the same stages). Programs take their
     tiles in `grouped_rank`'s order: the (sequence, kv head) pairs in groups, within a group the key blocks from the
     first (seen by the most queries under a causal mask), each pair's in turn."""
+    # descriptor loads (TMA) take Q and dO tiles of the blocks `_size_descriptors` gives them: BLOCK_M rows
+    tl.static_assert(not TMA or DV_BLOCK_M == 0 or DV_BLOCK_M == BLOCK_M,
+                     "DV_BLOCK_M != BLOCK_M is not supported with descriptor loads (TMA): drop the seventh field")
     pid0, pair = grouped_rank(lin, n_m, n_bh, l2_pairs, group_tiles)
     if SPLIT:
         pid_n = pid0 // 2

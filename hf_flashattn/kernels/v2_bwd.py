@@ -624,7 +624,7 @@ _DQ_CONFIGS = {64: [(64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)],
 # query tiles fit two stages beside it (196,864 B of shared memory, as the 32-row dK programs), and its Sᵀ = K Qᵀ
 # product reads K from shared memory once every 64 queries instead of 32. On the H200 (results/2026-11-28-h200-sweep-
 # bwd-d256-dvbm.md, the backward alone, the pair against the same pair without it): 4k 1.05x / 1.02x (unmasked /
-# causal), 16k 1.02x / 1.06x; the sweep's other pairs are 8-21% slower than these two
+# causal), 16k 1.02x / 1.06x; the next best pair took 1.11-1.14x the old one's time
 # (2026-11-28-h200-sweep-bwd-d256.md); the d192 / d256 cases of gpu_check pass with it (-correctness-v2-d256-dvbm).
 _MERGED_CONFIGS = {64: [((64, 64, 4, 3, False, True), (64, 64, 4, 3)), ((32, 128, 4, 3), (64, 32, 4, 3))],
                    128: [((32, 64, 4, 3), (64, 32, 4, 3)), ((32, 128, 8, 2), (128, 64, 8, 2))],

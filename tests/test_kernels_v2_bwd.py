@@ -10,7 +10,7 @@ import torch
 
 import hf_flashattn as fa
 from _attn_testing import (MASKS, SHAPES, assert_close_rule, check_kernel, kernel_inputs, ref_grads, run_kernel,
-                           run_kernel_varlen)
+                           run_kernel_varlen, two_sequences)
 
 
 @pytest.mark.parametrize("shape, mask", [(SHAPES[0], MASKS[1]), (SHAPES[1], MASKS[3]), (SHAPES[5], MASKS[0]),
@@ -64,11 +64,7 @@ def test_v2_split_dv_block_m(shape, mask, merge, monkeypatch):
     torch.testing.assert_close(runs[1][3], runs[0][3], rtol=0, atol=0)   # dk
     torch.testing.assert_close(runs[1][4], runs[0][4], rtol=1e-5, atol=1e-5)
     assert not torch.equal(runs[1][4], runs[0][4]), "dV did not take the taller tiles"
-    lens = [min(shape[1], shape[2]) - 3, 3]
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
-    n = int(cu[-1])
-    qp, kp, vp, dop = (x[0, :n].contiguous() for x in (q, k, v, do))
-    check_kernel("v2", qp, kp, vp, dop, torch.float32, cu=(cu, cu), **mask)
+    check_kernel("v2", q[0], k[0], v[0], do[0], torch.float32, cu=two_sequences(shape[1], shape[2]), **mask)
 
 
 def test_v2_split_dv_block_m_refused_with_descriptor_loads(monkeypatch):

@@ -315,21 +315,24 @@ def _dkdv_program(lin, n_m, n_h, n_bh, Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, 
             if pid0 % 2 == 0:
                 # the dV program: V is not read (K stands in for it in the call); its query tiles are DV_BLOCK_M rows
                 # high, or BLOCK_M where DV_BLOCK_M is 0 (constexpr arithmetic)
-                dv = _dkdv_dv_only(k, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
-                                   stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb,
-                                   stride_lh, n0, offs_n, offs_d, Sq, diag_t, window_left, window_right, qk_scale,
-                                   cap_scale, ds_scale, group, Q_DESC, DO_DESC, HEAD_DIM, BLOCK_D,
-                                   DV_BLOCK_M + (DV_BLOCK_M == 0) * BLOCK_M, BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ,
-                                   KV_B, TMA, IS_VARLEN, ONE_LOOP, LEFT)
+                _, dv = _dkdv_split_program(k, k, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm,
+                                            stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm,
+                                            stride_dqh, stride_lb, stride_lh, n0, offs_n, offs_d, Sq, diag_t,
+                                            window_left, window_right, qk_scale, cap_scale, ds_scale, group, Q_DESC,
+                                            DO_DESC, HEAD_DIM, BLOCK_D, DV_BLOCK_M + (DV_BLOCK_M == 0) * BLOCK_M,
+                                            BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ, KV_B, TMA, IS_VARLEN, ONE_LOOP,
+                                            LEFT, False)
                 tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
             else:
-                # the dK program
-                dk = _dkdv_dk_only(k, V, Q, DO, LSE, DELTA, DQ_ACC, kv_mask, b, kvh, k_start, q_start, stride_vb,
-                                   stride_vn, stride_vh, stride_qb, stride_qm, stride_qh, stride_dob, stride_dom,
-                                   stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, n0, offs_n,
-                                   offs_d, Sq, diag_t, window_left, window_right, qk_scale, cap_scale, ds_scale, group,
-                                   Q_DESC, DO_DESC, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, DOT_PREC, ATOMIC_DQ,
-                                   KV_B, TMA, IS_VARLEN, ONE_LOOP, LEFT)
+                # the dK program: V loaded here only
+                v = tl.load(V + b * stride_vb + kvh * stride_vh + (k_start + offs_n[:, None]) * stride_vn
+                            + offs_d[None, :], mask=kv_mask, other=0.0)
+                dk, _ = _dkdv_split_program(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm,
+                                            stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm,
+                                            stride_dqh, stride_lb, stride_lh, n0, offs_n, offs_d, Sq, diag_t,
+                                            window_left, window_right, qk_scale, cap_scale, ds_scale, group, Q_DESC,
+                                            DO_DESC, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, DOT_PREC,
+                                            ATOMIC_DQ, KV_B, TMA, IS_VARLEN, ONE_LOOP, LEFT, True)
                 tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
         else:
             dk, dv = _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh,
@@ -343,42 +346,22 @@ def _dkdv_program(lin, n_m, n_h, n_bh, Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, 
 
 
 @triton.jit
-def _dkdv_dk_only(k, V, Q, DO, LSE, DELTA, DQ_ACC, kv_mask, b, kvh, k_start, q_start, stride_vb, stride_vn, stride_vh,
-                  stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm,
-                  stride_dqh, stride_lb, stride_lh, n0, offs_n, offs_d, Sq, diag_t, window_left, window_right,
-                  qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-                  ATOMIC_DQ: tl.constexpr, KV_B: tl.constexpr, TMA: tl.constexpr, IS_VARLEN: tl.constexpr,
-                  ONE_LOOP: tl.constexpr, LEFT: tl.constexpr):
-    """dK of a split dK program, V loaded here (the dV program of the pair does not read it)."""
-    v = tl.load(V + b * stride_vb + kvh * stride_vh + (k_start + offs_n[:, None]) * stride_vn + offs_d[None, :],
-                mask=kv_mask, other=0.0)
+def _dkdv_split_program(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh, stride_dob,
+                        stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, n0, offs_n,
+                        offs_d, Sq, diag_t, window_left, window_right, qk_scale, cap_scale, ds_scale, group, Q_DESC,
+                        DO_DESC, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                        KV_B: tl.constexpr, TMA: tl.constexpr, IS_VARLEN: tl.constexpr, ONE_LOOP: tl.constexpr,
+                        LEFT: tl.constexpr, DO_DK: tl.constexpr):
+    """One program of a split pair over query tiles of BLOCK_M rows (the dV program's may be `DV_BLOCK_M`): dK
+    (DO_DK) or dV, the other accumulator left at zero. The dV program passes K for V, which it does not read."""
     offs_m = tl.arange(0, BLOCK_M)
     lo, full_lo, full_hi, hi = tile_range(n0, BLOCK_N, diag_t, window_right, window_left, Sq, BLOCK_M)
-    dk, _ = _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh, stride_dob,
-                        stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, lo, full_lo,
-                        full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left, window_right, qk_scale, cap_scale,
-                        ds_scale, group, Q_DESC, DO_DESC, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, DOT_PREC,
-                        ATOMIC_DQ, True, False, KV_B, TMA, IS_VARLEN, ONE_LOOP, LEFT)
-    return dk
-
-
-@triton.jit
-def _dkdv_dv_only(k, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh, stride_dob,
-                  stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, n0, offs_n, offs_d,
-                  Sq, diag_t, window_left, window_right, qk_scale, cap_scale, ds_scale, group, Q_DESC, DO_DESC,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, KV_B: tl.constexpr,
-                  TMA: tl.constexpr, IS_VARLEN: tl.constexpr, ONE_LOOP: tl.constexpr, LEFT: tl.constexpr):
-    """dV of a split dV program over query tiles of BLOCK_M rows (`_dkdv_program`'s DV_BLOCK_M or BLOCK_M)."""
-    offs_m = tl.arange(0, BLOCK_M)
-    lo, full_lo, full_hi, hi = tile_range(n0, BLOCK_N, diag_t, window_right, window_left, Sq, BLOCK_M)
-    _, dv = _dkdv_heads(k, k, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh, stride_dob,
-                        stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, lo, full_lo,
-                        full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left, window_right, qk_scale, cap_scale,
-                        ds_scale, group, Q_DESC, DO_DESC, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, DOT_PREC,
-                        ATOMIC_DQ, False, True, KV_B, TMA, IS_VARLEN, ONE_LOOP, LEFT)
-    return dv
+    return _dkdv_heads(k, v, Q, DO, LSE, DELTA, DQ_ACC, b, kvh, q_start, stride_qb, stride_qm, stride_qh, stride_dob,
+                       stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh, lo, full_lo,
+                       full_hi, hi, offs_n, offs_m, offs_d, Sq, diag_t, window_left, window_right, qk_scale, cap_scale,
+                       ds_scale, group, Q_DESC, DO_DESC, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, DOT_PREC,
+                       ATOMIC_DQ, DO_DK, not DO_DK, KV_B, TMA, IS_VARLEN, ONE_LOOP, LEFT)
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window_left", "window_right", "SEQ_BUCKET",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -71,16 +72,20 @@ def cfg(c, d):
     return v2_bwd._config(C.head_dim_class(d), *c)
 
 
-def _merge(kind, d):
-    """Sets `v2_bwd.MERGE` for the timing of one kind (dK/dV and dQ configs are forced on the two launches, the
-    merged pairs on the one) and returns the value to restore."""
+@contextlib.contextmanager
+def _merge_for(kind, d):
+    """`v2_bwd.MERGE` of d's class set for the timing of one kind (dK/dV and dQ configs are forced on the two
+    launches, the merged pairs on the one), restored after."""
     from hf_flashattn.kernels import _common as C
     from hf_flashattn.kernels import v2_bwd
     cls = C.head_dim_class(d)
     old = v2_bwd.MERGE[cls]
     if kind != "fwd":
         v2_bwd.MERGE[cls] = kind == "merged"
-    return old
+    try:
+        yield
+    finally:
+        v2_bwd.MERGE[cls] = old
 
 
 def inputs(B, H, Hk, S, D, grad=False):
@@ -90,25 +95,24 @@ def inputs(B, H, Hk, S, D, grad=False):
 
 def run_once(kind, c, D, S=256, H=4, Hk=4, B=1, causal=False):
     """One forced launch (compiles on first use); returns the CompiledKernel's registers and spills."""
-    from hf_flashattn.kernels import _common as C
     from hf_flashattn.kernels import v2, v2_bwd
     q, k, v, do = inputs(B, H, Hk, S, D)
     out, lse = v2.forward(q, k, v, None, None, S, S, D ** -0.5, (-1, 0) if causal else (-1, -1), 0.0)
     launcher = {"fwd": v2._fwd_launch, "dkdv": v2_bwd._dkdv_launch, "dq": v2_bwd._dq_launch,
                 "merged": v2_bwd._merged_launch}[kind]
     launcher.force = cfg(c, D)
-    old = _merge(kind, D)
     try:
-        if kind == "fwd":
-            v2.forward(q, k, v, None, None, S, S, D ** -0.5, (-1, 0) if causal else (-1, -1), 0.0)
-        else:
-            v2_bwd.backward(do, q, k, v, out, lse, None, None, S, S, D ** -0.5, (-1, 0) if causal else (-1, -1), 0.0)
+        with _merge_for(kind, D):
+            if kind == "fwd":
+                v2.forward(q, k, v, None, None, S, S, D ** -0.5, (-1, 0) if causal else (-1, -1), 0.0)
+            else:
+                v2_bwd.backward(do, q, k, v, out, lse, None, None, S, S, D ** -0.5, (-1, 0) if causal else (-1, -1),
+                                0.0)
         torch.cuda.synchronize()
         ck = launcher.last
         return dict(n_regs=getattr(ck, "n_regs", None), n_spills=getattr(ck, "n_spills", None))
     finally:
         launcher.force = None
-        v2_bwd.MERGE[C.head_dim_class(D)] = old
 
 
 def _worker(job):
@@ -133,7 +137,6 @@ def main():
     os.environ["HF_FLASHATTN_AUTOTUNE"] = "0"
     t0 = time.time()
     import hf_flashattn  # noqa: F401
-    from hf_flashattn.kernels import _common as C
     from hf_flashattn.kernels import v2, v2_bwd
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
@@ -188,28 +191,27 @@ def main():
                 if "error" in r:
                     rows.append(r)
                     continue
-                old = _merge(kind, D)
                 try:
-                    if kind == "fwd":
-                        v2._fwd_launch.force = cfg(c, D)
-                        ms = triton.testing.do_bench(lambda: v2.forward(q, k, v, None, None, S, S, D ** -0.5, win, 0.0),
-                                                     return_mode="median")
-                        r.update(ms=ms, tflops=fl / ms / 1e9)
-                    elif kind == "merged":
-                        v2_bwd._merged_launch.force = cfg(c, D)
-                        ms = triton.testing.do_bench(bwd, return_mode="median")
-                        r.update(ms=ms, bwd_tflops=2.5 * fl / ms / 1e9)
-                    else:
-                        v2_bwd._dkdv_launch.force = cfg(c, D) if kind == "dkdv" else dk0
-                        v2_bwd._dq_launch.force = cfg(c, D) if kind == "dq" else dq0
-                        ms = triton.testing.do_bench(bwd, return_mode="median")
-                        r.update(ms=ms, bwd_tflops=2.5 * fl / ms / 1e9)
+                    with _merge_for(kind, D):
+                        if kind == "fwd":
+                            v2._fwd_launch.force = cfg(c, D)
+                            ms = triton.testing.do_bench(
+                                lambda: v2.forward(q, k, v, None, None, S, S, D ** -0.5, win, 0.0),
+                                return_mode="median")
+                            r.update(ms=ms, tflops=fl / ms / 1e9)
+                        else:
+                            if kind == "merged":
+                                v2_bwd._merged_launch.force = cfg(c, D)
+                            else:
+                                v2_bwd._dkdv_launch.force = cfg(c, D) if kind == "dkdv" else dk0
+                                v2_bwd._dq_launch.force = cfg(c, D) if kind == "dq" else dq0
+                            ms = triton.testing.do_bench(bwd, return_mode="median")
+                            r.update(ms=ms, bwd_tflops=2.5 * fl / ms / 1e9)
                 except Exception as e:  # noqa: BLE001
                     r.update(error=f"{type(e).__name__}: {str(e)[:200]}")
                 finally:
                     v2._fwd_launch.force = v2_bwd._dkdv_launch.force = v2_bwd._dq_launch.force = None
                     v2_bwd._merged_launch.force = None
-                    v2_bwd.MERGE[C.head_dim_class(D)] = old
                 rows.append(r)
                 print(json.dumps(r), flush=True)
         with open(os.path.join(args.out, "sweep_bwd.json"), "w") as f:

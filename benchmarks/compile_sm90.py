@@ -101,8 +101,8 @@ def main():
                     ce["DV_BLOCK_M"] = dv_bm
                 try:
                     r = compile_one(fn, ce, w, s)
-                    extra = (" kv_b" if kname == "dkdv" and kv_b else "") + (f" dv_bm {dv_bm}" if dv_bm else "")
-                    print(f"{kname:5s} d{d:<4d} BM{bm:<4d} BN{bn:<4d} w{w} s{s} split={int(split)}{extra}: "
+                    label = (" kv_b" if kname == "dkdv" and kv_b else "") + (f" dv_bm {dv_bm}" if dv_bm else "")
+                    print(f"{kname:5s} d{d:<4d} BM{bm:<4d} BN{bn:<4d} w{w} s{s} split={int(split)}{label}: "
                           f"regs {r['regs']:3d} spill st/ld {r['spill_st']}/{r['spill_ld']} stack {r['stack']} "
                           f"smem {r['smem']} wgmma {r['wgmma']}", flush=True)
                 except Exception as e:  # noqa: BLE001

@@ -343,6 +343,24 @@ def test_v2_even_one_loop(shape, mask, bn, monkeypatch):
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
+def test_tune_bucket_separates_grid_sizes(monkeypatch):
+    """The autotuning key of v2's launches (their SEQ_BUCKET argument) holds the length's bucket and the class of the
+    grid's work in waves over the SMs (4 on the CPU): a batch-1 call and a full batch of the same length tune apart.
+    The forward and the backward pass it (the spy sees both, with 128-row tiles x heads x sequences)."""
+    from hf_flashattn.kernels import _common as C
+    cpu = torch.device("cpu")
+    assert [C.tune_bucket(100, t, cpu) % 4 for t in (1, 3, 4, 7, 8, 15, 16, 1000)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert C.tune_bucket(100, 16, cpu) // 4 == C.seq_bucket(100) == 128
+    assert C.tune_bucket(100, 1, cpu) != C.tune_bucket(100, 16, cpu) != C.tune_bucket(300, 16, cpu)
+    seen = []
+    real = C.tune_bucket
+    monkeypatch.setattr(C, "tune_bucket", lambda n, tiles, device: seen.append((n, tiles)) or real(n, tiles, device))
+    q, k, v, do = kernel_inputs((2, 130, 70, 4, 2, 16), torch.float32, seed=3)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    fa.flash_attn_func(q, k, v, causal=True, version="v2").backward(do)
+    assert seen == [(130, 2 * 4 * 2), (130, 2 * 4 * 2)]
+
+
 def test_v2_halves_need_the_folded_scale():
     """The HALVES configs are offered only where the scale is folded into the exponent without softcap (what their
     block update is written for); the other configs everywhere."""

@@ -9,8 +9,7 @@ its autotuner's pick; `v2:D:BMxBN:WARPS:STAGES[:MAXNREG]`: v2's kernel with that
 with masked scores testing the window's left edge too (`_common.SKIP_LEFT` off); + `+oneloop`: v3.py's and v2's
 forwards with every key block in one loop (`v3.ONE_LOOP`, `v2.ONE_LOOP` on); + `+stLO_HI_NS_RAMP`: v2's programs of
 launch order [LO, HI) x SMs started NS + RAMP x (place in the range) nanoseconds late (`v2.STAGGER`), `+nost`: none
-(v2.STAGGER "off"; without either, v2's rule); `+noeven`: v2's one-loop kernel without its even-call form
-(`v2.EVEN_ONE` off); any may follow a name. --flash:
+(v2.STAGGER "off"; without either, v2's rule); any may follow a name. --flash:
 SDPA's flash backend timed too (v2's bar).
 
     python benchmarks/probe_plan_ab.py --out DIR [--rounds 7] [--points d128-4k,...] [--variants base,pingpong]
@@ -86,7 +85,6 @@ def variant_runner(G, name, pl, *a):
     from hf_flashattn.kernels import v2, v3
     switches = {"left": [(C, "SKIP_LEFT", False)], "oneloop": [(v3, "ONE_LOOP", True), (v2, "ONE_LOOP", True)]}
     switches["nost"] = [(v2, "STAGGER", "off")]
-    switches["noeven"] = [(v2, "EVEN_ONE", False)]
     for x in flags:   # +stLO_HI_NS_RAMP: v2.STAGGER = (LO, HI, NS, RAMP), programs of the first waves started late
         if x.startswith("st"):
             lo, hi, ns, ramp = (float(y) for y in x[2:].split("_"))

@@ -43,15 +43,12 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, start, en
 @triton.jit
 def _fwd_loop(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, hi, full_lo, full_hi, offs_m, offs_n, offs_d,
               Sk, diag, left, right, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-              DOT_PREC: tl.constexpr, LEFT: tl.constexpr, NO_TAIL: tl.constexpr = False):
+              DOT_PREC: tl.constexpr, LEFT: tl.constexpr):
     """Every key block of the tile, [lo, hi), in one pipelined loop (the scale folded, no softcap: the kernel's
     ONE_LOOP), so that a tile sets up one software pipeline instead of three (`_fwd_inner`'s): the scores of the
     blocks outside the band [full_lo, full_hi) masked in a branch on the block's position; the block that crosses the
     key tail Sk (at most one) after the loop, its loads masked, so that the loop's loads need no mask."""
-    if NO_TAIL:   # Sk is a multiple of BLOCK_N (the caller's promise): no block crosses the key tail
-        body_hi = hi
-    else:
-        body_hi = body_end(lo, hi, Sk, BLOCK_N)
+    body_hi = body_end(lo, hi, Sk, BLOCK_N)
     for start_n in range(lo, body_hi, BLOCK_N):
         cols = start_n + offs_n
         k_ptrs = K_base + cols[:, None] * stride_kn + offs_d[None, :]
@@ -60,7 +57,7 @@ def _fwd_loop(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, hi, fu
         acc, l_i, m_i = kv_block(acc, l_i, m_i, q, k, v, offs_m, cols, Sk, diag, left, right, qk_scale, 1.0, False,
                                  False, DOT_PREC, None, False, True, LEFT, (start_n < full_lo) | (start_n >= full_hi),
                                  True)
-    if not NO_TAIL and body_hi < hi:
+    if body_hi < hi:
         cols = body_hi + offs_n
         k, v = load_rows_pair(K_base + cols[:, None] * stride_kn + offs_d[None, :],
                               V_base + cols[:, None] * stride_vn + offs_d[None, :], cols, Sk, offs_d, HEAD_DIM,
@@ -174,8 +171,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                 SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, D_CLASS: tl.constexpr, FOLD: tl.constexpr = False,
                 LEFT: tl.constexpr = True, ONE_LOOP: tl.constexpr = False, STAGGER: tl.constexpr = False,
-                HALVES: tl.constexpr = False, NO_MASK: tl.constexpr = False, EVEN: tl.constexpr = False,
-                EVEN_ONE: tl.constexpr = False):
+                HALVES: tl.constexpr = False, NO_MASK: tl.constexpr = False, EVEN: tl.constexpr = False):
     # Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch). One program computes the BLOCK_M rows of O and lse of one
     # (query block, head, sequence), walking the visible key blocks; programs take their tiles in `grouped_tile`'s
     # order. HALVES (with FOLD, without softcap): the BLOCK_M rows as two tiles of BLOCK_M / 2, separate products and
@@ -201,7 +197,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     m0 = pid_m * BLOCK_M
     # a packed batch's grid covers its longest sequence; a dense call's tiles all lie in the sequence (HALVES leaves the
     # test out there: its early return had ptxas spill 48 bytes around the band loop of 128 x 64, none without it)
-    if IS_VARLEN or not (HALVES or (EVEN and EVEN_ONE)):
+    if IS_VARLEN or not HALVES:
         if m0 >= Sq:
             return
     kvh = (h // group).to(tl.int64)
@@ -258,15 +254,14 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                     EVEN and NO_MASK)
     else:
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        EV: tl.constexpr = EVEN and EVEN_ONE and ONE_LOOP
-        q = _load_rows(Q_base, offs_m, Sq, stride_qm, offs_d, HEAD_DIM, BLOCK_D, EV)
+        q = _load_rows(Q_base, offs_m, Sq, stride_qm, offs_d, HEAD_DIM, BLOCK_D)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         if ONE_LOOP:   # the scale folded, no softcap: every block in one loop (`_fwd_loop`)
             acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, hi, full_lo,
                                       full_hi, offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
-                                      HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, LEFT, EV and 64 % BLOCK_N == 0)
+                                      HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, LEFT)
         else:
             # left edge of a sliding window (masked), the band every row sees (unmasked), the diagonal /
             # right edge and the key tail (masked)
@@ -282,8 +277,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                                        offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
                                        cap_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, DOT_PREC,
                                        FOLD=FOLD, LEFT=LEFT)
-        _store_rows(O_base, LSE_base, acc, l_i, m_i, offs_m, Sq, stride_om, offs_d, HEAD_DIM, BLOCK_D, EV,
-                    EV and NO_MASK)
+        _store_rows(O_base, LSE_base, acc, l_i, m_i, offs_m, Sq, stride_om, offs_d, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -395,10 +389,6 @@ FOLD = True
 ONE_LOOP = env_get("HF_FLASHATTN_ONE_LOOP", "1") == "1"
 
 
-# EVEN calls (dense, seqlen_q a multiple of 128, seqlen_k of 64) on the one-loop kernel without HALVES, as HALVES has
-# them: Q loaded and O stored without a row mask, no early-exit test, and no key-tail block where BLOCK_N divides 64.
-EVEN_ONE = env_get("HF_FLASHATTN_V2_EVEN_ONE", "1") == "1"
-
 # The second wave's starts spread over half a tile's time (`_stagger_args`, `_common.stagger`): where every tile takes
 # the same time and one program fills an SM (head-dim class 256, no mask, dense), the SMs run in step, every one
 # loading its Q tile and storing its O tile at the same moments as the others, and HBM is contended there while the
@@ -483,8 +473,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     meta = dict(HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), IS_VARLEN=varlen,
                 SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype), FOLD=fold, LEFT=C.left_edge(window_size),
                 ONE_LOOP=ONE_LOOP and fold, STAGGER=stagger[1] > stagger[0], NO_MASK=mask == 0,
-                EVEN=not varlen and max_seqlen_q % 128 == 0 and max_seqlen_k > 0 and max_seqlen_k % 64 == 0,
-                EVEN_ONE=EVEN_ONE)
+                EVEN=not varlen and max_seqlen_q % 128 == 0 and max_seqlen_k > 0 and max_seqlen_k % 64 == 0)
     _fwd_launch(lambda m: (C.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch), args + stagger, meta,
                 site_key=_site_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, left, right, fold,
                                    meta["LEFT"], meta["ONE_LOOP"], meta["STAGGER"], meta["NO_MASK"], meta["EVEN"]))

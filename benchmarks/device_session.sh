@@ -28,6 +28,8 @@
 #   host-v3   benchmarks/probe_host.py (flash_attn_func's direct launches against Triton's entry point: equal results,
 #             host time a call, do_bench at 512-1k tokens, a profile)
 #   host-bwd  benchmarks/probe_host_bwd.py (host time of a v3 fwd+bwd piece by piece at a tiny shape, a profile)
+#   host-v2   benchmarks/probe_host_v2.py $HOST_V2_ARGS (v2 fwd+bwd: host segments at a tiny shape; the short points
+#             timed as bench.py does, queued, and on the host, beside SDPA-flash)
 #   gqa-ab    benchmarks/probe_gqa_ab.py (GQA 32k causal fwd+bwd timed as bench.py and as sweep_gluon_bwd.py, one process)
 #   bwd-parts benchmarks/probe_bwd_parts.py $BWD_PARTS_ARGS (a fwd+bwd's device time kernel by kernel under
 #             torch.profiler, ours-v3 beside SDPA-cuDNN and SDPA-flash; default d128/d64 at 1k and 4k)
@@ -115,6 +117,7 @@ for spec in "$@"; do
     probe) cmd=(python3 benchmarks/probe_short_fwd.py --out "$dir") ;;
     host-v3) cmd=(python3 benchmarks/probe_host.py --out "$dir" --budget-s "$budget") ;;
     host-bwd) cmd=(python3 benchmarks/probe_host_bwd.py --out "$dir") ;;
+    host-v2) cmd=(python3 benchmarks/probe_host_v2.py --out "$dir" ${HOST_V2_ARGS:-}) ;;
     gqa-ab) cmd=(python3 benchmarks/probe_gqa_ab.py --out "$dir") ;;
     # shellcheck disable=SC2206
     bwd-parts) cmd=(python3 benchmarks/probe_bwd_parts.py --out "$dir" --budget-s "$budget" ${BWD_PARTS_ARGS:-}) ;;

@@ -322,6 +322,7 @@ def test_tune_bucket_separates_grid_sizes(monkeypatch):
     The forward and the backward pass it (the spy sees both, with 128-row tiles x heads x sequences)."""
     from hf_flashattn.kernels import _common as C
     cpu = torch.device("cpu")
+    assert [C.pow2(n) for n in (1, 2, 3, 64, 65, 1000, 65536)] == [1, 2, 4, 64, 128, 1024, 65536]
     assert [C.tune_bucket(100, t, cpu) % 4 for t in (1, 3, 4, 7, 8, 15, 16, 1000)] == [0, 0, 1, 1, 2, 2, 3, 3]
     assert C.tune_bucket(100, 16, cpu) // 4 == C.seq_bucket(100) == 128
     assert C.tune_bucket(100, 1, cpu) != C.tune_bucket(100, 16, cpu) != C.tune_bucket(300, 16, cpu)

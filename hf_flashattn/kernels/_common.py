@@ -236,10 +236,16 @@ def mask_kind(window) -> int:
     return 0 if (left < 0 and right < 0) else 1 if (left < 0 and right == 0) else 2
 
 
+def pow2(n: int) -> int:
+    """The least power of two >= n (n >= 1): triton.next_power_of_2 without its cost on the host path of every call
+    (~1.7 us a call on the CPU where it was timed, against ~0.1)."""
+    return 1 << (n - 1).bit_length()
+
+
 def seq_bucket(n: int) -> int:
     """Autotuning key for a sequence length: its power-of-two bucket, so packed batches whose longest
     sequence changes every step do not re-tune every step."""
-    return max(64, min(triton.next_power_of_2(max(n, 1)), 65536))
+    return max(64, min(pow2(max(n, 1)), 65536))
 
 
 def tune_bucket(n: int, tiles: int, device) -> int:

@@ -470,7 +470,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     fold = FOLD and softcap == 0 and softmax_scale > 0
     stagger = _stagger_args(q.device, varlen, mask, ONE_LOOP and fold, D, H * batch, max_seqlen_q, max_seqlen_k,
                             H // Hk)
-    meta = dict(HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), IS_VARLEN=varlen,
+    meta = dict(HEAD_DIM=D, BLOCK_D=max(C.pow2(D), 16), IS_VARLEN=varlen,
                 SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype), FOLD=fold, LEFT=C.left_edge(window_size),
                 ONE_LOOP=ONE_LOOP and fold, STAGGER=stagger[1] > stagger[0], NO_MASK=mask == 0,
                 EVEN=not varlen and max_seqlen_q % 128 == 0 and max_seqlen_k > 0 and max_seqlen_k % 64 == 0)

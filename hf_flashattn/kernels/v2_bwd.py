@@ -728,7 +728,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         return torch.zeros(q.shape, dtype=q.dtype, device=q.device), dk.zero_(), dv.zero_()
     if do.stride(-1) != 1:
         do = do.contiguous()
-    BLOCK_D = max(triton.next_power_of_2(D), 16)
+    BLOCK_D = max(C.pow2(D), 16)
     d_class = C.head_dim_class(D)
     stride_l = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
     delta = torch.empty_like(lse)

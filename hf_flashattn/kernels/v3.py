@@ -296,7 +296,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     left, right = C.window_args(window_size, max_seqlen_q, max_seqlen_k)
     qk_scale, cap_scale = C.score_scales(softmax_scale, softcap)
     stride_l = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
-    BLOCK_D = max(triton.next_power_of_2(D), 16)
+    BLOCK_D = max(C.pow2(D), 16)
     (bm, bn, warps, stages, *cap), host, ws = _plan or plan(D, max_seqlen_k)
     # a 5th element of the tiles (benchmarks' plans only): ptxas' register cap, for more programs an SM
     opts = dict(maxnreg=cap[0]) if cap and cap[0] else {}

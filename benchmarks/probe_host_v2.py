@@ -5,7 +5,7 @@ between processes (d128 512 causal: 1.13-1.50x SDPA-flash in four processes, ben
    median over calls, microseconds: the call to the forward kernel's launch, that launch to the call's return, the
    return to the backward's first launch (autograd's engine and our backward's Python), the first to the second
    launch, the second launch to .backward()'s return. The launches are timed at the entry of `_common.Launcher`'s
-   calls (the launch's own cost falls in the next segment).
+   and `_common.FastLaunch.keyed`'s calls (the launch's own cost falls in the next segment).
 2. The point itself (bench.py's shape), ours-v2 and SDPA-flash, fwd+bwd: (a) bench.py's method (do_bench, L2 flushed
    before each call, per-call events, median of 40 ms of calls), in rounds; (b) 50 calls queued back to back and one
    synchronize, so that the host runs ahead of the GPU and the time a call is the GPU's whenever the host is faster;
@@ -39,7 +39,7 @@ POINTS = {"d128-512-causal": (128, 512, 32, 16, True), "d128-512": (128, 512, 32
 def segments(n=600):
     """Median microseconds of each host segment of a tiny fwd+bwd (see the module's docstring, item 1)."""
     marks = []
-    real_call, real_keyed = C.Launcher.__call__, C.Launcher.keyed
+    real_call, real_keyed = C.Launcher.__call__, C.FastLaunch.keyed
 
     def call(self, *a, **k):
         marks.append(time.perf_counter())
@@ -54,7 +54,7 @@ def segments(n=600):
         q, k, v, do = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
         q, k, v = (x.requires_grad_() for x in (q, k, v))
         rows = []
-        C.Launcher.__call__, C.Launcher.keyed = call, keyed
+        C.Launcher.__call__, C.FastLaunch.keyed = call, keyed
         try:
             for i in range(n):
                 for x in (q, k, v):
@@ -71,7 +71,7 @@ def segments(n=600):
                 if i % 100 == 0:
                     torch.cuda.synchronize()
         finally:
-            C.Launcher.__call__, C.Launcher.keyed = real_call, real_keyed
+            C.Launcher.__call__, C.FastLaunch.keyed = real_call, real_keyed
         torch.cuda.synchronize()
         names = ["call -> fwd launch", "fwd launch -> return", "return -> bwd 1st launch", "1st -> 2nd launch",
                  "2nd launch -> done", "whole fwd+bwd"]

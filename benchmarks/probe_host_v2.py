@@ -81,6 +81,73 @@ def segments(n=600):
     return out
 
 
+def pieces(out_dir, n=300):
+    """Host microseconds a call of the fwd+bwd's parts at the tiny shape (causal; calls queued, one synchronize a
+    repeat, median of 5): v2.forward, v2_bwd.backward, flash_attn_func without grad, the fwd+bwd, a trivial Python
+    autograd.Function's fwd+bwd, a torch.empty; then a cProfile of 300 fwd+bwd calls (top 40 by own and by cumulative
+    time) into probe_host_v2_profile.txt."""
+    import cProfile
+    import io
+    import pstats
+    from hf_flashattn.kernels import v2, v2_bwd
+    B, S, H, D = 1, 128, 2, 128
+    q, k, v, do = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    out, lse = v2.forward(q, k, v, None, None, S, S, D ** -0.5, (-1, 0), 0.0)
+
+    def fb():
+        for x in (qg, kg, vg):
+            x.grad = None
+        fa.flash_attn_func(qg, kg, vg, causal=True, version="v2").backward(do)
+
+    class Ident(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    def ident():
+        qg.grad = None
+        Ident.apply(qg).backward(do)
+    parts = {"v2.forward": lambda: v2.forward(q, k, v, None, None, S, S, D ** -0.5, (-1, 0), 0.0),
+             "v2_bwd.backward": lambda: v2_bwd.backward(do, q, k, v, out, lse, None, None, S, S, D ** -0.5, (-1, 0),
+                                                        0.0),
+             "flash_attn_func, no grad": lambda: fa.flash_attn_func(q, k, v, causal=True, version="v2"),
+             "fwd+bwd": fb, "a Python autograd.Function fwd+bwd": ident,
+             "torch.empty": lambda: torch.empty(B, S, H, D, device="cuda")}
+    res = {}
+    for name, f in parts.items():
+        f()
+        torch.cuda.synchronize()
+        reps = []
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(n):
+                f()
+            reps.append((time.perf_counter() - t) / n * 1e6)
+            torch.cuda.synchronize()
+        res[name] = round(statistics.median(reps), 1)
+    print(json.dumps(res), flush=True)
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(n):
+        fb()
+    torch.cuda.synchronize()
+    pr.disable()
+    text = []
+    for key in ("tottime", "cumulative"):
+        buf = io.StringIO()
+        pstats.Stats(pr, stream=buf).sort_stats(key).print_stats(40)
+        text.append(buf.getvalue())
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "probe_host_v2_profile.txt"), "w") as f:
+        f.write("\n\n".join(text))
+    return res
+
+
 def queued_ms(f, n=50):
     f()
     torch.cuda.synchronize()
@@ -141,16 +208,19 @@ def main():
                 cudnn=torch.backends.cudnn.version(), commit=os.environ.get("COMMIT", "unknown"),
                 date=time.strftime("%Y-%m-%d"), rounds=args.rounds)
     seg = segments()
+    parts = pieces(args.out)
     points = [time_point(p, args.rounds) for p in args.points.split(",")]
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "probe_host_v2.json"), "w") as f:
-        json.dump(dict(meta=meta, segments=seg, points=points), f, indent=1)
+        json.dump(dict(meta=meta, segments=seg, pieces=parts, points=points), f, indent=1)
     md = [f"# v2 fwd+bwd: host time against GPU time — {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, "
           f"cuDNN {meta['cudnn']}, commit {meta['commit']}", "", f"date {meta['date']}", "",
           "## Host segments of a tiny fwd+bwd (B=1, S=128, H=2, d128, bf16; the GPU idles), median us", "",
           "| segment | not causal | causal |", "|---|---|---|"]
     for nm in seg["causal"]:
         md.append(f"| {nm} | {seg['not causal'][nm]} | {seg['causal'][nm]} |")
+    md += ["", "## Parts at the same shape, causal, host us a call (queued calls; profile: probe_host_v2_profile.txt)",
+           "", "| part | us |", "|---|---|"] + [f"| {k} | {v} |" for k, v in parts.items()]
     md += ["", f"## fwd+bwd at bench.py's shapes, {args.rounds} rounds, medians (ms)", "",
            "(a) do_bench as bench.py (L2 flushed, per-call events); (b) 50 calls queued, one synchronize; (c) host "
            "time a call of (b). ours-v2 ÷ flash by (a) and by (b)", "",

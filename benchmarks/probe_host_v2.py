@@ -6,7 +6,8 @@ between processes (d128 512 causal: 1.13-1.50x SDPA-flash in four processes, ben
    return to the backward's first launch (autograd's engine and our backward's Python), the first to the second
    launch, the second launch to .backward()'s return. The launches are timed at the entry of `_common.Launcher`'s
    and `_common.FastLaunch.keyed`'s calls (the launch's own cost falls in the next segment).
-2. The point itself (bench.py's shape), ours-v2 and SDPA-flash, fwd+bwd: (a) bench.py's method (do_bench, L2 flushed
+2. The point itself (bench.py's shape), ours-v2 and SDPA-flash, fwd+bwd (first checked: the first call, a second call
+   and one with FAST_LAUNCH off give the same bits): (a) bench.py's method (do_bench, L2 flushed
    before each call, per-call events, median of 40 ms of calls), in rounds; (b) 50 calls queued back to back and one
    synchronize, so that the host runs ahead of the GPU and the time a call is the GPU's whenever the host is faster;
    (c) host time a call (the calls queued, timed on the host). Where (a) exceeds (b), the GPU waited for the host.
@@ -27,8 +28,10 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hf_flashattn as fa  # noqa: E402
 from hf_flashattn.kernels import _common as C  # noqa: E402
+from rounds import switched  # noqa: E402
 
 # name -> (D, S, B, H, causal): bench.py's shapes (B = 16384 / S, H = 2048 / D)
 POINTS = {"d128-512-causal": (128, 512, 32, 16, True), "d128-512": (128, 512, 32, 16, False),
@@ -181,6 +184,17 @@ def time_point(p, rounds):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).backward(dot)
     impls = {"ours-v2": ours, "sdpa-flash": flash}
+
+    def result():
+        ours()
+        return [t.detach().clone() for t in (qg.grad, kg.grad, vg.grad)] + [
+            fa.flash_attn_func(q, k, v, causal=causal, version="v2")]
+    first = result()            # the first call of this shape: through the autotuner (Triton's entry point)
+    again = result()            # the direct launch (kernels._common.Launcher._direct)
+    with switched((C, "FAST_LAUNCH", False)):
+        entry = result()        # every launch through Triton's entry point
+    same = all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(first, again, entry))
+    print(f"{p}: direct launch bitwise equal to Triton's entry point (dq, dk, dv, out): {same}", flush=True)
     for f in impls.values():   # compile and tune first
         f()
     rec = {n: dict(do_bench_ms=[], queued_ms=[], host_ms=[]) for n in impls}
@@ -190,7 +204,7 @@ def time_point(p, rounds):
             qd, hd = queued_ms(f)
             rec[n]["queued_ms"].append(qd)
             rec[n]["host_ms"].append(hd)
-    row = dict(point=p, D=D, S=S, B=B, H=H, causal=causal,
+    row = dict(point=p, D=D, S=S, B=B, H=H, causal=causal, direct_bitwise=same,
                impls={n: {k: [round(x, 4) for x in v] for k, v in r.items()} for n, r in rec.items()})
     for n in impls:
         row["impls"][n].update({f"median_{k}": round(statistics.median(v), 4) for k, v in rec[n].items()})
@@ -226,6 +240,7 @@ def main():
            "time a call of (b). ours-v2 ÷ flash by (a) and by (b)", "",
            "| point | impl | (a) do_bench | (b) queued | (c) host | flash ÷ ours (a) | flash ÷ ours (b) |",
            "|---|---|---|---|---|---|---|"]
+    md_bits = [f"{row['point']}: {row['direct_bitwise']}" for row in points]
     for row in points:
         o, fl = row["impls"]["ours-v2"], row["impls"]["sdpa-flash"]
         for n, r in row["impls"].items():
@@ -234,6 +249,8 @@ def main():
             md.append(f"| {row['point']} | {n} | {r['median_do_bench_ms']:.3f} | {r['median_queued_ms']:.3f} | "
                       f"{r['median_host_ms']:.3f} | {'' if ra is None else f'{ra:.2f}'} | "
                       f"{'' if rb is None else f'{rb:.2f}'} |")
+    md += ["", "Direct launches bitwise equal to Triton's entry point (dq, dk, dv, out; first call, second call, "
+           "FAST_LAUNCH off): " + ", ".join(md_bits)]
     with open(os.path.join(args.out, "probe_host_v2.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     print("\n".join(md))

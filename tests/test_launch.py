@@ -328,3 +328,60 @@ def test_contiguous_strides_are_torch_empty_s(shape):
     t = torch.empty(2, 5, 3, 4)
     assert C.layout_of(t.stride(), False) == C.seq_layout(t, False)
     assert C.layout_of(t[0].stride(), True) == C.seq_layout(t[0], True)
+
+
+def test_tuned_direct_launch_goes_raw_for_plain_arguments(monkeypatch):
+    """`Launcher._direct` (the autotuned kernels' direct launch, GPU only; here with a stand-in autotuner and Triton
+    3.6's launcher form): the first call of a key goes through the autotuner; later calls of plain arguments
+    (tensors, numbers, None) go to Triton's C launcher itself, each tensor as its address and the tuned config's
+    constexprs after the arguments, with no pre-hook; with a descriptor among the arguments they go through
+    CompiledKernel.run with the pre-hook called first."""
+    import types
+    from hf_flashattn.kernels import v2_bwd
+    monkeypatch.setattr(C, "_raw_stream", lambda device: 77)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    kernel = v2_bwd._dq_kernel
+    L = C.Launcher(kernel, v2_bwd._dq_launch.configs, v2_bwd.prune_by_head_dim, v2_bwd._KEY, v2_bwd._INTERP)
+    L.direct = C.FastLaunch(types.SimpleNamespace(fn=kernel.fn, params=[]))
+    cfg = v2_bwd._dq_launch.configs[0]
+    hooks, tuned_calls, runs = [], [], []
+    cfg = types.SimpleNamespace(kwargs=dict(cfg.kwargs), pre_hook=lambda nargs: hooks.append(sorted(nargs)))
+    n = L.direct.n_runtime
+    names = kernel.arg_names[:n]
+
+    def make(descriptor_arg):
+        compiled, calls = _fake_compiled(monkeypatch, [])
+        compiled._init_handles = lambda: None
+        if descriptor_arg:
+            compiled.run = lambda *a: runs.append(a)
+        L.tuned = type("Tuner", (), {"best_config": cfg,
+                                     "__getitem__": lambda self, grid: lambda *a, **m: tuned_calls.append(a)
+                                     or compiled})()
+        return calls
+    t = torch.zeros(8, dtype=torch.float16)
+    args = [t if nm.isupper() else 64 for nm in names]
+    for i, nm in enumerate(names):
+        if nm in ("qk_scale", "cap_scale", "ds_scale"):
+            args[i] = 0.5
+        if nm in ("CU_Q", "CU_K"):
+            args[i] = None
+    meta = dict(HEAD_DIM=64, BLOCK_D=64, IS_VARLEN=False, SOFTCAP=False, DOT_PREC="ieee", TMA=False)
+    grid = lambda m: (3, 2, 1)   # noqa: E731
+    calls = make(False)
+    L._direct(grid, args, meta, ("site", 1))
+    L._direct(grid, args, meta, ("site", 1))
+    assert len(tuned_calls) == 1 and not hooks and len(calls) == 1
+    got = calls[0]
+    assert got[:4] == (3, 2, 1, 77)
+    sent = got[13:13 + n]
+    assert all(s == (a.data_ptr() if isinstance(a, torch.Tensor) else a) for s, a in zip(sent, args))
+    assert got[13 + n:][:2] == tuple(dict(meta, **cfg.kwargs).get(nm, d) for nm, d in L.direct.constexprs)[:2]
+    # a descriptor argument: CompiledKernel.run, the hook first
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    desc = TensorDescriptor.from_tensor(torch.zeros(4, 64, 2, 64, dtype=torch.float16), [1, 16, 1, 64])
+    args2 = list(args)
+    args2[names.index("K_DESC")] = desc
+    make(True)
+    L._direct(grid, args2, meta, ("site", 2))
+    L._direct(grid, args2, meta, ("site", 2))
+    assert len(tuned_calls) == 2 and len(hooks) == 1 and len(runs) == 1 and runs[0][:4] == (3, 2, 1, 77)

@@ -268,8 +268,9 @@ class Launcher:
         import os
         self.kernel, self.configs, self.prune, self.interp_meta = kernel, configs, prune, interp_meta
         # pre_hook(nargs): called with the arguments by name and the chosen config's kwargs before every launch
-        # (it sizes the blocks of host-made tensor descriptors to the config's tiles); set on the configs for
-        # the autotuner, called here on the other paths
+        # (it sizes the blocks of host-made tensor descriptors to the config's tiles, and must do nothing else: the
+        # direct launch skips it when no argument is a descriptor); set on the configs for the autotuner, called here
+        # on the other paths
         self.pre_hook = pre_hook
         if pre_hook is not None:
             for c in configs:
@@ -335,13 +336,18 @@ class Launcher:
             compiled = _ready(self.tuned[grid_fn](*args, **meta))
             cfg = self.tuned.best_config
             full = dict(meta, **cfg.kwargs)
-            keep(fl.cache, key, ((compiled, tuple(full.get(n, d) for n, d in fl.constexprs)), cfg))
+            # arguments that are all tensors, numbers or None (the site key fixes their types): no descriptor for the
+            # pre-hook to size, so no hook, and the launch through Triton's C launcher itself (`_Raw`); otherwise
+            # through CompiledKernel.run, the hook called first (it may resize a descriptor's block in place)
+            plain = all(isinstance(a, (torch.Tensor, int, float, type(None))) for a in args)
+            raw = _Raw.of(compiled, args) if plain else None
+            hook = None if plain else cfg.pre_hook
+            keep(fl.cache, key, ((compiled, tuple(full.get(n, d) for n, d in fl.constexprs)), cfg, raw, hook))
             return compiled
-        (compiled, tail), cfg = entry
-        if cfg.pre_hook is not None:
-            cfg.pre_hook(dict(zip(names, args), **meta, **cfg.kwargs))
-        # through CompiledKernel.run: the pre-hook may resize a descriptor's block in place
-        return fl._again((compiled, tail, None, False), grid_fn(cfg.kwargs), device, args)
+        (compiled, tail), cfg, raw, hook = entry
+        if hook is not None:
+            hook(dict(zip(names, args), **meta, **cfg.kwargs))
+        return fl._again((compiled, tail, raw, False), grid_fn(cfg.kwargs), device, args)
 
 
 @triton.jit

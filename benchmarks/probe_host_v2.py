@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hf_flashattn as fa  # noqa: E402
 from hf_flashattn.kernels import _common as C  # noqa: E402
-from rounds import switched  # noqa: E402
+from rounds import identity_fwd_bwd, switched  # noqa: E402
 
 # name -> (D, S, B, H, causal): bench.py's shapes (B = 16384 / S, H = 2048 / D)
 POINTS = {"d128-512-causal": (128, 512, 32, 16, True), "d128-512": (128, 512, 32, 16, False),
@@ -103,18 +103,8 @@ def pieces(out_dir, n=300):
             x.grad = None
         fa.flash_attn_func(qg, kg, vg, causal=True, version="v2").backward(do)
 
-    class Ident(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.view_as(x)
-
-        @staticmethod
-        def backward(ctx, g):
-            return g
-
     def ident():
-        qg.grad = None
-        Ident.apply(qg).backward(do)
+        identity_fwd_bwd(qg, do)
     parts = {"v2.forward": lambda: v2.forward(q, k, v, None, None, S, S, D ** -0.5, (-1, 0), 0.0),
              "v2_bwd.backward": lambda: v2_bwd.backward(do, q, k, v, out, lse, None, None, S, S, D ** -0.5, (-1, 0),
                                                         0.0),

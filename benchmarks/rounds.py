@@ -147,3 +147,26 @@ def save_md(out: str, stem: str, lines: list) -> None:
     with open(os.path.join(out, f"{stem}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+_IDENTITY = []
+
+
+def identity_fwd_bwd(x, g):
+    """A trivial Python autograd.Function's forward and backward on x with gradient g (x.grad reset first): the host
+    probes' yardstick for what any Python Function costs a call (the machines' hosts differ in speed). The class is
+    made once, on the first call."""
+    if not _IDENTITY:
+        import torch
+
+        class Identity(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, t):
+                return t.view_as(t)
+
+            @staticmethod
+            def backward(ctx, grad):
+                return grad
+        _IDENTITY.append(Identity)
+    x.grad = None
+    _IDENTITY[0].apply(x).backward(g)

@@ -299,7 +299,9 @@ class Launcher:
         """site_key: as `FastLaunch.keyed`'s, everything Triton specialises on in this call but the tuned config
         (the values of the autotuning key are added here): after the first tuned launch of a key, later ones
         launch the kept CompiledKernel with the config the autotuner chose, without its ~20 us a call of
-        bookkeeping (the arguments by name, its key, the JIT's specialisation)."""
+        bookkeeping (the arguments by name, its key, the JIT's specialisation), and through Triton's C launcher
+        itself where the arguments allow it (`_direct`: 71-96 -> 29-45 us from one launch of a v2 fwd+bwd to the next
+        on the H200's hosts, results/2026-11-28-h200-probe-host-v2{,-raw}.md)."""
         if site_key is not None and self.direct is not None and self.force is None and FAST_LAUNCH \
                 and not _launch_hooks():
             return self._direct(grid_fn, args, meta, site_key)

@@ -13,13 +13,9 @@ gc.freeze(), a trivial Python autograd.Function, the collections a run of fwd+bw
 from __future__ import annotations
 
 import argparse
-import cProfile
 import gc
-import io
 import json
 import os
-import pstats
-import statistics
 import sys
 import time
 
@@ -32,20 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hf_flashattn as fa  # noqa: E402
 from hf_flashattn.kernels import v3  # noqa: E402
 from hf_flashattn.kernels import v3_gluon_bwd as GB  # noqa: E402
-from rounds import identity_fwd_bwd  # noqa: E402
-
-
-def host_us(fn, n=200, reps=5):
-    fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        out.append((time.perf_counter() - t) / n * 1e6)
-        torch.cuda.synchronize()
-    return statistics.median(out)
+from rounds import host_us, identity_fwd_bwd, write_profile  # noqa: E402
 
 
 def _no_grad(fn, *a):
@@ -161,19 +144,7 @@ def main():
             rows.append(dict(causal=causal, piece="fwd+bwd after gc.freeze()", host_us=host_us(fb)))
             print(json.dumps(rows[-1]), flush=True)
             gc.unfreeze()
-            pr = cProfile.Profile()
-            pr.enable()
-            for _ in range(300):
-                fb()
-            torch.cuda.synchronize()
-            pr.disable()
-            text = []
-            for key in ("tottime", "cumulative"):
-                s = io.StringIO()
-                pstats.Stats(pr, stream=s).sort_stats(key).print_stats(40)
-                text.append(s.getvalue())
-            with open(os.path.join(args.out, "probe_host_bwd_profile.txt"), "w") as f:
-                f.write("\n\n".join(text))
+            write_profile(os.path.join(args.out, "probe_host_bwd_profile.txt"), fb, 300)
     with open(os.path.join(args.out, "probe_host_bwd.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     md = [f"# Host time of v3 fwd+bwd, piece by piece — {meta['gpu']}, torch {meta['torch']}, triton "

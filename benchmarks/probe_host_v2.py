@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hf_flashattn as fa  # noqa: E402
 from hf_flashattn.kernels import _common as C  # noqa: E402
-from rounds import identity_fwd_bwd, switched  # noqa: E402
+from rounds import host_us, identity_fwd_bwd, switched, write_profile  # noqa: E402
 
 # name -> (D, S, B, H, causal): bench.py's shapes (B = 16384 / S, H = 2048 / D)
 POINTS = {"d128-512-causal": (128, 512, 32, 16, True), "d128-512": (128, 512, 32, 16, False),
@@ -89,9 +89,6 @@ def pieces(out_dir, n=300):
     repeat, median of 5): v2.forward, v2_bwd.backward, flash_attn_func without grad, the fwd+bwd, a trivial Python
     autograd.Function's fwd+bwd, a torch.empty; then a cProfile of 300 fwd+bwd calls (top 40 by own and by cumulative
     time) into probe_host_v2_profile.txt."""
-    import cProfile
-    import io
-    import pstats
     from hf_flashattn.kernels import v2, v2_bwd
     B, S, H, D = 1, 128, 2, 128
     q, k, v, do = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
@@ -111,33 +108,10 @@ def pieces(out_dir, n=300):
              "flash_attn_func, no grad": lambda: fa.flash_attn_func(q, k, v, causal=True, version="v2"),
              "fwd+bwd": fb, "a Python autograd.Function fwd+bwd": ident,
              "torch.empty": lambda: torch.empty(B, S, H, D, device="cuda")}
-    res = {}
-    for name, f in parts.items():
-        f()
-        torch.cuda.synchronize()
-        reps = []
-        for _ in range(5):
-            t = time.perf_counter()
-            for _ in range(n):
-                f()
-            reps.append((time.perf_counter() - t) / n * 1e6)
-            torch.cuda.synchronize()
-        res[name] = round(statistics.median(reps), 1)
+    res = {name: round(host_us(f, n), 1) for name, f in parts.items()}
     print(json.dumps(res), flush=True)
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(n):
-        fb()
-    torch.cuda.synchronize()
-    pr.disable()
-    text = []
-    for key in ("tottime", "cumulative"):
-        buf = io.StringIO()
-        pstats.Stats(pr, stream=buf).sort_stats(key).print_stats(40)
-        text.append(buf.getvalue())
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "probe_host_v2_profile.txt"), "w") as f:
-        f.write("\n\n".join(text))
+    write_profile(os.path.join(out_dir, "probe_host_v2_profile.txt"), fb, n)
     return res
 
 

@@ -149,6 +149,44 @@ def save_md(out: str, stem: str, lines: list) -> None:
     print("\n".join(lines))
 
 
+def host_us(fn, n=200, reps=5):
+    """Host microseconds a call of fn (CUDA): one warm call, then `reps` runs of n calls queued on the host, each
+    run ended by a synchronize; the median over runs (the host probes' measure)."""
+    import torch
+    fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        out.append((time.perf_counter() - t) / n * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(out)
+
+
+def write_profile(path: str, fn, n: int) -> None:
+    """cProfile of n calls of fn (CUDA, synchronized at the end): the top 40 functions by own time, then by cumulative
+    time, written to `path` (the host probes' profile)."""
+    import cProfile
+    import io
+    import pstats
+    import torch
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    pr.disable()
+    text = []
+    for key in ("tottime", "cumulative"):
+        buf = io.StringIO()
+        pstats.Stats(pr, stream=buf).sort_stats(key).print_stats(40)
+        text.append(buf.getvalue())
+    with open(path, "w") as f:
+        f.write("\n\n".join(text))
+
+
 _IDENTITY = []
 
 

@@ -318,21 +318,22 @@ def test_v2_halves(shape, mask, monkeypatch):
 
 def test_tune_bucket_separates_grid_sizes(monkeypatch):
     """The autotuning key of v2's launches (their SEQ_BUCKET argument) holds the length's bucket and the class of the
-    grid's work in waves over the SMs (4 on the CPU): a batch-1 call and a full batch of the same length tune apart.
-    The forward and the backward pass it (the spy sees both, with 128-row tiles x heads x sequences)."""
+    grid's work in waves of 128-row tiles over the SMs (4 on the CPU): a batch-1 call and a full batch of the same
+    length tune apart. The forward and the backward pass it (the spy sees both, with heads x sequences)."""
     from hf_flashattn.kernels import _common as C
     cpu = torch.device("cpu")
     assert [C.pow2(n) for n in (1, 2, 3, 64, 65, 1000, 65536)] == [1, 2, 4, 64, 128, 1024, 65536]
     assert [C.tune_bucket(100, t, cpu) % 4 for t in (1, 3, 4, 7, 8, 15, 16, 1000)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [C.tune_bucket(300, t, cpu) % 4 for t in (1, 2, 3, 5, 6)] == [0, 1, 2, 2, 3]   # 3 tiles a pair
     assert C.tune_bucket(100, 16, cpu) // 4 == C.seq_bucket(100) == 128
     assert C.tune_bucket(100, 1, cpu) != C.tune_bucket(100, 16, cpu) != C.tune_bucket(300, 16, cpu)
     seen = []
     real = C.tune_bucket
-    monkeypatch.setattr(C, "tune_bucket", lambda n, tiles, device: seen.append((n, tiles)) or real(n, tiles, device))
+    monkeypatch.setattr(C, "tune_bucket", lambda n, pairs, device: seen.append((n, pairs)) or real(n, pairs, device))
     q, k, v, do = kernel_inputs((2, 130, 70, 4, 2, 16), torch.float32, seed=3)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     fa.flash_attn_func(q, k, v, causal=True, version="v2").backward(do)
-    assert seen == [(130, 2 * 4 * 2), (130, 2 * 4 * 2)]
+    assert seen == [(130, 2 * 4), (130, 2 * 4)]
 
 
 def test_v2_halves_need_the_folded_scale():

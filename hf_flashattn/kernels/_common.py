@@ -248,14 +248,14 @@ def seq_bucket(n: int) -> int:
     return max(64, min(pow2(max(n, 1)), 65536))
 
 
-def tune_bucket(n: int, tiles: int, device) -> int:
-    """Autotuning key of a launch (the kernels' SEQ_BUCKET argument, used by no kernel body): `seq_bucket(n)` x 4 + the
-    class of its work, `tiles` (128-row tiles x heads x sequences) over the device's SMs: 0 under one wave, 1 under
-    two, 2 under four, 3 from four. Without the class the first call of a length bucket chose the tiles for every
-    later call of it: on an H200 a d256 forward tuned on 513 x 1025 keys, batch 1 and 8 heads (40 tiles, where
-    64-row tiles fill more SMs) then ran 16 x 8 heads x 1k at 0.75x the speed of its 128-row tiles
-    (results/2026-11-28-h200-probe-even-one.md)."""
-    waves = tiles / max(num_sms(device), 1)
+def tune_bucket(n: int, pairs: int, device) -> int:
+    """Autotuning key of a launch (the kernels' SEQ_BUCKET argument, used by no kernel body) over `pairs` (head,
+    sequence) pairs of length n: `seq_bucket(n)` x 4 + the class of its work, its 128-row tiles (cdiv(n, 128) x pairs)
+    over the device's SMs: 0 under one wave, 1 under two, 2 under four, 3 from four. Without the class the first call
+    of a length bucket chose the tiles for every later call of it: on an H200 a d256 forward tuned on 513 x 1025
+    keys, batch 1 and 8 heads (40 tiles, where 64-row tiles fill more SMs) then ran 16 x 8 heads x 1k at 0.75x the
+    speed of its 128-row tiles (results/2026-11-28-h200-probe-even-one.md)."""
+    waves = cdiv(n, 128) * pairs / max(num_sms(device), 1)
     return seq_bucket(n) * 4 + (0 if waves < 1 else 1 if waves < 2 else 2 if waves < 4 else 3)
 
 

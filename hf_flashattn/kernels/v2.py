@@ -465,8 +465,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
             *C.seq_layout(q, varlen), *C.seq_layout(k, varlen), *C.seq_layout(v, varlen),
             *C.seq_layout(out, varlen), *stride_l,
             max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale,
-            C.tune_bucket(max_seqlen_q, batch * H * C.cdiv(max_seqlen_q, 128), q.device), mask, H // Hk,
-            C.group_tiles("v2"))
+            C.tune_bucket(max_seqlen_q, batch * H, q.device), mask, H // Hk, C.group_tiles("v2"))
     fold = FOLD and softcap == 0 and softmax_scale > 0
     stagger = _stagger_args(q.device, varlen, mask, ONE_LOOP and fold, D, H * batch, max_seqlen_q, max_seqlen_k,
                             H // Hk)

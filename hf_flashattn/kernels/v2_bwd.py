@@ -752,8 +752,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     # the kernels' dS is w.r.t. the natural-log score, i.e. dS_log2 / log2(e).
     ds_scale = qk_scale * cap_scale / C.LOG2E
     common = (max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale, ds_scale,
-              C.tune_bucket(max(max_seqlen_q, max_seqlen_k), batch * H * C.cdiv(max(max_seqlen_q, max_seqlen_k), 128),
-                            q.device), C.mask_kind(window_size), H // Hk)
+              C.tune_bucket(max(max_seqlen_q, max_seqlen_k), batch * H, q.device), C.mask_kind(window_size), H // Hk)
     # `grouped_rank`'s L2 bound, pairs (sequence, head) a group: the dK/dV programs of a kv head stream the Q and dO of
     # its group's heads, the dQ programs of a head its K and V
     l2 = C.GROUP_L2_ELEMS.value

@@ -7,6 +7,9 @@
 # Phases (the number is the phase's wall-clock limit in seconds; its script gets a budget a little
 # under it so that it writes its JSON before being killed):
 #   check     benchmarks/gpu_check.py --versions $CHECK_VERSIONS (default v3,v1,v2) $CHECK_ARGS, autotuning off
+#   check-direct  the same grid with autotuning on and --direct: each case's later calls (the kept direct launches)
+#             and calls with FAST_LAUNCH off must give the first call's bits ($DIRECT_VERSIONS default v2,v3,
+#             $DIRECT_DTYPES default bf16; v3's single pass off, its atomic dQ being unordered)
 #   models    benchmarks/gpu_models.py --versions $MODEL_VERSIONS (default v2,v3)
 #   patches   benchmarks/gpu_patches.py
 #   decode    benchmarks/bench_decode.py $DECODE_ARGS (e.g. --skip-generate: the kernel table only)
@@ -97,6 +100,9 @@ for spec in "$@"; do
     check) cmd=(env HF_FLASHATTN_AUTOTUNE=0 python3 benchmarks/gpu_check.py --out "$dir"
                 --versions "${CHECK_VERSIONS:-v3,v1,v2}" --dtypes "${CHECK_DTYPES:-bf16,fp16}" --budget-s "$budget"
                 ${CHECK_ARGS:-}) ;;
+    check-direct) cmd=(python3 benchmarks/gpu_check.py --out "$dir" --direct --single-pass-from-keys 100000000
+                --versions "${DIRECT_VERSIONS:-v2,v3}" --dtypes "${DIRECT_DTYPES:-bf16}" --budget-s "$budget"
+                ${DIRECT_ARGS:-}) ;;
     models) cmd=(python3 benchmarks/gpu_models.py --out "$dir" --versions "${MODEL_VERSIONS:-v2,v3}") ;;
     patches) cmd=(python3 benchmarks/gpu_patches.py --out "$dir" --budget-s "$budget") ;;
     # shellcheck disable=SC2206

@@ -24,6 +24,9 @@ import hf_flashattn as fa  # noqa: E402
 from hf_flashattn.reference import attention_ref, attention_varlen_ref  # noqa: E402
 
 FLOOR = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+# --direct: each case also checks that later calls (the kept direct launches) and calls with FAST_LAUNCH off give the
+# first call's bits (run with autotuning on: the tuned kernels' direct launch exists only then)
+DIRECT = False
 # (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim)
 SHAPES = [(2, 113, 203, 8, 2, 80), (1, 1023, 1024, 4, 4, 64), (1, 1024, 1023, 8, 1, 128),
           (2, 512, 512, 32, 8, 96), (1, 1, 2048, 32, 8, 128), (1, 256, 384, 4, 4, 256),
@@ -103,15 +106,31 @@ def run_case(version, dtype, shape, kw, varlen=False, stacked=None):
         q = torch.randn(B, Sq, H, D, device=dev, dtype=dtype)
         k, v = (torch.randn(B, Sk, Hk, D, device=dev, dtype=dtype) for _ in range(2))
     do = torch.randn_like(q)
-    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-    if stacked:
-        out, lse, grads = _stacked_call(stacked, q, k, v, cu, version, kw)
-    elif varlen:
-        m = int((cu[1:] - cu[:-1]).max())
-        out, lse, _ = fa.flash_attn_varlen_func(qq, kk, vv, cu, cu, m, m, return_attn_probs=True, version=version, **kw)
-    else:
-        out, lse, _ = fa.flash_attn_func(qq, kk, vv, return_attn_probs=True, version=version, **kw)
-    got = (out, lse, *(grads(do) if stacked else torch.autograd.grad(out, (qq, kk, vv), do)))
+
+    def call():
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        if stacked:
+            out, lse, grads = _stacked_call(stacked, q, k, v, cu, version, kw)
+        elif varlen:
+            m = int((cu[1:] - cu[:-1]).max())
+            out, lse, _ = fa.flash_attn_varlen_func(qq, kk, vv, cu, cu, m, m, return_attn_probs=True, version=version,
+                                                    **kw)
+        else:
+            out, lse, _ = fa.flash_attn_func(qq, kk, vv, return_attn_probs=True, version=version, **kw)
+        return (out, lse, *(grads(do) if stacked else torch.autograd.grad(out, (qq, kk, vv), do)))
+    got = call()
+    direct = None
+    if DIRECT:
+        # the same call twice more: again (after the first call's tuning, the kept launches: `Launcher._direct`,
+        # `FastLaunch`) and with FAST_LAUNCH off (every launch through Triton's entry point); all bits equal
+        from hf_flashattn.kernels import _common as C
+        again = call()
+        C.FAST_LAUNCH = False
+        try:
+            entry = call()
+        finally:
+            C.FAST_LAUNCH = True
+        direct = all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(got, again, entry))
     ref = _ref(q, k, v, do, cu, torch.float32, kw)
     low = _ref(q, k, v, do, cu, dtype, kw)
     row = dict(version=version, dtype=str(dtype).split(".")[-1], shape=list(shape), varlen=varlen, stacked=stacked,
@@ -123,6 +142,9 @@ def run_case(version, dtype, shape, kw, varlen=False, stacked=None):
         ok = bool(torch.isfinite(got[i]).all()) and err <= bound
         row[name] = dict(err=err, torch_err=base, bound=bound, ok=ok)
         row["ok"] &= ok
+    if direct is not None:
+        row["direct_bitwise"] = direct
+        row["ok"] &= direct
     fin = torch.isfinite(ref[1])
     row["lse_inf_match"] = bool(torch.equal(torch.isinf(got[1]), ~fin))
     row["lse_err"] = (got[1][fin] - ref[1][fin]).abs().max().item() if fin.any() else 0.0
@@ -163,7 +185,13 @@ def main():
     ap.add_argument("--single-pass-from-keys", type=int, default=None,
                     help="v3_gluon_bwd.SINGLE_PASS_FROM_KEYS for the run (0: v3's single-pass backward on every shape "
                          "at d64/d128, which by default takes it only from 2048 visible keys)")
+    ap.add_argument("--direct", action="store_true",
+                    help="each case run three times: first, again (the kept direct launches) and with FAST_LAUNCH "
+                         "off; the four outputs must be bitwise equal across the three (with autotuning on, and with "
+                         "--single-pass-from-keys above the grid's lengths where v3's atomic dQ would differ)")
     args = ap.parse_args()
+    global DIRECT
+    DIRECT = args.direct
     if args.single_pass_from_keys is not None:
         from hf_flashattn.kernels import v3_gluon_bwd
         v3_gluon_bwd.SINGLE_PASS_FROM_KEYS = args.single_pass_from_keys
@@ -211,7 +239,8 @@ def main():
             print(("PASS " if r["ok"] else "FAIL ") + json.dumps({k: r[k] for k in ("version", "dtype", "shape", "varlen",
                                                                            "stacked")}
                   | {k: r[k] for k in r if k in ("causal", "window_size", "softcap")}
-                  | {n: "%.2e/%.2e" % (r[n]["err"], r[n]["bound"]) for n in ("out", "dq", "dk", "dv")}), flush=True)
+                  | {n: "%.2e/%.2e" % (r[n]["err"], r[n]["bound"]) for n in ("out", "dq", "dk", "dv")}
+                  | {k: r[k] for k in r if k == "direct_bitwise"}), flush=True)
         rows.append(r)
         with open(os.path.join(args.out, "check.json"), "w") as f:
             json.dump(rows, f, indent=1, default=str)

@@ -216,13 +216,54 @@ class _FlashAttnFunc(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
+class _FlashAttnPackedFunc(torch.autograd.Function):
+    """_FlashAttnFunc over packed inputs: qkv (q, k and v stacked along `dim`; kv None) or q and kv (k and v stacked).
+    The backward makes one gradient of the stacked tensor and the kernels write dQ, dK and dV into its views, as
+    flash-attn's packed backward does, where autograd would stack three separate gradients (a copy, and the three
+    held beside the stacked one)."""
+
+    @staticmethod
+    def forward(ctx, first, kv, dim, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window,
+                softcap, deterministic, version):
+        q, k, v = first.unbind(dim) if kv is None else (first, *kv.unbind(dim))
+        out, lse = _fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window,
+                        softcap, version)
+        ctx.save_for_backward(first, kv, out, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.args = (dim, max_seqlen_q, max_seqlen_k, softmax_scale, window, softcap, deterministic, version)
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)   # as _FlashAttnFunc
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        first, kv, out, lse, cu_q, cu_k = ctx.saved_tensors
+        dim, max_q, max_k, scale, window, softcap, deterministic, version = ctx.args
+        if kv is None:
+            q, k, v = first.unbind(dim)
+            d_first = torch.empty_like(first)   # first's strides where it is dense: its views' strides as q, k, v's
+            d_kv = None
+            grads = d_first.unbind(dim)
+        else:
+            q, (k, v) = first, kv.unbind(dim)
+            d_first, d_kv = torch.empty_like(first), torch.empty_like(kv)
+            grads = (d_first, *d_kv.unbind(dim))
+        _kernels(version).backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, window, softcap,
+                                   deterministic, grads)
+        return d_first, d_kv, None, None, None, None, None, None, None, None, None, None
+
+
 def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window, softcap,
-               deterministic, version):
+               deterministic, version, packed=None):
     """The autograd Function when a gradient can flow (or torch.compile traces); the forward alone
     otherwise (inference, generate()), without the Function's bookkeeping; inside
-    hf_flashattn.fp8.fp8_attention(), dense prefill-sized calls in FP8."""
+    hf_flashattn.fp8.fp8_attention(), dense prefill-sized calls in FP8. packed: (first, kv, dim) when q, k, v are views
+    of packed tensors (`_FlashAttnPackedFunc`: qkv, None, dim or q, kv, dim)."""
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and
                                          (q.requires_grad or k.requires_grad or v.requires_grad)):
+        if packed is not None and not torch.compiler.is_compiling():
+            first, kv, dim = packed
+            return _FlashAttnPackedFunc.apply(first, kv, dim, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                              softmax_scale, window, softcap, deterministic, version)
         return _FlashAttnFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                                     window, softcap, deterministic, version)
     fp8 = _state.fp8
@@ -270,6 +311,13 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
             that see no key.
         None (only if return_attn_probs), in place of flash-attn's debug attention probabilities.
     """
+    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                  return_attn_probs, version)
+
+
+def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+           return_attn_probs, version, packed=None):
+    """flash_attn_func's body; packed: `_attention`'s (the packed functions' views)."""
     if not torch.compiler.is_compiling():
         V._validate_tensors(q, k, v, varlen=False)
         V._validate_options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, version,
@@ -278,7 +326,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     version = _resolve_version(version, q, k, v)
     out, lse = _attention(q, k, v, None, None, q.shape[1], k.shape[1], float(softmax_scale),
-                          _resolve_window(causal, window_size), float(softcap), deterministic, version)
+                          _resolve_window(causal, window_size), float(softcap), deterministic, version, packed)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -301,6 +349,13 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     Returns out (total_q, nheads, headdim); with return_attn_probs also softmax_lse
     (nheads, total_q) float32 and None.
     """
+    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+                   window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table, version)
+
+
+def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+            window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table, version, packed=None):
+    """flash_attn_varlen_func's body; packed: `_attention`'s (the packed functions' views)."""
     max_seqlen_q = V._as_int(max_seqlen_q, "max_seqlen_q")
     max_seqlen_k = V._as_int(max_seqlen_k, "max_seqlen_k")
     if not torch.compiler.is_compiling():
@@ -324,7 +379,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     version = _resolve_version(version, q, k, v, max_seqlen_k)
     out, lse = _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale),
-                          _resolve_window(causal, window_size), float(softcap), deterministic, version)
+                          _resolve_window(causal, window_size), float(softcap), deterministic, version, packed)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -342,9 +397,9 @@ def _unpack(t, name: str, layout: str, dim: int, parts: int, fix: str):
 
 
 _PACKED_NOTE = """
-    The views of the packed tensor go to the kernels without a copy. The backward computes dQ, dK and dV
-    separately and autograd stacks them into the packed tensor's gradient (one copy; flash-attn's packed
-    backward writes them in place)."""
+    The views of the packed tensor go to the kernels without a copy, and the backward writes dQ, dK and dV into the
+    views of one gradient of the packed tensor (as flash-attn's packed backward does; under torch.compile autograd
+    stacks three gradients instead)."""
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -355,8 +410,8 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
     flash_attn_kvpacked_func or flash_attn_func."""
     q, k, v = _unpack(qkv, "qkv", "(batch, seqlen, 3, nheads, headdim)", 2, 3,
                       "Stack them with torch.stack([q, k, v], dim=2), or call flash_attn_func(q, k, v).")
-    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                           deterministic, return_attn_probs, version=version)
+    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                  return_attn_probs, version, packed=(qkv, None, 2))
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -367,8 +422,8 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
     the returns are flash_attn_func's."""
     k, v = _unpack(kv, "kv", "(batch, seqlen_k, 2, nheads_k, headdim)", 2, 2,
                    "Stack them with torch.stack([k, v], dim=2), or call flash_attn_func(q, k, v).")
-    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                           deterministic, return_attn_probs, version=version)
+    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                  return_attn_probs, version, packed=(q, kv, 2))
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -379,9 +434,9 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     flash_attn_varlen_func's."""
     q, k, v = _unpack(qkv, "qkv", "(total_tokens, 3, nheads, headdim)", 1, 3,
                       "Stack them with torch.stack([q, k, v], dim=1), or call flash_attn_varlen_func(q, k, v, ...).")
-    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
-                                  causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
-                                  version=version)
+    return _varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal,
+                   window_size, softcap, alibi_slopes, deterministic, return_attn_probs, None, version,
+                   packed=(qkv, None, 1))
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -392,9 +447,9 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     arguments and the returns are flash_attn_varlen_func's."""
     k, v = _unpack(kv, "kv", "(total_k, 2, nheads_k, headdim)", 1, 2,
                    "Stack them with torch.stack([k, v], dim=1), or call flash_attn_varlen_func(q, k, v, ...).")
-    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                                  return_attn_probs, version=version)
+    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+                   window_size, softcap, alibi_slopes, deterministic, return_attn_probs, None, version,
+                   packed=(q, kv, 1))
 
 
 for _packed in (flash_attn_qkvpacked_func, flash_attn_kvpacked_func, flash_attn_varlen_qkvpacked_func,

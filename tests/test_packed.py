@@ -96,16 +96,78 @@ def test_varlen_kvpacked_equals_flash_attn_varlen_func_with_mqa():
 def test_views_reach_the_kernels_without_a_copy_and_options_pass_through(monkeypatch):
     seen = {}
 
-    def recording(q, k, v, *args, **kwargs):
-        seen.update(ptrs=[t.data_ptr() for t in (q, k, v)], args=args, kwargs=kwargs)
-        return q
+    def recording(q, k, v, *args):
+        seen.update(ptrs=[t.data_ptr() for t in (q, k, v)], args=args)
+        return q, None
 
-    monkeypatch.setattr(interface, "flash_attn_func", recording)
+    monkeypatch.setattr(interface, "_attention", recording)
     qkv = torch.randn(1, 6, 3, 2, 16)
     fa.flash_attn_qkvpacked_func(qkv, 0.0, 0.5, True, (3, 0), 2.0, None, True, True, version="v1")
     step = qkv.stride(2) * qkv.element_size()
     assert seen["ptrs"] == [qkv.data_ptr() + i * step for i in range(3)]
-    assert seen["args"] == (0.0, 0.5, True, (3, 0), 2.0, None, True, True) and seen["kwargs"] == {"version": "v1"}
+    # (cu_q, cu_k, max_q, max_k, scale, window (causal: right 0), softcap, deterministic, version, packed)
+    assert seen["args"][:9] == (None, None, 6, 6, 0.5, (3, 0), 2.0, True, "v1")
+    assert seen["args"][9][0] is qkv and seen["args"][9][1:] == (None, 2)
+
+
+def _recording_backward(monkeypatch, version):
+    """Record the gradients each backward call of `version`'s kernels is given to write into."""
+    mod = interface._kernels(version)
+    real, given = mod.backward, []
+
+    def backward(*args):
+        given.append(args[14] if len(args) > 14 else None)   # after the contract's 14 arguments: grads
+        return real(*args)
+    monkeypatch.setattr(mod, "backward", backward)
+    return given
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_packed_backward_writes_into_one_gradient(monkeypatch, version):
+    """The kernels get the views of the gradient autograd returns for the packed tensor (no stacking copy), and the
+    results are bitwise the plain call's."""
+    given = _recording_backward(monkeypatch, version)
+    qkv = _leaf(2, 21, 3, 2, 32, seed=7)
+    parts = _parts(qkv, 2)
+    _check(lambda: fa.flash_attn_qkvpacked_func(qkv, causal=True, return_attn_probs=True, version=version),
+           lambda: fa.flash_attn_func(*parts, causal=True, return_attn_probs=True, version=version),
+           [qkv], parts, dim=2)
+    dqkv = given[0]
+    assert len(given) == 2 and given[1] is None     # the packed call wrote into views, the plain call made its own
+    base = dqkv[0].data_ptr()
+    step = dqkv[0].stride(1) // 3 * dqkv[0].element_size()   # the views of one (2, 21, 3, 2, 32) tensor
+    assert [g.data_ptr() for g in dqkv] == [base, base + step, base + 2 * step]
+    assert all(g.untyped_storage().data_ptr() == dqkv[0].untyped_storage().data_ptr() for g in dqkv)
+
+    # kvpacked: dQ made on its own, dK and dV views of kv's gradient
+    given.clear()
+    q, kv = _leaf(1, 9, 4, 16, seed=8), _leaf(1, 17, 2, 2, 16, seed=9)
+    out = fa.flash_attn_kvpacked_func(q, kv, causal=True, version=version)
+    g_q, g_kv = torch.autograd.grad(out.sum(), (q, kv))
+    dq, dk, dv = given[0]
+    assert dq.data_ptr() == g_q.data_ptr() and dk.data_ptr() == g_kv.data_ptr()
+    assert dv.data_ptr() == g_kv.data_ptr() + g_kv.stride(2) * g_kv.element_size()
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_varlen_packed_gradient_is_zero_outside_every_sequence(monkeypatch, version):
+    """Rows past cu_seqlens[-1] get no program: the packed gradient (made with torch.empty_like) reads 0 there, and
+    the rows of the sequences are bitwise the plain call's (the forward leaves the rows outside unwritten, as
+    flash-attn's does, so only the sequences' rows of out are compared)."""
+    real = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: real(t, **kw).fill_(float("nan")))   # a used block
+    cu = torch.tensor([0, 7, 19], dtype=torch.int32)
+    qkv = _leaf(25, 3, 2, 16, seed=10)          # rows 19-24 belong to no sequence
+    parts = _parts(qkv, 1)
+    out = fa.flash_attn_varlen_qkvpacked_func(qkv, cu, 12, causal=True, version=version)
+    ref = fa.flash_attn_varlen_func(*parts, cu, cu, 12, 12, causal=True, version=version)
+    assert torch.equal(out[:19], ref[:19])
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(11))
+    do[19:] = 0.0
+    (g,) = torch.autograd.grad(out, qkv, do)
+    ref_g = torch.autograd.grad(ref, parts, do)
+    assert torch.equal(g, torch.stack(ref_g, dim=1))
+    assert torch.equal(g[19:], torch.zeros_like(g[19:]))
 
 
 @pytest.mark.parametrize("call, exc, pattern", [

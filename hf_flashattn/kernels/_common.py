@@ -224,6 +224,25 @@ def contiguous_strides(shape) -> tuple:
     return tuple(reversed(out))
 
 
+def grad_maker(grads, varlen: bool):
+    """new(i, like) for a backward's gradients: grads[i] when the caller gave (dq, dk, dv) to write into (the views of
+    a packed tensor's gradient), else a new tensor of like's shape, dtype and device; zero-filled when packed (varlen),
+    as rows outside every sequence get no program and must read as 0, else left uninitialised (every row is
+    written)."""
+    if grads is None:
+        make = torch.zeros if varlen else torch.empty
+        return lambda i, like: make(like.shape, dtype=like.dtype, device=like.device)
+    return lambda i, like: grads[i].zero_() if varlen else grads[i]
+
+
+def grads_key(grads):
+    """What Triton specialises on in given gradient tensors (`grad_maker`'s grads): their strides and 16-byte
+    alignment, for the direct launches' keys (None: made fresh, their strides follow from the shapes)."""
+    if grads is None:
+        return None
+    return tuple(t.stride() for t in grads), (grads[0].data_ptr() | grads[1].data_ptr() | grads[2].data_ptr()) & 15
+
+
 def head_dim_class(d: int) -> int:
     """The head-dim class a head dim (or its padded tile) belongs to: 64 (<= 64), 128 (<= 128) or 256 (<= 256); the
     kernels' config tables, plans and dispatch rules are kept per class."""

@@ -291,9 +291,9 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
 
 
 def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-             window_size, softcap, deterministic):
+             window_size, softcap, deterministic, grads=None):
     """Backend contract (see interface.py): Algorithm 4, in v1_bwd.py. Always deterministic."""
     from .v1_bwd import backward as _backward
     return _backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                     softmax_scale, window_size, softcap, deterministic)
+                     softmax_scale, window_size, softcap, deterministic, grads)
 

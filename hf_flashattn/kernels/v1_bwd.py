@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, scores_from_qk, seq_bounds, visible, window_args
+from ._common import dot_precision, grad_maker, scores_from_qk, seq_bounds, visible, window_args
 from .v1 import (_bhm_strides, _block_d, _bwd_config, _geometry, _lse_strides, _needs_mask, _q_block_range,
                  _score_args)
 
@@ -172,19 +172,28 @@ def _v1_bwd_kernel(
 
 
 def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-             window_size, softcap, deterministic):
+             window_size, softcap, deterministic, grads=None):
     """Backend contract (see interface.py). `deterministic` is accepted and needs nothing: this
-    backward has no atomics and is always bitwise reproducible."""
+    backward has no atomics and is always bitwise reproducible. grads: (dq, dk, dv) to write into (dk and dv with
+    the same strides: the kernel takes dK's for both), else made."""
     del deterministic
     varlen = cu_seqlens_q is not None
     batch, nheads, nheads_k, head_dim, seqlen_q, seqlen_k = _geometry(q, k, cu_seqlens_q, max_seqlen_q,
                                                                       max_seqlen_k)
     # Packed rows outside every sequence are never visited: zero them up front.
-    alloc = torch.zeros if varlen else torch.empty
-    dq = alloc(q.shape, dtype=q.dtype, device=q.device)
-    dk = alloc(k.shape, dtype=k.dtype, device=k.device)
-    dv = alloc(v.shape, dtype=v.dtype, device=v.device)
+    new = grad_maker(grads, varlen)
+    dq, dk, dv = new(0, q), new(1, k), new(2, v)
+    # the kernel takes dK's strides for dV too, and reads its float32 dQ accumulator (made contiguous) at dQ's
+    # offsets: other given strides go through tensors of the strides it takes, copied into grads below
+    if grads is not None and dv.stride() != dk.stride():
+        dv = (torch.zeros_like if varlen else torch.empty_like)(dk)
+    if grads is not None and not dq.is_contiguous():
+        dq = (torch.zeros if varlen else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
     if batch == 0 or (q.numel() == 0 and k.numel() == 0):
+        if grads is not None:
+            for g in grads:
+                g.zero_()
+            return grads
         return dq, dk, dv
     if do.stride(-1) != 1:
         do = do.contiguous()
@@ -207,4 +216,6 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         BLOCK_M=block_m, BLOCK_N=block_n, IS_VARLEN=varlen, HAS_SOFTCAP=has_softcap,
         DOT_PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
+    if grads is not None:
+        dq, dv = (g if t is g else g.copy_(t) for t, g in ((dq, grads[0]), (dv, grads[2])))
     return dq, dk, dv

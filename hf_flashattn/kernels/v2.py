@@ -518,11 +518,12 @@ BWD_DQ = None
 
 
 def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-             window_size, softcap, deterministic):
+             window_size, softcap, deterministic, grads=None):
+    """grads: (dq, dk, dv) to write into (`v2_bwd.backward`), else made."""
     from .v2_bwd import backward as _bwd
     # HF_FLASHATTN_BWD_DQ=atomic: FA2's single-pass backward with float32 atomics for dQ (fewer matmuls,
     # not bitwise reproducible); never with deterministic=True. Opt-in: on the H100 it measured 1.6-1.9x the fwd+bwd
     # time at d256 and 1.13-1.28x at d64 / d128 512 (results/2026-11-27-h100-bwd-atomic-split-ab.md).
     atomic = not deterministic and (BWD_DQ or os.environ.get("HF_FLASHATTN_BWD_DQ", "")) == "atomic"
     return _bwd(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                softmax_scale, window_size, softcap, atomic_dq=atomic)
+                softmax_scale, window_size, softcap, atomic_dq=atomic, grads=grads)

@@ -710,10 +710,12 @@ DELTA_IN_DQ = True
 
 
 def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-             window_size, softcap, atomic_dq=False):
+             window_size, softcap, atomic_dq=False, grads=None):
     """atomic_dq=False: the deterministic two-pass backward (dK/dV pass, then dQ pass). atomic_dq=True:
     FA2's single pass, dQ accumulated with float32 atomics from the dK/dV programs (5 matmuls instead
-    of 7; summation order varies run to run)."""
+    of 7; summation order varies run to run). grads: (dq, dk, dv) to write into (q's, k's and v's shapes and dtype,
+    any strides with the last dim contiguous: the views of a packed tensor's gradient, `interface`'s packed
+    functions), else made here."""
     varlen = cu_seqlens_q is not None
     H, D = q.shape[-2], q.shape[-1]
     Hk = k.shape[-2]
@@ -721,11 +723,11 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     # packed: zero-filled, as rows outside every sequence get no program and must read as 0; dense: every row is
     # written by a program (the dK/dV programs store even when no query sees their keys), so no fill (three memsets
     # of the gradients' size a call, ~7% of a fwd+bwd at 1k tokens)
-    new = torch.zeros if varlen else torch.empty
-    dk = new(k.shape, dtype=k.dtype, device=k.device)
-    dv = new(v.shape, dtype=v.dtype, device=v.device)
+    new = C.grad_maker(grads, varlen)
+    dk = new(1, k)
+    dv = new(2, v)
     if q.numel() == 0 or k.numel() == 0 or batch == 0:
-        return torch.zeros(q.shape, dtype=q.dtype, device=q.device), dk.zero_(), dv.zero_()
+        return new(0, q).zero_(), dk.zero_(), dv.zero_()
     if do.stride(-1) != 1:
         do = do.contiguous()
     BLOCK_D = max(C.pow2(D), 16)
@@ -736,7 +738,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     left, right = C.window_args(window_size, max_seqlen_q, max_seqlen_k)
     # the direct launches' key (`v2._site_key`): dO and lse are given (strides, alignment); out is the forward's
     site = _site_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, left, right, do.stride(),
-                     do.data_ptr() & 15, out.stride(), lse.stride(), softcap > 0, atomic_dq)
+                     do.data_ptr() & 15, out.stride(), lse.stride(), softcap > 0, atomic_dq, C.grads_key(grads))
     tma = bool(TMA) and max(max_seqlen_q, max_seqlen_k) < TMA_BELOW and q.dtype in (torch.float16, torch.bfloat16) \
         and C.descriptors_ok(q, k, v, do)
     merged = MERGE[d_class] and not atomic_dq and not tma
@@ -770,7 +772,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else None
     dq_strides = C.seq_layout(dq_acc, varlen) if atomic_dq else (0, 0, 0)
     if merged:
-        dq = new(q.shape, dtype=q.dtype, device=q.device)
+        dq = new(0, q)
         _merged_launch(lambda m: (math.prod(dkdv_grid(max_seqlen_k, Hk, batch)(m))
                                   + C.cdiv(max_seqlen_q, m["DQ_BLOCK_M"]) * H * batch,),
                        (q, k, v, do, lse, delta, dk, dv, dq, cu_seqlens_q, cu_seqlens_k, *lay[0], *lay[1], *lay[2],
@@ -780,7 +782,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                        site_key=site + ("merged", ONE_LOOP, meta["LEFT"]))
         return dq, dk, dv
     def dq_pass():
-        out_dq = new(q.shape, dtype=q.dtype, device=q.device)
+        out_dq = new(0, q)
         _dq_launch(lambda m: (C.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch),
                    (q, k, v, do, lse, delta, out_dq, descs[2], descs[3], cu_seqlens_q, cu_seqlens_k, out, *lay[0],
                     *lay[1], *lay[2], *lay[3], *C.seq_layout(out_dq, varlen), *C.seq_layout(out, varlen), *stride_l,
@@ -795,7 +797,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             *C.seq_layout(dk, varlen), *C.seq_layout(dv, varlen), *dq_strides, *stride_l, *common, *order_dkdv),
            dict(meta, ATOMIC_DQ=atomic_dq, ONE_LOOP=ONE_LOOP), site_key=site + (tma, ONE_LOOP, meta["LEFT"]))
     if atomic_dq:
-        return dq_acc.to(q.dtype), dk, dv
+        return (dq_acc.to(q.dtype) if grads is None else grads[0].copy_(dq_acc)), dk, dv
     return (dq if delta_in_dq else dq_pass()), dk, dv
 
 

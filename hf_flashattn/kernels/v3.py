@@ -385,15 +385,19 @@ _BWD_ROUTES: dict = {}
 
 
 def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-             window_size, softcap, deterministic):
+             window_size, softcap, deterministic, grads=None):
+    """grads: (dq, dk, dv) to write into (the views of a packed tensor's gradient), else made. The Gluon backward
+    takes them where TMA can store to them, else v2's backward runs."""
     # `_gluon_bwd_plan`'s answer and whether dO needs a copy, kept per everything the two read (as `_route`)
     key = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), do.stride(), q.dtype,
            (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15, do.data_ptr() & 15, softmax_scale > 0, softcap,
            deterministic, q.get_device(), env_get("HF_FLASHATTN_V3_GLUON_BWD", "auto"), max_seqlen_k,
-           tuple(window_size))
+           tuple(window_size), C.grads_key(grads))
     hit = _BWD_ROUTES.get(key)
     if hit is None:
         gplan = _gluon_bwd_plan(q, k, v, softmax_scale, softcap, deterministic, max_seqlen_k, window_size)
+        if gplan is not None and grads is not None and not C.descriptors_ok(*grads):
+            gplan = None
         # e.g. the expanded gradient of a sum: TMA needs real strides
         hit = C.keep(_BWD_ROUTES, key, (gplan, gplan is not None and not C.descriptors_ok(do)))
     gplan, copy_do = hit
@@ -402,7 +406,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         if copy_do:
             do = do.contiguous()
         return v3_gluon_bwd.backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                     softmax_scale, window_size, _plan=gplan)
+                                     softmax_scale, window_size, _plan=gplan, grads=grads)
     from . import v2
     return v2.backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                       softmax_scale, window_size, softcap, deterministic)
+                       softmax_scale, window_size, softcap, deterministic, grads)

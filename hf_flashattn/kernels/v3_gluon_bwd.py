@@ -1082,11 +1082,12 @@ def _prep_kernel(O, DO, LSE, LSE2, DELTA, CU_Q, stride_ob, stride_om, stride_oh,
 
 
 def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-             window_size, _plan=None, _dq=None, _dq_plan=None):
+             window_size, _plan=None, _dq=None, _dq_plan=None, grads=None):
     """(B, S, H, D) or packed (total, H, D) with cu_seqlens: (dq, dk, dv). `supports()` must have passed and do be
     TMA-loadable (`C.descriptors_ok`). _plan, _dq_plan override `plan()` and `_DQ_PLANS`; _dq overrides the plan's dQ
     mode (see `_PLANS`; packed sequences take mode 0 for modes 1-3), and takes two timing diagnostics whose dq is
-    garbage: 3 computes dQ's products in the single pass without summing them, 4 skips dQ altogether.
+    garbage: 3 computes dQ's products in the single pass without summing them, 4 skips dQ altogether. grads: (dq, dk,
+    dv) to write into (TMA-storable: `C.descriptors_ok`), else made.
 
     Everything but the tensors is worked out once per call signature (`_Setup`) and kept."""
     varlen = cu_seqlens_q is not None
@@ -1097,24 +1098,23 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
            ((cu_seqlens_q.data_ptr() | cu_seqlens_k.data_ptr()) & 15, cu_seqlens_q.numel(), max_seqlen_q, max_seqlen_k),
            tuple(window_size), do.stride(), do.data_ptr() & 15, out.stride(), out.data_ptr() & 15, lse.stride(),
            softmax_scale, _plan, _dq,
-           _dq_plan, q.device, persistent_on(PERSISTENT), FUSED_PREP, MAX_KV_SLOTS, KV_OUT)
+           _dq_plan, q.device, persistent_on(PERSISTENT), FUSED_PREP, MAX_KV_SLOTS, KV_OUT, C.grads_key(grads))
     st = _SETUPS.get(key)
     if st is None:
         st = C.keep(_SETUPS, key, _Setup(q, k, do, out, lse, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale,
-                                         window_size, _plan, _dq, _dq_plan, key))
-    new = torch.zeros if varlen else torch.empty   # packed rows outside every sequence read as 0
+                                         window_size, _plan, _dq, _dq_plan, key, grads))
+    new = C.grad_maker(grads, varlen)   # packed rows outside every sequence read as 0
     dev = q.device
-    dk = new(k.shape, dtype=k.dtype, device=dev)
-    dv = new(v.shape, dtype=v.dtype, device=dev)
+    dk = new(1, k)
+    dv = new(2, v)
     if st.empty:
-        return torch.zeros_like(q), dk.zero_(), dv.zero_()
+        return new(0, q).zero_(), dk.zero_(), dv.zero_()
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as TD
     lse2, delta = torch.empty(st.lse_shape, dtype=torch.float32, device=dev)   # one allocation
     if not st.prep:
         _prep_launch.launch(st.prep_key, st.prep_grid, (out, do, lse, lse2, delta, cu_seqlens_q) + st.prep_ints,
                             st.prep_meta)
-    dq = torch.zeros(st.acc_shape, dtype=torch.float32, device=dev) if st.atomic else new(q.shape, dtype=q.dtype,
-                                                                                             device=dev)
+    dq = torch.zeros(st.acc_shape, dtype=torch.float32, device=dev) if st.atomic else new(0, q)
     if varlen:   # descriptors over (1, total, H, D)
         q, k, v, do = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), do.unsqueeze(0)
     layout, bm, D = st.layout, st.bm, st.D
@@ -1141,7 +1141,8 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     for part_key, meta in st.bwd_parts:
         _bwd_launch.launch(part_key, st.bwd_grid, args, meta)
     if st.atomic:
-        return (dq[0] if varlen else dq[:, :st.Sq]).to(st.dtype), dk, dv
+        acc = dq[0] if varlen else dq[:, :st.Sq]
+        return (acc.to(st.dtype) if grads is None else grads[0].copy_(acc)), dk, dv
     if st.mode == 0 and not st.prep:
         _dq_launch.launch(st.dq_key, st.dq_grid, dq_args, st.dq_meta)
     return dq, dk, dv
@@ -1155,7 +1156,7 @@ class _Setup:
     launches' grids, keys, integer arguments and meta-parameters. The d256 plan's two dK/dV launches are `bwd_parts`."""
 
     def __init__(self, q, k, do, out, lse, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, window_size,
-                 _plan, _dq, _dq_plan, key):
+                 _plan, _dq, _dq_plan, key, grads=None):
         from .v3_gluon import shared_layout
         varlen = cu_seqlens_q is not None
         H, D = q.shape[-2], q.shape[-1]
@@ -1192,14 +1193,17 @@ class _Setup:
         # descriptor
         self.acc_shape = acc_shape = (1, q.shape[0], H, D) if varlen else (B, Sq if mode >= 5 else pad, H, D)
         self.layout, self.row_layout, self.acc_layout = shared_layout(), _row_layout(), _acc_layout()
-        dq_strides = C.contiguous_strides(acc_shape if atomic else q.shape)
-        dkv = C.layout_of(C.contiguous_strides(k.shape), varlen)   # dK's and dV's (fresh, contiguous)
+        # dQ's (the accumulator, or the gradient made here or given), dK's and dV's (made here: contiguous)
+        dq_strides = C.contiguous_strides(acc_shape) if atomic else \
+            C.contiguous_strides(q.shape) if grads is None else grads[0].stride()
+        dk_l, dv_l = (C.layout_of(C.contiguous_strides(k.shape), varlen),) * 2 if grads is None else \
+            (C.seq_layout(grads[1], varlen), C.seq_layout(grads[2], varlen))
         # d256: dV and dK in separate launches (both accumulators would take every register of a consumer)
         masked = tuple(window_size) != (-1, -1)
         n_kt = C.cdiv(Sk, 64 * nc)
         per, n_kv_units, programs = schedule(n_kt, Hk, B, masked, q.device, PERSISTENT)
         self.bwd_grid = (programs,)
-        self.bwd_ints = dq_strides[:3] + dkv + dkv + (Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, H, n_kt,
+        self.bwd_ints = dq_strides[:3] + dk_l + dv_l + (Sq, Sk, left, right, qk_scale, softmax_scale, H // Hk, H, n_kt,
                                                      n_kv_units, per)
         do_dq = mode if atomic else 0
         kv_slots = kv_slots_for(D, do_dq)

@@ -10,6 +10,8 @@
 #   check-direct  the same grid with autotuning on and --direct: each case's later calls (the kept direct launches)
 #             and calls with FAST_LAUNCH off must give the first call's bits ($DIRECT_VERSIONS default v2,v3,
 #             $DIRECT_DTYPES default bf16; v3's single pass off, its atomic dQ being unordered)
+#   packed    benchmarks/bench_packed.py $PACKED_ARGS (the packed functions' in-place backward against the views
+#             through flash_attn_func: time, peak memory, gradients)
 #   models    benchmarks/gpu_models.py --versions $MODEL_VERSIONS (default v2,v3)
 #   patches   benchmarks/gpu_patches.py
 #   decode    benchmarks/bench_decode.py $DECODE_ARGS (e.g. --skip-generate: the kernel table only)
@@ -103,6 +105,7 @@ for spec in "$@"; do
     check-direct) cmd=(python3 benchmarks/gpu_check.py --out "$dir" --direct --single-pass-from-keys 100000000
                 --versions "${DIRECT_VERSIONS:-v2,v3}" --dtypes "${DIRECT_DTYPES:-bf16}" --budget-s "$budget"
                 ${DIRECT_ARGS:-}) ;;
+    packed) cmd=(python3 benchmarks/bench_packed.py --out "$dir" ${PACKED_ARGS:-}) ;;
     models) cmd=(python3 benchmarks/gpu_models.py --out "$dir" --versions "${MODEL_VERSIONS:-v2,v3}") ;;
     patches) cmd=(python3 benchmarks/gpu_patches.py --out "$dir" --budget-s "$budget") ;;
     # shellcheck disable=SC2206

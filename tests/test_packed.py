@@ -149,6 +149,18 @@ def test_packed_backward_writes_into_one_gradient(monkeypatch, version):
     assert dv.data_ptr() == g_kv.data_ptr() + g_kv.stride(2) * g_kv.element_size()
 
 
+def test_packed_function_compiles_and_matches_the_in_place_backward():
+    """Under torch.compile the packed functions take the custom ops (autograd stacks the three gradients): one graph,
+    and the same bits as the eager in-place backward."""
+    qkv = _leaf(1, 24, 3, 2, 16, seed=12)
+
+    def f(t):
+        return fa.flash_attn_qkvpacked_func(t, causal=True, version="v2")
+    (eager,) = torch.autograd.grad(f(qkv).sum(), qkv)
+    (compiled,) = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(qkv).sum(), qkv)
+    assert torch.equal(eager, compiled)
+
+
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_varlen_packed_gradient_is_zero_outside_every_sequence(monkeypatch, version):
     """Rows past cu_seqlens[-1] get no program: the packed gradient (made with torch.empty_like) reads 0 there, and

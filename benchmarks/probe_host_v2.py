@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hf_flashattn as fa  # noqa: E402
 from hf_flashattn.kernels import _common as C  # noqa: E402
-from rounds import host_us, identity_fwd_bwd, switched, write_profile  # noqa: E402
+from rounds import host_us, identity_fwd_bwd, queued_ms, switched, write_profile  # noqa: E402
 
 # name -> (D, S, B, H, causal): bench.py's shapes (B = 16384 / S, H = 2048 / D)
 POINTS = {"d128-512-causal": (128, 512, 32, 16, True), "d128-512": (128, 512, 32, 16, False),
@@ -113,17 +113,6 @@ def pieces(out_dir, n=300):
     os.makedirs(out_dir, exist_ok=True)
     write_profile(os.path.join(out_dir, "probe_host_v2_profile.txt"), fb, n)
     return res
-
-
-def queued_ms(f, n=50):
-    f()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        f()
-    host = (time.perf_counter() - t) * 1e3 / n
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) * 1e3 / n, host
 
 
 def time_point(p, rounds):

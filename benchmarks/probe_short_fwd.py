@@ -17,17 +17,8 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def host_ms(fn, n=200):
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) * 1e3 / n, (time.perf_counter() - t0) * 1e3 / n
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rounds import queued_ms  # noqa: E402
 
 
 def main():
@@ -63,7 +54,7 @@ def main():
         for name, fn in impls.items():
             try:
                 ms = triton.testing.do_bench(fn, return_mode="median")
-                h, loop = host_ms(fn)
+                loop, h = queued_ms(fn, 200)
                 r = dict(D=D, S=S, causal=causal, impl=name, ms=ms, tflops=fl / ms / 1e9, host_ms=h, loop_ms=loop)
             except Exception as e:  # noqa: BLE001
                 r = dict(D=D, S=S, causal=causal, impl=name, error=f"{type(e).__name__}: {str(e)[:200]}")

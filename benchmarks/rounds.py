@@ -165,6 +165,21 @@ def host_us(fn, n=200, reps=5):
     return statistics.median(out)
 
 
+def queued_ms(fn, n=50):
+    """(total, host) milliseconds a call of fn (CUDA) over n calls queued back to back after one warm call: total up
+    to the closing synchronize (the GPU's time a call whenever the host runs ahead of it), host up to the last launch
+    (the host probes' "queued" measure)."""
+    import torch
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t) * 1e3 / n
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) * 1e3 / n, host
+
+
 def write_profile(path: str, fn, n: int) -> None:
     """cProfile of n calls of fn (CUDA, synchronized at the end): the top 40 functions by own time, then by cumulative
     time, written to `path` (the host probes' profile)."""

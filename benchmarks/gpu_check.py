@@ -20,8 +20,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hf_flashattn as fa  # noqa: E402
+from hf_flashattn.kernels import _common as C  # noqa: E402
 from hf_flashattn.reference import attention_ref, attention_varlen_ref  # noqa: E402
+from rounds import switched  # noqa: E402
 
 FLOOR = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 # --direct: each case also checks that later calls (the kept direct launches) and calls with FAST_LAUNCH off give the
@@ -123,13 +126,9 @@ def run_case(version, dtype, shape, kw, varlen=False, stacked=None):
     if DIRECT:
         # the same call twice more: again (after the first call's tuning, the kept launches: `Launcher._direct`,
         # `FastLaunch`) and with FAST_LAUNCH off (every launch through Triton's entry point); all bits equal
-        from hf_flashattn.kernels import _common as C
         again = call()
-        C.FAST_LAUNCH = False
-        try:
+        with switched((C, "FAST_LAUNCH", False)):
             entry = call()
-        finally:
-            C.FAST_LAUNCH = True
         direct = all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(got, again, entry))
     ref = _ref(q, k, v, do, cu, torch.float32, kw)
     low = _ref(q, k, v, do, cu, dtype, kw)

@@ -183,18 +183,14 @@ def backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     # Packed rows outside every sequence are never visited: zero them up front.
     new = grad_maker(grads, varlen)
     dq, dk, dv = new(0, q), new(1, k), new(2, v)
+    if batch == 0 or (q.numel() == 0 and k.numel() == 0):
+        return dq, dk, dv   # empty, or packed and zero-filled
     # the kernel takes dK's strides for dV too, and reads its float32 dQ accumulator (made contiguous) at dQ's
     # offsets: other given strides go through tensors of the strides it takes, copied into grads below
     if grads is not None and dv.stride() != dk.stride():
         dv = (torch.zeros_like if varlen else torch.empty_like)(dk)
     if grads is not None and not dq.is_contiguous():
         dq = (torch.zeros if varlen else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
-    if batch == 0 or (q.numel() == 0 and k.numel() == 0):
-        if grads is not None:
-            for g in grads:
-                g.zero_()
-            return grads
-        return dq, dk, dv
     if do.stride(-1) != 1:
         do = do.contiguous()
     lse = lse.contiguous()

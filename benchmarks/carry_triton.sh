@@ -52,7 +52,9 @@ case $cmd in
       mkdir -p "$dest"
       cat "$base".* | xz -d | tar xf - -C "$dest" || { echo "echo 'parts of $base incomplete'; exit 3"; exit 3; }
     fi
-    echo "export PYTHONPATH=$dest\${PYTHONPATH:+:\$PYTHONPATH} TRITON_PTXAS_PATH=$ptxas"
+    # TRITON_BACKENDS_IN_TREE: the backends under triton/backends (nvidia only here), not the entry points, which
+    # name the image's release's AMD backend too
+    echo "export PYTHONPATH=$dest\${PYTHONPATH:+:\$PYTHONPATH} TRITON_PTXAS_PATH=$ptxas TRITON_BACKENDS_IN_TREE=1"
     ;;
   *) echo "usage: carry_triton.sh pack VERSION | stash | use" >&2; exit 2 ;;
 esac

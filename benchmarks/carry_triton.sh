@@ -4,7 +4,8 @@
 # with the working tree), so `pack` makes a trimmed copy in parts small enough to carry one a call:
 #   - libtriton.so without its symbol tables (`strip --strip-unneeded`: 500 -> 192 MB),
 #   - no AMD backend, CUPTI, Proton, instrumentation, plugins or MLIR headers (none is used to compile or launch),
-#   - no ptxas: the device image's Triton 3.6 ptxas (CUDA 12.8) is used through TRITON_PTXAS_PATH, and Triton picks
+#   - no ptxas: the device image's Triton 3.6 ptxas (CUDA 12.8) is used through TRITON_PTXAS_PATH and (3.9 compiles
+#     sm90 with it) TRITON_PTXAS_BLACKWELL_PATH, and Triton picks
 #     the PTX version from the ptxas it is given,
 # about 44 MB as tar.xz, split into parts of at most PART_MB (default 30) under .tparts/ (ignored by git).
 #
@@ -54,7 +55,7 @@ case $cmd in
     fi
     # TRITON_BACKENDS_IN_TREE: the backends under triton/backends (nvidia only here), not the entry points, which
     # name the image's release's AMD backend too
-    echo "export PYTHONPATH=$dest\${PYTHONPATH:+:\$PYTHONPATH} TRITON_PTXAS_PATH=$ptxas TRITON_BACKENDS_IN_TREE=1"
+    echo "export PYTHONPATH=$dest\${PYTHONPATH:+:\$PYTHONPATH} TRITON_PTXAS_PATH=$ptxas TRITON_PTXAS_BLACKWELL_PATH=$ptxas TRITON_BACKENDS_IN_TREE=1"
     ;;
   *) echo "usage: carry_triton.sh pack VERSION | stash | use" >&2; exit 2 ;;
 esac

@@ -146,6 +146,7 @@ def test_v2_one_loop(shape, mask, monkeypatch):
     q, k, v, do = kernel_inputs(shape, torch.float32, seed=16)
     cu = two_sequences(shape[1], shape[2])
     runs = []
+    monkeypatch.setattr(v2, "ONE_LOOP_MASKED", True)   # the one loop under a mask too (off by default from Triton 3.9)
     for one in (False, True):
         monkeypatch.setattr(v2, "ONE_LOOP", one)
         monkeypatch.setattr(v2_bwd, "ONE_LOOP", one)
@@ -156,6 +157,33 @@ def test_v2_one_loop(shape, mask, monkeypatch):
     for name, i, f in (("out", 0, 2), ("dq", 2, 3)):
         assert_close_rule(name, runs[1][i], ref[i], low[i], f, torch.float32)
     for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("masked_one_loop", [False, True])
+def test_v2_one_loop_under_a_mask_is_a_switch(masked_one_loop, monkeypatch):
+    """`v2.ONE_LOOP_MASKED` (False from Triton 3.9, which if-converts the one loop's mask branch): masked calls take
+    the three loops, calls without a mask keep the one loop; the kernel gets that choice, and the outputs are bitwise
+    those of the other choice."""
+    from hf_flashattn.kernels import v2
+    q, k, v, do = kernel_inputs((1, 70, 90, 2, 1, 32), torch.float32, seed=21)
+    seen = []
+    launch = v2._fwd_launch
+
+    class Recorder:
+        def __call__(self, grid_fn, args, meta, site_key=None):
+            seen.append((meta["NO_MASK"], meta["ONE_LOOP"]))
+            return launch(grid_fn, args, meta, site_key=site_key)
+
+    monkeypatch.setattr(v2, "ONE_LOOP", True)
+    outs = {}
+    for flag in (masked_one_loop, not masked_one_loop):
+        monkeypatch.setattr(v2, "ONE_LOOP_MASKED", flag)
+        monkeypatch.setattr(v2, "_fwd_launch", Recorder())
+        outs[flag] = [run_kernel("v2", q, k, v, do, **mask)[0] for mask in ({}, {"causal": True})]
+        monkeypatch.setattr(v2, "_fwd_launch", launch)
+    assert seen[:2] == [(True, True), (False, masked_one_loop)], seen
+    for a, b in zip(outs[False], outs[True]):
         assert torch.equal(a, b)
 
 

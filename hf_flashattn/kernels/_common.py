@@ -15,6 +15,9 @@ import triton.language as tl
 
 from .._runtime import env_get, is_interpreting
 
+# (major, minor) of the Triton in use: code generation differs between the releases `triton>=3.6` admits
+TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])
+
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
 LN2 = 0.6931471805599453    # ln(2):   log(x) = log2(x) * ln(2)
 

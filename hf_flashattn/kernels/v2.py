@@ -43,7 +43,7 @@ def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, start, en
 @triton.jit
 def _fwd_loop(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, hi, full_lo, full_hi, offs_m, offs_n, offs_d,
               Sk, diag, left, right, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-              DOT_PREC: tl.constexpr, LEFT: tl.constexpr):
+              DOT_PREC: tl.constexpr, LEFT: tl.constexpr, EDGE: tl.constexpr = True):
     """Every key block of the tile, [lo, hi), in one pipelined loop (the scale folded, no softcap: the kernel's
     ONE_LOOP), so that a tile sets up one software pipeline instead of three (`_fwd_inner`'s): the scores of the
     blocks outside the band [full_lo, full_hi) masked in a branch on the block's position; the block that crosses the
@@ -56,7 +56,7 @@ def _fwd_loop(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, hi, fu
         k, v = load_rows_pair(k_ptrs, v_ptrs, cols, Sk, offs_d, HEAD_DIM, BLOCK_D, False)
         acc, l_i, m_i = kv_block(acc, l_i, m_i, q, k, v, offs_m, cols, Sk, diag, left, right, qk_scale, 1.0, False,
                                  False, DOT_PREC, None, False, True, LEFT, (start_n < full_lo) | (start_n >= full_hi),
-                                 True)
+                                 EDGE)
     if body_hi < hi:
         cols = body_hi + offs_n
         k, v = load_rows_pair(K_base + cols[:, None] * stride_kn + offs_d[None, :],
@@ -261,7 +261,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
         if ONE_LOOP:   # the scale folded, no softcap: every block in one loop (`_fwd_loop`)
             acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, hi, full_lo,
                                       full_hi, offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
-                                      HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, LEFT)
+                                      HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, LEFT, not NO_MASK)
         else:
             # left edge of a sliding window (masked), the band every row sees (unmasked), the diagonal /
             # right edge and the key tail (masked)
@@ -387,6 +387,12 @@ FOLD = True
 # (results/2026-11-27-h100-probe-one-loop.md). HF_FLASHATTN_ONE_LOOP=0 at import turns it off (and v2_bwd's), =1 turns
 # v3.py's on too.
 ONE_LOOP = env_get("HF_FLASHATTN_ONE_LOOP", "1") == "1"
+# ONE_LOOP under a mask (causal, window): the mask is taken in a branch on the block's position. Up to Triton 3.8 the
+# branch stays a branch; Triton 3.9 if-converts it, so every block computes the mask and selects its scores (sm_90a,
+# d256 128 x 64: 706 instructions in the loop against 595 on 3.6, and 248 bytes of spills, 46 local loads a block;
+# benchmarks/NOTES.md, thirty-fifth session). From 3.9 the masked calls take the three loops, whose band loop has no
+# mask; calls without a mask keep the one loop, compiled without the branch (`_fwd_loop`'s EDGE).
+ONE_LOOP_MASKED = C.TRITON_VERSION < (3, 9)
 
 
 # The second wave's starts spread over half a tile's time (`_stagger_args`, `_common.stagger`): where every tile takes
@@ -467,11 +473,12 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
             max_seqlen_q, max_seqlen_k, left, right, qk_scale, cap_scale,
             C.tune_bucket(max_seqlen_q, batch * H, q.device), mask, H // Hk, C.group_tiles("v2"))
     fold = FOLD and softcap == 0 and softmax_scale > 0
-    stagger = _stagger_args(q.device, varlen, mask, ONE_LOOP and fold, D, H * batch, max_seqlen_q, max_seqlen_k,
+    one_loop = ONE_LOOP and fold and (mask == 0 or ONE_LOOP_MASKED)
+    stagger = _stagger_args(q.device, varlen, mask, one_loop, D, H * batch, max_seqlen_q, max_seqlen_k,
                             H // Hk)
     meta = dict(HEAD_DIM=D, BLOCK_D=max(C.pow2(D), 16), IS_VARLEN=varlen,
                 SOFTCAP=softcap > 0, DOT_PREC=C.dot_precision(q.dtype), FOLD=fold, LEFT=C.left_edge(window_size),
-                ONE_LOOP=ONE_LOOP and fold, STAGGER=stagger[1] > stagger[0], NO_MASK=mask == 0,
+                ONE_LOOP=one_loop, STAGGER=stagger[1] > stagger[0], NO_MASK=mask == 0,
                 EVEN=not varlen and max_seqlen_q % 128 == 0 and max_seqlen_k > 0 and max_seqlen_k % 64 == 0)
     _fwd_launch(lambda m: (C.cdiv(max_seqlen_q, m["BLOCK_M"]), H, batch), args + stagger, meta,
                 site_key=_site_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, left, right, fold,

@@ -261,7 +261,8 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
         if ONE_LOOP:   # the scale folded, no softcap: every block in one loop (`_fwd_loop`)
             acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, lo, hi, full_lo,
                                       full_hi, offs_m, offs_n, offs_d, Sk, diag, window_left, window_right, qk_scale,
-                                      HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, LEFT, not NO_MASK)
+                                      HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC, LEFT,
+                                      EDGE_BRANCH_KEPT or not NO_MASK)
         else:
             # left edge of a sliding window (masked), the band every row sees (unmasked), the diagonal /
             # right edge and the key tail (masked)
@@ -393,6 +394,10 @@ ONE_LOOP = env_get("HF_FLASHATTN_ONE_LOOP", "1") == "1"
 # benchmarks/NOTES.md, thirty-fifth session). From 3.9 the masked calls take the three loops, whose band loop has no
 # mask; calls without a mask keep the one loop, compiled without the branch (`_fwd_loop`'s EDGE).
 ONE_LOOP_MASKED = C.TRITON_VERSION < (3, 9)
+# Whether the one loop without a mask still compiles the (never taken) mask branch: kept where the branch stays a branch
+# (up to 3.8), so that the kernels measured there are unchanged (on 3.6 dropping it spilled 24 bytes outside the loop
+# at d256, and the d256 512 forward measured 1.266x against 1.276x SDPA-flash in another process: no gain shown).
+EDGE_BRANCH_KEPT = tl.constexpr(C.TRITON_VERSION < (3, 9))
 
 
 # The second wave's starts spread over half a tile's time (`_stagger_args`, `_common.stagger`): where every tile takes

@@ -601,3 +601,64 @@ def test_v2_stagger_compiles_for_hopper():
     assert "nanosleep.u32" in ptx[True] and "%globaltimer" in ptx[True]
     assert "nanosleep" not in ptx[False] and "globaltimer" not in ptx[False]
     assert ptx[True].count("wgmma.mma_async") == ptx[False].count("wgmma.mma_async") > 0
+
+
+_COMPILE_V2_LOOP = r"""
+import json, sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from hf_flashattn.kernels import v2
+fn = v2._fwd_kernel
+sig = {}
+for i, name in enumerate(fn.arg_names):
+    if fn.params[i].is_constexpr:
+        sig[name] = "constexpr"
+    else:
+        sig[name] = {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "O": "*fp16", "LSE": "*fp32", "CU_Q": "*i32",
+                     "CU_K": "*i32", "qk_scale": "fp32", "cap_scale": "fp32"}.get(name, "i32")
+cx = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=64, BLOCK_N=64, IS_VARLEN=False, SOFTCAP=False, DOT_PREC="tf32",
+          D_CLASS=64, FOLD=True, LEFT=False, ONE_LOOP=True, NO_MASK=json.loads(sys.argv[1]), EVEN=True)
+src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in cx.items()})
+ttir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2)).asm["ttir"]
+print(json.dumps({"ttir": ttir, "kept": bool(v2.EDGE_BRANCH_KEPT)}))
+"""
+
+
+def _loop_bodies(ttir):
+    """The text of each `scf.for` region in a TTIR listing (brace-matched)."""
+    bodies = []
+    pos = ttir.find("scf.for")
+    while pos >= 0:
+        start = ttir.index("{", pos)
+        depth, i = 0, start
+        while True:
+            depth += {"{": 1, "}": -1}.get(ttir[i], 0)
+            if depth == 0:
+                break
+            i += 1
+        bodies.append(ttir[start:i + 1])
+        pos = ttir.find("scf.for", start)
+    return bodies
+
+
+def test_v2_one_loop_edge_branch_by_triton_release():
+    """The one loop's mask branch (`_fwd_loop`'s EDGE) is compiled into the loop under a mask always, and without a mask
+    only where `v2.EDGE_BRANCH_KEPT` (Triton <= 3.8, which keeps it a branch; 3.9 if-converts it, so the unmasked loop
+    would compute the mask on every block): the TTIR of the kernel's loop holds an `scf.if` exactly then. Compiled for
+    sm_90a in a fresh process (this one runs Triton's interpreter)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    got = {}
+    for no_mask in (True, False):
+        r = subprocess.run([sys.executable, "-c", _COMPILE_V2_LOOP, json.dumps(no_mask)], capture_output=True,
+                           text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        got[no_mask] = json.loads(r.stdout.strip().splitlines()[-1])
+    for no_mask, res in got.items():
+        bodies = _loop_bodies(res["ttir"])
+        assert bodies, "no loop in the kernel's TTIR"
+        branch = any("scf.if" in b for b in bodies)
+        assert branch == (not no_mask or res["kept"]), (no_mask, res["kept"], [b.count("scf.if") for b in bodies])

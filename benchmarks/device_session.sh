@@ -63,6 +63,8 @@
 #   fp8-diagnose  its variants (pointer loads / TMA / TMA + WS / no P·V) over a few tiles ($DIAG_ARGS, e.g.
 #             "--diag-dims 128 --diag-s 4096 --diag-causal --diag-tma-only --diag-configs '[(128,64,4,4)]'")
 #   bench     benchmarks/bench.py $BENCH_ARGS (default --versions v2,v3)
+#   fwd-pick  benchmarks/probe_fwd_pick.py $FWD_PICK_ARGS (v2 forward: the autotuner's pick and each config forced,
+#             beside SDPA-flash; run it under each Triton release, benchmarks/carry_triton.sh bringing a second one)
 #   recipes-bar / recipes-grid / recipes-longest / recipes-fsdp2   benchmarks/gpu_recipes.sh PHASE
 #   ncu       Nsight Compute (--set full, clocks left alone) on benchmarks/ncu_target.py's kernels
 #             ($NCU_TARGETS, default "fp8 dkdv"), details pages as text; NCU_SOURCE=1 adds per-line
@@ -156,6 +158,8 @@ for spec in "$@"; do
     fp8-diagnose) cmd=(python3 benchmarks/bench_fp8.py --out "$dir" --diagnose ${DIAG_ARGS:-}) ;;
     # shellcheck disable=SC2206
     bench) cmd=(python3 benchmarks/bench.py --out "$dir" --budget-s "$budget" ${BENCH_ARGS:---versions v2,v3}) ;;
+    # shellcheck disable=SC2206
+    fwd-pick) cmd=(python3 benchmarks/probe_fwd_pick.py --out "$dir" ${FWD_PICK_ARGS:-}) ;;
     recipes-*) cmd=(env OUT="$dir" BUDGET_S="$budget" bash benchmarks/gpu_recipes.sh "${phase#recipes-}") ;;
     ncu) cmd=(bash -c '
            NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)

@@ -170,18 +170,16 @@ def test_v2_one_loop_under_a_mask_is_a_switch(masked_one_loop, monkeypatch):
     seen = []
     launch = v2._fwd_launch
 
-    class Recorder:
-        def __call__(self, grid_fn, args, meta, site_key=None):
-            seen.append((meta["NO_MASK"], meta["ONE_LOOP"]))
-            return launch(grid_fn, args, meta, site_key=site_key)
+    def recorder(grid_fn, args, meta, site_key=None):
+        seen.append((meta["NO_MASK"], meta["ONE_LOOP"]))
+        return launch(grid_fn, args, meta, site_key=site_key)
 
     monkeypatch.setattr(v2, "ONE_LOOP", True)
+    monkeypatch.setattr(v2, "_fwd_launch", recorder)
     outs = {}
     for flag in (masked_one_loop, not masked_one_loop):
         monkeypatch.setattr(v2, "ONE_LOOP_MASKED", flag)
-        monkeypatch.setattr(v2, "_fwd_launch", Recorder())
         outs[flag] = [run_kernel("v2", q, k, v, do, **mask)[0] for mask in ({}, {"causal": True})]
-        monkeypatch.setattr(v2, "_fwd_launch", launch)
     assert seen[:2] == [(True, True), (False, masked_one_loop)], seen
     for a, b in zip(outs[False], outs[True]):
         assert torch.equal(a, b)
@@ -569,59 +567,45 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from hf_flashattn.kernels import v2
 fn = v2._fwd_kernel
+spec = json.loads(sys.argv[1])
+ptr = "*" + spec["dtype"]
 sig = {}
 for i, name in enumerate(fn.arg_names):
     if fn.params[i].is_constexpr:
         sig[name] = "constexpr"
     else:
-        sig[name] = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32", "CU_Q": "*i32",
+        sig[name] = {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32", "CU_Q": "*i32",
                      "CU_K": "*i32", "qk_scale": "fp32", "cap_scale": "fp32"}.get(name, "i32")
-cx = dict(HEAD_DIM=256, BLOCK_D=256, BLOCK_M=128, BLOCK_N=64, IS_VARLEN=False, SOFTCAP=False, DOT_PREC="tf32",
-          D_CLASS=256, FOLD=True, LEFT=False, ONE_LOOP=True, STAGGER=json.loads(sys.argv[1]))
+cx = dict(IS_VARLEN=False, SOFTCAP=False, DOT_PREC="tf32", FOLD=True, LEFT=False, ONE_LOOP=True, **spec["cx"])
 src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in cx.items()})
-print(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=2)).asm["ptx"])
+asm = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                     options=dict(num_warps=spec["warps"], num_stages=spec["stages"])).asm
+print(json.dumps({"ptx": asm["ptx"], "ttir": asm["ttir"], "kept": bool(v2.EDGE_BRANCH_KEPT)}))
 """
 
 
-def test_v2_stagger_compiles_for_hopper():
-    """v2's forward with STAGGER compiles for sm_90a as the rule launches it (d256, 128 x 64, 8 warps): its PTX naps
-    (`nanosleep`) and reads the global timer; without STAGGER it does neither. Compiled in a fresh process (this one
-    runs Triton's interpreter)."""
+def _compile_v2_fwd(cx, warps, stages, dtype):
+    """v2's `_fwd_kernel` compiled for sm_90a with the constexprs `cx` (over a dense, folded, one-loop default) in a
+    fresh process (this one runs Triton's interpreter): its PTX and TTIR, and `v2.EDGE_BRANCH_KEPT` there."""
     import json
     import os
     import subprocess
     import sys
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    ptx = {}
-    for on in (True, False):
-        r = subprocess.run([sys.executable, "-c", _COMPILE_V2, json.dumps(on)], capture_output=True, text=True,
-                           env=env, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
-        ptx[on] = r.stdout
+    spec = json.dumps(dict(cx=cx, warps=warps, stages=stages, dtype=dtype))
+    r = subprocess.run([sys.executable, "-c", _COMPILE_V2, spec], capture_output=True, text=True,
+                       env=dict(os.environ, TRITON_INTERPRET="0"), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_v2_stagger_compiles_for_hopper():
+    """v2's forward with STAGGER compiles for sm_90a as the rule launches it (d256, 128 x 64, 8 warps): its PTX naps
+    (`nanosleep`) and reads the global timer; without STAGGER it does neither."""
+    ptx = {on: _compile_v2_fwd(dict(HEAD_DIM=256, BLOCK_D=256, BLOCK_M=128, BLOCK_N=64, D_CLASS=256, STAGGER=on), 8, 2,
+                               "bf16")["ptx"] for on in (True, False)}
     assert "nanosleep.u32" in ptx[True] and "%globaltimer" in ptx[True]
     assert "nanosleep" not in ptx[False] and "globaltimer" not in ptx[False]
     assert ptx[True].count("wgmma.mma_async") == ptx[False].count("wgmma.mma_async") > 0
-
-
-_COMPILE_V2_LOOP = r"""
-import json, sys, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from hf_flashattn.kernels import v2
-fn = v2._fwd_kernel
-sig = {}
-for i, name in enumerate(fn.arg_names):
-    if fn.params[i].is_constexpr:
-        sig[name] = "constexpr"
-    else:
-        sig[name] = {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "O": "*fp16", "LSE": "*fp32", "CU_Q": "*i32",
-                     "CU_K": "*i32", "qk_scale": "fp32", "cap_scale": "fp32"}.get(name, "i32")
-cx = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=64, BLOCK_N=64, IS_VARLEN=False, SOFTCAP=False, DOT_PREC="tf32",
-          D_CLASS=64, FOLD=True, LEFT=False, ONE_LOOP=True, NO_MASK=json.loads(sys.argv[1]), EVEN=True)
-src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in cx.items()})
-ttir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2)).asm["ttir"]
-print(json.dumps({"ttir": ttir, "kept": bool(v2.EDGE_BRANCH_KEPT)}))
-"""
 
 
 def _loop_bodies(ttir):
@@ -644,19 +628,9 @@ def _loop_bodies(ttir):
 def test_v2_one_loop_edge_branch_by_triton_release():
     """The one loop's mask branch (`_fwd_loop`'s EDGE) is compiled into the loop under a mask always, and without a mask
     only where `v2.EDGE_BRANCH_KEPT` (Triton <= 3.8, which keeps it a branch; 3.9 if-converts it, so the unmasked loop
-    would compute the mask on every block): the TTIR of the kernel's loop holds an `scf.if` exactly then. Compiled for
-    sm_90a in a fresh process (this one runs Triton's interpreter)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    got = {}
-    for no_mask in (True, False):
-        r = subprocess.run([sys.executable, "-c", _COMPILE_V2_LOOP, json.dumps(no_mask)], capture_output=True,
-                           text=True, env=env, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
-        got[no_mask] = json.loads(r.stdout.strip().splitlines()[-1])
+    would compute the mask on every block): the TTIR of the kernel's loop holds an `scf.if` exactly then."""
+    got = {no_mask: _compile_v2_fwd(dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=64, BLOCK_N=64, D_CLASS=64, NO_MASK=no_mask,
+                                         EVEN=True), 4, 2, "fp16") for no_mask in (True, False)}
     for no_mask, res in got.items():
         bodies = _loop_bodies(res["ttir"])
         assert bodies, "no loop in the kernel's TTIR"

@@ -5,14 +5,14 @@
 #   - libtriton.so without its symbol tables (`strip --strip-unneeded`: 500 -> 192 MB),
 #   - no AMD backend, CUPTI, Proton, instrumentation, plugins or MLIR headers (none is used to compile or launch),
 #   - no ptxas: the device image's Triton 3.6 ptxas (CUDA 12.8) is used through TRITON_PTXAS_PATH and (3.9 compiles
-#     sm90 with it) TRITON_PTXAS_BLACKWELL_PATH, and Triton picks
-#     the PTX version from the ptxas it is given,
+#     sm90 with it) TRITON_PTXAS_BLACKWELL_PATH, and Triton picks the PTX version from the ptxas it is given,
 # about 44 MB as tar.xz, split into parts of at most PART_MB (default 30) under .tparts/ (ignored by git).
 #
 #   here:    bash benchmarks/carry_triton.sh pack 3.9.0
 #   device:  bash benchmarks/carry_triton.sh stash          # in each call that carries a part (carry: [".tparts"])
-#            eval "$(bash benchmarks/carry_triton.sh use)"  # once all parts are stashed: exports PYTHONPATH and
-#                                                           # TRITON_PTXAS_PATH, or exits non-zero naming what is missing
+#            eval "$(bash benchmarks/carry_triton.sh use)"  # once all parts are stashed: exports PYTHONPATH, both
+#                                                           # ptxas paths and TRITON_BACKENDS_IN_TREE, or exits
+#                                                           # non-zero naming what is missing
 # The parts are stashed under /tmp/tparts on the device machine, which keeps them while it stays warm (30 s idle).
 set -euo pipefail
 cd "$(dirname "$0")/.."

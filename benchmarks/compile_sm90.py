@@ -9,6 +9,7 @@ Codegen follows the local Triton, which may differ from the device's; the device
 from __future__ import annotations
 
 import argparse  # noqa: I001
+import inspect
 import os as _os
 
 _os.environ.setdefault("TRITON_INTERPRET", "0")  # compile, do not interpret (no GPU needed to compile)
@@ -48,15 +49,12 @@ def signature(fn, ptr_dtype="bf16"):
 
 def compile_one(fn, constexprs, num_warps, num_stages, aligned=True, maxnreg=None):
     sig = signature(fn)
-    # tensor-descriptor arguments not given are None, as the pointer-load launches pass them (Triton 3.9 does not take
-    # them typed as pointers: "'NoneType' object has no attribute '_unflatten_ir'")
-    constexprs = {**{n: None for n in sig if n.endswith("_DESC")}, **constexprs}
-    # constexprs left out take their defaults (Triton 3.9's ASTSource does not fill them in)
-    import inspect
+    # constexprs left out take their defaults (Triton 3.9's ASTSource does not fill them in: "'NoneType' object has no
+    # attribute '_unflatten_ir'")
+    constexprs = dict(constexprs)
     for p in inspect.signature(fn.fn).parameters.values():
         if "constexpr" in str(p.annotation) and p.name not in constexprs and p.default is not inspect.Parameter.empty:
             constexprs[p.name] = p.default
-            sig[p.name] = "constexpr"
     for k, v in constexprs.items():
         sig[k] = "constexpr"
     # pointers and strides 16-divisible, as Triton specialises them for (B, S, H, D) tensors with H*D a multiple of 16

@@ -19,9 +19,11 @@ import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hf_flashattn  # noqa: E402
 from hf_flashattn.kernels import _common as C  # noqa: E402
 from hf_flashattn.kernels import v2  # noqa: E402
+from rounds import switched  # noqa: E402
 
 
 def main():
@@ -57,11 +59,8 @@ def main():
             name = f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}:{c.num_warps}:{c.num_stages}"
 
             def forced(c=c):
-                v2._fwd_launch.force = c
-                try:
+                with switched((v2._fwd_launch, "force", c)):
                     return fwd()
-                finally:
-                    v2._fwd_launch.force = None
             out = forced()
             last = v2._fwd_launch.last
             meta[name] = {"regs": getattr(last, "n_regs", None), "spills": getattr(last, "n_spills", None),
